@@ -1,0 +1,167 @@
+// Package chip is the register map of hfisim, the emulated host fabric
+// interface: BAR layout, CSR offsets, bit fields and the in-memory formats the
+// device DMAs (receive header queue entries, send descriptors). It is the one
+// place both the driver and the device model take these numbers from, in the
+// way drivers/infiniband/hw/hfi1/chip_registers.h serves hfi1. The datasheet
+// in docs/hfisim.md describes the same map for a reader.
+//
+// All CSRs are 64 bits wide, little-endian, at 8-byte aligned offsets, and
+// must be accessed with 8-byte reads and writes; other accesses are rejected
+// by the device and counted in ErrCntBadAccess.
+package chip
+
+// PCI identity. Deliberately not an Intel/Cornelis hfi1 id, so no real
+// driver binds the emulated function.
+const (
+	PCIVendorID    = 0x1de5 // unassigned experimental id
+	PCIDeviceID    = 0x4f31 // "O1"
+	PCISubVendorID = 0x1de5
+	PCISubDeviceID = 0x0001
+	PCIRevision    = 0x01
+	PCIClassCode   = 0x020700 // network controller, InfiniBand
+)
+
+// Device identity register value: ASCII "HFISIM01" read as a little-endian u64.
+const IDMagic = 0x31304d4953494648
+
+// BAR numbers and sizes.
+const (
+	CSRBar      = 0 // trapped control/status registers
+	RcvArrayBar = 2 // mmappable RcvArray, 8 bytes per entry
+	MTTBar      = 4 // mmappable memory translation table, 8 bytes per entry
+
+	CSRBarSize = 0x10000
+	// The MSI-X table and PBA live in the CSR BAR; the MSI-X capability in
+	// config space points here.
+	MSIXTableOffset = 0x8000
+	MSIXPBAOffset   = 0x9000
+)
+
+// Global CSRs (BAR0).
+const (
+	RegID              = 0x000 // RO: IDMagic
+	RegRevision        = 0x008 // RO: major<<16 | minor
+	RegNumCtxts        = 0x010 // RO: receive contexts
+	RegRcvArrayPerCtxt = 0x018 // RO: RcvArray entries per context (multiple of RcvArrayGroupSize)
+	RegMaxTIDPages     = 0x020 // RO: pages one RcvArray entry may cover
+	RegMTTEntries      = 0x028 // RO: MTT entries (pages)
+	RegCapFlags        = 0x030 // RO: Cap* bits
+	RegRHQMaxEntries   = 0x038 // RO: largest receive header queue
+	RegControl         = 0x040 // RW: Ctrl* bits
+	RegStatus          = 0x048 // RO: Status* bits
+	RegIntStatus       = 0x050 // RW1C: IntSrc* bits, set when the device raises an interrupt
+	RegIntMask         = 0x058 // RW: IntSrc* bits enabled (1 = enabled)
+	RegTLBInvStart     = 0x060 // RW: first MTT entry of an invalidation
+	RegTLBInvCount     = 0x068 // RW: number of entries; writing it starts the flush
+	RegTLBInvDone      = 0x070 // RO: sequence of the last completed flush
+	RegScratch         = 0x078 // RW: no side effects, for bus tests
+
+	// Error counters, RO, cleared by reset.
+	RegErrCntIOMMUFault = 0x100 // DMA through an IOVA that was not mapped
+	RegErrCntBadAccess  = 0x108 // CSR access of wrong size or offset
+	RegErrCntTID        = 0x110 // expected receive through an invalid TID
+	RegErrCntBadDesc    = 0x118 // malformed send descriptor
+	RegErrCntRHQFull    = 0x120 // packet dropped, receive header queue full
+	RegErrCntEagerFull  = 0x128 // packet dropped, no eager buffer
+	RegCntPackets       = 0x130 // packets delivered
+	RegCntBytes         = 0x138 // payload bytes delivered
+)
+
+// RegRevision value of this model.
+const (
+	RevisionMajor = 1
+	RevisionMinor = 0
+)
+
+// RegCapFlags bits.
+const (
+	CapMemMgtExtensions = 1 << 0 // fast-registration work requests
+	CapODP              = 1 << 1 // MTT entries may be not-present; faults go to the event queue
+	CapMSIX             = 1 << 2
+	CapLoopback         = 1 << 3 // packets between contexts of this device
+)
+
+// RegControl bits.
+const (
+	CtrlReset = 1 << 0 // write 1: reset all state; reads back 0 once done
+)
+
+// RegStatus bits.
+const (
+	StatusReady = 1 << 0
+)
+
+// Interrupt sources in RegIntStatus/RegIntMask: bit 0 is the device's error
+// interrupt, bit 1+n is receive context n. Each source has its own MSI-X
+// vector (vector 0 for errors, 1+n for context n); with INTx all share one.
+const (
+	IntSrcError    = 1 << 0
+	IntSrcCtxtBase = 1
+	MaxContexts    = 32
+)
+
+// IntSrcCtxt is the interrupt source bit of receive context n.
+func IntSrcCtxt(n int) uint64 { return 1 << (IntSrcCtxtBase + uint(n)) }
+
+// Per-context CSRs: context n's block starts at CtxtBase + n*CtxtStride.
+const (
+	CtxtBase   = 0x1000
+	CtxtStride = 0x100
+
+	CtxtControl    = 0x00 // RW: CtxtCtrl* bits
+	CtxtRHQBase    = 0x08 // RW: IOVA of the receive header queue (RHQEntrySize each)
+	CtxtRHQEntries = 0x10 // RW: number of entries, power of two
+	CtxtRHQHead    = 0x18 // RW: driver's consumer index
+	CtxtRHQTail    = 0x20 // RO: device's producer index
+	CtxtEagerBase  = 0x28 // RW: IOVA of the eager buffers, contiguous
+	CtxtEagerSize  = 0x30 // RW: bytes per eager buffer, power of two >= 4096
+	CtxtEagerCount = 0x38 // RW: number of eager buffers
+	CtxtSQBase     = 0x40 // RW: IOVA of the send queue (SendDescSize each)
+	CtxtSQEntries  = 0x48 // RW: number of entries, power of two
+	CtxtSQTail     = 0x50 // RW: doorbell: producer index written by the driver
+	CtxtSQHead     = 0x58 // RO: device's consumer index
+	CtxtSQHeadAddr = 0x60 // RW: IOVA where the device also writes SQHead (0 = none)
+	CtxtExpBase    = 0x68 // RO: first RcvArray entry of the context
+	CtxtExpCount   = 0x70 // RO: RcvArray entries of the context
+	CtxtStatus     = 0x78 // RO: CtxtStatus* bits
+	CtxtErrCnt     = 0x80 // RO: errors charged to this context
+)
+
+// CtxtReg returns the BAR0 offset of per-context register reg of context n.
+func CtxtReg(n int, reg uint64) uint64 { return CtxtBase + uint64(n)*CtxtStride + reg }
+
+// CtxtControl bits.
+const (
+	CtxtCtrlEnable         = 1 << 0 // context receives and sends
+	CtxtCtrlIntEnable      = 1 << 1 // raise the context's interrupt on new RHQ entries
+	CtxtCtrlTIDFlowDisable = 1 << 2
+)
+
+// CtxtStatus bits.
+const (
+	CtxtStatusEnabled = 1 << 0
+	CtxtStatusHalted  = 1 << 1 // a fatal ring error stopped the context
+)
+
+// RcvArray: one 64-bit entry per TID, in groups of RcvArrayGroupSize. The
+// entry format is the one hfi1_put_tid writes (see uapi.RcvArrayEntry):
+// bits 0-35 hold the IOVA >> 12, bits 36-40 the size order (0 = invalid,
+// order k covers 2^(k-1) pages).
+const (
+	RcvArrayEntrySize  = 8
+	RcvArrayGroupSize  = 8
+	RcvArrayAddrMask   = (1 << 36) - 1
+	RcvArrayOrderShift = 36
+	RcvArrayOrderMask  = 0x1f
+	RcvArrayPageShift  = 12
+)
+
+// MTT: one 64-bit entry per page: IOVA page frame in bits 12-63, flags in
+// bits 0-2.
+const (
+	MTTEntrySize = 8
+	MTTPresent   = 1 << 0
+	MTTRead      = 1 << 1
+	MTTWrite     = 1 << 2
+	MTTAddrMask  = ^uint64(0xfff)
+)
