@@ -1,0 +1,378 @@
+// Package hfisim is the emulated host fabric interface: a PCI function with
+// trapped control registers (BAR0), an mmappable RcvArray (BAR2) and MTT
+// (BAR4), receive contexts whose header queues and eager buffers live in host
+// memory, a send engine that moves payloads between contexts through the
+// IOVAs the driver DMA-mapped, and interrupts through eventfds. It implements
+// vfiouser.DeviceModel, so it is served over vfio-user to the driver on the
+// host or to QEMU's vfio-user-pci.
+//
+// The model never trusts the driver: every DMA goes through the IOVA mappings
+// (anything else is a counted IOMMU fault), every ring index and TID is
+// checked, and malformed requests are counted, never followed. The register
+// map is package chip; the datasheet is docs/hfisim.md.
+package hfisim
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+
+	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/vfio"
+	"github.com/gohfi/gohfi/vfio/vfiouser"
+	"golang.org/x/sys/unix"
+)
+
+// Config sizes a device.
+type Config struct {
+	NumContexts     int // receive contexts, 1..chip.MaxContexts
+	RcvArrayPerCtxt int // RcvArray entries per context, multiple of chip.RcvArrayGroupSize
+	MaxTIDPages     int // pages one RcvArray entry may cover
+	MTTEntries      int // memory translation table entries
+	RHQMaxEntries   int // largest receive header queue
+}
+
+// DefaultConfig is the configuration of the embedded device.
+func DefaultConfig() Config {
+	return Config{
+		NumContexts:     16,
+		RcvArrayPerCtxt: 2048,
+		MaxTIDPages:     512,
+		MTTEntries:      1 << 16,
+		RHQMaxEntries:   4096,
+	}
+}
+
+func (c Config) validate() error {
+	switch {
+	case c.NumContexts < 1 || c.NumContexts > chip.MaxContexts:
+		return fmt.Errorf("hfisim: %d contexts, want 1..%d", c.NumContexts, chip.MaxContexts)
+	case c.RcvArrayPerCtxt < chip.RcvArrayGroupSize || c.RcvArrayPerCtxt%chip.RcvArrayGroupSize != 0:
+		return fmt.Errorf("hfisim: %d RcvArray entries per context, want a multiple of %d", c.RcvArrayPerCtxt, chip.RcvArrayGroupSize)
+	case c.MaxTIDPages < 1 || c.MaxTIDPages&(c.MaxTIDPages-1) != 0 || c.MaxTIDPages > 1<<(chip.RcvArrayOrderMask-1):
+		return fmt.Errorf("hfisim: max TID pages %d, want a power of two", c.MaxTIDPages)
+	case c.MTTEntries < 0 || c.RHQMaxEntries < 2:
+		return errors.New("hfisim: bad MTT or RHQ size")
+	}
+	return nil
+}
+
+// Device is one emulated HFI. It is safe for concurrent use.
+type Device struct {
+	cfg Config
+
+	rcvArray *memRegion
+	mtt      *memRegion
+
+	mu       sync.Mutex // guards everything below
+	pci      *config
+	scratch  uint64
+	intMask  uint64
+	intState uint64
+	tlbDone  uint64
+	tlbStart uint64
+	gen      uint64 // bumped by reset, so the engine drops work begun before it
+	errs     counters
+	ctxts    []ctxtState
+	dma      vfiouser.DMA
+	intx     *os.File
+	msix     []*os.File
+
+	kick    chan struct{} // doorbell: wakes the engine
+	done    chan struct{}
+	wg      sync.WaitGroup
+	closeMu sync.Once
+}
+
+// counters are the device's error and traffic counters (RegErrCnt*, RegCnt*).
+type counters struct {
+	iommuFault, badAccess, tid, badDesc, rhqFull, eagerFull, packets, bytes uint64
+}
+
+// New creates a device and starts its send engine.
+func New(cfg Config) (*Device, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	d := &Device{
+		cfg:   cfg,
+		ctxts: make([]ctxtState, cfg.NumContexts),
+		kick:  make(chan struct{}, 1),
+		done:  make(chan struct{}),
+	}
+	var err error
+	if d.rcvArray, err = newMemRegion("rcvarray", cfg.NumContexts*cfg.RcvArrayPerCtxt*chip.RcvArrayEntrySize); err != nil {
+		return nil, err
+	}
+	if d.mtt, err = newMemRegion("mtt", max(cfg.MTTEntries*chip.MTTEntrySize, 1)); err != nil {
+		d.rcvArray.close()
+		return nil, err
+	}
+	d.pci = newConfig(d.barSizes(), d.msixVectors())
+	d.resetLocked()
+	d.wg.Add(1)
+	go d.engine()
+	return d, nil
+}
+
+// Close stops the engine and releases the device's memory and eventfds.
+func (d *Device) Close() error {
+	d.closeMu.Do(func() {
+		close(d.done)
+		d.wg.Wait()
+		d.mu.Lock()
+		d.closeIRQsLocked()
+		d.mu.Unlock()
+		d.rcvArray.close()
+		d.mtt.close()
+	})
+	return nil
+}
+
+// Config returns the device's configuration.
+func (d *Device) Config() Config { return d.cfg }
+
+func (d *Device) msixVectors() int { return 1 + d.cfg.NumContexts }
+
+func (d *Device) barSizes() map[int]uint64 {
+	return map[int]uint64{
+		chip.CSRBar:      chip.CSRBarSize,
+		chip.RcvArrayBar: uint64(len(d.rcvArray.mem)),
+		chip.MTTBar:      uint64(len(d.mtt.mem)),
+	}
+}
+
+// resetLocked puts the device in its power-on state: contexts disabled,
+// interrupts masked, counters cleared, RcvArray and MTT invalid.
+func (d *Device) resetLocked() {
+	d.scratch, d.intMask, d.intState, d.tlbDone, d.tlbStart = 0, 0, 0, 0, 0
+	d.gen++
+	d.errs = counters{}
+	for i := range d.ctxts {
+		d.ctxts[i] = ctxtState{}
+	}
+	d.rcvArray.clear()
+	d.mtt.clear()
+	d.pci.reset(d.barSizes(), d.msixVectors())
+}
+
+// --- vfiouser.DeviceModel ---
+
+// DeviceInfo implements vfiouser.DeviceModel.
+func (d *Device) DeviceInfo() vfio.DeviceInfo {
+	return vfio.DeviceInfo{Flags: vfio.DeviceFlagsPCI | vfio.DeviceFlagsReset, NumRegions: vfio.PCINumRegions, NumIRQs: vfio.PCINumIRQs}
+}
+
+// RegionInfo implements vfiouser.DeviceModel.
+func (d *Device) RegionInfo(index uint32) (vfio.RegionInfo, *os.File, error) {
+	rw := uint32(vfio.RegionFlagRead | vfio.RegionFlagWrite)
+	switch index {
+	case chip.CSRBar:
+		return vfio.RegionInfo{Index: index, Flags: rw, Size: chip.CSRBarSize}, nil, nil
+	case chip.RcvArrayBar:
+		return vfio.RegionInfo{Index: index, Flags: rw | vfio.RegionFlagMmap, Size: uint64(len(d.rcvArray.mem))}, d.rcvArray.file, nil
+	case chip.MTTBar:
+		return vfio.RegionInfo{Index: index, Flags: rw | vfio.RegionFlagMmap, Size: uint64(len(d.mtt.mem))}, d.mtt.file, nil
+	case vfio.PCIConfigRegionIndex:
+		return vfio.RegionInfo{Index: index, Flags: rw, Size: cfgSpaceSize}, nil, nil
+	case 1, 3, 5, vfio.PCIROMRegionIndex, vfio.PCIVGARegionIndex:
+		return vfio.RegionInfo{Index: index}, nil, nil
+	}
+	return vfio.RegionInfo{}, nil, fmt.Errorf("hfisim: region %d: %w", index, unix.EINVAL)
+}
+
+// RegionRead implements vfiouser.DeviceModel.
+func (d *Device) RegionRead(index uint32, off uint64, p []byte) error {
+	switch index {
+	case chip.CSRBar:
+		return d.csrRead(off, p)
+	case chip.RcvArrayBar:
+		return memAccess(d.rcvArray, off, p, false)
+	case chip.MTTBar:
+		return memAccess(d.mtt, off, p, false)
+	case vfio.PCIConfigRegionIndex:
+		if off >= cfgSpaceSize || uint64(len(p)) > cfgSpaceSize-off {
+			return fmt.Errorf("hfisim: config read %#x+%d: %w", off, len(p), unix.EINVAL)
+		}
+		d.mu.Lock()
+		d.pci.read(off, p)
+		d.mu.Unlock()
+		return nil
+	}
+	return fmt.Errorf("hfisim: read of region %d: %w", index, unix.EINVAL)
+}
+
+// RegionWrite implements vfiouser.DeviceModel.
+func (d *Device) RegionWrite(index uint32, off uint64, p []byte) error {
+	switch index {
+	case chip.CSRBar:
+		return d.csrWrite(off, p)
+	case chip.RcvArrayBar:
+		return memAccess(d.rcvArray, off, p, true)
+	case chip.MTTBar:
+		return memAccess(d.mtt, off, p, true)
+	case vfio.PCIConfigRegionIndex:
+		if off >= cfgSpaceSize || uint64(len(p)) > cfgSpaceSize-off {
+			return fmt.Errorf("hfisim: config write %#x+%d: %w", off, len(p), unix.EINVAL)
+		}
+		d.mu.Lock()
+		d.pci.write(off, p)
+		d.mu.Unlock()
+		return nil
+	}
+	return fmt.Errorf("hfisim: write of region %d: %w", index, unix.EINVAL)
+}
+
+// memAccess is a trapped access to an mmappable region: whole 8-byte entries
+// only, so the device never sees a torn entry.
+func memAccess(r *memRegion, off uint64, p []byte, write bool) error {
+	n := uint64(len(p))
+	if off%8 != 0 || n%8 != 0 || n == 0 || off >= uint64(len(r.mem)) || n > uint64(len(r.mem))-off {
+		return fmt.Errorf("hfisim: region access %#x+%d: %w", off, n, unix.EINVAL)
+	}
+	for i := uint64(0); i < n; i += 8 {
+		if write {
+			r.store64(off+i, le64(p[i:]))
+		} else {
+			put64(p[i:], r.load64(off+i))
+		}
+	}
+	return nil
+}
+
+// IRQInfo implements vfiouser.DeviceModel.
+func (d *Device) IRQInfo(index uint32) (vfio.IRQInfo, error) {
+	switch index {
+	case vfio.PCIINTxIRQIndex:
+		return vfio.IRQInfo{Index: index, Flags: vfio.IRQInfoEventfd | vfio.IRQInfoMaskable | vfio.IRQInfoAutomasked, Count: 1}, nil
+	case vfio.PCIMSIXIRQIndex:
+		return vfio.IRQInfo{Index: index, Flags: vfio.IRQInfoEventfd | vfio.IRQInfoNoresize, Count: uint32(d.msixVectors())}, nil
+	case vfio.PCIMSIIRQIndex, vfio.PCIErrIRQIndex, vfio.PCIReqIRQIndex:
+		return vfio.IRQInfo{Index: index, Flags: vfio.IRQInfoEventfd}, nil
+	}
+	return vfio.IRQInfo{}, fmt.Errorf("hfisim: irq index %d: %w", index, unix.EINVAL)
+}
+
+// SetIRQs implements vfiouser.DeviceModel.
+func (d *Device) SetIRQs(index, start, count uint32, fds []*os.File) error {
+	closeAll := func() {
+		for _, f := range fds {
+			f.Close()
+		}
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	switch index {
+	case vfio.PCIINTxIRQIndex:
+		if start+count > 1 || (fds != nil && len(fds) != int(count)) {
+			closeAll()
+			return fmt.Errorf("hfisim: INTx vectors %d+%d: %w", start, count, unix.EINVAL)
+		}
+		if d.intx != nil && (fds == nil || count == 1) {
+			d.intx.Close()
+			d.intx = nil
+		}
+		if count == 1 && fds != nil {
+			d.intx = fds[0]
+		}
+		return nil
+	case vfio.PCIMSIXIRQIndex:
+		n := uint32(d.msixVectors())
+		if start > n || count > n-start || (fds != nil && len(fds) != int(count)) {
+			closeAll()
+			return fmt.Errorf("hfisim: MSI-X vectors %d+%d of %d: %w", start, count, n, unix.EINVAL)
+		}
+		if d.msix == nil {
+			d.msix = make([]*os.File, n)
+		}
+		if fds == nil && count == 0 {
+			for i, f := range d.msix {
+				if f != nil {
+					f.Close()
+					d.msix[i] = nil
+				}
+			}
+			return nil
+		}
+		for i := uint32(0); i < count; i++ {
+			if old := d.msix[start+i]; old != nil {
+				old.Close()
+			}
+			d.msix[start+i] = nil
+			if fds != nil {
+				d.msix[start+i] = fds[i]
+			}
+		}
+		return nil
+	}
+	closeAll()
+	return fmt.Errorf("hfisim: irq index %d has no vectors: %w", index, unix.EINVAL)
+}
+
+func (d *Device) closeIRQsLocked() {
+	if d.intx != nil {
+		d.intx.Close()
+		d.intx = nil
+	}
+	for i, f := range d.msix {
+		if f != nil {
+			f.Close()
+			d.msix[i] = nil
+		}
+	}
+}
+
+// Reset implements vfiouser.DeviceModel (DEVICE_RESET): a function-level
+// reset. Interrupt wiring set through SET_IRQS is the host's, not the
+// device's, and survives.
+func (d *Device) Reset() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.resetLocked()
+	return nil
+}
+
+// Attach implements vfiouser.DeviceModel.
+func (d *Device) Attach(dma vfiouser.DMA) {
+	d.mu.Lock()
+	d.dma = dma
+	d.mu.Unlock()
+}
+
+// Detach implements vfiouser.DeviceModel: the client is gone, so is every
+// mapping and interrupt route; the device resets as on a hot unplug.
+func (d *Device) Detach() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.dma = nil
+	d.closeIRQsLocked()
+	d.resetLocked()
+}
+
+// raiseLocked sets interrupt source bits and signals the vectors whose
+// sources are enabled. Signalling an eventfd never blocks (the counter
+// saturates only after 2^64-2 unread events).
+func (d *Device) raiseLocked(src uint64) {
+	d.intState |= src
+	pending := src & d.intMask
+	if pending == 0 {
+		return
+	}
+	if d.pci.msixEnabled() || d.intx == nil {
+		for v := 0; v < d.msixVectors() && v < len(d.msix); v++ {
+			if pending&(1<<uint(v)) != 0 && d.msix[v] != nil {
+				signal(d.msix[v])
+			}
+		}
+		return
+	}
+	if d.pci.command()&pciCommandIntxDis == 0 {
+		d.pci.setIntxStatus(true)
+		signal(d.intx)
+	}
+}
+
+var one = []byte{1, 0, 0, 0, 0, 0, 0, 0}
+
+func signal(f *os.File) { unix.Write(int(f.Fd()), one) }

@@ -1,0 +1,246 @@
+package hfisim
+
+import (
+	"errors"
+
+	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/vfio/vfiouser"
+)
+
+// maxPacket bounds one send: the largest expected-receive buffer one TID can
+// describe, which is also larger than any eager buffer.
+const maxPacket = 1 << 21
+
+// engine is the device's send DMA engine: it consumes send queues after
+// doorbells and delivers packets to receive contexts. It never holds d.mu
+// across a DMA, because on the vfio-user path a DMA to memory without an fd
+// is a round trip to the client, which may at that moment be waiting for a
+// register write that needs d.mu.
+func (d *Device) engine() {
+	defer d.wg.Done()
+	buf := make([]byte, maxPacket)
+	for {
+		select {
+		case <-d.done:
+			return
+		case <-d.kick:
+		}
+		for d.pollSendQueues(buf) {
+			select {
+			case <-d.done:
+				return
+			default:
+			}
+		}
+	}
+}
+
+// pollSendQueues processes at most one descriptor per context and reports
+// whether any context had work.
+func (d *Device) pollSendQueues(buf []byte) bool {
+	busy := false
+	for n := range d.ctxts {
+		d.mu.Lock()
+		c := &d.ctxts[n]
+		dma, gen := d.dma, d.gen
+		if !c.enabled() || c.sqEntries == 0 || c.sqHead == c.sqTail || dma == nil {
+			d.mu.Unlock()
+			continue
+		}
+		descAddr := c.sqBase + c.sqHead*chip.SendDescSize
+		d.mu.Unlock()
+		busy = true
+
+		var raw [chip.SendDescSize]byte
+		if err := dma.Read(descAddr, raw[:]); err != nil {
+			d.mu.Lock()
+			d.countDMAErrLocked(err)
+			if d.gen == gen {
+				d.ctxts[n].status |= chip.CtxtStatusHalted
+				d.ctxts[n].status &^= chip.CtxtStatusEnabled
+				d.ctxts[n].errCnt++
+				d.raiseLocked(chip.IntSrcError)
+			}
+			d.mu.Unlock()
+			continue
+		}
+		var desc chip.SendDesc
+		desc.Unmarshal(raw[:])
+		d.deliver(dma, gen, n, &desc, buf)
+
+		d.mu.Lock()
+		if d.gen != gen || !d.ctxts[n].enabled() {
+			d.mu.Unlock()
+			continue
+		}
+		c = &d.ctxts[n]
+		c.sqHead = (c.sqHead + 1) % c.sqEntries
+		head, headAddr := c.sqHead, c.sqHeadAddr
+		d.mu.Unlock()
+		if headAddr != 0 {
+			var hb [8]byte
+			put64(hb[:], head)
+			if err := dma.Write(headAddr, hb[:]); err != nil {
+				d.mu.Lock()
+				d.countDMAErrLocked(err)
+				d.mu.Unlock()
+			}
+		}
+	}
+	return busy
+}
+
+func (d *Device) countDMAErrLocked(err error) {
+	if errors.Is(err, vfiouser.ErrIOMMUFault) {
+		d.errs.iommuFault++
+	}
+}
+
+// deliver moves one packet from context src to its destination and writes
+// the receiver's header queue entry.
+func (d *Device) deliver(dma vfiouser.DMA, gen uint64, src int, desc *chip.SendDesc, buf []byte) {
+	d.mu.Lock()
+	dst := int(desc.DstCtxt)
+	if dst >= len(d.ctxts) || !d.ctxts[dst].enabled() || desc.Length > maxPacket ||
+		(desc.Opcode != chip.OpEager && desc.Opcode != chip.OpExpected) {
+		d.errs.badDesc++
+		d.ctxts[src].errCnt++
+		d.mu.Unlock()
+		return
+	}
+	rc := d.ctxts[dst]
+	d.mu.Unlock()
+
+	ent := chip.RHQEntry{SrcCtxt: uint16(src), Length: desc.Length, Tag: desc.Tag}
+	var dstAddr uint64
+	switch desc.Opcode {
+	case chip.OpEager:
+		ent.Type = chip.RHFEager
+		ent.EagerIdx = uint32(rc.rhqTail)
+		switch {
+		case rc.eagerCnt == 0:
+			ent.Err |= chip.RHFErrEager
+		case uint64(desc.Length) > rc.eagerSize:
+			ent.Err |= chip.RHFErrLength
+		default:
+			dstAddr = rc.eagerBase + uint64(ent.EagerIdx)*rc.eagerSize
+		}
+	case chip.OpExpected:
+		ent.Type = chip.RHFExpected
+		ent.TID, ent.TIDOffset = desc.TID, desc.TIDOffset
+		addr, ok := d.tidTarget(dst, desc.TID, desc.TIDOffset, desc.Length)
+		if !ok {
+			ent.Err |= chip.RHFErrTID
+		}
+		dstAddr = addr
+	}
+	if ent.Err == 0 {
+		if err := copyDMA(dma, dstAddr, desc.SrcIOVA, buf[:desc.Length]); err != nil {
+			d.mu.Lock()
+			d.countDMAErrLocked(err)
+			d.mu.Unlock()
+			ent.Err |= chip.RHFErrDMA
+		}
+	}
+	if ent.Err != 0 {
+		ent.Type = chip.RHFError
+	}
+	d.postRHQ(dma, gen, dst, &ent)
+}
+
+// copyDMA copies between two IOVAs through the device's staging buffer.
+func copyDMA(dma vfiouser.DMA, dst, src uint64, buf []byte) error {
+	if len(buf) == 0 {
+		return nil
+	}
+	if err := dma.Read(src, buf); err != nil {
+		return err
+	}
+	return dma.Write(dst, buf)
+}
+
+// tidTarget resolves an expected-receive TID of context ctxt to the IOVA the
+// payload goes to, checking that the TID is the context's own, programmed,
+// and long enough for offset+length.
+func (d *Device) tidTarget(ctxt int, tid, off, length uint32) (uint64, bool) {
+	npages := tid & 0x7ff
+	ctrl := (tid >> 20) & 0x3
+	idx := tid >> 22
+	if npages == 0 || (ctrl != 1 && ctrl != 2) {
+		return d.tidErr(ctxt)
+	}
+	entry := int(idx)*2 + int(ctrl) - 1
+	if entry >= d.cfg.RcvArrayPerCtxt {
+		return d.tidErr(ctxt)
+	}
+	v := d.rcvArray.load64(uint64(ctxt*d.cfg.RcvArrayPerCtxt+entry) * chip.RcvArrayEntrySize)
+	order := (v >> chip.RcvArrayOrderShift) & chip.RcvArrayOrderMask
+	if order == 0 || uint64(1)<<(order-1) > uint64(d.cfg.MaxTIDPages) {
+		return d.tidErr(ctxt)
+	}
+	size := uint64(1) << (order - 1) << chip.RcvArrayPageShift
+	if uint64(npages)<<chip.RcvArrayPageShift != size || uint64(off)+uint64(length) > size {
+		return d.tidErr(ctxt)
+	}
+	return (v&chip.RcvArrayAddrMask)<<chip.RcvArrayPageShift + uint64(off), true
+}
+
+func (d *Device) tidErr(ctxt int) (uint64, bool) {
+	d.mu.Lock()
+	d.errs.tid++
+	d.ctxts[ctxt].errCnt++
+	d.mu.Unlock()
+	return 0, false
+}
+
+// postRHQ writes a header queue entry to context dst and raises its
+// interrupt. A full queue drops the packet and counts it.
+func (d *Device) postRHQ(dma vfiouser.DMA, gen uint64, dst int, ent *chip.RHQEntry) {
+	d.mu.Lock()
+	c := &d.ctxts[dst]
+	if d.gen != gen || !c.enabled() {
+		d.mu.Unlock()
+		return
+	}
+	if (c.rhqTail+1)%c.rhqEntries == c.rhqHead {
+		d.errs.rhqFull++
+		c.errCnt++
+		d.mu.Unlock()
+		return
+	}
+	slot := c.rhqTail
+	addr := c.rhqBase + slot*chip.RHQEntrySize
+	ent.Seq = c.seq + 1
+	if ent.Seq == 0 {
+		ent.Seq = 1
+	}
+	d.mu.Unlock()
+
+	var raw [chip.RHQEntrySize]byte
+	ent.Marshal(raw[:])
+	err := dma.Write(addr, raw[:])
+
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err != nil {
+		d.countDMAErrLocked(err)
+		if d.gen == gen {
+			c.status = chip.CtxtStatusHalted
+			c.errCnt++
+			d.raiseLocked(chip.IntSrcError)
+		}
+		return
+	}
+	if d.gen != gen || !c.enabled() {
+		return
+	}
+	c.seq = ent.Seq
+	c.rhqTail = (slot + 1) % c.rhqEntries
+	if ent.Type != chip.RHFError {
+		d.errs.packets++
+		d.errs.bytes += uint64(ent.Length)
+	}
+	if c.control&chip.CtxtCtrlIntEnable != 0 {
+		d.raiseLocked(chip.IntSrcCtxt(dst))
+	}
+}

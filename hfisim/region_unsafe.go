@@ -1,0 +1,56 @@
+package hfisim
+
+import (
+	"fmt"
+	"os"
+	"sync/atomic"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// memRegion is device memory the driver may mmap: a memfd shared by the
+// model and every mapping the client makes, like a BAR backed by on-chip RAM.
+type memRegion struct {
+	file *os.File
+	mem  []byte
+}
+
+func newMemRegion(name string, size int) (*memRegion, error) {
+	size = (size + os.Getpagesize() - 1) &^ (os.Getpagesize() - 1)
+	fd, err := unix.MemfdCreate("hfisim-"+name, unix.MFD_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("hfisim: memfd %s: %w", name, err)
+	}
+	f := os.NewFile(uintptr(fd), "hfisim-"+name)
+	if err := f.Truncate(int64(size)); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("hfisim: size %s: %w", name, err)
+	}
+	mem, err := unix.Mmap(fd, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("hfisim: mmap %s: %w", name, err)
+	}
+	return &memRegion{file: f, mem: mem}, nil
+}
+
+// load64 reads the 8-byte entry at off atomically, as hardware sees a store
+// from the CPU either whole or not at all.
+func (r *memRegion) load64(off uint64) uint64 {
+	return atomic.LoadUint64((*uint64)(unsafe.Pointer(&r.mem[off])))
+}
+
+func (r *memRegion) store64(off uint64, v uint64) {
+	atomic.StoreUint64((*uint64)(unsafe.Pointer(&r.mem[off])), v)
+}
+
+func (r *memRegion) clear() { clear(r.mem) }
+
+func (r *memRegion) close() {
+	if r.mem != nil {
+		unix.Munmap(r.mem)
+		r.mem = nil
+	}
+	r.file.Close()
+}
