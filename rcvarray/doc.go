@@ -8,7 +8,8 @@
 //     (empty, partially used, full), in the order hfi1_user_exp_rcv_setup
 //     uses them;
 //   - EncodeTID and DecodeTID translate between an entry and the 32-bit TID
-//     user space sees (the EXP_TID_SET/GET fields of hfi1_user.h).
+//     user space sees (uapi's EXP_TID_* fields), with the validation a
+//     TID from user space needs.
 //
 // The package is pure logic: it programs nothing and pins nothing.
 package rcvarray

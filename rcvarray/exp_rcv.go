@@ -5,11 +5,13 @@ import (
 	"math/bits"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gohfi/gohfi/uapi"
 )
 
-// GroupSize is the number of RcvArray entries in a group (chip.RcvArrayGroupSize,
-// hfi1's RCV_INCREMENT).
-const GroupSize = 8
+// GroupSize is the number of RcvArray entries in a group (hfi1's
+// RCV_INCREMENT, chip.RcvArrayGroupSize).
+const GroupSize = uapi.RCV_INCREMENT
 
 // Which list a group is on.
 const (

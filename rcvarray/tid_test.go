@@ -5,6 +5,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gohfi/gohfi/uapi"
 )
 
 func TestEncodeTID(t *testing.T) {
@@ -43,7 +45,7 @@ func TestEncodeTIDPanics(t *testing.T) {
 
 func TestTIDRoundTrip(t *testing.T) {
 	for rel := range MaxTIDEntries {
-		for _, np := range []int{1, 2, 512, TIDLenMask} {
+		for _, np := range []int{1, 2, 512, uapi.EXP_TID_TIDLEN_MASK} {
 			tid := EncodeTID(rel, np)
 			r, n, err := CheckTID(tid, MaxTIDEntries)
 			if err != nil || r != rel || n != np {
@@ -89,7 +91,7 @@ func FuzzTID(f *testing.F) {
 			}
 			return
 		}
-		if rel < 0 || rel >= count || npages < 1 || npages > TIDLenMask {
+		if rel < 0 || rel >= count || npages < 1 || npages > uapi.EXP_TID_TIDLEN_MASK {
 			t.Fatalf("CheckTID(%#x, %d) accepted rel %d npages %d", tid, count, rel, npages)
 		}
 		if got := EncodeTID(rel, npages); got != tid {
