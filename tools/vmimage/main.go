@@ -1,0 +1,185 @@
+// Command vmimage fetches QEMU (>= 10.1, from Debian trixie-backports) and a
+// trixie guest kernel into a cache directory, builds an initramfs with a Go
+// init and the gohfi test binaries, and boots it under TCG.
+//
+//	vmimage fetch [-cache dir] [-refresh]
+//	vmimage run   [-cache dir] [-socket path] [-test pkg[:pattern]]... [-timeout d]
+//	vmimage vm    [-cache dir] [-socket path] [-test pkg[:pattern]]...
+//	vmimage initramfs -o file [-test pkg[:pattern]]...
+//
+// run prints the results the guest reports; vm boots with the serial
+// console (and the QEMU monitor, Ctrl-A C; quit with Ctrl-A X) on stdio and
+// a small command loop in the guest. See docs/qemu.md.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"time"
+
+	"github.com/gohfi/gohfi/tools/vmimage/vmimage"
+)
+
+type testList []vmimage.TestPackage
+
+func (l *testList) String() string { return fmt.Sprint(*l) }
+func (l *testList) Set(s string) error {
+	pkg, run, _ := strings.Cut(s, ":")
+	if pkg == "" {
+		return fmt.Errorf("empty package in %q", s)
+	}
+	*l = append(*l, vmimage.TestPackage{Package: pkg, Run: run, Timeout: 2 * time.Minute})
+	return nil
+}
+
+func main() {
+	if len(os.Args) < 2 {
+		usage()
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	var err error
+	switch os.Args[1] {
+	case "fetch":
+		err = cmdFetch(ctx, os.Args[2:])
+	case "run":
+		err = cmdRun(ctx, os.Args[2:], false)
+	case "vm":
+		err = cmdRun(ctx, os.Args[2:], true)
+	case "initramfs":
+		err = cmdInitramfs(ctx, os.Args[2:])
+	default:
+		usage()
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "vmimage:", err)
+		os.Exit(1)
+	}
+}
+
+func usage() {
+	fmt.Fprintln(os.Stderr, "usage: vmimage fetch|run|vm|initramfs [flags] (see -h of each)")
+	os.Exit(2)
+}
+
+func cmdFetch(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("fetch", flag.ExitOnError)
+	cache := fs.String("cache", vmimage.CacheDir(), "cache directory ($"+vmimage.CacheEnv+")")
+	refresh := fs.Bool("refresh", false, "fetch again even if the cache is complete")
+	fs.Parse(args)
+	start := time.Now()
+	a, err := vmimage.Fetch(ctx, vmimage.FetchOptions{CacheDir: *cache, Refresh: *refresh, Log: os.Stderr})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "vmimage: ready in %v\n", time.Since(start).Round(time.Millisecond))
+	return json.NewEncoder(os.Stdout).Encode(struct {
+		*vmimage.Artifacts
+		Kernel string `json:"kernel"`
+	}{a, a.Kernel()})
+}
+
+func cmdInitramfs(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("initramfs", flag.ExitOnError)
+	cache := fs.String("cache", vmimage.CacheDir(), "cache directory ($"+vmimage.CacheEnv+")")
+	out := fs.String("o", "initramfs.cpio", "output file")
+	var tests testList
+	fs.Var(&tests, "test", "package[:pattern] whose tests run in the guest (repeatable)")
+	fs.Parse(args)
+	a, err := vmimage.Fetch(ctx, vmimage.FetchOptions{CacheDir: *cache, Log: os.Stderr})
+	if err != nil {
+		return err
+	}
+	work, err := os.MkdirTemp("", "vmimage-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(work)
+	initrd, err := vmimage.BuildImage(ctx, a, vmimage.ImageOptions{WorkDir: work, Tests: tests})
+	if err != nil {
+		return err
+	}
+	b, err := os.ReadFile(initrd)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(*out, b, 0o644)
+}
+
+func cmdRun(ctx context.Context, args []string, interactive bool) error {
+	fs := flag.NewFlagSet("run", flag.ExitOnError)
+	cache := fs.String("cache", vmimage.CacheDir(), "cache directory ($"+vmimage.CacheEnv+")")
+	socket := fs.String("socket", "", "unix socket of a running vfio-user server: adds a vfio-user-pci device")
+	timeout := fs.Duration("timeout", 5*time.Minute, "kill the guest after this long (run only)")
+	mem := fs.Int("m", 1024, "guest memory in MiB")
+	var tests testList
+	fs.Var(&tests, "test", "package[:pattern] whose tests run in the guest (repeatable)")
+	fs.Parse(args)
+
+	a, err := vmimage.Fetch(ctx, vmimage.FetchOptions{CacheDir: *cache, Log: os.Stderr})
+	if err != nil {
+		return err
+	}
+	work, err := os.MkdirTemp("", "vmimage-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(work)
+	initrd, err := vmimage.BuildImage(ctx, a, vmimage.ImageOptions{
+		WorkDir: work, Tests: tests, Interactive: interactive,
+	})
+	if err != nil {
+		return err
+	}
+	vm := &vmimage.VM{Artifacts: a, Initramfs: initrd, MemoryMB: *mem, VFIOUserSocket: *socket}
+	if interactive {
+		return vm.Interactive(ctx)
+	}
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	res, err := vm.Run(ctx, nil)
+	if res != nil {
+		if err != nil || res.Failed() {
+			os.Stderr.Write(res.Console)
+		}
+		printReport(res)
+	}
+	if err != nil {
+		return err
+	}
+	if res.Failed() {
+		return fmt.Errorf("guest tests failed")
+	}
+	return nil
+}
+
+func printReport(res *vmimage.RunResult) {
+	r := res.Report
+	fmt.Printf("boot to init: %v (guest uptime %.2fs), total %v\n",
+		res.BootToInit.Round(time.Millisecond), initUptime(res), res.Total.Round(time.Millisecond))
+	if r.Init != nil {
+		fmt.Printf("kernel %s, modules loaded in %.1f ms: %v\n", r.Init.Release, r.Init.ModulesMS, r.Init.Modules)
+	}
+	for _, t := range r.Results {
+		status := "PASS"
+		if !t.Passed() {
+			status = fmt.Sprintf("FAIL (exit %d %s)", t.ExitCode, t.Error)
+		}
+		fmt.Printf("%s %s in %v\n", status, t.Name, t.Duration.Round(time.Millisecond))
+		for k, v := range t.Facts() {
+			fmt.Printf("    %s = %s\n", k, v)
+		}
+	}
+}
+
+func initUptime(res *vmimage.RunResult) float64 {
+	if res.Report.Init == nil {
+		return -1
+	}
+	return res.Report.Init.Uptime
+}

@@ -1,0 +1,227 @@
+package vmimage
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/gohfi/gohfi/tools/vmimage/guest"
+)
+
+// VM is one boot of the guest: QEMU with TCG, a q35 machine with an
+// emulated Intel IOMMU (so that the guest's vfio-pci has real DMA
+// remapping), guest RAM in a shared memfd (so a vfio-user server can map
+// it) and optionally one vfio-user-pci device.
+type VM struct {
+	Artifacts *Artifacts
+	Initramfs string
+	MemoryMB  int // default 1024
+	CPUs      int // default 1: TCG on a shared two-core machine
+	// VFIOUserSocket, when set, adds a vfio-user-pci device connected to
+	// the vfio-user server listening on this unix socket.
+	VFIOUserSocket string
+	// Append is added to the kernel command line.
+	Append []string
+	// ExtraArgs are added to the QEMU command line.
+	ExtraArgs []string
+}
+
+// Args returns QEMU's command line (without the program). With
+// interactive, the serial console and the QEMU monitor share stdio
+// (Ctrl-A X quits); otherwise the console goes to stdout.
+func (vm *VM) Args(interactive bool) ([]string, error) {
+	mem := vm.MemoryMB
+	if mem == 0 {
+		mem = 1024
+	}
+	cpus := vm.CPUs
+	if cpus == 0 {
+		cpus = 1
+	}
+	appendLine := []string{"console=ttyS0", "intel_iommu=on", "panic=-1", "quiet", "mitigations=off"}
+	appendLine = append(appendLine, vm.Append...)
+	serial := "stdio"
+	if interactive {
+		serial = "mon:stdio"
+	}
+	args := []string{
+		"-nodefaults", "-no-user-config", "-no-reboot",
+		"-display", "none",
+		"-accel", "tcg",
+		"-machine", "q35,kernel-irqchip=split,memory-backend=mem",
+		"-object", fmt.Sprintf("memory-backend-memfd,id=mem,size=%dM,share=on", mem),
+		"-m", fmt.Sprintf("%dM", mem),
+		"-smp", fmt.Sprint(cpus),
+		// The IOMMU comes before the devices it translates for.
+		"-device", "intel-iommu,intremap=on,caching-mode=on",
+		"-serial", serial,
+		"-kernel", vm.Artifacts.Kernel(),
+		"-initrd", vm.Initramfs,
+		"-append", strings.Join(appendLine, " "),
+	}
+	if vm.VFIOUserSocket != "" {
+		// QEMU takes the socket only in JSON form: dotted keys
+		// (socket.path=) are rejected for this device.
+		dev, err := json.Marshal(map[string]any{
+			"driver": "vfio-user-pci",
+			"socket": map[string]string{"type": "unix", "path": vm.VFIOUserSocket},
+		})
+		if err != nil {
+			return nil, err
+		}
+		args = append(args, "-device", string(dev))
+	}
+	return append(args, vm.ExtraArgs...), nil
+}
+
+// RunResult is what a non-interactive boot produced.
+type RunResult struct {
+	Report  guest.Report
+	Console []byte // everything the guest wrote to its serial console
+	Stderr  []byte // QEMU's own messages
+	// BootToInit is the wall time from starting QEMU to the init's first
+	// marker; Total from starting QEMU to its exit.
+	BootToInit time.Duration
+	Total      time.Duration
+}
+
+// Failed reports whether the run did not complete or a test failed.
+func (r *RunResult) Failed() bool {
+	if !r.Report.Complete {
+		return true
+	}
+	for _, t := range r.Report.Results {
+		if !t.Passed() {
+			return true
+		}
+	}
+	return false
+}
+
+// Run boots the guest, reads its console until the init reports its results
+// and powers off, and returns what it read. When ctx ends first QEMU is
+// killed and the error says so; the partial console is in the result. If
+// console is not nil, the guest's console is copied to it as it arrives.
+func (vm *VM) Run(ctx context.Context, console io.Writer) (*RunResult, error) {
+	args, err := vm.Args(false)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	cmd := vm.Artifacts.QEMUCommand(ctx, args...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	cmd.Stdin = nil
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	cmd.WaitDelay = 5 * time.Second
+	res := &RunResult{}
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("vmimage: starting QEMU: %w", err)
+	}
+
+	var (
+		mu      sync.Mutex
+		log     bytes.Buffer
+		parser  guest.Parser
+		perr    error
+		guestOK = make(chan struct{})
+	)
+	readDone := make(chan struct{})
+	go func() {
+		defer close(readDone)
+		sc := bufio.NewScanner(stdout)
+		sc.Buffer(make([]byte, 0, 64<<10), 64<<20)
+		signalled := false
+		for sc.Scan() {
+			line := sc.Text()
+			mu.Lock()
+			log.WriteString(line)
+			log.WriteByte('\n')
+			mu.Unlock()
+			if console != nil {
+				fmt.Fprintln(console, line)
+			}
+			hadInit := parser.Report.Init != nil
+			done, err := parser.Line(line)
+			if !hadInit && parser.Report.Init != nil {
+				res.BootToInit = time.Since(start)
+			}
+			if err != nil && perr == nil {
+				perr = err
+			}
+			if done && !signalled {
+				signalled = true
+				close(guestOK)
+			}
+		}
+	}()
+
+	var waitErr error
+	waitDone := make(chan struct{})
+	go func() {
+		<-readDone
+		waitErr = cmd.Wait()
+		close(waitDone)
+	}()
+
+	var runErr error
+	select {
+	case <-waitDone:
+	case <-guestOK:
+		// The init is powering off; give QEMU a bounded time to exit.
+		select {
+		case <-waitDone:
+		case <-time.After(15 * time.Second):
+			cancel()
+			<-waitDone
+		}
+	case <-ctx.Done():
+		runErr = fmt.Errorf("vmimage: guest did not finish: %w (QEMU killed)", context.Cause(ctx))
+		cancel()
+		<-waitDone
+	}
+	res.Total = time.Since(start)
+	mu.Lock()
+	res.Console = append([]byte(nil), log.Bytes()...)
+	mu.Unlock()
+	res.Stderr = stderr.Bytes()
+	res.Report = parser.Report
+	switch {
+	case runErr != nil:
+		return res, runErr
+	case perr != nil:
+		return res, perr
+	case !res.Report.Complete:
+		return res, fmt.Errorf("vmimage: QEMU exited (%v) before the guest reported its results: %s",
+			waitErr, firstLine(res.Stderr))
+	}
+	return res, nil
+}
+
+// Interactive boots the guest with its console on this process's stdio and
+// returns when QEMU exits.
+func (vm *VM) Interactive(ctx context.Context) error {
+	args, err := vm.Args(true)
+	if err != nil {
+		return err
+	}
+	cmd := vm.Artifacts.QEMUCommand(ctx, args...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	if err := cmd.Run(); err != nil && !errors.Is(err, context.Canceled) {
+		return fmt.Errorf("vmimage: QEMU: %w", err)
+	}
+	return nil
+}
