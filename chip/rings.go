@@ -7,7 +7,7 @@ import "encoding/binary"
 //
 //	off  size  field
 //	0    1     opcode (Op*)
-//	1    1     flags (reserved, 0)
+//	1    1     flags (DescFlag*)
 //	2    2     destination context
 //	4    4     payload length in bytes
 //	8    8     source IOVA of the payload
@@ -16,6 +16,13 @@ import "encoding/binary"
 //	24   8     user tag, copied to the receiver's header queue entry
 //	32   32    reserved, 0
 const SendDescSize = 64
+
+// Send descriptor flags.
+const (
+	// DescFlagIntr asks for the sender context's interrupt once the
+	// descriptor is consumed (the payload has been read).
+	DescFlagIntr = 1 << 0
+)
 
 // Send opcodes.
 const (

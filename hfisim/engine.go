@@ -77,14 +77,21 @@ func (d *Device) pollSendQueues(buf []byte) bool {
 		c.sqHead = (c.sqHead + 1) % c.sqEntries
 		head, headAddr := c.sqHead, c.sqHeadAddr
 		d.mu.Unlock()
+		var werr error
 		if headAddr != 0 {
 			var hb [8]byte
 			put64(hb[:], head)
-			if err := dma.Write(headAddr, hb[:]); err != nil {
-				d.mu.Lock()
-				d.countDMAErrLocked(err)
-				d.mu.Unlock()
+			werr = dma.Write(headAddr, hb[:])
+		}
+		if werr != nil || desc.Flags&chip.DescFlagIntr != 0 {
+			d.mu.Lock()
+			if werr != nil {
+				d.countDMAErrLocked(werr)
 			}
+			if desc.Flags&chip.DescFlagIntr != 0 && d.gen == gen {
+				d.raiseLocked(chip.IntSrcCtxt(n))
+			}
+			d.mu.Unlock()
 		}
 	}
 	return busy

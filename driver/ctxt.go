@@ -1,0 +1,134 @@
+package driver
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/vfio"
+)
+
+// ctxtData is one hardware receive/send context owned by an open file
+// (hfi1's struct hfi1_ctxtdata): its rings in host memory, DMA-mapped for
+// the device, and the event page shared with user space.
+type ctxtData struct {
+	d    *Device
+	ctxt int
+
+	rhq    *ringMem // receive header queue
+	eager  *ringMem // eager buffers
+	sq     *ringMem // send queue
+	sqHead *ringMem // the device writes its SQ head here
+	pio    *ringMem // send buffer the device reads payloads from
+	events *ringMem // event bits page, mapped read-only by user space
+
+	wq waitQueue // woken by the context's interrupt
+
+	sqTail uint64 // driver's producer index
+}
+
+// Event page layout: word 0 holds the HFI1_EVENT_* bits (hfi1 maps the
+// same kind of page through events_bufbase so PSM reads events without a
+// system call).
+const eventsWord = 0
+
+// pioBufferSize is the largest single send: one TID's worth (2 MiB).
+const pioBufferSize = 2 << 20
+
+func (d *Device) setupCtxt(n int) (c *ctxtData, err error) {
+	p := d.m.params
+	c = &ctxtData{d: d, ctxt: n}
+	defer func() {
+		if err != nil {
+			c.free()
+		}
+	}()
+	allocs := []struct {
+		dst   **ringMem
+		name  string
+		size  int
+		flags uint32
+	}{
+		{&c.rhq, "rhq", p.RcvHdrCnt * chip.RHQEntrySize, vfio.DMAWrite},
+		{&c.eager, "eager", p.RcvHdrCnt * p.EagerBufferSize, vfio.DMAWrite},
+		{&c.sq, "sq", p.SendQueueEntries * chip.SendDescSize, vfio.DMARead},
+		{&c.sqHead, "sqhead", pageSize, vfio.DMAWrite},
+		{&c.pio, "pio", pioBufferSize, vfio.DMARead},
+		{&c.events, "events", pageSize, 0},
+	}
+	for _, a := range allocs {
+		r, err := newRingMem(fmt.Sprintf("%s%d", a.name, n), a.size)
+		if err != nil {
+			return nil, err
+		}
+		*a.dst = r
+		if a.flags != 0 {
+			if err := d.dmaMap(r, a.flags); err != nil {
+				return nil, err
+			}
+		}
+	}
+	if err := c.program(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// program writes the ring geometry and enables the context.
+func (c *ctxtData) program() error {
+	d, n, p := c.d, c.ctxt, c.d.m.params
+	regs := []struct{ reg, val uint64 }{
+		{chip.CtxtControl, 0},
+		{chip.CtxtRHQBase, c.rhq.iova},
+		{chip.CtxtRHQEntries, uint64(p.RcvHdrCnt)},
+		{chip.CtxtEagerBase, c.eager.iova},
+		{chip.CtxtEagerSize, uint64(p.EagerBufferSize)},
+		{chip.CtxtEagerCount, uint64(p.RcvHdrCnt)},
+		{chip.CtxtSQBase, c.sq.iova},
+		{chip.CtxtSQEntries, uint64(p.SendQueueEntries)},
+		{chip.CtxtSQHeadAddr, c.sqHead.iova},
+		{chip.CtxtControl, chip.CtxtCtrlEnable | chip.CtxtCtrlIntEnable},
+	}
+	for _, r := range regs {
+		if err := d.writeCtxtCSR(n, r.reg, r.val); err != nil {
+			return err
+		}
+	}
+	st, err := d.readCtxtCSR(n, chip.CtxtStatus)
+	if err != nil {
+		return err
+	}
+	if st&chip.CtxtStatusEnabled == 0 {
+		return fmt.Errorf("context %d did not enable (status %#x): %w", n, st, errIO)
+	}
+	clear(c.rhq.mem)
+	store64(c.sqHead.mem, 0, 0)
+	c.sqTail = 0
+	return nil
+}
+
+// disable stops the context in the device; its rings stay mapped.
+func (c *ctxtData) disable() error {
+	return c.d.writeCtxtCSR(c.ctxt, chip.CtxtControl, 0)
+}
+
+// free disables the context and releases its rings. Safe on a partially
+// set-up context and when the device is gone.
+func (c *ctxtData) free() error {
+	var errs []error
+	if !c.d.dead.Load() {
+		errs = append(errs, c.disable())
+	}
+	for _, r := range []*ringMem{c.rhq, c.eager, c.sq, c.sqHead, c.pio} {
+		if r != nil && !c.d.dead.Load() {
+			errs = append(errs, c.d.dmaUnmap(r))
+		}
+	}
+	for _, r := range []*ringMem{c.rhq, c.eager, c.sq, c.sqHead, c.pio, c.events} {
+		r.free()
+	}
+	c.wq.wakeAll()
+	return errors.Join(errs...)
+}
+
+func (c *ctxtData) eventBits() uint64 { return load64(c.events.mem, eventsWord) }

@@ -1,0 +1,420 @@
+package driver
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"runtime"
+	"sync"
+	"sync/atomic"
+
+	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/uapi"
+	"golang.org/x/sys/unix"
+)
+
+// File is one open of the device (hfi1's struct hfi1_filedata). Ioctls on a
+// file are serialised, as hfi1 serialises them with its per-file mutex.
+type File struct {
+	d *Device
+
+	mu       sync.Mutex
+	uctxt    *ctxtData
+	closed   bool
+	pollType int
+	pkey     uint16
+	exp      *expRcv // expected receive state, set with the context
+}
+
+// Poll events (POLLIN etc. from poll.h).
+const (
+	POLLIN     = unix.POLLIN
+	POLLPRI    = unix.POLLPRI
+	POLLERR    = unix.POLLERR
+	POLLRDNORM = 0x40
+)
+
+// Mmap token types (hfi1 encodes the same kind of tokens in hfi1_base_info;
+// HFI1_MMAP_TOKEN).
+const (
+	mmapRcvHdrQ = 1
+	mmapEager   = 2
+	mmapEvents  = 3
+)
+
+func mmapToken(typ, unit, ctxt int) uint64 {
+	return uint64(typ)<<56 | uint64(unit)<<40 | uint64(ctxt)<<32
+}
+
+// Open opens the device (hfi1_file_open).
+func (d *Device) Open() (*File, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.removed || d.dead.Load() {
+		return nil, fmt.Errorf("gohfi: open unit %d: %w", d.info.Unit, unix.ENXIO)
+	}
+	f := &File{d: d}
+	d.files[f] = struct{}{}
+	return f, nil
+}
+
+// errnoErr wraps an errno with the command's name.
+func errnoErr(what string, e unix.Errno) error { return fmt.Errorf("gohfi: %s: %w", what, e) }
+
+var errIO = unix.EIO
+
+// Ioctl executes cmd with the user-space argument arg (a pointer for
+// commands that take a struct, the value itself for scalar _IOW commands
+// such as ACK_EVENT, RECV_CTRL, POLL_TYPE). Errors wrap a unix.Errno with the
+// meaning the kernel gives it.
+func (f *File) Ioctl(cmd uint32, arg uintptr) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		return -1, errnoErr("ioctl on closed file", unix.EBADF)
+	}
+	if f.d.dead.Load() {
+		return -1, errnoErr("ioctl: device gone", unix.ENXIO)
+	}
+	if uapi.IOC_TYPE(cmd) != uapi.RDMA_IOCTL_MAGIC {
+		return -1, errnoErr(fmt.Sprintf("ioctl %#x", cmd), unix.ENOTTY)
+	}
+	switch cmd {
+	case uapi.HFI1_IOCTL_GET_VERS:
+		var b [4]byte
+		binary.LittleEndian.PutUint32(b[:], uapi.HFI1_USER_SWVERSION)
+		return 0, wrapFault("GET_VERS", copyToUser(arg, b[:]))
+	case uapi.HFI1_IOCTL_ASSIGN_CTXT:
+		return 0, f.assignCtxt(arg)
+	case uapi.GOHFI_IOCTL_QUERY_DEVICE:
+		return 0, f.queryDevice(arg)
+	}
+	// Everything else needs a context (hfi1: "if (!fd->uctxt) return -EINVAL").
+	if f.uctxt == nil {
+		return -1, errnoErr(fmt.Sprintf("ioctl %#x without a context", cmd), unix.EINVAL)
+	}
+	switch cmd {
+	case uapi.HFI1_IOCTL_CTXT_INFO:
+		return 0, f.ctxtInfo(arg)
+	case uapi.HFI1_IOCTL_USER_INFO:
+		return 0, f.userInfo(arg)
+	case uapi.HFI1_IOCTL_CTXT_RESET:
+		return 0, f.ctxtReset()
+	case uapi.HFI1_IOCTL_CREDIT_UPD:
+		return 0, nil // credits are returned by the device on every descriptor
+	case uapi.HFI1_IOCTL_RECV_CTRL:
+		return 0, f.recvCtrl(int32(arg) != 0)
+	case uapi.HFI1_IOCTL_POLL_TYPE:
+		if arg != uapi.HFI1_POLL_TYPE_ANYRCV && arg != uapi.HFI1_POLL_TYPE_URGENT {
+			return -1, errnoErr("POLL_TYPE", unix.EINVAL)
+		}
+		f.pollType = int(arg)
+		return 0, nil
+	case uapi.HFI1_IOCTL_SET_PKEY:
+		if uint16(arg)&0x7fff == 0 {
+			return -1, errnoErr("SET_PKEY: invalid key", unix.EINVAL)
+		}
+		f.pkey = uint16(arg)
+		return 0, nil
+	case uapi.HFI1_IOCTL_ACK_EVENT:
+		f.ackEvent(uint64(arg))
+		return 0, nil
+	case uapi.HFI1_IOCTL_TID_UPDATE:
+		return 0, f.exp.tidUpdate(arg)
+	case uapi.HFI1_IOCTL_TID_FREE:
+		return 0, f.exp.tidFree(arg)
+	case uapi.HFI1_IOCTL_TID_INVAL_READ:
+		return 0, f.exp.tidInvalRead(arg)
+	case uapi.GOHFI_IOCTL_RCVHDR_HEAD:
+		return 0, f.setRcvHdrHead(uint64(arg))
+	case uapi.GOHFI_IOCTL_SEND:
+		return 0, f.send(arg)
+	case uapi.GOHFI_IOCTL_DRIVER_STATS:
+		return 0, f.driverStats(arg)
+	}
+	return -1, errnoErr(fmt.Sprintf("ioctl %#x", cmd), unix.ENOTTY)
+}
+
+func wrapFault(what string, err error) error {
+	if err != nil {
+		return errFault("gohfi: " + what)
+	}
+	return nil
+}
+
+// assignCtxt (hfi1 assign_ctxt): one context per file, taken from the
+// device's free hardware contexts.
+func (f *File) assignCtxt(arg uintptr) error {
+	var b [uapi.SizeofHfi1UserInfo]byte
+	if err := copyFromUser(b[:], arg); err != nil {
+		return errFault("gohfi: ASSIGN_CTXT")
+	}
+	var ui uapi.Hfi1UserInfo
+	if err := ui.UnmarshalBytes(b[:]); err != nil {
+		return errnoErr("ASSIGN_CTXT", unix.EINVAL)
+	}
+	if f.uctxt != nil {
+		return errnoErr("ASSIGN_CTXT: file already has a context", unix.EINVAL)
+	}
+	if ui.Userversion>>uapi.HFI1_SWMAJOR_SHIFT != uapi.HFI1_USER_SWMAJOR {
+		return errnoErr(fmt.Sprintf("ASSIGN_CTXT: user version %#x, driver major %d", ui.Userversion, uapi.HFI1_USER_SWMAJOR), unix.ENODEV)
+	}
+	if ui.SubctxtCnt != 0 || ui.SubctxtID != 0 {
+		return errnoErr("ASSIGN_CTXT: context sharing is not supported", unix.EINVAL)
+	}
+	d := f.d
+	d.mu.Lock()
+	n := -1
+	for i, c := range d.ctxts {
+		if c == nil {
+			n = i
+			break
+		}
+	}
+	if n < 0 {
+		d.mu.Unlock()
+		return errnoErr("ASSIGN_CTXT: no free context", unix.EBUSY)
+	}
+	d.ctxts[n] = &ctxtData{ctxt: n} // reserve while setting up
+	d.mu.Unlock()
+
+	c, err := d.setupCtxt(n)
+	if err == nil {
+		f.exp, err = newExpRcv(f, c)
+		if err != nil {
+			c.free()
+		}
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err != nil {
+		d.ctxts[n] = nil
+		return fmt.Errorf("gohfi: ASSIGN_CTXT: %w", err)
+	}
+	d.ctxts[n] = c
+	f.uctxt = c
+	return nil
+}
+
+func (f *File) ctxtInfo(arg uintptr) error {
+	d, c, p := f.d, f.uctxt, f.d.m.params
+	ci := uapi.Hfi1CtxtInfo{
+		RuntimeFlags:   f.runtimeFlags(),
+		RcvegrSize:     uint32(p.EagerBufferSize),
+		NumActive:      uint16(d.m.numUnits()),
+		Unit:           uint16(d.info.Unit),
+		Ctxt:           uint16(c.ctxt),
+		Rcvtids:        uint16(d.info.RcvArrayPerCtxt),
+		Credits:        uint16(p.SendQueueEntries),
+		RecCPU:         0xffff,
+		SendCtxt:       uint16(c.ctxt),
+		Egrtids:        uint16(p.RcvHdrCnt),
+		RcvhdrqCnt:     uint16(p.RcvHdrCnt),
+		RcvhdrqEntsize: chip.RHQEntrySize,
+		SdmaRingSize:   uint16(p.SendQueueEntries),
+	}
+	var b [uapi.SizeofHfi1CtxtInfo]byte
+	ci.MarshalBytes(b[:])
+	return wrapFault("CTXT_INFO", copyToUser(arg, b[:]))
+}
+
+func (f *File) runtimeFlags() uint64 {
+	fl := uint64(uapi.HFI1_CAP_SDMA | uapi.HFI1_CAP_MULTI_PKT_EGR)
+	if f.d.m.params.TIDUnmapOnInvalidate {
+		fl |= uapi.HFI1_CAP_TID_UNMAP
+	}
+	return fl
+}
+
+func (f *File) userInfo(arg uintptr) error {
+	d, c := f.d, f.uctxt
+	bi := uapi.Hfi1BaseInfo{
+		HwVersion:     uint32(d.info.Revision),
+		SwVersion:     uapi.HFI1_USER_SWVERSION,
+		RcvhdrBufbase: mmapToken(mmapRcvHdrQ, d.info.Unit, c.ctxt),
+		RcvegrBufbase: mmapToken(mmapEager, d.info.Unit, c.ctxt),
+		EventsBufbase: mmapToken(mmapEvents, d.info.Unit, c.ctxt),
+	}
+	var b [uapi.SizeofHfi1BaseInfo]byte
+	bi.MarshalBytes(b[:])
+	return wrapFault("USER_INFO", copyToUser(arg, b[:]))
+}
+
+// ctxtReset (hfi1 ctxt_reset): restart the context's rings after an error;
+// programmed TIDs stay.
+func (f *File) ctxtReset() error {
+	c := f.uctxt
+	if err := c.disable(); err != nil {
+		return fmt.Errorf("gohfi: CTXT_RESET: %w", err)
+	}
+	if err := c.program(); err != nil {
+		return fmt.Errorf("gohfi: CTXT_RESET: %w", err)
+	}
+	return nil
+}
+
+func (f *File) recvCtrl(enable bool) error {
+	c := f.uctxt
+	v := uint64(chip.CtxtCtrlEnable)
+	if enable {
+		v |= chip.CtxtCtrlIntEnable
+	}
+	// The context keeps running (sends, TIDs); only interrupts on receive
+	// are switched, as hfi1 switches RcvCtrl's interrupt enable.
+	return f.d.writeCtxtCSR(c.ctxt, chip.CtxtControl, v)
+}
+
+func (f *File) setRcvHdrHead(head uint64) error {
+	if head >= uint64(f.d.m.params.RcvHdrCnt) {
+		return errnoErr("RCVHDR_HEAD out of range", unix.EINVAL)
+	}
+	return f.d.writeCtxtCSR(f.uctxt.ctxt, chip.CtxtRHQHead, head)
+}
+
+// setEvent sets event bits in the context's event page and wakes pollers.
+func (c *ctxtData) setEvent(bits uint64) {
+	p := eventsPtr(c.events.mem)
+	for {
+		old := atomic.LoadUint64(p)
+		if old&bits == bits || atomic.CompareAndSwapUint64(p, old, old|bits) {
+			break
+		}
+	}
+	c.wq.wakeAll()
+}
+
+func (c *ctxtData) clearEvent(bits uint64) {
+	p := eventsPtr(c.events.mem)
+	for {
+		old := atomic.LoadUint64(p)
+		if old&bits == 0 || atomic.CompareAndSwapUint64(p, old, old&^bits) {
+			return
+		}
+	}
+}
+
+// ackEvent (hfi1 user_event_ack) clears acknowledged event bits. The
+// TID_MMU_NOTIFY bit is cleared by TID_INVAL_READ, under the TID lock.
+func (f *File) ackEvent(bits uint64) {
+	f.uctxt.clearEvent(bits &^ uapi.HFI1_EVENT_TID_MMU_NOTIFY)
+}
+
+// Poll waits until the context has an unread header queue entry (POLLIN)
+// or a pending event (POLLPRI), or ctx ends.
+func (f *File) Poll(ctx context.Context) (uint32, error) {
+	f.mu.Lock()
+	c, closed := f.uctxt, f.closed
+	f.mu.Unlock()
+	if closed {
+		return POLLERR, errnoErr("poll on closed file", unix.EBADF)
+	}
+	if c == nil {
+		return POLLERR, errnoErr("poll without a context", unix.EINVAL)
+	}
+	for {
+		wait := c.wq.wait()
+		if f.d.dead.Load() {
+			return POLLERR, errnoErr("poll: device gone", unix.ENXIO)
+		}
+		var ev uint32
+		if c.eventBits() != 0 {
+			ev |= POLLPRI
+		}
+		head, err := f.d.readCtxtCSR(c.ctxt, chip.CtxtRHQHead)
+		if err != nil {
+			return POLLERR, err
+		}
+		tail, err := f.d.readCtxtCSR(c.ctxt, chip.CtxtRHQTail)
+		if err != nil {
+			return POLLERR, err
+		}
+		if head != tail {
+			ev |= POLLIN | POLLRDNORM
+		}
+		if ev != 0 {
+			return ev, nil
+		}
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+	}
+}
+
+// Mmap maps a context region named by a token from USER_INFO into the
+// caller: the header queue and eager buffers read-only, as hfi1 maps them,
+// and the event page read-only. Unmap with unix.Munmap.
+func (f *File) Mmap(token uint64, length int, prot int) ([]byte, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	c := f.uctxt
+	if f.closed || c == nil {
+		return nil, errnoErr("mmap without a context", unix.EINVAL)
+	}
+	var r *ringMem
+	for _, t := range []struct {
+		typ int
+		r   *ringMem
+	}{{mmapRcvHdrQ, c.rhq}, {mmapEager, c.eager}, {mmapEvents, c.events}} {
+		if token == mmapToken(t.typ, f.d.info.Unit, c.ctxt) {
+			r = t.r
+		}
+	}
+	if r == nil {
+		return nil, errnoErr(fmt.Sprintf("mmap token %#x", token), unix.EINVAL)
+	}
+	if prot&unix.PROT_WRITE != 0 || prot&unix.PROT_EXEC != 0 {
+		return nil, errnoErr("mmap: region is read-only", unix.EPERM)
+	}
+	if length <= 0 || length > len(r.mem) {
+		return nil, errnoErr(fmt.Sprintf("mmap length %d of %d", length, len(r.mem)), unix.EINVAL)
+	}
+	m, err := r.userMap(unix.PROT_READ)
+	if err != nil {
+		return nil, fmt.Errorf("gohfi: mmap: %w", err)
+	}
+	return m[:length], nil
+}
+
+// Close releases the file's context: TIDs unprogrammed, unmapped and
+// unpinned, notifier subscriptions removed, rings freed (hfi1_file_close).
+func (f *File) Close() error {
+	err := f.release()
+	f.d.mu.Lock()
+	delete(f.d.files, f)
+	f.d.mu.Unlock()
+	return err
+}
+
+func (f *File) release() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		return nil
+	}
+	f.closed = true
+	c := f.uctxt
+	if c == nil {
+		return nil
+	}
+	var err error
+	if f.exp != nil {
+		err = f.exp.close()
+	}
+	if ferr := c.free(); err == nil {
+		err = ferr
+	}
+	f.d.mu.Lock()
+	f.d.ctxts[c.ctxt] = nil
+	f.d.mu.Unlock()
+	f.uctxt = nil
+	runtime.KeepAlive(c)
+	return err
+}
+
+func (m *Module) numUnits() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.devices)
+}

@@ -1,0 +1,225 @@
+package driver
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/vfio"
+	"golang.org/x/sys/unix"
+)
+
+// DeviceInfo is what probe learned from the hardware.
+type DeviceInfo struct {
+	Unit            int    `json:"unit"`
+	Name            string `json:"name"`
+	VendorID        uint16 `json:"vendor_id"`
+	DeviceID        uint16 `json:"device_id"`
+	Revision        uint64 `json:"revision"`
+	NumContexts     int    `json:"num_contexts"`
+	RcvArrayPerCtxt int    `json:"rcvarray_per_ctxt"`
+	MaxTIDPages     int    `json:"max_tid_pages"`
+	MTTEntries      int    `json:"mtt_entries"`
+	RHQMaxEntries   int    `json:"rhq_max_entries"`
+	CapFlags        uint64 `json:"cap_flags"`
+	IRQMode         string `json:"irq_mode"`
+}
+
+// Device is a probed HFI (hfi1's struct hfi1_devdata).
+type Device struct {
+	m    *Module
+	vdev vfio.Device
+	info DeviceInfo
+
+	rcvArray []byte // BAR2 mapped: RcvArray entries are programmed with plain stores
+	iova     *iovaSpace
+	irq      *irqState
+
+	mu      sync.Mutex
+	ctxts   []*ctxtData // hardware contexts; nil = free
+	files   map[*File]struct{}
+	removed bool
+
+	dead  atomic.Bool // the device stopped answering; everything fails with ENXIO
+	stats devStats
+}
+
+// Info returns the device's identity and capabilities.
+func (d *Device) Info() DeviceInfo { return d.info }
+
+// ioErr turns a lost device into ENXIO for the caller and remembers it.
+func (d *Device) ioErr(err error) error {
+	if errors.Is(err, vfio.ErrDisconnected) || errors.Is(err, vfio.ErrClosed) {
+		d.dead.Store(true)
+		return fmt.Errorf("%w (%w)", err, unix.ENXIO)
+	}
+	return err
+}
+
+func probe(ctx context.Context, m *Module, unit int, vdev vfio.Device, name string) (*Device, error) {
+	d := &Device{m: m, vdev: vdev, files: map[*File]struct{}{}}
+	d.info.Unit, d.info.Name = unit, name
+	if vdev.Info().Flags&vfio.DeviceFlagsPCI == 0 {
+		return nil, fmt.Errorf("not a PCI device: %w", unix.ENODEV)
+	}
+	var cfg [64]byte
+	if err := vdev.ReadRegion(vfio.PCIConfigRegionIndex, 0, cfg[:]); err != nil {
+		return nil, fmt.Errorf("read config space: %w", err)
+	}
+	d.info.VendorID = binary.LittleEndian.Uint16(cfg[0:])
+	d.info.DeviceID = binary.LittleEndian.Uint16(cfg[2:])
+	if d.info.VendorID != chip.PCIVendorID || d.info.DeviceID != chip.PCIDeviceID {
+		return nil, fmt.Errorf("device %04x:%04x is not an hfisim HFI: %w", d.info.VendorID, d.info.DeviceID, unix.ENODEV)
+	}
+	// Memory space and bus mastering: the device DMAs rings and payloads.
+	cmd := binary.LittleEndian.Uint16(cfg[4:]) | 0x0006
+	var cb [2]byte
+	binary.LittleEndian.PutUint16(cb[:], cmd)
+	if err := vdev.WriteRegion(vfio.PCIConfigRegionIndex, 4, cb[:]); err != nil {
+		return nil, fmt.Errorf("enable bus master: %w", err)
+	}
+	if vdev.Info().Flags&vfio.DeviceFlagsReset != 0 {
+		if err := vdev.Reset(); err != nil {
+			return nil, fmt.Errorf("reset: %w", err)
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if id, err := d.readCSR(chip.RegID); err != nil {
+		return nil, err
+	} else if id != chip.IDMagic {
+		return nil, fmt.Errorf("ID register %#x, want %#x: %w", id, uint64(chip.IDMagic), unix.EIO)
+	}
+	if err := d.readCaps(); err != nil {
+		return nil, err
+	}
+	if err := d.mapRcvArray(); err != nil {
+		return nil, err
+	}
+	d.iova = newIOVASpace()
+	d.ctxts = make([]*ctxtData, d.info.NumContexts)
+	if err := d.setupInterrupts(); err != nil {
+		unix.Munmap(d.rcvArray)
+		return nil, err
+	}
+	return d, nil
+}
+
+// readCaps reads the capability registers and refuses values the driver
+// cannot trust: a device is not trusted to size the driver's arrays.
+func (d *Device) readCaps() error {
+	var rev, nctxt, perCtxt, maxTID, mtt, rhqMax, caps uint64
+	regs := []struct {
+		off uint64
+		dst *uint64
+	}{
+		{chip.RegRevision, &rev}, {chip.RegNumCtxts, &nctxt}, {chip.RegRcvArrayPerCtxt, &perCtxt},
+		{chip.RegMaxTIDPages, &maxTID}, {chip.RegMTTEntries, &mtt}, {chip.RegRHQMaxEntries, &rhqMax},
+		{chip.RegCapFlags, &caps},
+	}
+	for _, r := range regs {
+		v, err := d.readCSR(r.off)
+		if err != nil {
+			return err
+		}
+		*r.dst = v
+	}
+	switch {
+	case nctxt < 1 || nctxt > chip.MaxContexts:
+		return fmt.Errorf("device reports %d contexts: %w", nctxt, unix.EIO)
+	case perCtxt < chip.RcvArrayGroupSize || perCtxt%chip.RcvArrayGroupSize != 0 || perCtxt > 1<<16:
+		return fmt.Errorf("device reports %d RcvArray entries per context: %w", perCtxt, unix.EIO)
+	case maxTID < 1 || maxTID&(maxTID-1) != 0 || maxTID > 1<<11:
+		return fmt.Errorf("device reports max TID pages %d: %w", maxTID, unix.EIO)
+	case mtt > 1<<28 || rhqMax < 2:
+		return fmt.Errorf("device reports MTT %d, RHQ max %d: %w", mtt, rhqMax, unix.EIO)
+	}
+	d.info.Revision = rev
+	d.info.NumContexts = int(nctxt)
+	d.info.RcvArrayPerCtxt = int(perCtxt)
+	d.info.MaxTIDPages = int(maxTID)
+	d.info.MTTEntries = int(mtt)
+	d.info.RHQMaxEntries = int(rhqMax)
+	d.info.CapFlags = caps
+	if d.m.params.RcvHdrCnt > d.info.RHQMaxEntries {
+		return fmt.Errorf("rcvhdrcnt %d exceeds the device's %d: %w", d.m.params.RcvHdrCnt, d.info.RHQMaxEntries, unix.EINVAL)
+	}
+	return nil
+}
+
+func (d *Device) mapRcvArray() error {
+	ri, err := d.vdev.RegionInfo(chip.RcvArrayBar)
+	if err != nil {
+		return fmt.Errorf("RcvArray region: %w", err)
+	}
+	need := uint64(d.info.NumContexts*d.info.RcvArrayPerCtxt) * chip.RcvArrayEntrySize
+	if ri.Size < need || !ri.Mappable(0, need) {
+		return fmt.Errorf("RcvArray region %d bytes, mappable %v, need %d: %w", ri.Size, ri.Mappable(0, need), need, unix.EIO)
+	}
+	mem, err := d.vdev.MmapRegion(chip.RcvArrayBar, 0, need, unix.PROT_READ|unix.PROT_WRITE)
+	if err != nil {
+		return fmt.Errorf("mmap RcvArray: %w", err)
+	}
+	d.rcvArray = mem
+	return nil
+}
+
+// remove tears the device down: every open file loses its context, the
+// interrupts are released and the vfio device is closed.
+func (d *Device) remove() error {
+	d.mu.Lock()
+	if d.removed {
+		d.mu.Unlock()
+		return nil
+	}
+	d.removed = true
+	files := make([]*File, 0, len(d.files))
+	for f := range d.files {
+		files = append(files, f)
+	}
+	d.mu.Unlock()
+	for _, f := range files {
+		f.release()
+	}
+	var errs []error
+	d.teardownInterrupts()
+	if d.rcvArray != nil {
+		errs = append(errs, unix.Munmap(d.rcvArray))
+		d.rcvArray = nil
+	}
+	errs = append(errs, d.vdev.Close())
+	return errors.Join(errs...)
+}
+
+// dmaMap makes r reachable by the device at a fresh IOVA.
+func (d *Device) dmaMap(r *ringMem, flags uint32) error {
+	iova, err := d.iova.alloc(uint64(len(r.mem)))
+	if err != nil {
+		return err
+	}
+	err = d.vdev.DMAMap(vfio.DMAMapping{IOVA: iova, Vaddr: r.vaddr(), Size: uint64(len(r.mem)), Flags: flags, File: r.file})
+	if err != nil {
+		d.iova.release(iova, uint64(len(r.mem)))
+		return d.ioErr(fmt.Errorf("DMA map: %w", err))
+	}
+	r.iova = iova
+	return nil
+}
+
+func (d *Device) dmaUnmap(r *ringMem) error {
+	if r == nil || r.iova == 0 {
+		return nil
+	}
+	err := d.vdev.DMAUnmap(r.iova, uint64(len(r.mem)))
+	d.iova.release(r.iova, uint64(len(r.mem)))
+	r.iova = 0
+	if err != nil {
+		return d.ioErr(fmt.Errorf("DMA unmap: %w", err))
+	}
+	return nil
+}

@@ -1,0 +1,183 @@
+package driver
+
+import (
+	"fmt"
+	"sync"
+
+	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/vfio"
+	"golang.org/x/sys/unix"
+)
+
+// irqState is the device's interrupt wiring: one eventfd per vector and a
+// goroutine that waits on all of them (the "interrupt handler").
+type irqState struct {
+	index uint32 // vfio IRQ index in use (MSI-X or INTx)
+	fds   []int  // eventfd per vector
+	stop  int    // eventfd that stops the loop
+	epfd  int
+	wg    sync.WaitGroup
+	count uint64 // interrupts handled, for tests and stats
+	mu    sync.Mutex
+}
+
+// waitQueue wakes every waiter at once, like a kernel wait_queue_head with
+// wake_up_all: waiters take the channel, wakers close it.
+type waitQueue struct {
+	mu sync.Mutex
+	ch chan struct{}
+}
+
+func (q *waitQueue) wait() <-chan struct{} {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.ch == nil {
+		q.ch = make(chan struct{})
+	}
+	return q.ch
+}
+
+func (q *waitQueue) wakeAll() {
+	q.mu.Lock()
+	if q.ch != nil {
+		close(q.ch)
+		q.ch = nil
+	}
+	q.mu.Unlock()
+}
+
+func (d *Device) setupInterrupts() (err error) {
+	s := &irqState{stop: -1, epfd: -1}
+	defer func() {
+		if err != nil {
+			s.closeFDs()
+		}
+	}()
+	vectors := 1 + d.info.NumContexts
+	s.index = vfio.PCIMSIXIRQIndex
+	info, ierr := d.vdev.IRQInfo(vfio.PCIMSIXIRQIndex)
+	if ierr != nil || info.Count < uint32(vectors) || info.Flags&vfio.IRQInfoEventfd == 0 {
+		s.index, vectors = vfio.PCIINTxIRQIndex, 1
+		if info, ierr = d.vdev.IRQInfo(vfio.PCIINTxIRQIndex); ierr != nil || info.Count < 1 {
+			return fmt.Errorf("no usable interrupts (MSI-X or INTx): %w", unix.ENODEV)
+		}
+	}
+	if s.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
+		return fmt.Errorf("epoll_create1: %w", err)
+	}
+	if s.stop, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK); err != nil {
+		return fmt.Errorf("eventfd: %w", err)
+	}
+	if err = unix.EpollCtl(s.epfd, unix.EPOLL_CTL_ADD, s.stop, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: -1}); err != nil {
+		return fmt.Errorf("epoll_ctl: %w", err)
+	}
+	for v := 0; v < vectors; v++ {
+		fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+		if err != nil {
+			return fmt.Errorf("eventfd: %w", err)
+		}
+		s.fds = append(s.fds, fd)
+		if err = unix.EpollCtl(s.epfd, unix.EPOLL_CTL_ADD, fd, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(v)}); err != nil {
+			return fmt.Errorf("epoll_ctl: %w", err)
+		}
+	}
+	if err = d.vdev.SetIRQs(s.index, 0, s.fds); err != nil {
+		return fmt.Errorf("SET_IRQS: %w", err)
+	}
+	if s.index == vfio.PCIMSIXIRQIndex {
+		d.info.IRQMode = "msix"
+	} else {
+		d.info.IRQMode = "intx"
+	}
+	d.irq = s
+	s.wg.Add(1)
+	go d.irqLoop(s)
+	mask := uint64(1)<<uint(1+d.info.NumContexts) - 1
+	return d.writeCSR(chip.RegIntMask, mask)
+}
+
+func (s *irqState) closeFDs() {
+	for _, fd := range s.fds {
+		unix.Close(fd)
+	}
+	s.fds = nil
+	if s.stop >= 0 {
+		unix.Close(s.stop)
+	}
+	if s.epfd >= 0 {
+		unix.Close(s.epfd)
+	}
+}
+
+func (d *Device) teardownInterrupts() {
+	s := d.irq
+	if s == nil {
+		return
+	}
+	var one = [8]byte{1}
+	unix.Write(s.stop, one[:])
+	s.wg.Wait()
+	if !d.dead.Load() {
+		d.vdev.SetIRQs(s.index, 0, nil) // best effort: the device may be gone
+	}
+	s.closeFDs()
+	d.irq = nil
+}
+
+// irqLoop is the interrupt handler. With MSI-X the vector names the source;
+// with INTx the handler reads and acknowledges RegIntStatus.
+func (d *Device) irqLoop(s *irqState) {
+	defer s.wg.Done()
+	events := make([]unix.EpollEvent, 8)
+	var buf [8]byte
+	for {
+		n, err := unix.EpollWait(s.epfd, events, -1)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return
+		}
+		for _, ev := range events[:n] {
+			if ev.Fd == -1 {
+				return
+			}
+			v := int(ev.Fd)
+			unix.Read(s.fds[v], buf[:])
+			s.mu.Lock()
+			s.count++
+			s.mu.Unlock()
+			if s.index == vfio.PCIMSIXIRQIndex {
+				d.handleSources(1 << uint(v))
+				continue
+			}
+			st, err := d.readCSR(chip.RegIntStatus)
+			if err != nil {
+				continue
+			}
+			d.writeCSR(chip.RegIntStatus, st)
+			d.handleSources(st)
+		}
+	}
+}
+
+// handleSources wakes the contexts whose interrupt sources fired.
+func (d *Device) handleSources(src uint64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for n, c := range d.ctxts {
+		if c != nil && src&chip.IntSrcCtxt(n) != 0 {
+			c.wq.wakeAll()
+		}
+	}
+}
+
+// Interrupts returns how many interrupts the handler has taken.
+func (d *Device) Interrupts() uint64 {
+	if d.irq == nil {
+		return 0
+	}
+	d.irq.mu.Lock()
+	defer d.irq.mu.Unlock()
+	return d.irq.count
+}

@@ -1,0 +1,142 @@
+// Package driver is gohfi's "kernel module": it probes HFI devices reached
+// through a vfio.Device, owns their hardware contexts, and offers per-open
+// file operations (Open, Ioctl, Poll, Mmap, Close) with the hfi1 character
+// device's ABI (package uapi) plus gohfi's own commands.
+//
+// The file layout follows drivers/infiniband/hw/hfi1: file_ops.go (the
+// character device), init.go (probe and device data), chip.go (CSR access),
+// intr.go (interrupts), user_exp_rcv.go (expected receive and the TID cache).
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/gohfi/gohfi/vfio"
+	"golang.org/x/sys/unix"
+)
+
+// Params are the module parameters, fixed at Init like a kernel module's.
+type Params struct {
+	// RcvHdrCnt is the number of receive header queue entries per context
+	// (hfi1's rcvhdrcnt).
+	RcvHdrCnt int
+	// EagerBufferSize is the size of one eager buffer; each context has
+	// RcvHdrCnt of them.
+	EagerBufferSize int
+	// SendQueueEntries is the number of send descriptors per context.
+	SendQueueEntries int
+	// TIDUnmapOnInvalidate selects the newer kernels' behaviour: an
+	// invalidated TID is cleared from the RcvArray and unpinned at once,
+	// instead of staying programmed until TID_FREE (the 2016 design).
+	TIDUnmapOnInvalidate bool
+	// HonorCapIPCLock lets a process with CAP_IPC_LOCK pin past
+	// RLIMIT_MEMLOCK, as the kernel does. Off by default so the limit is
+	// always enforced, root included.
+	HonorCapIPCLock bool
+}
+
+// DefaultParams returns the defaults.
+func DefaultParams() Params {
+	return Params{RcvHdrCnt: 256, EagerBufferSize: 16 << 10, SendQueueEntries: 256}
+}
+
+func (p Params) validate() error {
+	pow2 := func(v int) bool { return v > 0 && v&(v-1) == 0 }
+	if !pow2(p.RcvHdrCnt) || p.RcvHdrCnt < 2 || !pow2(p.EagerBufferSize) || p.EagerBufferSize < 4096 ||
+		!pow2(p.SendQueueEntries) || p.SendQueueEntries < 2 {
+		return fmt.Errorf("gohfi: module parameters %+v: %w", p, unix.EINVAL)
+	}
+	return nil
+}
+
+// Module is the loaded driver: its parameters and the registry of probed
+// devices (units). It is the only global-like state of the driver and is
+// created by Init and torn down by Exit.
+type Module struct {
+	params Params
+
+	mu      sync.Mutex
+	devices map[int]*Device
+	next    int
+	exited  bool
+}
+
+// Init loads the module with params.
+func Init(params Params) (*Module, error) {
+	if err := params.validate(); err != nil {
+		return nil, err
+	}
+	return &Module{params: params, devices: map[int]*Device{}}, nil
+}
+
+// Params returns the module parameters.
+func (m *Module) Params() Params { return m.params }
+
+// Probe binds the driver to vdev and registers it as the next unit. The
+// module owns vdev from then on and closes it on Remove or Exit, also when
+// Probe fails.
+func (m *Module) Probe(ctx context.Context, vdev vfio.Device, name string) (*Device, error) {
+	m.mu.Lock()
+	if m.exited {
+		m.mu.Unlock()
+		vdev.Close()
+		return nil, fmt.Errorf("gohfi: probe %s: module exited: %w", name, unix.ENODEV)
+	}
+	unit := m.next
+	m.next++
+	m.mu.Unlock()
+
+	d, err := probe(ctx, m, unit, vdev, name)
+	if err != nil {
+		vdev.Close()
+		return nil, fmt.Errorf("gohfi: probe %s: %w", name, err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.exited {
+		d.remove()
+		return nil, fmt.Errorf("gohfi: probe %s: module exited: %w", name, unix.ENODEV)
+	}
+	m.devices[unit] = d
+	return d, nil
+}
+
+// Device returns unit, or ENODEV.
+func (m *Module) Device(unit int) (*Device, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if d, ok := m.devices[unit]; ok {
+		return d, nil
+	}
+	return nil, fmt.Errorf("gohfi: unit %d: %w", unit, unix.ENODEV)
+}
+
+// Remove unbinds unit: open files see ENXIO from then on, their contexts are
+// torn down and the vfio device is closed.
+func (m *Module) Remove(unit int) error {
+	m.mu.Lock()
+	d, ok := m.devices[unit]
+	delete(m.devices, unit)
+	m.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("gohfi: remove unit %d: %w", unit, unix.ENODEV)
+	}
+	return d.remove()
+}
+
+// Exit removes every device; the module cannot be used afterwards.
+func (m *Module) Exit() error {
+	m.mu.Lock()
+	m.exited = true
+	devs := m.devices
+	m.devices = map[int]*Device{}
+	m.mu.Unlock()
+	var errs []error
+	for _, d := range devs {
+		errs = append(errs, d.remove())
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,67 @@
+package driver
+
+import (
+	"fmt"
+	"os"
+	"sync/atomic"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// ringMem is driver-owned host memory the device DMAs (header queues, eager
+// buffers, send queues): memfd-backed, so a vfio-user device maps the same
+// pages by fd, and so user space can mmap it too, as with hfi1's rcvhdrq.
+type ringMem struct {
+	file *os.File
+	mem  []byte
+	iova uint64
+}
+
+func newRingMem(name string, size int) (*ringMem, error) {
+	size = (size + os.Getpagesize() - 1) &^ (os.Getpagesize() - 1)
+	fd, err := unix.MemfdCreate("gohfi-"+name, unix.MFD_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("memfd %s: %w", name, err)
+	}
+	f := os.NewFile(uintptr(fd), "gohfi-"+name)
+	if err := f.Truncate(int64(size)); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("size %s: %w", name, err)
+	}
+	mem, err := unix.Mmap(fd, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("mmap %s: %w", name, err)
+	}
+	return &ringMem{file: f, mem: mem}, nil
+}
+
+func (r *ringMem) vaddr() uintptr { return uintptr(unsafe.Pointer(&r.mem[0])) }
+
+func (r *ringMem) free() {
+	if r == nil {
+		return
+	}
+	if r.mem != nil {
+		unix.Munmap(r.mem)
+		r.mem = nil
+	}
+	r.file.Close()
+}
+
+// userMap maps the ring into "user space" (the caller) read-write or
+// read-only: a separate mapping of the same pages, which the caller unmaps.
+func (r *ringMem) userMap(prot int) ([]byte, error) {
+	return unix.Mmap(int(r.file.Fd()), 0, len(r.mem), prot, unix.MAP_SHARED)
+}
+
+// load64 and store64 access 8-byte words shared with the device (RcvArray
+// entries, DMA'd ring indices) whole, as the device expects.
+func load64(b []byte, off int) uint64 {
+	return atomic.LoadUint64((*uint64)(unsafe.Pointer(&b[off])))
+}
+
+func store64(b []byte, off int, v uint64) {
+	atomic.StoreUint64((*uint64)(unsafe.Pointer(&b[off])), v)
+}

@@ -1,0 +1,61 @@
+package driver
+
+import (
+	"sync/atomic"
+	"unsafe"
+
+	"github.com/gohfi/gohfi/uapi"
+)
+
+// devStats are the driver's counters, exposed like the kernel's per-device
+// debugfs/sysfs counters through GOHFI_IOCTL_DRIVER_STATS.
+type devStats struct {
+	tidsProgrammed, tidsFreed, tidInvalidations, tidInvalReads atomic.Uint64
+	pagesPinned, pagesUnpinned                                 atomic.Uint64
+}
+
+// Stats returns the device's driver counters.
+func (d *Device) Stats() uapi.GohfiDriverStats {
+	s := &d.stats
+	return uapi.GohfiDriverStats{
+		TidsProgrammed:   s.tidsProgrammed.Load(),
+		TidsFreed:        s.tidsFreed.Load(),
+		TidInvalidations: s.tidInvalidations.Load(),
+		TidInvalReads:    s.tidInvalReads.Load(),
+		PagesPinned:      s.pagesPinned.Load(),
+		PagesUnpinned:    s.pagesUnpinned.Load(),
+	}
+}
+
+func (f *File) driverStats(arg uintptr) error {
+	st := f.d.Stats()
+	b := make([]byte, st.SizeBytes())
+	st.MarshalBytes(b)
+	return wrapFault("DRIVER_STATS", copyToUser(arg, b))
+}
+
+// queryDevice (GOHFI_IOCTL_QUERY_DEVICE) reports what this driver offers on
+// this device. Memory regions (ODP, fast registration) are not offered by
+// this driver version, so their capability bits stay clear even though the
+// hardware advertises them (DeviceInfo.CapFlags).
+func (f *File) queryDevice(arg uintptr) error {
+	i := f.d.info
+	a := uapi.GohfiDeviceAttr{
+		VendorID:        uint32(i.VendorID),
+		VendorPartID:    uint32(i.DeviceID),
+		HwVer:           uint32(i.Revision),
+		NumContexts:     uint32(i.NumContexts),
+		RcvArrayEntries: uint32(i.RcvArrayPerCtxt),
+		MaxTidPages:     uint32(i.MaxTIDPages),
+		MttEntries:      uint32(i.MTTEntries),
+		PageSizeCap:     pageSize,
+	}
+	b := make([]byte, a.SizeBytes())
+	a.MarshalBytes(b)
+	return wrapFault("QUERY_DEVICE", copyToUser(arg, b))
+}
+
+// HardwareHasCap reports a RegCapFlags bit of the device.
+func (d *Device) HardwareHasCap(bit uint64) bool { return d.info.CapFlags&bit != 0 }
+
+func eventsPtr(b []byte) *uint64 { return (*uint64)(unsafe.Pointer(&b[eventsWord])) }

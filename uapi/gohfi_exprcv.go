@@ -1,0 +1,82 @@
+package uapi
+
+import "encoding/binary"
+
+// gohfi's commands for the receive and send paths that hfi1 reaches through
+// mmapped user registers and PIO/SDMA (hfi1's user_regbase, pio_bufbase and
+// writev): BAR0 of hfisim is trapped, not mappable, so the head update and
+// the send doorbell go through the driver.
+const (
+	// _IOW(0x1b, 0x50, __u64): the context's receive header queue head
+	// (entries consumed by user space), like a store to RcvHdrHead.
+	GOHFI_IOCTL_RCVHDR_HEAD = iocW | 8<<_IOC_SIZESHIFT | gohfiType | 0x50
+	// _IOWR(0x1b, 0x51, struct gohfi_send): send one packet from the
+	// context, eager or expected (to a TID of the destination context).
+	GOHFI_IOCTL_SEND = iocRW | SizeofGohfiSend<<_IOC_SIZESHIFT | gohfiType | 0x51
+)
+
+// Opcodes of gohfi_send.
+const (
+	GOHFI_SEND_EAGER    = 1
+	GOHFI_SEND_EXPECTED = 2
+)
+
+// SizeofGohfiSend is sizeof(struct gohfi_send).
+const SizeofGohfiSend = 40
+
+// GohfiSend is struct gohfi_send (docs/abi.md):
+//
+//	struct gohfi_send {
+//		__u8  opcode;      /* GOHFI_SEND_* */
+//		__u8  flags;       /* 0 */
+//		__u16 dst_ctxt;    /* destination receive context */
+//		__u32 length;      /* payload bytes */
+//		__u64 vaddr;       /* user pointer to the payload */
+//		__u32 tid;         /* expected: TID of the destination */
+//		__u32 tid_offset;  /* expected: byte offset in the TID's buffer */
+//		__u64 tag;         /* copied to the receiver's header entry */
+//		__u64 reserved;
+//	};
+type GohfiSend struct {
+	Opcode    uint8
+	Flags     uint8
+	DstCtxt   uint16
+	Length    uint32
+	Vaddr     uint64
+	TID       uint32
+	TIDOffset uint32
+	Tag       uint64
+	Reserved  uint64
+}
+
+// SizeBytes implements Marshallable.
+func (*GohfiSend) SizeBytes() int { return SizeofGohfiSend }
+
+// MarshalBytes implements Marshallable.
+func (s *GohfiSend) MarshalBytes(dst []byte) {
+	_ = dst[SizeofGohfiSend-1]
+	dst[0], dst[1] = s.Opcode, s.Flags
+	binary.LittleEndian.PutUint16(dst[2:], s.DstCtxt)
+	binary.LittleEndian.PutUint32(dst[4:], s.Length)
+	binary.LittleEndian.PutUint64(dst[8:], s.Vaddr)
+	binary.LittleEndian.PutUint32(dst[16:], s.TID)
+	binary.LittleEndian.PutUint32(dst[20:], s.TIDOffset)
+	binary.LittleEndian.PutUint64(dst[24:], s.Tag)
+	binary.LittleEndian.PutUint64(dst[32:], s.Reserved)
+}
+
+// UnmarshalBytes implements Marshallable.
+func (s *GohfiSend) UnmarshalBytes(src []byte) error {
+	if len(src) < SizeofGohfiSend {
+		return shortBuffer("gohfi_send", len(src), SizeofGohfiSend)
+	}
+	s.Opcode, s.Flags = src[0], src[1]
+	s.DstCtxt = binary.LittleEndian.Uint16(src[2:])
+	s.Length = binary.LittleEndian.Uint32(src[4:])
+	s.Vaddr = binary.LittleEndian.Uint64(src[8:])
+	s.TID = binary.LittleEndian.Uint32(src[16:])
+	s.TIDOffset = binary.LittleEndian.Uint32(src[20:])
+	s.Tag = binary.LittleEndian.Uint64(src[24:])
+	s.Reserved = binary.LittleEndian.Uint64(src[32:])
+	return nil
+}
