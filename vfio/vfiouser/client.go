@@ -1,0 +1,787 @@
+package vfiouser
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/gohfi/gohfi/vfio"
+)
+
+// Client is a vfio.Device reached over a vfio-user socket.
+//
+// One reader goroutine reads every message from the server: replies go to
+// the calls waiting for them (by message id), and the server's DMA_READ and
+// DMA_WRITE requests are served on the spot from the DMA mappings. Calls
+// from any number of goroutines share the socket through one writer lock.
+type Client struct {
+	o  options
+	sk *sock
+
+	info          vfio.DeviceInfo
+	serverMaxData uint32 // chunk size of region reads and writes
+	serverMaxFDs  int
+
+	mu      sync.Mutex
+	pending map[uint16]*call
+	nextID  uint16
+	err     error // non-nil once closed or disconnected
+	done    chan struct{}
+
+	regMu   sync.Mutex
+	regions map[uint32]*clientRegion
+
+	dmaMu sync.RWMutex
+	maps  []clientMap // sorted by iova, never overlapping
+
+	// Reader-goroutine state.
+	rbuf   []byte
+	rfds   []int
+	dmaBuf []byte
+	pid    int
+}
+
+type clientRegion struct {
+	info vfio.RegionInfo
+	file *os.File // the mmap fd, or nil
+}
+
+type clientMap struct {
+	iova, size uint64
+	vaddr      uintptr
+	flags      uint32
+	access     vfio.DMAAccessor
+}
+
+var _ vfio.Device = (*Client)(nil)
+
+// Dial connects to the vfio-user server listening at path and negotiates
+// the protocol (see NewClient). ctx bounds the connection and negotiation.
+func Dial(ctx context.Context, path string, opts ...Option) (*Client, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("vfio-user: dial %s: %w", path, err)
+	}
+	stop := context.AfterFunc(ctx, func() { c.Close() })
+	cl, err := NewClient(c.(*net.UnixConn), opts...)
+	if !stop() {
+		if err == nil {
+			cl.Close()
+		}
+		return nil, fmt.Errorf("vfio-user: dial %s: %w", path, ctx.Err())
+	}
+	return cl, err
+}
+
+// NewClient takes over conn, negotiates the protocol version and
+// capabilities and reads the device info. On error conn is closed.
+func NewClient(conn *net.UnixConn, opts ...Option) (*Client, error) {
+	o := buildOptions(opts)
+	sk, err := newSock(conn, &o)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	c := &Client{
+		o:             o,
+		sk:            sk,
+		pending:       make(map[uint16]*call),
+		done:          make(chan struct{}),
+		regions:       make(map[uint32]*clientRegion),
+		serverMaxData: defaultMaxDataXferSize,
+		serverMaxFDs:  1,
+		pid:           os.Getpid(),
+	}
+	go c.readLoop()
+	if err := c.negotiate(); err != nil {
+		c.Close()
+		return nil, err
+	}
+	if err := c.getDeviceInfo(); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// call is one request waiting for its reply.
+type call struct {
+	id    uint16
+	cmd   uint16
+	sbuf  []byte // request message
+	h     header // reply header
+	reply []byte // reply payload (copied by the reader)
+	fds   []int  // fds of the reply, owned by the call until taken
+	err   error
+	done  chan struct{}
+	timer *time.Timer
+}
+
+var callPool = sync.Pool{New: func() any {
+	t := time.NewTimer(time.Hour)
+	t.Stop()
+	return &call{done: make(chan struct{}, 1), timer: t}
+}}
+
+// newCall returns a call for cmd whose request payload (n bytes, zeroed)
+// is call.payload().
+func newCall(cmd uint16, n int) *call {
+	k := callPool.Get().(*call)
+	k.cmd, k.err = cmd, nil
+	if cap(k.sbuf) < headerSize+n {
+		k.sbuf = make([]byte, headerSize+n)
+	}
+	k.sbuf = k.sbuf[:headerSize+n]
+	clear(k.sbuf)
+	return k
+}
+
+func (k *call) payload() []byte { return k.sbuf[headerSize:] }
+
+func (k *call) release() {
+	closeFDs(k.fds)
+	k.fds = k.fds[:0]
+	if cap(k.reply) > 64<<10 {
+		k.reply = nil
+	}
+	if cap(k.sbuf) > 64<<10 {
+		k.sbuf = nil
+	}
+	callPool.Put(k)
+}
+
+// start registers k and sends it with fds.
+func (c *Client) start(k *call, fds []int) error {
+	c.mu.Lock()
+	if c.err != nil {
+		err := c.err
+		c.mu.Unlock()
+		return fmt.Errorf("vfio-user: %s: %w", cmdName(k.cmd), err)
+	}
+	for {
+		c.nextID++
+		if c.pending[c.nextID] == nil {
+			break
+		}
+	}
+	k.id = c.nextID
+	c.pending[k.id] = k
+	c.mu.Unlock()
+
+	h := header{MsgID: k.id, Cmd: k.cmd, Size: uint32(len(k.sbuf)), Flags: flagCommand}
+	h.encode(k.sbuf)
+	if err := c.sk.send(k.sbuf, fds); err != nil {
+		if !c.unpend(k) {
+			<-k.done // the reader (or a disconnect) completed it meanwhile
+		}
+		if c.dead() != nil {
+			return fmt.Errorf("vfio-user: %s: %w", cmdName(k.cmd), c.dead())
+		}
+		return err
+	}
+	return nil
+}
+
+// wait waits for k's reply; on success k.h, k.reply and k.fds hold it.
+func (c *Client) wait(k *call) error {
+	k.timer.Reset(c.o.timeout)
+	defer k.timer.Stop()
+	select {
+	case <-k.done:
+	case <-k.timer.C:
+		if c.unpend(k) {
+			return fmt.Errorf("vfio-user: %s: no reply within %v: %w", cmdName(k.cmd), c.o.timeout, unix.ETIMEDOUT)
+		}
+		<-k.done
+	}
+	return k.err
+}
+
+func (c *Client) roundTrip(k *call, fds []int) error {
+	if err := c.start(k, fds); err != nil {
+		return err
+	}
+	return c.wait(k)
+}
+
+func (c *Client) unpend(k *call) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.pending[k.id] == k {
+		delete(c.pending, k.id)
+		return true
+	}
+	return false
+}
+
+func (c *Client) dead() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+// readLoop reads the server's messages until the connection ends.
+func (c *Client) readLoop() {
+	var cause error
+	for {
+		h, p, fds, err := c.sk.readMsg(&c.rbuf, c.rfds)
+		c.rfds = fds[:0]
+		if err != nil {
+			if errors.Is(err, errMsgFDs) {
+				c.o.logf("%v", err)
+				if h.isReply() {
+					c.complete(h, nil, nil, err)
+				} else {
+					c.sendError(h, unix.EINVAL)
+				}
+				continue
+			}
+			cause = err
+			break
+		}
+		if h.isReply() {
+			c.complete(h, p, fds, nil)
+			continue
+		}
+		closeFDs(fds)
+		if h.Flags&flagTypeMask != flagCommand {
+			c.o.logf("vfio-user: message type %d from server", h.Flags&flagTypeMask)
+			continue
+		}
+		c.serveDMA(h, p)
+	}
+	c.mu.Lock()
+	if c.err == nil {
+		c.err = fmt.Errorf("%w: %v", vfio.ErrDisconnected, cause)
+	}
+	for id, k := range c.pending {
+		delete(c.pending, id)
+		k.err = fmt.Errorf("vfio-user: %s: %w", cmdName(k.cmd), c.err)
+		k.done <- struct{}{}
+	}
+	c.mu.Unlock()
+	close(c.done)
+}
+
+// complete hands a reply to its call. fds become the call's.
+func (c *Client) complete(h header, p []byte, fds []int, rerr error) {
+	c.mu.Lock()
+	k := c.pending[h.MsgID]
+	if k != nil {
+		delete(c.pending, h.MsgID)
+	}
+	c.mu.Unlock()
+	if k == nil {
+		// A late reply to a call that timed out, or a lie.
+		c.o.logf("vfio-user: reply %s with unknown id %d", cmdName(h.Cmd), h.MsgID)
+		closeFDs(fds)
+		return
+	}
+	k.h = h
+	k.reply = append(k.reply[:0], p...)
+	k.fds = append(k.fds[:0], fds...)
+	switch {
+	case rerr != nil:
+		k.err = rerr
+	case h.Cmd != k.cmd:
+		k.err = protoErr("%s reply to %s", cmdName(h.Cmd), cmdName(k.cmd))
+	case h.Flags&flagError != 0:
+		k.err = replyError(h.Cmd, h.Errno)
+	case len(fds) > 0 && k.cmd != cmdGetRegionInfo:
+		k.err = protoErr("%s reply with %d fds", cmdName(h.Cmd), len(fds))
+	default:
+		k.err = nil
+	}
+	k.done <- struct{}{}
+}
+
+func (c *Client) sendError(h header, errno unix.Errno) {
+	if h.Flags&flagNoReply != 0 {
+		return
+	}
+	var b [headerSize]byte
+	rh := header{MsgID: h.MsgID, Cmd: h.Cmd, Size: headerSize, Flags: flagReply | flagError, Errno: uint32(errno)}
+	rh.encode(b[:])
+	if err := c.sk.send(b[:], nil); err != nil {
+		c.o.logf("%v", err)
+	}
+}
+
+// Close closes the connection. Region mappings made by MmapRegion stay
+// valid; DMA mappings die with the connection on the server's side.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	if c.err != nil && errors.Is(c.err, vfio.ErrClosed) {
+		c.mu.Unlock()
+		return vfio.ErrClosed
+	}
+	c.err = vfio.ErrClosed
+	c.mu.Unlock()
+	err := c.sk.close()
+	<-c.done
+	c.regMu.Lock()
+	for i, r := range c.regions {
+		if r.file != nil {
+			r.file.Close()
+		}
+		delete(c.regions, i)
+	}
+	c.regMu.Unlock()
+	if err != nil && !errors.Is(err, net.ErrClosed) {
+		return fmt.Errorf("vfio-user: close: %w", err)
+	}
+	return nil
+}
+
+func (c *Client) negotiate() error {
+	maxFDs := uint32(c.o.maxMsgFDs)
+	maxData := uint64(c.o.maxData)
+	maxMaps := uint32(65535)
+	pg := uint64(pageSize)
+	js, err := json.Marshal(versionJSON{Capabilities: &versionCaps{
+		MaxMsgFDs: &maxFDs, MaxDataXferSize: &maxData, MaxDMAMaps: &maxMaps, PgSizes: &pg,
+	}})
+	if err != nil {
+		return err
+	}
+	k := newCall(cmdVersion, versionSize+len(js)+1)
+	defer k.release()
+	copy(k.payload()[versionSize:], js)
+	if err := c.roundTrip(k, nil); err != nil {
+		return err
+	}
+	p := k.reply
+	if len(p) < versionSize {
+		return protoErr("VERSION reply of %d bytes", len(p))
+	}
+	if major, minor := binary.LittleEndian.Uint16(p), binary.LittleEndian.Uint16(p[2:]); major != 0 || minor != 0 {
+		return fmt.Errorf("vfio-user: VERSION: server speaks %d.%d: %w", major, minor, unix.ENOTSUP)
+	}
+	js = bytes.TrimRight(p[versionSize:], "\x00")
+	if len(js) == 0 {
+		return nil
+	}
+	var v versionJSON
+	if err := json.Unmarshal(js, &v); err != nil {
+		return protoErr("VERSION reply capabilities: %v", err)
+	}
+	if caps := v.Capabilities; caps != nil {
+		if caps.MaxMsgFDs != nil {
+			c.serverMaxFDs = int(min(max(*caps.MaxMsgFDs, 1), maxFDsLimit))
+		}
+		if caps.MaxDataXferSize != nil {
+			if *caps.MaxDataXferSize == 0 {
+				return protoErr("VERSION reply: max_data_xfer_size 0")
+			}
+			c.serverMaxData = uint32(min(*caps.MaxDataXferSize, math.MaxUint32))
+		}
+	}
+	c.serverMaxData = min(c.serverMaxData, c.o.maxData)
+	return nil
+}
+
+func (c *Client) getDeviceInfo() error {
+	k := newCall(cmdDeviceGetInfo, deviceInfoSize)
+	defer k.release()
+	req := info4{Argsz: deviceInfoSize}
+	req.encode(k.payload())
+	if err := c.roundTrip(k, nil); err != nil {
+		return err
+	}
+	r, err := decodeInfo4("DEVICE_GET_INFO reply", k.reply)
+	if err != nil {
+		return err
+	}
+	if r.Argsz < deviceInfoSize {
+		return protoErr("DEVICE_GET_INFO reply argsz %d", r.Argsz)
+	}
+	c.info = vfio.DeviceInfo{Flags: r.Flags, NumRegions: r.A, NumIRQs: r.B}
+	return nil
+}
+
+// Info returns the device info read when the client connected.
+func (c *Client) Info() vfio.DeviceInfo { return c.info }
+
+// RegionInfo describes region index (asked once, then cached).
+func (c *Client) RegionInfo(index uint32) (vfio.RegionInfo, error) {
+	r, err := c.region(index)
+	if err != nil {
+		return vfio.RegionInfo{}, err
+	}
+	info := r.info
+	info.Sparse = append([]vfio.SparseArea(nil), r.info.Sparse...)
+	return info, nil
+}
+
+func (c *Client) region(index uint32) (*clientRegion, error) {
+	if index >= c.info.NumRegions {
+		return nil, fmt.Errorf("vfio-user: region %d of %d: %w", index, c.info.NumRegions, unix.EINVAL)
+	}
+	c.regMu.Lock()
+	defer c.regMu.Unlock()
+	if r := c.regions[index]; r != nil {
+		return r, nil
+	}
+	argsz := uint32(regionInfoSize + capHeaderSize + sparseHeaderSize + 16*sparseAreaSize)
+	for try := 0; try < 3; try++ {
+		r, need, err := c.getRegionInfo(index, argsz)
+		if err != nil {
+			return nil, err
+		}
+		if r != nil {
+			if err := c.dead(); err != nil { // Close raced with us
+				if r.file != nil {
+					r.file.Close()
+				}
+				return nil, fmt.Errorf("vfio-user: GET_REGION_INFO: %w", err)
+			}
+			c.regions[index] = r
+			return r, nil
+		}
+		argsz = need
+	}
+	return nil, protoErr("GET_REGION_INFO: server keeps asking for a larger argsz")
+}
+
+// getRegionInfo asks once; it returns the region, or the argsz the server
+// needs.
+func (c *Client) getRegionInfo(index, argsz uint32) (*clientRegion, uint32, error) {
+	k := newCall(cmdGetRegionInfo, regionInfoSize)
+	defer k.release()
+	req := regionInfo{Argsz: argsz, Index: index}
+	req.encode(k.payload())
+	if err := c.roundTrip(k, nil); err != nil {
+		return nil, 0, err
+	}
+	p := k.reply
+	ri, err := decodeRegionInfo(p)
+	if err != nil {
+		return nil, 0, err
+	}
+	switch {
+	case ri.Index != index:
+		return nil, 0, protoErr("GET_REGION_INFO reply for region %d, asked %d", ri.Index, index)
+	case ri.Argsz < regionInfoSize:
+		return nil, 0, protoErr("GET_REGION_INFO reply argsz %d", ri.Argsz)
+	case len(p) > int(argsz):
+		return nil, 0, protoErr("GET_REGION_INFO reply of %d bytes for argsz %d", len(p), argsz)
+	case addOverflows(ri.Offset, ri.Size):
+		return nil, 0, protoErr("GET_REGION_INFO: region %d offset %#x size %#x overflows", index, ri.Offset, ri.Size)
+	case len(k.fds) > 1:
+		return nil, 0, protoErr("GET_REGION_INFO reply with %d fds", len(k.fds))
+	}
+	if ri.Argsz > argsz {
+		if ri.Argsz > c.o.maxData {
+			return nil, 0, protoErr("GET_REGION_INFO: argsz %d", ri.Argsz)
+		}
+		return nil, ri.Argsz, nil
+	}
+	info := vfio.RegionInfo{Index: index, Flags: ri.Flags &^ vfio.RegionFlagCaps, Size: ri.Size, Offset: ri.Offset}
+	if ri.Flags&vfio.RegionFlagCaps != 0 {
+		if info.Sparse, err = parseRegionCaps(p[:min(len(p), int(ri.Argsz))], ri); err != nil {
+			return nil, 0, err
+		}
+	}
+	if info.Flags&vfio.RegionFlagMmap == 0 {
+		// An fd with a region that cannot be mapped is dropped (release
+		// closes it).
+		info.Sparse = nil
+		return &clientRegion{info: info}, 0, nil
+	}
+	if len(k.fds) != 1 {
+		return nil, 0, protoErr("GET_REGION_INFO: mappable region %d without fd", index)
+	}
+	r := &clientRegion{info: info, file: os.NewFile(uintptr(k.fds[0]), fmt.Sprintf("vfio-user-region%d", index))}
+	k.fds = k.fds[:0]
+	return r, 0, nil
+}
+
+// parseRegionCaps walks the capability chain of a region info reply and
+// returns the sparse-mmap areas. Every offset is checked against the reply.
+func parseRegionCaps(p []byte, ri regionInfo) ([]vfio.SparseArea, error) {
+	var areas []vfio.SparseArea
+	off := uint64(ri.CapOffset)
+	for hops := 0; off != 0; hops++ {
+		if hops > 16 || off < regionInfoSize || off+capHeaderSize > uint64(len(p)) {
+			return nil, protoErr("GET_REGION_INFO: capability at %d of %d bytes", off, len(p))
+		}
+		c := p[off:]
+		id, ver := binary.LittleEndian.Uint16(c), binary.LittleEndian.Uint16(c[2:])
+		next := uint64(binary.LittleEndian.Uint32(c[4:]))
+		if next != 0 && next <= off {
+			return nil, protoErr("GET_REGION_INFO: capability chain goes back (%d after %d)", next, off)
+		}
+		if id == capSparseMmap && ver == capSparseMmapVersion {
+			if off+capHeaderSize+sparseHeaderSize > uint64(len(p)) {
+				return nil, protoErr("GET_REGION_INFO: truncated sparse capability")
+			}
+			nr := uint64(binary.LittleEndian.Uint32(c[8:]))
+			if off+capHeaderSize+sparseHeaderSize+nr*sparseAreaSize > uint64(len(p)) {
+				return nil, protoErr("GET_REGION_INFO: %d sparse areas do not fit", nr)
+			}
+			for i := range nr {
+				a := vfio.SparseArea{
+					Offset: binary.LittleEndian.Uint64(c[16+16*i:]),
+					Size:   binary.LittleEndian.Uint64(c[24+16*i:]),
+				}
+				if addOverflows(a.Offset, a.Size) || a.Offset+a.Size > ri.Size {
+					return nil, protoErr("GET_REGION_INFO: sparse area %#x+%#x outside region of %#x", a.Offset, a.Size, ri.Size)
+				}
+				if a.Size > 0 {
+					areas = append(areas, a)
+				}
+			}
+		}
+		off = next
+	}
+	return areas, nil
+}
+
+// ReadRegion reads through REGION_READ messages.
+func (c *Client) ReadRegion(index uint32, off uint64, p []byte) error {
+	if addOverflows(off, uint64(len(p))) {
+		return fmt.Errorf("vfio-user: REGION_READ: offset %#x: %w", off, unix.EINVAL)
+	}
+	for len(p) > 0 {
+		n := min(len(p), int(c.serverMaxData))
+		if err := c.readRegion(index, off, p[:n]); err != nil {
+			return err
+		}
+		off += uint64(n)
+		p = p[n:]
+	}
+	return nil
+}
+
+func (c *Client) readRegion(index uint32, off uint64, p []byte) error {
+	k := newCall(cmdRegionRead, regionAccessSize)
+	defer k.release()
+	req := regionAccess{Offset: off, Region: index, Count: uint32(len(p))}
+	req.encode(k.payload())
+	if err := c.roundTrip(k, nil); err != nil {
+		return err
+	}
+	r, err := decodeRegionAccess("REGION_READ reply", k.reply)
+	if err != nil {
+		return err
+	}
+	if r != req || len(k.reply) != regionAccessSize+len(p) {
+		return protoErr("REGION_READ reply %+v with %d bytes for %+v", r, len(k.reply)-regionAccessSize, req)
+	}
+	copy(p, k.reply[regionAccessSize:])
+	return nil
+}
+
+// WriteRegion writes through REGION_WRITE messages, each acknowledged.
+func (c *Client) WriteRegion(index uint32, off uint64, p []byte) error {
+	if addOverflows(off, uint64(len(p))) {
+		return fmt.Errorf("vfio-user: REGION_WRITE: offset %#x: %w", off, unix.EINVAL)
+	}
+	for len(p) > 0 {
+		n := min(len(p), int(c.serverMaxData))
+		if err := c.writeRegion(index, off, p[:n]); err != nil {
+			return err
+		}
+		off += uint64(n)
+		p = p[n:]
+	}
+	return nil
+}
+
+func (c *Client) writeRegion(index uint32, off uint64, p []byte) error {
+	k := newCall(cmdRegionWrite, regionAccessSize+len(p))
+	defer k.release()
+	req := regionAccess{Offset: off, Region: index, Count: uint32(len(p))}
+	req.encode(k.payload())
+	copy(k.payload()[regionAccessSize:], p)
+	if err := c.roundTrip(k, nil); err != nil {
+		return err
+	}
+	if len(k.reply) == 0 {
+		return nil
+	}
+	r, err := decodeRegionAccess("REGION_WRITE reply", k.reply)
+	if err != nil {
+		return err
+	}
+	if r != req || len(k.reply) != regionAccessSize {
+		return protoErr("REGION_WRITE reply %+v for %+v", r, req)
+	}
+	return nil
+}
+
+// MmapRegion maps [off, off+size) of region index from the fd the server
+// gave with the region info. Unmap with unix.Munmap.
+func (c *Client) MmapRegion(index uint32, off, size uint64, prot int) ([]byte, error) {
+	r, err := c.region(index)
+	if err != nil {
+		return nil, err
+	}
+	if !r.info.Mappable(off, size) || r.file == nil {
+		return nil, fmt.Errorf("vfio-user: mmap region %d %#x+%#x: not mappable: %w", index, off, size, unix.EINVAL)
+	}
+	foff := r.info.Offset + off
+	if foff%pageSize != 0 || addOverflows(r.info.Offset, off) || foff > math.MaxInt64 || size > math.MaxInt {
+		return nil, fmt.Errorf("vfio-user: mmap region %d %#x+%#x: alignment: %w", index, off, size, unix.EINVAL)
+	}
+	rc, err := r.file.SyscallConn()
+	if err != nil {
+		return nil, fmt.Errorf("vfio-user: mmap region %d: %w", index, err)
+	}
+	var mem []byte
+	var merr error
+	if err := rc.Control(func(fd uintptr) {
+		mem, merr = unix.Mmap(int(fd), int64(foff), int(size), prot, unix.MAP_SHARED)
+	}); err != nil {
+		return nil, fmt.Errorf("vfio-user: mmap region %d: %w", index, err)
+	}
+	if merr != nil {
+		return nil, fmt.Errorf("vfio-user: mmap region %d %#x+%#x: %w", index, off, size, merr)
+	}
+	return mem, nil
+}
+
+// DMAMap makes m reachable by the device. With a File the server maps the
+// file itself; without one, the device's accesses come back as DMA_READ /
+// DMA_WRITE requests, served through m.Access or from this process's
+// memory at m.Vaddr.
+func (c *Client) DMAMap(m vfio.DMAMapping) error {
+	if m.Size == 0 || addOverflows(m.IOVA, m.Size) || m.Flags&^(vfio.DMARead|vfio.DMAWrite) != 0 || m.Flags == 0 {
+		return fmt.Errorf("vfio-user: DMA_MAP: IOVA %#x size %#x flags %#x: %w", m.IOVA, m.Size, m.Flags, unix.EINVAL)
+	}
+	if m.File == nil && m.Access == nil && (m.Vaddr == 0 || addOverflows(uint64(m.Vaddr), m.Size)) {
+		return fmt.Errorf("vfio-user: DMA_MAP: vaddr %#x size %#x: %w", m.Vaddr, m.Size, unix.EINVAL)
+	}
+	cm := clientMap{iova: m.IOVA, size: m.Size, vaddr: m.Vaddr, flags: m.Flags, access: m.Access}
+	// Known before the server can use it: its DMA requests may arrive
+	// before its reply does.
+	if err := c.addMap(cm); err != nil {
+		return err
+	}
+	k := newCall(cmdDMAMap, dmaMapSize)
+	defer k.release()
+	req := dmaMap{Argsz: dmaMapSize, Addr: m.IOVA, Size: m.Size}
+	if m.Flags&vfio.DMARead != 0 {
+		req.Flags |= dmaMapFlagRead
+	}
+	if m.Flags&vfio.DMAWrite != 0 {
+		req.Flags |= dmaMapFlagWrite
+	}
+	var err error
+	if m.File != nil {
+		req.Offset = m.FileOffset
+		req.encode(k.payload())
+		var rc interface{ Control(func(uintptr)) error }
+		if rc, err = m.File.SyscallConn(); err == nil {
+			// Control keeps the fd open while it is being sent.
+			cerr := rc.Control(func(fd uintptr) { err = c.start(k, []int{int(fd)}) })
+			if err == nil {
+				err = cerr
+			}
+			if err == nil {
+				err = c.wait(k)
+			}
+		}
+	} else {
+		req.encode(k.payload())
+		err = c.roundTrip(k, nil)
+	}
+	if err != nil {
+		c.removeMap(m.IOVA, m.Size)
+		return err
+	}
+	return nil
+}
+
+// DMAUnmap removes the mapping at iova of size size. When it returns, the
+// server no longer touches the memory.
+func (c *Client) DMAUnmap(iova, size uint64) error {
+	k := newCall(cmdDMAUnmap, dmaUnmapSize)
+	defer k.release()
+	req := dmaUnmap{Argsz: dmaUnmapSize, Addr: iova, Size: size}
+	req.encode(k.payload())
+	if err := c.roundTrip(k, nil); err != nil {
+		return err
+	}
+	c.removeMap(iova, size)
+	return nil
+}
+
+// IRQInfo asks about IRQ index.
+func (c *Client) IRQInfo(index uint32) (vfio.IRQInfo, error) {
+	if index >= c.info.NumIRQs {
+		return vfio.IRQInfo{}, fmt.Errorf("vfio-user: IRQ index %d of %d: %w", index, c.info.NumIRQs, unix.EINVAL)
+	}
+	k := newCall(cmdGetIRQInfo, irqInfoSize)
+	defer k.release()
+	req := info4{Argsz: irqInfoSize, A: index}
+	req.encode(k.payload())
+	if err := c.roundTrip(k, nil); err != nil {
+		return vfio.IRQInfo{}, err
+	}
+	r, err := decodeInfo4("GET_IRQ_INFO reply", k.reply)
+	if err != nil {
+		return vfio.IRQInfo{}, err
+	}
+	if r.A != index || r.Argsz < irqInfoSize {
+		return vfio.IRQInfo{}, protoErr("GET_IRQ_INFO reply for index %d argsz %d, asked %d", r.A, r.Argsz, index)
+	}
+	return vfio.IRQInfo{Index: index, Flags: r.Flags, Count: r.B}, nil
+}
+
+// SetIRQs connects eventfds to vectors [start, start+len(fds)) of index; an
+// fd of -1 disconnects its vector. Empty fds disables the whole index. Runs
+// are split to respect the server's max_msg_fds.
+func (c *Client) SetIRQs(index, start uint32, fds []int) error {
+	if len(fds) == 0 {
+		return c.setIRQs(irqSet{Argsz: irqSetSize, Flags: irqSetDataNone | irqSetActionTrigger, Index: index}, nil)
+	}
+	if uint64(start)+uint64(len(fds)) > math.MaxUint32 {
+		return fmt.Errorf("vfio-user: SET_IRQS: vectors %d+%d: %w", start, len(fds), unix.EINVAL)
+	}
+	for i := 0; i < len(fds); {
+		if fds[i] < -1 {
+			return fmt.Errorf("vfio-user: SET_IRQS: fd %d: %w", fds[i], unix.EBADF)
+		}
+		j := i + 1
+		for j < len(fds) && (fds[j] == -1) == (fds[i] == -1) && (fds[i] == -1 || j-i < c.serverMaxFDs) {
+			j++
+		}
+		req := irqSet{Argsz: irqSetSize, Flags: irqSetDataEventfd | irqSetActionTrigger,
+			Index: index, Start: start + uint32(i), Count: uint32(j - i)}
+		var send []int
+		if fds[i] != -1 {
+			send = fds[i:j]
+		}
+		if err := c.setIRQs(req, send); err != nil {
+			return err
+		}
+		i = j
+	}
+	return nil
+}
+
+func (c *Client) setIRQs(req irqSet, fds []int) error {
+	k := newCall(cmdSetIRQs, irqSetSize)
+	defer k.release()
+	req.encode(k.payload())
+	return c.roundTrip(k, fds)
+}
+
+// Reset resets the device.
+func (c *Client) Reset() error {
+	k := newCall(cmdDeviceReset, 0)
+	defer k.release()
+	return c.roundTrip(k, nil)
+}

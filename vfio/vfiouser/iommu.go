@@ -1,0 +1,269 @@
+package vfiouser
+
+import (
+	"fmt"
+	"math"
+	"runtime/debug"
+	"sync"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/gohfi/gohfi/vfio"
+)
+
+// dmaRegion is one DMA mapping of the client, as the server sees it.
+type dmaRegion struct {
+	iova uint64
+	size uint64
+	prot uint32 // vfio.DMARead | vfio.DMAWrite
+	// mem is the server's own MAP_SHARED mapping of the fd the client sent;
+	// nil when the client sent none and accesses go over the socket.
+	mem []byte
+}
+
+func (r *dmaRegion) end() uint64 { return r.iova + r.size }
+
+// iommu is the server's table of the client's DMA mappings and the DMA the
+// model is attached to: it translates IOVAs like an IOMMU and faults on
+// anything not mapped with the needed permission.
+//
+// Device accesses hold mu for reading for their whole duration (including a
+// DMA_READ/DMA_WRITE round trip to the client); DMA_UNMAP takes it for
+// writing, so it returns only when no access can still touch the memory it
+// removes, and the mapping is munmapped only after that.
+type iommu struct {
+	mu     sync.RWMutex
+	maps   []*dmaRegion // sorted by iova, never overlapping
+	max    int
+	closed bool
+	sess   *session
+}
+
+// find returns the index of the first mapping that ends after iova.
+func (m *iommu) find(iova uint64) int {
+	lo, hi := 0, len(m.maps)
+	for lo < hi {
+		mid := int(uint(lo+hi) >> 1)
+		if m.maps[mid].end() <= iova {
+			lo = mid + 1
+		} else {
+			hi = mid
+		}
+	}
+	return lo
+}
+
+// dmaMap adds a mapping; fd (or -1) is always closed.
+func (m *iommu) dmaMap(req dmaMap, fd int) (err error) {
+	defer func() {
+		if fd >= 0 {
+			unix.Close(fd)
+		}
+	}()
+	if req.Flags&^(dmaMapFlagRead|dmaMapFlagWrite) != 0 || req.Flags == 0 {
+		return fmt.Errorf("vfio-user: DMA_MAP: flags %#x: %w", req.Flags, unix.EINVAL)
+	}
+	if req.Size == 0 || addOverflows(req.Addr, req.Size) {
+		return fmt.Errorf("vfio-user: DMA_MAP: IOVA %#x size %#x: %w", req.Addr, req.Size, unix.EINVAL)
+	}
+	r := &dmaRegion{iova: req.Addr, size: req.Size}
+	if req.Flags&dmaMapFlagRead != 0 {
+		r.prot |= vfio.DMARead
+	}
+	if req.Flags&dmaMapFlagWrite != 0 {
+		r.prot |= vfio.DMAWrite
+	}
+	if fd >= 0 {
+		if r.mem, err = mmapDMA(fd, req); err != nil {
+			return err
+		}
+	}
+	defer func() {
+		if err != nil && r.mem != nil {
+			unix.Munmap(r.mem)
+		}
+	}()
+
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return fmt.Errorf("vfio-user: DMA_MAP: %w", vfio.ErrDisconnected)
+	}
+	if len(m.maps) >= m.max {
+		return fmt.Errorf("vfio-user: DMA_MAP: %d mappings already: %w", len(m.maps), unix.ENOSPC)
+	}
+	i := m.find(r.iova)
+	if i < len(m.maps) && m.maps[i].iova < r.end() {
+		return fmt.Errorf("vfio-user: DMA_MAP: IOVA %#x+%#x overlaps %#x+%#x: %w",
+			r.iova, r.size, m.maps[i].iova, m.maps[i].size, unix.EEXIST)
+	}
+	m.maps = append(m.maps, nil)
+	copy(m.maps[i+1:], m.maps[i:])
+	m.maps[i] = r
+	return nil
+}
+
+// mmapDMA maps the client's fd for a DMA_MAP.
+func mmapDMA(fd int, req dmaMap) ([]byte, error) {
+	if req.Offset%pageSize != 0 || addOverflows(req.Offset, req.Size) ||
+		req.Offset > math.MaxInt64 || req.Size > math.MaxInt {
+		return nil, fmt.Errorf("vfio-user: DMA_MAP: fd offset %#x size %#x: %w", req.Offset, req.Size, unix.EINVAL)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, fmt.Errorf("vfio-user: DMA_MAP: fstat: %w", err)
+	}
+	// A mapping past the end of a file faults with SIGBUS on access; refuse
+	// it up front (accesses are still protected against a later truncate).
+	if st.Mode&unix.S_IFMT == unix.S_IFREG && req.Offset+req.Size > uint64(st.Size) {
+		return nil, fmt.Errorf("vfio-user: DMA_MAP: fd offset %#x size %#x beyond file size %#x: %w",
+			req.Offset, req.Size, st.Size, unix.EINVAL)
+	}
+	prot := 0
+	if req.Flags&dmaMapFlagRead != 0 {
+		prot |= unix.PROT_READ
+	}
+	if req.Flags&dmaMapFlagWrite != 0 {
+		prot |= unix.PROT_WRITE
+	}
+	mem, err := unix.Mmap(fd, int64(req.Offset), int(req.Size), prot, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("vfio-user: DMA_MAP: mmap: %w", err)
+	}
+	return mem, nil
+}
+
+// dmaUnmap removes the mappings the request names: the exact mapping, or
+// every mapping inside the range (QEMU unmaps whole address spaces that may
+// hold nothing: success), or all with the ALL flag. A range that cuts a
+// mapping is refused.
+func (m *iommu) dmaUnmap(req dmaUnmap) error {
+	if req.Flags&dmaUnmapFlagDirtyBitmp != 0 {
+		return fmt.Errorf("vfio-user: DMA_UNMAP: dirty bitmap: %w", unix.ENOTSUP)
+	}
+	if req.Flags&^dmaUnmapFlagAll != 0 {
+		return fmt.Errorf("vfio-user: DMA_UNMAP: flags %#x: %w", req.Flags, unix.EINVAL)
+	}
+	all := req.Flags&dmaUnmapFlagAll != 0
+	if !all && (req.Size == 0 || addOverflows(req.Addr, req.Size)) {
+		return fmt.Errorf("vfio-user: DMA_UNMAP: IOVA %#x size %#x: %w", req.Addr, req.Size, unix.EINVAL)
+	}
+	m.mu.Lock()
+	var lo, hi int
+	if all {
+		lo, hi = 0, len(m.maps)
+	} else {
+		end := req.Addr + req.Size
+		lo = m.find(req.Addr)
+		hi = lo
+		for hi < len(m.maps) && m.maps[hi].iova < end {
+			hi++
+		}
+		if lo < hi && (m.maps[lo].iova < req.Addr || m.maps[hi-1].end() > end) {
+			m.mu.Unlock()
+			return fmt.Errorf("vfio-user: DMA_UNMAP: IOVA %#x size %#x cuts a mapping: %w", req.Addr, req.Size, unix.EINVAL)
+		}
+	}
+	gone := make([]*dmaRegion, hi-lo)
+	copy(gone, m.maps[lo:hi])
+	m.maps = append(m.maps[:lo], m.maps[hi:]...)
+	clear(m.maps[len(m.maps):cap(m.maps)])
+	m.mu.Unlock()
+	// No access can reach these any more: the write lock waited for those
+	// in flight, and new ones no longer find them.
+	for _, r := range gone {
+		if r.mem != nil {
+			unix.Munmap(r.mem)
+		}
+	}
+	return nil
+}
+
+// close drops every mapping and fails all later accesses.
+func (m *iommu) close() {
+	m.mu.Lock()
+	m.closed = true
+	gone := m.maps
+	m.maps = nil
+	m.mu.Unlock()
+	for _, r := range gone {
+		if r.mem != nil {
+			unix.Munmap(r.mem)
+		}
+	}
+}
+
+func (m *iommu) count() int {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return len(m.maps)
+}
+
+// Read implements DMA: the device reads client memory.
+func (m *iommu) Read(iova uint64, p []byte) error { return m.access(iova, p, false) }
+
+// Write implements DMA: the device writes client memory.
+func (m *iommu) Write(iova uint64, p []byte) error { return m.access(iova, p, true) }
+
+func (m *iommu) access(iova uint64, p []byte, write bool) error {
+	if len(p) == 0 {
+		return nil
+	}
+	need, what := uint32(vfio.DMARead), "read"
+	if write {
+		need, what = vfio.DMAWrite, "write"
+	}
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	if m.closed || addOverflows(iova, uint64(len(p))) {
+		return fmt.Errorf("vfio-user: DMA %s of %d bytes at IOVA %#x: %w", what, len(p), iova, ErrIOMMUFault)
+	}
+	// Check the whole range first so that a fault copies nothing.
+	first := m.find(iova)
+	cur, rem := iova, uint64(len(p))
+	for j := first; rem > 0; j++ {
+		if j >= len(m.maps) || m.maps[j].iova > cur || m.maps[j].prot&need == 0 {
+			return fmt.Errorf("vfio-user: DMA %s of %d bytes at IOVA %#x: %w", what, len(p), iova, ErrIOMMUFault)
+		}
+		n := min(rem, m.maps[j].end()-cur)
+		cur += n
+		rem -= n
+	}
+	cur = iova
+	for j := first; len(p) > 0; j++ {
+		r := m.maps[j]
+		off := cur - r.iova
+		n := int(min(uint64(len(p)), r.size-off))
+		var err error
+		if r.mem != nil {
+			if write {
+				err = faultSafeCopy(r.mem[off:off+uint64(n)], p[:n])
+			} else {
+				err = faultSafeCopy(p[:n], r.mem[off:off+uint64(n)])
+			}
+		} else {
+			err = m.sess.socketDMA(write, cur, p[:n])
+		}
+		if err != nil {
+			return fmt.Errorf("vfio-user: DMA %s of %d bytes at IOVA %#x: %w", what, n, cur, err)
+		}
+		cur += uint64(n)
+		p = p[n:]
+	}
+	return nil
+}
+
+// faultSafeCopy copies between a client-provided shared mapping and our
+// memory. The client may truncate the file under the mapping; the SIGBUS
+// that follows becomes an error instead of killing the server.
+func faultSafeCopy(dst, src []byte) (err error) {
+	old := debug.SetPanicOnFault(true)
+	defer func() {
+		debug.SetPanicOnFault(old)
+		if r := recover(); r != nil {
+			err = fmt.Errorf("memory fault in shared mapping (%v): %w", r, unix.EFAULT)
+		}
+	}()
+	copy(dst, src)
+	return nil
+}
