@@ -143,17 +143,14 @@ const (
 	CtxtStatusHalted  = 1 << 1 // a fatal ring error stopped the context
 )
 
-// RcvArray: one 64-bit entry per TID, in groups of RcvArrayGroupSize. The
-// entry format is the one hfi1_put_tid writes (see uapi.RcvArrayEntry):
-// bits 0-35 hold the IOVA >> 12, bits 36-40 the size order (0 = invalid,
-// order k covers 2^(k-1) pages).
+// RcvArray: one 64-bit entry per TID, in groups of RcvArrayGroupSize, in
+// the format hfi1_put_tid writes (uapi.RcvArrayEntry encodes it, and
+// uapi.RcvArrayEntryDecode is what the device uses): the IOVA >> 12 and a
+// size order (0 = invalid, order k covers 2^(k-1) pages).
 const (
-	RcvArrayEntrySize  = 8
-	RcvArrayGroupSize  = 8
-	RcvArrayAddrMask   = (1 << 36) - 1
-	RcvArrayOrderShift = 36
-	RcvArrayOrderMask  = 0x1f
-	RcvArrayPageShift  = 12
+	RcvArrayEntrySize = 8
+	RcvArrayGroupSize = 8
+	RcvArrayPageShift = 12
 )
 
 // MTT: one 64-bit entry per page: IOVA page frame in bits 12-63, flags in

@@ -19,6 +19,7 @@ import (
 	"sync"
 
 	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/uapi"
 	"github.com/gohfi/gohfi/vfio"
 	"github.com/gohfi/gohfi/vfio/vfiouser"
 	"golang.org/x/sys/unix"
@@ -50,7 +51,7 @@ func (c Config) validate() error {
 		return fmt.Errorf("hfisim: %d contexts, want 1..%d", c.NumContexts, chip.MaxContexts)
 	case c.RcvArrayPerCtxt < chip.RcvArrayGroupSize || c.RcvArrayPerCtxt%chip.RcvArrayGroupSize != 0:
 		return fmt.Errorf("hfisim: %d RcvArray entries per context, want a multiple of %d", c.RcvArrayPerCtxt, chip.RcvArrayGroupSize)
-	case c.MaxTIDPages < 1 || c.MaxTIDPages&(c.MaxTIDPages-1) != 0 || c.MaxTIDPages > 1<<(chip.RcvArrayOrderMask-1):
+	case c.MaxTIDPages < 1 || c.MaxTIDPages&(c.MaxTIDPages-1) != 0 || c.MaxTIDPages > uapi.MaxTidPages:
 		return fmt.Errorf("hfisim: max TID pages %d, want a power of two", c.MaxTIDPages)
 	case c.MTTEntries < 0 || c.RHQMaxEntries < 2:
 		return errors.New("hfisim: bad MTT or RHQ size")

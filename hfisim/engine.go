@@ -4,6 +4,7 @@ import (
 	"errors"
 
 	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/uapi"
 	"github.com/gohfi/gohfi/vfio/vfiouser"
 )
 
@@ -170,26 +171,24 @@ func copyDMA(dma vfiouser.DMA, dst, src uint64, buf []byte) error {
 // payload goes to, checking that the TID is the context's own, programmed,
 // and long enough for offset+length.
 func (d *Device) tidTarget(ctxt int, tid, off, length uint32) (uint64, bool) {
-	npages := tid & 0x7ff
-	ctrl := (tid >> 20) & 0x3
-	idx := tid >> 22
-	if npages == 0 || (ctrl != 1 && ctrl != 2) {
+	rel, npages, ok := uapi.TidRcvEntry(tid)
+	if !ok || npages == 0 {
 		return d.tidErr(ctxt)
 	}
-	entry := int(idx)*2 + int(ctrl) - 1
+	entry := int(rel)
 	if entry >= d.cfg.RcvArrayPerCtxt {
 		return d.tidErr(ctxt)
 	}
 	v := d.rcvArray.load64(uint64(ctxt*d.cfg.RcvArrayPerCtxt+entry) * chip.RcvArrayEntrySize)
-	order := (v >> chip.RcvArrayOrderShift) & chip.RcvArrayOrderMask
-	if order == 0 || uint64(1)<<(order-1) > uint64(d.cfg.MaxTIDPages) {
+	addr, pages, valid := uapi.RcvArrayEntryDecode(v)
+	if !valid || pages > uint32(d.cfg.MaxTIDPages) {
 		return d.tidErr(ctxt)
 	}
-	size := uint64(1) << (order - 1) << chip.RcvArrayPageShift
-	if uint64(npages)<<chip.RcvArrayPageShift != size || uint64(off)+uint64(length) > size {
+	size := uint64(pages) << chip.RcvArrayPageShift
+	if npages != pages || uint64(off)+uint64(length) > size {
 		return d.tidErr(ctxt)
 	}
-	return (v&chip.RcvArrayAddrMask)<<chip.RcvArrayPageShift + uint64(off), true
+	return addr + uint64(off), true
 }
 
 func (d *Device) tidErr(ctxt int) (uint64, bool) {
