@@ -53,7 +53,8 @@ func (d *Device) Info() DeviceInfo { return d.info }
 
 // ioErr turns a lost device into ENXIO for the caller and remembers it.
 func (d *Device) ioErr(err error) error {
-	if errors.Is(err, vfio.ErrDisconnected) || errors.Is(err, vfio.ErrClosed) {
+	if errors.Is(err, vfio.ErrDisconnected) || errors.Is(err, vfio.ErrClosed) ||
+		errors.Is(err, unix.EPIPE) || errors.Is(err, unix.ECONNRESET) {
 		d.dead.Store(true)
 		return fmt.Errorf("%w (%w)", err, unix.ENXIO)
 	}
