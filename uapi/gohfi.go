@@ -7,10 +7,11 @@ package uapi
 // user MAD ioctls take 0x01-0x04, RDMA_VERBS_IOCTL 0x01, hfi1 0xE1-0xEE).
 //
 // Layout rules: every struct is naturally aligned with explicit padding
-// (named reserved, written as zero, ignored on input), user pointers are
+// (named reserved: user space must zero it and handlers reject anything
+// else with EINVAL, so it can gain a meaning later), user pointers are
 // __u64, and sizes are multiples of 8 so that arrays of them line up on
-// 32- and 64-bit user space alike. The C definitions live in docs/abi.md and
-// parity_test.go.
+// 32- and 64-bit user space alike. The C definitions are in cdefs_test.go,
+// compiled by parity_test.go; docs/abi.md lists the commands.
 //
 // The constants for verbs concepts (access flags, opcodes, ODP capability
 // bits) take their values from Linux's uverbs ABI and rdma-core so that
