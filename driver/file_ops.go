@@ -63,10 +63,11 @@ func errnoErr(what string, e unix.Errno) error { return fmt.Errorf("gohfi: %s: %
 
 var errIO = unix.EIO
 
-// Ioctl executes cmd with the user-space argument arg (a pointer for
-// commands that take a struct, the value itself for scalar _IOW commands
-// such as ACK_EVENT, RECV_CTRL, POLL_TYPE). Errors wrap a unix.Errno with the
-// meaning the kernel gives it.
+// Ioctl executes cmd with the user-space argument arg, always a pointer to
+// the command's argument in the caller's memory, as in hfi1 (RECV_CTRL and
+// POLL_TYPE read an int, ACK_EVENT an unsigned long, SET_PKEY a __u16,
+// RCVHDR_HEAD a __u64 through it). Errors wrap a unix.Errno with the meaning
+// the kernel gives it.
 func (f *File) Ioctl(cmd uint32, arg uintptr) (int, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -103,21 +104,37 @@ func (f *File) Ioctl(cmd uint32, arg uintptr) (int, error) {
 	case uapi.HFI1_IOCTL_CREDIT_UPD:
 		return 0, nil // credits are returned by the device on every descriptor
 	case uapi.HFI1_IOCTL_RECV_CTRL:
-		return 0, f.recvCtrl(int32(arg) != 0)
+		v, err := getUser(arg, 4, "RECV_CTRL")
+		if err != nil {
+			return -1, err
+		}
+		return 0, f.recvCtrl(int32(v) != 0)
 	case uapi.HFI1_IOCTL_POLL_TYPE:
-		if arg != uapi.HFI1_POLL_TYPE_ANYRCV && arg != uapi.HFI1_POLL_TYPE_URGENT {
+		v, err := getUser(arg, 4, "POLL_TYPE")
+		if err != nil {
+			return -1, err
+		}
+		if v != uapi.HFI1_POLL_TYPE_ANYRCV && v != uapi.HFI1_POLL_TYPE_URGENT {
 			return -1, errnoErr("POLL_TYPE", unix.EINVAL)
 		}
-		f.pollType = int(arg)
+		f.pollType = int(v)
 		return 0, nil
 	case uapi.HFI1_IOCTL_SET_PKEY:
-		if uint16(arg)&0x7fff == 0 {
+		v, err := getUser(arg, 2, "SET_PKEY")
+		if err != nil {
+			return -1, err
+		}
+		if uint16(v)&0x7fff == 0 {
 			return -1, errnoErr("SET_PKEY: invalid key", unix.EINVAL)
 		}
-		f.pkey = uint16(arg)
+		f.pkey = uint16(v)
 		return 0, nil
 	case uapi.HFI1_IOCTL_ACK_EVENT:
-		f.ackEvent(uint64(arg))
+		v, err := getUser(arg, 8, "ACK_EVENT")
+		if err != nil {
+			return -1, err
+		}
+		f.ackEvent(v)
 		return 0, nil
 	case uapi.HFI1_IOCTL_TID_UPDATE:
 		return 0, f.exp.tidUpdate(arg)
@@ -126,13 +143,26 @@ func (f *File) Ioctl(cmd uint32, arg uintptr) (int, error) {
 	case uapi.HFI1_IOCTL_TID_INVAL_READ:
 		return 0, f.exp.tidInvalRead(arg)
 	case uapi.GOHFI_IOCTL_RCVHDR_HEAD:
-		return 0, f.setRcvHdrHead(uint64(arg))
+		v, err := getUser(arg, 8, "RCVHDR_HEAD")
+		if err != nil {
+			return -1, err
+		}
+		return 0, f.setRcvHdrHead(v)
 	case uapi.GOHFI_IOCTL_SEND:
 		return 0, f.send(arg)
 	case uapi.GOHFI_IOCTL_DRIVER_STATS:
 		return 0, f.driverStats(arg)
 	}
 	return -1, errnoErr(fmt.Sprintf("ioctl %#x", cmd), unix.ENOTTY)
+}
+
+// getUser reads a little-endian scalar of size bytes (get_user).
+func getUser(arg uintptr, size int, what string) (uint64, error) {
+	var b [8]byte
+	if err := copyFromUser(b[:size], arg); err != nil {
+		return 0, errFault("gohfi: " + what)
+	}
+	return binary.LittleEndian.Uint64(b[:]), nil
 }
 
 func wrapFault(what string, err error) error {

@@ -215,7 +215,8 @@ func TestEagerSendAndPoll(t *testing.T) {
 	if !bytes.Equal(eager[:len(payload)], payload) {
 		t.Fatal("eager data differs")
 	}
-	if _, err := rx.Ioctl(uapi.GOHFI_IOCTL_RCVHDR_HEAD, 1); err != nil {
+	head := []byte{1, 0, 0, 0, 0, 0, 0, 0}
+	if _, err := rx.Ioctl(uapi.GOHFI_IOCTL_RCVHDR_HEAD, uintptrOf(head)); err != nil {
 		t.Fatal(err)
 	}
 	ctx2, cancel2 := context.WithTimeout(context.Background(), 50*time.Millisecond)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what the tests need on a fresh Debian 12 machine: Go modules and
+# the Debian packages (gcc for the ABI parity test). QEMU and the guest
+# kernel are fetched by the QEMU harness itself (tools/vmimage) into its
+# cache outside the clone. Idempotent; quiet when everything is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v gcc >/dev/null || need+=(gcc libc6-dev)
+command -v xz >/dev/null || need+=(xz-utils)
+command -v cpio >/dev/null || need+=(cpio)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "install-deps: missing ${need[*]} and not root" >&2
+  fi
+fi
+go mod download

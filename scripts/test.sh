@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The one command that runs every test (README: `make test`). As root it runs
+# the privileged tests too (userfaultfd, eBPF, the QEMU guest); with CI=true a
+# test that cannot run here fails instead of skipping.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install-deps.sh
+# Tracepoint-based eBPF needs tracefs; mount it if the machine has not.
+if [ "$(id -u)" = 0 ] && [ ! -e /sys/kernel/tracing/events ]; then
+  mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
+fi
+go test -count=1 -timeout 25m "$@" ./...
