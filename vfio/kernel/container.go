@@ -1,0 +1,150 @@
+package kernel
+
+import (
+	"fmt"
+	"os"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// Container is an open /dev/vfio/vfio: an IOMMU context that groups are
+// attached to and DMA mappings are made in. Each method is one ioctl.
+type Container struct {
+	mu     sync.Mutex
+	fd     int
+	closed bool
+}
+
+// OpenContainer opens the VFIO container device (normally /dev/vfio/vfio).
+func OpenContainer(path string) (*Container, error) {
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("vfio: %w", &os.PathError{Op: "open", Path: path, Err: err})
+	}
+	return &Container{fd: fd}, nil
+}
+
+// FD returns the container's file descriptor, owned by the Container.
+func (c *Container) FD() int { return c.fd }
+
+// APIVersion is VFIO_GET_API_VERSION.
+func (c *Container) APIVersion() (int, error) {
+	return ioctlValue(c.fd, ioctlGetAPIVersion, 0)
+}
+
+// CheckExtension is VFIO_CHECK_EXTENSION: whether the container (and, once
+// groups are attached, their IOMMU) supports ext.
+func (c *Container) CheckExtension(ext int) (bool, error) {
+	r, err := ioctlValue(c.fd, ioctlCheckExtension, uintptr(ext))
+	return r > 0, err
+}
+
+// SetIOMMU is VFIO_SET_IOMMU; it needs at least one group attached.
+func (c *Container) SetIOMMU(typ int) error {
+	_, err := ioctlValue(c.fd, ioctlSetIOMMU, uintptr(typ))
+	return err
+}
+
+// IOMMUInfo is VFIO_IOMMU_GET_INFO with its capability chain (IOVA ranges,
+// DMA mappings available). The first call learns the size the kernel needs
+// for the capabilities, the second reads them.
+func (c *Container) IOMMUInfo() (IOMMUInfo, error) {
+	buf := encodeIOMMUInfo(0)
+	for range 2 {
+		if _, err := ioctlBuf(c.fd, ioctlIOMMUGetInfo, buf); err != nil {
+			return IOMMUInfo{}, err
+		}
+		info, needed, err := decodeIOMMUInfo(buf)
+		if err != nil {
+			return IOMMUInfo{}, fmt.Errorf("vfio: VFIO_IOMMU_GET_INFO: %w", err)
+		}
+		if needed == 0 {
+			return info, nil
+		}
+		buf = encodeIOMMUInfo(needed)
+	}
+	return IOMMUInfo{}, fmt.Errorf("vfio: VFIO_IOMMU_GET_INFO: capability size keeps growing")
+}
+
+// MapDMA is VFIO_IOMMU_MAP_DMA: the kernel pins [vaddr, vaddr+size) of this
+// process and maps it at iova with flags (vfio.DMARead|vfio.DMAWrite).
+func (c *Container) MapDMA(iova uint64, vaddr uintptr, size uint64, flags uint32) error {
+	_, err := ioctlBuf(c.fd, ioctlIOMMUMapDMA, encodeDMAMap(flags, uint64(vaddr), iova, size))
+	return err
+}
+
+// UnmapDMA is VFIO_IOMMU_UNMAP_DMA and returns how many bytes the kernel
+// unmapped (0 if nothing was mapped there).
+func (c *Container) UnmapDMA(iova, size uint64) (uint64, error) {
+	buf := encodeDMAUnmap(iova, size)
+	if _, err := ioctlBuf(c.fd, ioctlIOMMUUnmapDMA, buf); err != nil {
+		return 0, err
+	}
+	return decodeDMAUnmapSize(buf), nil
+}
+
+// Close closes the container. Groups still attached keep it alive in the
+// kernel until they are closed.
+func (c *Container) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil
+	}
+	c.closed = true
+	return unix.Close(c.fd)
+}
+
+// Group is an open /dev/vfio/<n>, an IOMMU group. Each method is one ioctl.
+type Group struct {
+	mu     sync.Mutex
+	fd     int
+	closed bool
+}
+
+// OpenGroup opens the group device at path (/dev/vfio/<n>).
+func OpenGroup(path string) (*Group, error) {
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("vfio: %w", &os.PathError{Op: "open", Path: path, Err: err})
+	}
+	return &Group{fd: fd}, nil
+}
+
+// Status is VFIO_GROUP_GET_STATUS (GroupViable, GroupContainerSet).
+func (g *Group) Status() (uint32, error) {
+	buf := encodeGroupStatus()
+	if _, err := ioctlBuf(g.fd, ioctlGroupGetStatus, buf); err != nil {
+		return 0, err
+	}
+	return decodeGroupStatus(buf), nil
+}
+
+// SetContainer is VFIO_GROUP_SET_CONTAINER.
+func (g *Group) SetContainer(c *Container) error {
+	return ioctlIntPtr(g.fd, ioctlGroupSetContainer, int32(c.fd))
+}
+
+// UnsetContainer is VFIO_GROUP_UNSET_CONTAINER.
+func (g *Group) UnsetContainer() error {
+	_, err := ioctlValue(g.fd, ioctlGroupUnsetCont, 0)
+	return err
+}
+
+// DeviceFD is VFIO_GROUP_GET_DEVICE_FD: a new file descriptor for the
+// device called name (its PCI address), owned by the caller.
+func (g *Group) DeviceFD(name string) (int, error) {
+	return ioctlString(g.fd, ioctlGroupGetDeviceFD, name)
+}
+
+// Close closes the group, detaching it from its container.
+func (g *Group) Close() error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return nil
+	}
+	g.closed = true
+	return unix.Close(g.fd)
+}
