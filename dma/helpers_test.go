@@ -82,8 +82,17 @@ func vmPinKB(t testing.TB) int {
 }
 
 // withMemlockLimit sets RLIMIT_MEMLOCK's soft limit for the test and
-// restores it after.
+// restores it after, or skips when the process may not (raising it past the
+// hard limit needs CAP_SYS_RESOURCE).
 func withMemlockLimit(t testing.TB, bytes uint64) {
+	t.Helper()
+	if err := trySetMemlock(t, bytes); err != nil {
+		t.Skipf("setrlimit(RLIMIT_MEMLOCK, %d): %v", bytes, err)
+	}
+}
+
+// trySetMemlock is withMemlockLimit returning the error instead of skipping.
+func trySetMemlock(t testing.TB, bytes uint64) error {
 	t.Helper()
 	var old unix.Rlimit
 	if err := unix.Getrlimit(unix.RLIMIT_MEMLOCK, &old); err != nil {
@@ -95,13 +104,14 @@ func withMemlockLimit(t testing.TB, bytes uint64) {
 		lim.Max = lim.Cur // needs CAP_SYS_RESOURCE
 	}
 	if err := unix.Setrlimit(unix.RLIMIT_MEMLOCK, &lim); err != nil {
-		t.Skipf("setrlimit(RLIMIT_MEMLOCK, %d): %v", bytes, err)
+		return err
 	}
 	t.Cleanup(func() {
 		if err := unix.Setrlimit(unix.RLIMIT_MEMLOCK, &old); err != nil {
 			t.Errorf("restore RLIMIT_MEMLOCK: %v", err)
 		}
 	})
+	return nil
 }
 
 func countFDs(t testing.TB) int {
