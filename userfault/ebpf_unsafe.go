@@ -1,0 +1,5 @@
+package userfault
+
+import "unsafe"
+
+func uintptrOf(b *bpfSource) uintptr { return uintptr(unsafe.Pointer(b)) }

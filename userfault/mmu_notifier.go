@@ -1,0 +1,721 @@
+// Package userfault stands in for the kernel's mmu_notifier in user space: a
+// driver subscribes a virtual address range and is called back when the
+// memory behind it goes away or changes (munmap, mremap, madvise, brk, fork,
+// exit, and kernel-side invalidations where the kernel lets us see them).
+//
+// The API has the shape of mmu_interval_notifier: Subscribe a range with an
+// IntervalOps; Invalidate is called for every event that overlaps it; a
+// sequence number (ReadBegin / ReadRetry) tells a caller that pinned and
+// programmed a range whether an invalidation landed meanwhile.
+//
+// Sources, merged into one stream and de-duplicated:
+//   - userfaultfd (synchronous: the unmapping thread waits until the monitor
+//     has read the event), ranges registered in write-protect mode;
+//   - eBPF programs on syscall tracepoints (asynchronous, see what
+//     userfaultfd cannot: exit, other processes), delivered by a ring buffer;
+//   - optionally the KVM mmu-notifier tracepoint and fentry on the kernel's
+//     notifier (kernel-side invalidations: migration, THP split, COW).
+//
+// See docs/userfault.md for what each source sees.
+package userfault
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// EventKind says why a range was invalidated.
+type EventKind uint8
+
+const (
+	// EventUnmap: the mapping is gone (munmap, brk shrink, the tail of an
+	// mremap shrink, a MAP_FIXED mremap onto the range).
+	EventUnmap EventKind = iota + 1
+	// EventRemove: the pages were dropped, the mapping stays
+	// (madvise DONTNEED, FREE, REMOVE, PAGEOUT).
+	EventRemove
+	// EventRemap: the mapping moved (mremap); Event.To is the new address
+	// when the source knows it.
+	EventRemap
+	// EventFork: the process forked; its private pages are copy-on-write, so
+	// the next write by the parent may land on a new page. Range: everything.
+	EventFork
+	// EventExit: the watched process exited. Range: everything.
+	EventExit
+	// EventKernel: an invalidation seen inside the kernel (KVM mmu notifier,
+	// fentry) whose cause is not known: migration, THP split, COW,
+	// mprotect, reclaim, or one of the above.
+	EventKernel
+	// EventOverflow: a source lost events (its ring buffer was full).
+	// Range: everything.
+	EventOverflow
+)
+
+var kindNames = [...]string{"?", "unmap", "remove", "remap", "fork", "exit", "kernel", "overflow"}
+
+func (k EventKind) String() string {
+	if int(k) < len(kindNames) {
+		return kindNames[k]
+	}
+	return fmt.Sprintf("EventKind(%d)", k)
+}
+
+// Source names where an event came from.
+type Source uint8
+
+const (
+	// SourceUserfaultfd: non-cooperative userfaultfd events.
+	SourceUserfaultfd Source = iota + 1
+	// SourceTracepoint: eBPF on the syscall and sched tracepoints.
+	SourceTracepoint
+	// SourceKVM: eBPF on tp_btf/kvm_unmap_hva_range, fed by a KVM VM this
+	// notifier creates so that the process's mm gets a real mmu_notifier.
+	SourceKVM
+	// SourceFentry: eBPF fentry on __mmu_notifier_invalidate_range_start.
+	SourceFentry
+)
+
+var sourceNames = [...]string{"?", "userfaultfd", "tracepoint", "kvm", "fentry"}
+
+func (s Source) String() string {
+	if int(s) < len(sourceNames) {
+		return sourceNames[s]
+	}
+	return fmt.Sprintf("Source(%d)", s)
+}
+
+// Event is one invalidation: [Start, End) of the watched address space.
+type Event struct {
+	Kind       EventKind
+	Start, End uintptr
+	Source     Source
+	To         uintptr // EventRemap: new address, when known
+}
+
+func (e Event) String() string {
+	return fmt.Sprintf("%s %s [%#x, %#x)", e.Source, e.Kind, e.Start, e.End)
+}
+
+// IntervalOps is what a subscriber implements, like mmu_interval_notifier_ops.
+type IntervalOps interface {
+	// Invalidate is called for each event overlapping the subscription's
+	// range (partial overlaps included), on the notifier's dispatch
+	// goroutine, one call at a time. It returns whether the event concerns
+	// the subscriber: true advances the subscription's sequence number (so
+	// ReadRetry reports the race), false leaves it as it was (the kernel's
+	// callback not calling mmu_interval_set_seq). It must not call ReadBegin
+	// or Sync; it may call Remove and Subscribe, and may unmap memory.
+	Invalidate(sub *Subscription, ev Event) bool
+}
+
+// InvalidateFunc adapts a function to IntervalOps.
+type InvalidateFunc func(sub *Subscription, ev Event) bool
+
+// Invalidate calls f.
+func (f InvalidateFunc) Invalidate(sub *Subscription, ev Event) bool { return f(sub, ev) }
+
+// Options choose the process and the sources.
+type Options struct {
+	// Pid is the process whose address space is watched; 0 means this one.
+	// Another process can only be watched by the eBPF sources.
+	Pid int
+	// Sources to start. Nil means userfaultfd and tracepoints (and only the
+	// tracepoints for another process).
+	Sources []Source
+	// Require makes New fail if any chosen source cannot start. Without it a
+	// failed source is reported by Sources and the others keep working; New
+	// fails only if none starts.
+	Require bool
+}
+
+// SourceStatus tells whether a source started and, if not, why.
+type SourceStatus struct {
+	Source  Source
+	Started bool
+	Err     error  // why it did not start
+	Detail  string // what it runs (features, programs attached)
+}
+
+func (s SourceStatus) String() string {
+	if s.Started {
+		return fmt.Sprintf("%s: started (%s)", s.Source, s.Detail)
+	}
+	return fmt.Sprintf("%s: not started: %v", s.Source, s.Err)
+}
+
+// ErrClosed is returned by a closed Notifier.
+var ErrClosed = errors.New("userfault: notifier closed")
+
+// source is one event source. watch and unwatch run with Notifier.mu held.
+type source interface {
+	kind() Source
+	detail() string
+	watch(start, end uintptr) error // page-aligned range newly subscribed
+	unwatch(pieces []pageRange)     // page-aligned ranges no subscription covers now
+	sync(ctx context.Context) error // every event that happened before is posted
+	close() error
+}
+
+type pageRange struct{ start, end uintptr }
+
+// Notifier watches one address space. It is safe for concurrent use.
+type Notifier struct {
+	pid  int
+	self bool
+
+	mu      sync.Mutex
+	cond    sync.Cond // on mu: a subscription settled, or a read window closed
+	tree    intervalTree
+	nextID  uint64
+	closed  bool
+	sources []source
+	status  []SourceStatus
+
+	// inflight counts open userfaultfd read windows: set before the read
+	// that releases an unmapping thread, cleared once the events are posted
+	// and their subscriptions marked. ReadRetry and ReadBegin look at it,
+	// so a thread whose munmap returned never sees a stale subscription.
+	inflight atomic.Int32
+
+	qmu   sync.Mutex
+	queue []*batch
+	qsig  chan struct{}
+	done  chan struct{}
+	dtid  atomic.Int32 // thread id of the dispatch goroutine
+
+	delivered atomic.Uint64
+	dropped   atomic.Uint64 // duplicates suppressed
+}
+
+type batch struct {
+	events []Event
+	subs   [][]*Subscription // per event
+	marker chan struct{}     // closed when the dispatcher reaches it
+	stop   bool
+}
+
+// New starts a notifier with the chosen sources.
+func New(ctx context.Context, opts Options) (*Notifier, error) {
+	self := os.Getpid()
+	pid := opts.Pid
+	if pid == 0 {
+		pid = self
+	}
+	n := &Notifier{pid: pid, self: pid == self, qsig: make(chan struct{}, 1), done: make(chan struct{})}
+	n.cond.L = &n.mu
+	srcs := opts.Sources
+	if srcs == nil {
+		srcs = []Source{SourceTracepoint}
+		if n.self {
+			srcs = []Source{SourceUserfaultfd, SourceTracepoint}
+		}
+	}
+	started := make(chan struct{})
+	go n.dispatch(started)
+	<-started
+
+	var ebpfSources []Source
+	for _, s := range srcs {
+		switch s {
+		case SourceUserfaultfd:
+			st := SourceStatus{Source: s}
+			if !n.self {
+				st.Err = fmt.Errorf("userfaultfd watches only the calling process, not pid %d: %w", pid, unix.EINVAL)
+			} else if u, err := newUffd(n); err != nil {
+				st.Err = err
+			} else {
+				st.Started, st.Detail = true, u.detail()
+				n.sources = append(n.sources, u)
+			}
+			n.status = append(n.status, st)
+		case SourceTracepoint, SourceKVM, SourceFentry:
+			ebpfSources = append(ebpfSources, s)
+		default:
+			n.status = append(n.status, SourceStatus{Source: s, Err: fmt.Errorf("unknown source: %w", unix.EINVAL)})
+		}
+	}
+	if len(ebpfSources) > 0 {
+		b, sts := newBPF(ctx, n, ebpfSources)
+		if b != nil {
+			n.sources = append(n.sources, b)
+		}
+		n.status = append(n.status, sts...)
+	}
+	var errs []error
+	for _, st := range n.status {
+		if !st.Started {
+			errs = append(errs, fmt.Errorf("%s: %w", st.Source, st.Err))
+		}
+	}
+	if len(n.sources) == 0 || (opts.Require && len(errs) > 0) {
+		n.Close()
+		return nil, fmt.Errorf("userfault: sources failed: %w", errors.Join(errs...))
+	}
+	return n, nil
+}
+
+// Sources reports which sources started and why the others did not.
+func (n *Notifier) Sources() []SourceStatus {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return append([]SourceStatus(nil), n.status...)
+}
+
+// Pid is the watched process.
+func (n *Notifier) Pid() int { return n.pid }
+
+// Stats are counters for tests and diagnostics.
+type Stats struct {
+	Delivered  uint64 // Invalidate calls made
+	Duplicates uint64 // events suppressed because another source saw them
+}
+
+// Stats returns the counters.
+func (n *Notifier) Stats() Stats {
+	return Stats{Delivered: n.delivered.Load(), Duplicates: n.dropped.Load()}
+}
+
+// Subscription is one watched range, like struct mmu_interval_notifier.
+type Subscription struct {
+	n          *Notifier
+	id         uint64
+	start, end uintptr
+	ops        IntervalOps
+
+	seq atomic.Uint64 // even: stable; odd: an invalidation is being delivered
+	// under n.mu:
+	pending int  // undelivered (event, subscription) pairs
+	hit     bool // an Invalidate in the pending window returned true
+	recent  dedupHistory
+	removed atomic.Bool
+	calling atomic.Int32 // 1 while the dispatcher is between check and call
+}
+
+// Start and End give the subscribed range [Start, End).
+func (s *Subscription) Start() uintptr { return s.start }
+
+// End is the end of the subscribed range (exclusive).
+func (s *Subscription) End() uintptr { return s.end }
+
+func pageDown(a uintptr) uintptr { return a &^ uintptr(os.Getpagesize()-1) }
+func pageUp(a uintptr) uintptr {
+	ps := uintptr(os.Getpagesize())
+	return (a + ps - 1) &^ (ps - 1)
+}
+
+// Subscribe watches [start, start+length). The pages holding the range are
+// watched; events are delivered for overlaps with the exact range. Memory
+// must be mapped and not belong to the Go heap (use package mem).
+func (n *Notifier) Subscribe(start, length uintptr, ops IntervalOps) (*Subscription, error) {
+	end := start + length
+	if length == 0 || end < start || ops == nil {
+		return nil, fmt.Errorf("userfault: subscribe [%#x, +%#x): %w", start, length, unix.EINVAL)
+	}
+	if n.self {
+		if err := checkMemory(pageDown(start), pageUp(end)); err != nil {
+			return nil, fmt.Errorf("userfault: subscribe [%#x, %#x): %w", start, end, err)
+		}
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.closed {
+		return nil, ErrClosed
+	}
+	n.nextID++
+	s := &Subscription{n: n, id: n.nextID, start: start, end: end, ops: ops}
+	n.tree.insert(s)
+	for i, src := range n.sources {
+		if err := src.watch(pageDown(start), pageUp(end)); err != nil {
+			n.tree.remove(s)
+			pieces := n.uncovered(pageDown(start), pageUp(end))
+			for _, prev := range n.sources[:i] {
+				prev.unwatch(pieces)
+			}
+			return nil, fmt.Errorf("userfault: subscribe [%#x, %#x): %s: %w", start, end, src.kind(), err)
+		}
+	}
+	return s, nil
+}
+
+// uncovered returns the page-aligned parts of [start, end) that the pages of
+// no subscription cover. Called with n.mu held.
+func (n *Notifier) uncovered(start, end uintptr) []pageRange {
+	ps := uintptr(os.Getpagesize())
+	var out []pageRange
+	cur := start
+	hi := end + ps
+	if hi < end {
+		hi = ^uintptr(0)
+	}
+	// Widen the query by a page: a subscription ending or starting mid-page
+	// next to the range still covers that page.
+	n.tree.overlap(start-min(start, ps), hi, func(o *Subscription) {
+		ostart, oend := pageDown(o.start), pageUp(o.end)
+		if oend <= cur || ostart >= end {
+			return
+		}
+		if ostart > cur {
+			out = append(out, pageRange{cur, ostart})
+		}
+		cur = oend
+	})
+	if cur < end {
+		out = append(out, pageRange{cur, end})
+	}
+	return out
+}
+
+// Remove ends the subscription, like mmu_interval_notifier_remove except
+// that it does not wait for an Invalidate already running on the dispatch
+// goroutine (that call may be blocked on a lock the caller holds). No
+// Invalidate starts after Remove returns. Remove is idempotent and may be
+// called from Invalidate.
+func (s *Subscription) Remove() {
+	n := s.n
+	n.mu.Lock()
+	if s.removed.Swap(true) {
+		n.mu.Unlock()
+		return
+	}
+	n.tree.remove(s)
+	if !n.closed {
+		pieces := n.uncovered(pageDown(s.start), pageUp(s.end))
+		if len(pieces) > 0 {
+			for _, src := range n.sources {
+				src.unwatch(pieces)
+			}
+		}
+	}
+	n.mu.Unlock()
+	for s.calling.Load() != 0 {
+		if n.onDispatcher() {
+			break
+		}
+		time.Sleep(time.Microsecond)
+	}
+}
+
+// ReadBegin returns the subscription's sequence number once no invalidation
+// of it is being delivered, like mmu_interval_read_begin: read it, pin and
+// program, then check ReadRetry under your own lock before committing.
+func (s *Subscription) ReadBegin() uint64 {
+	n := s.n
+	if n.inflight.Load() == 0 {
+		if v := s.seq.Load(); v&1 == 0 && n.inflight.Load() == 0 {
+			return v
+		}
+	}
+	if n.onDispatcher() {
+		panic("userfault: ReadBegin called from Invalidate")
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for (s.seq.Load()&1 != 0 || n.inflight.Load() != 0) && !n.closed {
+		n.cond.Wait()
+	}
+	return s.seq.Load() &^ 1
+}
+
+// ReadRetry reports whether an invalidation touched the subscription since
+// ReadBegin returned seq (or is being delivered now), like
+// mmu_interval_read_retry. It is one or two atomic loads.
+func (s *Subscription) ReadRetry(seq uint64) bool {
+	return s.n.inflight.Load() != 0 || s.seq.Load() != seq
+}
+
+// Seq is the current sequence number, without waiting.
+func (s *Subscription) Seq() uint64 { return s.seq.Load() }
+
+func (n *Notifier) onDispatcher() bool {
+	t := n.dtid.Load()
+	return t != 0 && int32(unix.Gettid()) == t
+}
+
+// openWindow and closeWindow bracket a userfaultfd read (see inflight).
+func (n *Notifier) openWindow() { n.inflight.Add(1) }
+
+func (n *Notifier) closeWindow(evs []Event) {
+	n.mu.Lock()
+	n.postLocked(evs)
+	n.inflight.Add(-1)
+	n.cond.Broadcast()
+	n.mu.Unlock()
+}
+
+// post hands events from a source to the dispatcher.
+func (n *Notifier) post(evs []Event) {
+	n.mu.Lock()
+	n.postLocked(evs)
+	n.mu.Unlock()
+}
+
+func (n *Notifier) postLocked(evs []Event) {
+	if n.closed || len(evs) == 0 {
+		return
+	}
+	evs = coalesce(evs)
+	now := time.Now()
+	b := &batch{}
+	for _, ev := range evs {
+		var subs []*Subscription
+		n.tree.overlap(ev.Start, ev.End, func(s *Subscription) {
+			if s.recent.seen(ev, now) {
+				n.dropped.Add(1)
+				return
+			}
+			if s.pending == 0 {
+				s.seq.Add(1) // odd: being invalidated
+			}
+			s.pending++
+			subs = append(subs, s)
+		})
+		if len(subs) == 0 {
+			continue
+		}
+		b.events = append(b.events, ev)
+		b.subs = append(b.subs, subs)
+	}
+	if len(b.events) > 0 {
+		n.enqueue(b)
+	}
+}
+
+// coalesce merges adjacent events of one kind and source from one read.
+func coalesce(evs []Event) []Event {
+	out := evs[:1]
+	for _, ev := range evs[1:] {
+		last := &out[len(out)-1]
+		if ev.Source == last.Source && ev.Start == last.Start && ev.End == last.End &&
+			dedupClass(ev.Kind) == dedupClass(last.Kind) {
+			if ev.Kind == EventRemap { // userfaultfd's mremap: UNMAP and REMAP
+				*last = ev
+			}
+			continue
+		}
+		if ev.Kind == last.Kind && ev.Source == last.Source && ev.Kind != EventRemap &&
+			ev.Start <= last.End && ev.End >= last.Start {
+			last.Start, last.End = min(last.Start, ev.Start), max(last.End, ev.End)
+			continue
+		}
+		out = append(out, ev)
+	}
+	return out
+}
+
+func (n *Notifier) enqueue(b *batch) {
+	n.qmu.Lock()
+	n.queue = append(n.queue, b)
+	n.qmu.Unlock()
+	select {
+	case n.qsig <- struct{}{}:
+	default:
+	}
+}
+
+// dispatch delivers batches in order on one locked OS thread, so that a
+// callback can be recognised (Remove, ReadBegin) by its thread id.
+func (n *Notifier) dispatch(started chan<- struct{}) {
+	defer close(n.done)
+	runtime.LockOSThread()
+	n.dtid.Store(int32(unix.Gettid()))
+	close(started)
+	for {
+		<-n.qsig
+		for {
+			n.qmu.Lock()
+			if len(n.queue) == 0 {
+				n.qmu.Unlock()
+				break
+			}
+			b := n.queue[0]
+			n.queue[0] = nil
+			n.queue = n.queue[1:]
+			n.qmu.Unlock()
+			if b.stop {
+				return
+			}
+			if b.marker != nil {
+				close(b.marker)
+				continue
+			}
+			n.deliver(b)
+		}
+	}
+}
+
+func (n *Notifier) deliver(b *batch) {
+	for i, ev := range b.events {
+		for _, s := range b.subs[i] {
+			hit := false
+			s.calling.Store(1)
+			if !s.removed.Load() {
+				n.delivered.Add(1)
+				hit = s.ops.Invalidate(s, ev)
+			}
+			s.calling.Store(0)
+			n.mu.Lock()
+			s.hit = s.hit || hit
+			s.pending--
+			if s.pending == 0 {
+				if s.hit {
+					s.seq.Add(1) // even, new value
+				} else {
+					s.seq.Add(^uint64(0)) // back to the value before
+				}
+				s.hit = false
+				n.cond.Broadcast()
+			}
+			n.mu.Unlock()
+		}
+	}
+}
+
+// Sync returns once every event that happened before the call has been
+// delivered: userfaultfd read windows closed, a marker sent through each
+// eBPF ring and read back, and the dispatcher drained.
+func (n *Notifier) Sync(ctx context.Context) error {
+	if n.onDispatcher() {
+		return fmt.Errorf("userfault: Sync called from Invalidate: %w", unix.EDEADLK)
+	}
+	n.mu.Lock()
+	if n.closed {
+		n.mu.Unlock()
+		return ErrClosed
+	}
+	srcs := append([]source(nil), n.sources...)
+	n.mu.Unlock()
+	for _, s := range srcs {
+		if err := s.sync(ctx); err != nil {
+			return fmt.Errorf("userfault: sync %s: %w", s.kind(), err)
+		}
+	}
+	m := &batch{marker: make(chan struct{})}
+	n.enqueue(m)
+	select {
+	case <-m.marker:
+		return nil
+	case <-n.done:
+		return ErrClosed
+	case <-ctx.Done():
+		return fmt.Errorf("userfault: sync: %w", ctx.Err())
+	}
+}
+
+// waitWindows waits until no userfaultfd read window is open.
+func (n *Notifier) waitWindows(ctx context.Context) error {
+	for i := 0; n.inflight.Load() != 0; i++ {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if i < 100 {
+			runtime.Gosched()
+		} else {
+			time.Sleep(10 * time.Microsecond)
+		}
+	}
+	return nil
+}
+
+// Close stops every source (userfaultfd first: closing it releases any thread
+// waiting in munmap), delivers what was already read, and stops the
+// dispatcher. Subscriptions stay readable; no Invalidate runs after Close.
+func (n *Notifier) Close() error {
+	n.mu.Lock()
+	if n.closed {
+		n.mu.Unlock()
+		return nil
+	}
+	srcs := n.sources
+	n.mu.Unlock()
+	var errs []error
+	for _, s := range srcs {
+		if err := s.close(); err != nil {
+			errs = append(errs, fmt.Errorf("userfault: close %s: %w", s.kind(), err))
+		}
+	}
+	n.mu.Lock()
+	n.closed = true
+	n.cond.Broadcast()
+	n.mu.Unlock()
+	n.enqueue(&batch{stop: true})
+	<-n.done
+	// Settle what the dispatcher did not reach.
+	n.qmu.Lock()
+	rest := n.queue
+	n.queue = nil
+	n.qmu.Unlock()
+	n.mu.Lock()
+	for _, b := range rest {
+		for _, subs := range b.subs {
+			for _, s := range subs {
+				s.pending--
+				if s.pending == 0 {
+					s.seq.Add(1)
+					s.hit = false
+				}
+			}
+		}
+		if b.marker != nil {
+			close(b.marker)
+		}
+	}
+	n.cond.Broadcast()
+	n.mu.Unlock()
+	return errors.Join(errs...)
+}
+
+// dedupHistory remembers the events recently delivered to one subscription,
+// so that the same invalidation seen by two sources is delivered to it once.
+// An event is a copy if it has the class and range of one delivered within a
+// short window by another source. Being per subscription, it never swallows
+// the event of a subscription made after the first copy was delivered.
+type dedupHistory struct {
+	ring [4]dedupEntry
+	next uint8
+}
+
+type dedupEntry struct {
+	class      EventKind
+	start, end uintptr
+	sources    uint32 // bit per Source that reported it
+	at         time.Time
+}
+
+const dedupWindow = 250 * time.Millisecond
+
+// dedupClass groups kinds that name the same invalidation: an mremap is an
+// UNMAP and a REMAP to userfaultfd and a REMAP to the tracepoints.
+func dedupClass(k EventKind) EventKind {
+	if k == EventRemap {
+		return EventUnmap
+	}
+	return k
+}
+
+func (d *dedupHistory) seen(ev Event, now time.Time) bool {
+	bit := uint32(1) << ev.Source
+	class := dedupClass(ev.Kind)
+	for i := range d.ring {
+		e := &d.ring[i]
+		if e.sources == 0 || e.sources&bit != 0 || now.Sub(e.at) > dedupWindow ||
+			e.start != ev.Start || e.end != ev.End {
+			continue
+		}
+		if e.class != class && e.class != EventKernel && class != EventKernel {
+			continue
+		}
+		e.sources |= bit
+		return true
+	}
+	d.ring[d.next] = dedupEntry{class: class, start: ev.Start, end: ev.End, sources: bit, at: now}
+	d.next = (d.next + 1) % uint8(len(d.ring))
+	return false
+}
