@@ -20,7 +20,7 @@ func openDev(t *testing.T, ctxts int) *attach.Attached {
 	t.Helper()
 	o := attach.DefaultOptions()
 	o.Sim.NumContexts = ctxts
-	o.Sim.RcvArrayPerCtxt = 256
+	o.Sim.RcvArrayPerCtxt = 2048
 	a, err := attach.Open(context.Background(), "embedded", o)
 	if err != nil {
 		t.Fatal(err)
@@ -69,7 +69,7 @@ func assign(t *testing.T, f *driver.File) {
 func TestProbeReadsDevice(t *testing.T) {
 	a := openDev(t, 4)
 	i := a.Device.Info()
-	if i.VendorID != chip.PCIVendorID || i.NumContexts != 4 || i.RcvArrayPerCtxt != 256 || i.MaxTIDPages != 512 {
+	if i.VendorID != chip.PCIVendorID || i.NumContexts != 4 || i.RcvArrayPerCtxt != 2048 || i.MaxTIDPages != 512 {
 		t.Fatalf("info %+v", i)
 	}
 	if i.IRQMode != "msix" {
@@ -120,7 +120,7 @@ func TestAssignCtxtInfoAndMmap(t *testing.T) {
 		t.Fatal(err)
 	}
 	p := a.Module.Params()
-	if ci.Rcvtids != 256 || int(ci.RcvhdrqCnt) != p.RcvHdrCnt || ci.RcvhdrqEntsize != chip.RHQEntrySize || int(ci.RcvegrSize) != p.EagerBufferSize {
+	if ci.Rcvtids != 2048 || int(ci.RcvhdrqCnt) != p.RcvHdrCnt || ci.RcvhdrqEntsize != chip.RHQEntrySize || int(ci.RcvegrSize) != p.EagerBufferSize {
 		t.Fatalf("ctxt info %+v", ci)
 	}
 	var bi uapi.Hfi1BaseInfo

@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 
 	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/dma"
+	"github.com/gohfi/gohfi/userfault"
 	"github.com/gohfi/gohfi/vfio"
 	"golang.org/x/sys/unix"
 )
@@ -38,6 +40,11 @@ type Device struct {
 	rcvArray []byte // BAR2 mapped: RcvArray entries are programmed with plain stores
 	iova     *iovaSpace
 	irq      *irqState
+	acct     *dma.Accountant
+	pinner   *dma.Pinner
+
+	notMu sync.Mutex
+	not   *userfault.Notifier // started at the first TID_UPDATE
 
 	mu      sync.Mutex
 	ctxts   []*ctxtData // hardware contexts; nil = free
@@ -103,6 +110,13 @@ func probe(ctx context.Context, m *Module, unit int, vdev vfio.Device, name stri
 		return nil, err
 	}
 	d.iova = newIOVASpace()
+	d.acct = dma.NewAccountant()
+	d.acct.HonourCapIPCLock = m.params.HonorCapIPCLock
+	var err error
+	if d.pinner, err = dma.NewPinner(d.acct, &dma.PinnerOptions{MaxPins: 16384}); err != nil {
+		unix.Munmap(d.rcvArray)
+		return nil, err
+	}
 	d.ctxts = make([]*ctxtData, d.info.NumContexts)
 	if err := d.setupInterrupts(); err != nil {
 		unix.Munmap(d.rcvArray)
@@ -189,6 +203,13 @@ func (d *Device) remove() error {
 	}
 	var errs []error
 	d.teardownInterrupts()
+	errs = append(errs, d.pinner.Close())
+	d.notMu.Lock()
+	if d.not != nil {
+		errs = append(errs, d.not.Close())
+		d.not = nil
+	}
+	d.notMu.Unlock()
 	if d.rcvArray != nil {
 		errs = append(errs, unix.Munmap(d.rcvArray))
 		d.rcvArray = nil

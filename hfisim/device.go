@@ -377,3 +377,14 @@ func (d *Device) raiseLocked(src uint64) {
 var one = []byte{1, 0, 0, 0, 0, 0, 0, 0}
 
 func signal(f *os.File) { unix.Write(int(f.Fd()), one) }
+
+// RcvArraySnapshot returns a copy of the RcvArray entries, for tests and
+// diagnostics (a logic analyser on the device's memory).
+func (d *Device) RcvArraySnapshot() []uint64 {
+	n := d.cfg.NumContexts * d.cfg.RcvArrayPerCtxt
+	out := make([]uint64, n)
+	for i := range out {
+		out[i] = d.rcvArray.load64(uint64(i) * chip.RcvArrayEntrySize)
+	}
+	return out
+}
