@@ -12,7 +12,7 @@ import (
 // first fit, coalescing on free. It starts above the first 1 MiB so that a
 // zero or small IOVA in a descriptor is always a fault, never memory.
 type iovaSpace struct {
-	mu   sync.Mutex
+	mu    sync.Mutex
 	holes []iovaRange // sorted, disjoint, non-adjacent
 }
 
