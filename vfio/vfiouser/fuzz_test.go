@@ -1,0 +1,204 @@
+package vfiouser
+
+import (
+	"context"
+	"encoding/binary"
+	"io"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/gohfi/gohfi/vfio"
+)
+
+// serverSeeds are message streams a client could send: every command
+// well-formed after a VERSION, and broken ones.
+func serverSeeds() [][]byte {
+	ver := msg(1, cmdVersion, 0, versionPayload(qemuVersionJSON))
+	valid := [][]byte{
+		msg(2, cmdDeviceGetInfo, 0, le32(16, 0, 0, 0)),
+		msg(3, cmdGetRegionInfo, 0, cat(le32(32, 0, 2, 0), le64(0, 0))),
+		msg(4, cmdGetRegionInfo, 0, cat(le32(64, 0, 2, 0), le64(0, 0))),
+		msg(5, cmdGetRegionIOFDs, 0, le32(16, 0, 0, 0)),
+		msg(6, cmdGetIRQInfo, 0, le32(16, 0, 2, 0)),
+		msg(7, cmdSetIRQs, 0, le32(20, irqSetDataNone|irqSetActionTrigger, 2, 0, 0)),
+		msg(8, cmdSetIRQs, 0, append(le32(21, irqSetDataBool|irqSetActionUnmask, 0, 0, 1), 1)),
+		msg(9, cmdRegionRead, 0, cat(le64(0), le32(7, 4))),
+		msg(10, cmdRegionWrite, 0, cat(le64(0x20), le32(0, 4), le32(0xdeadbeef))),
+		msg(11, cmdRegionWrite, flagNoReply, cat(le64(0x24), le32(0, 4), le32(1))),
+		msg(12, cmdRegionWriteMulti, 0, cat(le64(1), le64(0x30), le32(0, 4), le64(5))),
+		msg(13, cmdDMAMap, 0, cat(le32(32, 3), le64(0, 0x10000, 0x4000))),
+		msg(14, cmdRegionWrite, 0, cat(le64(regDMAIOVA), le32(0, 8), le64(0x10000))),
+		msg(15, cmdRegionWrite, 0, cat(le64(regDMALen), le32(0, 4), le32(64))),
+		msg(16, cmdRegionWrite, 0, cat(le64(regDMAOp), le32(0, 4), le32(1))), // DMA_READ to the client
+		msg(17, cmdDMAUnmap, 0, cat(le32(24, 0), le64(0x10000, 0x4000))),
+		msg(18, cmdDMAUnmap, 0, cat(le32(24, dmaUnmapFlagAll), le64(0, 0))),
+		msg(19, cmdDeviceReset, 0, nil),
+		msg(20, cmdDeviceFeature, 0, le32(8, 1<<16|1)),
+		msg(21, cmdDMARead, flagReply, cat(le64(0x10000, 4), le32(0))), // unsolicited reply
+	}
+	seeds := [][]byte{cat(append([][]byte{ver}, valid...)...)}
+	for _, v := range valid {
+		seeds = append(seeds, cat(ver, v))
+	}
+	huge := msg(2, cmdRegionWrite, 0, nil)
+	binary.LittleEndian.PutUint32(huge[4:], 0xfffffff0)
+	small := msg(2, cmdRegionWrite, 0, nil)
+	binary.LittleEndian.PutUint32(small[4:], 4)
+	seeds = append(seeds,
+		nil,
+		ver[:7],
+		cat(ver, huge),
+		cat(ver, small),
+		cat(ver, msg(2, 77, 0, nil)),
+		msg(1, cmdVersion, 0, versionPayload(`{"capabilities":{"max_data_xfer_size":1}}`)),
+		msg(1, cmdVersion, 0, versionPayload(`{"capabilities":[1,2]}`)),
+		msg(1, cmdVersion, 0, versionPayload(`not json`)),
+		cat(ver, msg(2, cmdRegionRead, 0, cat(le64(0), le32(0, 1<<20)))),
+		cat(ver, msg(2, cmdSetIRQs, 0, le32(20, irqSetDataBool|irqSetActionMask, 2, 0, 4))),
+		cat(ver, msg(2, cmdRegionWrite, 0, cat(le64(0), le32(0, 100), make([]byte, 50)))),
+		cat(ver, msg(2, cmdDMAMap, 0, cat(le32(32, 3), le64(0, ^uint64(0)-4096, 8192)))),
+	)
+	return seeds
+}
+
+func FuzzServerDecode(f *testing.F) {
+	for _, s := range serverSeeds() {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		m := newFakeModel(t)
+		a, b := socketPair(t)
+		defer a.Close()
+		srv := NewServer(m, WithTimeout(200*time.Millisecond), WithMaxDataXferSize(64<<10), WithMaxMsgFDs(4))
+		done := make(chan error, 1)
+		go func() { done <- srv.ServeConn(context.Background(), b) }()
+		drained := make(chan struct{})
+		go func() { io.Copy(io.Discard, a); close(drained) }()
+		a.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		a.Write(data)
+		a.CloseWrite()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("server did not finish")
+		}
+		<-drained
+		if n := m.vectorsSet(vfio.PCIMSIXIRQIndex) + m.vectorsSet(vfio.PCIINTxIRQIndex); n != 0 {
+			t.Fatalf("%d eventfds kept after the client left", n)
+		}
+		if at, de, _ := m.counts(); at != de {
+			t.Fatalf("attached %d detached %d", at, de)
+		}
+	})
+}
+
+// clientSeeds are streams of server messages, one reply per client call in
+// the order FuzzClientDecode makes them (ids are patched), with DMA
+// requests from the server in between.
+func clientSeeds() [][]byte {
+	rp := func(cmd uint16, p []byte) []byte { return msg(0, cmd, flagReply, p) }
+	regInfo := func() []byte {
+		r := regionInfo{Argsz: 64, Flags: vfio.RegionFlagRead | vfio.RegionFlagCaps, Index: 2, CapOffset: 32, Size: 8192}
+		b := make([]byte, 32)
+		r.encode(b)
+		return cat(b, le32(capSparseMmap|1<<16, 0, 1, 0), le64(4096, 4096))
+	}
+	replies := [][]byte{
+		rp(cmdGetRegionInfo, regInfo()),
+		rp(cmdRegionRead, cat(le64(8), le32(0, 4), le32(7))),
+		rp(cmdRegionWrite, cat(le64(8), le32(0, 4))),
+		rp(cmdGetIRQInfo, le32(16, 1, 2, 4)),
+		rp(cmdSetIRQs, nil),
+		rp(cmdDMAMap, nil),
+		msg(90, cmdDMARead, 0, le64(0x1000, 16)),
+		msg(91, cmdDMAWrite, 0, cat(le64(0x1000, 4), le32(0x01020304))),
+		rp(cmdDMAUnmap, cat(le32(24, 0), le64(0x1000, 4096))),
+		rp(cmdDeviceReset, nil),
+	}
+	seeds := [][]byte{cat(replies...)}
+	bad := msg(0, cmdRegionRead, flagReply, nil)
+	binary.LittleEndian.PutUint32(bad[4:], 2)
+	seeds = append(seeds,
+		cat(rp(cmdGetRegionInfo, regInfo()[:40])),
+		cat(msg(0, cmdGetRegionInfo, flagReply|flagError, nil)),
+		cat(rp(cmdGetRegionInfo, regInfo()), rp(cmdRegionRead, le64(1))),
+		cat(rp(cmdGetRegionInfo, regInfo()), bad),
+		cat(msg(5, cmdDMARead, 0, le64(0x1000, 1<<30))),
+		cat(msg(5, 200, 0, nil)),
+	)
+	return seeds
+}
+
+func FuzzClientDecode(f *testing.F) {
+	for _, s := range clientSeeds() {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		c, srv := scripted(t, WithTimeout(50*time.Millisecond), WithMaxDataXferSize(64<<10))
+		mem := anonMem(t, 4096)
+		efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer unix.Close(efd)
+
+		script := make(chan struct{})
+		go func() {
+			defer close(script)
+			defer srv.conn.Close()
+			rest := data
+			for len(rest) > 0 {
+				srv.conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+				h, _, fds, err := srv.sk.readMsg(&srv.buf, nil)
+				closeFDs(fds)
+				if err != nil {
+					return
+				}
+				if h.isReply() {
+					continue // the client answering a DMA request
+				}
+				// Feed frames until one is a reply, patched to this request.
+				for len(rest) > 0 {
+					n := len(rest)
+					if n >= headerSize {
+						if sz := binary.LittleEndian.Uint32(rest[4:]); sz >= headerSize && uint64(sz) <= uint64(n) {
+							n = int(sz)
+						}
+					}
+					frame := append([]byte(nil), rest[:n]...)
+					rest = rest[n:]
+					isReply := len(frame) >= headerSize && binary.LittleEndian.Uint32(frame[8:])&flagTypeMask == flagReply
+					if isReply {
+						binary.LittleEndian.PutUint16(frame, h.MsgID)
+					}
+					srv.conn.SetWriteDeadline(time.Now().Add(2 * time.Second))
+					if _, err := srv.conn.Write(frame); err != nil {
+						return
+					}
+					if isReply {
+						break
+					}
+				}
+			}
+		}()
+		c.RegionInfo(2)
+		c.ReadRegion(0, 8, make([]byte, 4))
+		c.WriteRegion(0, 8, []byte{1, 2, 3, 4})
+		c.IRQInfo(2)
+		c.SetIRQs(2, 0, []int{efd})
+		c.DMAMap(vfio.DMAMapping{IOVA: 0x1000, Vaddr: addrOf(mem), Size: 4096, Flags: vfio.DMARead | vfio.DMAWrite})
+		c.DMAUnmap(0x1000, 4096)
+		c.Reset()
+		if b, err := c.MmapRegion(2, 4096, 4096, unix.PROT_READ); err == nil {
+			unix.Munmap(b)
+		}
+		c.Close()
+		select {
+		case <-script:
+		case <-time.After(10 * time.Second):
+			t.Fatal("script did not finish")
+		}
+	})
+}
