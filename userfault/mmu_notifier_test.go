@@ -1,0 +1,353 @@
+package userfault
+
+import (
+	"context"
+	"errors"
+	"math/rand/v2"
+	"os"
+	"runtime"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/gohfi/gohfi/mem"
+	"golang.org/x/sys/unix"
+)
+
+func TestIntervalTree(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	var tree intervalTree
+	live := map[*Subscription]bool{}
+	for i := 0; i < 3000; i++ {
+		if len(live) > 0 && rng.IntN(3) == 0 {
+			for s := range live {
+				if !tree.remove(s) {
+					t.Fatalf("remove %d failed", s.id)
+				}
+				delete(live, s)
+				break
+			}
+		} else {
+			st := uintptr(rng.IntN(1 << 16))
+			s := &Subscription{id: uint64(i + 1), start: st, end: st + 1 + uintptr(rng.IntN(1<<10))}
+			tree.insert(s)
+			live[s] = true
+		}
+		if tree.n != len(live) {
+			t.Fatalf("size %d, want %d", tree.n, len(live))
+		}
+		qs := uintptr(rng.IntN(1 << 16))
+		qe := qs + 1 + uintptr(rng.IntN(1<<11))
+		var got, want []uint64
+		var prev uintptr
+		tree.overlap(qs, qe, func(s *Subscription) {
+			if s.start < prev {
+				t.Fatalf("not in address order")
+			}
+			prev = s.start
+			got = append(got, s.id)
+		})
+		for s := range live {
+			if s.start < qe && s.end > qs {
+				want = append(want, s.id)
+			}
+		}
+		slices.Sort(got)
+		slices.Sort(want)
+		if !slices.Equal(got, want) {
+			t.Fatalf("query [%d,%d): got %v want %v", qs, qe, got, want)
+		}
+	}
+}
+
+func TestRefusesGoHeap(t *testing.T) {
+	n := newNotifier(t, SourceUserfaultfd)
+	buf := make([]byte, 1<<20)
+	_, err := n.Subscribe(sliceAddr(buf), uintptr(len(buf)), newRecorder())
+	if !errors.Is(err, ErrGoHeap) {
+		t.Fatalf("Subscribe of Go heap memory: %v, want ErrGoHeap", err)
+	}
+	small := new([64]byte)
+	_, err = n.Subscribe(sliceAddr(small[:]), 64, newRecorder())
+	if !errors.Is(err, ErrGoHeap) {
+		t.Fatalf("Subscribe of a small Go object: %v, want ErrGoHeap", err)
+	}
+	runtime.KeepAlive(buf)
+	runtime.KeepAlive(small)
+	// Unmapped memory is refused too.
+	addr := mmapAnon(t, 2)
+	munmap(t, addr, 2)
+	if _, err := n.Subscribe(addr, 2*pageSize, newRecorder()); !errors.Is(err, unix.ENOMEM) {
+		t.Fatalf("Subscribe of unmapped memory: %v, want ENOMEM", err)
+	}
+	// mem buffers are fine.
+	b, err := mem.Alloc(8192)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	subscribe(t, n, b.Addr(), uintptr(b.Len()), newRecorder())
+}
+
+// An unmap through userfaultfd is visible to ReadRetry as soon as munmap
+// returns, without Sync: the read window covers the gap between the kernel
+// releasing the unmapping thread and the subscription being marked.
+func TestReadRetryAfterUnmapNoSync(t *testing.T) {
+	n := newNotifier(t, SourceUserfaultfd)
+	for i := 0; i < 200; i++ {
+		addr := mmapAnon(t, 4)
+		rec := newRecorder()
+		s := subscribe(t, n, addr+pageSize, 2*pageSize, rec)
+		seq := s.ReadBegin()
+		if s.ReadRetry(seq) {
+			t.Fatal("ReadRetry before any event")
+		}
+		munmap(t, addr+2*pageSize, 2) // overlaps the subscription's tail
+		if !s.ReadRetry(seq) {
+			t.Fatalf("iteration %d: ReadRetry false right after munmap returned", i)
+		}
+		munmap(t, addr, 2)
+		s.Remove()
+	}
+}
+
+func TestSeqIgnoredEvent(t *testing.T) {
+	n := newNotifier(t, SourceUserfaultfd)
+	addr := mmapAnon(t, 4)
+	defer munmap(t, addr, 4)
+	rec := newRecorder()
+	rec.ret = false // not concerned: the sequence must not move
+	s := subscribe(t, n, addr, 4*pageSize, rec)
+	seq := s.ReadBegin()
+	madvise(t, addr, 1, unix.MADV_DONTNEED)
+	syncNotifier(t, n)
+	if evs := rec.take(); len(evs) != 1 || evs[0].Kind != EventRemove {
+		t.Fatalf("events %v, want one remove", evs)
+	}
+	if s.ReadRetry(seq) || s.ReadBegin() != seq {
+		t.Fatalf("sequence moved for an ignored event: %d -> %d", seq, s.Seq())
+	}
+	rec.ret = true
+	madvise(t, addr, 1, unix.MADV_DONTNEED)
+	syncNotifier(t, n)
+	if !s.ReadRetry(seq) || s.ReadBegin() == seq || s.ReadBegin()&1 != 0 {
+		t.Fatalf("sequence did not move: %d -> %d", seq, s.Seq())
+	}
+}
+
+// Overlapping subscriptions share one userfaultfd registration; removing one
+// keeps the pages the other covers registered, removing both unregisters.
+// Whether a page is registered is seen by registering it with a second
+// userfaultfd: EBUSY while ours holds it.
+func TestOverlappingRegistration(t *testing.T) {
+	n := newNotifier(t, SourceUserfaultfd)
+	addr := mmapAnon(t, 8)
+	defer munmap(t, addr, 8)
+	other, _, err := openUffd(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(other)
+	registered := func(page int) bool {
+		err := uffdioRangeCall(other, uffdioRegister, addr+uintptr(page)*pageSize, addr+uintptr(page+1)*pageSize, uffdRegisterModeWP)
+		if err == nil {
+			uffdioRangeCall(other, uffdioUnregister, addr+uintptr(page)*pageSize, addr+uintptr(page+1)*pageSize, 0)
+			return false
+		}
+		if !errors.Is(err, unix.EBUSY) {
+			t.Fatalf("probe register page %d: %v", page, err)
+		}
+		return true
+	}
+	ra, rb := newRecorder(), newRecorder()
+	a, err := n.Subscribe(addr, 4*pageSize+10, ra) // pages 0-4 (ends mid-page 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := n.Subscribe(addr+4*pageSize+100, 3*pageSize, rb) // pages 4-7
+	if err != nil {
+		t.Fatal(err)
+	}
+	for p := 0; p < 8; p++ {
+		if !registered(p) {
+			t.Fatalf("page %d not registered", p)
+		}
+	}
+	a.Remove()
+	for p := 0; p < 8; p++ {
+		if want := p >= 4; registered(p) != want {
+			t.Fatalf("after removing a: page %d registered=%v, want %v", p, !want, want)
+		}
+	}
+	// The shared page 4 still reports events to b only.
+	madvise(t, addr+4*pageSize, 1, unix.MADV_DONTNEED)
+	syncNotifier(t, n)
+	if len(ra.take()) != 0 || len(rb.take()) != 1 {
+		t.Fatal("event on the shared page not delivered to b alone")
+	}
+	b.Remove()
+	for p := 0; p < 8; p++ {
+		if registered(p) {
+			t.Fatalf("after removing both: page %d still registered", p)
+		}
+	}
+}
+
+// A partial unmap invalidates the subscription; the rest stays watched.
+func TestPartialOverlap(t *testing.T) {
+	n := newNotifier(t, SourceUserfaultfd, SourceTracepoint)
+	addr := mmapAnon(t, 6)
+	defer munmap(t, addr, 6)
+	rec := newRecorder()
+	subscribe(t, n, addr+pageSize, 4*pageSize, rec)
+	other := newRecorder()
+	subscribe(t, n, addr+5*pageSize, pageSize, other)
+	munmap(t, addr+2*pageSize, 1) // middle
+	syncNotifier(t, n)
+	evs := rec.take()
+	if len(evs) != 1 || evs[0].Kind != EventUnmap || evs[0].Start != addr+2*pageSize || evs[0].End != addr+3*pageSize {
+		t.Fatalf("middle unmap: %v", evs)
+	}
+	if len(other.take()) != 0 {
+		t.Fatal("event delivered to a subscription it does not overlap")
+	}
+	madvise(t, addr+4*pageSize, 1, unix.MADV_DONTNEED) // still watched after the partial unmap
+	syncNotifier(t, n)
+	if evs := rec.take(); len(evs) != 1 || evs[0].Kind != EventRemove {
+		t.Fatalf("after partial unmap: %v", evs)
+	}
+	if st := n.Stats(); st.Duplicates == 0 {
+		t.Fatalf("two sources, no duplicate suppressed: %+v", st)
+	}
+}
+
+// Remove from inside Invalidate works, and nothing is delivered after Remove.
+func TestRemoveInCallback(t *testing.T) {
+	n := newNotifier(t, SourceUserfaultfd)
+	addr := mmapAnon(t, 2)
+	defer munmap(t, addr, 2)
+	calls := 0
+	var s *Subscription
+	s, err := n.Subscribe(addr, 2*pageSize, InvalidateFunc(func(sub *Subscription, ev Event) bool {
+		calls++
+		sub.Remove()
+		return true
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	madvise(t, addr, 1, unix.MADV_DONTNEED)
+	syncNotifier(t, n)
+	madvise(t, addr, 1, unix.MADV_DONTNEED)
+	syncNotifier(t, n)
+	if calls != 1 {
+		t.Fatalf("%d calls, want 1", calls)
+	}
+	_ = s
+}
+
+// Close must never leave a thread hanging in munmap, and must leak nothing.
+func TestCloseReleasesAndLeaksNothing(t *testing.T) {
+	fds := openFds(t)
+	gs := runtime.NumGoroutine()
+	for i := 0; i < 3; i++ {
+		n, err := New(context.Background(), Options{Sources: []Source{SourceUserfaultfd, SourceTracepoint}, Require: true})
+		requireOrSkip(t, err, "start notifier")
+		addr := mmapAnon(t, 4)
+		blocked := make(chan struct{})
+		s, err := n.Subscribe(addr, 4*pageSize, InvalidateFunc(func(*Subscription, Event) bool {
+			<-blocked // a slow consumer must not hold up munmap
+			return true
+		}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan struct{})
+		go func() {
+			munmap(t, addr, 2)
+			munmap(t, addr+2*pageSize, 2)
+			close(done)
+		}()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			t.Fatal("munmap blocked by a slow Invalidate")
+		}
+		close(blocked)
+		s.Remove()
+		if err := n.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if err := n.Sync(context.Background()); !errors.Is(err, ErrClosed) {
+			t.Fatalf("Sync after Close: %v", err)
+		}
+		if _, err := n.Subscribe(addr, pageSize, newRecorder()); !errors.Is(err, ErrClosed) && err != nil && !errors.Is(err, unix.ENOMEM) {
+			t.Fatalf("Subscribe after Close: %v", err)
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for runtime.NumGoroutine() > gs && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if g := runtime.NumGoroutine(); g > gs {
+		t.Errorf("goroutines: %d before, %d after", gs, g)
+	}
+	if f := openFds(t); f != fds {
+		t.Errorf("fds: %d before, %d after", fds, f)
+	}
+}
+
+// A source that cannot start is reported with its reason; the other works.
+func TestSourceFailureReported(t *testing.T) {
+	n, err := New(context.Background(), Options{Pid: 1, Sources: []Source{SourceUserfaultfd, SourceTracepoint}})
+	requireOrSkip(t, err, "start notifier")
+	defer n.Close()
+	var sawUffd, sawTP bool
+	for _, st := range n.Sources() {
+		switch st.Source {
+		case SourceUserfaultfd:
+			sawUffd = true
+			if st.Started || !errors.Is(st.Err, unix.EINVAL) {
+				t.Errorf("userfaultfd for another process: %v", st)
+			}
+		case SourceTracepoint:
+			sawTP = st.Started
+		}
+	}
+	if !sawUffd || !sawTP {
+		t.Fatalf("sources: %v", n.Sources())
+	}
+	if _, err := New(context.Background(), Options{Pid: 1, Sources: []Source{SourceUserfaultfd, SourceTracepoint}, Require: true}); err == nil {
+		t.Fatal("Require: New succeeded with a failed source")
+	}
+	if err := n.Sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestProcmapQuery(t *testing.T) {
+	addr := mmapAnon(t, 3)
+	defer munmap(t, addr, 3)
+	f, err := os.Open("/proc/self/maps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	v, err := vmaAt(f, addr+pageSize)
+	if errors.Is(err, unix.ENOTTY) {
+		t.Skip("kernel without PROCMAP_QUERY (the /proc/self/maps fallback is used)")
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.start > addr || v.end < addr+3*pageSize || v.file {
+		t.Fatalf("vma %+v for [%#x, %#x)", v, addr, addr+3*pageSize)
+	}
+	all, err := vmasFromMaps()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(all, func(w vma) bool { return w == v }) {
+		t.Fatalf("PROCMAP_QUERY %+v not in /proc/self/maps", v)
+	}
+}
