@@ -1,0 +1,287 @@
+// Package tidcache is the user-space side of hfi1's TID caching, the role
+// PSM's ips_tidcache plays: it keeps buffers registered with TID_UPDATE
+// across receives, so a receive into a buffer used before costs a lookup, not
+// a pin and a device update.
+//
+// Entries are found by address range and reference counted; idle entries
+// (refcount 0) sit on an LRU list and are evicted when TID_UPDATE reports
+// ENOSPC (RcvArray full) or ENOMEM (memlock limit), then the update is
+// retried. Before every lookup the cache reads the context's event page (one
+// atomic load, no system call); when the driver has set TID_MMU_NOTIFY it
+// reads the invalidated TIDs with TID_INVAL_READ, drops their entries from
+// the index, and frees them with TID_FREE once idle. The hit path makes no
+// system call and touches no device register.
+package tidcache
+
+import (
+	"container/list"
+	"errors"
+	"fmt"
+	"runtime"
+	"sync/atomic"
+	"unsafe"
+
+	"github.com/gohfi/gohfi/driver"
+	"github.com/gohfi/gohfi/uapi"
+	"golang.org/x/sys/unix"
+)
+
+// Entry is a registered buffer: its TIDs cover [Addr, Addr+Length).
+type Entry struct {
+	Addr   uintptr
+	Length int
+	TIDs   []uint32
+
+	refs    int
+	invalid bool          // memory went away: no new hits, free when idle
+	lru     *list.Element // on the idle list while refs == 0
+}
+
+// Stats counts what the cache did.
+type Stats struct {
+	Hits, Misses, Evictions, Invalidations, Frees uint64
+}
+
+// Options bound the cache.
+type Options struct {
+	// MaxTIDs caps the TIDs the cache holds (PSM: 2048). 0: no cap beyond
+	// the RcvArray.
+	MaxTIDs int
+}
+
+// Cache is a TID cache for one context. It is not safe for concurrent use,
+// like PSM's per-endpoint cache.
+type Cache struct {
+	f      *driver.File
+	events []byte // the context's event page, mapped read-only
+	opts   Options
+
+	index map[uintptr][]*Entry // by start address
+	idle  *list.List           // *Entry, least recently used first
+	tids  int
+	stats Stats
+
+	tidBuf []uint32 // scratch tidlist for the ioctls, outside hot paths
+}
+
+// New creates a cache on f, which must have a context.
+func New(f *driver.File, opts Options) (*Cache, error) {
+	var bi uapi.Hfi1BaseInfo
+	if err := ioctl(f, uapi.HFI1_IOCTL_USER_INFO, &bi); err != nil {
+		return nil, fmt.Errorf("tidcache: %w", err)
+	}
+	ev, err := f.Mmap(bi.EventsBufbase, 4096, unix.PROT_READ)
+	if err != nil {
+		return nil, fmt.Errorf("tidcache: map event page: %w", err)
+	}
+	var ci uapi.Hfi1CtxtInfo
+	if err := ioctl(f, uapi.HFI1_IOCTL_CTXT_INFO, &ci); err != nil {
+		unix.Munmap(ev)
+		return nil, fmt.Errorf("tidcache: %w", err)
+	}
+	return &Cache{f: f, events: ev, opts: opts, index: map[uintptr][]*Entry{}, idle: list.New(),
+		tidBuf: make([]uint32, ci.Rcvtids)}, nil
+}
+
+// Stats returns the counters.
+func (c *Cache) Stats() Stats { return c.stats }
+
+// TIDs returns how many TIDs the cache holds.
+func (c *Cache) TIDs() int { return c.tids }
+
+func (c *Cache) eventPending() bool {
+	return atomic.LoadUint64((*uint64)(unsafe.Pointer(&c.events[0])))&uapi.HFI1_EVENT_TID_MMU_NOTIFY != 0
+}
+
+// Acquire returns an entry whose TIDs cover [addr, addr+length), taking a
+// reference. A hit is a lookup; a miss registers the buffer.
+func (c *Cache) Acquire(addr uintptr, length int) (*Entry, error) {
+	if c.eventPending() {
+		if err := c.processInvalidations(); err != nil {
+			return nil, err
+		}
+	}
+	for _, e := range c.index[addr] {
+		if e.Length >= length {
+			if e.refs == 0 {
+				c.idle.Remove(e.lru)
+				e.lru = nil
+			}
+			e.refs++
+			c.stats.Hits++
+			return e, nil
+		}
+	}
+	c.stats.Misses++
+	e, err := c.register(addr, length)
+	if err != nil {
+		return nil, err
+	}
+	e.refs = 1
+	c.index[addr] = append(c.index[addr], e)
+	return e, nil
+}
+
+// Release drops a reference. An idle valid entry stays registered for the
+// next hit; an idle invalidated one is freed.
+func (c *Cache) Release(e *Entry) error {
+	if e.refs <= 0 {
+		return fmt.Errorf("tidcache: release of an idle entry at %#x: %w", e.Addr, unix.EINVAL)
+	}
+	e.refs--
+	if e.refs > 0 {
+		return nil
+	}
+	if e.invalid {
+		return c.free(e)
+	}
+	e.lru = c.idle.PushBack(e)
+	return nil
+}
+
+// register calls TID_UPDATE, evicting idle entries and retrying on ENOSPC
+// and ENOMEM, and on a partial update, until the buffer is covered or
+// nothing idle is left.
+func (c *Cache) register(addr uintptr, length int) (*Entry, error) {
+	for {
+		if c.opts.MaxTIDs > 0 && c.tids >= c.opts.MaxTIDs && c.evictOne() {
+			continue
+		}
+		tids, got, err := c.tidUpdate(addr, length)
+		if err == nil && got >= length {
+			c.tids += len(tids)
+			return &Entry{Addr: addr, Length: got, TIDs: tids}, nil
+		}
+		if err == nil {
+			// Partial: give the TIDs back and make room.
+			c.tidFree(tids)
+			err = unix.ENOSPC
+		}
+		if !errors.Is(err, unix.ENOSPC) && !errors.Is(err, unix.ENOMEM) || !c.evictOne() {
+			return nil, fmt.Errorf("tidcache: register %#x+%d: %w", addr, length, err)
+		}
+	}
+}
+
+// evictOne frees the least recently used idle entry.
+func (c *Cache) evictOne() bool {
+	front := c.idle.Front()
+	if front == nil {
+		return false
+	}
+	e := front.Value.(*Entry)
+	c.idle.Remove(front)
+	e.lru = nil
+	c.unindex(e)
+	c.stats.Evictions++
+	c.free(e)
+	return true
+}
+
+func (c *Cache) unindex(e *Entry) {
+	list := c.index[e.Addr]
+	for i, x := range list {
+		if x == e {
+			list = append(list[:i], list[i+1:]...)
+			break
+		}
+	}
+	if len(list) == 0 {
+		delete(c.index, e.Addr)
+	} else {
+		c.index[e.Addr] = list
+	}
+}
+
+func (c *Cache) free(e *Entry) error {
+	c.tids -= len(e.TIDs)
+	c.stats.Frees++
+	return c.tidFree(e.TIDs)
+}
+
+// processInvalidations reads the invalidated TIDs and retires their
+// entries: out of the index at once, freed now if idle, else at Release.
+func (c *Cache) processInvalidations() error {
+	list := c.tidBuf
+	ti := uapi.Hfi1TidInfo{Tidlist: uint64(uintptr(unsafe.Pointer(&list[0]))), Tidcnt: uint32(len(list))}
+	err := ioctl(c.f, uapi.HFI1_IOCTL_TID_INVAL_READ, &ti)
+	runtime.KeepAlive(list)
+	if err != nil {
+		return fmt.Errorf("tidcache: %w", err)
+	}
+	bad := make(map[uint32]bool, ti.Tidcnt)
+	for _, t := range list[:ti.Tidcnt] {
+		bad[t] = true
+	}
+	for _, entries := range c.index {
+		for _, e := range entries {
+			for _, t := range e.TIDs {
+				if bad[t] {
+					e.invalid = true
+					break
+				}
+			}
+		}
+	}
+	for _, entries := range c.index {
+		for _, e := range append([]*Entry(nil), entries...) {
+			if !e.invalid {
+				continue
+			}
+			c.stats.Invalidations++
+			c.unindex(e)
+			if e.refs == 0 {
+				c.idle.Remove(e.lru)
+				e.lru = nil
+				c.free(e)
+			}
+		}
+	}
+	return nil
+}
+
+// Flush frees every idle entry.
+func (c *Cache) Flush() {
+	for c.evictOne() {
+	}
+}
+
+// Close frees every idle entry and unmaps the event page. Entries still
+// referenced are freed by the driver when the file closes.
+func (c *Cache) Close() error {
+	c.Flush()
+	return unix.Munmap(c.events)
+}
+
+func (c *Cache) tidUpdate(addr uintptr, length int) ([]uint32, int, error) {
+	list := c.tidBuf
+	ti := uapi.Hfi1TidInfo{Vaddr: uint64(addr), Tidlist: uint64(uintptr(unsafe.Pointer(&list[0]))), Tidcnt: uint32(len(list)), Length: uint32(length)}
+	err := ioctl(c.f, uapi.HFI1_IOCTL_TID_UPDATE, &ti)
+	runtime.KeepAlive(list)
+	if err != nil {
+		return nil, 0, err
+	}
+	return append([]uint32(nil), list[:ti.Tidcnt]...), int(ti.Length), nil
+}
+
+func (c *Cache) tidFree(tids []uint32) error {
+	if len(tids) == 0 {
+		return nil
+	}
+	ti := uapi.Hfi1TidInfo{Tidlist: uint64(uintptr(unsafe.Pointer(&tids[0]))), Tidcnt: uint32(len(tids))}
+	err := ioctl(c.f, uapi.HFI1_IOCTL_TID_FREE, &ti)
+	runtime.KeepAlive(tids)
+	return err
+}
+
+// ioctl passes m, marshalled in its C layout, as the user argument.
+func ioctl(f *driver.File, cmd uint32, m uapi.Marshallable) error {
+	b := make([]byte, m.SizeBytes())
+	m.MarshalBytes(b)
+	_, err := f.Ioctl(cmd, uintptr(unsafe.Pointer(&b[0])))
+	runtime.KeepAlive(b)
+	if err != nil {
+		return err
+	}
+	return m.UnmarshalBytes(b)
+}
