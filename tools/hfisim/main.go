@@ -1,0 +1,75 @@
+// Command hfisim serves one emulated HFI (package hfisim) over vfio-user on a
+// unix socket, as a device process for the driver (`hfictl --device
+// vfio-user:PATH`, attach.Open) or for QEMU's vfio-user-pci:
+//
+//	hfisim --socket PATH [--contexts N] [--rcvarray N] [--max-tid-pages N] [--mtt N] [--rhq-max N]
+//
+// It serves one client at a time until SIGINT or SIGTERM, then stops, closes
+// the device and removes the socket. It logs to stderr.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/gohfi/gohfi/hfisim"
+	"github.com/gohfi/gohfi/vfio/vfiouser"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	os.Exit(run(ctx, os.Args[1:], os.Stderr))
+}
+
+func run(ctx context.Context, args []string, stderr io.Writer) int {
+	logger := log.New(stderr, "hfisim: ", log.LstdFlags|log.Lmicroseconds)
+	fs := flag.NewFlagSet("hfisim", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	def := hfisim.DefaultConfig()
+	socket := fs.String("socket", "", "unix socket path to listen on (required)")
+	cfg := def
+	fs.IntVar(&cfg.NumContexts, "contexts", def.NumContexts, "receive contexts")
+	fs.IntVar(&cfg.RcvArrayPerCtxt, "rcvarray", def.RcvArrayPerCtxt, "RcvArray entries per context (multiple of 8)")
+	fs.IntVar(&cfg.MaxTIDPages, "max-tid-pages", def.MaxTIDPages, "pages one RcvArray entry may cover (power of two)")
+	fs.IntVar(&cfg.MTTEntries, "mtt", def.MTTEntries, "memory translation table entries")
+	fs.IntVar(&cfg.RHQMaxEntries, "rhq-max", def.RHQMaxEntries, "largest receive header queue")
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "usage: hfisim --socket PATH [flags]")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if *socket == "" || fs.NArg() != 0 {
+		fs.Usage()
+		return 2
+	}
+	dev, err := hfisim.New(cfg)
+	if err != nil {
+		logger.Print(err)
+		return 1
+	}
+	defer dev.Close()
+	// Protocol violations and client errors go to the log: a device
+	// process has nobody else to tell.
+	opts := []vfiouser.Option{vfiouser.WithLogger(logger.Printf)}
+	logger.Printf("serving %d contexts, %d RcvArray entries each, on %s", cfg.NumContexts, cfg.RcvArrayPerCtxt, *socket)
+	err = hfisim.ListenAndServe(ctx, dev, *socket, opts...)
+	if err != nil && !errors.Is(err, context.Canceled) {
+		logger.Print(err)
+		return 1
+	}
+	logger.Print("stopped")
+	return 0
+}
