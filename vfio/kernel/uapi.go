@@ -170,12 +170,17 @@ func decodeRegionInfo(b []byte) (info vfio.RegionInfo, needed int, err error) {
 		Size:   le.Uint64(b[16:]),
 		Offset: le.Uint64(b[24:]),
 	}
-	capOff := le.Uint32(b[12:])
-	if info.Flags&vfio.RegionFlagCaps == 0 || capOff == 0 {
+	if info.Flags&vfio.RegionFlagCaps == 0 {
 		return info, 0, nil
 	}
+	// When the buffer is too small for the capabilities, the kernel sets
+	// argsz to the size it needs and leaves cap_offset 0.
 	if int(argsz) > len(b) {
 		return info, int(argsz), nil
+	}
+	capOff := le.Uint32(b[12:])
+	if capOff == 0 {
+		return info, 0, nil
 	}
 	err = walkCaps(b, capOff, func(id, version uint16, c []byte) error {
 		if id != regionCapSparseMmap {
@@ -296,12 +301,15 @@ func decodeIOMMUInfo(b []byte) (info IOMMUInfo, needed int, err error) {
 	if info.Flags&iommuInfoFlagPgsizes != 0 {
 		info.PageSizes = le.Uint64(b[8:])
 	}
-	capOff := le.Uint32(b[16:])
-	if info.Flags&iommuInfoFlagCaps == 0 || capOff == 0 {
+	if info.Flags&iommuInfoFlagCaps == 0 {
 		return info, 0, nil
 	}
 	if int(argsz) > len(b) {
 		return info, int(argsz), nil
+	}
+	capOff := le.Uint32(b[16:])
+	if capOff == 0 {
+		return info, 0, nil
 	}
 	err = walkCaps(b, capOff, func(id, version uint16, c []byte) error {
 		switch id {

@@ -135,7 +135,9 @@ func TestDecodeRegionInfoSparse(t *testing.T) {
 
 	// First call with the fixed size: the kernel reports the argsz it
 	// needs; the decoder asks for a second call.
+	// cap_offset stays 0 in that reply, as in vfio_pci_ioctl_get_region_info.
 	short := append([]byte(nil), full[:regionInfoSize]...)
+	binary.LittleEndian.PutUint32(short[12:], 0)
 	info, needed, err := decodeRegionInfo(short)
 	if err != nil {
 		t.Fatal(err)
@@ -202,7 +204,9 @@ func TestDecodeIOMMUInfo(t *testing.T) {
 	copy(b[iommuInfoSize:], iova)
 	copy(b[iommuInfoSize+len(iova):], avail)
 
-	info, needed, err := decodeIOMMUInfo(b[:iommuInfoSize])
+	short := append([]byte(nil), b[:iommuInfoSize]...)
+	le.PutUint32(short[16:], 0) // the kernel leaves cap_offset 0 when argsz is short
+	info, needed, err := decodeIOMMUInfo(short)
 	if err != nil || needed != total {
 		t.Fatalf("short decode: needed %d want %d, err %v", needed, total, err)
 	}

@@ -18,8 +18,9 @@ const ModulePath = "github.com/gohfi/gohfi"
 // TestPackage is a Go package of the gohfi module whose tests run in the
 // guest.
 type TestPackage struct {
-	Package string // import path, or relative to the module ("./test/qemu/guest")
-	Run     string // -test.run pattern; empty runs all
+	Package string   // import path, or relative to the module ("./test/qemu/guest")
+	Run     string   // -test.run pattern; empty runs all
+	Tags    []string // build tags (guest-only tests use gohfiguest)
 	Args    []string
 	Timeout time.Duration
 }
@@ -75,7 +76,7 @@ func BuildImage(ctx context.Context, a *Artifacts, opts ImageOptions) (string, e
 		if strings.HasPrefix(pkg, "./") {
 			pkg = ModulePath + strings.TrimPrefix(pkg, ".")
 		}
-		if err := BuildTest(ctx, opts.ModuleDir, pkg, out); err != nil {
+		if err := BuildTest(ctx, opts.ModuleDir, pkg, out, t.Tags...); err != nil {
 			return "", err
 		}
 		args := []string{"-test.v", "-test.count=1"}

@@ -187,7 +187,11 @@ func BuildInit(ctx context.Context, moduleDir, out string) error {
 }
 
 // BuildTest builds the tests of package pkg as a static binary at out
-// (go test -c).
-func BuildTest(ctx context.Context, moduleDir, pkg, out string) error {
-	return goBuild(ctx, moduleDir, "test", "-c", "-ldflags=-s -w", "-o", out, pkg)
+// (go test -c), with the given build tags.
+func BuildTest(ctx context.Context, moduleDir, pkg, out string, tags ...string) error {
+	args := []string{"test", "-c", "-ldflags=-s -w", "-o", out}
+	if len(tags) > 0 {
+		args = append(args, "-tags", strings.Join(tags, ","))
+	}
+	return goBuild(ctx, moduleDir, append(args, pkg)...)
 }
