@@ -108,7 +108,12 @@ func newBPF(ctx context.Context, n *Notifier, kinds []Source) (*bpfSource, []Sou
 	}
 	b := &bpfSource{n: n, kvm: -1, done: make(chan struct{}), seenCh: make(chan struct{})}
 	b.cookie = uint64(os.Getpagesize()) * (uint64(os.Getpid())<<20 | uint64(uintptrOf(b))&0xfffff)
-	for name, v := range map[string]any{"watch_tgid": uint32(n.pid), "self_tgid": uint32(os.Getpid()), "marker_cookie": b.cookie} {
+	syscallsOn := uint32(0)
+	if want[SourceTracepoint] {
+		syscallsOn = 1
+	}
+	for name, v := range map[string]any{"watch_tgid": uint32(n.pid), "self_tgid": uint32(os.Getpid()),
+		"marker_cookie": b.cookie, "syscalls_on": syscallsOn} {
 		if err := spec.Variables[name].Set(v); err != nil {
 			return fail(fmt.Errorf("ebpf: set %s: %w", name, err))
 		}
@@ -122,6 +127,16 @@ func newBPF(ctx context.Context, n *Notifier, kinds []Source) (*bpfSource, []Sou
 			b.closeObjects()
 		}
 	}()
+	// The madvise program also carries Sync's markers: attach it always.
+	if err := ensureTracefs(); err != nil {
+		return fail(fmt.Errorf("ebpf: %w", err))
+	}
+	l, err := link.Tracepoint("syscalls", "sys_enter_madvise", b.core.EnterMadvise, nil)
+	if err != nil {
+		b.closeObjects()
+		return fail(fmt.Errorf("ebpf: attach tracepoint syscalls/sys_enter_madvise: %w", explainBPF(err)))
+	}
+	b.links = append(b.links, l)
 	if want[SourceTracepoint] {
 		if err := b.attachTracepoints(spec); err != nil {
 			sts = append(sts, SourceStatus{Source: SourceTracepoint, Err: err})
@@ -203,16 +218,12 @@ func explainBPF(err error) error {
 }
 
 func (b *bpfSource) attachTracepoints(spec *ebpf.CollectionSpec) error {
-	if err := ensureTracefs(); err != nil {
-		return err
-	}
 	for _, tp := range []struct {
 		group, name string
 		prog        *ebpf.Program
 	}{
 		{"syscalls", "sys_enter_munmap", b.core.EnterMunmap},
 		{"syscalls", "sys_enter_mremap", b.core.EnterMremap},
-		{"syscalls", "sys_enter_madvise", b.core.EnterMadvise},
 		{"syscalls", "sys_enter_brk", b.core.EnterBrk},
 		{"syscalls", "sys_exit_brk", b.core.ExitBrk},
 		{"sched", "sched_process_exit", b.core.ProcessExit},

@@ -54,6 +54,7 @@ const (
 	notifierVarLost                = "lost"
 	notifierVarMarkerCookie        = "marker_cookie"
 	notifierVarSelfTgid            = "self_tgid"
+	notifierVarSyscallsOn          = "syscalls_on"
 	notifierVarUnusedEvent         = "unused_event"
 	notifierVarWatchTgid           = "watch_tgid"
 )
@@ -128,6 +129,7 @@ type notifierVariableSpecs struct {
 	Lost         *ebpf.VariableSpec `ebpf:"lost"`
 	MarkerCookie *ebpf.VariableSpec `ebpf:"marker_cookie"`
 	SelfTgid     *ebpf.VariableSpec `ebpf:"self_tgid"`
+	SyscallsOn   *ebpf.VariableSpec `ebpf:"syscalls_on"`
 	UnusedEvent  *ebpf.VariableSpec `ebpf:"unused_event"`
 	WatchTgid    *ebpf.VariableSpec `ebpf:"watch_tgid"`
 }
@@ -173,6 +175,7 @@ type notifierVariables struct {
 	Lost         *ebpf.Variable `ebpf:"lost"`
 	MarkerCookie *ebpf.Variable `ebpf:"marker_cookie"`
 	SelfTgid     *ebpf.Variable `ebpf:"self_tgid"`
+	SyscallsOn   *ebpf.Variable `ebpf:"syscalls_on"`
 	UnusedEvent  *ebpf.Variable `ebpf:"unused_event"`
 	WatchTgid    *ebpf.Variable `ebpf:"watch_tgid"`
 }

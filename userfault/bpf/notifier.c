@@ -78,6 +78,8 @@ const struct event *unused_event __attribute__((unused));
 const volatile __u32 watch_tgid = 0;
 const volatile __u32 self_tgid = 0;
 const volatile __u64 marker_cookie = 0;
+/* 0 when only the marker of enter_madvise is wanted (no tracepoint source). */
+const volatile __u32 syscalls_on = 1;
 
 /* Last brk of the watched process, learnt at sys_exit_brk. */
 __u64 cur_brk = 0;
@@ -222,7 +224,7 @@ int enter_madvise(struct sys_enter_ctx *ctx)
 		emit(EV_MARKER, ORIG_SYSCALL, 0, 0, ctx->args[1]);
 		return 0;
 	}
-	if ((id >> 32) != watch_tgid)
+	if (!syscalls_on || (id >> 32) != watch_tgid)
 		return 0;
 	switch (advice) {
 	case MADV_DONTNEED:
