@@ -136,7 +136,7 @@ func FuzzClientDecode(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		c, srv := scripted(t, WithTimeout(50*time.Millisecond), WithMaxDataXferSize(64<<10))
+		c, srv := scripted(t, WithTimeout(time.Second), WithMaxDataXferSize(64<<10))
 		mem := anonMem(t, 4096)
 		efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
 		if err != nil {
