@@ -45,7 +45,6 @@ type Client struct {
 	maps  []clientMap // sorted by iova, never overlapping
 
 	// Reader-goroutine state.
-	rbuf   []byte
 	rfds   []int
 	dmaBuf []byte
 	pid    int
@@ -235,7 +234,7 @@ func (c *Client) dead() error {
 func (c *Client) readLoop() {
 	var cause error
 	for {
-		h, p, fds, err := c.sk.readMsg(&c.rbuf, c.rfds)
+		h, p, fds, err := c.sk.readMsg(c.rfds)
 		c.rfds = fds[:0]
 		if err != nil {
 			if errors.Is(err, errMsgFDs) {
@@ -261,6 +260,7 @@ func (c *Client) readLoop() {
 		}
 		c.serveDMA(h, p)
 	}
+	c.sk.closeReader()
 	c.mu.Lock()
 	if c.err == nil {
 		c.err = fmt.Errorf("%w: %v", vfio.ErrDisconnected, cause)

@@ -151,7 +151,7 @@ func FuzzClientDecode(f *testing.F) {
 			rest := data
 			for len(rest) > 0 {
 				srv.conn.SetReadDeadline(time.Now().Add(2 * time.Second))
-				h, _, fds, err := srv.sk.readMsg(&srv.buf, nil)
+				h, _, fds, err := srv.sk.readMsg(nil)
 				closeFDs(fds)
 				if err != nil {
 					return

@@ -162,7 +162,7 @@ func (r *rawPeer) send(b []byte, fds ...int) {
 // recv reads one message (fds are closed unless keep).
 func (r *rawPeer) recv() (header, []byte, []int, error) {
 	r.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
-	h, p, fds, err := r.sk.readMsg(&r.buf, nil)
+	h, p, fds, err := r.sk.readMsg(nil)
 	return h, append([]byte(nil), p...), fds, err
 }
 

@@ -622,3 +622,63 @@ func TestClientServesHostileDMA(t *testing.T) {
 }
 
 var _ = net.ErrClosed
+
+// The buffered reader must give each message the fds sent with it, also
+// when several messages arrive in one read.
+func TestServerFDAttributionPipelined(t *testing.T) {
+	leakCheck(t)
+	m := newFakeModel(t)
+	conn, _ := serve(t, m)
+	r := newRawPeer(t, conn)
+	r.handshake()
+	f, _ := memfdMem(t, 4*4096)
+	fd := int(f.Fd())
+	before := countFDs(t)
+	// Queue everything before the server reads: posted write, map with fd,
+	// posted write, map with fd, map without fd, a read.
+	r.send(msg(10, cmdRegionWrite, flagNoReply, cat(le64(0), le32(0, 4), le32(1))))
+	r.send(msg(11, cmdDMAMap, 0, cat(le32(32, 3), le64(0, 0x10000, 4096))), fd)
+	r.send(msg(12, cmdRegionWrite, flagNoReply, cat(le64(4), le32(0, 4), le32(2))))
+	r.send(msg(13, cmdDMAMap, 0, cat(le32(32, 3), le64(4096, 0x20000, 4096))), fd)
+	r.send(msg(14, cmdDMAMap, 0, cat(le32(32, 3), le64(0, 0x30000, 4096))))
+	r.send(msg(15, cmdRegionRead, 0, cat(le64(0), le32(0, 8))))
+	for _, id := range []uint16{11, 13, 14, 15} {
+		h, p, fds, err := r.recv()
+		if err != nil || h.MsgID != id || len(fds) != 0 {
+			t.Fatalf("reply %+v fds %v err %v, want id %d", h, fds, err, id)
+		}
+		expectOK(t, h)
+		if id == 15 && (binary.LittleEndian.Uint32(p[16:]) != 1 || binary.LittleEndian.Uint32(p[20:]) != 2) {
+			t.Fatalf("posted writes lost: % x", p[16:])
+		}
+	}
+	tbl := m.getDMA().(*iommu)
+	tbl.mu.RLock()
+	withFD := 0
+	for _, x := range tbl.maps {
+		if x.mem != nil {
+			withFD++
+		}
+	}
+	tbl.mu.RUnlock()
+	if withFD != 2 || tbl.count() != 3 {
+		t.Fatalf("%d mappings, %d with fd", tbl.count(), withFD)
+	}
+	// fds sent in the middle of a message belong to no message start in
+	// their read, or to the message whose start they follow: either way
+	// they are closed, never kept or given to the wrong command.
+	b := msg(16, cmdRegionRead, 0, cat(le64(0), le32(0, 8)))
+	r.send(b[:10])
+	r.send(b[10:], fd)
+	h, _, _, err := r.recv()
+	if err != nil || h.MsgID != 16 {
+		t.Fatalf("reply %+v %v", h, err)
+	}
+	if h.Flags&flagError != 0 {
+		expectErrno(t, h, unix.EINVAL)
+	}
+	r.call(17, cmdDMAUnmap, cat(le32(24, dmaUnmapFlagAll), le64(0, 0)))
+	if after := countFDs(t); after != before {
+		t.Fatalf("fds %d -> %d", before, after)
+	}
+}

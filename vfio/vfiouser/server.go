@@ -194,6 +194,7 @@ func (se *session) logf(format string, args ...any) { se.o.logf(format, args...)
 // pending DMA requests and closes the queue.
 func (se *session) readLoop() (err error) {
 	defer func() {
+		se.sk.closeReader()
 		se.pmu.Lock()
 		se.isDead = true
 		for id, c := range se.pending {
@@ -207,7 +208,7 @@ func (se *session) readLoop() (err error) {
 	}()
 	for {
 		m := getInMsg()
-		h, p, fds, err := se.sk.readMsg(&m.buf, m.fds)
+		h, p, fds, err := se.sk.readMsg(m.fds)
 		if err != nil {
 			putInMsg(m)
 			switch {
@@ -235,7 +236,9 @@ func (se *session) readLoop() (err error) {
 			se.sendError(h, unix.EINVAL)
 			continue
 		}
-		m.h, m.payload, m.fds = h, p, fds
+		// The reader's buffer is reused: the queued command gets a copy.
+		m.buf = append(m.buf[:0], p...)
+		m.h, m.payload, m.fds = h, m.buf, fds
 		// Bound the memory queued commands hold; the handler drains.
 		for se.queued.Load() > int64(se.o.queueBudget) {
 			<-se.drained

@@ -22,39 +22,57 @@ var (
 )
 
 // sock frames vfio-user messages on a unix stream socket: one message per
-// read, with the fds that came with it, and one writer at a time.
+// call to readMsg, with the fds that came with it, and one writer at a
+// time.
 //
-// Reads take exactly the header, then exactly the rest of the message. The
-// kernel attaches SCM_RIGHTS to the first byte of what the sender passed to
-// sendmsg, so reading no further than the current message guarantees that
-// fds are never attributed to the wrong message. It costs two recvmsg calls
-// per message; a buffered reader could glue a fd-carrying message onto the
-// tail of the previous one.
+// Reads are buffered, so small messages cost one recvmsg or less. The fds
+// of a message travel with its first byte (the sender passes them to the
+// sendmsg that starts the message), and the kernel ends a read right after
+// the data that carried fds (af_unix: "if (scm.fp) break"). So the fds that
+// come with a read belong to the last message that starts inside that
+// read; fds that no message can claim that way (a peer that attaches them
+// mid-message) are closed.
 type sock struct {
 	uc      *net.UnixConn
 	rc      syscall.RawConn
 	timeout time.Duration
 
 	// Reader state, owned by the single reading goroutine.
-	maxMsg uint32
-	maxFDs int
-	hdrBuf [headerSize]byte
-	oob    []byte
-	rp     []byte
-	rn     int
-	roobn  int
-	rflags int
-	rerr   error
-	rfn    func(uintptr) bool
+	maxMsg  uint32
+	maxFDs  int
+	rbuf    []byte
+	rstart  int    // first unparsed byte in rbuf
+	rend    int    // end of data in rbuf
+	roff    uint64 // stream offset of rbuf[rstart]
+	batches []fdBatch
+	oob     []byte
+	rmsg    unix.Msghdr
+	riov    unix.Iovec
+	rn      int
+	roobn   int
+	rflags  int
+	rerr    error
+	rfn     func(uintptr) bool
 
 	// Writer state, under wmu.
-	wmu   sync.Mutex
-	wb    []byte
-	woob  []byte
-	wdone int
-	werr  error
-	wfn   func(uintptr) bool
+	wmu      sync.Mutex
+	wb       []byte
+	woob     []byte
+	wdone    int
+	werr     error
+	wwait    bool // wait for the socket to become writable
+	wblocked bool // the non-waiting attempt found it full
+	wfn      func(uintptr) bool
 }
+
+// fdBatch is the fds that came with the read of stream bytes [a, b).
+type fdBatch struct {
+	a, b  uint64
+	fds   []int
+	trunc bool
+}
+
+const readBufSize = 128 << 10
 
 func newSock(uc *net.UnixConn, o *options) (*sock, error) {
 	rc, err := uc.SyscallConn()
@@ -67,6 +85,7 @@ func newSock(uc *net.UnixConn, o *options) (*sock, error) {
 		timeout: o.timeout,
 		maxMsg:  o.maxData + msgHeadroom,
 		maxFDs:  o.maxMsgFDs,
+		rbuf:    make([]byte, readBufSize),
 		// Exactly room for maxFDs: with more, the kernel sets MSG_CTRUNC
 		// and closes the ones that did not fit.
 		oob: make([]byte, unix.CmsgSpace(o.maxMsgFDs*4)),
@@ -78,46 +97,71 @@ func newSock(uc *net.UnixConn, o *options) (*sock, error) {
 
 func (s *sock) doRecv(fd uintptr) bool {
 	for {
-		n, oobn, flags, _, err := unix.Recvmsg(int(fd), s.rp[s.rn:], s.oob, unix.MSG_CMSG_CLOEXEC)
+		n, oobn, flags, err := recvmsg(int(fd), s.rbuf[s.rend:], s.oob, unix.MSG_CMSG_CLOEXEC, &s.rmsg, &s.riov)
 		switch err {
 		case unix.EINTR:
 			continue
 		case unix.EAGAIN:
 			return false
 		}
-		s.rerr = err
-		if err == nil {
-			s.rn += n
-			s.roobn, s.rflags = oobn, flags
-			if n == 0 {
-				s.rerr = io.EOF
-			}
+		s.rn, s.roobn, s.rflags, s.rerr = n, oobn, flags, err
+		if err == nil && n == 0 {
+			s.rerr = io.EOF
 		}
 		return true
 	}
 }
 
-// readFull fills p, collecting any fds that arrive into fds. A peer that
-// sends more fds than fit sets *trunc.
-func (s *sock) readFull(p []byte, fds []int, trunc *bool) ([]int, error) {
-	s.rp, s.rn = p, 0
-	defer func() { s.rp = nil }()
-	for s.rn < len(p) {
-		s.rerr, s.roobn, s.rflags = nil, 0, 0
-		if err := s.rc.Read(s.rfn); err != nil {
-			return fds, err
-		}
+// fill reads more of the stream into rbuf[rend:], recording fds.
+func (s *sock) fill() error {
+	s.rn, s.roobn, s.rflags, s.rerr = 0, 0, 0, nil
+	if err := s.rc.Read(s.rfn); err != nil {
+		return err
+	}
+	if s.roobn > 0 || s.rflags&unix.MSG_CTRUNC != 0 {
+		a := s.roff + uint64(s.rend-s.rstart)
+		b := fdBatch{a: a, b: a + uint64(s.rn), trunc: s.rflags&unix.MSG_CTRUNC != 0}
 		if s.roobn > 0 {
-			fds = appendRights(fds, s.oob[:s.roobn])
+			b.fds = appendRights(nil, s.oob[:s.roobn])
 		}
-		if s.rflags&unix.MSG_CTRUNC != 0 {
-			*trunc = true
-		}
-		if s.rerr != nil {
-			return fds, s.rerr
+		if s.rn == 0 {
+			closeFDs(b.fds) // fds with no data: nothing can own them
+		} else {
+			s.batches = append(s.batches, b)
 		}
 	}
-	return fds, nil
+	s.rend += s.rn
+	return s.rerr
+}
+
+// claim returns the fds of the message at stream bytes [start, end).
+func (s *sock) claim(fds []int, start, end uint64) ([]int, bool) {
+	trunc := false
+	for len(s.batches) > 0 {
+		b := &s.batches[0]
+		switch {
+		case b.b <= start:
+			// Every message starting in that read is parsed: orphans.
+			closeFDs(b.fds)
+		case b.a <= start && b.b <= end:
+			fds = append(fds, b.fds...)
+			trunc = trunc || b.trunc
+		default:
+			return fds, trunc
+		}
+		*b = fdBatch{}
+		s.batches = s.batches[1:]
+	}
+	s.batches = s.batches[:0:0]
+	return fds, trunc
+}
+
+// closeReader closes fds read but never claimed.
+func (s *sock) closeReader() {
+	for _, b := range s.batches {
+		closeFDs(b.fds)
+	}
+	s.batches = nil
 }
 
 // appendRights appends the fds of the SCM_RIGHTS messages in oob.
@@ -138,55 +182,67 @@ func appendRights(fds []int, oob []byte) []int {
 	return fds
 }
 
-// readMsg reads one message into *buf (grown as needed, reused by the
-// caller) and returns its header, payload (aliasing *buf) and fds (appended
-// to fds[:0]; the caller owns them). Errors: io.EOF at a clean message
-// boundary; errFraming (with the header, when it was read) for a stream
-// that can no longer be trusted; errMsgFDs for a complete message with too
-// many fds (the fds are closed).
-func (s *sock) readMsg(buf *[]byte, fds []int) (header, []byte, []int, error) {
+// readMsg reads one message and returns its header, its payload (valid
+// until the next readMsg) and its fds (appended to fds[:0]; the caller owns
+// them). Errors: io.EOF at a clean message boundary; errFraming (with the
+// header, when it was read) for a stream that can no longer be trusted;
+// errMsgFDs for a complete message with too many fds (they are closed).
+func (s *sock) readMsg(fds []int) (header, []byte, []int, error) {
 	fds = fds[:0]
-	trunc := false
-	fds, err := s.readFull(s.hdrBuf[:], fds, &trunc)
-	if err != nil {
-		closeFDs(fds)
-		if err == io.EOF && s.rn == 0 {
-			return header{}, nil, nil, io.EOF
+	for {
+		avail := s.rend - s.rstart
+		need := headerSize
+		if avail >= headerSize {
+			h, err := decodeHeader(s.rbuf[s.rstart:s.rend])
+			if err != nil {
+				return h, nil, nil, fmt.Errorf("%w: %w", errFraming, err)
+			}
+			if h.Size > s.maxMsg {
+				return h, nil, nil, fmt.Errorf("%w: message of %d bytes exceeds %d: %w", errFraming, h.Size, s.maxMsg, unix.E2BIG)
+			}
+			if avail >= int(h.Size) {
+				start := s.roff
+				p := s.rbuf[s.rstart+headerSize : s.rstart+int(h.Size)]
+				s.rstart += int(h.Size)
+				s.roff += uint64(h.Size)
+				if s.rstart == s.rend {
+					s.rstart, s.rend = 0, 0
+					if len(s.rbuf) > 4*readBufSize {
+						// Give back a buffer grown for one large
+						// message (p keeps the old one alive).
+						s.rbuf = make([]byte, readBufSize)
+					}
+				}
+				fds, trunc := s.claim(fds, start, s.roff)
+				if trunc || len(fds) > s.maxFDs {
+					closeFDs(fds)
+					return h, p, nil, fmt.Errorf("%w: %s (limit %d): %w", errMsgFDs, cmdName(h.Cmd), s.maxFDs, unix.EINVAL)
+				}
+				return h, p, fds, nil
+			}
+			need = int(h.Size)
 		}
-		if err == io.EOF {
-			err = io.ErrUnexpectedEOF
+		// Make room for the whole message after rstart.
+		if len(s.rbuf)-s.rstart < need || s.rend == len(s.rbuf) {
+			if need > len(s.rbuf) {
+				nb := make([]byte, max(need, readBufSize))
+				s.rend = copy(nb, s.rbuf[s.rstart:s.rend])
+				s.rbuf = nb
+			} else {
+				s.rend = copy(s.rbuf, s.rbuf[s.rstart:s.rend])
+			}
+			s.rstart = 0
 		}
-		return header{}, nil, nil, fmt.Errorf("vfio-user: reading header: %w", err)
-	}
-	h, err := decodeHeader(s.hdrBuf[:])
-	if err != nil {
-		closeFDs(fds)
-		return h, nil, nil, fmt.Errorf("%w: %w", errFraming, err)
-	}
-	if h.Size > s.maxMsg {
-		closeFDs(fds)
-		return h, nil, nil, fmt.Errorf("%w: message of %d bytes exceeds %d: %w", errFraming, h.Size, s.maxMsg, unix.E2BIG)
-	}
-	n := int(h.Size) - headerSize
-	if cap(*buf) < n {
-		*buf = make([]byte, n, max(n, 2*cap(*buf)))
-	}
-	p := (*buf)[:n]
-	if n > 0 {
-		fds, err = s.readFull(p, fds, &trunc)
-		if err != nil {
-			closeFDs(fds)
+		if err := s.fill(); err != nil {
 			if err == io.EOF {
+				if s.rend == s.rstart {
+					return header{}, nil, nil, io.EOF
+				}
 				err = io.ErrUnexpectedEOF
 			}
-			return h, nil, nil, fmt.Errorf("vfio-user: reading %s payload: %w", cmdName(h.Cmd), err)
+			return header{}, nil, nil, fmt.Errorf("vfio-user: reading message: %w", err)
 		}
 	}
-	if trunc || len(fds) > s.maxFDs {
-		closeFDs(fds)
-		return h, p, nil, fmt.Errorf("%w: %s (limit %d): %w", errMsgFDs, cmdName(h.Cmd), s.maxFDs, unix.EINVAL)
-	}
-	return h, p, fds, nil
 }
 
 func (s *sock) doSend(fd uintptr) bool {
@@ -197,6 +253,10 @@ func (s *sock) doSend(fd uintptr) bool {
 		case unix.EINTR:
 			continue
 		case unix.EAGAIN:
+			if !s.wwait {
+				s.wblocked = true
+				return true
+			}
 			return false
 		default:
 			s.werr = err
@@ -215,17 +275,24 @@ func (s *sock) doSend(fd uintptr) bool {
 func (s *sock) send(b []byte, fds []int) error {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
-	if s.timeout > 0 {
-		// Bounds a peer that stops reading; the deadline costs no syscall.
-		if err := s.uc.SetWriteDeadline(time.Now().Add(s.timeout)); err != nil {
-			return fmt.Errorf("vfio-user: send: %w", err)
-		}
-	}
 	s.wb, s.wdone, s.werr, s.woob = b, 0, nil, nil
+	s.wwait, s.wblocked = false, false
 	if len(fds) > 0 {
 		s.woob = unix.UnixRights(fds...)
 	}
+	// First without waiting; only a full socket buffer pays for a
+	// deadline, which bounds a peer that stops reading.
 	err := s.rc.Write(s.wfn)
+	if err == nil && s.werr == nil && s.wblocked {
+		s.wwait = true
+		if s.timeout > 0 {
+			s.uc.SetWriteDeadline(time.Now().Add(s.timeout))
+		}
+		err = s.rc.Write(s.wfn)
+		if s.timeout > 0 {
+			s.uc.SetWriteDeadline(time.Time{})
+		}
+	}
 	if err == nil {
 		err = s.werr
 	}
