@@ -6,7 +6,7 @@ GO ?= go
 # The main job on the embedded device (hfisim in-process, no QEMU).
 demo:
 	./scripts/install-deps.sh
-	$(GO) run ./tools/hfictl demo
+	$(GO) run ./tools/hfidemo
 
 # Every test; as root also the privileged ones (CI runs this).
 test:
