@@ -5,6 +5,7 @@ import (
 	"math"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 
@@ -37,6 +38,8 @@ type iommu struct {
 	max    int
 	closed bool
 	sess   *session
+	// n mirrors len(maps) for readers that must not take mu.
+	n atomic.Int64
 }
 
 // find returns the index of the first mapping that ends after iova.
@@ -100,6 +103,7 @@ func (m *iommu) dmaMap(req dmaMap, fd int) (err error) {
 	m.maps = append(m.maps, nil)
 	copy(m.maps[i+1:], m.maps[i:])
 	m.maps[i] = r
+	m.n.Store(int64(len(m.maps)))
 	return nil
 }
 
@@ -168,6 +172,7 @@ func (m *iommu) dmaUnmap(req dmaUnmap) error {
 	copy(gone, m.maps[lo:hi])
 	m.maps = append(m.maps[:lo], m.maps[hi:]...)
 	clear(m.maps[len(m.maps):cap(m.maps)])
+	m.n.Store(int64(len(m.maps)))
 	m.mu.Unlock()
 	// No access can reach these any more: the write lock waited for those
 	// in flight, and new ones no longer find them.
@@ -185,6 +190,7 @@ func (m *iommu) close() {
 	m.closed = true
 	gone := m.maps
 	m.maps = nil
+	m.n.Store(0)
 	m.mu.Unlock()
 	for _, r := range gone {
 		if r.mem != nil {
@@ -193,11 +199,8 @@ func (m *iommu) close() {
 	}
 }
 
-func (m *iommu) count() int {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	return len(m.maps)
-}
+// count is the number of mappings; it does not wait for the table.
+func (m *iommu) count() int { return int(m.n.Load()) }
 
 // Read implements DMA: the device reads client memory.
 func (m *iommu) Read(iova uint64, p []byte) error { return m.access(iova, p, false) }

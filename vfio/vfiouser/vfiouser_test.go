@@ -320,6 +320,8 @@ func TestDMAAccessor(t *testing.T) {
 	if err := dma.Write(0x1010, []byte{9, 8, 7}); err != nil {
 		t.Fatal(err)
 	}
+	acc.mu.Lock()
+	defer acc.mu.Unlock()
 	if !bytes.Equal(acc.b[0x10:0x13], []byte{9, 8, 7}) {
 		t.Fatalf("accessor not used")
 	}
@@ -519,7 +521,7 @@ func TestDMAUnmapWaitsForInflight(t *testing.T) {
 		}
 		time.Sleep(time.Millisecond)
 	}
-	if n := len(tbl.maps); n != 1 {
+	if n := tbl.count(); n != 1 {
 		t.Fatalf("mapping removed while a device access was in flight (%d left)", n)
 	}
 	close(acc.block)
