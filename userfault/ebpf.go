@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
@@ -47,27 +48,31 @@ type coreObjects struct {
 	EnterMunmap  *ebpf.Program  `ebpf:"enter_munmap"`
 	EnterMremap  *ebpf.Program  `ebpf:"enter_mremap"`
 	EnterMadvise *ebpf.Program  `ebpf:"enter_madvise"`
-	EnterBrk     *ebpf.Program  `ebpf:"enter_brk"`
+	ExitMunmap   *ebpf.Program  `ebpf:"exit_munmap"`
+	ExitMremap   *ebpf.Program  `ebpf:"exit_mremap"`
+	ExitMadvise  *ebpf.Program  `ebpf:"exit_madvise"`
 	ExitBrk      *ebpf.Program  `ebpf:"exit_brk"`
 	ProcessExit  *ebpf.Program  `ebpf:"process_exit"`
 	Events       *ebpf.Map      `ebpf:"events"`
 	Ranges       *ebpf.Map      `ebpf:"ranges"`
 	Config       *ebpf.Map      `ebpf:"config"`
+	Calls        *ebpf.Map      `ebpf:"calls"`
 	Bss          *ebpf.Map      `ebpf:".bss"`
 	Lost         *ebpf.Variable `ebpf:"lost"`
 }
 
 type bpfSource struct {
-	n      *Notifier
-	core   coreObjects
-	extra  []*ebpf.Program
-	links  []link.Link
-	rd     *ringbuf.Reader
-	kvm    int // KVM VM fd, or -1
-	cookie uint64
-	kinds  []Source
-	info   []string
-	done   chan struct{}
+	n        *Notifier
+	core     coreObjects
+	extra    []*ebpf.Program
+	links    []link.Link
+	rd       *ringbuf.Reader
+	kvm      int // KVM VM fd, or -1
+	btfCache *btf.Cache
+	cookie   uint64
+	kinds    []Source
+	info     []string
+	done     chan struct{}
 
 	markerNext atomic.Uint64
 	mu         sync.Mutex
@@ -118,7 +123,9 @@ func newBPF(ctx context.Context, n *Notifier, kinds []Source) (*bpfSource, []Sou
 			return fail(fmt.Errorf("ebpf: set %s: %w", name, err))
 		}
 	}
-	if err := spec.LoadAndAssign(&b.core, nil); err != nil {
+	// One parse of the kernel's BTF for all the loads of this notifier.
+	b.btfCache = btf.NewCache()
+	if err := spec.LoadAndAssign(&b.core, &ebpf.CollectionOptions{Cache: b.btfCache}); err != nil {
 		return fail(fmt.Errorf("ebpf: load programs: %w", explainBPF(err)))
 	}
 	var sts []SourceStatus
@@ -195,6 +202,7 @@ func newBPF(ctx context.Context, n *Notifier, kinds []Source) (*bpfSource, []Sou
 		return fail(fmt.Errorf("ebpf: ring buffer reader: %w", err))
 	}
 	b.rd = rd
+	b.btfCache = nil
 	go b.read()
 	if n.self {
 		// Teach exit_brk the current break, so that a later shrink is seen.
@@ -223,8 +231,10 @@ func (b *bpfSource) attachTracepoints(spec *ebpf.CollectionSpec) error {
 		prog        *ebpf.Program
 	}{
 		{"syscalls", "sys_enter_munmap", b.core.EnterMunmap},
+		{"syscalls", "sys_exit_munmap", b.core.ExitMunmap},
 		{"syscalls", "sys_enter_mremap", b.core.EnterMremap},
-		{"syscalls", "sys_enter_brk", b.core.EnterBrk},
+		{"syscalls", "sys_exit_mremap", b.core.ExitMremap},
+		{"syscalls", "sys_exit_madvise", b.core.ExitMadvise},
 		{"syscalls", "sys_exit_brk", b.core.ExitBrk},
 		{"sched", "sched_process_exit", b.core.ProcessExit},
 	} {
@@ -234,7 +244,7 @@ func (b *bpfSource) attachTracepoints(spec *ebpf.CollectionSpec) error {
 		}
 		b.links = append(b.links, l)
 	}
-	b.info = append(b.info, "tracepoints munmap, mremap, madvise, brk, sched_process_exit")
+	b.info = append(b.info, "tracepoints munmap, mremap, madvise, brk (reported at exit), sched_process_exit")
 	// Fork needs the task's mm to tell a fork from a thread: tp_btf.
 	if err := b.attachExtra(spec, "process_fork"); err != nil {
 		b.info = append(b.info, fmt.Sprintf("no fork events: tp_btf/sched_process_fork: %v", err))
@@ -258,8 +268,9 @@ func (b *bpfSource) attachExtra(spec *ebpf.CollectionSpec, name string) error {
 		Types:     spec.Types,
 		ByteOrder: spec.ByteOrder,
 	}
-	coll, err := ebpf.NewCollectionWithOptions(one, ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
+	coll, err := ebpf.NewCollectionWithOptions(one, ebpf.CollectionOptions{Cache: b.btfCache, MapReplacements: map[string]*ebpf.Map{
 		"events": b.core.Events, "ranges": b.core.Ranges, "config": b.core.Config, ".bss": b.core.Bss,
+		"calls": b.core.Calls,
 	}})
 	if err != nil {
 		return fmt.Errorf("load: %w", explainBPF(err))
@@ -401,7 +412,7 @@ func (b *bpfSource) parse(raw []byte) (ev Event, marker uint64, ok bool) {
 	case bpfEvRemove:
 		ev.Kind = EventRemove
 	case bpfEvRemap:
-		ev.Kind = EventRemap
+		ev.Kind, ev.To = EventRemap, uintptr(aux)
 	case bpfEvFork:
 		ev.Kind = EventFork
 	case bpfEvExit:
@@ -449,12 +460,12 @@ func (b *bpfSource) closeObjects() {
 	}
 	b.extra = nil
 	for _, p := range []*ebpf.Program{b.core.EnterMunmap, b.core.EnterMremap, b.core.EnterMadvise,
-		b.core.EnterBrk, b.core.ExitBrk, b.core.ProcessExit} {
+		b.core.ExitMunmap, b.core.ExitMremap, b.core.ExitMadvise, b.core.ExitBrk, b.core.ProcessExit} {
 		if p != nil {
 			p.Close()
 		}
 	}
-	for _, m := range []*ebpf.Map{b.core.Events, b.core.Ranges, b.core.Config, b.core.Bss} {
+	for _, m := range []*ebpf.Map{b.core.Events, b.core.Ranges, b.core.Config, b.core.Calls, b.core.Bss} {
 		if m != nil {
 			m.Close()
 		}
@@ -468,12 +479,19 @@ func (b *bpfSource) closeObjects() {
 func (b *bpfSource) close() error {
 	b.closeOnce.Do(func() {
 		// Detach first so nothing new is written, then stop the reader.
-		for _, l := range b.links {
-			if err := l.Close(); err != nil && b.closeErr == nil {
-				b.closeErr = err
-			}
+		// Each detach waits for an RCU grace period: overlap them.
+		var wg sync.WaitGroup
+		errs := make([]error, len(b.links))
+		for i, l := range b.links {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				errs[i] = l.Close()
+			}()
 		}
+		wg.Wait()
 		b.links = nil
+		b.closeErr = errors.Join(errs...)
 		if b.rd != nil {
 			b.rd.Close()
 			<-b.done

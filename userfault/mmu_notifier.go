@@ -178,6 +178,8 @@ type Notifier struct {
 	closed  bool
 	sources []source
 	status  []SourceStatus
+	dedup   dedup
+	maps    *procMaps // this process's VMAs; nil when watching another
 
 	// inflight counts open userfaultfd read windows: set before the read
 	// that releases an unmapping thread, cleared once the events are posted
@@ -211,6 +213,13 @@ func New(ctx context.Context, opts Options) (*Notifier, error) {
 	}
 	n := &Notifier{pid: pid, self: pid == self, qsig: make(chan struct{}, 1), done: make(chan struct{})}
 	n.cond.L = &n.mu
+	if n.self {
+		m, err := openProcMaps()
+		if err != nil {
+			return nil, fmt.Errorf("userfault: %w", err)
+		}
+		n.maps = m
+	}
 	srcs := opts.Sources
 	if srcs == nil {
 		srcs = []Source{SourceTracepoint}
@@ -294,7 +303,6 @@ type Subscription struct {
 	// under n.mu:
 	pending int  // undelivered (event, subscription) pairs
 	hit     bool // an Invalidate in the pending window returned true
-	recent  dedupHistory
 	removed atomic.Bool
 	calling atomic.Int32 // 1 while the dispatcher is between check and call
 }
@@ -319,15 +327,15 @@ func (n *Notifier) Subscribe(start, length uintptr, ops IntervalOps) (*Subscript
 	if length == 0 || end < start || ops == nil {
 		return nil, fmt.Errorf("userfault: subscribe [%#x, +%#x): %w", start, length, unix.EINVAL)
 	}
-	if n.self {
-		if err := checkMemory(pageDown(start), pageUp(end)); err != nil {
-			return nil, fmt.Errorf("userfault: subscribe [%#x, %#x): %w", start, end, err)
-		}
-	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.closed {
 		return nil, ErrClosed
+	}
+	if n.maps != nil {
+		if _, err := n.maps.check(pageDown(start), pageUp(end)); err != nil {
+			return nil, fmt.Errorf("userfault: subscribe [%#x, %#x): %w", start, end, err)
+		}
 	}
 	n.nextID++
 	s := &Subscription{n: n, id: n.nextID, start: start, end: end, ops: ops}
@@ -465,12 +473,12 @@ func (n *Notifier) postLocked(evs []Event) {
 	now := time.Now()
 	b := &batch{}
 	for _, ev := range evs {
+		if n.dedup.duplicate(ev, now) {
+			n.dropped.Add(1)
+			continue
+		}
 		var subs []*Subscription
 		n.tree.overlap(ev.Start, ev.End, func(s *Subscription) {
-			if s.recent.seen(ev, now) {
-				n.dropped.Add(1)
-				return
-			}
 			if s.pending == 0 {
 				s.seq.Add(1) // odd: being invalidated
 			}
@@ -643,6 +651,9 @@ func (n *Notifier) Close() error {
 	}
 	n.mu.Lock()
 	n.closed = true
+	if n.maps != nil {
+		n.maps.close()
+	}
 	n.cond.Broadcast()
 	n.mu.Unlock()
 	n.enqueue(&batch{stop: true})
@@ -672,24 +683,44 @@ func (n *Notifier) Close() error {
 	return errors.Join(errs...)
 }
 
-// dedupHistory remembers the events recently delivered to one subscription,
-// so that the same invalidation seen by two sources is delivered to it once.
-// An event is a copy if it has the class and range of one delivered within a
-// short window by another source. Being per subscription, it never swallows
-// the event of a subscription made after the first copy was delivered.
-type dedupHistory struct {
-	ring [4]dedupEntry
-	next uint8
+// dedup makes the same invalidation seen by two sources delivered once.
+//
+// userfaultfd is synchronous: its event is read before the syscall returns,
+// so it comes first, and it is always delivered. The tracepoints report at
+// syscall exit, after that read: a tracepoint event is the copy of a pending
+// userfaultfd event with the same class and range, and is dropped with it.
+// A tracepoint event without such a partner (an operation userfaultfd did
+// not see) is delivered. The kernel-side sources (KVM, fentry) fire inside
+// the kernel in any order; their event is dropped if an event of the same
+// range was delivered very recently, and it never suppresses another.
+// Dropping only copies from the asynchronous sources means a duplicate can
+// at worst be delivered twice, never swallowed.
+type dedup struct {
+	pending map[dedupKey]dedupCount
+	recent  [64]dedupRecent
+	next    int
 }
 
-type dedupEntry struct {
+type dedupKey struct {
 	class      EventKind
 	start, end uintptr
-	sources    uint32 // bit per Source that reported it
+}
+
+type dedupCount struct {
+	n  int
+	at time.Time
+}
+
+type dedupRecent struct {
+	start, end uintptr
 	at         time.Time
 }
 
-const dedupWindow = 250 * time.Millisecond
+const (
+	dedupWindow       = time.Second           // a copy comes later than this: deliver it
+	dedupKernelWindow = 50 * time.Millisecond // kernel-side copies
+	dedupMaxPending   = 4096
+)
 
 // dedupClass groups kinds that name the same invalidation: an mremap is an
 // UNMAP and a REMAP to userfaultfd and a REMAP to the tracepoints.
@@ -700,22 +731,56 @@ func dedupClass(k EventKind) EventKind {
 	return k
 }
 
-func (d *dedupHistory) seen(ev Event, now time.Time) bool {
-	bit := uint32(1) << ev.Source
-	class := dedupClass(ev.Kind)
-	for i := range d.ring {
-		e := &d.ring[i]
-		if e.sources == 0 || e.sources&bit != 0 || now.Sub(e.at) > dedupWindow ||
-			e.start != ev.Start || e.end != ev.End {
-			continue
+func (d *dedup) duplicate(ev Event, now time.Time) bool {
+	switch ev.Source {
+	case SourceUserfaultfd:
+		if d.pending == nil {
+			d.pending = map[dedupKey]dedupCount{}
 		}
-		if e.class != class && e.class != EventKernel && class != EventKernel {
-			continue
+		if len(d.pending) >= dedupMaxPending {
+			for k, c := range d.pending {
+				if now.Sub(c.at) > dedupWindow {
+					delete(d.pending, k)
+				}
+			}
+			if len(d.pending) >= dedupMaxPending {
+				clear(d.pending)
+			}
 		}
-		e.sources |= bit
-		return true
+		k := dedupKey{dedupClass(ev.Kind), ev.Start, ev.End}
+		c := d.pending[k]
+		if now.Sub(c.at) > dedupWindow {
+			c.n = 0
+		}
+		d.pending[k] = dedupCount{n: c.n + 1, at: now}
+		d.remember(ev, now)
+		return false
+	case SourceTracepoint:
+		k := dedupKey{dedupClass(ev.Kind), ev.Start, ev.End}
+		if c, ok := d.pending[k]; ok && c.n > 0 && now.Sub(c.at) <= dedupWindow {
+			if c.n == 1 {
+				delete(d.pending, k)
+			} else {
+				d.pending[k] = dedupCount{n: c.n - 1, at: c.at}
+			}
+			return true
+		}
+		d.remember(ev, now)
+		return false
+	case SourceKVM, SourceFentry:
+		if ev.Kind == EventOverflow {
+			return false
+		}
+		for _, r := range d.recent {
+			if r.start == ev.Start && r.end == ev.End && now.Sub(r.at) <= dedupKernelWindow {
+				return true
+			}
+		}
 	}
-	d.ring[d.next] = dedupEntry{class: class, start: ev.Start, end: ev.End, sources: bit, at: now}
-	d.next = (d.next + 1) % uint8(len(d.ring))
 	return false
+}
+
+func (d *dedup) remember(ev Event, now time.Time) {
+	d.recent[d.next] = dedupRecent{start: ev.Start, end: ev.End, at: now}
+	d.next = (d.next + 1) % len(d.recent)
 }

@@ -13,6 +13,13 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type notifierCall struct {
+	_    structs.HostLayout
+	Args [5]uint64
+	Sc   uint32
+	Pad  uint32
+}
+
 type notifierConf struct {
 	_   structs.HostLayout
 	N   uint64
@@ -38,14 +45,17 @@ type notifierRange struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	notifierMapCalls               = "calls"
 	notifierMapConfig              = "config"
 	notifierMapEvents              = "events"
 	notifierMapRanges              = "ranges"
-	notifierProgEnterBrk           = "enter_brk"
 	notifierProgEnterMadvise       = "enter_madvise"
 	notifierProgEnterMremap        = "enter_mremap"
 	notifierProgEnterMunmap        = "enter_munmap"
 	notifierProgExitBrk            = "exit_brk"
+	notifierProgExitMadvise        = "exit_madvise"
+	notifierProgExitMremap         = "exit_mremap"
+	notifierProgExitMunmap         = "exit_munmap"
 	notifierProgKvmUnmapHvaRange   = "kvm_unmap_hva_range"
 	notifierProgMmuInvalidateStart = "mmu_invalidate_start"
 	notifierProgProcessExit        = "process_exit"
@@ -101,11 +111,13 @@ type notifierSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type notifierProgramSpecs struct {
-	EnterBrk           *ebpf.ProgramSpec `ebpf:"enter_brk"`
 	EnterMadvise       *ebpf.ProgramSpec `ebpf:"enter_madvise"`
 	EnterMremap        *ebpf.ProgramSpec `ebpf:"enter_mremap"`
 	EnterMunmap        *ebpf.ProgramSpec `ebpf:"enter_munmap"`
 	ExitBrk            *ebpf.ProgramSpec `ebpf:"exit_brk"`
+	ExitMadvise        *ebpf.ProgramSpec `ebpf:"exit_madvise"`
+	ExitMremap         *ebpf.ProgramSpec `ebpf:"exit_mremap"`
+	ExitMunmap         *ebpf.ProgramSpec `ebpf:"exit_munmap"`
 	KvmUnmapHvaRange   *ebpf.ProgramSpec `ebpf:"kvm_unmap_hva_range"`
 	MmuInvalidateStart *ebpf.ProgramSpec `ebpf:"mmu_invalidate_start"`
 	ProcessExit        *ebpf.ProgramSpec `ebpf:"process_exit"`
@@ -116,6 +128,7 @@ type notifierProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type notifierMapSpecs struct {
+	Calls  *ebpf.MapSpec `ebpf:"calls"`
 	Config *ebpf.MapSpec `ebpf:"config"`
 	Events *ebpf.MapSpec `ebpf:"events"`
 	Ranges *ebpf.MapSpec `ebpf:"ranges"`
@@ -154,6 +167,7 @@ func (o *notifierObjects) Close() error {
 //
 // It can be passed to loadNotifierObjects or ebpf.CollectionSpec.LoadAndAssign.
 type notifierMaps struct {
+	Calls  *ebpf.Map `ebpf:"calls"`
 	Config *ebpf.Map `ebpf:"config"`
 	Events *ebpf.Map `ebpf:"events"`
 	Ranges *ebpf.Map `ebpf:"ranges"`
@@ -161,6 +175,7 @@ type notifierMaps struct {
 
 func (m *notifierMaps) Close() error {
 	return _NotifierClose(
+		m.Calls,
 		m.Config,
 		m.Events,
 		m.Ranges,
@@ -184,11 +199,13 @@ type notifierVariables struct {
 //
 // It can be passed to loadNotifierObjects or ebpf.CollectionSpec.LoadAndAssign.
 type notifierPrograms struct {
-	EnterBrk           *ebpf.Program `ebpf:"enter_brk"`
 	EnterMadvise       *ebpf.Program `ebpf:"enter_madvise"`
 	EnterMremap        *ebpf.Program `ebpf:"enter_mremap"`
 	EnterMunmap        *ebpf.Program `ebpf:"enter_munmap"`
 	ExitBrk            *ebpf.Program `ebpf:"exit_brk"`
+	ExitMadvise        *ebpf.Program `ebpf:"exit_madvise"`
+	ExitMremap         *ebpf.Program `ebpf:"exit_mremap"`
+	ExitMunmap         *ebpf.Program `ebpf:"exit_munmap"`
 	KvmUnmapHvaRange   *ebpf.Program `ebpf:"kvm_unmap_hva_range"`
 	MmuInvalidateStart *ebpf.Program `ebpf:"mmu_invalidate_start"`
 	ProcessExit        *ebpf.Program `ebpf:"process_exit"`
@@ -197,11 +214,13 @@ type notifierPrograms struct {
 
 func (p *notifierPrograms) Close() error {
 	return _NotifierClose(
-		p.EnterBrk,
 		p.EnterMadvise,
 		p.EnterMremap,
 		p.EnterMunmap,
 		p.ExitBrk,
+		p.ExitMadvise,
+		p.ExitMremap,
+		p.ExitMunmap,
 		p.KvmUnmapHvaRange,
 		p.MmuInvalidateStart,
 		p.ProcessExit,

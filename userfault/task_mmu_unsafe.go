@@ -101,73 +101,120 @@ func vmasFromMaps() ([]vma, error) {
 	return out, sc.Err()
 }
 
-// checkMemory refuses ranges that are not fully mapped or that share a VMA
-// with the Go heap (found through a fresh heap object, a large one and this
-// goroutine's stack, which all live in heap arenas).
-func checkMemory(start, end uintptr) error {
+// procMaps answers questions about this process's VMAs through one open
+// /proc/self/maps (PROCMAP_QUERY needs no reading of the file).
+type procMaps struct {
+	f       *os.File
+	noQuery bool // the kernel lacks PROCMAP_QUERY: parse the file
+}
+
+func openProcMaps() (*procMaps, error) {
+	f, err := os.Open("/proc/self/maps")
+	if err != nil {
+		return nil, err
+	}
+	return &procMaps{f: f}, nil
+}
+
+func (p *procMaps) close() error { return p.f.Close() }
+
+// vmas returns the VMAs covering [start, end), or ENOMEM if part of it is
+// not mapped.
+func (p *procMaps) vmas(start, end uintptr) ([]vma, error) {
+	var out []vma
+	if !p.noQuery {
+		for addr := start; addr < end; {
+			v, err := vmaAt(p.f, addr)
+			if addr == start && (errors.Is(err, unix.ENOTTY) || errors.Is(err, unix.EINVAL)) {
+				p.noQuery = true
+				break
+			}
+			if errors.Is(err, unix.ENOENT) || err == nil && v.start > addr {
+				return nil, fmt.Errorf("range not mapped at %#x: %w", addr, unix.ENOMEM)
+			}
+			if err != nil {
+				return nil, fmt.Errorf("PROCMAP_QUERY %#x: %w", addr, err)
+			}
+			out = append(out, v)
+			addr = v.end
+		}
+		if !p.noQuery {
+			return out, nil
+		}
+	}
+	all, err := vmasFromMaps()
+	if err != nil {
+		return nil, err
+	}
+	addr := start
+	for _, v := range all {
+		if v.end <= addr || v.start >= end {
+			continue
+		}
+		if v.start > addr {
+			return nil, fmt.Errorf("range not mapped at %#x: %w", addr, unix.ENOMEM)
+		}
+		out = append(out, v)
+		addr = v.end
+	}
+	if addr < end {
+		return nil, fmt.Errorf("range not mapped at %#x: %w", addr, unix.ENOMEM)
+	}
+	return out, nil
+}
+
+// check refuses ranges that are not fully mapped or that share a VMA with
+// the Go heap (found through a fresh heap object and this goroutine's stack,
+// which live in heap arenas), and returns the extent of the VMAs covering
+// the range.
+func (p *procMaps) check(start, end uintptr) (pageRange, error) {
 	small := make([]byte, 16+os.Getpagesize()%7) // size unknown to the compiler: heap
-	large := make([]byte, 64<<10+os.Getpagesize()%7)
 	var local byte
 	probes := [...]uintptr{
 		uintptr(unsafe.Pointer(unsafe.SliceData(small))),
-		uintptr(unsafe.Pointer(unsafe.SliceData(large))),
 		uintptr(unsafe.Pointer(&local)),
 	}
 	runtime.KeepAlive(small)
-	runtime.KeepAlive(large)
-
-	f, err := os.Open("/proc/self/maps")
+	vmas, err := p.vmas(start, end)
 	if err != nil {
-		return fmt.Errorf("check memory: %w", err)
-	}
-	defer f.Close()
-	var vmas []vma
-	useMaps := false
-	for addr := start; addr < end; {
-		v, err := vmaAt(f, addr)
-		if errors.Is(err, unix.ENOTTY) || errors.Is(err, unix.EINVAL) && addr == start {
-			useMaps = true
-			break
-		}
-		if errors.Is(err, unix.ENOENT) || err == nil && v.start >= end {
-			return fmt.Errorf("range not mapped at %#x: %w", addr, unix.ENOMEM)
-		}
-		if err != nil {
-			return fmt.Errorf("check memory: PROCMAP_QUERY %#x: %w", addr, err)
-		}
-		if v.start > addr {
-			return fmt.Errorf("range not mapped at %#x: %w", addr, unix.ENOMEM)
-		}
-		vmas = append(vmas, v)
-		addr = v.end
-	}
-	if useMaps {
-		all, err := vmasFromMaps()
-		if err != nil {
-			return fmt.Errorf("check memory: %w", err)
-		}
-		vmas = vmas[:0]
-		addr := start
-		for _, v := range all {
-			if v.end <= addr || v.start >= end {
-				continue
-			}
-			if v.start > addr {
-				return fmt.Errorf("range not mapped at %#x: %w", addr, unix.ENOMEM)
-			}
-			vmas = append(vmas, v)
-			addr = v.end
-		}
-		if addr < end {
-			return fmt.Errorf("range not mapped at %#x: %w", addr, unix.ENOMEM)
-		}
+		return pageRange{}, err
 	}
 	for _, v := range vmas {
-		for _, p := range probes {
-			if p >= v.start && p < v.end {
-				return ErrGoHeap
+		for _, a := range probes {
+			if a >= v.start && a < v.end {
+				return pageRange{}, ErrGoHeap
 			}
 		}
 	}
-	return nil
+	return pageRange{vmas[0].start, vmas[len(vmas)-1].end}, nil
+}
+
+// vmasOverlapping returns the VMAs that overlap [start, end); holes are
+// allowed.
+func (p *procMaps) vmasOverlapping(start, end uintptr) ([]vma, error) {
+	var out []vma
+	if !p.noQuery {
+		for addr := start; addr < end; {
+			v, err := vmaAt(p.f, addr)
+			if errors.Is(err, unix.ENOENT) || err == nil && v.start >= end {
+				break
+			}
+			if err != nil {
+				return nil, fmt.Errorf("PROCMAP_QUERY %#x: %w", addr, err)
+			}
+			out = append(out, v)
+			addr = v.end
+		}
+		return out, nil
+	}
+	all, err := vmasFromMaps()
+	if err != nil {
+		return nil, err
+	}
+	for _, v := range all {
+		if v.end > start && v.start < end {
+			out = append(out, v)
+		}
+	}
+	return out, nil
 }

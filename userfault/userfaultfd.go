@@ -123,9 +123,16 @@ func (u *uffdSource) detail() string {
 }
 
 func (u *uffdSource) watch(start, end uintptr) error {
-	// Registering a range already registered with this uffd is allowed, so
-	// every Subscribe registers: the pages may belong to a new mapping at an
-	// old address whose UNMAP is still on its way.
+	// Register whole VMAs: registering part of one splits it, and a split
+	// VMA changes what the application sees (mremap of the whole mapping
+	// fails with EFAULT). Registering a range already registered with this
+	// uffd is allowed, so every Subscribe registers: the pages may belong to
+	// a new mapping at an old address whose UNMAP is still on its way.
+	ext, err := u.n.maps.check(start, end)
+	if err != nil {
+		return err
+	}
+	start, end = ext.start, ext.end
 	if err := uffdioRangeCall(u.fd, uffdioRegister, start, end, uffdRegisterModeWP); err != nil {
 		switch {
 		case errors.Is(err, unix.EBUSY):
@@ -139,10 +146,21 @@ func (u *uffdSource) watch(start, end uintptr) error {
 }
 
 func (u *uffdSource) unwatch(pieces []pageRange) {
+	// Unregister whole VMAs that no subscription touches any more (see
+	// watch). Best effort: a piece may be unmapped already (the VMA left
+	// with its registration) or hold a new mapping that is not registered.
 	for _, p := range pieces {
-		// Best effort: the range may be unmapped already (the VMA left with
-		// its registration) or hold a new mapping that is not registered.
-		_ = uffdioRangeCall(u.fd, uffdioUnregister, p.start, p.end, 0)
+		vmas, err := u.n.maps.vmasOverlapping(p.start, p.end)
+		if err != nil {
+			continue
+		}
+		for _, v := range vmas {
+			busy := false
+			u.n.tree.overlap(v.start, v.end, func(*Subscription) { busy = true })
+			if !busy {
+				_ = uffdioRangeCall(u.fd, uffdioUnregister, v.start, v.end, 0)
+			}
+		}
 	}
 }
 

@@ -123,6 +123,34 @@ static __always_inline int mine(void)
 	return (bpf_get_current_pid_tgid() >> 32) == watch_tgid;
 }
 
+struct bsearch {
+	__u64 start;
+	__u32 lo;
+	__u32 hi;
+	int fail;
+};
+
+/* One step of the binary search, run by bpf_loop: the verifier checks the
+ * callback once instead of every path through an unrolled search (which
+ * took it most of a second per program). */
+static long bsearch_step(__u32 i, void *arg)
+{
+	struct bsearch *b = arg;
+	if (b->lo >= b->hi)
+		return 1;
+	__u32 mid = b->lo + (b->hi - b->lo) / 2;
+	struct range *r = bpf_map_lookup_elem(&ranges, &mid);
+	if (!r) {
+		b->fail = 1;
+		return 1;
+	}
+	if (r->end > b->start)
+		b->hi = mid;
+	else
+		b->lo = mid + 1;
+	return 0;
+}
+
 /* watched reports whether [start, end) may overlap a watched range. It errs
  * on the side of yes: user space filters again exactly. */
 static __always_inline int watched(__u64 start, __u64 end)
@@ -138,19 +166,13 @@ static __always_inline int watched(__u64 start, __u64 end)
 	if (n > MAX_RANGES)
 		n = MAX_RANGES;
 	/* First range whose end is above start: ranges are sorted, disjoint. */
-	__u32 lo = 0, hi = n;
-	for (int i = 0; i < BSEARCH_STEPS && lo < hi; i++) {
-		__u32 mid = lo + (hi - lo) / 2;
-		struct range *r = bpf_map_lookup_elem(&ranges, &mid);
-		if (!r)
-			return 1;
-		if (r->end > start)
-			hi = mid;
-		else
-			lo = mid + 1;
-	}
+	struct bsearch b = {.start = start, .lo = 0, .hi = n};
+	bpf_loop(BSEARCH_STEPS, bsearch_step, &b, 0);
+	if (b.fail)
+		return 1;
 	int hit = 0;
-	if (lo < n) {
+	if (b.lo < n) {
+		__u32 lo = b.lo;
 		struct range *r = bpf_map_lookup_elem(&ranges, &lo);
 		if (!r || r->start < end)
 			hit = 1;
@@ -181,36 +203,114 @@ static __always_inline void report(__u32 kind, __u64 start, __u64 end)
 		emit(kind, ORIG_SYSCALL, start, end, 0);
 }
 
+/*
+ * The syscalls are reported at their exit, once they succeeded: at entry the
+ * memory is still there (a consumer told then could re-validate it before
+ * the kernel takes it away), and a failed call takes nothing. The entry
+ * programs keep the arguments per thread until the exit.
+ */
+enum {
+	SC_MUNMAP = 1,
+	SC_MREMAP = 2,
+	SC_MADVISE = 3,
+};
+
+struct call {
+	__u64 args[5];
+	__u32 sc;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct call);
+} calls SEC(".maps");
+
+/* The context of a syscall tracepoint holds only that syscall's arguments:
+ * reading past them makes the kernel refuse to attach (EACCES). */
+static __always_inline void remember(__u32 sc, __u64 a0, __u64 a1, __u64 a2, __u64 a3, __u64 a4)
+{
+	struct call c = {};
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	c.sc = sc;
+	c.args[0] = a0;
+	c.args[1] = a1;
+	c.args[2] = a2;
+	c.args[3] = a3;
+	c.args[4] = a4;
+	bpf_map_update_elem(&calls, &tid, &c, BPF_ANY);
+}
+
+/* recall returns the arguments of this thread's pending call if it was sc
+ * and succeeded, and forgets them. */
+static __always_inline int recall(struct sys_exit_ctx *ctx, __u32 sc, struct call *out)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct call *c = bpf_map_lookup_elem(&calls, &tid);
+	if (!c)
+		return 0;
+	/* Errors are -4095..-1; user addresses (mremap's result) are positive. */
+	int ok = c->sc == sc && ctx->ret >= 0;
+	if (ok)
+		__builtin_memcpy(out, c, sizeof(*out));
+	bpf_map_delete_elem(&calls, &tid);
+	return ok;
+}
+
 SEC("tracepoint/syscalls/sys_enter_munmap")
 int enter_munmap(struct sys_enter_ctx *ctx)
 {
-	if (!mine())
+	if (!syscalls_on || !mine())
 		return 0;
-	__u64 start = ctx->args[0];
-	report(EV_UNMAP, start, start + PAGE_ALIGN(ctx->args[1]));
+	__u64 start = ctx->args[0], end = start + PAGE_ALIGN(ctx->args[1]);
+	if (end > start && watched(start, end))
+		remember(SC_MUNMAP, start, ctx->args[1], 0, 0, 0);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_munmap")
+int exit_munmap(struct sys_exit_ctx *ctx)
+{
+	struct call c;
+	if (!syscalls_on || !mine() || !recall(ctx, SC_MUNMAP, &c))
+		return 0;
+	emit(EV_UNMAP, ORIG_SYSCALL, c.args[0], c.args[0] + PAGE_ALIGN(c.args[1]), 0);
 	return 0;
 }
 
 SEC("tracepoint/syscalls/sys_enter_mremap")
 int enter_mremap(struct sys_enter_ctx *ctx)
 {
-	if (!mine())
+	if (!syscalls_on || !mine())
 		return 0;
-	__u64 addr = ctx->args[0];
-	__u64 old_len = PAGE_ALIGN(ctx->args[1]);
-	__u64 new_len = PAGE_ALIGN(ctx->args[2]);
-	__u64 flags = ctx->args[3];
-	__u64 new_addr = ctx->args[4];
+	__u64 addr = ctx->args[0], old_len = PAGE_ALIGN(ctx->args[1]);
+	__u64 new_len = PAGE_ALIGN(ctx->args[2]), flags = ctx->args[3], new_addr = ctx->args[4];
+	if (watched(addr, addr + old_len) ||
+	    ((flags & MREMAP_FIXED) && watched(new_addr, new_addr + new_len)))
+		remember(SC_MREMAP, addr, ctx->args[1], ctx->args[2], flags, new_addr);
+	return 0;
+}
 
-	/* At entry the outcome is unknown: report what may happen. */
-	if (flags & (MREMAP_FIXED | MREMAP_DONTUNMAP)) {
-		report(EV_REMAP, addr, addr + old_len);
+SEC("tracepoint/syscalls/sys_exit_mremap")
+int exit_mremap(struct sys_exit_ctx *ctx)
+{
+	struct call c;
+	if (!syscalls_on || !mine() || !recall(ctx, SC_MREMAP, &c))
+		return 0;
+	__u64 addr = c.args[0], old_len = PAGE_ALIGN(c.args[1]);
+	__u64 new_len = PAGE_ALIGN(c.args[2]), flags = c.args[3];
+	__u64 to = (__u64)ctx->ret;
+	if (to != addr) {
+		/* Moved: the old range is gone, its pages live at to. */
+		if (watched(addr, addr + old_len))
+			emit(EV_REMAP, ORIG_SYSCALL, addr, addr + old_len, to);
+		/* MREMAP_FIXED unmapped whatever was at the destination. */
 		if (flags & MREMAP_FIXED)
-			report(EV_UNMAP, new_addr, new_addr + new_len);
+			report(EV_UNMAP, to, to + new_len);
 	} else if (new_len < old_len) {
 		report(EV_UNMAP, addr + new_len, addr + old_len);
-	} else if (new_len > old_len && (flags & MREMAP_MAYMOVE)) {
-		report(EV_REMAP, addr, addr + old_len);
 	}
 	return 0;
 }
@@ -232,36 +332,36 @@ int enter_madvise(struct sys_enter_ctx *ctx)
 	case MADV_REMOVE:
 	case MADV_PAGEOUT:
 	case MADV_DONTNEED_LOCKED: {
-		__u64 start = ctx->args[0];
-		report(EV_REMOVE, start, start + PAGE_ALIGN(ctx->args[1]));
+		__u64 start = ctx->args[0], end = start + PAGE_ALIGN(ctx->args[1]);
+		if (end > start && watched(start, end))
+			remember(SC_MADVISE, start, ctx->args[1], advice, 0, 0);
 		break;
 	}
 	}
 	return 0;
 }
 
-SEC("tracepoint/syscalls/sys_enter_brk")
-int enter_brk(struct sys_enter_ctx *ctx)
+SEC("tracepoint/syscalls/sys_exit_madvise")
+int exit_madvise(struct sys_exit_ctx *ctx)
 {
-	if (!mine())
+	struct call c;
+	if (!syscalls_on || !mine() || !recall(ctx, SC_MADVISE, &c))
 		return 0;
-	__u64 nb = ctx->args[0];
-	__u64 old = cur_brk;
-	/* brk(0) and growth change nothing; an unknown old brk (0) cannot be
-	 * judged, and user space learns it with a brk(0) when it starts. */
-	if (nb == 0 || old == 0 || nb >= old)
-		return 0;
-	report(EV_UNMAP, PAGE_ALIGN(nb), PAGE_ALIGN(old));
+	emit(EV_REMOVE, ORIG_SYSCALL, c.args[0], c.args[0] + PAGE_ALIGN(c.args[1]), 0);
 	return 0;
 }
 
+/* brk returns the new break; the old one is the last seen. A shrink unmaps
+ * the pages between them. User space teaches the first value with brk(0). */
 SEC("tracepoint/syscalls/sys_exit_brk")
 int exit_brk(struct sys_exit_ctx *ctx)
 {
-	if (!mine())
+	if (!syscalls_on || !mine() || ctx->ret <= 0)
 		return 0;
-	if (ctx->ret > 0)
-		cur_brk = ctx->ret;
+	__u64 nb = ctx->ret, old = cur_brk;
+	cur_brk = nb;
+	if (old != 0 && nb < old)
+		report(EV_UNMAP, PAGE_ALIGN(nb), PAGE_ALIGN(old));
 	return 0;
 }
 
