@@ -103,10 +103,11 @@ func benchDMAWrite(b *testing.B, withFD bool) {
 	}
 }
 
-func BenchmarkDMAWriteNoFD(b *testing.B) { benchDMAWrite(b, false) }
+func BenchmarkDMAWriteNoFD(b *testing.B) { requireProcessVM(b); benchDMAWrite(b, false) }
 func BenchmarkDMAWriteFD(b *testing.B)   { benchDMAWrite(b, true) }
 
 func BenchmarkDMAReadNoFD(b *testing.B) {
+	requireProcessVM(b)
 	c, m, _ := newPair(b, nil, nil)
 	mem := anonMem(b, benchDMASize)
 	if err := c.DMAMap(vfio.DMAMapping{IOVA: 0x100000, Vaddr: addrOf(mem), Size: benchDMASize, Flags: vfio.DMARead}); err != nil {

@@ -275,3 +275,16 @@ func memfdMem(t testing.TB, n int) (*os.File, []byte) {
 	t.Cleanup(func() { unix.Munmap(b); f.Close() })
 	return f, b
 }
+
+// requireProcessVM skips (or fails under CI) where process_vm_readv is
+// not allowed (seccomp), since DMA without fds relies on it.
+func requireProcessVM(t testing.TB) {
+	t.Helper()
+	src := []byte{1}
+	dst := []byte{0}
+	local := []unix.Iovec{{Base: &dst[0]}}
+	local[0].SetLen(1)
+	remote := []unix.RemoteIovec{{Base: addrOf(src), Len: 1}}
+	_, err := unix.ProcessVMReadv(os.Getpid(), local, remote, 0)
+	requireOrSkip(t, err == nil && dst[0] == 1, "process_vm_readv on our own pid does not work here")
+}

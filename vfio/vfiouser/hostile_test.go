@@ -580,6 +580,7 @@ func TestClientHostileVersion(t *testing.T) {
 }
 
 func TestClientServesHostileDMA(t *testing.T) {
+	requireProcessVM(t)
 	leakCheck(t)
 	c, srv := scripted(t, WithMaxDataXferSize(4096))
 	mem := anonMem(t, 4096)

@@ -278,6 +278,7 @@ func TestDMAMapFD(t *testing.T) {
 }
 
 func TestDMAMapNoFD(t *testing.T) {
+	requireProcessVM(t)
 	leakCheck(t)
 	// Small transfer size: the server splits into several DMA_READ/WRITE.
 	c, m, _ := newPair(t, nil, []Option{WithMaxDataXferSize(1024)})
@@ -351,6 +352,7 @@ func (a *memAccessor) WriteAt(p []byte, off int64) (int, error) {
 }
 
 func TestDMASpanAndPermissions(t *testing.T) {
+	requireProcessVM(t)
 	leakCheck(t)
 	c, m, _ := newPair(t, nil, nil)
 	f, fmem := memfdMem(t, 4096)
@@ -419,6 +421,7 @@ func TestDMASpanAndPermissions(t *testing.T) {
 }
 
 func TestDMAMunmappedClientMemory(t *testing.T) {
+	requireProcessVM(t)
 	leakCheck(t)
 	c, m, _ := newPair(t, nil, nil)
 	mem, err := unix.Mmap(-1, 0, 8192, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
@@ -459,6 +462,7 @@ func TestDMAMunmappedClientMemory(t *testing.T) {
 }
 
 func TestDMAFromRegisterWrite(t *testing.T) {
+	requireProcessVM(t)
 	leakCheck(t)
 	c, m, _ := newPair(t, nil, nil)
 	mem := anonMem(t, 4096)
