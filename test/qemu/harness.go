@@ -149,6 +149,9 @@ func attachLog(t testing.TB, res *vmimage.RunResult) {
 		console = "...\n" + console[len(console)-max:]
 	}
 	t.Logf("guest console:\n%s", console)
+	if res.Report.Kmsg != "" {
+		t.Logf("guest kernel log:\n%s", res.Report.Kmsg)
+	}
 	if len(res.Stderr) > 0 {
 		t.Logf("QEMU stderr:\n%s", res.Stderr)
 	}

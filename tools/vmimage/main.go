@@ -25,6 +25,11 @@ import (
 	"github.com/gohfi/gohfi/tools/vmimage/vmimage"
 )
 
+type stringList []string
+
+func (l *stringList) String() string     { return strings.Join(*l, " ") }
+func (l *stringList) Set(s string) error { *l = append(*l, s); return nil }
+
 type testList []vmimage.TestPackage
 
 func (l *testList) String() string { return fmt.Sprint(*l) }
@@ -35,6 +40,14 @@ func (l *testList) Set(s string) error {
 	}
 	*l = append(*l, vmimage.TestPackage{Package: pkg, Run: run, Timeout: 2 * time.Minute})
 	return nil
+}
+
+func (l testList) setTags(tags string) {
+	for i := range l {
+		if tags != "" {
+			l[i].Tags = strings.Split(tags, ",")
+		}
+	}
 }
 
 func main() {
@@ -88,9 +101,11 @@ func cmdInitramfs(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("initramfs", flag.ExitOnError)
 	cache := fs.String("cache", vmimage.CacheDir(), "cache directory ($"+vmimage.CacheEnv+")")
 	out := fs.String("o", "initramfs.cpio", "output file")
+	tags := fs.String("tags", "gohfiguest", "build tags for the test binaries")
 	var tests testList
 	fs.Var(&tests, "test", "package[:pattern] whose tests run in the guest (repeatable)")
 	fs.Parse(args)
+	tests.setTags(*tags)
 	a, err := vmimage.Fetch(ctx, vmimage.FetchOptions{CacheDir: *cache, Log: os.Stderr})
 	if err != nil {
 		return err
@@ -117,9 +132,13 @@ func cmdRun(ctx context.Context, args []string, interactive bool) error {
 	socket := fs.String("socket", "", "unix socket of a running vfio-user server: adds a vfio-user-pci device")
 	timeout := fs.Duration("timeout", 5*time.Minute, "kill the guest after this long (run only)")
 	mem := fs.Int("m", 1024, "guest memory in MiB")
+	var qemuArgs stringList
+	fs.Var(&qemuArgs, "qemu", "extra QEMU argument (repeatable), e.g. -qemu=-device -qemu=edu")
+	tags := fs.String("tags", "gohfiguest", "build tags for the test binaries")
 	var tests testList
 	fs.Var(&tests, "test", "package[:pattern] whose tests run in the guest (repeatable)")
 	fs.Parse(args)
+	tests.setTags(*tags)
 
 	a, err := vmimage.Fetch(ctx, vmimage.FetchOptions{CacheDir: *cache, Log: os.Stderr})
 	if err != nil {
@@ -136,7 +155,7 @@ func cmdRun(ctx context.Context, args []string, interactive bool) error {
 	if err != nil {
 		return err
 	}
-	vm := &vmimage.VM{Artifacts: a, Initramfs: initrd, MemoryMB: *mem, VFIOUserSocket: *socket}
+	vm := &vmimage.VM{Artifacts: a, Initramfs: initrd, MemoryMB: *mem, VFIOUserSocket: *socket, ExtraArgs: qemuArgs}
 	if interactive {
 		return vm.Interactive(ctx)
 	}

@@ -32,6 +32,7 @@ const (
 	MarkerEnd      = "GOHFI-END "    // followed by the number of results
 	MarkerError    = "GOHFI-ERROR "  // followed by a message; the init gives up
 	MarkerPoweroff = "GOHFI-POWEROFF"
+	MarkerKmsg     = "GOHFI-KMSG " // followed by the kernel log as a JSON string, when a test failed
 )
 
 // FactPrefix starts a line a guest test prints to report a measured fact
@@ -114,6 +115,7 @@ type Report struct {
 	Results  []Result
 	Complete bool   // the end marker was seen with the right count
 	Error    string // the init's own error, if it reported one
+	Kmsg     string // the guest kernel's log, sent when a test failed
 }
 
 // Encode writes one marker line with v as JSON.
@@ -148,6 +150,10 @@ func (p *Parser) Line(line string) (done bool, err error) {
 			return false, fmt.Errorf("guest: bad %q line: %w", strings.TrimSpace(MarkerInit), err)
 		}
 		p.Report.Init = &info
+	case strings.HasPrefix(line, MarkerKmsg):
+		if err := json.Unmarshal([]byte(line[len(MarkerKmsg):]), &p.Report.Kmsg); err != nil {
+			return false, fmt.Errorf("guest: bad %q line: %w", strings.TrimSpace(MarkerKmsg), err)
+		}
 	case line == MarkerBegin:
 		p.begun = true
 	case strings.HasPrefix(line, MarkerResult):

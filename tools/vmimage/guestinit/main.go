@@ -100,6 +100,16 @@ func run(console *os.File) error {
 			return err
 		}
 	}
+	for _, r := range results {
+		if !r.Passed() {
+			// The kernel's view of a failure (IOMMU faults, vfio-pci
+			// messages) is kept off the console while tests run.
+			if err := guest.Encode(console, guest.MarkerKmsg, kmsg(32<<10)); err != nil {
+				return err
+			}
+			break
+		}
+	}
 	if _, err := fmt.Fprintf(console, "\n%s%d\n", guest.MarkerEnd, len(results)); err != nil {
 		return err
 	}
@@ -170,6 +180,47 @@ func runTest(t guest.Test, env []string) guest.Result {
 		r.Error = err.Error()
 	}
 	return r
+}
+
+// kmsg returns the last max bytes of the kernel log, one message per line.
+func kmsg(max int) string {
+	// Raw syscalls: an *os.File would park on EAGAIN in the poller
+	// instead of returning at the end of the log.
+	fd, err := unix.Open("/dev/kmsg", unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err.Error()
+	}
+	defer unix.Close(fd)
+	var b strings.Builder
+	buf := make([]byte, 8192)
+	for {
+		n, err := unix.Read(fd, buf)
+		if errors.Is(err, unix.EPIPE) {
+			continue // overwritten while reading: go on with the next record
+		}
+		if err != nil || n <= 0 {
+			break // EAGAIN at the end of the log
+		}
+		// "prio,seq,usec,flags;text": keep the time and the text.
+		hdr, text, ok := strings.Cut(string(buf[:n]), ";")
+		if !ok {
+			continue
+		}
+		fields := strings.SplitN(hdr, ",", 4)
+		if len(fields) >= 3 {
+			if us, err := strconv.ParseInt(fields[2], 10, 64); err == nil {
+				fmt.Fprintf(&b, "[%6d.%06d] ", us/1e6, us%1e6)
+			}
+		}
+		text, _, _ = strings.Cut(text, "\n")
+		b.WriteString(text)
+		b.WriteByte('\n')
+	}
+	s := b.String()
+	if len(s) > max {
+		s = s[len(s)-max:]
+	}
+	return s
 }
 
 func uptime() float64 {

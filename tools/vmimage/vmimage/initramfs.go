@@ -193,5 +193,12 @@ func BuildTest(ctx context.Context, moduleDir, pkg, out string, tags ...string) 
 	if len(tags) > 0 {
 		args = append(args, "-tags", strings.Join(tags, ","))
 	}
-	return goBuild(ctx, moduleDir, append(args, pkg)...)
+	if err := goBuild(ctx, moduleDir, append(args, pkg)...); err != nil {
+		return err
+	}
+	// go test -c writes nothing for a package without tests.
+	if _, err := os.Stat(out); err != nil {
+		return fmt.Errorf("vmimage: %s has no tests to build (build tags %v): %w", pkg, tags, err)
+	}
+	return nil
 }

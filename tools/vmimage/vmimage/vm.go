@@ -121,14 +121,20 @@ func (vm *VM) Run(ctx context.Context, console io.Writer) (*RunResult, error) {
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	cmd.Stdin = nil
-	stdout, err := cmd.StdoutPipe()
+	cmd.WaitDelay = 5 * time.Second
+	// Our own pipe rather than StdoutPipe: Wait must not depend on the
+	// reader having seen EOF, and the reader is stopped by closing r.
+	r, w, err := os.Pipe()
 	if err != nil {
 		return nil, err
 	}
-	cmd.WaitDelay = 5 * time.Second
+	defer r.Close()
+	cmd.Stdout = w
 	res := &RunResult{}
 	start := time.Now()
-	if err := cmd.Start(); err != nil {
+	err = cmd.Start()
+	w.Close()
+	if err != nil {
 		return nil, fmt.Errorf("vmimage: starting QEMU: %w", err)
 	}
 
@@ -142,7 +148,7 @@ func (vm *VM) Run(ctx context.Context, console io.Writer) (*RunResult, error) {
 	readDone := make(chan struct{})
 	go func() {
 		defer close(readDone)
-		sc := bufio.NewScanner(stdout)
+		sc := bufio.NewScanner(r)
 		sc.Buffer(make([]byte, 0, 64<<10), 64<<20)
 		signalled := false
 		for sc.Scan() {
@@ -172,7 +178,6 @@ func (vm *VM) Run(ctx context.Context, console io.Writer) (*RunResult, error) {
 	var waitErr error
 	waitDone := make(chan struct{})
 	go func() {
-		<-readDone
 		waitErr = cmd.Wait()
 		close(waitDone)
 	}()
@@ -192,6 +197,14 @@ func (vm *VM) Run(ctx context.Context, console io.Writer) (*RunResult, error) {
 		runErr = fmt.Errorf("vmimage: guest did not finish: %w (QEMU killed)", context.Cause(ctx))
 		cancel()
 		<-waitDone
+	}
+	// QEMU is gone: the reader sees EOF unless something inherited the
+	// pipe; do not wait for it long.
+	select {
+	case <-readDone:
+	case <-time.After(2 * time.Second):
+		r.Close()
+		<-readDone
 	}
 	res.Total = time.Since(start)
 	mu.Lock()
