@@ -206,11 +206,10 @@ func (se *session) readLoop() (err error) {
 		close(se.dead)
 		close(se.queue)
 	}()
+	var rfds []int
 	for {
-		m := getInMsg()
-		h, p, fds, err := se.sk.readMsg(m.fds)
+		h, p, fds, err := se.sk.readMsg(rfds)
 		if err != nil {
-			putInMsg(m)
 			switch {
 			case errors.Is(err, errMsgFDs):
 				se.logf("%v", err)
@@ -236,9 +235,11 @@ func (se *session) readLoop() (err error) {
 			se.sendError(h, unix.EINVAL)
 			continue
 		}
-		// The reader's buffer is reused: the queued command gets a copy.
+		// The reader's buffers are reused: the queued command gets copies.
+		m := getInMsg()
 		m.buf = append(m.buf[:0], p...)
-		m.h, m.payload, m.fds = h, m.buf, fds
+		m.h, m.payload, m.fds = h, m.buf, append(m.fds[:0], fds...)
+		rfds = fds[:0]
 		// Bound the memory queued commands hold; the handler drains.
 		for se.queued.Load() > int64(se.o.queueBudget) {
 			<-se.drained
