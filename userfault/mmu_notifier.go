@@ -641,7 +641,10 @@ func (n *Notifier) Close() error {
 		n.mu.Unlock()
 		return nil
 	}
+	// Closed first: no Subscribe or Remove touches a source being closed.
+	n.closed = true
 	srcs := n.sources
+	n.cond.Broadcast()
 	n.mu.Unlock()
 	var errs []error
 	for _, s := range srcs {
@@ -650,7 +653,6 @@ func (n *Notifier) Close() error {
 		}
 	}
 	n.mu.Lock()
-	n.closed = true
 	if n.maps != nil {
 		n.maps.close()
 	}
