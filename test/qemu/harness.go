@@ -21,6 +21,10 @@ import (
 	"github.com/gohfi/gohfi/tools/vmimage/vmimage"
 )
 
+// EnvVFIOUserDevice is set to 1 in the guest tests' environment when the
+// guest has a vfio-user-pci device.
+const EnvVFIOUserDevice = "GOHFI_VFIO_USER_DEVICE"
+
 // Bounds for the stages of a guest run.
 const (
 	FetchTimeout = 3 * time.Minute
@@ -137,7 +141,11 @@ func RunDeviceScenarios(t testing.TB, a *vmimage.Artifacts, socketPath string, t
 	if socketPath == "" {
 		t.Fatal("RunDeviceScenarios: no vfio-user socket")
 	}
-	return RunGuest(t, a, GuestConfig{VFIOUserSocket: socketPath, Tests: tests})
+	return RunGuest(t, a, GuestConfig{
+		VFIOUserSocket: socketPath,
+		Tests:          tests,
+		Env:            []string{EnvVFIOUserDevice + "=1"},
+	})
 }
 
 // attachLog logs the guest console (its tail if long) and QEMU's stderr.

@@ -76,3 +76,5 @@ func uffdRegisterWP() error {
 	}
 	return nil
 }
+
+func addrOf(b []byte) uintptr { return uintptr(unsafe.Pointer(&b[0])) }
