@@ -7,15 +7,16 @@
 //
 // Every message is a 16-byte little-endian header {msg_id, cmd, size, flags,
 // errno} and a payload; fds travel as SCM_RIGHTS with the first byte of the
-// message. The framed reader (socket.go) reads exactly one message at a
-// time, header then payload, so fds are never attributed to a neighbouring
-// message; it receives with MSG_CMSG_CLOEXEC into a control buffer sized for
-// max_msg_fds, so a message with more fds is truncated by the kernel,
-// rejected, and the fds that did arrive are closed. Messages are capped at
-// max_data_xfer_size plus 4 KiB of headers; a larger size, or one smaller
-// than the header, breaks the framing and ends the connection. Decoders
-// check every length and never allocate from a size in the message before
-// checking it against the cap.
+// message. The framed reader (socket.go) is buffered, so a small message
+// costs at most one recvmsg, and it still gives every message exactly its
+// own fds: the kernel ends a read right after data that carried fds, so
+// the fds of a read belong to the last message that starts inside it; fds
+// no message can claim are closed. It receives with MSG_CMSG_CLOEXEC into a
+// control buffer sized for max_msg_fds, so a message with more fds is
+// truncated by the kernel, rejected, and the fds that did arrive are
+// closed. Messages are capped at max_data_xfer_size plus 4 KiB of headers;
+// a larger size, or one smaller than the header, breaks the framing and
+// ends the connection. Decoders check every length before use.
 //
 // # Server
 //
