@@ -180,6 +180,7 @@ type Notifier struct {
 	status  []SourceStatus
 	dedup   dedup
 	maps    *procMaps // this process's VMAs; nil when watching another
+	windows uint64    // userfaultfd read windows closed
 
 	// inflight counts open userfaultfd read windows: set before the read
 	// that releases an unmapping thread, cleared once the events are posted
@@ -454,13 +455,22 @@ func (n *Notifier) closeWindow(evs []Event) {
 	n.mu.Lock()
 	n.postLocked(evs)
 	n.inflight.Add(-1)
+	n.windows++
 	n.cond.Broadcast()
 	n.mu.Unlock()
 }
 
-// post hands events from a source to the dispatcher.
+// post hands events from an asynchronous source to the dispatcher. If a
+// userfaultfd read window is open, it waits for it to close: the window may
+// hold the userfaultfd copy of these events, which must be counted first
+// (see dedup).
 func (n *Notifier) post(evs []Event) {
 	n.mu.Lock()
+	if n.inflight.Load() != 0 {
+		for w := n.windows; n.windows == w && n.inflight.Load() != 0 && !n.closed; {
+			n.cond.Wait()
+		}
+	}
 	n.postLocked(evs)
 	n.mu.Unlock()
 }
