@@ -380,6 +380,11 @@ func fetch(ctx context.Context, opts FetchOptions) (*Artifacts, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The packages are not needed once unpacked (a new fetch downloads
+	// afresh): keep only the prefix.
+	if err := os.RemoveAll(debs); err != nil {
+		return nil, err
+	}
 	fmt.Fprintf(opts.Log, "vmimage: fetched in %v\n", time.Since(start).Round(time.Millisecond))
 	return &Artifacts{
 		Version:       stampVersion,

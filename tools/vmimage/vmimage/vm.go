@@ -46,7 +46,10 @@ func (vm *VM) Args(interactive bool) ([]string, error) {
 	if cpus == 0 {
 		cpus = 1
 	}
-	appendLine := []string{"console=ttyS0", "intel_iommu=on", "panic=-1", "quiet", "mitigations=off"}
+	// no_timer_check: under TCG on a loaded host the IO-APIC timer check
+	// through interrupt remapping can fail and panic the boot ("timer
+	// doesn't work through Interrupt-remapped IO-APIC").
+	appendLine := []string{"console=ttyS0", "intel_iommu=on", "panic=-1", "quiet", "mitigations=off", "no_timer_check"}
 	appendLine = append(appendLine, vm.Append...)
 	serial := "stdio"
 	if interactive {
