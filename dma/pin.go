@@ -15,8 +15,9 @@ var ErrClosed = errors.New("dma: pinner closed")
 const (
 	// DefaultMaxPins is the default size of the fixed-buffer table.
 	DefaultMaxPins = 4096
-	// DefaultScratchSize is the default size of the bounce file that
-	// ReadAt and WriteAt move data through, and so their chunk size.
+	// DefaultScratchSize is the default capacity of the bounce pipe that
+	// ReadAt and WriteAt move data through, and so their chunk size (the
+	// default fs.pipe-max-size).
 	DefaultScratchSize = 1 << 20
 	// MaxPinSize is the largest single pin: io_uring registers at most
 	// 1 GiB per fixed buffer.
@@ -36,7 +37,9 @@ type PinnerOptions struct {
 	// MaxPins is the number of pins that can be held at once (the
 	// fixed-buffer table size), at most 16384. Default DefaultMaxPins.
 	MaxPins int
-	// ScratchSize is the bounce-file size, a multiple of the page size.
+	// ScratchSize is the capacity asked for the bounce pipe, a multiple of
+	// the page size, and so the chunk size of ReadAt and WriteAt. The
+	// kernel may grant less (fs.pipe-max-size, pipe-user-pages-soft).
 	// Default DefaultScratchSize.
 	ScratchSize int
 }
@@ -66,10 +69,11 @@ type Pinner struct {
 	mu       sync.Mutex
 	r        *ring
 	setupErr error
-	broken   error // a request timed out: the ring and scratch are unsafe
+	broken   error // a request timed out or the pipe is out of step: unusable
 	closed   bool
-	scratchF int    // memfd the fixed requests read from and write to
-	scratch  []byte // its shared mapping
+	pipeR    int // bounce pipe: READ_FIXED reads from pipeR,
+	pipeW    int // WRITE_FIXED writes to pipeW
+	chunk    int // bytes the pipe holds: the most one request moves
 	free     []uint32
 	pins     map[uint32]*Pin
 	pending  map[uint64]int // release tag -> pages still charged
@@ -103,7 +107,8 @@ func NewPinner(acct *Accountant, opts *PinnerOptions) (*Pinner, error) {
 		acct:        acct,
 		maxPins:     o.MaxPins,
 		scratchSize: o.ScratchSize,
-		scratchF:    -1,
+		pipeR:       -1,
+		pipeW:       -1,
 		pins:        map[uint32]*Pin{},
 		pending:     map[uint64]int{},
 		done:        map[uint64]int32{},
@@ -141,23 +146,27 @@ func (p *Pinner) setup() error {
 		r.close()
 		return err
 	}
-	fd, err := unix.MemfdCreate("gohfi-dma-bounce", unix.MFD_CLOEXEC)
+	// The bounce is a pipe rather than a memfd: pipes support non-blocking
+	// I/O, so the kernel runs READ_FIXED/WRITE_FIXED inline; shmem files
+	// do not, and every request would be handed to an io-wq thread.
+	var fds [2]int
+	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		r.close()
+		return fmt.Errorf("dma: pipe2: %w", err)
+	}
+	chunk, err := unix.FcntlInt(uintptr(fds[1]), unix.F_SETPIPE_SZ, p.scratchSize)
 	if err != nil {
-		r.close()
-		return fmt.Errorf("dma: memfd_create: %w", err)
+		// Over the user's pipe quota or fs.pipe-max-size: live with the
+		// default capacity.
+		chunk, err = unix.FcntlInt(uintptr(fds[1]), unix.F_GETPIPE_SZ, 0)
 	}
-	if err := unix.Ftruncate(fd, int64(p.scratchSize)); err != nil {
-		unix.Close(fd)
-		r.close()
-		return fmt.Errorf("dma: ftruncate bounce memfd: %w", err)
-	}
-	m, err := unix.Mmap(fd, 0, p.scratchSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE)
 	if err != nil {
-		unix.Close(fd)
+		unix.Close(fds[0])
+		unix.Close(fds[1])
 		r.close()
-		return fmt.Errorf("dma: mmap bounce memfd: %w", err)
+		return fmt.Errorf("dma: bounce pipe size: %w", err)
 	}
-	p.r, p.scratchF, p.scratch = r, fd, m
+	p.r, p.pipeR, p.pipeW, p.chunk = r, fds[0], fds[1], min(chunk, p.scratchSize)
 	p.free = make([]uint32, p.maxPins)
 	for i := range p.free {
 		p.free[i] = uint32(p.maxPins - 1 - i) // pop from the end: slot 0 first
@@ -299,18 +308,20 @@ func (p *Pinner) waitLocked(cond func() bool, timeout time.Duration) bool {
 	}
 }
 
-// fixedLocked runs one READ_FIXED (device writes memory: bounce file ->
-// pinned pages) or WRITE_FIXED (pinned pages -> bounce file) request of n
-// bytes at offset off of pin, with the bounce file at offset 0, and returns
-// once all n bytes moved.
+// fixedLocked runs READ_FIXED (device writes memory: pipe -> pinned pages)
+// or WRITE_FIXED (pinned pages -> pipe) requests for n bytes at offset off
+// of pin and returns once all n bytes moved.
 func (p *Pinner) fixedLocked(op uint8, pin *Pin, off, n int) error {
+	fd := p.pipeR
+	if op == ioringOpWriteFixed {
+		fd = p.pipeW
+	}
 	for done := 0; done < n; {
 		p.nextID++
 		id := p.nextID &^ tagBit
 		p.r.queue(&ioUringSQE{
 			Opcode:   op,
-			Fd:       int32(p.scratchF),
-			Off:      uint64(done),
+			Fd:       int32(fd),
 			Addr:     uint64(pin.vaddr) + uint64(off+done),
 			Len:      uint32(n - done),
 			BufIndex: uint16(pin.slot),
@@ -360,18 +371,27 @@ func (pin *Pin) access(b []byte, off int64, write bool) (int, error) {
 	}
 	n := 0
 	for n < len(b) {
-		c := min(len(b)-n, p.scratchSize)
+		c := min(len(b)-n, p.chunk)
 		var err error
 		if write {
-			copy(p.scratch[:c], b[n:n+c])
-			err = p.fixedLocked(ioringOpReadFixed, pin, int(off)+n, c)
+			// vmsplice references b's pages from the pipe (no copy);
+			// READ_FIXED then copies them into the pinned pages. It
+			// may take less than c when b's pages outnumber the
+			// pipe's slots.
+			if c, err = pipeSplice(p.pipeW, b[n:n+c]); err == nil {
+				err = p.fixedLocked(ioringOpReadFixed, pin, int(off)+n, c)
+			}
 		} else {
-			err = p.fixedLocked(ioringOpWriteFixed, pin, int(off)+n, c)
-			if err == nil {
-				copy(b[n:n+c], p.scratch[:c])
+			if err = p.fixedLocked(ioringOpWriteFixed, pin, int(off)+n, c); err == nil {
+				err = pipeRead(p.pipeR, b[n:n+c])
 			}
 		}
 		if err != nil {
+			// Bytes may be left in the pipe: empty it so the next
+			// transfer starts in step, or give up on the pinner.
+			if derr := pipeDrain(p.pipeR); derr != nil && p.broken == nil {
+				p.broken = fmt.Errorf("dma: bounce pipe out of step, pinner unusable: %w", derr)
+			}
 			return n, fmt.Errorf("dma: %s %d bytes at %d of pin %#x: %w", what, c, int(off)+n, pin.vaddr, err)
 		}
 		n += c
@@ -432,14 +452,67 @@ func (p *Pinner) Close() error {
 		if err := p.r.close(); err != nil {
 			errs = append(errs, err)
 		}
-		if err := unix.Munmap(p.scratch); err != nil {
-			errs = append(errs, fmt.Errorf("dma: munmap bounce: %w", err))
+		for _, fd := range []int{p.pipeR, p.pipeW} {
+			if err := unix.Close(fd); err != nil {
+				errs = append(errs, fmt.Errorf("dma: close bounce pipe: %w", err))
+			}
 		}
-		if err := unix.Close(p.scratchF); err != nil {
-			errs = append(errs, fmt.Errorf("dma: close bounce memfd: %w", err))
-		}
-		p.r, p.scratch, p.scratchF = nil, nil, -1
+		p.r, p.pipeR, p.pipeW = nil, -1, -1
 	}
 	p.closed = true
 	return errors.Join(errs...)
+}
+
+// pipeSplice splices as much of b as the empty bounce pipe takes, at least
+// one byte, and returns how much. The pages stay referenced by the pipe
+// until the request reading them completes, which the caller waits for
+// before returning b to its owner.
+func pipeSplice(fd int, b []byte) (int, error) {
+	iov := []unix.Iovec{{Base: &b[0]}}
+	iov[0].SetLen(len(b))
+	for {
+		n, err := unix.Vmsplice(fd, iov, unix.SPLICE_F_NONBLOCK)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			return 0, fmt.Errorf("dma: vmsplice to bounce pipe: %w", err)
+		case n == 0:
+			return 0, fmt.Errorf("dma: vmsplice to bounce pipe took nothing: %w", unix.EIO)
+		}
+		return n, nil
+	}
+}
+
+// pipeRead reads exactly len(b) bytes that a completed request put into the
+// bounce pipe.
+func pipeRead(fd int, b []byte) error {
+	for len(b) > 0 {
+		n, err := unix.Read(fd, b)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			return fmt.Errorf("dma: read bounce pipe: %w", err)
+		case n == 0:
+			return fmt.Errorf("dma: read bounce pipe: EOF: %w", unix.EIO)
+		}
+		b = b[n:]
+	}
+	return nil
+}
+
+// pipeDrain empties the bounce pipe.
+func pipeDrain(fd int) error {
+	var buf [4096]byte
+	for {
+		_, err := unix.Read(fd, buf[:])
+		switch {
+		case err == unix.EAGAIN:
+			return nil
+		case err == unix.EINTR:
+		case err != nil:
+			return err
+		}
+	}
 }
