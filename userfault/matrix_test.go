@@ -155,6 +155,13 @@ func TestCoverageMatrix(t *testing.T) {
 			unsub(t)
 			munmap(t, a, pages)
 		}, map[Source]EventKind{U: EventFork, T: EventFork, K: EventKernel}},
+		{"mmap MAP_FIXED over the range", func(t *testing.T, sub func(a, l uintptr)) {
+			a := mmapAnon(t, pages)
+			sub(a, pages*ps)
+			mmapAt(t, a+ps, 2, -1, unix.MAP_FIXED)
+			unsub(t)
+			munmap(t, a, pages)
+		}, map[Source]EventKind{U: EventUnmap, K: EventKernel}},
 		{"mprotect", func(t *testing.T, sub func(a, l uintptr)) {
 			a := mmapAnon(t, pages)
 			sub(a, pages*ps)
