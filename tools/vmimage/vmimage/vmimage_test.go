@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -191,6 +192,7 @@ func fakeQEMU(t *testing.T, script string) *Artifacts {
 }
 
 func TestRunCollectsResults(t *testing.T) {
+	checkLeaks(t)
 	a := fakeQEMU(t, `
 echo "SeaBIOS"
 echo 'GOHFI-INIT {"uptime":2.5,"release":"6.12"}'
@@ -211,7 +213,35 @@ echo 'GOHFI-POWEROFF'
 	}
 }
 
+// checkLeaks fails t if goroutines or open fds grew during the test, after
+// a bounded wait for goroutines to wind down.
+func checkLeaks(t *testing.T) {
+	t.Helper()
+	fds := func() int {
+		ents, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			return -1
+		}
+		return len(ents)
+	}
+	g0, f0 := runtime.NumGoroutine(), fds()
+	t.Cleanup(func() {
+		deadline := time.Now().Add(5 * time.Second)
+		for runtime.NumGoroutine() > g0 && time.Now().Before(deadline) {
+			runtime.Gosched()
+			time.Sleep(10 * time.Millisecond)
+		}
+		if g := runtime.NumGoroutine(); g > g0 {
+			t.Errorf("goroutines: %d before, %d after", g0, g)
+		}
+		if f := fds(); f > f0 {
+			t.Errorf("open fds: %d before, %d after", f0, f)
+		}
+	})
+}
+
 func TestRunKillsHungGuest(t *testing.T) {
+	checkLeaks(t)
 	a := fakeQEMU(t, "echo 'GOHFI-INIT {}'\nexec sleep 60\n")
 	vm := &VM{Artifacts: a, Initramfs: "/nonexistent"}
 	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
