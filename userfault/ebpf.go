@@ -211,10 +211,19 @@ func newBPF(ctx context.Context, n *Notifier, kinds []Source) (*bpfSource, []Sou
 	return b, sts
 }
 
-// explainBPF adds the likely cause to common load errors.
+// explainBPF adds the likely cause to a permission error.
 func explainBPF(err error) error {
-	if !errors.Is(err, unix.EPERM) {
+	if !errors.Is(err, unix.EPERM) && !errors.Is(err, unix.EACCES) {
 		return err
+	}
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if unix.Capget(&hdr, &data[0]) == nil {
+		has := func(c uint) bool { return data[c/32].Effective&(1<<(c%32)) != 0 }
+		const capSysAdmin, capPerfmon, capBPF = 21, 38, 39
+		if !has(capSysAdmin) && !(has(capBPF) && has(capPerfmon)) {
+			return fmt.Errorf("%w (needs CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)", err)
+		}
 	}
 	if b, rerr := os.ReadFile("/sys/kernel/security/lockdown"); rerr == nil {
 		l := string(b)
@@ -222,7 +231,7 @@ func explainBPF(err error) error {
 			return fmt.Errorf("%w (kernel lockdown is %q; locked-down kernels refuse fentry/fexit)", err, l[i+1:j])
 		}
 	}
-	return fmt.Errorf("%w (needs CAP_BPF and CAP_PERFMON, or root; a locked-down kernel forbids fentry)", err)
+	return fmt.Errorf("%w (a locked-down kernel refuses fentry/fexit)", err)
 }
 
 func (b *bpfSource) attachTracepoints(spec *ebpf.CollectionSpec) error {

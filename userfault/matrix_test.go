@@ -311,6 +311,9 @@ func TestHelperChild(t *testing.T) {
 	switch os.Getenv(childEnv) {
 	case "":
 		t.Skip("helper process for other tests")
+	case "nouffd", "nobpf":
+		degradedChild(os.Getenv(childEnv))
+		os.Exit(0)
 	case "exit":
 		// Print the address of a buffer, wait for stdin to close, exit.
 		b, err := mem.Alloc(4 * int(pageSize))
