@@ -305,7 +305,7 @@ type Subscription struct {
 	pending int  // undelivered (event, subscription) pairs
 	hit     bool // an Invalidate in the pending window returned true
 	removed atomic.Bool
-	calling atomic.Int32 // 1 while the dispatcher is between check and call
+	calling atomic.Int32 // see deliver
 }
 
 // Start and End give the subscribed range [Start, End).
@@ -404,11 +404,8 @@ func (s *Subscription) Remove() {
 		}
 	}
 	n.mu.Unlock()
-	for s.calling.Load() != 0 {
-		if n.onDispatcher() {
-			break
-		}
-		time.Sleep(time.Microsecond)
+	for s.calling.Load() == 1 {
+		runtime.Gosched()
 	}
 }
 
@@ -572,9 +569,13 @@ func (n *Notifier) dispatch(started chan<- struct{}) {
 func (n *Notifier) deliver(b *batch) {
 	for i, ev := range b.events {
 		for _, s := range b.subs[i] {
+			// calling: 1 while deciding, 2 once the call has started. Remove
+			// waits out state 1 only, so no call starts after it returns and
+			// it never waits for a running one.
 			hit := false
 			s.calling.Store(1)
 			if !s.removed.Load() {
+				s.calling.Store(2)
 				n.delivered.Add(1)
 				hit = s.ops.Invalidate(s, ev)
 			}

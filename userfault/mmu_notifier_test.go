@@ -7,6 +7,7 @@ import (
 	"os"
 	"runtime"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -355,5 +356,42 @@ func TestProcmapQuery(t *testing.T) {
 	}
 	if !slices.ContainsFunc(all, func(w vma) bool { return w == v }) {
 		t.Fatalf("PROCMAP_QUERY %+v not in /proc/self/maps", v)
+	}
+}
+
+// Remove does not wait for an Invalidate running on the dispatcher (which
+// may wait for a lock the remover holds), and nothing starts after it.
+func TestRemoveDoesNotWaitForRunningCallback(t *testing.T) {
+	n := newNotifier(t, SourceUserfaultfd)
+	addr := mmapAnon(t, 2)
+	defer munmap(t, addr, 2)
+	var lock sync.Mutex
+	entered := make(chan struct{}, 4)
+	calls := 0
+	s, err := n.Subscribe(addr, 2*pageSize, InvalidateFunc(func(*Subscription, Event) bool {
+		calls++
+		entered <- struct{}{}
+		lock.Lock() // the consumer's lock, held by the remover below
+		lock.Unlock()
+		return true
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lock.Lock()
+	madvise(t, addr, 1, unix.MADV_DONTNEED)
+	<-entered
+	removed := make(chan struct{})
+	go func() { s.Remove(); close(removed) }()
+	select {
+	case <-removed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Remove waited for the running Invalidate: deadlock")
+	}
+	lock.Unlock()
+	madvise(t, addr, 1, unix.MADV_DONTNEED)
+	syncNotifier(t, n)
+	if calls != 1 {
+		t.Fatalf("%d calls, want 1", calls)
 	}
 }
