@@ -5,10 +5,10 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
-	"unsafe"
 
 	"github.com/gohfi/gohfi/mem"
 	"golang.org/x/sys/unix"
@@ -16,7 +16,8 @@ import (
 
 // A source that cannot start is reported with its reason and the other keeps
 // working: a child process drops the capability one source needs, on all its
-// threads, then runs a default notifier and reports what it saw.
+// threads (through the bounding set and a re-exec), then runs a default
+// notifier and reports what it saw.
 
 const (
 	capSysPtrace = 19
@@ -25,22 +26,21 @@ const (
 	capBPF       = 39
 )
 
+// dropCaps removes capabilities from the bounding set of this thread and
+// re-executes the program from it: root's capabilities after execve are the
+// bounding set, so the new image lacks them on every thread.
 func dropCaps(caps ...int) error {
-	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
-	var data [2]unix.CapUserData
-	if err := unix.Capget(&hdr, &data[0]); err != nil {
-		return fmt.Errorf("capget: %w", err)
+	if os.Getenv(childEnv+"_STAGE") == "2" {
+		return nil
 	}
+	runtime.LockOSThread()
 	for _, c := range caps {
-		data[c/32].Effective &^= 1 << (c % 32)
-		data[c/32].Permitted &^= 1 << (c % 32)
-		data[c/32].Inheritable &^= 1 << (c % 32)
+		if err := unix.Prctl(unix.PR_CAPBSET_DROP, uintptr(c), 0, 0, 0); err != nil {
+			return fmt.Errorf("PR_CAPBSET_DROP %d: %w", c, err)
+		}
 	}
-	// Capabilities are per thread: change every thread of the process.
-	if _, _, e := syscall.AllThreadsSyscall(syscall.SYS_CAPSET, uintptr(unsafe.Pointer(&hdr)), uintptr(unsafe.Pointer(&data[0])), 0); e != 0 {
-		return fmt.Errorf("capset: %w", e)
-	}
-	return nil
+	err := syscall.Exec(os.Args[0], os.Args, append(os.Environ(), childEnv+"_STAGE=2"))
+	return fmt.Errorf("re-exec: %w", err)
 }
 
 // degradedChild runs in the child: drop, start, watch a munmap, report.
