@@ -24,6 +24,10 @@ const (
 	MaxPinSize = ioringMaxBufferSize
 
 	ringEntries = 8
+	// fileBounceMin is the read size from which ReadAt bounces through
+	// the memfd rather than the pipe (measured crossover, see
+	// docs/pinning.md).
+	fileBounceMin = 64 << 10
 	// tagBit marks CQE user_data values that are fixed-buffer release
 	// tags rather than request ids.
 	tagBit = 1 << 63
@@ -65,15 +69,18 @@ type Pinner struct {
 	acct        *Accountant
 	maxPins     int
 	scratchSize int
+	newRing     func(entries uint32) (*ring, error) // tests replace it
 
 	mu       sync.Mutex
 	r        *ring
 	setupErr error
 	broken   error // a request timed out or the pipe is out of step: unusable
 	closed   bool
-	pipeR    int // bounce pipe: READ_FIXED reads from pipeR,
-	pipeW    int // WRITE_FIXED writes to pipeW
-	chunk    int // bytes the pipe holds: the most one request moves
+	pipeR    int    // bounce pipe: READ_FIXED reads from pipeR,
+	pipeW    int    // WRITE_FIXED writes to pipeW
+	chunk    int    // bytes the pipe holds: the most one request moves
+	fileFd   int    // bounce memfd for large reads
+	fileMap  []byte // its shared mapping
 	free     []uint32
 	pins     map[uint32]*Pin
 	pending  map[uint64]int // release tag -> pages still charged
@@ -107,6 +114,7 @@ func NewPinner(acct *Accountant, opts *PinnerOptions) (*Pinner, error) {
 		acct:        acct,
 		maxPins:     o.MaxPins,
 		scratchSize: o.ScratchSize,
+		newRing:     newRing,
 		pipeR:       -1,
 		pipeW:       -1,
 		pins:        map[uint32]*Pin{},
@@ -138,7 +146,7 @@ func (p *Pinner) setupLocked() error {
 }
 
 func (p *Pinner) setup() error {
-	r, err := newRing(ringEntries)
+	r, err := p.newRing(ringEntries)
 	if err != nil {
 		return err
 	}
@@ -166,7 +174,25 @@ func (p *Pinner) setup() error {
 		r.close()
 		return fmt.Errorf("dma: bounce pipe size: %w", err)
 	}
+	mfd, err := unix.MemfdCreate("gohfi-dma-bounce", unix.MFD_CLOEXEC)
+	if err == nil {
+		err = unix.Ftruncate(mfd, int64(p.scratchSize))
+	}
+	var m []byte
+	if err == nil {
+		m, err = unix.Mmap(mfd, 0, p.scratchSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE)
+	}
+	if err != nil {
+		if mfd >= 0 {
+			unix.Close(mfd)
+		}
+		unix.Close(fds[0])
+		unix.Close(fds[1])
+		r.close()
+		return fmt.Errorf("dma: bounce memfd: %w", err)
+	}
 	p.r, p.pipeR, p.pipeW, p.chunk = r, fds[0], fds[1], min(chunk, p.scratchSize)
+	p.fileFd, p.fileMap = mfd, m
 	p.free = make([]uint32, p.maxPins)
 	for i := range p.free {
 		p.free[i] = uint32(p.maxPins - 1 - i) // pop from the end: slot 0 first
@@ -316,12 +342,23 @@ func (p *Pinner) fixedLocked(op uint8, pin *Pin, off, n int) error {
 	if op == ioringOpWriteFixed {
 		fd = p.pipeW
 	}
+	return p.fixedFdLocked(op, fd, false, pin, off, n)
+}
+
+// fixedFdLocked runs fixed requests between fd and n bytes at offset off of
+// pin. A seekable fd is used from file offset 0.
+func (p *Pinner) fixedFdLocked(op uint8, fd int, seekable bool, pin *Pin, off, n int) error {
 	for done := 0; done < n; {
+		var fileOff uint64
+		if seekable {
+			fileOff = uint64(done)
+		}
 		p.nextID++
 		id := p.nextID &^ tagBit
 		p.r.queue(&ioUringSQE{
 			Opcode:   op,
 			Fd:       int32(fd),
+			Off:      fileOff,
 			Addr:     uint64(pin.vaddr) + uint64(off+done),
 			Len:      uint32(n - done),
 			BufIndex: uint16(pin.slot),
@@ -380,6 +417,16 @@ func (pin *Pin) access(b []byte, off int64, write bool) (int, error) {
 			// pipe's slots.
 			if c, err = pipeSplice(p.pipeW, b[n:n+c]); err == nil {
 				err = p.fixedLocked(ioringOpReadFixed, pin, int(off)+n, c)
+			}
+		} else if c >= fileBounceMin {
+			// Large reads go through the memfd: the kernel hands
+			// those requests to an io-wq thread (shmem cannot do
+			// non-blocking I/O), a few microseconds, but its pages
+			// stay allocated while a pipe allocates and frees one
+			// page per 4 KiB moved.
+			c = min(c, len(p.fileMap))
+			if err = p.fixedFdLocked(ioringOpWriteFixed, p.fileFd, true, pin, int(off)+n, c); err == nil {
+				copy(b[n:n+c], p.fileMap[:c])
 			}
 		} else {
 			if err = p.fixedLocked(ioringOpWriteFixed, pin, int(off)+n, c); err == nil {
@@ -452,12 +499,15 @@ func (p *Pinner) Close() error {
 		if err := p.r.close(); err != nil {
 			errs = append(errs, err)
 		}
-		for _, fd := range []int{p.pipeR, p.pipeW} {
+		if err := unix.Munmap(p.fileMap); err != nil {
+			errs = append(errs, fmt.Errorf("dma: munmap bounce memfd: %w", err))
+		}
+		for _, fd := range []int{p.pipeR, p.pipeW, p.fileFd} {
 			if err := unix.Close(fd); err != nil {
-				errs = append(errs, fmt.Errorf("dma: close bounce pipe: %w", err))
+				errs = append(errs, fmt.Errorf("dma: close bounce: %w", err))
 			}
 		}
-		p.r, p.pipeR, p.pipeW = nil, -1, -1
+		p.r, p.pipeR, p.pipeW, p.fileFd, p.fileMap = nil, -1, -1, -1, nil
 	}
 	p.closed = true
 	return errors.Join(errs...)

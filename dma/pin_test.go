@@ -3,6 +3,7 @@ package dma
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"sync"
 	"testing"
 
@@ -248,33 +249,49 @@ func TestPinMemfd(t *testing.T) {
 	}
 }
 
-// TestPinLargeTransfer moves more than the bounce buffer in one call, at an
-// odd offset, so it is chunked.
+// TestPinLargeTransfer moves more than the bounce buffers in one call, at an
+// odd offset, so it is chunked: with a small pipe (all reads through the
+// pipe) and with the default sizes (large reads through the memfd).
 func TestPinLargeTransfer(t *testing.T) {
-	checkNoLeaks(t)
 	ps := PageSize()
-	p := newTestPinner(t, NewAccountant(), &PinnerOptions{ScratchSize: 4 * ps})
-	size := 64 * ps
-	buf := mmapAnon(t, size)
-	defer unix.Munmap(buf)
-	pin, err := p.Pin(sliceAddr(buf), size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pin.Unpin()
-	src := make([]byte, size-777)
-	for i := range src {
-		src[i] = byte(i*7 + i>>8)
-	}
-	if n, err := pin.WriteAt(src, 777); err != nil || n != len(src) {
-		t.Fatalf("WriteAt = %d, %v", n, err)
-	}
-	if !bytes.Equal(buf[777:], src) || !allEqual(buf[:777], 0) {
-		t.Fatal("chunked WriteAt wrote the wrong bytes")
-	}
-	got := make([]byte, len(src))
-	if n, err := pin.ReadAt(got, 777); err != nil || n != len(got) || !bytes.Equal(got, src) {
-		t.Fatalf("chunked ReadAt = %d, %v, equal=%v", n, err, bytes.Equal(got, src))
+	for _, tc := range []struct {
+		name    string
+		scratch int
+		size    int
+	}{
+		{"small pipe", 4 * ps, 64 * ps},
+		{"default", 0, 3<<20 + 5*ps},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkNoLeaks(t)
+			p := newTestPinner(t, NewAccountant(), &PinnerOptions{ScratchSize: tc.scratch})
+			buf := mmapAnon(t, tc.size)
+			defer unix.Munmap(buf)
+			pin, err := p.Pin(sliceAddr(buf), tc.size)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer pin.Unpin()
+			src := make([]byte, tc.size-777)
+			for i := range src {
+				src[i] = byte(i*7 + i>>8)
+			}
+			if n, err := pin.WriteAt(src, 777); err != nil || n != len(src) {
+				t.Fatalf("WriteAt = %d, %v", n, err)
+			}
+			if !bytes.Equal(buf[777:], src) || !allEqual(buf[:777], 0) {
+				t.Fatal("chunked WriteAt wrote the wrong bytes")
+			}
+			got := make([]byte, len(src))
+			if n, err := pin.ReadAt(got, 777); err != nil || n != len(got) || !bytes.Equal(got, src) {
+				t.Fatalf("chunked ReadAt = %d, %v, equal=%v", n, err, bytes.Equal(got, src))
+			}
+			// A read that ends in a short tail takes both paths.
+			got = got[:tc.size/3+100]
+			if _, err := pin.ReadAt(got, 5); err != nil || !bytes.Equal(got, buf[5:5+len(got)]) {
+				t.Fatalf("ReadAt of %d bytes at 5: %v", len(got), err)
+			}
+		})
 	}
 }
 
@@ -399,5 +416,38 @@ func TestNewPinnerInvalid(t *testing.T) {
 	}
 	if err := p.Close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestPinWithoutIOUring: when io_uring cannot be set up (here faked as the
+// io_uring_disabled sysctl's EPERM), Pin says so with the errno, every
+// time, and charges nothing.
+func TestPinWithoutIOUring(t *testing.T) {
+	acct := NewAccountant()
+	p, err := NewPinner(acct, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	calls := 0
+	p.newRing = func(uint32) (*ring, error) {
+		calls++
+		return nil, fmt.Errorf("dma: io_uring_setup: %w", unix.EPERM)
+	}
+	buf := mmapAnon(t, PageSize())
+	defer unix.Munmap(buf)
+	for range 2 {
+		if _, err := p.Pin(sliceAddr(buf), PageSize()); !errors.Is(err, unix.EPERM) {
+			t.Fatalf("Pin without io_uring = %v, want EPERM", err)
+		}
+	}
+	if err := p.Available(); !errors.Is(err, unix.EPERM) {
+		t.Fatalf("Available = %v, want EPERM", err)
+	}
+	if calls != 1 {
+		t.Errorf("io_uring setup tried %d times, want once", calls)
+	}
+	if acct.Pinned() != 0 {
+		t.Errorf("Pinned = %d", acct.Pinned())
 	}
 }

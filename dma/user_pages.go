@@ -8,7 +8,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// PageSize is the size of the pages pins are counted in.
+// pageSize is the size of the pages pins are counted in; fixed for the
+// life of the process.
 var pageSize = os.Getpagesize()
 
 // PageSize returns the system page size.
