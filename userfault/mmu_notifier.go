@@ -279,6 +279,16 @@ func (n *Notifier) Sources() []SourceStatus {
 	return append([]SourceStatus(nil), n.status...)
 }
 
+// markDead records that a started source stopped. Called with n.mu held.
+func (n *Notifier) markDead(src Source, err error) {
+	for i := range n.status {
+		if n.status[i].Source == src {
+			n.status[i].Started = false
+			n.status[i].Err = err
+		}
+	}
+}
+
 // Pid is the watched process.
 func (n *Notifier) Pid() int { return n.pid }
 

@@ -52,6 +52,15 @@ type uffdSource struct {
 
 	closeOnce sync.Once
 	closeErr  error
+	fdOnce    sync.Once
+	dead      error // set under n.mu when the monitor stopped on its own
+}
+
+// closeFd closes the userfaultfd once. Closing it unregisters every range
+// and wakes every thread still waiting on an event.
+func (u *uffdSource) closeFd() (err error) {
+	u.fdOnce.Do(func() { err = unix.Close(u.fd) })
+	return err
 }
 
 func featureNames(f uint64) string {
@@ -128,6 +137,9 @@ func (u *uffdSource) watch(start, end uintptr) error {
 	// fails with EFAULT). Registering a range already registered with this
 	// uffd is allowed, so every Subscribe registers: the pages may belong to
 	// a new mapping at an old address whose UNMAP is still on its way.
+	if u.dead != nil {
+		return u.dead
+	}
 	ext, err := u.n.maps.check(start, end)
 	if err != nil {
 		return err
@@ -146,6 +158,9 @@ func (u *uffdSource) watch(start, end uintptr) error {
 }
 
 func (u *uffdSource) unwatch(pieces []pageRange) {
+	if u.dead != nil {
+		return
+	}
 	// Unregister whole VMAs that no subscription touches any more (see
 	// watch). Best effort: a piece may be unmapped already (the VMA left
 	// with its registration) or hold a new mapping that is not registered.
@@ -178,9 +193,7 @@ func (u *uffdSource) close() error {
 			u.closeErr = fmt.Errorf("wake monitor: %w", err)
 		}
 		<-u.done
-		// Closing the uffd unregisters every range and wakes every thread
-		// still waiting on an event.
-		if err := unix.Close(u.fd); err != nil && u.closeErr == nil {
+		if err := u.closeFd(); err != nil && u.closeErr == nil {
 			u.closeErr = fmt.Errorf("close userfaultfd: %w", err)
 		}
 		unix.Close(u.wake)
@@ -197,6 +210,20 @@ func (u *uffdSource) monitor() {
 	defer close(u.done)
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
+	stopped := false
+	defer func() {
+		if stopped {
+			return
+		}
+		// Stopped on its own (an error from poll or read): a userfaultfd
+		// without a reader would hang every munmap of watched memory, so
+		// close it now and report the source dead.
+		u.n.mu.Lock()
+		u.dead = fmt.Errorf("userfaultfd monitor stopped: %w", unix.EIO)
+		u.closeFd()
+		u.n.markDead(SourceUserfaultfd, u.dead)
+		u.n.mu.Unlock()
+	}()
 	buf := make([]byte, uffdMsgSize*uffdBatch)
 	fds := []unix.PollFd{{Fd: int32(u.fd), Events: unix.POLLIN}, {Fd: int32(u.wake), Events: unix.POLLIN}}
 	evs := make([]Event, 0, uffdBatch)
@@ -209,6 +236,7 @@ func (u *uffdSource) monitor() {
 			return
 		}
 		if fds[1].Revents != 0 {
+			stopped = true
 			return
 		}
 		if fds[0].Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 && fds[0].Revents&unix.POLLIN == 0 {
