@@ -3,6 +3,7 @@ package dma
 import (
 	"bufio"
 	"errors"
+	"fmt"
 	"os"
 	"runtime"
 	"strconv"
@@ -77,7 +78,7 @@ func vmPinKB(t testing.TB) int {
 			return n
 		}
 	}
-	t.Skip("no VmPin in /proc/self/status")
+	requireOrSkip(t, errors.New("no VmPin line in /proc/self/status"), "VmPin accounting")
 	return 0
 }
 
@@ -87,7 +88,7 @@ func vmPinKB(t testing.TB) int {
 func withMemlockLimit(t testing.TB, bytes uint64) {
 	t.Helper()
 	if err := trySetMemlock(t, bytes); err != nil {
-		t.Skipf("setrlimit(RLIMIT_MEMLOCK, %d): %v", bytes, err)
+		requireOrSkip(t, err, fmt.Sprintf("setrlimit(RLIMIT_MEMLOCK, %d)", bytes))
 	}
 }
 
