@@ -245,7 +245,6 @@ func (b *bpfSource) attachTracepoints(spec *ebpf.CollectionSpec) error {
 		{"syscalls", "sys_exit_mremap", b.core.ExitMremap},
 		{"syscalls", "sys_exit_madvise", b.core.ExitMadvise},
 		{"syscalls", "sys_exit_brk", b.core.ExitBrk},
-		{"sched", "sched_process_exit", b.core.ProcessExit},
 	} {
 		l, err := link.Tracepoint(tp.group, tp.name, tp.prog, nil)
 		if err != nil {
@@ -253,7 +252,19 @@ func (b *bpfSource) attachTracepoints(spec *ebpf.CollectionSpec) error {
 		}
 		b.links = append(b.links, l)
 	}
-	b.info = append(b.info, "tracepoints munmap, mremap, madvise, brk (reported at exit), sched_process_exit")
+	b.info = append(b.info, "tracepoints munmap, mremap, madvise, brk (reported at exit)")
+	// Exit: tp_btf gives group_dead (the last thread); else the classic
+	// tracepoint and the thread group leader's exit.
+	if err := b.attachExtra(spec, "process_exit_btf"); err == nil {
+		b.info = append(b.info, "tp_btf/sched_process_exit")
+	} else {
+		l, err := link.Tracepoint("sched", "sched_process_exit", b.core.ProcessExit, nil)
+		if err != nil {
+			return fmt.Errorf("attach tracepoint sched/sched_process_exit: %w", explainBPF(err))
+		}
+		b.links = append(b.links, l)
+		b.info = append(b.info, "tracepoint sched_process_exit")
+	}
 	// Fork needs the task's mm to tell a fork from a thread: tp_btf.
 	if err := b.attachExtra(spec, "process_fork"); err != nil {
 		b.info = append(b.info, fmt.Sprintf("no fork events: tp_btf/sched_process_fork: %v", err))

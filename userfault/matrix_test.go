@@ -47,6 +47,7 @@ func TestCoverageMatrix(t *testing.T) {
 		requireOrSkip(t, err, "start "+s.String())
 		defer n.Close()
 		notifiers[s] = n
+		t.Logf("%v", n.Sources())
 	}
 	U, T, K := SourceUserfaultfd, SourceTracepoint, SourceKVM
 	// active are the subscriptions of the running row; unsub removes them

@@ -59,6 +59,7 @@ const (
 	notifierProgKvmUnmapHvaRange   = "kvm_unmap_hva_range"
 	notifierProgMmuInvalidateStart = "mmu_invalidate_start"
 	notifierProgProcessExit        = "process_exit"
+	notifierProgProcessExitBtf     = "process_exit_btf"
 	notifierProgProcessFork        = "process_fork"
 	notifierVarCurBrk              = "cur_brk"
 	notifierVarLost                = "lost"
@@ -121,6 +122,7 @@ type notifierProgramSpecs struct {
 	KvmUnmapHvaRange   *ebpf.ProgramSpec `ebpf:"kvm_unmap_hva_range"`
 	MmuInvalidateStart *ebpf.ProgramSpec `ebpf:"mmu_invalidate_start"`
 	ProcessExit        *ebpf.ProgramSpec `ebpf:"process_exit"`
+	ProcessExitBtf     *ebpf.ProgramSpec `ebpf:"process_exit_btf"`
 	ProcessFork        *ebpf.ProgramSpec `ebpf:"process_fork"`
 }
 
@@ -209,6 +211,7 @@ type notifierPrograms struct {
 	KvmUnmapHvaRange   *ebpf.Program `ebpf:"kvm_unmap_hva_range"`
 	MmuInvalidateStart *ebpf.Program `ebpf:"mmu_invalidate_start"`
 	ProcessExit        *ebpf.Program `ebpf:"process_exit"`
+	ProcessExitBtf     *ebpf.Program `ebpf:"process_exit_btf"`
 	ProcessFork        *ebpf.Program `ebpf:"process_fork"`
 }
 
@@ -224,6 +227,7 @@ func (p *notifierPrograms) Close() error {
 		p.KvmUnmapHvaRange,
 		p.MmuInvalidateStart,
 		p.ProcessExit,
+		p.ProcessExitBtf,
 		p.ProcessFork,
 	)
 }

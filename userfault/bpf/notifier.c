@@ -385,6 +385,19 @@ struct task_struct {
 	int tgid;
 } __attribute__((preserve_access_index));
 
+/* The same with BTF (Linux 6.x passes group_dead): the last thread's exit is
+ * the process's. Preferred; the classic tracepoint is the fallback. */
+SEC("tp_btf/sched_process_exit")
+int process_exit_btf(__u64 *ctx)
+{
+	struct task_struct *p = (struct task_struct *)ctx[0];
+	int group_dead = (int)ctx[1];
+	if (p->tgid != watch_tgid || !group_dead)
+		return 0;
+	emit(EV_EXIT, ORIG_SYSCALL, 0, ~0ULL, 0);
+	return 0;
+}
+
 /* A fork copies the address space and makes private pages copy-on-write in
  * the parent. Threads and vfork share the mm and are skipped. */
 SEC("tp_btf/sched_process_fork")
