@@ -69,6 +69,8 @@ type bpfSource struct {
 	rd       *ringbuf.Reader
 	kvm      int // KVM VM fd, or -1
 	btfCache *btf.Cache
+	gen      uint64 // config generation, under n.mu
+	nranges  int
 	cookie   uint64
 	kinds    []Source
 	info     []string
@@ -311,7 +313,7 @@ func (b *bpfSource) kind() Source { return b.kinds[0] }
 
 func (b *bpfSource) detail() string { return strings.Join(b.info, ", ") }
 
-func (b *bpfSource) watch(start, end uintptr) error { return b.pushRanges() }
+func (b *bpfSource) watch(start, end uintptr, _ pageRange) error { return b.pushRanges() }
 
 func (b *bpfSource) unwatch([]pageRange) { _ = b.pushRanges() }
 
@@ -339,11 +341,8 @@ func (b *bpfSource) pushRanges() error {
 		}
 		rs = out
 	}
-	var c notifierConf
-	if err := b.core.Config.Lookup(uint32(0), &c); err != nil {
-		return fmt.Errorf("ebpf: read config: %w", err)
-	}
-	c.Gen++ // odd: the programs treat every range as watched
+	// Only this function writes the config (under n.mu): keep it here.
+	c := notifierConf{N: uint64(b.nranges), Gen: b.gen + 1} // odd: the programs treat every range as watched
 	if err := b.core.Config.Update(uint32(0), &c, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("ebpf: config: %w", err)
 	}
@@ -365,6 +364,7 @@ func (b *bpfSource) pushRanges() error {
 	if err := b.core.Config.Update(uint32(0), &c, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("ebpf: config: %w", err)
 	}
+	b.gen, b.nranges = c.Gen, len(rs)
 	return nil
 }
 

@@ -158,7 +158,7 @@ var ErrClosed = errors.New("userfault: notifier closed")
 type source interface {
 	kind() Source
 	detail() string
-	watch(start, end uintptr) error // page-aligned range newly subscribed
+	watch(start, end uintptr, vmas pageRange) error // page-aligned range newly subscribed; vmas: extent of its VMAs (self only)
 	unwatch(pieces []pageRange)     // page-aligned ranges no subscription covers now
 	sync(ctx context.Context) error // every event that happened before is posted
 	close() error
@@ -343,8 +343,10 @@ func (n *Notifier) Subscribe(start, length uintptr, ops IntervalOps) (*Subscript
 	if n.closed {
 		return nil, ErrClosed
 	}
+	var vmas pageRange
 	if n.maps != nil {
-		if _, err := n.maps.check(pageDown(start), pageUp(end)); err != nil {
+		var err error
+		if vmas, err = n.maps.check(pageDown(start), pageUp(end)); err != nil {
 			return nil, fmt.Errorf("userfault: subscribe [%#x, %#x): %w", start, end, err)
 		}
 	}
@@ -352,7 +354,7 @@ func (n *Notifier) Subscribe(start, length uintptr, ops IntervalOps) (*Subscript
 	s := &Subscription{n: n, id: n.nextID, start: start, end: end, ops: ops}
 	n.tree.insert(s)
 	for i, src := range n.sources {
-		if err := src.watch(pageDown(start), pageUp(end)); err != nil {
+		if err := src.watch(pageDown(start), pageUp(end), vmas); err != nil {
 			n.tree.remove(s)
 			pieces := n.uncovered(pageDown(start), pageUp(end))
 			for _, prev := range n.sources[:i] {

@@ -131,7 +131,7 @@ func (u *uffdSource) detail() string {
 	return "features " + featureNames(u.features) + ", register mode WP"
 }
 
-func (u *uffdSource) watch(start, end uintptr) error {
+func (u *uffdSource) watch(start, end uintptr, vmas pageRange) error {
 	// Register whole VMAs: registering part of one splits it, and a split
 	// VMA changes what the application sees (mremap of the whole mapping
 	// fails with EFAULT). Registering a range already registered with this
@@ -140,11 +140,7 @@ func (u *uffdSource) watch(start, end uintptr) error {
 	if u.dead != nil {
 		return u.dead
 	}
-	ext, err := u.n.maps.check(start, end)
-	if err != nil {
-		return err
-	}
-	start, end = ext.start, ext.end
+	start, end = vmas.start, vmas.end
 	if err := uffdioRangeCall(u.fd, uffdioRegister, start, end, uffdRegisterModeWP); err != nil {
 		switch {
 		case errors.Is(err, unix.EBUSY):
