@@ -421,6 +421,12 @@ SEC("tp_btf/kvm_unmap_hva_range")
 int kvm_unmap_hva_range(__u64 *ctx)
 {
 	__u64 start = ctx[0], end = ctx[1];
+	/* Kernel threads (kcompactd, khugepaged, ksmd, kswapd) have no mm and
+	 * may work on ours; another process working on its own memory (with its
+	 * own VM) is not about us. */
+	struct task_struct *cur = bpf_get_current_task_btf();
+	if (cur->mm && cur->tgid != watch_tgid)
+		return 0;
 	if (end > start && watched(start, end))
 		emit(EV_KERNEL, ORIG_KVM, start, end, 0);
 	return 0;
