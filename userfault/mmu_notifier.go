@@ -207,6 +207,9 @@ type batch struct {
 
 // New starts a notifier with the chosen sources.
 func New(ctx context.Context, opts Options) (*Notifier, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("userfault: %w", err)
+	}
 	self := os.Getpid()
 	pid := opts.Pid
 	if pid == 0 {
@@ -431,12 +434,12 @@ func (s *Subscription) ReadBegin() uint64 {
 			return v
 		}
 	}
-	if n.onDispatcher() {
-		panic("userfault: ReadBegin called from Invalidate")
-	}
+	// From inside Invalidate (a misuse) the subscription's own delivery
+	// cannot finish while we wait: wait for the read window only.
+	own := n.onDispatcher()
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	for (s.seq.Load()&1 != 0 || n.inflight.Load() != 0) && !n.closed {
+	for (!own && s.seq.Load()&1 != 0 || n.inflight.Load() != 0) && !n.closed {
 		n.cond.Wait()
 	}
 	return s.seq.Load() &^ 1
