@@ -159,8 +159,8 @@ type source interface {
 	kind() Source
 	detail() string
 	watch(start, end uintptr, vmas pageRange) error // page-aligned range newly subscribed; vmas: extent of its VMAs (self only)
-	unwatch(pieces []pageRange)     // page-aligned ranges no subscription covers now
-	sync(ctx context.Context) error // every event that happened before is posted
+	unwatch(pieces []pageRange)                     // page-aligned ranges no subscription covers now
+	sync(ctx context.Context) error                 // every event that happened before is posted
 	close() error
 }
 
