@@ -469,3 +469,61 @@ func TestExternalHfisim(t *testing.T) {
 		t.Fatalf("socket left behind: %v", err)
 	}
 }
+
+// TestTidInvalidation: munmap of a registered buffer shows as POLLPRI and
+// the TID_MMU_NOTIFY event bit; TID_INVAL_READ reports the TID and clears
+// the bit; TID_FREE releases it. Bounded: a hang in the driver fails the
+// test instead of stalling it.
+func TestTidInvalidation(t *testing.T) {
+	script := `
+assign-ctxt
+alloc r 64k
+tid-update r
+munmap r
+poll --timeout 10s
+events
+tid-inval-read
+events
+tid-free r
+`
+	type result struct {
+		code     int
+		out, err string
+	}
+	done := make(chan result, 1)
+	go func() {
+		var out, errb bytes.Buffer
+		code := run([]string{"--json", "--contexts", "1", "shell"}, strings.NewReader(script), &out, &errb)
+		done <- result{code, out.String(), errb.String()}
+	}()
+	var r result
+	select {
+	case r = <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the script did not finish within 30 s (driver hang?)")
+	}
+	objs := jsonLines(t, r.out)
+	if len(objs) > 2 && objs[2]["errno"] != nil {
+		requireOrSkip(t, errors.New(objs[2]["error"].(string)), "TID_UPDATE")
+	}
+	if r.code != 0 || len(objs) != 9 {
+		t.Fatalf("exit %d, stderr %q:\n%s", r.code, r.err, r.out)
+	}
+	tid := objs[2]["tids"].([]any)[0].(map[string]any)["tid"]
+	if ev := uint64(num(t, objs[4], "revents")); ev&driver.POLLPRI == 0 {
+		t.Fatalf("poll after munmap: %v, want POLLPRI", objs[4])
+	}
+	if ev := uint64(num(t, objs[5], "events")); ev&uapi.HFI1_EVENT_TID_MMU_NOTIFY == 0 {
+		t.Fatalf("events after munmap: %v", objs[5])
+	}
+	inv := objs[6]["tids"].([]any)
+	if num(t, objs[6], "tidcnt") != 1 || inv[0].(map[string]any)["tid"] != tid || inv[0].(map[string]any)["buffer"] != "r" {
+		t.Fatalf("tid-inval-read %v, want TID %v of r", objs[6], tid)
+	}
+	if ev := uint64(num(t, objs[7], "events")); ev&uapi.HFI1_EVENT_TID_MMU_NOTIFY != 0 {
+		t.Fatalf("event bit still set after TID_INVAL_READ: %v", objs[7])
+	}
+	if num(t, objs[8], "tidcnt") != 1 {
+		t.Fatalf("tid-free %v", objs[8])
+	}
+}
