@@ -219,6 +219,13 @@ func cmdTidFree(s *session, args []string) (obj, error) {
 	}
 	ti := uapi.Hfi1TidInfo{Tidlist: uint64(list.Addr()), Tidcnt: uint32(len(tids))}
 	if err := s.ioctl(of, uapi.HFI1_IOCTL_TID_FREE, &ti); err != nil {
+		// A bad TID stops TID_FREE after the ones before it were freed;
+		// the driver writes back how many.
+		var back uapi.Hfi1TidInfo
+		if back.UnmarshalBytes(s.arg.Bytes()) == nil && int(back.Tidcnt) < len(tids) {
+			of.forget(tids[:back.Tidcnt])
+			return nil, fmt.Errorf("%w (%d of %d TIDs freed)", err, back.Tidcnt, len(tids))
+		}
 		return nil, err
 	}
 	o := obj{{"tidcnt", ti.Tidcnt}, {"tids", tidObjs(of, tids)}}
