@@ -395,3 +395,39 @@ func TestRemoveDoesNotWaitForRunningCallback(t *testing.T) {
 		t.Fatalf("%d calls, want 1", calls)
 	}
 }
+
+// Invalidate may unmap watched memory and subscribe: the monitor reads the
+// event it causes without waiting for the dispatcher.
+func TestCallbackUnmapsWatchedMemory(t *testing.T) {
+	n := newNotifier(t, SourceUserfaultfd, SourceTracepoint)
+	a := mmapAnon(t, 1)
+	b := mmapAnon(t, 1)
+	c := mmapAnon(t, 1)
+	defer munmap(t, c, 1)
+	rb := newRecorder()
+	subscribe(t, n, b, pageSize, rb)
+	var subC *Subscription
+	done := make(chan struct{})
+	subscribe(t, n, a, pageSize, InvalidateFunc(func(*Subscription, Event) bool {
+		if subC == nil {
+			munmap(t, b, 1) // blocks until the monitor reads its UNMAP
+			var err error
+			if subC, err = n.Subscribe(c, pageSize, newRecorder()); err != nil {
+				t.Error(err)
+			}
+			close(done)
+		}
+		return true
+	}))
+	munmap(t, a, 1)
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("callback unmapping watched memory deadlocked")
+	}
+	syncNotifier(t, n)
+	if evs := rb.take(); len(evs) != 1 || evs[0].Kind != EventUnmap {
+		t.Fatalf("b: %v", evs)
+	}
+	subC.Remove()
+}
