@@ -446,6 +446,11 @@ int mmu_invalidate_start(__u64 *ctx)
 {
 	struct mmu_notifier_range *r = (struct mmu_notifier_range *)ctx[0];
 	__u64 start = r->start, end = r->end;
+	/* As for the KVM tracepoint: kernel threads may work on our memory;
+	 * other processes with an mm are working on their own. */
+	struct task_struct *cur = bpf_get_current_task_btf();
+	if (cur->mm && cur->tgid != watch_tgid)
+		return 0;
 	if (end > start && watched(start, end))
 		emit(EV_KERNEL, ORIG_FENTRY, start, end, r->event);
 	return 0;
