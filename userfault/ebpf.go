@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
@@ -451,8 +452,9 @@ func (b *bpfSource) parse(raw []byte) (ev Event, marker uint64, ok bool) {
 // (the kernel refuses it and does nothing) that the program reports. Events
 // that happened before it were written to the ring before it.
 func (b *bpfSource) sync(ctx context.Context) error {
-	seq := b.markerNext.Add(1)
-	unix.Syscall(unix.SYS_MADVISE, uintptr(b.cookie), uintptr(seq), bpfMarkerAdvice)
+	seq := b.marker()
+	retry := time.NewTimer(100 * time.Millisecond)
+	defer retry.Stop()
 	for {
 		b.mu.Lock()
 		seen, ch := b.seen, b.seenCh
@@ -462,12 +464,23 @@ func (b *bpfSource) sync(ctx context.Context) error {
 		}
 		select {
 		case <-ch:
+		case <-retry.C:
+			// A full ring drops the marker too: send another; any later
+			// marker orders everything before it as well.
+			b.marker()
+			retry.Reset(100 * time.Millisecond)
 		case <-b.done:
 			return ErrClosed
 		case <-ctx.Done():
 			return ctx.Err()
 		}
 	}
+}
+
+func (b *bpfSource) marker() uint64 {
+	seq := b.markerNext.Add(1)
+	unix.Syscall(unix.SYS_MADVISE, uintptr(b.cookie), uintptr(seq), bpfMarkerAdvice)
+	return seq
 }
 
 func (b *bpfSource) closeObjects() {
