@@ -491,14 +491,28 @@ func (n *Notifier) postLocked(evs []Event) {
 	if n.closed || len(evs) == 0 {
 		return
 	}
-	evs = coalesce(evs)
+	// Drop copies first, on the events as the sources saw them (one per
+	// syscall), then merge what is left of one read.
 	now := time.Now()
-	b := &batch{}
+	kept := evs[:0]
+	var prev Event
 	for _, ev := range evs {
-		if n.dedup.duplicate(ev, now) {
+		// userfaultfd reports an mremap as UNMAP and REMAP of one range:
+		// one operation, counted once.
+		pair := ev.Source == SourceUserfaultfd && prev.Source == ev.Source && prev.Start == ev.Start &&
+			prev.End == ev.End && dedupClass(prev.Kind) == dedupClass(ev.Kind)
+		prev = ev
+		if !pair && n.dedup.duplicate(ev, now) {
 			n.dropped.Add(1)
 			continue
 		}
+		kept = append(kept, ev)
+	}
+	if len(kept) == 0 {
+		return
+	}
+	b := &batch{}
+	for _, ev := range coalesce(kept) {
 		var subs []*Subscription
 		n.tree.overlap(ev.Start, ev.End, func(s *Subscription) {
 			if s.pending == 0 {
