@@ -30,8 +30,9 @@ type expRcv struct {
 	alloc *rcvarray.Allocator
 
 	mu      sync.Mutex
-	nodes   map[int]*tidNode // by absolute RcvArray entry
-	invalid []uint32         // TIDs invalidated, not yet read (tid_used_list's invalid half)
+	nodes   map[int]*tidNode          // by absolute RcvArray entry
+	invalid []uint32                  // TIDs invalidated, not yet read (tid_used_list's invalid half)
+	unsub   []*userfault.Subscription // to remove once e.mu is dropped
 }
 
 // tidNode is one programmed TID (hfi1's struct tid_rb_node): a power-of-two
@@ -118,7 +119,7 @@ func (e *expRcv) tidUpdate(arg uintptr) error {
 	seq := cover.ReadBegin()
 
 	e.mu.Lock()
-	defer e.mu.Unlock()
+	defer e.unlockAndUnsubscribe()
 	sets := rcvarray.SplitPages(npages, e.d.info.MaxTIDPages)
 	if len(sets) > capacity {
 		sets = sets[:capacity]
@@ -235,17 +236,32 @@ func (e *expRcv) clearNodeLocked(n *tidNode) error {
 	return errors.Join(errs...)
 }
 
-// releaseNodeLocked removes a TID entirely: hardware, pin, subscription and
-// RcvArray entry.
+// releaseNodeLocked removes a TID from the hardware, unpins it and frees
+// its RcvArray entry. Its notifier subscription is queued on e.unsub and
+// removed by unsubscribe after e.mu is dropped: Remove waits for a running
+// Invalidate, which may be waiting for e.mu (as mmu_interval_notifier_remove
+// must not be called under a lock the invalidate callback takes). Until
+// then a late Invalidate finds the node gone from e.nodes and does nothing.
 func (e *expRcv) releaseNodeLocked(n *tidNode) error {
 	err := e.clearNodeLocked(n)
 	if n.sub != nil {
-		n.sub.Remove()
+		e.unsub = append(e.unsub, n.sub)
 		n.sub = nil
 	}
 	delete(e.nodes, n.entry)
 	e.alloc.Free(n.entry)
 	return err
+}
+
+// unlockAndUnsubscribe drops e.mu and then removes the subscriptions of the
+// TIDs released under it.
+func (e *expRcv) unlockAndUnsubscribe() {
+	subs := e.unsub
+	e.unsub = nil
+	e.mu.Unlock()
+	for _, s := range subs {
+		s.Remove()
+	}
 }
 
 // tidFree (HFI1_IOCTL_TID_FREE): only the context's own programmed TIDs; a
@@ -282,7 +298,7 @@ func (e *expRcv) tidFree(arg uintptr) error {
 		e.dropInvalidLocked(tid)
 		freed++
 	}
-	e.mu.Unlock()
+	e.unlockAndUnsubscribe()
 	e.d.stats.tidsFreed.Add(uint64(freed))
 	ti.Tidcnt = uint32(freed)
 	ti.MarshalBytes(raw[:])
@@ -347,7 +363,7 @@ func (e *expRcv) tidInvalRead(arg uintptr) error {
 // close releases every TID of the context (file close or device removal).
 func (e *expRcv) close() error {
 	e.mu.Lock()
-	defer e.mu.Unlock()
+	defer e.unlockAndUnsubscribe()
 	var errs []error
 	for _, n := range e.nodes {
 		errs = append(errs, e.releaseNodeLocked(n))

@@ -492,3 +492,47 @@ func TestCloseUnprogramsEverything(t *testing.T) {
 		}
 	}
 }
+
+// TestFreeRacingInvalidate: TID_FREE while the notifier is delivering the
+// munmap of the same buffer must not deadlock (Remove waits for a running
+// Invalidate, which needs the lock TID_FREE holds).
+func TestFreeRacingInvalidate(t *testing.T) {
+	requireRoot(t)
+	a := openDev(t, 1)
+	rx := newRx(t, a)
+	done := make(chan error, 1)
+	go func() {
+		for i := 0; i < 200; i++ {
+			b, err := mem.Alloc(64 << 10)
+			if err != nil {
+				done <- err
+				return
+			}
+			tids, _, err := tidUpdate(rx.f, b.Addr(), 64<<10)
+			if err != nil {
+				done <- err
+				return
+			}
+			b.Unmap() // the invalidation races with the free below
+			if _, err := tidFree(rx.f, tids); err != nil {
+				done <- err
+				return
+			}
+			b.Close()
+		}
+		done <- nil
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(60 * time.Second):
+		buf := make([]byte, 1<<20)
+		t.Fatalf("TID_FREE racing an invalidation deadlocked\n%s", buf[:runtime.Stack(buf, true)])
+	}
+	st := a.Device.Stats()
+	if st.TidsProgrammed != st.TidsFreed || st.PagesPinned != st.PagesUnpinned {
+		t.Fatalf("after the race: %+v", st)
+	}
+}
