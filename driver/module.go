@@ -58,6 +58,10 @@ func (p Params) validate() error {
 type Module struct {
 	params Params
 
+	// testHookTIDUpdate runs inside TID_UPDATE between pinning and the
+	// race check (tests only).
+	testHookTIDUpdate func()
+
 	mu      sync.Mutex
 	devices map[int]*Device
 	next    int

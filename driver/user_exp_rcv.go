@@ -138,15 +138,31 @@ func (e *expRcv) tidUpdate(arg uintptr) error {
 			e.alloc.Free(ent)
 		}
 	}
+	// Pin and map every page set first; the device cannot reach them yet.
 	off := uintptr(0)
 	for i, ent := range entries {
-		n, err := e.programLocked(not, ent, vaddr+off, sets[i])
+		n, err := e.pinLocked(ent, vaddr+off, sets[i])
 		if err != nil {
 			undo()
 			return fmt.Errorf("gohfi: TID_UPDATE: %w", err)
 		}
 		made = append(made, n)
 		off += uintptr(sets[i] * pageSize)
+	}
+	if h := e.d.m.testHookTIDUpdate; h != nil {
+		h()
+	}
+	if cover.ReadRetry(seq) {
+		undo()
+		return errnoErr("TID_UPDATE: buffer invalidated during setup", unix.EBUSY)
+	}
+	// Then watch each TID and make it visible to the device.
+	for _, n := range made {
+		if n.sub, err = not.Subscribe(n.vaddr, uintptr(n.npages*pageSize), n); err != nil {
+			undo()
+			return fmt.Errorf("gohfi: TID_UPDATE: %w", err)
+		}
+		store64(e.d.rcvArray, n.entry*chip.RcvArrayEntrySize, uapi.RcvArrayEntry(n.iova, uint32(n.npages)))
 	}
 	if cover.ReadRetry(seq) {
 		undo()
@@ -174,8 +190,9 @@ func (e *expRcv) tidUpdate(arg uintptr) error {
 	return nil
 }
 
-// programLocked pins, maps and programs one page set into entry.
-func (e *expRcv) programLocked(not *userfault.Notifier, entry int, vaddr uintptr, npages int) (n *tidNode, err error) {
+// pinLocked pins and DMA-maps one page set for entry; the caller programs
+// the entry once the whole request is known to be intact.
+func (e *expRcv) pinLocked(entry int, vaddr uintptr, npages int) (n *tidNode, err error) {
 	d := e.d
 	n = &tidNode{e: e, entry: entry, vaddr: vaddr, npages: npages}
 	n.tid = e.alloc.TID(entry, npages)
@@ -198,10 +215,6 @@ func (e *expRcv) programLocked(not *userfault.Notifier, entry int, vaddr uintptr
 		n.iova = 0
 		return n, d.ioErr(fmt.Errorf("DMA map: %w", err))
 	}
-	if n.sub, err = not.Subscribe(vaddr, uintptr(size), n); err != nil {
-		return n, err
-	}
-	store64(d.rcvArray, entry*chip.RcvArrayEntrySize, uapi.RcvArrayEntry(n.iova, uint32(npages)))
 	return n, nil
 }
 

@@ -536,3 +536,38 @@ func TestFreeRacingInvalidate(t *testing.T) {
 		t.Fatalf("after the race: %+v", st)
 	}
 }
+
+// TestTIDUpdateRacingUnmap: an munmap that lands while TID_UPDATE is pinning
+// (hfi1's 2023 cover-notifier fix) fails the call with EBUSY and leaves
+// nothing programmed, pinned or mapped.
+func TestTIDUpdateRacingUnmap(t *testing.T) {
+	requireRoot(t)
+	a := openDev(t, 1)
+	rx := newRx(t, a)
+	buf := allocBuf(t, 256<<10, false)
+	driver.SetTIDUpdateHook(a.Module, func() {
+		buf.Unmap()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := a.Device.SyncNotifier(ctx); err != nil {
+			t.Errorf("sync: %v", err)
+		}
+	})
+	_, _, err := tidUpdate(rx.f, buf.Addr(), 256<<10)
+	driver.SetTIDUpdateHook(a.Module, nil)
+	if !errors.Is(err, unix.EBUSY) {
+		t.Fatalf("TID_UPDATE racing munmap: %v, want EBUSY", err)
+	}
+	st := a.Device.Stats()
+	if st.TidsProgrammed != 0 || st.PagesPinned != st.PagesUnpinned {
+		t.Fatalf("after EBUSY: %+v", st)
+	}
+	for i, v := range a.Sim.Device.RcvArraySnapshot() {
+		if v != 0 {
+			t.Fatalf("RcvArray entry %d programmed after EBUSY", i)
+		}
+	}
+	if got := tidInvalRead(t, rx.f); len(got) != 0 {
+		t.Fatalf("EBUSY left TIDs to report: %#x", got)
+	}
+}
