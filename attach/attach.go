@@ -3,8 +3,7 @@
 //
 //	embedded          hfisim in this process, over a vfio-user socketpair (default)
 //	vfio-user:PATH    an hfisim (or other vfio-user device) process listening at PATH
-//
-// The kernel VFIO path (pci:BDF) is added by vfio/kernel where it exists.
+//	pci:BDF           the PCI device at BDF through kernel VFIO (OpenPCI), as in the QEMU guest
 package attach
 
 import (
@@ -28,7 +27,8 @@ type Attached struct {
 }
 
 // Opener opens a vfio.Device for a spec prefix other than the built-in
-// ones; the kernel VFIO backend registers "pci".
+// ones. "pci" defaults to OpenPCI; an entry in Options.Openers replaces it
+// (tests wrap the device that way).
 type Opener func(ctx context.Context, arg string) (vfio.Device, error)
 
 // Options configure Open.
@@ -66,8 +66,12 @@ func Open(ctx context.Context, spec string, o Options) (*Attached, error) {
 		vdev, err = vfiouser.Dial(ctx, arg)
 	default:
 		op, ok := o.Openers[kind]
+		if !ok && kind == "pci" {
+			op, ok = OpenPCI, true
+		}
 		if !ok {
-			return nil, fmt.Errorf("attach: unknown device %q (want embedded or vfio-user:PATH)", spec)
+			a.Close()
+			return nil, fmt.Errorf("attach: unknown device %q (want embedded, vfio-user:PATH or pci:BDF)", spec)
 		}
 		vdev, err = op(ctx, arg)
 	}
