@@ -162,44 +162,39 @@ func run(spec string, iters, size, nbufs int) error {
 	}
 	defer cache.Close()
 
-	// Without the cache: register and free around every receive.
-	var regNoCache time.Duration
-	start := time.Now()
-	for i := 0; i < iters; i++ {
-		b := bufs[i%nbufs]
-		t0 := time.Now()
-		ent, err := cache.Acquire(b.Addr(), size)
-		if err != nil {
-			return err
+	// loop receives iters messages into the reused buffers; with flush the
+	// cache is emptied after every receive, so each one registers and frees
+	// its buffer (no cache).
+	loop := func(flush bool) (reg, total time.Duration, err error) {
+		start := time.Now()
+		for i := 0; i < iters; i++ {
+			b := bufs[i%nbufs]
+			t0 := time.Now()
+			ent, err := cache.Acquire(b.Addr(), size)
+			if err != nil {
+				return 0, 0, err
+			}
+			reg += time.Since(t0)
+			if err := recv(ent.TIDs, b); err != nil {
+				return 0, 0, err
+			}
+			cache.Release(ent)
+			if flush {
+				t0 = time.Now()
+				cache.Flush()
+				reg += time.Since(t0)
+			}
 		}
-		regNoCache += time.Since(t0)
-		if err := recv(ent.TIDs, b); err != nil {
-			return err
-		}
-		cache.Release(ent)
-		t0 = time.Now()
-		cache.Flush()
-		regNoCache += time.Since(t0)
+		return reg, time.Since(start), nil
 	}
-	totalNoCache := time.Since(start)
-
-	// With the cache: the first receive into each buffer registers it.
-	var regCache time.Duration
-	start = time.Now()
-	for i := 0; i < iters; i++ {
-		b := bufs[i%nbufs]
-		t0 := time.Now()
-		ent, err := cache.Acquire(b.Addr(), size)
-		if err != nil {
-			return err
-		}
-		regCache += time.Since(t0)
-		if err := recv(ent.TIDs, b); err != nil {
-			return err
-		}
-		cache.Release(ent)
+	regNoCache, totalNoCache, err := loop(true)
+	if err != nil {
+		return err
 	}
-	totalCache := time.Since(start)
+	regCache, totalCache, err := loop(false)
+	if err != nil {
+		return err
+	}
 	st := cache.Stats()
 
 	fmt.Printf("receives    %d x %d bytes into %d reused buffers, data verified by CRC32\n", iters, size, nbufs)
