@@ -191,16 +191,18 @@ func run(spec string, iters, size, nbufs int) error {
 	if err != nil {
 		return err
 	}
+	before := cache.Stats()
 	regCache, totalCache, err := loop(false)
 	if err != nil {
 		return err
 	}
 	st := cache.Stats()
+	misses, hits := st.Misses-before.Misses, st.Hits-before.Hits
 
 	fmt.Printf("receives    %d x %d bytes into %d reused buffers, data verified by CRC32\n", iters, size, nbufs)
 	fmt.Printf("no cache    registration %8.1f us/receive, total %8.1f us/receive\n", us(regNoCache, iters), us(totalNoCache, iters))
 	fmt.Printf("TID cache   registration %8.3f us/receive, total %8.1f us/receive (%d misses, %d hits)\n",
-		us(regCache, iters), us(totalCache, iters), nbufs, st.Hits)
+		us(regCache, iters), us(totalCache, iters), misses, hits)
 	fmt.Printf("speed-up    registration %.0fx, end to end %.2fx\n",
 		float64(regNoCache)/float64(max(regCache, 1)), float64(totalNoCache)/float64(totalCache))
 
@@ -223,7 +225,7 @@ func run(spec string, iters, size, nbufs int) error {
 		}
 	}
 	fmt.Printf("munmap      buffer %#x unmapped: HFI1_EVENT_TID_MMU_NOTIFY raised\n", addr)
-	before := cache.Stats()
+	before = cache.Stats()
 	other := bufs[1%nbufs]
 	ent, err := cache.Acquire(other.Addr(), size) // the lookup reads the event first
 	if err != nil {
