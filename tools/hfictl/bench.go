@@ -1,0 +1,704 @@
+package main
+
+// hfictl bench tid: the expected-receive figures of issue 5, measured in one
+// run on one device. Every operation is timed on its own (time.Now around
+// the call) over N iterations and reported as median and p90, with the
+// ratios and targets the issue names.
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/gohfi/gohfi/attach"
+	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/mem"
+	"github.com/gohfi/gohfi/rcvarray"
+	"github.com/gohfi/gohfi/tidcache"
+	"github.com/gohfi/gohfi/uapi"
+	"golang.org/x/sys/unix"
+)
+
+// Targets of issue 5.
+const (
+	targetHit      = 200 * time.Nanosecond // a cache hit
+	targetMiss1M   = 150 * time.Microsecond
+	targetMissRate = 100 // a 1 MiB miss costs at least this many hits
+	bwMsgSize      = 1 << 20
+	memlockWant    = 1 << 30
+)
+
+func cmdBench(s *session, args []string) (obj, error) {
+	if len(args) == 0 || args[0] != "tid" {
+		return nil, usageErr("usage: bench %s", commands["bench"].args)
+	}
+	return benchTID(s, args[1:])
+}
+
+type benchTIDConfig struct {
+	sizes     []int
+	iters     int
+	bwMsgs    int
+	bwBuffers int
+}
+
+func parseSizes(list string) ([]int, error) {
+	var sizes []int
+	for _, f := range strings.Split(list, ",") {
+		n, err := parseSize("size", strings.TrimSpace(f))
+		if err != nil {
+			return nil, err
+		}
+		if n <= 0 || n%mem.PageSize() != 0 {
+			return nil, usageErr("size %q: want a positive multiple of the page size", f)
+		}
+		sizes = append(sizes, n)
+	}
+	return sizes, nil
+}
+
+func benchTID(s *session, args []string) (obj, error) {
+	fs := newFlags("bench")
+	sizesArg := fs.String("sizes", "4k,64k,1m,16m", "buffer sizes for hit, miss, free and no cache")
+	iters := fs.Int("iters", 200, "timed iterations per operation and size")
+	bwMsgs := fs.Int("bw-msgs", 200, "1 MiB messages per bandwidth run")
+	bwBufs := fs.Int("bw-buffers", 4, "receive buffers reused round robin in the bandwidth runs")
+	if _, err := parseArgs(fs, args, 0, 0); err != nil {
+		return nil, err
+	}
+	sizes, err := parseSizes(*sizesArg)
+	if err != nil {
+		return nil, err
+	}
+	if *iters < 1 || *bwMsgs < 1 || *bwBufs < 1 {
+		return nil, usageErr("--iters, --bw-msgs and --bw-buffers must be at least 1")
+	}
+	cfg := benchTIDConfig{sizes: sizes, iters: *iters, bwMsgs: *bwMsgs, bwBuffers: *bwBufs}
+
+	restore, memlock, honour := raiseMemlock()
+	defer restore()
+	if s.att == nil {
+		o := s.opts
+		o.Sim.NumContexts = max(o.Sim.NumContexts, 2)
+		if o.Sim.RcvArrayPerCtxt > rcvarray.MaxTIDEntries {
+			// A TID names its entry with a 10-bit pair index: entries past
+			// 2047 of a context cannot be handed out.
+			return nil, usageErr("--rcvarray %d: a TID can name at most %d entries per context",
+				o.Sim.RcvArrayPerCtxt, rcvarray.MaxTIDEntries)
+		}
+		o.Params.HonorCapIPCLock = o.Params.HonorCapIPCLock || honour
+		a, err := attach.Open(s.ctx, s.spec, o)
+		if err != nil {
+			return nil, err
+		}
+		s.att = a
+	} else if honour && !s.att.Module.Params().HonorCapIPCLock {
+		memlock.add("note", "device attached before bench: RLIMIT_MEMLOCK applies as it is")
+	}
+	b, err := newTIDBench(s, cfg)
+	if err != nil {
+		return nil, err
+	}
+	defer b.close()
+	o := obj{{"device", s.spec}, {"rcvarray_per_ctxt", b.rcvtids}, {"iters", cfg.iters}, {"memlock", memlock}}
+	if err := b.run(&o); err != nil {
+		return nil, err
+	}
+	return o, nil
+}
+
+// raiseMemlock lifts RLIMIT_MEMLOCK to 1 GiB when it may (root with
+// CAP_SYS_RESOURCE). Where the hard limit stays lower but the process has
+// CAP_IPC_LOCK, it asks for the module parameter HonorCapIPCLock instead,
+// as the kernel exempts CAP_IPC_LOCK from the limit.
+func raiseMemlock() (restore func(), info obj, honour bool) {
+	restore = func() {}
+	var old unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_MEMLOCK, &old); err != nil {
+		return restore, obj{{"error", err.Error()}}, false
+	}
+	cur := old.Cur
+	if os.Geteuid() == 0 && cur != unix.RLIM_INFINITY && cur < memlockWant {
+		err := unix.Setrlimit(unix.RLIMIT_MEMLOCK, &unix.Rlimit{Cur: memlockWant, Max: max(old.Max, memlockWant)})
+		if err != nil && old.Max > cur {
+			err = unix.Setrlimit(unix.RLIMIT_MEMLOCK, &unix.Rlimit{Cur: old.Max, Max: old.Max})
+		}
+		if err == nil {
+			var now unix.Rlimit
+			unix.Getrlimit(unix.RLIMIT_MEMLOCK, &now)
+			cur = now.Cur
+			restore = func() { unix.Setrlimit(unix.RLIMIT_MEMLOCK, &old) }
+		}
+	}
+	limit := any(cur)
+	if cur == unix.RLIM_INFINITY {
+		limit = "unlimited"
+	}
+	honour = cur != unix.RLIM_INFINITY && cur < memlockWant && hasCapIPCLock()
+	return restore, obj{{"limit", limit}, {"honor_cap_ipc_lock", honour}}, honour
+}
+
+// capIPCLock is CAP_IPC_LOCK (include/uapi/linux/capability.h).
+const capIPCLock = 14
+
+func hasCapIPCLock() bool {
+	f, err := os.Open("/proc/self/status")
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "CapEff:"); ok {
+			caps, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			return err == nil && caps&(1<<capIPCLock) != 0
+		}
+	}
+	return false
+}
+
+// tidBench is one run: a sender and a receiver context of the device.
+type tidBench struct {
+	s       *session
+	cfg     benchTIDConfig
+	tx, rx  *openFile
+	rcvtids int
+}
+
+func newTIDBench(s *session, cfg benchTIDConfig) (*tidBench, error) {
+	b := &tidBench{s: s, cfg: cfg}
+	for _, name := range []string{"bench-tx", "bench-rx"} {
+		f, err := s.att.Device.Open()
+		if err != nil {
+			b.close()
+			return nil, err
+		}
+		of := &openFile{name: name, f: f}
+		if b.tx == nil {
+			b.tx = of
+		} else {
+			b.rx = of
+		}
+		ui := uapi.Hfi1UserInfo{Userversion: uapi.HFI1_USER_SWVERSION}
+		if err := s.ioctl(of, uapi.HFI1_IOCTL_ASSIGN_CTXT, &ui); err != nil {
+			b.close()
+			return nil, fmt.Errorf("%s: ASSIGN_CTXT: %w", name, err)
+		}
+		var ci uapi.Hfi1CtxtInfo
+		var bi uapi.Hfi1BaseInfo
+		if err := s.ioctl(of, uapi.HFI1_IOCTL_CTXT_INFO, &ci); err != nil {
+			b.close()
+			return nil, err
+		}
+		if err := s.ioctl(of, uapi.HFI1_IOCTL_USER_INFO, &bi); err != nil {
+			b.close()
+			return nil, err
+		}
+		of.ci, of.bi, of.head, of.seq = &ci, &bi, 0, 1
+	}
+	var err error
+	ci := b.rx.ci
+	if b.rx.rhq, err = b.rx.f.Mmap(b.rx.bi.RcvhdrBufbase, int(ci.RcvhdrqCnt)*int(ci.RcvhdrqEntsize), unix.PROT_READ); err != nil {
+		b.close()
+		return nil, fmt.Errorf("map header queue: %w", err)
+	}
+	b.rcvtids = int(ci.Rcvtids)
+	return b, nil
+}
+
+func (b *tidBench) close() {
+	for _, of := range []*openFile{b.tx, b.rx} {
+		if of != nil {
+			of.close()
+		}
+	}
+}
+
+// samples are the times of one operation.
+type samples []time.Duration
+
+// quantile is the nearest-rank q-quantile; the median of an even count is
+// the mean of the middle two.
+func (d samples) quantile(q float64) time.Duration {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	n := len(s)
+	if n == 0 {
+		return 0
+	}
+	if q == 0.5 && n%2 == 0 {
+		return (s[n/2-1] + s[n/2]) / 2
+	}
+	return s[max(0, int(math.Ceil(q*float64(n)))-1)]
+}
+
+// nanos prints a duration in its unit to people and as nanoseconds in JSON.
+type nanos float64
+
+func (n nanos) String() string {
+	switch {
+	case n < 1e3:
+		return fmt.Sprintf("%.0fns", float64(n))
+	case n < 1e6:
+		return fmt.Sprintf("%.1fus", float64(n)/1e3)
+	}
+	return fmt.Sprintf("%.2fms", float64(n)/1e6)
+}
+
+func ns(d time.Duration) nanos { return nanos(d.Nanoseconds()) }
+
+// ratio prints as "123x".
+type ratio float64
+
+func (r ratio) String() string {
+	if r >= 10 {
+		return fmt.Sprintf("%.0fx", float64(r))
+	}
+	return fmt.Sprintf("%.2fx", float64(r))
+}
+
+func ratioOf(a, b time.Duration) ratio {
+	if b <= 0 {
+		return 0
+	}
+	return ratio(float64(a) / float64(b))
+}
+
+// gbps is bytes per second, shown in GB/s (10^9).
+type gbps float64
+
+func (g gbps) String() string { return fmt.Sprintf("%.2fGB/s", float64(g)/1e9) }
+
+func rate(bytes int, d time.Duration) gbps {
+	if d <= 0 {
+		return 0
+	}
+	return gbps(float64(bytes) / d.Seconds())
+}
+
+// table is a list of rows: a JSON array of objects, or aligned columns for
+// people.
+type table []obj
+
+func (t table) MarshalJSON() ([]byte, error) { return json.Marshal([]obj(t)) }
+
+func (t table) String() string {
+	if len(t) == 0 {
+		return "(none)"
+	}
+	cols := t[0]
+	width := make([]int, len(cols))
+	cells := make([][]string, len(t))
+	for i, f := range cols {
+		width[i] = len(f.key)
+	}
+	for r, row := range t {
+		for i, f := range row {
+			c := human(f.val)
+			cells[r] = append(cells[r], c)
+			if i < len(width) {
+				width[i] = max(width[i], len(c))
+			}
+		}
+	}
+	var sb strings.Builder
+	line := func(vals []string) {
+		sb.WriteString("\n  ")
+		for i, v := range vals {
+			if i == len(vals)-1 {
+				sb.WriteString(v)
+				break
+			}
+			fmt.Fprintf(&sb, "%-*s  ", width[i], v)
+		}
+	}
+	head := make([]string, len(cols))
+	for i, f := range cols {
+		head[i] = f.key
+	}
+	line(head)
+	for _, c := range cells {
+		line(c)
+	}
+	return sb.String()
+}
+
+// sizeLabel names a size in binary units.
+func sizeLabel(n int) string {
+	switch {
+	case n >= 1<<20 && n%(1<<20) == 0:
+		return fmt.Sprintf("%dMiB", n>>20)
+	case n >= 1<<10 && n%(1<<10) == 0:
+		return fmt.Sprintf("%dKiB", n>>10)
+	}
+	return strconv.Itoa(n)
+}
+
+// sizeResult holds one size's samples.
+type sizeResult struct {
+	size, windows            int
+	hit, miss, free, nocache samples
+}
+
+func (b *tidBench) run(o *obj) error {
+	n := b.cfg.iters
+	timer := make(samples, n)
+	for i := range timer {
+		t0 := time.Now()
+		timer[i] = time.Since(t0)
+	}
+	o.add("timer_overhead_ns", ns(timer.quantile(0.5)))
+
+	var results []sizeResult
+	for _, size := range b.cfg.sizes {
+		r, err := b.tidOps(size)
+		if err != nil {
+			return fmt.Errorf("%s: %w", sizeLabel(size), err)
+		}
+		results = append(results, r)
+	}
+	var lat, ratios table
+	for _, r := range results {
+		for _, op := range []struct {
+			name string
+			d    samples
+		}{{"hit", r.hit}, {"miss", r.miss}, {"free", r.free}, {"nocache", r.nocache}} {
+			lat = append(lat, obj{{"op", op.name}, {"size", sizeLabel(r.size)}, {"windows", r.windows},
+				{"median_ns", ns(op.d.quantile(0.5))}, {"p90_ns", ns(op.d.quantile(0.9))}, {"n", len(op.d)}})
+		}
+		hit := r.hit.quantile(0.5)
+		ratios = append(ratios, obj{{"size", sizeLabel(r.size)},
+			{"miss_per_hit", ratioOf(r.miss.quantile(0.5), hit)},
+			{"nocache_per_hit", ratioOf(r.nocache.quantile(0.5), hit)},
+			{"nocache_per_miss", ratioOf(r.nocache.quantile(0.5), r.miss.quantile(0.5))}})
+	}
+	o.add("latency", lat).add("ratios", ratios)
+
+	bw, err := b.bandwidth()
+	if err != nil {
+		return err
+	}
+	o.add("bandwidth", bw)
+
+	var targets table
+	pass := true
+	target := func(name string, value, limit any, ok bool) {
+		targets = append(targets, obj{{"target", name}, {"value", value}, {"limit", limit}, {"pass", ok}})
+		pass = pass && ok
+	}
+	for _, r := range results {
+		h := r.hit.quantile(0.5)
+		target("hit "+sizeLabel(r.size)+" median <", ns(h), ns(targetHit), h < targetHit)
+	}
+	for _, r := range results {
+		if r.size != 1<<20 {
+			continue
+		}
+		m, h := r.miss.quantile(0.5), r.hit.quantile(0.5)
+		target("miss 1MiB / hit 1MiB >=", ratioOf(m, h), ratio(targetMissRate), float64(ratioOf(m, h)) >= targetMissRate)
+		target("miss 1MiB median <", ns(m), ns(targetMiss1M), m < targetMiss1M)
+	}
+	o.add("targets", targets).add("pass", pass)
+	return nil
+}
+
+// windows splits [0, size) into the pieces one TID_UPDATE may register: at
+// most the context's RcvArray entries in pages (hfi1 refuses more pages than
+// its expected count), as PSM registers large receives window by window.
+func (b *tidBench) windows(size int) [][2]int {
+	max := b.rcvtids * mem.PageSize()
+	var w [][2]int
+	for off := 0; off < size; off += max {
+		w = append(w, [2]int{off, min(max, size-off)})
+	}
+	return w
+}
+
+// tidOps measures hit, miss, free (TID_FREE of an idle entry) and no cache
+// for one buffer size.
+func (b *tidBench) tidOps(size int) (r sizeResult, err error) {
+	buf, err := mem.Alloc(size)
+	if err != nil {
+		return r, err
+	}
+	defer buf.Close()
+	c, err := tidcache.New(b.rx.f, tidcache.Options{})
+	if err != nil {
+		return r, err
+	}
+	defer c.Close()
+	win := b.windows(size)
+	r.size, r.windows = size, len(win)
+	ents := make([]*tidcache.Entry, len(win))
+	acquire := func() error {
+		for i, w := range win {
+			e, err := c.Acquire(buf.Addr()+uintptr(w[0]), w[1])
+			if err != nil {
+				for _, e := range ents[:i] {
+					c.Release(e)
+				}
+				return err
+			}
+			ents[i] = e
+		}
+		return nil
+	}
+	release := func() error {
+		var errs []error
+		for _, e := range ents {
+			errs = append(errs, c.Release(e))
+		}
+		return errors.Join(errs...)
+	}
+	n := b.cfg.iters
+
+	// Hit: the buffer is registered once, then every Acquire finds it.
+	if err := acquire(); err != nil {
+		return r, err
+	}
+	if err := release(); err != nil {
+		return r, err
+	}
+	before := c.Stats()
+	r.hit = make(samples, n)
+	for i := range r.hit {
+		t0 := time.Now()
+		err := acquire()
+		r.hit[i] = time.Since(t0)
+		if err != nil {
+			return r, err
+		}
+		if err := release(); err != nil {
+			return r, err
+		}
+	}
+	if st := c.Stats(); st.Misses != before.Misses || st.Hits-before.Hits != uint64(n*len(win)) {
+		return r, fmt.Errorf("hit loop: cache stats %+v after %+v: not all hits", st, before)
+	}
+	c.Flush()
+
+	// Miss: Acquire of a buffer the cache freed (TID_UPDATE); then free:
+	// the Flush of the idle entry (TID_FREE).
+	r.miss, r.free = make(samples, n), make(samples, n)
+	for i := range r.miss {
+		if err := b.s.ctx.Err(); err != nil {
+			return r, err
+		}
+		t0 := time.Now()
+		err := acquire()
+		r.miss[i] = time.Since(t0)
+		if err != nil {
+			return r, err
+		}
+		if err := release(); err != nil {
+			return r, err
+		}
+		t0 = time.Now()
+		c.Flush()
+		r.free[i] = time.Since(t0)
+	}
+
+	// No cache: register and free around every receive.
+	r.nocache = make(samples, n)
+	for i := range r.nocache {
+		if err := b.s.ctx.Err(); err != nil {
+			return r, err
+		}
+		t0 := time.Now()
+		err := acquire()
+		if err == nil {
+			err = release()
+		}
+		c.Flush()
+		r.nocache[i] = time.Since(t0)
+		if err != nil {
+			return r, err
+		}
+	}
+	if st := c.Stats(); st.Frees != st.Misses {
+		return r, fmt.Errorf("cache stats %+v: a TID was not freed", st)
+	}
+	return r, nil
+}
+
+// bandwidth sends 1 MiB messages as expected packets from the sender's
+// context into the receiver's cached TIDs, with memfd-backed and anonymous
+// receive buffers, and copies 1 MiB between two buffers for comparison.
+func (b *tidBench) bandwidth() (table, error) {
+	src, err := mem.Alloc(bwMsgSize)
+	if err != nil {
+		return nil, err
+	}
+	defer src.Close()
+	if err := fillPattern(src.Bytes(), "rand:5"); err != nil {
+		return nil, err
+	}
+	var rows table
+	var memcpyMedian time.Duration
+	// memcpy first: the reference the other rows are divided by.
+	{
+		dst, err := mem.Alloc(bwMsgSize)
+		if err != nil {
+			return nil, err
+		}
+		d := make(samples, b.cfg.bwMsgs)
+		start := time.Now()
+		for i := range d {
+			t0 := time.Now()
+			copy(dst.Bytes(), src.Bytes())
+			d[i] = time.Since(t0)
+		}
+		total := time.Since(start)
+		ok := bytes.Equal(dst.Bytes(), src.Bytes())
+		dst.Close()
+		memcpyMedian = d.quantile(0.5)
+		rows = append(rows, bwRow("memcpy", d, total, memcpyMedian, ok))
+	}
+	for _, kind := range []string{"memfd", "anon"} {
+		d, total, ok, err := b.expectedRun(kind, src)
+		if err != nil {
+			return nil, fmt.Errorf("bandwidth %s: %w", kind, err)
+		}
+		rows = append(rows, bwRow("expected/"+kind, d, total, memcpyMedian, ok))
+	}
+	return rows, nil
+}
+
+func bwRow(name string, d samples, total, ref time.Duration, verified bool) obj {
+	med := d.quantile(0.5)
+	return obj{{"path", name}, {"msg_size", sizeLabel(bwMsgSize)}, {"msgs", len(d)},
+		{"median_ns", ns(med)}, {"p90_ns", ns(d.quantile(0.9))},
+		{"median_bw", rate(bwMsgSize, med)}, {"total_bw", rate(bwMsgSize*len(d), total)},
+		{"vs_memcpy", ratio(float64(ref) / float64(max(med, 1)))}, {"verified", verified}}
+}
+
+// expectedRun is one bandwidth run: per message a cache lookup (a hit after
+// the first receive into each buffer), one send per TID, a wait for each
+// header queue entry, and the release. Per-message times and the total.
+func (b *tidBench) expectedRun(kind string, src *mem.Buffer) (samples, time.Duration, bool, error) {
+	bufs := make([]*mem.Buffer, b.cfg.bwBuffers)
+	defer func() {
+		for _, x := range bufs {
+			if x != nil {
+				x.Close()
+			}
+		}
+	}()
+	for i := range bufs {
+		var err error
+		if kind == "memfd" {
+			bufs[i], err = mem.AllocMemfd(bwMsgSize)
+		} else {
+			bufs[i], err = mem.Alloc(bwMsgSize)
+		}
+		if err != nil {
+			return nil, 0, false, err
+		}
+	}
+	c, err := tidcache.New(b.rx.f, tidcache.Options{})
+	if err != nil {
+		return nil, 0, false, err
+	}
+	defer c.Close()
+	// Register every buffer before timing: the run measures cached TIDs.
+	for _, x := range bufs {
+		e, err := c.Acquire(x.Addr(), bwMsgSize)
+		if err != nil {
+			return nil, 0, false, err
+		}
+		c.Release(e)
+	}
+	d := make(samples, b.cfg.bwMsgs)
+	start := time.Now()
+	for i := range d {
+		x := bufs[i%len(bufs)]
+		t0 := time.Now()
+		e, err := c.Acquire(x.Addr(), bwMsgSize)
+		if err != nil {
+			return nil, 0, false, err
+		}
+		if err := b.receive(e, src); err != nil {
+			c.Release(e)
+			return nil, 0, false, fmt.Errorf("message %d: %w", i, err)
+		}
+		if err := c.Release(e); err != nil {
+			return nil, 0, false, err
+		}
+		d[i] = time.Since(t0)
+	}
+	total := time.Since(start)
+	if st := c.Stats(); st.Misses != uint64(len(bufs)) {
+		return nil, 0, false, fmt.Errorf("cache stats %+v: want %d misses", st, len(bufs))
+	}
+	ok := true
+	for i, x := range bufs {
+		if i < len(d) && !bytes.Equal(x.Bytes(), src.Bytes()) {
+			ok = false
+		}
+	}
+	return d, total, ok, nil
+}
+
+// receive sends the source buffer into e's TIDs, one expected packet per
+// TID, and consumes each header queue entry.
+func (b *tidBench) receive(e *tidcache.Entry, src *mem.Buffer) error {
+	off := 0
+	for _, tid := range e.TIDs {
+		n := min(int(uapi.ExpTidGet(tid, uapi.EXP_TID_LEN))*mem.PageSize(), bwMsgSize-off)
+		if n <= 0 {
+			break
+		}
+		m := uapi.GohfiSend{Opcode: uapi.GOHFI_SEND_EXPECTED, DstCtxt: b.rx.ci.Ctxt, Length: uint32(n),
+			Vaddr: uint64(src.Addr()) + uint64(off), TID: tid}
+		if err := b.s.ioctl(b.tx, uapi.GOHFI_IOCTL_SEND, &m); err != nil {
+			return fmt.Errorf("send: %w", err)
+		}
+		if err := b.waitExpected(); err != nil {
+			return err
+		}
+		off += n
+	}
+	if off < bwMsgSize {
+		return fmt.Errorf("TIDs cover %d of %d bytes: %w", off, bwMsgSize, unix.EIO)
+	}
+	return nil
+}
+
+// waitExpected consumes the receiver's next header queue entry, which must
+// be an expected packet.
+func (b *tidBench) waitExpected() error {
+	rx := b.rx
+	ci := rx.ci
+	ctx, cancel := context.WithTimeout(b.s.ctx, 5*time.Second)
+	defer cancel()
+	for {
+		var h chip.RHQEntry
+		h.Unmarshal(rx.rhq[rx.head*uint64(ci.RcvhdrqEntsize):])
+		if h.Seq == rx.seq {
+			if h.Type != chip.RHFExpected {
+				return fmt.Errorf("header entry %+v: not an expected packet: %w", h, unix.EIO)
+			}
+			next := (rx.head + 1) % uint64(ci.RcvhdrqCnt)
+			if err := b.s.scalarOn(rx, uapi.GOHFI_IOCTL_RCVHDR_HEAD, next); err != nil {
+				return err
+			}
+			rx.head = next
+			if rx.seq++; rx.seq == 0 {
+				rx.seq = 1
+			}
+			return nil
+		}
+		if _, err := rx.f.Poll(ctx); err != nil {
+			return fmt.Errorf("waiting for the header queue: %w", err)
+		}
+	}
+}
