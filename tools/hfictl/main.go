@@ -146,6 +146,8 @@ func init() {
 		"rcvhdr-head": {"N", "GOHFI_IOCTL_RCVHDR_HEAD", cmdRcvHdrHead},
 		"events":      {"", "read the event bits from the mmapped events page", cmdEvents},
 		"stats":       {"", "GOHFI_IOCTL_DRIVER_STATS", cmdStats},
+		// Benchmarks (bench.go).
+		"bench": {"tid [--sizes 4k,64k,1m,16m] [--iters N] [--bw-msgs N] [--bw-buffers N]", "TID cache hit/miss/free/no cache per size and expected-receive bandwidth vs memcpy, medians and targets", cmdBench},
 		// Expected receive (cmds_tid.go).
 		"tid-update":     {"BUF [--offset O] [--len L]", "HFI1_IOCTL_TID_UPDATE on a buffer", cmdTidUpdate},
 		"tid-free":       {"BUF|TID[,TID...]...", "HFI1_IOCTL_TID_FREE of a buffer's TIDs or of TIDs given", cmdTidFree},
