@@ -1,7 +1,7 @@
 # gohfi: the two commands of the README, plus helpers.
 GO ?= go
 
-.PHONY: demo test build vet fuzz bench
+.PHONY: demo test build vet fuzz bench vm
 
 # The main job on the embedded device (hfisim in-process, no QEMU).
 demo:
@@ -20,3 +20,9 @@ vet:
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 2000x ./vfio/vfiouser ./dma ./rcvarray
+
+# Boot the QEMU guest interactively with an hfisim device (guest PCI
+# 0000:00:04.0) and hfictl in /bin: hfictl --device pci:0000:00:04.0 info.
+# Ctrl-A X quits QEMU; 'exit' in the guest powers off. See docs/qemu.md.
+vm:
+	$(GO) run ./tools/vmimage vm -hfisim -tool ./tools/hfictl

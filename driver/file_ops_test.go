@@ -18,6 +18,9 @@ import (
 
 func openDev(t *testing.T, ctxts int) *attach.Attached {
 	t.Helper()
+	if a := openEnvDevice(t, ctxts); a != nil {
+		return a
+	}
 	o := attach.DefaultOptions()
 	o.Sim.NumContexts = ctxts
 	o.Sim.RcvArrayPerCtxt = 2048

@@ -68,6 +68,9 @@ type GuestConfig struct {
 	// VFIOUserSocket connects a vfio-user-pci device to the vfio-user
 	// server listening there; empty boots without one.
 	VFIOUserSocket string
+	// VFIOUserDevices are more vfio-user-pci devices, at fixed guest PCI
+	// addresses (vmimage.GuestBDF of their slots).
+	VFIOUserDevices []vmimage.VFIOUserDevice
 	// Tests are the packages whose tests run in the guest, in order.
 	Tests []vmimage.TestPackage
 	// QEMUArgs are added to QEMU's command line (extra devices).
@@ -100,7 +103,8 @@ func RunGuest(t testing.TB, a *vmimage.Artifacts, cfg GuestConfig) *vmimage.RunR
 	}
 	ctx, cancel = context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	vm := &vmimage.VM{Artifacts: a, Initramfs: initrd, VFIOUserSocket: cfg.VFIOUserSocket, ExtraArgs: cfg.QEMUArgs}
+	vm := &vmimage.VM{Artifacts: a, Initramfs: initrd, VFIOUserSocket: cfg.VFIOUserSocket,
+		VFIOUserDevices: cfg.VFIOUserDevices, ExtraArgs: cfg.QEMUArgs}
 	res, err := vm.Run(ctx, nil)
 	if err != nil {
 		if res != nil {

@@ -3,13 +3,15 @@
 // init and the gohfi test binaries, and boots it under TCG.
 //
 //	vmimage fetch [-cache dir] [-refresh]
-//	vmimage run   [-cache dir] [-socket path] [-test pkg[:pattern]]... [-timeout d]
-//	vmimage vm    [-cache dir] [-socket path] [-test pkg[:pattern]]...
+//	vmimage run   [-cache dir] [-socket path] [-hfisim] [-tool pkg]... [-test pkg[:pattern]]... [-timeout d]
+//	vmimage vm    [-cache dir] [-socket path] [-hfisim] [-tool pkg]... [-test pkg[:pattern]]...
 //	vmimage initramfs -o file [-test pkg[:pattern]]...
 //
 // run prints the results the guest reports; vm boots with the serial
 // console (and the QEMU monitor, Ctrl-A C; quit with Ctrl-A X) on stdio and
-// a small command loop in the guest. See docs/qemu.md.
+// a small command loop in the guest. -hfisim serves an hfisim device in
+// this process and attaches it at guest PCI 0000:00:04.0; -tool puts a
+// command of the module (static) into the guest's /bin. See docs/qemu.md.
 package main
 
 import (
@@ -22,6 +24,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/gohfi/gohfi/hfisim"
 	"github.com/gohfi/gohfi/tools/vmimage/vmimage"
 )
 
@@ -137,6 +140,10 @@ func cmdRun(ctx context.Context, args []string, interactive bool) error {
 	tags := fs.String("tags", "gohfiguest", "build tags for the test binaries")
 	var tests testList
 	fs.Var(&tests, "test", "package[:pattern] whose tests run in the guest (repeatable)")
+	var tools stringList
+	fs.Var(&tools, "tool", "package of a command to put into the guest's /bin, e.g. ./tools/hfictl (repeatable)")
+	withSim := fs.Bool("hfisim", false, "serve an hfisim device in this process and attach it at guest PCI "+vmimage.GuestBDF(hfisimSlot))
+	simCtxts := fs.Int("hfisim-contexts", hfisim.DefaultConfig().NumContexts, "receive contexts of the -hfisim device")
 	fs.Parse(args)
 	tests.setTags(*tags)
 
@@ -150,12 +157,27 @@ func cmdRun(ctx context.Context, args []string, interactive bool) error {
 	}
 	defer os.RemoveAll(work)
 	initrd, err := vmimage.BuildImage(ctx, a, vmimage.ImageOptions{
-		WorkDir: work, Tests: tests, Interactive: interactive,
+		WorkDir: work, Tests: tests, Tools: tools, Interactive: interactive,
 	})
 	if err != nil {
 		return err
 	}
 	vm := &vmimage.VM{Artifacts: a, Initramfs: initrd, MemoryMB: *mem, VFIOUserSocket: *socket, ExtraArgs: qemuArgs}
+	if *withSim {
+		cfg := hfisim.DefaultConfig()
+		cfg.NumContexts = *simCtxts
+		sock, stop, err := serveHFISim(work, cfg)
+		if err != nil {
+			return err
+		}
+		defer func() {
+			if serr := stop(); serr != nil {
+				fmt.Fprintln(os.Stderr, "vmimage: hfisim:", serr)
+			}
+		}()
+		vm.VFIOUserDevices = append(vm.VFIOUserDevices, vmimage.VFIOUserDevice{Socket: sock, Slot: hfisimSlot})
+		fmt.Fprintln(os.Stderr, hfisimNote())
+	}
 	if interactive {
 		return vm.Interactive(ctx)
 	}

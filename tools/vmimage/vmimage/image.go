@@ -37,6 +37,9 @@ type ImageOptions struct {
 	// VFIOModules; use an empty non-nil slice for none.
 	Modules []string
 	Env     []string
+	// Tools are packages of the module built as static commands into
+	// /bin (e.g. "./tools/hfictl").
+	Tools []string
 	// Interactive keeps the guest up with a command loop on the console
 	// and adds a few u-root core commands (ls, cat, dmesg, ...) to /bin.
 	Interactive bool
@@ -92,6 +95,18 @@ func BuildImage(ctx context.Context, a *Artifacts, opts ImageOptions) (string, e
 			to += 10 * time.Second // let -test.timeout report first
 		}
 		spec.Tests = append(spec.Tests, TestBinary{Name: name, Path: out, Args: args, Timeout: to})
+	}
+	for _, tool := range opts.Tools {
+		pkg := tool
+		if strings.HasPrefix(pkg, "./") {
+			pkg = ModulePath + strings.TrimPrefix(pkg, ".")
+		}
+		name := path.Base(pkg)
+		out := filepath.Join(opts.WorkDir, "tool-"+name)
+		if err := goBuild(ctx, opts.ModuleDir, "build", "-ldflags=-s -w", "-o", out, pkg); err != nil {
+			return "", err
+		}
+		spec.Files["/bin/"+name] = out
 	}
 	if opts.Interactive {
 		for _, tool := range interactiveTools {

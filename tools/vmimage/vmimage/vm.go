@@ -28,10 +28,43 @@ type VM struct {
 	// VFIOUserSocket, when set, adds a vfio-user-pci device connected to
 	// the vfio-user server listening on this unix socket.
 	VFIOUserSocket string
+	// VFIOUserDevices adds more vfio-user-pci devices, after the one of
+	// VFIOUserSocket.
+	VFIOUserDevices []VFIOUserDevice
 	// Append is added to the kernel command line.
 	Append []string
 	// ExtraArgs are added to the QEMU command line.
 	ExtraArgs []string
+}
+
+// VFIOUserDevice is a vfio-user-pci device of the guest.
+type VFIOUserDevice struct {
+	// Socket is where its vfio-user server listens.
+	Socket string
+	// Slot, when not 0, puts the device at PCI address GuestBDF(Slot), so
+	// guest tests can be told where it is; 0 lets QEMU choose.
+	Slot int
+}
+
+// GuestBDF is the guest PCI address of a device in slot (function 0) of the
+// q35 root bus.
+func GuestBDF(slot int) string { return fmt.Sprintf("0000:00:%02x.0", slot) }
+
+func (d VFIOUserDevice) arg() (string, error) {
+	if d.Slot < 0 || d.Slot > 0x1f {
+		return "", fmt.Errorf("vmimage: vfio-user device %s: PCI slot %d out of range", d.Socket, d.Slot)
+	}
+	// QEMU takes the socket only in JSON form: dotted keys
+	// (socket.path=) are rejected for this device.
+	dev := map[string]any{
+		"driver": "vfio-user-pci",
+		"socket": map[string]string{"type": "unix", "path": d.Socket},
+	}
+	if d.Slot != 0 {
+		dev["addr"] = fmt.Sprintf("%#x", d.Slot)
+	}
+	b, err := json.Marshal(dev)
+	return string(b), err
 }
 
 // Args returns QEMU's command line (without the program). With
@@ -70,17 +103,16 @@ func (vm *VM) Args(interactive bool) ([]string, error) {
 		"-initrd", vm.Initramfs,
 		"-append", strings.Join(appendLine, " "),
 	}
+	devs := vm.VFIOUserDevices
 	if vm.VFIOUserSocket != "" {
-		// QEMU takes the socket only in JSON form: dotted keys
-		// (socket.path=) are rejected for this device.
-		dev, err := json.Marshal(map[string]any{
-			"driver": "vfio-user-pci",
-			"socket": map[string]string{"type": "unix", "path": vm.VFIOUserSocket},
-		})
+		devs = append([]VFIOUserDevice{{Socket: vm.VFIOUserSocket}}, devs...)
+	}
+	for _, d := range devs {
+		a, err := d.arg()
 		if err != nil {
 			return nil, err
 		}
-		args = append(args, "-device", string(dev))
+		args = append(args, "-device", a)
 	}
 	return append(args, vm.ExtraArgs...), nil
 }
