@@ -92,6 +92,7 @@ func openEnvDevice(t *testing.T, ctxts int) *attach.Attached {
 			t.Errorf("close %s: %v", bestSpec, err)
 		}
 	})
+	t.Logf("%s: using %s", envTestDevice, bestSpec)
 	reserveSurplus(t, best, ctxts)
 	return best
 }

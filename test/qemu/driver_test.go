@@ -70,14 +70,18 @@ func TestGuestDriverScenarios(t *testing.T) {
 	devs, specs := driverDevices(t, 4)
 	res := RunGuest(t, a, GuestConfig{
 		VFIOUserDevices: devs,
-		Tests:           driverTests("^("+strings.Join(DriverScenarios, "|")+")$", 3*time.Minute),
-		Env:             []string{"GOHFI_TEST_DEVICE=" + specs},
-		Timeout:         4 * time.Minute,
+		Tests: append(driverTests("^("+strings.Join(DriverScenarios, "|")+")$", 3*time.Minute),
+			vmimage.TestPackage{Package: "./test/qemu/guestprobe", Tags: []string{"gohfiguest"}, Run: "^TestNotifierSources$", Timeout: time.Minute}),
+		Env:     []string{"GOHFI_TEST_DEVICE=" + specs},
+		Timeout: 4 * time.Minute,
 	})
-	if len(res.Report.Results) != 1 {
-		t.Fatalf("guest reported %d results, want 1", len(res.Report.Results))
+	if len(res.Report.Results) != 2 {
+		t.Fatalf("guest reported %d results, want 2", len(res.Report.Results))
 	}
 	r := res.Report.Results[0]
+	if !strings.Contains(r.Output, "pci:"+vmimage.GuestBDF(4)) {
+		t.Errorf("the driver tests do not say they used %s (GOHFI_TEST_DEVICE ignored?):\n%s", specs, r.Output)
+	}
 	got := goTestOutcomes(r.Output)
 	for _, name := range DriverScenarios {
 		o, ok := got[name]
@@ -90,6 +94,7 @@ func TestGuestDriverScenarios(t *testing.T) {
 			t.Logf("guest: %-34s %s", name, o)
 		}
 	}
+	t.Logf("guest facts:\n%s", FormatFacts(Facts(res)))
 	t.Logf("guest: driver.test binary %v, boot to init %v, whole run %v",
 		r.Duration.Round(time.Millisecond), res.BootToInit.Round(time.Millisecond), res.Total.Round(time.Millisecond))
 }
