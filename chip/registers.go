@@ -10,6 +10,8 @@
 // by the device and counted in ErrCntBadAccess.
 package chip
 
+import "github.com/gohfi/gohfi/uapi"
+
 // PCI identity. Deliberately not an Intel/Cornelis hfi1 id, so no real
 // driver binds the emulated function.
 const (
@@ -151,6 +153,9 @@ const (
 	RcvArrayEntrySize = 8
 	RcvArrayGroupSize = 8
 	RcvArrayPageShift = 12
+	// MaxRcvArrayPerCtxt: a TID names its entry by a 10-bit pair index,
+	// so a context can use at most 2048 entries.
+	MaxRcvArrayPerCtxt = 2 * (uapi.EXP_TID_TIDIDX_MASK + 1)
 )
 
 // MTT: one 64-bit entry per page: IOVA page frame in bits 12-63, flags in

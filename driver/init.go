@@ -147,7 +147,7 @@ func (d *Device) readCaps() error {
 	switch {
 	case nctxt < 1 || nctxt > chip.MaxContexts:
 		return fmt.Errorf("device reports %d contexts: %w", nctxt, unix.EIO)
-	case perCtxt < chip.RcvArrayGroupSize || perCtxt%chip.RcvArrayGroupSize != 0 || perCtxt > 1<<16:
+	case perCtxt < chip.RcvArrayGroupSize || perCtxt%chip.RcvArrayGroupSize != 0 || perCtxt > chip.MaxRcvArrayPerCtxt:
 		return fmt.Errorf("device reports %d RcvArray entries per context: %w", perCtxt, unix.EIO)
 	case maxTID < 1 || maxTID&(maxTID-1) != 0 || maxTID > 1<<11:
 		return fmt.Errorf("device reports max TID pages %d: %w", maxTID, unix.EIO)

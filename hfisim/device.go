@@ -49,8 +49,10 @@ func (c Config) validate() error {
 	switch {
 	case c.NumContexts < 1 || c.NumContexts > chip.MaxContexts:
 		return fmt.Errorf("hfisim: %d contexts, want 1..%d", c.NumContexts, chip.MaxContexts)
-	case c.RcvArrayPerCtxt < chip.RcvArrayGroupSize || c.RcvArrayPerCtxt%chip.RcvArrayGroupSize != 0:
-		return fmt.Errorf("hfisim: %d RcvArray entries per context, want a multiple of %d", c.RcvArrayPerCtxt, chip.RcvArrayGroupSize)
+	case c.RcvArrayPerCtxt < chip.RcvArrayGroupSize || c.RcvArrayPerCtxt%chip.RcvArrayGroupSize != 0 ||
+		c.RcvArrayPerCtxt > chip.MaxRcvArrayPerCtxt:
+		return fmt.Errorf("hfisim: %d RcvArray entries per context, want a multiple of %d up to %d",
+			c.RcvArrayPerCtxt, chip.RcvArrayGroupSize, chip.MaxRcvArrayPerCtxt)
 	case c.MaxTIDPages < 1 || c.MaxTIDPages&(c.MaxTIDPages-1) != 0 || c.MaxTIDPages > uapi.MaxTidPages:
 		return fmt.Errorf("hfisim: max TID pages %d, want a power of two", c.MaxTIDPages)
 	case c.MTTEntries < 0 || c.RHQMaxEntries < 2:

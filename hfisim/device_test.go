@@ -285,3 +285,12 @@ func TestBadGeometryRefused(t *testing.T) {
 		t.Fatal("out of range MSI-X vectors accepted")
 	}
 }
+
+func TestConfigRefusesUnaddressableRcvArray(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.RcvArrayPerCtxt = chip.MaxRcvArrayPerCtxt + chip.RcvArrayGroupSize
+	if d, err := New(cfg); err == nil {
+		d.Close()
+		t.Fatalf("%d RcvArray entries per context accepted; a TID can name only %d", cfg.RcvArrayPerCtxt, chip.MaxRcvArrayPerCtxt)
+	}
+}
