@@ -5,9 +5,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"os"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/uapi"
@@ -137,6 +137,7 @@ func TestBARSizing(t *testing.T) {
 // testCtxt sets up context n with rings in fake DMA windows.
 type testCtxt struct {
 	rhq, eager, sq, head []byte
+	irq                  int // eventfd of the context's MSI-X vector
 }
 
 const (
@@ -165,23 +166,34 @@ func setupCtxt(t *testing.T, d *Device, dma *fakeDMA, n int) *testCtxt {
 	if rd(t, d, chip.CtxtReg(n, chip.CtxtStatus))&chip.CtxtStatusEnabled == 0 {
 		t.Fatal("context did not enable")
 	}
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.irq = efd
+	if err := d.SetIRQs(vfio.PCIMSIXIRQIndex, uint32(1+n), 1, []*os.File{os.NewFile(uintptr(efd), "irq")}); err != nil {
+		t.Fatal(err)
+	}
+	wr(t, d, chip.RegIntMask, rd(t, d, chip.RegIntMask)|chip.IntSrcCtxt(n))
 	return c
 }
 
 // post writes a descriptor into context n's queue and rings the doorbell,
-// then waits (bounded) for the device to consume it.
+// then waits (bounded) for the completion interrupt the descriptor asks for.
 func post(t *testing.T, d *Device, c *testCtxt, n int, desc chip.SendDesc) {
 	t.Helper()
 	tail := rd(t, d, chip.CtxtReg(n, chip.CtxtSQTail))
+	desc.Flags |= chip.DescFlagIntr
 	desc.Marshal(c.sq[tail*chip.SendDescSize:])
 	next := (tail + 1) % 16
 	wr(t, d, chip.CtxtReg(n, chip.CtxtSQTail), next)
-	deadline := time.Now().Add(5 * time.Second)
 	for rd(t, d, chip.CtxtReg(n, chip.CtxtSQHead)) != next {
-		if time.Now().After(deadline) {
-			t.Fatal("descriptor not consumed")
+		fds := []unix.PollFd{{Fd: int32(c.irq), Events: unix.POLLIN}}
+		if k, err := unix.Poll(fds, 5000); err != nil || k == 0 {
+			t.Fatalf("no completion interrupt: %v", err)
 		}
-		time.Sleep(100 * time.Microsecond) // polling a device register, bounded above
+		var b [8]byte
+		unix.Read(c.irq, b[:])
 	}
 }
 
