@@ -30,7 +30,11 @@ func serveHFISim(t testing.TB, cfg hfisim.Config) string {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan error, 1)
-	go func() { served <- vfiouser.NewServer(dev).Serve(ctx, ln) }()
+	// The server's diagnostics (requests it refused) go to the test log.
+	logf := func(format string, args ...any) {
+		t.Logf("hfisim %s: "+format, append([]any{filepath.Base(sock)}, args...)...)
+	}
+	go func() { served <- vfiouser.NewServer(dev, vfiouser.WithLogger(logf)).Serve(ctx, ln) }()
 	t.Cleanup(func() {
 		cancel()
 		select {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -29,7 +30,8 @@ func serveHFISim(dir string, cfg hfisim.Config) (socket string, stop func() erro
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan error, 1)
-	go func() { served <- vfiouser.NewServer(dev).Serve(ctx, ln) }()
+	logf := func(format string, args ...any) { fmt.Fprintf(os.Stderr, "hfisim: "+format+"\n", args...) }
+	go func() { served <- vfiouser.NewServer(dev, vfiouser.WithLogger(logf)).Serve(ctx, ln) }()
 	stop = func() error {
 		cancel()
 		var err error

@@ -3,8 +3,8 @@
 // init and the gohfi test binaries, and boots it under TCG.
 //
 //	vmimage fetch [-cache dir] [-refresh]
-//	vmimage run   [-cache dir] [-socket path] [-hfisim] [-tool pkg]... [-test pkg[:pattern]]... [-timeout d]
-//	vmimage vm    [-cache dir] [-socket path] [-hfisim] [-tool pkg]... [-test pkg[:pattern]]...
+//	vmimage run   [-cache dir] [-socket path] [-hfisim] [-tool pkg]... [-env K=V]... [-test pkg[:pattern]]... [-timeout d]
+//	vmimage vm    [-cache dir] [-socket path] [-hfisim] [-tool pkg]... [-env K=V]... [-test pkg[:pattern]]...
 //	vmimage initramfs -o file [-test pkg[:pattern]]...
 //
 // run prints the results the guest reports; vm boots with the serial
@@ -140,6 +140,8 @@ func cmdRun(ctx context.Context, args []string, interactive bool) error {
 	tags := fs.String("tags", "gohfiguest", "build tags for the test binaries")
 	var tests testList
 	fs.Var(&tests, "test", "package[:pattern] whose tests run in the guest (repeatable)")
+	var env stringList
+	fs.Var(&env, "env", "KEY=VALUE added to the guest tests' environment (repeatable)")
 	var tools stringList
 	fs.Var(&tools, "tool", "package of a command to put into the guest's /bin, e.g. ./tools/hfictl (repeatable)")
 	withSim := fs.Bool("hfisim", false, "serve an hfisim device in this process and attach it at guest PCI "+vmimage.GuestBDF(hfisimSlot))
@@ -157,7 +159,7 @@ func cmdRun(ctx context.Context, args []string, interactive bool) error {
 	}
 	defer os.RemoveAll(work)
 	initrd, err := vmimage.BuildImage(ctx, a, vmimage.ImageOptions{
-		WorkDir: work, Tests: tests, Tools: tools, Interactive: interactive,
+		WorkDir: work, Tests: tests, Tools: tools, Env: env, Interactive: interactive,
 	})
 	if err != nil {
 		return err
@@ -187,6 +189,9 @@ func cmdRun(ctx context.Context, args []string, interactive bool) error {
 	if res != nil {
 		if err != nil || res.Failed() {
 			os.Stderr.Write(res.Console)
+		}
+		if len(res.Stderr) > 0 {
+			fmt.Fprintf(os.Stderr, "QEMU stderr:\n%s", res.Stderr)
 		}
 		printReport(res)
 	}

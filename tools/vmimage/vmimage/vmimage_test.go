@@ -295,6 +295,31 @@ func TestVMArgs(t *testing.T) {
 	}
 }
 
+// TestVMArgsDevicesAtSlots: extra vfio-user devices come after the one of
+// VFIOUserSocket, at the slots asked for; a slot off the bus is refused.
+func TestVMArgsDevicesAtSlots(t *testing.T) {
+	vm := &VM{Artifacts: &Artifacts{Root: "/r", KernelRelease: "k"}, Initramfs: "/i", VFIOUserSocket: "/s.sock",
+		VFIOUserDevices: []VFIOUserDevice{{Socket: "/a.sock", Slot: 4}, {Socket: "/b.sock", Slot: 0x1e}}}
+	args, err := vm.Args(false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	line := strings.Join(args, " ")
+	s := strings.Index(line, `"path":"/s.sock"`)
+	a := strings.Index(line, `{"addr":"0x4","driver":"vfio-user-pci","socket":{"path":"/a.sock","type":"unix"}}`)
+	b := strings.Index(line, `{"addr":"0x1e","driver":"vfio-user-pci","socket":{"path":"/b.sock","type":"unix"}}`)
+	if s < 0 || a < 0 || b < 0 || !(s < a && a < b) {
+		t.Fatalf("devices missing or out of order (%d %d %d):\n%s", s, a, b, line)
+	}
+	if got := GuestBDF(0x1e); got != "0000:00:1e.0" {
+		t.Errorf("GuestBDF(0x1e) = %q", got)
+	}
+	vm.VFIOUserDevices = []VFIOUserDevice{{Socket: "/c.sock", Slot: 0x20}}
+	if _, err := vm.Args(false); err == nil {
+		t.Error("slot 0x20 accepted")
+	}
+}
+
 // TestFetchAndModules fetches (or reuses) QEMU and the kernel and resolves
 // the VFIO modules from the real kernel package.
 func TestFetchAndModules(t *testing.T) {
