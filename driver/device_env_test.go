@@ -88,6 +88,8 @@ func openEnvDevice(t *testing.T, ctxts int) *attach.Attached {
 		t.Fatalf("%s: no device with %d contexts (%s)", envTestDevice, ctxts, strings.Join(seen, "; "))
 	}
 	t.Cleanup(func() {
+		// For the QEMU harness: proof that MSI-X reached the driver.
+		fmt.Printf("GOHFI-FACT driver_irqs.%s=%d\n", t.Name(), best.Device.Interrupts())
 		if err := best.Close(); err != nil {
 			t.Errorf("close %s: %v", bestSpec, err)
 		}

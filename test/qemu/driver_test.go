@@ -94,7 +94,13 @@ func TestGuestDriverScenarios(t *testing.T) {
 			t.Logf("guest: %-34s %s", name, o)
 		}
 	}
-	t.Logf("guest facts:\n%s", FormatFacts(Facts(res)))
+	facts := Facts(res)
+	t.Logf("guest facts:\n%s", FormatFacts(facts))
+	// Poll sleeps until an interrupt wakes it: the eager send must have
+	// been signalled by MSI-X through QEMU and the guest's vfio-pci.
+	if n := facts["driver_irqs.TestEagerSendAndPoll"]; n == "" || n == "0" {
+		t.Errorf("guest: TestEagerSendAndPoll took %q interrupts, want some", n)
+	}
 	t.Logf("guest: driver.test binary %v, boot to init %v, whole run %v",
 		r.Duration.Round(time.Millisecond), res.BootToInit.Round(time.Millisecond), res.Total.Round(time.Millisecond))
 }
