@@ -26,8 +26,9 @@ import (
 // be a power of two.) Tests that reach into the embedded model (a.Sim)
 // cannot run this way.
 //
-// GOHFI_TEST_BREAK=skip-dma-map deliberately breaks the driver for the
-// harness's own test: DMA mappings are acknowledged but never made, so
+// GOHFI_TEST_BREAK=skip-dma-map deliberately breaks the driver (on pci:
+// devices) for the harness's own test: DMA mappings are acknowledged but
+// never made, so
 // the device faults on every IOVA the driver hands it.
 const (
 	envTestDevice = "GOHFI_TEST_DEVICE"
