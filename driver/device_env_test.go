@@ -28,8 +28,7 @@ import (
 //
 // GOHFI_TEST_BREAK=skip-dma-map deliberately breaks the driver (on pci:
 // devices) for the harness's own test: DMA mappings are acknowledged but
-// never made, so
-// the device faults on every IOVA the driver hands it.
+// never made, so the device faults on every IOVA the driver hands it.
 const (
 	envTestDevice = "GOHFI_TEST_DEVICE"
 	envTestBreak  = "GOHFI_TEST_BREAK"
