@@ -10,7 +10,9 @@ import (
 
 // iovaSpace hands out device addresses for DMA mappings: page-aligned,
 // first fit, coalescing on free. It starts above the first 1 MiB so that a
-// zero or small IOVA in a descriptor is always a fault, never memory.
+// zero or small IOVA in a descriptor is always a fault, never memory, and
+// skips the x86 interrupt window [0xfee00000, 0xfef00000), which an IOMMU
+// (intel-iommu in the QEMU guest) reserves for MSI.
 type iovaSpace struct {
 	mu    sync.Mutex
 	holes []iovaRange // sorted, disjoint, non-adjacent
@@ -19,13 +21,15 @@ type iovaSpace struct {
 type iovaRange struct{ start, end uint64 } // [start, end)
 
 const (
-	iovaBase  = 1 << 20
-	iovaLimit = 1 << 47
-	pageSize  = 4096
+	iovaBase      = 1 << 20
+	iovaLimit     = 1 << 47
+	iovaMSIWindow = 0xfee00000
+	iovaMSIEnd    = 0xfef00000
+	pageSize      = 4096
 )
 
 func newIOVASpace() *iovaSpace {
-	return &iovaSpace{holes: []iovaRange{{iovaBase, iovaLimit}}}
+	return &iovaSpace{holes: []iovaRange{{iovaBase, iovaMSIWindow}, {iovaMSIEnd, iovaLimit}}}
 }
 
 func (s *iovaSpace) alloc(size uint64) (uint64, error) {

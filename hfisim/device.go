@@ -105,10 +105,11 @@ func New(cfg Config) (*Device, error) {
 		done:  make(chan struct{}),
 	}
 	var err error
-	if d.rcvArray, err = newMemRegion("rcvarray", cfg.NumContexts*cfg.RcvArrayPerCtxt*chip.RcvArrayEntrySize); err != nil {
+	// PCI BARs are powers of two in size (QEMU asserts it when it maps them).
+	if d.rcvArray, err = newMemRegion("rcvarray", barSize(cfg.NumContexts*cfg.RcvArrayPerCtxt*chip.RcvArrayEntrySize)); err != nil {
 		return nil, err
 	}
-	if d.mtt, err = newMemRegion("mtt", max(cfg.MTTEntries*chip.MTTEntrySize, 1)); err != nil {
+	if d.mtt, err = newMemRegion("mtt", barSize(cfg.MTTEntries*chip.MTTEntrySize)); err != nil {
 		d.rcvArray.close()
 		return nil, err
 	}
@@ -117,6 +118,15 @@ func New(cfg Config) (*Device, error) {
 	d.wg.Add(1)
 	go d.engine()
 	return d, nil
+}
+
+// barSize rounds a region up to a power of two of at least a page.
+func barSize(n int) int {
+	size := 4096
+	for size < n {
+		size <<= 1
+	}
+	return size
 }
 
 // Close stops the engine and releases the device's memory and eventfds.

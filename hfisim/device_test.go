@@ -306,3 +306,22 @@ func TestConfigRefusesUnaddressableRcvArray(t *testing.T) {
 		t.Fatalf("%d RcvArray entries per context accepted; a TID can name only %d", cfg.RcvArrayPerCtxt, chip.MaxRcvArrayPerCtxt)
 	}
 }
+
+func TestBARSizesArePowersOfTwo(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.NumContexts = 3 // 3 x 2048 x 8 bytes: not a power of two by itself
+	d, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	for _, bar := range []uint32{chip.CSRBar, chip.RcvArrayBar, chip.MTTBar} {
+		ri, _, err := d.RegionInfo(bar)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ri.Size == 0 || ri.Size&(ri.Size-1) != 0 {
+			t.Fatalf("BAR%d size %#x is not a power of two", bar, ri.Size)
+		}
+	}
+}

@@ -149,7 +149,9 @@ func (m *iommu) dmaUnmap(req dmaUnmap) error {
 		return fmt.Errorf("vfio-user: DMA_UNMAP: flags %#x: %w", req.Flags, unix.EINVAL)
 	}
 	all := req.Flags&dmaUnmapFlagAll != 0
-	if !all && (req.Size == 0 || addOverflows(req.Addr, req.Size)) {
+	// A range may end exactly at 2^64: QEMU unmaps [0xfef00000, 2^64).
+	toTop := req.Size != 0 && req.Addr+req.Size == 0
+	if !all && (req.Size == 0 || addOverflows(req.Addr, req.Size) && !toTop) {
 		return fmt.Errorf("vfio-user: DMA_UNMAP: IOVA %#x size %#x: %w", req.Addr, req.Size, unix.EINVAL)
 	}
 	m.mu.Lock()
@@ -160,10 +162,10 @@ func (m *iommu) dmaUnmap(req dmaUnmap) error {
 		end := req.Addr + req.Size
 		lo = m.find(req.Addr)
 		hi = lo
-		for hi < len(m.maps) && m.maps[hi].iova < end {
+		for hi < len(m.maps) && (toTop || m.maps[hi].iova < end) {
 			hi++
 		}
-		if lo < hi && (m.maps[lo].iova < req.Addr || m.maps[hi-1].end() > end) {
+		if lo < hi && (m.maps[lo].iova < req.Addr || !toTop && m.maps[hi-1].end() > end) {
 			m.mu.Unlock()
 			return fmt.Errorf("vfio-user: DMA_UNMAP: IOVA %#x size %#x cuts a mapping: %w", req.Addr, req.Size, unix.EINVAL)
 		}

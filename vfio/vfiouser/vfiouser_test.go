@@ -806,3 +806,24 @@ func TestConcurrentCallsAndDMA(t *testing.T) {
 	default:
 	}
 }
+
+// TestDMAUnmapToTopOfSpace: QEMU unmaps ranges that end exactly at 2^64
+// ([0xfef00000, 2^64)); that is a valid range, and it removes what lies in it.
+func TestDMAUnmapToTopOfSpace(t *testing.T) {
+	leakCheck(t)
+	c, m, _ := newPair(t, nil, nil)
+	acc := &memAccessor{b: make([]byte, 4096)}
+	if err := c.DMAMap(vfio.DMAMapping{IOVA: 0xff000000, Size: 4096, Flags: vfio.DMARead | vfio.DMAWrite, Access: acc}); err != nil {
+		t.Fatal(err)
+	}
+	base := uint64(0xfef00000)
+	if err := c.DMAUnmap(base, -base); err != nil {
+		t.Fatalf("unmap to 2^64: %v", err)
+	}
+	if err := m.getDMA().Write(0xff000000, []byte{1}); !errors.Is(err, ErrIOMMUFault) {
+		t.Fatalf("mapping survived the unmap: %v", err)
+	}
+	if err := c.DMAUnmap(base, -base+1); err == nil {
+		t.Fatal("a range past 2^64 was accepted")
+	}
+}
