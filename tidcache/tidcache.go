@@ -17,11 +17,11 @@ import (
 	"container/list"
 	"errors"
 	"fmt"
-	"runtime"
 	"sync/atomic"
 	"unsafe"
 
 	"github.com/gohfi/gohfi/driver"
+	"github.com/gohfi/gohfi/hfiuser"
 	"github.com/gohfi/gohfi/uapi"
 	"golang.org/x/sys/unix"
 )
@@ -66,16 +66,16 @@ type Cache struct {
 
 // New creates a cache on f, which must have a context.
 func New(f *driver.File, opts Options) (*Cache, error) {
-	var bi uapi.Hfi1BaseInfo
-	if err := ioctl(f, uapi.HFI1_IOCTL_USER_INFO, &bi); err != nil {
+	bi, err := hfiuser.UserInfo(f)
+	if err != nil {
 		return nil, fmt.Errorf("tidcache: %w", err)
 	}
 	ev, err := f.Mmap(bi.EventsBufbase, 4096, unix.PROT_READ)
 	if err != nil {
 		return nil, fmt.Errorf("tidcache: map event page: %w", err)
 	}
-	var ci uapi.Hfi1CtxtInfo
-	if err := ioctl(f, uapi.HFI1_IOCTL_CTXT_INFO, &ci); err != nil {
+	ci, err := hfiuser.CtxtInfo(f)
+	if err != nil {
 		unix.Munmap(ev)
 		return nil, fmt.Errorf("tidcache: %w", err)
 	}
@@ -147,7 +147,8 @@ func (c *Cache) register(addr uintptr, length int) (*Entry, error) {
 		if c.opts.MaxTIDs > 0 && c.tids >= c.opts.MaxTIDs && c.evictOne() {
 			continue
 		}
-		tids, got, err := c.tidUpdate(addr, length)
+		tids, got, err := hfiuser.TIDUpdate(c.f, addr, length, c.tidBuf)
+		tids = append([]uint32(nil), tids...)
 		if err == nil && got >= length {
 			c.tids += len(tids)
 			return &Entry{Addr: addr, Length: got, TIDs: tids}, nil
@@ -202,15 +203,12 @@ func (c *Cache) free(e *Entry) error {
 // processInvalidations reads the invalidated TIDs and retires their
 // entries: out of the index at once, freed now if idle, else at Release.
 func (c *Cache) processInvalidations() error {
-	list := c.tidBuf
-	ti := uapi.Hfi1TidInfo{Tidlist: uint64(uintptr(unsafe.Pointer(&list[0]))), Tidcnt: uint32(len(list))}
-	err := ioctl(c.f, uapi.HFI1_IOCTL_TID_INVAL_READ, &ti)
-	runtime.KeepAlive(list)
+	list, err := hfiuser.TIDInvalRead(c.f, c.tidBuf)
 	if err != nil {
 		return fmt.Errorf("tidcache: %w", err)
 	}
-	bad := make(map[uint32]bool, ti.Tidcnt)
-	for _, t := range list[:ti.Tidcnt] {
+	bad := make(map[uint32]bool, len(list))
+	for _, t := range list {
 		bad[t] = true
 	}
 	for _, entries := range c.index {
@@ -253,35 +251,7 @@ func (c *Cache) Close() error {
 	return unix.Munmap(c.events)
 }
 
-func (c *Cache) tidUpdate(addr uintptr, length int) ([]uint32, int, error) {
-	list := c.tidBuf
-	ti := uapi.Hfi1TidInfo{Vaddr: uint64(addr), Tidlist: uint64(uintptr(unsafe.Pointer(&list[0]))), Tidcnt: uint32(len(list)), Length: uint32(length)}
-	err := ioctl(c.f, uapi.HFI1_IOCTL_TID_UPDATE, &ti)
-	runtime.KeepAlive(list)
-	if err != nil {
-		return nil, 0, err
-	}
-	return append([]uint32(nil), list[:ti.Tidcnt]...), int(ti.Length), nil
-}
-
 func (c *Cache) tidFree(tids []uint32) error {
-	if len(tids) == 0 {
-		return nil
-	}
-	ti := uapi.Hfi1TidInfo{Tidlist: uint64(uintptr(unsafe.Pointer(&tids[0]))), Tidcnt: uint32(len(tids))}
-	err := ioctl(c.f, uapi.HFI1_IOCTL_TID_FREE, &ti)
-	runtime.KeepAlive(tids)
+	_, err := hfiuser.TIDFree(c.f, tids)
 	return err
-}
-
-// ioctl passes m, marshalled in its C layout, as the user argument.
-func ioctl(f *driver.File, cmd uint32, m uapi.Marshallable) error {
-	b := make([]byte, m.SizeBytes())
-	m.MarshalBytes(b)
-	_, err := f.Ioctl(cmd, uintptr(unsafe.Pointer(&b[0])))
-	runtime.KeepAlive(b)
-	if err != nil {
-		return err
-	}
-	return m.UnmarshalBytes(b)
 }

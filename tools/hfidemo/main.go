@@ -11,18 +11,16 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"flag"
 	"fmt"
 	"hash/crc32"
 	"os"
-	"runtime"
 	"time"
-	"unsafe"
 
 	"github.com/gohfi/gohfi/attach"
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/driver"
+	"github.com/gohfi/gohfi/hfiuser"
 	"github.com/gohfi/gohfi/mem"
 	"github.com/gohfi/gohfi/tidcache"
 	"github.com/gohfi/gohfi/uapi"
@@ -41,19 +39,6 @@ func main() {
 	}
 }
 
-func ptr(b []byte) uintptr { return uintptr(unsafe.Pointer(&b[0])) }
-
-func ioctl(f *driver.File, cmd uint32, m uapi.Marshallable) error {
-	b := make([]byte, m.SizeBytes())
-	m.MarshalBytes(b)
-	_, err := f.Ioctl(cmd, ptr(b))
-	runtime.KeepAlive(b)
-	if err != nil {
-		return err
-	}
-	return m.UnmarshalBytes(b)
-}
-
 type receiver struct {
 	f    *driver.File
 	rhq  []byte
@@ -68,10 +53,7 @@ func (r *receiver) wait(ctx context.Context) (chip.RHQEntry, error) {
 		e.Unmarshal(r.rhq[r.next*chip.RHQEntrySize:])
 		if e.Seq != 0 && int((e.Seq-1)%uint32(cnt)) == r.next {
 			r.next = (r.next + 1) % cnt
-			hb := make([]byte, 8)
-			binary.LittleEndian.PutUint64(hb, uint64(r.next))
-			_, err := r.f.Ioctl(uapi.GOHFI_IOCTL_RCVHDR_HEAD, ptr(hb))
-			return e, err
+			return e, hfiuser.SetRcvHdrHead(r.f, uint64(r.next))
 		}
 		if _, err := r.f.Poll(ctx); err != nil {
 			return e, err
@@ -97,17 +79,17 @@ func run(spec string, iters, size, nbufs int) error {
 		if files[i], err = a.Device.Open(); err != nil {
 			return err
 		}
-		if err := ioctl(files[i], uapi.HFI1_IOCTL_ASSIGN_CTXT, &uapi.Hfi1UserInfo{Userversion: uapi.HFI1_USER_SWVERSION}); err != nil {
+		if err := hfiuser.AssignCtxt(files[i]); err != nil {
 			return fmt.Errorf("ASSIGN_CTXT: %w", err)
 		}
 	}
 	tx, rxf := files[0], files[1]
-	var ci uapi.Hfi1CtxtInfo
-	if err := ioctl(rxf, uapi.HFI1_IOCTL_CTXT_INFO, &ci); err != nil {
+	ci, err := hfiuser.CtxtInfo(rxf)
+	if err != nil {
 		return err
 	}
-	var bi uapi.Hfi1BaseInfo
-	if err := ioctl(rxf, uapi.HFI1_IOCTL_USER_INFO, &bi); err != nil {
+	bi, err := hfiuser.UserInfo(rxf)
+	if err != nil {
 		return err
 	}
 	rhq, err := rxf.Mmap(bi.RcvhdrBufbase, int(ci.RcvhdrqCnt)*chip.RHQEntrySize, unix.PROT_READ)
@@ -135,8 +117,8 @@ func run(spec string, iters, size, nbufs int) error {
 			if n <= 0 {
 				break
 			}
-			s := uapi.GohfiSend{Opcode: uapi.GOHFI_SEND_EXPECTED, DstCtxt: ci.Ctxt, Length: uint32(n), Vaddr: uint64(ptr(payload[off:])), TID: tid}
-			if err := ioctl(tx, uapi.GOHFI_IOCTL_SEND, &s); err != nil {
+			s := uapi.GohfiSend{Opcode: uapi.GOHFI_SEND_EXPECTED, DstCtxt: ci.Ctxt, TID: tid}
+			if err := hfiuser.Send(tx, s, payload[off:off+n]); err != nil {
 				return fmt.Errorf("send: %w", err)
 			}
 			wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
