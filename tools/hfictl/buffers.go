@@ -151,51 +151,50 @@ func fillSeq(data []byte) {
 	}
 }
 
-func cmdFill(s *session, args []string) (obj, error) {
-	fs := newFlags("fill")
+// bufferRange parses "NAME [more positional args] [--offset --len]" and
+// returns the named buffer, the chosen range's offset and bytes, and the
+// positional arguments.
+func bufferRange(s *session, cmd string, args []string, npos int) (b *buffer, off int, data []byte, pos []string, err error) {
+	fs := newFlags(cmd)
 	span := rangeFlags(fs)
-	pos, err := parseArgs(fs, args, 2, 2)
+	if pos, err = parseArgs(fs, args, npos, npos); err != nil {
+		return nil, 0, nil, nil, err
+	}
+	if b, err = s.buffer(pos[0]); err != nil {
+		return nil, 0, nil, nil, err
+	}
+	all, err := b.mapped()
+	if err != nil {
+		return nil, 0, nil, nil, err
+	}
+	off, n, err := span(len(all))
+	if err != nil {
+		return nil, 0, nil, nil, err
+	}
+	return b, off, all[off : off+n], pos, nil
+}
+
+func rangeResult(b *buffer, off int, data []byte) obj {
+	return obj{{"buffer", b.name}, {"offset", off}, {"length", len(data)}, {"checksum", crc(data)}}
+}
+
+func cmdFill(s *session, args []string) (obj, error) {
+	b, off, data, pos, err := bufferRange(s, "fill", args, 2)
 	if err != nil {
 		return nil, err
 	}
-	b, err := s.buffer(pos[0])
-	if err != nil {
+	if err := fillPattern(data, pos[1]); err != nil {
 		return nil, err
 	}
-	data, err := b.mapped()
-	if err != nil {
-		return nil, err
-	}
-	off, n, err := span(len(data))
-	if err != nil {
-		return nil, err
-	}
-	if err := fillPattern(data[off:off+n], pos[1]); err != nil {
-		return nil, err
-	}
-	return obj{{"buffer", b.name}, {"offset", off}, {"length", n}, {"checksum", crc(data[off : off+n])}}, nil
+	return rangeResult(b, off, data), nil
 }
 
 func cmdChecksum(s *session, args []string) (obj, error) {
-	fs := newFlags("checksum")
-	span := rangeFlags(fs)
-	pos, err := parseArgs(fs, args, 1, 1)
+	b, off, data, _, err := bufferRange(s, "checksum", args, 1)
 	if err != nil {
 		return nil, err
 	}
-	b, err := s.buffer(pos[0])
-	if err != nil {
-		return nil, err
-	}
-	data, err := b.mapped()
-	if err != nil {
-		return nil, err
-	}
-	off, n, err := span(len(data))
-	if err != nil {
-		return nil, err
-	}
-	return obj{{"buffer", b.name}, {"offset", off}, {"length", n}, {"checksum", crc(data[off : off+n])}}, nil
+	return rangeResult(b, off, data), nil
 }
 
 func cmdMunmap(s *session, args []string) (obj, error) {
