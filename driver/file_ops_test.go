@@ -12,6 +12,7 @@ import (
 	"github.com/gohfi/gohfi/attach"
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/driver"
+	"github.com/gohfi/gohfi/hfiuser"
 	"github.com/gohfi/gohfi/uapi"
 	"golang.org/x/sys/unix"
 )
@@ -48,18 +49,7 @@ func openFile(t *testing.T, a *attach.Attached) *driver.File {
 
 // ioctl passes a Go struct as the user argument, marshalled as C would lay
 // it out.
-func ioctl(f *driver.File, cmd uint32, m uapi.Marshallable) error {
-	b := make([]byte, m.SizeBytes())
-	m.MarshalBytes(b)
-	_, err := f.Ioctl(cmd, uintptrOf(b))
-	runtime.KeepAlive(b)
-	if err == nil {
-		if uerr := m.UnmarshalBytes(b); uerr != nil {
-			return uerr
-		}
-	}
-	return err
-}
+var ioctl = hfiuser.Ioctl
 
 func assign(t *testing.T, f *driver.File) {
 	t.Helper()
