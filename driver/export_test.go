@@ -1,6 +1,10 @@
 package driver_test
 
-import "unsafe"
+import (
+	"unsafe"
+
+	"github.com/gohfi/gohfi/driver"
+)
 
 func uintptrOf(b []byte) uintptr { return uintptr(unsafe.Pointer(&b[0])) }
 
@@ -11,3 +15,6 @@ func uintptrOfU32(b []uint32) uintptr { return uintptr(unsafe.Pointer(&b[0])) }
 func unsafePtr(addr uintptr) unsafe.Pointer { return *(*unsafe.Pointer)(unsafe.Pointer(&addr)) }
 
 func unsafeSlice(addr uintptr, n int) []byte { return unsafe.Slice((*byte)(unsafePtr(addr)), n) }
+
+// argOf is b as an ioctl argument.
+func argOf(b []byte) driver.UserPtr { return driver.UserPtrOf(&b[0]) }

@@ -68,7 +68,10 @@ var errIO = unix.EIO
 // POLL_TYPE read an int, ACK_EVENT an unsigned long, SET_PKEY a __u16,
 // RCVHDR_HEAD a __u64 through it). Errors wrap a unix.Errno with the meaning
 // the kernel gives it.
-func (f *File) Ioctl(cmd uint32, arg uintptr) (int, error) {
+func (f *File) Ioctl(cmd uint32, arg UserPtr) (int, error) {
+	var pin runtime.Pinner
+	arg.pin(&pin)
+	defer pin.Unpin()
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.closed {
@@ -157,7 +160,7 @@ func (f *File) Ioctl(cmd uint32, arg uintptr) (int, error) {
 }
 
 // getUser reads a little-endian scalar of size bytes (get_user).
-func getUser(arg uintptr, size int, what string) (uint64, error) {
+func getUser(arg UserPtr, size int, what string) (uint64, error) {
 	var b [8]byte
 	if err := copyFromUser(b[:size], arg); err != nil {
 		return 0, errFault("gohfi: " + what)
@@ -174,7 +177,7 @@ func wrapFault(what string, err error) error {
 
 // assignCtxt (hfi1 assign_ctxt): one context per file, taken from the
 // device's free hardware contexts.
-func (f *File) assignCtxt(arg uintptr) error {
+func (f *File) assignCtxt(arg UserPtr) error {
 	var b [uapi.SizeofHfi1UserInfo]byte
 	if err := copyFromUser(b[:], arg); err != nil {
 		return errFault("gohfi: ASSIGN_CTXT")
@@ -226,7 +229,7 @@ func (f *File) assignCtxt(arg uintptr) error {
 	return nil
 }
 
-func (f *File) ctxtInfo(arg uintptr) error {
+func (f *File) ctxtInfo(arg UserPtr) error {
 	d, c, p := f.d, f.uctxt, f.d.m.params
 	ci := uapi.Hfi1CtxtInfo{
 		RuntimeFlags:   f.runtimeFlags(),
@@ -256,7 +259,7 @@ func (f *File) runtimeFlags() uint64 {
 	return fl
 }
 
-func (f *File) userInfo(arg uintptr) error {
+func (f *File) userInfo(arg UserPtr) error {
 	d, c := f.d, f.uctxt
 	bi := uapi.Hfi1BaseInfo{
 		HwVersion:     uint32(d.info.Revision),

@@ -74,16 +74,16 @@ func TestGetVersAndBadIoctls(t *testing.T) {
 	a := openDev(t, 2)
 	f := openFile(t, a)
 	var v [4]byte
-	if _, err := f.Ioctl(uapi.HFI1_IOCTL_GET_VERS, uintptrOf(v[:])); err != nil {
+	if _, err := f.Ioctl(uapi.HFI1_IOCTL_GET_VERS, argOf(v[:])); err != nil {
 		t.Fatal(err)
 	}
 	if got := uint32(v[0]) | uint32(v[1])<<8 | uint32(v[2])<<16 | uint32(v[3])<<24; got != uapi.HFI1_USER_SWVERSION {
 		t.Fatalf("version %#x", got)
 	}
-	if _, err := f.Ioctl(uapi.HFI1_IOCTL_GET_VERS, 8); !errors.Is(err, unix.EFAULT) {
+	if _, err := f.Ioctl(uapi.HFI1_IOCTL_GET_VERS, driver.UserAddr(8)); !errors.Is(err, unix.EFAULT) {
 		t.Fatalf("bad pointer: %v, want EFAULT", err)
 	}
-	if _, err := f.Ioctl(0x1234, 0); !errors.Is(err, unix.ENOTTY) {
+	if _, err := f.Ioctl(0x1234, driver.UserPtr{}); !errors.Is(err, unix.ENOTTY) {
 		t.Fatalf("unknown command: %v, want ENOTTY", err)
 	}
 	var ci uapi.Hfi1CtxtInfo
@@ -134,7 +134,7 @@ func TestAssignCtxtInfoAndMmap(t *testing.T) {
 		t.Fatal(err)
 	}
 	unix.Munmap(m)
-	if _, err := f.Ioctl(uapi.HFI1_IOCTL_CTXT_RESET, 0); err != nil {
+	if _, err := f.Ioctl(uapi.HFI1_IOCTL_CTXT_RESET, driver.UserPtr{}); err != nil {
 		t.Fatalf("CTXT_RESET: %v", err)
 	}
 }
@@ -155,7 +155,7 @@ func TestContextsExhaustedAndReleased(t *testing.T) {
 	if err := files[1].Close(); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := files[1].Ioctl(uapi.HFI1_IOCTL_GET_VERS, 0); !errors.Is(err, unix.EBADF) {
+	if _, err := files[1].Ioctl(uapi.HFI1_IOCTL_GET_VERS, driver.UserPtr{}); !errors.Is(err, unix.EBADF) {
 		t.Fatalf("ioctl after close: %v, want EBADF", err)
 	}
 	assign(t, extra)
@@ -209,7 +209,7 @@ func TestEagerSendAndPoll(t *testing.T) {
 		t.Fatal("eager data differs")
 	}
 	head := []byte{1, 0, 0, 0, 0, 0, 0, 0}
-	if _, err := rx.Ioctl(uapi.GOHFI_IOCTL_RCVHDR_HEAD, uintptrOf(head)); err != nil {
+	if _, err := rx.Ioctl(uapi.GOHFI_IOCTL_RCVHDR_HEAD, argOf(head)); err != nil {
 		t.Fatal(err)
 	}
 	ctx2, cancel2 := context.WithTimeout(context.Background(), 50*time.Millisecond)
@@ -282,7 +282,7 @@ func TestDeviceDisconnect(t *testing.T) {
 	var ci uapi.Hfi1CtxtInfo
 	ioctl(f, uapi.HFI1_IOCTL_CTXT_INFO, &ci) // served from driver state
 	done := make(chan error, 1)
-	go func() { _, err := f.Ioctl(uapi.HFI1_IOCTL_CTXT_RESET, 0); done <- err }()
+	go func() { _, err := f.Ioctl(uapi.HFI1_IOCTL_CTXT_RESET, driver.UserPtr{}); done <- err }()
 	select {
 	case err := <-done:
 		if !errors.Is(err, unix.ENXIO) {

@@ -19,7 +19,7 @@ const sendTimeout = 5 * time.Second
 // through its IOVA, so the sender's own memory is never pinned or mapped.
 // It returns once the device has consumed the descriptor, so the caller may
 // reuse its buffer at once.
-func (f *File) send(arg uintptr) error {
+func (f *File) send(arg UserPtr) error {
 	var b [uapi.SizeofGohfiSend]byte
 	if err := copyFromUser(b[:], arg); err != nil {
 		return errFault("gohfi: SEND")
@@ -39,7 +39,7 @@ func (f *File) send(arg uintptr) error {
 	case int(s.Length) > len(c.pio.mem):
 		return errnoErr(fmt.Sprintf("SEND: %d bytes, at most %d", s.Length, len(c.pio.mem)), unix.EMSGSIZE)
 	}
-	if err := copyFromUser(c.pio.mem[:s.Length], uintptr(s.Vaddr)); err != nil {
+	if err := copyFromUser(c.pio.mem[:s.Length], UserAddr(s.Vaddr)); err != nil {
 		return errFault("gohfi: SEND payload")
 	}
 	desc := chip.SendDesc{

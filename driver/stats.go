@@ -27,7 +27,7 @@ func (d *Device) Stats() uapi.GohfiDriverStats {
 	}
 }
 
-func (f *File) driverStats(arg uintptr) error {
+func (f *File) driverStats(arg UserPtr) error {
 	st := f.d.Stats()
 	b := make([]byte, st.SizeBytes())
 	st.MarshalBytes(b)
@@ -38,7 +38,7 @@ func (f *File) driverStats(arg uintptr) error {
 // this device. Memory regions (ODP, fast registration) are not offered by
 // this driver version, so their capability bits stay clear even though the
 // hardware advertises them (DeviceInfo.CapFlags).
-func (f *File) queryDevice(arg uintptr) error {
+func (f *File) queryDevice(arg UserPtr) error {
 	i := f.d.info
 	a := uapi.GohfiDeviceAttr{
 		VendorID:        uint32(i.VendorID),

@@ -33,6 +33,8 @@ type expRcv struct {
 	nodes   map[int]*tidNode          // by absolute RcvArray entry
 	invalid []uint32                  // TIDs invalidated, not yet read (tid_used_list's invalid half)
 	unsub   []*userfault.Subscription // to remove once e.mu is dropped
+	unmap   []*tidNode                // cleared, to unmap and unpin once e.mu is dropped
+	closed  bool                      // the file is closing: no new TIDs
 }
 
 // tidNode is one programmed TID (hfi1's struct tid_rb_node): a power-of-two
@@ -67,7 +69,7 @@ func newExpRcv(f *File, c *ctxtData) (*expRcv, error) {
 func (n *tidNode) Invalidate(_ *userfault.Subscription, ev userfault.Event) bool {
 	e := n.e
 	e.mu.Lock()
-	defer e.mu.Unlock()
+	defer e.unlockAndRelease()
 	if n.invalid || e.nodes[n.entry] != n {
 		return false
 	}
@@ -81,8 +83,13 @@ func (n *tidNode) Invalidate(_ *userfault.Subscription, ev userfault.Event) bool
 	return true
 }
 
-// tidUpdate (HFI1_IOCTL_TID_UPDATE, hfi1_user_exp_rcv_setup).
-func (e *expRcv) tidUpdate(arg uintptr) error {
+// tidUpdate (HFI1_IOCTL_TID_UPDATE, hfi1_user_exp_rcv_setup). As in hfi1,
+// the slow work runs without the expected-receive lock: the pages are
+// pinned and DMA-mapped first, e.mu is held only to take RcvArray entries
+// and to program and commit them, and the results are copied out after it
+// is dropped. An invalidation of another TID of the context (which takes
+// e.mu on the notifier's one dispatcher) never waits for a large pin.
+func (e *expRcv) tidUpdate(arg UserPtr) error {
 	var raw [uapi.SizeofHfi1TidInfo]byte
 	if err := copyFromUser(raw[:], arg); err != nil {
 		return errFault("gohfi: TID_UPDATE")
@@ -99,6 +106,10 @@ func (e *expRcv) tidUpdate(arg uintptr) error {
 		return errnoErr(fmt.Sprintf("TID_UPDATE: %d pages, context has %d entries", npages, per), unix.EINVAL)
 	case ti.Tidlist == 0:
 		return errFault("gohfi: TID_UPDATE tidlist")
+	case !userRange(vaddr, uintptr(npages*pageSize)):
+		// hfi1: access_ok fails, -EFAULT. Never ENOMEM, which means the
+		// memlock limit and makes a TID cache evict.
+		return errnoErr(fmt.Sprintf("TID_UPDATE: %#x+%d is not a user address range", vaddr, length), unix.EFAULT)
 	}
 	capacity := int(ti.Tidcnt)
 	if capacity == 0 {
@@ -118,30 +129,34 @@ func (e *expRcv) tidUpdate(arg uintptr) error {
 	defer cover.Remove()
 	seq := cover.ReadBegin()
 
-	e.mu.Lock()
-	defer e.unlockAndUnsubscribe()
 	sets := rcvarray.SplitPages(npages, e.d.info.MaxTIDPages)
 	if len(sets) > capacity {
 		sets = sets[:capacity]
 	}
 	// Fewer free entries than sets is a partial success, as in hfi1.
+	e.mu.Lock()
 	entries, err := e.alloc.Alloc(len(sets))
+	e.mu.Unlock()
 	if err != nil {
 		return fmt.Errorf("gohfi: TID_UPDATE: %w", err)
 	}
 	var made []*tidNode
+	// undo gives back everything this call took; the nodes were never
+	// visible (not in e.nodes, RcvArray entries not written or cleared).
 	undo := func() {
+		e.mu.Lock()
 		for _, n := range made {
 			e.releaseNodeLocked(n)
 		}
 		for _, ent := range entries[len(made):] {
 			e.alloc.Free(ent)
 		}
+		e.unlockAndRelease()
 	}
-	// Pin and map every page set first; the device cannot reach them yet.
+	// Pin and map every page set; the device cannot reach them yet.
 	off := uintptr(0)
 	for i, ent := range entries {
-		n, err := e.pinLocked(ent, vaddr+off, sets[i])
+		n, err := e.pin(ent, vaddr+off, sets[i])
 		if err != nil {
 			undo()
 			return fmt.Errorf("gohfi: TID_UPDATE: %w", err)
@@ -156,81 +171,116 @@ func (e *expRcv) tidUpdate(arg uintptr) error {
 		undo()
 		return errnoErr("TID_UPDATE: buffer invalidated during setup", unix.EBUSY)
 	}
-	// Then watch each TID and make it visible to the device.
+	// Watch each TID. Until the node is committed its Invalidate does
+	// nothing; the cover subscription reports any event meanwhile.
 	for _, n := range made {
 		if n.sub, err = not.Subscribe(n.vaddr, uintptr(n.npages*pageSize), n); err != nil {
 			undo()
 			return fmt.Errorf("gohfi: TID_UPDATE: %w", err)
 		}
-		store64(e.d.rcvArray, n.entry*chip.RcvArrayEntrySize, uapi.RcvArrayEntry(n.iova, uint32(n.npages)))
+	}
+	e.mu.Lock()
+	if e.closed {
+		e.mu.Unlock()
+		undo()
+		return errnoErr("TID_UPDATE: context closed", unix.EBADF)
 	}
 	if cover.ReadRetry(seq) {
+		e.mu.Unlock()
 		undo()
 		return errnoErr("TID_UPDATE: buffer invalidated during setup", unix.EBUSY)
 	}
+	for _, n := range made {
+		store64(e.d.rcvArray, n.entry*chip.RcvArrayEntrySize, uapi.RcvArrayEntry(n.iova, uint32(n.npages)))
+		e.nodes[n.entry] = n
+	}
+	e.mu.Unlock()
+	e.d.stats.tidsProgrammed.Add(uint64(len(made)))
+
 	tids := make([]byte, 4*len(made))
 	for i, n := range made {
 		binary.LittleEndian.PutUint32(tids[4*i:], n.tid)
 	}
-	if err := copyToUser(uintptr(ti.Tidlist), tids); err != nil {
-		undo()
-		return errFault("gohfi: TID_UPDATE tidlist")
-	}
 	ti.Tidcnt = uint32(len(made))
 	ti.Length = uint32(min(uint64(off), length))
 	ti.MarshalBytes(raw[:])
+	if err := copyToUser(UserAddr(ti.Tidlist), tids); err != nil {
+		e.unprogram(made)
+		return errFault("gohfi: TID_UPDATE tidlist")
+	}
 	if err := copyToUser(arg, raw[:]); err != nil {
-		undo()
+		e.unprogram(made)
 		return errFault("gohfi: TID_UPDATE")
 	}
-	for _, n := range made {
-		e.nodes[n.entry] = n
-	}
-	e.d.stats.tidsProgrammed.Add(uint64(len(made)))
 	return nil
 }
 
-// pinLocked pins and DMA-maps one page set for entry; the caller programs
-// the entry once the whole request is known to be intact.
-func (e *expRcv) pinLocked(entry int, vaddr uintptr, npages int) (n *tidNode, err error) {
+// unprogram takes back TIDs that TID_UPDATE programmed but could not report
+// (hfi1 unprograms them when the copy to user fails). A TID the caller
+// freed meanwhile by guessing its number is skipped.
+func (e *expRcv) unprogram(made []*tidNode) {
+	e.mu.Lock()
+	for _, n := range made {
+		if e.nodes[n.entry] == n {
+			e.dropInvalidLocked(n.tid)
+			e.releaseNodeLocked(n)
+			e.d.stats.tidsFreed.Add(1)
+		}
+	}
+	e.unlockAndRelease()
+}
+
+// userRange reports whether [vaddr, vaddr+length) lies in the user half of
+// a canonical x86-64 or arm64 address space (hfi1's access_ok).
+func userRange(vaddr, length uintptr) bool {
+	const userTop = 1 << 47
+	end := vaddr + length
+	return end > vaddr && end <= userTop
+}
+
+// pin pins and DMA-maps one page set for entry, without e.mu; the caller
+// programs the entry once the whole request is known to be intact.
+func (e *expRcv) pin(entry int, vaddr uintptr, npages int) (*tidNode, error) {
 	d := e.d
-	n = &tidNode{e: e, entry: entry, vaddr: vaddr, npages: npages}
+	n := &tidNode{e: e, entry: entry, vaddr: vaddr, npages: npages}
 	n.tid = e.alloc.TID(entry, npages)
 	size := uint64(npages * pageSize)
-	defer func() {
-		if err != nil {
-			e.releaseNodeLocked(n)
-		}
-	}()
+	var err error
 	if n.pin, err = d.pinner.Pin(vaddr, int(size)); err != nil {
-		return n, err
+		return nil, err
 	}
 	d.stats.pagesPinned.Add(uint64(npages))
 	if n.iova, err = d.iova.alloc(size); err != nil {
-		return n, err
+		return nil, errors.Join(err, n.unmapAndUnpin())
 	}
 	m := vfio.DMAMapping{IOVA: n.iova, Vaddr: vaddr, Size: size, Flags: vfio.DMARead | vfio.DMAWrite, Access: n.pin}
 	if err = d.vdev.DMAMap(m); err != nil {
 		d.iova.release(n.iova, size)
 		n.iova = 0
-		return n, d.ioErr(fmt.Errorf("DMA map: %w", err))
+		return nil, errors.Join(d.ioErr(fmt.Errorf("DMA map: %w", err)), n.unmapAndUnpin())
 	}
 	return n, nil
 }
 
-// clearNodeLocked takes a TID out of the hardware and unpins it: RcvArray
-// entry zeroed first, so the device cannot start a write, then the mapping
-// and pin dropped.
-func (e *expRcv) clearNodeLocked(n *tidNode) error {
+// clearNodeLocked takes a TID out of the hardware: its RcvArray entry is
+// zeroed at once, so the device cannot start a write; the DMA mapping and
+// the pin are dropped by unmapAndUnpin, after e.mu (unlockAndRelease).
+func (e *expRcv) clearNodeLocked(n *tidNode) {
 	if n.cleared {
-		return nil
+		return
 	}
 	n.cleared = true
-	d := e.d
-	var errs []error
-	if d.rcvArray != nil {
-		store64(d.rcvArray, n.entry*chip.RcvArrayEntrySize, 0)
+	if e.d.rcvArray != nil {
+		store64(e.d.rcvArray, n.entry*chip.RcvArrayEntrySize, 0)
 	}
+	e.unmap = append(e.unmap, n)
+}
+
+// unmapAndUnpin drops a cleared TID's DMA mapping (a device round trip on
+// the vfio-user path) and its pin. It runs without e.mu.
+func (n *tidNode) unmapAndUnpin() error {
+	d := n.e.d
+	var errs []error
 	size := uint64(n.npages * pageSize)
 	if n.iova != 0 {
 		if !d.dead.Load() {
@@ -249,54 +299,70 @@ func (e *expRcv) clearNodeLocked(n *tidNode) error {
 	return errors.Join(errs...)
 }
 
-// releaseNodeLocked removes a TID from the hardware, unpins it and frees
-// its RcvArray entry. Its notifier subscription is queued on e.unsub and
-// removed by unsubscribe after e.mu is dropped: Remove waits for a running
-// Invalidate, which may be waiting for e.mu (as mmu_interval_notifier_remove
-// must not be called under a lock the invalidate callback takes). Until
-// then a late Invalidate finds the node gone from e.nodes and does nothing.
-func (e *expRcv) releaseNodeLocked(n *tidNode) error {
-	err := e.clearNodeLocked(n)
+// releaseNodeLocked removes a TID from the hardware and frees its RcvArray
+// entry; the unmap, the unpin and the removal of its notifier subscription
+// are queued and done by unlockAndRelease after e.mu is dropped: Remove
+// waits for a running Invalidate, which may be waiting for e.mu (as
+// mmu_interval_notifier_remove must not be called under a lock the
+// invalidate callback takes). Until then a late Invalidate finds the node
+// gone from e.nodes and does nothing. The entry can be reused at once: it
+// holds no address any more, and the old IOVA is released only after its
+// unmap.
+func (e *expRcv) releaseNodeLocked(n *tidNode) {
+	e.clearNodeLocked(n)
 	if n.sub != nil {
 		e.unsub = append(e.unsub, n.sub)
 		n.sub = nil
 	}
-	delete(e.nodes, n.entry)
+	if e.nodes[n.entry] == n {
+		delete(e.nodes, n.entry)
+	}
 	e.alloc.Free(n.entry)
-	return err
 }
 
-// unlockAndUnsubscribe drops e.mu and then removes the subscriptions of the
-// TIDs released under it.
-func (e *expRcv) unlockAndUnsubscribe() {
-	subs := e.unsub
-	e.unsub = nil
+// unlockAndRelease drops e.mu, then unmaps and unpins the TIDs cleared
+// under it and removes their subscriptions.
+func (e *expRcv) unlockAndRelease() error {
+	subs, nodes := e.unsub, e.unmap
+	e.unsub, e.unmap = nil, nil
 	e.mu.Unlock()
+	var errs []error
+	for _, n := range nodes {
+		errs = append(errs, n.unmapAndUnpin())
+	}
 	for _, s := range subs {
 		s.Remove()
 	}
+	return errors.Join(errs...)
 }
 
 // tidFree (HFI1_IOCTL_TID_FREE): only the context's own programmed TIDs; a
 // stale or foreign TID stops the call with EINVAL, after the ones before it
-// were freed (tidcnt is written back with how many were).
-func (e *expRcv) tidFree(arg uintptr) error {
+// were freed. tidcnt is written back with how many were, on every return
+// after the argument was read, so a caller never counts a TID twice.
+func (e *expRcv) tidFree(arg UserPtr) (ferr error) {
 	var raw [uapi.SizeofHfi1TidInfo]byte
 	if err := copyFromUser(raw[:], arg); err != nil {
 		return errFault("gohfi: TID_FREE")
 	}
 	var ti uapi.Hfi1TidInfo
 	ti.UnmarshalBytes(raw[:])
+	freed := 0
+	defer func() {
+		ti.Tidcnt = uint32(freed)
+		ti.MarshalBytes(raw[:])
+		if err := copyToUser(arg, raw[:]); err != nil && ferr == nil {
+			ferr = errFault("gohfi: TID_FREE")
+		}
+	}()
 	if ti.Tidcnt == 0 || int(ti.Tidcnt) > e.d.info.RcvArrayPerCtxt {
 		return errnoErr(fmt.Sprintf("TID_FREE: tidcnt %d", ti.Tidcnt), unix.EINVAL)
 	}
 	tids := make([]byte, 4*ti.Tidcnt)
-	if err := copyFromUser(tids, uintptr(ti.Tidlist)); err != nil {
+	if err := copyFromUser(tids, UserAddr(ti.Tidlist)); err != nil {
 		return errFault("gohfi: TID_FREE tidlist")
 	}
 	e.mu.Lock()
-	freed := 0
-	var ferr error
 	for i := 0; i < int(ti.Tidcnt); i++ {
 		tid := binary.LittleEndian.Uint32(tids[4*i:])
 		entry, _, err := e.alloc.TIDEntry(tid)
@@ -305,19 +371,14 @@ func (e *expRcv) tidFree(arg uintptr) error {
 			ferr = errnoErr(fmt.Sprintf("TID_FREE: TID %#x is not programmed in this context", tid), unix.EINVAL)
 			break
 		}
-		if err := e.releaseNodeLocked(n); err != nil && ferr == nil {
-			ferr = fmt.Errorf("gohfi: TID_FREE: %w", err)
-		}
+		e.releaseNodeLocked(n)
 		e.dropInvalidLocked(tid)
 		freed++
 	}
-	e.unlockAndUnsubscribe()
-	e.d.stats.tidsFreed.Add(uint64(freed))
-	ti.Tidcnt = uint32(freed)
-	ti.MarshalBytes(raw[:])
-	if err := copyToUser(arg, raw[:]); err != nil && ferr == nil {
-		ferr = errFault("gohfi: TID_FREE")
+	if err := e.unlockAndRelease(); err != nil && ferr == nil {
+		ferr = fmt.Errorf("gohfi: TID_FREE: %w", err)
 	}
+	e.d.stats.tidsFreed.Add(uint64(freed))
 	return ferr
 }
 
@@ -335,7 +396,7 @@ func (e *expRcv) dropInvalidLocked(tid uint32) {
 // tidInvalRead (HFI1_IOCTL_TID_INVAL_READ): copy the invalidated TIDs and
 // clear the event bit under the same lock, so an invalidation that lands
 // after the copy sets the bit again and is never missed.
-func (e *expRcv) tidInvalRead(arg uintptr) error {
+func (e *expRcv) tidInvalRead(arg UserPtr) error {
 	var raw [uapi.SizeofHfi1TidInfo]byte
 	if err := copyFromUser(raw[:], arg); err != nil {
 		return errFault("gohfi: TID_INVAL_READ")
@@ -356,7 +417,7 @@ func (e *expRcv) tidInvalRead(arg uintptr) error {
 		for i, t := range e.invalid[:n] {
 			binary.LittleEndian.PutUint32(b[4*i:], t)
 		}
-		if err := copyToUser(uintptr(ti.Tidlist), b); err != nil {
+		if err := copyToUser(UserAddr(ti.Tidlist), b); err != nil {
 			return errFault("gohfi: TID_INVAL_READ tidlist")
 		}
 	}
@@ -376,13 +437,12 @@ func (e *expRcv) tidInvalRead(arg uintptr) error {
 // close releases every TID of the context (file close or device removal).
 func (e *expRcv) close() error {
 	e.mu.Lock()
-	defer e.unlockAndUnsubscribe()
-	var errs []error
+	e.closed = true
 	for _, n := range e.nodes {
-		errs = append(errs, e.releaseNodeLocked(n))
+		e.releaseNodeLocked(n)
 	}
 	e.invalid = nil
-	return errors.Join(errs...)
+	return e.unlockAndRelease()
 }
 
 // notifier returns the device's invalidation notifier, starting it at first

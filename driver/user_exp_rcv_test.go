@@ -68,7 +68,7 @@ func (r *rxCtxt) nextEntry(t *testing.T) chip.RHQEntry {
 			r.next = (r.next + 1) % r.count
 			head := make([]byte, 8)
 			binary.LittleEndian.PutUint64(head, uint64(r.next))
-			if _, err := r.f.Ioctl(uapi.GOHFI_IOCTL_RCVHDR_HEAD, uintptrOf(head)); err != nil {
+			if _, err := r.f.Ioctl(uapi.GOHFI_IOCTL_RCVHDR_HEAD, argOf(head)); err != nil {
 				t.Fatal(err)
 			}
 			return e

@@ -6,24 +6,26 @@ package hfiuser
 
 import (
 	"encoding/binary"
+	"fmt"
 	"runtime"
-	"unsafe"
 
 	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/uapi"
+	"golang.org/x/sys/unix"
 )
 
 // Ioctl passes m, marshalled in its C layout, as the argument of cmd and
-// reads the result back into m.
+// reads the argument back into m, also when the call fails: the driver
+// writes partial results back (TID_FREE's tidcnt of TIDs freed before the
+// bad one), as the kernel does.
 func Ioctl(f *driver.File, cmd uint32, m uapi.Marshallable) error {
 	b := make([]byte, m.SizeBytes())
 	m.MarshalBytes(b)
-	_, err := f.Ioctl(cmd, uintptr(unsafe.Pointer(&b[0])))
-	runtime.KeepAlive(b)
-	if err != nil {
-		return err
+	_, err := f.Ioctl(cmd, driver.UserPtrOf(&b[0]))
+	if uerr := m.UnmarshalBytes(b); err == nil {
+		err = uerr
 	}
-	return m.UnmarshalBytes(b)
+	return err
 }
 
 // IoctlScalar passes a pointer to the scalar argument of cmd (RECV_CTRL,
@@ -33,8 +35,7 @@ func Ioctl(f *driver.File, cmd uint32, m uapi.Marshallable) error {
 func IoctlScalar(f *driver.File, cmd uint32, v uint64) error {
 	var b [8]byte
 	binary.LittleEndian.PutUint64(b[:], v)
-	_, err := f.Ioctl(cmd, uintptr(unsafe.Pointer(&b[0])))
-	runtime.KeepAlive(&b)
+	_, err := f.Ioctl(cmd, driver.UserPtrOf(&b))
 	return err
 }
 
@@ -60,32 +61,44 @@ func UserInfo(f *driver.File) (uapi.Hfi1BaseInfo, error) {
 // TIDUpdate registers [addr, addr+length) (TID_UPDATE) using list as the
 // TID list; it returns the TIDs programmed and the bytes they cover.
 func TIDUpdate(f *driver.File, addr uintptr, length int, list []uint32) ([]uint32, int, error) {
-	ti := uapi.Hfi1TidInfo{Vaddr: uint64(addr), Tidlist: uint64(uintptr(unsafe.Pointer(&list[0]))),
+	if len(list) == 0 {
+		return nil, 0, fmt.Errorf("hfiuser: TID_UPDATE with an empty TID list: %w", unix.EINVAL)
+	}
+	var pin runtime.Pinner
+	defer pin.Unpin()
+	ti := uapi.Hfi1TidInfo{Vaddr: uint64(addr), Tidlist: pinnedAddr(&pin, &list[0]),
 		Tidcnt: uint32(len(list)), Length: uint32(length)}
 	err := Ioctl(f, uapi.HFI1_IOCTL_TID_UPDATE, &ti)
-	runtime.KeepAlive(list)
 	if err != nil {
 		return nil, 0, err
 	}
 	return list[:ti.Tidcnt], int(ti.Length), nil
 }
 
-// TIDFree frees tids (TID_FREE) and returns how many were freed.
+// TIDFree frees tids (TID_FREE) and returns how many were freed: on an
+// error, the TIDs before the bad one (the driver writes tidcnt back).
 func TIDFree(f *driver.File, tids []uint32) (int, error) {
 	if len(tids) == 0 {
 		return 0, nil
 	}
-	ti := uapi.Hfi1TidInfo{Tidlist: uint64(uintptr(unsafe.Pointer(&tids[0]))), Tidcnt: uint32(len(tids))}
-	err := Ioctl(f, uapi.HFI1_IOCTL_TID_FREE, &ti)
-	runtime.KeepAlive(tids)
-	return int(ti.Tidcnt), err
+	var pin runtime.Pinner
+	defer pin.Unpin()
+	ti := uapi.Hfi1TidInfo{Tidlist: pinnedAddr(&pin, &tids[0]), Tidcnt: uint32(len(tids))}
+	if err := Ioctl(f, uapi.HFI1_IOCTL_TID_FREE, &ti); err != nil {
+		return min(int(ti.Tidcnt), len(tids)), err
+	}
+	return int(ti.Tidcnt), nil
 }
 
 // TIDInvalRead reads the invalidated TIDs into list (TID_INVAL_READ).
 func TIDInvalRead(f *driver.File, list []uint32) ([]uint32, error) {
-	ti := uapi.Hfi1TidInfo{Tidlist: uint64(uintptr(unsafe.Pointer(&list[0]))), Tidcnt: uint32(len(list))}
+	if len(list) == 0 {
+		return nil, fmt.Errorf("hfiuser: TID_INVAL_READ with an empty TID list: %w", unix.EINVAL)
+	}
+	var pin runtime.Pinner
+	defer pin.Unpin()
+	ti := uapi.Hfi1TidInfo{Tidlist: pinnedAddr(&pin, &list[0]), Tidcnt: uint32(len(list))}
 	err := Ioctl(f, uapi.HFI1_IOCTL_TID_INVAL_READ, &ti)
-	runtime.KeepAlive(list)
 	if err != nil {
 		return nil, err
 	}
@@ -95,16 +108,23 @@ func TIDInvalRead(f *driver.File, list []uint32) ([]uint32, error) {
 // Send sends one packet from data (GOHFI_IOCTL_SEND); s.Vaddr and s.Length
 // are set from data.
 func Send(f *driver.File, s uapi.GohfiSend, data []byte) error {
+	var pin runtime.Pinner
+	defer pin.Unpin()
 	s.Length = uint32(len(data))
 	if len(data) > 0 {
-		s.Vaddr = uint64(uintptr(unsafe.Pointer(&data[0])))
+		s.Vaddr = pinnedAddr(&pin, &data[0])
 	}
-	err := Ioctl(f, uapi.GOHFI_IOCTL_SEND, &s)
-	runtime.KeepAlive(data)
-	return err
+	return Ioctl(f, uapi.GOHFI_IOCTL_SEND, &s)
 }
 
 // SetRcvHdrHead tells the device how far the header queue was consumed.
 func SetRcvHdrHead(f *driver.File, head uint64) error {
 	return IoctlScalar(f, uapi.GOHFI_IOCTL_RCVHDR_HEAD, head)
+}
+
+// DriverStats reads the driver's counters (GOHFI_IOCTL_DRIVER_STATS).
+func DriverStats(f *driver.File) (uapi.GohfiDriverStats, error) {
+	var st uapi.GohfiDriverStats
+	err := Ioctl(f, uapi.GOHFI_IOCTL_DRIVER_STATS, &st)
+	return st, err
 }

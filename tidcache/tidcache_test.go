@@ -30,7 +30,7 @@ func requireRoot(tb testing.TB) {
 	}
 }
 
-func ptr(b []byte) uintptr { return uintptr(unsafe.Pointer(&b[0])) }
+func ptr(b []byte) driver.UserPtr { return driver.UserPtrOf(&b[0]) }
 
 func addrPtr(a uintptr) unsafe.Pointer { return *(*unsafe.Pointer)(unsafe.Pointer(&a)) }
 
@@ -95,7 +95,7 @@ func (e *env) send(tb testing.TB, ent *tidcache.Entry, data []byte) {
 		if n <= 0 {
 			break
 		}
-		s := uapi.GohfiSend{Opcode: uapi.GOHFI_SEND_EXPECTED, DstCtxt: 1, Length: uint32(n), Vaddr: uint64(ptr(data[off:])), TID: tid}
+		s := uapi.GohfiSend{Opcode: uapi.GOHFI_SEND_EXPECTED, DstCtxt: 1, Length: uint32(n), Vaddr: uint64(uintptr(unsafe.Pointer(&data[off]))), TID: tid}
 		b := make([]byte, s.SizeBytes())
 		s.MarshalBytes(b)
 		if _, err := e.tx.Ioctl(uapi.GOHFI_IOCTL_SEND, ptr(b)); err != nil {

@@ -91,7 +91,7 @@ func cmdGetVers(s *session, args []string) (obj, error) {
 	if err != nil {
 		return nil, err
 	}
-	if _, err := of.f.Ioctl(uapi.HFI1_IOCTL_GET_VERS, s.arg.Addr()); err != nil {
+	if _, err := of.f.Ioctl(uapi.HFI1_IOCTL_GET_VERS, driver.UserAddr(uint64(s.arg.Addr()))); err != nil {
 		return nil, err
 	}
 	v := binary.LittleEndian.Uint32(b)
@@ -180,7 +180,7 @@ func (s *session) scalar(cmd uint32, v uint64) (*openFile, error) {
 
 func (s *session) scalarOn(of *openFile, cmd uint32, v uint64) error {
 	size := int(uapi.IOC_SIZE(cmd))
-	var arg uintptr
+	var arg driver.UserPtr
 	if size > 0 {
 		b, err := s.argBytes(size)
 		if err != nil {
@@ -189,7 +189,7 @@ func (s *session) scalarOn(of *openFile, cmd uint32, v uint64) error {
 		var le [8]byte
 		binary.LittleEndian.PutUint64(le[:], v)
 		copy(b, le[:size])
-		arg = s.arg.Addr()
+		arg = driver.UserAddr(uint64(s.arg.Addr()))
 	}
 	_, err := of.f.Ioctl(cmd, arg)
 	return err

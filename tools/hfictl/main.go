@@ -290,7 +290,7 @@ func (s *session) ioctl(of *openFile, cmd uint32, m uapi.Marshallable) error {
 		return err
 	}
 	m.MarshalBytes(b)
-	if _, err := of.f.Ioctl(cmd, s.arg.Addr()); err != nil {
+	if _, err := of.f.Ioctl(cmd, driver.UserAddr(uint64(s.arg.Addr()))); err != nil {
 		return err
 	}
 	return m.UnmarshalBytes(b)
