@@ -3,9 +3,11 @@ package driver
 import (
 	"errors"
 	"fmt"
+	"sync"
 
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/vfio"
+	"golang.org/x/sys/unix"
 )
 
 // ctxtData is one hardware receive/send context owned by an open file
@@ -24,6 +26,12 @@ type ctxtData struct {
 
 	wq waitQueue // woken by the context's interrupt
 
+	// rmu guards the rings against free: readers that do not hold the
+	// file's lock (Poll, the notifier's generation writer) take it shared
+	// and find gone set once the rings are released.
+	rmu  sync.RWMutex
+	gone unix.Errno // why the rings were released: EBADF (close) or ENXIO (device removed)
+
 	sqTail uint64 // driver's producer index
 }
 
@@ -40,7 +48,7 @@ func (d *Device) setupCtxt(n int) (c *ctxtData, err error) {
 	c = &ctxtData{d: d, ctxt: n}
 	defer func() {
 		if err != nil {
-			c.free()
+			c.free(unix.EBADF)
 		}
 	}()
 	allocs := []struct {
@@ -112,9 +120,14 @@ func (c *ctxtData) disable() error {
 	return c.d.writeCtxtCSR(c.ctxt, chip.CtxtControl, 0)
 }
 
-// free disables the context and releases its rings. Safe on a partially
-// set-up context and when the device is gone.
-func (c *ctxtData) free() error {
+// free disables the context and releases its rings; why (EBADF or ENXIO)
+// is what a Poll still waiting on it returns. Safe on a partially set-up
+// context and when the device is gone.
+func (c *ctxtData) free(why unix.Errno) error {
+	c.rmu.Lock()
+	defer c.wq.wakeAll()
+	defer c.rmu.Unlock()
+	c.gone = why
 	var errs []error
 	if !c.d.dead.Load() {
 		errs = append(errs, c.disable())
@@ -127,7 +140,6 @@ func (c *ctxtData) free() error {
 	for _, r := range []*ringMem{c.rhq, c.eager, c.sq, c.sqHead, c.pio, c.events} {
 		r.free()
 	}
-	c.wq.wakeAll()
 	return errors.Join(errs...)
 }
 

@@ -18,9 +18,10 @@ import (
 type File struct {
 	d *Device
 
-	mu       sync.Mutex
-	uctxt    *ctxtData
-	closed   bool
+	mu        sync.Mutex
+	uctxt     *ctxtData
+	closed    bool
+	closedErr unix.Errno // EBADF after Close, ENXIO after the device was removed
 	pollType int
 	pkey     uint16
 	exp      *expRcv // expected receive state, set with the context
@@ -75,7 +76,7 @@ func (f *File) Ioctl(cmd uint32, arg UserPtr) (int, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.closed {
-		return -1, errnoErr("ioctl on closed file", unix.EBADF)
+		return -1, errnoErr("ioctl on closed file", f.closedErr)
 	}
 	if f.d.dead.Load() {
 		return -1, errnoErr("ioctl: device gone", unix.ENXIO)
@@ -215,7 +216,7 @@ func (f *File) assignCtxt(arg UserPtr) error {
 	if err == nil {
 		f.exp, err = newExpRcv(f, c)
 		if err != nil {
-			c.free()
+			c.free(unix.EBADF)
 		}
 	}
 	d.mu.Lock()
@@ -333,39 +334,23 @@ func (f *File) ackEvent(bits uint64) {
 }
 
 // Poll waits until the context has an unread header queue entry (POLLIN)
-// or a pending event (POLLPRI), or ctx ends.
+// or a pending event (POLLPRI), or ctx ends. A Close or a device removal
+// racing it ends it with EBADF or ENXIO.
 func (f *File) Poll(ctx context.Context) (uint32, error) {
 	f.mu.Lock()
-	c, closed := f.uctxt, f.closed
+	c, closed, why := f.uctxt, f.closed, f.closedErr
 	f.mu.Unlock()
 	if closed {
-		return POLLERR, errnoErr("poll on closed file", unix.EBADF)
+		return POLLERR, errnoErr("poll on closed file", why)
 	}
 	if c == nil {
 		return POLLERR, errnoErr("poll without a context", unix.EINVAL)
 	}
 	for {
 		wait := c.wq.wait()
-		if f.d.dead.Load() {
-			return POLLERR, errnoErr("poll: device gone", unix.ENXIO)
-		}
-		var ev uint32
-		if c.eventBits() != 0 {
-			ev |= POLLPRI
-		}
-		head, err := f.d.readCtxtCSR(c.ctxt, chip.CtxtRHQHead)
-		if err != nil {
-			return POLLERR, err
-		}
-		tail, err := f.d.readCtxtCSR(c.ctxt, chip.CtxtRHQTail)
-		if err != nil {
-			return POLLERR, err
-		}
-		if head != tail {
-			ev |= POLLIN | POLLRDNORM
-		}
-		if ev != 0 {
-			return ev, nil
+		ev, err := f.pollOnce(c)
+		if err != nil || ev != 0 {
+			return ev, err
 		}
 		select {
 		case <-wait:
@@ -375,6 +360,34 @@ func (f *File) Poll(ctx context.Context) (uint32, error) {
 	}
 }
 
+// pollOnce reads the context's state for Poll, holding its rings in place.
+func (f *File) pollOnce(c *ctxtData) (uint32, error) {
+	c.rmu.RLock()
+	defer c.rmu.RUnlock()
+	if c.gone != 0 {
+		return POLLERR, errnoErr("poll: file closed", c.gone)
+	}
+	if f.d.dead.Load() {
+		return POLLERR, errnoErr("poll: device gone", unix.ENXIO)
+	}
+	var ev uint32
+	if c.eventBits() != 0 {
+		ev |= POLLPRI
+	}
+	head, err := f.d.readCtxtCSR(c.ctxt, chip.CtxtRHQHead)
+	if err != nil {
+		return POLLERR, err
+	}
+	tail, err := f.d.readCtxtCSR(c.ctxt, chip.CtxtRHQTail)
+	if err != nil {
+		return POLLERR, err
+	}
+	if head != tail {
+		ev |= POLLIN | POLLRDNORM
+	}
+	return ev, nil
+}
+
 // Mmap maps a context region named by a token from USER_INFO into the
 // caller: the header queue and eager buffers read-only, as hfi1 maps them,
 // and the event page read-only. Unmap with unix.Munmap.
@@ -382,7 +395,10 @@ func (f *File) Mmap(token uint64, length int, prot int) ([]byte, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	c := f.uctxt
-	if f.closed || c == nil {
+	if f.closed {
+		return nil, errnoErr("mmap on closed file", f.closedErr)
+	}
+	if c == nil {
 		return nil, errnoErr("mmap without a context", unix.EINVAL)
 	}
 	var r *ringMem
@@ -413,20 +429,21 @@ func (f *File) Mmap(token uint64, length int, prot int) ([]byte, error) {
 // Close releases the file's context: TIDs unprogrammed, unmapped and
 // unpinned, notifier subscriptions removed, rings freed (hfi1_file_close).
 func (f *File) Close() error {
-	err := f.release()
+	err := f.release(unix.EBADF)
 	f.d.mu.Lock()
 	delete(f.d.files, f)
 	f.d.mu.Unlock()
 	return err
 }
 
-func (f *File) release() error {
+// release frees the file's context; why is what later calls return.
+func (f *File) release(why unix.Errno) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.closed {
 		return nil
 	}
-	f.closed = true
+	f.closed, f.closedErr = true, why
 	c := f.uctxt
 	if c == nil {
 		return nil
@@ -435,7 +452,7 @@ func (f *File) release() error {
 	if f.exp != nil {
 		err = f.exp.close()
 	}
-	if ferr := c.free(); err == nil {
+	if ferr := c.free(why); err == nil {
 		err = ferr
 	}
 	f.d.mu.Lock()

@@ -199,7 +199,7 @@ func (d *Device) remove() error {
 	}
 	d.mu.Unlock()
 	for _, f := range files {
-		f.release()
+		f.release(unix.ENXIO)
 	}
 	var errs []error
 	d.teardownInterrupts()

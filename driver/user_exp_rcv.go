@@ -76,8 +76,11 @@ func (n *tidNode) Invalidate(_ *userfault.Subscription, ev userfault.Event) bool
 	n.invalid = true
 	e.invalid = append(e.invalid, n.tid)
 	e.d.stats.tidInvalidations.Add(1)
-	if e.d.m.params.TIDUnmapOnInvalidate {
-		e.clearNodeLocked(n)
+	if e.d.m.params.TIDUnmapOnInvalidate && e.clearNodeLocked(n) {
+		// As newer hfi1 does in its notifier: unmapped and unpinned
+		// before user space hears of it. A failure here means the device
+		// is gone (ioErr marks it); the pin is dropped regardless.
+		n.unmapAndUnpin()
 	}
 	e.c.setEvent(uapi.HFI1_EVENT_TID_MMU_NOTIFY)
 	return true
@@ -263,17 +266,17 @@ func (e *expRcv) pin(entry int, vaddr uintptr, npages int) (*tidNode, error) {
 }
 
 // clearNodeLocked takes a TID out of the hardware: its RcvArray entry is
-// zeroed at once, so the device cannot start a write; the DMA mapping and
-// the pin are dropped by unmapAndUnpin, after e.mu (unlockAndRelease).
-func (e *expRcv) clearNodeLocked(n *tidNode) {
+// zeroed at once, so the device cannot start a write. It reports whether it
+// did (false: cleared before); the caller then has unmapAndUnpin run.
+func (e *expRcv) clearNodeLocked(n *tidNode) bool {
 	if n.cleared {
-		return
+		return false
 	}
 	n.cleared = true
 	if e.d.rcvArray != nil {
 		store64(e.d.rcvArray, n.entry*chip.RcvArrayEntrySize, 0)
 	}
-	e.unmap = append(e.unmap, n)
+	return true
 }
 
 // unmapAndUnpin drops a cleared TID's DMA mapping (a device round trip on
@@ -309,7 +312,9 @@ func (n *tidNode) unmapAndUnpin() error {
 // holds no address any more, and the old IOVA is released only after its
 // unmap.
 func (e *expRcv) releaseNodeLocked(n *tidNode) {
-	e.clearNodeLocked(n)
+	if e.clearNodeLocked(n) {
+		e.unmap = append(e.unmap, n)
+	}
 	if n.sub != nil {
 		e.unsub = append(e.unsub, n.sub)
 		n.sub = nil
