@@ -22,9 +22,9 @@ type File struct {
 	uctxt     *ctxtData
 	closed    bool
 	closedErr unix.Errno // EBADF after Close, ENXIO after the device was removed
-	pollType int
-	pkey     uint16
-	exp      *expRcv // expected receive state, set with the context
+	pollType  int
+	pkey      uint16
+	exp       *expRcv // expected receive state, set with the context
 }
 
 // Poll events (POLLIN etc. from poll.h).
