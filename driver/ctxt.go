@@ -6,6 +6,7 @@ import (
 	"sync"
 
 	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/uapi"
 	"github.com/gohfi/gohfi/vfio"
 	"golang.org/x/sys/unix"
 )
@@ -35,10 +36,9 @@ type ctxtData struct {
 	sqTail uint64 // driver's producer index
 }
 
-// Event page layout: word 0 holds the HFI1_EVENT_* bits (hfi1 maps the
+// The events page's layout is ABI: uapi.GOHFI_EVENTS_*_OFF (hfi1 maps the
 // same kind of page through events_bufbase so PSM reads events without a
 // system call).
-const eventsWord = 0
 
 // pioBufferSize is the largest single send: one TID's worth (2 MiB).
 const pioBufferSize = 2 << 20
@@ -79,6 +79,7 @@ func (d *Device) setupCtxt(n int) (c *ctxtData, err error) {
 	if err := c.program(); err != nil {
 		return nil, err
 	}
+	d.gens.add(c, d.runningNotifier())
 	return c, nil
 }
 
@@ -124,6 +125,7 @@ func (c *ctxtData) disable() error {
 // is what a Poll still waiting on it returns. Safe on a partially set-up
 // context and when the device is gone.
 func (c *ctxtData) free(why unix.Errno) error {
+	c.d.gens.remove(c)
 	c.rmu.Lock()
 	defer c.wq.wakeAll()
 	defer c.rmu.Unlock()
@@ -143,4 +145,4 @@ func (c *ctxtData) free(why unix.Errno) error {
 	return errors.Join(errs...)
 }
 
-func (c *ctxtData) eventBits() uint64 { return load64(c.events.mem, eventsWord) }
+func (c *ctxtData) eventBits() uint64 { return load64(c.events.mem, uapi.GOHFI_EVENTS_BITS_OFF) }

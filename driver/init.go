@@ -45,6 +45,7 @@ type Device struct {
 
 	notMu sync.Mutex
 	not   *userfault.Notifier // started at the first TID_UPDATE
+	gens  genPages            // the notifier's generations in every context's events page
 
 	mu      sync.Mutex
 	ctxts   []*ctxtData // hardware contexts; nil = free

@@ -6,6 +6,7 @@ import (
 	"sync/atomic"
 	"unsafe"
 
+	"github.com/gohfi/gohfi/uapi"
 	"golang.org/x/sys/unix"
 )
 
@@ -64,4 +65,9 @@ func load64(b []byte, off int) uint64 {
 
 func store64(b []byte, off int, v uint64) {
 	atomic.StoreUint64((*uint64)(unsafe.Pointer(&b[off])), v)
+}
+
+// eventsPtr is the events page's bits word, updated with compare-and-swap.
+func eventsPtr(b []byte) *uint64 {
+	return (*uint64)(unsafe.Pointer(&b[uapi.GOHFI_EVENTS_BITS_OFF]))
 }

@@ -2,7 +2,6 @@ package driver
 
 import (
 	"sync/atomic"
-	"unsafe"
 
 	"github.com/gohfi/gohfi/uapi"
 )
@@ -57,5 +56,3 @@ func (f *File) queryDevice(arg UserPtr) error {
 
 // HardwareHasCap reports a RegCapFlags bit of the device.
 func (d *Device) HardwareHasCap(bit uint64) bool { return d.info.CapFlags&bit != 0 }
-
-func eventsPtr(b []byte) *uint64 { return (*uint64)(unsafe.Pointer(&b[eventsWord])) }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/dma"
@@ -398,6 +399,10 @@ func (e *expRcv) dropInvalidLocked(tid uint32) {
 	}
 }
 
+// invalWaitTimeout bounds TID_INVAL_READ's wait for invalidations in
+// delivery; it is only reached if a notifier callback hangs.
+const invalWaitTimeout = 10 * time.Second
+
 // tidInvalRead (HFI1_IOCTL_TID_INVAL_READ): copy the invalidated TIDs and
 // clear the event bit under the same lock, so an invalidation that lands
 // after the copy sets the bit again and is never missed.
@@ -408,6 +413,14 @@ func (e *expRcv) tidInvalRead(arg UserPtr) error {
 	}
 	var ti uapi.Hfi1TidInfo
 	ti.UnmarshalBytes(raw[:])
+	// Report every invalidation whose munmap has returned: wait until the
+	// ones begun (GOHFI_EVENTS_GEN_OPENED) are delivered.
+	ctx, cancel := context.WithTimeout(context.Background(), invalWaitTimeout)
+	err := e.d.waitInvalidations(ctx)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("gohfi: TID_INVAL_READ: %w", errors.Join(err, unix.ETIMEDOUT))
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	n := len(e.invalid)
@@ -448,20 +461,4 @@ func (e *expRcv) close() error {
 	}
 	e.invalid = nil
 	return e.unlockAndRelease()
-}
-
-// notifier returns the device's invalidation notifier, starting it at first
-// use (userfaultfd and eBPF tracepoint sources; at least one must start).
-func (d *Device) notifier() (*userfault.Notifier, error) {
-	d.notMu.Lock()
-	defer d.notMu.Unlock()
-	if d.not != nil {
-		return d.not, nil
-	}
-	n, err := userfault.New(context.Background(), userfault.Options{})
-	if err != nil {
-		return nil, fmt.Errorf("start invalidation notifier: %w", err)
-	}
-	d.not = n
-	return n, nil
 }

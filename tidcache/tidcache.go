@@ -6,19 +6,21 @@
 // Entries are found by address range and reference counted; idle entries
 // (refcount 0) sit on an LRU list and are evicted when TID_UPDATE reports
 // ENOSPC (RcvArray full) or ENOMEM (memlock limit), then the update is
-// retried. Before every lookup the cache reads the context's event page (one
-// atomic load, no system call); when the driver has set TID_MMU_NOTIFY it
-// reads the invalidated TIDs with TID_INVAL_READ, drops their entries from
-// the index, and frees them with TID_FREE once idle. The hit path makes no
-// system call and touches no device register.
+// retried. Before every lookup the cache reads the context's events page
+// (two atomic loads, no system call): the invalidation generation that the
+// driver moves before an munmap, mremap or madvise of registered memory
+// returns, and the TID_MMU_NOTIFY bit. When either says something changed,
+// it reads the invalidated TIDs with TID_INVAL_READ (which waits until the
+// invalidations begun are delivered), drops their entries from the index,
+// and frees them with TID_FREE once idle. So a buffer freed and replaced at
+// the same address is never a hit. The hit path makes no system call and
+// touches no device register.
 package tidcache
 
 import (
 	"container/list"
 	"errors"
 	"fmt"
-	"sync/atomic"
-	"unsafe"
 
 	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/hfiuser"
@@ -56,6 +58,7 @@ type Cache struct {
 	events []byte // the context's event page, mapped read-only
 	opts   Options
 
+	gen   uint64               // GOHFI_EVENTS_GEN_OPENED value taken in
 	index map[uintptr][]*Entry // by start address
 	idle  *list.List           // *Entry, least recently used first
 	tids  int
@@ -89,17 +92,32 @@ func (c *Cache) Stats() Stats { return c.stats }
 // TIDs returns how many TIDs the cache holds.
 func (c *Cache) TIDs() int { return c.tids }
 
-func (c *Cache) eventPending() bool {
-	return atomic.LoadUint64((*uint64)(unsafe.Pointer(&c.events[0])))&uapi.HFI1_EVENT_TID_MMU_NOTIFY != 0
+// syncInvalidations brings the index up to date with every invalidation
+// whose unmapping call has returned. The common case is two loads.
+func (c *Cache) syncInvalidations() error {
+	gen := loadEventWord(c.events, uapi.GOHFI_EVENTS_GEN_OPENED_OFF)
+	if gen == c.gen && loadEventWord(c.events, uapi.GOHFI_EVENTS_BITS_OFF)&uapi.HFI1_EVENT_TID_MMU_NOTIFY == 0 {
+		return nil
+	}
+	// Something was unmapped since the last look. If it was delivered and
+	// touched none of our TIDs, the bit says so without a system call.
+	if gen != c.gen && loadEventWord(c.events, uapi.GOHFI_EVENTS_GEN_DELIVERED_OFF) >= gen &&
+		loadEventWord(c.events, uapi.GOHFI_EVENTS_BITS_OFF)&uapi.HFI1_EVENT_TID_MMU_NOTIFY == 0 {
+		c.gen = gen
+		return nil
+	}
+	if err := c.processInvalidations(); err != nil {
+		return err
+	}
+	c.gen = gen
+	return nil
 }
 
 // Acquire returns an entry whose TIDs cover [addr, addr+length), taking a
 // reference. A hit is a lookup; a miss registers the buffer.
 func (c *Cache) Acquire(addr uintptr, length int) (*Entry, error) {
-	if c.eventPending() {
-		if err := c.processInvalidations(); err != nil {
-			return nil, err
-		}
+	if err := c.syncInvalidations(); err != nil {
+		return nil, err
 	}
 	for _, e := range c.index[addr] {
 		if e.Length >= length {

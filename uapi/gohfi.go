@@ -109,6 +109,19 @@ const (
 	GOHFI_ADVISE_MR_FLAG_FLUSH               = 1 << 0 // synchronous: return when done
 )
 
+// The context's events page (hfi1_base_info.events_bufbase, mapped
+// read-only): byte offsets of its __u64 words. Word 0 holds the
+// HFI1_EVENT_* bits, as in hfi1. gohfi adds the invalidation generations
+// (kdreg2's scheme): GEN_OPENED moves before an munmap, mremap or madvise
+// of watched memory returns; once GEN_DELIVERED has caught up with a value
+// read from GEN_OPENED, HFI1_EVENT_TID_MMU_NOTIFY reflects every such
+// invalidation up to it. TID_INVAL_READ waits for that itself.
+const (
+	GOHFI_EVENTS_BITS_OFF          = 0
+	GOHFI_EVENTS_GEN_OPENED_OFF    = 8
+	GOHFI_EVENTS_GEN_DELIVERED_OFF = 16
+)
+
 // MR types for ALLOC_MR (enum ib_mr_type).
 const (
 	GOHFI_MR_TYPE_MEM_REG = 0 // fast-registration MR, bound by REG_MR work requests

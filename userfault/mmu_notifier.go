@@ -134,6 +134,24 @@ type Options struct {
 	// failed source is reported by Sources and the others keep working; New
 	// fails only if none starts.
 	Require bool
+	// Observer, if set, is told of the userfaultfd read windows (see
+	// GenerationObserver).
+	Observer GenerationObserver
+}
+
+// GenerationObserver publishes the notifier's generations where user space
+// can read them without a system call (kdreg2's scheme): a consumer that
+// sees the opened generation move waits until the delivered generation
+// catches up, and only then trusts its cache.
+type GenerationObserver interface {
+	// WindowOpened runs on the userfaultfd monitor thread before the read
+	// that releases the unmapping threads, so gen is visible before munmap
+	// (mremap, madvise) returns. It must be quick, must not touch watched
+	// memory and must not wait for anything a thread that unmaps may hold.
+	WindowOpened(gen uint64)
+	// WindowsDelivered runs once every event read in windows up to gen has
+	// been delivered (every Invalidate for them returned).
+	WindowsDelivered(gen uint64)
 }
 
 // SourceStatus tells whether a source started and, if not, why.
@@ -188,6 +206,15 @@ type Notifier struct {
 	// so a thread whose munmap returned never sees a stale subscription.
 	inflight atomic.Int32
 
+	// Generations: genOpened counts read windows opened, genDelivered the
+	// windows whose events have all been delivered. Waiters of
+	// WaitDelivered sleep on gch.
+	obs          GenerationObserver
+	genOpened    atomic.Uint64
+	genDelivered atomic.Uint64
+	gmu          sync.Mutex
+	gch          chan struct{}
+
 	qmu   sync.Mutex
 	queue []*batch
 	qsig  chan struct{}
@@ -202,6 +229,7 @@ type batch struct {
 	events []Event
 	subs   [][]*Subscription // per event
 	marker chan struct{}     // closed when the dispatcher reaches it
+	gen    uint64            // windows up to gen are delivered when the dispatcher reaches it
 	stop   bool
 }
 
@@ -215,7 +243,7 @@ func New(ctx context.Context, opts Options) (*Notifier, error) {
 	if pid == 0 {
 		pid = self
 	}
-	n := &Notifier{pid: pid, self: pid == self, qsig: make(chan struct{}, 1), done: make(chan struct{})}
+	n := &Notifier{pid: pid, self: pid == self, qsig: make(chan struct{}, 1), done: make(chan struct{}), obs: opts.Observer}
 	n.cond.L = &n.mu
 	if n.self {
 		m, err := openProcMaps()
@@ -460,12 +488,23 @@ func (n *Notifier) onDispatcher() bool {
 	return t != 0 && int32(unix.Gettid()) == t
 }
 
-// openWindow and closeWindow bracket a userfaultfd read (see inflight).
-func (n *Notifier) openWindow() { n.inflight.Add(1) }
+// openWindow and closeWindow bracket a userfaultfd read (see inflight and
+// the generations).
+func (n *Notifier) openWindow() uint64 {
+	n.inflight.Add(1)
+	gen := n.genOpened.Add(1)
+	if n.obs != nil {
+		n.obs.WindowOpened(gen)
+	}
+	return gen
+}
 
-func (n *Notifier) closeWindow(evs []Event) {
+func (n *Notifier) closeWindow(gen uint64, evs []Event) {
 	n.mu.Lock()
 	n.postLocked(evs)
+	// After the window's events, in queue order: the dispatcher reaching
+	// it means every event of this and earlier windows was delivered.
+	n.enqueue(&batch{gen: gen})
 	n.inflight.Add(-1)
 	n.windows++
 	n.cond.Broadcast()
@@ -590,6 +629,10 @@ func (n *Notifier) dispatch(started chan<- struct{}) {
 				close(b.marker)
 				continue
 			}
+			if b.gen != 0 {
+				n.windowsDelivered(b.gen)
+				continue
+			}
 			n.deliver(b)
 		}
 	}
@@ -654,6 +697,55 @@ func (n *Notifier) Sync(ctx context.Context) error {
 		return ErrClosed
 	case <-ctx.Done():
 		return fmt.Errorf("userfault: sync: %w", ctx.Err())
+	}
+}
+
+// Generation returns how many userfaultfd read windows were opened and how
+// many of them had all their events delivered. The two are equal when no
+// synchronous invalidation is pending.
+func (n *Notifier) Generation() (opened, delivered uint64) {
+	return n.genOpened.Load(), n.genDelivered.Load()
+}
+
+// WaitDelivered returns once every event read in windows up to gen has been
+// delivered (also when the notifier closes). It must not be called from
+// Invalidate, whose return it may be waiting for.
+func (n *Notifier) WaitDelivered(ctx context.Context, gen uint64) error {
+	for {
+		n.gmu.Lock()
+		if n.genDelivered.Load() >= gen {
+			n.gmu.Unlock()
+			return nil
+		}
+		if n.onDispatcher() {
+			n.gmu.Unlock()
+			return fmt.Errorf("userfault: WaitDelivered called from Invalidate: %w", unix.EDEADLK)
+		}
+		if n.gch == nil {
+			n.gch = make(chan struct{})
+		}
+		ch := n.gch
+		n.gmu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("userfault: wait for generation %d: %w", gen, ctx.Err())
+		}
+	}
+}
+
+func (n *Notifier) windowsDelivered(gen uint64) {
+	n.gmu.Lock()
+	if gen > n.genDelivered.Load() {
+		n.genDelivered.Store(gen)
+	}
+	if n.gch != nil {
+		close(n.gch)
+		n.gch = nil
+	}
+	n.gmu.Unlock()
+	if n.obs != nil {
+		n.obs.WindowsDelivered(gen)
 	}
 }
 
@@ -722,6 +814,8 @@ func (n *Notifier) Close() error {
 	}
 	n.cond.Broadcast()
 	n.mu.Unlock()
+	// Nothing more will be delivered: release generation waiters.
+	n.windowsDelivered(n.genOpened.Load())
 	return errors.Join(errs...)
 }
 

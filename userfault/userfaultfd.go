@@ -238,7 +238,7 @@ func (u *uffdSource) monitor() {
 		if fds[0].Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 && fds[0].Revents&unix.POLLIN == 0 {
 			return
 		}
-		u.n.openWindow()
+		gen := u.n.openWindow()
 		nr, err := unix.Read(u.fd, buf)
 		evs = evs[:0]
 		if err == nil {
@@ -248,7 +248,7 @@ func (u *uffdSource) monitor() {
 				}
 			}
 		}
-		u.n.closeWindow(evs)
+		u.n.closeWindow(gen, evs)
 		if err != nil && err != unix.EAGAIN && err != unix.EINTR {
 			return
 		}
