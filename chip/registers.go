@@ -69,10 +69,18 @@ const (
 	RegCntBytes         = 0x138 // payload bytes delivered
 )
 
-// RegRevision value of this model.
+// RegRevision value of this model: major<<RevisionMajorShift | minor.
 const (
 	RevisionMajor = 1
 	RevisionMinor = 0
+
+	RevisionMajorShift = 16
+	RevisionMinorMask  = 1<<RevisionMajorShift - 1
+	// The driver accepts revision RevisionMajor.x, any minor: minors
+	// are compatible. That also keeps the value within the 32 bits of
+	// hw_version (USER_INFO) and hw_ver (QUERY_DEVICE).
+	MinRevision = RevisionMajor << RevisionMajorShift
+	MaxRevision = MinRevision | RevisionMinorMask
 )
 
 // RegCapFlags bits.
@@ -81,6 +89,10 @@ const (
 	CapODP              = 1 << 1 // MTT entries may be not-present; faults go to the event queue
 	CapMSIX             = 1 << 2
 	CapLoopback         = 1 << 3 // packets between contexts of this device
+
+	// CapKnown is every bit defined above; the driver refuses a device
+	// that reports any other.
+	CapKnown = CapMemMgtExtensions | CapODP | CapMSIX | CapLoopback
 )
 
 // RegControl bits.
@@ -96,10 +108,24 @@ const (
 // Interrupt sources in RegIntStatus/RegIntMask: bit 0 is the device's error
 // interrupt, bit 1+n is receive context n. Each source has its own MSI-X
 // vector (vector 0 for errors, 1+n for context n); with INTx all share one.
+//
+// MaxContexts is the most contexts a device may report (RegNumCtxts). Every
+// field that holds a context number or source has room for it: the 64-bit
+// interrupt registers (bit 1+n), MSI-X vectors 1+n, the per-context CSR
+// blocks below MSIXTableOffset (112 of them), the 8-bit context of the
+// driver's mmap tokens and the 16-bit context fields of send descriptors,
+// header queue entries and CTXT_INFO.
 const (
 	IntSrcError    = 1 << 0
 	IntSrcCtxtBase = 1
 	MaxContexts    = 32
+)
+
+// The context limit fits the encodings above (compile-time checks: a
+// negative array length does not compile).
+var (
+	_ [64 - (IntSrcCtxtBase + MaxContexts)]struct{}
+	_ [(MSIXTableOffset-CtxtBase)/CtxtStride - MaxContexts]struct{}
 )
 
 // IntSrcCtxt is the interrupt source bit of receive context n.
@@ -154,7 +180,8 @@ const (
 	RcvArrayGroupSize = 8
 	RcvArrayPageShift = 12
 	// MaxRcvArrayPerCtxt: a TID names its entry by a 10-bit pair index,
-	// so a context can use at most 2048 entries.
+	// so a context can use at most 2048 entries (RegRcvArrayPerCtxt must
+	// be a multiple of RcvArrayGroupSize from RcvArrayGroupSize to this).
 	MaxRcvArrayPerCtxt = 2 * (uapi.EXP_TID_TIDIDX_MASK + 1)
 )
 
@@ -166,4 +193,9 @@ const (
 	MTTRead      = 1 << 1
 	MTTWrite     = 1 << 2
 	MTTAddrMask  = ^uint64(0xfff)
+
+	// MaxMTTEntries is the most MTT entries the driver accepts in
+	// RegMTTEntries (0 is allowed: no MTT): 1 TiB of 4 KiB pages, a BAR4
+	// of 2 GiB, well within QUERY_DEVICE's 32-bit mtt_entries.
+	MaxMTTEntries = 1 << 28
 )

@@ -86,6 +86,16 @@ func (d *SendDesc) Unmarshal(b []byte) {
 //	24   8     user tag
 const RHQEntrySize = 32
 
+// Receive header queue lengths (CtxtRHQEntries) are powers of two from
+// MinRHQEntries to the device's RegRHQMaxEntries. The driver accepts a
+// RegRHQMaxEntries from MinRHQEntries to MaxRHQEntries: a queue's length
+// reaches user space in CTXT_INFO's 16-bit rcvhdrq_cnt and egrtids (one
+// eager buffer per entry), and 1<<15 is the largest power of two that fits.
+const (
+	MinRHQEntries = 2
+	MaxRHQEntries = 1 << 15
+)
+
 // RHQ entry types.
 const (
 	RHFEager    = 1

@@ -10,6 +10,7 @@ import (
 
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/dma"
+	"github.com/gohfi/gohfi/rcvarray"
 	"github.com/gohfi/gohfi/userfault"
 	"github.com/gohfi/gohfi/vfio"
 	"golang.org/x/sys/unix"
@@ -126,44 +127,84 @@ func probe(ctx context.Context, m *Module, unit int, vdev vfio.Device, name stri
 	return d, nil
 }
 
-// readCaps reads the capability registers and refuses values the driver
-// cannot trust: a device is not trusted to size the driver's arrays.
+// capReg is one capability register and the values the driver accepts in
+// it: check returns why a value is refused, "" when it is accepted; set
+// records an accepted value.
+type capReg struct {
+	name  string
+	off   uint64
+	check func(v uint64) string
+	set   func(i *DeviceInfo, v uint64)
+}
+
+func isPow2(v uint64) bool { return v != 0 && v&(v-1) == 0 }
+
+// capRegs are the capability registers in the order probe reads them. Each
+// limit is the encoding the driver puts the value through (see chip and
+// rcvarray), so a device cannot make the driver overflow a field, size an
+// array from a lie or hand user space a TID it cannot decode.
+var capRegs = []capReg{
+	{"Revision", chip.RegRevision, func(v uint64) string {
+		if v < chip.MinRevision || v > chip.MaxRevision {
+			return fmt.Sprintf("want major revision %d (%#x..%#x)", chip.RevisionMajor, chip.MinRevision, chip.MaxRevision)
+		}
+		return ""
+	}, func(i *DeviceInfo, v uint64) { i.Revision = v }},
+	{"NumCtxts", chip.RegNumCtxts, func(v uint64) string {
+		if v < 1 || v > chip.MaxContexts {
+			return fmt.Sprintf("want 1..%d contexts (interrupt source bits, MSI-X vectors, context number fields)", chip.MaxContexts)
+		}
+		return ""
+	}, func(i *DeviceInfo, v uint64) { i.NumContexts = int(v) }},
+	{"RcvArrayPerCtxt", chip.RegRcvArrayPerCtxt, func(v uint64) string {
+		if v < chip.RcvArrayGroupSize || v%chip.RcvArrayGroupSize != 0 || v > chip.MaxRcvArrayPerCtxt {
+			return fmt.Sprintf("want a multiple of %d from %d to %d (10-bit TID pair index)",
+				chip.RcvArrayGroupSize, chip.RcvArrayGroupSize, chip.MaxRcvArrayPerCtxt)
+		}
+		return ""
+	}, func(i *DeviceInfo, v uint64) { i.RcvArrayPerCtxt = int(v) }},
+	{"MaxTIDPages", chip.RegMaxTIDPages, func(v uint64) string {
+		if !isPow2(v) || v > rcvarray.MaxTIDPages {
+			return fmt.Sprintf("want a power of two from 1 to %d pages (one TID covers at most 2 MiB; TID LEN field)", rcvarray.MaxTIDPages)
+		}
+		return ""
+	}, func(i *DeviceInfo, v uint64) { i.MaxTIDPages = int(v) }},
+	{"MTTEntries", chip.RegMTTEntries, func(v uint64) string {
+		if v > chip.MaxMTTEntries {
+			return fmt.Sprintf("want at most %d entries", chip.MaxMTTEntries)
+		}
+		return ""
+	}, func(i *DeviceInfo, v uint64) { i.MTTEntries = int(v) }},
+	{"CapFlags", chip.RegCapFlags, func(v uint64) string {
+		if u := v &^ chip.CapKnown; u != 0 {
+			return fmt.Sprintf("unknown bits %#x (known %#x)", u, chip.CapKnown)
+		}
+		return ""
+	}, func(i *DeviceInfo, v uint64) { i.CapFlags = v }},
+	{"RHQMaxEntries", chip.RegRHQMaxEntries, func(v uint64) string {
+		if v < chip.MinRHQEntries || v > chip.MaxRHQEntries {
+			return fmt.Sprintf("want %d..%d entries (CTXT_INFO's 16-bit rcvhdrq_cnt)", chip.MinRHQEntries, chip.MaxRHQEntries)
+		}
+		return ""
+	}, func(i *DeviceInfo, v uint64) { i.RHQMaxEntries = int(v) }},
+}
+
+// readCaps reads the capability registers and refuses, with EIO, a device
+// that reports a value outside what the driver's encodings can hold: a
+// device is not trusted to size the driver's arrays.
 func (d *Device) readCaps() error {
-	var rev, nctxt, perCtxt, maxTID, mtt, rhqMax, caps uint64
-	regs := []struct {
-		off uint64
-		dst *uint64
-	}{
-		{chip.RegRevision, &rev}, {chip.RegNumCtxts, &nctxt}, {chip.RegRcvArrayPerCtxt, &perCtxt},
-		{chip.RegMaxTIDPages, &maxTID}, {chip.RegMTTEntries, &mtt}, {chip.RegRHQMaxEntries, &rhqMax},
-		{chip.RegCapFlags, &caps},
-	}
-	for _, r := range regs {
+	for _, r := range capRegs {
 		v, err := d.readCSR(r.off)
 		if err != nil {
 			return err
 		}
-		*r.dst = v
+		if why := r.check(v); why != "" {
+			return fmt.Errorf("capability register %s (%#x) reads %d (%#x): %s: %w", r.name, r.off, v, v, why, unix.EIO)
+		}
+		r.set(&d.info, v)
 	}
-	switch {
-	case nctxt < 1 || nctxt > chip.MaxContexts:
-		return fmt.Errorf("device reports %d contexts: %w", nctxt, unix.EIO)
-	case perCtxt < chip.RcvArrayGroupSize || perCtxt%chip.RcvArrayGroupSize != 0 || perCtxt > chip.MaxRcvArrayPerCtxt:
-		return fmt.Errorf("device reports %d RcvArray entries per context: %w", perCtxt, unix.EIO)
-	case maxTID < 1 || maxTID&(maxTID-1) != 0 || maxTID > 1<<11:
-		return fmt.Errorf("device reports max TID pages %d: %w", maxTID, unix.EIO)
-	case mtt > 1<<28 || rhqMax < 2:
-		return fmt.Errorf("device reports MTT %d, RHQ max %d: %w", mtt, rhqMax, unix.EIO)
-	}
-	d.info.Revision = rev
-	d.info.NumContexts = int(nctxt)
-	d.info.RcvArrayPerCtxt = int(perCtxt)
-	d.info.MaxTIDPages = int(maxTID)
-	d.info.MTTEntries = int(mtt)
-	d.info.RHQMaxEntries = int(rhqMax)
-	d.info.CapFlags = caps
 	if d.m.params.RcvHdrCnt > d.info.RHQMaxEntries {
-		return fmt.Errorf("rcvhdrcnt %d exceeds the device's %d: %w", d.m.params.RcvHdrCnt, d.info.RHQMaxEntries, unix.EINVAL)
+		return fmt.Errorf("rcvhdrcnt %d exceeds the device's %d (RHQMaxEntries): %w", d.m.params.RcvHdrCnt, d.info.RHQMaxEntries, unix.EINVAL)
 	}
 	return nil
 }
@@ -175,7 +216,8 @@ func (d *Device) mapRcvArray() error {
 	}
 	need := uint64(d.info.NumContexts*d.info.RcvArrayPerCtxt) * chip.RcvArrayEntrySize
 	if ri.Size < need || !ri.Mappable(0, need) {
-		return fmt.Errorf("RcvArray region %d bytes, mappable %v, need %d: %w", ri.Size, ri.Mappable(0, need), need, unix.EIO)
+		return fmt.Errorf("RcvArray region (BAR%d) %d bytes, mappable %v; NumCtxts %d × RcvArrayPerCtxt %d need %d: %w",
+			chip.RcvArrayBar, ri.Size, ri.Mappable(0, need), d.info.NumContexts, d.info.RcvArrayPerCtxt, need, unix.EIO)
 	}
 	mem, err := d.vdev.MmapRegion(chip.RcvArrayBar, 0, need, unix.PROT_READ|unix.PROT_WRITE)
 	if err != nil {

@@ -66,6 +66,9 @@ func (d *Device) csrWrite(off uint64, p []byte) error {
 
 func (d *Device) readRegLocked(reg uint64) uint64 {
 	c := d.cfg
+	if v, ok := c.RegOverride[reg]; ok {
+		return v
+	}
 	switch reg {
 	case chip.RegID:
 		return chip.IDMagic

@@ -15,6 +15,7 @@ package hfisim
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"sync"
 
@@ -32,6 +33,13 @@ type Config struct {
 	MaxTIDPages     int // pages one RcvArray entry may cover
 	MTTEntries      int // memory translation table entries
 	RHQMaxEntries   int // largest receive header queue
+
+	// RegOverride is a test hook for a device that lies about itself:
+	// reads of the identity and capability registers it names (chip.RegID
+	// through chip.RegRHQMaxEntries) return the given value instead of the
+	// model's. The model itself still works by the fields above. New takes
+	// a copy; other registers are refused.
+	RegOverride map[uint64]uint64
 }
 
 // DefaultConfig is the configuration of the embedded device.
@@ -57,6 +65,11 @@ func (c Config) validate() error {
 		return fmt.Errorf("hfisim: max TID pages %d, want a power of two", c.MaxTIDPages)
 	case c.MTTEntries < 0 || c.RHQMaxEntries < 2:
 		return errors.New("hfisim: bad MTT or RHQ size")
+	}
+	for off := range c.RegOverride {
+		if off > chip.RegRHQMaxEntries || off%8 != 0 {
+			return fmt.Errorf("hfisim: override of register %#x: only identity and capability registers", off)
+		}
 	}
 	return nil
 }
@@ -98,6 +111,7 @@ func New(cfg Config) (*Device, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
+	cfg.RegOverride = maps.Clone(cfg.RegOverride)
 	d := &Device{
 		cfg:   cfg,
 		ctxts: make([]ctxtState, cfg.NumContexts),

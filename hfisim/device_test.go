@@ -325,3 +325,38 @@ func TestBARSizesArePowersOfTwo(t *testing.T) {
 		}
 	}
 }
+
+// TestRegOverride: the test hook makes identity and capability registers
+// read as configured (also by 4-byte halves), leaves the model alone, and
+// refuses to fake any other register.
+func TestRegOverride(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.RegOverride = map[uint64]uint64{chip.RegMaxTIDPages: 2048, chip.RegRevision: 0xdead_beef_0001_0000}
+	d, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	cfg.RegOverride[chip.RegMaxTIDPages] = 1 // New took a copy
+	if got := rd(t, d, chip.RegMaxTIDPages); got != 2048 {
+		t.Fatalf("MaxTIDPages reads %d, want the override 2048", got)
+	}
+	var hi [4]byte
+	if err := d.RegionRead(chip.CSRBar, chip.RegRevision+4, hi[:]); err != nil || binary.LittleEndian.Uint32(hi[:]) != 0xdeadbeef {
+		t.Fatalf("Revision upper half % x, %v", hi, err)
+	}
+	if got := rd(t, d, chip.RegNumCtxts); got != uint64(cfg.NumContexts) {
+		t.Fatalf("NumCtxts reads %d, want the model's %d", got, cfg.NumContexts)
+	}
+	if d.Config().MaxTIDPages != 512 {
+		t.Fatalf("model's MaxTIDPages changed to %d", d.Config().MaxTIDPages)
+	}
+	for _, off := range []uint64{chip.RegControl, chip.RegStatus, chip.CtxtReg(0, chip.CtxtStatus), chip.RegRevision + 4} {
+		cfg := DefaultConfig()
+		cfg.RegOverride = map[uint64]uint64{off: 1}
+		if d, err := New(cfg); err == nil {
+			d.Close()
+			t.Fatalf("override of register %#x accepted", off)
+		}
+	}
+}
