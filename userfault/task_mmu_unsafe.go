@@ -21,7 +21,7 @@ import (
 // madvises it (the scavenger would block in userfaultfd), so a device must
 // never see it. Allocate DMA memory with package mem (mem.Alloc,
 // mem.AllocMemfd) or mmap.
-var ErrGoHeap = errors.New("memory belongs to the Go heap (allocate DMA buffers with mem.Alloc or mem.AllocMemfd)")
+var ErrGoHeap = fmt.Errorf("memory belongs to the Go heap (allocate DMA buffers with mem.Alloc or mem.AllocMemfd): %w", unix.EFAULT)
 
 // procmapQuery is struct procmap_query (include/uapi/linux/fs.h).
 type procmapQuery struct {
@@ -118,7 +118,7 @@ func openProcMaps() (*procMaps, error) {
 
 func (p *procMaps) close() error { return p.f.Close() }
 
-// vmas returns the VMAs covering [start, end), or ENOMEM if part of it is
+// vmas returns the VMAs covering [start, end), or EFAULT if part of it is
 // not mapped.
 func (p *procMaps) vmas(start, end uintptr) ([]vma, error) {
 	var out []vma
@@ -130,7 +130,7 @@ func (p *procMaps) vmas(start, end uintptr) ([]vma, error) {
 				break
 			}
 			if errors.Is(err, unix.ENOENT) || err == nil && v.start > addr {
-				return nil, fmt.Errorf("range not mapped at %#x: %w", addr, unix.ENOMEM)
+				return nil, fmt.Errorf("range not mapped at %#x: %w", addr, unix.EFAULT)
 			}
 			if err != nil {
 				return nil, fmt.Errorf("PROCMAP_QUERY %#x: %w", addr, err)
@@ -152,13 +152,13 @@ func (p *procMaps) vmas(start, end uintptr) ([]vma, error) {
 			continue
 		}
 		if v.start > addr {
-			return nil, fmt.Errorf("range not mapped at %#x: %w", addr, unix.ENOMEM)
+			return nil, fmt.Errorf("range not mapped at %#x: %w", addr, unix.EFAULT)
 		}
 		out = append(out, v)
 		addr = v.end
 	}
 	if addr < end {
-		return nil, fmt.Errorf("range not mapped at %#x: %w", addr, unix.ENOMEM)
+		return nil, fmt.Errorf("range not mapped at %#x: %w", addr, unix.EFAULT)
 	}
 	return out, nil
 }
