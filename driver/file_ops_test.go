@@ -37,7 +37,7 @@ func openDev(t *testing.T, ctxts int) *attach.Attached {
 	return a
 }
 
-func openFile(t *testing.T, a *attach.Attached) *driver.File {
+func openFile(t testing.TB, a *attach.Attached) *driver.File {
 	t.Helper()
 	f, err := a.Device.Open()
 	if err != nil {
@@ -51,7 +51,7 @@ func openFile(t *testing.T, a *attach.Attached) *driver.File {
 // it out.
 var ioctl = hfiuser.Ioctl
 
-func assign(t *testing.T, f *driver.File) {
+func assign(t testing.TB, f *driver.File) {
 	t.Helper()
 	ui := uapi.Hfi1UserInfo{Userversion: uapi.HFI1_USER_SWVERSION}
 	if err := ioctl(f, uapi.HFI1_IOCTL_ASSIGN_CTXT, &ui); err != nil {

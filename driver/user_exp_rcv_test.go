@@ -22,7 +22,7 @@ import (
 
 // requireRoot: TID caching needs userfaultfd and io_uring pins; under CI
 // (root) the test must run.
-func requireRoot(t *testing.T) {
+func requireRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		if os.Getenv("CI") == "true" {

@@ -475,9 +475,22 @@ func (s *Subscription) ReadBegin() uint64 {
 
 // ReadRetry reports whether an invalidation touched the subscription since
 // ReadBegin returned seq (or is being delivered now), like
-// mmu_interval_read_retry. It is one or two atomic loads.
+// mmu_interval_read_retry. Usually it is two atomic loads. While a
+// userfaultfd read window is open, the events just read are not yet
+// matched to subscriptions: it waits for that window to close (it takes
+// no lock a caller may hold, only the notifier's), so that an unmap of
+// some other range is not reported as a race (the spurious EBUSY of a
+// registration of fresh memory).
 func (s *Subscription) ReadRetry(seq uint64) bool {
-	return s.n.inflight.Load() != 0 || s.seq.Load() != seq
+	n := s.n
+	if n.inflight.Load() != 0 && !n.onDispatcher() {
+		n.mu.Lock()
+		for w := n.windows; n.inflight.Load() != 0 && n.windows == w && !n.closed; {
+			n.cond.Wait()
+		}
+		n.mu.Unlock()
+	}
+	return s.seq.Load() != seq
 }
 
 // Seq is the current sequence number, without waiting.
