@@ -7,8 +7,32 @@ import (
 	"github.com/gohfi/gohfi/chip"
 )
 
-// readCSR reads a 64-bit BAR0 register through the trapped path.
+// allOnes is what a read of a PCI function that is no longer there returns.
+const allOnes = ^uint64(0)
+
+// readCSR reads a 64-bit BAR0 register through the trapped path. A value
+// of all ones may mean that the device was surprise-removed, as a Linux
+// driver checks after a read (pci_device_is_present, ixgbe_check_remove):
+// if the ID register reads all ones too, the device is marked dead.
 func (d *Device) readCSR(off uint64) (uint64, error) {
+	v, err := d.readCSRRaw(off)
+	if err != nil || v != allOnes {
+		return v, err
+	}
+	if off != chip.RegID {
+		id, err := d.readCSRRaw(chip.RegID)
+		if err != nil {
+			return 0, err
+		}
+		if id != allOnes {
+			return v, nil // a register that really holds all ones
+		}
+	}
+	d.markDead(fmt.Errorf("CSR %#x and the ID register read all ones: surprise removal", off))
+	return 0, fmt.Errorf("read CSR %#x: %w", off, d.errGone())
+}
+
+func (d *Device) readCSRRaw(off uint64) (uint64, error) {
 	var b [8]byte
 	if err := d.vdev.ReadRegion(chip.CSRBar, off, b[:]); err != nil {
 		return 0, d.ioErr(fmt.Errorf("read CSR %#x: %w", off, err))

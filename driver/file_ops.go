@@ -79,7 +79,7 @@ func (f *File) Ioctl(cmd uint32, arg UserPtr) (int, error) {
 		return -1, errnoErr("ioctl on closed file", f.closedErr)
 	}
 	if f.d.dead.Load() {
-		return -1, errnoErr("ioctl: device gone", unix.ENXIO)
+		return -1, fmt.Errorf("gohfi: ioctl %#x: %w", cmd, f.d.errGone())
 	}
 	if uapi.IOC_TYPE(cmd) != uapi.RDMA_IOCTL_MAGIC {
 		return -1, errnoErr(fmt.Sprintf("ioctl %#x", cmd), unix.ENOTTY)
@@ -354,6 +354,7 @@ func (f *File) Poll(ctx context.Context) (uint32, error) {
 		}
 		select {
 		case <-wait:
+		case <-f.d.deadCh: // markDead also wakes wait; this does not depend on it
 		case <-ctx.Done():
 			return 0, ctx.Err()
 		}
@@ -368,7 +369,7 @@ func (f *File) pollOnce(c *ctxtData) (uint32, error) {
 		return POLLERR, errnoErr("poll: file closed", c.gone)
 	}
 	if f.d.dead.Load() {
-		return POLLERR, errnoErr("poll: device gone", unix.ENXIO)
+		return POLLERR, fmt.Errorf("gohfi: poll: %w", f.d.errGone())
 	}
 	var ev uint32
 	if c.eventBits() != 0 {

@@ -255,20 +255,30 @@ func TestNoLeaks(t *testing.T) {
 		}
 	}
 	cycle()
-	fds, gs := countFDs(t), runtime.NumGoroutine()
+	check := leakCheck(t)
 	for i := 0; i < 3; i++ {
 		cycle()
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for runtime.NumGoroutine() > gs && time.Now().Before(deadline) {
-		runtime.Gosched() // goroutines of a closed client may still be returning
-	}
-	if got := countFDs(t); got != fds {
-		t.Fatalf("fds %d -> %d", fds, got)
-	}
-	if got := runtime.NumGoroutine(); got > gs {
-		buf := make([]byte, 1<<16)
-		t.Fatalf("goroutines %d -> %d\n%s", gs, got, buf[:runtime.Stack(buf, true)])
+	check()
+}
+
+// leakCheck records the open fds and goroutines; the function it returns
+// fails t if there are more of either.
+func leakCheck(t *testing.T) func() {
+	fds, gs := countFDs(t), runtime.NumGoroutine()
+	return func() {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for runtime.NumGoroutine() > gs && time.Now().Before(deadline) {
+			runtime.Gosched() // goroutines of a closed client may still be returning
+		}
+		if got := countFDs(t); got != fds {
+			t.Fatalf("fds %d -> %d", fds, got)
+		}
+		if got := runtime.NumGoroutine(); got > gs {
+			buf := make([]byte, 1<<16)
+			t.Fatalf("goroutines %d -> %d\n%s", gs, got, buf[:runtime.Stack(buf, true)])
+		}
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/dma"
@@ -53,25 +54,116 @@ type Device struct {
 	files   map[*File]struct{}
 	removed bool
 
-	dead  atomic.Bool // the device stopped answering; everything fails with ENXIO
+	// dead is set by markDead when the device is gone (disconnected,
+	// surprise-removed); from then on everything fails with ENXIO. deadCh is
+	// closed at the same time and deadErr says why.
+	dead     atomic.Bool
+	deadOnce sync.Once
+	deadErr  error
+	deadCh   chan struct{}
+
+	// The monitor goroutine watches for the device's loss (see monitor).
+	stopMonitor chan struct{}
+	monitorWG   sync.WaitGroup
+
 	stats devStats
 }
 
 // Info returns the device's identity and capabilities.
 func (d *Device) Info() DeviceInfo { return d.info }
 
-// ioErr turns a lost device into ENXIO for the caller and remembers it.
+// ioErr turns a lost device into ENXIO for the caller and marks the device
+// dead, which wakes everyone waiting on it.
 func (d *Device) ioErr(err error) error {
 	if errors.Is(err, vfio.ErrDisconnected) || errors.Is(err, vfio.ErrClosed) ||
 		errors.Is(err, unix.EPIPE) || errors.Is(err, unix.ECONNRESET) {
-		d.dead.Store(true)
+		d.markDead(err)
 		return fmt.Errorf("%w (%w)", err, unix.ENXIO)
 	}
 	return err
 }
 
+// markDead records that the device is gone, for the reason cause, and wakes
+// every waiter: each context's wait queue (Poll, a SEND waiting for its
+// descriptor to be consumed) and whoever waits on d.deadCh. Every path that
+// sees the device go ends up here: a call failing with a disconnect
+// (ioErr), the backend reporting the loss (monitor), a register reading
+// all ones (readCSR). Only the first call does anything. It must not be
+// called with d.mu held.
+func (d *Device) markDead(cause error) {
+	first := false
+	d.deadOnce.Do(func() {
+		first = true
+		d.deadErr = cause
+		d.dead.Store(true)
+		close(d.deadCh)
+	})
+	if !first {
+		return
+	}
+	d.mu.Lock()
+	for _, c := range d.ctxts {
+		if c != nil {
+			c.wq.wakeAll()
+		}
+	}
+	d.mu.Unlock()
+}
+
+// errGone is the error of an operation that found the device dead: it
+// wraps unix.ENXIO and the cause markDead was given. Call it only once
+// d.dead or d.deadCh said so.
+func (d *Device) errGone() error {
+	return fmt.Errorf("device gone: %w (%w)", d.deadErr, unix.ENXIO)
+}
+
+// watchdogInterval is how often the monitor reads the ID register to catch
+// a surprise removal that no call and no backend reports (kernel VFIO).
+const watchdogInterval = 250 * time.Millisecond
+
+// startMonitor starts the goroutine that notices the device's loss while
+// nobody is talking to it, like the watchdog task of a Linux PCI driver:
+// it marks the device dead when the backend reports the loss (vfio.Device
+// Done: a vfio-user server hanging up or dying) or when the ID register
+// reads all ones (a surprise-removed PCI function).
+func (d *Device) startMonitor() {
+	d.stopMonitor = make(chan struct{})
+	d.monitorWG.Add(1)
+	go d.monitor(d.stopMonitor)
+}
+
+func (d *Device) monitor(stop <-chan struct{}) {
+	defer d.monitorWG.Done()
+	lost := d.vdev.Done()
+	t := time.NewTicker(watchdogInterval)
+	defer t.Stop()
+	for !d.dead.Load() {
+		select {
+		case <-stop:
+			return
+		case <-d.deadCh:
+			return
+		case <-lost:
+			d.markDead(fmt.Errorf("backend reports the device lost: %w", vfio.ErrDisconnected))
+			return
+		case <-t.C:
+			d.readCSR(chip.RegID) // all ones marks the device dead
+		}
+	}
+}
+
+// stopMonitorAndWait stops the monitor goroutine, if it runs.
+func (d *Device) stopMonitorAndWait() {
+	if d.stopMonitor == nil {
+		return
+	}
+	close(d.stopMonitor)
+	d.monitorWG.Wait()
+	d.stopMonitor = nil
+}
+
 func probe(ctx context.Context, m *Module, unit int, vdev vfio.Device, name string) (*Device, error) {
-	d := &Device{m: m, vdev: vdev, files: map[*File]struct{}{}}
+	d := &Device{m: m, vdev: vdev, files: map[*File]struct{}{}, deadCh: make(chan struct{})}
 	d.info.Unit, d.info.Name = unit, name
 	if vdev.Info().Flags&vfio.DeviceFlagsPCI == 0 {
 		return nil, fmt.Errorf("not a PCI device: %w", unix.ENODEV)
@@ -100,7 +192,9 @@ func probe(ctx context.Context, m *Module, unit int, vdev vfio.Device, name stri
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	if id, err := d.readCSR(chip.RegID); err != nil {
+	// Raw: an ID of all ones is refused here like any other wrong ID; the
+	// surprise-removal check of readCSR is for a device already bound.
+	if id, err := d.readCSRRaw(chip.RegID); err != nil {
 		return nil, err
 	} else if id != chip.IDMagic {
 		return nil, fmt.Errorf("ID register %#x, want %#x: %w", id, uint64(chip.IDMagic), unix.EIO)
@@ -124,6 +218,7 @@ func probe(ctx context.Context, m *Module, unit int, vdev vfio.Device, name stri
 		unix.Munmap(d.rcvArray)
 		return nil, err
 	}
+	d.startMonitor()
 	return d, nil
 }
 
@@ -241,6 +336,7 @@ func (d *Device) remove() error {
 		files = append(files, f)
 	}
 	d.mu.Unlock()
+	d.stopMonitorAndWait()
 	for _, f := range files {
 		f.release(unix.ENXIO)
 	}

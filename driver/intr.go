@@ -89,11 +89,20 @@ func (d *Device) setupInterrupts() (err error) {
 	} else {
 		d.info.IRQMode = "intx"
 	}
+	// Unmask before the handler starts, so that a failure leaves nothing
+	// running (the deferred closeFDs releases the eventfds); an interrupt
+	// raised meanwhile waits in its eventfd.
+	mask := uint64(1)<<uint(1+d.info.NumContexts) - 1
+	if err = d.writeCSR(chip.RegIntMask, mask); err != nil {
+		if !d.dead.Load() {
+			d.vdev.SetIRQs(s.index, 0, nil) // best effort
+		}
+		return err
+	}
 	d.irq = s
 	s.wg.Add(1)
 	go d.irqLoop(s)
-	mask := uint64(1)<<uint(1+d.info.NumContexts) - 1
-	return d.writeCSR(chip.RegIntMask, mask)
+	return nil
 }
 
 func (s *irqState) closeFDs() {
@@ -143,10 +152,13 @@ func (d *Device) irqLoop(s *irqState) {
 				return
 			}
 			v := int(ev.Fd)
-			unix.Read(s.fds[v], buf[:])
+			unix.Read(s.fds[v], buf[:]) // drained, so a dead device cannot make the loop spin
 			s.mu.Lock()
 			s.count++
 			s.mu.Unlock()
+			if d.dead.Load() {
+				continue // markDead woke everyone; no registers to read
+			}
 			if s.index == vfio.PCIMSIXIRQIndex {
 				d.handleSources(1 << uint(v))
 				continue

@@ -70,10 +70,11 @@ func (c *ctxtData) postSend(ctx context.Context, desc *chip.SendDesc) error {
 			return nil
 		}
 		if c.d.dead.Load() {
-			return errnoErr("SEND: device gone", unix.ENXIO)
+			return fmt.Errorf("gohfi: SEND: descriptor not consumed: %w", c.d.errGone())
 		}
 		select {
 		case <-wait:
+		case <-c.d.deadCh:
 		case <-ctx.Done():
 			st, _ := c.d.readCtxtCSR(c.ctxt, chip.CtxtStatus)
 			return fmt.Errorf("gohfi: SEND: descriptor not consumed (context status %#x): %w", st, unix.ETIMEDOUT)

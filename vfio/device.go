@@ -168,6 +168,13 @@ type Device interface {
 	SetIRQs(index, start uint32, fds []int) error
 	// Reset resets the device (VFIO_DEVICE_RESET).
 	Reset() error
+	// Done returns a channel that is closed when the device is gone for
+	// good: the backend lost it (a vfio-user server hung up or died; calls
+	// then fail with ErrDisconnected) or Close was called. A backend that
+	// cannot see a device go closes it only on Close: a surprise-removed
+	// PCI function behind kernel VFIO just reads all ones, which the
+	// driver has to notice itself.
+	Done() <-chan struct{}
 	// Close releases the device. Mappings made by MmapRegion stay valid
 	// until unmapped.
 	Close() error

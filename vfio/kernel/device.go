@@ -48,6 +48,7 @@ type Device struct {
 	fd      int // -1 once closed
 	info    vfio.DeviceInfo
 	regions map[uint32]vfio.RegionInfo
+	done    chan struct{} // made on first use, closed by release
 }
 
 var _ vfio.Device = (*Device)(nil)
@@ -407,11 +408,36 @@ func (d *Device) Reset() error {
 	return err
 }
 
+// Done implements vfio.Device. The channel is closed by Close only: the
+// device fd does not report a surprise-removed function, whose BARs and
+// config space then read all ones, which the driver checks for.
+func (d *Device) Done() <-chan struct{} {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.doneLocked()
+}
+
+func (d *Device) doneLocked() chan struct{} {
+	if d.done == nil {
+		d.done = make(chan struct{})
+	}
+	return d.done
+}
+
+func (d *Device) closeDoneLocked() {
+	select {
+	case <-d.doneLocked():
+	default:
+		close(d.done)
+	}
+}
+
 // Close implements vfio.Device: it closes the device fd, the group and the
 // container. The kernel drops the DMA mappings with the container.
 func (d *Device) Close() error {
 	d.mu.Lock()
 	if d.fd < 0 && d.group == nil && d.container == nil {
+		d.closeDoneLocked()
 		d.mu.Unlock()
 		return vfio.ErrClosed
 	}
@@ -435,6 +461,7 @@ func (d *Device) release() error {
 		errs = append(errs, d.container.Close())
 		d.container = nil
 	}
+	d.closeDoneLocked()
 	return errors.Join(errs...)
 }
 

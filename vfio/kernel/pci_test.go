@@ -178,6 +178,11 @@ func TestClosedDevice(t *testing.T) {
 	if err := d.Close(); !errors.Is(err, vfio.ErrClosed) {
 		t.Errorf("Close = %v", err)
 	}
+	select {
+	case <-d.Done():
+	default:
+		t.Errorf("Done not closed after Close")
+	}
 	if err := d.Reset(); !errors.Is(err, vfio.ErrClosed) {
 		t.Errorf("Reset = %v", err)
 	}

@@ -35,8 +35,8 @@ type Client struct {
 	mu      sync.Mutex
 	pending map[uint16]*call
 	nextID  uint16
-	err     error // non-nil once closed or disconnected
-	done    chan struct{}
+	err     error         // non-nil once closed or disconnected
+	done    chan struct{} // closed when the reader has stopped: disconnected or closed
 
 	regMu   sync.Mutex
 	regions map[uint32]*clientRegion
@@ -317,6 +317,12 @@ func (c *Client) sendError(h header, errno unix.Errno) {
 		c.o.logf("%v", err)
 	}
 }
+
+// Done implements vfio.Device: the channel is closed once the connection
+// has ended, because the server hung up (or died) or because of Close. By
+// then every call in flight has failed, with an error wrapping
+// vfio.ErrDisconnected or vfio.ErrClosed, and later calls fail the same way.
+func (c *Client) Done() <-chan struct{} { return c.done }
 
 // Close closes the connection. Region mappings made by MmapRegion stay
 // valid; DMA mappings die with the connection on the server's side.

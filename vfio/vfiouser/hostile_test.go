@@ -503,6 +503,11 @@ func TestClientServerVanishes(t *testing.T) {
 	if _, _, _, err := srv.recv(); err != nil {
 		t.Fatal(err)
 	}
+	select {
+	case <-c.Done():
+		t.Fatal("Done closed while the server is up")
+	default:
+	}
 	srv.conn.Close()
 	select {
 	case err := <-done:
@@ -514,6 +519,11 @@ func TestClientServerVanishes(t *testing.T) {
 		}
 	case <-time.After(3 * time.Second):
 		t.Fatal("pending call hung after the server vanished")
+	}
+	select {
+	case <-c.Done(): // tells the owner without a call of its own
+	case <-time.After(3 * time.Second):
+		t.Fatal("Done not closed after the server vanished")
 	}
 	if err := c.Reset(); !errors.Is(err, vfio.ErrDisconnected) {
 		t.Fatalf("later call: %v", err)

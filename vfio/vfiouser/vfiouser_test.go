@@ -103,6 +103,23 @@ func TestClientInfo(t *testing.T) {
 	}
 }
 
+func TestClientDoneOnClose(t *testing.T) {
+	c, _, _ := newPair(t, nil, nil)
+	select {
+	case <-c.Done():
+		t.Fatal("Done closed on a live connection")
+	default:
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-c.Done():
+	default:
+		t.Fatal("Done not closed by Close")
+	}
+}
+
 func TestRegionInfoSparse(t *testing.T) {
 	leakCheck(t)
 	c, _, _ := newPair(t, nil, nil)
