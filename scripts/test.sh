@@ -10,3 +10,7 @@ if [ "$(id -u)" = 0 ] && [ ! -e /sys/kernel/tracing/events ]; then
   mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
 fi
 go test -count=1 -timeout 25m "$@" ./...
+# The packages where goroutines meet (ioctls racing Close, the notifier's
+# monitor and dispatcher, the vfio-user socket, the device model), once more
+# under the race detector.
+go test -count=1 -race -timeout 15m "$@" ./driver ./userfault ./tidcache ./vfio/vfiouser ./hfisim
