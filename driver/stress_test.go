@@ -120,4 +120,3 @@ func TestTIDStressNoSpuriousEBUSY(t *testing.T) {
 		t.Fatalf("state left behind: %+v", st)
 	}
 }
-
