@@ -92,7 +92,7 @@ const (
 
 	// CapKnown is every bit defined above; the driver refuses a device
 	// that reports any other.
-	CapKnown = CapMemMgtExtensions | CapODP | CapMSIX | CapLoopback
+	CapKnown = CapMemMgtExtensions | CapODP | CapMSIX | CapLoopback | CapVerbs
 )
 
 // RegControl bits.

@@ -1,0 +1,440 @@
+package chip
+
+import "encoding/binary"
+
+// The verbs engine (RegCapFlags CapVerbs): a memory protection table (MPT)
+// of memory regions, completion queues and reliable-connected queue pairs
+// whose work queues and completion queues live in host memory, in the shape
+// of an InfiniBand HCA (mlx4/mlx5, rxe). docs/hfisim.md, "Verbs engine", is
+// the datasheet of this file.
+
+// Verbs capability and size registers (BAR0, RO).
+const (
+	RegMPTEntries = 0x080 // RO: MPT entries (memory regions), 0 without CapVerbs
+	RegNumQPs     = 0x088 // RO: queue pairs
+	RegNumCQs     = 0x090 // RO: completion queues
+	RegMaxQPWR    = 0x098 // RO: largest send or receive queue (WQEs, power of two)
+	RegMaxCQE     = 0x0a0 // RO: largest completion queue (CQEs, power of two)
+	RegMaxSGE     = 0x0a8 // RO: scatter/gather entries per WQE (<= WQEMaxSGE)
+	RegMaxMsgSize = 0x0b0 // RO: largest message in bytes
+
+	// Verbs counters, RO, cleared by reset.
+	RegCntNAKAccess = 0x140 // responder refused a packet: key, PD, state, rights or bounds
+	RegCntNAKInvReq = 0x148 // responder refused a malformed request (opcode, no receive WQE space)
+	RegCntVerbsPkts = 0x150 // verbs packets (MTU-sized pieces of messages) moved
+	RegCntTLBHits   = 0x158 // translations served from the device TLB
+	RegCntTLBMiss   = 0x160 // translations read from the MTT
+)
+
+// CapVerbs is the RegCapFlags bit of the verbs engine.
+const CapVerbs = 1 << 4
+
+// VerbsMTU is the packet size: a message is moved in pieces of at most
+// VerbsMTU bytes, and the responder checks every piece on its own, so a key
+// that becomes invalid in the middle of a message stops it there.
+const VerbsMTU = 4096
+
+// Device limits a driver may rely on (the model's defaults; a device reports
+// its own in the registers above, at most these).
+const (
+	MaxMPTEntries = 1 << 16
+	MaxQPs        = 64
+	MaxCQs        = 64
+	MaxQPWR       = 1 << 14
+	MaxCQE        = 1 << 16
+)
+
+// QP numbers on the wire are QPNBase + the QP's index (0 and 1 are
+// InfiniBand's special QPs).
+const QPNBase = 16
+
+// Memory protection table: MPTEntrySize bytes per entry in BAR4, starting at
+// MPTOffset(RegMTTEntries), after the MTT. The driver writes entries with
+// 8-byte stores, MPTWord1 (state and access) last when it makes an entry
+// valid and first when it invalidates one; the device reads the entry for
+// every packet (it caches MTT translations, never MPT entries).
+//
+//	off  size  field
+//	0    4     key: MPT index << 8 | variant byte
+//	4    4     protection domain (nonzero)
+//	8    4     flags: MPTState* | IB_ACCESS_* << MPTAccessShift | MPTType* << MPTTypeShift
+//	12   4     first MTT entry of the region
+//	16   8     iova: the address the region starts at, as keys name it
+//	24   8     length in bytes
+//
+// A virtual address va of the region translates to MTT entry
+// first + (va - iova&^0xfff) >> 12, offset va & 0xfff in that page.
+const (
+	MPTEntrySize = 32
+
+	MPTStateMask  = 0x3
+	MPTStateFree  = 0 // no region: every access is refused
+	MPTStateValid = 1
+
+	MPTAccessShift = 8 // IB_ACCESS_* bits 0-7
+	MPTTypeShift   = 16
+	MPTTypeMask    = 0xf << MPTTypeShift
+	MPTTypePinned  = 0 << MPTTypeShift // REG_MR: every page present while valid
+	MPTTypeODP     = 1 << MPTTypeShift // REG_MR with IB_ACCESS_ON_DEMAND (issue: ODP)
+	MPTTypeFastReg = 2 << MPTTypeShift // ALLOC_MR, bound by FAST_REG_MR (issue: fast registration)
+)
+
+// MPTOffset is the BAR4 offset of the MPT on a device with mttEntries MTT
+// entries: the MTT rounded up to a 4 KiB page.
+func MPTOffset(mttEntries int) uint64 {
+	return (uint64(mttEntries)*MTTEntrySize + 0xfff) &^ 0xfff
+}
+
+// MPTEntry is a decoded MPT entry.
+type MPTEntry struct {
+	Key      uint32
+	PD       uint32
+	Flags    uint32
+	MTTFirst uint32
+	IOVA     uint64
+	Length   uint64
+}
+
+// Marshal encodes e into b (MPTEntrySize bytes).
+func (e *MPTEntry) Marshal(b []byte) {
+	_ = b[MPTEntrySize-1]
+	binary.LittleEndian.PutUint32(b[0:], e.Key)
+	binary.LittleEndian.PutUint32(b[4:], e.PD)
+	binary.LittleEndian.PutUint32(b[8:], e.Flags)
+	binary.LittleEndian.PutUint32(b[12:], e.MTTFirst)
+	binary.LittleEndian.PutUint64(b[16:], e.IOVA)
+	binary.LittleEndian.PutUint64(b[24:], e.Length)
+}
+
+// Unmarshal decodes b (MPTEntrySize bytes).
+func (e *MPTEntry) Unmarshal(b []byte) {
+	_ = b[MPTEntrySize-1]
+	e.Key = binary.LittleEndian.Uint32(b[0:])
+	e.PD = binary.LittleEndian.Uint32(b[4:])
+	e.Flags = binary.LittleEndian.Uint32(b[8:])
+	e.MTTFirst = binary.LittleEndian.Uint32(b[12:])
+	e.IOVA = binary.LittleEndian.Uint64(b[16:])
+	e.Length = binary.LittleEndian.Uint64(b[24:])
+}
+
+// Word 1 of an entry (bytes 8-15: flags and first MTT entry) as one 8-byte
+// store, so state and translation change together.
+func (e *MPTEntry) Word1() uint64 { return uint64(e.Flags) | uint64(e.MTTFirst)<<32 }
+
+// MPTIndex and MPTVariant split a key.
+func MPTIndex(key uint32) uint32   { return key >> 8 }
+func MPTVariant(key uint32) uint32 { return key & 0xff }
+
+// Per-CQ CSRs: CQ n's block starts at CQBase + n*CQStride.
+const (
+	CQBase   = 0xc000
+	CQStride = 0x40
+
+	CQRingBase = 0x00 // RW: IOVA of the CQE ring (CQESize each)
+	CQEntries  = 0x08 // RW: CQEs, power of two; writing it (re)starts the CQ empty
+	CQHead     = 0x10 // RW: consumer index written by the driver (for overflow)
+	CQTail     = 0x18 // RO: producer index
+	CQControl  = 0x20 // RW: CQCtrl* | interrupt context << CQCtrlCtxtShift
+	CQStatus   = 0x28 // RO: CQStatus*
+)
+
+// CQReg returns the BAR0 offset of register reg of CQ n.
+func CQReg(n int, reg uint64) uint64 { return CQBase + uint64(n)*CQStride + reg }
+
+// CQControl bits. An armed CQ raises the interrupt of its receive context
+// (IntSrcCtxt) when it writes a CQE, and disarms; the driver re-arms.
+const (
+	CQCtrlEnable    = 1 << 0
+	CQCtrlArm       = 1 << 1
+	CQCtrlCtxtShift = 8 // bits 8-15: the receive context whose interrupt the CQ raises
+)
+
+// CQStatus bits.
+const (
+	CQStatusOverflow = 1 << 0 // a CQE found the ring full; the CQ is in error
+)
+
+// Per-QP CSRs: QP n's block starts at QPBase + n*QPStride.
+const (
+	QPBase   = 0xa000
+	QPStride = 0x80
+
+	QPControl   = 0x00 // RW: QPState (bits 0-3, GOHFI_QPS_*) | type << QPTypeShift; see below
+	QPSQBase    = 0x08 // RW: IOVA of the send queue (SendWQESize each)
+	QPSQEntries = 0x10 // RW: WQEs, power of two
+	QPSQTail    = 0x18 // RW: send doorbell: producer index
+	QPSQHead    = 0x20 // RO: consumer index (WQEs completed or flushed)
+	QPRQBase    = 0x28 // RW: IOVA of the receive queue (RecvWQESize each)
+	QPRQEntries = 0x30 // RW: WQEs, power of two
+	QPRQTail    = 0x38 // RW: receive doorbell: producer index
+	QPRQHead    = 0x40 // RO: consumer index
+	QPCQs       = 0x48 // RW: send CQ index | receive CQ index << 32
+	QPPD        = 0x50 // RW: protection domain
+	QPDest      = 0x58 // RW: destination QP number | destination port << 32 (0: this device)
+	QPAccess    = 0x60 // RW: IB_ACCESS_REMOTE_* the responder allows
+	QPPSN       = 0x68 // RW: send PSN | receive PSN << 32 (24 bits each)
+	QPStatus    = 0x70 // RO: the state the device holds (it moves a QP to ERR by itself)
+)
+
+// QPReg returns the BAR0 offset of register reg of QP n.
+func QPReg(n int, reg uint64) uint64 { return QPBase + uint64(n)*QPStride + reg }
+
+// QPControl: a write sets the QP's state and type. RESET empties both
+// queues (heads and tails to 0) and forgets the QP's configuration checks;
+// INIT, RTR and RTS take the ring and CQ registers as they are (the device
+// checks them: a bad one refuses the transition, QPStatus stays); ERR
+// flushes every outstanding WQE of both queues with GOHFI_WC_WR_FLUSH_ERR.
+// The device processes the send queue in RTS and accepts incoming packets
+// in RTR and RTS; in ERR every newly posted WQE is flushed.
+const (
+	QPStateMask = 0xf
+	QPTypeShift = 8
+)
+
+// Send WQE: SendWQESize bytes per entry of a QP's send queue.
+//
+//	off  size  field
+//	0    8     wr_id
+//	8    1     opcode (GOHFI_WR_*)
+//	9    1     flags (GOHFI_SEND_*)
+//	10   2     num_sge (<= RegMaxSGE)
+//	12   4     imm_data (network order) or invalidate_rkey
+//	16   8     remote_addr
+//	24   4     rkey
+//	28   4     reserved, 0
+//	32   8     atomic compare (CMP_AND_SWP) or add (FETCH_AND_ADD)
+//	40   8     atomic swap
+//	48   16    reserved, 0
+//	64   64    fast-registration: iova(8) length(8) page list IOVA(8) page list len(4) page shift(4)
+//	           MPT index(4) key(4) access(4) reserved(20)
+//	128  128   SGEs: WQEMaxSGE x { addr(8) length(4) lkey(4) }
+//
+// SGE addresses are the virtual addresses of the lkey's region.
+const (
+	SendWQESize = 256
+	RecvWQESize = 256
+	WQEMaxSGE   = 8
+	wqeSGEOff   = 128
+	SGESize     = 16
+)
+
+// SGE is one scatter/gather element of a WQE.
+type SGE struct {
+	Addr   uint64
+	Length uint32
+	Lkey   uint32
+}
+
+// SendWQE is a decoded send WQE.
+type SendWQE struct {
+	WrID       uint64
+	Opcode     uint8
+	Flags      uint8
+	NumSGE     uint16
+	Imm        uint32 // imm_data or invalidate_rkey
+	RemoteAddr uint64
+	Rkey       uint32
+	CompareAdd uint64
+	Swap       uint64
+	// Fast registration.
+	FrIOVA        uint64
+	FrLength      uint64
+	FrPageList    uint64 // IOVA of the page list (u64 IOVAs of the pages)
+	FrPageListLen uint32
+	FrPageShift   uint32
+	FrMPTIndex    uint32
+	FrKey         uint32
+	FrAccess      uint32
+	SGE           [WQEMaxSGE]SGE
+}
+
+// Marshal encodes w into b (SendWQESize bytes).
+func (w *SendWQE) Marshal(b []byte) {
+	_ = b[SendWQESize-1]
+	clear(b[:SendWQESize])
+	le := binary.LittleEndian
+	le.PutUint64(b[0:], w.WrID)
+	b[8] = w.Opcode
+	b[9] = w.Flags
+	le.PutUint16(b[10:], w.NumSGE)
+	le.PutUint32(b[12:], w.Imm)
+	le.PutUint64(b[16:], w.RemoteAddr)
+	le.PutUint32(b[24:], w.Rkey)
+	le.PutUint64(b[32:], w.CompareAdd)
+	le.PutUint64(b[40:], w.Swap)
+	le.PutUint64(b[64:], w.FrIOVA)
+	le.PutUint64(b[72:], w.FrLength)
+	le.PutUint64(b[80:], w.FrPageList)
+	le.PutUint32(b[88:], w.FrPageListLen)
+	le.PutUint32(b[92:], w.FrPageShift)
+	le.PutUint32(b[96:], w.FrMPTIndex)
+	le.PutUint32(b[100:], w.FrKey)
+	le.PutUint32(b[104:], w.FrAccess)
+	marshalSGEs(b[wqeSGEOff:], w.SGE[:])
+}
+
+// Unmarshal decodes b (SendWQESize bytes).
+func (w *SendWQE) Unmarshal(b []byte) {
+	_ = b[SendWQESize-1]
+	le := binary.LittleEndian
+	w.WrID = le.Uint64(b[0:])
+	w.Opcode = b[8]
+	w.Flags = b[9]
+	w.NumSGE = le.Uint16(b[10:])
+	w.Imm = le.Uint32(b[12:])
+	w.RemoteAddr = le.Uint64(b[16:])
+	w.Rkey = le.Uint32(b[24:])
+	w.CompareAdd = le.Uint64(b[32:])
+	w.Swap = le.Uint64(b[40:])
+	w.FrIOVA = le.Uint64(b[64:])
+	w.FrLength = le.Uint64(b[72:])
+	w.FrPageList = le.Uint64(b[80:])
+	w.FrPageListLen = le.Uint32(b[88:])
+	w.FrPageShift = le.Uint32(b[92:])
+	w.FrMPTIndex = le.Uint32(b[96:])
+	w.FrKey = le.Uint32(b[100:])
+	w.FrAccess = le.Uint32(b[104:])
+	unmarshalSGEs(b[wqeSGEOff:], w.SGE[:])
+}
+
+// Receive WQE: RecvWQESize bytes per entry of a QP's receive queue.
+//
+//	off  size  field
+//	0    8     wr_id
+//	8    2     num_sge
+//	10   118   reserved, 0
+//	128  128   SGEs, as in the send WQE
+type RecvWQE struct {
+	WrID   uint64
+	NumSGE uint16
+	SGE    [WQEMaxSGE]SGE
+}
+
+// Marshal encodes w into b (RecvWQESize bytes).
+func (w *RecvWQE) Marshal(b []byte) {
+	_ = b[RecvWQESize-1]
+	clear(b[:RecvWQESize])
+	binary.LittleEndian.PutUint64(b[0:], w.WrID)
+	binary.LittleEndian.PutUint16(b[8:], w.NumSGE)
+	marshalSGEs(b[wqeSGEOff:], w.SGE[:])
+}
+
+// Unmarshal decodes b (RecvWQESize bytes).
+func (w *RecvWQE) Unmarshal(b []byte) {
+	_ = b[RecvWQESize-1]
+	w.WrID = binary.LittleEndian.Uint64(b[0:])
+	w.NumSGE = binary.LittleEndian.Uint16(b[8:])
+	unmarshalSGEs(b[wqeSGEOff:], w.SGE[:])
+}
+
+func marshalSGEs(b []byte, s []SGE) {
+	for i, g := range s {
+		o := i * SGESize
+		binary.LittleEndian.PutUint64(b[o:], g.Addr)
+		binary.LittleEndian.PutUint32(b[o+8:], g.Length)
+		binary.LittleEndian.PutUint32(b[o+12:], g.Lkey)
+	}
+}
+
+func unmarshalSGEs(b []byte, s []SGE) {
+	for i := range s {
+		o := i * SGESize
+		s[i] = SGE{binary.LittleEndian.Uint64(b[o:]), binary.LittleEndian.Uint32(b[o+8:]), binary.LittleEndian.Uint32(b[o+12:])}
+	}
+}
+
+// CQE: CQESize bytes per entry of a CQ ring, written by the device. Seq is
+// the entry's 1-based sequence number modulo 2^32, never 0, so the driver
+// polls the ring in memory (as with RHQ entries) and reads no register.
+//
+//	off  size  field
+//	0    8     wr_id
+//	8    4     status (GOHFI_WC_SUCCESS or an error status)
+//	12   4     opcode (GOHFI_WC_*)
+//	16   4     vendor_err (VendorErr*)
+//	20   4     byte_len
+//	24   4     invalidated_rkey
+//	28   4     imm_data
+//	32   4     qp_num (local QP number)
+//	36   4     src_qp
+//	40   4     wc_flags (GOHFI_WC_WITH_IMM, ...)
+//	44   4     seq
+//	48   16    reserved, 0
+const CQESize = 64
+
+// CQE is a decoded completion queue entry.
+type CQE struct {
+	WrID            uint64
+	Status          uint32
+	Opcode          uint32
+	VendorErr       uint32
+	ByteLen         uint32
+	InvalidatedRkey uint32
+	ImmData         uint32
+	QPNum           uint32
+	SrcQP           uint32
+	WcFlags         uint32
+	Seq             uint32
+}
+
+// Marshal encodes e into b (CQESize bytes).
+func (e *CQE) Marshal(b []byte) {
+	_ = b[CQESize-1]
+	clear(b[:CQESize])
+	le := binary.LittleEndian
+	le.PutUint64(b[0:], e.WrID)
+	le.PutUint32(b[8:], e.Status)
+	le.PutUint32(b[12:], e.Opcode)
+	le.PutUint32(b[16:], e.VendorErr)
+	le.PutUint32(b[20:], e.ByteLen)
+	le.PutUint32(b[24:], e.InvalidatedRkey)
+	le.PutUint32(b[28:], e.ImmData)
+	le.PutUint32(b[32:], e.QPNum)
+	le.PutUint32(b[36:], e.SrcQP)
+	le.PutUint32(b[40:], e.WcFlags)
+	le.PutUint32(b[44:], e.Seq)
+}
+
+// Unmarshal decodes b (CQESize bytes).
+func (e *CQE) Unmarshal(b []byte) {
+	_ = b[CQESize-1]
+	le := binary.LittleEndian
+	e.WrID = le.Uint64(b[0:])
+	e.Status = le.Uint32(b[8:])
+	e.Opcode = le.Uint32(b[12:])
+	e.VendorErr = le.Uint32(b[16:])
+	e.ByteLen = le.Uint32(b[20:])
+	e.InvalidatedRkey = le.Uint32(b[24:])
+	e.ImmData = le.Uint32(b[28:])
+	e.QPNum = le.Uint32(b[32:])
+	e.SrcQP = le.Uint32(b[36:])
+	e.WcFlags = le.Uint32(b[40:])
+	e.Seq = le.Uint32(b[44:])
+}
+
+// Vendor error codes in a CQE with an error status: which check failed.
+const (
+	VendorErrNone       = 0
+	VendorErrKey        = 1 // no such key, or its variant byte does not match
+	VendorErrPD         = 2 // the region belongs to another protection domain
+	VendorErrState      = 3 // the region is not valid
+	VendorErrAccess     = 4 // the region does not allow the access
+	VendorErrBounds     = 5 // the access runs past the region
+	VendorErrDMA        = 6 // the device could not reach the memory (IOMMU fault)
+	VendorErrNoRecv     = 7 // SEND with no receive WQE posted (RNR retries exhausted)
+	VendorErrLength     = 8 // SEND longer than the receive WQE's buffers
+	VendorErrOpcode     = 9 // opcode the QP or device does not support
+	VendorErrBadWQE     = 10
+	VendorErrRemoteQP   = 11 // the destination QP does not exist or is not in RTR/RTS
+	VendorErrCQOverflow = 12
+)
+
+// The verbs CSR blocks fit in BAR0 above the MSI-X PBA and below its end
+// (compile-time checks: a negative array length does not compile).
+var (
+	_ [QPBase - (MSIXPBAOffset + 0x1000)]struct{}
+	_ [CQBase - (QPBase + MaxQPs*QPStride)]struct{}
+	_ [CSRBarSize - (CQBase + MaxCQs*CQStride)]struct{}
+	_ [QPStride - (QPStatus + 8)]struct{}
+	_ [CQStride - (CQStatus + 8)]struct{}
+)
