@@ -15,9 +15,6 @@ var pageSize = os.Getpagesize()
 // PageSize returns the system page size.
 func PageSize() int { return pageSize }
 
-// capIPCLock is CAP_IPC_LOCK (include/uapi/linux/capability.h).
-const capIPCLock = 14
-
 // Accountant counts the pages one driver instance holds pinned and refuses
 // pins beyond RLIMIT_MEMLOCK, read at every charge as hfi1_can_pin_pages
 // reads rlimit(RLIMIT_MEMLOCK). Everything in the instance that pins (the
@@ -45,7 +42,7 @@ func NewAccountant() *Accountant { return &Accountant{} }
 // CAP_IPC_LOCK lifts it and HonourCapIPCLock is set).
 func (a *Accountant) LimitPages() (int, error) {
 	if a.HonourCapIPCLock {
-		ok, err := hasCapability(capIPCLock)
+		ok, err := HasCapability(unix.CAP_IPC_LOCK)
 		if err != nil {
 			return 0, err
 		}
@@ -105,10 +102,10 @@ func (a *Accountant) Pinned() int {
 	return a.pinned
 }
 
-// hasCapability reports whether the calling thread has capability c in its
+// HasCapability reports whether the calling thread has capability c (unix.CAP_*) in its
 // effective set. All threads of a Go program share capabilities unless the
 // program changes them per thread.
-func hasCapability(c uint) (bool, error) {
+func HasCapability(c uint) (bool, error) {
 	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
 	var data [2]unix.CapUserData
 	if err := unix.Capget(&hdr, &data[0]); err != nil {

@@ -75,7 +75,7 @@ func TestAccountantReadsLimitEachCharge(t *testing.T) {
 
 func TestAccountantCapIPCLock(t *testing.T) {
 	withMemlockLimit(t, uint64(PageSize()))
-	has, err := hasCapability(capIPCLock)
+	has, err := HasCapability(unix.CAP_IPC_LOCK)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,39 +1,22 @@
 package tidcache_test
 
 import (
-	"bufio"
 	"context"
-	"os"
-	"strconv"
-	"strings"
 	"testing"
 
 	"github.com/gohfi/gohfi/attach"
 	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/dma"
 	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/tidcache"
 	"github.com/gohfi/gohfi/uapi"
 	"golang.org/x/sys/unix"
 )
 
-// capIPCLock is CAP_IPC_LOCK (include/uapi/linux/capability.h).
-const capIPCLock = 14
-
-// hasCapIPCLock reads the effective capability set from /proc/self/status.
+// hasCapIPCLock reports CAP_IPC_LOCK in the effective set.
 func hasCapIPCLock() bool {
-	f, err := os.Open("/proc/self/status")
-	if err != nil {
-		return false
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "CapEff:"); ok {
-			caps, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
-			return err == nil && caps&(1<<capIPCLock) != 0
-		}
-	}
-	return false
+	ok, err := dma.HasCapability(unix.CAP_IPC_LOCK)
+	return err == nil && ok
 }
 
 // benchSetup is setup for pins of up to need bytes: it raises
