@@ -18,9 +18,11 @@
 package tidcache
 
 import (
+	"cmp"
 	"container/list"
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/hfiuser"
@@ -58,11 +60,13 @@ type Cache struct {
 	events []byte // the context's event page, mapped read-only
 	opts   Options
 
-	gen   uint64               // GOHFI_EVENTS_GEN_OPENED value taken in
-	index map[uintptr][]*Entry // by start address
-	idle  *list.List           // *Entry, least recently used first
-	tids  int
-	stats Stats
+	gen    uint64               // GOHFI_EVENTS_GEN_OPENED value taken in
+	index  map[uintptr][]*Entry // by start address: the common exact hit
+	byAddr []*Entry             // every indexed entry, sorted by Addr: a hit inside a buffer
+	maxLen int                  // longest Length ever indexed: bounds the search back in byAddr
+	idle   *list.List           // *Entry, least recently used first
+	tids   int
+	stats  Stats
 
 	tidBuf []uint32 // scratch tidlist for the ioctls, outside hot paths
 }
@@ -119,16 +123,14 @@ func (c *Cache) Acquire(addr uintptr, length int) (*Entry, error) {
 	if err := c.syncInvalidations(); err != nil {
 		return nil, err
 	}
-	for _, e := range c.index[addr] {
-		if e.Length >= length {
-			if e.refs == 0 {
-				c.idle.Remove(e.lru)
-				e.lru = nil
-			}
-			e.refs++
-			c.stats.Hits++
-			return e, nil
+	if e := c.lookup(addr, length); e != nil {
+		if e.refs == 0 {
+			c.idle.Remove(e.lru)
+			e.lru = nil
 		}
+		e.refs++
+		c.stats.Hits++
+		return e, nil
 	}
 	c.stats.Misses++
 	e, err := c.register(addr, length)
@@ -136,8 +138,35 @@ func (c *Cache) Acquire(addr uintptr, length int) (*Entry, error) {
 		return nil, err
 	}
 	e.refs = 1
-	c.index[addr] = append(c.index[addr], e)
+	c.insert(e)
 	return e, nil
+}
+
+// lookup finds an entry whose buffer covers [addr, addr+length): first one
+// that starts at addr, else one that starts before it (a receive into part
+// of a registered buffer, as PSM's cache finds by range). The caller uses
+// the entry's TIDs at offset addr - e.Addr.
+func (c *Cache) lookup(addr uintptr, length int) *Entry {
+	for _, e := range c.index[addr] {
+		if e.Length >= length {
+			return e
+		}
+	}
+	end := addr + uintptr(length)
+	i, _ := slices.BinarySearchFunc(c.byAddr, addr, func(e *Entry, a uintptr) int { return cmp.Compare(e.Addr, a+1) })
+	for j := i - 1; j >= 0 && c.byAddr[j].Addr+uintptr(c.maxLen) >= end; j-- {
+		if e := c.byAddr[j]; e.Addr+uintptr(e.Length) >= end {
+			return e
+		}
+	}
+	return nil
+}
+
+func (c *Cache) insert(e *Entry) {
+	c.index[e.Addr] = append(c.index[e.Addr], e)
+	i, _ := slices.BinarySearchFunc(c.byAddr, e.Addr, func(x *Entry, a uintptr) int { return cmp.Compare(x.Addr, a) })
+	c.byAddr = slices.Insert(c.byAddr, i, e)
+	c.maxLen = max(c.maxLen, e.Length)
 }
 
 // Release drops a reference. An idle valid entry stays registered for the
@@ -162,8 +191,14 @@ func (c *Cache) Release(e *Entry) error {
 // nothing idle is left.
 func (c *Cache) register(addr uintptr, length int) (*Entry, error) {
 	for {
-		if c.opts.MaxTIDs > 0 && c.tids >= c.opts.MaxTIDs && c.evictOne() {
-			continue
+		if c.opts.MaxTIDs > 0 && c.tids >= c.opts.MaxTIDs {
+			evicted, err := c.evictOne()
+			if err != nil {
+				return nil, fmt.Errorf("tidcache: register %#x+%d: %w", addr, length, err)
+			}
+			if evicted {
+				continue
+			}
 		}
 		tids, got, err := hfiuser.TIDUpdate(c.f, addr, length, c.tidBuf)
 		tids = append([]uint32(nil), tids...)
@@ -173,31 +208,43 @@ func (c *Cache) register(addr uintptr, length int) (*Entry, error) {
 		}
 		if err == nil {
 			// Partial: give the TIDs back and make room.
-			c.tidFree(tids)
+			if ferr := c.tidFree(tids); ferr != nil {
+				return nil, fmt.Errorf("tidcache: register %#x+%d: give back a partial update: %w", addr, length, ferr)
+			}
 			err = unix.ENOSPC
 		}
-		if !errors.Is(err, unix.ENOSPC) && !errors.Is(err, unix.ENOMEM) || !c.evictOne() {
+		if !errors.Is(err, unix.ENOSPC) && !errors.Is(err, unix.ENOMEM) {
+			return nil, fmt.Errorf("tidcache: register %#x+%d: %w", addr, length, err)
+		}
+		evicted, eerr := c.evictOne()
+		if eerr != nil {
+			return nil, fmt.Errorf("tidcache: register %#x+%d: %w (evicting: %w)", addr, length, err, eerr)
+		}
+		if !evicted {
 			return nil, fmt.Errorf("tidcache: register %#x+%d: %w", addr, length, err)
 		}
 	}
 }
 
-// evictOne frees the least recently used idle entry.
-func (c *Cache) evictOne() bool {
+// evictOne frees the least recently used idle entry and reports whether
+// there was one.
+func (c *Cache) evictOne() (bool, error) {
 	front := c.idle.Front()
 	if front == nil {
-		return false
+		return false, nil
 	}
 	e := front.Value.(*Entry)
 	c.idle.Remove(front)
 	e.lru = nil
 	c.unindex(e)
 	c.stats.Evictions++
-	c.free(e)
-	return true
+	return true, c.free(e)
 }
 
 func (c *Cache) unindex(e *Entry) {
+	if i := slices.Index(c.byAddr, e); i >= 0 {
+		c.byAddr = slices.Delete(c.byAddr, i, i+1)
+	}
 	list := c.index[e.Addr]
 	for i, x := range list {
 		if x == e {
@@ -229,44 +276,49 @@ func (c *Cache) processInvalidations() error {
 	for _, t := range list {
 		bad[t] = true
 	}
-	for _, entries := range c.index {
-		for _, e := range entries {
-			for _, t := range e.TIDs {
-				if bad[t] {
-					e.invalid = true
-					break
-				}
+	for _, e := range c.byAddr {
+		for _, t := range e.TIDs {
+			if bad[t] {
+				e.invalid = true
+				break
 			}
 		}
 	}
-	for _, entries := range c.index {
-		for _, e := range append([]*Entry(nil), entries...) {
-			if !e.invalid {
-				continue
-			}
-			c.stats.Invalidations++
-			c.unindex(e)
-			if e.refs == 0 {
-				c.idle.Remove(e.lru)
-				e.lru = nil
-				c.free(e)
-			}
+	var errs []error
+	for _, e := range slices.Clone(c.byAddr) {
+		if !e.invalid {
+			continue
 		}
+		c.stats.Invalidations++
+		c.unindex(e)
+		if e.refs == 0 {
+			c.idle.Remove(e.lru)
+			e.lru = nil
+			errs = append(errs, c.free(e))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("tidcache: free invalidated entries: %w", err)
 	}
 	return nil
 }
 
 // Flush frees every idle entry.
-func (c *Cache) Flush() {
-	for c.evictOne() {
+func (c *Cache) Flush() error {
+	var errs []error
+	for {
+		evicted, err := c.evictOne()
+		errs = append(errs, err)
+		if !evicted {
+			return errors.Join(errs...)
+		}
 	}
 }
 
 // Close frees every idle entry and unmaps the event page. Entries still
 // referenced are freed by the driver when the file closes.
 func (c *Cache) Close() error {
-	c.Flush()
-	return unix.Munmap(c.events)
+	return errors.Join(c.Flush(), unix.Munmap(c.events))
 }
 
 func (c *Cache) tidFree(tids []uint32) error {

@@ -365,3 +365,50 @@ func BenchmarkTIDCache(b *testing.B) {
 		})
 	}
 }
+
+// TestHitInsideRegisteredBuffer: a receive into part of a registered buffer
+// is a hit on the buffer's entry (PSM's cache finds by range); a range
+// that runs past it, or one whose memory was unmapped, is a miss.
+func TestHitInsideRegisteredBuffer(t *testing.T) {
+	e := setup(t, 2048)
+	const size = 1 << 20
+	buf := buffer(t, size)
+	whole, err := e.cache.Acquire(buf.Addr(), size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.cache.Release(whole); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []struct{ off, n int }{{0, 4096}, {64 << 10, 4096}, {size - 4096, 4096}, {12345, 100}} {
+		got, err := e.cache.Acquire(buf.Addr()+uintptr(r.off), r.n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != whole {
+			t.Fatalf("[%d, +%d) of a registered buffer: a new entry, want the buffer's", r.off, r.n)
+		}
+		if err := e.cache.Release(got); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st := e.cache.Stats(); st.Hits != 4 || st.Misses != 1 {
+		t.Fatalf("stats %+v, want 4 hits 1 miss", st)
+	}
+	past, err := e.cache.Acquire(buf.Addr()+size-4096, 8192)
+	if err == nil {
+		if past == whole {
+			t.Fatal("a range past the buffer's end hit it")
+		}
+		e.cache.Release(past)
+	}
+	if err := unix.MunmapPtr(addrPtr(buf.Addr()+64<<10), 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	misses := e.cache.Stats().Misses
+	if got, err := e.cache.Acquire(buf.Addr()+(256<<10), 4096); err != nil {
+		t.Fatal(err)
+	} else if got == whole || e.cache.Stats().Misses != misses+1 {
+		t.Fatal("a lookup in a buffer part of which was unmapped hit the old entry")
+	}
+}
