@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"github.com/gohfi/gohfi/internal/testenv"
 	"os"
 	"runtime"
 	"strconv"
@@ -14,19 +15,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// requireOrSkip skips the test when the machine lacks what it needs, except
-// under CI=true, where a missing feature is a failure.
-func requireOrSkip(t testing.TB, err error, what string) {
-	t.Helper()
-	if err == nil {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("%s unavailable under CI=true: %v", what, err)
-	}
-	t.Skipf("%s unavailable: %v", what, err)
-}
-
 // newTestPinner returns a Pinner whose io_uring works, or skips.
 func newTestPinner(t testing.TB, acct *Accountant, opts *PinnerOptions) *Pinner {
 	t.Helper()
@@ -36,7 +24,7 @@ func newTestPinner(t testing.TB, acct *Accountant, opts *PinnerOptions) *Pinner 
 	}
 	if err := p.Available(); err != nil {
 		if errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EPERM) {
-			requireOrSkip(t, err, "io_uring")
+			testenv.Require(t, err, "io_uring")
 		}
 		t.Fatal(err)
 	}
@@ -78,7 +66,7 @@ func vmPinKB(t testing.TB) int {
 			return n
 		}
 	}
-	requireOrSkip(t, errors.New("no VmPin line in /proc/self/status"), "VmPin accounting")
+	testenv.Missing(t, "no VmPin line in /proc/self/status: VmPin accounting")
 	return 0
 }
 
@@ -88,7 +76,7 @@ func vmPinKB(t testing.TB) int {
 func withMemlockLimit(t testing.TB, bytes uint64) {
 	t.Helper()
 	if err := trySetMemlock(t, bytes); err != nil {
-		requireOrSkip(t, err, fmt.Sprintf("setrlimit(RLIMIT_MEMLOCK, %d)", bytes))
+		testenv.Require(t, err, fmt.Sprintf("setrlimit(RLIMIT_MEMLOCK, %d)", bytes))
 	}
 }
 

@@ -1,6 +1,7 @@
 package dma
 
 import (
+	"github.com/gohfi/gohfi/internal/testenv"
 	"strconv"
 	"testing"
 
@@ -14,7 +15,7 @@ func benchPinner(b *testing.B, need int) *Pinner {
 	acct := NewAccountant()
 	acct.HonourCapIPCLock = true
 	if lim, err := acct.LimitPages(); err != nil || (lim >= 0 && lim < need/PageSize()) {
-		b.Skipf("RLIMIT_MEMLOCK %d pages < %d needed and no CAP_IPC_LOCK (%v)", lim, need/PageSize(), err)
+		testenv.Missing(b, "RLIMIT_MEMLOCK %d pages < %d needed and no CAP_IPC_LOCK (%v)", lim, need/PageSize(), err)
 	}
 	return newTestPinner(b, acct, nil)
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"github.com/gohfi/gohfi/internal/testenv"
 	"sync"
 	"testing"
 
@@ -354,7 +355,7 @@ func TestPinnerClose(t *testing.T) {
 	}
 	if err := p.Available(); err != nil {
 		if errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EPERM) {
-			requireOrSkip(t, err, "io_uring")
+			testenv.Require(t, err, "io_uring")
 		}
 		t.Fatal(err)
 	}

@@ -39,14 +39,14 @@ const deviceProcessEnv = "GOHFI_TEST_DEVICE_PROCESS"
 // wakeLimit bounds how long a waiter may take to notice a dead device.
 const wakeLimit = 2 * time.Second
 
-// TestHelperDeviceProcess is the device process of the tests that need one;
-// it does nothing unless started by them.
-func TestHelperDeviceProcess(t *testing.T) {
-	sock := os.Getenv(deviceProcessEnv)
-	if sock == "" {
-		t.Skip("helper process for the device-death tests")
+// TestMain makes the test binary the device process of the device-death
+// tests when they start it (deviceProcessEnv set), and runs the tests
+// otherwise.
+func TestMain(m *testing.M) {
+	if sock := os.Getenv(deviceProcessEnv); sock != "" {
+		os.Exit(serveDeviceProcess(sock))
 	}
-	os.Exit(serveDeviceProcess(sock))
+	os.Exit(m.Run())
 }
 
 func serveDeviceProcess(sock string) int {
@@ -120,7 +120,7 @@ type deviceProcess struct {
 func startDeviceProcess(t *testing.T) *deviceProcess {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "hfi.sock")
-	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperDeviceProcess$")
+	cmd := exec.Command(os.Args[0])
 	cmd.Env = append(os.Environ(), deviceProcessEnv+"="+sock)
 	cmd.Stderr = os.Stderr
 	in, err := cmd.StdinPipe()

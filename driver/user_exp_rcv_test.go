@@ -5,9 +5,9 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"github.com/gohfi/gohfi/internal/testenv"
 	"hash/crc32"
 	"math/rand"
-	"os"
 	"runtime"
 	"testing"
 	"time"
@@ -20,16 +20,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// requireRoot: TID caching needs userfaultfd and io_uring pins; under CI
-// (root) the test must run.
+// requireRoot: TID caching needs userfaultfd and io_uring pins.
 func requireRoot(t testing.TB) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("CI=true but not root: TID caching tests cannot run")
-		}
-		t.Skip("needs root for userfaultfd and io_uring pins")
-	}
+	testenv.RequireRoot(t, "userfaultfd and io_uring pins")
 }
 
 type rxCtxt struct {

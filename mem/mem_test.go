@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"github.com/gohfi/gohfi/internal/testenv"
 	"os"
 	"testing"
 
@@ -16,7 +17,7 @@ func present(t *testing.T, addr uintptr) bool {
 	t.Helper()
 	f, err := os.Open("/proc/self/pagemap")
 	if err != nil {
-		t.Skipf("no pagemap: %v", err)
+		testenv.Require(t, err, "pagemap")
 	}
 	defer f.Close()
 	var e [8]byte

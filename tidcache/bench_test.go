@@ -2,6 +2,7 @@ package tidcache_test
 
 import (
 	"context"
+	"github.com/gohfi/gohfi/internal/testenv"
 	"testing"
 
 	"github.com/gohfi/gohfi/attach"
@@ -39,7 +40,7 @@ func benchSetup(b *testing.B, perCtxt, need int) *env {
 			b.Cleanup(func() { unix.Setrlimit(unix.RLIMIT_MEMLOCK, &old) })
 		} else if old.Cur != unix.RLIM_INFINITY && old.Cur < uint64(need)*2 {
 			if !hasCapIPCLock() {
-				b.Skipf("RLIMIT_MEMLOCK %d bytes cannot be raised (%v) and no CAP_IPC_LOCK", old.Cur, err)
+				testenv.Missing(b, "RLIMIT_MEMLOCK %d bytes cannot be raised (%v) and no CAP_IPC_LOCK", old.Cur, err)
 			}
 			o.Params.HonorCapIPCLock = true
 		}

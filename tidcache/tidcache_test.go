@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"github.com/gohfi/gohfi/internal/testenv"
 	"os"
 	"runtime"
 	"testing"
@@ -20,14 +21,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// requireRoot: TID caching needs userfaultfd and io_uring pins.
 func requireRoot(tb testing.TB) {
 	tb.Helper()
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") == "true" {
-			tb.Fatal("CI=true but not root: userfaultfd and io_uring pins are needed")
-		}
-		tb.Skip("needs root for userfaultfd and io_uring pins")
-	}
+	testenv.RequireRoot(tb, "userfaultfd and io_uring pins")
 }
 
 func ptr(b []byte) driver.UserPtr { return driver.UserPtrOf(&b[0]) }

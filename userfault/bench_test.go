@@ -2,6 +2,7 @@ package userfault
 
 import (
 	"context"
+	"github.com/gohfi/gohfi/internal/testenv"
 	"slices"
 	"testing"
 	"time"
@@ -25,9 +26,9 @@ func BenchmarkEventLatency(b *testing.B) {
 		b.Run(src.String(), func(b *testing.B) {
 			n, err := New(context.Background(), Options{Sources: []Source{src}, Require: true})
 			if src == SourceKVM && err != nil {
-				b.Skipf("optional KVM source unavailable: %v", err)
+				testenv.Require(b, err, "optional KVM source")
 			}
-			requireOrSkip(b, err, "start "+src.String())
+			testenv.Require(b, err, "start "+src.String())
 			defer n.Close()
 			const pages = 1024
 			got := make(chan time.Time, 1)
@@ -137,7 +138,7 @@ func BenchmarkSyscallCost(b *testing.B) {
 				b.ResetTimer()
 				plain := measure(nil, false)
 				n, err := New(context.Background(), Options{Sources: cfg.srcs, Require: true})
-				requireOrSkip(b, err, "start notifier")
+				testenv.Require(b, err, "start notifier")
 				defer n.Close()
 				unwatched := measure(n, false)
 				watched := measure(n, true)

@@ -3,6 +3,7 @@ package userfault
 import (
 	"context"
 	"fmt"
+	"github.com/gohfi/gohfi/internal/testenv"
 	"io"
 	"os"
 	"runtime"
@@ -100,7 +101,7 @@ func TestDegradedSources(t *testing.T) {
 	} {
 		t.Run(tc.mode, func(t *testing.T) {
 			if os.Geteuid() != 0 {
-				requireOrSkip(t, fmt.Errorf("not root"), "dropping capabilities")
+				testenv.Missing(t, "dropping capabilities needs root")
 			}
 			cmd, in, out := startChild(t, tc.mode)
 			in.Close()

@@ -3,6 +3,7 @@ package userfault
 import (
 	"context"
 	"errors"
+	"github.com/gohfi/gohfi/internal/testenv"
 	"os"
 	"sync"
 	"testing"
@@ -13,24 +14,11 @@ import (
 
 var pageSize = uintptr(os.Getpagesize())
 
-// requireOrSkip skips when the machine lacks what the test needs, but fails
-// under CI=true, where everything must be there.
-func requireOrSkip(t testing.TB, err error, what string) {
-	t.Helper()
-	if err == nil {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("%s: %v (CI=true: not skipping)", what, err)
-	}
-	t.Skipf("%s: %v", what, err)
-}
-
 // newNotifier starts a notifier with exactly the given sources, or skips.
 func newNotifier(t testing.TB, srcs ...Source) *Notifier {
 	t.Helper()
 	n, err := New(context.Background(), Options{Sources: srcs, Require: true})
-	requireOrSkip(t, err, "start notifier")
+	testenv.Require(t, err, "start notifier")
 	t.Cleanup(func() {
 		if err := n.Close(); err != nil {
 			t.Errorf("Close: %v", err)

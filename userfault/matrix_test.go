@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"github.com/gohfi/gohfi/internal/testenv"
 	"io"
 	"os"
 	"os/exec"
@@ -44,7 +45,7 @@ func TestCoverageMatrix(t *testing.T) {
 			t.Logf("KVM source unavailable, its column is not checked: %v", err)
 			continue
 		}
-		requireOrSkip(t, err, "start "+s.String())
+		testenv.Require(t, err, "start "+s.String())
 		defer n.Close()
 		notifiers[s] = n
 		t.Logf("%v", n.Sources())
@@ -142,7 +143,7 @@ func TestCoverageMatrix(t *testing.T) {
 			cur := brk(t, 0)
 			base := pageUp(cur)
 			if got := brk(t, base+2*pages*ps); got != base+2*pages*ps {
-				t.Skipf("brk cannot grow: %#x", got)
+				testenv.Missing(t, "brk cannot grow: %#x", got)
 			}
 			madvise(t, base, 2*pages, madvPopulateWrite)
 			sub(base, pages*ps)
@@ -307,12 +308,12 @@ func rawForkExit() (int, syscall.Errno) {
 
 const childEnv = "USERFAULT_TEST_CHILD"
 
-// TestHelperChild is the child process of the tests that need one; it does
-// nothing unless started by them.
-func TestHelperChild(t *testing.T) {
+// TestMain makes the test binary the child process of the tests that need
+// one (childEnv set), and runs the tests otherwise.
+func TestMain(m *testing.M) {
 	switch os.Getenv(childEnv) {
 	case "":
-		t.Skip("helper process for other tests")
+		os.Exit(m.Run())
 	case "nouffd", "nobpf":
 		degradedChild(os.Getenv(childEnv))
 		os.Exit(0)
@@ -326,13 +327,16 @@ func TestHelperChild(t *testing.T) {
 		fmt.Printf("%d %d\n", b.Addr(), b.Len())
 		io.Copy(io.Discard, os.Stdin)
 		os.Exit(0)
+	default:
+		fmt.Fprintf(os.Stderr, "%s=%q: unknown child mode\n", childEnv, os.Getenv(childEnv))
+		os.Exit(2)
 	}
 }
 
 // startChild re-executes the test binary as a helper child.
 func startChild(t *testing.T, mode string) (*exec.Cmd, io.WriteCloser, *bufio.Reader) {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperChild$")
+	cmd := exec.Command(os.Args[0])
 	cmd.Env = append(os.Environ(), childEnv+"="+mode)
 	cmd.Stderr = os.Stderr
 	in, err := cmd.StdinPipe()
@@ -379,7 +383,7 @@ func processExitRow(t *testing.T) []string {
 			row = append(row, "n/a")
 			continue
 		}
-		requireOrSkip(t, err, "tracepoint notifier for the child")
+		testenv.Require(t, err, "tracepoint notifier for the child")
 		defer n.Close()
 		rec := newRecorder()
 		sub, err := n.Subscribe(uintptr(addr), uintptr(length), rec)

@@ -3,6 +3,7 @@ package userfault
 import (
 	"context"
 	"errors"
+	"github.com/gohfi/gohfi/internal/testenv"
 	"math/rand/v2"
 	"os"
 	"runtime"
@@ -259,7 +260,7 @@ func TestCloseReleasesAndLeaksNothing(t *testing.T) {
 	gs := runtime.NumGoroutine()
 	for i := 0; i < 3; i++ {
 		n, err := New(context.Background(), Options{Sources: []Source{SourceUserfaultfd, SourceTracepoint}, Require: true})
-		requireOrSkip(t, err, "start notifier")
+		testenv.Require(t, err, "start notifier")
 		addr := mmapAnon(t, 4)
 		blocked := make(chan struct{})
 		s, err := n.Subscribe(addr, 4*pageSize, InvalidateFunc(func(*Subscription, Event) bool {
@@ -307,7 +308,7 @@ func TestCloseReleasesAndLeaksNothing(t *testing.T) {
 // A source that cannot start is reported with its reason; the other works.
 func TestSourceFailureReported(t *testing.T) {
 	n, err := New(context.Background(), Options{Pid: 1, Sources: []Source{SourceUserfaultfd, SourceTracepoint}})
-	requireOrSkip(t, err, "start notifier")
+	testenv.Require(t, err, "start notifier")
 	defer n.Close()
 	var sawUffd, sawTP bool
 	for _, st := range n.Sources() {
@@ -342,7 +343,7 @@ func TestProcmapQuery(t *testing.T) {
 	defer f.Close()
 	v, err := vmaAt(f, addr+pageSize)
 	if errors.Is(err, unix.ENOTTY) {
-		t.Skip("kernel without PROCMAP_QUERY (the /proc/self/maps fallback is used)")
+		testenv.Missing(t, "kernel without PROCMAP_QUERY (the /proc/self/maps fallback is used)")
 	}
 	if err != nil {
 		t.Fatal(err)

@@ -3,6 +3,7 @@ package userfault
 import (
 	"context"
 	"fmt"
+	"github.com/gohfi/gohfi/internal/testenv"
 	"math/rand/v2"
 	"os"
 	"runtime"
@@ -24,7 +25,7 @@ func TestStress(t *testing.T) {
 	fds := openFds(t)
 	gs := runtime.NumGoroutine()
 	n, err := New(context.Background(), Options{Sources: []Source{SourceUserfaultfd, SourceTracepoint}, Require: true})
-	requireOrSkip(t, err, "start notifier")
+	testenv.Require(t, err, "start notifier")
 
 	duration := 2 * time.Second
 	if testing.Short() {

@@ -1,9 +1,8 @@
 package main
 
 import (
-	"errors"
 	"fmt"
-	"os"
+	"github.com/gohfi/gohfi/internal/testenv"
 	"strings"
 	"testing"
 )
@@ -11,9 +10,7 @@ import (
 // TestBenchTIDJSON runs bench tid with tiny counts and checks that the one
 // JSON result has every row: it asserts shape, never speed.
 func TestBenchTIDJSON(t *testing.T) {
-	if os.Geteuid() != 0 {
-		requireOrSkip(t, errors.New("not root"), "bench tid needs userfaultfd and io_uring pins")
-	}
+	testenv.RequireRoot(t, "bench tid needs userfaultfd and io_uring pins")
 	hfictl(t, "", "info") // warm up state created once per process
 	checkNoLeaks(t)
 	code, out, errs := hfictl(t, "", "--json", "bench", "tid", "--iters", "3", "--bw-msgs", "3", "--bw-buffers", "2")

@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"github.com/gohfi/gohfi/internal/testenv"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,19 +20,6 @@ import (
 	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/uapi"
 )
-
-// requireOrSkip skips when the machine lacks something a test needs, except
-// under CI=true, where a missing facility is a failure.
-func requireOrSkip(t testing.TB, err error, what string) {
-	t.Helper()
-	if err == nil {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("%s: %v (CI=true: not skipping)", what, err)
-	}
-	t.Skipf("%s: %v", what, err)
-}
 
 // hfictl runs the command in-process with stdin.
 func hfictl(t *testing.T, stdin string, args ...string) (code int, stdout, stderr string) {
@@ -321,11 +309,6 @@ stats
 `
 	code, out, errs := hfictl(t, script, "--json", "--contexts", "1", "shell")
 	objs := jsonLines(t, out)
-	if len(objs) > 2 && objs[2]["errno"] != nil {
-		// TID_UPDATE needs the driver's invalidation notifier (userfaultfd
-		// or eBPF).
-		requireOrSkip(t, errors.New(objs[2]["error"].(string)), "TID_UPDATE")
-	}
 	if code != 0 || len(objs) != 7 {
 		t.Fatalf("exit %d, stderr %q:\n%s", code, errs, out)
 	}
@@ -395,7 +378,7 @@ func TestExternalHfisim(t *testing.T) {
 		goTool = filepath.Join(runtime.GOROOT(), "bin", "go")
 		_, err = os.Stat(goTool)
 	}
-	requireOrSkip(t, err, "go tool")
+	testenv.Require(t, err, "go tool")
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "hfisim")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -503,9 +486,6 @@ tid-free r
 		t.Fatal("the script did not finish within 30 s (driver hang?)")
 	}
 	objs := jsonLines(t, r.out)
-	if len(objs) > 2 && objs[2]["errno"] != nil {
-		requireOrSkip(t, errors.New(objs[2]["error"].(string)), "TID_UPDATE")
-	}
 	if r.code != 0 || len(objs) != 9 {
 		t.Fatalf("exit %d, stderr %q:\n%s", r.code, r.err, r.out)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"github.com/gohfi/gohfi/internal/testenv"
 	"net"
 	"os"
 	"runtime"
@@ -13,18 +14,6 @@ import (
 
 	"golang.org/x/sys/unix"
 )
-
-// requireOrSkip skips the test for a missing facility, unless CI=true.
-func requireOrSkip(t testing.TB, ok bool, why string) {
-	t.Helper()
-	if ok {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("required: %s", why)
-	}
-	t.Skip(why)
-}
 
 // socketPair returns two connected unix stream sockets as *net.UnixConn.
 func socketPair(t testing.TB) (*net.UnixConn, *net.UnixConn) {
@@ -286,5 +275,8 @@ func requireProcessVM(t testing.TB) {
 	local[0].SetLen(1)
 	remote := []unix.RemoteIovec{{Base: addrOf(src), Len: 1}}
 	_, err := unix.ProcessVMReadv(os.Getpid(), local, remote, 0)
-	requireOrSkip(t, err == nil && dst[0] == 1, "process_vm_readv on our own pid does not work here")
+	testenv.Require(t, err, "process_vm_readv on our own pid")
+	if dst[0] != 1 {
+		t.Fatal("process_vm_readv on our own pid read nothing")
+	}
 }

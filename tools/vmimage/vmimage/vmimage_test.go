@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"github.com/gohfi/gohfi/internal/testenv"
 	"io"
 	"os"
 	"path/filepath"
@@ -17,18 +18,6 @@ import (
 
 	"github.com/gohfi/gohfi/tools/vmimage/guest"
 )
-
-// requireOrSkip skips unless ok; under CI=true it fails instead.
-func requireOrSkip(t *testing.T, ok bool, format string, args ...any) {
-	t.Helper()
-	if ok {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("CI=true: "+format, args...)
-	}
-	t.Skipf(format, args...)
-}
 
 func TestReadMirror(t *testing.T) {
 	// The format of Debian 12's /etc/apt/sources.list.d/debian.sources,
@@ -323,7 +312,7 @@ func TestVMArgsDevicesAtSlots(t *testing.T) {
 // TestFetchAndModules fetches (or reuses) QEMU and the kernel and resolves
 // the VFIO modules from the real kernel package.
 func TestFetchAndModules(t *testing.T) {
-	requireOrSkip(t, os.Geteuid() == 0, "fetching with apt-get needs root")
+	testenv.RequireRoot(t, "fetching with apt-get")
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	var log bytes.Buffer
@@ -331,7 +320,7 @@ func TestFetchAndModules(t *testing.T) {
 	if err != nil {
 		t.Logf("%s", log.Bytes())
 	}
-	requireOrSkip(t, err == nil, "cannot fetch QEMU and the kernel: %v", err)
+	testenv.Require(t, err, "fetch QEMU and the kernel")
 	if !versionAtLeast(a.QEMUVersion, 10, 1) {
 		t.Fatalf("QEMU %s", a.QEMUVersion)
 	}
