@@ -2,6 +2,7 @@ package userfault
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -415,11 +416,13 @@ func (b *bpfSource) read() {
 }
 
 func (b *bpfSource) parse(raw []byte) (ev Event, marker uint64, ok bool) {
-	if len(raw) < 32 {
+	// struct event as bpf2go generated it from bpf/notifier.c.
+	var rec notifierEvent
+	if _, err := binary.Decode(raw, binary.LittleEndian, &rec); err != nil {
 		return Event{}, 0, false
 	}
-	start, end, aux := uintptr(le64(raw[0:])), uintptr(le64(raw[8:])), le64(raw[16:])
-	kind, origin := le32(raw[24:]), le32(raw[28:])
+	start, end, aux := uintptr(rec.Start), uintptr(rec.End), rec.Aux
+	kind, origin := rec.Kind, rec.Origin
 	src := SourceTracepoint
 	switch origin {
 	case bpfOrigKVM:

@@ -2,6 +2,7 @@ package userfault
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"runtime"
@@ -256,7 +257,7 @@ func (u *uffdSource) monitor() {
 }
 
 func (u *uffdSource) parse(m []byte) (Event, bool) {
-	arg := func(i int) uintptr { return uintptr(le64(m[8+8*i:])) }
+	arg := func(i int) uintptr { return uintptr(binary.LittleEndian.Uint64(m[8+8*i:])) }
 	switch m[0] {
 	case uffdEventUnmap:
 		return Event{Kind: EventUnmap, Start: arg(0), End: arg(1), Source: SourceUserfaultfd}, true
@@ -268,19 +269,8 @@ func (u *uffdSource) parse(m []byte) (Event, bool) {
 	case uffdEventFork:
 		// The child's userfaultfd: close it so that the child never waits
 		// on a reader (its ranges lose their registration).
-		unix.Close(int(le32(m[8:])))
+		unix.Close(int(binary.LittleEndian.Uint32(m[8:])))
 		return Event{Kind: EventFork, Start: 0, End: ^uintptr(0), Source: SourceUserfaultfd}, true
 	}
 	return Event{}, false
-}
-
-func le64(b []byte) uint64 {
-	_ = b[7]
-	return uint64(b[0]) | uint64(b[1])<<8 | uint64(b[2])<<16 | uint64(b[3])<<24 |
-		uint64(b[4])<<32 | uint64(b[5])<<40 | uint64(b[6])<<48 | uint64(b[7])<<56
-}
-
-func le32(b []byte) uint32 {
-	_ = b[3]
-	return uint32(b[0]) | uint32(b[1])<<8 | uint32(b[2])<<16 | uint32(b[3])<<24
 }
