@@ -13,7 +13,7 @@ import (
 // default RLIMIT_MEMLOCK.
 func benchPinner(b *testing.B, need int) *Pinner {
 	acct := NewAccountant()
-	acct.HonourCapIPCLock = true
+	acct.HonorCapIPCLock = true
 	if lim, err := acct.LimitPages(); err != nil || (lim >= 0 && lim < need/PageSize()) {
 		testenv.Missing(b, "RLIMIT_MEMLOCK %d pages < %d needed and no CAP_IPC_LOCK (%v)", lim, need/PageSize(), err)
 	}

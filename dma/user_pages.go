@@ -21,14 +21,14 @@ func PageSize() int { return pageSize }
 // Pinner, the TID cache, MRs) charges the same Accountant.
 //
 // The kernel lets a task with CAP_IPC_LOCK pin without limit. The Accountant
-// enforces the limit even then, unless HonourCapIPCLock is set: the tests
+// enforces the limit even then, unless HonorCapIPCLock is set: the tests
 // run as root and must still see ENOMEM.
 //
 // An Accountant is safe for concurrent use.
 type Accountant struct {
-	// HonourCapIPCLock lets a task with CAP_IPC_LOCK pin beyond the limit,
+	// HonorCapIPCLock lets a task with CAP_IPC_LOCK pin beyond the limit,
 	// as the kernel does. Set it before the first Charge.
-	HonourCapIPCLock bool
+	HonorCapIPCLock bool
 
 	mu     sync.Mutex
 	pinned int
@@ -39,9 +39,9 @@ type Accountant struct {
 func NewAccountant() *Accountant { return &Accountant{} }
 
 // LimitPages returns RLIMIT_MEMLOCK in pages, or -1 when it is unlimited (or
-// CAP_IPC_LOCK lifts it and HonourCapIPCLock is set).
+// CAP_IPC_LOCK lifts it and HonorCapIPCLock is set).
 func (a *Accountant) LimitPages() (int, error) {
-	if a.HonourCapIPCLock {
+	if a.HonorCapIPCLock {
 		ok, err := HasCapability(unix.CAP_IPC_LOCK)
 		if err != nil {
 			return 0, err

@@ -83,13 +83,13 @@ func TestAccountantCapIPCLock(t *testing.T) {
 	if err := a.Charge(2); !errors.Is(err, unix.ENOMEM) {
 		t.Fatalf("default Accountant with CAP_IPC_LOCK=%v: Charge = %v, want ENOMEM", has, err)
 	}
-	a.HonourCapIPCLock = true
+	a.HonorCapIPCLock = true
 	err = a.Charge(2)
 	if has && err != nil {
-		t.Fatalf("HonourCapIPCLock with CAP_IPC_LOCK: %v", err)
+		t.Fatalf("HonorCapIPCLock with CAP_IPC_LOCK: %v", err)
 	}
 	if !has && !errors.Is(err, unix.ENOMEM) {
-		t.Fatalf("HonourCapIPCLock without CAP_IPC_LOCK: %v, want ENOMEM", err)
+		t.Fatalf("HonorCapIPCLock without CAP_IPC_LOCK: %v, want ENOMEM", err)
 	}
 }
 

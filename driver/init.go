@@ -207,7 +207,7 @@ func probe(ctx context.Context, m *Module, unit int, vdev vfio.Device, name stri
 	}
 	d.iova = newIOVASpace()
 	d.acct = dma.NewAccountant()
-	d.acct.HonourCapIPCLock = m.params.HonorCapIPCLock
+	d.acct.HonorCapIPCLock = m.params.HonorCapIPCLock
 	var err error
 	if d.pinner, err = dma.NewPinner(d.acct, &dma.PinnerOptions{MaxPins: 16384}); err != nil {
 		unix.Munmap(d.rcvArray)
