@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -128,11 +129,7 @@ func (f *File) Ioctl(cmd uint32, arg UserPtr) (int, error) {
 		if err != nil {
 			return -1, err
 		}
-		if uint16(v)&0x7fff == 0 {
-			return -1, errnoErr("SET_PKEY: invalid key", unix.EINVAL)
-		}
-		f.pkey = uint16(v)
-		return 0, nil
+		return 0, f.setPKey(uint16(v))
 	case uapi.HFI1_IOCTL_ACK_EVENT:
 		v, err := getUser(arg, 8, "ACK_EVENT")
 		if err != nil {
@@ -252,8 +249,27 @@ func (f *File) ctxtInfo(arg UserPtr) error {
 	return wrapFault("CTXT_INFO", copyToUser(arg, b[:]))
 }
 
+// setPKey (hfi1 set_ctxt_pkey): only a key of the port's table, never a
+// management key, and only where the module checks keys at all.
+func (f *File) setPKey(pkey uint16) error {
+	keys := f.d.m.params.PKeys
+	switch {
+	case len(keys) == 0:
+		return errnoErr("SET_PKEY: partition keys are not checked (no PKEY_CHECK)", unix.EPERM)
+	case pkey == limMgmtPKey || pkey == fullMgmtPKey:
+		return errnoErr(fmt.Sprintf("SET_PKEY: %#x is a management key", pkey), unix.EINVAL)
+	case !slices.Contains(keys, pkey):
+		return errnoErr(fmt.Sprintf("SET_PKEY: %#x is not in the port's table", pkey), unix.ENOENT)
+	}
+	f.pkey = pkey
+	return nil
+}
+
 func (f *File) runtimeFlags() uint64 {
 	fl := uint64(uapi.HFI1_CAP_SDMA | uapi.HFI1_CAP_MULTI_PKT_EGR)
+	if len(f.d.m.params.PKeys) > 0 {
+		fl |= uapi.HFI1_CAP_PKEY_CHECK
+	}
 	if f.d.m.params.TIDUnmapOnInvalidate {
 		fl |= uapi.HFI1_CAP_TID_UNMAP
 	}

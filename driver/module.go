@@ -36,11 +36,27 @@ type Params struct {
 	// RLIMIT_MEMLOCK, as the kernel does. Off by default so the limit is
 	// always enforced, root included.
 	HonorCapIPCLock bool
+	// PKeys is the port's partition key table: SET_PKEY accepts only
+	// these (hfi1 checks ppd->pkeys). With none, SET_PKEY is EPERM and
+	// HFI1_CAP_PKEY_CHECK is not reported, as in hfi1 without PKEY_CHECK.
+	PKeys []uint16
 }
+
+// DefaultPKey is PSM's default partition key (full membership of
+// partition 1).
+const DefaultPKey = 0x8001
+
+// Management partition keys, which a user context may not take (hfi1's
+// LIM_MGMT_P_KEY and FULL_MGMT_P_KEY).
+const (
+	limMgmtPKey  = 0x7fff
+	fullMgmtPKey = 0xffff
+)
 
 // DefaultParams returns the defaults.
 func DefaultParams() Params {
-	return Params{RcvHdrCnt: 256, EagerBufferSize: 16 << 10, SendQueueEntries: 256}
+	return Params{RcvHdrCnt: 256, EagerBufferSize: 16 << 10, SendQueueEntries: 256,
+		PKeys: []uint16{fullMgmtPKey, DefaultPKey}}
 }
 
 func (p Params) validate() error {
