@@ -742,7 +742,11 @@ func TestPostChecks(t *testing.T) {
 		{"LOCAL_INV (fast registration)", send(uapi.GOHFI_WR_LOCAL_INV), unix.EINVAL},
 		{"FAST_REG_MR", send(uapi.GOHFI_WR_FAST_REG_MR), unix.EINVAL},
 		{"ATOMIC (no operands in gohfi_send_wr)", send(uapi.GOHFI_WR_ATOMIC_FETCH_AND_ADD), unix.EINVAL},
-		{"INLINE", func() hfiuser.SendWR { w := send(uapi.GOHFI_SEND_SIGNALED); w.SendFlags = uapi.GOHFI_SEND_INLINE; return w }(), unix.EINVAL},
+		{"INLINE", func() hfiuser.SendWR {
+			w := send(uapi.GOHFI_SEND_SIGNALED)
+			w.SendFlags = uapi.GOHFI_SEND_INLINE
+			return w
+		}(), unix.EINVAL},
 		{"unknown send flag", func() hfiuser.SendWR { w := send(uapi.GOHFI_WR_SEND); w.SendFlags = 1 << 7; return w }(), unix.EINVAL},
 		{"5 SGEs on a QP of 4", withSGEs(5), unix.EINVAL},
 		{"fr_key set", func() hfiuser.SendWR { w := send(uapi.GOHFI_WR_SEND); w.FrKey = 1; return w }(), unix.EINVAL},
