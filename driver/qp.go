@@ -169,11 +169,14 @@ func (pd *PD) CreateQP(a QPInitAttr) (*QP, error) {
 }
 
 // qpTransitionOK is the state machine MODIFY_QP allows: RESET→INIT→RTR→RTS,
-// any state to ERR and to RESET.
+// any state to RESET, any state but RESET to ERR (as Linux's
+// ib_modify_qp_is_ok and the device: a QP in RESET has nothing to flush).
 func qpTransitionOK(from, to uint32) bool {
 	switch to {
-	case uapi.GOHFI_QPS_RESET, uapi.GOHFI_QPS_ERR:
+	case uapi.GOHFI_QPS_RESET:
 		return true
+	case uapi.GOHFI_QPS_ERR:
+		return from != uapi.GOHFI_QPS_RESET
 	case uapi.GOHFI_QPS_INIT:
 		return from == uapi.GOHFI_QPS_RESET
 	case uapi.GOHFI_QPS_RTR:

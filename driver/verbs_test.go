@@ -230,6 +230,19 @@ func checkNothingPinned(t testing.TB, e *verbsEnv) {
 // TestVerbsProbeLimits: a device whose verbs registers lie is refused with
 // EIO naming the register; a sane one is accepted.
 func TestVerbsProbeLimits(t *testing.T) {
+	cfg := hfisim.DefaultConfig()
+	cfg.NumContexts = 1
+	cfg.MTTEntries = 1 << 17
+	sim, err := hfisim.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ri, _, err := sim.RegionInfo(chip.MTTBar)
+	sim.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mptRoom := (ri.Size - chip.MPTOffset(int(fakeVerbsCaps[chip.RegMTTEntries]))) / chip.MPTEntrySize
 	cases := []struct {
 		off  uint64
 		v    uint64
@@ -237,8 +250,8 @@ func TestVerbsProbeLimits(t *testing.T) {
 	}{
 		{chip.RegMPTEntries, 0, unix.EIO},
 		{chip.RegMPTEntries, chip.MaxMPTEntries + 1, unix.EIO},
-		{chip.RegMPTEntries, 1 << 14, 0}, // fills BAR4 after the MTT exactly
-		{chip.RegMPTEntries, 1<<14 + 1, unix.EIO},
+		{chip.RegMPTEntries, mptRoom, 0}, // fills BAR4 after the MTT exactly
+		{chip.RegMPTEntries, mptRoom + 1, unix.EIO},
 		{chip.RegNumQPs, 0, unix.EIO},
 		{chip.RegNumQPs, chip.MaxQPs + 1, unix.EIO},
 		{chip.RegNumCQs, 0, unix.EIO},
@@ -281,10 +294,14 @@ func TestVerbsProbeLimits(t *testing.T) {
 		}
 		regs[chip.RegMTTEntries] = 0
 		a, err := openWrapped(cfg, func(d vfio.Device) vfio.Device { return newFakeVerbs(d, regs) })
-		if err == nil {
-			a.Close()
+		if err != nil {
+			t.Fatalf("probe of an engine without MTT: %v", err)
 		}
-		wantErrno(t, "probe without MTT", err, unix.EIO)
+		defer a.Close()
+		f := openFile(t, a)
+		assign(t, f)
+		_, _, err = hfiuser.CreateCQ(f, 4, 0)
+		wantErrno(t, "CREATE_CQ on an engine without MTT", err, unix.EOPNOTSUPP)
 	})
 }
 
@@ -674,7 +691,9 @@ func TestQPStateMachine(t *testing.T) {
 		{"RTS to ERR", uapi.GOHFI_QPS_ERR, 0, 0, 0},
 		{"ERR to RTS", uapi.GOHFI_QPS_RTS, 0, 0, unix.EINVAL},
 		{"ERR to RESET", uapi.GOHFI_QPS_RESET, 0, 0, 0},
-		{"RESET to ERR", uapi.GOHFI_QPS_ERR, 0, 0, 0},
+		{"RESET to ERR", uapi.GOHFI_QPS_ERR, 0, 0, unix.EINVAL},
+		{"RESET to INIT again", uapi.GOHFI_QPS_INIT, 0, 0, 0},
+		{"INIT to ERR", uapi.GOHFI_QPS_ERR, 0, 0, 0},
 	}
 	for _, s := range steps {
 		err := q.modify(s.state, s.dest, s.port)
