@@ -1041,3 +1041,85 @@ func TestVerbsDataPath(t *testing.T) {
 		})
 	}
 }
+
+// TestVerbsAccessErrors: a WRITE the responder must refuse (no such key,
+// a stale variant, no remote right, one byte past the region, a key
+// deregistered) and a local key of another file complete with the exact
+// status and vendor error; the QP goes to ERR, the WR after it is flushed
+// and the target memory is unchanged. The WRITEs are one packet
+// (chip.VerbsMTU): the responder checks each packet on its own, so the
+// packets of a longer message before the bad one land.
+func TestVerbsAccessErrors(t *testing.T) {
+	requireRoot(t)
+	e := openVerbs(t, 16)
+	e.requireEngine(t)
+	rw := uint32(uapi.IB_ACCESS_LOCAL_WRITE | uapi.IB_ACCESS_REMOTE_WRITE | uapi.IB_ACCESS_REMOTE_READ)
+	const n = chip.VerbsMTU
+	for _, c := range []struct {
+		name    string
+		accessB uint32
+		// wr returns the remote address, rkey and local SGE of the WRITE.
+		wr             func(t *testing.T, l *loop) (uint64, uint32, []uapi.GohfiSge)
+		status, vendor uint32
+	}{
+		{"no such key", rw, func(t *testing.T, l *loop) (uint64, uint32, []uapi.GohfiSge) {
+			return uint64(uintptrOf(l.bufB)), 0xfff<<8 | 1, l.sgeA(0, n)
+		}, uapi.GOHFI_WC_REM_ACCESS_ERR, chip.VendorErrState}, // a free MPT entry
+		{"wrong variant", rw, func(t *testing.T, l *loop) (uint64, uint32, []uapi.GohfiSge) {
+			return uint64(uintptrOf(l.bufB)), l.mrB.Rkey ^ 0x80, l.sgeA(0, n)
+		}, uapi.GOHFI_WC_REM_ACCESS_ERR, chip.VendorErrKey},
+		{"no remote write right", uapi.IB_ACCESS_LOCAL_WRITE | uapi.IB_ACCESS_REMOTE_READ, func(t *testing.T, l *loop) (uint64, uint32, []uapi.GohfiSge) {
+			return uint64(uintptrOf(l.bufB)), l.mrB.Rkey, l.sgeA(0, n)
+		}, uapi.GOHFI_WC_REM_ACCESS_ERR, chip.VendorErrAccess},
+		{"one byte past the end", rw, func(t *testing.T, l *loop) (uint64, uint32, []uapi.GohfiSge) {
+			return uint64(uintptrOf(l.bufB)) + loopBuf - n + 1, l.mrB.Rkey, l.sgeA(0, n)
+		}, uapi.GOHFI_WC_REM_ACCESS_ERR, chip.VendorErrBounds},
+		{"after DEREG", rw, func(t *testing.T, l *loop) (uint64, uint32, []uapi.GohfiSge) {
+			if err := hfiuser.DeregMR(l.b.f, l.mrB.Handle); err != nil {
+				t.Fatal(err)
+			}
+			return uint64(uintptrOf(l.bufB)), l.mrB.Rkey, l.sgeA(0, n)
+		}, uapi.GOHFI_WC_REM_ACCESS_ERR, chip.VendorErrState},
+		{"another file's lkey", rw, func(t *testing.T, l *loop) (uint64, uint32, []uapi.GohfiSge) {
+			sge := l.sgeA(0, n)
+			sge[0].Lkey = l.mrB.Lkey
+			return uint64(uintptrOf(l.bufB)), l.mrB.Rkey, sge
+		}, uapi.GOHFI_WC_LOC_PROT_ERR, chip.VendorErrPD},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			l := newLoop(t, e, c.accessB)
+			fill(l.bufA, 5)
+			fill(l.bufB, 6)
+			want := string(l.bufB)
+			raddr, rkey, sge := c.wr(t, l)
+			wrs := []hfiuser.SendWR{
+				{GohfiSendWR: uapi.GohfiSendWR{WrID: 1, Opcode: uapi.GOHFI_WR_RDMA_WRITE, SendFlags: uapi.GOHFI_SEND_SIGNALED, RemoteAddr: raddr, Rkey: rkey}, SGL: sge},
+				{GohfiSendWR: uapi.GohfiSendWR{WrID: 2, Opcode: uapi.GOHFI_WR_RDMA_WRITE, SendFlags: uapi.GOHFI_SEND_SIGNALED,
+					RemoteAddr: uint64(uintptrOf(l.bufB)), Rkey: l.mrB.Rkey}, SGL: l.sgeA(0, 16)},
+			}
+			if bad, err := hfiuser.PostSend(l.a.f, l.a.qp, wrs); err != nil || bad != 2 {
+				t.Fatalf("POST_SEND: bad_wr %d, %v", bad, err)
+			}
+			wc := pollWC(t, l.a.f, l.a.cq, 2)
+			if wc[0].WrID != 1 || wc[0].Status != c.status || wc[0].VendorErr != c.vendor {
+				t.Errorf("completion %+v, want status %d vendor_err %d", wc[0], c.status, c.vendor)
+			}
+			if wc[1].WrID != 2 || wc[1].Status != uapi.GOHFI_WC_WR_FLUSH_ERR {
+				t.Errorf("second completion %+v, want WR_FLUSH_ERR", wc[1])
+			}
+			if st := e.qpState(t, l.a.qpn); st != uapi.GOHFI_QPS_ERR {
+				t.Errorf("requester QP state %d, want ERR", st)
+			}
+			if string(l.bufB) != want {
+				t.Error("target memory changed")
+			}
+			// A WR posted in ERR is accepted and flushed.
+			if bad, err := hfiuser.PostSend(l.a.f, l.a.qp, wrs[1:]); err != nil || bad != 1 {
+				t.Fatalf("POST_SEND in ERR: bad_wr %d, %v", bad, err)
+			}
+			if wc := pollWC(t, l.a.f, l.a.cq, 1); wc[0].Status != uapi.GOHFI_WC_WR_FLUSH_ERR {
+				t.Errorf("WR posted in ERR: %+v", wc[0])
+			}
+		})
+	}
+}
