@@ -15,3 +15,6 @@ func (d *Device) SyncNotifier(ctx context.Context) error {
 	}
 	return n.Sync(ctx)
 }
+
+// PinnedNow is how many pins the device's pinner holds.
+func (d *Device) PinnedNow() int { return d.pinner.Pins() }

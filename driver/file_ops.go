@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"runtime"
 	"slices"
@@ -26,6 +27,7 @@ type File struct {
 	pollType  int
 	pkey      uint16
 	exp       *expRcv // expected receive state, set with the context
+	pd        *PD     // verbs objects, made at the first verbs call
 }
 
 // Poll events (POLLIN etc. from poll.h).
@@ -153,6 +155,12 @@ func (f *File) Ioctl(cmd uint32, arg UserPtr) (int, error) {
 		return 0, f.send(arg)
 	case uapi.GOHFI_IOCTL_DRIVER_STATS:
 		return 0, f.driverStats(arg)
+	}
+	if ok, err := f.verbsIoctl(cmd, arg); ok {
+		if err != nil {
+			return -1, err
+		}
+		return 0, nil
 	}
 	return -1, errnoErr(fmt.Sprintf("ioctl %#x", cmd), unix.ENOTTY)
 }
@@ -355,6 +363,10 @@ func (f *File) ackEvent(bits uint64) {
 func (f *File) Poll(ctx context.Context) (uint32, error) {
 	f.mu.Lock()
 	c, closed, why := f.uctxt, f.closed, f.closedErr
+	if c != nil && !closed && f.d.verbs != nil {
+		f.pdLocked("poll") // CQs created later are seen by the next Poll
+	}
+	pd := f.pd
 	f.mu.Unlock()
 	if closed {
 		return POLLERR, errnoErr("poll on closed file", why)
@@ -364,7 +376,13 @@ func (f *File) Poll(ctx context.Context) (uint32, error) {
 	}
 	for {
 		wait := c.wq.wait()
-		ev, err := f.pollOnce(c)
+		ev, err := f.pollOnce(c, pd)
+		if err == nil && ev == 0 && pd != nil {
+			// Arm the CQs before sleeping and look again: a completion
+			// written before the arm is seen here, one after it raises
+			// the context's interrupt, which ends the wait.
+			ev, err = pd.pollCQs(true)
+		}
 		if err != nil || ev != 0 {
 			return ev, err
 		}
@@ -378,7 +396,7 @@ func (f *File) Poll(ctx context.Context) (uint32, error) {
 }
 
 // pollOnce reads the context's state for Poll, holding its rings in place.
-func (f *File) pollOnce(c *ctxtData) (uint32, error) {
+func (f *File) pollOnce(c *ctxtData, pd *PD) (uint32, error) {
 	c.rmu.RLock()
 	defer c.rmu.RUnlock()
 	if c.gone != 0 {
@@ -401,6 +419,13 @@ func (f *File) pollOnce(c *ctxtData) (uint32, error) {
 	}
 	if head != tail {
 		ev |= POLLIN | POLLRDNORM
+	}
+	if pd != nil && ev&POLLIN == 0 {
+		cev, err := pd.pollCQs(false)
+		if err != nil {
+			return POLLERR, err
+		}
+		ev |= cev
 	}
 	return ev, nil
 }
@@ -466,8 +491,11 @@ func (f *File) release(why unix.Errno) error {
 		return nil
 	}
 	var err error
+	if f.pd != nil {
+		err = f.pd.close(why)
+	}
 	if f.exp != nil {
-		err = f.exp.close()
+		err = errors.Join(err, f.exp.close())
 	}
 	if ferr := c.free(why); err == nil {
 		err = ferr

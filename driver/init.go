@@ -39,7 +39,8 @@ type Device struct {
 	vdev vfio.Device
 	info DeviceInfo
 
-	rcvArray []byte // BAR2 mapped: RcvArray entries are programmed with plain stores
+	rcvArray []byte    // BAR2 mapped: RcvArray entries are programmed with plain stores
+	verbs    *verbsDev // nil without chip.CapVerbs
 	iova     *iovaSpace
 	irq      *irqState
 	acct     *dma.Accountant
@@ -205,17 +206,23 @@ func probe(ctx context.Context, m *Module, unit int, vdev vfio.Device, name stri
 	if err := d.mapRcvArray(); err != nil {
 		return nil, err
 	}
+	if err := d.probeVerbs(); err != nil {
+		unix.Munmap(d.rcvArray)
+		return nil, err
+	}
 	d.iova = newIOVASpace()
 	d.acct = dma.NewAccountant()
 	d.acct.HonorCapIPCLock = m.params.HonorCapIPCLock
 	var err error
 	if d.pinner, err = dma.NewPinner(d.acct, &dma.PinnerOptions{MaxPins: 16384}); err != nil {
 		unix.Munmap(d.rcvArray)
+		d.verbs.unmap()
 		return nil, err
 	}
 	d.ctxts = make([]*ctxtData, d.info.NumContexts)
 	if err := d.setupInterrupts(); err != nil {
 		unix.Munmap(d.rcvArray)
+		d.verbs.unmap()
 		return nil, err
 	}
 	d.startMonitor()
@@ -353,6 +360,7 @@ func (d *Device) remove() error {
 		errs = append(errs, unix.Munmap(d.rcvArray))
 		d.rcvArray = nil
 	}
+	errs = append(errs, d.verbs.unmap())
 	errs = append(errs, d.vdev.Close())
 	return errors.Join(errs...)
 }

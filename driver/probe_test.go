@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"strings"
 	"testing"
 	"unsafe"
@@ -29,7 +30,17 @@ func probeLiar(tb testing.TB, regs map[uint64]uint64) (*attach.Attached, error) 
 	o.Params.HonorCapIPCLock = true
 	o.Sim.NumContexts = chip.MaxContexts
 	o.Sim.RcvArrayPerCtxt = chip.MaxRcvArrayPerCtxt
-	o.Sim.MTTEntries = 0 // the driver does not use the MTT; keep BAR4 small
+	o.Sim.MTTEntries = 0 // keep BAR4 small
+	// These are the hfi1 part's limits (TestVerbsProbeLimits has the verbs
+	// engine's): unless a case sets RegCapFlags, the device does not offer
+	// the engine, whose BAR4 would have to hold the MTT the case claims.
+	if _, ok := regs[chip.RegCapFlags]; !ok {
+		regs = maps.Clone(regs)
+		if regs == nil {
+			regs = map[uint64]uint64{}
+		}
+		regs[chip.RegCapFlags] = chip.CapMSIX | chip.CapLoopback
+	}
 	o.Sim.RegOverride = regs
 	a, err := attach.Open(context.Background(), "embedded", o)
 	if err != nil {

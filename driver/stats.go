@@ -11,6 +11,7 @@ import (
 type devStats struct {
 	tidsProgrammed, tidsFreed, tidInvalidations, tidInvalReads atomic.Uint64
 	pagesPinned, pagesUnpinned                                 atomic.Uint64
+	tlbFlushes                                                 atomic.Uint64
 }
 
 // Stats returns the device's driver counters.
@@ -23,6 +24,7 @@ func (d *Device) Stats() uapi.GohfiDriverStats {
 		TidInvalReads:    s.tidInvalReads.Load(),
 		PagesPinned:      s.pagesPinned.Load(),
 		PagesUnpinned:    s.pagesUnpinned.Load(),
+		TlbFlushes:       s.tlbFlushes.Load(),
 	}
 }
 
@@ -34,9 +36,11 @@ func (f *File) driverStats(arg UserPtr) error {
 }
 
 // queryDevice (GOHFI_IOCTL_QUERY_DEVICE) reports what this driver offers on
-// this device. Memory regions (ODP, fast registration) are not offered by
-// this driver version, so their capability bits stay clear even though the
-// hardware advertises them (DeviceInfo.CapFlags).
+// this device: the verbs limits as a user can reach them (one ring slot
+// stays empty; a CQ holds cqUsable of its entries). ODP and fast
+// registration are not offered by this driver version, so their
+// capability bits stay clear even though the hardware advertises them
+// (DeviceInfo.CapFlags).
 func (f *File) queryDevice(arg UserPtr) error {
 	i := f.d.info
 	a := uapi.GohfiDeviceAttr{
@@ -48,6 +52,15 @@ func (f *File) queryDevice(arg UserPtr) error {
 		MaxTidPages:     uint32(i.MaxTIDPages),
 		MttEntries:      uint32(i.MTTEntries),
 		PageSizeCap:     pageSize,
+	}
+	if v := f.d.verbs; v != nil {
+		a.MaxMR = uint32(v.maxMR())
+		a.MaxQP = uint32(v.attr.NumQPs)
+		a.MaxQPWR = uint32(v.maxQPWR())
+		a.MaxSge = uint32(v.attr.MaxSGE)
+		a.MaxCQ = uint32(v.attr.NumCQs)
+		a.MaxCQE = uint32(v.maxCQE())
+		a.MaxMRSize = uint64(i.MTTEntries) * pageSize
 	}
 	b := make([]byte, a.SizeBytes())
 	a.MarshalBytes(b)

@@ -133,7 +133,7 @@ func ctxtOf(t *testing.T, f *driver.File) uint16 {
 	return ci.Ctxt
 }
 
-func allocBuf(t *testing.T, size int, memfd bool) *mem.Buffer {
+func allocBuf(t testing.TB, size int, memfd bool) *mem.Buffer {
 	t.Helper()
 	alloc := mem.Alloc
 	if memfd {

@@ -83,7 +83,7 @@ func (d *Device) readRegLocked(reg uint64) uint64 {
 	case chip.RegMTTEntries:
 		return uint64(c.MTTEntries)
 	case chip.RegCapFlags:
-		return chip.CapMemMgtExtensions | chip.CapODP | chip.CapMSIX | chip.CapLoopback
+		return chip.CapMSIX | chip.CapLoopback | chip.CapVerbs
 	case chip.RegRHQMaxEntries:
 		return uint64(c.RHQMaxEntries)
 	case chip.RegControl:
@@ -114,9 +114,28 @@ func (d *Device) readRegLocked(reg uint64) uint64 {
 		return d.errs.packets
 	case chip.RegCntBytes:
 		return d.errs.bytes
+	case chip.RegCntNAKAccess:
+		return d.errs.nakAccess
+	case chip.RegCntNAKInvReq:
+		return d.errs.nakInvReq
+	case chip.RegCntVerbsPkts:
+		return d.errs.verbsPkts
+	case chip.RegCntTLBHits:
+		return d.errs.tlbHits
+	case chip.RegCntTLBMiss:
+		return d.errs.tlbMiss
+	}
+	if v, ok := c.verbsReg(reg); ok {
+		return v
 	}
 	if n, r, ok := d.ctxtReg(reg); ok {
 		return d.ctxts[n].read(r, n, c)
+	}
+	if n, r, ok := d.qpReg(reg); ok {
+		return d.qps[n].read(r)
+	}
+	if n, r, ok := d.cqReg(reg); ok {
+		return d.cqs[n].read(r)
 	}
 	return 0 // unimplemented registers read as zero, like reserved space
 }
@@ -158,6 +177,14 @@ func (d *Device) writeRegLocked(reg, v uint64) {
 		}
 		return
 	}
+	if n, r, ok := d.qpReg(reg); ok {
+		d.writeQPLocked(n, r, v)
+		return
+	}
+	if n, r, ok := d.cqReg(reg); ok {
+		d.writeCQLocked(n, r, v)
+		return
+	}
 	// Writes to read-only or reserved registers are ignored.
 }
 
@@ -174,11 +201,43 @@ func (d *Device) ctxtReg(reg uint64) (int, uint64, bool) {
 	return n, (reg - chip.CtxtBase) % chip.CtxtStride, true
 }
 
-// tlbFlushLocked completes an MTT translation-cache invalidation. The model
-// caches no translations yet, so a flush only completes.
-func (d *Device) tlbFlushLocked(start, count uint64) {
-	_, _ = start, count
-	d.tlbDone++
+// verbsReg reads the verbs engine's read-only size registers.
+func (c Config) verbsReg(reg uint64) (uint64, bool) {
+	switch reg {
+	case chip.RegMPTEntries:
+		return uint64(c.MPTEntries), true
+	case chip.RegNumQPs:
+		return uint64(c.NumQPs), true
+	case chip.RegNumCQs:
+		return uint64(c.NumCQs), true
+	case chip.RegMaxQPWR:
+		return uint64(c.MaxQPWR), true
+	case chip.RegMaxCQE:
+		return uint64(c.MaxCQE), true
+	case chip.RegMaxSGE:
+		return uint64(c.MaxSGE), true
+	case chip.RegMaxMsgSize:
+		return maxMsgSize, true
+	}
+	return 0, false
+}
+
+// qpReg maps a BAR0 offset to (QP, register) when it is a register of an
+// existing QP.
+func (d *Device) qpReg(reg uint64) (int, uint64, bool) {
+	if reg < chip.QPBase || reg >= chip.QPBase+uint64(len(d.qps))*chip.QPStride {
+		return 0, 0, false
+	}
+	return int((reg - chip.QPBase) / chip.QPStride), (reg - chip.QPBase) % chip.QPStride, true
+}
+
+// cqReg maps a BAR0 offset to (CQ, register) when it is a register of an
+// existing CQ.
+func (d *Device) cqReg(reg uint64) (int, uint64, bool) {
+	if reg < chip.CQBase || reg >= chip.CQBase+uint64(len(d.cqs))*chip.CQStride {
+		return 0, 0, false
+	}
+	return int((reg - chip.CQBase) / chip.CQStride), (reg - chip.CQBase) % chip.CQStride, true
 }
 
 func (d *Device) kickEngine() {

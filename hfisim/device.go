@@ -34,6 +34,14 @@ type Config struct {
 	MTTEntries      int // memory translation table entries
 	RHQMaxEntries   int // largest receive header queue
 
+	// The verbs engine (chip/verbs.go).
+	MPTEntries int // memory protection table entries, 1..chip.MaxMPTEntries
+	NumQPs     int // queue pairs, 1..chip.MaxQPs
+	NumCQs     int // completion queues, 1..chip.MaxCQs
+	MaxQPWR    int // largest send or receive queue, power of two up to chip.MaxQPWR
+	MaxCQE     int // largest completion queue, power of two from 2 up to chip.MaxCQE
+	MaxSGE     int // scatter/gather entries per WQE, 1..chip.WQEMaxSGE
+
 	// RegOverride is a test hook for a device that lies about itself:
 	// reads of the identity and capability registers it names (chip.RegID
 	// through chip.RegRHQMaxEntries) return the given value instead of the
@@ -50,6 +58,12 @@ func DefaultConfig() Config {
 		MaxTIDPages:     512,
 		MTTEntries:      1 << 16,
 		RHQMaxEntries:   4096,
+		MPTEntries:      4096,
+		NumQPs:          64,
+		NumCQs:          64,
+		MaxQPWR:         16384,
+		MaxCQE:          65536,
+		MaxSGE:          8,
 	}
 }
 
@@ -63,13 +77,44 @@ func (c Config) validate() error {
 			c.RcvArrayPerCtxt, chip.RcvArrayGroupSize, chip.MaxRcvArrayPerCtxt)
 	case c.MaxTIDPages < 1 || c.MaxTIDPages&(c.MaxTIDPages-1) != 0 || c.MaxTIDPages > uapi.MaxTidPages:
 		return fmt.Errorf("hfisim: max TID pages %d, want a power of two", c.MaxTIDPages)
-	case c.MTTEntries < 0 || c.RHQMaxEntries < 2:
+	case c.MTTEntries < 0 || c.MTTEntries > chip.MaxMTTEntries || c.RHQMaxEntries < 2:
 		return errors.New("hfisim: bad MTT or RHQ size")
 	}
+	if err := c.validateVerbs(); err != nil {
+		return err
+	}
 	for off := range c.RegOverride {
-		if off > chip.RegRHQMaxEntries || off%8 != 0 {
+		if !overridable(off) {
 			return fmt.Errorf("hfisim: override of register %#x: only identity and capability registers", off)
 		}
+	}
+	return nil
+}
+
+// overridable reports whether RegOverride may fake register off: the
+// identity and capability registers, and the verbs size registers.
+func overridable(off uint64) bool {
+	if off%8 != 0 {
+		return false
+	}
+	return off <= chip.RegRHQMaxEntries || (off >= chip.RegMPTEntries && off <= chip.RegMaxMsgSize)
+}
+
+func (c Config) validateVerbs() error {
+	pow2 := func(v, lo, hi int) bool { return v >= lo && v <= hi && v&(v-1) == 0 }
+	switch {
+	case c.MPTEntries < 1 || c.MPTEntries > chip.MaxMPTEntries:
+		return fmt.Errorf("hfisim: %d MPT entries, want 1..%d", c.MPTEntries, chip.MaxMPTEntries)
+	case c.NumQPs < 1 || c.NumQPs > chip.MaxQPs:
+		return fmt.Errorf("hfisim: %d QPs, want 1..%d", c.NumQPs, chip.MaxQPs)
+	case c.NumCQs < 1 || c.NumCQs > chip.MaxCQs:
+		return fmt.Errorf("hfisim: %d CQs, want 1..%d", c.NumCQs, chip.MaxCQs)
+	case !pow2(c.MaxQPWR, 1, chip.MaxQPWR):
+		return fmt.Errorf("hfisim: max QP WRs %d, want a power of two up to %d", c.MaxQPWR, chip.MaxQPWR)
+	case !pow2(c.MaxCQE, 2, chip.MaxCQE):
+		return fmt.Errorf("hfisim: max CQEs %d, want a power of two from 2 to %d", c.MaxCQE, chip.MaxCQE)
+	case c.MaxSGE < 1 || c.MaxSGE > chip.WQEMaxSGE:
+		return fmt.Errorf("hfisim: max SGEs %d, want 1..%d", c.MaxSGE, chip.WQEMaxSGE)
 	}
 	return nil
 }
@@ -79,7 +124,8 @@ type Device struct {
 	cfg Config
 
 	rcvArray *memRegion
-	mtt      *memRegion
+	mtt      *memRegion // BAR4: the MTT, then the MPT at mptOff
+	mptOff   uint64
 
 	mu       sync.Mutex // guards everything below
 	pci      *config
@@ -94,8 +140,12 @@ type Device struct {
 	dma      vfiouser.DMA
 	intx     *os.File
 	msix     []*os.File
+	qps      []qpState
+	cqs      []cqState
+	tlb      map[uint32]uint64 // device TLB: MTT index -> cached MTT entry
 
 	kick    chan struct{} // doorbell: wakes the engine
+	idleReq chan chan struct{}
 	done    chan struct{}
 	wg      sync.WaitGroup
 	closeMu sync.Once
@@ -104,6 +154,7 @@ type Device struct {
 // counters are the device's error and traffic counters (RegErrCnt*, RegCnt*).
 type counters struct {
 	iommuFault, badAccess, tid, badDesc, rhqFull, eagerFull, packets, bytes uint64
+	nakAccess, nakInvReq, verbsPkts, tlbHits, tlbMiss                       uint64
 }
 
 // New creates a device and starts its send engine.
@@ -113,17 +164,22 @@ func New(cfg Config) (*Device, error) {
 	}
 	cfg.RegOverride = maps.Clone(cfg.RegOverride)
 	d := &Device{
-		cfg:   cfg,
-		ctxts: make([]ctxtState, cfg.NumContexts),
-		kick:  make(chan struct{}, 1),
-		done:  make(chan struct{}),
+		cfg:     cfg,
+		ctxts:   make([]ctxtState, cfg.NumContexts),
+		qps:     make([]qpState, cfg.NumQPs),
+		cqs:     make([]cqState, cfg.NumCQs),
+		tlb:     map[uint32]uint64{},
+		mptOff:  chip.MPTOffset(cfg.MTTEntries),
+		kick:    make(chan struct{}, 1),
+		idleReq: make(chan chan struct{}),
+		done:    make(chan struct{}),
 	}
 	var err error
 	// PCI BARs are powers of two in size (QEMU asserts it when it maps them).
 	if d.rcvArray, err = newMemRegion("rcvarray", barSize(cfg.NumContexts*cfg.RcvArrayPerCtxt*chip.RcvArrayEntrySize)); err != nil {
 		return nil, err
 	}
-	if d.mtt, err = newMemRegion("mtt", barSize(cfg.MTTEntries*chip.MTTEntrySize)); err != nil {
+	if d.mtt, err = newMemRegion("mtt", barSize(int(d.mptOff)+cfg.MPTEntries*chip.MPTEntrySize)); err != nil {
 		d.rcvArray.close()
 		return nil, err
 	}
@@ -171,7 +227,8 @@ func (d *Device) barSizes() map[int]uint64 {
 }
 
 // resetLocked puts the device in its power-on state: contexts disabled,
-// interrupts masked, counters cleared, RcvArray and MTT invalid.
+// interrupts masked, counters cleared, RcvArray, MTT and MPT invalid, QPs in
+// RESET, CQs disabled, the TLB empty.
 func (d *Device) resetLocked() {
 	d.scratch, d.intMask, d.intState, d.tlbDone, d.tlbStart = 0, 0, 0, 0, 0
 	d.gen++
@@ -179,6 +236,13 @@ func (d *Device) resetLocked() {
 	for i := range d.ctxts {
 		d.ctxts[i] = ctxtState{}
 	}
+	for i := range d.qps {
+		d.qps[i] = qpState{epoch: d.qps[i].epoch + 1}
+	}
+	for i := range d.cqs {
+		d.cqs[i] = cqState{epoch: d.cqs[i].epoch + 1}
+	}
+	clear(d.tlb)
 	d.rcvArray.clear()
 	d.mtt.clear()
 	d.pci.reset(d.barSizes(), d.msixVectors())

@@ -17,22 +17,53 @@ const maxPacket = 1 << 21
 // across a DMA, because on the vfio-user path a DMA to memory without an fd
 // is a round trip to the client, which may at that moment be waiting for a
 // register write that needs d.mu.
+//
+// Each pass gives every context's send queue and every QP a turn (the verbs
+// engine: req.go, resp.go); the engine sleeps when a pass finds no work it
+// can do, until the next doorbell or register write.
 func (d *Device) engine() {
 	defer d.wg.Done()
 	buf := make([]byte, maxPacket)
+	vbuf := make([]byte, chip.VerbsMTU)
 	for {
+		var idle chan struct{}
 		select {
 		case <-d.done:
 			return
 		case <-d.kick:
+		case idle = <-d.idleReq:
 		}
-		for d.pollSendQueues(buf) {
+		for {
+			busy := d.pollSendQueues(buf)
+			if d.pollVerbs(vbuf) {
+				busy = true
+			}
+			if !busy {
+				break
+			}
 			select {
 			case <-d.done:
 				return
 			default:
 			}
 		}
+		if idle != nil {
+			close(idle)
+		}
+	}
+}
+
+// waitIdle returns once the engine has made a pass that found no work (a
+// test hook: a QP stalled on RNR is idle).
+func (d *Device) waitIdle() {
+	ch := make(chan struct{})
+	select {
+	case d.idleReq <- ch:
+		select {
+		case <-ch:
+		case <-d.done:
+		}
+	case <-d.done:
 	}
 }
 

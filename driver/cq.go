@@ -1,0 +1,313 @@
+package driver
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/uapi"
+	"github.com/gohfi/gohfi/vfio"
+	"golang.org/x/sys/unix"
+)
+
+// CQ is a completion queue (ib_cq): a ring of CQEs in driver-owned host
+// memory that the device writes, polled from memory by sequence number
+// (no register read per poll). The driver tells the device how far it has
+// consumed (CQHead) once a quarter of the ring was, so a CQ of n entries
+// holds cqUsable(n) completions without overflowing.
+type CQ struct {
+	pd         *PD
+	handle     uint32
+	idx        int
+	n          int // ring entries
+	ring       *ringMem
+	userHandle uint64
+	qpRefs     int // QPs whose send or receive CQ it is; under pd.mu
+
+	mu          sync.Mutex
+	head        int    // ring slot of the next CQE
+	expect      uint32 // its sequence number
+	unpublished int    // CQEs consumed since CQHead was written
+	gone        bool   // destroyed
+}
+
+// cqThreshold is how many consumed CQEs make the driver write CQHead.
+func cqThreshold(n int) int { return max(1, n/4) }
+
+// cqUsable is how many completions a ring of n entries holds: indices are
+// modulo n (one slot stays empty) and up to cqThreshold-1 consumed entries
+// are not yet reported to the device.
+func cqUsable(n int) int { return n - cqThreshold(n) }
+
+// nextSeq is the sequence number after s: 1-based, modulo 2^32, skipping 0.
+func nextSeq(s uint32) uint32 {
+	if s++; s == 0 {
+		s = 1
+	}
+	return s
+}
+
+// Handle is the CQ's handle; Size the completions it holds.
+func (cq *CQ) Handle() uint32 { return cq.handle }
+func (cq *CQ) Size() int      { return cqUsable(cq.n) }
+func (cq *CQ) Index() int     { return cq.idx }
+
+// CreateCQ creates a CQ that holds at least cqe completions
+// (ib_create_cq); its interrupt is the file's context's. EINVAL for cqe 0
+// or above the device's limit, ENOSPC when every CQ of the device is taken.
+func (pd *PD) CreateCQ(cqe int, userHandle uint64) (*CQ, error) {
+	v, d := pd.v, pd.d
+	if cqe < 1 || cqe > v.maxCQE() {
+		return nil, errnoErr(fmt.Sprintf("CREATE_CQ: %d entries, want 1..%d", cqe, v.maxCQE()), unix.EINVAL)
+	}
+	n := 2
+	for cqUsable(n) < cqe {
+		n *= 2
+	}
+	cq := &CQ{pd: pd, n: n, userHandle: userHandle, expect: 1, idx: -1}
+	v.mu.Lock()
+	for i, c := range v.cqs {
+		if c == nil {
+			cq.idx = i
+			v.cqs[i] = cq
+			break
+		}
+	}
+	v.mu.Unlock()
+	if cq.idx < 0 {
+		return nil, errnoErr(fmt.Sprintf("CREATE_CQ: all %d CQs in use", len(v.cqs)), unix.ENOSPC)
+	}
+	var err error
+	if cq.ring, err = newRingMem(fmt.Sprintf("cq%d", cq.idx), n*chip.CQESize); err != nil {
+		cq.release()
+		return nil, fmt.Errorf("gohfi: CREATE_CQ: %w", errors.Join(err, unix.ENOMEM))
+	}
+	if err = d.dmaMap(cq.ring, vfio.DMAWrite); err != nil {
+		cq.release()
+		return nil, fmt.Errorf("gohfi: CREATE_CQ: %w", err)
+	}
+	for _, r := range []struct{ reg, val uint64 }{
+		{chip.CQControl, 0},
+		{chip.CQRingBase, cq.ring.iova},
+		{chip.CQEntries, uint64(n)},
+		{chip.CQHead, 0},
+		{chip.CQControl, cq.control(false)},
+	} {
+		if err = d.writeCSR(chip.CQReg(cq.idx, r.reg), r.val); err != nil {
+			cq.release()
+			return nil, fmt.Errorf("gohfi: CREATE_CQ: %w", err)
+		}
+	}
+	if err := insert(pd, pd.cqs, cq, func(h uint32) { cq.handle = h }); err != nil {
+		cq.release()
+		return nil, errnoErr("CREATE_CQ: file closed", err.(unix.Errno))
+	}
+	return cq, nil
+}
+
+func (cq *CQ) control(arm bool) uint64 {
+	v := uint64(chip.CQCtrlEnable) | uint64(cq.pd.num-1)<<chip.CQCtrlCtxtShift
+	if arm {
+		v |= chip.CQCtrlArm
+	}
+	return v
+}
+
+// Destroy destroys the CQ (ib_destroy_cq); EBUSY while a QP uses it.
+func (cq *CQ) Destroy() error {
+	pd := cq.pd
+	pd.mu.Lock()
+	if pd.cqs[cq.handle] != cq {
+		pd.mu.Unlock()
+		return errnoErr(fmt.Sprintf("DESTROY_CQ: CQ %d does not exist", cq.handle), unix.EINVAL)
+	}
+	if cq.qpRefs > 0 {
+		pd.mu.Unlock()
+		return errnoErr(fmt.Sprintf("DESTROY_CQ: CQ %d is used by %d QPs", cq.handle, cq.qpRefs), unix.EBUSY)
+	}
+	delete(pd.cqs, cq.handle)
+	pd.mu.Unlock()
+	return cq.destroy()
+}
+
+// destroy stops the CQ in the device and frees it; it is out of the table.
+func (cq *CQ) destroy() error {
+	d := cq.pd.d
+	var errs []error
+	if !d.dead.Load() {
+		errs = append(errs, d.writeCSR(chip.CQReg(cq.idx, chip.CQControl), 0))
+		errs = append(errs, d.writeCSR(chip.CQReg(cq.idx, chip.CQRingBase), 0))
+	}
+	errs = append(errs, cq.release())
+	return errors.Join(errs...)
+}
+
+// release unmaps and frees the ring and gives the CQ index back.
+func (cq *CQ) release() error {
+	v, d := cq.pd.v, cq.pd.d
+	cq.mu.Lock()
+	cq.gone = true
+	cq.mu.Unlock()
+	var err error
+	if cq.ring != nil {
+		if !d.dead.Load() {
+			err = d.dmaUnmap(cq.ring)
+		} else if cq.ring.iova != 0 {
+			d.iova.release(cq.ring.iova, uint64(len(cq.ring.mem)))
+			cq.ring.iova = 0
+		}
+		cq.ring.free()
+		cq.ring = nil
+	}
+	if cq.idx >= 0 {
+		v.mu.Lock()
+		if v.cqs[cq.idx] == cq {
+			v.cqs[cq.idx] = nil
+		}
+		v.mu.Unlock()
+	}
+	return err
+}
+
+// slotSeq is the sequence word of the CQE in slot i: the device writes it
+// last, so a matching seq means the rest of the entry is there.
+func (cq *CQ) slotSeq(i int) uint32 {
+	return uint32(load64(cq.ring.mem, i*chip.CQESize+40) >> 32)
+}
+
+// Poll takes up to len(wc) completions (ib_poll_cq) and returns how many.
+// It never blocks and reads no register; every quarter of the ring it
+// writes CQHead so the device can reuse the entries.
+func (cq *CQ) Poll(wc []uapi.GohfiWC) (int, error) {
+	cq.mu.Lock()
+	defer cq.mu.Unlock()
+	if cq.gone {
+		return 0, errnoErr("POLL_CQ: CQ destroyed", unix.EINVAL)
+	}
+	n := 0
+	var e chip.CQE
+	for n < len(wc) && cq.slotSeq(cq.head) == cq.expect {
+		e.Unmarshal(cq.ring.mem[cq.head*chip.CQESize:])
+		wc[n] = uapi.GohfiWC{
+			WrID: e.WrID, Status: e.Status, Opcode: e.Opcode, VendorErr: e.VendorErr,
+			ByteLen: e.ByteLen, InvalidatedRkey: e.InvalidatedRkey, ImmData: e.ImmData,
+			QPNum: e.QPNum, SrcQP: e.SrcQP, WcFlags: e.WcFlags,
+		}
+		n++
+		cq.head = (cq.head + 1) % cq.n
+		cq.expect = nextSeq(cq.expect)
+		cq.unpublished++
+	}
+	if cq.unpublished >= cqThreshold(cq.n) {
+		if err := cq.pd.d.writeCSR(chip.CQReg(cq.idx, chip.CQHead), uint64(cq.head)); err != nil {
+			return n, fmt.Errorf("gohfi: POLL_CQ: %w", err)
+		}
+		cq.unpublished = 0
+	}
+	return n, nil
+}
+
+// ready reports whether a completion waits to be polled.
+func (cq *CQ) ready() bool {
+	cq.mu.Lock()
+	defer cq.mu.Unlock()
+	return !cq.gone && cq.slotSeq(cq.head) == cq.expect
+}
+
+// arm asks the device to raise the context's interrupt at the CQ's next
+// completion (ib_req_notify_cq); the device disarms when it does.
+func (cq *CQ) arm() error {
+	return cq.pd.d.writeCSR(chip.CQReg(cq.idx, chip.CQControl), cq.control(true))
+}
+
+// pollCQs is Poll's look at the file's CQs: POLLIN when one has a
+// completion. With arm, every CQ is armed first and looked at after, so a
+// completion written before the arm is seen and one after it interrupts.
+func (pd *PD) pollCQs(arm bool) (uint32, error) {
+	pd.mu.RLock()
+	defer pd.mu.RUnlock()
+	if pd.closed != 0 {
+		return POLLERR, errnoErr("poll: file closed", pd.closed)
+	}
+	if arm {
+		for _, cq := range pd.cqs {
+			if err := cq.arm(); err != nil {
+				return POLLERR, fmt.Errorf("gohfi: poll: arm CQ %d: %w", cq.handle, err)
+			}
+		}
+	}
+	for _, cq := range pd.cqs {
+		if cq.ready() {
+			return POLLIN | POLLRDNORM, nil
+		}
+	}
+	return 0, nil
+}
+
+func (pd *PD) ioctlCreateCQ(arg UserPtr) error {
+	var r uapi.GohfiCreateCQ
+	if err := readArg(arg, &r, "CREATE_CQ"); err != nil {
+		return err
+	}
+	cq, err := pd.CreateCQ(int(r.Cqe), r.UserHandle)
+	if err != nil {
+		return err
+	}
+	r.Cqe, r.Handle = uint32(cq.Size()), cq.handle
+	if err := writeArg(arg, &r, "CREATE_CQ"); err != nil {
+		cq.Destroy()
+		return err
+	}
+	return nil
+}
+
+func (pd *PD) ioctlDestroyCQ(arg UserPtr) error {
+	h, err := pd.readHandle(arg, "DESTROY_CQ")
+	if err != nil {
+		return err
+	}
+	cq, err := lookup(pd, pd.cqs, h, "DESTROY_CQ")
+	if err != nil {
+		return err
+	}
+	return cq.Destroy()
+}
+
+func (pd *PD) ioctlPollCQ(arg UserPtr) error {
+	var r uapi.GohfiPollCQ
+	if err := readArg(arg, &r, "POLL_CQ"); err != nil {
+		return err
+	}
+	switch {
+	case r.WcSize != uapi.SizeofGohfiWC:
+		return errnoErr(fmt.Sprintf("POLL_CQ: wc_size %d, want %d", r.WcSize, uapi.SizeofGohfiWC), unix.EINVAL)
+	case r.Reserved != 0:
+		return errnoErr("POLL_CQ: reserved field set", unix.EINVAL)
+	}
+	cq, err := lookup(pd, pd.cqs, r.CQHandle, "POLL_CQ")
+	if err != nil {
+		return err
+	}
+	// At most one ring's worth per call: no more can be waiting.
+	wc := make([]uapi.GohfiWC, min(int(r.Ne), cq.n))
+	if len(wc) > 0 && r.WcList == 0 {
+		return errFault("gohfi: POLL_CQ wc_list")
+	}
+	n, perr := cq.Poll(wc)
+	if n > 0 {
+		b := make([]byte, n*uapi.SizeofGohfiWC)
+		for i := range wc[:n] {
+			wc[i].MarshalBytes(b[i*uapi.SizeofGohfiWC:])
+		}
+		// As in uverbs, completions polled but not copied are lost.
+		if err := copyToUser(UserAddr(r.WcList), b); err != nil {
+			return errFault("gohfi: POLL_CQ wc_list")
+		}
+	}
+	r.Ne = uint32(n)
+	if err := writeArg(arg, &r, "POLL_CQ"); err != nil {
+		return err
+	}
+	return perr
+}

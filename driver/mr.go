@@ -1,0 +1,295 @@
+package driver
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/dma"
+	"github.com/gohfi/gohfi/uapi"
+	"github.com/gohfi/gohfi/vfio"
+	"golang.org/x/sys/unix"
+)
+
+// MR is a pinned memory region (ib_mr): its pages pinned and DMA-mapped,
+// one MTT entry per page, one MPT entry naming them under its key.
+type MR struct {
+	pd     *PD
+	handle uint32
+	index  uint32 // MPT index
+	key    uint32 // lkey and rkey: index << 8 | variant
+
+	addr   uintptr // start of the user range
+	length uint64
+	iova   uint64 // address keys name the region by
+	access uint32
+
+	mttFirst int
+	npages   int
+	chunks   []mrChunk
+}
+
+// mrChunk is one pin of an MR and the IOVA range it is mapped at. An MR
+// larger than dma.MaxPinSize has several.
+type mrChunk struct {
+	vaddr uintptr
+	size  uint64
+	pin   *dma.Pin
+	iova  uint64 // 0: not mapped
+}
+
+// Handle, Lkey and Rkey identify the MR (lkey and rkey are one key).
+func (mr *MR) Handle() uint32 { return mr.handle }
+func (mr *MR) Lkey() uint32   { return mr.key }
+func (mr *MR) Rkey() uint32   { return mr.key }
+
+// PagesPinned is how many pages the MR holds pinned.
+func (mr *MR) PagesPinned() int {
+	n := 0
+	for _, c := range mr.chunks {
+		if c.pin != nil {
+			n += c.pin.Pages()
+		}
+	}
+	return n
+}
+
+// Access flags REG_MR accepts; IB_ACCESS_ON_DEMAND is known but not offered
+// yet (EOPNOTSUPP).
+const (
+	mrAccessKnown = uapi.IB_ACCESS_LOCAL_WRITE | uapi.IB_ACCESS_REMOTE_WRITE |
+		uapi.IB_ACCESS_REMOTE_READ | uapi.IB_ACCESS_REMOTE_ATOMIC | uapi.IB_ACCESS_ON_DEMAND
+	mrAccessDeviceWrites = uapi.IB_ACCESS_LOCAL_WRITE | uapi.IB_ACCESS_REMOTE_WRITE | uapi.IB_ACCESS_REMOTE_ATOMIC
+)
+
+// RegMR registers [addr, addr+length) for the device at address iova with
+// IB_ACCESS_* rights (ib_reg_user_mr): every page pinned and DMA-mapped,
+// MTT entries written, then the MPT entry made valid. As TID_UPDATE, the
+// pinning and mapping run without the file's verbs lock. Errors: EINVAL
+// (access, length, iova), EOPNOTSUPP (ODP), EFAULT (not user memory, not
+// mapped, not accessible), ENOMEM (RLIMIT_MEMLOCK), ENOSPC (no free MPT
+// entry or MTT run). A failure leaves nothing pinned, mapped or written.
+func (pd *PD) RegMR(addr uintptr, length, iova uint64, access uint32) (*MR, error) {
+	v, d := pd.v, pd.d
+	switch {
+	case access&^mrAccessKnown != 0:
+		return nil, errnoErr(fmt.Sprintf("REG_MR: unknown access bits %#x", access&^mrAccessKnown), unix.EINVAL)
+	case access&uapi.IB_ACCESS_ON_DEMAND != 0:
+		return nil, errnoErr("REG_MR: on-demand paging is not offered by this driver version", unix.EOPNOTSUPP)
+	case access&(uapi.IB_ACCESS_REMOTE_WRITE|uapi.IB_ACCESS_REMOTE_ATOMIC) != 0 && access&uapi.IB_ACCESS_LOCAL_WRITE == 0:
+		return nil, errnoErr("REG_MR: remote write or atomic access needs IB_ACCESS_LOCAL_WRITE", unix.EINVAL)
+	case length == 0:
+		return nil, errnoErr("REG_MR: zero length", unix.EINVAL)
+	case iova&(pageSize-1) != uint64(addr)&(pageSize-1):
+		return nil, errnoErr(fmt.Sprintf("REG_MR: iova %#x and addr %#x differ in their page offset", iova, addr), unix.EINVAL)
+	case iova+length < iova:
+		return nil, errnoErr(fmt.Sprintf("REG_MR: iova %#x + %d wraps", iova, length), unix.EINVAL)
+	case uint64(addr)+length < uint64(addr) || !userRange(addr, uintptr(length)):
+		return nil, errnoErr(fmt.Sprintf("REG_MR: %#x+%d is not a user address range", addr, length), unix.EFAULT)
+	}
+	start := addr &^ (pageSize - 1)
+	end := (uint64(addr) + length + pageSize - 1) &^ (pageSize - 1)
+	npages := int((end - uint64(start)) / pageSize)
+	if npages > d.info.MTTEntries {
+		return nil, errnoErr(fmt.Sprintf("REG_MR: %d pages, the MTT has %d entries", npages, d.info.MTTEntries), unix.EINVAL)
+	}
+	mr := &MR{pd: pd, addr: addr, length: length, iova: iova, access: access, npages: npages, mttFirst: -1}
+	var err error
+	if mr.index, mr.key, err = v.allocMPT(); err != nil {
+		return nil, fmt.Errorf("gohfi: REG_MR: %w", err)
+	}
+	if mr.mttFirst, err = v.allocMTT(npages); err != nil {
+		mr.mttFirst = -1
+		mr.release(true)
+		return nil, fmt.Errorf("gohfi: REG_MR: %w", err)
+	}
+	// Pin and map, no lock held; the device cannot reach any of it yet.
+	flags := uint32(vfio.DMARead)
+	if access&mrAccessDeviceWrites != 0 {
+		flags |= vfio.DMAWrite
+	}
+	for off := uint64(0); off < uint64(npages)*pageSize; off += dma.MaxPinSize {
+		c := mrChunk{vaddr: start + uintptr(off), size: min(uint64(npages)*pageSize-off, dma.MaxPinSize)}
+		if c.pin, err = d.pinner.Pin(c.vaddr, int(c.size)); err != nil {
+			mr.release(true)
+			return nil, fmt.Errorf("gohfi: REG_MR: %w", err)
+		}
+		d.stats.pagesPinned.Add(uint64(c.pin.Pages()))
+		mr.chunks = append(mr.chunks, c)
+		cp := &mr.chunks[len(mr.chunks)-1]
+		if cp.iova, err = d.iova.alloc(c.size); err != nil {
+			cp.iova = 0
+			mr.release(true)
+			return nil, fmt.Errorf("gohfi: REG_MR: %w", errors.Join(err, unix.ENOMEM))
+		}
+		m := vfio.DMAMapping{IOVA: cp.iova, Vaddr: c.vaddr, Size: c.size, Flags: flags, Access: c.pin}
+		if err = d.vdev.DMAMap(m); err != nil {
+			d.iova.release(cp.iova, c.size)
+			cp.iova = 0
+			mr.release(true)
+			return nil, fmt.Errorf("gohfi: REG_MR: %w", d.ioErr(fmt.Errorf("DMA map: %w", err)))
+		}
+	}
+	// MTT entries first, then the MPT entry, its state word last.
+	mttFlags := uint64(chip.MTTPresent | chip.MTTRead)
+	if access&mrAccessDeviceWrites != 0 {
+		mttFlags |= chip.MTTWrite
+	}
+	p := mr.mttFirst
+	for _, c := range mr.chunks {
+		for off := uint64(0); off < c.size; off += pageSize {
+			store64(v.mtt, p*chip.MTTEntrySize, (c.iova+off)&chip.MTTAddrMask|mttFlags)
+			p++
+		}
+	}
+	if err := insert(pd, pd.mrs, mr, func(h uint32) { mr.handle = h }); err != nil {
+		// The MPT entry never became valid, so no translation of these
+		// MTT entries can be cached: no flush needed.
+		mr.zapMTT()
+		mr.release(true)
+		return nil, errnoErr("REG_MR: file closed", err.(unix.Errno))
+	}
+	e := chip.MPTEntry{
+		Key: mr.key, PD: pd.num, MTTFirst: uint32(mr.mttFirst), IOVA: iova, Length: length,
+		Flags: chip.MPTStateValid | access<<chip.MPTAccessShift | chip.MPTTypePinned,
+	}
+	o := int(mr.index) * chip.MPTEntrySize
+	store64(v.mpt, o, uint64(e.Key)|uint64(e.PD)<<32)
+	store64(v.mpt, o+16, e.IOVA)
+	store64(v.mpt, o+24, e.Length)
+	store64(v.mpt, o+8, e.Word1())
+	return mr, nil
+}
+
+// Dereg deregisters the MR (ib_dereg_mr): the MPT entry is made free
+// first, so the device refuses every new access by its key, then its MTT
+// entries are zapped and the device's TLB flushed for them; only then are
+// the pages unmapped and unpinned and the entries given back.
+func (mr *MR) Dereg() error {
+	pd := mr.pd
+	pd.mu.Lock()
+	if pd.mrs[mr.handle] != mr {
+		pd.mu.Unlock()
+		return errnoErr(fmt.Sprintf("DEREG_MR: MR %d is not registered", mr.handle), unix.EINVAL)
+	}
+	delete(pd.mrs, mr.handle)
+	pd.mu.Unlock()
+	return mr.dereg()
+}
+
+func (mr *MR) dereg() error {
+	v, d := mr.pd.v, mr.pd.d
+	if !d.dead.Load() && v.mpt != nil {
+		o := int(mr.index) * chip.MPTEntrySize
+		store64(v.mpt, o+8, chip.MPTStateFree)
+		mr.zapMTT()
+		if err := v.flushTLB(mr.mttFirst, mr.npages); err != nil && !d.dead.Load() {
+			// The device may still hold translations: unmap and unpin
+			// (it can no longer reach the pages), but never hand the
+			// IOVAs, MTT entries or MPT index out again.
+			mr.release(false)
+			return fmt.Errorf("gohfi: DEREG_MR: %w", err)
+		}
+		store64(v.mpt, o, 0)
+		store64(v.mpt, o+16, 0)
+		store64(v.mpt, o+24, 0)
+	}
+	return mr.release(true)
+}
+
+func (mr *MR) zapMTT() {
+	for p := mr.mttFirst; p < mr.mttFirst+mr.npages; p++ {
+		store64(mr.pd.v.mtt, p*chip.MTTEntrySize, 0)
+	}
+}
+
+// release unmaps and unpins what the MR holds and, with reuse, gives its
+// IOVAs, MTT run and MPT index back. The MPT entry must be free and the
+// TLB flushed (or nothing written to the MTT yet).
+func (mr *MR) release(reuse bool) error {
+	v, d := mr.pd.v, mr.pd.d
+	var errs []error
+	for i := range mr.chunks {
+		c := &mr.chunks[i]
+		if c.iova != 0 {
+			if !d.dead.Load() {
+				if err := d.vdev.DMAUnmap(c.iova, c.size); err != nil {
+					errs = append(errs, d.ioErr(fmt.Errorf("DMA unmap: %w", err)))
+				}
+			}
+			if reuse {
+				d.iova.release(c.iova, c.size)
+			}
+			c.iova = 0
+		}
+		if c.pin != nil {
+			errs = append(errs, c.pin.Unpin())
+			d.stats.pagesUnpinned.Add(uint64(c.pin.Pages()))
+			c.pin = nil
+		}
+	}
+	if reuse {
+		if mr.mttFirst >= 0 {
+			v.freeMTT(mr.mttFirst, mr.npages)
+		}
+		v.freeMPT(mr.index)
+	}
+	mr.mttFirst = -1
+	return errors.Join(errs...)
+}
+
+func (pd *PD) ioctlRegMR(arg UserPtr) error {
+	var r uapi.GohfiRegMR
+	if err := readArg(arg, &r, "REG_MR"); err != nil {
+		return err
+	}
+	mr, err := pd.RegMR(uintptr(r.Addr), r.Length, r.Iova, r.AccessFlags)
+	if err != nil {
+		return err
+	}
+	r.Handle, r.Lkey, r.Rkey = mr.handle, mr.Lkey(), mr.Rkey()
+	if err := writeArg(arg, &r, "REG_MR"); err != nil {
+		mr.Dereg()
+		return err
+	}
+	return nil
+}
+
+func (pd *PD) readHandle(arg UserPtr, what string) (uint32, error) {
+	var h uapi.GohfiHandle
+	if err := readArg(arg, &h, what); err != nil {
+		return 0, err
+	}
+	if h.Reserved != 0 {
+		return 0, errnoErr(what+": reserved field set", unix.EINVAL)
+	}
+	return h.Handle, nil
+}
+
+func (pd *PD) ioctlDeregMR(arg UserPtr) error {
+	h, err := pd.readHandle(arg, "DEREG_MR")
+	if err != nil {
+		return err
+	}
+	mr, err := lookup(pd, pd.mrs, h, "DEREG_MR")
+	if err != nil {
+		return err
+	}
+	return mr.Dereg()
+}
+
+func (pd *PD) ioctlMRStats(arg UserPtr) error {
+	var s uapi.GohfiMRStats
+	if err := readArg(arg, &s, "MR_STATS"); err != nil {
+		return err
+	}
+	if s.Reserved != 0 {
+		return errnoErr("MR_STATS: reserved field set", unix.EINVAL)
+	}
+	mr, err := lookup(pd, pd.mrs, s.Handle, "MR_STATS")
+	if err != nil {
+		return err
+	}
+	s = uapi.GohfiMRStats{Handle: s.Handle, PagesPinned: uint64(mr.PagesPinned())}
+	return writeArg(arg, &s, "MR_STATS")
+}

@@ -1,0 +1,156 @@
+package hfisim
+
+import (
+	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/vfio/vfiouser"
+)
+
+// cqState is one completion queue: a ring of chip.CQE in host memory that
+// the engine fills and the driver consumes.
+type cqState struct {
+	base, entries uint64
+	head, tail    uint64
+	control       uint64 // CQCtrl* bits and the interrupt context; CQCtrlArm cleared on interrupt
+	status        uint64
+	seq           uint32 // sequence number of the last CQE written
+	epoch         uint64 // bumped whenever the ring restarts or the CQ is disabled
+}
+
+const cqCtrlMask = chip.CQCtrlEnable | chip.CQCtrlArm | 0xff<<chip.CQCtrlCtxtShift
+
+func (c *cqState) enabled() bool { return c.control&chip.CQCtrlEnable != 0 }
+func (c *cqState) ctxt() int     { return int(c.control>>chip.CQCtrlCtxtShift) & 0xff }
+
+func (c *cqState) read(r uint64) uint64 {
+	switch r {
+	case chip.CQRingBase:
+		return c.base
+	case chip.CQEntries:
+		return c.entries
+	case chip.CQHead:
+		return c.head
+	case chip.CQTail:
+		return c.tail
+	case chip.CQControl:
+		return c.control
+	case chip.CQStatus:
+		return c.status
+	}
+	return 0
+}
+
+// geometryOK checks the ring and interrupt context before the CQ is used.
+func (c *cqState) geometryOK(cfg Config, ctrl uint64) bool {
+	ctxt := int(ctrl>>chip.CQCtrlCtxtShift) & 0xff
+	return isPow2(c.entries) && c.entries >= 2 && c.entries <= uint64(cfg.MaxCQE) &&
+		c.base%chip.CQESize == 0 && ctxt < cfg.NumContexts
+}
+
+// writeCQLocked is a driver write to a CQ register. Refused writes are
+// counted in ErrCntBadDesc.
+func (d *Device) writeCQLocked(n int, r, v uint64) {
+	c := &d.cqs[n]
+	switch r {
+	case chip.CQRingBase:
+		if c.enabled() {
+			d.errs.badDesc++
+			return
+		}
+		c.base = v
+	case chip.CQEntries:
+		c.entries = v
+		c.head, c.tail, c.seq, c.status = 0, 0, 0, 0
+		c.epoch++
+		if c.enabled() && !c.geometryOK(d.cfg, c.control) {
+			c.control = 0
+			d.errs.badDesc++
+		}
+	case chip.CQHead:
+		if v >= c.entries {
+			d.errs.badDesc++
+			return
+		}
+		c.head = v
+	case chip.CQControl:
+		v &= cqCtrlMask
+		if v&chip.CQCtrlEnable == 0 {
+			if c.enabled() {
+				c.epoch++
+			}
+			c.control = v
+			return
+		}
+		if !c.geometryOK(d.cfg, v) {
+			d.errs.badDesc++
+			return
+		}
+		c.control = v
+	}
+}
+
+// postCQE writes e to CQ n, raises its interrupt if armed, and reports
+// whether the CQE was written. A full CQ sets CQStatusOverflow, drops the
+// CQE, raises the error interrupt and moves every QP that completes to it to
+// ERR; a CQ that is disabled or in overflow drops it. Drops are counted in
+// ErrCntBadDesc.
+func (d *Device) postCQE(dma vfiouser.DMA, gen uint64, n int, e *chip.CQE) bool {
+	d.mu.Lock()
+	if d.gen != gen {
+		d.mu.Unlock()
+		return false
+	}
+	c := &d.cqs[n]
+	if !c.enabled() || c.status&chip.CQStatusOverflow != 0 {
+		d.errs.badDesc++
+		d.mu.Unlock()
+		return false
+	}
+	if (c.tail+1)%c.entries == c.head {
+		c.status |= chip.CQStatusOverflow
+		d.errs.badDesc++
+		d.cqErrorLocked(n)
+		d.mu.Unlock()
+		return false
+	}
+	slot, epoch := c.tail, c.epoch
+	addr := c.base + slot*chip.CQESize
+	e.Seq = c.seq + 1
+	if e.Seq == 0 {
+		e.Seq = 1
+	}
+	d.mu.Unlock()
+
+	var raw [chip.CQESize]byte
+	e.Marshal(raw[:])
+	err := dma.Write(addr, raw[:])
+
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.gen != gen || c.epoch != epoch {
+		return false
+	}
+	if err != nil {
+		d.countDMAErrLocked(err)
+		d.cqErrorLocked(n)
+		return false
+	}
+	c.seq = e.Seq
+	c.tail = (slot + 1) % c.entries
+	if c.control&chip.CQCtrlArm != 0 {
+		c.control &^= chip.CQCtrlArm
+		d.raiseLocked(chip.IntSrcCtxt(c.ctxt()))
+	}
+	return true
+}
+
+// cqErrorLocked handles a CQ that lost a CQE: the error interrupt, and every
+// QP that completes to it goes to ERR.
+func (d *Device) cqErrorLocked(n int) {
+	d.raiseLocked(chip.IntSrcError)
+	for i := range d.qps {
+		q := &d.qps[i]
+		if q.state != stateReset && q.state != stateErr && (q.scq == n || q.rcq == n) {
+			d.qpErrorLocked(i)
+		}
+	}
+}

@@ -1,0 +1,188 @@
+package hfisim
+
+import (
+	"math"
+
+	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/uapi"
+)
+
+// Memory regions: the memory protection table (MPT) in BAR4 after the MTT,
+// and the device TLB that caches MTT translations. MPT entries are read for
+// every packet and never cached; MTT entries are cached on first use and
+// leave the TLB only through a TLB-invalidate command or a reset, so a driver
+// that changes an MTT entry without flushing keeps the old translation.
+
+// tlbMax bounds the TLB; a full TLB evicts an arbitrary entry to make room.
+const tlbMax = 1 << 16
+
+// span is a piece of a transfer in IOVA space.
+type span struct {
+	iova uint64
+	n    int
+}
+
+// mptEntry reads MPT entry idx from BAR4. Word 1 (state, access, MTT range)
+// is read before and after the others; if it changed, the driver is
+// rewriting the entry and the device sees it as not valid.
+func (d *Device) mptEntry(idx uint32) chip.MPTEntry {
+	off := d.mptOff + uint64(idx)*chip.MPTEntrySize
+	w1 := d.mtt.load64(off + 8)
+	w0 := d.mtt.load64(off)
+	iova := d.mtt.load64(off + 16)
+	length := d.mtt.load64(off + 24)
+	if d.mtt.load64(off+8) != w1 {
+		return chip.MPTEntry{}
+	}
+	return chip.MPTEntry{
+		Key: uint32(w0), PD: uint32(w0 >> 32),
+		Flags: uint32(w1), MTTFirst: uint32(w1 >> 32),
+		IOVA: iova, Length: length,
+	}
+}
+
+// checkKey is the protection check of one access: n > 0 bytes at address va
+// through key, by a QP of protection domain pd, needing the IB_ACCESS_* bits
+// in need (0 for a local read, which every region allows) from both the
+// region and allow (the responder QP's QPAccess; all ones for local
+// accesses). It returns the entry, or the chip.VendorErr* of the first check
+// that failed, in this order: key index, state, key (variant byte), PD,
+// access, bounds.
+func (d *Device) checkKey(key, pd uint32, va, n uint64, need, allow uint32) (chip.MPTEntry, uint32) {
+	idx := chip.MPTIndex(key)
+	if idx >= uint32(d.cfg.MPTEntries) {
+		return chip.MPTEntry{}, chip.VendorErrKey
+	}
+	e := d.mptEntry(idx)
+	switch {
+	case e.Flags&chip.MPTStateMask != chip.MPTStateValid:
+		return e, chip.VendorErrState
+	case e.Key != key:
+		return e, chip.VendorErrKey
+	case e.PD != pd:
+		return e, chip.VendorErrPD
+	case (e.Flags>>chip.MPTAccessShift)&allow&need != need:
+		return e, chip.VendorErrAccess
+	case va < e.IOVA || n > e.Length || va-e.IOVA > e.Length-n:
+		return e, chip.VendorErrBounds
+	}
+	return e, chip.VendorErrNone
+}
+
+// translateLocked turns n bytes at va of region e into IOVA spans through
+// the TLB and the MTT, appending to out. Every page must be present and
+// have the perm bits (chip.MTTRead, chip.MTTWrite or both); a page the
+// device cannot translate is chip.VendorErrDMA.
+func (d *Device) translateLocked(e *chip.MPTEntry, va, n, perm uint64, out []span) ([]span, uint32) {
+	perm |= chip.MTTPresent
+	base := e.IOVA &^ 0xfff
+	for n > 0 {
+		idx := uint64(e.MTTFirst) + (va-base)>>12
+		if idx >= uint64(d.cfg.MTTEntries) {
+			return out, chip.VendorErrDMA
+		}
+		ent := d.tlbLookupLocked(uint32(idx))
+		if ent&perm != perm {
+			return out, chip.VendorErrDMA
+		}
+		pageOff := va & 0xfff
+		k := min(n, 4096-pageOff)
+		iova := ent&chip.MTTAddrMask + pageOff
+		if l := len(out); l > 0 && out[l-1].iova+uint64(out[l-1].n) == iova {
+			out[l-1].n += int(k)
+		} else {
+			out = append(out, span{iova, int(k)})
+		}
+		va += k
+		n -= k
+	}
+	return out, chip.VendorErrNone
+}
+
+// tlbLookupLocked returns the translation of MTT entry idx, from the TLB if
+// cached, else from the MTT (caching it if present).
+func (d *Device) tlbLookupLocked(idx uint32) uint64 {
+	if ent, ok := d.tlb[idx]; ok {
+		d.errs.tlbHits++
+		return ent
+	}
+	d.errs.tlbMiss++
+	ent := d.mtt.load64(uint64(idx) * chip.MTTEntrySize)
+	if ent&chip.MTTPresent == 0 {
+		return ent // absent pages are not cached
+	}
+	if len(d.tlb) >= tlbMax {
+		for k := range d.tlb {
+			delete(d.tlb, k)
+			break
+		}
+	}
+	d.tlb[idx] = ent
+	return ent
+}
+
+// tlbFlushLocked completes an MTT translation-cache invalidation of count
+// entries from start: the next use of each reads the MTT again.
+func (d *Device) tlbFlushLocked(start, count uint64) {
+	end := start + count
+	if end < start {
+		end = ^uint64(0)
+	}
+	if count > uint64(len(d.tlb)) {
+		for k := range d.tlb {
+			if uint64(k) >= start && uint64(k) < end {
+				delete(d.tlb, k)
+			}
+		}
+	} else {
+		for i := start; i < end && i <= math.MaxUint32; i++ {
+			delete(d.tlb, uint32(i))
+		}
+	}
+	d.tlbDone++
+}
+
+// resolveLocked checks and translates n bytes at va through key for a QP
+// of protection domain pd (checkKey, then translateLocked). Zero bytes need
+// no key.
+func (d *Device) resolveLocked(key, pd uint32, va, n uint64, need, allow uint32, perm uint64, out []span) ([]span, uint32) {
+	if n == 0 {
+		return out, chip.VendorErrNone
+	}
+	e, verr := d.checkKey(key, pd, va, n, need, allow)
+	if verr != chip.VendorErrNone {
+		return out, verr
+	}
+	return d.translateLocked(&e, va, n, perm, out)
+}
+
+// resolveSGEsLocked resolves bytes [off, off+n) of the message an SGE list
+// describes. write: the device writes the local memory (LOCAL_WRITE needed).
+// It returns chip.VendorErrLength if the list is shorter than off+n.
+func (d *Device) resolveSGEsLocked(sges []chip.SGE, pd uint32, off, n uint64, write bool, out []span) ([]span, uint32) {
+	var need uint32
+	perm := uint64(chip.MTTRead)
+	if write {
+		need, perm = uapi.IB_ACCESS_LOCAL_WRITE, chip.MTTWrite
+	}
+	for _, g := range sges {
+		if n == 0 {
+			break
+		}
+		l := uint64(g.Length)
+		if off >= l {
+			off -= l
+			continue
+		}
+		k := min(n, l-off)
+		var verr uint32
+		if out, verr = d.resolveLocked(g.Lkey, pd, g.Addr+off, k, need, ^uint32(0), perm, out); verr != chip.VendorErrNone {
+			return out, verr
+		}
+		off, n = 0, n-k
+	}
+	if n != 0 {
+		return out, chip.VendorErrLength
+	}
+	return out, chip.VendorErrNone
+}

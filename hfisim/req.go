@@ -1,0 +1,410 @@
+package hfisim
+
+import (
+	"encoding/binary"
+
+	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/uapi"
+	"github.com/gohfi/gohfi/vfio/vfiouser"
+)
+
+// The requester side of the verbs engine: it takes the send WQE at a QP's
+// SQHead, checks it, moves its message packet by packet through the
+// responder (resp.go) and completes it.
+
+const (
+	maxMsgSize = 1 << 30 // RegMaxMsgSize
+	verbsBurst = 16      // packets one QP moves before the next QP's turn
+
+	knownSendFlags = uapi.GOHFI_SEND_FENCE | uapi.GOHFI_SEND_SIGNALED | uapi.GOHFI_SEND_SOLICITED | uapi.GOHFI_SEND_INLINE
+)
+
+// reqProgress is the requester's state of the send WQE at SQHead.
+type reqProgress struct {
+	wqe   chip.SendWQE
+	total uint64 // message length: the sum of the SGE lengths
+	off   uint64 // bytes moved
+	pkts  uint64 // packets moved
+}
+
+// requester is one turn of the engine on QP n's send queue.
+type requester struct {
+	dma   vfiouser.DMA
+	gen   uint64
+	n     int
+	qpn   uint32
+	epoch uint64
+	p     reqProgress
+}
+
+// result is the outcome of a packet or message for the requester.
+type result struct {
+	status, vendor uint32 // requester completion status: GOHFI_WC_SUCCESS to go on
+	stall          bool   // no receive WQE at the responder (RNR): try again later
+	respErr        bool   // the responder QP goes to ERR once the requester has completed
+	respIdx        int
+	respEpoch      uint64
+}
+
+func fail(status, vendor uint32) result { return result{status: status, vendor: vendor} }
+
+var lost = fail(uapi.GOHFI_WC_RETRY_EXC_ERR, chip.VendorErrRemoteQP)
+
+func (r result) ok() bool { return !r.stall && r.status == uapi.GOHFI_WC_SUCCESS }
+
+// pollVerbs gives every QP one turn and reports whether any had work it
+// could do.
+func (d *Device) pollVerbs(buf []byte) bool {
+	busy := false
+	for n := range d.qps {
+		if d.stepQP(n, buf) {
+			busy = true
+		}
+	}
+	return busy
+}
+
+// stepQP flushes a QP in ERR or moves packets of a QP in RTS.
+func (d *Device) stepQP(n int, buf []byte) bool {
+	d.mu.Lock()
+	q := &d.qps[n]
+	dma, gen := d.dma, d.gen
+	flush := q.state == stateErr && (q.sqHead != q.sqTail || q.rqHead != q.rqTail)
+	send := q.state == stateRTS && q.sqHead != q.sqTail
+	d.mu.Unlock()
+	switch {
+	case dma == nil:
+		return false
+	case flush:
+		d.flushQP(dma, gen, n)
+		return true
+	case send:
+		return d.sendBurst(dma, gen, n, buf)
+	}
+	return false
+}
+
+// sendBurst moves up to verbsBurst packets of the WQE at QP n's SQHead and
+// reports whether it made progress (false: stalled on RNR).
+func (d *Device) sendBurst(dma vfiouser.DMA, gen uint64, n int, buf []byte) bool {
+	r, ok := d.startRequest(dma, gen, n)
+	if !ok {
+		return true
+	}
+	for range verbsBurst {
+		res := d.sendPacket(r, buf)
+		switch {
+		case res.stall:
+			return false
+		case !res.ok():
+			d.completeReq(r, res)
+			return true
+		case r.p.off >= r.p.total:
+			d.completeReq(r, res)
+			return true
+		}
+		if !d.saveProgress(r) {
+			return true
+		}
+	}
+	return true
+}
+
+// startRequest returns the requester state of QP n's head WQE, reading and
+// checking the WQE if it is new. A WQE that cannot be read or is malformed
+// completes in error here (ok false).
+func (d *Device) startRequest(dma vfiouser.DMA, gen uint64, n int) (*requester, bool) {
+	d.mu.Lock()
+	q := &d.qps[n]
+	if d.gen != gen || q.state != stateRTS || q.sqHead == q.sqTail {
+		d.mu.Unlock()
+		return nil, false
+	}
+	r := &requester{dma: dma, gen: gen, n: n, qpn: chip.QPNBase + uint32(n), epoch: q.epoch}
+	if q.req != nil {
+		r.p = *q.req
+		d.mu.Unlock()
+		return r, true
+	}
+	addr := q.sq.base + q.sqHead*chip.SendWQESize
+	d.mu.Unlock()
+
+	var raw [chip.SendWQESize]byte
+	if err := dma.Read(addr, raw[:]); err != nil {
+		d.countDMAErr(err)
+		d.completeReq(r, fail(uapi.GOHFI_WC_LOC_QP_OP_ERR, chip.VendorErrDMA))
+		return nil, false
+	}
+	r.p.wqe.Unmarshal(raw[:])
+	total, res := d.checkSendWQE(raw[:], &r.p.wqe)
+	r.p.total = total
+	if !res.ok() {
+		d.completeReq(r, res)
+		return nil, false
+	}
+	return r, d.saveProgress(r)
+}
+
+// saveProgress stores r's progress in its QP unless the QP was reset or
+// moved to ERR meanwhile.
+func (d *Device) saveProgress(r *requester) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	q := &d.qps[r.n]
+	if d.gen != r.gen || q.epoch != r.epoch {
+		return false
+	}
+	p := r.p
+	q.req = &p
+	return true
+}
+
+// checkSendWQE checks a send WQE's fields and returns its message length.
+func (d *Device) checkSendWQE(raw []byte, w *chip.SendWQE) (uint64, result) {
+	if w.Flags&^knownSendFlags != 0 || !allZero(raw[28:32]) || !allZero(raw[48:64]) || int(w.NumSGE) > d.cfg.MaxSGE {
+		d.countBadDesc()
+		return 0, fail(uapi.GOHFI_WC_LOC_QP_OP_ERR, chip.VendorErrBadWQE)
+	}
+	switch w.Opcode {
+	case uapi.GOHFI_WR_SEND, uapi.GOHFI_WR_SEND_WITH_IMM, uapi.GOHFI_WR_RDMA_WRITE, uapi.GOHFI_WR_RDMA_WRITE_WITH_IMM,
+		uapi.GOHFI_WR_RDMA_READ, uapi.GOHFI_WR_ATOMIC_CMP_AND_SWP, uapi.GOHFI_WR_ATOMIC_FETCH_AND_ADD:
+	default:
+		return 0, fail(uapi.GOHFI_WC_LOC_QP_OP_ERR, chip.VendorErrOpcode)
+	}
+	var total uint64
+	for _, g := range w.SGE[:w.NumSGE] {
+		total += uint64(g.Length)
+	}
+	if total > maxMsgSize {
+		return total, fail(uapi.GOHFI_WC_LOC_LEN_ERR, chip.VendorErrLength)
+	}
+	if isAtomic(w.Opcode) && total != 8 {
+		d.countBadDesc()
+		return total, fail(uapi.GOHFI_WC_LOC_QP_OP_ERR, chip.VendorErrBadWQE)
+	}
+	return total, result{}
+}
+
+func allZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+func isAtomic(op uint8) bool {
+	return op == uapi.GOHFI_WR_ATOMIC_CMP_AND_SWP || op == uapi.GOHFI_WR_ATOMIC_FETCH_AND_ADD
+}
+
+func needsRecv(op uint8) bool {
+	return op == uapi.GOHFI_WR_SEND || op == uapi.GOHFI_WR_SEND_WITH_IMM || op == uapi.GOHFI_WR_RDMA_WRITE_WITH_IMM
+}
+
+// wcOpcode is the completion opcode of a send WQE opcode.
+func wcOpcode(op uint8) uint32 {
+	switch op {
+	case uapi.GOHFI_WR_RDMA_WRITE, uapi.GOHFI_WR_RDMA_WRITE_WITH_IMM:
+		return uapi.GOHFI_WC_RDMA_WRITE
+	case uapi.GOHFI_WR_RDMA_READ, uapi.GOHFI_WR_RDMA_READ_WITH_INV:
+		return uapi.GOHFI_WC_RDMA_READ
+	case uapi.GOHFI_WR_ATOMIC_CMP_AND_SWP:
+		return uapi.GOHFI_WC_COMP_SWAP
+	case uapi.GOHFI_WR_ATOMIC_FETCH_AND_ADD:
+		return uapi.GOHFI_WC_FETCH_ADD
+	case uapi.GOHFI_WR_LOCAL_INV:
+		return uapi.GOHFI_WC_LOCAL_INV
+	case uapi.GOHFI_WR_BIND_MW:
+		return uapi.GOHFI_WC_BIND_MW
+	case uapi.GOHFI_WR_FAST_REG_MR:
+		return uapi.GOHFI_WC_FAST_REG_MR
+	}
+	return uapi.GOHFI_WC_SEND
+}
+
+// sendPacket moves the next packet of r's message.
+func (d *Device) sendPacket(r *requester, buf []byte) result {
+	p := &r.p
+	n := min(uint64(chip.VerbsMTU), p.total-p.off)
+	d.mu.Lock()
+	q := &d.qps[r.n]
+	pk := &packet{
+		src: r.qpn, dst: q.destQPN(), op: p.wqe.Opcode, off: p.off, n: n, total: p.total,
+		first: p.pkts == 0, last: p.off+n == p.total,
+		raddr: p.wqe.RemoteAddr, rkey: p.wqe.Rkey, imm: p.wqe.Imm, cmp: p.wqe.CompareAdd, swap: p.wqe.Swap,
+		data: buf[:n],
+	}
+	pd := q.pd()
+	d.mu.Unlock()
+
+	var res result
+	switch {
+	case pk.op == uapi.GOHFI_WR_RDMA_READ || isAtomic(pk.op):
+		res = d.fetchPacket(r, pd, pk)
+	default:
+		if res = d.gatherLocal(r, pd, pk); res.ok() {
+			res = d.respond(r.dma, r.gen, pk)
+		} else if !pk.first && needsRecv(pk.op) {
+			d.releaseClaim(pk.dst, pk.src)
+		}
+	}
+	if res.ok() {
+		d.mu.Lock()
+		d.errs.verbsPkts++
+		d.mu.Unlock()
+		p.off += n
+		p.pkts++
+	}
+	return res
+}
+
+// gatherLocal reads the packet's payload from the requester's SGEs.
+func (d *Device) gatherLocal(r *requester, pd uint32, pk *packet) result {
+	d.mu.Lock()
+	spans, verr := d.resolveSGEsLocked(r.p.wqe.SGE[:r.p.wqe.NumSGE], pd, pk.off, pk.n, false, nil)
+	d.mu.Unlock()
+	if verr != chip.VendorErrNone {
+		return fail(uapi.GOHFI_WC_LOC_PROT_ERR, verr)
+	}
+	if err := dmaSpans(r.dma, spans, pk.data, false); err != nil {
+		d.countDMAErr(err)
+		return fail(uapi.GOHFI_WC_LOC_PROT_ERR, chip.VendorErrDMA)
+	}
+	return result{}
+}
+
+// fetchPacket is a packet of an RDMA READ or an atomic: the local SGEs
+// (LOCAL_WRITE) are checked first, then the responder answers, then the
+// answer is written locally.
+func (d *Device) fetchPacket(r *requester, pd uint32, pk *packet) result {
+	d.mu.Lock()
+	spans, verr := d.resolveSGEsLocked(r.p.wqe.SGE[:r.p.wqe.NumSGE], pd, pk.off, pk.n, true, nil)
+	d.mu.Unlock()
+	if verr != chip.VendorErrNone {
+		return fail(uapi.GOHFI_WC_LOC_PROT_ERR, verr)
+	}
+	res := d.respond(r.dma, r.gen, pk)
+	if !res.ok() {
+		return res
+	}
+	if isAtomic(pk.op) {
+		binary.LittleEndian.PutUint64(pk.data[:8], pk.orig)
+	}
+	if err := dmaSpans(r.dma, spans, pk.data, true); err != nil {
+		d.countDMAErr(err)
+		return fail(uapi.GOHFI_WC_LOC_PROT_ERR, chip.VendorErrDMA)
+	}
+	return res
+}
+
+// dmaSpans moves buf to (write) or from the spans, in order.
+func dmaSpans(dma vfiouser.DMA, spans []span, buf []byte, write bool) error {
+	off := 0
+	for _, s := range spans {
+		var err error
+		if write {
+			err = dma.Write(s.iova, buf[off:off+s.n])
+		} else {
+			err = dma.Read(s.iova, buf[off:off+s.n])
+		}
+		if err != nil {
+			return err
+		}
+		off += s.n
+	}
+	return nil
+}
+
+// completeReq ends r's WQE: a CQE if it failed or was signaled, SQHead
+// advanced, and on failure the QP (and, after it, the responder if the
+// responder failed too) goes to ERR. Nothing happens if the QP was reset or
+// moved to ERR meanwhile: the flush completes the WQE then.
+func (d *Device) completeReq(r *requester, res result) {
+	d.mu.Lock()
+	q := &d.qps[r.n]
+	mine := d.gen == r.gen && q.epoch == r.epoch
+	scq := q.scq
+	d.mu.Unlock()
+	if mine && (!res.ok() || r.p.wqe.Flags&uapi.GOHFI_SEND_SIGNALED != 0) {
+		e := chip.CQE{WrID: r.p.wqe.WrID, Status: res.status, Opcode: wcOpcode(r.p.wqe.Opcode),
+			VendorErr: res.vendor, QPNum: r.qpn}
+		if res.ok() {
+			e.ByteLen = uint32(r.p.total)
+		}
+		d.postCQE(r.dma, r.gen, scq, &e)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.gen != r.gen {
+		return
+	}
+	if q.epoch == r.epoch {
+		q.sqHead = next(q.sqHead, q.sq.entries)
+		q.req = nil
+		if !res.ok() {
+			d.qpErrorLocked(r.n)
+		}
+	}
+	if res.respErr && d.qps[res.respIdx].epoch == res.respEpoch {
+		d.qpErrorLocked(res.respIdx)
+	}
+}
+
+// flushQP completes one outstanding WQE of each queue of QP n (in ERR) with
+// GOHFI_WC_WR_FLUSH_ERR. A WQE that cannot be read is flushed with wr_id 0.
+func (d *Device) flushQP(dma vfiouser.DMA, gen uint64, n int) {
+	d.flushOne(dma, gen, n, true)
+	d.flushOne(dma, gen, n, false)
+}
+
+func (d *Device) flushOne(dma vfiouser.DMA, gen uint64, n int, send bool) {
+	d.mu.Lock()
+	q := &d.qps[n]
+	head, tail, rg, cq := q.rqHead, q.rqTail, q.rq, q.rcq
+	size := uint64(chip.RecvWQESize)
+	if send {
+		head, tail, rg, cq, size = q.sqHead, q.sqTail, q.sq, q.scq, chip.SendWQESize
+	}
+	epoch := q.epoch
+	if d.gen != gen || q.state != stateErr || head == tail {
+		d.mu.Unlock()
+		return
+	}
+	d.mu.Unlock()
+
+	e := chip.CQE{Status: uapi.GOHFI_WC_WR_FLUSH_ERR, Opcode: uapi.GOHFI_WC_RECV, QPNum: chip.QPNBase + uint32(n)}
+	var raw [chip.SendWQESize]byte
+	if err := dma.Read(rg.base+head*size, raw[:size]); err != nil {
+		d.countDMAErr(err)
+	} else {
+		e.WrID = binary.LittleEndian.Uint64(raw[:])
+		if send {
+			e.Opcode = wcOpcode(raw[8])
+		}
+	}
+	d.postCQE(dma, gen, cq, &e)
+
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.gen != gen || q.epoch != epoch {
+		return
+	}
+	if send && q.sqHead == head {
+		q.sqHead = next(head, rg.entries)
+	} else if !send && q.rqHead == head {
+		q.rqHead = next(head, rg.entries)
+	}
+}
+
+func (d *Device) countDMAErr(err error) {
+	d.mu.Lock()
+	d.countDMAErrLocked(err)
+	d.mu.Unlock()
+}
+
+func (d *Device) countBadDesc() {
+	d.mu.Lock()
+	d.errs.badDesc++
+	d.mu.Unlock()
+}

@@ -1,0 +1,157 @@
+package hfiuser
+
+import (
+	"runtime"
+
+	"github.com/gohfi/gohfi/driver"
+	"github.com/gohfi/gohfi/uapi"
+)
+
+// The verbs wrappers (what rdma-core's ibv_* calls do for a provider):
+// each lays its argument, and any list it points to, out in C layout in
+// memory pinned for the call, and passes the address.
+
+// QueryDevice reads the device's attributes (QUERY_DEVICE).
+func QueryDevice(f *driver.File) (uapi.GohfiDeviceAttr, error) {
+	var a uapi.GohfiDeviceAttr
+	err := Ioctl(f, uapi.GOHFI_IOCTL_QUERY_DEVICE, &a)
+	return a, err
+}
+
+// RegMR registers [addr, addr+length) at device address iova with
+// IB_ACCESS_* rights (REG_MR) and returns the handle and keys in r.
+func RegMR(f *driver.File, addr uintptr, length, iova uint64, access uint32) (uapi.GohfiRegMR, error) {
+	r := uapi.GohfiRegMR{Addr: uint64(addr), Length: length, Iova: iova, AccessFlags: access}
+	err := Ioctl(f, uapi.GOHFI_IOCTL_REG_MR, &r)
+	return r, err
+}
+
+// DeregMR deregisters an MR (DEREG_MR).
+func DeregMR(f *driver.File, handle uint32) error {
+	return Ioctl(f, uapi.GOHFI_IOCTL_DEREG_MR, &uapi.GohfiHandle{Handle: handle})
+}
+
+// MRStats reads an MR's counters (MR_STATS).
+func MRStats(f *driver.File, handle uint32) (uapi.GohfiMRStats, error) {
+	s := uapi.GohfiMRStats{Handle: handle}
+	err := Ioctl(f, uapi.GOHFI_IOCTL_MR_STATS, &s)
+	return s, err
+}
+
+// CreateCQ creates a CQ of at least cqe entries (CREATE_CQ); it returns
+// the handle and the entries the CQ holds.
+func CreateCQ(f *driver.File, cqe uint32, userHandle uint64) (handle, size uint32, err error) {
+	r := uapi.GohfiCreateCQ{Cqe: cqe, UserHandle: userHandle}
+	err = Ioctl(f, uapi.GOHFI_IOCTL_CREATE_CQ, &r)
+	return r.Handle, r.Cqe, err
+}
+
+// DestroyCQ destroys a CQ (DESTROY_CQ).
+func DestroyCQ(f *driver.File, handle uint32) error {
+	return Ioctl(f, uapi.GOHFI_IOCTL_DESTROY_CQ, &uapi.GohfiHandle{Handle: handle})
+}
+
+// CreateQP creates a QP (CREATE_QP); Handle and QPNum are filled in.
+func CreateQP(f *driver.File, r uapi.GohfiCreateQP) (uapi.GohfiCreateQP, error) {
+	err := Ioctl(f, uapi.GOHFI_IOCTL_CREATE_QP, &r)
+	return r, err
+}
+
+// ModifyQP changes a QP's state (MODIFY_QP).
+func ModifyQP(f *driver.File, r uapi.GohfiModifyQP) error {
+	return Ioctl(f, uapi.GOHFI_IOCTL_MODIFY_QP, &r)
+}
+
+// DestroyQP destroys a QP (DESTROY_QP).
+func DestroyQP(f *driver.File, handle uint32) error {
+	return Ioctl(f, uapi.GOHFI_IOCTL_DESTROY_QP, &uapi.GohfiHandle{Handle: handle})
+}
+
+// SendWR is a send work request with its scatter/gather list: PostSend
+// sets sg_list and num_sge from SGL when SGL is not nil, and otherwise
+// passes the WR's own fields as they are (for tests of bad lists).
+type SendWR struct {
+	uapi.GohfiSendWR
+	SGL []uapi.GohfiSge
+}
+
+// RecvWR is a receive work request with its scatter/gather list, as SendWR.
+type RecvWR struct {
+	uapi.GohfiRecvWR
+	SGL []uapi.GohfiSge
+}
+
+// sglAddr lays sgl out in C layout and returns its pinned address.
+func sglAddr(pin *runtime.Pinner, sgl []uapi.GohfiSge) uint64 {
+	if len(sgl) == 0 {
+		return 0
+	}
+	b := make([]byte, len(sgl)*uapi.SizeofGohfiSge)
+	for i := range sgl {
+		sgl[i].MarshalBytes(b[i*uapi.SizeofGohfiSge:])
+	}
+	return pinnedAddr(pin, &b[0])
+}
+
+// PostSend posts wrs to QP qp (POST_SEND) and returns bad_wr: the index of
+// the first WR not posted (len(wrs) when all were).
+func PostSend(f *driver.File, qp uint32, wrs []SendWR) (int, error) {
+	var pin runtime.Pinner
+	defer pin.Unpin()
+	r := uapi.GohfiPostSend{QPHandle: qp, WrCount: uint32(len(wrs)), WqeSize: uapi.SizeofGohfiSendWR}
+	if len(wrs) > 0 {
+		b := make([]byte, len(wrs)*uapi.SizeofGohfiSendWR)
+		for i := range wrs {
+			w := wrs[i].GohfiSendWR
+			if wrs[i].SGL != nil {
+				w.SgList, w.NumSge = sglAddr(&pin, wrs[i].SGL), uint32(len(wrs[i].SGL))
+			}
+			w.MarshalBytes(b[i*uapi.SizeofGohfiSendWR:])
+		}
+		r.WrList = pinnedAddr(&pin, &b[0])
+	}
+	err := Ioctl(f, uapi.GOHFI_IOCTL_POST_SEND, &r)
+	return int(r.BadWr), err
+}
+
+// PostRecv posts wrs to QP qp (POST_RECV) and returns bad_wr.
+func PostRecv(f *driver.File, qp uint32, wrs []RecvWR) (int, error) {
+	var pin runtime.Pinner
+	defer pin.Unpin()
+	r := uapi.GohfiPostRecv{QPHandle: qp, WrCount: uint32(len(wrs)), WqeSize: uapi.SizeofGohfiRecvWR}
+	if len(wrs) > 0 {
+		b := make([]byte, len(wrs)*uapi.SizeofGohfiRecvWR)
+		for i := range wrs {
+			w := wrs[i].GohfiRecvWR
+			if wrs[i].SGL != nil {
+				w.SgList, w.NumSge = sglAddr(&pin, wrs[i].SGL), uint32(len(wrs[i].SGL))
+			}
+			w.MarshalBytes(b[i*uapi.SizeofGohfiRecvWR:])
+		}
+		r.WrList = pinnedAddr(&pin, &b[0])
+	}
+	err := Ioctl(f, uapi.GOHFI_IOCTL_POST_RECV, &r)
+	return int(r.BadWr), err
+}
+
+// PollCQ takes up to len(wc) completions of CQ cq (POLL_CQ) into wc and
+// returns how many. It never blocks.
+func PollCQ(f *driver.File, cq uint32, wc []uapi.GohfiWC) (int, error) {
+	var pin runtime.Pinner
+	defer pin.Unpin()
+	r := uapi.GohfiPollCQ{CQHandle: cq, Ne: uint32(len(wc)), WcSize: uapi.SizeofGohfiWC}
+	var b []byte
+	if len(wc) > 0 {
+		b = make([]byte, len(wc)*uapi.SizeofGohfiWC)
+		r.WcList = pinnedAddr(&pin, &b[0])
+	}
+	err := Ioctl(f, uapi.GOHFI_IOCTL_POLL_CQ, &r)
+	n := min(int(r.Ne), len(wc))
+	if err != nil {
+		n = 0
+	}
+	for i := range wc[:n] {
+		wc[i].UnmarshalBytes(b[i*uapi.SizeofGohfiWC:])
+	}
+	return n, err
+}
