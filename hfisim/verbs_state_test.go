@@ -131,7 +131,9 @@ func TestVerbsQPStateMachine(t *testing.T) {
 	h := newVerbs(t)
 	cq := h.newCQ(0, 64)
 	n := 3
-	ctl := func(state uint64) { wr(t, h.d, chip.QPReg(n, chip.QPControl), state|uapi.GOHFI_QPT_RC<<chip.QPTypeShift) }
+	ctl := func(state uint64) {
+		wr(t, h.d, chip.QPReg(n, chip.QPControl), state|uapi.GOHFI_QPT_RC<<chip.QPTypeShift)
+	}
 	status := func() uint64 { return rd(t, h.d, chip.QPReg(n, chip.QPStatus)) }
 	refused := func(what string, want uint64) {
 		t.Helper()
