@@ -23,9 +23,10 @@ type fakeDMA struct {
 	wins map[uint64][]byte
 }
 
-func (f *fakeDMA) find(iova uint64, n int) ([]byte, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+// findLocked returns the mapped bytes of [iova, iova+n). The caller holds
+// f.mu for the whole access, so a test reading host memory while the engine
+// writes it sees whole DMAs (and the race detector sees the ordering).
+func (f *fakeDMA) findLocked(iova uint64, n int) ([]byte, error) {
 	for base, m := range f.wins {
 		if iova >= base && iova+uint64(n) <= base+uint64(len(m)) {
 			return m[iova-base : iova-base+uint64(n)], nil
@@ -35,7 +36,9 @@ func (f *fakeDMA) find(iova uint64, n int) ([]byte, error) {
 }
 
 func (f *fakeDMA) Read(iova uint64, p []byte) error {
-	m, err := f.find(iova, len(p))
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	m, err := f.findLocked(iova, len(p))
 	if err == nil {
 		copy(p, m)
 	}
@@ -43,7 +46,9 @@ func (f *fakeDMA) Read(iova uint64, p []byte) error {
 }
 
 func (f *fakeDMA) Write(iova uint64, p []byte) error {
-	m, err := f.find(iova, len(p))
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	m, err := f.findLocked(iova, len(p))
 	if err == nil {
 		copy(m, p)
 	}
