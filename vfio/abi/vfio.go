@@ -18,7 +18,10 @@
 // little-endian hosts (amd64, arm64), where both are little endian.
 package abi
 
-import "structs"
+import (
+	"fmt"
+	"structs"
+)
 
 // VFIO_API_VERSION is what VFIO_GET_API_VERSION returns.
 const VFIO_API_VERSION = 0
@@ -141,6 +144,25 @@ const (
 	VFIO_DMA_UNMAP_FLAG_ALL              = 1 << 1
 )
 
+// Sizes of the structures (of the fixed parts of those that end in a
+// flexible array member), checked at compile time.
+const (
+	SizeofVFIOGroupStatus                = 8
+	SizeofVFIODeviceInfo                 = 24
+	SizeofVFIORegionInfo                 = 32
+	SizeofVFIOInfoCapHeader              = 8
+	SizeofVFIORegionInfoCapSparseMmap    = 16
+	SizeofVFIORegionSparseMmapArea       = 16
+	SizeofVFIOIrqInfo                    = 16
+	SizeofVFIOIrqSet                     = 20
+	SizeofVFIOIommuType1Info             = 24
+	SizeofVFIOIovaRange                  = 16
+	SizeofVFIOIommuType1InfoCapIovaRange = 16
+	SizeofVFIOIommuType1InfoDmaAvail     = 12
+	SizeofVFIOIommuType1DmaMap           = 32
+	SizeofVFIOIommuType1DmaUnmap         = 24
+)
+
 // VFIOGroupStatus is struct vfio_group_status.
 type VFIOGroupStatus struct {
 	_     structs.HostLayout
@@ -239,6 +261,9 @@ type VFIOIovaRange struct {
 	Start uint64
 	End   uint64
 }
+
+// String formats r as "[start, end]" in hex.
+func (r VFIOIovaRange) String() string { return fmt.Sprintf("[%#x, %#x]", r.Start, r.End) }
 
 // VFIOIommuType1InfoCapIovaRange is the fixed part of struct
 // vfio_iommu_type1_info_cap_iova_range; NrIovas VFIOIovaRange follow.

@@ -37,6 +37,18 @@ const (
 	VFIO_USER_F_ERROR        = 0x20
 )
 
+// Sizes of the vfio-user structures (fixed parts), checked at compile time.
+const (
+	SizeofVFIOUserHeader             = 16
+	SizeofVFIOUserVersion            = 4
+	SizeofVFIOUserDeviceInfo         = 16
+	SizeofVFIOUserRegionIOFDsRequest = 16
+	SizeofVFIOUserRegionAccess       = 16
+	SizeofVFIOUserDmaRegionAccess    = 16
+	SizeofVFIOUserWriteMulti         = 8
+	SizeofVFIOUserWriteMultiOne      = 24
+)
+
 // VFIOUserHeader is the 16-byte header of every message (struct
 // vfio_user_header); Size counts the header too.
 type VFIOUserHeader struct {
