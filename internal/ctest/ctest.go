@@ -17,6 +17,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/gohfi/gohfi/internal/testenv"
 )
 
 // Expectation is one value the C program prints, with the Go value.
@@ -27,15 +29,13 @@ type Expectation struct {
 }
 
 // GCC returns the path of gcc. Without one the test is skipped, except
-// under CI=true, where checking against C is required and it fails.
+// under CI=true, where checking against C is required and it fails
+// (testenv.Missing).
 func GCC(t testing.TB) string {
 	t.Helper()
 	gcc, err := exec.LookPath("gcc")
 	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("required under CI=true: gcc not found: cannot check the ABI against C: %v", err)
-		}
-		t.Skipf("gcc not found: cannot check the ABI against C: %v", err)
+		testenv.Missing(t, "gcc not found: cannot check the ABI against C: %v", err)
 	}
 	return gcc
 }
