@@ -3,7 +3,6 @@ package uapi
 import (
 	"fmt"
 	"go/ast"
-	"go/parser"
 	"go/token"
 	"os"
 	"reflect"
@@ -169,13 +168,7 @@ var cStyleName = regexp.MustCompile(`^_?[A-Z][A-Z0-9_]*$`)
 // package without being added to cConstants (and so to the C comparison),
 // or a struct without being added to abiStructs.
 func TestConstantTableComplete(t *testing.T) {
-	fset := token.NewFileSet()
-	pkgs, err := parser.ParseDir(fset, ".", func(fi os.FileInfo) bool {
-		return !strings.HasSuffix(fi.Name(), "_test.go")
-	}, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, files := ctest.PackageFiles(t)
 	inTable := map[string]bool{}
 	for _, c := range cConstants {
 		inTable[c.name] = true
@@ -184,28 +177,26 @@ func TestConstantTableComplete(t *testing.T) {
 	for _, s := range abiStructs {
 		structs[reflect.TypeOf(s.v).Elem().Name()] = true
 	}
-	for _, p := range pkgs {
-		for _, f := range p.Files {
-			for _, d := range f.Decls {
-				g, ok := d.(*ast.GenDecl)
-				if !ok {
-					continue
-				}
-				for _, sp := range g.Specs {
-					switch sp := sp.(type) {
-					case *ast.ValueSpec:
-						if g.Tok != token.CONST {
-							continue
+	for _, f := range files {
+		for _, d := range f.Decls {
+			g, ok := d.(*ast.GenDecl)
+			if !ok {
+				continue
+			}
+			for _, sp := range g.Specs {
+				switch sp := sp.(type) {
+				case *ast.ValueSpec:
+					if g.Tok != token.CONST {
+						continue
+					}
+					for _, n := range sp.Names {
+						if cStyleName.MatchString(n.Name) && !inTable[n.Name] && !goOnlyConstants[n.Name] {
+							t.Errorf("constant %s is not compared with C: add it to cConstants and cdefs_test.go", n.Name)
 						}
-						for _, n := range sp.Names {
-							if cStyleName.MatchString(n.Name) && !inTable[n.Name] && !goOnlyConstants[n.Name] {
-								t.Errorf("constant %s is not compared with C: add it to cConstants and cdefs_test.go", n.Name)
-							}
-						}
-					case *ast.TypeSpec:
-						if _, isStruct := sp.Type.(*ast.StructType); isStruct && sp.Name.IsExported() && !structs[sp.Name.Name] {
-							t.Errorf("struct %s is not in abiStructs", sp.Name.Name)
-						}
+					}
+				case *ast.TypeSpec:
+					if _, isStruct := sp.Type.(*ast.StructType); isStruct && sp.Name.IsExported() && !structs[sp.Name.Name] {
+						t.Errorf("struct %s is not in abiStructs", sp.Name.Name)
 					}
 				}
 			}

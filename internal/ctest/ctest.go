@@ -9,6 +9,9 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"go/ast"
+	"go/parser"
+	"go/token"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -133,6 +136,26 @@ func StructLayout(cname string, rt reflect.Type) []Expectation {
 			Expectation{"fieldsize " + cname + "." + cn, fmt.Sprintf("sizeof(((struct %s *)0)->%s)", cname, cn), uint64(f.Type.Size())})
 	}
 	return ex
+}
+
+// PackageFiles parses the Go files of the package in the current directory
+// (the one under test), without its tests.
+func PackageFiles(t testing.TB) (*token.FileSet, []*ast.File) {
+	t.Helper()
+	fset := token.NewFileSet()
+	pkgs, err := parser.ParseDir(fset, ".", func(fi os.FileInfo) bool {
+		return !strings.HasSuffix(fi.Name(), "_test.go")
+	}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var files []*ast.File
+	for _, p := range pkgs {
+		for _, f := range p.Files {
+			files = append(files, f)
+		}
+	}
+	return fset, files
 }
 
 // SnakeCase turns a Go field name into the C one: TIDOffset -> tid_offset,

@@ -1,11 +1,8 @@
 package abi
 
 import (
-	"go/ast"
 	"go/constant"
 	"go/importer"
-	"go/parser"
-	"go/token"
 	"go/types"
 	"os"
 	"reflect"
@@ -127,19 +124,7 @@ const vfioHeader = "/usr/include/linux/vfio.h"
 // typeCheck type-checks the package's own (non-test) files.
 func typeCheck(t *testing.T) *types.Package {
 	t.Helper()
-	fset := token.NewFileSet()
-	pkgs, err := parser.ParseDir(fset, ".", func(fi os.FileInfo) bool {
-		return !strings.HasSuffix(fi.Name(), "_test.go")
-	}, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var files []*ast.File
-	for _, p := range pkgs {
-		for _, f := range p.Files {
-			files = append(files, f)
-		}
-	}
+	fset, files := ctest.PackageFiles(t)
 	conf := types.Config{Importer: importer.ForCompiler(fset, "source", nil)}
 	pkg, err := conf.Check("abi", fset, files, nil)
 	if err != nil {
