@@ -101,7 +101,7 @@ func TestGuestEduOpen(t *testing.T) {
 	}
 	io := d.IOMMU()
 	fact("iommu_pgsizes", fmt.Sprintf("%#x", io.PageSizes))
-	fact("iommu_iova_ranges", fmt.Sprintf("%x", io.IOVARanges))
+	fact("iommu_iova_ranges", fmt.Sprint(io.IOVARanges))
 	fact("iommu_dma_avail", io.DMAAvail)
 	if len(io.IOVARanges) == 0 || io.PageSizes&0x1000 == 0 {
 		t.Errorf("IOMMU info %+v: want IOVA ranges and 4 KiB pages", io)
