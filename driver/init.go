@@ -210,10 +210,14 @@ func probe(ctx context.Context, m *Module, unit int, vdev vfio.Device, name stri
 		unix.Munmap(d.rcvArray)
 		return nil, err
 	}
-	d.iova = newIOVASpace()
+	var err error
+	if d.iova, err = newIOVASpace(d.vdev.IOVARanges()); err != nil {
+		unix.Munmap(d.rcvArray)
+		d.verbs.unmap()
+		return nil, err
+	}
 	d.acct = dma.NewAccountant()
 	d.acct.HonorCapIPCLock = m.params.HonorCapIPCLock
-	var err error
 	if d.pinner, err = dma.NewPinner(d.acct, &dma.PinnerOptions{MaxPins: 16384}); err != nil {
 		unix.Munmap(d.rcvArray)
 		d.verbs.unmap()

@@ -3,34 +3,43 @@ package driver
 import (
 	"fmt"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/gohfi/gohfi/dma"
+	"github.com/gohfi/gohfi/vfio"
 )
 
 // The device address space the driver hands out (dma.IOVAAllocator: page
-// aligned, first fit, coalescing). It starts above the first 1 MiB so that a
-// zero or small IOVA in a descriptor is always a fault, never memory, and
-// skips the x86 interrupt window [0xfee00000, 0xfef00000), which an IOMMU
-// (intel-iommu in the QEMU guest) reserves for MSI.
+// aligned, first fit, coalescing) is the IOVA ranges the device reports
+// (vfio.Device.IOVARanges: behind kernel VFIO those of its IOMMU, which
+// leave out reserved windows such as x86's MSI range), within the driver's
+// own window: above the first 1 MiB, so that a zero or small IOVA in a
+// descriptor is always a fault, never memory, and below 2^47, the top of
+// the user address space the driver's own checks assume.
 const (
-	iovaBase      = 1 << 20
-	iovaLimit     = 1 << 47
-	iovaMSIWindow = 0xfee00000
-	iovaMSIEnd    = 0xfef00000
-	pageSize      = 4096
+	iovaBase  = 1 << 20
+	iovaLimit = 1 << 47
+	pageSize  = 4096
 )
 
 // iovaSpace adapts dma.IOVAAllocator to the driver's calls.
 type iovaSpace struct{ a *dma.IOVAAllocator }
 
-func newIOVASpace() *iovaSpace {
-	a, err := dma.NewIOVAAllocator([]dma.IOVARange{
-		{Start: iovaBase, End: iovaMSIWindow - 1},
-		{Start: iovaMSIEnd, End: iovaLimit - 1},
-	}, pageSize)
-	if err != nil {
-		panic(fmt.Sprintf("gohfi: IOVA ranges: %v", err)) // constant ranges: a programming error
+// newIOVASpace returns the IOVA space inside the device's ranges; an error
+// wrapping ENOSPC when they leave nothing of the driver's window.
+func newIOVASpace(device []vfio.IOVARange) (*iovaSpace, error) {
+	var ranges []dma.IOVARange
+	for _, r := range device {
+		start, end := max(r.Start, iovaBase), min(r.End, iovaLimit-1)
+		if start <= end {
+			ranges = append(ranges, dma.IOVARange{Start: start, End: end})
+		}
 	}
-	return &iovaSpace{a: a}
+	a, err := dma.NewIOVAAllocator(ranges, pageSize)
+	if err != nil {
+		return nil, fmt.Errorf("IOVA ranges %v within [%#x, %#x): %w: %w", device, iovaBase, uint64(iovaLimit), unix.ENOSPC, err)
+	}
+	return &iovaSpace{a: a}, nil
 }
 
 func (s *iovaSpace) alloc(size uint64) (uint64, error) { return s.a.Alloc(size) }

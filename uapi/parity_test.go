@@ -1,32 +1,18 @@
 package uapi
 
 import (
-	"bufio"
-	"bytes"
-	"context"
 	"fmt"
-	"github.com/gohfi/gohfi/internal/testenv"
 	"go/ast"
-	"go/parser"
 	"go/token"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"reflect"
 	"regexp"
-	"strconv"
 	"strings"
 	"testing"
-	"time"
-)
 
-// requireOrSkip skips when ok is false (a missing facility), unless CI=true.
-func requireOrSkip(t testing.TB, ok bool, reason string) {
-	t.Helper()
-	if !ok {
-		testenv.Missing(t, "%s", reason)
-	}
-}
+	"github.com/gohfi/gohfi/internal/ctest"
+	"github.com/gohfi/gohfi/internal/testenv"
+)
 
 // abiStructs lists every ABI struct with its C name.
 var abiStructs = []struct {
@@ -112,55 +98,34 @@ var (
 	}{{0, 0}, {0x1000, 1}, {0x7fff_ffff_f000, 512}, {0x1234_5000, 8}, {0xdead_b000, 3}, {0xffff_ffff_ffff_f000, 16}}
 )
 
-// expectation is one line the C program must print, with the Go value.
-type expectation struct {
-	key  string // also the printf label
-	expr string // C expression
-	want uint64
-}
-
 // goExpectations builds the checks from the Go side: struct sizes, field
 // offsets and sizes (via reflect), constants, encodings.
-func goExpectations(system bool) []expectation {
-	var ex []expectation
+func goExpectations(system bool) []ctest.Expectation {
+	var ex []ctest.Expectation
 	for _, s := range abiStructs {
-		rt := reflect.TypeOf(s.v).Elem()
-		ex = append(ex, expectation{"sizeof " + s.c, "sizeof(struct " + s.c + ")", uint64(rt.Size())})
-		for i := 0; i < rt.NumField(); i++ {
-			f := rt.Field(i)
-			if f.Name == "_" {
-				continue // explicit padding
-			}
-			cn := f.Tag.Get("c")
-			if cn == "" {
-				cn = snakeCase(f.Name)
-			}
-			ex = append(ex,
-				expectation{"offsetof " + s.c + "." + cn, fmt.Sprintf("offsetof(struct %s, %s)", s.c, cn), uint64(f.Offset)},
-				expectation{"fieldsize " + s.c + "." + cn, fmt.Sprintf("sizeof(((struct %s *)0)->%s)", s.c, cn), uint64(f.Type.Size())})
-		}
+		ex = append(ex, ctest.StructLayout(s.c, reflect.TypeOf(s.v).Elem())...)
 	}
 	for _, c := range cConstants {
-		ex = append(ex, expectation{"const " + c.name, c.c, c.v})
+		ex = append(ex, ctest.Expectation{Key: "const " + c.name, Expr: c.c, Want: c.v})
 	}
 	for _, s := range tidSamples {
-		ex = append(ex, expectation{fmt.Sprintf("create_tid(%d,%d)", s[0], s[1]),
-			fmt.Sprintf("create_tid(%d, %d)", s[0], s[1]), uint64(CreateTid(s[0], s[1]))})
+		ex = append(ex, ctest.Expectation{Key: fmt.Sprintf("create_tid(%d,%d)", s[0], s[1]),
+			Expr: fmt.Sprintf("create_tid(%d, %d)", s[0], s[1]), Want: uint64(CreateTid(s[0], s[1]))})
 	}
 	for _, s := range rcvSamples {
-		ex = append(ex, expectation{fmt.Sprintf("put_tid(%#x,%d)", s.pa, s.npages),
-			fmt.Sprintf("put_tid_reg(%#xUL, %d)", s.pa, s.npages), RcvArrayEntry(s.pa, s.npages)})
+		ex = append(ex, ctest.Expectation{Key: fmt.Sprintf("put_tid(%#x,%d)", s.pa, s.npages),
+			Expr: fmt.Sprintf("put_tid_reg(%#xUL, %d)", s.pa, s.npages), Want: RcvArrayEntry(s.pa, s.npages)})
 	}
 	if system {
 		for _, s := range systemOnly {
-			ex = append(ex, expectation{"uverbs " + s.c, s.c, s.v})
+			ex = append(ex, ctest.Expectation{Key: "uverbs " + s.c, Expr: s.c, Want: s.v})
 		}
 	}
 	return ex
 }
 
 // cProgram writes the C source printing every expectation's value.
-func cProgram(system bool, ex []expectation) string {
+func cProgram(system bool, ex []ctest.Expectation) string {
 	var b strings.Builder
 	if system {
 		b.WriteString(cPreludeSystem)
@@ -170,70 +135,14 @@ func cProgram(system bool, ex []expectation) string {
 	}
 	b.WriteString(cHfi1Private)
 	b.WriteString(cGohfi)
-	b.WriteString("\n#include <stdio.h>\nint main(void)\n{\n")
-	for _, e := range ex {
-		fmt.Fprintf(&b, "\tprintf(\"%%s=%%llu\\n\", %q, (unsigned long long)(%s));\n", e.key, e.expr)
-	}
-	b.WriteString("\treturn 0;\n}\n")
-	return b.String()
-}
-
-// runC compiles and runs src, returning key -> value.
-func runC(t *testing.T, gcc, src string) map[string]uint64 {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	dir := t.TempDir()
-	cfile, bin := filepath.Join(dir, "parity.c"), filepath.Join(dir, "parity")
-	if err := os.WriteFile(cfile, []byte(src), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	out, err := exec.CommandContext(ctx, gcc, "-std=gnu11", "-Wall", "-Werror", "-Wno-unused-function", "-o", bin, cfile).CombinedOutput()
-	if err != nil {
-		t.Fatalf("gcc: %v\n%s", err, out)
-	}
-	out, err = exec.CommandContext(ctx, bin).Output()
-	if err != nil {
-		t.Fatalf("running the C program: %v", err)
-	}
-	got := map[string]uint64{}
-	sc := bufio.NewScanner(bytes.NewReader(out))
-	for sc.Scan() {
-		k, v, ok := strings.Cut(sc.Text(), "=")
-		if !ok {
-			t.Fatalf("bad line %q", sc.Text())
-		}
-		n, err := strconv.ParseUint(v, 10, 64)
-		if err != nil {
-			t.Fatalf("bad line %q: %v", sc.Text(), err)
-		}
-		got[k] = n
-	}
-	return got
-}
-
-func compare(t *testing.T, ex []expectation, got map[string]uint64) {
-	t.Helper()
-	if len(got) != len(ex) {
-		t.Errorf("C printed %d values, want %d", len(got), len(ex))
-	}
-	for _, e := range ex {
-		g, ok := got[e.key]
-		switch {
-		case !ok:
-			t.Errorf("%s: missing from C output", e.key)
-		case g != e.want:
-			t.Errorf("%s: C %#x, Go %#x", e.key, g, e.want)
-		}
-	}
+	return ctest.Program(b.String(), ex)
 }
 
 // TestParityOwnHeaders compiles the C definitions written in cdefs_test.go.
 func TestParityOwnHeaders(t *testing.T) {
-	gcc, err := exec.LookPath("gcc")
-	requireOrSkip(t, err == nil, "gcc not found: cannot check the ABI against C")
+	gcc := ctest.GCC(t)
 	ex := goExpectations(false)
-	compare(t, ex, runC(t, gcc, cProgram(false, ex)))
+	ctest.Compare(t, ex, ctest.Run(t, gcc, cProgram(false, ex)))
 	if !t.Failed() {
 		t.Logf("%d values agree with C", len(ex))
 	}
@@ -242,38 +151,15 @@ func TestParityOwnHeaders(t *testing.T) {
 // TestParitySystemHeaders compiles against the installed kernel uapi headers
 // (Debian's linux-libc-dev ships rdma/hfi/hfi1_ioctl.h and hfi1_user.h).
 func TestParitySystemHeaders(t *testing.T) {
-	gcc, err := exec.LookPath("gcc")
-	requireOrSkip(t, err == nil, "gcc not found: cannot check the ABI against C")
+	gcc := ctest.GCC(t)
 	if _, err := os.Stat("/usr/include/rdma/hfi/hfi1_ioctl.h"); err != nil {
 		testenv.Missing(t, "no /usr/include/rdma/hfi/hfi1_ioctl.h (install linux-libc-dev); own C definitions are still checked")
 	}
 	ex := goExpectations(true)
-	compare(t, ex, runC(t, gcc, cProgram(true, ex)))
+	ctest.Compare(t, ex, ctest.Run(t, gcc, cProgram(true, ex)))
 	if !t.Failed() {
 		t.Logf("%d values agree with the system headers", len(ex))
 	}
-}
-
-// snakeCase turns a Go field name into the C one for structs without c
-// tags: TIDOffset -> tid_offset, DstCtxt -> dst_ctxt.
-func snakeCase(s string) string {
-	var b strings.Builder
-	r := []rune(s)
-	for i, c := range r {
-		upper := c >= 'A' && c <= 'Z'
-		if upper && i > 0 {
-			prevLower := r[i-1] >= 'a' && r[i-1] <= 'z'
-			nextLower := i+1 < len(r) && r[i+1] >= 'a' && r[i+1] <= 'z'
-			if prevLower || nextLower {
-				b.WriteByte('_')
-			}
-		}
-		if upper {
-			c += 'a' - 'A'
-		}
-		b.WriteRune(c)
-	}
-	return b.String()
 }
 
 var cStyleName = regexp.MustCompile(`^_?[A-Z][A-Z0-9_]*$`)
@@ -282,13 +168,7 @@ var cStyleName = regexp.MustCompile(`^_?[A-Z][A-Z0-9_]*$`)
 // package without being added to cConstants (and so to the C comparison),
 // or a struct without being added to abiStructs.
 func TestConstantTableComplete(t *testing.T) {
-	fset := token.NewFileSet()
-	pkgs, err := parser.ParseDir(fset, ".", func(fi os.FileInfo) bool {
-		return !strings.HasSuffix(fi.Name(), "_test.go")
-	}, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, files := ctest.PackageFiles(t)
 	inTable := map[string]bool{}
 	for _, c := range cConstants {
 		inTable[c.name] = true
@@ -297,28 +177,26 @@ func TestConstantTableComplete(t *testing.T) {
 	for _, s := range abiStructs {
 		structs[reflect.TypeOf(s.v).Elem().Name()] = true
 	}
-	for _, p := range pkgs {
-		for _, f := range p.Files {
-			for _, d := range f.Decls {
-				g, ok := d.(*ast.GenDecl)
-				if !ok {
-					continue
-				}
-				for _, sp := range g.Specs {
-					switch sp := sp.(type) {
-					case *ast.ValueSpec:
-						if g.Tok != token.CONST {
-							continue
+	for _, f := range files {
+		for _, d := range f.Decls {
+			g, ok := d.(*ast.GenDecl)
+			if !ok {
+				continue
+			}
+			for _, sp := range g.Specs {
+				switch sp := sp.(type) {
+				case *ast.ValueSpec:
+					if g.Tok != token.CONST {
+						continue
+					}
+					for _, n := range sp.Names {
+						if cStyleName.MatchString(n.Name) && !inTable[n.Name] && !goOnlyConstants[n.Name] {
+							t.Errorf("constant %s is not compared with C: add it to cConstants and cdefs_test.go", n.Name)
 						}
-						for _, n := range sp.Names {
-							if cStyleName.MatchString(n.Name) && !inTable[n.Name] && !goOnlyConstants[n.Name] {
-								t.Errorf("constant %s is not compared with C: add it to cConstants and cdefs_test.go", n.Name)
-							}
-						}
-					case *ast.TypeSpec:
-						if _, isStruct := sp.Type.(*ast.StructType); isStruct && sp.Name.IsExported() && !structs[sp.Name.Name] {
-							t.Errorf("struct %s is not in abiStructs", sp.Name.Name)
-						}
+					}
+				case *ast.TypeSpec:
+					if _, isStruct := sp.Type.(*ast.StructType); isStruct && sp.Name.IsExported() && !structs[sp.Name.Name] {
+						t.Errorf("struct %s is not in abiStructs", sp.Name.Name)
 					}
 				}
 			}

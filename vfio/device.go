@@ -5,65 +5,71 @@
 // (vfio/vfiouser), which talks to a device model over a unix socket, and the
 // kernel VFIO backend, which drives /dev/vfio inside a guest.
 //
-// The indices, flags and info layouts follow include/uapi/linux/vfio.h so that
-// both backends speak in the kernel's terms.
+// The indices, flags and layouts are those of include/uapi/linux/vfio.h,
+// defined once in vfio/abi, so that both backends speak in the kernel's
+// terms.
 package vfio
 
 import (
 	"errors"
 	"os"
+
+	"github.com/gohfi/gohfi/vfio/abi"
 )
+
+// The driver's names for the constants of vfio/abi, where they are
+// defined (once, under their C names) and checked against C.
 
 // Region indices of a PCI device (VFIO_PCI_*_REGION_INDEX).
 const (
-	PCIBAR0RegionIndex   = 0
-	PCIBAR1RegionIndex   = 1
-	PCIBAR2RegionIndex   = 2
-	PCIBAR3RegionIndex   = 3
-	PCIBAR4RegionIndex   = 4
-	PCIBAR5RegionIndex   = 5
-	PCIROMRegionIndex    = 6
-	PCIConfigRegionIndex = 7
-	PCIVGARegionIndex    = 8
-	PCINumRegions        = 9
+	PCIBAR0RegionIndex   = abi.VFIO_PCI_BAR0_REGION_INDEX
+	PCIBAR1RegionIndex   = abi.VFIO_PCI_BAR1_REGION_INDEX
+	PCIBAR2RegionIndex   = abi.VFIO_PCI_BAR2_REGION_INDEX
+	PCIBAR3RegionIndex   = abi.VFIO_PCI_BAR3_REGION_INDEX
+	PCIBAR4RegionIndex   = abi.VFIO_PCI_BAR4_REGION_INDEX
+	PCIBAR5RegionIndex   = abi.VFIO_PCI_BAR5_REGION_INDEX
+	PCIROMRegionIndex    = abi.VFIO_PCI_ROM_REGION_INDEX
+	PCIConfigRegionIndex = abi.VFIO_PCI_CONFIG_REGION_INDEX
+	PCIVGARegionIndex    = abi.VFIO_PCI_VGA_REGION_INDEX
+	PCINumRegions        = abi.VFIO_PCI_NUM_REGIONS
 )
 
 // IRQ indices of a PCI device (VFIO_PCI_*_IRQ_INDEX).
 const (
-	PCIINTxIRQIndex = 0
-	PCIMSIIRQIndex  = 1
-	PCIMSIXIRQIndex = 2
-	PCIErrIRQIndex  = 3
-	PCIReqIRQIndex  = 4
-	PCINumIRQs      = 5
+	PCIINTxIRQIndex = abi.VFIO_PCI_INTX_IRQ_INDEX
+	PCIMSIIRQIndex  = abi.VFIO_PCI_MSI_IRQ_INDEX
+	PCIMSIXIRQIndex = abi.VFIO_PCI_MSIX_IRQ_INDEX
+	PCIErrIRQIndex  = abi.VFIO_PCI_ERR_IRQ_INDEX
+	PCIReqIRQIndex  = abi.VFIO_PCI_REQ_IRQ_INDEX
+	PCINumIRQs      = abi.VFIO_PCI_NUM_IRQS
 )
 
 // Device flags (VFIO_DEVICE_FLAGS_*).
 const (
-	DeviceFlagsReset = 1 << 0
-	DeviceFlagsPCI   = 1 << 1
+	DeviceFlagsReset = abi.VFIO_DEVICE_FLAGS_RESET
+	DeviceFlagsPCI   = abi.VFIO_DEVICE_FLAGS_PCI
 )
 
 // Region flags (VFIO_REGION_INFO_FLAG_*).
 const (
-	RegionFlagRead  = 1 << 0
-	RegionFlagWrite = 1 << 1
-	RegionFlagMmap  = 1 << 2
-	RegionFlagCaps  = 1 << 3
+	RegionFlagRead  = abi.VFIO_REGION_INFO_FLAG_READ
+	RegionFlagWrite = abi.VFIO_REGION_INFO_FLAG_WRITE
+	RegionFlagMmap  = abi.VFIO_REGION_INFO_FLAG_MMAP
+	RegionFlagCaps  = abi.VFIO_REGION_INFO_FLAG_CAPS
 )
 
 // IRQ info flags (VFIO_IRQ_INFO_*).
 const (
-	IRQInfoEventfd    = 1 << 0
-	IRQInfoMaskable   = 1 << 1
-	IRQInfoAutomasked = 1 << 2
-	IRQInfoNoresize   = 1 << 3
+	IRQInfoEventfd    = abi.VFIO_IRQ_INFO_EVENTFD
+	IRQInfoMaskable   = abi.VFIO_IRQ_INFO_MASKABLE
+	IRQInfoAutomasked = abi.VFIO_IRQ_INFO_AUTOMASKED
+	IRQInfoNoresize   = abi.VFIO_IRQ_INFO_NORESIZE
 )
 
 // DMA mapping permissions, as seen by the device (VFIO_DMA_MAP_FLAG_READ/WRITE).
 const (
-	DMARead  = 1 << 0
-	DMAWrite = 1 << 1
+	DMARead  = abi.VFIO_DMA_MAP_FLAG_READ
+	DMAWrite = abi.VFIO_DMA_MAP_FLAG_WRITE
 )
 
 // DeviceInfo mirrors struct vfio_device_info.
@@ -74,10 +80,11 @@ type DeviceInfo struct {
 }
 
 // SparseArea is one mmappable part of a region (struct vfio_region_sparse_mmap_area).
-type SparseArea struct {
-	Offset uint64
-	Size   uint64
-}
+type SparseArea = abi.VFIORegionSparseMmapArea
+
+// IOVARange is an inclusive range of device addresses the device's IOMMU
+// accepts for DMA mappings (struct vfio_iova_range).
+type IOVARange = abi.VFIOIovaRange
 
 // RegionInfo mirrors struct vfio_region_info with its sparse-mmap capability
 // decoded. When Flags has RegionFlagMmap and Sparse is empty, the whole region
@@ -160,6 +167,13 @@ type Device interface {
 	DMAMap(m DMAMapping) error
 	// DMAUnmap removes the mapping that starts at iova with size size.
 	DMAUnmap(iova, size uint64) error
+	// IOVARanges returns the device addresses DMAMap accepts: sorted,
+	// disjoint, inclusive ranges, never none. The kernel backend reports
+	// the ranges of its type1 IOMMU (VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE,
+	// which leaves out reserved windows such as x86's MSI range); a
+	// backend whose IOMMU reports nothing returns the limit of its own
+	// protocol. The driver allocates IOVAs only inside them.
+	IOVARanges() []IOVARange
 	// IRQInfo describes IRQ index.
 	IRQInfo(index uint32) (IRQInfo, error)
 	// SetIRQs connects eventfds to vectors [start, start+len(fds)) of IRQ

@@ -6,6 +6,8 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gohfi/gohfi/vfio/abi"
 )
 
 // Container is an open /dev/vfio/vfio: an IOMMU context that groups are
@@ -30,19 +32,19 @@ func (c *Container) FD() int { return c.fd }
 
 // APIVersion is VFIO_GET_API_VERSION.
 func (c *Container) APIVersion() (int, error) {
-	return ioctlValue(c.fd, ioctlGetAPIVersion, 0)
+	return ioctlValue(c.fd, abi.VFIO_GET_API_VERSION, 0)
 }
 
 // CheckExtension is VFIO_CHECK_EXTENSION: whether the container (and, once
 // groups are attached, their IOMMU) supports ext.
 func (c *Container) CheckExtension(ext int) (bool, error) {
-	r, err := ioctlValue(c.fd, ioctlCheckExtension, uintptr(ext))
+	r, err := ioctlValue(c.fd, abi.VFIO_CHECK_EXTENSION, uintptr(ext))
 	return r > 0, err
 }
 
 // SetIOMMU is VFIO_SET_IOMMU; it needs at least one group attached.
 func (c *Container) SetIOMMU(typ int) error {
-	_, err := ioctlValue(c.fd, ioctlSetIOMMU, uintptr(typ))
+	_, err := ioctlValue(c.fd, abi.VFIO_SET_IOMMU, uintptr(typ))
 	return err
 }
 
@@ -52,7 +54,7 @@ func (c *Container) SetIOMMU(typ int) error {
 func (c *Container) IOMMUInfo() (IOMMUInfo, error) {
 	buf := encodeIOMMUInfo(0)
 	for range 2 {
-		if _, err := ioctlBuf(c.fd, ioctlIOMMUGetInfo, buf); err != nil {
+		if _, err := ioctlBuf(c.fd, abi.VFIO_IOMMU_GET_INFO, buf); err != nil {
 			return IOMMUInfo{}, err
 		}
 		info, needed, err := decodeIOMMUInfo(buf)
@@ -68,20 +70,23 @@ func (c *Container) IOMMUInfo() (IOMMUInfo, error) {
 }
 
 // MapDMA is VFIO_IOMMU_MAP_DMA: the kernel pins [vaddr, vaddr+size) of this
-// process and maps it at iova with flags (vfio.DMARead|vfio.DMAWrite).
+// process and maps it at iova with flags (VFIO_DMA_MAP_FLAG_READ|WRITE).
 func (c *Container) MapDMA(iova uint64, vaddr uintptr, size uint64, flags uint32) error {
-	_, err := ioctlBuf(c.fd, ioctlIOMMUMapDMA, encodeDMAMap(flags, uint64(vaddr), iova, size))
+	m := abi.VFIOIommuType1DmaMap{Flags: flags, Vaddr: uint64(vaddr), IOVA: iova, Size: size}
+	m.Argsz = uint32(abi.SizeofVFIOIommuType1DmaMap)
+	_, err := ioctlBuf(c.fd, abi.VFIO_IOMMU_MAP_DMA, abi.Bytes(&m))
 	return err
 }
 
 // UnmapDMA is VFIO_IOMMU_UNMAP_DMA and returns how many bytes the kernel
 // unmapped (0 if nothing was mapped there).
 func (c *Container) UnmapDMA(iova, size uint64) (uint64, error) {
-	buf := encodeDMAUnmap(iova, size)
-	if _, err := ioctlBuf(c.fd, ioctlIOMMUUnmapDMA, buf); err != nil {
+	u := abi.VFIOIommuType1DmaUnmap{IOVA: iova, Size: size}
+	u.Argsz = uint32(abi.SizeofVFIOIommuType1DmaUnmap)
+	if _, err := ioctlBuf(c.fd, abi.VFIO_IOMMU_UNMAP_DMA, abi.Bytes(&u)); err != nil {
 		return 0, err
 	}
-	return decodeDMAUnmapSize(buf), nil
+	return u.Size, nil
 }
 
 // Close closes the container. Groups still attached keep it alive in the
@@ -112,30 +117,30 @@ func OpenGroup(path string) (*Group, error) {
 	return &Group{fd: fd}, nil
 }
 
-// Status is VFIO_GROUP_GET_STATUS (GroupViable, GroupContainerSet).
+// Status is VFIO_GROUP_GET_STATUS (VFIO_GROUP_FLAGS_*).
 func (g *Group) Status() (uint32, error) {
-	buf := encodeGroupStatus()
-	if _, err := ioctlBuf(g.fd, ioctlGroupGetStatus, buf); err != nil {
+	st := abi.VFIOGroupStatus{Argsz: uint32(abi.SizeofVFIOGroupStatus)}
+	if _, err := ioctlBuf(g.fd, abi.VFIO_GROUP_GET_STATUS, abi.Bytes(&st)); err != nil {
 		return 0, err
 	}
-	return decodeGroupStatus(buf), nil
+	return st.Flags, nil
 }
 
 // SetContainer is VFIO_GROUP_SET_CONTAINER.
 func (g *Group) SetContainer(c *Container) error {
-	return ioctlIntPtr(g.fd, ioctlGroupSetContainer, int32(c.fd))
+	return ioctlIntPtr(g.fd, abi.VFIO_GROUP_SET_CONTAINER, int32(c.fd))
 }
 
 // UnsetContainer is VFIO_GROUP_UNSET_CONTAINER.
 func (g *Group) UnsetContainer() error {
-	_, err := ioctlValue(g.fd, ioctlGroupUnsetCont, 0)
+	_, err := ioctlValue(g.fd, abi.VFIO_GROUP_UNSET_CONTAINER, 0)
 	return err
 }
 
 // DeviceFD is VFIO_GROUP_GET_DEVICE_FD: a new file descriptor for the
 // device called name (its PCI address), owned by the caller.
 func (g *Group) DeviceFD(name string) (int, error) {
-	return ioctlString(g.fd, ioctlGroupGetDeviceFD, name)
+	return ioctlString(g.fd, abi.VFIO_GROUP_GET_DEVICE_FD, name)
 }
 
 // Close closes the group, detaching it from its container.

@@ -5,20 +5,24 @@
 // The shape follows the kernel's objects: a Container (/dev/vfio/vfio),
 // a Group (/dev/vfio/<n>) and the device fd, with one method per ioctl;
 // Device ties them together behind vfio.Device. The ioctl calls themselves
-// are in ioctl_unsafe.go, the structure encodings in uapi.go.
+// are in ioctl_unsafe.go; the structures are vfio/abi's (uapi.go builds
+// those the kernel extends with capabilities or data).
 package kernel
 
 import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/gohfi/gohfi/vfio"
+	"github.com/gohfi/gohfi/vfio/abi"
 )
 
 // Options selects and prepares the device Open opens.
@@ -100,10 +104,10 @@ func (d *Device) open(devDir string, groupNo int) (err error) {
 	if err != nil {
 		return err
 	}
-	if v != APIVersion {
-		return fmt.Errorf("vfio: API version %d, want %d", v, APIVersion)
+	if v != abi.VFIO_API_VERSION {
+		return fmt.Errorf("vfio: API version %d, want %d", v, abi.VFIO_API_VERSION)
 	}
-	if ok, err := d.container.CheckExtension(Type1v2IOMMU); err != nil {
+	if ok, err := d.container.CheckExtension(abi.VFIO_TYPE1v2_IOMMU); err != nil {
 		return err
 	} else if !ok {
 		return fmt.Errorf("vfio: container lacks the type1 v2 IOMMU: %w", unix.ENOTSUP)
@@ -115,14 +119,14 @@ func (d *Device) open(devDir string, groupNo int) (err error) {
 	if err != nil {
 		return err
 	}
-	if st&GroupViable == 0 {
+	if st&abi.VFIO_GROUP_FLAGS_VIABLE == 0 {
 		// Another device of the group is bound to a host driver.
 		return fmt.Errorf("vfio: group %d is not viable (bind all its devices to vfio-pci): %w", groupNo, unix.EBUSY)
 	}
 	if err := d.group.SetContainer(d.container); err != nil {
 		return err
 	}
-	if err := d.container.SetIOMMU(Type1v2IOMMU); err != nil {
+	if err := d.container.SetIOMMU(abi.VFIO_TYPE1v2_IOMMU); err != nil {
 		return err
 	}
 	if d.iommu, err = d.container.IOMMUInfo(); err != nil {
@@ -131,11 +135,11 @@ func (d *Device) open(devDir string, groupNo int) (err error) {
 	if d.fd, err = d.group.DeviceFD(d.bdf); err != nil {
 		return err
 	}
-	buf := encodeDeviceInfo()
-	if _, err := ioctlBuf(d.fd, ioctlDeviceGetInfo, buf); err != nil {
+	di := abi.VFIODeviceInfo{Argsz: uint32(abi.SizeofVFIODeviceInfo)}
+	if _, err := ioctlBuf(d.fd, abi.VFIO_DEVICE_GET_INFO, abi.Bytes(&di)); err != nil {
 		return err
 	}
-	d.info = decodeDeviceInfo(buf)
+	d.info = vfio.DeviceInfo{Flags: di.Flags, NumRegions: di.NumRegions, NumIRQs: di.NumIRQs}
 	return nil
 }
 
@@ -184,7 +188,7 @@ func (d *Device) RegionInfo(index uint32) (vfio.RegionInfo, error) {
 	}
 	buf := encodeRegionInfo(index, 0)
 	for range 2 {
-		if _, err := ioctlBuf(fd, ioctlDeviceGetRegion, buf); err != nil {
+		if _, err := ioctlBuf(fd, abi.VFIO_DEVICE_GET_REGION_INFO, buf); err != nil {
 			return vfio.RegionInfo{}, fmt.Errorf("%w (region %d)", err, index)
 		}
 		ri, needed, err := decodeRegionInfo(buf)
@@ -303,6 +307,18 @@ func (d *Device) DMAMap(m vfio.DMAMapping) error {
 	return nil
 }
 
+// IOVARanges implements vfio.Device: the usable IOVA ranges the type1
+// IOMMU reported (VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, which already
+// leaves out reserved regions such as x86's MSI window), as they are. An
+// IOMMU that reports none (kernels before 5.4) restricts nothing that
+// DMAMap can check: the whole 64-bit space.
+func (d *Device) IOVARanges() []vfio.IOVARange {
+	if len(d.iommu.IOVARanges) == 0 {
+		return []vfio.IOVARange{{Start: 0, End: math.MaxUint64}}
+	}
+	return slices.Clone(d.iommu.IOVARanges)
+}
+
 // checkIOVA applies the IOMMU's reported limits, so a bad mapping fails
 // here with a clear message rather than as a bare EINVAL from the kernel.
 func (d *Device) checkIOVA(iova, size uint64) error {
@@ -355,11 +371,11 @@ func (d *Device) IRQInfo(index uint32) (vfio.IRQInfo, error) {
 	if err != nil {
 		return vfio.IRQInfo{}, err
 	}
-	buf := encodeIRQInfo(index)
-	if _, err := ioctlBuf(fd, ioctlDeviceGetIRQInfo, buf); err != nil {
+	ii := abi.VFIOIrqInfo{Argsz: uint32(abi.SizeofVFIOIrqInfo), Index: index}
+	if _, err := ioctlBuf(fd, abi.VFIO_DEVICE_GET_IRQ_INFO, abi.Bytes(&ii)); err != nil {
 		return vfio.IRQInfo{}, fmt.Errorf("%w (index %d)", err, index)
 	}
-	return decodeIRQInfo(buf), nil
+	return vfio.IRQInfo{Flags: ii.Flags, Index: ii.Index, Count: ii.Count}, nil
 }
 
 // SetIRQs implements vfio.Device: VFIO_DEVICE_SET_IRQS with
@@ -373,7 +389,7 @@ func (d *Device) SetIRQs(index, start uint32, fds []int) error {
 	if fds == nil {
 		start = 0
 	}
-	_, err = ioctlBuf(fd, ioctlDeviceSetIRQs, encodeIRQSet(IRQSetActionTrigger, index, start, 0, fds))
+	_, err = ioctlBuf(fd, abi.VFIO_DEVICE_SET_IRQS, encodeIRQSet(abi.VFIO_IRQ_SET_ACTION_TRIGGER, index, start, 0, fds))
 	if err != nil {
 		return fmt.Errorf("%w (index %d, start %d, %d fds)", err, index, start, len(fds))
 	}
@@ -388,7 +404,7 @@ func (d *Device) UnmaskIRQ(index, start, count uint32) error {
 	if err != nil {
 		return err
 	}
-	_, err = ioctlBuf(fd, ioctlDeviceSetIRQs, encodeIRQSet(IRQSetActionUnmask, index, start, count, nil))
+	_, err = ioctlBuf(fd, abi.VFIO_DEVICE_SET_IRQS, encodeIRQSet(abi.VFIO_IRQ_SET_ACTION_UNMASK, index, start, count, nil))
 	if err != nil {
 		return fmt.Errorf("%w (unmask index %d)", err, index)
 	}
@@ -404,7 +420,7 @@ func (d *Device) Reset() error {
 	if d.info.Flags&vfio.DeviceFlagsReset == 0 {
 		return fmt.Errorf("vfio: VFIO_DEVICE_RESET: device %s has no reset: %w", d.bdf, unix.ENOTTY)
 	}
-	_, err = ioctlValue(fd, ioctlDeviceReset, 0)
+	_, err = ioctlValue(fd, abi.VFIO_DEVICE_RESET, 0)
 	return err
 }
 

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -100,10 +101,22 @@ func TestGuestEduOpen(t *testing.T) {
 	}
 	io := d.IOMMU()
 	fact("iommu_pgsizes", fmt.Sprintf("%#x", io.PageSizes))
-	fact("iommu_iova_ranges", fmt.Sprintf("%x", io.IOVARanges))
+	fact("iommu_iova_ranges", fmt.Sprint(io.IOVARanges))
 	fact("iommu_dma_avail", io.DMAAvail)
 	if len(io.IOVARanges) == 0 || io.PageSizes&0x1000 == 0 {
 		t.Errorf("IOMMU info %+v: want IOVA ranges and 4 KiB pages", io)
+	}
+	// What the driver allocates in: the IOMMU's ranges, which leave out
+	// the x86 MSI window.
+	ranges := d.IOVARanges()
+	fact("device_iova_ranges", fmt.Sprint(ranges))
+	if !reflect.DeepEqual(ranges, io.IOVARanges) {
+		t.Errorf("IOVARanges %v, IOMMU reported %v", ranges, io.IOVARanges)
+	}
+	for _, r := range ranges {
+		if r.Start <= 0xfeefffff && r.End >= 0xfee00000 {
+			t.Errorf("IOVA range %v overlaps the MSI window [0xfee00000, 0xfeefffff]", r)
+		}
 	}
 
 	var id [4]byte

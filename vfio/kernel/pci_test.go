@@ -3,8 +3,10 @@ package kernel
 import (
 	"errors"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -142,10 +144,8 @@ func TestOpenWithoutVFIO(t *testing.T) {
 }
 
 func TestCheckIOVA(t *testing.T) {
-	d := &Device{iommu: IOMMUInfo{
-		PageSizes:  0x40201000,
-		IOVARanges: []IOVARange{{0, 0xfedfffff}, {0xfef00000, 0xffffffffff}},
-	}}
+	ranges := []vfio.IOVARange{{Start: 0, End: 0xfedfffff}, {Start: 0xfef00000, End: 0xffffffffff}}
+	d := &Device{iommu: IOMMUInfo{PageSizes: 0x40201000, IOVARanges: ranges}}
 	for _, c := range []struct {
 		iova, size uint64
 		ok         bool
@@ -170,6 +170,20 @@ func TestCheckIOVA(t *testing.T) {
 	}
 	if err := d.DMAMap(vfio.DMAMapping{IOVA: 0x1000, Size: 0x1000}); !errors.Is(err, unix.EINVAL) {
 		t.Errorf("DMAMap without memory = %v", err)
+	}
+	// IOVARanges passes the IOMMU's ranges on as they are, as a copy.
+	got := d.IOVARanges()
+	if !reflect.DeepEqual(got, ranges) {
+		t.Errorf("IOVARanges = %x, want %x", got, ranges)
+	}
+	got[0].End = 0
+	if d.iommu.IOVARanges[0].End != 0xfedfffff {
+		t.Error("IOVARanges returned the device's own slice")
+	}
+	// Without the capability: everything DMAMap can check.
+	d.iommu.IOVARanges = nil
+	if got := d.IOVARanges(); !reflect.DeepEqual(got, []vfio.IOVARange{{Start: 0, End: math.MaxUint64}}) {
+		t.Errorf("IOVARanges without the capability = %x", got)
 	}
 }
 

@@ -1,12 +1,12 @@
 package kernel
 
 import (
-	"bytes"
 	"encoding/binary"
 	"reflect"
 	"testing"
 
 	"github.com/gohfi/gohfi/vfio"
+	"github.com/gohfi/gohfi/vfio/abi"
 )
 
 func TestIoctlNumbers(t *testing.T) {
@@ -16,21 +16,21 @@ func TestIoctlNumbers(t *testing.T) {
 		want uintptr
 		name string
 	}{
-		{ioctlGetAPIVersion, 0x3b64, "VFIO_GET_API_VERSION"},
-		{ioctlCheckExtension, 0x3b65, "VFIO_CHECK_EXTENSION"},
-		{ioctlSetIOMMU, 0x3b66, "VFIO_SET_IOMMU"},
-		{ioctlGroupGetStatus, 0x3b67, "VFIO_GROUP_GET_STATUS"},
-		{ioctlGroupSetContainer, 0x3b68, "VFIO_GROUP_SET_CONTAINER"},
-		{ioctlGroupUnsetCont, 0x3b69, "VFIO_GROUP_UNSET_CONTAINER"},
-		{ioctlGroupGetDeviceFD, 0x3b6a, "VFIO_GROUP_GET_DEVICE_FD"},
-		{ioctlDeviceGetInfo, 0x3b6b, "VFIO_DEVICE_GET_INFO"},
-		{ioctlDeviceGetRegion, 0x3b6c, "VFIO_DEVICE_GET_REGION_INFO"},
-		{ioctlDeviceGetIRQInfo, 0x3b6d, "VFIO_DEVICE_GET_IRQ_INFO"},
-		{ioctlDeviceSetIRQs, 0x3b6e, "VFIO_DEVICE_SET_IRQS"},
-		{ioctlDeviceReset, 0x3b6f, "VFIO_DEVICE_RESET"},
-		{ioctlIOMMUGetInfo, 0x3b70, "VFIO_IOMMU_GET_INFO"},
-		{ioctlIOMMUMapDMA, 0x3b71, "VFIO_IOMMU_MAP_DMA"},
-		{ioctlIOMMUUnmapDMA, 0x3b72, "VFIO_IOMMU_UNMAP_DMA"},
+		{abi.VFIO_GET_API_VERSION, 0x3b64, "VFIO_GET_API_VERSION"},
+		{abi.VFIO_CHECK_EXTENSION, 0x3b65, "VFIO_CHECK_EXTENSION"},
+		{abi.VFIO_SET_IOMMU, 0x3b66, "VFIO_SET_IOMMU"},
+		{abi.VFIO_GROUP_GET_STATUS, 0x3b67, "VFIO_GROUP_GET_STATUS"},
+		{abi.VFIO_GROUP_SET_CONTAINER, 0x3b68, "VFIO_GROUP_SET_CONTAINER"},
+		{abi.VFIO_GROUP_UNSET_CONTAINER, 0x3b69, "VFIO_GROUP_UNSET_CONTAINER"},
+		{abi.VFIO_GROUP_GET_DEVICE_FD, 0x3b6a, "VFIO_GROUP_GET_DEVICE_FD"},
+		{abi.VFIO_DEVICE_GET_INFO, 0x3b6b, "VFIO_DEVICE_GET_INFO"},
+		{abi.VFIO_DEVICE_GET_REGION_INFO, 0x3b6c, "VFIO_DEVICE_GET_REGION_INFO"},
+		{abi.VFIO_DEVICE_GET_IRQ_INFO, 0x3b6d, "VFIO_DEVICE_GET_IRQ_INFO"},
+		{abi.VFIO_DEVICE_SET_IRQS, 0x3b6e, "VFIO_DEVICE_SET_IRQS"},
+		{abi.VFIO_DEVICE_RESET, 0x3b6f, "VFIO_DEVICE_RESET"},
+		{abi.VFIO_IOMMU_GET_INFO, 0x3b70, "VFIO_IOMMU_GET_INFO"},
+		{abi.VFIO_IOMMU_MAP_DMA, 0x3b71, "VFIO_IOMMU_MAP_DMA"},
+		{abi.VFIO_IOMMU_UNMAP_DMA, 0x3b72, "VFIO_IOMMU_UNMAP_DMA"},
 	} {
 		if c.got != c.want {
 			t.Errorf("%s = %#x, want %#x", c.name, c.got, c.want)
@@ -39,44 +39,18 @@ func TestIoctlNumbers(t *testing.T) {
 			t.Errorf("ioctlName(%#x) = %q, want %q", c.got, n, c.name)
 		}
 	}
-}
-
-func TestEncodeDMAMap(t *testing.T) {
-	b := encodeDMAMap(vfio.DMARead|vfio.DMAWrite, 0x7f0000001000, 0x100000, 0x10000)
-	want := []byte{
-		32, 0, 0, 0, // argsz
-		3, 0, 0, 0, // flags READ|WRITE
-		0x00, 0x10, 0x00, 0x00, 0x00, 0x7f, 0, 0, // vaddr
-		0x00, 0x00, 0x10, 0, 0, 0, 0, 0, // iova
-		0x00, 0x00, 0x01, 0, 0, 0, 0, 0, // size
-	}
-	if !bytes.Equal(b, want) {
-		t.Fatalf("dma_map = % x\nwant      % x", b, want)
-	}
-}
-
-func TestEncodeDMAUnmap(t *testing.T) {
-	b := encodeDMAUnmap(0x200000, 0x3000)
-	if len(b) != 24 || binary.LittleEndian.Uint32(b) != 24 || binary.LittleEndian.Uint32(b[4:]) != 0 {
-		t.Fatalf("dma_unmap header = % x", b[:8])
-	}
-	if binary.LittleEndian.Uint64(b[8:]) != 0x200000 || decodeDMAUnmapSize(b) != 0x3000 {
-		t.Fatalf("dma_unmap = % x", b)
-	}
-	// The kernel writes the unmapped size back.
-	binary.LittleEndian.PutUint64(b[16:], 0x1000)
-	if decodeDMAUnmapSize(b) != 0x1000 {
-		t.Fatal("unmapped size not read back from the size field")
+	if n := ioctlName(0x1234); n != "ioctl 0x1234" {
+		t.Errorf("ioctlName of an unknown number = %q", n)
 	}
 }
 
 func TestEncodeIRQSet(t *testing.T) {
-	b := encodeIRQSet(IRQSetActionTrigger, vfio.PCIMSIXIRQIndex, 1, 0, []int{7, -1, 9})
+	b := encodeIRQSet(abi.VFIO_IRQ_SET_ACTION_TRIGGER, vfio.PCIMSIXIRQIndex, 1, 0, []int{7, -1, 9})
 	le := binary.LittleEndian
 	if len(b) != 20+12 || le.Uint32(b) != 32 {
 		t.Fatalf("irq_set argsz/len = %d/%d, want 32", le.Uint32(b), len(b))
 	}
-	if f := le.Uint32(b[4:]); f != IRQSetDataEventfd|IRQSetActionTrigger {
+	if f := le.Uint32(b[4:]); f != abi.VFIO_IRQ_SET_DATA_EVENTFD|abi.VFIO_IRQ_SET_ACTION_TRIGGER {
 		t.Errorf("flags = %#x", f)
 	}
 	if le.Uint32(b[8:]) != 2 || le.Uint32(b[12:]) != 1 || le.Uint32(b[16:]) != 3 {
@@ -87,16 +61,19 @@ func TestEncodeIRQSet(t *testing.T) {
 	}
 
 	// Disabling an index: DATA_NONE, count 0, no data.
-	b = encodeIRQSet(IRQSetActionTrigger, vfio.PCIINTxIRQIndex, 0, 0, nil)
-	if len(b) != 20 || le.Uint32(b[4:]) != IRQSetDataNone|IRQSetActionTrigger || le.Uint32(b[16:]) != 0 {
+	b = encodeIRQSet(abi.VFIO_IRQ_SET_ACTION_TRIGGER, vfio.PCIINTxIRQIndex, 0, 0, nil)
+	if len(b) != 20 || le.Uint32(b) != 20 || le.Uint32(b[4:]) != abi.VFIO_IRQ_SET_DATA_NONE|abi.VFIO_IRQ_SET_ACTION_TRIGGER || le.Uint32(b[16:]) != 0 {
 		t.Errorf("disable = % x", b)
 	}
 	// Unmask of INTx vector 0.
-	b = encodeIRQSet(IRQSetActionUnmask, vfio.PCIINTxIRQIndex, 0, 1, nil)
-	if le.Uint32(b[4:]) != IRQSetDataNone|IRQSetActionUnmask || le.Uint32(b[16:]) != 1 {
+	b = encodeIRQSet(abi.VFIO_IRQ_SET_ACTION_UNMASK, vfio.PCIINTxIRQIndex, 0, 1, nil)
+	if le.Uint32(b[4:]) != abi.VFIO_IRQ_SET_DATA_NONE|abi.VFIO_IRQ_SET_ACTION_UNMASK || le.Uint32(b[16:]) != 1 {
 		t.Errorf("unmask = % x", b)
 	}
 }
+
+// Size of struct vfio_region_info.
+var regionInfoSize = abi.SizeofVFIORegionInfo
 
 // regionInfoWithCaps builds what VFIO_DEVICE_GET_REGION_INFO returns for a
 // BAR with a capability chain: an unknown capability first, then the
@@ -110,13 +87,13 @@ func regionInfoWithCaps(areas []vfio.SparseArea) []byte {
 	le.PutUint32(b[0:], uint32(total))
 	le.PutUint32(b[4:], vfio.RegionFlagRead|vfio.RegionFlagWrite|vfio.RegionFlagMmap|vfio.RegionFlagCaps)
 	le.PutUint32(b[8:], 0)
-	le.PutUint32(b[12:], regionInfoSize)
+	le.PutUint32(b[12:], uint32(regionInfoSize))
 	le.PutUint64(b[16:], 0x10000)
 	le.PutUint64(b[24:], 0)
 	le.PutUint16(unknown[0:], 99)
 	le.PutUint16(unknown[2:], 1)
 	le.PutUint32(unknown[4:], uint32(regionInfoSize+len(unknown)))
-	le.PutUint16(sparse[0:], regionCapSparseMmap)
+	le.PutUint16(sparse[0:], abi.VFIO_REGION_INFO_CAP_SPARSE_MMAP)
 	le.PutUint16(sparse[2:], 1)
 	le.PutUint32(sparse[4:], 0)
 	le.PutUint32(sparse[8:], uint32(len(areas)))
@@ -167,7 +144,7 @@ func TestDecodeRegionInfoBadCaps(t *testing.T) {
 	}
 	// A chain that loops back onto itself.
 	b = regionInfoWithCaps(nil)
-	binary.LittleEndian.PutUint32(b[regionInfoSize+4:], regionInfoSize)
+	binary.LittleEndian.PutUint32(b[regionInfoSize+4:], uint32(regionInfoSize))
 	if _, _, err := decodeRegionInfo(b); err == nil {
 		t.Error("looping capability chain accepted")
 	}
@@ -177,20 +154,25 @@ func TestDecodeRegionInfoBadCaps(t *testing.T) {
 	if _, _, err := decodeRegionInfo(b); err == nil {
 		t.Error("capability outside the buffer accepted")
 	}
+	// Fewer bytes than the structure.
+	if _, _, err := decodeRegionInfo(b[:regionInfoSize-1]); err == nil {
+		t.Error("short region info accepted")
+	}
 }
 
 func TestDecodeIOMMUInfo(t *testing.T) {
 	le := binary.LittleEndian
+	iommuInfoSize := abi.SizeofVFIOIommuType1Info
 	// Fixed part, IOVA range capability (two ranges), DMA avail capability.
 	iova := make([]byte, 16+32)
 	avail := make([]byte, 12)
 	total := iommuInfoSize + len(iova) + len(avail)
 	b := make([]byte, total)
 	le.PutUint32(b[0:], uint32(total))
-	le.PutUint32(b[4:], iommuInfoFlagPgsizes|iommuInfoFlagCaps)
+	le.PutUint32(b[4:], abi.VFIO_IOMMU_INFO_PGSIZES|abi.VFIO_IOMMU_INFO_CAPS)
 	le.PutUint64(b[8:], 0x40201000) // 4K | 2M | 1G
-	le.PutUint32(b[16:], iommuInfoSize)
-	le.PutUint16(iova[0:], iommuCapIOVARange)
+	le.PutUint32(b[16:], uint32(iommuInfoSize))
+	le.PutUint16(iova[0:], abi.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE)
 	le.PutUint16(iova[2:], 1)
 	le.PutUint32(iova[4:], uint32(iommuInfoSize+len(iova)))
 	le.PutUint32(iova[8:], 2)
@@ -198,7 +180,7 @@ func TestDecodeIOMMUInfo(t *testing.T) {
 	le.PutUint64(iova[24:], 0xfedfffff)
 	le.PutUint64(iova[32:], 0xfef00000)
 	le.PutUint64(iova[40:], 0x7fffffffff)
-	le.PutUint16(avail[0:], iommuCapDMAAvail)
+	le.PutUint16(avail[0:], abi.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL)
 	le.PutUint16(avail[2:], 1)
 	le.PutUint32(avail[8:], 65535)
 	copy(b[iommuInfoSize:], iova)
@@ -215,39 +197,33 @@ func TestDecodeIOMMUInfo(t *testing.T) {
 		t.Fatalf("decode: needed %d, err %v", needed, err)
 	}
 	want := IOMMUInfo{
-		Flags:      iommuInfoFlagPgsizes | iommuInfoFlagCaps,
+		Flags:      abi.VFIO_IOMMU_INFO_PGSIZES | abi.VFIO_IOMMU_INFO_CAPS,
 		PageSizes:  0x40201000,
-		IOVARanges: []IOVARange{{0, 0xfedfffff}, {0xfef00000, 0x7fffffffff}},
+		IOVARanges: []vfio.IOVARange{{Start: 0, End: 0xfedfffff}, {Start: 0xfef00000, End: 0x7fffffffff}},
 		DMAAvail:   65535,
 	}
 	if !reflect.DeepEqual(info, want) {
 		t.Fatalf("info = %+v\nwant   %+v", info, want)
 	}
+	// More ranges claimed than present.
+	le.PutUint32(b[iommuInfoSize+8:], 3)
+	if _, _, err := decodeIOMMUInfo(b); err == nil {
+		t.Error("oversized nr_iovas accepted")
+	}
 }
 
-func TestDecodeDeviceAndIRQInfo(t *testing.T) {
+func TestEncodeWithCaps(t *testing.T) {
 	le := binary.LittleEndian
-	b := encodeDeviceInfo()
-	if len(b) != 24 || le.Uint32(b) != 24 {
-		t.Fatalf("device_info argsz = % x", b)
-	}
-	le.PutUint32(b[4:], vfio.DeviceFlagsPCI|vfio.DeviceFlagsReset)
-	le.PutUint32(b[8:], 9)
-	le.PutUint32(b[12:], 5)
-	if got := decodeDeviceInfo(b); got != (vfio.DeviceInfo{Flags: 3, NumRegions: 9, NumIRQs: 5}) {
-		t.Errorf("device info = %+v", got)
-	}
-	b = encodeIRQInfo(vfio.PCIMSIXIRQIndex)
-	if len(b) != 16 || le.Uint32(b) != 16 || le.Uint32(b[8:]) != 2 {
-		t.Fatalf("irq_info = % x", b)
-	}
-	le.PutUint32(b[4:], vfio.IRQInfoEventfd|vfio.IRQInfoNoresize)
-	le.PutUint32(b[12:], 16)
-	if got := decodeIRQInfo(b); got != (vfio.IRQInfo{Index: 2, Flags: 9, Count: 16}) {
-		t.Errorf("irq info = %+v", got)
-	}
-	b = encodeRegionInfo(vfio.PCIConfigRegionIndex, 0)
+	b := encodeRegionInfo(vfio.PCIConfigRegionIndex, 0)
 	if len(b) != 32 || le.Uint32(b) != 32 || le.Uint32(b[8:]) != 7 {
 		t.Errorf("region_info = % x", b)
+	}
+	b = encodeRegionInfo(vfio.PCIBAR2RegionIndex, 100)
+	if len(b) != 100 || le.Uint32(b) != 100 || le.Uint32(b[8:]) != 2 {
+		t.Errorf("region_info with room for capabilities = % x", b)
+	}
+	b = encodeIOMMUInfo(0)
+	if len(b) != 24 || le.Uint32(b) != 24 {
+		t.Errorf("iommu_info = % x", b)
 	}
 }

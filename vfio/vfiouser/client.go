@@ -3,7 +3,6 @@ package vfiouser
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -16,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/gohfi/gohfi/vfio"
+	"github.com/gohfi/gohfi/vfio/abi"
 )
 
 // Client is a vfio.Device reached over a vfio-user socket.
@@ -178,8 +178,8 @@ func (c *Client) start(k *call, fds []int) error {
 	c.pending[k.id] = k
 	c.mu.Unlock()
 
-	h := header{MsgID: k.id, Cmd: k.cmd, Size: uint32(len(k.sbuf)), Flags: flagCommand}
-	h.encode(k.sbuf)
+	h := header{MsgID: k.id, Cmd: k.cmd, Size: uint32(len(k.sbuf)), Flags: abi.VFIO_USER_F_TYPE_COMMAND}
+	abi.Encode(k.sbuf, &h)
 	if err := c.sk.send(k.sbuf, fds); err != nil {
 		if !c.unpend(k) {
 			<-k.done // the reader (or a disconnect) completed it meanwhile
@@ -239,7 +239,7 @@ func (c *Client) readLoop() {
 		if err != nil {
 			if errors.Is(err, errMsgFDs) {
 				c.o.logf("%v", err)
-				if h.isReply() {
+				if isReply(h) {
 					c.complete(h, nil, nil, err)
 				} else {
 					c.sendError(h, unix.EINVAL)
@@ -249,13 +249,13 @@ func (c *Client) readLoop() {
 			cause = err
 			break
 		}
-		if h.isReply() {
+		if isReply(h) {
 			c.complete(h, p, fds, nil)
 			continue
 		}
 		closeFDs(fds)
-		if h.Flags&flagTypeMask != flagCommand {
-			c.o.logf("vfio-user: message type %d from server", h.Flags&flagTypeMask)
+		if h.Flags&abi.VFIO_USER_F_TYPE_MASK != abi.VFIO_USER_F_TYPE_COMMAND {
+			c.o.logf("vfio-user: message type %d from server", h.Flags&abi.VFIO_USER_F_TYPE_MASK)
 			continue
 		}
 		c.serveDMA(h, p)
@@ -296,9 +296,9 @@ func (c *Client) complete(h header, p []byte, fds []int, rerr error) {
 		k.err = rerr
 	case h.Cmd != k.cmd:
 		k.err = protoErr("%s reply to %s", cmdName(h.Cmd), cmdName(k.cmd))
-	case h.Flags&flagError != 0:
+	case h.Flags&abi.VFIO_USER_F_ERROR != 0:
 		k.err = replyError(h.Cmd, h.Errno)
-	case len(fds) > 0 && k.cmd != cmdGetRegionInfo:
+	case len(fds) > 0 && !messageOf(k.cmd).replyFD:
 		k.err = protoErr("%s reply with %d fds", cmdName(h.Cmd), len(fds))
 	default:
 		k.err = nil
@@ -307,12 +307,12 @@ func (c *Client) complete(h header, p []byte, fds []int, rerr error) {
 }
 
 func (c *Client) sendError(h header, errno unix.Errno) {
-	if h.Flags&flagNoReply != 0 {
+	if h.Flags&abi.VFIO_USER_F_NO_REPLY != 0 {
 		return
 	}
 	var b [headerSize]byte
-	rh := header{MsgID: h.MsgID, Cmd: h.Cmd, Size: headerSize, Flags: flagReply | flagError, Errno: uint32(errno)}
-	rh.encode(b[:])
+	rh := header{MsgID: h.MsgID, Cmd: h.Cmd, Size: headerSize, Flags: abi.VFIO_USER_F_TYPE_REPLY | abi.VFIO_USER_F_ERROR, Errno: uint32(errno)}
+	abi.Encode(b[:], &rh)
 	if err := c.sk.send(b[:], nil); err != nil {
 		c.o.logf("%v", err)
 	}
@@ -361,20 +361,22 @@ func (c *Client) negotiate() error {
 	if err != nil {
 		return err
 	}
-	k := newCall(cmdVersion, versionSize+len(js)+1)
+	k := newCall(abi.VFIO_USER_VERSION, abi.SizeofVFIOUserVersion+len(js)+1)
 	defer k.release()
-	copy(k.payload()[versionSize:], js)
+	encode(k.cmd, false, k.payload(), &abi.VFIOUserVersion{Major: 0, Minor: 0})
+	copy(k.payload()[abi.SizeofVFIOUserVersion:], js)
 	if err := c.roundTrip(k, nil); err != nil {
 		return err
 	}
 	p := k.reply
-	if len(p) < versionSize {
+	var ver abi.VFIOUserVersion
+	if !abi.Decode(p, &ver) {
 		return protoErr("VERSION reply of %d bytes", len(p))
 	}
-	if major, minor := binary.LittleEndian.Uint16(p), binary.LittleEndian.Uint16(p[2:]); major != 0 || minor != 0 {
-		return fmt.Errorf("vfio-user: VERSION: server speaks %d.%d: %w", major, minor, unix.ENOTSUP)
+	if ver.Major != 0 || ver.Minor != 0 {
+		return fmt.Errorf("vfio-user: VERSION: server speaks %d.%d: %w", ver.Major, ver.Minor, unix.ENOTSUP)
 	}
-	js = bytes.TrimRight(p[versionSize:], "\x00")
+	js = bytes.TrimRight(p[abi.SizeofVFIOUserVersion:], "\x00")
 	if len(js) == 0 {
 		return nil
 	}
@@ -398,21 +400,20 @@ func (c *Client) negotiate() error {
 }
 
 func (c *Client) getDeviceInfo() error {
-	k := newCall(cmdDeviceGetInfo, deviceInfoSize)
+	k := newCall(abi.VFIO_USER_DEVICE_GET_INFO, abi.SizeofVFIOUserDeviceInfo)
 	defer k.release()
-	req := info4{Argsz: deviceInfoSize}
-	req.encode(k.payload())
+	encode(k.cmd, false, k.payload(), &abi.VFIOUserDeviceInfo{Argsz: abi.SizeofVFIOUserDeviceInfo})
 	if err := c.roundTrip(k, nil); err != nil {
 		return err
 	}
-	r, err := decodeInfo4("DEVICE_GET_INFO reply", k.reply)
-	if err != nil {
+	var r abi.VFIOUserDeviceInfo
+	if err := decode(k.cmd, true, k.reply, &r); err != nil {
 		return err
 	}
-	if r.Argsz < deviceInfoSize {
+	if r.Argsz < abi.SizeofVFIOUserDeviceInfo {
 		return protoErr("DEVICE_GET_INFO reply argsz %d", r.Argsz)
 	}
-	c.info = vfio.DeviceInfo{Flags: r.Flags, NumRegions: r.A, NumIRQs: r.B}
+	c.info = vfio.DeviceInfo{Flags: r.Flags, NumRegions: r.NumRegions, NumIRQs: r.NumIRQs}
 	return nil
 }
 
@@ -439,7 +440,7 @@ func (c *Client) region(index uint32) (*clientRegion, error) {
 	if r := c.regions[index]; r != nil {
 		return r, nil
 	}
-	argsz := uint32(regionInfoSize + capHeaderSize + sparseHeaderSize + 16*sparseAreaSize)
+	argsz := uint32(abi.SizeofVFIORegionInfo + abi.SizeofVFIORegionInfoCapSparseMmap + 16*abi.SizeofVFIORegionSparseMmapArea)
 	for try := 0; try < 3; try++ {
 		r, need, err := c.getRegionInfo(index, argsz)
 		if err != nil {
@@ -463,22 +464,21 @@ func (c *Client) region(index uint32) (*clientRegion, error) {
 // getRegionInfo asks once; it returns the region, or the argsz the server
 // needs.
 func (c *Client) getRegionInfo(index, argsz uint32) (*clientRegion, uint32, error) {
-	k := newCall(cmdGetRegionInfo, regionInfoSize)
+	k := newCall(abi.VFIO_USER_DEVICE_GET_REGION_INFO, abi.SizeofVFIORegionInfo)
 	defer k.release()
-	req := regionInfo{Argsz: argsz, Index: index}
-	req.encode(k.payload())
+	encode(k.cmd, false, k.payload(), &abi.VFIORegionInfo{Argsz: argsz, Index: index})
 	if err := c.roundTrip(k, nil); err != nil {
 		return nil, 0, err
 	}
 	p := k.reply
-	ri, err := decodeRegionInfo(p)
-	if err != nil {
+	var ri abi.VFIORegionInfo
+	if err := decode(k.cmd, true, p, &ri); err != nil {
 		return nil, 0, err
 	}
 	switch {
 	case ri.Index != index:
 		return nil, 0, protoErr("GET_REGION_INFO reply for region %d, asked %d", ri.Index, index)
-	case ri.Argsz < regionInfoSize:
+	case ri.Argsz < abi.SizeofVFIORegionInfo:
 		return nil, 0, protoErr("GET_REGION_INFO reply argsz %d", ri.Argsz)
 	case len(p) > int(argsz):
 		return nil, 0, protoErr("GET_REGION_INFO reply of %d bytes for argsz %d", len(p), argsz)
@@ -493,13 +493,15 @@ func (c *Client) getRegionInfo(index, argsz uint32) (*clientRegion, uint32, erro
 		}
 		return nil, ri.Argsz, nil
 	}
-	info := vfio.RegionInfo{Index: index, Flags: ri.Flags &^ vfio.RegionFlagCaps, Size: ri.Size, Offset: ri.Offset}
-	if ri.Flags&vfio.RegionFlagCaps != 0 {
-		if info.Sparse, err = parseRegionCaps(p[:min(len(p), int(ri.Argsz))], ri); err != nil {
+	info := vfio.RegionInfo{Index: index, Flags: ri.Flags &^ abi.VFIO_REGION_INFO_FLAG_CAPS, Size: ri.Size, Offset: ri.Offset}
+	if ri.Flags&abi.VFIO_REGION_INFO_FLAG_CAPS != 0 {
+		sparse, err := parseRegionCaps(p[:min(len(p), int(ri.Argsz))], ri)
+		if err != nil {
 			return nil, 0, err
 		}
+		info.Sparse = sparse
 	}
-	if info.Flags&vfio.RegionFlagMmap == 0 {
+	if info.Flags&abi.VFIO_REGION_INFO_FLAG_MMAP == 0 {
 		// An fd with a region that cannot be mapped is dropped (release
 		// closes it).
 		info.Sparse = nil
@@ -515,32 +517,29 @@ func (c *Client) getRegionInfo(index, argsz uint32) (*clientRegion, uint32, erro
 
 // parseRegionCaps walks the capability chain of a region info reply and
 // returns the sparse-mmap areas. Every offset is checked against the reply.
-func parseRegionCaps(p []byte, ri regionInfo) ([]vfio.SparseArea, error) {
+func parseRegionCaps(p []byte, ri abi.VFIORegionInfo) ([]vfio.SparseArea, error) {
 	var areas []vfio.SparseArea
 	off := uint64(ri.CapOffset)
 	for hops := 0; off != 0; hops++ {
-		if hops > 16 || off < regionInfoSize || off+capHeaderSize > uint64(len(p)) {
+		var h abi.VFIOInfoCapHeader
+		if hops > 16 || off < abi.SizeofVFIORegionInfo || off > uint64(len(p)) || !abi.Decode(p[off:], &h) {
 			return nil, protoErr("GET_REGION_INFO: capability at %d of %d bytes", off, len(p))
 		}
 		c := p[off:]
-		id, ver := binary.LittleEndian.Uint16(c), binary.LittleEndian.Uint16(c[2:])
-		next := uint64(binary.LittleEndian.Uint32(c[4:]))
+		next := uint64(h.Next)
 		if next != 0 && next <= off {
 			return nil, protoErr("GET_REGION_INFO: capability chain goes back (%d after %d)", next, off)
 		}
-		if id == capSparseMmap && ver == capSparseMmapVersion {
-			if off+capHeaderSize+sparseHeaderSize > uint64(len(p)) {
+		if h.ID == abi.VFIO_REGION_INFO_CAP_SPARSE_MMAP && h.Version == capSparseMmapVersion {
+			var sp abi.VFIORegionInfoCapSparseMmap
+			if !abi.Decode(c, &sp) {
 				return nil, protoErr("GET_REGION_INFO: truncated sparse capability")
 			}
-			nr := uint64(binary.LittleEndian.Uint32(c[8:]))
-			if off+capHeaderSize+sparseHeaderSize+nr*sparseAreaSize > uint64(len(p)) {
-				return nil, protoErr("GET_REGION_INFO: %d sparse areas do not fit", nr)
+			all, ok := abi.DecodeSlice[vfio.SparseArea](c[abi.SizeofVFIORegionInfoCapSparseMmap:], int(sp.NrAreas))
+			if !ok {
+				return nil, protoErr("GET_REGION_INFO: %d sparse areas do not fit", sp.NrAreas)
 			}
-			for i := range nr {
-				a := vfio.SparseArea{
-					Offset: binary.LittleEndian.Uint64(c[16+16*i:]),
-					Size:   binary.LittleEndian.Uint64(c[24+16*i:]),
-				}
+			for _, a := range all {
 				if addOverflows(a.Offset, a.Size) || a.Offset+a.Size > ri.Size {
 					return nil, protoErr("GET_REGION_INFO: sparse area %#x+%#x outside region of %#x", a.Offset, a.Size, ri.Size)
 				}
@@ -571,21 +570,21 @@ func (c *Client) ReadRegion(index uint32, off uint64, p []byte) error {
 }
 
 func (c *Client) readRegion(index uint32, off uint64, p []byte) error {
-	k := newCall(cmdRegionRead, regionAccessSize)
+	k := newCall(abi.VFIO_USER_REGION_READ, abi.SizeofVFIOUserRegionAccess)
 	defer k.release()
-	req := regionAccess{Offset: off, Region: index, Count: uint32(len(p))}
-	req.encode(k.payload())
+	req := abi.VFIOUserRegionAccess{Offset: off, Region: index, Count: uint32(len(p))}
+	n := encode(k.cmd, false, k.payload(), &req)
 	if err := c.roundTrip(k, nil); err != nil {
 		return err
 	}
-	r, err := decodeRegionAccess("REGION_READ reply", k.reply)
-	if err != nil {
+	var r abi.VFIOUserRegionAccess
+	if err := decode(k.cmd, true, k.reply, &r); err != nil {
 		return err
 	}
-	if r != req || len(k.reply) != regionAccessSize+len(p) {
-		return protoErr("REGION_READ reply %+v with %d bytes for %+v", r, len(k.reply)-regionAccessSize, req)
+	if r != req || len(k.reply) != n+len(p) {
+		return protoErr("REGION_READ reply %+v with %d bytes for %+v", r, len(k.reply)-n, req)
 	}
-	copy(p, k.reply[regionAccessSize:])
+	copy(p, k.reply[n:])
 	return nil
 }
 
@@ -606,22 +605,22 @@ func (c *Client) WriteRegion(index uint32, off uint64, p []byte) error {
 }
 
 func (c *Client) writeRegion(index uint32, off uint64, p []byte) error {
-	k := newCall(cmdRegionWrite, regionAccessSize+len(p))
+	k := newCall(abi.VFIO_USER_REGION_WRITE, abi.SizeofVFIOUserRegionAccess+len(p))
 	defer k.release()
-	req := regionAccess{Offset: off, Region: index, Count: uint32(len(p))}
-	req.encode(k.payload())
-	copy(k.payload()[regionAccessSize:], p)
+	req := abi.VFIOUserRegionAccess{Offset: off, Region: index, Count: uint32(len(p))}
+	n := encode(k.cmd, false, k.payload(), &req)
+	copy(k.payload()[n:], p)
 	if err := c.roundTrip(k, nil); err != nil {
 		return err
 	}
 	if len(k.reply) == 0 {
 		return nil
 	}
-	r, err := decodeRegionAccess("REGION_WRITE reply", k.reply)
-	if err != nil {
+	var r abi.VFIOUserRegionAccess
+	if err := decode(k.cmd, true, k.reply, &r); err != nil {
 		return err
 	}
-	if r != req || len(k.reply) != regionAccessSize {
+	if r != req || len(k.reply) != n {
 		return protoErr("REGION_WRITE reply %+v for %+v", r, req)
 	}
 	return nil
@@ -675,19 +674,14 @@ func (c *Client) DMAMap(m vfio.DMAMapping) error {
 	if err := c.addMap(cm); err != nil {
 		return err
 	}
-	k := newCall(cmdDMAMap, dmaMapSize)
+	k := newCall(abi.VFIO_USER_DMA_MAP, abi.SizeofVFIOIommuType1DmaMap)
 	defer k.release()
-	req := dmaMap{Argsz: dmaMapSize, Addr: m.IOVA, Size: m.Size}
-	if m.Flags&vfio.DMARead != 0 {
-		req.Flags |= dmaMapFlagRead
-	}
-	if m.Flags&vfio.DMAWrite != 0 {
-		req.Flags |= dmaMapFlagWrite
-	}
+	// vfio.DMARead and DMAWrite are VFIO_DMA_MAP_FLAG_READ and WRITE.
+	req := abi.VFIOIommuType1DmaMap{Argsz: abi.SizeofVFIOIommuType1DmaMap, Flags: m.Flags, IOVA: m.IOVA, Size: m.Size}
 	var err error
 	if m.File != nil {
-		req.Offset = m.FileOffset
-		req.encode(k.payload())
+		req.Vaddr = m.FileOffset // vfio-user's "offset" in the file sent along
+		encode(k.cmd, false, k.payload(), &req)
 		var rc interface{ Control(func(uintptr)) error }
 		if rc, err = m.File.SyscallConn(); err == nil {
 			// Control keeps the fd open while it is being sent.
@@ -700,7 +694,7 @@ func (c *Client) DMAMap(m vfio.DMAMapping) error {
 			}
 		}
 	} else {
-		req.encode(k.payload())
+		encode(k.cmd, false, k.payload(), &req)
 		err = c.roundTrip(k, nil)
 	}
 	if err != nil {
@@ -713,10 +707,9 @@ func (c *Client) DMAMap(m vfio.DMAMapping) error {
 // DMAUnmap removes the mapping at iova of size size. When it returns, the
 // server no longer touches the memory.
 func (c *Client) DMAUnmap(iova, size uint64) error {
-	k := newCall(cmdDMAUnmap, dmaUnmapSize)
+	k := newCall(abi.VFIO_USER_DMA_UNMAP, abi.SizeofVFIOIommuType1DmaUnmap)
 	defer k.release()
-	req := dmaUnmap{Argsz: dmaUnmapSize, Addr: iova, Size: size}
-	req.encode(k.payload())
+	encode(k.cmd, false, k.payload(), &abi.VFIOIommuType1DmaUnmap{Argsz: abi.SizeofVFIOIommuType1DmaUnmap, IOVA: iova, Size: size})
 	if err := c.roundTrip(k, nil); err != nil {
 		return err
 	}
@@ -724,26 +717,34 @@ func (c *Client) DMAUnmap(iova, size uint64) error {
 	return nil
 }
 
+// IOVARanges implements vfio.Device. vfio-user carries no IOVA ranges
+// (VERSION's capabilities say how many mappings and which page sizes, not
+// where), and the server has no IOMMU windows of its own: the limit is the
+// protocol's, an address and size that do not overflow 64 bits, so the
+// whole space but the top page, [0, 2^64 - 4096 - 1].
+func (c *Client) IOVARanges() []vfio.IOVARange {
+	return []vfio.IOVARange{{Start: 0, End: math.MaxUint64 - pageSize}}
+}
+
 // IRQInfo asks about IRQ index.
 func (c *Client) IRQInfo(index uint32) (vfio.IRQInfo, error) {
 	if index >= c.info.NumIRQs {
 		return vfio.IRQInfo{}, fmt.Errorf("vfio-user: IRQ index %d of %d: %w", index, c.info.NumIRQs, unix.EINVAL)
 	}
-	k := newCall(cmdGetIRQInfo, irqInfoSize)
+	k := newCall(abi.VFIO_USER_DEVICE_GET_IRQ_INFO, abi.SizeofVFIOIrqInfo)
 	defer k.release()
-	req := info4{Argsz: irqInfoSize, A: index}
-	req.encode(k.payload())
+	encode(k.cmd, false, k.payload(), &abi.VFIOIrqInfo{Argsz: abi.SizeofVFIOIrqInfo, Index: index})
 	if err := c.roundTrip(k, nil); err != nil {
 		return vfio.IRQInfo{}, err
 	}
-	r, err := decodeInfo4("GET_IRQ_INFO reply", k.reply)
-	if err != nil {
+	var r abi.VFIOIrqInfo
+	if err := decode(k.cmd, true, k.reply, &r); err != nil {
 		return vfio.IRQInfo{}, err
 	}
-	if r.A != index || r.Argsz < irqInfoSize {
-		return vfio.IRQInfo{}, protoErr("GET_IRQ_INFO reply for index %d argsz %d, asked %d", r.A, r.Argsz, index)
+	if r.Index != index || r.Argsz < abi.SizeofVFIOIrqInfo {
+		return vfio.IRQInfo{}, protoErr("GET_IRQ_INFO reply for index %d argsz %d, asked %d", r.Index, r.Argsz, index)
 	}
-	return vfio.IRQInfo{Index: index, Flags: r.Flags, Count: r.B}, nil
+	return vfio.IRQInfo{Index: index, Flags: r.Flags, Count: r.Count}, nil
 }
 
 // SetIRQs connects eventfds to vectors [start, start+len(fds)) of index; an
@@ -751,7 +752,7 @@ func (c *Client) IRQInfo(index uint32) (vfio.IRQInfo, error) {
 // are split to respect the server's max_msg_fds.
 func (c *Client) SetIRQs(index, start uint32, fds []int) error {
 	if len(fds) == 0 {
-		return c.setIRQs(irqSet{Argsz: irqSetSize, Flags: irqSetDataNone | irqSetActionTrigger, Index: index}, nil)
+		return c.setIRQs(abi.VFIOIrqSet{Argsz: abi.SizeofVFIOIrqSet, Flags: abi.VFIO_IRQ_SET_DATA_NONE | abi.VFIO_IRQ_SET_ACTION_TRIGGER, Index: index}, nil)
 	}
 	if uint64(start)+uint64(len(fds)) > math.MaxUint32 {
 		return fmt.Errorf("vfio-user: SET_IRQS: vectors %d+%d: %w", start, len(fds), unix.EINVAL)
@@ -764,7 +765,7 @@ func (c *Client) SetIRQs(index, start uint32, fds []int) error {
 		for j < len(fds) && (fds[j] == -1) == (fds[i] == -1) && (fds[i] == -1 || j-i < c.serverMaxFDs) {
 			j++
 		}
-		req := irqSet{Argsz: irqSetSize, Flags: irqSetDataEventfd | irqSetActionTrigger,
+		req := abi.VFIOIrqSet{Argsz: abi.SizeofVFIOIrqSet, Flags: abi.VFIO_IRQ_SET_DATA_EVENTFD | abi.VFIO_IRQ_SET_ACTION_TRIGGER,
 			Index: index, Start: start + uint32(i), Count: uint32(j - i)}
 		var send []int
 		if fds[i] != -1 {
@@ -778,16 +779,16 @@ func (c *Client) SetIRQs(index, start uint32, fds []int) error {
 	return nil
 }
 
-func (c *Client) setIRQs(req irqSet, fds []int) error {
-	k := newCall(cmdSetIRQs, irqSetSize)
+func (c *Client) setIRQs(req abi.VFIOIrqSet, fds []int) error {
+	k := newCall(abi.VFIO_USER_DEVICE_SET_IRQS, abi.SizeofVFIOIrqSet)
 	defer k.release()
-	req.encode(k.payload())
+	encode(k.cmd, false, k.payload(), &req)
 	return c.roundTrip(k, fds)
 }
 
 // Reset resets the device.
 func (c *Client) Reset() error {
-	k := newCall(cmdDeviceReset, 0)
+	k := newCall(abi.VFIO_USER_DEVICE_RESET, 0)
 	defer k.release()
 	return c.roundTrip(k, nil)
 }

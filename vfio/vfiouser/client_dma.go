@@ -6,6 +6,9 @@ import (
 	"io"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gohfi/gohfi/vfio"
+	"github.com/gohfi/gohfi/vfio/abi"
 )
 
 // addMap records a DMA mapping; overlapping an existing one is EEXIST.
@@ -50,12 +53,12 @@ func (c *Client) findMap(iova uint64) int {
 // serveDMA answers a request from the server: DMA_READ and DMA_WRITE on the
 // client's memory, within one mapping with the needed permission.
 func (c *Client) serveDMA(h header, p []byte) {
-	if h.Cmd != cmdDMARead && h.Cmd != cmdDMAWrite {
+	if h.Cmd != abi.VFIO_USER_DMA_READ && h.Cmd != abi.VFIO_USER_DMA_WRITE {
 		c.sendError(h, unix.ENOSYS)
 		return
 	}
-	a, err := decodeDMAAccess(cmdName(h.Cmd), p)
-	if err != nil {
+	var a abi.VFIOUserDmaRegionAccess
+	if err := decode(h.Cmd, false, p, &a); err != nil {
 		c.sendError(h, unix.EINVAL)
 		return
 	}
@@ -63,7 +66,8 @@ func (c *Client) serveDMA(h header, p []byte) {
 		c.sendError(h, unix.E2BIG)
 		return
 	}
-	write := h.Cmd == cmdDMAWrite
+	write := h.Cmd == abi.VFIO_USER_DMA_WRITE
+	const dmaAccessSize = abi.SizeofVFIOUserDmaRegionAccess
 	if write && uint64(len(p)-dmaAccessSize) != a.Count {
 		c.sendError(h, unix.EINVAL)
 		return
@@ -81,12 +85,12 @@ func (c *Client) serveDMA(h header, p []byte) {
 		c.sendError(h, errnoOf(err))
 		return
 	}
-	if h.Flags&flagNoReply != 0 {
+	if h.Flags&abi.VFIO_USER_F_NO_REPLY != 0 {
 		return
 	}
-	rh := header{MsgID: h.MsgID, Cmd: h.Cmd, Size: uint32(len(b)), Flags: flagReply}
-	rh.encode(b)
-	a.encode(b[headerSize:])
+	rh := header{MsgID: h.MsgID, Cmd: h.Cmd, Size: uint32(len(b)), Flags: abi.VFIO_USER_F_TYPE_REPLY}
+	abi.Encode(b, &rh)
+	encode(h.Cmd, true, b[headerSize:], &a)
 	if err := c.sk.send(b, nil); err != nil {
 		c.o.logf("%v", err)
 	}
@@ -101,9 +105,9 @@ func (c *Client) dmaAccess(write bool, iova uint64, src, dst []byte, n int) erro
 	if n == 0 {
 		return nil
 	}
-	need := uint32(dmaMapFlagRead)
+	need := uint32(vfio.DMARead)
 	if write {
-		need = dmaMapFlagWrite
+		need = vfio.DMAWrite
 	}
 	c.dmaMu.RLock()
 	i := c.findMap(iova)

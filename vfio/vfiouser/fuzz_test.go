@@ -10,41 +10,42 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/gohfi/gohfi/vfio"
+	"github.com/gohfi/gohfi/vfio/abi"
 )
 
 // serverSeeds are message streams a client could send: every command
 // well-formed after a VERSION, and broken ones.
 func serverSeeds() [][]byte {
-	ver := msg(1, cmdVersion, 0, versionPayload(qemuVersionJSON))
+	ver := msg(1, abi.VFIO_USER_VERSION, 0, versionPayload(qemuVersionJSON))
 	valid := [][]byte{
-		msg(2, cmdDeviceGetInfo, 0, le32(16, 0, 0, 0)),
-		msg(3, cmdGetRegionInfo, 0, cat(le32(32, 0, 2, 0), le64(0, 0))),
-		msg(4, cmdGetRegionInfo, 0, cat(le32(64, 0, 2, 0), le64(0, 0))),
-		msg(5, cmdGetRegionIOFDs, 0, le32(16, 0, 0, 0)),
-		msg(6, cmdGetIRQInfo, 0, le32(16, 0, 2, 0)),
-		msg(7, cmdSetIRQs, 0, le32(20, irqSetDataNone|irqSetActionTrigger, 2, 0, 0)),
-		msg(8, cmdSetIRQs, 0, append(le32(21, irqSetDataBool|irqSetActionUnmask, 0, 0, 1), 1)),
-		msg(9, cmdRegionRead, 0, cat(le64(0), le32(7, 4))),
-		msg(10, cmdRegionWrite, 0, cat(le64(0x20), le32(0, 4), le32(0xdeadbeef))),
-		msg(11, cmdRegionWrite, flagNoReply, cat(le64(0x24), le32(0, 4), le32(1))),
-		msg(12, cmdRegionWriteMulti, 0, cat(le64(1), le64(0x30), le32(0, 4), le64(5))),
-		msg(13, cmdDMAMap, 0, cat(le32(32, 3), le64(0, 0x10000, 0x4000))),
-		msg(14, cmdRegionWrite, 0, cat(le64(regDMAIOVA), le32(0, 8), le64(0x10000))),
-		msg(15, cmdRegionWrite, 0, cat(le64(regDMALen), le32(0, 4), le32(64))),
-		msg(16, cmdRegionWrite, 0, cat(le64(regDMAOp), le32(0, 4), le32(1))), // DMA_READ to the client
-		msg(17, cmdDMAUnmap, 0, cat(le32(24, 0), le64(0x10000, 0x4000))),
-		msg(18, cmdDMAUnmap, 0, cat(le32(24, dmaUnmapFlagAll), le64(0, 0))),
-		msg(19, cmdDeviceReset, 0, nil),
-		msg(20, cmdDeviceFeature, 0, le32(8, 1<<16|1)),
-		msg(21, cmdDMARead, flagReply, cat(le64(0x10000, 4), le32(0))), // unsolicited reply
+		msg(2, abi.VFIO_USER_DEVICE_GET_INFO, 0, le32(16, 0, 0, 0)),
+		msg(3, abi.VFIO_USER_DEVICE_GET_REGION_INFO, 0, cat(le32(32, 0, 2, 0), le64(0, 0))),
+		msg(4, abi.VFIO_USER_DEVICE_GET_REGION_INFO, 0, cat(le32(64, 0, 2, 0), le64(0, 0))),
+		msg(5, abi.VFIO_USER_DEVICE_GET_REGION_IO_FDS, 0, le32(16, 0, 0, 0)),
+		msg(6, abi.VFIO_USER_DEVICE_GET_IRQ_INFO, 0, le32(16, 0, 2, 0)),
+		msg(7, abi.VFIO_USER_DEVICE_SET_IRQS, 0, le32(20, abi.VFIO_IRQ_SET_DATA_NONE|abi.VFIO_IRQ_SET_ACTION_TRIGGER, 2, 0, 0)),
+		msg(8, abi.VFIO_USER_DEVICE_SET_IRQS, 0, append(le32(21, abi.VFIO_IRQ_SET_DATA_BOOL|abi.VFIO_IRQ_SET_ACTION_UNMASK, 0, 0, 1), 1)),
+		msg(9, abi.VFIO_USER_REGION_READ, 0, cat(le64(0), le32(7, 4))),
+		msg(10, abi.VFIO_USER_REGION_WRITE, 0, cat(le64(0x20), le32(0, 4), le32(0xdeadbeef))),
+		msg(11, abi.VFIO_USER_REGION_WRITE, abi.VFIO_USER_F_NO_REPLY, cat(le64(0x24), le32(0, 4), le32(1))),
+		msg(12, abi.VFIO_USER_REGION_WRITE_MULTI, 0, cat(le64(1), le64(0x30), le32(0, 4), le64(5))),
+		msg(13, abi.VFIO_USER_DMA_MAP, 0, cat(le32(32, 3), le64(0, 0x10000, 0x4000))),
+		msg(14, abi.VFIO_USER_REGION_WRITE, 0, cat(le64(regDMAIOVA), le32(0, 8), le64(0x10000))),
+		msg(15, abi.VFIO_USER_REGION_WRITE, 0, cat(le64(regDMALen), le32(0, 4), le32(64))),
+		msg(16, abi.VFIO_USER_REGION_WRITE, 0, cat(le64(regDMAOp), le32(0, 4), le32(1))), // DMA_READ to the client
+		msg(17, abi.VFIO_USER_DMA_UNMAP, 0, cat(le32(24, 0), le64(0x10000, 0x4000))),
+		msg(18, abi.VFIO_USER_DMA_UNMAP, 0, cat(le32(24, abi.VFIO_DMA_UNMAP_FLAG_ALL), le64(0, 0))),
+		msg(19, abi.VFIO_USER_DEVICE_RESET, 0, nil),
+		msg(20, abi.VFIO_USER_DEVICE_FEATURE, 0, le32(8, 1<<16|1)),
+		msg(21, abi.VFIO_USER_DMA_READ, abi.VFIO_USER_F_TYPE_REPLY, cat(le64(0x10000, 4), le32(0))), // unsolicited reply
 	}
 	seeds := [][]byte{cat(append([][]byte{ver}, valid...)...)}
 	for _, v := range valid {
 		seeds = append(seeds, cat(ver, v))
 	}
-	huge := msg(2, cmdRegionWrite, 0, nil)
+	huge := msg(2, abi.VFIO_USER_REGION_WRITE, 0, nil)
 	binary.LittleEndian.PutUint32(huge[4:], 0xfffffff0)
-	small := msg(2, cmdRegionWrite, 0, nil)
+	small := msg(2, abi.VFIO_USER_REGION_WRITE, 0, nil)
 	binary.LittleEndian.PutUint32(small[4:], 4)
 	seeds = append(seeds,
 		nil,
@@ -52,13 +53,13 @@ func serverSeeds() [][]byte {
 		cat(ver, huge),
 		cat(ver, small),
 		cat(ver, msg(2, 77, 0, nil)),
-		msg(1, cmdVersion, 0, versionPayload(`{"capabilities":{"max_data_xfer_size":1}}`)),
-		msg(1, cmdVersion, 0, versionPayload(`{"capabilities":[1,2]}`)),
-		msg(1, cmdVersion, 0, versionPayload(`not json`)),
-		cat(ver, msg(2, cmdRegionRead, 0, cat(le64(0), le32(0, 1<<20)))),
-		cat(ver, msg(2, cmdSetIRQs, 0, le32(20, irqSetDataBool|irqSetActionMask, 2, 0, 4))),
-		cat(ver, msg(2, cmdRegionWrite, 0, cat(le64(0), le32(0, 100), make([]byte, 50)))),
-		cat(ver, msg(2, cmdDMAMap, 0, cat(le32(32, 3), le64(0, ^uint64(0)-4096, 8192)))),
+		msg(1, abi.VFIO_USER_VERSION, 0, versionPayload(`{"capabilities":{"max_data_xfer_size":1}}`)),
+		msg(1, abi.VFIO_USER_VERSION, 0, versionPayload(`{"capabilities":[1,2]}`)),
+		msg(1, abi.VFIO_USER_VERSION, 0, versionPayload(`not json`)),
+		cat(ver, msg(2, abi.VFIO_USER_REGION_READ, 0, cat(le64(0), le32(0, 1<<20)))),
+		cat(ver, msg(2, abi.VFIO_USER_DEVICE_SET_IRQS, 0, le32(20, abi.VFIO_IRQ_SET_DATA_BOOL|abi.VFIO_IRQ_SET_ACTION_MASK, 2, 0, 4))),
+		cat(ver, msg(2, abi.VFIO_USER_REGION_WRITE, 0, cat(le64(0), le32(0, 100), make([]byte, 50)))),
+		cat(ver, msg(2, abi.VFIO_USER_DMA_MAP, 0, cat(le32(32, 3), le64(0, ^uint64(0)-4096, 8192)))),
 	)
 	return seeds
 }
@@ -98,34 +99,34 @@ func FuzzServerDecode(f *testing.F) {
 // the order FuzzClientDecode makes them (ids are patched), with DMA
 // requests from the server in between.
 func clientSeeds() [][]byte {
-	rp := func(cmd uint16, p []byte) []byte { return msg(0, cmd, flagReply, p) }
+	rp := func(cmd uint16, p []byte) []byte { return msg(0, cmd, abi.VFIO_USER_F_TYPE_REPLY, p) }
 	regInfo := func() []byte {
-		r := regionInfo{Argsz: 64, Flags: vfio.RegionFlagRead | vfio.RegionFlagCaps, Index: 2, CapOffset: 32, Size: 8192}
+		r := abi.VFIORegionInfo{Argsz: 64, Flags: vfio.RegionFlagRead | vfio.RegionFlagCaps, Index: 2, CapOffset: 32, Size: 8192}
 		b := make([]byte, 32)
-		r.encode(b)
-		return cat(b, le32(capSparseMmap|1<<16, 0, 1, 0), le64(4096, 4096))
+		abi.Encode(b, &r)
+		return cat(b, le32(abi.VFIO_REGION_INFO_CAP_SPARSE_MMAP|1<<16, 0, 1, 0), le64(4096, 4096))
 	}
 	replies := [][]byte{
-		rp(cmdGetRegionInfo, regInfo()),
-		rp(cmdRegionRead, cat(le64(8), le32(0, 4), le32(7))),
-		rp(cmdRegionWrite, cat(le64(8), le32(0, 4))),
-		rp(cmdGetIRQInfo, le32(16, 1, 2, 4)),
-		rp(cmdSetIRQs, nil),
-		rp(cmdDMAMap, nil),
-		msg(90, cmdDMARead, 0, le64(0x1000, 16)),
-		msg(91, cmdDMAWrite, 0, cat(le64(0x1000, 4), le32(0x01020304))),
-		rp(cmdDMAUnmap, cat(le32(24, 0), le64(0x1000, 4096))),
-		rp(cmdDeviceReset, nil),
+		rp(abi.VFIO_USER_DEVICE_GET_REGION_INFO, regInfo()),
+		rp(abi.VFIO_USER_REGION_READ, cat(le64(8), le32(0, 4), le32(7))),
+		rp(abi.VFIO_USER_REGION_WRITE, cat(le64(8), le32(0, 4))),
+		rp(abi.VFIO_USER_DEVICE_GET_IRQ_INFO, le32(16, 1, 2, 4)),
+		rp(abi.VFIO_USER_DEVICE_SET_IRQS, nil),
+		rp(abi.VFIO_USER_DMA_MAP, nil),
+		msg(90, abi.VFIO_USER_DMA_READ, 0, le64(0x1000, 16)),
+		msg(91, abi.VFIO_USER_DMA_WRITE, 0, cat(le64(0x1000, 4), le32(0x01020304))),
+		rp(abi.VFIO_USER_DMA_UNMAP, cat(le32(24, 0), le64(0x1000, 4096))),
+		rp(abi.VFIO_USER_DEVICE_RESET, nil),
 	}
 	seeds := [][]byte{cat(replies...)}
-	bad := msg(0, cmdRegionRead, flagReply, nil)
+	bad := msg(0, abi.VFIO_USER_REGION_READ, abi.VFIO_USER_F_TYPE_REPLY, nil)
 	binary.LittleEndian.PutUint32(bad[4:], 2)
 	seeds = append(seeds,
-		cat(rp(cmdGetRegionInfo, regInfo()[:40])),
-		cat(msg(0, cmdGetRegionInfo, flagReply|flagError, nil)),
-		cat(rp(cmdGetRegionInfo, regInfo()), rp(cmdRegionRead, le64(1))),
-		cat(rp(cmdGetRegionInfo, regInfo()), bad),
-		cat(msg(5, cmdDMARead, 0, le64(0x1000, 1<<30))),
+		cat(rp(abi.VFIO_USER_DEVICE_GET_REGION_INFO, regInfo()[:40])),
+		cat(msg(0, abi.VFIO_USER_DEVICE_GET_REGION_INFO, abi.VFIO_USER_F_TYPE_REPLY|abi.VFIO_USER_F_ERROR, nil)),
+		cat(rp(abi.VFIO_USER_DEVICE_GET_REGION_INFO, regInfo()), rp(abi.VFIO_USER_REGION_READ, le64(1))),
+		cat(rp(abi.VFIO_USER_DEVICE_GET_REGION_INFO, regInfo()), bad),
+		cat(msg(5, abi.VFIO_USER_DMA_READ, 0, le64(0x1000, 1<<30))),
 		cat(msg(5, 200, 0, nil)),
 	)
 	return seeds
@@ -156,7 +157,7 @@ func FuzzClientDecode(f *testing.F) {
 				if err != nil {
 					return
 				}
-				if h.isReply() {
+				if isReply(h) {
 					continue // the client answering a DMA request
 				}
 				// Feed frames until one is a reply, patched to this request.
@@ -169,7 +170,7 @@ func FuzzClientDecode(f *testing.F) {
 					}
 					frame := append([]byte(nil), rest[:n]...)
 					rest = rest[n:]
-					isReply := len(frame) >= headerSize && binary.LittleEndian.Uint32(frame[8:])&flagTypeMask == flagReply
+					isReply := len(frame) >= headerSize && binary.LittleEndian.Uint32(frame[8:])&abi.VFIO_USER_F_TYPE_MASK == abi.VFIO_USER_F_TYPE_REPLY
 					if isReply {
 						binary.LittleEndian.PutUint16(frame, h.MsgID)
 					}

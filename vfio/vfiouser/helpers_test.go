@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gohfi/gohfi/vfio/abi"
 )
 
 // socketPair returns two connected unix stream sockets as *net.UnixConn.
@@ -136,7 +138,7 @@ func newRawPeer(t testing.TB, conn *net.UnixConn, opts ...Option) *rawPeer {
 func msg(id, cmd uint16, flags uint32, payload []byte) []byte {
 	b := make([]byte, headerSize+len(payload))
 	h := header{MsgID: id, Cmd: cmd, Size: uint32(len(b)), Flags: flags}
-	h.encode(b)
+	abi.Encode(b, &h)
 	copy(b[headerSize:], payload)
 	return b
 }
@@ -164,7 +166,7 @@ func (r *rawPeer) call(id, cmd uint16, payload []byte, fds ...int) (header, []by
 	if err != nil {
 		r.t.Fatalf("raw recv after %s: %v", cmdName(cmd), err)
 	}
-	if h.MsgID != id || h.Cmd != cmd || !h.isReply() {
+	if h.MsgID != id || h.Cmd != cmd || !isReply(h) {
 		r.t.Fatalf("reply %+v to %s id %d", h, cmdName(cmd), id)
 	}
 	return h, p, rfds
@@ -173,22 +175,22 @@ func (r *rawPeer) call(id, cmd uint16, payload []byte, fds ...int) (header, []by
 // expectErrno checks a reply is an error reply with errno.
 func expectErrno(t testing.TB, h header, errno unix.Errno) {
 	t.Helper()
-	if h.Flags&flagError == 0 || unix.Errno(h.Errno) != errno {
+	if h.Flags&abi.VFIO_USER_F_ERROR == 0 || unix.Errno(h.Errno) != errno {
 		t.Fatalf("reply %+v: want error %v, got errno %v", h, errno, unix.Errno(h.Errno))
 	}
 }
 
 func expectOK(t testing.TB, h header) {
 	t.Helper()
-	if h.Flags&flagError != 0 {
+	if h.Flags&abi.VFIO_USER_F_ERROR != 0 {
 		t.Fatalf("reply %+v: error %v", h, unix.Errno(h.Errno))
 	}
 }
 
 // versionPayload is a VERSION proposal like QEMU's.
 func versionPayload(js string) []byte {
-	b := make([]byte, versionSize+len(js)+1)
-	copy(b[versionSize:], js)
+	b := make([]byte, abi.SizeofVFIOUserVersion+len(js)+1)
+	copy(b[abi.SizeofVFIOUserVersion:], js)
 	return b
 }
 
@@ -197,7 +199,7 @@ const qemuVersionJSON = `{"capabilities":{"max_msg_fds":16,"max_data_xfer_size":
 // handshake does VERSION on a raw client.
 func (r *rawPeer) handshake() {
 	r.t.Helper()
-	h, _, _ := r.call(1, cmdVersion, versionPayload(qemuVersionJSON))
+	h, _, _ := r.call(1, abi.VFIO_USER_VERSION, versionPayload(qemuVersionJSON))
 	expectOK(r.t, h)
 }
 

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/gohfi/gohfi/vfio"
+	"github.com/gohfi/gohfi/vfio/abi"
 )
 
 // --- A hostile client against the server. ---
@@ -22,7 +23,7 @@ func TestServerFramingSizeTooSmall(t *testing.T) {
 	conn, s := serve(t, m)
 	r := newRawPeer(t, conn)
 	r.handshake()
-	b := msg(2, cmdDeviceReset, 0, nil)
+	b := msg(2, abi.VFIO_USER_DEVICE_RESET, 0, nil)
 	binary.LittleEndian.PutUint32(b[4:], 8)
 	r.send(b)
 	if _, _, _, err := r.recv(); !errors.Is(err, io.EOF) {
@@ -42,7 +43,7 @@ func TestServerFramingSizeHuge(t *testing.T) {
 	conn, s := serve(t, m)
 	r := newRawPeer(t, conn)
 	r.handshake()
-	b := msg(2, cmdRegionWrite, 0, nil)
+	b := msg(2, abi.VFIO_USER_REGION_WRITE, 0, nil)
 	binary.LittleEndian.PutUint32(b[4:], 0xffffffff)
 	r.send(b)
 	h, _, _, err := r.recv()
@@ -62,7 +63,7 @@ func TestServerTruncatedHeader(t *testing.T) {
 	conn, s := serve(t, m)
 	r := newRawPeer(t, conn)
 	r.handshake()
-	r.send(msg(2, cmdDeviceReset, 0, nil)[:8])
+	r.send(msg(2, abi.VFIO_USER_DEVICE_RESET, 0, nil)[:8])
 	conn.CloseWrite()
 	if err := s.wait(t); err != nil {
 		t.Fatalf("ServeConn: %v", err)
@@ -80,7 +81,7 @@ func TestServerClientVanishesMidMessage(t *testing.T) {
 	r.handshake()
 	mem := anonMem(t, 4096)
 	_ = mem
-	b := msg(2, cmdRegionWrite, 0, cat(le64(0), le32(0, 100), make([]byte, 100)))
+	b := msg(2, abi.VFIO_USER_REGION_WRITE, 0, cat(le64(0), le32(0, 100), make([]byte, 100)))
 	r.send(b[:40])
 	conn.Close()
 	if err := s.wait(t); err != nil {
@@ -111,32 +112,32 @@ func TestServerBadCommands(t *testing.T) {
 	}
 	expect(99, nil, unix.ENOSYS)
 	expect(14, nil, unix.ENOSYS)
-	expect(cmdDeviceFeature, le32(8, 1<<16|1), unix.ENOTTY)
-	expect(cmdDMARead, le64(0, 8), unix.ENOSYS) // wrong direction
+	expect(abi.VFIO_USER_DEVICE_FEATURE, le32(8, 1<<16|1), unix.ENOTTY)
+	expect(abi.VFIO_USER_DMA_READ, le64(0, 8), unix.ENOSYS) // wrong direction
 
 	// Short payloads of every command that has one.
-	for _, cmd := range []uint16{cmdDMAMap, cmdDMAUnmap, cmdDeviceGetInfo, cmdGetRegionInfo, cmdGetRegionIOFDs,
-		cmdGetIRQInfo, cmdSetIRQs, cmdRegionRead, cmdRegionWrite, cmdRegionWriteMulti} {
+	for _, cmd := range []uint16{abi.VFIO_USER_DMA_MAP, abi.VFIO_USER_DMA_UNMAP, abi.VFIO_USER_DEVICE_GET_INFO, abi.VFIO_USER_DEVICE_GET_REGION_INFO, abi.VFIO_USER_DEVICE_GET_REGION_IO_FDS,
+		abi.VFIO_USER_DEVICE_GET_IRQ_INFO, abi.VFIO_USER_DEVICE_SET_IRQS, abi.VFIO_USER_REGION_READ, abi.VFIO_USER_REGION_WRITE, abi.VFIO_USER_REGION_WRITE_MULTI} {
 		expect(cmd, []byte{1, 2, 3}, unix.EINVAL)
 	}
-	expect(cmdDeviceGetInfo, le32(8, 0, 0, 0), unix.EINVAL) // argsz too small
-	expect(cmdDeviceGetInfo, le32(16, 0, 0, 0), 0)
-	expect(cmdGetIRQInfo, le32(16, 0, 99, 0), unix.EINVAL)
-	expect(cmdGetRegionInfo, cat(le32(32, 0, 99, 0), le64(0, 0)), unix.EINVAL)
-	expect(cmdGetRegionIOFDs, le32(16, 0, 0, 0), 0)
-	expect(cmdGetRegionIOFDs, le32(16, 0, 99, 0), unix.EINVAL)
+	expect(abi.VFIO_USER_DEVICE_GET_INFO, le32(8, 0, 0, 0), unix.EINVAL) // argsz too small
+	expect(abi.VFIO_USER_DEVICE_GET_INFO, le32(16, 0, 0, 0), 0)
+	expect(abi.VFIO_USER_DEVICE_GET_IRQ_INFO, le32(16, 0, 99, 0), unix.EINVAL)
+	expect(abi.VFIO_USER_DEVICE_GET_REGION_INFO, cat(le32(32, 0, 99, 0), le64(0, 0)), unix.EINVAL)
+	expect(abi.VFIO_USER_DEVICE_GET_REGION_IO_FDS, le32(16, 0, 0, 0), 0)
+	expect(abi.VFIO_USER_DEVICE_GET_REGION_IO_FDS, le32(16, 0, 99, 0), unix.EINVAL)
 
 	// Region accesses.
-	expect(cmdRegionRead, cat(le64(0), le32(0, 0)), unix.EINVAL)     // count 0
-	expect(cmdRegionRead, cat(le64(0), le32(0, 8192)), unix.E2BIG)   // above max_data_xfer_size
-	expect(cmdRegionRead, cat(le64(0), le32(99, 4)), unix.EINVAL)    // region
-	expect(cmdRegionRead, cat(le64(1<<62), le32(0, 4)), unix.EINVAL) // the model's check
-	expect(cmdRegionWrite, cat(le64(0), le32(0, 8), []byte{1, 2}), unix.EINVAL)
-	expect(cmdRegionWrite, cat(le64(0), le32(0, 2), []byte{1, 2, 3}), unix.EINVAL)
-	expect(cmdRegionWriteMulti, le64(0), unix.EINVAL)
-	expect(cmdRegionWriteMulti, le64(1000), unix.EINVAL)
-	expect(cmdRegionWriteMulti, cat(le64(1), le64(0), le32(0, 9), le64(0)), unix.EINVAL) // 9 > 8 bytes
-	expect(cmdRegionWriteMulti, cat(le64(2), le64(0x10), le32(0, 4), le64(0xaabbccdd), le64(0x20), le32(0, 2), le64(0x1122)), 0)
+	expect(abi.VFIO_USER_REGION_READ, cat(le64(0), le32(0, 0)), unix.EINVAL)     // count 0
+	expect(abi.VFIO_USER_REGION_READ, cat(le64(0), le32(0, 8192)), unix.E2BIG)   // above max_data_xfer_size
+	expect(abi.VFIO_USER_REGION_READ, cat(le64(0), le32(99, 4)), unix.EINVAL)    // region
+	expect(abi.VFIO_USER_REGION_READ, cat(le64(1<<62), le32(0, 4)), unix.EINVAL) // the model's check
+	expect(abi.VFIO_USER_REGION_WRITE, cat(le64(0), le32(0, 8), []byte{1, 2}), unix.EINVAL)
+	expect(abi.VFIO_USER_REGION_WRITE, cat(le64(0), le32(0, 2), []byte{1, 2, 3}), unix.EINVAL)
+	expect(abi.VFIO_USER_REGION_WRITE_MULTI, le64(0), unix.EINVAL)
+	expect(abi.VFIO_USER_REGION_WRITE_MULTI, le64(1000), unix.EINVAL)
+	expect(abi.VFIO_USER_REGION_WRITE_MULTI, cat(le64(1), le64(0), le32(0, 9), le64(0)), unix.EINVAL) // 9 > 8 bytes
+	expect(abi.VFIO_USER_REGION_WRITE_MULTI, cat(le64(2), le64(0x10), le32(0, 4), le64(0xaabbccdd), le64(0x20), le32(0, 2), le64(0x1122)), 0)
 	m.mu.Lock()
 	if binary.LittleEndian.Uint32(m.bar0[0x10:]) != 0xaabbccdd || binary.LittleEndian.Uint16(m.bar0[0x20:]) != 0x1122 {
 		t.Errorf("REGION_WRITE_MULTI not applied")
@@ -144,38 +145,38 @@ func TestServerBadCommands(t *testing.T) {
 	m.mu.Unlock()
 
 	// SET_IRQS.
-	trig := uint32(irqSetDataNone | irqSetActionTrigger)
-	expect(cmdSetIRQs, le32(20, irqSetDataNone|irqSetDataBool|irqSetActionTrigger, 2, 0, 1), unix.EINVAL)
-	expect(cmdSetIRQs, le32(20, irqSetDataNone, 2, 0, 1), unix.EINVAL)                  // no action
-	expect(cmdSetIRQs, le32(20, trig, 99, 0, 0), unix.EINVAL)                           // index
-	expect(cmdSetIRQs, le32(20, trig, 2, 3, 2), unix.EINVAL)                            // vectors 3+2 of 4
-	expect(cmdSetIRQs, le32(20, trig, 2, 0xffffffff, 2), unix.EINVAL)                   // wraps
-	expect(cmdSetIRQs, le32(20, trig, 2, 0, 1), unix.ENOTSUP)                           // loopback trigger
-	expect(cmdSetIRQs, le32(20, irqSetDataBool|irqSetActionMask, 0, 0, 1), unix.EINVAL) // bool without data
-	expect(cmdSetIRQs, append(le32(21, irqSetDataBool|irqSetActionMask, 0, 0, 1), 1), 0)
-	expect(cmdSetIRQs, le32(20, irqSetDataNone|irqSetActionUnmask, 0, 0, 1), 0)
-	expect(cmdSetIRQs, le32(20, trig, 2, 0, 0), 0) // disable all
+	trig := uint32(abi.VFIO_IRQ_SET_DATA_NONE | abi.VFIO_IRQ_SET_ACTION_TRIGGER)
+	expect(abi.VFIO_USER_DEVICE_SET_IRQS, le32(20, abi.VFIO_IRQ_SET_DATA_NONE|abi.VFIO_IRQ_SET_DATA_BOOL|abi.VFIO_IRQ_SET_ACTION_TRIGGER, 2, 0, 1), unix.EINVAL)
+	expect(abi.VFIO_USER_DEVICE_SET_IRQS, le32(20, abi.VFIO_IRQ_SET_DATA_NONE, 2, 0, 1), unix.EINVAL)                              // no action
+	expect(abi.VFIO_USER_DEVICE_SET_IRQS, le32(20, trig, 99, 0, 0), unix.EINVAL)                                                   // index
+	expect(abi.VFIO_USER_DEVICE_SET_IRQS, le32(20, trig, 2, 3, 2), unix.EINVAL)                                                    // vectors 3+2 of 4
+	expect(abi.VFIO_USER_DEVICE_SET_IRQS, le32(20, trig, 2, 0xffffffff, 2), unix.EINVAL)                                           // wraps
+	expect(abi.VFIO_USER_DEVICE_SET_IRQS, le32(20, trig, 2, 0, 1), unix.ENOTSUP)                                                   // loopback trigger
+	expect(abi.VFIO_USER_DEVICE_SET_IRQS, le32(20, abi.VFIO_IRQ_SET_DATA_BOOL|abi.VFIO_IRQ_SET_ACTION_MASK, 0, 0, 1), unix.EINVAL) // bool without data
+	expect(abi.VFIO_USER_DEVICE_SET_IRQS, append(le32(21, abi.VFIO_IRQ_SET_DATA_BOOL|abi.VFIO_IRQ_SET_ACTION_MASK, 0, 0, 1), 1), 0)
+	expect(abi.VFIO_USER_DEVICE_SET_IRQS, le32(20, abi.VFIO_IRQ_SET_DATA_NONE|abi.VFIO_IRQ_SET_ACTION_UNMASK, 0, 0, 1), 0)
+	expect(abi.VFIO_USER_DEVICE_SET_IRQS, le32(20, trig, 2, 0, 0), 0) // disable all
 
 	// DMA_MAP / DMA_UNMAP.
-	expect(cmdDMAMap, cat(le32(32, 0), le64(0, 0x1000, 0x1000)), unix.EINVAL)        // no permission
-	expect(cmdDMAMap, cat(le32(32, 1|8), le64(0, 0x1000, 0x1000)), unix.EINVAL)      // unknown flag
-	expect(cmdDMAMap, cat(le32(32, 3), le64(0, 0x1000, 0)), unix.EINVAL)             // size 0
-	expect(cmdDMAMap, cat(le32(32, 3), le64(0, ^uint64(0)-10, 0x1000)), unix.EINVAL) // wraps
-	expect(cmdDMAMap, cat(le32(32, 3), le64(0, 0x1000, 0x1000)), 0)                  //
-	expect(cmdDMAMap, cat(le32(32, 3), le64(0, 0x1800, 0x1000)), unix.EEXIST)        // overlap
-	expect(cmdDMAMap, cat(le32(32, 3), le64(0, 0x0800, 0x1000)), unix.EEXIST)        // overlap
-	expect(cmdDMAMap, cat(le32(32, 3), le64(0, 0x2000, 0x1000)), 0)                  // adjacent
-	expect(cmdDMAMap, cat(le32(32, 3), le64(0, 0x9000, 0x1000)), unix.ENOSPC)        // max_dma_maps 2
-	expect(cmdDMAUnmap, cat(le32(24, dmaUnmapFlagDirtyBitmp), le64(0x1000, 0x1000)), unix.ENOTSUP)
-	expect(cmdDMAUnmap, cat(le32(24, 0x10), le64(0x1000, 0x1000)), unix.EINVAL)
-	expect(cmdDMAUnmap, cat(le32(24, 0), le64(0x1000, 0)), unix.EINVAL)
-	expect(cmdDMAUnmap, cat(le32(24, 0), le64(0x1800, 0x1000)), unix.EINVAL) // cuts
-	expect(cmdDMAUnmap, cat(le32(24, dmaUnmapFlagAll), le64(0, 0)), 0)
-	expect(cmdDMAMap, cat(le32(32, 3), le64(0, 0x9000, 0x1000)), 0) // room again
+	expect(abi.VFIO_USER_DMA_MAP, cat(le32(32, 0), le64(0, 0x1000, 0x1000)), unix.EINVAL)        // no permission
+	expect(abi.VFIO_USER_DMA_MAP, cat(le32(32, 1|8), le64(0, 0x1000, 0x1000)), unix.EINVAL)      // unknown flag
+	expect(abi.VFIO_USER_DMA_MAP, cat(le32(32, 3), le64(0, 0x1000, 0)), unix.EINVAL)             // size 0
+	expect(abi.VFIO_USER_DMA_MAP, cat(le32(32, 3), le64(0, ^uint64(0)-10, 0x1000)), unix.EINVAL) // wraps
+	expect(abi.VFIO_USER_DMA_MAP, cat(le32(32, 3), le64(0, 0x1000, 0x1000)), 0)                  //
+	expect(abi.VFIO_USER_DMA_MAP, cat(le32(32, 3), le64(0, 0x1800, 0x1000)), unix.EEXIST)        // overlap
+	expect(abi.VFIO_USER_DMA_MAP, cat(le32(32, 3), le64(0, 0x0800, 0x1000)), unix.EEXIST)        // overlap
+	expect(abi.VFIO_USER_DMA_MAP, cat(le32(32, 3), le64(0, 0x2000, 0x1000)), 0)                  // adjacent
+	expect(abi.VFIO_USER_DMA_MAP, cat(le32(32, 3), le64(0, 0x9000, 0x1000)), unix.ENOSPC)        // max_dma_maps 2
+	expect(abi.VFIO_USER_DMA_UNMAP, cat(le32(24, abi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP), le64(0x1000, 0x1000)), unix.ENOTSUP)
+	expect(abi.VFIO_USER_DMA_UNMAP, cat(le32(24, 0x10), le64(0x1000, 0x1000)), unix.EINVAL)
+	expect(abi.VFIO_USER_DMA_UNMAP, cat(le32(24, 0), le64(0x1000, 0)), unix.EINVAL)
+	expect(abi.VFIO_USER_DMA_UNMAP, cat(le32(24, 0), le64(0x1800, 0x1000)), unix.EINVAL) // cuts
+	expect(abi.VFIO_USER_DMA_UNMAP, cat(le32(24, abi.VFIO_DMA_UNMAP_FLAG_ALL), le64(0, 0)), 0)
+	expect(abi.VFIO_USER_DMA_MAP, cat(le32(32, 3), le64(0, 0x9000, 0x1000)), 0) // room again
 
 	// A message type that is neither command nor reply.
 	id++
-	r.send(msg(id, cmdDeviceReset, 2, nil))
+	r.send(msg(id, abi.VFIO_USER_DEVICE_RESET, 2, nil))
 	h, _, _, err := r.recv()
 	if err != nil {
 		t.Fatal(err)
@@ -183,8 +184,8 @@ func TestServerBadCommands(t *testing.T) {
 	expectErrno(t, h, unix.EINVAL)
 
 	// A reply to a DMA request the server never sent is ignored.
-	r.send(msg(4242, cmdDMARead, flagReply, le64(0, 0)))
-	expect(cmdDeviceGetInfo, le32(16, 0, 0, 0), 0)
+	r.send(msg(4242, abi.VFIO_USER_DMA_READ, abi.VFIO_USER_F_TYPE_REPLY, le64(0, 0)))
+	expect(abi.VFIO_USER_DEVICE_GET_INFO, le32(16, 0, 0, 0), 0)
 }
 
 func TestServerPostedWrites(t *testing.T) {
@@ -196,10 +197,10 @@ func TestServerPostedWrites(t *testing.T) {
 	// Posted writes get no reply, even when they fail; a later read sees
 	// them in order.
 	for i := range 10 {
-		r.send(msg(uint16(100+i), cmdRegionWrite, flagNoReply, cat(le64(uint64(4*i)), le32(0, 4), le32(uint32(i+1)))))
+		r.send(msg(uint16(100+i), abi.VFIO_USER_REGION_WRITE, abi.VFIO_USER_F_NO_REPLY, cat(le64(uint64(4*i)), le32(0, 4), le32(uint32(i+1)))))
 	}
-	r.send(msg(200, cmdRegionWrite, flagNoReply, cat(le64(1<<40), le32(0, 4), le32(1)))) // fails silently
-	h, p, _ := r.call(201, cmdRegionRead, cat(le64(36), le32(0, 4)))
+	r.send(msg(200, abi.VFIO_USER_REGION_WRITE, abi.VFIO_USER_F_NO_REPLY, cat(le64(1<<40), le32(0, 4), le32(1)))) // fails silently
+	h, p, _ := r.call(201, abi.VFIO_USER_REGION_READ, cat(le64(36), le32(0, 4)))
 	expectOK(t, h)
 	if v := binary.LittleEndian.Uint32(p[16:]); v != 10 {
 		t.Fatalf("read %d after posted writes", v)
@@ -222,20 +223,20 @@ func TestServerTooManyFDs(t *testing.T) {
 	}
 	defer closeFDs(efds)
 	before := countFDs(t)
-	evt := uint32(irqSetDataEventfd | irqSetActionTrigger)
-	h, _, _ := r.call(2, cmdSetIRQs, le32(20, evt, 2, 0, 3), efds...)
+	evt := uint32(abi.VFIO_IRQ_SET_DATA_EVENTFD | abi.VFIO_IRQ_SET_ACTION_TRIGGER)
+	h, _, _ := r.call(2, abi.VFIO_USER_DEVICE_SET_IRQS, le32(20, evt, 2, 0, 3), efds...)
 	expectErrno(t, h, unix.EINVAL)
-	h, _, _ = r.call(3, cmdSetIRQs, le32(20, evt, 2, 0, 2), efds[0]) // count 2, 1 fd
+	h, _, _ = r.call(3, abi.VFIO_USER_DEVICE_SET_IRQS, le32(20, evt, 2, 0, 2), efds[0]) // count 2, 1 fd
 	expectErrno(t, h, unix.EINVAL)
-	h, _, _ = r.call(4, cmdRegionRead, cat(le64(0), le32(0, 4)), efds[0]) // fd with a command that takes none
+	h, _, _ = r.call(4, abi.VFIO_USER_REGION_READ, cat(le64(0), le32(0, 4)), efds[0]) // fd with a command that takes none
 	expectErrno(t, h, unix.EINVAL)
-	h, _, _ = r.call(5, cmdSetIRQs, le32(20, irqSetDataNone|irqSetActionTrigger, 2, 0, 0), efds[0])
+	h, _, _ = r.call(5, abi.VFIO_USER_DEVICE_SET_IRQS, le32(20, abi.VFIO_IRQ_SET_DATA_NONE|abi.VFIO_IRQ_SET_ACTION_TRIGGER, 2, 0, 0), efds[0])
 	expectErrno(t, h, unix.EINVAL)
-	h, _, _ = r.call(6, cmdSetIRQs, le32(20, evt|0, 2, 0, 1), efds[1])
+	h, _, _ = r.call(6, abi.VFIO_USER_DEVICE_SET_IRQS, le32(20, evt|0, 2, 0, 1), efds[1])
 	expectOK(t, h)
-	h, _, _ = r.call(7, cmdSetIRQs, le32(20, irqSetDataEventfd|irqSetActionMask, 2, 0, 1), efds[1])
+	h, _, _ = r.call(7, abi.VFIO_USER_DEVICE_SET_IRQS, le32(20, abi.VFIO_IRQ_SET_DATA_EVENTFD|abi.VFIO_IRQ_SET_ACTION_MASK, 2, 0, 1), efds[1])
 	expectErrno(t, h, unix.ENOTSUP)
-	h, _, _ = r.call(8, cmdSetIRQs, le32(20, irqSetDataNone|irqSetActionTrigger, 2, 0, 0))
+	h, _, _ = r.call(8, abi.VFIO_USER_DEVICE_SET_IRQS, le32(20, abi.VFIO_IRQ_SET_DATA_NONE|abi.VFIO_IRQ_SET_ACTION_TRIGGER, 2, 0, 0))
 	expectOK(t, h)
 	if after := countFDs(t); after != before {
 		t.Fatalf("fds %d -> %d", before, after)
@@ -265,7 +266,7 @@ func TestServerDMAMapBadFD(t *testing.T) {
 		{cat(le32(32, 3), le64(0, 0x1000, 8192)), []int{fd}, unix.EEXIST},
 	}
 	for i, c := range cases {
-		h, _, _ := r.call(uint16(10+i), cmdDMAMap, c.payload, c.fds...)
+		h, _, _ := r.call(uint16(10+i), abi.VFIO_USER_DMA_MAP, c.payload, c.fds...)
 		if c.errno == 0 {
 			expectOK(t, h)
 		} else {
@@ -309,15 +310,15 @@ func scripted(t *testing.T, copts ...Option) (*Client, *rawPeer) {
 		ch <- res{c, err}
 	}()
 	h, _, _, err := srv.recv()
-	if err != nil || h.Cmd != cmdVersion {
+	if err != nil || h.Cmd != abi.VFIO_USER_VERSION {
 		t.Fatalf("handshake: %+v %v", h, err)
 	}
-	srv.send(msg(h.MsgID, cmdVersion, flagReply, versionPayload(`{"capabilities":{"max_msg_fds":4}}`)))
+	srv.send(msg(h.MsgID, abi.VFIO_USER_VERSION, abi.VFIO_USER_F_TYPE_REPLY, versionPayload(`{"capabilities":{"max_msg_fds":4}}`)))
 	h, _, _, err = srv.recv()
-	if err != nil || h.Cmd != cmdDeviceGetInfo {
+	if err != nil || h.Cmd != abi.VFIO_USER_DEVICE_GET_INFO {
 		t.Fatalf("handshake: %+v %v", h, err)
 	}
-	srv.send(msg(h.MsgID, cmdDeviceGetInfo, flagReply, le32(16, vfio.DeviceFlagsPCI, vfio.PCINumRegions, vfio.PCINumIRQs)))
+	srv.send(msg(h.MsgID, abi.VFIO_USER_DEVICE_GET_INFO, abi.VFIO_USER_F_TYPE_REPLY, le32(16, vfio.DeviceFlagsPCI, vfio.PCINumRegions, vfio.PCINumIRQs)))
 	r := <-ch
 	if r.err != nil {
 		t.Fatal(r.err)
@@ -357,15 +358,15 @@ func TestClientHostileReplies(t *testing.T) {
 
 	// A reply with the wrong id is ignored; the right one still counts.
 	err := answer(t, srv, read4, func(h header, p []byte) ([]byte, []int) {
-		srv.send(msg(h.MsgID+1, h.Cmd, flagReply, cat(p, le32(7))))
-		return msg(h.MsgID, h.Cmd, flagReply, cat(p, le32(7))), nil
+		srv.send(msg(h.MsgID+1, h.Cmd, abi.VFIO_USER_F_TYPE_REPLY, cat(p, le32(7))))
+		return msg(h.MsgID, h.Cmd, abi.VFIO_USER_F_TYPE_REPLY, cat(p, le32(7))), nil
 	})
 	if err != nil {
 		t.Fatalf("after a wrong id: %v", err)
 	}
 	// Wrong command in the reply.
 	err = answer(t, srv, read4, func(h header, p []byte) ([]byte, []int) {
-		return msg(h.MsgID, cmdRegionWrite, flagReply, cat(p, le32(7))), nil
+		return msg(h.MsgID, abi.VFIO_USER_REGION_WRITE, abi.VFIO_USER_F_TYPE_REPLY, cat(p, le32(7))), nil
 	})
 	if !isErrno(err, unix.EPROTO) {
 		t.Fatalf("wrong command: %v", err)
@@ -380,7 +381,7 @@ func TestClientHostileReplies(t *testing.T) {
 		func(p []byte) []byte { return p[:5] },                             // truncated
 	} {
 		err = answer(t, srv, read4, func(h header, p []byte) ([]byte, []int) {
-			return msg(h.MsgID, h.Cmd, flagReply, bad(p)), nil
+			return msg(h.MsgID, h.Cmd, abi.VFIO_USER_F_TYPE_REPLY, bad(p)), nil
 		})
 		if !isErrno(err, unix.EPROTO) && !isErrno(err, unix.EINVAL) {
 			t.Fatalf("bad REGION_READ reply %d: %v", i, err)
@@ -388,7 +389,7 @@ func TestClientHostileReplies(t *testing.T) {
 	}
 	// Error reply without errno.
 	err = answer(t, srv, read4, func(h header, p []byte) ([]byte, []int) {
-		return msg(h.MsgID, h.Cmd, flagReply|flagError, nil), nil
+		return msg(h.MsgID, h.Cmd, abi.VFIO_USER_F_TYPE_REPLY|abi.VFIO_USER_F_ERROR, nil), nil
 	})
 	if !isErrno(err, unix.EIO) {
 		t.Fatalf("error without errno: %v", err)
@@ -400,14 +401,14 @@ func TestClientHostileReplies(t *testing.T) {
 	defer unix.Close(fd2)
 	before := countFDs(t)
 	err = answer(t, srv, read4, func(h header, p []byte) ([]byte, []int) {
-		return msg(h.MsgID, h.Cmd, flagReply, cat(p, le32(7))), []int{fd1, fd2}
+		return msg(h.MsgID, h.Cmd, abi.VFIO_USER_F_TYPE_REPLY, cat(p, le32(7))), []int{fd1, fd2}
 	})
 	if err == nil {
 		t.Fatalf("reply with 2 fds accepted")
 	}
 	// An fd with a reply that takes none.
 	err = answer(t, srv, c.Reset, func(h header, p []byte) ([]byte, []int) {
-		return msg(h.MsgID, h.Cmd, flagReply, nil), []int{fd1}
+		return msg(h.MsgID, h.Cmd, abi.VFIO_USER_F_TYPE_REPLY, nil), []int{fd1}
 	})
 	if !isErrno(err, unix.EPROTO) {
 		t.Fatalf("reset reply with fd: %v", err)
@@ -421,7 +422,7 @@ func TestClientHostileReplies(t *testing.T) {
 		t.Fatalf("no reply: %v", err)
 	}
 	err = answer(t, srv, c.Reset, func(h header, p []byte) ([]byte, []int) {
-		return msg(h.MsgID, h.Cmd, flagReply, nil), nil
+		return msg(h.MsgID, h.Cmd, abi.VFIO_USER_F_TYPE_REPLY, nil), nil
 	})
 	if err != nil {
 		t.Fatalf("after a timeout: %v", err)
@@ -435,14 +436,14 @@ func TestClientHostileRegionInfo(t *testing.T) {
 	mfd := int(memfd.Fd())
 	before := countFDs(t)
 	ri := func(flags, capOff uint32, size, off uint64) []byte {
-		r := regionInfo{Argsz: regionInfoSize, Flags: flags, Index: 2, CapOffset: capOff, Size: size, Offset: off}
-		b := make([]byte, regionInfoSize)
-		r.encode(b)
+		r := abi.VFIORegionInfo{Argsz: abi.SizeofVFIORegionInfo, Flags: flags, Index: 2, CapOffset: capOff, Size: size, Offset: off}
+		b := make([]byte, abi.SizeofVFIORegionInfo)
+		abi.Encode(b, &r)
 		return b
 	}
 	withArgsz := func(b []byte, argsz uint32) []byte { binary.LittleEndian.PutUint32(b, argsz); return b }
 	sparse := func(next uint32, areas ...uint64) []byte {
-		b := cat(le32(capSparseMmap|capSparseMmapVersion<<16, next, uint32(len(areas)/2), 0), le64(areas...))
+		b := cat(le32(abi.VFIO_REGION_INFO_CAP_SPARSE_MMAP|capSparseMmapVersion<<16, next, uint32(len(areas)/2), 0), le64(areas...))
 		return b
 	}
 	mmapCaps := uint32(vfio.RegionFlagRead | vfio.RegionFlagMmap | vfio.RegionFlagCaps)
@@ -461,7 +462,7 @@ func TestClientHostileRegionInfo(t *testing.T) {
 		{"cap offset beyond", withArgsz(cat(ri(mmapCaps, 200, 8192, 0), sparse(0, 0, 4096)), 64), []int{mfd}},
 		{"area outside region", withArgsz(cat(ri(mmapCaps, 32, 8192, 0), sparse(0, 4096, 8192)), 64), []int{mfd}},
 		{"area wraps", withArgsz(cat(ri(mmapCaps, 32, 8192, 0), sparse(0, ^uint64(0), 2)), 64), []int{mfd}},
-		{"too many areas", withArgsz(cat(ri(mmapCaps, 32, 8192, 0), le32(capSparseMmap|1<<16, 0, 1000, 0)), 48), []int{mfd}},
+		{"too many areas", withArgsz(cat(ri(mmapCaps, 32, 8192, 0), le32(abi.VFIO_REGION_INFO_CAP_SPARSE_MMAP|1<<16, 0, 1000, 0)), 48), []int{mfd}},
 		{"cap loop", withArgsz(cat(ri(mmapCaps, 32, 8192, 0), sparse(32, 0, 4096)), 64), []int{mfd}},
 		{"wants absurd argsz", withArgsz(ri(1, 0, 4096, 0), 1<<30), nil},
 	}
@@ -469,7 +470,7 @@ func TestClientHostileRegionInfo(t *testing.T) {
 		// Each case asks a region not yet cached; the index is always 2
 		// and the client caches nothing on failure.
 		err := answer(t, srv, func() error { _, err := c.RegionInfo(2); return err }, func(h header, p []byte) ([]byte, []int) {
-			return msg(h.MsgID, h.Cmd, flagReply, tc.p), tc.fds
+			return msg(h.MsgID, h.Cmd, abi.VFIO_USER_F_TYPE_REPLY, tc.p), tc.fds
 		})
 		if !isErrno(err, unix.EPROTO) {
 			t.Errorf("%s: %v", tc.name, err)
@@ -487,7 +488,7 @@ func TestClientHostileRegionInfo(t *testing.T) {
 		return err
 	}, func(h header, p []byte) ([]byte, []int) {
 		// Asked with enough room already (the client starts generous).
-		return msg(h.MsgID, h.Cmd, flagReply, withArgsz(cat(ri(mmapCaps, 32, 8192, 0), sparse(0, 4096, 4096)), 64)), []int{mfd}
+		return msg(h.MsgID, h.Cmd, abi.VFIO_USER_F_TYPE_REPLY, withArgsz(cat(ri(mmapCaps, 32, 8192, 0), sparse(0, 4096, 4096)), 64)), []int{mfd}
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -536,7 +537,7 @@ func TestClientServerVanishes(t *testing.T) {
 func TestClientServerBreaksFraming(t *testing.T) {
 	leakCheck(t)
 	c, srv := scripted(t)
-	b := msg(1, cmdDMARead, 0, nil)
+	b := msg(1, abi.VFIO_USER_DMA_READ, 0, nil)
 	binary.LittleEndian.PutUint32(b[4:], 3)
 	srv.send(b)
 	deadline := time.Now().Add(5 * time.Second)
@@ -582,7 +583,7 @@ func TestClientHostileVersion(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		srv.send(msg(h.MsgID, cmdVersion, flagReply, tc.reply))
+		srv.send(msg(h.MsgID, abi.VFIO_USER_VERSION, abi.VFIO_USER_F_TYPE_REPLY, tc.reply))
 		if err := <-ch; !isErrno(err, tc.errno) {
 			t.Errorf("%s: %v", tc.name, err)
 		}
@@ -598,7 +599,9 @@ func TestClientServesHostileDMA(t *testing.T) {
 	copy(mem, "abcdefgh")
 	err := answer(t, srv, func() error {
 		return c.DMAMap(vfio.DMAMapping{IOVA: 0x1000, Vaddr: addrOf(mem), Size: 4096, Flags: vfio.DMARead})
-	}, func(h header, p []byte) ([]byte, []int) { return msg(h.MsgID, h.Cmd, flagReply, nil), nil })
+	}, func(h header, p []byte) ([]byte, []int) {
+		return msg(h.MsgID, h.Cmd, abi.VFIO_USER_F_TYPE_REPLY, nil), nil
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -607,26 +610,26 @@ func TestClientServesHostileDMA(t *testing.T) {
 		h, p, _ := srv.call(id, cmd, payload)
 		return h, p
 	}
-	h, p := ask(1, cmdDMARead, le64(0x1000+2, 4))
+	h, p := ask(1, abi.VFIO_USER_DMA_READ, le64(0x1000+2, 4))
 	expectOK(t, h)
 	if string(p[16:]) != "cdef" || binary.LittleEndian.Uint64(p) != 0x1002 {
 		t.Fatalf("DMA_READ reply % x", p)
 	}
-	h, _ = ask(2, cmdDMARead, le64(0x5000, 4)) // not mapped
+	h, _ = ask(2, abi.VFIO_USER_DMA_READ, le64(0x5000, 4)) // not mapped
 	expectErrno(t, h, unix.EFAULT)
-	h, _ = ask(3, cmdDMARead, le64(0x1ffe, 4)) // past the end
+	h, _ = ask(3, abi.VFIO_USER_DMA_READ, le64(0x1ffe, 4)) // past the end
 	expectErrno(t, h, unix.EFAULT)
-	h, _ = ask(4, cmdDMAWrite, cat(le64(0x1000, 2), []byte{1, 2})) // read-only mapping
+	h, _ = ask(4, abi.VFIO_USER_DMA_WRITE, cat(le64(0x1000, 2), []byte{1, 2})) // read-only mapping
 	expectErrno(t, h, unix.EFAULT)
-	h, _ = ask(5, cmdDMAWrite, cat(le64(0x1000, 5), []byte{1, 2})) // count mismatch
+	h, _ = ask(5, abi.VFIO_USER_DMA_WRITE, cat(le64(0x1000, 5), []byte{1, 2})) // count mismatch
 	expectErrno(t, h, unix.EINVAL)
-	h, _ = ask(6, cmdDMARead, le64(0x1000, 1<<40)) // absurd count
+	h, _ = ask(6, abi.VFIO_USER_DMA_READ, le64(0x1000, 1<<40)) // absurd count
 	expectErrno(t, h, unix.E2BIG)
-	h, _ = ask(7, cmdDMARead, []byte{1})
+	h, _ = ask(7, abi.VFIO_USER_DMA_READ, []byte{1})
 	expectErrno(t, h, unix.EINVAL)
-	h, _ = ask(8, cmdDeviceReset, nil) // not a server-to-client command
+	h, _ = ask(8, abi.VFIO_USER_DEVICE_RESET, nil) // not a server-to-client command
 	expectErrno(t, h, unix.ENOSYS)
-	h, _ = ask(9, cmdDMARead, le64(^uint64(0)-1, 4)) // wraps
+	h, _ = ask(9, abi.VFIO_USER_DMA_READ, le64(^uint64(0)-1, 4)) // wraps
 	expectErrno(t, h, unix.EFAULT)
 	if mem[0] != 'a' {
 		t.Fatalf("memory changed")
@@ -648,12 +651,12 @@ func TestServerFDAttributionPipelined(t *testing.T) {
 	before := countFDs(t)
 	// Queue everything before the server reads: posted write, map with fd,
 	// posted write, map with fd, map without fd, a read.
-	r.send(msg(10, cmdRegionWrite, flagNoReply, cat(le64(0), le32(0, 4), le32(1))))
-	r.send(msg(11, cmdDMAMap, 0, cat(le32(32, 3), le64(0, 0x10000, 4096))), fd)
-	r.send(msg(12, cmdRegionWrite, flagNoReply, cat(le64(4), le32(0, 4), le32(2))))
-	r.send(msg(13, cmdDMAMap, 0, cat(le32(32, 3), le64(4096, 0x20000, 4096))), fd)
-	r.send(msg(14, cmdDMAMap, 0, cat(le32(32, 3), le64(0, 0x30000, 4096))))
-	r.send(msg(15, cmdRegionRead, 0, cat(le64(0), le32(0, 8))))
+	r.send(msg(10, abi.VFIO_USER_REGION_WRITE, abi.VFIO_USER_F_NO_REPLY, cat(le64(0), le32(0, 4), le32(1))))
+	r.send(msg(11, abi.VFIO_USER_DMA_MAP, 0, cat(le32(32, 3), le64(0, 0x10000, 4096))), fd)
+	r.send(msg(12, abi.VFIO_USER_REGION_WRITE, abi.VFIO_USER_F_NO_REPLY, cat(le64(4), le32(0, 4), le32(2))))
+	r.send(msg(13, abi.VFIO_USER_DMA_MAP, 0, cat(le32(32, 3), le64(4096, 0x20000, 4096))), fd)
+	r.send(msg(14, abi.VFIO_USER_DMA_MAP, 0, cat(le32(32, 3), le64(0, 0x30000, 4096))))
+	r.send(msg(15, abi.VFIO_USER_REGION_READ, 0, cat(le64(0), le32(0, 8))))
 	for _, id := range []uint16{11, 13, 14, 15} {
 		h, p, fds, err := r.recv()
 		if err != nil || h.MsgID != id || len(fds) != 0 {
@@ -679,17 +682,17 @@ func TestServerFDAttributionPipelined(t *testing.T) {
 	// fds sent in the middle of a message belong to no message start in
 	// their read, or to the message whose start they follow: either way
 	// they are closed, never kept or given to the wrong command.
-	b := msg(16, cmdRegionRead, 0, cat(le64(0), le32(0, 8)))
+	b := msg(16, abi.VFIO_USER_REGION_READ, 0, cat(le64(0), le32(0, 8)))
 	r.send(b[:10])
 	r.send(b[10:], fd)
 	h, _, _, err := r.recv()
 	if err != nil || h.MsgID != 16 {
 		t.Fatalf("reply %+v %v", h, err)
 	}
-	if h.Flags&flagError != 0 {
+	if h.Flags&abi.VFIO_USER_F_ERROR != 0 {
 		expectErrno(t, h, unix.EINVAL)
 	}
-	r.call(17, cmdDMAUnmap, cat(le32(24, dmaUnmapFlagAll), le64(0, 0)))
+	r.call(17, abi.VFIO_USER_DMA_UNMAP, cat(le32(24, abi.VFIO_DMA_UNMAP_FLAG_ALL), le64(0, 0)))
 	if after := countFDs(t); after != before {
 		t.Fatalf("fds %d -> %d", before, after)
 	}
@@ -710,9 +713,9 @@ func TestServerQueueBudget(t *testing.T) {
 	data := make([]byte, 2048)
 	for i := range 200 {
 		binary.LittleEndian.PutUint32(data, uint32(i))
-		r.send(msg(uint16(10+i), cmdRegionWrite, flagNoReply, cat(le64(0), le32(0, uint32(len(data))), data)))
+		r.send(msg(uint16(10+i), abi.VFIO_USER_REGION_WRITE, abi.VFIO_USER_F_NO_REPLY, cat(le64(0), le32(0, uint32(len(data))), data)))
 	}
-	h, p, _ := r.call(500, cmdRegionRead, cat(le64(0), le32(0, 4)))
+	h, p, _ := r.call(500, abi.VFIO_USER_REGION_READ, cat(le64(0), le32(0, 4)))
 	expectOK(t, h)
 	if v := binary.LittleEndian.Uint32(p[16:]); v != 199 {
 		t.Fatalf("last posted write %d, want 199", v)

@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/gohfi/gohfi/vfio"
+	"github.com/gohfi/gohfi/vfio/abi"
 )
 
 // dmaRegion is one DMA mapping of the client, as the server sees it.
@@ -57,25 +58,21 @@ func (m *iommu) find(iova uint64) int {
 }
 
 // dmaMap adds a mapping; fd (or -1) is always closed.
-func (m *iommu) dmaMap(req dmaMap, fd int) (err error) {
+// req is vfio-user's DMA_MAP: Vaddr is the offset in the file fd.
+func (m *iommu) dmaMap(req abi.VFIOIommuType1DmaMap, fd int) (err error) {
 	defer func() {
 		if fd >= 0 {
 			unix.Close(fd)
 		}
 	}()
-	if req.Flags&^(dmaMapFlagRead|dmaMapFlagWrite) != 0 || req.Flags == 0 {
+	if req.Flags&^(abi.VFIO_DMA_MAP_FLAG_READ|abi.VFIO_DMA_MAP_FLAG_WRITE) != 0 || req.Flags == 0 {
 		return fmt.Errorf("vfio-user: DMA_MAP: flags %#x: %w", req.Flags, unix.EINVAL)
 	}
-	if req.Size == 0 || addOverflows(req.Addr, req.Size) {
-		return fmt.Errorf("vfio-user: DMA_MAP: IOVA %#x size %#x: %w", req.Addr, req.Size, unix.EINVAL)
+	if req.Size == 0 || addOverflows(req.IOVA, req.Size) {
+		return fmt.Errorf("vfio-user: DMA_MAP: IOVA %#x size %#x: %w", req.IOVA, req.Size, unix.EINVAL)
 	}
-	r := &dmaRegion{iova: req.Addr, size: req.Size}
-	if req.Flags&dmaMapFlagRead != 0 {
-		r.prot |= vfio.DMARead
-	}
-	if req.Flags&dmaMapFlagWrite != 0 {
-		r.prot |= vfio.DMAWrite
-	}
+	// vfio.DMARead and DMAWrite are VFIO_DMA_MAP_FLAG_READ and WRITE.
+	r := &dmaRegion{iova: req.IOVA, size: req.Size, prot: req.Flags}
 	if fd >= 0 {
 		if r.mem, err = mmapDMA(fd, req); err != nil {
 			return err
@@ -108,10 +105,11 @@ func (m *iommu) dmaMap(req dmaMap, fd int) (err error) {
 }
 
 // mmapDMA maps the client's fd for a DMA_MAP.
-func mmapDMA(fd int, req dmaMap) ([]byte, error) {
-	if req.Offset%pageSize != 0 || addOverflows(req.Offset, req.Size) ||
-		req.Offset > math.MaxInt64 || req.Size > math.MaxInt {
-		return nil, fmt.Errorf("vfio-user: DMA_MAP: fd offset %#x size %#x: %w", req.Offset, req.Size, unix.EINVAL)
+func mmapDMA(fd int, req abi.VFIOIommuType1DmaMap) ([]byte, error) {
+	off := req.Vaddr // the offset in the file
+	if off%pageSize != 0 || addOverflows(off, req.Size) ||
+		off > math.MaxInt64 || req.Size > math.MaxInt {
+		return nil, fmt.Errorf("vfio-user: DMA_MAP: fd offset %#x size %#x: %w", off, req.Size, unix.EINVAL)
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
@@ -119,18 +117,18 @@ func mmapDMA(fd int, req dmaMap) ([]byte, error) {
 	}
 	// A mapping past the end of a file faults with SIGBUS on access; refuse
 	// it up front (accesses are still protected against a later truncate).
-	if st.Mode&unix.S_IFMT == unix.S_IFREG && req.Offset+req.Size > uint64(st.Size) {
+	if st.Mode&unix.S_IFMT == unix.S_IFREG && off+req.Size > uint64(st.Size) {
 		return nil, fmt.Errorf("vfio-user: DMA_MAP: fd offset %#x size %#x beyond file size %#x: %w",
-			req.Offset, req.Size, st.Size, unix.EINVAL)
+			off, req.Size, st.Size, unix.EINVAL)
 	}
 	prot := 0
-	if req.Flags&dmaMapFlagRead != 0 {
+	if req.Flags&abi.VFIO_DMA_MAP_FLAG_READ != 0 {
 		prot |= unix.PROT_READ
 	}
-	if req.Flags&dmaMapFlagWrite != 0 {
+	if req.Flags&abi.VFIO_DMA_MAP_FLAG_WRITE != 0 {
 		prot |= unix.PROT_WRITE
 	}
-	mem, err := unix.Mmap(fd, int64(req.Offset), int(req.Size), prot, unix.MAP_SHARED)
+	mem, err := unix.Mmap(fd, int64(off), int(req.Size), prot, unix.MAP_SHARED)
 	if err != nil {
 		return nil, fmt.Errorf("vfio-user: DMA_MAP: mmap: %w", err)
 	}
@@ -141,33 +139,33 @@ func mmapDMA(fd int, req dmaMap) ([]byte, error) {
 // every mapping inside the range (QEMU unmaps whole address spaces that may
 // hold nothing: success), or all with the ALL flag. A range that cuts a
 // mapping is refused.
-func (m *iommu) dmaUnmap(req dmaUnmap) error {
-	if req.Flags&dmaUnmapFlagDirtyBitmp != 0 {
+func (m *iommu) dmaUnmap(req abi.VFIOIommuType1DmaUnmap) error {
+	if req.Flags&abi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP != 0 {
 		return fmt.Errorf("vfio-user: DMA_UNMAP: dirty bitmap: %w", unix.ENOTSUP)
 	}
-	if req.Flags&^dmaUnmapFlagAll != 0 {
+	if req.Flags&^abi.VFIO_DMA_UNMAP_FLAG_ALL != 0 {
 		return fmt.Errorf("vfio-user: DMA_UNMAP: flags %#x: %w", req.Flags, unix.EINVAL)
 	}
-	all := req.Flags&dmaUnmapFlagAll != 0
+	all := req.Flags&abi.VFIO_DMA_UNMAP_FLAG_ALL != 0
 	// A range may end exactly at 2^64: QEMU unmaps [0xfef00000, 2^64).
-	toTop := req.Size != 0 && req.Addr+req.Size == 0
-	if !all && (req.Size == 0 || addOverflows(req.Addr, req.Size) && !toTop) {
-		return fmt.Errorf("vfio-user: DMA_UNMAP: IOVA %#x size %#x: %w", req.Addr, req.Size, unix.EINVAL)
+	toTop := req.Size != 0 && req.IOVA+req.Size == 0
+	if !all && (req.Size == 0 || addOverflows(req.IOVA, req.Size) && !toTop) {
+		return fmt.Errorf("vfio-user: DMA_UNMAP: IOVA %#x size %#x: %w", req.IOVA, req.Size, unix.EINVAL)
 	}
 	m.mu.Lock()
 	var lo, hi int
 	if all {
 		lo, hi = 0, len(m.maps)
 	} else {
-		end := req.Addr + req.Size
-		lo = m.find(req.Addr)
+		end := req.IOVA + req.Size
+		lo = m.find(req.IOVA)
 		hi = lo
 		for hi < len(m.maps) && (toTop || m.maps[hi].iova < end) {
 			hi++
 		}
-		if lo < hi && (m.maps[lo].iova < req.Addr || !toTop && m.maps[hi-1].end() > end) {
+		if lo < hi && (m.maps[lo].iova < req.IOVA || !toTop && m.maps[hi-1].end() > end) {
 			m.mu.Unlock()
-			return fmt.Errorf("vfio-user: DMA_UNMAP: IOVA %#x size %#x cuts a mapping: %w", req.Addr, req.Size, unix.EINVAL)
+			return fmt.Errorf("vfio-user: DMA_UNMAP: IOVA %#x size %#x cuts a mapping: %w", req.IOVA, req.Size, unix.EINVAL)
 		}
 	}
 	gone := make([]*dmaRegion, hi-lo)

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/gohfi/gohfi/vfio"
+	"github.com/gohfi/gohfi/vfio/abi"
 )
 
 // Server serves a DeviceModel to vfio-user clients, one at a time.
@@ -213,25 +214,25 @@ func (se *session) readLoop() (err error) {
 			switch {
 			case errors.Is(err, errMsgFDs):
 				se.logf("%v", err)
-				if !h.isReply() && h.Flags&flagNoReply == 0 {
+				if !isReply(h) && h.Flags&abi.VFIO_USER_F_NO_REPLY == 0 {
 					se.sendError(h, unix.EINVAL)
 				}
 				continue
 			case errors.Is(err, errFraming):
-				if h.Size >= headerSize && !h.isReply() {
+				if h.Size >= headerSize && !isReply(h) {
 					se.sendError(h, errnoOf(err))
 				}
 			}
 			return err
 		}
-		if h.isReply() {
+		if isReply(h) {
 			se.dispatchReply(h, p, fds)
 			closeFDs(fds)
 			continue
 		}
-		if h.Flags&flagTypeMask != flagCommand {
+		if h.Flags&abi.VFIO_USER_F_TYPE_MASK != abi.VFIO_USER_F_TYPE_COMMAND {
 			closeFDs(fds)
-			se.logf("vfio-user: message type %d", h.Flags&flagTypeMask)
+			se.logf("vfio-user: message type %d", h.Flags&abi.VFIO_USER_F_TYPE_MASK)
 			se.sendError(h, unix.EINVAL)
 			continue
 		}
@@ -251,12 +252,12 @@ func (se *session) readLoop() (err error) {
 
 // sendError sends an error reply to the command h, unless it asked for none.
 func (se *session) sendError(h header, errno unix.Errno) {
-	if h.Flags&flagNoReply != 0 {
+	if h.Flags&abi.VFIO_USER_F_NO_REPLY != 0 {
 		return
 	}
 	var b [headerSize]byte
-	rh := header{MsgID: h.MsgID, Cmd: h.Cmd, Size: headerSize, Flags: flagReply | flagError, Errno: uint32(errno)}
-	rh.encode(b[:])
+	rh := header{MsgID: h.MsgID, Cmd: h.Cmd, Size: headerSize, Flags: abi.VFIO_USER_F_TYPE_REPLY | abi.VFIO_USER_F_ERROR, Errno: uint32(errno)}
+	abi.Encode(b[:], &rh)
 	if err := se.sk.send(b[:], nil); err != nil {
 		se.logf("%v", err)
 	}
@@ -279,7 +280,7 @@ func (se *session) handle(m *inMsg) {
 	fds := m.fds
 	m.fds = m.fds[:0] // handlers own the fds from here
 	n, sendFD, err := se.dispatch(h, m.payload, fds)
-	if h.Flags&flagNoReply != 0 {
+	if h.Flags&abi.VFIO_USER_F_NO_REPLY != 0 {
 		if err != nil {
 			se.logf("vfio-user: posted %s: %v", cmdName(h.Cmd), err)
 		}
@@ -296,8 +297,8 @@ func (se *session) handle(m *inMsg) {
 		se.payloadBuf(n)
 	}
 	b := se.wbuf[:headerSize+n]
-	rh := header{MsgID: h.MsgID, Cmd: h.Cmd, Size: uint32(headerSize + n), Flags: flagReply}
-	rh.encode(b)
+	rh := header{MsgID: h.MsgID, Cmd: h.Cmd, Size: uint32(headerSize + n), Flags: abi.VFIO_USER_F_TYPE_REPLY}
+	abi.Encode(b, &rh)
 	var sfds []int
 	if sendFD >= 0 {
 		sfds = []int{sendFD}
@@ -315,40 +316,39 @@ func (se *session) handle(m *inMsg) {
 // caller closes. dispatch owns fds.
 func (se *session) dispatch(h header, p []byte, fds []int) (n int, sendFD int, err error) {
 	sendFD = -1
-	takesFDs := h.Cmd == cmdDMAMap || h.Cmd == cmdSetIRQs
-	if len(fds) > 0 && (!takesFDs || !se.versioned) {
+	if len(fds) > 0 && (!messageOf(h.Cmd).reqFDs || !se.versioned) {
 		closeFDs(fds)
 		return 0, -1, fmt.Errorf("vfio-user: %s: unexpected fds: %w", cmdName(h.Cmd), unix.EINVAL)
 	}
-	if !se.versioned && h.Cmd != cmdVersion {
+	if !se.versioned && h.Cmd != abi.VFIO_USER_VERSION {
 		return 0, -1, fmt.Errorf("vfio-user: %s before VERSION: %w", cmdName(h.Cmd), unix.EINVAL)
 	}
 	switch h.Cmd {
-	case cmdVersion:
+	case abi.VFIO_USER_VERSION:
 		n, err = se.version(p)
-	case cmdDMAMap:
+	case abi.VFIO_USER_DMA_MAP:
 		err = se.dmaMap(p, fds)
-	case cmdDMAUnmap:
+	case abi.VFIO_USER_DMA_UNMAP:
 		n, err = se.dmaUnmap(p)
-	case cmdDeviceGetInfo:
+	case abi.VFIO_USER_DEVICE_GET_INFO:
 		n, err = se.deviceGetInfo(p)
-	case cmdGetRegionInfo:
+	case abi.VFIO_USER_DEVICE_GET_REGION_INFO:
 		n, sendFD, err = se.getRegionInfo(p)
-	case cmdGetRegionIOFDs:
+	case abi.VFIO_USER_DEVICE_GET_REGION_IO_FDS:
 		n, err = se.getRegionIOFDs(p)
-	case cmdGetIRQInfo:
+	case abi.VFIO_USER_DEVICE_GET_IRQ_INFO:
 		n, err = se.getIRQInfo(p)
-	case cmdSetIRQs:
+	case abi.VFIO_USER_DEVICE_SET_IRQS:
 		err = se.setIRQs(p, fds)
-	case cmdRegionRead:
+	case abi.VFIO_USER_REGION_READ:
 		n, err = se.regionRead(p)
-	case cmdRegionWrite:
+	case abi.VFIO_USER_REGION_WRITE:
 		n, err = se.regionWrite(p)
-	case cmdRegionWriteMulti:
+	case abi.VFIO_USER_REGION_WRITE_MULTI:
 		n, err = se.regionWriteMulti(p)
-	case cmdDeviceReset:
+	case abi.VFIO_USER_DEVICE_RESET:
 		err = se.model.Reset()
-	case cmdDeviceFeature:
+	case abi.VFIO_USER_DEVICE_FEATURE:
 		// No features (migration, dirty logging): what the kernel
 		// answers for an unsupported feature.
 		err = fmt.Errorf("vfio-user: DEVICE_FEATURE: %w", unix.ENOTTY)
@@ -362,14 +362,14 @@ func (se *session) version(p []byte) (int, error) {
 	if se.versioned {
 		return 0, fmt.Errorf("vfio-user: VERSION: already negotiated: %w", unix.EINVAL)
 	}
-	if len(p) < versionSize {
-		return 0, errShort("VERSION", len(p), versionSize)
+	var ver abi.VFIOUserVersion
+	if err := decode(abi.VFIO_USER_VERSION, false, p, &ver); err != nil {
+		return 0, err
 	}
-	major := binary.LittleEndian.Uint16(p[0:])
-	if major != 0 {
-		return 0, fmt.Errorf("vfio-user: VERSION: major %d: %w", major, unix.ENOTSUP)
+	if ver.Major != 0 {
+		return 0, fmt.Errorf("vfio-user: VERSION: major %d: %w", ver.Major, unix.ENOTSUP)
 	}
-	js := bytes.TrimRight(p[versionSize:], "\x00")
+	js := bytes.TrimRight(p[abi.SizeofVFIOUserVersion:], "\x00")
 	peerMaxData := uint64(defaultMaxDataXferSize)
 	writeMulti := false
 	if len(js) > 0 {
@@ -410,8 +410,9 @@ func (se *session) version(p []byte) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("vfio-user: VERSION: %w", err)
 	}
-	b := se.payloadBuf(versionSize + len(out) + 1)
-	copy(b[versionSize:], out) // major 0, minor 0, NUL-terminated JSON
+	b := se.payloadBuf(abi.SizeofVFIOUserVersion + len(out) + 1)
+	n := encode(abi.VFIO_USER_VERSION, true, b, &abi.VFIOUserVersion{Major: 0, Minor: 0})
+	copy(b[n:], out) // NUL-terminated JSON
 	se.versioned = true
 	se.attached = true
 	se.model.Attach(se.iommu)
@@ -427,8 +428,8 @@ func (se *session) dmaMap(p []byte, fds []int) error {
 	if len(fds) == 1 {
 		fd = fds[0]
 	}
-	req, err := decodeDMAMap(p)
-	if err != nil {
+	var req abi.VFIOIommuType1DmaMap
+	if err := decode(abi.VFIO_USER_DMA_MAP, false, p, &req); err != nil {
 		if fd >= 0 {
 			unix.Close(fd)
 		}
@@ -438,38 +439,36 @@ func (se *session) dmaMap(p []byte, fds []int) error {
 }
 
 func (se *session) dmaUnmap(p []byte) (int, error) {
-	req, err := decodeDMAUnmap(p)
-	if err != nil {
+	var req abi.VFIOIommuType1DmaUnmap
+	if err := decode(abi.VFIO_USER_DMA_UNMAP, false, p, &req); err != nil {
 		return 0, err
 	}
 	if err := se.iommu.dmaUnmap(req); err != nil {
 		return 0, err
 	}
 	// The reply is the request's DMA entry.
-	copy(se.payloadBuf(dmaUnmapSize), p[:dmaUnmapSize])
-	return dmaUnmapSize, nil
+	return encode(abi.VFIO_USER_DMA_UNMAP, true, se.payloadBuf(abi.SizeofVFIOIommuType1DmaUnmap), &req), nil
 }
 
 func (se *session) deviceGetInfo(p []byte) (int, error) {
-	req, err := decodeInfo4("DEVICE_GET_INFO", p)
-	if err != nil {
+	var req abi.VFIOUserDeviceInfo
+	if err := decode(abi.VFIO_USER_DEVICE_GET_INFO, false, p, &req); err != nil {
 		return 0, err
 	}
-	if req.Argsz < deviceInfoSize {
+	if req.Argsz < abi.SizeofVFIOUserDeviceInfo {
 		return 0, fmt.Errorf("vfio-user: DEVICE_GET_INFO: argsz %d: %w", req.Argsz, unix.EINVAL)
 	}
 	info := se.model.DeviceInfo()
-	r := info4{Argsz: deviceInfoSize, Flags: info.Flags, A: info.NumRegions, B: info.NumIRQs}
-	r.encode(se.payloadBuf(deviceInfoSize))
-	return deviceInfoSize, nil
+	r := abi.VFIOUserDeviceInfo{Argsz: abi.SizeofVFIOUserDeviceInfo, Flags: info.Flags, NumRegions: info.NumRegions, NumIRQs: info.NumIRQs}
+	return encode(abi.VFIO_USER_DEVICE_GET_INFO, true, se.payloadBuf(abi.SizeofVFIOUserDeviceInfo), &r), nil
 }
 
 func (se *session) getRegionInfo(p []byte) (int, int, error) {
-	req, err := decodeRegionInfo(p)
-	if err != nil {
+	var req abi.VFIORegionInfo
+	if err := decode(abi.VFIO_USER_DEVICE_GET_REGION_INFO, false, p, &req); err != nil {
 		return 0, -1, err
 	}
-	if req.Argsz < regionInfoSize {
+	if req.Argsz < abi.SizeofVFIORegionInfo {
 		return 0, -1, fmt.Errorf("vfio-user: GET_REGION_INFO: argsz %d: %w", req.Argsz, unix.EINVAL)
 	}
 	if req.Index >= se.numRegions {
@@ -488,35 +487,32 @@ func (se *session) getRegionInfo(p []byte) (int, int, error) {
 	if flags&vfio.RegionFlagMmap == 0 {
 		sparse = nil
 	}
-	full := regionInfoSize
+	full := abi.SizeofVFIORegionInfo
 	if len(sparse) > 0 {
-		full += capHeaderSize + sparseHeaderSize + sparseAreaSize*len(sparse)
+		full += abi.SizeofVFIORegionInfoCapSparseMmap + abi.SizeofVFIORegionSparseMmapArea*len(sparse)
 	}
 	if full > int(se.o.maxData) {
 		return 0, -1, fmt.Errorf("vfio-user: GET_REGION_INFO: %d sparse areas: %w", len(sparse), unix.E2BIG)
 	}
-	r := regionInfo{Argsz: uint32(full), Flags: flags, Index: req.Index, Size: info.Size, Offset: info.Offset}
+	r := abi.VFIORegionInfo{Argsz: uint32(full), Flags: flags, Index: req.Index, Size: info.Size, Offset: info.Offset}
+	const cmd = abi.VFIO_USER_DEVICE_GET_REGION_INFO
 	if int(req.Argsz) < full {
 		// Too small for the capabilities: say how much is needed, send
 		// neither capabilities nor fd; the client asks again.
-		r.encode(se.payloadBuf(regionInfoSize))
-		return regionInfoSize, -1, nil
+		return encode(cmd, true, se.payloadBuf(abi.SizeofVFIORegionInfo), &r), -1, nil
 	}
 	b := se.payloadBuf(full)
 	if len(sparse) > 0 {
-		r.Flags |= vfio.RegionFlagCaps
-		r.CapOffset = regionInfoSize
-		c := b[regionInfoSize:]
-		binary.LittleEndian.PutUint16(c[0:], capSparseMmap)
-		binary.LittleEndian.PutUint16(c[2:], capSparseMmapVersion)
-		binary.LittleEndian.PutUint32(c[4:], 0) // last capability
-		binary.LittleEndian.PutUint32(c[8:], uint32(len(sparse)))
-		for i, a := range sparse {
-			binary.LittleEndian.PutUint64(c[16+16*i:], a.Offset)
-			binary.LittleEndian.PutUint64(c[24+16*i:], a.Size)
+		r.Flags |= abi.VFIO_REGION_INFO_FLAG_CAPS
+		r.CapOffset = abi.SizeofVFIORegionInfo
+		c := abi.VFIORegionInfoCapSparseMmap{NrAreas: uint32(len(sparse)), Header: abi.VFIOInfoCapHeader{
+			ID: abi.VFIO_REGION_INFO_CAP_SPARSE_MMAP, Version: capSparseMmapVersion, Next: 0}} // the last capability
+		off := abi.SizeofVFIORegionInfo + abi.Encode(b[abi.SizeofVFIORegionInfo:], &c)
+		for i := range sparse {
+			off += abi.Encode(b[off:], &sparse[i])
 		}
 	}
-	r.encode(b)
+	encode(cmd, true, b, &r)
 	fd := -1
 	if flags&vfio.RegionFlagMmap != 0 {
 		if fd, err = dupFile(file); err != nil {
@@ -544,35 +540,35 @@ func dupFile(f *os.File) (int, error) {
 }
 
 func (se *session) getRegionIOFDs(p []byte) (int, error) {
-	req, err := decodeInfo4("GET_REGION_IO_FDS", p)
-	if err != nil {
+	const cmd = abi.VFIO_USER_DEVICE_GET_REGION_IO_FDS
+	var req abi.VFIOUserRegionIOFDsRequest
+	if err := decode(cmd, false, p, &req); err != nil {
 		return 0, err
 	}
-	if req.Argsz < regionIOFDsSize || req.Flags != 0 || req.A >= se.numRegions {
+	if req.Argsz < abi.SizeofVFIOUserRegionIOFDsRequest || req.Flags != 0 || req.Index >= se.numRegions {
 		return 0, fmt.Errorf("vfio-user: GET_REGION_IO_FDS: argsz %d flags %#x index %d: %w",
-			req.Argsz, req.Flags, req.A, unix.EINVAL)
+			req.Argsz, req.Flags, req.Index, unix.EINVAL)
 	}
 	// No ioeventfds: every trapped access comes as a message.
-	r := info4{Argsz: regionIOFDsSize, Flags: 0, A: req.A, B: 0}
-	r.encode(se.payloadBuf(regionIOFDsSize))
-	return regionIOFDsSize, nil
+	r := abi.VFIOUserRegionIOFDsRequest{Argsz: abi.SizeofVFIOUserRegionIOFDsRequest, Index: req.Index}
+	return encode(cmd, true, se.payloadBuf(abi.SizeofVFIOUserRegionIOFDsRequest), &r), nil
 }
 
 func (se *session) getIRQInfo(p []byte) (int, error) {
-	req, err := decodeInfo4("GET_IRQ_INFO", p)
+	const cmd = abi.VFIO_USER_DEVICE_GET_IRQ_INFO
+	var req abi.VFIOIrqInfo
+	if err := decode(cmd, false, p, &req); err != nil {
+		return 0, err
+	}
+	if req.Argsz < abi.SizeofVFIOIrqInfo || req.Index >= se.numIRQs {
+		return 0, fmt.Errorf("vfio-user: GET_IRQ_INFO: argsz %d index %d: %w", req.Argsz, req.Index, unix.EINVAL)
+	}
+	info, err := se.model.IRQInfo(req.Index)
 	if err != nil {
 		return 0, err
 	}
-	if req.Argsz < irqInfoSize || req.A >= se.numIRQs {
-		return 0, fmt.Errorf("vfio-user: GET_IRQ_INFO: argsz %d index %d: %w", req.Argsz, req.A, unix.EINVAL)
-	}
-	info, err := se.model.IRQInfo(req.A)
-	if err != nil {
-		return 0, err
-	}
-	r := info4{Argsz: irqInfoSize, Flags: info.Flags, A: req.A, B: info.Count}
-	r.encode(se.payloadBuf(irqInfoSize))
-	return irqInfoSize, nil
+	r := abi.VFIOIrqInfo{Argsz: abi.SizeofVFIOIrqInfo, Flags: info.Flags, Index: req.Index, Count: info.Count}
+	return encode(cmd, true, se.payloadBuf(abi.SizeofVFIOIrqInfo), &r), nil
 }
 
 func (se *session) setIRQs(p []byte, fds []int) (err error) {
@@ -581,12 +577,12 @@ func (se *session) setIRQs(p []byte, fds []int) (err error) {
 			closeFDs(fds)
 		}
 	}()
-	req, err := decodeIRQSet(p)
-	if err != nil {
+	var req abi.VFIOIrqSet
+	if err := decode(abi.VFIO_USER_DEVICE_SET_IRQS, false, p, &req); err != nil {
 		return err
 	}
-	data, action := req.Flags&irqSetDataMask, req.Flags&irqSetActionMaskAll
-	if req.Flags&^(irqSetDataMask|irqSetActionMaskAll) != 0 || !onebit(data) || !onebit(action) {
+	data, action := req.Flags&abi.VFIO_IRQ_SET_DATA_TYPE_MASK, req.Flags&abi.VFIO_IRQ_SET_ACTION_TYPE_MASK
+	if req.Flags&^(abi.VFIO_IRQ_SET_DATA_TYPE_MASK|abi.VFIO_IRQ_SET_ACTION_TYPE_MASK) != 0 || !onebit(data) || !onebit(action) {
 		return fmt.Errorf("vfio-user: SET_IRQS: flags %#x: %w", req.Flags, unix.EINVAL)
 	}
 	if req.Index >= se.numIRQs {
@@ -600,14 +596,14 @@ func (se *session) setIRQs(p []byte, fds []int) (err error) {
 	if !disableAll && (req.Count == 0 || uint64(req.Start)+uint64(req.Count) > uint64(info.Count)) {
 		return fmt.Errorf("vfio-user: SET_IRQS: vectors %d+%d of %d: %w", req.Start, req.Count, info.Count, unix.EINVAL)
 	}
-	if data != irqSetDataEventfd && len(fds) > 0 {
+	if data != abi.VFIO_IRQ_SET_DATA_EVENTFD && len(fds) > 0 {
 		return fmt.Errorf("vfio-user: SET_IRQS: fds without DATA_EVENTFD: %w", unix.EINVAL)
 	}
-	if data == irqSetDataBool && len(p) < irqSetSize+int(req.Count) {
-		return errShort("SET_IRQS", len(p), irqSetSize+int(req.Count))
+	if data == abi.VFIO_IRQ_SET_DATA_BOOL && len(p) < abi.SizeofVFIOIrqSet+int(req.Count) {
+		return errShort("SET_IRQS", len(p), abi.SizeofVFIOIrqSet+int(req.Count))
 	}
 	switch {
-	case action == irqSetActionTrigger && data == irqSetDataEventfd:
+	case action == abi.VFIO_IRQ_SET_ACTION_TRIGGER && data == abi.VFIO_IRQ_SET_DATA_EVENTFD:
 		if len(fds) != 0 && len(fds) != int(req.Count) {
 			return fmt.Errorf("vfio-user: SET_IRQS: %d fds for %d vectors: %w", len(fds), req.Count, unix.EINVAL)
 		}
@@ -630,13 +626,13 @@ func (se *session) setIRQs(p []byte, fds []int) (err error) {
 			return err
 		}
 		return nil
-	case action == irqSetActionTrigger && data == irqSetDataNone && disableAll:
+	case action == abi.VFIO_IRQ_SET_ACTION_TRIGGER && data == abi.VFIO_IRQ_SET_DATA_NONE && disableAll:
 		se.irqsSet[req.Index] = true
 		return se.model.SetIRQs(req.Index, 0, 0, nil)
-	case action == irqSetActionTrigger:
+	case action == abi.VFIO_IRQ_SET_ACTION_TRIGGER:
 		// A client-triggered interrupt (loopback) is not supported.
 		return fmt.Errorf("vfio-user: SET_IRQS: trigger from the client: %w", unix.ENOTSUP)
-	case data == irqSetDataEventfd:
+	case data == abi.VFIO_IRQ_SET_DATA_EVENTFD:
 		// Mask/unmask notification eventfds are not supported.
 		return fmt.Errorf("vfio-user: SET_IRQS: mask/unmask eventfds: %w", unix.ENOTSUP)
 	default:
@@ -649,7 +645,7 @@ func (se *session) setIRQs(p []byte, fds []int) (err error) {
 
 func onebit(x uint32) bool { return x != 0 && x&(x-1) == 0 }
 
-func (se *session) checkAccess(what string, ra regionAccess) error {
+func (se *session) checkAccess(what string, ra abi.VFIOUserRegionAccess) error {
 	if ra.Region >= se.numRegions {
 		return fmt.Errorf("vfio-user: %s: region %d of %d: %w", what, ra.Region, se.numRegions, unix.EINVAL)
 	}
@@ -663,68 +659,68 @@ func (se *session) checkAccess(what string, ra regionAccess) error {
 }
 
 func (se *session) regionRead(p []byte) (int, error) {
-	ra, err := decodeRegionAccess("REGION_READ", p)
-	if err != nil {
+	const cmd = abi.VFIO_USER_REGION_READ
+	var ra abi.VFIOUserRegionAccess
+	if err := decode(cmd, false, p, &ra); err != nil {
 		return 0, err
 	}
 	if err := se.checkAccess("REGION_READ", ra); err != nil {
 		return 0, err
 	}
-	n := regionAccessSize + int(ra.Count)
-	b := se.payloadBuf(n)
-	ra.encode(b)
-	if err := se.model.RegionRead(ra.Region, ra.Offset, b[regionAccessSize:]); err != nil {
+	b := se.payloadBuf(abi.SizeofVFIOUserRegionAccess + int(ra.Count))
+	n := encode(cmd, true, b, &ra)
+	if err := se.model.RegionRead(ra.Region, ra.Offset, b[n:]); err != nil {
 		return 0, err
 	}
-	return n, nil
+	return len(b), nil
 }
 
 func (se *session) regionWrite(p []byte) (int, error) {
-	ra, err := decodeRegionAccess("REGION_WRITE", p)
-	if err != nil {
+	const cmd = abi.VFIO_USER_REGION_WRITE
+	const fixed = abi.SizeofVFIOUserRegionAccess
+	var ra abi.VFIOUserRegionAccess
+	if err := decode(cmd, false, p, &ra); err != nil {
 		return 0, err
 	}
 	if err := se.checkAccess("REGION_WRITE", ra); err != nil {
 		return 0, err
 	}
-	if len(p) != regionAccessSize+int(ra.Count) {
-		return 0, fmt.Errorf("vfio-user: REGION_WRITE: %d data bytes for count %d: %w", len(p)-regionAccessSize, ra.Count, unix.EINVAL)
+	if len(p) != fixed+int(ra.Count) {
+		return 0, fmt.Errorf("vfio-user: REGION_WRITE: %d data bytes for count %d: %w", len(p)-fixed, ra.Count, unix.EINVAL)
 	}
-	if err := se.model.RegionWrite(ra.Region, ra.Offset, p[regionAccessSize:]); err != nil {
+	if err := se.model.RegionWrite(ra.Region, ra.Offset, p[fixed:]); err != nil {
 		return 0, err
 	}
-	ra.encode(se.payloadBuf(regionAccessSize))
-	return regionAccessSize, nil
+	return encode(cmd, true, se.payloadBuf(fixed), &ra), nil
 }
 
 func (se *session) regionWriteMulti(p []byte) (int, error) {
-	if len(p) < writeMultiHdrSize {
-		return 0, errShort("REGION_WRITE_MULTI", len(p), writeMultiHdrSize)
+	const cmd = abi.VFIO_USER_REGION_WRITE_MULTI
+	var hdr abi.VFIOUserWriteMulti
+	if err := decode(cmd, false, p, &hdr); err != nil {
+		return 0, err
 	}
-	cnt := binary.LittleEndian.Uint64(p)
-	if cnt == 0 || cnt > writeMultiMax || len(p) != writeMultiHdrSize+int(cnt)*writeMultiOneSize {
+	cnt := hdr.WrCnt
+	if cnt == 0 || cnt > writeMultiMax || len(p) != abi.SizeofVFIOUserWriteMulti+int(cnt)*abi.SizeofVFIOUserWriteMultiOne {
 		return 0, fmt.Errorf("vfio-user: REGION_WRITE_MULTI: %d writes in %d bytes: %w", cnt, len(p), unix.EINVAL)
 	}
+	writes, _ := abi.DecodeSlice[abi.VFIOUserWriteMultiOne](p[abi.SizeofVFIOUserWriteMulti:], int(cnt))
 	// Validate all before doing any.
-	for i := range int(cnt) {
-		e := p[writeMultiHdrSize+i*writeMultiOneSize:]
-		ra, _ := decodeRegionAccess("REGION_WRITE_MULTI", e)
+	for _, w := range writes {
+		ra := abi.VFIOUserRegionAccess{Offset: w.Offset, Region: w.Region, Count: w.Count}
 		if err := se.checkAccess("REGION_WRITE_MULTI", ra); err != nil {
 			return 0, err
 		}
-		if ra.Count > writeMultiData {
+		if int(ra.Count) > writeMultiData {
 			return 0, fmt.Errorf("vfio-user: REGION_WRITE_MULTI: count %d: %w", ra.Count, unix.EINVAL)
 		}
 	}
-	for i := range int(cnt) {
-		e := p[writeMultiHdrSize+i*writeMultiOneSize:]
-		ra, _ := decodeRegionAccess("REGION_WRITE_MULTI", e)
-		if err := se.model.RegionWrite(ra.Region, ra.Offset, e[regionAccessSize:regionAccessSize+ra.Count]); err != nil {
+	for _, w := range writes {
+		if err := se.model.RegionWrite(w.Region, w.Offset, w.Data[:w.Count]); err != nil {
 			return 0, err
 		}
 	}
-	binary.LittleEndian.PutUint64(se.payloadBuf(writeMultiHdrSize), cnt)
-	return writeMultiHdrSize, nil
+	return encode(cmd, true, se.payloadBuf(abi.SizeofVFIOUserWriteMulti), &hdr), nil
 }
 
 // dmaCall is a DMA_READ or DMA_WRITE the server sent to the client.
@@ -767,10 +763,11 @@ func (se *session) socketDMA(write bool, iova uint64, p []byte) error {
 func (se *session) dmaRoundTrip(write bool, iova uint64, p []byte) error {
 	c := dmaCallPool.Get().(*dmaCall)
 	defer dmaCallPool.Put(c)
-	c.cmd, c.addr, c.count, c.err, c.dst = cmdDMARead, iova, uint64(len(p)), nil, nil
+	c.cmd, c.addr, c.count, c.err, c.dst = abi.VFIO_USER_DMA_READ, iova, uint64(len(p)), nil, nil
+	const dmaAccessSize = abi.SizeofVFIOUserDmaRegionAccess
 	size := headerSize + dmaAccessSize
 	if write {
-		c.cmd = cmdDMAWrite
+		c.cmd = abi.VFIO_USER_DMA_WRITE
 		size += len(p)
 	} else {
 		c.dst = p
@@ -795,10 +792,9 @@ func (se *session) dmaRoundTrip(write bool, iova uint64, p []byte) error {
 	se.pending[c.id] = c
 	se.pmu.Unlock()
 
-	h := header{MsgID: c.id, Cmd: c.cmd, Size: uint32(size), Flags: flagCommand}
-	h.encode(b)
-	a := dmaAccess{Addr: iova, Count: uint64(len(p))}
-	a.encode(b[headerSize:])
+	h := header{MsgID: c.id, Cmd: c.cmd, Size: uint32(size), Flags: abi.VFIO_USER_F_TYPE_COMMAND}
+	abi.Encode(b, &h)
+	encode(c.cmd, false, b[headerSize:], &abi.VFIOUserDmaRegionAccess{Addr: iova, Count: uint64(len(p))})
 	if write {
 		copy(b[headerSize+dmaAccessSize:], p)
 	}
@@ -857,11 +853,12 @@ func (se *session) dispatchReply(h header, p []byte, fds []int) {
 	switch {
 	case len(fds) > 0:
 		c.err = protoErr("%s reply with fds", cmdName(h.Cmd))
-	case h.Flags&flagError != 0:
+	case h.Flags&abi.VFIO_USER_F_ERROR != 0:
 		c.err = replyError(h.Cmd, h.Errno)
-	case h.Cmd == cmdDMARead:
-		a, err := decodeDMAAccess("DMA_READ reply", p)
-		switch {
+	case h.Cmd == abi.VFIO_USER_DMA_READ:
+		const dmaAccessSize = abi.SizeofVFIOUserDmaRegionAccess
+		var a abi.VFIOUserDmaRegionAccess
+		switch err := decode(h.Cmd, true, p, &a); {
 		case err != nil:
 			c.err = err
 		case a.Addr != c.addr || a.Count != c.count || uint64(len(p)-dmaAccessSize) != c.count:
@@ -870,9 +867,9 @@ func (se *session) dispatchReply(h header, p []byte, fds []int) {
 		default:
 			copy(c.dst, p[dmaAccessSize:])
 		}
-	case h.Cmd == cmdDMAWrite:
+	case h.Cmd == abi.VFIO_USER_DMA_WRITE:
 		// The specification's reply has a 4-byte count; accept 4 or 8.
-		if len(p) != 0 && len(p) != 12 && len(p) != dmaAccessSize {
+		if len(p) != 0 && len(p) != 12 && len(p) != abi.SizeofVFIOUserDmaRegionAccess {
 			c.err = protoErr("DMA_WRITE reply of %d bytes", len(p))
 		} else if len(p) >= 8 && binary.LittleEndian.Uint64(p) != c.addr {
 			c.err = protoErr("DMA_WRITE reply for another address")

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/gohfi/gohfi/vfio"
+	"github.com/gohfi/gohfi/vfio/abi"
 )
 
 func TestVersionNegotiation(t *testing.T) {
@@ -24,17 +25,17 @@ func TestVersionNegotiation(t *testing.T) {
 	r := newRawPeer(t, conn)
 
 	// Anything before VERSION is refused.
-	h, _, _ := r.call(1, cmdDeviceGetInfo, le32(16, 0, 0, 0))
+	h, _, _ := r.call(1, abi.VFIO_USER_DEVICE_GET_INFO, le32(16, 0, 0, 0))
 	expectErrno(t, h, unix.EINVAL)
 	// Malformed JSON is EINVAL, and the session can still negotiate.
-	h, _, _ = r.call(2, cmdVersion, versionPayload(`{"capabilities":`))
+	h, _, _ = r.call(2, abi.VFIO_USER_VERSION, versionPayload(`{"capabilities":`))
 	expectErrno(t, h, unix.EINVAL)
-	h, _, _ = r.call(3, cmdVersion, versionPayload(`{"capabilities":{"max_msg_fds":"many"}}`))
+	h, _, _ = r.call(3, abi.VFIO_USER_VERSION, versionPayload(`{"capabilities":{"max_msg_fds":"many"}}`))
 	expectErrno(t, h, unix.EINVAL)
-	h, _, _ = r.call(4, cmdVersion, append(le32(1), 0)) // major 1
+	h, _, _ = r.call(4, abi.VFIO_USER_VERSION, append(le32(1), 0)) // major 1
 	expectErrno(t, h, unix.ENOTSUP)
 
-	h, p, _ := r.call(5, cmdVersion, versionPayload(qemuVersionJSON))
+	h, p, _ := r.call(5, abi.VFIO_USER_VERSION, versionPayload(qemuVersionJSON))
 	expectOK(t, h)
 	if binary.LittleEndian.Uint32(p) != 0 {
 		t.Fatalf("version %x, want 0.0", p[:4])
@@ -61,7 +62,7 @@ func TestVersionNegotiation(t *testing.T) {
 		t.Fatalf("model attached %d times", a)
 	}
 	// A second VERSION is refused.
-	h, _, _ = r.call(6, cmdVersion, versionPayload(qemuVersionJSON))
+	h, _, _ = r.call(6, abi.VFIO_USER_VERSION, versionPayload(qemuVersionJSON))
 	expectErrno(t, h, unix.EINVAL)
 
 	conn.Close()
@@ -77,7 +78,7 @@ func TestVersionNoJSON(t *testing.T) {
 	m := newFakeModel(t)
 	conn, _ := serve(t, m)
 	r := newRawPeer(t, conn)
-	h, p, _ := r.call(1, cmdVersion, le32(0)) // 0.0 without capabilities
+	h, p, _ := r.call(1, abi.VFIO_USER_VERSION, le32(0)) // 0.0 without capabilities
 	expectOK(t, h)
 	if len(p) <= 4 {
 		t.Fatalf("reply without capabilities")
@@ -152,32 +153,33 @@ func TestRegionInfoArgsz(t *testing.T) {
 
 	// QEMU asks with argsz 32 first: the reply says how much is needed,
 	// has no capabilities and no fd.
-	h, p, fds := r.call(2, cmdGetRegionInfo, req(32, vfio.PCIBAR2RegionIndex))
+	h, p, fds := r.call(2, abi.VFIO_USER_DEVICE_GET_REGION_INFO, req(32, vfio.PCIBAR2RegionIndex))
 	expectOK(t, h)
-	ri, _ := decodeRegionInfo(p)
-	need := uint32(regionInfoSize + capHeaderSize + sparseHeaderSize + sparseAreaSize)
-	if len(p) != regionInfoSize || ri.Argsz != need || ri.Flags&vfio.RegionFlagCaps != 0 || ri.CapOffset != 0 || len(fds) != 0 {
+	var ri abi.VFIORegionInfo
+	abi.Decode(p, &ri)
+	need := uint32(abi.SizeofVFIORegionInfo + abi.SizeofVFIORegionInfoCapSparseMmap + abi.SizeofVFIORegionSparseMmapArea)
+	if len(p) != abi.SizeofVFIORegionInfo || ri.Argsz != need || ri.Flags&vfio.RegionFlagCaps != 0 || ri.CapOffset != 0 || len(fds) != 0 {
 		t.Fatalf("small argsz: %d bytes %+v fds %v", len(p), ri, fds)
 	}
-	h, p, fds = r.call(3, cmdGetRegionInfo, req(need, vfio.PCIBAR2RegionIndex))
+	h, p, fds = r.call(3, abi.VFIO_USER_DEVICE_GET_REGION_INFO, req(need, vfio.PCIBAR2RegionIndex))
 	expectOK(t, h)
-	ri, _ = decodeRegionInfo(p)
-	if len(p) != int(need) || ri.Flags&vfio.RegionFlagCaps == 0 || ri.CapOffset != regionInfoSize || len(fds) != 1 {
+	abi.Decode(p, &ri)
+	if len(p) != int(need) || ri.Flags&vfio.RegionFlagCaps == 0 || ri.CapOffset != abi.SizeofVFIORegionInfo || len(fds) != 1 {
 		t.Fatalf("full argsz: %d bytes %+v fds %v", len(p), ri, fds)
 	}
 	closeFDs(fds)
-	c := p[regionInfoSize:]
-	if binary.LittleEndian.Uint16(c) != capSparseMmap || binary.LittleEndian.Uint16(c[2:]) != 1 ||
+	c := p[abi.SizeofVFIORegionInfo:]
+	if binary.LittleEndian.Uint16(c) != abi.VFIO_REGION_INFO_CAP_SPARSE_MMAP || binary.LittleEndian.Uint16(c[2:]) != 1 ||
 		binary.LittleEndian.Uint32(c[8:]) != 1 || binary.LittleEndian.Uint64(c[16:]) != 4096 || binary.LittleEndian.Uint64(c[24:]) != 4096 {
 		t.Fatalf("sparse capability % x", c)
 	}
 	// argsz below the fixed structure is EINVAL.
-	h, _, _ = r.call(4, cmdGetRegionInfo, req(16, vfio.PCIBAR2RegionIndex))
+	h, _, _ = r.call(4, abi.VFIO_USER_DEVICE_GET_REGION_INFO, req(16, vfio.PCIBAR2RegionIndex))
 	expectErrno(t, h, unix.EINVAL)
 	// A whole-mappable region carries its fd with the fixed structure.
-	h, p, fds = r.call(5, cmdGetRegionInfo, req(32, vfio.PCIBAR4RegionIndex))
+	h, p, fds = r.call(5, abi.VFIO_USER_DEVICE_GET_REGION_INFO, req(32, vfio.PCIBAR4RegionIndex))
 	expectOK(t, h)
-	ri, _ = decodeRegionInfo(p)
+	abi.Decode(p, &ri)
 	if len(fds) != 1 || ri.Offset != fakeBAR2Size || ri.Flags&vfio.RegionFlagCaps != 0 {
 		t.Fatalf("BAR4: %+v fds %v", ri, fds)
 	}

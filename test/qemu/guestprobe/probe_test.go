@@ -13,6 +13,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
+	"github.com/gohfi/gohfi/vfio/abi"
 	"github.com/gohfi/gohfi/vfio/kernel"
 )
 
@@ -173,19 +174,19 @@ func TestVFIOContainer(t *testing.T) {
 	}
 	defer c.Close()
 	v, err := c.APIVersion()
-	if err != nil || v != kernel.APIVersion {
+	if err != nil || v != abi.VFIO_API_VERSION {
 		t.Fatalf("API version %d, %v", v, err)
 	}
 	for _, e := range []struct {
 		name string
 		ext  int
-	}{{"type1v2", kernel.Type1v2IOMMU}, {"unmap_all", kernel.UnmapAll}, {"noiommu", kernel.NoIOMMU}} {
+	}{{"type1v2", abi.VFIO_TYPE1v2_IOMMU}, {"unmap_all", abi.VFIO_UNMAP_ALL}, {"noiommu", abi.VFIO_NOIOMMU_IOMMU}} {
 		ok, err := c.CheckExtension(e.ext)
 		if err != nil {
 			t.Fatal(err)
 		}
 		fact("vfio_ext_"+e.name, ok)
-		if e.ext == kernel.Type1v2IOMMU && !ok {
+		if e.ext == abi.VFIO_TYPE1v2_IOMMU && !ok {
 			t.Error("no type1 v2 IOMMU")
 		}
 	}
