@@ -36,7 +36,7 @@ const (
 
 // openEnvDevice opens the test device named by GOHFI_TEST_DEVICE and
 // closes it when t ends; nil when the variable is not set.
-func openEnvDevice(t *testing.T, ctxts int) *attach.Attached {
+func openEnvDevice(t testing.TB, ctxts int) *attach.Attached {
 	t.Helper()
 	list := os.Getenv(envTestDevice)
 	if list == "" {
@@ -108,7 +108,7 @@ func (noDMAMap) DMAUnmap(iova, size uint64) error { return nil }
 // reserveSurplus assigns every context of a, then closes the files holding
 // the first n (contexts are handed out lowest first): the others stay
 // assigned until t ends.
-func reserveSurplus(t *testing.T, a *attach.Attached, n int) {
+func reserveSurplus(t testing.TB, a *attach.Attached, n int) {
 	t.Helper()
 	total := a.Device.Info().NumContexts
 	if total == n {

@@ -18,3 +18,16 @@ func (d *Device) SyncNotifier(ctx context.Context) error {
 
 // PinnedNow is how many pins the device's pinner holds.
 func (d *Device) PinnedNow() int { return d.pinner.Pins() }
+
+// CSR reads a BAR0 register through the driver's own access path, so a
+// test can look at the device on any backend (embedded or PCI).
+func (d *Device) CSR(off uint64) (uint64, error) { return d.readCSR(off) }
+
+// BAR4Word reads an 8-byte word of BAR4 (MTT, MPT) through the driver's
+// mapping; 0 without the verbs engine.
+func (d *Device) BAR4Word(off uint64) uint64 {
+	if d.verbs == nil || d.verbs.bar4 == nil {
+		return 0
+	}
+	return load64(d.verbs.bar4, int(off))
+}

@@ -17,7 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-func openDev(t *testing.T, ctxts int) *attach.Attached {
+func openDev(t testing.TB, ctxts int) *attach.Attached {
 	t.Helper()
 	if a := openEnvDevice(t, ctxts); a != nil {
 		return a

@@ -5,7 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"sync"
+	"github.com/gohfi/gohfi/internal/testenv"
 	"testing"
 	"time"
 
@@ -15,169 +15,42 @@ import (
 	"github.com/gohfi/gohfi/hfisim"
 	"github.com/gohfi/gohfi/hfiuser"
 	"github.com/gohfi/gohfi/uapi"
-	"github.com/gohfi/gohfi/vfio"
-	"github.com/gohfi/gohfi/vfio/vfiouser"
 	"golang.org/x/sys/unix"
 )
 
-// verbsEnv is an embedded device with the verbs engine. Until hfisim has
-// one, the tests run on a stand-in: a register file in front of the device
-// (fakeVerbsRegs) answers the capability registers with CapVerbs and the
-// verbs limits, reports half the model's MTT so that BAR4 has room for
-// the MPT after it, and holds the QP and CQ CSR blocks, QPStatus echoing
-// the state last written. The stand-in moves no data, so the data-path tests
-// skip on it (requireEngine).
+// verbsEnv is a device with the verbs engine: the embedded hfisim, or the
+// device GOHFI_TEST_DEVICE names (the QEMU guest), as openDev gives it.
 type verbsEnv struct {
-	a    *attach.Attached
-	fake *fakeVerbsRegs
-}
-
-// fakeVerbsCaps are the stand-in's verbs registers.
-var fakeVerbsCaps = map[uint64]uint64{
-	chip.RegMTTEntries: 1 << 16,
-	chip.RegCapFlags:   chip.CapMemMgtExtensions | chip.CapODP | chip.CapMSIX | chip.CapLoopback | chip.CapVerbs,
-	chip.RegMPTEntries: 1024,
-	chip.RegNumQPs:     16,
-	chip.RegNumCQs:     16,
-	chip.RegMaxQPWR:    256,
-	chip.RegMaxCQE:     1024,
-	chip.RegMaxSGE:     4,
-	chip.RegMaxMsgSize: 1 << 31,
+	a *attach.Attached
 }
 
 func openVerbs(t testing.TB, ctxts int) *verbsEnv {
 	t.Helper()
+	return &verbsEnv{a: openDev(t, ctxts)}
+}
+
+// openWithConfig probes an embedded hfisim of configuration cfg.
+func openWithConfig(cfg hfisim.Config) (*attach.Attached, error) {
 	o := attach.DefaultOptions()
-	o.Sim.NumContexts = ctxts
-	a, err := attach.Open(context.Background(), "embedded", o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if a.Device.HardwareHasCap(chip.CapVerbs) {
-		t.Cleanup(func() {
-			if err := a.Close(); err != nil {
-				t.Errorf("close: %v", err)
-			}
-		})
-		return &verbsEnv{a: a}
-	}
-	a.Close()
-	cfg := hfisim.DefaultConfig()
-	cfg.NumContexts = ctxts
-	cfg.MTTEntries = 1 << 17 // BAR4 of 1 MiB: the MTT the driver is told of, then the MPT
-	e := &verbsEnv{}
-	a, err = openWrapped(cfg, func(d vfio.Device) vfio.Device {
-		e.fake = newFakeVerbs(d, fakeVerbsCaps)
-		return e.fake
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := a.Close(); err != nil {
-			t.Errorf("close: %v", err)
-		}
-	})
-	e.a = a
-	return e
+	o.Sim = cfg
+	return attach.Open(context.Background(), "embedded", o)
 }
 
-// openWrapped probes an embedded hfisim through wrap.
-func openWrapped(cfg hfisim.Config, wrap func(vfio.Device) vfio.Device) (*attach.Attached, error) {
-	sim, err := hfisim.StartEmbedded(cfg)
-	if err != nil {
-		return nil, err
-	}
-	c, err := vfiouser.NewClient(sim.Conn)
-	if err != nil {
-		sim.Stop()
-		return nil, err
-	}
-	m, err := driver.Init(driver.DefaultParams())
-	if err != nil {
-		sim.Stop()
-		return nil, err
-	}
-	a := &attach.Attached{Module: m, Sim: sim}
-	if a.Device, err = m.Probe(context.Background(), wrap(c), "embedded"); err != nil {
-		a.Close()
-		return nil, err
-	}
-	return a, nil
-}
-
-// fakeVerbsRegs holds the QP and CQ CSR blocks in front of a device that
-// has none.
-type fakeVerbsRegs struct {
-	vfio.Device
-	caps map[uint64]uint64 // capability registers answered in place of the model's
-	mu   sync.Mutex
-	regs map[uint64]uint64
-}
-
-func newFakeVerbs(d vfio.Device, caps map[uint64]uint64) *fakeVerbsRegs {
-	return &fakeVerbsRegs{Device: d, caps: caps, regs: map[uint64]uint64{}}
-}
-
-func verbsBlock(index uint32, off uint64) bool {
-	return index == chip.CSRBar && off >= chip.QPBase && off < chip.CQBase+chip.MaxCQs*chip.CQStride
-}
-
-func (f *fakeVerbsRegs) ReadRegion(index uint32, off uint64, p []byte) error {
-	if v, ok := f.caps[off]; ok && index == chip.CSRBar && len(p) == 8 {
-		binary.LittleEndian.PutUint64(p, v)
-		return nil
-	}
-	if !verbsBlock(index, off) || len(p) != 8 {
-		return f.Device.ReadRegion(index, off, p)
-	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	v := f.regs[off]
-	if off < chip.CQBase && (off-chip.QPBase)%chip.QPStride == chip.QPStatus {
-		v = f.regs[off-chip.QPStatus+chip.QPControl] & chip.QPStateMask
-	}
-	binary.LittleEndian.PutUint64(p, v)
-	return nil
-}
-
-func (f *fakeVerbsRegs) WriteRegion(index uint32, off uint64, p []byte) error {
-	if !verbsBlock(index, off) || len(p) != 8 {
-		return f.Device.WriteRegion(index, off, p)
-	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	v := binary.LittleEndian.Uint64(p)
-	f.regs[off] = v
-	if off < chip.CQBase && (off-chip.QPBase)%chip.QPStride == chip.QPControl && v&chip.QPStateMask == uapi.GOHFI_QPS_RESET {
-		// RESET empties both queues.
-		f.regs[off+chip.QPSQTail], f.regs[off+chip.QPRQTail] = 0, 0
-	}
-	return nil
-}
-
-// csr reads a BAR0 register as the device holds it.
+// csr reads a BAR0 register through the driver.
 func (e *verbsEnv) csr(t testing.TB, off uint64) uint64 {
 	t.Helper()
-	var b [8]byte
-	if e.fake != nil && verbsBlock(chip.CSRBar, off) {
-		if err := e.fake.ReadRegion(chip.CSRBar, off, b[:]); err != nil {
-			t.Fatal(err)
-		}
-	} else if err := e.a.Sim.Device.RegionRead(chip.CSRBar, off, b[:]); err != nil {
+	v, err := e.a.Device.CSR(off)
+	if err != nil {
 		t.Fatalf("read CSR %#x: %v", off, err)
 	}
-	return binary.LittleEndian.Uint64(b[:])
+	return v
 }
 
-// bar4 reads an 8-byte word of BAR4 (MTT and MPT) from the device's side.
+// bar4 reads an 8-byte word of BAR4 (MTT and MPT) through the driver's
+// mapping.
 func (e *verbsEnv) bar4(t testing.TB, off uint64) uint64 {
 	t.Helper()
-	var b [8]byte
-	if err := e.a.Sim.Device.RegionRead(chip.MTTBar, off, b[:]); err != nil {
-		t.Fatalf("read BAR4 %#x: %v", off, err)
-	}
-	return binary.LittleEndian.Uint64(b[:])
+	return e.a.Device.BAR4Word(off)
 }
 
 func (e *verbsEnv) mptEntry(t testing.TB, key uint32) chip.MPTEntry {
@@ -192,11 +65,12 @@ func (e *verbsEnv) mptEntry(t testing.TB, key uint32) chip.MPTEntry {
 	return m
 }
 
-// requireEngine skips a data-path test on the stand-in.
+// requireEngine skips (fails under CI=true) on a device without the verbs
+// engine.
 func (e *verbsEnv) requireEngine(t testing.TB) {
 	t.Helper()
-	if e.fake != nil {
-		t.Skip("hfisim has no verbs engine yet (stand-in registers only)")
+	if !e.a.Device.HardwareHasCap(chip.CapVerbs) {
+		testenv.Missing(t, "the device has no verbs engine (CapVerbs)")
 	}
 }
 
@@ -242,7 +116,7 @@ func TestVerbsProbeLimits(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mptRoom := (ri.Size - chip.MPTOffset(int(fakeVerbsCaps[chip.RegMTTEntries]))) / chip.MPTEntrySize
+	mptRoom := (ri.Size - chip.MPTOffset(cfg.MTTEntries)) / chip.MPTEntrySize
 	cases := []struct {
 		off  uint64
 		v    uint64
@@ -270,15 +144,9 @@ func TestVerbsProbeLimits(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(fmt.Sprintf("%#x=%d", c.off, c.v), func(t *testing.T) {
-			regs := map[uint64]uint64{}
-			for k, v := range fakeVerbsCaps {
-				regs[k] = v
-			}
-			regs[c.off] = c.v
-			cfg := hfisim.DefaultConfig()
-			cfg.NumContexts = 1
-			cfg.MTTEntries = 1 << 17
-			a, err := openWrapped(cfg, func(d vfio.Device) vfio.Device { return newFakeVerbs(d, regs) })
+			cfg := cfg
+			cfg.RegOverride = map[uint64]uint64{c.off: c.v}
+			a, err := openWithConfig(cfg)
 			if err == nil {
 				a.Close()
 			}
@@ -286,14 +154,9 @@ func TestVerbsProbeLimits(t *testing.T) {
 		})
 	}
 	t.Run("MTT-0", func(t *testing.T) {
-		cfg := hfisim.DefaultConfig()
-		cfg.NumContexts = 1
-		regs := map[uint64]uint64{}
-		for k, v := range fakeVerbsCaps {
-			regs[k] = v
-		}
-		regs[chip.RegMTTEntries] = 0
-		a, err := openWrapped(cfg, func(d vfio.Device) vfio.Device { return newFakeVerbs(d, regs) })
+		cfg := cfg
+		cfg.RegOverride = map[uint64]uint64{chip.RegMTTEntries: 0}
+		a, err := openWithConfig(cfg)
 		if err != nil {
 			t.Fatalf("probe of an engine without MTT: %v", err)
 		}
@@ -311,7 +174,7 @@ func TestVerbsWithoutEngine(t *testing.T) {
 	cfg := hfisim.DefaultConfig()
 	cfg.NumContexts = 1
 	cfg.RegOverride = map[uint64]uint64{chip.RegCapFlags: chip.CapMSIX | chip.CapLoopback}
-	a, err := openWrapped(cfg, func(d vfio.Device) vfio.Device { return d })
+	a, err := openWithConfig(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -794,10 +657,8 @@ func TestPostChecks(t *testing.T) {
 		if bad != 2 {
 			t.Errorf("%s: bad_wr %d, want 2", c.name, bad)
 		}
-		if e.fake != nil {
-			if got := e.csr(t, tail); got != 2 {
-				t.Errorf("%s: SQ tail %d, want 2", c.name, got)
-			}
+		if got := e.csr(t, tail); got != 2 {
+			t.Errorf("%s: SQ tail %d, want 2", c.name, got)
 		}
 	}
 	// wqe_size and the list itself.
@@ -816,10 +677,9 @@ func TestPostChecks(t *testing.T) {
 	_, err = hfiuser.PostSend(f, 999, []hfiuser.SendWR{send(uapi.GOHFI_WR_SEND)})
 	wantErrno(t, "POST_SEND to no QP", err, unix.EINVAL)
 
-	if e.fake == nil {
-		return // the device consumes the queue; fullness is for the stand-in
-	}
-	// A full queue: the stand-in never consumes. 7 fit in a ring of 8.
+	// A full send queue: a SEND to a QP with no receive posted stalls at
+	// the device (RNR, retried without end), so nothing is consumed and 7
+	// fit in a ring of 8.
 	if err := q.modify(uapi.GOHFI_QPS_RESET, 0, 0); err != nil {
 		t.Fatal(err)
 	}
@@ -832,6 +692,13 @@ func TestPostChecks(t *testing.T) {
 	wantErrno(t, "full send queue", err, unix.ENOMEM)
 	if bad != 7 {
 		t.Errorf("full send queue: bad_wr %d, want 7", bad)
+	}
+	// A full receive queue: in INIT nothing arrives to consume it.
+	if err := q.modify(uapi.GOHFI_QPS_RESET, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.modify(uapi.GOHFI_QPS_INIT, 0, 0); err != nil {
+		t.Fatal(err)
 	}
 	rwrs := make([]hfiuser.RecvWR, 9)
 	for i := range rwrs {
@@ -1051,7 +918,7 @@ func TestVerbsDataPath(t *testing.T) {
 // packets of a longer message before the bad one land.
 func TestVerbsAccessErrors(t *testing.T) {
 	requireRoot(t)
-	e := openVerbs(t, 16)
+	e := openVerbs(t, 2)
 	e.requireEngine(t)
 	rw := uint32(uapi.IB_ACCESS_LOCAL_WRITE | uapi.IB_ACCESS_REMOTE_WRITE | uapi.IB_ACCESS_REMOTE_READ)
 	const n = chip.VerbsMTU

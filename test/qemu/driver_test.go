@@ -12,9 +12,9 @@ import (
 
 // DriverScenarios are the driver's end-to-end tests (driver/*_test.go) that
 // run unchanged in the guest against hfisim through kernel VFIO: probe,
-// contexts, BAR mmap of the RcvArray, eager send with MSI-X, and the TID
+// contexts, BAR mmap of the RcvArray, eager send with MSI-X, the TID
 // cache (TID_UPDATE/send/verify, munmap invalidation through
-// TID_INVAL_READ, TID offsets and errors).
+// TID_INVAL_READ, TID offsets and errors), and the verbs core.
 var DriverScenarios = []string{
 	"TestProbeReadsDevice",
 	"TestAssignCtxtInfoAndMmap",
@@ -23,6 +23,17 @@ var DriverScenarios = []string{
 	"TestExpectedReceiveIntact",
 	"TestMunmapInvalidation",
 	"TestTIDOffsetsAndErrors",
+	// Verbs: MRs (MTT and MPT through the mapped BAR4, TLB flush on
+	// DEREG), CQs, QPs, and the data path with its access errors.
+	"TestVerbsQueryDevice",
+	"TestRegMRErrno",
+	"TestRegMRTables",
+	"TestCQCreateDestroy",
+	"TestQPStateMachine",
+	"TestPostChecks",
+	"TestVerbsCloseReleases",
+	"TestVerbsDataPath",
+	"TestVerbsAccessErrors",
 }
 
 // driverDevices serves one hfisim per context count given, at fixed guest
