@@ -153,6 +153,7 @@ const (
 	CtxtExpCount   = 0x70 // RO: RcvArray entries of the context
 	CtxtStatus     = 0x78 // RO: CtxtStatus* bits
 	CtxtErrCnt     = 0x80 // RO: errors charged to this context
+	CtxtUrgentCnt  = 0x88 // RO: urgent packets delivered to this context (DescFlagUrgent), cleared at enable
 )
 
 // CtxtReg returns the BAR0 offset of per-context register reg of context n.

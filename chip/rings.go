@@ -22,6 +22,10 @@ const (
 	// DescFlagIntr asks for the sender context's interrupt once the
 	// descriptor is consumed (the payload has been read).
 	DescFlagIntr = 1 << 0
+	// DescFlagUrgent marks an urgent packet: the receiver's CtxtUrgentCnt
+	// counts it once it is delivered (hfi1's urgent receive interrupt,
+	// which HFI1_POLL_TYPE_URGENT waits for).
+	DescFlagUrgent = 1 << 1
 )
 
 // Send opcodes.

@@ -24,7 +24,8 @@ type File struct {
 	uctxt     *ctxtData
 	closed    bool
 	closedErr unix.Errno // EBADF after Close, ENXIO after the device was removed
-	pollType  int
+	pollType  atomic.Int32  // HFI1_POLL_TYPE_*
+	urgent    atomic.Uint64 // CtxtUrgentCnt as the last urgent Poll saw it
 	pkey      uint16
 	exp       *expRcv // expected receive state, set with the context
 	pd        *PD     // verbs objects, made at the first verbs call
@@ -124,7 +125,7 @@ func (f *File) Ioctl(cmd uint32, arg UserPtr) (int, error) {
 		if v != uapi.HFI1_POLL_TYPE_ANYRCV && v != uapi.HFI1_POLL_TYPE_URGENT {
 			return -1, errnoErr("POLL_TYPE", unix.EINVAL)
 		}
-		f.pollType = int(v)
+		f.pollType.Store(int32(v))
 		return 0, nil
 	case uapi.HFI1_IOCTL_SET_PKEY:
 		v, err := getUser(arg, 2, "SET_PKEY")
@@ -308,6 +309,7 @@ func (f *File) ctxtReset() error {
 	if err := c.program(); err != nil {
 		return fmt.Errorf("gohfi: CTXT_RESET: %w", err)
 	}
+	f.urgent.Store(0) // the device clears its count when the context is enabled
 	return nil
 }
 
@@ -409,15 +411,11 @@ func (f *File) pollOnce(c *ctxtData, pd *PD) (uint32, error) {
 	if c.eventBits() != 0 {
 		ev |= POLLPRI
 	}
-	head, err := f.d.readCtxtCSR(c.ctxt, chip.CtxtRHQHead)
+	rcv, err := f.receiveReady(c)
 	if err != nil {
 		return POLLERR, err
 	}
-	tail, err := f.d.readCtxtCSR(c.ctxt, chip.CtxtRHQTail)
-	if err != nil {
-		return POLLERR, err
-	}
-	if head != tail {
+	if rcv {
 		ev |= POLLIN | POLLRDNORM
 	}
 	if pd != nil && ev&POLLIN == 0 {
@@ -428,6 +426,29 @@ func (f *File) pollOnce(c *ctxtData, pd *PD) (uint32, error) {
 		ev |= cev
 	}
 	return ev, nil
+}
+
+// receiveReady is Poll's receive condition, by POLL_TYPE: any unread header
+// queue entry, or (HFI1_POLL_TYPE_URGENT, hfi1's poll_urgent) urgent packets
+// arrived since the last Poll that reported them.
+func (f *File) receiveReady(c *ctxtData) (bool, error) {
+	if f.pollType.Load() == uapi.HFI1_POLL_TYPE_URGENT {
+		n, err := f.d.readCtxtCSR(c.ctxt, chip.CtxtUrgentCnt)
+		if err != nil {
+			return false, err
+		}
+		seen := f.urgent.Load()
+		return n != seen && f.urgent.CompareAndSwap(seen, n), nil
+	}
+	head, err := f.d.readCtxtCSR(c.ctxt, chip.CtxtRHQHead)
+	if err != nil {
+		return false, err
+	}
+	tail, err := f.d.readCtxtCSR(c.ctxt, chip.CtxtRHQTail)
+	if err != nil {
+		return false, err
+	}
+	return head != tail, nil
 }
 
 // Mmap maps a context region named by a token from USER_INFO into the

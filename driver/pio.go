@@ -32,7 +32,7 @@ func (f *File) send(arg UserPtr) error {
 	switch {
 	case s.Opcode != uapi.GOHFI_SEND_EAGER && s.Opcode != uapi.GOHFI_SEND_EXPECTED:
 		return errnoErr(fmt.Sprintf("SEND: opcode %d", s.Opcode), unix.EINVAL)
-	case s.Flags != 0 || s.Reserved != 0:
+	case s.Flags&^uapi.GOHFI_SEND_FLAG_URGENT != 0 || s.Reserved != 0:
 		return errnoErr("SEND: reserved fields set", unix.EINVAL)
 	case int(s.DstCtxt) >= f.d.info.NumContexts:
 		return errnoErr(fmt.Sprintf("SEND: destination context %d", s.DstCtxt), unix.EINVAL)
@@ -45,6 +45,9 @@ func (f *File) send(arg UserPtr) error {
 	desc := chip.SendDesc{
 		Opcode: chip.OpEager, Flags: chip.DescFlagIntr, DstCtxt: s.DstCtxt, Length: s.Length,
 		SrcIOVA: c.pio.iova, TID: s.TID, TIDOffset: s.TIDOffset, Tag: s.Tag,
+	}
+	if s.Flags&uapi.GOHFI_SEND_FLAG_URGENT != 0 {
+		desc.Flags |= chip.DescFlagUrgent
 	}
 	if s.Opcode == uapi.GOHFI_SEND_EXPECTED {
 		desc.Opcode = chip.OpExpected

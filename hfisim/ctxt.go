@@ -12,6 +12,7 @@ type ctxtState struct {
 	sqBase, sqEntries              uint64
 	sqHead, sqTail, sqHeadAddr     uint64
 	errCnt                         uint64
+	urgent                         uint64 // urgent packets delivered
 	seq                            uint32 // sequence number of the last RHQ entry written
 }
 
@@ -53,6 +54,8 @@ func (c *ctxtState) read(r uint64, n int, cfg Config) uint64 {
 		return c.status
 	case chip.CtxtErrCnt:
 		return c.errCnt
+	case chip.CtxtUrgentCnt:
+		return c.urgent
 	}
 	return 0
 }
@@ -76,7 +79,7 @@ func (c *ctxtState) write(r, v uint64, cfg Config) (kick bool) {
 		c.control = v & (chip.CtxtCtrlEnable | chip.CtxtCtrlIntEnable | chip.CtxtCtrlTIDFlowDisable)
 		if v&chip.CtxtCtrlEnable == 0 {
 			c.status &^= chip.CtxtStatusEnabled | chip.CtxtStatusHalted
-			c.rhqHead, c.rhqTail, c.sqHead, c.sqTail, c.seq = 0, 0, 0, 0, 0
+			c.rhqHead, c.rhqTail, c.sqHead, c.sqTail, c.seq, c.urgent = 0, 0, 0, 0, 0, 0
 			return false
 		}
 		if c.enabled() {

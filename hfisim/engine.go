@@ -184,7 +184,7 @@ func (d *Device) deliver(dma vfiouser.DMA, gen uint64, src int, desc *chip.SendD
 	if ent.Err != 0 {
 		ent.Type = chip.RHFError
 	}
-	d.postRHQ(dma, gen, dst, &ent)
+	d.postRHQ(dma, gen, dst, &ent, desc.Flags&chip.DescFlagUrgent != 0)
 }
 
 // copyDMA copies between two IOVAs through the device's staging buffer.
@@ -232,7 +232,7 @@ func (d *Device) tidErr(ctxt int) (uint64, bool) {
 
 // postRHQ writes a header queue entry to context dst and raises its
 // interrupt. A full queue drops the packet and counts it.
-func (d *Device) postRHQ(dma vfiouser.DMA, gen uint64, dst int, ent *chip.RHQEntry) {
+func (d *Device) postRHQ(dma vfiouser.DMA, gen uint64, dst int, ent *chip.RHQEntry, urgent bool) {
 	d.mu.Lock()
 	c := &d.ctxts[dst]
 	if d.gen != gen || !c.enabled() {
@@ -276,6 +276,9 @@ func (d *Device) postRHQ(dma vfiouser.DMA, gen uint64, dst int, ent *chip.RHQEnt
 	if ent.Type != chip.RHFError {
 		d.errs.packets++
 		d.errs.bytes += uint64(ent.Length)
+		if urgent {
+			c.urgent++
+		}
 	}
 	if c.control&chip.CtxtCtrlIntEnable != 0 {
 		d.raiseLocked(chip.IntSrcCtxt(dst))

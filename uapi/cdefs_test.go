@@ -564,6 +564,7 @@ struct gohfi_driver_stats {
 /* Receive/send path commands (uapi/gohfi_exprcv.go). */
 #define GOHFI_SEND_EAGER 1
 #define GOHFI_SEND_EXPECTED 2
+#define GOHFI_SEND_FLAG_URGENT (1 << 0)
 
 struct gohfi_send {
 	__u8 opcode;

@@ -21,6 +21,13 @@ const (
 	GOHFI_SEND_EXPECTED = 2
 )
 
+// Flags of gohfi_send.
+const (
+	// GOHFI_SEND_FLAG_URGENT marks an urgent packet: a receiver whose
+	// POLL_TYPE is HFI1_POLL_TYPE_URGENT is woken by these only.
+	GOHFI_SEND_FLAG_URGENT = 1 << 0
+)
+
 // SizeofGohfiSend is sizeof(struct gohfi_send).
 const SizeofGohfiSend = 40
 
@@ -28,7 +35,7 @@ const SizeofGohfiSend = 40
 //
 //	struct gohfi_send {
 //		__u8  opcode;      /* GOHFI_SEND_* */
-//		__u8  flags;       /* 0 */
+//		__u8  flags;       /* GOHFI_SEND_FLAG_* */
 //		__u16 dst_ctxt;    /* destination receive context */
 //		__u32 length;      /* payload bytes */
 //		__u64 vaddr;       /* user pointer to the payload */
