@@ -23,7 +23,7 @@ type File struct {
 	mu        sync.Mutex
 	uctxt     *ctxtData
 	closed    bool
-	closedErr unix.Errno // EBADF after Close, ENXIO after the device was removed
+	closedErr unix.Errno    // EBADF after Close, ENXIO after the device was removed
 	pollType  atomic.Int32  // HFI1_POLL_TYPE_*
 	urgent    atomic.Uint64 // CtxtUrgentCnt as the last urgent Poll saw it
 	pkey      uint16
