@@ -444,7 +444,8 @@ type GohfiMRStats struct {
 }
 
 // GohfiDriverStats is struct gohfi_driver_stats, written by DRIVER_STATS:
-// counters of the open device file since it was opened.
+// the driver's counters of the whole device since the driver bound it,
+// the same for every open file (not per file, not reset by open).
 type GohfiDriverStats struct {
 	TidsProgrammed   uint64    `c:"tids_programmed"`   // RcvArray entries written by TID_UPDATE
 	TidsFreed        uint64    `c:"tids_freed"`        // entries cleared by TID_FREE
