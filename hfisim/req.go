@@ -163,7 +163,7 @@ func (d *Device) saveProgress(r *requester) bool {
 // checkSendWQE checks a send WQE's fields and returns its message length.
 func (d *Device) checkSendWQE(raw []byte, w *chip.SendWQE) (uint64, result) {
 	if w.Flags&^knownSendFlags != 0 || !allZero(raw[28:32]) || !allZero(raw[48:64]) || int(w.NumSGE) > d.cfg.MaxSGE {
-		d.countBadDesc()
+		d.countVerbsErr()
 		return 0, fail(uapi.GOHFI_WC_LOC_QP_OP_ERR, chip.VendorErrBadWQE)
 	}
 	switch w.Opcode {
@@ -180,7 +180,7 @@ func (d *Device) checkSendWQE(raw []byte, w *chip.SendWQE) (uint64, result) {
 		return total, fail(uapi.GOHFI_WC_LOC_LEN_ERR, chip.VendorErrLength)
 	}
 	if isAtomic(w.Opcode) && total != 8 {
-		d.countBadDesc()
+		d.countVerbsErr()
 		return total, fail(uapi.GOHFI_WC_LOC_QP_OP_ERR, chip.VendorErrBadWQE)
 	}
 	return total, result{}
@@ -416,8 +416,9 @@ func (d *Device) countDMAErr(err error) {
 	d.mu.Unlock()
 }
 
-func (d *Device) countBadDesc() {
+// countVerbsErr counts a refusal of the verbs engine (ErrCntVerbs).
+func (d *Device) countVerbsErr() {
 	d.mu.Lock()
-	d.errs.badDesc++
+	d.errs.verbs++
 	d.mu.Unlock()
 }

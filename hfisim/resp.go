@@ -118,7 +118,7 @@ func (d *Device) claimRecv(dma vfiouser.DMA, gen uint64, rs *responder, pk *pack
 	}
 	c.wqe.Unmarshal(raw[:])
 	if !allZero(raw[10:128]) || int(c.wqe.NumSGE) > d.cfg.MaxSGE {
-		d.countBadDesc()
+		d.countVerbsErr()
 		c.wqe.NumSGE = 0
 		return d.respFail(dma, gen, rs, pk, uapi.GOHFI_WC_LOC_QP_OP_ERR, fail(uapi.GOHFI_WC_REM_OP_ERR, chip.VendorErrBadWQE))
 	}
