@@ -24,7 +24,14 @@ const (
 	RegCntVerbsPkts = 0x150 // verbs packets (MTU-sized pieces of messages) moved
 	RegCntTLBHits   = 0x158 // translations served from the device TLB
 	RegCntTLBMiss   = 0x160 // translations read from the MTT
+	RegErrCntVerbs  = 0x168 // what the engine refused from its driver: see below
 )
+
+// RegErrCntVerbs counts the verbs engine's refusals of its driver's
+// requests (ErrCntBadDesc keeps to send descriptors of contexts): QP
+// transitions refused, doorbells and CQ head indices out of range (or in
+// RESET), CQ settings refused, malformed send and receive WQEs, and CQEs
+// dropped by a CQ that is full (overflow), already overflowed or disabled.
 
 // CapVerbs is the RegCapFlags bit of the verbs engine.
 const CapVerbs = 1 << 4
@@ -124,6 +131,15 @@ func (e *MPTEntry) Word1() uint64 { return uint64(e.Flags) | uint64(e.MTTFirst)<
 // MPTIndex and MPTVariant split a key.
 func MPTIndex(key uint32) uint32   { return key >> 8 }
 func MPTVariant(key uint32) uint32 { return key & 0xff }
+
+// Rings. The CQ ring and the send and receive queues are rings of a power
+// of two entries in host memory with a producer (tail) and a consumer
+// (head) index, each in 0..entries-1 and advanced modulo the size. One slot
+// always stays empty: a ring is empty when head == tail and full when
+// (tail+1) mod entries == head, so it holds entries-1. The driver produces
+// WQEs (SQTail, RQTail doorbells) and the device consumes them (SQHead,
+// RQHead); the device produces CQEs (CQTail) and the driver consumes them
+// (CQHead). A tail or head index written out of range is refused.
 
 // Per-CQ CSRs: CQ n's block starts at CQBase + n*CQStride.
 const (
@@ -344,8 +360,14 @@ func unmarshalSGEs(b []byte, s []SGE) {
 }
 
 // CQE: CQESize bytes per entry of a CQ ring, written by the device. Seq is
-// the entry's 1-based sequence number modulo 2^32, never 0, so the driver
-// polls the ring in memory (as with RHQ entries) and reads no register.
+// the entry's 1-based sequence number modulo 2^32 with 0 skipped (after
+// 0xffffffff comes 1; a restarted CQ starts at 1), so the driver polls the
+// ring in memory (as with RHQ entries) and reads no register: the entry at
+// its head is new when its seq is the last one seen plus one (0 skipped).
+// The device makes seq visible last: it writes bytes 0-39 and 48-63 first,
+// then bytes 40-47 (wc_flags and seq, CQESeqWordOff) as one 8-byte write,
+// so a driver that sees the expected seq (and reads the rest after it, with
+// a read barrier on a weakly ordered CPU) sees the whole entry.
 //
 //	off  size  field
 //	0    8     wr_id
@@ -360,7 +382,10 @@ func unmarshalSGEs(b []byte, s []SGE) {
 //	40   4     wc_flags (GOHFI_WC_WITH_IMM, ...)
 //	44   4     seq
 //	48   16    reserved, 0
-const CQESize = 64
+const (
+	CQESize       = 64
+	CQESeqWordOff = 40 // wc_flags | seq << 32, the entry's last write
+)
 
 // CQE is a decoded completion queue entry.
 type CQE struct {

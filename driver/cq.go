@@ -173,7 +173,7 @@ func (cq *CQ) release() error {
 // slotSeq is the sequence word of the CQE in slot i: the device writes it
 // last, so a matching seq means the rest of the entry is there.
 func (cq *CQ) slotSeq(i int) uint32 {
-	return uint32(load64(cq.ring.mem, i*chip.CQESize+40) >> 32)
+	return uint32(load64(cq.ring.mem, i*chip.CQESize+chip.CQESeqWordOff) >> 32)
 }
 
 // Poll takes up to len(wc) completions (ib_poll_cq) and returns how many.

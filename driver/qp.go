@@ -65,6 +65,8 @@ type SendWR struct {
 	RemoteAddr uint64
 	Rkey       uint32
 	ImmData    uint32 // network order, as the caller gives it
+	CompareAdd uint64 // ATOMIC_CMP_AND_SWP: compare; ATOMIC_FETCH_AND_ADD: add
+	Swap       uint64 // ATOMIC_CMP_AND_SWP: the value written when equal
 }
 
 // RecvWR is one receive work request (ib_recv_wr).
@@ -328,16 +330,20 @@ func (qp *QP) release() error {
 	return errors.Join(errs...)
 }
 
-// sendOpcodes are the work requests this driver posts (RC, no fast
-// registration or memory windows yet; atomics have no operands in
-// gohfi_send_wr).
+// sendOpcodeOK reports the work requests this driver posts (RC, no fast
+// registration or memory windows yet).
 func sendOpcodeOK(op uint32) bool {
 	switch op {
 	case uapi.GOHFI_WR_RDMA_WRITE, uapi.GOHFI_WR_RDMA_WRITE_WITH_IMM, uapi.GOHFI_WR_SEND,
-		uapi.GOHFI_WR_SEND_WITH_IMM, uapi.GOHFI_WR_RDMA_READ:
+		uapi.GOHFI_WR_SEND_WITH_IMM, uapi.GOHFI_WR_RDMA_READ,
+		uapi.GOHFI_WR_ATOMIC_CMP_AND_SWP, uapi.GOHFI_WR_ATOMIC_FETCH_AND_ADD:
 		return true
 	}
 	return false
+}
+
+func isAtomicWR(op uint32) bool {
+	return op == uapi.GOHFI_WR_ATOMIC_CMP_AND_SWP || op == uapi.GOHFI_WR_ATOMIC_FETCH_AND_ADD
 }
 
 const sendFlagsKnown = uapi.GOHFI_SEND_FENCE | uapi.GOHFI_SEND_SIGNALED | uapi.GOHFI_SEND_SOLICITED
@@ -388,7 +394,8 @@ func (qp *QP) postSend(count int, next func(i int) (*SendWR, error)) (int, error
 			}
 		}
 		w = chip.SendWQE{WrID: wr.WrID, Opcode: uint8(wr.Opcode), Flags: uint8(wr.SendFlags),
-			NumSGE: uint16(len(wr.SGL)), Imm: wr.ImmData, RemoteAddr: wr.RemoteAddr, Rkey: wr.Rkey}
+			NumSGE: uint16(len(wr.SGL)), Imm: wr.ImmData, RemoteAddr: wr.RemoteAddr, Rkey: wr.Rkey,
+			CompareAdd: wr.CompareAdd, Swap: wr.Swap}
 		if qp.sigAll {
 			w.Flags |= uapi.GOHFI_SEND_SIGNALED
 		}
@@ -420,6 +427,12 @@ func (qp *QP) checkSendWR(wr *SendWR) error {
 		return errnoErr(fmt.Sprintf("POST_SEND: %d SGEs, QP has %d", len(wr.SGL), qp.maxSendSge), unix.EINVAL)
 	case total > qp.pd.v.attr.MaxMsgSize:
 		return errnoErr(fmt.Sprintf("POST_SEND: %d bytes, at most %d", total, qp.pd.v.attr.MaxMsgSize), unix.EINVAL)
+	case isAtomicWR(wr.Opcode) && (len(wr.SGL) != 1 || wr.SGL[0].Length != 8):
+		// As mlx5: the original value lands in exactly one 8-byte SGE.
+		return errnoErr(fmt.Sprintf("POST_SEND: atomic with %d SGEs of %d bytes, want one of 8", len(wr.SGL), total), unix.EINVAL)
+	case wr.Opcode != uapi.GOHFI_WR_ATOMIC_CMP_AND_SWP && wr.Swap != 0,
+		!isAtomicWR(wr.Opcode) && wr.CompareAdd != 0:
+		return errnoErr(fmt.Sprintf("POST_SEND: opcode %d with atomic operands it does not use", wr.Opcode), unix.EINVAL)
 	}
 	return nil
 }
@@ -613,7 +626,7 @@ func (pd *PD) ioctlPostSend(arg UserPtr) (ferr error) {
 			return nil, err
 		}
 		wr = SendWR{WrID: u.WrID, Opcode: u.Opcode, SendFlags: u.SendFlags, SGL: sgl,
-			RemoteAddr: u.RemoteAddr, Rkey: u.Rkey, ImmData: u.ImmData}
+			RemoteAddr: u.RemoteAddr, Rkey: u.Rkey, ImmData: u.ImmData, CompareAdd: u.CompareAdd, Swap: u.Swap}
 		return &wr, nil
 	}
 	n, err := qp.postSend(int(r.WrCount), next)

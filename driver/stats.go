@@ -40,7 +40,10 @@ func (f *File) driverStats(arg UserPtr) error {
 // stays empty; a CQ holds cqUsable of its entries). ODP and fast
 // registration are not offered by this driver version, so their
 // capability bits stay clear even though the hardware advertises them
-// (DeviceInfo.CapFlags).
+// (DeviceInfo.CapFlags). Atomics have no field (ib_device_attr's atomic_cap
+// is not in gohfi_device_attr): CMP_AND_SWP and FETCH_AND_ADD work wherever
+// the verbs engine does, atomic among the device's own atomics
+// (IB_ATOMIC_HCA), as docs/abi.md says.
 func (f *File) queryDevice(arg UserPtr) error {
 	i := f.d.info
 	a := uapi.GohfiDeviceAttr{

@@ -623,7 +623,7 @@ func TestPostChecks(t *testing.T) {
 		{"opcode 99", send(99), unix.EINVAL},
 		{"LOCAL_INV (fast registration)", send(uapi.GOHFI_WR_LOCAL_INV), unix.EINVAL},
 		{"FAST_REG_MR", send(uapi.GOHFI_WR_FAST_REG_MR), unix.EINVAL},
-		{"ATOMIC (no operands in gohfi_send_wr)", send(uapi.GOHFI_WR_ATOMIC_FETCH_AND_ADD), unix.EINVAL},
+		{"ATOMIC without its 8-byte SGE", send(uapi.GOHFI_WR_ATOMIC_FETCH_AND_ADD), unix.EINVAL},
 		{"INLINE", func() hfiuser.SendWR {
 			w := send(uapi.GOHFI_SEND_SIGNALED)
 			w.SendFlags = uapi.GOHFI_SEND_INLINE
@@ -850,6 +850,25 @@ func wantWC(t testing.TB, what string, wc uapi.GohfiWC, status, opcode uint32, n
 	}
 }
 
+// postFailFlush posts wrs to q, all accepted; the first completes with
+// status and vendor_err, the others are flushed (the QP went to ERR).
+func postFailFlush(t testing.TB, q rcQP, wrs []hfiuser.SendWR, status, vendor uint32) {
+	t.Helper()
+	if bad, err := hfiuser.PostSend(q.f, q.qp, wrs); err != nil || bad != len(wrs) {
+		t.Fatalf("POST_SEND: bad_wr %d, %v", bad, err)
+	}
+	for i, wc := range pollWC(t, q.f, q.cq, len(wrs)) {
+		switch {
+		case wc.WrID != wrs[i].WrID:
+			t.Errorf("completion %d: %+v, want wr_id %d", i, wc, wrs[i].WrID)
+		case i == 0 && (wc.Status != status || wc.VendorErr != vendor):
+			t.Errorf("completion %+v, want status %d vendor_err %d", wc, status, vendor)
+		case i > 0 && wc.Status != uapi.GOHFI_WC_WR_FLUSH_ERR:
+			t.Errorf("completion %d: %+v, want WR_FLUSH_ERR", i, wc)
+		}
+	}
+}
+
 // TestVerbsDataPath: SEND/RECV, RDMA WRITE and RDMA READ between two files
 // move the bytes intact at 1 B, 4 KiB, 1 MiB and an unaligned range across
 // pages; completions carry the WR ids, opcodes and lengths.
@@ -964,16 +983,7 @@ func TestVerbsAccessErrors(t *testing.T) {
 				{GohfiSendWR: uapi.GohfiSendWR{WrID: 2, Opcode: uapi.GOHFI_WR_RDMA_WRITE, SendFlags: uapi.GOHFI_SEND_SIGNALED,
 					RemoteAddr: uint64(uintptrOf(l.bufB)), Rkey: l.mrB.Rkey}, SGL: l.sgeA(0, 16)},
 			}
-			if bad, err := hfiuser.PostSend(l.a.f, l.a.qp, wrs); err != nil || bad != 2 {
-				t.Fatalf("POST_SEND: bad_wr %d, %v", bad, err)
-			}
-			wc := pollWC(t, l.a.f, l.a.cq, 2)
-			if wc[0].WrID != 1 || wc[0].Status != c.status || wc[0].VendorErr != c.vendor {
-				t.Errorf("completion %+v, want status %d vendor_err %d", wc[0], c.status, c.vendor)
-			}
-			if wc[1].WrID != 2 || wc[1].Status != uapi.GOHFI_WC_WR_FLUSH_ERR {
-				t.Errorf("second completion %+v, want WR_FLUSH_ERR", wc[1])
-			}
+			postFailFlush(t, l.a, wrs, c.status, c.vendor)
 			if st := e.qpState(t, l.a.qpn); st != uapi.GOHFI_QPS_ERR {
 				t.Errorf("requester QP state %d, want ERR", st)
 			}

@@ -47,13 +47,13 @@ func (c *cqState) geometryOK(cfg Config, ctrl uint64) bool {
 }
 
 // writeCQLocked is a driver write to a CQ register. Refused writes are
-// counted in ErrCntBadDesc.
+// counted in ErrCntVerbs.
 func (d *Device) writeCQLocked(n int, r, v uint64) {
 	c := &d.cqs[n]
 	switch r {
 	case chip.CQRingBase:
 		if c.enabled() {
-			d.errs.badDesc++
+			d.errs.verbs++
 			return
 		}
 		c.base = v
@@ -63,11 +63,11 @@ func (d *Device) writeCQLocked(n int, r, v uint64) {
 		c.epoch++
 		if c.enabled() && !c.geometryOK(d.cfg, c.control) {
 			c.control = 0
-			d.errs.badDesc++
+			d.errs.verbs++
 		}
 	case chip.CQHead:
 		if v >= c.entries {
-			d.errs.badDesc++
+			d.errs.verbs++
 			return
 		}
 		c.head = v
@@ -81,7 +81,7 @@ func (d *Device) writeCQLocked(n int, r, v uint64) {
 			return
 		}
 		if !c.geometryOK(d.cfg, v) {
-			d.errs.badDesc++
+			d.errs.verbs++
 			return
 		}
 		c.control = v
@@ -92,7 +92,8 @@ func (d *Device) writeCQLocked(n int, r, v uint64) {
 // whether the CQE was written. A full CQ sets CQStatusOverflow, drops the
 // CQE, raises the error interrupt and moves every QP that completes to it to
 // ERR; a CQ that is disabled or in overflow drops it. Drops are counted in
-// ErrCntBadDesc.
+// ErrCntVerbs. The word with seq (chip.CQESeqWordOff) is written last, on
+// its own, so the driver never sees a new seq with an old rest of the entry.
 func (d *Device) postCQE(dma vfiouser.DMA, gen uint64, n int, e *chip.CQE) bool {
 	d.mu.Lock()
 	if d.gen != gen {
@@ -101,13 +102,13 @@ func (d *Device) postCQE(dma vfiouser.DMA, gen uint64, n int, e *chip.CQE) bool 
 	}
 	c := &d.cqs[n]
 	if !c.enabled() || c.status&chip.CQStatusOverflow != 0 {
-		d.errs.badDesc++
+		d.errs.verbs++
 		d.mu.Unlock()
 		return false
 	}
 	if (c.tail+1)%c.entries == c.head {
 		c.status |= chip.CQStatusOverflow
-		d.errs.badDesc++
+		d.errs.verbs++
 		d.cqErrorLocked(n)
 		d.mu.Unlock()
 		return false
@@ -122,7 +123,14 @@ func (d *Device) postCQE(dma vfiouser.DMA, gen uint64, n int, e *chip.CQE) bool 
 
 	var raw [chip.CQESize]byte
 	e.Marshal(raw[:])
-	err := dma.Write(addr, raw[:])
+	const seq = chip.CQESeqWordOff
+	err := dma.Write(addr, raw[:seq])
+	if err == nil {
+		err = dma.Write(addr+seq+8, raw[seq+8:])
+	}
+	if err == nil {
+		err = dma.Write(addr+seq, raw[seq:seq+8])
+	}
 
 	d.mu.Lock()
 	defer d.mu.Unlock()

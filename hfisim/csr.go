@@ -124,6 +124,8 @@ func (d *Device) readRegLocked(reg uint64) uint64 {
 		return d.errs.tlbHits
 	case chip.RegCntTLBMiss:
 		return d.errs.tlbMiss
+	case chip.RegErrCntVerbs:
+		return d.errs.verbs
 	}
 	if v, ok := c.verbsReg(reg); ok {
 		return v

@@ -154,7 +154,7 @@ type Device struct {
 // counters are the device's error and traffic counters (RegErrCnt*, RegCnt*).
 type counters struct {
 	iommuFault, badAccess, tid, badDesc, rhqFull, eagerFull, packets, bytes uint64
-	nakAccess, nakInvReq, verbsPkts, tlbHits, tlbMiss                       uint64
+	nakAccess, nakInvReq, verbsPkts, tlbHits, tlbMiss, verbs                uint64
 }
 
 // New creates a device and starts its send engine.

@@ -68,7 +68,7 @@ func (q *qpState) read(r uint64) uint64 {
 }
 
 // writeQPLocked is a driver write to a QP register. Refused writes are
-// counted in ErrCntBadDesc.
+// counted in ErrCntVerbs.
 func (d *Device) writeQPLocked(n int, r, v uint64) {
 	q := &d.qps[n]
 	switch r {
@@ -77,13 +77,13 @@ func (d *Device) writeQPLocked(n int, r, v uint64) {
 		d.modifyQPLocked(n, uint8(v&chip.QPStateMask), v>>chip.QPTypeShift&0xff)
 	case chip.QPSQTail:
 		if q.state == stateReset || v >= q.sq.entries {
-			d.errs.badDesc++
+			d.errs.verbs++
 			return
 		}
 		q.sqTail = v
 	case chip.QPRQTail:
 		if q.state == stateReset || v >= q.rq.entries {
-			d.errs.badDesc++
+			d.errs.verbs++
 			return
 		}
 		q.rqTail = v
@@ -100,7 +100,7 @@ func (d *Device) writeQPLocked(n int, r, v uint64) {
 func (d *Device) modifyQPLocked(n int, to uint8, typ uint64) {
 	q := &d.qps[n]
 	if !transitions[q.state][to] {
-		d.errs.badDesc++
+		d.errs.verbs++
 		return
 	}
 	switch to {
@@ -112,7 +112,7 @@ func (d *Device) modifyQPLocked(n int, to uint8, typ uint64) {
 		}
 	default:
 		if !d.qpConfigOK(q, to, typ) {
-			d.errs.badDesc++
+			d.errs.verbs++
 			return
 		}
 		if q.state == stateReset {

@@ -21,10 +21,11 @@ const (
 
 // reqProgress is the requester's state of the send WQE at SQHead.
 type reqProgress struct {
-	wqe   chip.SendWQE
-	total uint64 // message length: the sum of the SGE lengths
-	off   uint64 // bytes moved
-	pkts  uint64 // packets moved
+	wqe      chip.SendWQE
+	total    uint64 // message length: the sum of the SGE lengths
+	off      uint64 // bytes moved
+	pkts     uint64 // packets moved
+	dstEpoch uint64 // the responder QP's epoch when it accepted the first packet
 }
 
 // requester is one turn of the engine on QP n's send queue.
@@ -162,7 +163,7 @@ func (d *Device) saveProgress(r *requester) bool {
 // checkSendWQE checks a send WQE's fields and returns its message length.
 func (d *Device) checkSendWQE(raw []byte, w *chip.SendWQE) (uint64, result) {
 	if w.Flags&^knownSendFlags != 0 || !allZero(raw[28:32]) || !allZero(raw[48:64]) || int(w.NumSGE) > d.cfg.MaxSGE {
-		d.countBadDesc()
+		d.countVerbsErr()
 		return 0, fail(uapi.GOHFI_WC_LOC_QP_OP_ERR, chip.VendorErrBadWQE)
 	}
 	switch w.Opcode {
@@ -179,7 +180,7 @@ func (d *Device) checkSendWQE(raw []byte, w *chip.SendWQE) (uint64, result) {
 		return total, fail(uapi.GOHFI_WC_LOC_LEN_ERR, chip.VendorErrLength)
 	}
 	if isAtomic(w.Opcode) && total != 8 {
-		d.countBadDesc()
+		d.countVerbsErr()
 		return total, fail(uapi.GOHFI_WC_LOC_QP_OP_ERR, chip.VendorErrBadWQE)
 	}
 	return total, result{}
@@ -233,7 +234,7 @@ func (d *Device) sendPacket(r *requester, buf []byte) result {
 		src: r.qpn, dst: q.destQPN(), op: p.wqe.Opcode, off: p.off, n: n, total: p.total,
 		first: p.pkts == 0, last: p.off+n == p.total,
 		raddr: p.wqe.RemoteAddr, rkey: p.wqe.Rkey, imm: p.wqe.Imm, cmp: p.wqe.CompareAdd, swap: p.wqe.Swap,
-		data: buf[:n],
+		data: buf[:n], srcEpoch: r.epoch, dstEpoch: p.dstEpoch,
 	}
 	pd := q.pd()
 	d.mu.Unlock()
@@ -255,6 +256,7 @@ func (d *Device) sendPacket(r *requester, buf []byte) result {
 		d.mu.Unlock()
 		p.off += n
 		p.pkts++
+		p.dstEpoch = pk.dstEpoch
 	}
 	return res
 }
@@ -288,6 +290,9 @@ func (d *Device) fetchPacket(r *requester, pd uint32, pk *packet) result {
 	if !res.ok() {
 		return res
 	}
+	if !d.requesterCurrent(r) {
+		return lost // the requester was reset or moved to ERR: the answer is dropped
+	}
 	if isAtomic(pk.op) {
 		binary.LittleEndian.PutUint64(pk.data[:8], pk.orig)
 	}
@@ -296,6 +301,14 @@ func (d *Device) fetchPacket(r *requester, pd uint32, pk *packet) result {
 		return fail(uapi.GOHFI_WC_LOC_PROT_ERR, chip.VendorErrDMA)
 	}
 	return res
+}
+
+// requesterCurrent reports whether r's QP is still the incarnation that
+// started r (same device generation and QP epoch).
+func (d *Device) requesterCurrent(r *requester) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.gen == r.gen && d.qps[r.n].epoch == r.epoch
 }
 
 // dmaSpans moves buf to (write) or from the spans, in order.
@@ -403,8 +416,9 @@ func (d *Device) countDMAErr(err error) {
 	d.mu.Unlock()
 }
 
-func (d *Device) countBadDesc() {
+// countVerbsErr counts a refusal of the verbs engine (ErrCntVerbs).
+func (d *Device) countVerbsErr() {
 	d.mu.Lock()
-	d.errs.badDesc++
+	d.errs.verbs++
 	d.mu.Unlock()
 }

@@ -24,6 +24,11 @@ type packet struct {
 	cmp, swap   uint64
 	data        []byte // payload (SEND, WRITE) or the answer (READ)
 	orig        uint64 // atomic: the value the target held
+	// The incarnations the packet belongs to: the requester QP's epoch when
+	// it read the WQE, and the responder QP's epoch when it accepted the
+	// message's first packet (set by respond for a first packet). A packet
+	// of another incarnation of either end is lost (see respond).
+	srcEpoch, dstEpoch uint64
 }
 
 // responder is the responder QP as one packet found it.
@@ -44,20 +49,30 @@ type recvClaim struct {
 // respond delivers pk to its destination QP and returns the requester's
 // result. A destination that does not exist, is not in RTR or RTS, or is
 // not connected to the requester (its QPDest) drops the packet: the
-// requester's retries run out (GOHFI_WC_RETRY_EXC_ERR).
+// requester's retries run out (GOHFI_WC_RETRY_EXC_ERR). So does a packet
+// of a past incarnation of either end (as PSNs do on a real wire): its
+// requester QP was reset or moved to ERR since it read the WQE (a QP
+// cycled RESET->INIT->RTR while the engine was between reading a WQE and
+// delivering its packet would otherwise take the old message, complete a
+// new receive WQE with it or go to ERR over it, before its own RTS), or,
+// after the first packet, the responder QP was.
 func (d *Device) respond(dma vfiouser.DMA, gen uint64, pk *packet) result {
 	d.mu.Lock()
-	idx := int(pk.dst) - chip.QPNBase
+	idx, src := int(pk.dst)-chip.QPNBase, int(pk.src)-chip.QPNBase
 	if pk.dst < chip.QPNBase || idx >= len(d.qps) || d.gen != gen {
 		d.mu.Unlock()
 		return lost
 	}
 	q := &d.qps[idx]
-	if !q.accepts() || q.destQPN() != pk.src || q.destPort() != 0 {
+	switch {
+	case !q.accepts() || q.destQPN() != pk.src || q.destPort() != 0,
+		d.qps[src].epoch != pk.srcEpoch || d.qps[src].state != stateRTS,
+		!pk.first && q.epoch != pk.dstEpoch:
 		d.mu.Unlock()
 		return lost
 	}
 	rs := &responder{idx: idx, epoch: q.epoch, pd: q.pd(), access: q.access()}
+	pk.dstEpoch = q.epoch
 	d.mu.Unlock()
 
 	if needsRecv(pk.op) && pk.first {
@@ -103,7 +118,7 @@ func (d *Device) claimRecv(dma vfiouser.DMA, gen uint64, rs *responder, pk *pack
 	}
 	c.wqe.Unmarshal(raw[:])
 	if !allZero(raw[10:128]) || int(c.wqe.NumSGE) > d.cfg.MaxSGE {
-		d.countBadDesc()
+		d.countVerbsErr()
 		c.wqe.NumSGE = 0
 		return d.respFail(dma, gen, rs, pk, uapi.GOHFI_WC_LOC_QP_OP_ERR, fail(uapi.GOHFI_WC_REM_OP_ERR, chip.VendorErrBadWQE))
 	}
@@ -239,6 +254,10 @@ func (d *Device) respondAtomic(dma vfiouser.DMA, rs *responder, pk *packet) resu
 // by both the region and QPAccess. A failed check is a NAK.
 func (d *Device) remoteSpans(rs *responder, pk *packet, va, n uint64, need uint32, perm uint64) ([]span, result) {
 	d.mu.Lock()
+	if d.qps[rs.idx].epoch != rs.epoch {
+		d.mu.Unlock()
+		return nil, lost // the responder was reset or moved to ERR since it took the packet
+	}
 	spans, verr := d.resolveLocked(pk.rkey, rs.pd, va, n, need, rs.access, perm, nil)
 	d.mu.Unlock()
 	if verr != chip.VendorErrNone {

@@ -227,6 +227,10 @@ func TestVerbsRequesterErrors(t *testing.T) {
 			h.expectCQE(p.acq, 1, c.status, 0, c.vendor)
 			h.expectCQE(p.acq, 2, uapi.GOHFI_WC_WR_FLUSH_ERR, 0, 0)
 			h.expectErr(p.a)
+			if c.vendor == chip.VendorErrBadWQE && (rd(t, h.d, chip.RegErrCntVerbs) != 1 || rd(t, h.d, chip.RegErrCntBadDesc) != 0) {
+				t.Fatalf("malformed WQE: ErrCntVerbs %d, ErrCntBadDesc %d, want 1 and 0",
+					rd(t, h.d, chip.RegErrCntVerbs), rd(t, h.d, chip.RegErrCntBadDesc))
+			}
 			if s := h.state(p.b); s != uapi.GOHFI_QPS_RTS {
 				t.Fatalf("responder state %d: a requester's local error must not reach it", s)
 			}

@@ -22,11 +22,25 @@ const (
 	hostSize = 16 << 20
 )
 
-// hookDMA lets a test act between two DMAs of the engine.
+// hookDMA lets a test act between two DMAs of the engine: onWrite and
+// onRead run on the engine's goroutine after the DMA (the engine holds no
+// lock then).
 type hookDMA struct {
 	*fakeDMA
 	mu      sync.Mutex
 	onWrite func(iova uint64, n int)
+	onRead  func(iova uint64, n int)
+}
+
+func (h *hookDMA) Read(iova uint64, p []byte) error {
+	err := h.fakeDMA.Read(iova, p)
+	h.mu.Lock()
+	f := h.onRead
+	h.mu.Unlock()
+	if f != nil {
+		f(iova, len(p))
+	}
+	return err
 }
 
 func (h *hookDMA) Write(iova uint64, p []byte) error {

@@ -2,6 +2,8 @@ package hfisim
 
 import (
 	"bytes"
+	"fmt"
+	"sync"
 	"testing"
 
 	"github.com/gohfi/gohfi/chip"
@@ -98,8 +100,11 @@ func TestVerbsCQOverflowAndInterrupt(t *testing.T) {
 	if rd(t, h.d, chip.CQReg(0, chip.CQStatus))&chip.CQStatusOverflow == 0 {
 		t.Fatal("no overflow status")
 	}
-	if rd(t, h.d, chip.RegErrCntBadDesc) == 0 || rd(t, h.d, chip.RegIntStatus)&chip.IntSrcError == 0 {
+	if rd(t, h.d, chip.RegErrCntVerbs) == 0 || rd(t, h.d, chip.RegIntStatus)&chip.IntSrcError == 0 {
 		t.Fatal("overflow not counted or no error interrupt")
+	}
+	if n := rd(t, h.d, chip.RegErrCntBadDesc); n != 0 {
+		t.Fatalf("ErrCntBadDesc %d: verbs errors belong in ErrCntVerbs", n)
 	}
 	h.expectErr(a)
 
@@ -141,7 +146,7 @@ func TestVerbsQPStateMachine(t *testing.T) {
 			t.Fatalf("%s: state %d, want %d", what, s, want)
 		}
 	}
-	errs := rd(t, h.d, chip.RegErrCntBadDesc)
+	errs := rd(t, h.d, chip.RegErrCntVerbs)
 	ctl(uapi.GOHFI_QPS_RTS)
 	refused("RESET->RTS", uapi.GOHFI_QPS_RESET)
 	wr(t, h.d, chip.QPReg(n, chip.QPSQTail), 1)
@@ -175,8 +180,8 @@ func TestVerbsQPStateMachine(t *testing.T) {
 	ctl(uapi.GOHFI_QPS_RTR)
 	refused("ring changed after RESET", uapi.GOHFI_QPS_INIT)
 	wr(t, h.d, chip.QPReg(n, chip.QPSQEntries), 8)
-	if got := rd(t, h.d, chip.RegErrCntBadDesc); got != errs+8 {
-		t.Fatalf("ErrCntBadDesc +%d, want +8", got-errs)
+	if got := rd(t, h.d, chip.RegErrCntVerbs); got != errs+8 || rd(t, h.d, chip.RegErrCntBadDesc) != 0 {
+		t.Fatalf("ErrCntVerbs +%d, want +8 (ErrCntBadDesc %d, want 0)", got-errs, rd(t, h.d, chip.RegErrCntBadDesc))
 	}
 
 	// Post in INIT, then ERR flushes everything.
@@ -229,5 +234,44 @@ func TestVerbsDeviceReset(t *testing.T) {
 	if tlb != 0 || h.state(p.a) != uapi.GOHFI_QPS_RESET || rd(t, h.d, chip.CQReg(0, chip.CQControl)) != 0 ||
 		rd(t, h.d, chip.RegCntVerbsPkts) != 0 {
 		t.Fatal("reset left verbs state")
+	}
+}
+
+// TestVerbsCQESeqLastAndWrap: the device writes a CQE as bytes 0-39, then
+// 48-63, then the word with wc_flags and seq (40-47) on its own, so seq
+// becomes visible last; seq runs 0xffffffff, 1 (0 is skipped).
+func TestVerbsCQESeqLastAndWrap(t *testing.T) {
+	p := newPair(t, 0x1000)
+	h := p.h
+	h.d.mu.Lock()
+	h.d.cqs[p.acq.n].seq = 0xfffffffe
+	h.d.mu.Unlock()
+	p.acq.seq = 0xfffffffe
+	lo, hi := p.acq.iova, p.acq.iova+p.acq.entries*chip.CQESize
+	var mu sync.Mutex
+	var writes [][2]uint64
+	h.dma.mu.Lock()
+	h.dma.onWrite = func(iova uint64, n int) {
+		if iova >= lo && iova < hi {
+			mu.Lock()
+			writes = append(writes, [2]uint64{iova - lo, uint64(n)})
+			mu.Unlock()
+		}
+	}
+	h.dma.mu.Unlock()
+	for id := uint64(1); id <= 2; id++ {
+		w := sendWQE(id, uapi.GOHFI_WR_RDMA_WRITE, sge(p.local, 0, 8))
+		w.RemoteAddr, w.Rkey = p.remote.va, p.remote.key()
+		h.postSend(p.a, w)
+		e := h.expectCQE(p.acq, id, uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_RDMA_WRITE, 0)
+		if want := [...]uint32{1: 0xffffffff, 2: 1}[id]; e.Seq != want {
+			t.Fatalf("CQE %d: seq %#x, want %#x", id, e.Seq, want)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	want := [][2]uint64{{0, 40}, {48, 16}, {40, 8}, {64, 40}, {64 + 48, 16}, {64 + 40, 8}}
+	if fmt.Sprint(writes) != fmt.Sprint(want) {
+		t.Fatalf("CQ ring writes (offset, bytes) %v, want %v", writes, want)
 	}
 }

@@ -473,6 +473,8 @@ struct gohfi_send_wr {
 	__u32 remote_qpn;
 	__u32 remote_qkey;
 	__u32 remote_port;
+	__aligned_u64 compare_add;
+	__aligned_u64 swap;
 };
 
 struct gohfi_recv_wr {

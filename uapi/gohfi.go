@@ -225,7 +225,7 @@ const (
 	SizeofGohfiCreateQP    = 40
 	SizeofGohfiModifyQP    = 32
 	SizeofGohfiSge         = 16
-	SizeofGohfiSendWR      = 104
+	SizeofGohfiSendWR      = 120
 	SizeofGohfiRecvWR      = 24
 	SizeofGohfiPostSend    = 24
 	SizeofGohfiPostRecv    = 24
@@ -371,6 +371,12 @@ type GohfiSendWR struct {
 	RemoteQPN  uint32 `c:"remote_qpn"`
 	RemoteQkey uint32 `c:"remote_qkey"`
 	RemotePort uint32 `c:"remote_port"`
+	// ATOMIC_CMP_AND_SWP, ATOMIC_FETCH_AND_ADD (ibv_send_wr.wr.atomic): the
+	// 8-byte target is remote_addr through rkey (above), the value it held
+	// lands in the WR's one 8-byte SGE. Appended when the struct grew from
+	// 104 to 120 bytes; POST_SEND refuses wqe_size 104 (EINVAL).
+	CompareAdd uint64 `c:"compare_add"` // CMP_AND_SWP: compare; FETCH_AND_ADD: add
+	Swap       uint64 `c:"swap"`        // CMP_AND_SWP: the value written when equal
 }
 
 // GohfiRecvWR is struct gohfi_recv_wr, one element of POST_RECV's wr_list.
@@ -438,7 +444,8 @@ type GohfiMRStats struct {
 }
 
 // GohfiDriverStats is struct gohfi_driver_stats, written by DRIVER_STATS:
-// counters of the open device file since it was opened.
+// the driver's counters of the whole device since the driver bound it,
+// the same for every open file (not per file, not reset by open).
 type GohfiDriverStats struct {
 	TidsProgrammed   uint64    `c:"tids_programmed"`   // RcvArray entries written by TID_UPDATE
 	TidsFreed        uint64    `c:"tids_freed"`        // entries cleared by TID_FREE

@@ -307,6 +307,8 @@ func (r *GohfiSendWR) MarshalBytes(dst []byte) {
 	le.PutUint32(dst[92:], r.RemoteQPN)
 	le.PutUint32(dst[96:], r.RemoteQkey)
 	le.PutUint32(dst[100:], r.RemotePort)
+	le.PutUint64(dst[104:], r.CompareAdd)
+	le.PutUint64(dst[112:], r.Swap)
 }
 
 // UnmarshalBytes implements Marshallable.
@@ -334,6 +336,8 @@ func (r *GohfiSendWR) UnmarshalBytes(src []byte) error {
 	r.RemoteQPN = le.Uint32(src[92:])
 	r.RemoteQkey = le.Uint32(src[96:])
 	r.RemotePort = le.Uint32(src[100:])
+	r.CompareAdd = le.Uint64(src[104:])
+	r.Swap = le.Uint64(src[112:])
 	return nil
 }
 

@@ -308,3 +308,27 @@ func TestCommandNumbersDecode(t *testing.T) {
 		seen[IOC_NR(c.cmd)] = c.name
 	}
 }
+
+// TestSendWRLayout pins struct gohfi_send_wr as it grew for atomics: 104 ->
+// 120 bytes, compare_add and swap appended at 104 and 112 (naturally
+// aligned, no padding; the fields before them keep their offsets).
+// POST_SEND's number does not change: its size field is that of its
+// argument, struct gohfi_post_send (24 bytes); the element size travels in
+// wqe_size, which the driver checks.
+func TestSendWRLayout(t *testing.T) {
+	rt := reflect.TypeOf(GohfiSendWR{})
+	if rt.Size() != 120 || SizeofGohfiSendWR != 120 {
+		t.Errorf("sizeof(struct gohfi_send_wr) = %d (const %d), want 120", rt.Size(), SizeofGohfiSendWR)
+	}
+	for _, c := range []struct {
+		field string
+		off   uintptr
+	}{{"SgList", 24}, {"RemoteAddr", 32}, {"Rkey", 40}, {"FrIova", 48}, {"RemotePort", 100}, {"CompareAdd", 104}, {"Swap", 112}} {
+		if f, ok := rt.FieldByName(c.field); !ok || f.Offset != c.off {
+			t.Errorf("gohfi_send_wr.%s at %d, want %d", c.field, f.Offset, c.off)
+		}
+	}
+	if GOHFI_IOCTL_POST_SEND != 0xC0181B4A {
+		t.Errorf("GOHFI_IOCTL_POST_SEND = %#x, want 0xC0181B4A", GOHFI_IOCTL_POST_SEND)
+	}
+}
