@@ -225,7 +225,7 @@ func TestVerbsAtomicConcurrentFAA(t *testing.T) {
 // and leave the target as it was; the WR after the failed one is flushed.
 func TestVerbsAtomicErrors(t *testing.T) {
 	requireRoot(t)
-	e := openVerbs(t, 12)
+	e := openVerbs(t, 2)
 	e.requireEngine(t)
 	for _, c := range []struct {
 		name           string

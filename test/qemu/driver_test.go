@@ -34,6 +34,9 @@ var DriverScenarios = []string{
 	"TestVerbsCloseReleases",
 	"TestVerbsDataPath",
 	"TestVerbsAccessErrors",
+	"TestVerbsAtomics",
+	"TestVerbsAtomicConcurrentFAA",
+	"TestVerbsAtomicErrors",
 }
 
 // driverDevices serves one hfisim per context count given, at fixed guest
