@@ -146,8 +146,9 @@ func init() {
 		"rcvhdr-head": {"N", "GOHFI_IOCTL_RCVHDR_HEAD", cmdRcvHdrHead},
 		"events":      {"", "read the event bits from the mmapped events page", cmdEvents},
 		"stats":       {"", "GOHFI_IOCTL_DRIVER_STATS", cmdStats},
-		// Benchmarks (bench.go).
-		"bench": {"tid [--sizes 4k,64k,1m,16m] [--iters N] [--bw-msgs N] [--bw-buffers N]", "TID cache hit/miss/free/no cache per size and expected-receive bandwidth vs memcpy, medians and targets", cmdBench},
+		// Benchmarks (bench.go, bench_verbs.go).
+		"bench": {"tid [--sizes 4k,64k,1m,16m] [--iters N] [--bw-msgs N] [--bw-buffers N] | write|read [--lat] [--size LIST] [--iters N] [--runs N] [--window N] [--signal-every N] | reg [--size LIST] [--iters N]",
+			"TID cache and expected receive; RDMA WRITE/READ bandwidth or latency vs memcpy (perftest-style); REG_MR+DEREG_MR cost", cmdBench},
 		// Verbs (cmds_verbs.go, cmds_wr.go).
 		"mr":        {"reg NAME BUF[:OFF[:LEN]] [--access LIST] [--iova X] | dereg NAME | show [NAME]", "REG_MR, DEREG_MR, MR_STATS (access: local_write,remote_write,remote_read,remote_atomic)", cmdMR},
 		"cq":        {"create NAME [--cqe N] | destroy NAME | show [NAME]", "CREATE_CQ, DESTROY_CQ", cmdCQ},
