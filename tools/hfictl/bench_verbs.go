@@ -75,7 +75,7 @@ func benchRDMA(s *session, opName string, args []string) (obj, error) {
 		}
 	}
 	if *iters < 0 || *runs < 1 || *window < 1 || *every < 1 || *every > *window {
-		return nil, usageErr("bench: want --iters >= 0, --runs >= 1 and 1 <= --signal-every <= --window")
+		return nil, usageErr("want --iters >= 0, --runs >= 1 and 1 <= --signal-every <= --window")
 	}
 	op := uint32(uapi.GOHFI_WR_RDMA_WRITE)
 	if opName == "read" {
@@ -350,7 +350,7 @@ func benchReg(s *session, args []string) (obj, error) {
 		return nil, err
 	}
 	if *iters < 1 {
-		return nil, usageErr("bench reg: --iters must be at least 1")
+		return nil, usageErr("--iters must be at least 1")
 	}
 	restore, memlock, err := s.benchDevice()
 	if err != nil {

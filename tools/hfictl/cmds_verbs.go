@@ -351,7 +351,7 @@ func qpCreate(s *session, args []string) (obj, error) {
 		q.recvCQ = *cq
 	}
 	if q.sendCQ == "" || q.recvCQ == "" {
-		return nil, usageErr("qp create: --cq CQ, or --send-cq CQ and --recv-cq CQ")
+		return nil, usageErr("want --cq CQ, or --send-cq CQ and --recv-cq CQ")
 	}
 	sc, err := named(s.verbs.cqs, "CQ", q.sendCQ)
 	if err != nil {
@@ -422,7 +422,7 @@ func qpModify(s *session, args []string) (obj, error) {
 		}
 	}
 	if !ok {
-		return nil, usageErr("qp modify: --state %q: want reset, init, rtr, rts or err", *stateArg)
+		return nil, usageErr("--state %q: want reset, init, rtr, rts or err", *stateArg)
 	}
 	access, dest := q.access, q.dest
 	if *accessArg != "" {

@@ -137,7 +137,7 @@ func cmdPostSend(s *session, args []string) (obj, error) {
 	}
 	op, ok := sendOps[*opArg]
 	if !ok {
-		return nil, usageErr("post-send: --op %q: want write, write-imm, send, send-imm or read", *opArg)
+		return nil, usageErr("--op %q: want write, write-imm, send, send-imm or read", *opArg)
 	}
 	sgl, sum, err := s.sgl(*sges)
 	if err != nil {
@@ -181,7 +181,7 @@ func cmdPostSend(s *session, args []string) (obj, error) {
 // rkey) or an address with --rkey; an --rkey given always wins.
 func (s *session) remote(arg, rkeyArg string) (addr uint64, rkey uint32, err error) {
 	if arg == "" {
-		return 0, 0, usageErr("post-send: RDMA needs --remote MR[:OFF] or --remote ADDR --rkey K")
+		return 0, 0, usageErr("RDMA needs --remote MR[:OFF] or --remote ADDR --rkey K")
 	}
 	name, offArg, _ := strings.Cut(arg, ":")
 	if m, ok := s.verbs.mrs[name]; ok {
@@ -238,7 +238,7 @@ func cmdPollCQ(s *session, args []string) (obj, error) {
 		return nil, err
 	}
 	if *maxN < 1 || *minN > *maxN {
-		return nil, usageErr("poll-cq: want 1 <= --max and --min <= --max")
+		return nil, usageErr("want 1 <= --max and --min <= --max")
 	}
 	wcs, err := s.pollCQ(c, *wait, *minN, *maxN)
 	if err != nil {
