@@ -37,13 +37,6 @@ const (
 	memlockWant    = 1 << 30
 )
 
-func cmdBench(s *session, args []string) (obj, error) {
-	if len(args) == 0 || args[0] != "tid" {
-		return nil, usageErr("usage: bench %s", commands["bench"].args)
-	}
-	return benchTID(s, args[1:])
-}
-
 type benchTIDConfig struct {
 	sizes     []int
 	iters     int
@@ -51,15 +44,30 @@ type benchTIDConfig struct {
 	bwBuffers int
 }
 
+// parseSizes reads a comma-separated list of page-multiple sizes.
 func parseSizes(list string) ([]int, error) {
+	sizes, err := parseSizeList(list)
+	if err != nil {
+		return nil, err
+	}
+	for _, n := range sizes {
+		if n%mem.PageSize() != 0 {
+			return nil, usageErr("size %d: want a positive multiple of the page size", n)
+		}
+	}
+	return sizes, nil
+}
+
+// parseSizeList reads a comma-separated list of positive sizes.
+func parseSizeList(list string) ([]int, error) {
 	var sizes []int
 	for _, f := range strings.Split(list, ",") {
 		n, err := parseSize("size", strings.TrimSpace(f))
 		if err != nil {
 			return nil, err
 		}
-		if n <= 0 || n%mem.PageSize() != 0 {
-			return nil, usageErr("size %q: want a positive multiple of the page size", f)
+		if n <= 0 {
+			return nil, usageErr("size %q: want a positive size", f)
 		}
 		sizes = append(sizes, n)
 	}
@@ -84,26 +92,17 @@ func benchTID(s *session, args []string) (obj, error) {
 	}
 	cfg := benchTIDConfig{sizes: sizes, iters: *iters, bwMsgs: *bwMsgs, bwBuffers: *bwBufs}
 
-	restore, memlock, honour := raiseMemlock()
-	defer restore()
-	if s.att == nil {
-		o := s.opts
-		o.Sim.NumContexts = max(o.Sim.NumContexts, 2)
-		if o.Sim.RcvArrayPerCtxt > rcvarray.MaxTIDEntries {
-			// A TID names its entry with a 10-bit pair index: entries past
-			// 2047 of a context cannot be handed out.
-			return nil, usageErr("--rcvarray %d: a TID can name at most %d entries per context",
-				o.Sim.RcvArrayPerCtxt, rcvarray.MaxTIDEntries)
-		}
-		o.Params.HonorCapIPCLock = o.Params.HonorCapIPCLock || honour
-		a, err := attach.Open(s.ctx, s.spec, o)
-		if err != nil {
-			return nil, err
-		}
-		s.att = a
-	} else if honour && !s.att.Module.Params().HonorCapIPCLock {
-		memlock.add("note", "device attached before bench: RLIMIT_MEMLOCK applies as it is")
+	if s.att == nil && s.opts.Sim.RcvArrayPerCtxt > rcvarray.MaxTIDEntries {
+		// A TID names its entry with a 10-bit pair index: entries past
+		// 2047 of a context cannot be handed out.
+		return nil, usageErr("--rcvarray %d: a TID can name at most %d entries per context",
+			s.opts.Sim.RcvArrayPerCtxt, rcvarray.MaxTIDEntries)
 	}
+	restore, memlock, err := s.benchDevice()
+	if err != nil {
+		return nil, err
+	}
+	defer restore()
 	b, err := newTIDBench(s, cfg)
 	if err != nil {
 		return nil, err
@@ -114,6 +113,27 @@ func benchTID(s *session, args []string) (obj, error) {
 		return nil, err
 	}
 	return o, nil
+}
+
+// benchDevice prepares a bench run: RLIMIT_MEMLOCK raised (raiseMemlock;
+// restore puts it back) and the device attached with at least two contexts
+// (a sender and a receiver) unless it already is.
+func (s *session) benchDevice() (restore func(), memlock obj, err error) {
+	restore, memlock, honour := raiseMemlock()
+	if s.att == nil {
+		o := s.opts
+		o.Sim.NumContexts = max(o.Sim.NumContexts, 2)
+		o.Params.HonorCapIPCLock = o.Params.HonorCapIPCLock || honour
+		a, err := attach.Open(s.ctx, s.spec, o)
+		if err != nil {
+			restore()
+			return nil, nil, err
+		}
+		s.att = a
+	} else if honour && !s.att.Module.Params().HonorCapIPCLock {
+		memlock.add("note", "device attached before bench: RLIMIT_MEMLOCK applies as it is")
+	}
+	return restore, memlock, nil
 }
 
 // raiseMemlock lifts RLIMIT_MEMLOCK to 1 GiB when it may (root with
@@ -188,22 +208,10 @@ func newTIDBench(s *session, cfg benchTIDConfig) (*tidBench, error) {
 		} else {
 			b.rx = of
 		}
-		ui := uapi.Hfi1UserInfo{Userversion: uapi.HFI1_USER_SWVERSION}
-		if err := s.ioctl(of, uapi.HFI1_IOCTL_ASSIGN_CTXT, &ui); err != nil {
+		if err := s.assign(of, uapi.Hfi1UserInfo{Userversion: uapi.HFI1_USER_SWVERSION}); err != nil {
 			b.close()
-			return nil, fmt.Errorf("%s: ASSIGN_CTXT: %w", name, err)
+			return nil, fmt.Errorf("%s: %w", name, err)
 		}
-		var ci uapi.Hfi1CtxtInfo
-		var bi uapi.Hfi1BaseInfo
-		if err := s.ioctl(of, uapi.HFI1_IOCTL_CTXT_INFO, &ci); err != nil {
-			b.close()
-			return nil, err
-		}
-		if err := s.ioctl(of, uapi.HFI1_IOCTL_USER_INFO, &bi); err != nil {
-			b.close()
-			return nil, err
-		}
-		of.ci, of.bi, of.head, of.seq = &ci, &bi, 0, 1
 	}
 	var err error
 	ci := b.rx.ci
@@ -260,8 +268,11 @@ func ns(d time.Duration) nanos { return nanos(d.Nanoseconds()) }
 type ratio float64
 
 func (r ratio) String() string {
-	if r >= 10 {
+	switch {
+	case r >= 10:
 		return fmt.Sprintf("%.0fx", float64(r))
+	case r > 0 && r < 0.1:
+		return fmt.Sprintf("%.4fx", float64(r))
 	}
 	return fmt.Sprintf("%.2fx", float64(r))
 }
@@ -340,7 +351,7 @@ func sizeLabel(n int) string {
 	case n >= 1<<10 && n%(1<<10) == 0:
 		return fmt.Sprintf("%dKiB", n>>10)
 	}
-	return strconv.Itoa(n)
+	return strconv.Itoa(n) + "B"
 }
 
 // sizeResult holds one size's samples.

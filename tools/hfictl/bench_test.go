@@ -121,6 +121,8 @@ func TestBenchUsage(t *testing.T) {
 	for _, args := range [][]string{
 		{"bench"},
 		{"bench", "mr"},
+		{"bench", "write", "--signal-every", "32"},
+		{"bench", "reg", "--size", "0"},
 		{"bench", "tid", "--sizes", "4k,3000"},
 		{"bench", "tid", "--iters", "0"},
 		{"--rcvarray", "4096", "bench", "tid"},
@@ -129,6 +131,64 @@ func TestBenchUsage(t *testing.T) {
 		objs := jsonLines(t, out)
 		if code != 1 || len(objs) != 1 || objs[0]["errno"] != "EINVAL" {
 			t.Errorf("%q: exit %d, output %q: want exit 1 and EINVAL", args, code, out)
+		}
+	}
+}
+
+// TestBenchVerbsJSON runs bench write, read (bandwidth and latency) and
+// reg with tiny counts and checks the rows' shape, never their speed.
+func TestBenchVerbsJSON(t *testing.T) {
+	testenv.RequireRoot(t, "REG_MR pins through io_uring")
+	hfictl(t, "", "info") // warm up state created once per process
+	checkNoLeaks(t)
+	bwSizes := []string{"4KiB", "8KiB", "16KiB", "32KiB", "64KiB", "128KiB", "256KiB", "512KiB", "1MiB", "2MiB", "4MiB"}
+	latSizes := []string{"8B", "16B", "32B", "64B", "128B", "256B", "512B", "1KiB", "2KiB", "4KiB", "8KiB", "16KiB", "32KiB", "64KiB"}
+	for _, c := range []struct {
+		args   []string
+		sizes  []string
+		fields []string
+	}{
+		{[]string{"write", "--iters", "2", "--runs", "1"}, bwSizes, []string{"bw", "msg_rate", "memcpy_bw", "vs_memcpy"}},
+		{[]string{"read", "--iters", "2", "--runs", "1"}, bwSizes, []string{"bw", "msg_rate", "memcpy_bw", "vs_memcpy"}},
+		{[]string{"write", "--lat", "--iters", "3"}, latSizes, []string{"p50_ns", "p99_ns", "memcpy_p50_ns"}},
+		{[]string{"read", "--lat", "--iters", "3"}, latSizes, []string{"p50_ns", "p99_ns", "memcpy_p50_ns"}},
+		{[]string{"reg", "--iters", "3"}, []string{"4KiB", "64KiB", "1MiB"}, []string{"reg_ns", "dereg_ns", "reg_dereg_ns", "reg_dereg_p90_ns"}},
+	} {
+		code, out, errs := hfictl(t, "", append([]string{"--json", "bench"}, c.args...)...)
+		if code != 0 {
+			t.Fatalf("%q: exit %d, stderr %q, stdout %q", c.args, code, errs, out)
+		}
+		objs := jsonLines(t, out)
+		if len(objs) != 1 || objs[0]["cmd"] != "bench" || objs[0]["device"] != "embedded" {
+			t.Fatalf("%q: %q", c.args, out)
+		}
+		m := objs[0]
+		if c.args[0] != "reg" {
+			mode := "bw"
+			if c.args[1] == "--lat" {
+				mode = "lat"
+			}
+			if m["op"] != c.args[0] || m["mode"] != mode {
+				t.Errorf("%q: op %v mode %v", c.args, m["op"], m["mode"])
+			}
+		}
+		rows, _ := m["rows"].([]any)
+		if len(rows) != len(c.sizes) {
+			t.Fatalf("%q: %d rows, want %d: %v", c.args, len(rows), len(c.sizes), m)
+		}
+		for i, e := range rows {
+			r := e.(map[string]any)
+			if r["size"] != c.sizes[i] || num(t, r, "bytes") <= 0 {
+				t.Errorf("%q row %d: %v, want size %s", c.args, i, r, c.sizes[i])
+			}
+			if v, ok := r["verified"]; ok && v != true {
+				t.Errorf("%q row %v: not verified", c.args, r)
+			}
+			for _, f := range c.fields {
+				if num(t, r, f) <= 0 {
+					t.Errorf("%q row %v: %s not positive", c.args, r, f)
+				}
+			}
 		}
 	}
 }

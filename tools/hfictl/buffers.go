@@ -58,22 +58,27 @@ func rangeFlags(fs interface {
 }) func(size int) (int, int, error) {
 	offArg := fs.String("offset", "0", "first byte")
 	lenArg := fs.String("len", "", "bytes (default: to the end)")
-	return func(size int) (int, int, error) {
-		off, err := parseSize("offset", *offArg)
-		if err != nil {
+	return func(size int) (int, int, error) { return resolveSpan(*offArg, *lenArg, size) }
+}
+
+// resolveSpan reads an offset (default 0) and a length (default: to the
+// end) within size bytes.
+func resolveSpan(offArg, lenArg string, size int) (off, n int, err error) {
+	if offArg != "" {
+		if off, err = parseSize("offset", offArg); err != nil {
 			return 0, 0, err
 		}
-		n := size - off
-		if *lenArg != "" {
-			if n, err = parseSize("len", *lenArg); err != nil {
-				return 0, 0, err
-			}
-		}
-		if off > size || n < 0 || off+n > size {
-			return 0, 0, usageErr("offset %d, length %d: outside %d bytes", off, n, size)
-		}
-		return off, n, nil
 	}
+	n = size - off
+	if lenArg != "" {
+		if n, err = parseSize("len", lenArg); err != nil {
+			return 0, 0, err
+		}
+	}
+	if off > size || n < 0 || off+n > size {
+		return 0, 0, usageErr("offset %d, length %d: outside %d bytes", off, n, size)
+	}
+	return off, n, nil
 }
 
 func cmdAlloc(s *session, args []string) (obj, error) {

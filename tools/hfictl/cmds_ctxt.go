@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -110,23 +111,33 @@ func cmdAssignCtxt(s *session, args []string) (obj, error) {
 		return nil, err
 	}
 	ui := uapi.Hfi1UserInfo{Userversion: uint32(*version), SubctxtCnt: uint16(*subctxts)}
-	if err := s.ioctl(of, uapi.HFI1_IOCTL_ASSIGN_CTXT, &ui); err != nil {
+	if err := s.assign(of, ui); err != nil {
 		return nil, err
 	}
-	// What a library does next: learn the geometry and the mmap tokens.
-	var ci uapi.Hfi1CtxtInfo
-	if err := s.ioctl(of, uapi.HFI1_IOCTL_CTXT_INFO, &ci); err != nil {
-		return nil, fmt.Errorf("after ASSIGN_CTXT: %w", err)
-	}
-	var bi uapi.Hfi1BaseInfo
-	if err := s.ioctl(of, uapi.HFI1_IOCTL_USER_INFO, &bi); err != nil {
-		return nil, fmt.Errorf("after ASSIGN_CTXT: %w", err)
-	}
-	of.ci, of.bi, of.head, of.seq = &ci, &bi, 0, 1
+	ci := of.ci
 	return obj{
 		{"file", of.name}, {"userversion", hex(ui.Userversion)}, {"unit", ci.Unit}, {"ctxt", ci.Ctxt},
 		{"rcvtids", ci.Rcvtids}, {"rcvhdrq_cnt", ci.RcvhdrqCnt}, {"rcvegr_size", ci.RcvegrSize},
 	}, nil
+}
+
+// assign takes a context for of (ASSIGN_CTXT), then does what a library
+// does next: learns the geometry and the mmap tokens (CTXT_INFO,
+// USER_INFO).
+func (s *session) assign(of *openFile, ui uapi.Hfi1UserInfo) error {
+	if err := s.ioctl(of, uapi.HFI1_IOCTL_ASSIGN_CTXT, &ui); err != nil {
+		return err
+	}
+	var ci uapi.Hfi1CtxtInfo
+	if err := s.ioctl(of, uapi.HFI1_IOCTL_CTXT_INFO, &ci); err != nil {
+		return fmt.Errorf("after ASSIGN_CTXT: %w", err)
+	}
+	var bi uapi.Hfi1BaseInfo
+	if err := s.ioctl(of, uapi.HFI1_IOCTL_USER_INFO, &bi); err != nil {
+		return fmt.Errorf("after ASSIGN_CTXT: %w", err)
+	}
+	of.ci, of.bi, of.head, of.seq = &ci, &bi, 0, 1
+	return nil
 }
 
 func cmdCtxtInfo(s *session, args []string) (obj, error) {
@@ -257,21 +268,30 @@ func cmdPollType(s *session, args []string) (obj, error) {
 }
 
 // parseEvents reads event bits as a number or as names joined by , or |.
-func parseEvents(s string) (uint64, error) {
+func parseEvents(s string) (uint64, error) { return parseBits("event", s, eventNames) }
+
+// parseBits reads a bit mask as a number or as names from names joined by
+// , or | (case-insensitive).
+func parseBits(what, s string, names map[uint64]string) (uint64, error) {
 	if v, err := strconv.ParseUint(s, 0, 64); err == nil {
 		return v, nil
 	}
 	var v uint64
 	for _, n := range strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == '|' }) {
 		found := false
-		for bit, name := range eventNames {
+		for bit, name := range names {
 			if strings.EqualFold(n, name) {
 				v |= bit
 				found = true
 			}
 		}
 		if !found {
-			return 0, usageErr("event %q: want a number or one of frozen, linkdown, lid-change, lmc-change, sl2vl-change, tid-mmu-notify", n)
+			known := make([]string, 0, len(names))
+			for _, name := range names {
+				known = append(known, name)
+			}
+			sort.Strings(known)
+			return 0, usageErr("%s %q: want a number or one of %s", what, n, strings.Join(known, ", "))
 		}
 	}
 	return v, nil

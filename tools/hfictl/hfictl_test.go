@@ -436,6 +436,14 @@ func TestExternalHfisim(t *testing.T) {
 		t.Fatalf("shell over vfio-user: exit %d, stderr %q\n%s", code, errs, out)
 	}
 
+	if os.Geteuid() == 0 { // REG_MR pins through io_uring
+		code, out, errs = hfictl(t, docScript(t, "TestDocRDMAWrite"), "--device", "vfio-user:"+sock, "--json", "shell")
+		objs := jsonLines(t, out)
+		if code != 0 || num(t, last(t, objs, "checksum"), "checksum") != num(t, last(t, objs, "fill"), "checksum") {
+			t.Fatalf("RDMA WRITE script over vfio-user: exit %d, stderr %q\n%s", code, errs, out)
+		}
+	}
+
 	if err := sim.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}

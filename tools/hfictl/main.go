@@ -146,8 +146,16 @@ func init() {
 		"rcvhdr-head": {"N", "GOHFI_IOCTL_RCVHDR_HEAD", cmdRcvHdrHead},
 		"events":      {"", "read the event bits from the mmapped events page", cmdEvents},
 		"stats":       {"", "GOHFI_IOCTL_DRIVER_STATS", cmdStats},
-		// Benchmarks (bench.go).
-		"bench": {"tid [--sizes 4k,64k,1m,16m] [--iters N] [--bw-msgs N] [--bw-buffers N]", "TID cache hit/miss/free/no cache per size and expected-receive bandwidth vs memcpy, medians and targets", cmdBench},
+		// Benchmarks (bench.go, bench_verbs.go).
+		"bench": {"tid [--sizes 4k,64k,1m,16m] [--iters N] [--bw-msgs N] [--bw-buffers N] | write|read [--lat] [--size LIST] [--iters N] [--runs N] [--window N] [--signal-every N] | reg [--size LIST] [--iters N]",
+			"TID cache and expected receive; RDMA WRITE/READ bandwidth or latency vs memcpy (perftest-style); REG_MR+DEREG_MR cost", cmdBench},
+		// Verbs (cmds_verbs.go, cmds_wr.go).
+		"mr":        {"reg NAME BUF[:OFF[:LEN]] [--access LIST] [--iova X] | dereg NAME | show [NAME]", "REG_MR, DEREG_MR, MR_STATS (access: local_write,remote_write,remote_read,remote_atomic)", cmdMR},
+		"cq":        {"create NAME [--cqe N] | destroy NAME | show [NAME]", "CREATE_CQ, DESTROY_CQ", cmdCQ},
+		"qp":        {"create NAME --cq CQ|--send-cq CQ --recv-cq CQ [--max-send-wr N] [--max-recv-wr N] [--max-send-sge N] [--max-recv-sge N] [--sig-all] | modify NAME --state reset|init|rtr|rts|err [--dest-qp QPN|QP] [--access LIST] [--sq-psn N] [--rq-psn N] | destroy NAME | show [NAME]", "CREATE_QP (RC), MODIFY_QP, DESTROY_QP", cmdQP},
+		"post-send": {"QP --op write|write-imm|send|send-imm|read [--sge BUF[:OFF[:LEN]]@MR]... [--remote MR[:OFF]|ADDR] [--rkey K] [--imm N] [--signaled] [--wr-id N]", "POST_SEND of one work request", cmdPostSend},
+		"post-recv": {"QP [--sge BUF[:OFF[:LEN]]@MR]... [--wr-id N]", "POST_RECV of one work request", cmdPostRecv},
+		"poll-cq":   {"CQ [--wait D] [--min N] [--max N]", "POLL_CQ, waiting in File.Poll up to D for N completions; statuses as ibv_wc_status_str", cmdPollCQ},
 		// Expected receive (cmds_tid.go).
 		"tid-update":     {"BUF [--offset O] [--len L]", "HFI1_IOCTL_TID_UPDATE on a buffer", cmdTidUpdate},
 		"tid-free":       {"BUF|TID[,TID...]...", "HFI1_IOCTL_TID_FREE of a buffer's TIDs or of TIDs given", cmdTidFree},
@@ -179,6 +187,7 @@ type session struct {
 	files map[string]*openFile
 	cur   string
 	bufs  map[string]*buffer
+	verbs verbsObjs // MRs, CQs and QPs by name
 
 	// arg holds ioctl argument structs: user memory outside the Go heap,
 	// as a C caller's would be.
@@ -190,7 +199,7 @@ const defaultFile = "default"
 
 func newSession(ctx context.Context, spec string, opts attach.Options, p *printer) *session {
 	return &session{ctx: ctx, spec: spec, opts: opts, p: p,
-		files: map[string]*openFile{}, bufs: map[string]*buffer{}, cur: defaultFile}
+		files: map[string]*openFile{}, bufs: map[string]*buffer{}, verbs: newVerbsObjs(), cur: defaultFile}
 }
 
 // exec runs one command and prints its result; it reports success.
@@ -199,6 +208,9 @@ func (s *session) exec(name string, args []string) bool {
 	if !ok {
 		s.p.fail(name, fmt.Errorf("unknown command %q (hfictl help lists them): %w", name, unix.EINVAL))
 		return false
+	}
+	if subCommands[name] && len(args) > 0 {
+		name += " " + args[0] // "mr reg": the result says which
 	}
 	o, err := c.run(s, args)
 	if err != nil {
@@ -253,6 +265,7 @@ func (s *session) close() error {
 		errs = append(errs, s.files[name].close())
 	}
 	s.files = map[string]*openFile{}
+	s.verbs = newVerbsObjs()
 	if s.att != nil {
 		errs = append(errs, s.att.Close())
 		s.att = nil

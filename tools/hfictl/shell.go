@@ -171,10 +171,11 @@ func cmdClose(s *session, args []string) (obj, error) {
 		return nil, fmt.Errorf("no open file %q: %w", name, unix.EBADF)
 	}
 	delete(s.files, name)
+	released := s.verbs.drop(of) // the driver destroys them with the file
 	if err := of.close(); err != nil {
 		return nil, err
 	}
-	return obj{{"file", name}, {"tids_released", len(of.tids)}}, nil
+	return obj{{"file", name}, {"tids_released", len(of.tids)}, {"verbs_objects_released", released}}, nil
 }
 
 func cmdFiles(s *session, args []string) (obj, error) {
