@@ -19,6 +19,7 @@ import (
 var sendOps = map[string]uint32{
 	"write": uapi.GOHFI_WR_RDMA_WRITE, "write-imm": uapi.GOHFI_WR_RDMA_WRITE_WITH_IMM,
 	"send": uapi.GOHFI_WR_SEND, "send-imm": uapi.GOHFI_WR_SEND_WITH_IMM, "read": uapi.GOHFI_WR_RDMA_READ,
+	"cas": uapi.GOHFI_WR_ATOMIC_CMP_AND_SWP, "faa": uapi.GOHFI_WR_ATOMIC_FETCH_AND_ADD,
 }
 
 // wcStatusStr is rdma-core's ibv_wc_status_str.
@@ -125,19 +126,21 @@ func (s *session) wrID(arg string) (uint64, error) {
 
 func cmdPostSend(s *session, args []string) (obj, error) {
 	fs := newFlags("post-send")
-	opArg := fs.String("op", "", "write, write-imm, send, send-imm or read")
+	opArg := fs.String("op", "", "write, write-imm, send, send-imm, read, cas or faa")
 	sges, wrIDArg := wrFlags(fs)
 	remote := fs.String("remote", "", "RDMA: MR[:OFF] (its iova and rkey) or an address")
 	rkeyArg := fs.String("rkey", "", "RDMA: remote key, a number or an MR's name (default: the --remote MR's)")
 	immArg := fs.String("imm", "0", "immediate data (imm ops), as given")
 	signaled := fs.Bool("signaled", false, "request a completion")
+	compareAdd := fs.String("compare-add", "0", "atomics: the value to compare (cas) or add (faa)")
+	swap := fs.String("swap", "0", "cas: the value to store when the compare matches")
 	_, q, err := parseNamed(fs, args, s.verbs.qps, "QP")
 	if err != nil {
 		return nil, err
 	}
 	op, ok := sendOps[*opArg]
 	if !ok {
-		return nil, usageErr("--op %q: want write, write-imm, send, send-imm or read", *opArg)
+		return nil, usageErr("--op %q: want write, write-imm, send, send-imm, read, cas or faa", *opArg)
 	}
 	sgl, sum, err := s.sgl(*sges)
 	if err != nil {
@@ -156,6 +159,17 @@ func cmdPostSend(s *session, args []string) (obj, error) {
 		return nil, err
 	}
 	wr.ImmData = uint32(imm)
+	atomic := op == uapi.GOHFI_WR_ATOMIC_CMP_AND_SWP || op == uapi.GOHFI_WR_ATOMIC_FETCH_AND_ADD
+	if atomic {
+		if wr.CompareAdd, err = parseUint("compare-add", *compareAdd, 64); err != nil {
+			return nil, err
+		}
+		if op == uapi.GOHFI_WR_ATOMIC_CMP_AND_SWP {
+			if wr.Swap, err = parseUint("swap", *swap, 64); err != nil {
+				return nil, err
+			}
+		}
+	}
 	o := obj{{"qp", q.name}, {"op", *opArg}, {"wr_id", wr.WrID}, {"signaled", *signaled},
 		{"num_sge", len(sgl)}, {"length", sglLength(sgl)}}
 	rdma := op != uapi.GOHFI_WR_SEND && op != uapi.GOHFI_WR_SEND_WITH_IMM
@@ -168,10 +182,13 @@ func cmdPostSend(s *session, args []string) (obj, error) {
 	if op == uapi.GOHFI_WR_RDMA_WRITE_WITH_IMM || op == uapi.GOHFI_WR_SEND_WITH_IMM {
 		o.add("imm_data", hex(wr.ImmData))
 	}
+	if atomic {
+		o.add("compare_add", hex(wr.CompareAdd)).add("swap", hex(wr.Swap))
+	}
 	if _, err := hfiuser.PostSend(q.of.f, q.attr.Handle, []hfiuser.SendWR{wr}); err != nil {
 		return nil, err
 	}
-	if sum != nil && op != uapi.GOHFI_WR_RDMA_READ {
+	if sum != nil && op != uapi.GOHFI_WR_RDMA_READ && !atomic {
 		o.add("checksum", sum)
 	}
 	return o, nil

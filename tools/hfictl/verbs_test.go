@@ -279,3 +279,62 @@ func TestWCStatusStr(t *testing.T) {
 		}
 	}
 }
+
+// TestVerbsAtomicOps: fetch-and-add and compare-and-swap by hand: the
+// remote word changes as the verbs say and the original values land in the
+// local SGEs (byte patterns so that fill and checksum can compare them).
+func TestVerbsAtomicOps(t *testing.T) {
+	testenv.RequireRoot(t, "REG_MR pins through io_uring")
+	checkNoLeaks(t)
+	objs := runScript(t, `
+alloc src 4k
+alloc dst 4k
+alloc ones 4k
+alloc twos 4k
+fill src 0xee
+fill ones 1
+fill twos 2
+open resp
+mr reg dst_mr dst --access local_write,remote_atomic
+cq create resp_cq
+qp create b --cq resp_cq
+use default
+mr reg src_mr src
+cq create cq
+qp create a --cq cq
+qp modify a --state init
+qp modify a --state rtr --dest-qp b
+qp modify a --state rts
+qp modify b --state init --access remote_atomic
+qp modify b --state rtr --dest-qp a
+qp modify b --state rts
+post-send a --op faa --sge src:0:8@src_mr --remote dst_mr --compare-add 0x0101010101010101 --signaled
+poll-cq cq --wait 5s
+post-send a --op cas --sge src:8:8@src_mr --remote dst_mr --compare-add 0x0101010101010101 --swap 0x0202020202020202 --signaled
+poll-cq cq --wait 5s
+checksum dst --len 8
+checksum twos --len 8
+checksum src --offset 8 --len 8
+checksum ones --len 8
+`, false)
+	var polls, sums []map[string]any
+	for _, o := range objs {
+		switch o["cmd"] {
+		case "poll-cq":
+			polls = append(polls, o)
+		case "checksum":
+			sums = append(sums, o)
+		}
+	}
+	faa, cas := wcs(t, polls[0]), wcs(t, polls[1])
+	if len(faa) != 1 || faa[0]["status"] != "success" || faa[0]["opcode"] != "fetch_add" ||
+		len(cas) != 1 || cas[0]["status"] != "success" || cas[0]["opcode"] != "comp_swap" {
+		t.Fatalf("completions: faa %v, cas %v", faa, cas)
+	}
+	if num(t, sums[0], "checksum") != num(t, sums[1], "checksum") {
+		t.Fatalf("remote word after FAA and CAS is not 0x0202...: %v", sums[0])
+	}
+	if num(t, sums[2], "checksum") != num(t, sums[3], "checksum") {
+		t.Fatalf("CAS fetched %v, want the value FAA left (0x0101...)", sums[2])
+	}
+}
