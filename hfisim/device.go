@@ -153,6 +153,7 @@ type Device struct {
 	cqs      []cqState
 	tlb      map[uint32]uint64 // device TLB: MTT index -> cached MTT entry
 	odp      odpState          // event queue, page faults, TLB commands in flight
+	tlbSig   chan struct{}     // wakes the TLB worker (not under mu)
 
 	kick    chan struct{} // doorbell: wakes the engine
 	idleReq chan chan struct{}
@@ -194,7 +195,7 @@ func New(cfg Config) (*Device, error) {
 		return nil, err
 	}
 	d.pci = newConfig(d.barSizes(), d.msixVectors())
-	d.odp.tlbSig = make(chan struct{}, 1)
+	d.tlbSig = make(chan struct{}, 1)
 	d.resetLocked()
 	d.wg.Add(2)
 	go d.engine()

@@ -38,8 +38,7 @@ type odpState struct {
 	// translator) right after the resolve that returned VendorErrPageFault.
 	last faultAddr
 
-	tlbQ   []tlbCmd // TLB-invalidate commands in flight, oldest first
-	tlbSig chan struct{}
+	tlbQ []tlbCmd // TLB-invalidate commands in flight, oldest first
 }
 
 // faultAddr is where a translation faulted.
@@ -67,10 +66,7 @@ type tlbCmd struct {
 	due          time.Time
 }
 
-func (o *odpState) reset() {
-	sig := o.tlbSig
-	*o = odpState{faults: map[uint32]*pfault{}, tlbSig: sig}
-}
+func (o *odpState) reset() { *o = odpState{faults: map[uint32]*pfault{}} }
 
 // tlbCommandLocked starts a TLB-invalidate command of count MTT entries
 // from start. With no latency it completes at once; otherwise it completes
@@ -84,7 +80,7 @@ func (d *Device) tlbCommandLocked(start, count uint64) {
 	}
 	d.odp.tlbQ = append(d.odp.tlbQ, tlbCmd{start: start, count: count, gen: d.gen, due: time.Now().Add(d.cfg.TLBInvLatency)})
 	select {
-	case d.odp.tlbSig <- struct{}{}:
+	case d.tlbSig <- struct{}{}:
 	default:
 	}
 }
@@ -96,7 +92,7 @@ func (d *Device) tlbWorker() {
 		select {
 		case <-d.done:
 			return
-		case <-d.odp.tlbSig:
+		case <-d.tlbSig:
 		}
 		for {
 			d.mu.Lock()
