@@ -33,6 +33,7 @@ type odpState struct {
 	backlog []*pfault          // raised, not yet written to the event queue
 
 	faultCnt, resumeCnt, eqWaitCnt uint64
+	latency                        []time.Duration // fault raised to resumed, for ODPFaultLatencies
 
 	// last is the fault translateLocked met, read by the engine (the only
 	// translator) right after the resolve that returned VendorErrPageFault.
@@ -57,6 +58,7 @@ type pfault struct {
 	rs       *responder
 	pk       packet // the packet, without its data
 	waited   bool   // counted in eqWaitCnt
+	raised   time.Time
 }
 
 // tlbCmd is a TLB-invalidate command in flight.
@@ -200,6 +202,9 @@ func (d *Device) resumeLocked(id uint32, failed bool) {
 	}
 	delete(d.odp.faults, id)
 	d.odp.resumeCnt++
+	if len(d.odp.latency) < maxLatencyLog {
+		d.odp.latency = append(d.odp.latency, time.Since(f.raised))
+	}
 	q := &d.qps[f.req]
 	if q.epoch != f.reqEpoch || q.pfWait != id {
 		return
@@ -232,7 +237,7 @@ func (d *Device) pageFault(dma vfiouser.DMA, gen uint64, pk *packet, rs *respond
 	fa := o.last
 	req := int(pk.src) - chip.QPNBase
 	q := &d.qps[req]
-	f := &pfault{req: req, reqEpoch: q.epoch, rs: rs, pk: *pk}
+	f := &pfault{req: req, reqEpoch: q.epoch, rs: rs, pk: *pk, raised: time.Now()}
 	f.pk.data = nil
 	e := &f.eqe
 	e.Type, e.Key, e.VA, e.ReqQP = chip.EQETypePageFault, fa.key, fa.va, uint32(req)
@@ -424,4 +429,18 @@ func (d *Device) odpBacklog() bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return len(d.odp.backlog) > 0
+}
+
+// maxLatencyLog bounds the fault latencies kept for ODPFaultLatencies.
+const maxLatencyLog = 1 << 16
+
+// ODPFaultLatencies returns, and forgets, how long each page fault took
+// from the device raising it to the driver's resume (the first 65536 since
+// the last call or reset): a measurement hook, like a logic analyser.
+func (d *Device) ODPFaultLatencies() []time.Duration {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	l := d.odp.latency
+	d.odp.latency = nil
+	return l
 }
