@@ -352,6 +352,9 @@ func (d *Device) remove() error {
 		f.release(unix.ENXIO)
 	}
 	var errs []error
+	if d.verbs != nil {
+		d.verbs.odp.shutdown()
+	}
 	d.teardownInterrupts()
 	errs = append(errs, d.pinner.Close())
 	d.notMu.Lock()

@@ -93,6 +93,9 @@ func (d *Device) setupInterrupts() (err error) {
 	// running (the deferred closeFDs releases the eventfds); an interrupt
 	// raised meanwhile waits in its eventfd.
 	mask := uint64(1)<<uint(1+d.info.NumContexts) - 1
+	if d.info.CapFlags&chip.CapODP != 0 {
+		mask |= chip.IntSrcEQ | chip.IntSrcTLB // on vector 0 with the error source
+	}
 	if err = d.writeCSR(chip.RegIntMask, mask); err != nil {
 		if !d.dead.Load() {
 			d.vdev.SetIRQs(s.index, 0, nil) // best effort
@@ -173,8 +176,12 @@ func (d *Device) irqLoop(s *irqState) {
 	}
 }
 
-// handleSources wakes the contexts whose interrupt sources fired.
+// handleSources wakes the contexts whose interrupt sources fired, and the
+// ODP event-queue reader and TLB-flush waiters for vector 0.
 func (d *Device) handleSources(src uint64) {
+	if src&chip.IntSrcVector0 != 0 && d.verbs != nil && d.verbs.odp != nil {
+		d.verbs.odp.interrupt(src)
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for n, c := range d.ctxts {

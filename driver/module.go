@@ -40,6 +40,15 @@ type Params struct {
 	// these (hfi1 checks ppd->pkeys). With none, SET_PKEY is EPERM and
 	// HFI1_CAP_PKEY_CHECK is not reported, as in hfi1 without PKEY_CHECK.
 	PKeys []uint16
+	// ODPFaultAround is the window in bytes a page fault of an ODP MR
+	// maps around the faulting address (aligned to it, within the MR):
+	// a power of two from 4 KiB to 1 GiB; 0 means
+	// DefaultODPFaultAround (1 MiB). mlx5 prefetches up to 4 MiB.
+	ODPFaultAround int
+	// ODPNoBatch turns off the batching of ODP invalidations: each one
+	// gets its own TLB flush instead of sharing one with every
+	// invalidation that arrived while the previous flush ran.
+	ODPNoBatch bool
 }
 
 // DefaultPKey is PSM's default partition key (full membership of
@@ -62,7 +71,8 @@ func DefaultParams() Params {
 func (p Params) validate() error {
 	pow2 := func(v int) bool { return v > 0 && v&(v-1) == 0 }
 	if !pow2(p.RcvHdrCnt) || p.RcvHdrCnt < 2 || !pow2(p.EagerBufferSize) || p.EagerBufferSize < 4096 ||
-		!pow2(p.SendQueueEntries) || p.SendQueueEntries < 2 {
+		!pow2(p.SendQueueEntries) || p.SendQueueEntries < 2 ||
+		p.ODPFaultAround != 0 && (!pow2(p.ODPFaultAround) || p.ODPFaultAround < 4096 || p.ODPFaultAround > 1<<30) {
 		return fmt.Errorf("gohfi: module parameters %+v: %w", p, unix.EINVAL)
 	}
 	return nil
@@ -77,6 +87,9 @@ type Module struct {
 	// testHookTIDUpdate runs inside TID_UPDATE between pinning and the
 	// race check (tests only).
 	testHookTIDUpdate func()
+	// testHookODPFault runs inside an ODP fault between pinning and the
+	// race check (tests only).
+	testHookODPFault func()
 
 	mu      sync.Mutex
 	devices map[int]*Device

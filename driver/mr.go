@@ -27,6 +27,7 @@ type MR struct {
 	mttFirst int
 	npages   int
 	chunks   []mrChunk
+	odp      *odpMR // ODP MR (IB_ACCESS_ON_DEMAND): pages mapped on fault, nothing in chunks
 }
 
 // mrChunk is one pin of an MR and the IOVA range it is mapped at. An MR
@@ -45,6 +46,9 @@ func (mr *MR) Rkey() uint32   { return mr.key }
 
 // PagesPinned is how many pages the MR holds pinned.
 func (mr *MR) PagesPinned() int {
+	if mr.odp != nil {
+		return mr.odp.pagesPinned()
+	}
 	n := 0
 	for _, c := range mr.chunks {
 		if c.pin != nil {
@@ -54,8 +58,8 @@ func (mr *MR) PagesPinned() int {
 	return n
 }
 
-// Access flags REG_MR accepts; IB_ACCESS_ON_DEMAND is known but not offered
-// yet (EOPNOTSUPP).
+// Access flags REG_MR accepts; IB_ACCESS_ON_DEMAND needs a device with
+// chip.CapODP (EOPNOTSUPP otherwise).
 const (
 	mrAccessKnown = uapi.IB_ACCESS_LOCAL_WRITE | uapi.IB_ACCESS_REMOTE_WRITE |
 		uapi.IB_ACCESS_REMOTE_READ | uapi.IB_ACCESS_REMOTE_ATOMIC | uapi.IB_ACCESS_ON_DEMAND
@@ -69,13 +73,14 @@ const (
 // (access, length, iova), EOPNOTSUPP (ODP), EFAULT (not user memory, not
 // mapped, not accessible), ENOMEM (RLIMIT_MEMLOCK), ENOSPC (no free MPT
 // entry or MTT run). A failure leaves nothing pinned, mapped or written.
+// With IB_ACCESS_ON_DEMAND nothing is pinned or mapped: the MTT entries stay
+// not present and the range is watched (odp.go); EFAULT then means the
+// range is not mapped or cannot be watched.
 func (pd *PD) RegMR(addr uintptr, length, iova uint64, access uint32) (*MR, error) {
 	v, d := pd.v, pd.d
 	switch {
 	case access&^mrAccessKnown != 0:
 		return nil, errnoErr(fmt.Sprintf("REG_MR: unknown access bits %#x", access&^mrAccessKnown), unix.EINVAL)
-	case access&uapi.IB_ACCESS_ON_DEMAND != 0:
-		return nil, errnoErr("REG_MR: on-demand paging is not offered by this driver version", unix.EOPNOTSUPP)
 	case access&(uapi.IB_ACCESS_REMOTE_WRITE|uapi.IB_ACCESS_REMOTE_ATOMIC) != 0 && access&uapi.IB_ACCESS_LOCAL_WRITE == 0:
 		return nil, errnoErr("REG_MR: remote write or atomic access needs IB_ACCESS_LOCAL_WRITE", unix.EINVAL)
 	case length == 0:
@@ -102,6 +107,13 @@ func (pd *PD) RegMR(addr uintptr, length, iova uint64, access uint32) (*MR, erro
 		mr.mttFirst = -1
 		mr.release(true)
 		return nil, fmt.Errorf("gohfi: REG_MR: %w", err)
+	}
+	if access&uapi.IB_ACCESS_ON_DEMAND != 0 {
+		if err := pd.regODP(mr); err != nil {
+			mr.release(true)
+			return nil, err
+		}
+		return mr, mr.publish(e0(mr, pd, chip.MPTTypeODP))
 	}
 	// Pin and map, no lock held; the device cannot reach any of it yet.
 	flags := uint32(vfio.DMARead)
@@ -142,23 +154,40 @@ func (pd *PD) RegMR(addr uintptr, length, iova uint64, access uint32) (*MR, erro
 			p++
 		}
 	}
+	if err := mr.publish(e0(mr, pd, chip.MPTTypePinned)); err != nil {
+		return nil, err
+	}
+	return mr, nil
+}
+
+// e0 is the MPT entry of a new MR of type typ.
+func e0(mr *MR, pd *PD, typ uint32) chip.MPTEntry {
+	return chip.MPTEntry{
+		Key: mr.key, PD: pd.num, MTTFirst: uint32(mr.mttFirst), IOVA: mr.iova, Length: mr.length,
+		Flags: chip.MPTStateValid | mr.access<<chip.MPTAccessShift | typ,
+	}
+}
+
+// publish puts the MR in the file's table and writes its MPT entry, the
+// state word last. On failure (the file is closing) the MR is taken apart.
+func (mr *MR) publish(e chip.MPTEntry) error {
+	pd, v := mr.pd, mr.pd.v
 	if err := insert(pd, pd.mrs, mr, func(h uint32) { mr.handle = h }); err != nil {
 		// The MPT entry never became valid, so no translation of these
 		// MTT entries can be cached: no flush needed.
+		if mr.odp != nil {
+			mr.odp.dereg()
+		}
 		mr.zapMTT()
 		mr.release(true)
-		return nil, errnoErr("REG_MR: file closed", err.(unix.Errno))
-	}
-	e := chip.MPTEntry{
-		Key: mr.key, PD: pd.num, MTTFirst: uint32(mr.mttFirst), IOVA: iova, Length: length,
-		Flags: chip.MPTStateValid | access<<chip.MPTAccessShift | chip.MPTTypePinned,
+		return errnoErr("REG_MR: file closed", err.(unix.Errno))
 	}
 	o := int(mr.index) * chip.MPTEntrySize
 	store64(v.mpt, o, uint64(e.Key)|uint64(e.PD)<<32)
 	store64(v.mpt, o+16, e.IOVA)
 	store64(v.mpt, o+24, e.Length)
 	store64(v.mpt, o+8, e.Word1())
-	return mr, nil
+	return nil
 }
 
 // Dereg deregisters the MR (ib_dereg_mr): the MPT entry is made free
@@ -182,6 +211,13 @@ func (mr *MR) dereg() error {
 	if !d.dead.Load() && v.mpt != nil {
 		o := int(mr.index) * chip.MPTEntrySize
 		store64(v.mpt, o+8, chip.MPTStateFree)
+		if mr.odp != nil {
+			// Zaps, flushes and releases its chunks.
+			if err := mr.odp.dereg(); err != nil && !d.dead.Load() {
+				mr.release(false)
+				return fmt.Errorf("gohfi: DEREG_MR: %w", err)
+			}
+		}
 		mr.zapMTT()
 		if err := v.flushTLB(mr.mttFirst, mr.npages); err != nil && !d.dead.Load() {
 			// The device may still hold translations: unmap and unpin
@@ -193,6 +229,8 @@ func (mr *MR) dereg() error {
 		store64(v.mpt, o, 0)
 		store64(v.mpt, o+16, 0)
 		store64(v.mpt, o+24, 0)
+	} else if mr.odp != nil {
+		mr.odp.dereg()
 	}
 	return mr.release(true)
 }
@@ -291,5 +329,8 @@ func (pd *PD) ioctlMRStats(arg UserPtr) error {
 		return err
 	}
 	s = uapi.GohfiMRStats{Handle: s.Handle, PagesPinned: uint64(mr.PagesPinned())}
+	if mr.odp != nil {
+		mr.odp.stats(&s)
+	}
 	return writeArg(arg, &s, "MR_STATS")
 }

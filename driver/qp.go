@@ -360,6 +360,9 @@ func (qp *QP) PostSend(wrs []SendWR) (int, error) {
 // be posted and returns its index with the reason.
 func (qp *QP) postSend(count int, next func(i int) (*SendWR, error)) (int, error) {
 	d := qp.pd.d
+	if err := qp.pd.v.odp.fence(); err != nil {
+		return 0, fmt.Errorf("gohfi: POST_SEND: %w", err)
+	}
 	qp.mu.Lock()
 	defer qp.mu.Unlock()
 	if qp.sq == nil {
@@ -444,6 +447,9 @@ func (qp *QP) PostRecv(wrs []RecvWR) (int, error) {
 
 func (qp *QP) postRecv(count int, next func(i int) (*RecvWR, error)) (int, error) {
 	d := qp.pd.d
+	if err := qp.pd.v.odp.fence(); err != nil {
+		return 0, fmt.Errorf("gohfi: POST_RECV: %w", err)
+	}
 	qp.mu.Lock()
 	defer qp.mu.Unlock()
 	if qp.rq == nil {

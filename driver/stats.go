@@ -12,6 +12,8 @@ type devStats struct {
 	tidsProgrammed, tidsFreed, tidInvalidations, tidInvalReads atomic.Uint64
 	pagesPinned, pagesUnpinned                                 atomic.Uint64
 	tlbFlushes                                                 atomic.Uint64
+	odpFaults, odpFaultsHandled, odpInvals, odpInvalsHandled   atomic.Uint64
+	odpPrefetch                                                atomic.Uint64
 }
 
 // Stats returns the device's driver counters.
@@ -25,6 +27,11 @@ func (d *Device) Stats() uapi.GohfiDriverStats {
 		PagesPinned:      s.pagesPinned.Load(),
 		PagesUnpinned:    s.pagesUnpinned.Load(),
 		TlbFlushes:       s.tlbFlushes.Load(),
+		OdpPageFaults:    s.odpFaults.Load(),
+		OdpInvalidations: s.odpInvals.Load(),
+		OdpFaultsHandled: s.odpFaultsHandled.Load(),
+		OdpInvalsHandled: s.odpInvalsHandled.Load(),
+		OdpPagePrefetch:  s.odpPrefetch.Load(),
 	}
 }
 
@@ -37,13 +44,12 @@ func (f *File) driverStats(arg UserPtr) error {
 
 // queryDevice (GOHFI_IOCTL_QUERY_DEVICE) reports what this driver offers on
 // this device: the verbs limits as a user can reach them (one ring slot
-// stays empty; a CQ holds cqUsable of its entries). ODP and fast
-// registration are not offered by this driver version, so their
-// capability bits stay clear even though the hardware advertises them
-// (DeviceInfo.CapFlags). Atomics have no field (ib_device_attr's atomic_cap
-// is not in gohfi_device_attr): CMP_AND_SWP and FETCH_AND_ADD work wherever
-// the verbs engine does, atomic among the device's own atomics
-// (IB_ATOMIC_HCA), as docs/abi.md says.
+// stays empty; a CQ holds cqUsable of its entries). ODP is advertised on
+// a device with chip.CapODP (odpCaps); fast registration is not offered by
+// this driver version, so its capability bits stay clear. Atomics have no
+// field (ib_device_attr's atomic_cap is not in gohfi_device_attr):
+// CMP_AND_SWP and FETCH_AND_ADD work wherever the verbs engine does, atomic
+// among the device's own atomics (IB_ATOMIC_HCA), as docs/abi.md says.
 func (f *File) queryDevice(arg UserPtr) error {
 	i := f.d.info
 	a := uapi.GohfiDeviceAttr{
@@ -64,6 +70,7 @@ func (f *File) queryDevice(arg UserPtr) error {
 		a.MaxCQ = uint32(v.attr.NumCQs)
 		a.MaxCQE = uint32(v.maxCQE())
 		a.MaxMRSize = uint64(i.MTTEntries) * pageSize
+		a.OdpGeneralCaps, a.OdpRCCaps = v.odpCaps()
 	}
 	b := make([]byte, a.SizeBytes())
 	a.MarshalBytes(b)

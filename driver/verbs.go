@@ -56,6 +56,8 @@ type verbsDev struct {
 	tlbMu  sync.Mutex
 	tlbSeq uint64 // sequence of the last flush started
 
+	odp *odpDev // nil without chip.CapODP
+
 	handles atomic.Uint32 // handles are device-wide unique and never reused soon
 }
 
@@ -142,6 +144,9 @@ func (d *Device) probeVerbs() error {
 	v.mttFree = newRangeAlloc(d.info.MTTEntries)
 	v.qps = make([]*QP, v.attr.NumQPs)
 	v.cqs = make([]*CQ, v.attr.NumCQs)
+	if d.info.CapFlags&chip.CapODP != 0 {
+		v.odp = newODPDev(d, v)
+	}
 	d.verbs = v
 	return nil
 }
@@ -226,6 +231,7 @@ func (v *verbsDev) flushTLB(first, count int) error {
 	v.tlbSeq++
 	d.stats.tlbFlushes.Add(1)
 	deadline := time.Now().Add(tlbFlushTimeout)
+	wake := v.tlbWake()
 	for spin := 0; ; spin++ {
 		done, err := d.readCSR(chip.RegTLBInvDone)
 		if err != nil {
@@ -238,8 +244,9 @@ func (v *verbsDev) flushTLB(first, count int) error {
 			return fmt.Errorf("TLB flush %d of MTT %d+%d: device reports %d after %v: %w", v.tlbSeq, first, count, done, tlbFlushTimeout, unix.EIO)
 		}
 		if spin > 16 {
-			time.Sleep(50 * time.Microsecond)
+			v.waitTLBInterrupt(wake, 50*time.Microsecond)
 		}
+		wake = v.tlbWake()
 	}
 }
 
@@ -411,8 +418,10 @@ func (f *File) verbsIoctl(cmd uint32, arg UserPtr) (bool, error) {
 		h, name = (*PD).ioctlPostSend, "POST_SEND"
 	case uapi.GOHFI_IOCTL_POST_RECV:
 		h, name = (*PD).ioctlPostRecv, "POST_RECV"
-	case uapi.GOHFI_IOCTL_ADVISE_MR, uapi.GOHFI_IOCTL_ALLOC_MR:
-		return true, errnoErr(fmt.Sprintf("ioctl %#x: ODP and fast registration are not offered by this driver version", cmd), unix.EOPNOTSUPP)
+	case uapi.GOHFI_IOCTL_ADVISE_MR:
+		h, name = (*PD).ioctlAdviseMR, "ADVISE_MR"
+	case uapi.GOHFI_IOCTL_ALLOC_MR:
+		return true, errnoErr(fmt.Sprintf("ioctl %#x: fast registration is not offered by this driver version", cmd), unix.EOPNOTSUPP)
 	default:
 		return false, nil
 	}

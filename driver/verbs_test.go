@@ -205,7 +205,9 @@ func TestVerbsQueryDevice(t *testing.T) {
 		attr.MaxMRSize != uint64(attr.MttEntries)*4096 {
 		t.Errorf("limits missing: %+v", attr)
 	}
-	if attr.DeviceCapFlags&uapi.IB_DEVICE_MEM_MGT_EXTENSIONS != 0 || attr.OdpGeneralCaps != 0 || attr.OdpRCCaps != 0 || attr.MaxFastRegPageListLen != 0 {
+	// ODP without implicit ODP, RC only; no fast registration yet.
+	if attr.DeviceCapFlags&uapi.IB_DEVICE_MEM_MGT_EXTENSIONS != 0 || attr.OdpGeneralCaps != uapi.IBV_ODP_SUPPORT ||
+		attr.OdpRCCaps&uapi.IBV_ODP_SUPPORT_WRITE == 0 || attr.OdpUDCaps != 0 || attr.MaxFastRegPageListLen != 0 {
 		t.Errorf("capabilities not offered are reported: %+v", attr)
 	}
 }
@@ -251,7 +253,8 @@ func TestRegMRErrno(t *testing.T) {
 		{"no context", reg(noCtxt, good.Addr(), 4096, 0, 0), unix.EINVAL},
 		{"unknown access bit", reg(f, good.Addr(), 4096, 0, 1<<9), unix.EINVAL},
 		{"MW_BIND", reg(f, good.Addr(), 4096, 0, uapi.IB_ACCESS_MW_BIND), unix.EINVAL},
-		{"ON_DEMAND", reg(f, good.Addr(), 4096, 0, uapi.IB_ACCESS_ON_DEMAND), unix.EOPNOTSUPP},
+		{"ON_DEMAND", reg(f, good.Addr(), 4096, 0, uapi.IB_ACCESS_ON_DEMAND), 0},
+		{"ON_DEMAND, not mapped", reg(f, 1<<45, 4096, 0, uapi.IB_ACCESS_ON_DEMAND), unix.EFAULT}, // nothing is mapped at 32 TiB
 		{"REMOTE_WRITE without LOCAL_WRITE", reg(f, good.Addr(), 4096, 0, uapi.IB_ACCESS_REMOTE_WRITE), unix.EINVAL},
 		{"REMOTE_ATOMIC without LOCAL_WRITE", reg(f, good.Addr(), 4096, 0, uapi.IB_ACCESS_REMOTE_ATOMIC), unix.EINVAL},
 		{"zero length", reg(f, good.Addr(), 0, 0, 0), unix.EINVAL},

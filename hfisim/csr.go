@@ -83,7 +83,7 @@ func (d *Device) readRegLocked(reg uint64) uint64 {
 	case chip.RegMTTEntries:
 		return uint64(c.MTTEntries)
 	case chip.RegCapFlags:
-		return chip.CapMSIX | chip.CapLoopback | chip.CapVerbs
+		return chip.CapMSIX | chip.CapLoopback | chip.CapVerbs | chip.CapODP
 	case chip.RegRHQMaxEntries:
 		return uint64(c.RHQMaxEntries)
 	case chip.RegControl:
@@ -130,6 +130,9 @@ func (d *Device) readRegLocked(reg uint64) uint64 {
 	if v, ok := c.verbsReg(reg); ok {
 		return v
 	}
+	if v, ok := d.odpRegLocked(reg); ok {
+		return v
+	}
 	if n, r, ok := d.ctxtReg(reg); ok {
 		return d.ctxts[n].read(r, n, c)
 	}
@@ -156,7 +159,7 @@ func (d *Device) writeRegLocked(reg, v uint64) {
 		}
 		return
 	case chip.RegIntMask:
-		d.intMask = v & (1<<uint(d.msixVectors()) - 1)
+		d.intMask = v & (1<<uint(d.msixVectors()) - 1 | chip.IntSrcEQ | chip.IntSrcTLB)
 		// Unmasking a pending source delivers it, as level-sensitive
 		// hardware would.
 		if pend := d.intState & d.intMask; pend != 0 {
@@ -167,10 +170,13 @@ func (d *Device) writeRegLocked(reg, v uint64) {
 		d.tlbStart = v
 		return
 	case chip.RegTLBInvCount:
-		d.tlbFlushLocked(d.tlbStart, v)
+		d.tlbCommandLocked(d.tlbStart, v)
 		return
 	case chip.RegScratch:
 		d.scratch = v
+		return
+	}
+	if d.odpWriteLocked(reg, v) {
 		return
 	}
 	if n, r, ok := d.ctxtReg(reg); ok {

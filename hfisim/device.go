@@ -18,6 +18,7 @@ import (
 	"maps"
 	"os"
 	"sync"
+	"time"
 
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/uapi"
@@ -41,6 +42,11 @@ type Config struct {
 	MaxQPWR    int // largest send or receive queue, power of two up to chip.MaxQPWR
 	MaxCQE     int // largest completion queue, power of two from 2 up to chip.MaxCQE
 	MaxSGE     int // scatter/gather entries per WQE, 1..chip.WQEMaxSGE
+
+	// TLBInvLatency is how long a TLB-invalidate command takes to
+	// complete (0: at once, in the register write), at most
+	// MaxTLBInvLatency.
+	TLBInvLatency time.Duration
 
 	// RegOverride is a test hook for a device that lies about itself:
 	// reads of the identity and capability registers it names (chip.RegID
@@ -82,6 +88,9 @@ func (c Config) validate() error {
 	}
 	if err := c.validateVerbs(); err != nil {
 		return err
+	}
+	if c.TLBInvLatency < 0 || c.TLBInvLatency > MaxTLBInvLatency {
+		return fmt.Errorf("hfisim: TLB invalidation latency %v, want 0..%v", c.TLBInvLatency, MaxTLBInvLatency)
 	}
 	for off := range c.RegOverride {
 		if !overridable(off) {
@@ -143,6 +152,8 @@ type Device struct {
 	qps      []qpState
 	cqs      []cqState
 	tlb      map[uint32]uint64 // device TLB: MTT index -> cached MTT entry
+	odp      odpState          // event queue, page faults, TLB commands in flight
+	tlbSig   chan struct{}     // wakes the TLB worker (not under mu)
 
 	kick    chan struct{} // doorbell: wakes the engine
 	idleReq chan chan struct{}
@@ -184,9 +195,11 @@ func New(cfg Config) (*Device, error) {
 		return nil, err
 	}
 	d.pci = newConfig(d.barSizes(), d.msixVectors())
+	d.tlbSig = make(chan struct{}, 1)
 	d.resetLocked()
-	d.wg.Add(1)
+	d.wg.Add(2)
 	go d.engine()
+	go d.tlbWorker()
 	return d, nil
 }
 
@@ -243,6 +256,7 @@ func (d *Device) resetLocked() {
 		d.cqs[i] = cqState{epoch: d.cqs[i].epoch + 1}
 	}
 	clear(d.tlb)
+	d.odp.reset()
 	d.rcvArray.clear()
 	d.mtt.clear()
 	d.pci.reset(d.barSizes(), d.msixVectors())
@@ -451,6 +465,9 @@ func (d *Device) raiseLocked(src uint64) {
 		return
 	}
 	if d.pci.msixEnabled() || d.intx == nil {
+		if pending&chip.IntSrcVector0 != 0 {
+			pending |= 1 // the EQ and TLB sources share vector 0
+		}
 		for v := 0; v < d.msixVectors() && v < len(d.msix); v++ {
 			if pending&(1<<uint(v)) != 0 && d.msix[v] != nil {
 				signal(d.msix[v])

@@ -83,6 +83,12 @@ func (d *Device) translateLocked(e *chip.MPTEntry, va, n, perm uint64, out []spa
 		}
 		ent := d.tlbLookupLocked(uint32(idx))
 		if ent&perm != perm {
+			if e.Flags&chip.MPTTypeMask == chip.MPTTypeODP {
+				// Not present, or read-only for a write: a page
+				// fault for the engine to raise (odp.go).
+				d.odp.last = faultAddr{key: e.Key, va: va, write: perm&chip.MTTWrite != 0}
+				return out, chip.VendorErrPageFault
+			}
 			return out, chip.VendorErrDMA
 		}
 		pageOff := va & 0xfff

@@ -39,6 +39,8 @@ type qpState struct {
 	epoch          uint64
 	req            *reqProgress // requester: the send WQE in progress
 	claim          *recvClaim   // responder: the receive WQE a message fills
+	pfWait         uint32       // page fault the send queue is suspended on (0: none)
+	pfErr          *pfault      // a fault resumed with an error, to fail on the next turn
 }
 
 func (q *qpState) reg(r uint64) uint64 { return q.regs[r/8] }

@@ -57,6 +57,12 @@ func (r result) ok() bool { return !r.stall && r.status == uapi.GOHFI_WC_SUCCESS
 // could do.
 func (d *Device) pollVerbs(buf []byte) bool {
 	busy := false
+	if d.odpBacklog() {
+		d.mu.Lock()
+		dma, gen := d.dma, d.gen
+		d.mu.Unlock()
+		busy = dma != nil && d.flushEQ(dma, gen)
+	}
 	for n := range d.qps {
 		if d.stepQP(n, buf) {
 			busy = true
@@ -71,7 +77,7 @@ func (d *Device) stepQP(n int, buf []byte) bool {
 	q := &d.qps[n]
 	dma, gen := d.dma, d.gen
 	flush := q.state == stateErr && (q.sqHead != q.sqTail || q.rqHead != q.rqTail)
-	send := q.state == stateRTS && q.sqHead != q.sqTail
+	send := q.state == stateRTS && q.sqHead != q.sqTail && q.pfWait == 0
 	d.mu.Unlock()
 	switch {
 	case dma == nil:
@@ -90,6 +96,10 @@ func (d *Device) stepQP(n int, buf []byte) bool {
 func (d *Device) sendBurst(dma vfiouser.DMA, gen uint64, n int, buf []byte) bool {
 	r, ok := d.startRequest(dma, gen, n)
 	if !ok {
+		return true
+	}
+	if f := d.failedFault(n); f != nil {
+		d.completeReq(r, d.faultError(dma, gen, f))
 		return true
 	}
 	for range verbsBurst {
@@ -246,7 +256,7 @@ func (d *Device) sendPacket(r *requester, buf []byte) result {
 	default:
 		if res = d.gatherLocal(r, pd, pk); res.ok() {
 			res = d.respond(r.dma, r.gen, pk)
-		} else if !pk.first && needsRecv(pk.op) {
+		} else if !pk.first && needsRecv(pk.op) && !res.stall {
 			d.releaseClaim(pk.dst, pk.src)
 		}
 	}
@@ -266,6 +276,9 @@ func (d *Device) gatherLocal(r *requester, pd uint32, pk *packet) result {
 	d.mu.Lock()
 	spans, verr := d.resolveSGEsLocked(r.p.wqe.SGE[:r.p.wqe.NumSGE], pd, pk.off, pk.n, false, nil)
 	d.mu.Unlock()
+	if verr == chip.VendorErrPageFault {
+		return d.pageFault(r.dma, r.gen, pk, nil, r.p.wqe.SGE[:r.p.wqe.NumSGE])
+	}
 	if verr != chip.VendorErrNone {
 		return fail(uapi.GOHFI_WC_LOC_PROT_ERR, verr)
 	}
@@ -283,6 +296,9 @@ func (d *Device) fetchPacket(r *requester, pd uint32, pk *packet) result {
 	d.mu.Lock()
 	spans, verr := d.resolveSGEsLocked(r.p.wqe.SGE[:r.p.wqe.NumSGE], pd, pk.off, pk.n, true, nil)
 	d.mu.Unlock()
+	if verr == chip.VendorErrPageFault {
+		return d.pageFault(r.dma, r.gen, pk, nil, r.p.wqe.SGE[:r.p.wqe.NumSGE])
+	}
 	if verr != chip.VendorErrNone {
 		return fail(uapi.GOHFI_WC_LOC_PROT_ERR, verr)
 	}

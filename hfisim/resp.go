@@ -37,6 +37,8 @@ type responder struct {
 	epoch  uint64
 	pd     uint32
 	access uint32
+	dma    vfiouser.DMA // the engine's turn that delivers the packet
+	gen    uint64
 }
 
 // recvClaim is the receive WQE at a responder's RQHead that a SEND or RDMA
@@ -71,7 +73,7 @@ func (d *Device) respond(dma vfiouser.DMA, gen uint64, pk *packet) result {
 		d.mu.Unlock()
 		return lost
 	}
-	rs := &responder{idx: idx, epoch: q.epoch, pd: q.pd(), access: q.access()}
+	rs := &responder{idx: idx, epoch: q.epoch, pd: q.pd(), access: q.access(), dma: dma, gen: gen}
 	pk.dstEpoch = q.epoch
 	d.mu.Unlock()
 
@@ -163,6 +165,8 @@ func (d *Device) respondSend(dma vfiouser.DMA, gen uint64, rs *responder, pk *pa
 	d.mu.Unlock()
 	switch verr {
 	case chip.VendorErrNone:
+	case chip.VendorErrPageFault:
+		return d.pageFault(dma, gen, pk, rs, c.wqe.SGE[:c.wqe.NumSGE])
 	case chip.VendorErrLength:
 		d.count(&d.errs.nakInvReq)
 		return d.respFail(dma, gen, rs, pk, uapi.GOHFI_WC_LOC_LEN_ERR, fail(uapi.GOHFI_WC_REM_INV_REQ_ERR, verr))
@@ -260,6 +264,9 @@ func (d *Device) remoteSpans(rs *responder, pk *packet, va, n uint64, need uint3
 	}
 	spans, verr := d.resolveLocked(pk.rkey, rs.pd, va, n, need, rs.access, perm, nil)
 	d.mu.Unlock()
+	if verr == chip.VendorErrPageFault {
+		return nil, d.pageFault(rs.dma, rs.gen, pk, rs, nil)
+	}
 	if verr != chip.VendorErrNone {
 		return nil, d.nak(rs, verr)
 	}

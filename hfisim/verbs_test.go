@@ -14,8 +14,8 @@ func TestVerbsRegistersAndCaps(t *testing.T) {
 	h := newVerbs(t)
 	d := h.d
 	caps := rd(t, d, chip.RegCapFlags)
-	if caps != chip.CapMSIX|chip.CapLoopback|chip.CapVerbs {
-		t.Fatalf("CapFlags %#x: want MSI-X, loopback and verbs only (no ODP or fast registration yet)", caps)
+	if caps != chip.CapMSIX|chip.CapLoopback|chip.CapVerbs|chip.CapODP {
+		t.Fatalf("CapFlags %#x: want MSI-X, loopback, verbs and ODP only (no fast registration yet)", caps)
 	}
 	for _, r := range []struct {
 		reg  uint64

@@ -545,7 +545,10 @@ struct gohfi_driver_stats {
 	__aligned_u64 tlb_flushes;
 	__aligned_u64 fast_regs;
 	__aligned_u64 local_invs;
-	__aligned_u64 reserved[5];
+	__aligned_u64 odp_page_faults_handled;
+	__aligned_u64 odp_invalidations_handled;
+	__aligned_u64 odp_page_prefetch;
+	__aligned_u64 reserved[2];
 };
 
 #define GOHFI_IOCTL_QUERY_DEVICE _IOR(GOHFI_IOCTL_MAGIC, 0x40, struct gohfi_device_attr)

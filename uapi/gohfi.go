@@ -447,16 +447,19 @@ type GohfiMRStats struct {
 // the driver's counters of the whole device since the driver bound it,
 // the same for every open file (not per file, not reset by open).
 type GohfiDriverStats struct {
-	TidsProgrammed   uint64    `c:"tids_programmed"`   // RcvArray entries written by TID_UPDATE
-	TidsFreed        uint64    `c:"tids_freed"`        // entries cleared by TID_FREE
-	TidInvalidations uint64    `c:"tid_invalidations"` // TIDs marked invalid by a notifier
-	TidInvalReads    uint64    `c:"tid_inval_reads"`   // TIDs reported by TID_INVAL_READ
-	PagesPinned      uint64    `c:"pages_pinned"`      // pages pinned (cumulative)
-	PagesUnpinned    uint64    `c:"pages_unpinned"`    // pages unpinned (cumulative)
-	OdpPageFaults    uint64    `c:"odp_page_faults"`   // summed over MRs
-	OdpInvalidations uint64    `c:"odp_invalidations"` // summed over MRs
-	TlbFlushes       uint64    `c:"tlb_flushes"`       // device translation-cache flushes
-	FastRegs         uint64    `c:"fast_regs"`         // FAST_REG_MR work requests completed
-	LocalInvs        uint64    `c:"local_invs"`        // LOCAL_INV and READ_WITH_INV invalidations
-	Reserved         [5]uint64 `c:"reserved"`
+	TidsProgrammed   uint64    `c:"tids_programmed"`           // RcvArray entries written by TID_UPDATE
+	TidsFreed        uint64    `c:"tids_freed"`                // entries cleared by TID_FREE
+	TidInvalidations uint64    `c:"tid_invalidations"`         // TIDs marked invalid by a notifier
+	TidInvalReads    uint64    `c:"tid_inval_reads"`           // TIDs reported by TID_INVAL_READ
+	PagesPinned      uint64    `c:"pages_pinned"`              // pages pinned (cumulative)
+	PagesUnpinned    uint64    `c:"pages_unpinned"`            // pages unpinned (cumulative)
+	OdpPageFaults    uint64    `c:"odp_page_faults"`           // summed over MRs
+	OdpInvalidations uint64    `c:"odp_invalidations"`         // summed over MRs
+	TlbFlushes       uint64    `c:"tlb_flushes"`               // device translation-cache flushes
+	FastRegs         uint64    `c:"fast_regs"`                 // FAST_REG_MR work requests completed
+	LocalInvs        uint64    `c:"local_invs"`                // LOCAL_INV and READ_WITH_INV invalidations
+	OdpFaultsHandled uint64    `c:"odp_page_faults_handled"`   // summed over MRs
+	OdpInvalsHandled uint64    `c:"odp_invalidations_handled"` // summed over MRs
+	OdpPagePrefetch  uint64    `c:"odp_page_prefetch"`         // summed over MRs
+	Reserved         [2]uint64 `c:"reserved"`
 }

@@ -530,8 +530,11 @@ func (r *GohfiDriverStats) MarshalBytes(dst []byte) {
 	le.PutUint64(dst[64:], r.TlbFlushes)
 	le.PutUint64(dst[72:], r.FastRegs)
 	le.PutUint64(dst[80:], r.LocalInvs)
+	le.PutUint64(dst[88:], r.OdpFaultsHandled)
+	le.PutUint64(dst[96:], r.OdpInvalsHandled)
+	le.PutUint64(dst[104:], r.OdpPagePrefetch)
 	for i, v := range r.Reserved {
-		le.PutUint64(dst[88+8*i:], v)
+		le.PutUint64(dst[112+8*i:], v)
 	}
 }
 
@@ -551,8 +554,11 @@ func (r *GohfiDriverStats) UnmarshalBytes(src []byte) error {
 	r.TlbFlushes = le.Uint64(src[64:])
 	r.FastRegs = le.Uint64(src[72:])
 	r.LocalInvs = le.Uint64(src[80:])
+	r.OdpFaultsHandled = le.Uint64(src[88:])
+	r.OdpInvalsHandled = le.Uint64(src[96:])
+	r.OdpPagePrefetch = le.Uint64(src[104:])
 	for i := range r.Reserved {
-		r.Reserved[i] = le.Uint64(src[88+8*i:])
+		r.Reserved[i] = le.Uint64(src[112+8*i:])
 	}
 	return nil
 }
