@@ -1,5 +1,7 @@
 package uapi
 
+import "structs"
+
 // gohfi's own commands, for what hfi1 has no ioctl for: memory regions
 // (pinned, on-demand paging, fast registration), completion queues, queue
 // pairs, work requests and statistics. They share the RDMA ioctl type byte
@@ -238,6 +240,7 @@ const (
 // GohfiDeviceAttr is struct gohfi_device_attr, written by QUERY_DEVICE.
 // The odp_* fields are rdma-core's struct ibv_odp_caps, flattened.
 type GohfiDeviceAttr struct {
+	_                     structs.HostLayout
 	VendorID              uint32 `c:"vendor_id"`        // PCI vendor id
 	VendorPartID          uint32 `c:"vendor_part_id"`   // PCI device id
 	HwVer                 uint32 `c:"hw_ver"`           // PCI revision
@@ -262,10 +265,15 @@ type GohfiDeviceAttr struct {
 	Reserved              uint32 `c:"reserved"`
 }
 
+func (*GohfiDeviceAttr) SizeBytes() int                    { return SizeofGohfiDeviceAttr }
+func (g *GohfiDeviceAttr) MarshalBytes(dst []byte)         { marshal(dst, g) }
+func (g *GohfiDeviceAttr) UnmarshalBytes(src []byte) error { return unmarshal(src, g) }
+
 // GohfiRegMR is struct gohfi_reg_mr, the argument of REG_MR. With
 // IB_ACCESS_ON_DEMAND in access_flags the MR is an ODP MR (nothing pinned at
 // registration); otherwise every page is pinned and mapped now.
 type GohfiRegMR struct {
+	_           structs.HostLayout
 	Addr        uint64 `c:"addr"`         // in: start of the user range
 	Length      uint64 `c:"length"`       // in: bytes
 	Iova        uint64 `c:"iova"`         // in: device address of addr
@@ -275,16 +283,26 @@ type GohfiRegMR struct {
 	Rkey        uint32 `c:"rkey"`         // out
 }
 
+func (*GohfiRegMR) SizeBytes() int                    { return SizeofGohfiRegMR }
+func (g *GohfiRegMR) MarshalBytes(dst []byte)         { marshal(dst, g) }
+func (g *GohfiRegMR) UnmarshalBytes(src []byte) error { return unmarshal(src, g) }
+
 // GohfiHandle is struct gohfi_handle: the argument of DEREG_MR, DESTROY_CQ
 // and DESTROY_QP.
 type GohfiHandle struct {
+	_        structs.HostLayout
 	Handle   uint32 `c:"handle"`
 	Reserved uint32 `c:"reserved"`
 }
 
+func (*GohfiHandle) SizeBytes() int                    { return SizeofGohfiHandle }
+func (g *GohfiHandle) MarshalBytes(dst []byte)         { marshal(dst, g) }
+func (g *GohfiHandle) UnmarshalBytes(src []byte) error { return unmarshal(src, g) }
+
 // GohfiAdviseMR is struct gohfi_advise_mr, the argument of ADVISE_MR
 // (ibv_advise_mr with one scatter/gather element).
 type GohfiAdviseMR struct {
+	_        structs.HostLayout
 	Advice   uint32 `c:"advice"` // GOHFI_ADVISE_MR_ADVICE_*
 	Flags    uint32 `c:"flags"`  // GOHFI_ADVISE_MR_FLAG_*
 	Lkey     uint32 `c:"lkey"`
@@ -293,10 +311,15 @@ type GohfiAdviseMR struct {
 	Length   uint64 `c:"length"`
 }
 
+func (*GohfiAdviseMR) SizeBytes() int                    { return SizeofGohfiAdviseMR }
+func (g *GohfiAdviseMR) MarshalBytes(dst []byte)         { marshal(dst, g) }
+func (g *GohfiAdviseMR) UnmarshalBytes(src []byte) error { return unmarshal(src, g) }
+
 // GohfiAllocMR is struct gohfi_alloc_mr, the argument of ALLOC_MR: a
 // fast-registration MR with room for max_num_sg pages, bound later by
 // GOHFI_WR_FAST_REG_MR work requests.
 type GohfiAllocMR struct {
+	_        structs.HostLayout
 	MRType   uint32 `c:"mr_type"`    // in: GOHFI_MR_TYPE_MEM_REG
 	MaxNumSg uint32 `c:"max_num_sg"` // in: page-list capacity
 	Handle   uint32 `c:"handle"`     // out
@@ -305,15 +328,25 @@ type GohfiAllocMR struct {
 	Reserved uint32 `c:"reserved"`
 }
 
+func (*GohfiAllocMR) SizeBytes() int                    { return SizeofGohfiAllocMR }
+func (g *GohfiAllocMR) MarshalBytes(dst []byte)         { marshal(dst, g) }
+func (g *GohfiAllocMR) UnmarshalBytes(src []byte) error { return unmarshal(src, g) }
+
 // GohfiCreateCQ is struct gohfi_create_cq, the argument of CREATE_CQ.
 type GohfiCreateCQ struct {
+	_          structs.HostLayout
 	Cqe        uint32 `c:"cqe"`         // in: entries wanted; out: entries given
 	Handle     uint32 `c:"handle"`      // out
 	UserHandle uint64 `c:"user_handle"` // in: opaque cookie for the caller
 }
 
+func (*GohfiCreateCQ) SizeBytes() int                    { return SizeofGohfiCreateCQ }
+func (g *GohfiCreateCQ) MarshalBytes(dst []byte)         { marshal(dst, g) }
+func (g *GohfiCreateCQ) UnmarshalBytes(src []byte) error { return unmarshal(src, g) }
+
 // GohfiCreateQP is struct gohfi_create_qp, the argument of CREATE_QP.
 type GohfiCreateQP struct {
+	_          structs.HostLayout
 	QPType     uint32 `c:"qp_type"`      // GOHFI_QPT_*
 	SendCQ     uint32 `c:"send_cq"`      // CQ handle
 	RecvCQ     uint32 `c:"recv_cq"`      // CQ handle
@@ -326,9 +359,14 @@ type GohfiCreateQP struct {
 	QPNum      uint32 `c:"qp_num"`       // out: number on the wire
 }
 
+func (*GohfiCreateQP) SizeBytes() int                    { return SizeofGohfiCreateQP }
+func (g *GohfiCreateQP) MarshalBytes(dst []byte)         { marshal(dst, g) }
+func (g *GohfiCreateQP) UnmarshalBytes(src []byte) error { return unmarshal(src, g) }
+
 // GohfiModifyQP is struct gohfi_modify_qp, the argument of MODIFY_QP: the
 // state transition and, for RTR, the remote end (RC/UC).
 type GohfiModifyQP struct {
+	_           structs.HostLayout
 	Handle      uint32 `c:"handle"`
 	QPState     uint32 `c:"qp_state"`     // GOHFI_QPS_*
 	DestQPNum   uint32 `c:"dest_qp_num"`  // RTR: remote QP number
@@ -339,16 +377,26 @@ type GohfiModifyQP struct {
 	Reserved    uint32 `c:"reserved"`
 }
 
+func (*GohfiModifyQP) SizeBytes() int                    { return SizeofGohfiModifyQP }
+func (g *GohfiModifyQP) MarshalBytes(dst []byte)         { marshal(dst, g) }
+func (g *GohfiModifyQP) UnmarshalBytes(src []byte) error { return unmarshal(src, g) }
+
 // GohfiSge is struct gohfi_sge, laid out as struct ibv_sge.
 type GohfiSge struct {
+	_      structs.HostLayout
 	Addr   uint64 `c:"addr"`
 	Length uint32 `c:"length"`
 	Lkey   uint32 `c:"lkey"`
 }
 
+func (*GohfiSge) SizeBytes() int                    { return SizeofGohfiSge }
+func (g *GohfiSge) MarshalBytes(dst []byte)         { marshal(dst, g) }
+func (g *GohfiSge) UnmarshalBytes(src []byte) error { return unmarshal(src, g) }
+
 // GohfiSendWR is struct gohfi_send_wr, one element of POST_SEND's wr_list.
 // The unions of ibv_send_wr are flattened into separate fields.
 type GohfiSendWR struct {
+	_              structs.HostLayout
 	WrID           uint64 `c:"wr_id"`
 	Opcode         uint32 `c:"opcode"`          // GOHFI_WR_*
 	SendFlags      uint32 `c:"send_flags"`      // GOHFI_SEND_*
@@ -379,16 +427,26 @@ type GohfiSendWR struct {
 	Swap       uint64 `c:"swap"`        // CMP_AND_SWP: the value written when equal
 }
 
+func (*GohfiSendWR) SizeBytes() int                    { return SizeofGohfiSendWR }
+func (g *GohfiSendWR) MarshalBytes(dst []byte)         { marshal(dst, g) }
+func (g *GohfiSendWR) UnmarshalBytes(src []byte) error { return unmarshal(src, g) }
+
 // GohfiRecvWR is struct gohfi_recv_wr, one element of POST_RECV's wr_list.
 type GohfiRecvWR struct {
+	_        structs.HostLayout
 	WrID     uint64 `c:"wr_id"`
 	NumSge   uint32 `c:"num_sge"`
 	Reserved uint32 `c:"reserved"`
 	SgList   uint64 `c:"sg_list"` // user pointer to gohfi_sge[num_sge]
 }
 
+func (*GohfiRecvWR) SizeBytes() int                    { return SizeofGohfiRecvWR }
+func (g *GohfiRecvWR) MarshalBytes(dst []byte)         { marshal(dst, g) }
+func (g *GohfiRecvWR) UnmarshalBytes(src []byte) error { return unmarshal(src, g) }
+
 // GohfiPostSend is struct gohfi_post_send, the argument of POST_SEND.
 type GohfiPostSend struct {
+	_        structs.HostLayout
 	QPHandle uint32 `c:"qp_handle"`
 	WrCount  uint32 `c:"wr_count"`
 	WrList   uint64 `c:"wr_list"`  // user pointer to gohfi_send_wr[wr_count]
@@ -396,9 +454,14 @@ type GohfiPostSend struct {
 	WqeSize  uint32 `c:"wqe_size"` // in: sizeof(struct gohfi_send_wr) as the caller knows it
 }
 
+func (*GohfiPostSend) SizeBytes() int                    { return SizeofGohfiPostSend }
+func (g *GohfiPostSend) MarshalBytes(dst []byte)         { marshal(dst, g) }
+func (g *GohfiPostSend) UnmarshalBytes(src []byte) error { return unmarshal(src, g) }
+
 // GohfiPostRecv is struct gohfi_post_recv, the argument of POST_RECV; the
 // same shape as gohfi_post_send over gohfi_recv_wr.
 type GohfiPostRecv struct {
+	_        structs.HostLayout
 	QPHandle uint32 `c:"qp_handle"`
 	WrCount  uint32 `c:"wr_count"`
 	WrList   uint64 `c:"wr_list"` // user pointer to gohfi_recv_wr[wr_count]
@@ -406,8 +469,13 @@ type GohfiPostRecv struct {
 	WqeSize  uint32 `c:"wqe_size"`
 }
 
+func (*GohfiPostRecv) SizeBytes() int                    { return SizeofGohfiPostRecv }
+func (g *GohfiPostRecv) MarshalBytes(dst []byte)         { marshal(dst, g) }
+func (g *GohfiPostRecv) UnmarshalBytes(src []byte) error { return unmarshal(src, g) }
+
 // GohfiWC is struct gohfi_wc, one work completion (cf. struct ib_uverbs_wc).
 type GohfiWC struct {
+	_               structs.HostLayout
 	WrID            uint64 `c:"wr_id"`
 	Status          uint32 `c:"status"` // GOHFI_WC_SUCCESS or an error status
 	Opcode          uint32 `c:"opcode"` // GOHFI_WC_*
@@ -421,8 +489,13 @@ type GohfiWC struct {
 	Reserved        uint32 `c:"reserved"`
 }
 
+func (*GohfiWC) SizeBytes() int                    { return SizeofGohfiWC }
+func (g *GohfiWC) MarshalBytes(dst []byte)         { marshal(dst, g) }
+func (g *GohfiWC) UnmarshalBytes(src []byte) error { return unmarshal(src, g) }
+
 // GohfiPollCQ is struct gohfi_poll_cq, the argument of POLL_CQ.
 type GohfiPollCQ struct {
+	_        structs.HostLayout
 	CQHandle uint32 `c:"cq_handle"`
 	Ne       uint32 `c:"ne"`      // in: room in wc_list; out: completions written
 	WcList   uint64 `c:"wc_list"` // user pointer to gohfi_wc[ne]
@@ -430,9 +503,14 @@ type GohfiPollCQ struct {
 	Reserved uint32 `c:"reserved"`
 }
 
+func (*GohfiPollCQ) SizeBytes() int                    { return SizeofGohfiPollCQ }
+func (g *GohfiPollCQ) MarshalBytes(dst []byte)         { marshal(dst, g) }
+func (g *GohfiPollCQ) UnmarshalBytes(src []byte) error { return unmarshal(src, g) }
+
 // GohfiMRStats is struct gohfi_mr_stats, the argument of MR_STATS: the ODP
 // counters of one MR (as rdma-core's per-MR counters) and its pinned pages.
 type GohfiMRStats struct {
+	_                        structs.HostLayout
 	Handle                   uint32 `c:"handle"` // in
 	Reserved                 uint32 `c:"reserved"`
 	PageFaults               uint64 `c:"page_faults"`                // device faults raised
@@ -443,10 +521,15 @@ type GohfiMRStats struct {
 	PagesPinned              uint64 `c:"pages_pinned"`               // now
 }
 
+func (*GohfiMRStats) SizeBytes() int                    { return SizeofGohfiMRStats }
+func (g *GohfiMRStats) MarshalBytes(dst []byte)         { marshal(dst, g) }
+func (g *GohfiMRStats) UnmarshalBytes(src []byte) error { return unmarshal(src, g) }
+
 // GohfiDriverStats is struct gohfi_driver_stats, written by DRIVER_STATS:
 // the driver's counters of the whole device since the driver bound it,
 // the same for every open file (not per file, not reset by open).
 type GohfiDriverStats struct {
+	_                structs.HostLayout
 	TidsProgrammed   uint64    `c:"tids_programmed"`           // RcvArray entries written by TID_UPDATE
 	TidsFreed        uint64    `c:"tids_freed"`                // entries cleared by TID_FREE
 	TidInvalidations uint64    `c:"tid_invalidations"`         // TIDs marked invalid by a notifier
@@ -463,3 +546,7 @@ type GohfiDriverStats struct {
 	OdpPagePrefetch  uint64    `c:"odp_page_prefetch"`         // summed over MRs
 	Reserved         [2]uint64 `c:"reserved"`
 }
+
+func (*GohfiDriverStats) SizeBytes() int                    { return SizeofGohfiDriverStats }
+func (g *GohfiDriverStats) MarshalBytes(dst []byte)         { marshal(dst, g) }
+func (g *GohfiDriverStats) UnmarshalBytes(src []byte) error { return unmarshal(src, g) }

@@ -1,6 +1,6 @@
 package uapi
 
-import "encoding/binary"
+import "structs"
 
 // gohfi's commands for the receive and send paths that hfi1 reaches through
 // mmapped user registers and PIO/SDMA (hfi1's user_regbase, pio_bufbase and
@@ -45,6 +45,7 @@ const SizeofGohfiSend = 40
 //		__u64 reserved;
 //	};
 type GohfiSend struct {
+	_         structs.HostLayout
 	Opcode    uint8
 	Flags     uint8
 	DstCtxt   uint16
@@ -56,34 +57,6 @@ type GohfiSend struct {
 	Reserved  uint64
 }
 
-// SizeBytes implements Marshallable.
-func (*GohfiSend) SizeBytes() int { return SizeofGohfiSend }
-
-// MarshalBytes implements Marshallable.
-func (s *GohfiSend) MarshalBytes(dst []byte) {
-	_ = dst[SizeofGohfiSend-1]
-	dst[0], dst[1] = s.Opcode, s.Flags
-	binary.LittleEndian.PutUint16(dst[2:], s.DstCtxt)
-	binary.LittleEndian.PutUint32(dst[4:], s.Length)
-	binary.LittleEndian.PutUint64(dst[8:], s.Vaddr)
-	binary.LittleEndian.PutUint32(dst[16:], s.TID)
-	binary.LittleEndian.PutUint32(dst[20:], s.TIDOffset)
-	binary.LittleEndian.PutUint64(dst[24:], s.Tag)
-	binary.LittleEndian.PutUint64(dst[32:], s.Reserved)
-}
-
-// UnmarshalBytes implements Marshallable.
-func (s *GohfiSend) UnmarshalBytes(src []byte) error {
-	if len(src) < SizeofGohfiSend {
-		return shortBuffer("gohfi_send", len(src), SizeofGohfiSend)
-	}
-	s.Opcode, s.Flags = src[0], src[1]
-	s.DstCtxt = binary.LittleEndian.Uint16(src[2:])
-	s.Length = binary.LittleEndian.Uint32(src[4:])
-	s.Vaddr = binary.LittleEndian.Uint64(src[8:])
-	s.TID = binary.LittleEndian.Uint32(src[16:])
-	s.TIDOffset = binary.LittleEndian.Uint32(src[20:])
-	s.Tag = binary.LittleEndian.Uint64(src[24:])
-	s.Reserved = binary.LittleEndian.Uint64(src[32:])
-	return nil
-}
+func (*GohfiSend) SizeBytes() int                    { return SizeofGohfiSend }
+func (g *GohfiSend) MarshalBytes(dst []byte)         { marshal(dst, g) }
+func (g *GohfiSend) UnmarshalBytes(src []byte) error { return unmarshal(src, g) }

@@ -1,6 +1,6 @@
 package uapi
 
-import "encoding/binary"
+import "structs"
 
 // Version of the hfi1 user interface (include/uapi/rdma/hfi/hfi1_user.h).
 // User space passes HFI1_USER_SWVERSION in hfi1_user_info.userversion; the
@@ -127,6 +127,7 @@ const (
 // Hfi1UserInfo is struct hfi1_user_info (include/uapi/rdma/hfi/hfi1_ioctl.h),
 // the argument of HFI1_IOCTL_ASSIGN_CTXT.
 type Hfi1UserInfo struct {
+	_           structs.HostLayout
 	Userversion uint32   `c:"userversion"` // HFI1_USER_SWVERSION
 	Pad         uint32   `c:"pad"`
 	SubctxtCnt  uint16   `c:"subctxt_cnt"` // processes sharing the context
@@ -134,9 +135,14 @@ type Hfi1UserInfo struct {
 	UUID        [16]byte `c:"uuid"`        // job UUID from PSM
 }
 
+func (*Hfi1UserInfo) SizeBytes() int                    { return SizeofHfi1UserInfo }
+func (h *Hfi1UserInfo) MarshalBytes(dst []byte)         { marshal(dst, h) }
+func (h *Hfi1UserInfo) UnmarshalBytes(src []byte) error { return unmarshal(src, h) }
+
 // Hfi1CtxtInfo is struct hfi1_ctxt_info (include/uapi/rdma/hfi/hfi1_ioctl.h),
 // written by HFI1_IOCTL_CTXT_INFO.
 type Hfi1CtxtInfo struct {
+	_              structs.HostLayout
 	RuntimeFlags   uint64  `c:"runtime_flags"`   // HFI1_CAP_*
 	RcvegrSize     uint32  `c:"rcvegr_size"`     // size of each eager buffer
 	NumActive      uint16  `c:"num_active"`      // number of active units
@@ -155,18 +161,28 @@ type Hfi1CtxtInfo struct {
 	_              [2]byte // C tail padding to 8-byte alignment
 }
 
+func (*Hfi1CtxtInfo) SizeBytes() int                    { return SizeofHfi1CtxtInfo }
+func (h *Hfi1CtxtInfo) MarshalBytes(dst []byte)         { marshal(dst, h) }
+func (h *Hfi1CtxtInfo) UnmarshalBytes(src []byte) error { return unmarshal(src, h) }
+
 // Hfi1TidInfo is struct hfi1_tid_info (include/uapi/rdma/hfi/hfi1_ioctl.h),
 // the argument of TID_UPDATE, TID_FREE and TID_INVAL_READ.
 type Hfi1TidInfo struct {
+	_       structs.HostLayout
 	Vaddr   uint64 `c:"vaddr"`   // first byte of the buffer (page aligned)
 	Tidlist uint64 `c:"tidlist"` // user pointer to __u32[], TID encoding below
 	Tidcnt  uint32 `c:"tidcnt"`  // TIDs in tidlist (in for FREE, out otherwise)
 	Length  uint32 `c:"length"`  // bytes of the buffer programmed
 }
 
+func (*Hfi1TidInfo) SizeBytes() int                    { return SizeofHfi1TidInfo }
+func (h *Hfi1TidInfo) MarshalBytes(dst []byte)         { marshal(dst, h) }
+func (h *Hfi1TidInfo) UnmarshalBytes(src []byte) error { return unmarshal(src, h) }
+
 // Hfi1BaseInfo is struct hfi1_base_info (include/uapi/rdma/hfi/hfi1_ioctl.h),
 // written by HFI1_IOCTL_USER_INFO: mmap tokens of the context's regions.
 type Hfi1BaseInfo struct {
+	_                structs.HostLayout
 	HwVersion        uint32 `c:"hw_version"`
 	SwVersion        uint32 `c:"sw_version"`
 	Jkey             uint16 `c:"jkey"`
@@ -187,143 +203,6 @@ type Hfi1BaseInfo struct {
 	SubctxtRcvhdrbuf uint64 `c:"subctxt_rcvhdrbuf"`
 }
 
-var le = binary.LittleEndian
-
-// SizeBytes implements Marshallable.
-func (*Hfi1UserInfo) SizeBytes() int { return SizeofHfi1UserInfo }
-
-// MarshalBytes implements Marshallable.
-func (u *Hfi1UserInfo) MarshalBytes(dst []byte) {
-	_ = dst[SizeofHfi1UserInfo-1]
-	le.PutUint32(dst[0:], u.Userversion)
-	le.PutUint32(dst[4:], u.Pad)
-	le.PutUint16(dst[8:], u.SubctxtCnt)
-	le.PutUint16(dst[10:], u.SubctxtID)
-	copy(dst[12:28], u.UUID[:])
-}
-
-// UnmarshalBytes implements Marshallable.
-func (u *Hfi1UserInfo) UnmarshalBytes(src []byte) error {
-	if len(src) < SizeofHfi1UserInfo {
-		return shortBuffer("hfi1_user_info", len(src), SizeofHfi1UserInfo)
-	}
-	u.Userversion = le.Uint32(src[0:])
-	u.Pad = le.Uint32(src[4:])
-	u.SubctxtCnt = le.Uint16(src[8:])
-	u.SubctxtID = le.Uint16(src[10:])
-	copy(u.UUID[:], src[12:28])
-	return nil
-}
-
-// SizeBytes implements Marshallable.
-func (*Hfi1CtxtInfo) SizeBytes() int { return SizeofHfi1CtxtInfo }
-
-// MarshalBytes implements Marshallable. The tail padding is written as zero
-// so that no stale bytes reach user space.
-func (c *Hfi1CtxtInfo) MarshalBytes(dst []byte) {
-	_ = dst[SizeofHfi1CtxtInfo-1]
-	le.PutUint64(dst[0:], c.RuntimeFlags)
-	le.PutUint32(dst[8:], c.RcvegrSize)
-	le.PutUint16(dst[12:], c.NumActive)
-	le.PutUint16(dst[14:], c.Unit)
-	le.PutUint16(dst[16:], c.Ctxt)
-	le.PutUint16(dst[18:], c.Subctxt)
-	le.PutUint16(dst[20:], c.Rcvtids)
-	le.PutUint16(dst[22:], c.Credits)
-	le.PutUint16(dst[24:], c.NumaNode)
-	le.PutUint16(dst[26:], c.RecCPU)
-	le.PutUint16(dst[28:], c.SendCtxt)
-	le.PutUint16(dst[30:], c.Egrtids)
-	le.PutUint16(dst[32:], c.RcvhdrqCnt)
-	le.PutUint16(dst[34:], c.RcvhdrqEntsize)
-	le.PutUint16(dst[36:], c.SdmaRingSize)
-	dst[38], dst[39] = 0, 0
-}
-
-// UnmarshalBytes implements Marshallable.
-func (c *Hfi1CtxtInfo) UnmarshalBytes(src []byte) error {
-	if len(src) < SizeofHfi1CtxtInfo {
-		return shortBuffer("hfi1_ctxt_info", len(src), SizeofHfi1CtxtInfo)
-	}
-	c.RuntimeFlags = le.Uint64(src[0:])
-	c.RcvegrSize = le.Uint32(src[8:])
-	c.NumActive = le.Uint16(src[12:])
-	c.Unit = le.Uint16(src[14:])
-	c.Ctxt = le.Uint16(src[16:])
-	c.Subctxt = le.Uint16(src[18:])
-	c.Rcvtids = le.Uint16(src[20:])
-	c.Credits = le.Uint16(src[22:])
-	c.NumaNode = le.Uint16(src[24:])
-	c.RecCPU = le.Uint16(src[26:])
-	c.SendCtxt = le.Uint16(src[28:])
-	c.Egrtids = le.Uint16(src[30:])
-	c.RcvhdrqCnt = le.Uint16(src[32:])
-	c.RcvhdrqEntsize = le.Uint16(src[34:])
-	c.SdmaRingSize = le.Uint16(src[36:])
-	return nil
-}
-
-// SizeBytes implements Marshallable.
-func (*Hfi1TidInfo) SizeBytes() int { return SizeofHfi1TidInfo }
-
-// MarshalBytes implements Marshallable. It does not allocate.
-func (t *Hfi1TidInfo) MarshalBytes(dst []byte) {
-	_ = dst[SizeofHfi1TidInfo-1]
-	le.PutUint64(dst[0:], t.Vaddr)
-	le.PutUint64(dst[8:], t.Tidlist)
-	le.PutUint32(dst[16:], t.Tidcnt)
-	le.PutUint32(dst[20:], t.Length)
-}
-
-// UnmarshalBytes implements Marshallable. It does not allocate unless src
-// is short.
-func (t *Hfi1TidInfo) UnmarshalBytes(src []byte) error {
-	if len(src) < SizeofHfi1TidInfo {
-		return shortBuffer("hfi1_tid_info", len(src), SizeofHfi1TidInfo)
-	}
-	t.Vaddr = le.Uint64(src[0:])
-	t.Tidlist = le.Uint64(src[8:])
-	t.Tidcnt = le.Uint32(src[16:])
-	t.Length = le.Uint32(src[20:])
-	return nil
-}
-
-// SizeBytes implements Marshallable.
-func (*Hfi1BaseInfo) SizeBytes() int { return SizeofHfi1BaseInfo }
-
-// u64s lists the thirteen __aligned_u64 fields of hfi1_base_info in order.
-func (b *Hfi1BaseInfo) u64s() [13]*uint64 {
-	return [13]*uint64{&b.ScCreditsAddr, &b.PioBufbaseSop, &b.PioBufbase,
-		&b.RcvhdrBufbase, &b.RcvegrBufbase, &b.SdmaCompBufbase, &b.UserRegbase,
-		&b.EventsBufbase, &b.StatusBufbase, &b.RcvhdrtailBase,
-		&b.SubctxtUregbase, &b.SubctxtRcvegrbuf, &b.SubctxtRcvhdrbuf}
-}
-
-// MarshalBytes implements Marshallable.
-func (b *Hfi1BaseInfo) MarshalBytes(dst []byte) {
-	_ = dst[SizeofHfi1BaseInfo-1]
-	le.PutUint32(dst[0:], b.HwVersion)
-	le.PutUint32(dst[4:], b.SwVersion)
-	le.PutUint16(dst[8:], b.Jkey)
-	le.PutUint16(dst[10:], b.Padding1)
-	le.PutUint32(dst[12:], b.Bthqp)
-	for i, p := range b.u64s() {
-		le.PutUint64(dst[16+8*i:], *p)
-	}
-}
-
-// UnmarshalBytes implements Marshallable.
-func (b *Hfi1BaseInfo) UnmarshalBytes(src []byte) error {
-	if len(src) < SizeofHfi1BaseInfo {
-		return shortBuffer("hfi1_base_info", len(src), SizeofHfi1BaseInfo)
-	}
-	b.HwVersion = le.Uint32(src[0:])
-	b.SwVersion = le.Uint32(src[4:])
-	b.Jkey = le.Uint16(src[8:])
-	b.Padding1 = le.Uint16(src[10:])
-	b.Bthqp = le.Uint32(src[12:])
-	for i, p := range b.u64s() {
-		*p = le.Uint64(src[16+8*i:])
-	}
-	return nil
-}
+func (*Hfi1BaseInfo) SizeBytes() int                    { return SizeofHfi1BaseInfo }
+func (h *Hfi1BaseInfo) MarshalBytes(dst []byte)         { marshal(dst, h) }
+func (h *Hfi1BaseInfo) UnmarshalBytes(src []byte) error { return unmarshal(src, h) }

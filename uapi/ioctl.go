@@ -4,9 +4,13 @@
 //
 // Names keep their C spelling, as gVisor's pkg/abi/linux does, so that a
 // reader can grep the kernel headers for them. Every struct is commented with
-// the C header it mirrors and has an exact little-endian encoding
-// (SizeBytes/MarshalBytes/UnmarshalBytes). parity_test.go checks sizes,
-// offsets and command numbers against a C compiler.
+// the C header it mirrors and laid out like it (structs.HostLayout, fixed-size
+// fields, padding as explicit fields), so that its memory is the ABI:
+// SizeBytes/MarshalBytes/UnmarshalBytes, written once for all of them in
+// layout_unsafe.go, copy it. That is the little-endian encoding on the
+// little-endian hosts gohfi runs on (amd64, arm64); the package does not build
+// on a big-endian one (endian_little.go). parity_test.go checks sizes, offsets
+// and command numbers against a C compiler.
 package uapi
 
 // The generic Linux ioctl number layout (include/uapi/asm-generic/ioctl.h),

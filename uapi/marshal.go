@@ -7,8 +7,10 @@ import (
 )
 
 // Marshallable is implemented by every ABI struct in this package, in the
-// manner of gVisor's marshal.Marshallable: a fixed little-endian encoding of
-// exactly the C size.
+// manner of gVisor's marshal.Marshallable: the struct's memory, which is its
+// C layout, of exactly the C size (layout_unsafe.go). Padding and reserved
+// fields are part of it: zero in a struct built in Go, carried along in one
+// that was unmarshalled, as C's copy_from_user and copy_to_user of one struct.
 type Marshallable interface {
 	// SizeBytes is sizeof() of the C struct.
 	SizeBytes() int

@@ -27,4 +27,5 @@ var (
 	_ [0]struct{} = [unsafe.Sizeof(GohfiPollCQ{}) - SizeofGohfiPollCQ]struct{}{}
 	_ [0]struct{} = [unsafe.Sizeof(GohfiMRStats{}) - SizeofGohfiMRStats]struct{}{}
 	_ [0]struct{} = [unsafe.Sizeof(GohfiDriverStats{}) - SizeofGohfiDriverStats]struct{}{}
+	_ [0]struct{} = [unsafe.Sizeof(GohfiSend{}) - SizeofGohfiSend]struct{}{}
 )
