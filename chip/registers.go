@@ -8,6 +8,12 @@
 // All CSRs are 64 bits wide, little-endian, at 8-byte aligned offsets, and
 // must be accessed with 8-byte reads and writes; other accesses are rejected
 // by the device and counted in ErrCntBadAccess.
+//
+// The in-memory formats are structures laid out as their tables
+// (structs.HostLayout, reserved bytes as blank fields), so that their memory
+// is the format on a little-endian host: Marshal and Unmarshal copy it
+// (layout_unsafe.go, which also checks every offset when the package
+// builds).
 package chip
 
 import "github.com/gohfi/gohfi/uapi"

@@ -1,6 +1,9 @@
 package chip
 
-import "encoding/binary"
+import (
+	"encoding/binary"
+	"structs"
+)
 
 // Send descriptor: one SendDescSize-byte entry of a context's send queue, in
 // host memory, read by the device after a doorbell (CtxtSQTail write).
@@ -34,8 +37,9 @@ const (
 	OpExpected = 2 // payload lands in the buffer behind the receiver's TID
 )
 
-// SendDesc is a decoded send descriptor.
+// SendDesc is a send descriptor, laid out as the table above.
 type SendDesc struct {
+	_         structs.HostLayout
 	Opcode    uint8
 	Flags     uint8
 	DstCtxt   uint16
@@ -44,34 +48,11 @@ type SendDesc struct {
 	TID       uint32
 	TIDOffset uint32
 	Tag       uint64
+	_         [32]byte // reserved
 }
 
-// Marshal encodes d into b, which must hold SendDescSize bytes.
-func (d *SendDesc) Marshal(b []byte) {
-	_ = b[SendDescSize-1]
-	clear(b[:SendDescSize])
-	b[0] = d.Opcode
-	b[1] = d.Flags
-	binary.LittleEndian.PutUint16(b[2:], d.DstCtxt)
-	binary.LittleEndian.PutUint32(b[4:], d.Length)
-	binary.LittleEndian.PutUint64(b[8:], d.SrcIOVA)
-	binary.LittleEndian.PutUint32(b[16:], d.TID)
-	binary.LittleEndian.PutUint32(b[20:], d.TIDOffset)
-	binary.LittleEndian.PutUint64(b[24:], d.Tag)
-}
-
-// Unmarshal decodes b, which must hold SendDescSize bytes.
-func (d *SendDesc) Unmarshal(b []byte) {
-	_ = b[SendDescSize-1]
-	d.Opcode = b[0]
-	d.Flags = b[1]
-	d.DstCtxt = binary.LittleEndian.Uint16(b[2:])
-	d.Length = binary.LittleEndian.Uint32(b[4:])
-	d.SrcIOVA = binary.LittleEndian.Uint64(b[8:])
-	d.TID = binary.LittleEndian.Uint32(b[16:])
-	d.TIDOffset = binary.LittleEndian.Uint32(b[20:])
-	d.Tag = binary.LittleEndian.Uint64(b[24:])
-}
+func (d *SendDesc) Marshal(b []byte)   { marshal(b, d) }
+func (d *SendDesc) Unmarshal(b []byte) { unmarshal(b, d) }
 
 // Receive header queue entry: RHQEntrySize bytes written by the device for
 // every packet delivered to (or dropped at) a context. Seq is the entry's

@@ -1,6 +1,6 @@
 package chip
 
-import "encoding/binary"
+import "structs"
 
 // The verbs engine (RegCapFlags CapVerbs): a memory protection table (MPT)
 // of memory regions, completion queues and reliable-connected queue pairs
@@ -92,8 +92,9 @@ func MPTOffset(mttEntries int) uint64 {
 	return (uint64(mttEntries)*MTTEntrySize + 0xfff) &^ 0xfff
 }
 
-// MPTEntry is a decoded MPT entry.
+// MPTEntry is an MPT entry, laid out as the table above.
 type MPTEntry struct {
+	_        structs.HostLayout
 	Key      uint32
 	PD       uint32
 	Flags    uint32
@@ -102,27 +103,8 @@ type MPTEntry struct {
 	Length   uint64
 }
 
-// Marshal encodes e into b (MPTEntrySize bytes).
-func (e *MPTEntry) Marshal(b []byte) {
-	_ = b[MPTEntrySize-1]
-	binary.LittleEndian.PutUint32(b[0:], e.Key)
-	binary.LittleEndian.PutUint32(b[4:], e.PD)
-	binary.LittleEndian.PutUint32(b[8:], e.Flags)
-	binary.LittleEndian.PutUint32(b[12:], e.MTTFirst)
-	binary.LittleEndian.PutUint64(b[16:], e.IOVA)
-	binary.LittleEndian.PutUint64(b[24:], e.Length)
-}
-
-// Unmarshal decodes b (MPTEntrySize bytes).
-func (e *MPTEntry) Unmarshal(b []byte) {
-	_ = b[MPTEntrySize-1]
-	e.Key = binary.LittleEndian.Uint32(b[0:])
-	e.PD = binary.LittleEndian.Uint32(b[4:])
-	e.Flags = binary.LittleEndian.Uint32(b[8:])
-	e.MTTFirst = binary.LittleEndian.Uint32(b[12:])
-	e.IOVA = binary.LittleEndian.Uint64(b[16:])
-	e.Length = binary.LittleEndian.Uint64(b[24:])
-}
+func (e *MPTEntry) Marshal(b []byte)   { marshal(b, e) }
+func (e *MPTEntry) Unmarshal(b []byte) { unmarshal(b, e) }
 
 // Word 1 of an entry (bytes 8-15: flags and first MTT entry) as one 8-byte
 // store, so state and translation change together.
@@ -234,15 +216,17 @@ const (
 	SGESize     = 16
 )
 
-// SGE is one scatter/gather element of a WQE.
+// SGE is one scatter/gather element of a WQE: addr(8) length(4) lkey(4).
 type SGE struct {
+	_      structs.HostLayout
 	Addr   uint64
 	Length uint32
 	Lkey   uint32
 }
 
-// SendWQE is a decoded send WQE.
+// SendWQE is a send WQE, laid out as the table above.
 type SendWQE struct {
+	_          structs.HostLayout
 	WrID       uint64
 	Opcode     uint8
 	Flags      uint8
@@ -250,8 +234,10 @@ type SendWQE struct {
 	Imm        uint32 // imm_data or invalidate_rkey
 	RemoteAddr uint64
 	Rkey       uint32
+	_          [4]byte // reserved
 	CompareAdd uint64
 	Swap       uint64
+	_          [16]byte // reserved
 	// Fast registration.
 	FrIOVA        uint64
 	FrLength      uint64
@@ -261,57 +247,12 @@ type SendWQE struct {
 	FrMPTIndex    uint32
 	FrKey         uint32
 	FrAccess      uint32
+	_             [20]byte // reserved
 	SGE           [WQEMaxSGE]SGE
 }
 
-// Marshal encodes w into b (SendWQESize bytes).
-func (w *SendWQE) Marshal(b []byte) {
-	_ = b[SendWQESize-1]
-	clear(b[:SendWQESize])
-	le := binary.LittleEndian
-	le.PutUint64(b[0:], w.WrID)
-	b[8] = w.Opcode
-	b[9] = w.Flags
-	le.PutUint16(b[10:], w.NumSGE)
-	le.PutUint32(b[12:], w.Imm)
-	le.PutUint64(b[16:], w.RemoteAddr)
-	le.PutUint32(b[24:], w.Rkey)
-	le.PutUint64(b[32:], w.CompareAdd)
-	le.PutUint64(b[40:], w.Swap)
-	le.PutUint64(b[64:], w.FrIOVA)
-	le.PutUint64(b[72:], w.FrLength)
-	le.PutUint64(b[80:], w.FrPageList)
-	le.PutUint32(b[88:], w.FrPageListLen)
-	le.PutUint32(b[92:], w.FrPageShift)
-	le.PutUint32(b[96:], w.FrMPTIndex)
-	le.PutUint32(b[100:], w.FrKey)
-	le.PutUint32(b[104:], w.FrAccess)
-	marshalSGEs(b[wqeSGEOff:], w.SGE[:])
-}
-
-// Unmarshal decodes b (SendWQESize bytes).
-func (w *SendWQE) Unmarshal(b []byte) {
-	_ = b[SendWQESize-1]
-	le := binary.LittleEndian
-	w.WrID = le.Uint64(b[0:])
-	w.Opcode = b[8]
-	w.Flags = b[9]
-	w.NumSGE = le.Uint16(b[10:])
-	w.Imm = le.Uint32(b[12:])
-	w.RemoteAddr = le.Uint64(b[16:])
-	w.Rkey = le.Uint32(b[24:])
-	w.CompareAdd = le.Uint64(b[32:])
-	w.Swap = le.Uint64(b[40:])
-	w.FrIOVA = le.Uint64(b[64:])
-	w.FrLength = le.Uint64(b[72:])
-	w.FrPageList = le.Uint64(b[80:])
-	w.FrPageListLen = le.Uint32(b[88:])
-	w.FrPageShift = le.Uint32(b[92:])
-	w.FrMPTIndex = le.Uint32(b[96:])
-	w.FrKey = le.Uint32(b[100:])
-	w.FrAccess = le.Uint32(b[104:])
-	unmarshalSGEs(b[wqeSGEOff:], w.SGE[:])
-}
+func (w *SendWQE) Marshal(b []byte)   { marshal(b, w) }
+func (w *SendWQE) Unmarshal(b []byte) { unmarshal(b, w) }
 
 // Receive WQE: RecvWQESize bytes per entry of a QP's receive queue.
 //
@@ -321,43 +262,15 @@ func (w *SendWQE) Unmarshal(b []byte) {
 //	10   118   reserved, 0
 //	128  128   SGEs, as in the send WQE
 type RecvWQE struct {
+	_      structs.HostLayout
 	WrID   uint64
 	NumSGE uint16
+	_      [118]byte // reserved
 	SGE    [WQEMaxSGE]SGE
 }
 
-// Marshal encodes w into b (RecvWQESize bytes).
-func (w *RecvWQE) Marshal(b []byte) {
-	_ = b[RecvWQESize-1]
-	clear(b[:RecvWQESize])
-	binary.LittleEndian.PutUint64(b[0:], w.WrID)
-	binary.LittleEndian.PutUint16(b[8:], w.NumSGE)
-	marshalSGEs(b[wqeSGEOff:], w.SGE[:])
-}
-
-// Unmarshal decodes b (RecvWQESize bytes).
-func (w *RecvWQE) Unmarshal(b []byte) {
-	_ = b[RecvWQESize-1]
-	w.WrID = binary.LittleEndian.Uint64(b[0:])
-	w.NumSGE = binary.LittleEndian.Uint16(b[8:])
-	unmarshalSGEs(b[wqeSGEOff:], w.SGE[:])
-}
-
-func marshalSGEs(b []byte, s []SGE) {
-	for i, g := range s {
-		o := i * SGESize
-		binary.LittleEndian.PutUint64(b[o:], g.Addr)
-		binary.LittleEndian.PutUint32(b[o+8:], g.Length)
-		binary.LittleEndian.PutUint32(b[o+12:], g.Lkey)
-	}
-}
-
-func unmarshalSGEs(b []byte, s []SGE) {
-	for i := range s {
-		o := i * SGESize
-		s[i] = SGE{binary.LittleEndian.Uint64(b[o:]), binary.LittleEndian.Uint32(b[o+8:]), binary.LittleEndian.Uint32(b[o+12:])}
-	}
-}
+func (w *RecvWQE) Marshal(b []byte)   { marshal(b, w) }
+func (w *RecvWQE) Unmarshal(b []byte) { unmarshal(b, w) }
 
 // CQE: CQESize bytes per entry of a CQ ring, written by the device. Seq is
 // the entry's 1-based sequence number modulo 2^32 with 0 skipped (after
@@ -387,8 +300,9 @@ const (
 	CQESeqWordOff = 40 // wc_flags | seq << 32, the entry's last write
 )
 
-// CQE is a decoded completion queue entry.
+// CQE is a completion queue entry, laid out as the table above.
 type CQE struct {
+	_               structs.HostLayout
 	WrID            uint64
 	Status          uint32
 	Opcode          uint32
@@ -400,42 +314,11 @@ type CQE struct {
 	SrcQP           uint32
 	WcFlags         uint32
 	Seq             uint32
+	_               [16]byte // reserved
 }
 
-// Marshal encodes e into b (CQESize bytes).
-func (e *CQE) Marshal(b []byte) {
-	_ = b[CQESize-1]
-	clear(b[:CQESize])
-	le := binary.LittleEndian
-	le.PutUint64(b[0:], e.WrID)
-	le.PutUint32(b[8:], e.Status)
-	le.PutUint32(b[12:], e.Opcode)
-	le.PutUint32(b[16:], e.VendorErr)
-	le.PutUint32(b[20:], e.ByteLen)
-	le.PutUint32(b[24:], e.InvalidatedRkey)
-	le.PutUint32(b[28:], e.ImmData)
-	le.PutUint32(b[32:], e.QPNum)
-	le.PutUint32(b[36:], e.SrcQP)
-	le.PutUint32(b[40:], e.WcFlags)
-	le.PutUint32(b[44:], e.Seq)
-}
-
-// Unmarshal decodes b (CQESize bytes).
-func (e *CQE) Unmarshal(b []byte) {
-	_ = b[CQESize-1]
-	le := binary.LittleEndian
-	e.WrID = le.Uint64(b[0:])
-	e.Status = le.Uint32(b[8:])
-	e.Opcode = le.Uint32(b[12:])
-	e.VendorErr = le.Uint32(b[16:])
-	e.ByteLen = le.Uint32(b[20:])
-	e.InvalidatedRkey = le.Uint32(b[24:])
-	e.ImmData = le.Uint32(b[28:])
-	e.QPNum = le.Uint32(b[32:])
-	e.SrcQP = le.Uint32(b[36:])
-	e.WcFlags = le.Uint32(b[40:])
-	e.Seq = le.Uint32(b[44:])
-}
+func (e *CQE) Marshal(b []byte)   { marshal(b, e) }
+func (e *CQE) Unmarshal(b []byte) { unmarshal(b, e) }
 
 // Vendor error codes in a CQE with an error status: which check failed.
 const (
