@@ -1,6 +1,8 @@
 // Package chip is the register map of hfisim, the emulated host fabric
 // interface: BAR layout, CSR offsets, bit fields and the in-memory formats the
-// device DMAs (receive header queue entries, send descriptors). It is the one
+// driver and the device share (send descriptors, RcvArray, MPT and verbs
+// entries; the receive header queue entry, which user space reads, is
+// uapi.GohfiRHQEntry). It is the one
 // place both the driver and the device model take these numbers from, in the
 // way drivers/infiniband/hw/hfi1/chip_registers.h serves hfi1. The datasheet
 // in docs/hfisim.md describes the same map for a reader.
@@ -15,8 +17,6 @@
 // (layout_unsafe.go, which also checks every offset when the package
 // builds).
 package chip
-
-import "github.com/gohfi/gohfi/uapi"
 
 // PCI identity. Deliberately not an Intel/Cornelis hfi1 id, so no real
 // driver binds the emulated function.
@@ -143,7 +143,7 @@ const (
 	CtxtStride = 0x100
 
 	CtxtControl    = 0x00 // RW: CtxtCtrl* bits
-	CtxtRHQBase    = 0x08 // RW: IOVA of the receive header queue (RHQEntrySize each)
+	CtxtRHQBase    = 0x08 // RW: IOVA of the receive header queue (uapi.SizeofGohfiRHQEntry each)
 	CtxtRHQEntries = 0x10 // RW: number of entries, power of two
 	CtxtRHQHead    = 0x18 // RW: driver's consumer index
 	CtxtRHQTail    = 0x20 // RO: device's producer index
@@ -176,20 +176,6 @@ const (
 const (
 	CtxtStatusEnabled = 1 << 0
 	CtxtStatusHalted  = 1 << 1 // a fatal ring error stopped the context
-)
-
-// RcvArray: one 64-bit entry per TID, in groups of RcvArrayGroupSize, in
-// the format hfi1_put_tid writes (uapi.RcvArrayEntry encodes it, and
-// uapi.RcvArrayEntryDecode is what the device uses): the IOVA >> 12 and a
-// size order (0 = invalid, order k covers 2^(k-1) pages).
-const (
-	RcvArrayEntrySize = 8
-	RcvArrayGroupSize = 8
-	RcvArrayPageShift = 12
-	// MaxRcvArrayPerCtxt: a TID names its entry by a 10-bit pair index,
-	// so a context can use at most 2048 entries (RegRcvArrayPerCtxt must
-	// be a multiple of RcvArrayGroupSize from RcvArrayGroupSize to this).
-	MaxRcvArrayPerCtxt = 2 * (uapi.EXP_TID_TIDIDX_MASK + 1)
 )
 
 // MTT: one 64-bit entry per page: IOVA page frame in bits 12-63, flags in

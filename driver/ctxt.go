@@ -57,7 +57,7 @@ func (d *Device) setupCtxt(n int) (c *ctxtData, err error) {
 		size  int
 		flags uint32
 	}{
-		{&c.rhq, "rhq", p.RcvHdrCnt * chip.RHQEntrySize, vfio.DMAWrite},
+		{&c.rhq, "rhq", p.RcvHdrCnt * uapi.SizeofGohfiRHQEntry, vfio.DMAWrite},
 		{&c.eager, "eager", p.RcvHdrCnt * p.EagerBufferSize, vfio.DMAWrite},
 		{&c.sq, "sq", p.SendQueueEntries * chip.SendDescSize, vfio.DMARead},
 		{&c.sqHead, "sqhead", pageSize, vfio.DMAWrite},

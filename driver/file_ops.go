@@ -250,7 +250,7 @@ func (f *File) ctxtInfo(arg UserPtr) error {
 		SendCtxt:       uint16(c.ctxt),
 		Egrtids:        uint16(p.RcvHdrCnt),
 		RcvhdrqCnt:     uint16(p.RcvHdrCnt),
-		RcvhdrqEntsize: chip.RHQEntrySize,
+		RcvhdrqEntsize: uapi.SizeofGohfiRHQEntry,
 		SdmaRingSize:   uint16(p.SendQueueEntries),
 	}
 	var b [uapi.SizeofHfi1CtxtInfo]byte

@@ -113,7 +113,7 @@ func TestAssignCtxtInfoAndMmap(t *testing.T) {
 		t.Fatal(err)
 	}
 	p := a.Module.Params()
-	if ci.Rcvtids != 2048 || int(ci.RcvhdrqCnt) != p.RcvHdrCnt || ci.RcvhdrqEntsize != chip.RHQEntrySize || int(ci.RcvegrSize) != p.EagerBufferSize {
+	if ci.Rcvtids != 2048 || int(ci.RcvhdrqCnt) != p.RcvHdrCnt || ci.RcvhdrqEntsize != uapi.SizeofGohfiRHQEntry || int(ci.RcvegrSize) != p.EagerBufferSize {
 		t.Fatalf("ctxt info %+v", ci)
 	}
 	var bi uapi.Hfi1BaseInfo
@@ -129,7 +129,7 @@ func TestAssignCtxtInfoAndMmap(t *testing.T) {
 	if _, err := f.Mmap(bi.EventsBufbase+1, 4096, unix.PROT_READ); !errors.Is(err, unix.EINVAL) {
 		t.Fatalf("bad token: %v, want EINVAL", err)
 	}
-	m, err := f.Mmap(bi.RcvhdrBufbase, p.RcvHdrCnt*chip.RHQEntrySize, unix.PROT_READ)
+	m, err := f.Mmap(bi.RcvhdrBufbase, p.RcvHdrCnt*uapi.SizeofGohfiRHQEntry, unix.PROT_READ)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -177,7 +177,7 @@ func TestEagerSendAndPoll(t *testing.T) {
 		t.Fatal(err)
 	}
 	p := a.Module.Params()
-	rhq, err := rx.Mmap(bi.RcvhdrBufbase, p.RcvHdrCnt*chip.RHQEntrySize, unix.PROT_READ)
+	rhq, err := rx.Mmap(bi.RcvhdrBufbase, p.RcvHdrCnt*uapi.SizeofGohfiRHQEntry, unix.PROT_READ)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -200,9 +200,11 @@ func TestEagerSendAndPoll(t *testing.T) {
 	if err != nil || ev&driver.POLLIN == 0 {
 		t.Fatalf("poll: %#x %v", ev, err)
 	}
-	var e chip.RHQEntry
-	e.Unmarshal(rhq)
-	if e.Type != chip.RHFEager || e.Tag != 77 || int(e.Length) != len(payload) || e.Seq != 1 {
+	var e uapi.GohfiRHQEntry
+	if err := e.UnmarshalBytes(rhq); err != nil {
+		t.Fatal(err)
+	}
+	if e.Type != uapi.GOHFI_RHF_EAGER || e.Tag != 77 || int(e.Length) != len(payload) || e.Seq != 1 {
 		t.Fatalf("entry %+v", e)
 	}
 	if !bytes.Equal(eager[:len(payload)], payload) {

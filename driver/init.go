@@ -11,7 +11,6 @@ import (
 
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/dma"
-	"github.com/gohfi/gohfi/rcvarray"
 	"github.com/gohfi/gohfi/userfault"
 	"github.com/gohfi/gohfi/vfio"
 	"golang.org/x/sys/unix"
@@ -270,8 +269,8 @@ var capRegs = []capReg{
 		return ""
 	}, func(i *DeviceInfo, v uint64) { i.RcvArrayPerCtxt = int(v) }},
 	{"MaxTIDPages", chip.RegMaxTIDPages, func(v uint64) string {
-		if !isPow2(v) || v > rcvarray.MaxTIDPages {
-			return fmt.Sprintf("want a power of two from 1 to %d pages (one TID covers at most 2 MiB; TID LEN field)", rcvarray.MaxTIDPages)
+		if !isPow2(v) || v > chip.MaxTIDPages {
+			return fmt.Sprintf("want a power of two from 1 to %d pages (one TID covers at most 2 MiB; TID LEN field)", chip.MaxTIDPages)
 		}
 		return ""
 	}, func(i *DeviceInfo, v uint64) { i.MaxTIDPages = int(v) }},

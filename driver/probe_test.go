@@ -85,7 +85,7 @@ func checkInfoInLimits(t *testing.T, i driver.DeviceInfo) {
 		i.NumContexts < 1 || i.NumContexts > chip.MaxContexts,
 		i.RcvArrayPerCtxt < chip.RcvArrayGroupSize || i.RcvArrayPerCtxt%chip.RcvArrayGroupSize != 0 ||
 			i.RcvArrayPerCtxt > chip.MaxRcvArrayPerCtxt || i.RcvArrayPerCtxt > rcvarray.MaxTIDEntries,
-		!pow2(i.MaxTIDPages) || i.MaxTIDPages > rcvarray.MaxTIDPages,
+		!pow2(i.MaxTIDPages) || i.MaxTIDPages > chip.MaxTIDPages,
 		i.MTTEntries < 0 || i.MTTEntries > chip.MaxMTTEntries,
 		i.CapFlags&^chip.CapKnown != 0,
 		i.RHQMaxEntries < chip.MinRHQEntries || i.RHQMaxEntries > chip.MaxRHQEntries:
@@ -176,9 +176,9 @@ func TestProbeCapabilityLimits(t *testing.T) {
 		{"RcvArrayPerCtxt", chip.RegRcvArrayPerCtxt, all, unix.EIO},
 
 		{"MaxTIDPages", chip.RegMaxTIDPages, 1, 0},
-		{"MaxTIDPages", chip.RegMaxTIDPages, rcvarray.MaxTIDPages, 0},
-		{"MaxTIDPages", chip.RegMaxTIDPages, rcvarray.MaxTIDPages + 1, unix.EIO},
-		{"MaxTIDPages", chip.RegMaxTIDPages, 2 * rcvarray.MaxTIDPages, unix.EIO},
+		{"MaxTIDPages", chip.RegMaxTIDPages, chip.MaxTIDPages, 0},
+		{"MaxTIDPages", chip.RegMaxTIDPages, chip.MaxTIDPages + 1, unix.EIO},
+		{"MaxTIDPages", chip.RegMaxTIDPages, 2 * chip.MaxTIDPages, unix.EIO},
 		{"MaxTIDPages", chip.RegMaxTIDPages, 2048, unix.EIO}, // issue 8: EncodeTID panicked on the next 8 MiB TID_UPDATE
 		{"MaxTIDPages", chip.RegMaxTIDPages, 3, unix.EIO},
 		{"MaxTIDPages", chip.RegMaxTIDPages, 0, unix.EIO},

@@ -195,7 +195,7 @@ func (e *expRcv) tidUpdate(arg UserPtr) error {
 		return errnoErr("TID_UPDATE: buffer invalidated during setup", unix.EBUSY)
 	}
 	for _, n := range made {
-		store64(e.d.rcvArray, n.entry*chip.RcvArrayEntrySize, uapi.RcvArrayEntry(n.iova, uint32(n.npages)))
+		store64(e.d.rcvArray, n.entry*chip.RcvArrayEntrySize, chip.RcvArrayEntry(n.iova, uint32(n.npages)))
 		e.nodes[n.entry] = n
 	}
 	e.mu.Unlock()

@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/gohfi/gohfi/attach"
-	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/mem"
 	"github.com/gohfi/gohfi/uapi"
@@ -41,7 +40,7 @@ func newRx(t *testing.T, a *attach.Attached) *rxCtxt {
 		t.Fatal(err)
 	}
 	n := a.Module.Params().RcvHdrCnt
-	rhq, err := f.Mmap(bi.RcvhdrBufbase, n*chip.RHQEntrySize, unix.PROT_READ)
+	rhq, err := f.Mmap(bi.RcvhdrBufbase, n*uapi.SizeofGohfiRHQEntry, unix.PROT_READ)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -51,13 +50,15 @@ func newRx(t *testing.T, a *attach.Attached) *rxCtxt {
 
 // nextEntry waits (bounded, through Poll) for the next header queue entry
 // and consumes it.
-func (r *rxCtxt) nextEntry(t *testing.T) chip.RHQEntry {
+func (r *rxCtxt) nextEntry(t *testing.T) uapi.GohfiRHQEntry {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	for {
-		var e chip.RHQEntry
-		e.Unmarshal(r.rhq[r.next*chip.RHQEntrySize:])
+		var e uapi.GohfiRHQEntry
+		if err := e.UnmarshalBytes(r.rhq[r.next*uapi.SizeofGohfiRHQEntry:]); err != nil {
+			t.Fatal(err)
+		}
 		if e.Seq != 0 && int(e.Seq) > r.next || (r.next == 0 && e.Seq != 0) {
 			r.next = (r.next + 1) % r.count
 			head := make([]byte, 8)
@@ -184,7 +185,7 @@ func TestExpectedReceiveIntact(t *testing.T) {
 				t.Fatal(err)
 			}
 			for range tids {
-				if e := rx.nextEntry(t); e.Type != chip.RHFExpected {
+				if e := rx.nextEntry(t); e.Type != uapi.GOHFI_RHF_EXPECTED {
 					t.Fatalf("entry %+v", e)
 				}
 			}
@@ -222,7 +223,7 @@ func TestTIDOffsetsAndErrors(t *testing.T) {
 	if err := ioctl(tx, uapi.GOHFI_IOCTL_SEND, &s); err != nil {
 		t.Fatal(err)
 	}
-	if e := rx.nextEntry(t); e.Type != chip.RHFExpected || e.TIDOffset != 12345 {
+	if e := rx.nextEntry(t); e.Type != uapi.GOHFI_RHF_EXPECTED || e.TIDOffset != 12345 {
 		t.Fatalf("entry %+v", e)
 	}
 	b := buf.Bytes()
@@ -232,7 +233,7 @@ func TestTIDOffsetsAndErrors(t *testing.T) {
 	// Past the end of the TID: the device refuses, nothing written.
 	s.TIDOffset = 16<<10 - 10
 	ioctl(tx, uapi.GOHFI_IOCTL_SEND, &s)
-	if e := rx.nextEntry(t); e.Type != chip.RHFError || e.Err&chip.RHFErrTID == 0 {
+	if e := rx.nextEntry(t); e.Type != uapi.GOHFI_RHF_ERROR || e.Err&uapi.GOHFI_RHF_ERR_TID == 0 {
 		t.Fatalf("overlong send: %+v", e)
 	}
 	// Another context cannot free our TID.
@@ -248,7 +249,7 @@ func TestTIDOffsetsAndErrors(t *testing.T) {
 	// A send into a freed TID is rejected by the device.
 	s.TIDOffset = 0
 	ioctl(tx, uapi.GOHFI_IOCTL_SEND, &s)
-	if e := rx.nextEntry(t); e.Type != chip.RHFError || e.Err&chip.RHFErrTID == 0 {
+	if e := rx.nextEntry(t); e.Type != uapi.GOHFI_RHF_ERROR || e.Err&uapi.GOHFI_RHF_ERR_TID == 0 {
 		t.Fatalf("send into freed TID: %+v", e)
 	}
 	runtime.KeepAlive(payload)
@@ -340,7 +341,7 @@ func TestMunmapInvalidation(t *testing.T) {
 		t.Fatal(err)
 	}
 	for range tids {
-		if e := rx.nextEntry(t); e.Type != chip.RHFExpected {
+		if e := rx.nextEntry(t); e.Type != uapi.GOHFI_RHF_EXPECTED {
 			t.Fatalf("send into an invalidated, not freed TID: %+v (the seed lets it complete)", e)
 		}
 	}
@@ -395,7 +396,7 @@ func TestUnmapOnInvalidateParam(t *testing.T) {
 	}
 	data := make([]byte, 4096)
 	sendExpected(t, tx, ctxtOf(t, rx.f), tids, data)
-	if e := rx.nextEntry(t); e.Type != chip.RHFError {
+	if e := rx.nextEntry(t); e.Type != uapi.GOHFI_RHF_ERROR {
 		t.Fatalf("send into a cleared TID: %+v", e)
 	}
 	if n, err := tidFree(rx.f, tids); err != nil || n != 1 {

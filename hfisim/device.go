@@ -21,7 +21,6 @@ import (
 	"time"
 
 	"github.com/gohfi/gohfi/chip"
-	"github.com/gohfi/gohfi/uapi"
 	"github.com/gohfi/gohfi/vfio"
 	"github.com/gohfi/gohfi/vfio/vfiouser"
 	"golang.org/x/sys/unix"
@@ -81,7 +80,7 @@ func (c Config) validate() error {
 		c.RcvArrayPerCtxt > chip.MaxRcvArrayPerCtxt:
 		return fmt.Errorf("hfisim: %d RcvArray entries per context, want a multiple of %d up to %d",
 			c.RcvArrayPerCtxt, chip.RcvArrayGroupSize, chip.MaxRcvArrayPerCtxt)
-	case c.MaxTIDPages < 1 || c.MaxTIDPages&(c.MaxTIDPages-1) != 0 || c.MaxTIDPages > uapi.MaxTidPages:
+	case c.MaxTIDPages < 1 || c.MaxTIDPages&(c.MaxTIDPages-1) != 0 || c.MaxTIDPages > chip.MaxTIDPages:
 		return fmt.Errorf("hfisim: max TID pages %d, want a power of two", c.MaxTIDPages)
 	case c.MTTEntries < 0 || c.MTTEntries > chip.MaxMTTEntries || c.RHQMaxEntries < 2:
 		return errors.New("hfisim: bad MTT or RHQ size")

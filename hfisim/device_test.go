@@ -156,7 +156,7 @@ const (
 func setupCtxt(t *testing.T, d *Device, dma *fakeDMA, n int) *testCtxt {
 	t.Helper()
 	base := uint64(n+1) * ctxtSpan
-	c := &testCtxt{rhq: make([]byte, 16*chip.RHQEntrySize), eager: make([]byte, 16*4096), sq: make([]byte, 16*chip.SendDescSize), head: make([]byte, 8)}
+	c := &testCtxt{rhq: make([]byte, 16*uapi.SizeofGohfiRHQEntry), eager: make([]byte, 16*4096), sq: make([]byte, 16*chip.SendDescSize), head: make([]byte, 8)}
 	dma.mu.Lock()
 	dma.wins[base+rhqIOVA], dma.wins[base+eagerIOVA], dma.wins[base+sqIOVA], dma.wins[base+headIOVA] = c.rhq, c.eager, c.sq, c.head
 	dma.mu.Unlock()
@@ -202,9 +202,11 @@ func post(t *testing.T, d *Device, c *testCtxt, n int, desc chip.SendDesc) {
 	}
 }
 
-func rhqEntry(c *testCtxt, i int) chip.RHQEntry {
-	var e chip.RHQEntry
-	e.Unmarshal(c.rhq[i*chip.RHQEntrySize:])
+func rhqEntry(c *testCtxt, i int) uapi.GohfiRHQEntry {
+	var e uapi.GohfiRHQEntry
+	if err := e.UnmarshalBytes(c.rhq[i*uapi.SizeofGohfiRHQEntry:]); err != nil {
+		panic(err) // i is outside the test's queue
+	}
 	return e
 }
 
@@ -217,7 +219,7 @@ func TestEagerAndExpectedDelivery(t *testing.T) {
 	dma.wins[src] = payload
 	post(t, d, sender, 0, chip.SendDesc{Opcode: chip.OpEager, DstCtxt: 1, Length: 3000, SrcIOVA: src, Tag: 42})
 	e := rhqEntry(recv, 0)
-	if e.Type != chip.RHFEager || e.Length != 3000 || e.Tag != 42 || e.Seq != 1 || e.SrcCtxt != 0 {
+	if e.Type != uapi.GOHFI_RHF_EAGER || e.Length != 3000 || e.Tag != 42 || e.Seq != 1 || e.SrcCtxt != 0 {
 		t.Fatalf("eager entry %+v", e)
 	}
 	if !bytes.Equal(recv.eager[:3000], payload[:3000]) {
@@ -228,7 +230,7 @@ func TestEagerAndExpectedDelivery(t *testing.T) {
 	tidBuf := make([]byte, 8192)
 	dma.wins[0x9000000] = tidBuf
 	var ent [8]byte
-	binary.LittleEndian.PutUint64(ent[:], uapi.RcvArrayEntry(0x9000000, 2))
+	binary.LittleEndian.PutUint64(ent[:], chip.RcvArrayEntry(0x9000000, 2))
 	abs := uint64(1*64+3) * 8
 	if err := d.RegionWrite(chip.RcvArrayBar, abs, ent[:]); err != nil {
 		t.Fatal(err)
@@ -236,7 +238,7 @@ func TestEagerAndExpectedDelivery(t *testing.T) {
 	tid := uapi.CreateTid(3, 2)
 	post(t, d, sender, 0, chip.SendDesc{Opcode: chip.OpExpected, DstCtxt: 1, Length: 5000, SrcIOVA: src, TID: tid, TIDOffset: 100})
 	e = rhqEntry(recv, 1)
-	if e.Type != chip.RHFExpected || e.TID != tid || e.TIDOffset != 100 || e.Seq != 2 {
+	if e.Type != uapi.GOHFI_RHF_EXPECTED || e.TID != tid || e.TIDOffset != 100 || e.Seq != 2 {
 		t.Fatalf("expected entry %+v", e)
 	}
 	if !bytes.Equal(tidBuf[100:5100], payload[:5000]) || tidBuf[99] != 0 || tidBuf[5100] != 0 {
@@ -250,7 +252,7 @@ func TestEagerAndExpectedDelivery(t *testing.T) {
 	post(t, d, sender, 0, chip.SendDesc{Opcode: chip.OpExpected, DstCtxt: 1, Length: 10, SrcIOVA: src, TID: uapi.CreateTid(4, 1)})
 	post(t, d, sender, 0, chip.SendDesc{Opcode: chip.OpExpected, DstCtxt: 1, Length: 10, SrcIOVA: src, TID: uapi.CreateTid(200, 1)})
 	for i := 2; i < 5; i++ {
-		if e := rhqEntry(recv, i); e.Type != chip.RHFError || e.Err&chip.RHFErrTID == 0 {
+		if e := rhqEntry(recv, i); e.Type != uapi.GOHFI_RHF_ERROR || e.Err&uapi.GOHFI_RHF_ERR_TID == 0 {
 			t.Fatalf("entry %d: %+v, want TID error", i, e)
 		}
 	}
@@ -263,7 +265,7 @@ func TestEagerAndExpectedDelivery(t *testing.T) {
 
 	// Payload from an unmapped IOVA: counted IOMMU fault, error entry.
 	post(t, d, sender, 0, chip.SendDesc{Opcode: chip.OpEager, DstCtxt: 1, Length: 64, SrcIOVA: 0xdead000})
-	if e := rhqEntry(recv, 5); e.Err&chip.RHFErrDMA == 0 {
+	if e := rhqEntry(recv, 5); e.Err&uapi.GOHFI_RHF_ERR_DMA == 0 {
 		t.Fatalf("entry %+v, want DMA error", e)
 	}
 	if got := rd(t, d, chip.RegErrCntIOMMUFault); got != 1 {
@@ -276,7 +278,7 @@ func TestResetClearsState(t *testing.T) {
 	setupCtxt(t, d, dma, 0)
 	wr(t, d, chip.RegScratch, 7)
 	var ent [8]byte
-	binary.LittleEndian.PutUint64(ent[:], uapi.RcvArrayEntry(0x9000000, 1))
+	binary.LittleEndian.PutUint64(ent[:], chip.RcvArrayEntry(0x9000000, 1))
 	d.RegionWrite(chip.RcvArrayBar, 0, ent[:])
 	if err := d.Reset(); err != nil {
 		t.Fatal(err)

@@ -150,26 +150,26 @@ func (d *Device) deliver(dma vfiouser.DMA, gen uint64, src int, desc *chip.SendD
 	rc := d.ctxts[dst]
 	d.mu.Unlock()
 
-	ent := chip.RHQEntry{SrcCtxt: uint16(src), Length: desc.Length, Tag: desc.Tag}
+	ent := uapi.GohfiRHQEntry{SrcCtxt: uint16(src), Length: desc.Length, Tag: desc.Tag}
 	var dstAddr uint64
 	switch desc.Opcode {
 	case chip.OpEager:
-		ent.Type = chip.RHFEager
+		ent.Type = uapi.GOHFI_RHF_EAGER
 		ent.EagerIdx = uint32(rc.rhqTail)
 		switch {
 		case rc.eagerCnt == 0:
-			ent.Err |= chip.RHFErrEager
+			ent.Err |= uapi.GOHFI_RHF_ERR_EAGER
 		case uint64(desc.Length) > rc.eagerSize:
-			ent.Err |= chip.RHFErrLength
+			ent.Err |= uapi.GOHFI_RHF_ERR_LENGTH
 		default:
 			dstAddr = rc.eagerBase + uint64(ent.EagerIdx)*rc.eagerSize
 		}
 	case chip.OpExpected:
-		ent.Type = chip.RHFExpected
+		ent.Type = uapi.GOHFI_RHF_EXPECTED
 		ent.TID, ent.TIDOffset = desc.TID, desc.TIDOffset
 		addr, ok := d.tidTarget(dst, desc.TID, desc.TIDOffset, desc.Length)
 		if !ok {
-			ent.Err |= chip.RHFErrTID
+			ent.Err |= uapi.GOHFI_RHF_ERR_TID
 		}
 		dstAddr = addr
 	}
@@ -178,11 +178,11 @@ func (d *Device) deliver(dma vfiouser.DMA, gen uint64, src int, desc *chip.SendD
 			d.mu.Lock()
 			d.countDMAErrLocked(err)
 			d.mu.Unlock()
-			ent.Err |= chip.RHFErrDMA
+			ent.Err |= uapi.GOHFI_RHF_ERR_DMA
 		}
 	}
 	if ent.Err != 0 {
-		ent.Type = chip.RHFError
+		ent.Type = uapi.GOHFI_RHF_ERROR
 	}
 	d.postRHQ(dma, gen, dst, &ent, desc.Flags&chip.DescFlagUrgent != 0)
 }
@@ -211,7 +211,7 @@ func (d *Device) tidTarget(ctxt int, tid, off, length uint32) (uint64, bool) {
 		return d.tidErr(ctxt)
 	}
 	v := d.rcvArray.load64(uint64(ctxt*d.cfg.RcvArrayPerCtxt+entry) * chip.RcvArrayEntrySize)
-	addr, pages, valid := uapi.RcvArrayEntryDecode(v)
+	addr, pages, valid := chip.RcvArrayEntryDecode(v)
 	if !valid || pages > uint32(d.cfg.MaxTIDPages) {
 		return d.tidErr(ctxt)
 	}
@@ -232,7 +232,7 @@ func (d *Device) tidErr(ctxt int) (uint64, bool) {
 
 // postRHQ writes a header queue entry to context dst and raises its
 // interrupt. A full queue drops the packet and counts it.
-func (d *Device) postRHQ(dma vfiouser.DMA, gen uint64, dst int, ent *chip.RHQEntry, urgent bool) {
+func (d *Device) postRHQ(dma vfiouser.DMA, gen uint64, dst int, ent *uapi.GohfiRHQEntry, urgent bool) {
 	d.mu.Lock()
 	c := &d.ctxts[dst]
 	if d.gen != gen || !c.enabled() {
@@ -246,15 +246,15 @@ func (d *Device) postRHQ(dma vfiouser.DMA, gen uint64, dst int, ent *chip.RHQEnt
 		return
 	}
 	slot := c.rhqTail
-	addr := c.rhqBase + slot*chip.RHQEntrySize
+	addr := c.rhqBase + slot*uapi.SizeofGohfiRHQEntry
 	ent.Seq = c.seq + 1
 	if ent.Seq == 0 {
 		ent.Seq = 1
 	}
 	d.mu.Unlock()
 
-	var raw [chip.RHQEntrySize]byte
-	ent.Marshal(raw[:])
+	var raw [uapi.SizeofGohfiRHQEntry]byte
+	ent.MarshalBytes(raw[:])
 	err := dma.Write(addr, raw[:])
 
 	d.mu.Lock()
@@ -273,7 +273,7 @@ func (d *Device) postRHQ(dma vfiouser.DMA, gen uint64, dst int, ent *chip.RHQEnt
 	}
 	c.seq = ent.Seq
 	c.rhqTail = (slot + 1) % c.rhqEntries
-	if ent.Type != chip.RHFError {
+	if ent.Type != uapi.GOHFI_RHF_ERROR {
 		d.errs.packets++
 		d.errs.bytes += uint64(ent.Length)
 		if urgent {

@@ -6,12 +6,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/gohfi/gohfi/uapi"
+	"github.com/gohfi/gohfi/chip"
 )
-
-// GroupSize is the number of RcvArray entries in a group (hfi1's
-// RCV_INCREMENT, chip.RcvArrayGroupSize).
-const GroupSize = uapi.RCV_INCREMENT
 
 // Which list a group is on.
 const (
@@ -23,16 +19,21 @@ const (
 
 var listNames = [numLists]string{"empty", "partial", "full"}
 
-// tidGroup is one group of GroupSize consecutive entries (struct tid_group).
+// tidGroup is one group of consecutive entries (struct tid_group), of
+// chip.RcvArrayGroupSize (hfi1's RCV_INCREMENT).
 // Groups are linked into their list by index, so moving a group is O(1)
 // without pointers the garbage collector has to chase.
 type tidGroup struct {
 	base       int   // absolute index of the first entry
 	used       uint8 // entries handed out
-	bitmap     uint8 // bit i set: entry base+i handed out
+	bitmap     uint8 // bit i set: entry base+i handed out (compile-time check below)
 	list       uint8
 	prev, next int32 // neighbours on the list, -1 at the ends
 }
+
+// A group's entries fit tidGroup.bitmap (a negative array length does not
+// compile).
+var _ [8 - chip.RcvArrayGroupSize]struct{}
 
 // tidList is a list of groups with its length (struct exp_tid_set).
 type tidList struct {
@@ -40,10 +41,10 @@ type tidList struct {
 	count      int
 }
 
-// Allocator hands out the RcvArray entries of one receive context. Groups of
-// GroupSize entries sit on one of three lists, as hfi1 keeps them
+// Allocator hands out the RcvArray entries of one receive context. Groups
+// (chip.RcvArrayGroupSize entries) sit on one of three lists, as hfi1 keeps them
 // (tid_group_list, tid_used_list, tid_full_list): empty, partially used and
-// full. Allocation takes whole empty groups for every GroupSize entries
+// full. Allocation takes whole empty groups for every group's worth of entries
 // requested, then fills partially used groups, then starts new ones; Free
 // moves a group back as it empties.
 //
@@ -63,13 +64,13 @@ type Stats struct {
 }
 
 // New returns an allocator of the count entries starting at absolute entry
-// base. count must be a positive multiple of GroupSize.
+// base. count must be a positive multiple of chip.RcvArrayGroupSize.
 func New(base, count int) (*Allocator, error) {
-	if base < 0 || count <= 0 || count%GroupSize != 0 {
+	if base < 0 || count <= 0 || count%chip.RcvArrayGroupSize != 0 {
 		return nil, fmt.Errorf("rcvarray: base %d count %d: count must be a positive multiple of %d: %w",
-			base, count, GroupSize, unix.EINVAL)
+			base, count, chip.RcvArrayGroupSize, unix.EINVAL)
 	}
-	a := &Allocator{base: base, count: count, groups: make([]tidGroup, count/GroupSize)}
+	a := &Allocator{base: base, count: count, groups: make([]tidGroup, count/chip.RcvArrayGroupSize)}
 	a.Reset()
 	return a, nil
 }
@@ -87,14 +88,14 @@ func (a *Allocator) Reset() {
 		a.lists[i] = tidList{head: -1, tail: -1}
 	}
 	for i := range a.groups {
-		a.groups[i] = tidGroup{base: a.base + i*GroupSize}
+		a.groups[i] = tidGroup{base: a.base + i*chip.RcvArrayGroupSize}
 		a.addTail(int32(i), listEmpty)
 	}
 	a.used = 0
 }
 
 // Alloc hands out up to n entries (absolute indices) in hfi1's order: first,
-// while at least GroupSize entries remain to be found, whole empty groups;
+// while at least a group's worth of entries remains to be found, whole empty groups;
 // then the free entries of partially used groups, oldest group first; then
 // new groups taken from the empty list.
 //
@@ -110,9 +111,9 @@ func (a *Allocator) Alloc(n int) ([]int, error) {
 		return nil, fmt.Errorf("rcvarray: alloc %d entries: all %d in use: %w", n, a.count, unix.ENOSPC)
 	}
 	out := make([]int, 0, min(n, a.count-a.used))
-	for n-len(out) >= GroupSize && a.lists[listEmpty].count > 0 {
+	for n-len(out) >= chip.RcvArrayGroupSize && a.lists[listEmpty].count > 0 {
 		g := a.pop(listEmpty)
-		out = a.take(g, GroupSize, out)
+		out = a.take(g, chip.RcvArrayGroupSize, out)
 		a.addTail(g, listFull)
 	}
 	for len(out) < n {
@@ -125,7 +126,7 @@ func (a *Allocator) Alloc(n int) ([]int, error) {
 		for g := a.lists[listPartial].head; g >= 0 && len(out) < n; {
 			next := a.groups[g].next
 			out = a.take(g, n-len(out), out)
-			if a.groups[g].used == GroupSize {
+			if a.groups[g].used == chip.RcvArrayGroupSize {
 				a.move(g, listFull)
 			}
 			g = next
@@ -139,7 +140,7 @@ func (a *Allocator) Alloc(n int) ([]int, error) {
 // them to out.
 func (a *Allocator) take(g int32, max int, out []int) []int {
 	grp := &a.groups[g]
-	for i := 0; i < GroupSize && max > 0; i++ {
+	for i := 0; i < chip.RcvArrayGroupSize && max > 0; i++ {
 		if grp.bitmap&(1<<i) != 0 {
 			continue
 		}
@@ -160,9 +161,9 @@ func (a *Allocator) Free(entry int) error {
 			entry, a.base, a.base+a.count, unix.EINVAL)
 	}
 	rel := entry - a.base
-	g := int32(rel / GroupSize)
+	g := int32(rel / chip.RcvArrayGroupSize)
 	grp := &a.groups[g]
-	bit := uint8(1) << (rel % GroupSize)
+	bit := uint8(1) << (rel % chip.RcvArrayGroupSize)
 	if grp.bitmap&bit == 0 {
 		return fmt.Errorf("rcvarray: free entry %d: not allocated: %w", entry, unix.EINVAL)
 	}
@@ -170,7 +171,7 @@ func (a *Allocator) Free(entry int) error {
 	grp.used--
 	a.used--
 	switch grp.used {
-	case GroupSize - 1:
+	case chip.RcvArrayGroupSize - 1:
 		a.move(g, listPartial)
 	case 0:
 		a.move(g, listEmpty)
@@ -184,7 +185,7 @@ func (a *Allocator) InUse(entry int) bool {
 		return false
 	}
 	rel := entry - a.base
-	return a.groups[rel/GroupSize].bitmap&(1<<(rel%GroupSize)) != 0
+	return a.groups[rel/chip.RcvArrayGroupSize].bitmap&(1<<(rel%chip.RcvArrayGroupSize)) != 0
 }
 
 // Stats returns the entry and group counters.
@@ -285,7 +286,7 @@ func (a *Allocator) check() error {
 			switch {
 			case grp.used == 0:
 				want = listEmpty
-			case grp.used == GroupSize:
+			case grp.used == chip.RcvArrayGroupSize:
 				want = listFull
 			default:
 				want = listPartial

@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gohfi/gohfi/chip"
 )
 
 func mustNew(t testing.TB, base, count int) *Allocator {
@@ -184,7 +186,7 @@ type model struct {
 }
 
 func newModel(base, count int) *model {
-	m := &model{base: base, count: count, used: make([]int, count/GroupSize), inUse: map[int]bool{}}
+	m := &model{base: base, count: count, used: make([]int, count/chip.RcvArrayGroupSize), inUse: map[int]bool{}}
 	for g := range m.used {
 		m.lists[listEmpty] = append(m.lists[listEmpty], g)
 	}
@@ -199,8 +201,8 @@ func (m *model) moveTo(g, from, to int) {
 
 func (m *model) takeFrom(g, max int) []int {
 	var out []int
-	for i := 0; i < GroupSize && len(out) < max; i++ {
-		e := m.base + g*GroupSize + i
+	for i := 0; i < chip.RcvArrayGroupSize && len(out) < max; i++ {
+		e := m.base + g*chip.RcvArrayGroupSize + i
 		if !m.inUse[e] {
 			m.inUse[e] = true
 			out = append(out, e)
@@ -212,9 +214,9 @@ func (m *model) takeFrom(g, max int) []int {
 
 func (m *model) alloc(n int) []int {
 	var out []int
-	for n-len(out) >= GroupSize && len(m.lists[listEmpty]) > 0 {
+	for n-len(out) >= chip.RcvArrayGroupSize && len(m.lists[listEmpty]) > 0 {
 		g := m.lists[listEmpty][0]
-		out = append(out, m.takeFrom(g, GroupSize)...)
+		out = append(out, m.takeFrom(g, chip.RcvArrayGroupSize)...)
 		m.moveTo(g, listEmpty, listFull)
 	}
 	for len(out) < n {
@@ -229,7 +231,7 @@ func (m *model) alloc(n int) []int {
 				break
 			}
 			out = append(out, m.takeFrom(g, n-len(out))...)
-			if m.used[g] == GroupSize {
+			if m.used[g] == chip.RcvArrayGroupSize {
 				m.moveTo(g, listPartial, listFull)
 			}
 		}
@@ -242,10 +244,10 @@ func (m *model) free(e int) bool {
 		return false
 	}
 	delete(m.inUse, e)
-	g := (e - m.base) / GroupSize
+	g := (e - m.base) / chip.RcvArrayGroupSize
 	m.used[g]--
 	switch m.used[g] {
-	case GroupSize - 1:
+	case chip.RcvArrayGroupSize - 1:
 		m.moveTo(g, listFull, listPartial)
 	case 0:
 		m.moveTo(g, listPartial, listEmpty)
@@ -343,7 +345,7 @@ func runOps(t *testing.T, base, count int, ops []byte) {
 func TestAllocatorProperty(t *testing.T) {
 	for seed := range uint64(50) {
 		r := rand.New(rand.NewPCG(seed, 99))
-		count := GroupSize * (1 + r.IntN(12))
+		count := chip.RcvArrayGroupSize * (1 + r.IntN(12))
 		ops := make([]byte, 2*400)
 		for i := range ops {
 			ops[i] = byte(r.UintN(256))
@@ -363,7 +365,7 @@ func FuzzAllocator(f *testing.F) {
 	f.Add(uint8(1), []byte{0, 7, 0, 0, 3, 2, 3, 2, 0, 3})
 	f.Add(uint8(8), []byte{1, 63, 2, 5, 2, 5, 0, 1, 3, 0, 3, 70})
 	f.Fuzz(func(t *testing.T, groups uint8, ops []byte) {
-		count := GroupSize * (1 + int(groups)%16)
+		count := chip.RcvArrayGroupSize * (1 + int(groups)%16)
 		runOps(t, 8, count, ops)
 	})
 }

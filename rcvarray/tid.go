@@ -10,27 +10,16 @@ import (
 
 // TID fields come from uapi (EXP_TID_*): LEN is the number of pages, CTRL
 // says which entry of a pair (1 even, 2 odd), IDX is the pair index relative
-// to the context's expected base. The other bits are reserved.
+// to the context's expected base. The other bits are reserved. A TID covers
+// at most chip.MaxTIDPages pages (hfi1's MAX_EXPECTED_BUFFER).
 const (
 	// MaxTIDEntries is the number of entries a TID can name (1024 pairs).
 	MaxTIDEntries = (uapi.EXP_TID_TIDIDX_MASK + 1) * 2
-
-	// MaxTIDPages is the most pages one TID may cover, and so the largest
-	// page-set size (a power of two) the driver accepts from a device's
-	// MaxTIDPages register: hfi1's MAX_EXPECTED_BUFFER (2 MiB), the domain
-	// of uapi.RcvArrayEntry. It fits the 11-bit LEN field (at most 2047
-	// pages; the largest power of two there is 1024) and the 4-bit size
-	// order of an RcvArray entry (2^14 pages).
-	MaxTIDPages = uapi.MaxTidPages
 
 	tidReserved = ^uint32(uapi.EXP_TID_TIDLEN_MASK<<uapi.EXP_TID_TIDLEN_SHIFT |
 		uapi.EXP_TID_TIDCTRL_MASK<<uapi.EXP_TID_TIDCTRL_SHIFT |
 		uapi.EXP_TID_TIDIDX_MASK<<uapi.EXP_TID_TIDIDX_SHIFT)
 )
-
-// MaxTIDPages fits LEN (compile-time check: a negative array length does
-// not compile).
-var _ [uapi.EXP_TID_TIDLEN_MASK - MaxTIDPages]struct{}
 
 // EncodeTID returns the TID of entry rel (relative to the context's expected
 // base) covering npages pages (rcventry2tidinfo | EXP_TID_SET(LEN, npages)).

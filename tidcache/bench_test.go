@@ -6,7 +6,6 @@ import (
 	"testing"
 
 	"github.com/gohfi/gohfi/attach"
-	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/dma"
 	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/tidcache"
@@ -71,7 +70,7 @@ func benchSetup(b *testing.B, perCtxt, need int) *env {
 		b.Fatal(err)
 	}
 	bi.UnmarshalBytes(raw)
-	if e.rhq, err = e.rx.Mmap(bi.RcvhdrBufbase, a.Module.Params().RcvHdrCnt*chip.RHQEntrySize, unix.PROT_READ); err != nil {
+	if e.rhq, err = e.rx.Mmap(bi.RcvhdrBufbase, a.Module.Params().RcvHdrCnt*uapi.SizeofGohfiRHQEntry, unix.PROT_READ); err != nil {
 		b.Fatal(err)
 	}
 	return e

@@ -13,7 +13,6 @@ import (
 	"unsafe"
 
 	"github.com/gohfi/gohfi/attach"
-	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/mem"
 	"github.com/gohfi/gohfi/tidcache"
@@ -76,7 +75,7 @@ func setupWith(tb testing.TB, perCtxt int, honourCapIPCLock bool) *env {
 		tb.Fatal(err)
 	}
 	bi.UnmarshalBytes(b)
-	if e.rhq, err = e.rx.Mmap(bi.RcvhdrBufbase, a.Module.Params().RcvHdrCnt*chip.RHQEntrySize, unix.PROT_READ); err != nil {
+	if e.rhq, err = e.rx.Mmap(bi.RcvhdrBufbase, a.Module.Params().RcvHdrCnt*uapi.SizeofGohfiRHQEntry, unix.PROT_READ); err != nil {
 		tb.Fatal(err)
 	}
 	return e
@@ -108,12 +107,14 @@ func (e *env) consume(tb testing.TB) {
 	tb.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	cnt := len(e.rhq) / chip.RHQEntrySize
+	cnt := len(e.rhq) / uapi.SizeofGohfiRHQEntry
 	for {
-		var h chip.RHQEntry
-		h.Unmarshal(e.rhq[e.next*chip.RHQEntrySize:])
+		var h uapi.GohfiRHQEntry
+		if err := h.UnmarshalBytes(e.rhq[e.next*uapi.SizeofGohfiRHQEntry:]); err != nil {
+			tb.Fatal(err)
+		}
 		if h.Seq != 0 && (h.Seq-1)%uint32(cnt) == uint32(e.next) && h.Seq > 0 {
-			if h.Type != chip.RHFExpected {
+			if h.Type != uapi.GOHFI_RHF_EXPECTED {
 				tb.Fatalf("header entry %+v", h)
 			}
 			e.next = (e.next + 1) % cnt

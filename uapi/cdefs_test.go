@@ -180,8 +180,9 @@ struct hfi1_base_info {
 `
 
 // cHfi1Private mirrors the driver-internal definitions the Go package also
-// carries: drivers/infiniband/hw/hfi1/{common.h,hfi.h,user_exp_rcv.h,
-// user_exp_rcv.c,chip_registers.h}. They are in no installed header.
+// carries: drivers/infiniband/hw/hfi1/{common.h,hfi.h,user_exp_rcv.h}. They
+// are in no installed header. (The RcvArray entry, which only the driver and
+// the device read, is package chip's, checked by its own parity test.)
 const cHfi1Private = `
 #define HFI1_CMD_BASE 0xE0
 #define HFI1_USER_SWVERSION ((HFI1_USER_SWMAJOR << HFI1_SWMAJOR_SHIFT) | HFI1_USER_SWMINOR)
@@ -216,15 +217,6 @@ const cHfi1Private = `
 #define EXP_TID_SET(field, value) \
 	(((value) & EXP_TID_TID##field##_MASK) << EXP_TID_TID##field##_SHIFT)
 
-#define RCV_ARRAY_RT_ADDR_SHIFT 0
-#define RCV_ARRAY_RT_ADDR_MASK 0xFFFFFFFFFull
-#define RCV_ARRAY_RT_BUF_SIZE_SHIFT 36
-#define RCV_ARRAY_RT_BUF_SIZE_MASK 0xFull
-#define RCV_ARRAY_RT_WRITE_ENABLE_SMASK 0x8000000000000000ull
-#define RT_ADDR_SHIFT 12
-#define RCV_INCREMENT 8
-#define MAX_EXPECTED_BUFFER (2048 * 1024)
-
 /* The TID of RcvArray entry rcventry covering npages (hfi1's create_tid). */
 static __u32 create_tid(__u32 rcventry, __u32 npages)
 {
@@ -233,24 +225,6 @@ static __u32 create_tid(__u32 rcventry, __u32 npages)
 	return EXP_TID_SET(IDX, pair >> 1) |
 		EXP_TID_SET(CTRL, 1 << (rcventry - pair)) |
 		EXP_TID_SET(LEN, npages);
-}
-
-static int ilog2_u32(__u32 v)
-{
-	return 31 - __builtin_clz(v);
-}
-
-/* The word hfi1_put_tid writes for a PT_EXPECTED entry. */
-static __u64 put_tid_reg(unsigned long pa, __u32 npages)
-{
-	__u16 order = npages ? ilog2_u32(npages) + 1 : 0;
-
-	if (!npages)
-		pa = 0;
-	return RCV_ARRAY_RT_WRITE_ENABLE_SMASK
-		| (__u64)order << RCV_ARRAY_RT_BUF_SIZE_SHIFT
-		| ((pa >> RT_ADDR_SHIFT) & RCV_ARRAY_RT_ADDR_MASK)
-			<< RCV_ARRAY_RT_ADDR_SHIFT;
 }
 `
 
@@ -581,6 +555,27 @@ struct gohfi_send {
 	__u32 tid_offset;
 	__aligned_u64 tag;
 	__aligned_u64 reserved;
+};
+
+/* The receive header queue entry, read by user space from the mapped queue. */
+#define GOHFI_RHF_EAGER 1
+#define GOHFI_RHF_EXPECTED 2
+#define GOHFI_RHF_ERROR 3
+#define GOHFI_RHF_ERR_TID (1 << 0)
+#define GOHFI_RHF_ERR_LENGTH (1 << 1)
+#define GOHFI_RHF_ERR_DMA (1 << 2)
+#define GOHFI_RHF_ERR_EAGER (1 << 3)
+
+struct gohfi_rhq_entry {
+	__u8 type;
+	__u8 err;
+	__u16 src_ctxt;
+	__u32 length;
+	__u32 eager_idx;
+	__u32 tid;
+	__u32 tid_offset;
+	__u32 seq;
+	__aligned_u64 tag;
 };
 
 #define GOHFI_IOCTL_RCVHDR_HEAD _IOW(GOHFI_IOCTL_MAGIC, 0x50, __u64)

@@ -60,3 +60,61 @@ type GohfiSend struct {
 func (*GohfiSend) SizeBytes() int                    { return SizeofGohfiSend }
 func (g *GohfiSend) MarshalBytes(dst []byte)         { marshal(dst, g) }
 func (g *GohfiSend) UnmarshalBytes(src []byte) error { return unmarshal(src, g) }
+
+// The receive header queue: one entry per packet delivered to (or dropped
+// at) the context, written by the device into the queue that user space
+// maps read-only (hfi1_base_info.rcvhdr_bufbase; rcvhdrq_cnt entries of
+// rcvhdrq_entsize = SizeofGohfiRHQEntry bytes, CTXT_INFO). User space
+// consumes entries in order and hands them back with RCVHDR_HEAD. In place
+// of hfi1's RHF word and packet header, gohfi's entry is one struct.
+
+// Entry types (gohfi_rhq_entry.type).
+const (
+	GOHFI_RHF_EAGER    = 1 // payload in eager buffer eager_idx
+	GOHFI_RHF_EXPECTED = 2 // payload in the buffer behind tid, at tid_offset
+	GOHFI_RHF_ERROR    = 3 // the packet was dropped; err says why
+)
+
+// Error flags (gohfi_rhq_entry.err).
+const (
+	GOHFI_RHF_ERR_TID    = 1 << 0 // TID invalid, out of the context's range or too short
+	GOHFI_RHF_ERR_LENGTH = 1 << 1 // payload larger than an eager buffer
+	GOHFI_RHF_ERR_DMA    = 1 << 2 // the device could not read the payload (IOMMU fault)
+	GOHFI_RHF_ERR_EAGER  = 1 << 3 // no eager buffer free
+)
+
+// SizeofGohfiRHQEntry is sizeof(struct gohfi_rhq_entry).
+const SizeofGohfiRHQEntry = 32
+
+// GohfiRHQEntry is struct gohfi_rhq_entry (docs/abi.md). seq is the entry's
+// 1-based sequence number modulo 2^32, never 0, so user space polls the
+// entry at its head in memory: it is new when its seq is the last one
+// seen plus one (0 skipped).
+//
+//	struct gohfi_rhq_entry {
+//		__u8  type;        /* GOHFI_RHF_* */
+//		__u8  err;         /* GOHFI_RHF_ERR_*, with GOHFI_RHF_ERROR */
+//		__u16 src_ctxt;    /* sending context */
+//		__u32 length;      /* payload bytes */
+//		__u32 eager_idx;   /* GOHFI_RHF_EAGER: eager buffer */
+//		__u32 tid;         /* GOHFI_RHF_EXPECTED: TID */
+//		__u32 tid_offset;  /* GOHFI_RHF_EXPECTED: offset in the TID's buffer */
+//		__u32 seq;
+//		__u64 tag;         /* gohfi_send.tag of the sender */
+//	};
+type GohfiRHQEntry struct {
+	_         structs.HostLayout
+	Type      uint8
+	Err       uint8
+	SrcCtxt   uint16
+	Length    uint32
+	EagerIdx  uint32
+	TID       uint32
+	TIDOffset uint32
+	Seq       uint32
+	Tag       uint64
+}
+
+func (*GohfiRHQEntry) SizeBytes() int                    { return SizeofGohfiRHQEntry }
+func (g *GohfiRHQEntry) MarshalBytes(dst []byte)         { marshal(dst, g) }
+func (g *GohfiRHQEntry) UnmarshalBytes(src []byte) error { return unmarshal(src, g) }

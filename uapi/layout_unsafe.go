@@ -14,7 +14,7 @@ type abiStruct interface {
 		GohfiAllocMR | GohfiCreateCQ | GohfiCreateQP | GohfiModifyQP |
 		GohfiSge | GohfiSendWR | GohfiRecvWR | GohfiPostSend |
 		GohfiPostRecv | GohfiWC | GohfiPollCQ | GohfiMRStats |
-		GohfiDriverStats | GohfiSend
+		GohfiDriverStats | GohfiSend | GohfiRHQEntry
 }
 
 // The memory image is the little-endian ABI only on a little-endian host:

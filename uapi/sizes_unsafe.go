@@ -28,4 +28,5 @@ var (
 	_ [0]struct{} = [unsafe.Sizeof(GohfiMRStats{}) - SizeofGohfiMRStats]struct{}{}
 	_ [0]struct{} = [unsafe.Sizeof(GohfiDriverStats{}) - SizeofGohfiDriverStats]struct{}{}
 	_ [0]struct{} = [unsafe.Sizeof(GohfiSend{}) - SizeofGohfiSend]struct{}{}
+	_ [0]struct{} = [unsafe.Sizeof(GohfiRHQEntry{}) - SizeofGohfiRHQEntry]struct{}{}
 )

@@ -1,7 +1,5 @@
 package uapi
 
-import "math/bits"
-
 // TID encoding of expected receive (drivers/infiniband/hw/hfi1/user_exp_rcv.h).
 //
 // Each __u32 in hfi1_tid_info.tidlist names one programmed RcvArray entry:
@@ -79,56 +77,4 @@ func TidRcvEntry(tid uint32) (rcventry, npages uint32, ok bool) {
 		return 0, 0, false
 	}
 	return ExpTidGet(tid, EXP_TID_IDX)*2 + ctrl - 1, ExpTidGet(tid, EXP_TID_LEN), true
-}
-
-// RcvArray geometry and entry format (drivers/infiniband/hw/hfi1/chip_registers.h,
-// chip.c hfi1_put_tid, user_exp_rcv.c).
-const (
-	RCV_ARRAY_RT_ADDR_SHIFT         = 0
-	RCV_ARRAY_RT_ADDR_MASK          = 0xFFFFFFFFF // 36 bits of address>>12
-	RCV_ARRAY_RT_BUF_SIZE_SHIFT     = 36
-	RCV_ARRAY_RT_BUF_SIZE_MASK      = 0xF // bits 36-39 (gohfi's name; hfi1 has no mask macro)
-	RCV_ARRAY_RT_WRITE_ENABLE_SMASK = 1 << 63
-	RT_ADDR_SHIFT                   = 12 // entries address 4 KiB units
-
-	// RCV_INCREMENT is the RcvArray allocation granule: entries are managed
-	// in groups of this many (hfi1's tid_group).
-	RCV_INCREMENT = 8
-	// MAX_EXPECTED_BUFFER is the most one TID covers (user_exp_rcv.c).
-	MAX_EXPECTED_BUFFER = 2048 * 1024
-	// MaxTidPages is MAX_EXPECTED_BUFFER in 4 KiB pages.
-	MaxTidPages = MAX_EXPECTED_BUFFER >> RT_ADDR_SHIFT
-)
-
-// RcvArrayEntry returns the 64-bit RcvArray entry that hfi1_put_tid writes
-// for a buffer at DMA address addr of npages 4 KiB pages:
-//
-//	bits  0-35  addr >> 12
-//	bits 36-39  size order = ilog2(npages) + 1 (0 = invalid entry)
-//	bit  63     write enable (set on every write, as hfi1_put_tid does)
-//
-// npages must be a power of two from 1 to MaxTidPages (the driver splits runs
-// into such chunks); other values are encoded like ilog2, rounding down.
-// npages == 0 gives the invalid entry (PT_INVALID: address and order zero).
-// addr must be 4 KiB aligned; its low 12 bits and bits above 47 are dropped.
-func RcvArrayEntry(addr uint64, npages uint32) uint64 {
-	if npages == 0 {
-		return RCV_ARRAY_RT_WRITE_ENABLE_SMASK
-	}
-	order := uint64(bits.Len32(npages)) // ilog2(npages) + 1
-	return RCV_ARRAY_RT_WRITE_ENABLE_SMASK |
-		(order&RCV_ARRAY_RT_BUF_SIZE_MASK)<<RCV_ARRAY_RT_BUF_SIZE_SHIFT |
-		(addr>>RT_ADDR_SHIFT&RCV_ARRAY_RT_ADDR_MASK)<<RCV_ARRAY_RT_ADDR_SHIFT
-}
-
-// RcvArrayEntryDecode is the device's view of an entry: the buffer's DMA
-// address and size in pages. valid is false for order 0 (an invalid entry);
-// the write-enable bit is ignored.
-func RcvArrayEntryDecode(e uint64) (addr uint64, npages uint32, valid bool) {
-	order := e >> RCV_ARRAY_RT_BUF_SIZE_SHIFT & RCV_ARRAY_RT_BUF_SIZE_MASK
-	if order == 0 {
-		return 0, 0, false
-	}
-	addr = (e >> RCV_ARRAY_RT_ADDR_SHIFT & RCV_ARRAY_RT_ADDR_MASK) << RT_ADDR_SHIFT
-	return addr, 1 << (order - 1), true
 }

@@ -20,7 +20,6 @@ import (
 	"time"
 
 	"github.com/gohfi/gohfi/attach"
-	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/mem"
 	"github.com/gohfi/gohfi/rcvarray"
 	"github.com/gohfi/gohfi/tidcache"
@@ -692,10 +691,12 @@ func (b *tidBench) waitExpected() error {
 	ctx, cancel := context.WithTimeout(b.s.ctx, 5*time.Second)
 	defer cancel()
 	for {
-		var h chip.RHQEntry
-		h.Unmarshal(rx.rhq[rx.head*uint64(ci.RcvhdrqEntsize):])
+		var h uapi.GohfiRHQEntry
+		if err := h.UnmarshalBytes(rx.rhq[rx.head*uint64(ci.RcvhdrqEntsize):]); err != nil {
+			return err
+		}
 		if h.Seq == rx.seq {
-			if h.Type != chip.RHFExpected {
+			if h.Type != uapi.GOHFI_RHF_EXPECTED {
 				return fmt.Errorf("header entry %+v: not an expected packet: %w", h, unix.EIO)
 			}
 			next := (rx.head + 1) % uint64(ci.RcvhdrqCnt)

@@ -508,14 +508,16 @@ func cmdRecv(s *session, args []string) (obj, error) {
 	if slot >= uint64(ci.RcvhdrqCnt) {
 		return nil, fmt.Errorf("head %d outside the queue of %d: %w", slot, ci.RcvhdrqCnt, unix.EINVAL)
 	}
-	var e chip.RHQEntry
-	e.Unmarshal(of.rhq[slot*uint64(ci.RcvhdrqEntsize):])
+	var e uapi.GohfiRHQEntry
+	if err := e.UnmarshalBytes(of.rhq[slot*uint64(ci.RcvhdrqEntsize):]); err != nil {
+		return nil, err
+	}
 	if e.Seq != of.seq {
 		return nil, fmt.Errorf("no new entry at slot %d (seq %d, want %d): %w", slot, e.Seq, of.seq, unix.EAGAIN)
 	}
 	o := obj{{"slot", slot}, {"seq", e.Seq}, {"src_ctxt", e.SrcCtxt}, {"length", e.Length}, {"tag", e.Tag}}
 	switch e.Type {
-	case chip.RHFEager:
+	case uapi.GOHFI_RHF_EAGER:
 		o = append(obj{{"type", "eager"}}, o...)
 		o.add("eager_idx", e.EagerIdx)
 		start := uint64(e.EagerIdx) * uint64(ci.RcvegrSize)
@@ -523,7 +525,7 @@ func cmdRecv(s *session, args []string) (obj, error) {
 			data := of.eager[start:end]
 			o.add("checksum", crc(data)).add("data", preview(data))
 		}
-	case chip.RHFExpected:
+	case uapi.GOHFI_RHF_EXPECTED:
 		o = append(obj{{"type", "expected"}}, o...)
 		o.add("tid", hex(e.TID)).add("tid_offset", e.TIDOffset)
 		if r, ok := of.findTid(e.TID); ok {
@@ -537,10 +539,10 @@ func cmdRecv(s *session, args []string) (obj, error) {
 				}
 			}
 		}
-	case chip.RHFError:
+	case uapi.GOHFI_RHF_ERROR:
 		o = append(obj{{"type", "error"}}, o...)
 		o.add("err", bitNames(uint64(e.Err), map[uint64]string{
-			chip.RHFErrTID: "TID", chip.RHFErrLength: "LENGTH", chip.RHFErrDMA: "DMA", chip.RHFErrEager: "EAGER"}))
+			uapi.GOHFI_RHF_ERR_TID: "TID", uapi.GOHFI_RHF_ERR_LENGTH: "LENGTH", uapi.GOHFI_RHF_ERR_DMA: "DMA", uapi.GOHFI_RHF_ERR_EAGER: "EAGER"}))
 	default:
 		o = append(obj{{"type", fmt.Sprint(e.Type)}}, o...)
 	}

@@ -182,7 +182,7 @@ recv
 		t.Fatalf("contexts %v and %v, want 0 and 1", c0, c1)
 	}
 	ci := objs[3]
-	if num(t, ci, "ctxt") != 1 || num(t, ci, "rcvhdrq_entsize") != chip.RHQEntrySize || num(t, ci, "rcvtids") != 2048 {
+	if num(t, ci, "ctxt") != 1 || num(t, ci, "rcvhdrq_entsize") != uapi.SizeofGohfiRHQEntry || num(t, ci, "rcvtids") != 2048 {
 		t.Fatalf("ctxt-info %v", ci)
 	}
 	send, poll, recv := objs[7], objs[9], objs[10]

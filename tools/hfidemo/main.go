@@ -18,7 +18,6 @@ import (
 	"time"
 
 	"github.com/gohfi/gohfi/attach"
-	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/hfiuser"
 	"github.com/gohfi/gohfi/mem"
@@ -46,11 +45,13 @@ type receiver struct {
 }
 
 // wait consumes the next header queue entry.
-func (r *receiver) wait(ctx context.Context) (chip.RHQEntry, error) {
-	cnt := len(r.rhq) / chip.RHQEntrySize
+func (r *receiver) wait(ctx context.Context) (uapi.GohfiRHQEntry, error) {
+	cnt := len(r.rhq) / uapi.SizeofGohfiRHQEntry
 	for {
-		var e chip.RHQEntry
-		e.Unmarshal(r.rhq[r.next*chip.RHQEntrySize:])
+		var e uapi.GohfiRHQEntry
+		if err := e.UnmarshalBytes(r.rhq[r.next*uapi.SizeofGohfiRHQEntry:]); err != nil {
+			return e, err
+		}
 		if e.Seq != 0 && int((e.Seq-1)%uint32(cnt)) == r.next {
 			r.next = (r.next + 1) % cnt
 			return e, hfiuser.SetRcvHdrHead(r.f, uint64(r.next))
@@ -92,7 +93,7 @@ func run(spec string, iters, size, nbufs int) error {
 	if err != nil {
 		return err
 	}
-	rhq, err := rxf.Mmap(bi.RcvhdrBufbase, int(ci.RcvhdrqCnt)*chip.RHQEntrySize, unix.PROT_READ)
+	rhq, err := rxf.Mmap(bi.RcvhdrBufbase, int(ci.RcvhdrqCnt)*uapi.SizeofGohfiRHQEntry, unix.PROT_READ)
 	if err != nil {
 		return err
 	}
@@ -127,7 +128,7 @@ func run(spec string, iters, size, nbufs int) error {
 			if err != nil {
 				return err
 			}
-			if e.Type != chip.RHFExpected {
+			if e.Type != uapi.GOHFI_RHF_EXPECTED {
 				return fmt.Errorf("receive failed: header %+v", e)
 			}
 			off += n
