@@ -26,6 +26,7 @@ var formats = []struct {
 	{"SendWQE", &SendWQE{}, SendWQESize},
 	{"RecvWQE", &RecvWQE{}, RecvWQESize},
 	{"CQE", &CQE{}, CQESize},
+	{"EQE", &EQE{}, EQESize},
 }
 
 func newOf(c coder) coder { return reflect.New(reflect.TypeOf(c).Elem()).Interface().(coder) }

@@ -5,7 +5,7 @@ import "unsafe"
 // format is every in-memory format of this package: the structures whose
 // memory is the format, and so the only ones marshal and unmarshal take.
 type format interface {
-	SendDesc | MPTEntry | SendWQE | RecvWQE | CQE
+	SendDesc | MPTEntry | SendWQE | RecvWQE | CQE | EQE
 }
 
 // memory is the memory of *v; it aliases *v. It is the little-endian
@@ -89,4 +89,17 @@ var (
 	_ [0]struct{} = [unsafe.Offsetof(CQE{}.SrcQP) - 36]struct{}{}
 	_ [0]struct{} = [unsafe.Offsetof(CQE{}.WcFlags) - CQESeqWordOff]struct{}{}
 	_ [0]struct{} = [unsafe.Offsetof(CQE{}.Seq) - 44]struct{}{}
+
+	_ [0]struct{} = [unsafe.Sizeof(EQE{}) - EQESize]struct{}{}
+	_ [0]struct{} = [unsafe.Offsetof(EQE{}.Type) - 0]struct{}{}
+	_ [0]struct{} = [unsafe.Offsetof(EQE{}.Flags) - 1]struct{}{}
+	_ [0]struct{} = [unsafe.Offsetof(EQE{}.FaultID) - 4]struct{}{}
+	_ [0]struct{} = [unsafe.Offsetof(EQE{}.Key) - 8]struct{}{}
+	_ [0]struct{} = [unsafe.Offsetof(EQE{}.QP) - 12]struct{}{}
+	_ [0]struct{} = [unsafe.Offsetof(EQE{}.VA) - 16]struct{}{}
+	_ [0]struct{} = [unsafe.Offsetof(EQE{}.Length) - 24]struct{}{}
+	_ [0]struct{} = [unsafe.Offsetof(EQE{}.WQE) - 28]struct{}{}
+	_ [0]struct{} = [unsafe.Offsetof(EQE{}.ReqQP) - 32]struct{}{}
+	_ [0]struct{} = [unsafe.Offsetof(EQE{}.PD) - 36]struct{}{}
+	_ [0]struct{} = [unsafe.Offsetof(EQE{}.Seq) - EQESeqOff]struct{}{}
 )

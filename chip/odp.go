@@ -1,6 +1,6 @@
 package chip
 
-import "encoding/binary"
+import "structs"
 
 // On-demand paging (RegCapFlags CapODP): the event queue, page faults and
 // their resume command. docs/hfisim.md, "On-demand paging", is the
@@ -78,10 +78,12 @@ const (
 	EQEWQENone = 0xffffffff
 )
 
-// EQE is a decoded event queue entry.
+// EQE is an event queue entry, laid out as the table above.
 type EQE struct {
+	_       structs.HostLayout
 	Type    uint8
 	Flags   uint8
+	_       [2]byte // reserved
 	FaultID uint32
 	Key     uint32
 	QP      uint32
@@ -90,41 +92,12 @@ type EQE struct {
 	WQE     uint32
 	ReqQP   uint32
 	PD      uint32
+	_       [20]byte // reserved
 	Seq     uint32
 }
 
-// Marshal encodes e into b (EQESize bytes).
-func (e *EQE) Marshal(b []byte) {
-	_ = b[EQESize-1]
-	clear(b[:EQESize])
-	le := binary.LittleEndian
-	b[0], b[1] = e.Type, e.Flags
-	le.PutUint32(b[4:], e.FaultID)
-	le.PutUint32(b[8:], e.Key)
-	le.PutUint32(b[12:], e.QP)
-	le.PutUint64(b[16:], e.VA)
-	le.PutUint32(b[24:], e.Length)
-	le.PutUint32(b[28:], e.WQE)
-	le.PutUint32(b[32:], e.ReqQP)
-	le.PutUint32(b[36:], e.PD)
-	le.PutUint32(b[60:], e.Seq)
-}
-
-// Unmarshal decodes b (EQESize bytes).
-func (e *EQE) Unmarshal(b []byte) {
-	_ = b[EQESize-1]
-	le := binary.LittleEndian
-	e.Type, e.Flags = b[0], b[1]
-	e.FaultID = le.Uint32(b[4:])
-	e.Key = le.Uint32(b[8:])
-	e.QP = le.Uint32(b[12:])
-	e.VA = le.Uint64(b[16:])
-	e.Length = le.Uint32(b[24:])
-	e.WQE = le.Uint32(b[28:])
-	e.ReqQP = le.Uint32(b[32:])
-	e.PD = le.Uint32(b[36:])
-	e.Seq = le.Uint32(b[60:])
-}
+func (e *EQE) Marshal(b []byte)   { marshal(b, e) }
+func (e *EQE) Unmarshal(b []byte) { unmarshal(b, e) }
 
 // EQESeqOff is the offset of the seq word, written last.
 const EQESeqOff = 60
