@@ -75,19 +75,47 @@ func (o *odpState) reset() { *o = odpState{faults: map[uint32]*pfault{}} }
 // Config.TLBInvLatency later, in order: until then the device may still use
 // the translations it cached.
 func (d *Device) tlbCommandLocked(start, count uint64) {
+	d.odp.tlbQ = append(d.odp.tlbQ, tlbCmd{start: start, count: count, gen: d.gen, due: time.Now().Add(d.cfg.TLBInvLatency)})
 	if d.cfg.TLBInvLatency <= 0 {
-		d.tlbFlushLocked(start, count)
-		d.raiseLocked(chip.IntSrcTLB)
+		d.kickEngine()
 		return
 	}
-	d.odp.tlbQ = append(d.odp.tlbQ, tlbCmd{start: start, count: count, gen: d.gen, due: time.Now().Add(d.cfg.TLBInvLatency)})
 	select {
 	case d.tlbSig <- struct{}{}:
 	default:
 	}
 }
 
-// tlbWorker completes delayed TLB-invalidate commands.
+// runTLBCommands completes the TLB-invalidate commands that are due. Only
+// the engine goroutine calls it, between packets: every translation is
+// used by the DMA of its own packet, so none taken before a flush is still
+// in flight when the flush completes, as hardware drains its DMA before it
+// acknowledges an invalidation.
+func (d *Device) runTLBCommands() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	now := time.Now()
+	for len(d.odp.tlbQ) > 0 && !d.odp.tlbQ[0].due.After(now) {
+		c := d.odp.tlbQ[0]
+		d.odp.tlbQ = d.odp.tlbQ[1:]
+		if c.gen != d.gen {
+			continue
+		}
+		d.tlbFlushLocked(c.start, c.count)
+		d.raiseLocked(chip.IntSrcTLB)
+	}
+	if len(d.odp.tlbQ) > 0 && d.cfg.TLBInvLatency > 0 {
+		select { // the worker times the next one
+		case d.tlbSig <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// tlbWorker times delayed TLB-invalidate commands: when the oldest is due
+// it kicks the engine, which completes it between packets
+// (runTLBCommands), and waits for the next signal (a new command, or the
+// engine reporting more queued).
 func (d *Device) tlbWorker() {
 	defer d.wg.Done()
 	for {
@@ -96,31 +124,26 @@ func (d *Device) tlbWorker() {
 			return
 		case <-d.tlbSig:
 		}
-		for {
-			d.mu.Lock()
-			if len(d.odp.tlbQ) == 0 {
-				d.mu.Unlock()
-				break
-			}
-			c := d.odp.tlbQ[0]
-			d.mu.Unlock()
-			if w := time.Until(c.due); w > 0 {
-				t := time.NewTimer(w)
-				select {
-				case <-d.done:
-					t.Stop()
-					return
-				case <-t.C:
-				}
-			}
-			d.mu.Lock()
-			if len(d.odp.tlbQ) > 0 && d.odp.tlbQ[0] == c && d.gen == c.gen {
-				d.odp.tlbQ = d.odp.tlbQ[1:]
-				d.tlbFlushLocked(c.start, c.count)
-				d.raiseLocked(chip.IntSrcTLB)
-			}
-			d.mu.Unlock()
+		d.mu.Lock()
+		var due time.Time
+		pending := len(d.odp.tlbQ) > 0
+		if pending {
+			due = d.odp.tlbQ[0].due
 		}
+		d.mu.Unlock()
+		if !pending {
+			continue
+		}
+		if w := time.Until(due); w > 0 {
+			t := time.NewTimer(w)
+			select {
+			case <-d.done:
+				t.Stop()
+				return
+			case <-t.C:
+			}
+		}
+		d.kickEngine()
 	}
 }
 

@@ -57,6 +57,7 @@ func (r result) ok() bool { return !r.stall && r.status == uapi.GOHFI_WC_SUCCESS
 // could do.
 func (d *Device) pollVerbs(buf []byte) bool {
 	busy := false
+	d.runTLBCommands()
 	if d.odpBacklog() {
 		d.mu.Lock()
 		dma, gen := d.dma, d.gen
@@ -67,6 +68,7 @@ func (d *Device) pollVerbs(buf []byte) bool {
 		if d.stepQP(n, buf) {
 			busy = true
 		}
+		d.runTLBCommands()
 	}
 	return busy
 }
@@ -345,30 +347,23 @@ func dmaSpans(dma vfiouser.DMA, spans []span, buf []byte, write bool) error {
 	return nil
 }
 
-// completeReq ends r's WQE: a CQE if it failed or was signaled, SQHead
-// advanced, and on failure the QP (and, after it, the responder if the
-// responder failed too) goes to ERR. Nothing happens if the QP was reset or
-// moved to ERR meanwhile: the flush completes the WQE then.
+// completeReq ends r's WQE: SQHead advanced and, on failure, the QP (and
+// the responder if the responder failed too) moved to ERR, then a CQE if it
+// failed or was signaled: whoever sees the error completion finds the QP in
+// ERR already, as the verbs promise. The flush of the later WQEs runs on
+// this engine goroutine after it returns, so completions stay in order.
+// Nothing happens if the QP was reset or moved to ERR meanwhile: the flush
+// completes the WQE then.
 func (d *Device) completeReq(r *requester, res result) {
 	d.mu.Lock()
-	q := &d.qps[r.n]
-	mine := d.gen == r.gen && q.epoch == r.epoch
-	scq := q.scq
-	d.mu.Unlock()
-	if mine && (!res.ok() || r.p.wqe.Flags&uapi.GOHFI_SEND_SIGNALED != 0) {
-		e := chip.CQE{WrID: r.p.wqe.WrID, Status: res.status, Opcode: wcOpcode(r.p.wqe.Opcode),
-			VendorErr: res.vendor, QPNum: r.qpn}
-		if res.ok() {
-			e.ByteLen = uint32(r.p.total)
-		}
-		d.postCQE(r.dma, r.gen, scq, &e)
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
 	if d.gen != r.gen {
+		d.mu.Unlock()
 		return
 	}
-	if q.epoch == r.epoch {
+	q := &d.qps[r.n]
+	mine := q.epoch == r.epoch
+	scq := q.scq
+	if mine {
 		q.sqHead = next(q.sqHead, q.sq.entries)
 		q.req = nil
 		if !res.ok() {
@@ -377,6 +372,15 @@ func (d *Device) completeReq(r *requester, res result) {
 	}
 	if res.respErr && d.qps[res.respIdx].epoch == res.respEpoch {
 		d.qpErrorLocked(res.respIdx)
+	}
+	d.mu.Unlock()
+	if mine && (!res.ok() || r.p.wqe.Flags&uapi.GOHFI_SEND_SIGNALED != 0) {
+		e := chip.CQE{WrID: r.p.wqe.WrID, Status: res.status, Opcode: wcOpcode(r.p.wqe.Opcode),
+			VendorErr: res.vendor, QPNum: r.qpn}
+		if res.ok() {
+			e.ByteLen = uint32(r.p.total)
+		}
+		d.postCQE(r.dma, r.gen, scq, &e)
 	}
 }
 

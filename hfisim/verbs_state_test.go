@@ -28,6 +28,7 @@ func TestVerbsTLB(t *testing.T) {
 		done := rd(t, h.d, chip.RegTLBInvDone)
 		wr(t, h.d, chip.RegTLBInvStart, start)
 		wr(t, h.d, chip.RegTLBInvCount, count)
+		h.d.waitIdle() // the engine completes the flush between packets
 		if rd(t, h.d, chip.RegTLBInvDone) != done+1 {
 			t.Fatal("TLB flush did not complete")
 		}
