@@ -29,7 +29,8 @@ type QP struct {
 	state          uint32 // last state the driver set (the device may since have moved to ERR)
 	sqTail, sqHead int    // producer index and last consumer index read from QPSQHead
 	rqTail, rqHead int
-	psn            uint64 // QPPSN as written
+	psn            uint64      // QPPSN as written
+	frPend         []frPending // local operations posted, not yet known consumed (fastreg.go)
 }
 
 // QPInitAttr are CREATE_QP's arguments (ib_qp_init_attr).
@@ -65,6 +66,9 @@ type SendWR struct {
 	RemoteAddr uint64
 	Rkey       uint32
 	ImmData    uint32 // network order, as the caller gives it
+
+	InvalidateRkey uint32 // LOCAL_INV, SEND_WITH_INV, RDMA_READ_WITH_INV
+	Reg            *RegWR // FAST_REG_MR (GOHFI_WR_REG_MR)
 }
 
 // RecvWR is one receive work request (ib_recv_wr).
@@ -259,6 +263,7 @@ func (qp *QP) Modify(a QPAttr) error {
 	qp.state = a.State
 	if a.State == uapi.GOHFI_QPS_RESET {
 		qp.sqTail, qp.sqHead, qp.rqTail, qp.rqHead, qp.psn = 0, 0, 0, 0, 0
+		qp.dropPendingLocked()
 	}
 	return nil
 }
@@ -295,6 +300,9 @@ func (qp *QP) destroy() error {
 			errs = append(errs, d.writeCSR(chip.QPReg(qp.idx, r), 0))
 		}
 	}
+	qp.mu.Lock()
+	qp.dropPendingLocked()
+	qp.mu.Unlock()
 	pd.mu.Lock()
 	qp.sendCQ.qpRefs--
 	qp.recvCQ.qpRefs--
@@ -328,16 +336,16 @@ func (qp *QP) release() error {
 	return errors.Join(errs...)
 }
 
-// sendOpcodes are the work requests this driver posts (RC, no fast
-// registration or memory windows yet; atomics have no operands in
-// gohfi_send_wr).
-func sendOpcodeOK(op uint32) bool {
+// sendOpcodes are the work requests this driver posts (RC; fast
+// registration's where the device has it; no memory windows; atomics have
+// no operands in gohfi_send_wr).
+func (qp *QP) sendOpcodeOK(op uint32) bool {
 	switch op {
 	case uapi.GOHFI_WR_RDMA_WRITE, uapi.GOHFI_WR_RDMA_WRITE_WITH_IMM, uapi.GOHFI_WR_SEND,
 		uapi.GOHFI_WR_SEND_WITH_IMM, uapi.GOHFI_WR_RDMA_READ:
 		return true
 	}
-	return false
+	return isFastRegOp(op) && qp.pd.v.maxFRPages > 0
 }
 
 const sendFlagsKnown = uapi.GOHFI_SEND_FENCE | uapi.GOHFI_SEND_SIGNALED | uapi.GOHFI_SEND_SOLICITED
@@ -365,6 +373,11 @@ func (qp *QP) postSend(count int, next func(i int) (*SendWR, error)) (int, error
 	posted := 0
 	var perr error
 	var w chip.SendWQE
+	if len(qp.frPend) > 0 {
+		if err := qp.reclaimLocked(); err != nil {
+			return 0, fmt.Errorf("gohfi: POST_SEND: %w", err)
+		}
+	}
 	for ; posted < count; posted++ {
 		wr, err := next(posted)
 		if err != nil {
@@ -376,12 +389,10 @@ func (qp *QP) postSend(count int, next func(i int) (*SendWR, error)) (int, error
 			break
 		}
 		if (qp.sqTail+1)%qp.sqN == qp.sqHead {
-			h, err := d.readCSR(chip.QPReg(qp.idx, chip.QPSQHead))
-			if err != nil {
+			if err := qp.reclaimLocked(); err != nil {
 				perr = fmt.Errorf("gohfi: POST_SEND: %w", err)
 				break
 			}
-			qp.sqHead = int(h % uint64(qp.sqN))
 			if (qp.sqTail+1)%qp.sqN == qp.sqHead {
 				perr = errnoErr(fmt.Sprintf("POST_SEND: send queue of QP %d full (%d WRs)", qp.Num(), qp.sqN-1), unix.ENOMEM)
 				break
@@ -394,6 +405,10 @@ func (qp *QP) postSend(count int, next func(i int) (*SendWR, error)) (int, error
 		}
 		for i, s := range wr.SGL {
 			w.SGE[i] = chip.SGE{Addr: s.Addr, Length: s.Length, Lkey: s.Lkey}
+		}
+		if err := qp.localOpLocked(wr, &w); err != nil {
+			perr = err
+			break
 		}
 		w.Marshal(qp.sq.mem[qp.sqTail*chip.SendWQESize:])
 		qp.sqTail = (qp.sqTail + 1) % qp.sqN
@@ -412,8 +427,12 @@ func (qp *QP) checkSendWR(wr *SendWR) error {
 		total += uint64(s.Length)
 	}
 	switch {
-	case !sendOpcodeOK(wr.Opcode):
+	case !qp.sendOpcodeOK(wr.Opcode):
 		return errnoErr(fmt.Sprintf("POST_SEND: opcode %d", wr.Opcode), unix.EINVAL)
+	case (wr.Opcode == uapi.GOHFI_WR_FAST_REG_MR || wr.Opcode == uapi.GOHFI_WR_LOCAL_INV) && len(wr.SGL) != 0:
+		return errnoErr(fmt.Sprintf("POST_SEND: opcode %d takes no SGEs", wr.Opcode), unix.EINVAL)
+	case wr.Opcode != uapi.GOHFI_WR_FAST_REG_MR && wr.Reg != nil:
+		return errnoErr(fmt.Sprintf("POST_SEND: opcode %d with a REG_MR", wr.Opcode), unix.EINVAL)
 	case wr.SendFlags&^sendFlagsKnown != 0:
 		return errnoErr(fmt.Sprintf("POST_SEND: send flags %#x (inline data is not offered)", wr.SendFlags), unix.EINVAL)
 	case len(wr.SGL) > qp.maxSendSge:
@@ -602,9 +621,11 @@ func (pd *PD) ioctlPostSend(arg UserPtr) (ferr error) {
 		switch {
 		case u.NumSge > uint32(qp.maxSendSge):
 			return nil, errnoErr(fmt.Sprintf("POST_SEND: WR %d has %d SGEs, QP has %d", i, u.NumSge, qp.maxSendSge), unix.EINVAL)
-		case u.InvalidateRkey != 0 || u.FrIova != 0 || u.FrLength != 0 || u.FrPageList != 0 || u.FrPageListLen != 0 ||
-			u.FrPageShift != 0 || u.FrMRHandle != 0 || u.FrKey != 0 || u.FrAccess != 0:
-			return nil, errnoErr(fmt.Sprintf("POST_SEND: WR %d sets invalidation or fast-registration fields", i), unix.EINVAL)
+		case u.InvalidateRkey != 0 && !invalidates(u.Opcode):
+			return nil, errnoErr(fmt.Sprintf("POST_SEND: WR %d sets invalidate_rkey", i), unix.EINVAL)
+		case u.Opcode != uapi.GOHFI_WR_FAST_REG_MR && (u.FrIova != 0 || u.FrLength != 0 || u.FrPageList != 0 || u.FrPageListLen != 0 ||
+			u.FrPageShift != 0 || u.FrMRHandle != 0 || u.FrKey != 0 || u.FrAccess != 0):
+			return nil, errnoErr(fmt.Sprintf("POST_SEND: WR %d sets fast-registration fields", i), unix.EINVAL)
 		case u.RemoteQPN != 0 || u.RemoteQkey != 0 || u.RemotePort != 0:
 			return nil, errnoErr(fmt.Sprintf("POST_SEND: WR %d sets UD fields on an RC QP", i), unix.EINVAL)
 		}
@@ -613,7 +634,12 @@ func (pd *PD) ioctlPostSend(arg UserPtr) (ferr error) {
 			return nil, err
 		}
 		wr = SendWR{WrID: u.WrID, Opcode: u.Opcode, SendFlags: u.SendFlags, SGL: sgl,
-			RemoteAddr: u.RemoteAddr, Rkey: u.Rkey, ImmData: u.ImmData}
+			RemoteAddr: u.RemoteAddr, Rkey: u.Rkey, ImmData: u.ImmData, InvalidateRkey: u.InvalidateRkey}
+		if u.Opcode == uapi.GOHFI_WR_FAST_REG_MR && qp.pd.v.maxFRPages > 0 {
+			if wr.Reg, err = pd.userBindingOf(&u, i); err != nil {
+				return nil, err
+			}
+		}
 		return &wr, nil
 	}
 	n, err := qp.postSend(int(r.WrCount), next)

@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"fmt"
 	"sync/atomic"
 
 	"github.com/gohfi/gohfi/uapi"
@@ -12,6 +13,7 @@ type devStats struct {
 	tidsProgrammed, tidsFreed, tidInvalidations, tidInvalReads atomic.Uint64
 	pagesPinned, pagesUnpinned                                 atomic.Uint64
 	tlbFlushes                                                 atomic.Uint64
+	fastRegs, localInvs                                        atomic.Uint64
 }
 
 // Stats returns the device's driver counters.
@@ -25,10 +27,19 @@ func (d *Device) Stats() uapi.GohfiDriverStats {
 		PagesPinned:      s.pagesPinned.Load(),
 		PagesUnpinned:    s.pagesUnpinned.Load(),
 		TlbFlushes:       s.tlbFlushes.Load(),
+		FastRegs:         s.fastRegs.Load(),
+		LocalInvs:        s.localInvs.Load(),
 	}
 }
 
 func (f *File) driverStats(arg UserPtr) error {
+	if f.pd != nil {
+		// Retire what the device consumed, so fast_regs and local_invs
+		// count it.
+		if err := f.pd.reclaimFastReg(); err != nil {
+			return fmt.Errorf("gohfi: DRIVER_STATS: %w", err)
+		}
+	}
 	st := f.d.Stats()
 	b := make([]byte, st.SizeBytes())
 	st.MarshalBytes(b)
@@ -37,9 +48,10 @@ func (f *File) driverStats(arg UserPtr) error {
 
 // queryDevice (GOHFI_IOCTL_QUERY_DEVICE) reports what this driver offers on
 // this device: the verbs limits as a user can reach them (one ring slot
-// stays empty; a CQ holds cqUsable of its entries). ODP and fast
-// registration are not offered by this driver version, so their
-// capability bits stay clear even though the hardware advertises them
+// stays empty; a CQ holds cqUsable of its entries). Fast registration is
+// reported where the device has it (IB_DEVICE_MEM_MGT_EXTENSIONS and the
+// longest page list); ODP is not offered by this driver version, so its
+// capabilities stay clear even though the hardware advertises them
 // (DeviceInfo.CapFlags).
 func (f *File) queryDevice(arg UserPtr) error {
 	i := f.d.info
@@ -61,6 +73,10 @@ func (f *File) queryDevice(arg UserPtr) error {
 		a.MaxCQ = uint32(v.attr.NumCQs)
 		a.MaxCQE = uint32(v.maxCQE())
 		a.MaxMRSize = uint64(i.MTTEntries) * pageSize
+		if v.maxFRPages > 0 {
+			a.DeviceCapFlags |= uapi.IB_DEVICE_MEM_MGT_EXTENSIONS
+			a.MaxFastRegPageListLen = uint32(v.maxFRPages)
+		}
 	}
 	b := make([]byte, a.SizeBytes())
 	a.MarshalBytes(b)
