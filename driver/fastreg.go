@@ -30,9 +30,10 @@ import (
 // The driver learns that a WQE was consumed by reading QPSQHead (the device's
 // consumer index, which also counts unsignaled and flushed WQEs): a QP keeps
 // its outstanding local operations in send-queue order (QP.frPend) and
-// retires those behind QPSQHead whenever it reads it. It reads it at
-// POST_SEND when it has outstanding ones (or the queue looks full), at
-// DEREG_MR, at DRIVER_STATS and when a busy page list is mapped again.
+// retires those behind QPSQHead whenever it reads it. It reads it when a
+// user REG_MR finds its MR's pool of page lists used up (poolBatch), when
+// the send queue looks full, at DEREG_MR, at DRIVER_STATS and when a busy
+// page list is mapped or freed.
 // Forcing FAST_REG_MR WQEs signaled and filtering their completions would
 // need the CQ poller to know them; the consumer index needs nothing.
 //
@@ -526,6 +527,12 @@ func (qp *QP) localOpLocked(wr *SendWR, w *chip.SendWQE) error {
 	case b.length == 0 || b.length > uint64(len(b.pages))<<b.shift-b.iova&mask || b.iova+b.length < b.iova:
 		return errnoErr(fmt.Sprintf("POST_SEND: REG_MR length %d at iova %#x: %d pages of %d bytes", b.length, b.iova, len(b.pages), mask+1), unix.EINVAL)
 	}
+	if r.PageList == nil && m.poolEmpty() {
+		// Take back what the device consumed before growing the pool.
+		if err := qp.reclaimLocked(); err != nil {
+			return fmt.Errorf("gohfi: POST_SEND: %w", err)
+		}
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.gone {
@@ -555,6 +562,18 @@ func (qp *QP) localOpLocked(wr *SendWR, w *chip.SendWQE) error {
 	w.FrMPTIndex, w.FrKey, w.FrAccess = m.index, r.Key, r.Access
 	qp.frPend = append(qp.frPend, frPending{slot: qp.sqTail, op: wr.Opcode, mr: m, pl: pl})
 	return nil
+}
+
+// poolBatch is how many page lists a fast-reg MR's pool holds before a
+// REG_MR that finds none free reads QPSQHead to take consumed ones back:
+// one read per poolBatch binds in a steady stream.
+const poolBatch = 4
+
+// poolEmpty reports whether the pool has no free page list and is full.
+func (m *FastRegMR) poolEmpty() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.pool) == 0 && len(m.lists) >= poolBatch
 }
 
 // takeListLocked takes a free page list of the MR's pool, allocating one

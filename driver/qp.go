@@ -373,11 +373,6 @@ func (qp *QP) postSend(count int, next func(i int) (*SendWR, error)) (int, error
 	posted := 0
 	var perr error
 	var w chip.SendWQE
-	if len(qp.frPend) > 0 {
-		if err := qp.reclaimLocked(); err != nil {
-			return 0, fmt.Errorf("gohfi: POST_SEND: %w", err)
-		}
-	}
 	for ; posted < count; posted++ {
 		wr, err := next(posted)
 		if err != nil {
