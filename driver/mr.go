@@ -196,10 +196,17 @@ func (mr *MR) publish(e chip.MPTEntry) error {
 // the pages unmapped and unpinned and the entries given back.
 func (mr *MR) Dereg() error {
 	pd := mr.pd
+	if err := pd.reclaimFastReg(); err != nil {
+		return fmt.Errorf("gohfi: DEREG_MR: %w", err)
+	}
 	pd.mu.Lock()
 	if pd.mrs[mr.handle] != mr {
 		pd.mu.Unlock()
 		return errnoErr(fmt.Sprintf("DEREG_MR: MR %d is not registered", mr.handle), unix.EINVAL)
+	}
+	if err := pd.fastRegUsesLocked(mr); err != nil {
+		pd.mu.Unlock()
+		return err
 	}
 	delete(pd.mrs, mr.handle)
 	pd.mu.Unlock()
@@ -308,6 +315,9 @@ func (pd *PD) ioctlDeregMR(arg UserPtr) error {
 	h, err := pd.readHandle(arg, "DEREG_MR")
 	if err != nil {
 		return err
+	}
+	if m, err := lookup(pd, pd.frmrs, h, "DEREG_MR"); err == nil {
+		return m.Dereg()
 	}
 	mr, err := lookup(pd, pd.mrs, h, "DEREG_MR")
 	if err != nil {

@@ -29,7 +29,8 @@ type QP struct {
 	state          uint32 // last state the driver set (the device may since have moved to ERR)
 	sqTail, sqHead int    // producer index and last consumer index read from QPSQHead
 	rqTail, rqHead int
-	psn            uint64 // QPPSN as written
+	psn            uint64      // QPPSN as written
+	frPend         []frPending // local operations posted, not yet known consumed (fastreg.go)
 }
 
 // QPInitAttr are CREATE_QP's arguments (ib_qp_init_attr).
@@ -67,6 +68,9 @@ type SendWR struct {
 	ImmData    uint32 // network order, as the caller gives it
 	CompareAdd uint64 // ATOMIC_CMP_AND_SWP: compare; ATOMIC_FETCH_AND_ADD: add
 	Swap       uint64 // ATOMIC_CMP_AND_SWP: the value written when equal
+
+	InvalidateRkey uint32 // LOCAL_INV, SEND_WITH_INV, RDMA_READ_WITH_INV
+	Reg            *RegWR // FAST_REG_MR (GOHFI_WR_REG_MR)
 }
 
 // RecvWR is one receive work request (ib_recv_wr).
@@ -261,6 +265,7 @@ func (qp *QP) Modify(a QPAttr) error {
 	qp.state = a.State
 	if a.State == uapi.GOHFI_QPS_RESET {
 		qp.sqTail, qp.sqHead, qp.rqTail, qp.rqHead, qp.psn = 0, 0, 0, 0, 0
+		qp.dropPendingLocked()
 	}
 	return nil
 }
@@ -297,6 +302,9 @@ func (qp *QP) destroy() error {
 			errs = append(errs, d.writeCSR(chip.QPReg(qp.idx, r), 0))
 		}
 	}
+	qp.mu.Lock()
+	qp.dropPendingLocked()
+	qp.mu.Unlock()
 	pd.mu.Lock()
 	qp.sendCQ.qpRefs--
 	qp.recvCQ.qpRefs--
@@ -330,16 +338,16 @@ func (qp *QP) release() error {
 	return errors.Join(errs...)
 }
 
-// sendOpcodeOK reports the work requests this driver posts (RC, no fast
-// registration or memory windows yet).
-func sendOpcodeOK(op uint32) bool {
+// sendOpcodeOK reports the work requests this driver posts: RC, atomics,
+// fast registration where the device has it; no memory windows.
+func (qp *QP) sendOpcodeOK(op uint32) bool {
 	switch op {
 	case uapi.GOHFI_WR_RDMA_WRITE, uapi.GOHFI_WR_RDMA_WRITE_WITH_IMM, uapi.GOHFI_WR_SEND,
 		uapi.GOHFI_WR_SEND_WITH_IMM, uapi.GOHFI_WR_RDMA_READ,
 		uapi.GOHFI_WR_ATOMIC_CMP_AND_SWP, uapi.GOHFI_WR_ATOMIC_FETCH_AND_ADD:
 		return true
 	}
-	return false
+	return isFastRegOp(op) && qp.pd.v.maxFRPages > 0
 }
 
 func isAtomicWR(op uint32) bool {
@@ -385,12 +393,10 @@ func (qp *QP) postSend(count int, next func(i int) (*SendWR, error)) (int, error
 			break
 		}
 		if (qp.sqTail+1)%qp.sqN == qp.sqHead {
-			h, err := d.readCSR(chip.QPReg(qp.idx, chip.QPSQHead))
-			if err != nil {
+			if err := qp.reclaimLocked(); err != nil {
 				perr = fmt.Errorf("gohfi: POST_SEND: %w", err)
 				break
 			}
-			qp.sqHead = int(h % uint64(qp.sqN))
 			if (qp.sqTail+1)%qp.sqN == qp.sqHead {
 				perr = errnoErr(fmt.Sprintf("POST_SEND: send queue of QP %d full (%d WRs)", qp.Num(), qp.sqN-1), unix.ENOMEM)
 				break
@@ -404,6 +410,10 @@ func (qp *QP) postSend(count int, next func(i int) (*SendWR, error)) (int, error
 		}
 		for i, s := range wr.SGL {
 			w.SGE[i] = chip.SGE{Addr: s.Addr, Length: s.Length, Lkey: s.Lkey}
+		}
+		if err := qp.localOpLocked(wr, &w); err != nil {
+			perr = err
+			break
 		}
 		w.Marshal(qp.sq.mem[qp.sqTail*chip.SendWQESize:])
 		qp.sqTail = (qp.sqTail + 1) % qp.sqN
@@ -422,8 +432,12 @@ func (qp *QP) checkSendWR(wr *SendWR) error {
 		total += uint64(s.Length)
 	}
 	switch {
-	case !sendOpcodeOK(wr.Opcode):
+	case !qp.sendOpcodeOK(wr.Opcode):
 		return errnoErr(fmt.Sprintf("POST_SEND: opcode %d", wr.Opcode), unix.EINVAL)
+	case (wr.Opcode == uapi.GOHFI_WR_FAST_REG_MR || wr.Opcode == uapi.GOHFI_WR_LOCAL_INV) && len(wr.SGL) != 0:
+		return errnoErr(fmt.Sprintf("POST_SEND: opcode %d takes no SGEs", wr.Opcode), unix.EINVAL)
+	case wr.Opcode != uapi.GOHFI_WR_FAST_REG_MR && wr.Reg != nil:
+		return errnoErr(fmt.Sprintf("POST_SEND: opcode %d with a REG_MR", wr.Opcode), unix.EINVAL)
 	case wr.SendFlags&^sendFlagsKnown != 0:
 		return errnoErr(fmt.Sprintf("POST_SEND: send flags %#x (inline data is not offered)", wr.SendFlags), unix.EINVAL)
 	case len(wr.SGL) > qp.maxSendSge:
@@ -621,9 +635,11 @@ func (pd *PD) ioctlPostSend(arg UserPtr) (ferr error) {
 		switch {
 		case u.NumSge > uint32(qp.maxSendSge):
 			return nil, errnoErr(fmt.Sprintf("POST_SEND: WR %d has %d SGEs, QP has %d", i, u.NumSge, qp.maxSendSge), unix.EINVAL)
-		case u.InvalidateRkey != 0 || u.FrIova != 0 || u.FrLength != 0 || u.FrPageList != 0 || u.FrPageListLen != 0 ||
-			u.FrPageShift != 0 || u.FrMRHandle != 0 || u.FrKey != 0 || u.FrAccess != 0:
-			return nil, errnoErr(fmt.Sprintf("POST_SEND: WR %d sets invalidation or fast-registration fields", i), unix.EINVAL)
+		case u.InvalidateRkey != 0 && !invalidates(u.Opcode):
+			return nil, errnoErr(fmt.Sprintf("POST_SEND: WR %d sets invalidate_rkey", i), unix.EINVAL)
+		case u.Opcode != uapi.GOHFI_WR_FAST_REG_MR && (u.FrIova != 0 || u.FrLength != 0 || u.FrPageList != 0 || u.FrPageListLen != 0 ||
+			u.FrPageShift != 0 || u.FrMRHandle != 0 || u.FrKey != 0 || u.FrAccess != 0):
+			return nil, errnoErr(fmt.Sprintf("POST_SEND: WR %d sets fast-registration fields", i), unix.EINVAL)
 		case u.RemoteQPN != 0 || u.RemoteQkey != 0 || u.RemotePort != 0:
 			return nil, errnoErr(fmt.Sprintf("POST_SEND: WR %d sets UD fields on an RC QP", i), unix.EINVAL)
 		}
@@ -632,7 +648,13 @@ func (pd *PD) ioctlPostSend(arg UserPtr) (ferr error) {
 			return nil, err
 		}
 		wr = SendWR{WrID: u.WrID, Opcode: u.Opcode, SendFlags: u.SendFlags, SGL: sgl,
-			RemoteAddr: u.RemoteAddr, Rkey: u.Rkey, ImmData: u.ImmData, CompareAdd: u.CompareAdd, Swap: u.Swap}
+			RemoteAddr: u.RemoteAddr, Rkey: u.Rkey, ImmData: u.ImmData, CompareAdd: u.CompareAdd, Swap: u.Swap,
+			InvalidateRkey: u.InvalidateRkey}
+		if u.Opcode == uapi.GOHFI_WR_FAST_REG_MR && qp.pd.v.maxFRPages > 0 {
+			if wr.Reg, err = pd.userBindingOf(&u, i); err != nil {
+				return nil, err
+			}
+		}
 		return &wr, nil
 	}
 	n, err := qp.postSend(int(r.WrCount), next)

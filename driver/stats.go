@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"fmt"
 	"sync/atomic"
 
 	"github.com/gohfi/gohfi/uapi"
@@ -14,6 +15,7 @@ type devStats struct {
 	tlbFlushes                                                 atomic.Uint64
 	odpFaults, odpFaultsHandled, odpInvals, odpInvalsHandled   atomic.Uint64
 	odpPrefetch                                                atomic.Uint64
+	fastRegs, localInvs                                        atomic.Uint64
 }
 
 // Stats returns the device's driver counters.
@@ -32,10 +34,19 @@ func (d *Device) Stats() uapi.GohfiDriverStats {
 		OdpFaultsHandled: s.odpFaultsHandled.Load(),
 		OdpInvalsHandled: s.odpInvalsHandled.Load(),
 		OdpPagePrefetch:  s.odpPrefetch.Load(),
+		FastRegs:         s.fastRegs.Load(),
+		LocalInvs:        s.localInvs.Load(),
 	}
 }
 
 func (f *File) driverStats(arg UserPtr) error {
+	if f.pd != nil {
+		// Retire what the device consumed, so fast_regs and local_invs
+		// count it.
+		if err := f.pd.reclaimFastReg(); err != nil {
+			return fmt.Errorf("gohfi: DRIVER_STATS: %w", err)
+		}
+	}
 	st := f.d.Stats()
 	b := make([]byte, st.SizeBytes())
 	st.MarshalBytes(b)
@@ -45,9 +56,9 @@ func (f *File) driverStats(arg UserPtr) error {
 // queryDevice (GOHFI_IOCTL_QUERY_DEVICE) reports what this driver offers on
 // this device: the verbs limits as a user can reach them (one ring slot
 // stays empty; a CQ holds cqUsable of its entries). ODP is advertised on
-// a device with chip.CapODP (odpCaps); fast registration is not offered by
-// this driver version, so its capability bits stay clear. Atomics have no
-// field (ib_device_attr's atomic_cap is not in gohfi_device_attr):
+// a device with chip.CapODP (odpCaps), fast registration where the device
+// has it (IB_DEVICE_MEM_MGT_EXTENSIONS and the longest page list). Atomics
+// have no field (ib_device_attr's atomic_cap is not in gohfi_device_attr):
 // CMP_AND_SWP and FETCH_AND_ADD work wherever the verbs engine does, atomic
 // among the device's own atomics (IB_ATOMIC_HCA), as docs/abi.md says.
 func (f *File) queryDevice(arg UserPtr) error {
@@ -71,6 +82,10 @@ func (f *File) queryDevice(arg UserPtr) error {
 		a.MaxCQE = uint32(v.maxCQE())
 		a.MaxMRSize = uint64(i.MTTEntries) * pageSize
 		a.OdpGeneralCaps, a.OdpRCCaps = v.odpCaps()
+		if v.maxFRPages > 0 {
+			a.DeviceCapFlags |= uapi.IB_DEVICE_MEM_MGT_EXTENSIONS
+			a.MaxFastRegPageListLen = uint32(v.maxFRPages)
+		}
 	}
 	b := make([]byte, a.SizeBytes())
 	a.MarshalBytes(b)

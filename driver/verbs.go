@@ -53,6 +53,8 @@ type verbsDev struct {
 	qps     []*QP // by QP index, device-wide (RTR looks up destinations)
 	cqs     []*CQ // by CQ index
 
+	maxFRPages int // RegMaxFastRegPages; 0: no fast registration (fastreg.go)
+
 	tlbMu  sync.Mutex
 	tlbSeq uint64 // sequence of the last flush started
 
@@ -103,6 +105,9 @@ func (d *Device) probeVerbs() error {
 			return fmt.Errorf("verbs register %s (%#x) reads %d (%#x): want %sfrom %d to %d: %w", r.name, r.off, x, x, p, r.min, r.max, unix.EIO)
 		}
 		r.set(&v.attr, x)
+	}
+	if err := d.probeFastReg(v); err != nil {
+		return err
 	}
 	if d.info.MTTEntries == 0 {
 		// Nothing could be registered: the engine is not offered (every
@@ -303,6 +308,7 @@ type PD struct {
 	// takes it shared to look at the CQs without the file's lock.
 	mu     sync.RWMutex
 	mrs    map[uint32]*MR
+	frmrs  map[uint32]*FastRegMR
 	cqs    map[uint32]*CQ
 	qps    map[uint32]*QP
 	closed unix.Errno // set by release: EBADF or ENXIO
@@ -336,7 +342,7 @@ func (f *File) pdLocked(what string) (*PD, error) {
 	}
 	if f.pd == nil {
 		f.pd = &PD{f: f, d: f.d, v: f.d.verbs, num: uint32(f.uctxt.ctxt) + 1,
-			mrs: map[uint32]*MR{}, cqs: map[uint32]*CQ{}, qps: map[uint32]*QP{}}
+			mrs: map[uint32]*MR{}, frmrs: map[uint32]*FastRegMR{}, cqs: map[uint32]*CQ{}, qps: map[uint32]*QP{}}
 	}
 	return f.pd, nil
 }
@@ -369,18 +375,22 @@ func lookup[T any](pd *PD, m map[uint32]T, h uint32, what string) (T, error) {
 }
 
 // close tears the PD down (file close, device removal): QPs to RESET and
-// freed, MRs deregistered with their TLB entries flushed, CQs freed;
+// freed, fast-reg MRs (valid or not) then pinned MRs deregistered with
+// their TLB entries flushed, CQs freed;
 // nothing stays pinned or mapped. With the device dead, nothing is written
 // to it and memory is released all the same.
 func (pd *PD) close(why unix.Errno) error {
 	pd.mu.Lock()
 	pd.closed = why
-	qps, cqs, mrs := pd.qps, pd.cqs, pd.mrs
-	pd.qps, pd.cqs, pd.mrs = map[uint32]*QP{}, map[uint32]*CQ{}, map[uint32]*MR{}
+	qps, cqs, mrs, frmrs := pd.qps, pd.cqs, pd.mrs, pd.frmrs
+	pd.qps, pd.cqs, pd.mrs, pd.frmrs = map[uint32]*QP{}, map[uint32]*CQ{}, map[uint32]*MR{}, map[uint32]*FastRegMR{}
 	pd.mu.Unlock()
 	var errs []error
 	for _, qp := range qps {
 		errs = append(errs, qp.destroy())
+	}
+	for _, m := range frmrs {
+		errs = append(errs, m.dereg())
 	}
 	for _, mr := range mrs {
 		errs = append(errs, mr.dereg())
@@ -421,7 +431,7 @@ func (f *File) verbsIoctl(cmd uint32, arg UserPtr) (bool, error) {
 	case uapi.GOHFI_IOCTL_ADVISE_MR:
 		h, name = (*PD).ioctlAdviseMR, "ADVISE_MR"
 	case uapi.GOHFI_IOCTL_ALLOC_MR:
-		return true, errnoErr(fmt.Sprintf("ioctl %#x: fast registration is not offered by this driver version", cmd), unix.EOPNOTSUPP)
+		h, name = (*PD).ioctlAllocMR, "ALLOC_MR"
 	default:
 		return false, nil
 	}

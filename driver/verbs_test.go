@@ -191,8 +191,8 @@ func TestVerbsWithoutEngine(t *testing.T) {
 	}
 }
 
-// TestVerbsQueryDevice: the limits a user can reach, and no capability
-// bit this driver does not offer.
+// TestVerbsQueryDevice: the limits a user can reach, fast registration,
+// and no capability bit this driver does not offer.
 func TestVerbsQueryDevice(t *testing.T) {
 	e := openVerbs(t, 1)
 	f := openFile(t, e.a)
@@ -205,9 +205,11 @@ func TestVerbsQueryDevice(t *testing.T) {
 		attr.MaxMRSize != uint64(attr.MttEntries)*4096 {
 		t.Errorf("limits missing: %+v", attr)
 	}
-	// ODP without implicit ODP, RC only; no fast registration yet.
-	if attr.DeviceCapFlags&uapi.IB_DEVICE_MEM_MGT_EXTENSIONS != 0 || attr.OdpGeneralCaps != uapi.IBV_ODP_SUPPORT ||
-		attr.OdpRCCaps&uapi.IBV_ODP_SUPPORT_WRITE == 0 || attr.OdpUDCaps != 0 || attr.MaxFastRegPageListLen != 0 {
+	if attr.DeviceCapFlags != uapi.IB_DEVICE_MEM_MGT_EXTENSIONS || attr.MaxFastRegPageListLen != 4096 {
+		t.Errorf("fast registration not reported: %+v", attr)
+	}
+	// ODP without implicit ODP, RC only.
+	if attr.OdpGeneralCaps != uapi.IBV_ODP_SUPPORT || attr.OdpRCCaps&uapi.IBV_ODP_SUPPORT_WRITE == 0 || attr.OdpUDCaps != 0 {
 		t.Errorf("capabilities not offered are reported: %+v", attr)
 	}
 }
@@ -624,8 +626,9 @@ func TestPostChecks(t *testing.T) {
 		want unix.Errno
 	}{
 		{"opcode 99", send(99), unix.EINVAL},
-		{"LOCAL_INV (fast registration)", send(uapi.GOHFI_WR_LOCAL_INV), unix.EINVAL},
-		{"FAST_REG_MR", send(uapi.GOHFI_WR_FAST_REG_MR), unix.EINVAL},
+		{"LOCAL_INV with an SGE", func() hfiuser.SendWR { w := withSGEs(1); w.Opcode = uapi.GOHFI_WR_LOCAL_INV; return w }(), unix.EINVAL},
+		{"FAST_REG_MR without an MR", send(uapi.GOHFI_WR_FAST_REG_MR), unix.EINVAL},
+		{"invalidate_rkey on a SEND", func() hfiuser.SendWR { w := send(uapi.GOHFI_WR_SEND); w.InvalidateRkey = 1; return w }(), unix.EINVAL},
 		{"ATOMIC without its 8-byte SGE", send(uapi.GOHFI_WR_ATOMIC_FETCH_AND_ADD), unix.EINVAL},
 		{"INLINE", func() hfiuser.SendWR {
 			w := send(uapi.GOHFI_SEND_SIGNALED)

@@ -83,7 +83,7 @@ func (d *Device) readRegLocked(reg uint64) uint64 {
 	case chip.RegMTTEntries:
 		return uint64(c.MTTEntries)
 	case chip.RegCapFlags:
-		return chip.CapMSIX | chip.CapLoopback | chip.CapVerbs | chip.CapODP
+		return chip.CapMSIX | chip.CapLoopback | chip.CapVerbs | chip.CapODP | chip.CapMemMgtExtensions
 	case chip.RegRHQMaxEntries:
 		return uint64(c.RHQMaxEntries)
 	case chip.RegControl:
@@ -226,6 +226,8 @@ func (c Config) verbsReg(reg uint64) (uint64, bool) {
 		return uint64(c.MaxSGE), true
 	case chip.RegMaxMsgSize:
 		return maxMsgSize, true
+	case chip.RegMaxFastRegPages:
+		return uint64(c.MaxFastRegPages), true
 	}
 	return 0, false
 }

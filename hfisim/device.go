@@ -43,9 +43,12 @@ type Config struct {
 	MaxSGE     int // scatter/gather entries per WQE, 1..chip.WQEMaxSGE
 
 	// TLBInvLatency is how long a TLB-invalidate command takes to
-	// complete (0: at once, in the register write), at most
+	// complete (0: as soon as the engine is between packets), at most
 	// MaxTLBInvLatency.
 	TLBInvLatency time.Duration
+	// MaxFastRegPages is the longest FAST_REG_MR page list
+	// (chip.RegMaxFastRegPages), a power of two up to chip.MaxFastRegPages.
+	MaxFastRegPages int
 
 	// RegOverride is a test hook for a device that lies about itself:
 	// reads of the identity and capability registers it names (chip.RegID
@@ -69,6 +72,7 @@ func DefaultConfig() Config {
 		MaxQPWR:         16384,
 		MaxCQE:          65536,
 		MaxSGE:          8,
+		MaxFastRegPages: 4096,
 	}
 }
 
@@ -105,7 +109,7 @@ func overridable(off uint64) bool {
 	if off%8 != 0 {
 		return false
 	}
-	return off <= chip.RegRHQMaxEntries || (off >= chip.RegMPTEntries && off <= chip.RegMaxMsgSize)
+	return off <= chip.RegRHQMaxEntries || (off >= chip.RegMPTEntries && off <= chip.RegMaxFastRegPages)
 }
 
 func (c Config) validateVerbs() error {
@@ -123,6 +127,8 @@ func (c Config) validateVerbs() error {
 		return fmt.Errorf("hfisim: max CQEs %d, want a power of two from 2 to %d", c.MaxCQE, chip.MaxCQE)
 	case c.MaxSGE < 1 || c.MaxSGE > chip.WQEMaxSGE:
 		return fmt.Errorf("hfisim: max SGEs %d, want 1..%d", c.MaxSGE, chip.WQEMaxSGE)
+	case !pow2(c.MaxFastRegPages, 1, chip.MaxFastRegPages):
+		return fmt.Errorf("hfisim: max fast-reg pages %d, want a power of two up to %d", c.MaxFastRegPages, chip.MaxFastRegPages)
 	}
 	return nil
 }

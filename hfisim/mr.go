@@ -70,14 +70,17 @@ func (d *Device) checkKey(key, pd uint32, va, n uint64, need, allow uint32) (chi
 }
 
 // translateLocked turns n bytes at va of region e into IOVA spans through
-// the TLB and the MTT, appending to out. Every page must be present and
+// the TLB and the MTT (one entry per page of the entry's page shift),
+// appending to out. Every page must be present and
 // have the perm bits (chip.MTTRead, chip.MTTWrite or both); a page the
 // device cannot translate is chip.VendorErrDMA.
 func (d *Device) translateLocked(e *chip.MPTEntry, va, n, perm uint64, out []span) ([]span, uint32) {
 	perm |= chip.MTTPresent
-	base := e.IOVA &^ 0xfff
+	shift := e.PageShift()
+	pageMask := uint64(1)<<shift - 1
+	base := e.IOVA &^ pageMask
 	for n > 0 {
-		idx := uint64(e.MTTFirst) + (va-base)>>12
+		idx := uint64(e.MTTFirst) + (va-base)>>shift
 		if idx >= uint64(d.cfg.MTTEntries) {
 			return out, chip.VendorErrDMA
 		}
@@ -91,8 +94,8 @@ func (d *Device) translateLocked(e *chip.MPTEntry, va, n, perm uint64, out []spa
 			}
 			return out, chip.VendorErrDMA
 		}
-		pageOff := va & 0xfff
-		k := min(n, 4096-pageOff)
+		pageOff := va & pageMask
+		k := min(n, pageMask+1-pageOff)
 		iova := ent&chip.MTTAddrMask + pageOff
 		if l := len(out); l > 0 && out[l-1].iova+uint64(out[l-1].n) == iova {
 			out[l-1].n += int(k)
@@ -130,6 +133,13 @@ func (d *Device) tlbLookupLocked(idx uint32) uint64 {
 // tlbFlushLocked completes an MTT translation-cache invalidation of count
 // entries from start: the next use of each reads the MTT again.
 func (d *Device) tlbFlushLocked(start, count uint64) {
+	d.tlbDropLocked(start, count)
+	d.tlbDone++
+}
+
+// tlbDropLocked forgets the cached translations of count MTT entries from
+// start (a flush command, or the device's own MTT writes by FAST_REG_MR).
+func (d *Device) tlbDropLocked(start, count uint64) {
 	end := start + count
 	if end < start {
 		end = ^uint64(0)
@@ -145,7 +155,6 @@ func (d *Device) tlbFlushLocked(start, count uint64) {
 			delete(d.tlb, uint32(i))
 		}
 	}
-	d.tlbDone++
 }
 
 // resolveLocked checks and translates n bytes at va through key for a QP

@@ -104,6 +104,10 @@ func (d *Device) sendBurst(dma vfiouser.DMA, gen uint64, n int, buf []byte) bool
 		d.completeReq(r, d.faultError(dma, gen, f))
 		return true
 	}
+	if isLocalOp(r.p.wqe.Opcode) {
+		d.completeReq(r, d.execLocal(r))
+		return true
+	}
 	for range verbsBurst {
 		res := d.sendPacket(r, buf)
 		switch {
@@ -113,6 +117,9 @@ func (d *Device) sendBurst(dma vfiouser.DMA, gen uint64, n int, buf []byte) bool
 			d.completeReq(r, res)
 			return true
 		case r.p.off >= r.p.total:
+			if r.p.wqe.Opcode == uapi.GOHFI_WR_RDMA_READ_WITH_INV {
+				res = d.readInvalidate(r)
+			}
 			d.completeReq(r, res)
 			return true
 		}
@@ -180,7 +187,10 @@ func (d *Device) checkSendWQE(raw []byte, w *chip.SendWQE) (uint64, result) {
 	}
 	switch w.Opcode {
 	case uapi.GOHFI_WR_SEND, uapi.GOHFI_WR_SEND_WITH_IMM, uapi.GOHFI_WR_RDMA_WRITE, uapi.GOHFI_WR_RDMA_WRITE_WITH_IMM,
-		uapi.GOHFI_WR_RDMA_READ, uapi.GOHFI_WR_ATOMIC_CMP_AND_SWP, uapi.GOHFI_WR_ATOMIC_FETCH_AND_ADD:
+		uapi.GOHFI_WR_RDMA_READ, uapi.GOHFI_WR_ATOMIC_CMP_AND_SWP, uapi.GOHFI_WR_ATOMIC_FETCH_AND_ADD,
+		uapi.GOHFI_WR_SEND_WITH_INV, uapi.GOHFI_WR_RDMA_READ_WITH_INV:
+	case uapi.GOHFI_WR_FAST_REG_MR, uapi.GOHFI_WR_LOCAL_INV:
+		return 0, d.checkLocalWQE(raw, w)
 	default:
 		return 0, fail(uapi.GOHFI_WC_LOC_QP_OP_ERR, chip.VendorErrOpcode)
 	}
@@ -212,7 +222,8 @@ func isAtomic(op uint8) bool {
 }
 
 func needsRecv(op uint8) bool {
-	return op == uapi.GOHFI_WR_SEND || op == uapi.GOHFI_WR_SEND_WITH_IMM || op == uapi.GOHFI_WR_RDMA_WRITE_WITH_IMM
+	return op == uapi.GOHFI_WR_SEND || op == uapi.GOHFI_WR_SEND_WITH_IMM || op == uapi.GOHFI_WR_RDMA_WRITE_WITH_IMM ||
+		op == uapi.GOHFI_WR_SEND_WITH_INV
 }
 
 // wcOpcode is the completion opcode of a send WQE opcode.
@@ -253,7 +264,7 @@ func (d *Device) sendPacket(r *requester, buf []byte) result {
 
 	var res result
 	switch {
-	case pk.op == uapi.GOHFI_WR_RDMA_READ || isAtomic(pk.op):
+	case pk.op == uapi.GOHFI_WR_RDMA_READ || pk.op == uapi.GOHFI_WR_RDMA_READ_WITH_INV || isAtomic(pk.op):
 		res = d.fetchPacket(r, pd, pk)
 	default:
 		if res = d.gatherLocal(r, pd, pk); res.ok() {

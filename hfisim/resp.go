@@ -83,11 +83,11 @@ func (d *Device) respond(dma vfiouser.DMA, gen uint64, pk *packet) result {
 		}
 	}
 	switch pk.op {
-	case uapi.GOHFI_WR_SEND, uapi.GOHFI_WR_SEND_WITH_IMM:
+	case uapi.GOHFI_WR_SEND, uapi.GOHFI_WR_SEND_WITH_IMM, uapi.GOHFI_WR_SEND_WITH_INV:
 		return d.respondSend(dma, gen, rs, pk)
 	case uapi.GOHFI_WR_RDMA_WRITE, uapi.GOHFI_WR_RDMA_WRITE_WITH_IMM:
 		return d.respondWrite(dma, gen, rs, pk)
-	case uapi.GOHFI_WR_RDMA_READ:
+	case uapi.GOHFI_WR_RDMA_READ, uapi.GOHFI_WR_RDMA_READ_WITH_INV:
 		return d.respondRead(dma, rs, pk)
 	default:
 		return d.respondAtomic(dma, rs, pk)
@@ -176,6 +176,11 @@ func (d *Device) respondSend(dma vfiouser.DMA, gen uint64, rs *responder, pk *pa
 	if err := dmaSpans(dma, spans, pk.data, true); err != nil {
 		d.countDMAErr(err)
 		return d.respFail(dma, gen, rs, pk, uapi.GOHFI_WC_LOC_PROT_ERR, fail(uapi.GOHFI_WC_REM_OP_ERR, chip.VendorErrDMA))
+	}
+	if pk.last && pk.op == uapi.GOHFI_WR_SEND_WITH_INV {
+		if res := d.sendInvalidate(rs, pk); !res.ok() {
+			return d.respFail(dma, gen, rs, pk, uapi.GOHFI_WC_REM_INV_REQ_ERR, res)
+		}
 	}
 	if pk.last {
 		d.completeRecv(dma, gen, rs, pk, uapi.GOHFI_WC_SUCCESS, chip.VendorErrNone)
@@ -309,8 +314,13 @@ func (d *Device) completeRecv(dma vfiouser.DMA, gen uint64, rs *responder, pk *p
 	if pk.op == uapi.GOHFI_WR_RDMA_WRITE_WITH_IMM {
 		e.Opcode = uapi.GOHFI_WC_RECV_RDMA_WITH_IMM
 	}
-	if pk.op != uapi.GOHFI_WR_SEND {
+	switch pk.op {
+	case uapi.GOHFI_WR_SEND_WITH_IMM, uapi.GOHFI_WR_RDMA_WRITE_WITH_IMM:
 		e.ImmData, e.WcFlags = pk.imm, uapi.GOHFI_WC_WITH_IMM
+	case uapi.GOHFI_WR_SEND_WITH_INV:
+		if status == uapi.GOHFI_WC_SUCCESS {
+			e.InvalidatedRkey, e.WcFlags = pk.imm, uapi.GOHFI_WC_WITH_INVALIDATE
+		}
 	}
 	d.postCQE(dma, gen, rcq, &e)
 	d.mu.Lock()

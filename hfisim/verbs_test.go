@@ -14,15 +14,15 @@ func TestVerbsRegistersAndCaps(t *testing.T) {
 	h := newVerbs(t)
 	d := h.d
 	caps := rd(t, d, chip.RegCapFlags)
-	if caps != chip.CapMSIX|chip.CapLoopback|chip.CapVerbs|chip.CapODP {
-		t.Fatalf("CapFlags %#x: want MSI-X, loopback, verbs and ODP only (no fast registration yet)", caps)
+	if caps != chip.CapMSIX|chip.CapLoopback|chip.CapVerbs|chip.CapODP|chip.CapMemMgtExtensions {
+		t.Fatalf("CapFlags %#x: want MSI-X, loopback, verbs, ODP and fast registration", caps)
 	}
 	for _, r := range []struct {
 		reg  uint64
 		want uint64
 	}{
 		{chip.RegMPTEntries, 64}, {chip.RegNumQPs, 8}, {chip.RegNumCQs, 8}, {chip.RegMaxQPWR, 16384},
-		{chip.RegMaxCQE, 65536}, {chip.RegMaxSGE, 8}, {chip.RegMaxMsgSize, 1 << 30},
+		{chip.RegMaxCQE, 65536}, {chip.RegMaxSGE, 8}, {chip.RegMaxMsgSize, 1 << 30}, {chip.RegMaxFastRegPages, 4096},
 	} {
 		if got := rd(t, d, r.reg); got != r.want {
 			t.Errorf("register %#x = %d, want %d", r.reg, got, r.want)

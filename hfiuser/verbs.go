@@ -69,10 +69,12 @@ func DestroyQP(f *driver.File, handle uint32) error {
 
 // SendWR is a send work request with its scatter/gather list: PostSend
 // sets sg_list and num_sge from SGL when SGL is not nil, and otherwise
-// passes the WR's own fields as they are (for tests of bad lists).
+// passes the WR's own fields as they are (for tests of bad lists). Pages
+// does the same for a FAST_REG_MR's fr_page_list and fr_page_list_len.
 type SendWR struct {
 	uapi.GohfiSendWR
-	SGL []uapi.GohfiSge
+	SGL   []uapi.GohfiSge
+	Pages []uint64
 }
 
 // RecvWR is a receive work request with its scatter/gather list, as SendWR.
@@ -105,6 +107,9 @@ func PostSend(f *driver.File, qp uint32, wrs []SendWR) (int, error) {
 			w := wrs[i].GohfiSendWR
 			if wrs[i].SGL != nil {
 				w.SgList, w.NumSge = sglAddr(&pin, wrs[i].SGL), uint32(len(wrs[i].SGL))
+			}
+			if wrs[i].Pages != nil {
+				w.FrPageList, w.FrPageListLen = pageListAddr(&pin, wrs[i].Pages), uint32(len(wrs[i].Pages))
 			}
 			w.MarshalBytes(b[i*uapi.SizeofGohfiSendWR:])
 		}

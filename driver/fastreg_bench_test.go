@@ -1,0 +1,107 @@
+package driver_test
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/gohfi/gohfi/attach"
+	"github.com/gohfi/gohfi/hfiuser"
+	"github.com/gohfi/gohfi/internal/testenv"
+	"github.com/gohfi/gohfi/uapi"
+)
+
+// The cost of making the same pages reachable and unreachable again: a
+// bind + invalidate through the send queue (FAST_REG_MR unsignaled and
+// LOCAL_INV signaled in one POST_SEND, then POLL_CQ until its completion)
+// against REG_MR + DEREG_MR ioctls (pin, DMA map, MTT and MPT writes; MPT
+// free, MTT zap, TLB flush, unmap, unpin). Embedded device.
+//
+//	go test ./driver -run '^$' -bench 'FastRegCycle|RegDeregCycle' -benchtime 2000x
+
+var cycleSizes = []int{4 << 10, 64 << 10, 1 << 20}
+
+// benchLoopQP is a file with a QP connected to itself and a pinned buffer
+// of the largest size.
+func benchLoopQP(b *testing.B) (rcQP, []byte) {
+	b.Helper()
+	testenv.RequireRoot(b, "io_uring pins")
+	o := attach.DefaultOptions()
+	o.Sim.NumContexts = 1
+	a, err := attach.Open(context.Background(), "embedded", o)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { a.Close() })
+	f := openFile(b, a)
+	assign(b, f)
+	q := newRCQP(b, f, 64, 4, false)
+	q.connect(b, q.qpn)
+	buf := allocBuf(b, 1<<20, false)
+	return q, unsafeSlice(buf.Addr(), 1<<20)
+}
+
+func BenchmarkFastRegCycle(b *testing.B) {
+	q, buf := benchLoopQP(b)
+	if _, err := hfiuser.RegMR(q.f, uintptrOf(buf), uint64(len(buf)), uint64(uintptrOf(buf)), uapi.IB_ACCESS_LOCAL_WRITE); err != nil {
+		b.Fatal(err)
+	}
+	mr, err := hfiuser.AllocMR(q.f, uint32(len(buf)/4096))
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, size := range cycleSizes {
+		pages := make([]uint64, size/4096)
+		for i := range pages {
+			pages[i] = uint64(uintptrOf(buf)) + uint64(i)*4096
+		}
+		b.Run(fmt.Sprintf("%dKiB", size>>10), func(b *testing.B) {
+			wc := make([]uapi.GohfiWC, 1)
+			key := mr.Lkey
+			var postT time.Duration
+			defer func() { b.ReportMetric(float64(postT.Nanoseconds())/float64(b.N), "post-ns/op") }()
+			for range b.N {
+				key = key&^0xff | (key+1)&0xff
+				wrs := []hfiuser.SendWR{
+					hfiuser.FastRegWR(1, 0, mr.Handle, key, uapi.IB_ACCESS_LOCAL_WRITE|uapi.IB_ACCESS_REMOTE_WRITE, pages, 12, frIOVA, uint64(size)),
+					hfiuser.LocalInvWR(2, uapi.GOHFI_SEND_SIGNALED, key),
+				}
+				t0 := time.Now()
+				if bad, err := hfiuser.PostSend(q.f, q.qp, wrs); err != nil || bad != 2 {
+					b.Fatalf("POST_SEND: %d, %v", bad, err)
+				}
+				postT += time.Since(t0)
+				for {
+					n, err := hfiuser.PollCQ(q.f, q.cq, wc)
+					if err != nil {
+						b.Fatal(err)
+					}
+					if n == 1 {
+						break
+					}
+				}
+				if wc[0].Status != uapi.GOHFI_WC_SUCCESS || wc[0].Opcode != uapi.GOHFI_WC_LOCAL_INV {
+					b.Fatalf("completion %+v", wc[0])
+				}
+			}
+		})
+	}
+}
+
+func BenchmarkRegDeregCycle(b *testing.B) {
+	q, buf := benchLoopQP(b)
+	for _, size := range cycleSizes {
+		b.Run(fmt.Sprintf("%dKiB", size>>10), func(b *testing.B) {
+			for range b.N {
+				r, err := hfiuser.RegMR(q.f, uintptrOf(buf), uint64(size), frIOVA, uapi.IB_ACCESS_LOCAL_WRITE|uapi.IB_ACCESS_REMOTE_WRITE)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if err := hfiuser.DeregMR(q.f, r.Handle); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
