@@ -1,20 +1,33 @@
-package driver_test
+package driver
 
-import (
-	"unsafe"
+import "context"
 
-	"github.com/gohfi/gohfi/driver"
-)
+// SetTIDUpdateHook installs a function TID_UPDATE calls between pinning the
+// buffer and checking for a racing invalidation.
+func SetTIDUpdateHook(m *Module, f func()) { m.testHookTIDUpdate = f }
 
-func uintptrOf(b []byte) uintptr { return uintptr(unsafe.Pointer(&b[0])) }
+// SyncNotifier waits until every invalidation that happened before the call
+// has been delivered.
+func (d *Device) SyncNotifier(ctx context.Context) error {
+	n, err := d.notifier()
+	if err != nil {
+		return err
+	}
+	return n.Sync(ctx)
+}
 
-func uintptrOfU32(b []uint32) uintptr { return uintptr(unsafe.Pointer(&b[0])) }
+// PinnedNow is how many pins the device's pinner holds.
+func (d *Device) PinnedNow() int { return d.pinner.Pins() }
 
-// unsafePtr turns a raw address of memory outside the Go heap (mmap) into a
-// pointer; going through memory keeps vet's uintptr rule satisfied.
-func unsafePtr(addr uintptr) unsafe.Pointer { return *(*unsafe.Pointer)(unsafe.Pointer(&addr)) }
+// CSR reads a BAR0 register through the driver's own access path, so a
+// test can look at the device on any backend (embedded or PCI).
+func (d *Device) CSR(off uint64) (uint64, error) { return d.readCSR(off) }
 
-func unsafeSlice(addr uintptr, n int) []byte { return unsafe.Slice((*byte)(unsafePtr(addr)), n) }
-
-// argOf is b as an ioctl argument.
-func argOf(b []byte) driver.UserPtr { return driver.UserPtrOf(&b[0]) }
+// BAR4Word reads an 8-byte word of BAR4 (MTT, MPT) through the driver's
+// mapping; 0 without the verbs engine.
+func (d *Device) BAR4Word(off uint64) uint64 {
+	if d.verbs == nil || d.verbs.bar4 == nil {
+		return 0
+	}
+	return load64(d.verbs.bar4, int(off))
+}

@@ -45,9 +45,9 @@ type Device struct {
 	acct     *dma.Accountant
 	pinner   *dma.Pinner
 
-	notMu sync.Mutex
-	not   *userfault.Notifier // started at the first TID_UPDATE
-	gens  genPages            // the notifier's generations in every context's events page
+	mmuNotifierMu sync.Mutex
+	mmuNotifier   *userfault.Notifier // started at the first TID_UPDATE or ODP registration
+	gens          genPages            // the notifier's generations in every context's events page
 
 	mu      sync.Mutex
 	ctxts   []*ctxtData // hardware contexts; nil = free
@@ -356,12 +356,12 @@ func (d *Device) remove() error {
 	}
 	d.teardownInterrupts()
 	errs = append(errs, d.pinner.Close())
-	d.notMu.Lock()
-	if d.not != nil {
-		errs = append(errs, d.not.Close())
-		d.not = nil
+	d.mmuNotifierMu.Lock()
+	if d.mmuNotifier != nil {
+		errs = append(errs, d.mmuNotifier.Close())
+		d.mmuNotifier = nil
 	}
-	d.notMu.Unlock()
+	d.mmuNotifierMu.Unlock()
 	if d.rcvArray != nil {
 		errs = append(errs, unix.Munmap(d.rcvArray))
 		d.rcvArray = nil

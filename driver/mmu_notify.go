@@ -12,24 +12,24 @@ import (
 // notifier returns the device's invalidation notifier, starting it at first
 // use (userfaultfd and eBPF tracepoint sources; at least one must start).
 func (d *Device) notifier() (*userfault.Notifier, error) {
-	d.notMu.Lock()
-	defer d.notMu.Unlock()
-	if d.not != nil {
-		return d.not, nil
+	d.mmuNotifierMu.Lock()
+	defer d.mmuNotifierMu.Unlock()
+	if d.mmuNotifier != nil {
+		return d.mmuNotifier, nil
 	}
 	n, err := userfault.New(context.Background(), userfault.Options{Observer: &d.gens})
 	if err != nil {
 		return nil, fmt.Errorf("start invalidation notifier: %w", err)
 	}
-	d.not = n
+	d.mmuNotifier = n
 	return n, nil
 }
 
 // runningNotifier returns the notifier if it was started, else nil.
 func (d *Device) runningNotifier() *userfault.Notifier {
-	d.notMu.Lock()
-	defer d.notMu.Unlock()
-	return d.not
+	d.mmuNotifierMu.Lock()
+	defer d.mmuNotifierMu.Unlock()
+	return d.mmuNotifier
 }
 
 // waitInvalidations waits until every synchronous invalidation begun before

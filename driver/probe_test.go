@@ -7,7 +7,6 @@ import (
 	"maps"
 	"strings"
 	"testing"
-	"unsafe"
 
 	"github.com/gohfi/gohfi/attach"
 	"github.com/gohfi/gohfi/chip"
@@ -113,7 +112,7 @@ func checkMaxTIDUpdate(t *testing.T, a *attach.Attached) {
 	// the address in hfi1_tid_info, which would go stale if a small list
 	// were allocated on this goroutine's stack and the stack moved.
 	lb := allocBuf(t, 4*per, false)
-	list := unsafe.Slice((*uint32)(unsafePtr(lb.Addr())), per)
+	list := u32sAt(lb.Addr(), per)
 	tids, got, err := hfiuser.TIDUpdate(f, buf.Addr(), length, list)
 	if err != nil {
 		t.Fatalf("TID_UPDATE of %d bytes (MaxTIDPages %d): %v", length, info.MaxTIDPages, err)

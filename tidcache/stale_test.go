@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"fmt"
 	"testing"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -52,7 +51,7 @@ var reuses = []reuse{
 		}
 	}},
 	{"madvise-DONTNEED", func(t *testing.T, addr uintptr, size int) {
-		if err := unix.Madvise(unsafe.Slice((*byte)(addrPtr(addr)), size), unix.MADV_DONTNEED); err != nil {
+		if err := unix.Madvise(bytesAt(addr, size), unix.MADV_DONTNEED); err != nil {
 			t.Fatal(err)
 		}
 	}},
@@ -83,7 +82,7 @@ func TestNoStaleHitAfterReuse(t *testing.T) {
 				}
 				old := bytes.Repeat([]byte(fmt.Sprintf("old %6d ", i)), size/11+1)[:size]
 				e.send(t, ent, old)
-				if !bytes.Equal(unsafe.Slice((*byte)(addrPtr(addr)), size), old) {
+				if !bytes.Equal(bytesAt(addr, size), old) {
 					lost++ // a stale entry left over from the last round
 				}
 				if err := e.cache.Release(ent); err != nil {
@@ -102,7 +101,7 @@ func TestNoStaleHitAfterReuse(t *testing.T) {
 				}
 				data := bytes.Repeat([]byte(fmt.Sprintf("new %6d ", i)), size/11+1)[:size]
 				e.send(t, ent2, data)
-				if !bytes.Equal(unsafe.Slice((*byte)(addrPtr(addr)), size), data) {
+				if !bytes.Equal(bytesAt(addr, size), data) {
 					lost++
 				}
 				if err := e.cache.Release(ent2); err != nil {

@@ -10,7 +10,6 @@ import (
 	"runtime"
 	"testing"
 	"time"
-	"unsafe"
 
 	"github.com/gohfi/gohfi/attach"
 	"github.com/gohfi/gohfi/driver"
@@ -27,8 +26,6 @@ func requireRoot(tb testing.TB) {
 }
 
 func ptr(b []byte) driver.UserPtr { return driver.UserPtrOf(&b[0]) }
-
-func addrPtr(a uintptr) unsafe.Pointer { return *(*unsafe.Pointer)(unsafe.Pointer(&a)) }
 
 type env struct {
 	a      *attach.Attached
@@ -91,7 +88,7 @@ func (e *env) send(tb testing.TB, ent *tidcache.Entry, data []byte) {
 		if n <= 0 {
 			break
 		}
-		s := uapi.GohfiSend{Opcode: uapi.GOHFI_SEND_EXPECTED, DstCtxt: 1, Length: uint32(n), Vaddr: uint64(uintptr(unsafe.Pointer(&data[off]))), TID: tid}
+		s := uapi.GohfiSend{Opcode: uapi.GOHFI_SEND_EXPECTED, DstCtxt: 1, Length: uint32(n), Vaddr: addrOf(data[off:]), TID: tid}
 		b := make([]byte, s.SizeBytes())
 		s.MarshalBytes(b)
 		if _, err := e.tx.Ioctl(uapi.GOHFI_IOCTL_SEND, ptr(b)); err != nil {
@@ -292,7 +289,7 @@ func TestReallocSameAddressMisses(t *testing.T) {
 	}
 	data := bytes.Repeat([]byte("new pages "), size/10+1)[:size]
 	e.send(t, ent2, data)
-	if !bytes.Equal(unsafe.Slice((*byte)(p), size), data) {
+	if !bytes.Equal(bytesAt(uintptr(p), size), data) {
 		t.Fatal("data did not land in the new pages")
 	}
 	if st := e.cache.Stats(); st.Invalidations != 1 {
