@@ -7,3 +7,12 @@ func SetODPFaultHook(m *Module, f func()) { m.testHookODPFault = f }
 // ODPFence waits until every invalidation that reached the notifier is
 // flushed from the device and unpinned (what POST_SEND does first).
 func (d *Device) ODPFence() error { return d.verbs.odp.fence() }
+
+// TLBWaits returns how the driver's waits for a TLB flush ended: woken by
+// IntSrcTLB, or by the 10 ms timer.
+func (d *Device) TLBWaits() (intr, timer uint64) {
+	if d.verbs == nil {
+		return 0, 0
+	}
+	return d.verbs.tlbIntrWakes.Load(), d.verbs.tlbTimerWakes.Load()
+}

@@ -1034,7 +1034,9 @@ func (v *verbsDev) waitTLBInterrupt(wake <-chan struct{}, poll time.Duration) {
 	defer t.Stop()
 	select {
 	case <-wake:
+		v.tlbIntrWakes.Add(1)
 	case <-t.C:
+		v.tlbTimerWakes.Add(1)
 	case <-v.d.deadCh:
 	}
 }
