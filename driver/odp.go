@@ -640,6 +640,9 @@ func (m *odpMR) Invalidate(_ *userfault.Subscription, ev userfault.Event) bool {
 	}
 	m.mu.Unlock()
 	m.o.queueZap(zapped)
+	if h := m.o.d.m.testHookODPInvalidate; h != nil {
+		h(ev)
+	}
 	return true
 }
 
