@@ -52,6 +52,7 @@ var DriverScenarios = []string{
 	"TestODPPrefetch",
 	"TestODPPinBudget",
 	"TestODPFaultRacesInvalidation",
+	"TestODPAtomics",
 }
 
 // driverDevices serves one hfisim per context count given, at fixed guest
