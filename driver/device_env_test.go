@@ -90,6 +90,10 @@ func openEnvDevice(t testing.TB, ctxts int) *attach.Attached {
 	t.Cleanup(func() {
 		// For the QEMU harness: proof that MSI-X reached the driver.
 		fmt.Printf("GOHFI-FACT driver_irqs.%s=%d\n", t.Name(), best.Device.Interrupts())
+		// And how the TLB-flush waits ended (IntSrcTLB or the timer).
+		if intr, timer := best.Device.TLBWaits(); intr+timer > 0 {
+			fmt.Printf("GOHFI-FACT tlb_waits.%s=%d/%d\n", t.Name(), intr, timer)
+		}
 		if err := best.Close(); err != nil {
 			t.Errorf("close %s: %v", bestSpec, err)
 		}

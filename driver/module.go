@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"sync"
 
+	"github.com/gohfi/gohfi/userfault"
 	"github.com/gohfi/gohfi/vfio"
 	"golang.org/x/sys/unix"
 )
@@ -90,6 +91,9 @@ type Module struct {
 	// testHookODPFault runs inside an ODP fault between pinning and the
 	// race check (tests only).
 	testHookODPFault func()
+	// testHookODPInvalidate runs at the end of an ODP MR's Invalidate, on
+	// the notifier's dispatcher (tests only).
+	testHookODPInvalidate func(userfault.Event)
 
 	mu      sync.Mutex
 	devices map[int]*Device

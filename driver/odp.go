@@ -640,6 +640,9 @@ func (m *odpMR) Invalidate(_ *userfault.Subscription, ev userfault.Event) bool {
 	}
 	m.mu.Unlock()
 	m.o.queueZap(zapped)
+	if h := m.o.d.m.testHookODPInvalidate; h != nil {
+		h(ev)
+	}
 	return true
 }
 
@@ -1034,7 +1037,9 @@ func (v *verbsDev) waitTLBInterrupt(wake <-chan struct{}, poll time.Duration) {
 	defer t.Stop()
 	select {
 	case <-wake:
+		v.tlbIntrWakes.Add(1)
 	case <-t.C:
+		v.tlbTimerWakes.Add(1)
 	case <-v.d.deadCh:
 	}
 }

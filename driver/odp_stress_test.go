@@ -11,7 +11,9 @@ import (
 	"time"
 
 	"github.com/gohfi/gohfi/driver"
+	"github.com/gohfi/gohfi/hfiuser"
 	"github.com/gohfi/gohfi/uapi"
+	"github.com/gohfi/gohfi/userfault"
 	"golang.org/x/sys/unix"
 )
 
@@ -189,5 +191,94 @@ func TestODPStressNoStaleEntry(t *testing.T) {
 	t.Logf("%d operations; %d of %d pages mapped on the device at the end, all the process's; %+v", ops, present, n/4096, s)
 	if s.PageInvalidations == 0 {
 		t.Fatal("no invalidation reached the MR")
+	}
+}
+
+// TestODPDontneedRaceWindow: userfaultfd reports MADV_DONTNEED (REMOVE)
+// before the kernel drops the pages. A device fault that starts once the
+// REMOVE was delivered, while the kernel is still zapping, must not pin
+// and map the pages about to go (the device would keep a page the process
+// no longer has). The window is held open: the ODP MR is the last 64 KiB
+// of a 512 MiB mapping whose pages are all present, the madvise covers
+// all of it (the kernel zaps in address order, so the MR's pages go last,
+// tens of milliseconds later), and the Invalidate hook posts a device
+// WRITE into the MR as soon as the REMOVE is delivered. A trial counts if
+// that WRITE was posted before madvise returned; after it returned, a
+// second WRITE must be seen by the CPU. Without the REMOVE hold
+// (userfault's invalidate_range_end) most such trials fail.
+func TestODPDontneedRaceWindow(t *testing.T) {
+	a, l := startODP(t)
+	const (
+		big    = 512 << 20
+		n      = 64 << 10
+		want   = 3 // trials in the window
+		trials = 12
+	)
+	src, buf := allocBuf(t, n, false), allocBuf(t, big, false)
+	if err := madvise(buf.Addr(), big, unix.MADV_NOHUGEPAGE); err != nil {
+		t.Fatal(err)
+	}
+	ms := l.reg(l.qa.f, src.Addr(), n, pinAccess)
+	dst := buf.Addr() + big - n
+	md := l.reg(l.qb.f, dst, n, odpAccess)
+	view := unsafeSlice(dst, n)
+	zeros := make([]byte, n)
+	defer driver.SetODPInvalidateHook(a.Module, nil)
+	inWindow := 0
+	for trial := 0; trial < trials && inWindow < want; trial++ {
+		fill(buf.Bytes(), 1) // every page present: the zap has work to do
+		fill(src.Bytes(), 2)
+		wantOK(t, "WRITE before", l.op(uapi.GOHFI_WR_RDMA_WRITE, sg(src.Addr(), n, ms), dst, md.Rkey))
+		fill(src.Bytes(), 3)
+		done := make(chan uapi.GohfiWC, 1)
+		var posted atomic.Int64
+		var once sync.Once
+		driver.SetODPInvalidateHook(a.Module, func(ev userfault.Event) {
+			if ev.Kind != userfault.EventRemove {
+				return
+			}
+			once.Do(func() {
+				go func() { // not on the dispatcher: POST_SEND waits for it
+					w := hfiuser.SendWR{GohfiSendWR: uapi.GohfiSendWR{WrID: 9, Opcode: uapi.GOHFI_WR_RDMA_WRITE,
+						SendFlags: uapi.GOHFI_SEND_SIGNALED, RemoteAddr: uint64(dst), Rkey: md.Rkey}, SGL: sg(src.Addr(), n, ms)}
+					if _, err := hfiuser.PostSend(l.qa.f, l.qa.qp, []hfiuser.SendWR{w}); err != nil {
+						t.Errorf("POST_SEND in the window: %v", err)
+						done <- uapi.GohfiWC{Status: ^uint32(0)}
+						return
+					}
+					posted.Store(time.Now().UnixNano())
+					done <- pollWC(t, l.qa.f, l.qa.cq, 1)[0]
+				}()
+			})
+		})
+		if err := madvise(buf.Addr(), big, unix.MADV_DONTNEED); err != nil {
+			t.Fatal(err)
+		}
+		returned := time.Now().UnixNano()
+		var wc uapi.GohfiWC
+		select {
+		case wc = <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the WRITE posted in the window did not complete")
+		}
+		driver.SetODPInvalidateHook(a.Module, nil)
+		wantOK(t, "WRITE in the window", wc)
+		// It raced the madvise: it landed before the pages went (zeros
+		// now) or in the new pages (3s), nothing else.
+		if !bytes.Equal(view, src.Bytes()) && !bytes.Equal(view, zeros) {
+			t.Fatal("the WRITE in the window left neither its data nor zeros")
+		}
+		if posted.Load() < returned {
+			inWindow++
+		}
+		fill(src.Bytes(), 4)
+		wantOK(t, "WRITE after madvise", l.op(uapi.GOHFI_WR_RDMA_WRITE, sg(src.Addr(), n, ms), dst, md.Rkey))
+		if !bytes.Equal(view, src.Bytes()) {
+			t.Fatalf("trial %d (WRITE posted %v before madvise returned): a WRITE posted after madvise(DONTNEED) returned did not reach the process's pages; the device kept a page the kernel dropped",
+				trial, time.Duration(returned-posted.Load()))
+		}
+	}
+	if inWindow < want {
+		t.Fatalf("only %d of %d trials posted the WRITE before madvise returned", inWindow, trials)
 	}
 }

@@ -3,6 +3,7 @@ package driver_test
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
 	"math/rand"
 	"os"
 	"testing"
@@ -548,3 +549,85 @@ func pageFrame(t testing.TB, pm *os.File, addr uintptr) (uint64, bool) {
 }
 
 func sleepMs(n int) { time.Sleep(time.Duration(n) * time.Millisecond) }
+
+// TestODPAtomics: CMP_AND_SWP and FETCH_AND_ADD between ODP MRs: the
+// responder's target page and the requester's result SGE are not mapped
+// on the device, so each side faults; the operations complete with the
+// right values, again after MADV_DONTNEED dropped both sides' pages.
+func TestODPAtomics(t *testing.T) {
+	requireRoot(t)
+	a := openDev(t, 2)
+	fa, fb := openFile(t, a), openFile(t, a)
+	assign(t, fa)
+	assign(t, fb)
+	if attr, err := hfiuser.QueryDevice(fa); err != nil || attr.OdpRCCaps&uapi.IBV_ODP_SUPPORT_ATOMIC == 0 {
+		t.Fatalf("QUERY_DEVICE: rc caps %#x, %v: want IBV_ODP_SUPPORT_ATOMIC", attr.OdpRCCaps, err)
+	}
+	qa, qb := newRCQP(t, fa, 16, 16, false), newRCQP(t, fb, 16, 16, false)
+	for _, c := range []struct {
+		q    rcQP
+		dest uint32
+	}{{qa, qb.qpn}, {qb, qa.qpn}} {
+		for _, s := range []uint32{uapi.GOHFI_QPS_INIT, uapi.GOHFI_QPS_RTR, uapi.GOHFI_QPS_RTS} {
+			if err := hfiuser.ModifyQP(c.q.f, uapi.GohfiModifyQP{Handle: c.q.qp, QPState: s, DestQPNum: c.dest, AccessFlags: uapi.IB_ACCESS_REMOTE_ATOMIC}); err != nil {
+				t.Fatalf("MODIFY_QP to %d: %v", s, err)
+			}
+		}
+	}
+	const n = 64 << 10
+	res, tgt := allocBuf(t, n, false), allocBuf(t, n, false)
+	mres, err := hfiuser.RegMR(fa, res.Addr(), n, uint64(res.Addr()), uapi.IB_ACCESS_LOCAL_WRITE|uapi.IB_ACCESS_ON_DEMAND)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mtgt, err := hfiuser.RegMR(fb, tgt.Addr(), n, uint64(tgt.Addr()), uapi.IB_ACCESS_LOCAL_WRITE|uapi.IB_ACCESS_REMOTE_ATOMIC|uapi.IB_ACCESS_ON_DEMAND)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rb, tb := res.Bytes(), tgt.Bytes()
+	u64 := func(b []byte, off int) uint64 { return binary.LittleEndian.Uint64(b[off:]) }
+	atomic := func(op uint32, roff, loff int, cmpAdd, swap uint64) uint64 {
+		t.Helper()
+		w := hfiuser.SendWR{GohfiSendWR: uapi.GohfiSendWR{WrID: 7, Opcode: op, SendFlags: uapi.GOHFI_SEND_SIGNALED,
+			RemoteAddr: uint64(tgt.Addr()) + uint64(roff), Rkey: mtgt.Rkey, CompareAdd: cmpAdd, Swap: swap},
+			SGL: []uapi.GohfiSge{{Addr: uint64(res.Addr()) + uint64(loff), Length: 8, Lkey: mres.Lkey}}}
+		if _, err := hfiuser.PostSend(fa, qa.qp, []hfiuser.SendWR{w}); err != nil {
+			t.Fatalf("POST_SEND: %v", err)
+		}
+		wantOK(t, fmt.Sprintf("atomic %d", op), pollWC(t, fa, qa.cq, 1)[0])
+		return u64(rb, loff)
+	}
+	for round := range 2 {
+		// FETCH_AND_ADD faults both sides in (the fault-around window maps
+		// all 64 KiB); CMP_AND_SWP, equal then not, on other pages.
+		binary.LittleEndian.PutUint64(tb[8:], 100)
+		if got := atomic(uapi.GOHFI_WR_ATOMIC_FETCH_AND_ADD, 8, 0, 5, 0); got != 100 || u64(tb, 8) != 105 {
+			t.Fatalf("round %d: FETCH_AND_ADD returned %d, target %d; want 100, 105", round, got, u64(tb, 8))
+		}
+		off := 5 * 4096
+		binary.LittleEndian.PutUint64(tb[off:], 7)
+		if got := atomic(uapi.GOHFI_WR_ATOMIC_CMP_AND_SWP, off, 9*4096, 7, 42); got != 7 || u64(tb, off) != 42 {
+			t.Fatalf("round %d: CMP_AND_SWP (equal) returned %d, target %d; want 7, 42", round, got, u64(tb, off))
+		}
+		if got := atomic(uapi.GOHFI_WR_ATOMIC_CMP_AND_SWP, off, 9*4096+8, 7, 99); got != 42 || u64(tb, off) != 42 {
+			t.Fatalf("round %d: CMP_AND_SWP (not equal) returned %d, target %d; want 42, 42", round, got, u64(tb, off))
+		}
+		for _, b := range []uintptr{res.Addr(), tgt.Addr()} {
+			if err := madvise(b, n, unix.MADV_DONTNEED); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for _, c := range []struct {
+		f  *driver.File
+		mr uapi.GohfiRegMR
+	}{{fa, mres}, {fb, mtgt}} {
+		s, err := hfiuser.MRStats(c.f, c.mr.Handle)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s.PageFaults < 2 || s.PageFaultsHandled != s.PageFaults || s.PageInvalidations == 0 {
+			t.Fatalf("MR %#x after two rounds: %+v, want faults in both", c.mr.Lkey, s)
+		}
+	}
+}

@@ -57,6 +57,9 @@ type verbsDev struct {
 
 	tlbMu  sync.Mutex
 	tlbSeq uint64 // sequence of the last flush started
+	// How the waits for a flush ended: woken by IntSrcTLB, or by the
+	// 10 ms timer (an interrupt that did not come or came late).
+	tlbIntrWakes, tlbTimerWakes atomic.Uint64
 
 	odp *odpDev // nil without chip.CapODP
 

@@ -537,3 +537,33 @@ func (b *bpfSource) close() error {
 	})
 	return b.closeErr
 }
+
+// bpfSCMadvise is SC_MADVISE of bpf/notifier.c: the calls map's tag of a
+// madvise remembered at entry and forgotten at exit.
+const bpfSCMadvise = 3
+
+// inFlight reports whether a madvise of this process that covers
+// [start, end) has entered and not yet returned: enter_madvise remembers
+// the calls of watched ranges in the calls map by thread id, and
+// exit_madvise deletes the entry whether the call succeeded or not.
+func (b *bpfSource) inFlight(start, end uintptr) (bool, error) {
+	var (
+		tid uint32
+		c   notifierCall
+	)
+	it := b.core.Calls.Iterate()
+	for it.Next(&tid, &c) {
+		if c.Sc != bpfSCMadvise {
+			continue
+		}
+		lo := uintptr(c.Args[0])
+		hi := lo + (uintptr(c.Args[1])+uintptr(os.Getpagesize())-1)&^uintptr(os.Getpagesize()-1)
+		if lo <= start && end <= hi {
+			return true, nil
+		}
+	}
+	if err := it.Err(); err != nil {
+		return false, fmt.Errorf("ebpf: calls map: %w", err)
+	}
+	return false, nil
+}

@@ -25,6 +25,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -223,7 +224,49 @@ type Notifier struct {
 
 	delivered atomic.Uint64
 	dropped   atomic.Uint64 // duplicates suppressed
+
+	// ender tells when a madvise that userfaultfd reported as REMOVE has
+	// returned (the tracepoint source, watching this process); nil without
+	// it. holds are the REMOVEs delivered whose madvise has not returned:
+	// their subscriptions stay "being invalidated" until then (see
+	// removeHold). Under mu.
+	ender                  removeEnder
+	holds                  []*removeHold
+	holdsMade, holdsPolled atomic.Uint64
 }
+
+// removeEnder is a source that sees a madvise end: its exit event ends
+// holds (endHoldsLocked), and inFlight says whether a madvise containing
+// [start, end) is still running (a call that failed reports no exit
+// event).
+type removeEnder interface {
+	inFlight(start, end uintptr) (bool, error)
+}
+
+// removeHold is invalidate_range_end for userfaultfd's REMOVE. The kernel
+// sends REMOVE (madvise DONTNEED, FREE, REMOVE) before it zaps the pages,
+// and nothing after: a subscriber that re-validated the range as soon as
+// its Invalidate returned could take the pages the kernel is about to
+// drop. mmu_notifier keeps the interval's sequence odd from
+// invalidate_range_start to invalidate_range_end, so read_begin waits and
+// read_retry fails across the whole window; a hold does the same: every
+// subscription the REMOVE reached keeps one more pending delivery (an odd
+// sequence) until the madvise has returned, told by the tracepoint
+// source's exit event for the call (normally tens of microseconds later),
+// or, for a call that failed and so has no exit event, by the call being
+// gone from the programs' table of calls in flight (polled every
+// holdPoll), or after holdMax.
+type removeHold struct {
+	start, end uintptr
+	subs       []*Subscription
+	at         time.Time
+	released   bool
+}
+
+const (
+	holdPoll = time.Millisecond
+	holdMax  = time.Second
+)
 
 type batch struct {
 	events []Event
@@ -290,6 +333,27 @@ func New(ctx context.Context, opts Options) (*Notifier, error) {
 		}
 		n.status = append(n.status, sts...)
 	}
+	// The tracepoint source sees a madvise return: with userfaultfd, whose
+	// REMOVE comes before the pages go, it ends the REMOVE's invalidation.
+	if n.self && n.status != nil {
+		var uffd, tp bool
+		var ender removeEnder
+		for _, src := range n.sources {
+			switch x := src.(type) {
+			case *uffdSource:
+				uffd = true
+			case *bpfSource:
+				if slices.Contains(x.kinds, SourceTracepoint) {
+					tp, ender = true, x
+				}
+			}
+		}
+		if uffd && tp {
+			n.mu.Lock()
+			n.ender = ender
+			n.mu.Unlock()
+		}
+	}
 	var errs []error
 	for _, st := range n.status {
 		if !st.Started {
@@ -327,11 +391,16 @@ func (n *Notifier) Pid() int { return n.pid }
 type Stats struct {
 	Delivered  uint64 // Invalidate calls made
 	Duplicates uint64 // events suppressed because another source saw them
+	// RemoveHolds counts userfaultfd REMOVEs held until their madvise
+	// returned; HoldsPolled those of them ended by the poll (the call
+	// failed, or its exit event came late) rather than by the exit event.
+	RemoveHolds, HoldsPolled uint64
 }
 
 // Stats returns the counters.
 func (n *Notifier) Stats() Stats {
-	return Stats{Delivered: n.delivered.Load(), Duplicates: n.dropped.Load()}
+	return Stats{Delivered: n.delivered.Load(), Duplicates: n.dropped.Load(),
+		RemoveHolds: n.holdsMade.Load(), HoldsPolled: n.holdsPolled.Load()}
 }
 
 // Subscription is one watched range, like struct mmu_interval_notifier.
@@ -543,6 +612,13 @@ func (n *Notifier) postLocked(evs []Event) {
 	if n.closed || len(evs) == 0 {
 		return
 	}
+	// A madvise's exit (or lost events) ends the REMOVE holds it covers,
+	// whether or not the event is then dropped as a copy.
+	for _, ev := range evs {
+		if ev.Source == SourceTracepoint && (ev.Kind == EventRemove || ev.Kind == EventOverflow) {
+			n.endHoldsLocked(ev.Start, ev.End)
+		}
+	}
 	// Drop copies first, on the events as the sources saw them (one per
 	// syscall), then merge what is left of one read.
 	now := time.Now()
@@ -575,6 +651,9 @@ func (n *Notifier) postLocked(evs []Event) {
 		})
 		if len(subs) == 0 {
 			continue
+		}
+		if ev.Source == SourceUserfaultfd && ev.Kind == EventRemove && n.ender != nil {
+			n.holdLocked(ev, subs)
 		}
 		b.events = append(b.events, ev)
 		b.subs = append(b.subs, subs)
@@ -667,19 +746,95 @@ func (n *Notifier) deliver(b *batch) {
 			s.calling.Store(0)
 			n.mu.Lock()
 			s.hit = s.hit || hit
-			s.pending--
-			if s.pending == 0 {
-				if s.hit {
-					s.seq.Add(1) // even, new value
-				} else {
-					s.seq.Add(^uint64(0)) // back to the value before
-				}
-				s.hit = false
-				n.cond.Broadcast()
-			}
+			n.settleLocked(s)
 			n.mu.Unlock()
 		}
 	}
+}
+
+// settleLocked ends one pending delivery (or hold) of s; the last one
+// makes the sequence even: a new value if an Invalidate concerned the
+// subscriber, else the value before.
+func (n *Notifier) settleLocked(s *Subscription) {
+	s.pending--
+	if s.pending != 0 {
+		return
+	}
+	if s.hit {
+		s.seq.Add(1) // even, new value
+	} else {
+		s.seq.Add(^uint64(0)) // back to the value before
+	}
+	s.hit = false
+	n.cond.Broadcast()
+}
+
+// holdLocked keeps the subscriptions of a userfaultfd REMOVE being
+// invalidated until its madvise has returned (see removeHold).
+func (n *Notifier) holdLocked(ev Event, subs []*Subscription) {
+	h := &removeHold{start: ev.Start, end: ev.End, subs: append([]*Subscription(nil), subs...), at: time.Now()}
+	for _, s := range h.subs {
+		s.pending++ // already odd: the delivery is pending too
+	}
+	n.holds = append(n.holds, h)
+	n.holdsMade.Add(1)
+	time.AfterFunc(holdPoll, func() { n.pollHold(h) })
+}
+
+// releaseLocked ends a hold.
+func (n *Notifier) releaseLocked(h *removeHold) {
+	if h.released {
+		return
+	}
+	h.released = true
+	for _, s := range h.subs {
+		n.settleLocked(s)
+	}
+	n.holds = slices.DeleteFunc(n.holds, func(x *removeHold) bool { return x == h })
+}
+
+// endHoldsLocked ends the holds of the REMOVEs a madvise of [start, end)
+// reported (userfaultfd sends one per VMA, each inside the call's range),
+// oldest first, at most one for any page: a REMOVE of the same pages by
+// another call still running keeps its hold until that call's own exit.
+func (n *Notifier) endHoldsLocked(start, end uintptr) {
+	var done []*removeHold
+	for _, h := range n.holds {
+		if h.start < start || h.end > end {
+			continue
+		}
+		if slices.ContainsFunc(done, func(d *removeHold) bool { return d.start < h.end && h.start < d.end }) {
+			continue
+		}
+		done = append(done, h)
+	}
+	for _, h := range done {
+		n.releaseLocked(h)
+	}
+}
+
+// pollHold ends a hold whose madvise is no longer running without an exit
+// event having done it (the call failed), or that is older than holdMax.
+func (n *Notifier) pollHold(h *removeHold) {
+	n.mu.Lock()
+	if h.released || n.closed || n.ender == nil {
+		n.mu.Unlock()
+		return
+	}
+	e := n.ender
+	n.mu.Unlock()
+	running, err := e.inFlight(h.start, h.end)
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if h.released {
+		return
+	}
+	if err != nil || !running || time.Since(h.at) >= holdMax {
+		n.holdsPolled.Add(1)
+		n.releaseLocked(h)
+		return
+	}
+	time.AfterFunc(holdPoll, func() { n.pollHold(h) })
 }
 
 // Sync returns once every event that happened before the call has been
@@ -814,16 +969,16 @@ func (n *Notifier) Close() error {
 	for _, b := range rest {
 		for _, subs := range b.subs {
 			for _, s := range subs {
-				s.pending--
-				if s.pending == 0 {
-					s.seq.Add(1)
-					s.hit = false
-				}
+				s.hit = true
+				n.settleLocked(s)
 			}
 		}
 		if b.marker != nil {
 			close(b.marker)
 		}
+	}
+	for len(n.holds) > 0 {
+		n.releaseLocked(n.holds[0])
 	}
 	n.cond.Broadcast()
 	n.mu.Unlock()

@@ -432,3 +432,48 @@ func TestCallbackUnmapsWatchedMemory(t *testing.T) {
 	}
 	subC.Remove()
 }
+
+// TestRemoveHold: with userfaultfd and the tracepoints, a REMOVE keeps its
+// subscriptions being invalidated (odd sequence, ReadBegin waits) until the
+// madvise returned: ended by the call's exit event after a madvise that
+// succeeded, by the poll of the calls in flight after one that failed
+// (ENOMEM: part of the range unmapped; the mapped part is still dropped
+// and reported, but no exit event comes). Nothing stays held.
+func TestRemoveHold(t *testing.T) {
+	n := newNotifier(t, SourceUserfaultfd, SourceTracepoint)
+	addr := mmapAnon(t, 8)
+	defer munmap(t, addr, 6)
+	s := subscribe(t, n, addr, 4*pageSize, newRecorder())
+	seq := s.ReadBegin()
+	madvise(t, addr, 4, unix.MADV_DONTNEED)
+	if got := s.ReadBegin(); got == seq || got&1 != 0 {
+		t.Fatalf("ReadBegin after DONTNEED: %d (before %d)", got, seq)
+	}
+	syncNotifier(t, n)
+	st := n.Stats()
+	if st.RemoveHolds != 1 || st.HoldsPolled != 0 {
+		t.Fatalf("after a DONTNEED: %+v, want one hold ended by the exit event", st)
+	}
+	// A madvise that fails with ENOMEM: pages 6 and 7 unmapped.
+	munmap(t, addr+6*pageSize, 2)
+	seq = s.ReadBegin()
+	if _, _, errno := unix.Syscall(unix.SYS_MADVISE, addr, 8*pageSize, unix.MADV_DONTNEED); errno != unix.ENOMEM {
+		t.Fatalf("madvise over a hole: %v, want ENOMEM", errno)
+	}
+	start := time.Now()
+	if got := s.ReadBegin(); got == seq || got&1 != 0 {
+		t.Fatalf("ReadBegin after the failed DONTNEED: %d (before %d)", got, seq)
+	}
+	if d := time.Since(start); d > holdMax/2 {
+		t.Fatalf("ReadBegin waited %v for a failed madvise's hold", d)
+	}
+	if st := n.Stats(); st.RemoveHolds != 2 || st.HoldsPolled != 1 {
+		t.Fatalf("after a failed DONTNEED: %+v, want a second hold ended by the poll", st)
+	}
+	n.mu.Lock()
+	held := len(n.holds)
+	n.mu.Unlock()
+	if held != 0 {
+		t.Fatalf("%d holds left", held)
+	}
+}

@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"fmt"
 	"regexp"
 	"strings"
 	"testing"
@@ -37,6 +38,21 @@ var DriverScenarios = []string{
 	"TestVerbsAtomics",
 	"TestVerbsAtomicConcurrentFAA",
 	"TestVerbsAtomicErrors",
+	// ODP: faults through the event queue, fault-around pinned and mapped
+	// with type1 MAP_DMA, invalidations flushed through IntSrcTLB (MSI-X),
+	// the pin budget, ADVISE_MR, a fault racing an invalidation (a driver
+	// hook). TestODPStressNoStaleEntry and TestODPFigures read the
+	// embedded model (PeekMR, fault latencies) and stay on the host.
+	"TestODPRegister",
+	"TestODPFirstAccess",
+	"TestODPDontneedEveryOp",
+	"TestODPFollowsAddress",
+	"TestODPWriteFaultOnReadOnlyMemory",
+	"TestODPMixedSGE",
+	"TestODPPrefetch",
+	"TestODPPinBudget",
+	"TestODPFaultRacesInvalidation",
+	"TestODPAtomics",
 }
 
 // driverDevices serves one hfisim per context count given, at fixed guest
@@ -53,12 +69,19 @@ func driverDevices(t testing.TB, contexts ...int) ([]vmimage.VFIOUserDevice, str
 		cfg := hfisim.DefaultConfig()
 		cfg.NumContexts = n
 		cfg.RcvArrayPerCtxt = 2048 // what the driver tests' openDev asks of the embedded model
+		// TLB flushes take long enough that the driver waits for their
+		// IntSrcTLB (MSI-X vector 0 through the guest's vfio-pci) rather
+		// than finding them done while polling RegTLBInvDone.
+		cfg.TLBInvLatency = guestTLBInvLatency
 		slot := 4 + i
 		devs = append(devs, vmimage.VFIOUserDevice{Socket: serveHFISim(t, cfg), Slot: slot})
 		specs = append(specs, "pci:"+vmimage.GuestBDF(slot))
 	}
 	return devs, strings.Join(specs, ",")
 }
+
+// guestTLBInvLatency is the guest device's TLB-invalidate latency.
+const guestTLBInvLatency = 5 * time.Millisecond
 
 func driverTests(run string, timeout time.Duration) []vmimage.TestPackage {
 	return []vmimage.TestPackage{{Package: "./driver", Run: run, Timeout: timeout}}
@@ -114,6 +137,24 @@ func TestGuestDriverScenarios(t *testing.T) {
 	// been signalled by MSI-X through QEMU and the guest's vfio-pci.
 	if n := facts["driver_irqs.TestEagerSendAndPoll"]; n == "" || n == "0" {
 		t.Errorf("guest: TestEagerSendAndPoll took %q interrupts, want some", n)
+	}
+	// The ODP invalidations and DEREGs waited for their TLB flushes: the
+	// waits must have been ended by IntSrcTLB, not by the driver's 10 ms
+	// timer (a lost or missing interrupt).
+	var intr, timer int
+	for k, v := range facts {
+		if !strings.HasPrefix(k, "tlb_waits.") {
+			continue
+		}
+		var i, tm int
+		if _, err := fmt.Sscanf(v, "%d/%d", &i, &tm); err != nil {
+			t.Errorf("guest fact %s=%q: %v", k, v, err)
+		}
+		intr, timer = intr+i, timer+tm
+	}
+	t.Logf("guest: TLB-flush waits woken by IntSrcTLB %d, by the timer %d", intr, timer)
+	if intr == 0 || timer > intr/10 {
+		t.Errorf("guest: TLB-flush waits: %d woken by IntSrcTLB, %d by the timer", intr, timer)
 	}
 	t.Logf("guest: driver.test binary %v, boot to init %v, whole run %v",
 		r.Duration.Round(time.Millisecond), res.BootToInit.Round(time.Millisecond), res.Total.Round(time.Millisecond))

@@ -221,6 +221,7 @@ func mrReg(s *session, args []string) (obj, error) {
 	fs := newFlags("mr")
 	accessArg := fs.String("access", "local_write", "IB_ACCESS_* names joined by , or a number")
 	iovaArg := fs.String("iova", "", "device address of the first byte (default: its virtual address)")
+	odp := fs.Bool("odp", false, "on-demand paging: add on_demand to the access (nothing pinned until the device faults)")
 	pos, err := parseArgs(fs, args, 2, 2)
 	if err != nil {
 		return nil, err
@@ -235,6 +236,9 @@ func mrReg(s *session, args []string) (obj, error) {
 	access, err := parseAccess(*accessArg)
 	if err != nil {
 		return nil, err
+	}
+	if *odp {
+		access |= uapi.IB_ACCESS_ON_DEMAND
 	}
 	addr := b.b.Addr() + uintptr(off)
 	iova := uint64(addr)
@@ -256,18 +260,69 @@ func mrReg(s *session, args []string) (obj, error) {
 	return m.describe()
 }
 
-// describe shows the MR with its pinned pages (MR_STATS).
+// describe shows the MR with its pinned pages (MR_STATS), and for an ODP
+// MR its paging counters, with rdma-core's names.
 func (m *mrRec) describe() (obj, error) {
 	st, err := hfiuser.MRStats(m.of.f, m.r.Handle)
 	if err != nil {
 		return nil, err
 	}
-	return obj{
+	o := obj{
 		{"name", m.name}, {"file", m.of.name}, {"buffer", m.buf}, {"offset", m.off},
 		{"addr", hex(m.r.Addr)}, {"length", m.r.Length}, {"iova", hex(m.r.Iova)},
 		{"access", bitNames(uint64(m.r.AccessFlags), accessNames)}, {"handle", m.r.Handle},
 		{"lkey", hex(m.r.Lkey)}, {"rkey", hex(m.r.Rkey)}, {"pages_pinned", st.PagesPinned},
-	}, nil
+	}
+	if m.r.AccessFlags&uapi.IB_ACCESS_ON_DEMAND != 0 {
+		o = append(o, obj{{"page_faults", st.PageFaults}, {"page_faults_handled", st.PageFaultsHandled},
+			{"page_invalidations", st.PageInvalidations}, {"page_invalidations_handled", st.PageInvalidationsHandled},
+			{"page_prefetch", st.PagePrefetch}}...)
+	}
+	return o, nil
+}
+
+var adviceNames = map[string]uint32{
+	"prefetch": uapi.GOHFI_ADVISE_MR_ADVICE_PREFETCH, "prefetch_write": uapi.GOHFI_ADVISE_MR_ADVICE_PREFETCH_WRITE,
+	"prefetch_no_fault": uapi.GOHFI_ADVISE_MR_ADVICE_PREFETCH_NO_FAULT,
+}
+
+// cmdAdviseMR is ADVISE_MR on [iova+off, +len) of a named MR (the whole
+// MR by default); with --flush it returns once the pages are mapped and
+// shows the MR's counters, else the driver maps them later.
+func cmdAdviseMR(s *session, args []string) (obj, error) {
+	fs := newFlags("advise-mr")
+	adviceArg := fs.String("advice", "prefetch", "prefetch, prefetch_write or prefetch_no_fault")
+	flush := fs.Bool("flush", false, "GOHFI_ADVISE_MR_FLAG_FLUSH: synchronous")
+	offArg := fs.String("off", "", "offset in the MR (default 0)")
+	lenArg := fs.String("len", "", "length (default: to the end of the MR)")
+	pos, err := parseArgs(fs, args, 1, 1)
+	if err != nil {
+		return nil, err
+	}
+	m, err := named(s.verbs.mrs, "MR", pos[0])
+	if err != nil {
+		return nil, err
+	}
+	advice, ok := adviceNames[*adviceArg]
+	if !ok {
+		return nil, usageErr("advice %q: want prefetch, prefetch_write or prefetch_no_fault", *adviceArg)
+	}
+	off, n, err := resolveSpan(*offArg, *lenArg, int(m.r.Length))
+	if err != nil {
+		return nil, err
+	}
+	var flags uint32
+	if *flush {
+		flags = uapi.GOHFI_ADVISE_MR_FLAG_FLUSH
+	}
+	if err := hfiuser.AdviseMR(m.of.f, advice, flags, m.r.Lkey, m.r.Iova+uint64(off), uint64(n)); err != nil {
+		return nil, err
+	}
+	o, err := m.describe()
+	if err != nil {
+		return nil, err
+	}
+	return append(obj{{"advice", *adviceArg}, {"flush", *flush}, {"advised_offset", off}, {"advised_length", n}}, o...), nil
 }
 
 func cmdCQ(s *session, args []string) (obj, error) {

@@ -150,7 +150,8 @@ func init() {
 		"bench": {"tid [--sizes 4k,64k,1m,16m] [--iters N] [--bw-msgs N] [--bw-buffers N] | write|read [--lat] [--size LIST] [--iters N] [--runs N] [--window N] [--signal-every N] | reg [--size LIST] [--iters N]",
 			"TID cache and expected receive; RDMA WRITE/READ bandwidth or latency vs memcpy (perftest-style); REG_MR+DEREG_MR cost", cmdBench},
 		// Verbs (cmds_verbs.go, cmds_wr.go).
-		"mr":        {"reg NAME BUF[:OFF[:LEN]] [--access LIST] [--iova X] | dereg NAME | show [NAME]", "REG_MR, DEREG_MR, MR_STATS (access: local_write,remote_write,remote_read,remote_atomic)", cmdMR},
+		"mr":        {"reg NAME BUF[:OFF[:LEN]] [--access LIST] [--iova X] [--odp] | dereg NAME | show [NAME]", "REG_MR, DEREG_MR, MR_STATS (access: local_write,remote_write,remote_read,remote_atomic; --odp: on_demand)", cmdMR},
+		"advise-mr": {"MR [--advice prefetch|prefetch_write|prefetch_no_fault] [--flush] [--off N] [--len N]", "GOHFI_IOCTL_ADVISE_MR on an ODP MR (the whole MR by default), then MR_STATS", cmdAdviseMR},
 		"cq":        {"create NAME [--cqe N] | destroy NAME | show [NAME]", "CREATE_CQ, DESTROY_CQ", cmdCQ},
 		"qp":        {"create NAME --cq CQ|--send-cq CQ --recv-cq CQ [--max-send-wr N] [--max-recv-wr N] [--max-send-sge N] [--max-recv-sge N] [--sig-all] | modify NAME --state reset|init|rtr|rts|err [--dest-qp QPN|QP] [--access LIST] [--sq-psn N] [--rq-psn N] | destroy NAME | show [NAME]", "CREATE_QP (RC), MODIFY_QP, DESTROY_QP", cmdQP},
 		"post-send": {"QP --op write|write-imm|send|send-imm|read [--sge BUF[:OFF[:LEN]]@MR]... [--remote MR[:OFF]|ADDR] [--rkey K] [--imm N] [--signaled] [--wr-id N]", "POST_SEND of one work request", cmdPostSend},

@@ -338,3 +338,58 @@ checksum ones --len 8
 		t.Fatalf("CAS fetched %v, want the value FAA left (0x0101...)", sums[2])
 	}
 }
+
+// TestDocODP runs the ODP script of docs/hfictl.md: register with --odp,
+// a WRITE faults, advise-mr prefetches, munmap invalidates, the WRITE
+// after it fails; mr show's counters say so.
+func TestDocODP(t *testing.T) {
+	testenv.RequireRoot(t, "ODP needs userfaultfd and io_uring pins")
+	objs := runScript(t, docScript(t, "TestDocODP"), false)
+	by := byCmd(objs)
+	shows, polls := by["mr show"], by["poll-cq"]
+	if len(shows) != 3 || len(polls) != 2 {
+		t.Fatalf("%d mr show, %d poll-cq results", len(shows), len(polls))
+	}
+	if num(t, shows[0], "pages_pinned") != 0 || num(t, shows[0], "page_faults") != 0 {
+		t.Fatalf("fresh ODP MR: %v", shows[0])
+	}
+	if w := wcs(t, polls[0]); len(w) != 1 || w[0]["status"] != "success" {
+		t.Fatalf("WRITE into the ODP MR: %v", w)
+	}
+	if num(t, last(t, objs, "checksum"), "checksum") != num(t, objs[indexOf(objs, "post-send")], "checksum") {
+		t.Fatal("WRITE into the ODP MR: checksums differ")
+	}
+	if s := shows[1]; num(t, s, "page_faults") != 1 || num(t, s, "page_faults_handled") != 1 || num(t, s, "pages_pinned") != 256 {
+		t.Fatalf("after the first WRITE: %v", s)
+	}
+	if a := last(t, objs, "advise-mr"); num(t, a, "page_prefetch") != 256 || num(t, a, "pages_pinned") != 512 {
+		t.Fatalf("advise-mr: %v", a)
+	}
+	if w := wcs(t, polls[1]); len(w) != 1 || w[0]["status"] != "remote access error" {
+		t.Fatalf("WRITE after munmap: %v", w)
+	}
+	if s := shows[2]; num(t, s, "pages_pinned") != 0 || num(t, s, "page_invalidations") != 512 ||
+		num(t, s, "page_invalidations_handled") != 512 || num(t, s, "page_faults_handled") != 1 {
+		t.Fatalf("after munmap: %v", s)
+	}
+}
+
+// byCmd groups the results by command, in order.
+func byCmd(objs []map[string]any) map[string][]map[string]any {
+	m := map[string][]map[string]any{}
+	for _, o := range objs {
+		c, _ := o["cmd"].(string)
+		m[c] = append(m[c], o)
+	}
+	return m
+}
+
+// indexOf returns the index of the first result of command cmd.
+func indexOf(objs []map[string]any, cmd string) int {
+	for i, o := range objs {
+		if o["cmd"] == cmd {
+			return i
+		}
+	}
+	return -1
+}
