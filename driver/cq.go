@@ -194,6 +194,7 @@ func (cq *CQ) Poll(wc []uapi.GohfiWC) (int, error) {
 			ByteLen: e.ByteLen, InvalidatedRkey: e.InvalidatedRkey, ImmData: e.ImmData,
 			QPNum: e.QPNum, SrcQP: e.SrcQP, WcFlags: e.WcFlags,
 		}
+		cq.pd.d.trace(TraceCompletion, int(cq.pd.num)-1, uint64(cq.idx), e.WrID, uint64(e.Status))
 		n++
 		cq.head = (cq.head + 1) % cq.n
 		cq.expect = nextSeq(cq.expect)

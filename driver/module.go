@@ -84,6 +84,7 @@ func (p Params) validate() error {
 // created by Init and torn down by Exit.
 type Module struct {
 	params Params
+	tracer tracer // trace points of every device (Trace)
 
 	// testHookTIDUpdate runs inside TID_UPDATE between pinning and the
 	// race check (tests only).

@@ -76,6 +76,8 @@ func (n *tidNode) Invalidate(_ *userfault.Subscription, ev userfault.Event) bool
 	}
 	n.invalid = true
 	e.invalid = append(e.invalid, n.tid)
+	e.d.trace(TraceNotifierEvent, e.c.ctxt, uint64(ev.Start), uint64(ev.End), uint64(ev.Kind)<<8|uint64(ev.Source))
+	e.d.trace(TraceTIDInvalidate, e.c.ctxt, uint64(n.vaddr), uint64(n.npages), uint64(n.tid))
 	e.d.stats.tidInvalidations.Add(1)
 	if e.d.m.params.TIDUnmapOnInvalidate && e.clearNodeLocked(n) {
 		// As newer hfi1 does in its notifier: unmapped and unpinned
@@ -173,6 +175,7 @@ func (e *expRcv) tidUpdate(arg UserPtr) error {
 	}
 	if cover.ReadRetry(seq) {
 		undo()
+		e.d.trace(TraceTIDBusy, e.c.ctxt, uint64(vaddr), length, 0)
 		return errnoErr("TID_UPDATE: buffer invalidated during setup", unix.EBUSY)
 	}
 	// Watch each TID. Until the node is committed its Invalidate does
@@ -192,11 +195,13 @@ func (e *expRcv) tidUpdate(arg UserPtr) error {
 	if cover.ReadRetry(seq) {
 		e.mu.Unlock()
 		undo()
+		e.d.trace(TraceTIDBusy, e.c.ctxt, uint64(vaddr), length, 0)
 		return errnoErr("TID_UPDATE: buffer invalidated during setup", unix.EBUSY)
 	}
 	for _, n := range made {
 		store64(e.d.rcvArray, n.entry*chip.RcvArrayEntrySize, chip.RcvArrayEntry(n.iova, uint32(n.npages)))
 		e.nodes[n.entry] = n
+		e.d.trace(TraceTIDRegister, e.c.ctxt, uint64(n.vaddr), uint64(n.npages), uint64(n.tid))
 	}
 	e.mu.Unlock()
 	e.d.stats.tidsProgrammed.Add(uint64(len(made)))
@@ -322,6 +327,7 @@ func (e *expRcv) releaseNodeLocked(n *tidNode) {
 	}
 	if e.nodes[n.entry] == n {
 		delete(e.nodes, n.entry)
+		e.d.trace(TraceTIDUnregister, e.c.ctxt, uint64(n.vaddr), uint64(n.npages), uint64(n.tid))
 	}
 	e.alloc.Free(n.entry)
 }

@@ -146,6 +146,7 @@ func init() {
 		"rcvhdr-head": {"N", "GOHFI_IOCTL_RCVHDR_HEAD", cmdRcvHdrHead},
 		"events":      {"", "read the event bits from the mmapped events page", cmdEvents},
 		"stats":       {"", "GOHFI_IOCTL_DRIVER_STATS", cmdStats},
+		"trace":       {"on [--kinds LIST] | off", "print the driver's decisions as they happen (TID register/invalidate, notifier events, ODP faults, TLB flushes, fast-reg, doorbells, completions)", cmdTrace},
 		// Benchmarks (bench.go, bench_verbs.go).
 		"bench": {"tid [--sizes 4k,64k,1m,16m] [--iters N] [--bw-msgs N] [--bw-buffers N] | write|read [--lat] [--size LIST] [--iters N] [--runs N] [--window N] [--signal-every N] | reg [--size LIST] [--iters N]",
 			"TID cache and expected receive; RDMA WRITE/READ bandwidth or latency vs memcpy (perftest-style); REG_MR+DEREG_MR cost", cmdBench},
@@ -189,6 +190,7 @@ type session struct {
 	cur   string
 	bufs  map[string]*buffer
 	verbs verbsObjs // MRs, CQs and QPs by name
+	trace *tracing  // a running `trace on`
 
 	// arg holds ioctl argument structs: user memory outside the Go heap,
 	// as a C caller's would be.
@@ -262,6 +264,7 @@ func (s *session) openFile(name string) (*openFile, error) {
 // close releases everything: files (and their contexts), the device, buffers.
 func (s *session) close() error {
 	var errs []error
+	s.traceOff()
 	for _, name := range sortedKeys(s.files) {
 		errs = append(errs, s.files[name].close())
 	}

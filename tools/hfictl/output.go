@@ -8,6 +8,7 @@ import (
 	"io"
 	"reflect"
 	"strings"
+	"sync"
 	"unicode"
 
 	"golang.org/x/sys/unix"
@@ -165,6 +166,7 @@ func snake(s string) string {
 
 // printer writes results and errors in the chosen format.
 type printer struct {
+	mu          sync.Mutex // trace events print from their own goroutine
 	out, errOut io.Writer
 	json        bool
 	printed     int // human results so far, to separate them
@@ -173,6 +175,8 @@ type printer struct {
 
 // result prints one successful command result.
 func (p *printer) result(cmd string, o obj) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	if p.json {
 		full := append(obj{{"cmd", cmd}}, o...)
 		b, err := json.Marshal(full)
@@ -196,6 +200,8 @@ func (p *printer) result(cmd string, o obj) {
 // fail prints a failed command: a JSON object on stdout with --json (so the
 // machine-readable stream is complete), else a line on stderr.
 func (p *printer) fail(cmd string, err error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	name := errnoName(err)
 	if p.json {
 		o := obj{{"error", err.Error()}, {"errno", name}}

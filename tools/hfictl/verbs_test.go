@@ -393,3 +393,39 @@ func indexOf(objs []map[string]any, cmd string) int {
 	}
 	return -1
 }
+
+// TestTraceTID: `trace on` streams the driver's decisions of a TID cycle
+// by hand, in order, with the TID; `trace off` ends it.
+func TestTraceTID(t *testing.T) {
+	testenv.RequireRoot(t, "TID_UPDATE pins through io_uring")
+	checkNoLeaks(t)
+	objs := runScript(t, `
+assign-ctxt
+alloc r 64k
+trace on --kinds tid_register,tid_invalidate,tid_unregister
+tid-update r
+munmap r
+tid-inval-read
+tid-free r
+trace off
+`, false)
+	var kinds []string
+	var tid string
+	for _, o := range objs {
+		if o["cmd"] == "trace" && o["kind"] != nil {
+			kinds = append(kinds, o["kind"].(string))
+			if tid == "" {
+				tid, _ = o["tid"].(string)
+			} else if o["tid"] != tid {
+				t.Fatalf("trace names TID %v, then %v", tid, o["tid"])
+			}
+		}
+	}
+	want := []string{"tid_register", "tid_invalidate", "tid_unregister"}
+	if strings.Join(kinds, " ") != strings.Join(want, " ") {
+		t.Fatalf("trace kinds %v, want %v", kinds, want)
+	}
+	if off := last(t, objs, "trace"); off["trace"] != "off" {
+		t.Fatalf("last trace result %v", off)
+	}
+}
