@@ -13,19 +13,19 @@ type TraceKind uint8
 
 // The trace points. A, B and C of a TraceEvent mean what each says.
 const (
-	TraceTIDRegister   TraceKind = iota + 1 // TID_UPDATE programmed a TID: A vaddr, B pages, C TID
-	TraceTIDUnregister                      // TID_FREE or close unprogrammed it: A vaddr, B pages, C TID
-	TraceTIDInvalidate                      // the notifier invalidated it: A vaddr, B pages, C TID
-	TraceTIDBusy                            // TID_UPDATE lost a race with an invalidation (EBUSY): A vaddr, B length
-	TraceNotifierEvent                      // an invalidation reached a subscription: A start, B end, C kind<<8 | source
-	TraceODPFault                           // the device raised a page fault: A va, B length, C key
-	TraceODPResume                          // the fault was resumed: A va, B pages mapped, C 1 on error
-	TraceInvalBegin                         // an ODP invalidation zapped MTT entries: A first entry, B count
-	TraceTLBFlush                           // a TLB flush was issued and completed: A first entry, B count, C nanoseconds waited
-	TraceFastRegBind                        // FAST_REG_MR posted: A MPT index, B pages, C new key
-	TraceFastRegInvalidate                  // LOCAL_INV or *_WITH_INV posted: C key
-	TraceDoorbell                           // a doorbell was rung: A QP or context, B producer index, C 0 send, 1 receive
-	TraceCompletion                         // a CQE was polled: A CQ index, B wr_id, C status
+	TraceTIDRegister       TraceKind = iota + 1 // TID_UPDATE programmed a TID: A vaddr, B pages, C TID
+	TraceTIDUnregister                          // TID_FREE or close unprogrammed it: A vaddr, B pages, C TID
+	TraceTIDInvalidate                          // the notifier invalidated it: A vaddr, B pages, C TID
+	TraceTIDBusy                                // TID_UPDATE lost a race with an invalidation (EBUSY): A vaddr, B length
+	TraceNotifierEvent                          // an invalidation reached a subscription: A start, B end, C kind<<8 | source
+	TraceODPFault                               // the device raised a page fault: A va, B length, C key
+	TraceODPResume                              // the fault was resumed: A va, B pages mapped, C 1 on error
+	TraceInvalBegin                             // an ODP invalidation zapped MTT entries: A first entry, B count
+	TraceTLBFlush                               // a TLB flush was issued and completed: A first entry, B count, C nanoseconds waited
+	TraceFastRegBind                            // FAST_REG_MR posted: A MPT index, B pages, C new key
+	TraceFastRegInvalidate                      // LOCAL_INV or *_WITH_INV posted: C key
+	TraceDoorbell                               // a doorbell was rung: A QP or context, B producer index, C 0 send, 1 receive
+	TraceCompletion                             // a CQE was polled: A CQ index, B wr_id, C status
 	traceKinds
 )
 
