@@ -314,7 +314,14 @@ func TestFastRegDeregBusy(t *testing.T) {
 	key := l.bind(t, 1, 0, 0, 1)
 	wantErrno(t, "DEREG_MR of a VALID MR", hfiuser.DeregMR(l.b.f, l.mr.Handle), unix.EBUSY)
 	wantErrno(t, "DEREG_MR of the pinned MR under it", hfiuser.DeregMR(l.b.f, l.mrB.Handle), unix.EBUSY)
-	post(t, l.b, hfiuser.LocalInvWR(2, 0, key)) // unsignaled: the driver learns it from QPSQHead
+	// MR_STATS of a fast-reg MR: it pins nothing of its own, even bound.
+	if st, err := hfiuser.MRStats(l.b.f, l.mr.Handle); err != nil || st != (uapi.GohfiMRStats{Handle: l.mr.Handle}) {
+		t.Fatalf("MR_STATS of a bound fast-reg MR: %+v, %v", st, err)
+	}
+	if _, err := hfiuser.MRStats(l.a.f, l.mr.Handle); !errors.Is(err, unix.EINVAL) {
+		t.Fatalf("MR_STATS of another file's fast-reg MR: %v", err)
+	}
+	post(t, l.b, hfiuser.LocalInvWR(2, 0, key)) // unsignaled: the driver learns it from the device-written head
 	post(t, l.b, hfiuser.SendWR{GohfiSendWR: uapi.GohfiSendWR{WrID: 3, Opcode: uapi.GOHFI_WR_RDMA_WRITE, SendFlags: sig}, SGL: []uapi.GohfiSge{}})
 	pollWC(t, l.b.f, l.b.cq, 1)
 	wantErrno(t, "DEREG_MR of the pinned MR", hfiuser.DeregMR(l.b.f, l.mrB.Handle), 0)
