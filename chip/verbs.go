@@ -157,21 +157,38 @@ const (
 	QPBase   = 0xa000
 	QPStride = 0x80
 
-	QPControl   = 0x00 // RW: QPState (bits 0-3, GOHFI_QPS_*) | type << QPTypeShift; see below
-	QPSQBase    = 0x08 // RW: IOVA of the send queue (SendWQESize each)
-	QPSQEntries = 0x10 // RW: WQEs, power of two
-	QPSQTail    = 0x18 // RW: send doorbell: producer index
-	QPSQHead    = 0x20 // RO: consumer index (WQEs completed or flushed)
-	QPRQBase    = 0x28 // RW: IOVA of the receive queue (RecvWQESize each)
-	QPRQEntries = 0x30 // RW: WQEs, power of two
-	QPRQTail    = 0x38 // RW: receive doorbell: producer index
-	QPRQHead    = 0x40 // RO: consumer index
-	QPCQs       = 0x48 // RW: send CQ index | receive CQ index << 32
-	QPPD        = 0x50 // RW: protection domain
-	QPDest      = 0x58 // RW: destination QP number | destination port << 32 (0: this device)
-	QPAccess    = 0x60 // RW: IB_ACCESS_REMOTE_* the responder allows
-	QPPSN       = 0x68 // RW: send PSN | receive PSN << 32 (24 bits each)
-	QPStatus    = 0x70 // RO: the state the device holds (it moves a QP to ERR by itself)
+	QPControl    = 0x00 // RW: QPState (bits 0-3, GOHFI_QPS_*) | type << QPTypeShift; see below
+	QPSQBase     = 0x08 // RW: IOVA of the send queue (SendWQESize each)
+	QPSQEntries  = 0x10 // RW: WQEs, power of two
+	QPSQTail     = 0x18 // RW: send doorbell: producer index
+	QPSQHead     = 0x20 // RO: consumer index (WQEs completed or flushed)
+	QPRQBase     = 0x28 // RW: IOVA of the receive queue (RecvWQESize each)
+	QPRQEntries  = 0x30 // RW: WQEs, power of two
+	QPRQTail     = 0x38 // RW: receive doorbell: producer index
+	QPRQHead     = 0x40 // RO: consumer index
+	QPCQs        = 0x48 // RW: send CQ index | receive CQ index << 32
+	QPPD         = 0x50 // RW: protection domain
+	QPDest       = 0x58 // RW: destination QP number | destination port << 32 (0: this device)
+	QPAccess     = 0x60 // RW: IB_ACCESS_REMOTE_* the responder allows
+	QPPSN        = 0x68 // RW: send PSN | receive PSN << 32 (24 bits each)
+	QPStatus     = 0x70 // RO: the state the device holds (it moves a QP to ERR by itself)
+	QPSQHeadAddr = 0x78 // RW: where the device also writes SQHead in host memory (0: nowhere); see below
+)
+
+// QPSQHeadAddr, like CtxtSQHeadAddr for contexts, spares the driver a
+// register read to learn which send WQEs the device consumed: bits 3-63
+// are the IOVA of an 8-byte word (8-byte aligned; 0: none), bits 0-2 a tag.
+// Each time SQHead advances (a WQE completed or flushed), the device writes
+// the word SQHead | tag << 32 there: for a completed WQE before its CQE (a
+// driver that polled the CQE reads a head past its WQE), for a flushed one
+// after its flush CQE. The
+// register is used as it is at each write (not latched) and kept across
+// RESET, in which the device writes nothing. The tag lets a driver that
+// changes it at every RESET tell a write of the QP's earlier life (one the
+// engine had under way when RESET came) from one of the new.
+const (
+	QPSQHeadTagMask  = 0x7
+	QPSQHeadTagShift = 32
 )
 
 // QPReg returns the BAR0 offset of register reg of QP n.

@@ -42,12 +42,23 @@ func (d *Device) readCSRRaw(off uint64) (uint64, error) {
 
 // writeCSR writes a 64-bit BAR0 register.
 func (d *Device) writeCSR(off, v uint64) error {
+	return d.writeCSRWith(d.vdev.WriteRegion, "write", off, v)
+}
+
+func (d *Device) writeCSRWith(write func(index uint32, off uint64, p []byte) error, what string, off, v uint64) error {
 	var b [8]byte
 	binary.LittleEndian.PutUint64(b[:], v)
-	if err := d.vdev.WriteRegion(chip.CSRBar, off, b[:]); err != nil {
-		return d.ioErr(fmt.Errorf("write CSR %#x: %w", off, err))
+	if err := write(chip.CSRBar, off, b[:]); err != nil {
+		return d.ioErr(fmt.Errorf("%s CSR %#x: %w", what, off, err))
 	}
 	return nil
+}
+
+// writeCSRPosted writes a 64-bit BAR0 register without waiting for the
+// device to take the write (vfio.Device.WriteRegionPosted): for doorbells.
+// The device takes it before any later register access of the driver.
+func (d *Device) writeCSRPosted(off, v uint64) error {
+	return d.writeCSRWith(d.vdev.WriteRegionPosted, "posted write", off, v)
 }
 
 func (d *Device) readCtxtCSR(ctxt int, reg uint64) (uint64, error) {

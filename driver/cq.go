@@ -201,7 +201,7 @@ func (cq *CQ) Poll(wc []uapi.GohfiWC) (int, error) {
 		cq.unpublished++
 	}
 	if cq.unpublished >= cqThreshold(cq.n) {
-		if err := cq.pd.d.writeCSR(chip.CQReg(cq.idx, chip.CQHead), uint64(cq.head)); err != nil {
+		if err := cq.pd.d.writeCSRPosted(chip.CQReg(cq.idx, chip.CQHead), uint64(cq.head)); err != nil {
 			return n, fmt.Errorf("gohfi: POLL_CQ: %w", err)
 		}
 		cq.unpublished = 0
@@ -217,9 +217,11 @@ func (cq *CQ) ready() bool {
 }
 
 // arm asks the device to raise the context's interrupt at the CQ's next
-// completion (ib_req_notify_cq); the device disarms when it does.
+// completion (ib_req_notify_cq); the device disarms when it does. The write
+// is posted: the caller makes sure the device took it (a later register
+// read) before it relies on the arm.
 func (cq *CQ) arm() error {
-	return cq.pd.d.writeCSR(chip.CQReg(cq.idx, chip.CQControl), cq.control(true))
+	return cq.pd.d.writeCSRPosted(chip.CQReg(cq.idx, chip.CQControl), cq.control(true))
 }
 
 // pollCQs is Poll's look at the file's CQs: POLLIN when one has a
@@ -231,11 +233,16 @@ func (pd *PD) pollCQs(arm bool) (uint32, error) {
 	if pd.closed != 0 {
 		return POLLERR, errnoErr("poll: file closed", pd.closed)
 	}
-	if arm {
+	if arm && len(pd.cqs) > 0 {
 		for _, cq := range pd.cqs {
 			if err := cq.arm(); err != nil {
 				return POLLERR, fmt.Errorf("gohfi: poll: arm CQ %d: %w", cq.handle, err)
 			}
+		}
+		// The arms are posted: one read makes sure the device took them
+		// all before the rings are looked at.
+		if _, err := pd.d.readCSR(chip.RegID); err != nil {
+			return POLLERR, fmt.Errorf("gohfi: poll: arm CQs: %w", err)
 		}
 	}
 	for _, cq := range pd.cqs {

@@ -385,6 +385,13 @@ func (r *removableDevice) WriteRegion(index uint32, off uint64, p []byte) error 
 	return r.Device.WriteRegion(index, off, p)
 }
 
+func (r *removableDevice) WriteRegionPosted(index uint32, off uint64, p []byte) error {
+	if r.removed.Load() {
+		return nil
+	}
+	return r.Device.WriteRegionPosted(index, off, p)
+}
+
 // TestSurpriseRemovalAllOnes: on the kernel VFIO path a removed device only
 // reads all ones. The driver notices it by itself and wakes a waiting Poll
 // and SEND with ENXIO.

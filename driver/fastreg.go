@@ -27,13 +27,15 @@ import (
 //     binding; the page list stays busy until the device has consumed the
 //     WQE.
 //
-// The driver learns that a WQE was consumed by reading QPSQHead (the device's
-// consumer index, which also counts unsignaled and flushed WQEs): a QP keeps
-// its outstanding local operations in send-queue order (QP.frPend) and
-// retires those behind QPSQHead whenever it reads it. It reads it when a
-// user REG_MR finds its MR's pool of page lists used up (poolBatch), when
-// the send queue looks full, at DEREG_MR, at DRIVER_STATS and when a busy
-// page list is mapped or freed.
+// The driver learns that a WQE was consumed from the device's consumer
+// index, which also counts unsignaled and flushed WQEs: the word the device
+// writes to host memory each time it advances (QPSQHeadAddr), or the
+// QPSQHead register when that word shows no progress. A QP keeps its
+// outstanding local operations in send-queue order (QP.frPend) and retires
+// those behind the head whenever it looks: when a user REG_MR finds its
+// MR's pool of page lists used up (poolBatch), when the send queue looks
+// full, at DEREG_MR, at DRIVER_STATS and when a busy page list is mapped or
+// freed.
 // Forcing FAST_REG_MR WQEs signaled and filtering their completions would
 // need the CQ poller to know them; the consumer index needs nothing.
 //
@@ -593,20 +595,38 @@ func (m *FastRegMR) takeListLocked() (*PageList, error) {
 	return pl, nil
 }
 
-// reclaimLocked reads QPSQHead and retires the local operations the device
-// has consumed since the last read: their page lists become free (a pool's
-// go back to it), their MRs' outstanding counts drop, and the counters
-// fast_regs and local_invs count them.
+// memHeadLocked is the SQHead the device last wrote to the QP's
+// QPSQHeadAddr word, and whether it is one to believe: this life's tag
+// (not a write of the QP's life before its last RESET) and between the
+// last head known and the tail.
+func (qp *QP) memHeadLocked() (int, bool) {
+	w := load64(qp.sqHeadMem.mem, 0)
+	h := int(uint32(w))
+	if w>>chip.QPSQHeadTagShift != qp.sqHeadTag || h >= qp.sqN {
+		return 0, false
+	}
+	return h, (h-qp.sqHead+qp.sqN)%qp.sqN <= (qp.sqTail-qp.sqHead+qp.sqN)%qp.sqN
+}
+
+// reclaimLocked learns how far the device has consumed the send queue and
+// retires the local operations it consumed since the last look: their
+// page lists become free (a pool's go back to it), their MRs' outstanding
+// counts drop, and the counters fast_regs and local_invs count them. It
+// looks at the head the device writes to host memory (QPSQHeadAddr) and
+// reads the QPSQHead register only when that shows no progress.
 func (qp *QP) reclaimLocked() error {
 	if qp.sq == nil {
 		return nil
 	}
 	d := qp.pd.d
-	h, err := d.readCSR(chip.QPReg(qp.idx, chip.QPSQHead))
-	if err != nil {
-		return err
+	head, ok := qp.memHeadLocked()
+	if !ok || head == qp.sqHead {
+		h, err := d.readCSR(chip.QPReg(qp.idx, chip.QPSQHead))
+		if err != nil {
+			return err
+		}
+		head = int(h % uint64(qp.sqN))
 	}
-	head := int(h % uint64(qp.sqN))
 	done := (head - qp.sqHead + qp.sqN) % qp.sqN
 	for len(qp.frPend) > 0 && (qp.frPend[0].slot-qp.sqHead+qp.sqN)%qp.sqN < done {
 		p := qp.frPend[0]

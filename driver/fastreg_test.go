@@ -122,27 +122,32 @@ func TestFastRegPageListOrder(t *testing.T) {
 // (REM_ACCESS_ERR, state); a rebind with a new variant works and the old
 // variant is refused (REM_ACCESS_ERR, key).
 func TestFastRegInvalidateRebind(t *testing.T) {
-	l := newFRLoop(t, 4)
-	k1 := l.bind(t, 1, 0, 0)
-	post(t, l.b, hfiuser.LocalInvWR(4, sig, k1))
-	wantWC(t, "LOCAL_INV", pollWC(t, l.b.f, l.b.cq, 1)[0], uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_LOCAL_INV, 0)
-	k2 := l.bind(t, 2, 0, 1)
-	fill(l.bufA, 8)
-	post(t, l.a, writeWR(5, frIOVA, k2, l.sgeA(0, 4096)))
-	wantWC(t, "WRITE new variant", pollWC(t, l.a.f, l.a.cq, 1)[0], uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_RDMA_WRITE, 0)
-	if !bytes.Equal(l.bufB[4096:8192], l.bufA[:4096]) {
-		t.Fatal("rebind: data not in the new page")
-	}
-	post(t, l.a, writeWR(6, frIOVA, k1, l.sgeA(0, 16)))
-	wantRefused(t, "old variant", l.a, uapi.GOHFI_WC_REM_ACCESS_ERR, chip.VendorErrKey)
-
+	// Each part opens its own device and closes it at its end: behind
+	// kernel VFIO a device is opened by one at a time.
+	t.Run("rebind", func(t *testing.T) {
+		l := newFRLoop(t, 4)
+		k1 := l.bind(t, 1, 0, 0)
+		post(t, l.b, hfiuser.LocalInvWR(4, sig, k1))
+		wantWC(t, "LOCAL_INV", pollWC(t, l.b.f, l.b.cq, 1)[0], uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_LOCAL_INV, 0)
+		k2 := l.bind(t, 2, 0, 1)
+		fill(l.bufA, 8)
+		post(t, l.a, writeWR(5, frIOVA, k2, l.sgeA(0, 4096)))
+		wantWC(t, "WRITE new variant", pollWC(t, l.a.f, l.a.cq, 1)[0], uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_RDMA_WRITE, 0)
+		if !bytes.Equal(l.bufB[4096:8192], l.bufA[:4096]) {
+			t.Fatal("rebind: data not in the new page")
+		}
+		post(t, l.a, writeWR(6, frIOVA, k1, l.sgeA(0, 16)))
+		wantRefused(t, "old variant", l.a, uapi.GOHFI_WC_REM_ACCESS_ERR, chip.VendorErrKey)
+	})
 	// LOCAL_INV, then the current key is refused.
-	l = newFRLoop(t, 4)
-	k := l.bind(t, 9, 0, 0)
-	post(t, l.b, hfiuser.LocalInvWR(4, sig, k))
-	wantWC(t, "LOCAL_INV", pollWC(t, l.b.f, l.b.cq, 1)[0], uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_LOCAL_INV, 0)
-	post(t, l.a, writeWR(6, frIOVA, k, l.sgeA(0, 16)))
-	wantRefused(t, "after LOCAL_INV", l.a, uapi.GOHFI_WC_REM_ACCESS_ERR, chip.VendorErrState)
+	t.Run("invalidated", func(t *testing.T) {
+		l := newFRLoop(t, 4)
+		k := l.bind(t, 9, 0, 0)
+		post(t, l.b, hfiuser.LocalInvWR(4, sig, k))
+		wantWC(t, "LOCAL_INV", pollWC(t, l.b.f, l.b.cq, 1)[0], uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_LOCAL_INV, 0)
+		post(t, l.a, writeWR(6, frIOVA, k, l.sgeA(0, 16)))
+		wantRefused(t, "after LOCAL_INV", l.a, uapi.GOHFI_WC_REM_ACCESS_ERR, chip.VendorErrState)
+	})
 }
 
 // TestFastRegDeviceRefusals: REG_MR of a VALID MR, LOCAL_INV of an
@@ -242,35 +247,38 @@ func TestFastRegBadPageLists(t *testing.T) {
 // after the data is placed; B's receive completion says so. A stale key is
 // REM_INV_REQ_ERR.
 func TestFastRegSendWithInv(t *testing.T) {
-	l := newFRLoop(t, 4)
-	key := l.bind(t, 7, 0, 3)
-	fill(l.bufA, 2)
-	if _, err := hfiuser.PostRecv(l.b.f, l.b.qp, []hfiuser.RecvWR{{GohfiRecvWR: uapi.GohfiRecvWR{WrID: 20}, SGL: l.sgeB(0, 5000)}}); err != nil {
-		t.Fatal(err)
-	}
-	post(t, l.a, hfiuser.SendWR{GohfiSendWR: uapi.GohfiSendWR{WrID: 21, Opcode: uapi.GOHFI_WR_SEND_WITH_INV, SendFlags: sig, InvalidateRkey: key}, SGL: l.sgeA(0, 5000)})
-	wantWC(t, "SEND_WITH_INV", pollWC(t, l.a.f, l.a.cq, 1)[0], uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_SEND, 0)
-	rwc := pollWC(t, l.b.f, l.b.cq, 1)[0]
-	wantWC(t, "RECV", rwc, uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_RECV, 5000)
-	if rwc.WcFlags != uapi.GOHFI_WC_WITH_INVALIDATE || rwc.InvalidatedRkey != key {
-		t.Fatalf("receive completion %+v, want WITH_INVALIDATE of %#x", rwc, key)
-	}
-	if !bytes.Equal(l.bufB[:5000], l.bufA[:5000]) {
-		t.Fatal("SEND_WITH_INV: data differs")
-	}
-	// The MR is free: DEREG_MR succeeds, and so does the pinned MR's.
-	if err := hfiuser.DeregMR(l.b.f, l.mr.Handle); err != nil {
-		t.Fatalf("DEREG_MR after a remote invalidation: %v", err)
-	}
-
-	l = newFRLoop(t, 4)
-	key = l.bind(t, 7, 0, 3)
-	if _, err := hfiuser.PostRecv(l.b.f, l.b.qp, []hfiuser.RecvWR{{GohfiRecvWR: uapi.GohfiRecvWR{WrID: 20}, SGL: l.sgeB(0, 64)}}); err != nil {
-		t.Fatal(err)
-	}
-	post(t, l.a, hfiuser.SendWR{GohfiSendWR: uapi.GohfiSendWR{WrID: 21, Opcode: uapi.GOHFI_WR_SEND_WITH_INV, SendFlags: sig, InvalidateRkey: key + 1}, SGL: l.sgeA(0, 64)})
-	wantRefused(t, "SEND_WITH_INV of a stale key", l.a, uapi.GOHFI_WC_REM_INV_REQ_ERR, chip.VendorErrKey)
-	wantRefused(t, "its receive", l.b, uapi.GOHFI_WC_REM_INV_REQ_ERR, chip.VendorErrKey)
+	t.Run("invalidates", func(t *testing.T) {
+		l := newFRLoop(t, 4)
+		key := l.bind(t, 7, 0, 3)
+		fill(l.bufA, 2)
+		if _, err := hfiuser.PostRecv(l.b.f, l.b.qp, []hfiuser.RecvWR{{GohfiRecvWR: uapi.GohfiRecvWR{WrID: 20}, SGL: l.sgeB(0, 5000)}}); err != nil {
+			t.Fatal(err)
+		}
+		post(t, l.a, hfiuser.SendWR{GohfiSendWR: uapi.GohfiSendWR{WrID: 21, Opcode: uapi.GOHFI_WR_SEND_WITH_INV, SendFlags: sig, InvalidateRkey: key}, SGL: l.sgeA(0, 5000)})
+		wantWC(t, "SEND_WITH_INV", pollWC(t, l.a.f, l.a.cq, 1)[0], uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_SEND, 0)
+		rwc := pollWC(t, l.b.f, l.b.cq, 1)[0]
+		wantWC(t, "RECV", rwc, uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_RECV, 5000)
+		if rwc.WcFlags != uapi.GOHFI_WC_WITH_INVALIDATE || rwc.InvalidatedRkey != key {
+			t.Fatalf("receive completion %+v, want WITH_INVALIDATE of %#x", rwc, key)
+		}
+		if !bytes.Equal(l.bufB[:5000], l.bufA[:5000]) {
+			t.Fatal("SEND_WITH_INV: data differs")
+		}
+		// The MR is free: DEREG_MR succeeds, and so does the pinned MR's.
+		if err := hfiuser.DeregMR(l.b.f, l.mr.Handle); err != nil {
+			t.Fatalf("DEREG_MR after a remote invalidation: %v", err)
+		}
+	})
+	t.Run("stale key", func(t *testing.T) {
+		l := newFRLoop(t, 4)
+		key := l.bind(t, 7, 0, 3)
+		if _, err := hfiuser.PostRecv(l.b.f, l.b.qp, []hfiuser.RecvWR{{GohfiRecvWR: uapi.GohfiRecvWR{WrID: 20}, SGL: l.sgeB(0, 64)}}); err != nil {
+			t.Fatal(err)
+		}
+		post(t, l.a, hfiuser.SendWR{GohfiSendWR: uapi.GohfiSendWR{WrID: 21, Opcode: uapi.GOHFI_WR_SEND_WITH_INV, SendFlags: sig, InvalidateRkey: key + 1}, SGL: l.sgeA(0, 64)})
+		wantRefused(t, "SEND_WITH_INV of a stale key", l.a, uapi.GOHFI_WC_REM_INV_REQ_ERR, chip.VendorErrKey)
+		wantRefused(t, "its receive", l.b, uapi.GOHFI_WC_REM_INV_REQ_ERR, chip.VendorErrKey)
+	})
 }
 
 // TestFastRegReadWithInv: RDMA_READ_WITH_INV reads into A's fast-reg MR
@@ -306,7 +314,14 @@ func TestFastRegDeregBusy(t *testing.T) {
 	key := l.bind(t, 1, 0, 0, 1)
 	wantErrno(t, "DEREG_MR of a VALID MR", hfiuser.DeregMR(l.b.f, l.mr.Handle), unix.EBUSY)
 	wantErrno(t, "DEREG_MR of the pinned MR under it", hfiuser.DeregMR(l.b.f, l.mrB.Handle), unix.EBUSY)
-	post(t, l.b, hfiuser.LocalInvWR(2, 0, key)) // unsignaled: the driver learns it from QPSQHead
+	// MR_STATS of a fast-reg MR: it pins nothing of its own, even bound.
+	if st, err := hfiuser.MRStats(l.b.f, l.mr.Handle); err != nil || st != (uapi.GohfiMRStats{Handle: l.mr.Handle}) {
+		t.Fatalf("MR_STATS of a bound fast-reg MR: %+v, %v", st, err)
+	}
+	if _, err := hfiuser.MRStats(l.a.f, l.mr.Handle); !errors.Is(err, unix.EINVAL) {
+		t.Fatalf("MR_STATS of another file's fast-reg MR: %v", err)
+	}
+	post(t, l.b, hfiuser.LocalInvWR(2, 0, key)) // unsignaled: the driver learns it from the device-written head
 	post(t, l.b, hfiuser.SendWR{GohfiSendWR: uapi.GohfiSendWR{WrID: 3, Opcode: uapi.GOHFI_WR_RDMA_WRITE, SendFlags: sig}, SGL: []uapi.GohfiSge{}})
 	pollWC(t, l.b.f, l.b.cq, 1)
 	wantErrno(t, "DEREG_MR of the pinned MR", hfiuser.DeregMR(l.b.f, l.mrB.Handle), 0)

@@ -334,6 +334,11 @@ func (pd *PD) ioctlMRStats(arg UserPtr) error {
 	if s.Reserved != 0 {
 		return errnoErr("MR_STATS: reserved field set", unix.EINVAL)
 	}
+	if _, err := lookup(pd, pd.frmrs, s.Handle, "MR_STATS"); err == nil {
+		// A fast-reg MR pins nothing (its bindings name other MRs' pinned
+		// pages) and never faults: every counter is 0.
+		return writeArg(arg, &uapi.GohfiMRStats{Handle: s.Handle}, "MR_STATS")
+	}
 	mr, err := lookup(pd, pd.mrs, s.Handle, "MR_STATS")
 	if err != nil {
 		return err

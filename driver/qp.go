@@ -24,6 +24,7 @@ type QP struct {
 	maxRecvSge     int
 	sq, rq         *ringMem
 	sqN, rqN       int
+	sqHeadMem      *ringMem // the word the device writes SQHead to (QPSQHeadAddr)
 
 	mu             sync.Mutex
 	state          uint32 // last state the driver set (the device may since have moved to ERR)
@@ -31,6 +32,7 @@ type QP struct {
 	rqTail, rqHead int
 	psn            uint64      // QPPSN as written
 	frPend         []frPending // local operations posted, not yet known consumed (fastreg.go)
+	sqHeadTag      uint64      // QPSQHeadAddr's tag, changed at every RESET
 }
 
 // QPInitAttr are CREATE_QP's arguments (ib_qp_init_attr).
@@ -126,15 +128,17 @@ func (pd *PD) CreateQP(a QPInitAttr) (*QP, error) {
 	}
 	var err error
 	for _, r := range []struct {
-		dst  **ringMem
-		name string
-		size int
-	}{{&qp.sq, "sq", qp.sqN * chip.SendWQESize}, {&qp.rq, "rq", qp.rqN * chip.RecvWQESize}} {
+		dst   **ringMem
+		name  string
+		size  int
+		flags uint32
+	}{{&qp.sq, "sq", qp.sqN * chip.SendWQESize, vfio.DMARead}, {&qp.rq, "rq", qp.rqN * chip.RecvWQESize, vfio.DMARead},
+		{&qp.sqHeadMem, "sqhead", 8, vfio.DMAWrite}} {
 		if *r.dst, err = newRingMem(fmt.Sprintf("qp%d%s", qp.idx, r.name), r.size); err != nil {
 			qp.release()
 			return nil, fmt.Errorf("gohfi: CREATE_QP: %w", errors.Join(err, unix.ENOMEM))
 		}
-		if err = d.dmaMap(*r.dst, vfio.DMARead); err != nil {
+		if err = d.dmaMap(*r.dst, r.flags); err != nil {
 			qp.release()
 			return nil, fmt.Errorf("gohfi: CREATE_QP: %w", err)
 		}
@@ -150,6 +154,7 @@ func (pd *PD) CreateQP(a QPInitAttr) (*QP, error) {
 		{chip.QPDest, 0},
 		{chip.QPAccess, 0},
 		{chip.QPPSN, 0},
+		{chip.QPSQHeadAddr, qp.sqHeadMem.iova},
 	} {
 		if err = d.writeCSR(chip.QPReg(qp.idx, r.reg), r.val); err != nil {
 			qp.release()
@@ -266,6 +271,12 @@ func (qp *QP) Modify(a QPAttr) error {
 	if a.State == uapi.GOHFI_QPS_RESET {
 		qp.sqTail, qp.sqHead, qp.rqTail, qp.rqHead, qp.psn = 0, 0, 0, 0, 0
 		qp.dropPendingLocked()
+		// A head the engine was still writing carries the old tag.
+		qp.sqHeadTag = (qp.sqHeadTag + 1) & chip.QPSQHeadTagMask
+		store64(qp.sqHeadMem.mem, 0, qp.sqHeadTag<<chip.QPSQHeadTagShift)
+		if err := d.writeCSR(chip.QPReg(qp.idx, chip.QPSQHeadAddr), qp.sqHeadMem.iova|qp.sqHeadTag); err != nil {
+			return fmt.Errorf("gohfi: MODIFY_QP: %w", err)
+		}
 	}
 	return nil
 }
@@ -298,7 +309,7 @@ func (qp *QP) destroy() error {
 	var errs []error
 	if !d.dead.Load() {
 		errs = append(errs, d.writeCSR(chip.QPReg(qp.idx, chip.QPControl), uapi.GOHFI_QPS_RESET|uapi.GOHFI_QPT_RC<<chip.QPTypeShift))
-		for _, r := range []uint64{chip.QPSQBase, chip.QPSQEntries, chip.QPRQBase, chip.QPRQEntries, chip.QPDest, chip.QPAccess} {
+		for _, r := range []uint64{chip.QPSQBase, chip.QPSQEntries, chip.QPRQBase, chip.QPRQEntries, chip.QPDest, chip.QPAccess, chip.QPSQHeadAddr} {
 			errs = append(errs, d.writeCSR(chip.QPReg(qp.idx, r), 0))
 		}
 	}
@@ -316,7 +327,7 @@ func (qp *QP) destroy() error {
 func (qp *QP) release() error {
 	v, d := qp.pd.v, qp.pd.d
 	var errs []error
-	for _, r := range []**ringMem{&qp.sq, &qp.rq} {
+	for _, r := range []**ringMem{&qp.sq, &qp.rq, &qp.sqHeadMem} {
 		if *r == nil {
 			continue
 		}
@@ -419,7 +430,7 @@ func (qp *QP) postSend(count int, next func(i int) (*SendWR, error)) (int, error
 		qp.sqTail = (qp.sqTail + 1) % qp.sqN
 	}
 	if posted > 0 {
-		if err := d.writeCSR(chip.QPReg(qp.idx, chip.QPSQTail), uint64(qp.sqTail)); err != nil {
+		if err := d.writeCSRPosted(chip.QPReg(qp.idx, chip.QPSQTail), uint64(qp.sqTail)); err != nil {
 			return 0, fmt.Errorf("gohfi: POST_SEND doorbell: %w", err)
 		}
 	}
@@ -513,7 +524,7 @@ func (qp *QP) postRecv(count int, next func(i int) (*RecvWR, error)) (int, error
 		qp.rqTail = (qp.rqTail + 1) % qp.rqN
 	}
 	if posted > 0 {
-		if err := d.writeCSR(chip.QPReg(qp.idx, chip.QPRQTail), uint64(qp.rqTail)); err != nil {
+		if err := d.writeCSRPosted(chip.QPReg(qp.idx, chip.QPRQTail), uint64(qp.rqTail)); err != nil {
 			return 0, fmt.Errorf("gohfi: POST_RECV doorbell: %w", err)
 		}
 	}

@@ -1023,6 +1023,27 @@ func FuzzPostSend(f *testing.F) {
 	}
 	sge := make([]byte, uapi.SizeofGohfiSge)
 	(&uapi.GohfiSge{Addr: uint64(buf.Addr()), Length: 64, Lkey: mr.Lkey}).MarshalBytes(sge)
+	// Fast registration: fr_mr_handle 1 names the fast-reg MR below,
+	// fr_page_list 1 the page list below (the buffer's 16 pages backwards,
+	// then one unaligned and one outside every MR), 2 the same from its
+	// 15th entry; invalidate_rkey and fr_key 1 the MR's key, 2 the key with
+	// its next variant.
+	frmr, err := hfiuser.AllocMR(file, 8)
+	if err != nil {
+		f.Fatal(err)
+	}
+	pages := make([]byte, 18*8)
+	for i := range 16 {
+		binary.LittleEndian.PutUint64(pages[i*8:], uint64(buf.Addr())+uint64(15-i)*4096)
+	}
+	binary.LittleEndian.PutUint64(pages[16*8:], uint64(buf.Addr())+8)
+	binary.LittleEndian.PutUint64(pages[17*8:], uint64(uintptrOf(sge))&^0xfff)
+	fuzzKey := func(v uint32) uint32 {
+		if v == 1 || v == 2 {
+			return frmr.Lkey&^0xff | (frmr.Lkey+v-1)&0xff
+		}
+		return v
+	}
 	f.Fuzz(func(t *testing.T, wrs []byte) {
 		if err := q.modify(uapi.GOHFI_QPS_RESET, 0, 0); err != nil {
 			t.Fatal(err)
@@ -1040,6 +1061,18 @@ func FuzzPostSend(f *testing.F) {
 			}
 			binary.LittleEndian.PutUint64(list[i*uapi.SizeofGohfiSendWR+32:], uint64(buf.Addr()))
 			binary.LittleEndian.PutUint32(list[i*uapi.SizeofGohfiSendWR+40:], mr.Rkey)
+			w := list[i*uapi.SizeofGohfiSendWR:]
+			switch binary.LittleEndian.Uint64(w[64:]) {
+			case 1:
+				binary.LittleEndian.PutUint64(w[64:], uint64(uintptrOf(pages)))
+			case 2:
+				binary.LittleEndian.PutUint64(w[64:], uint64(uintptrOf(pages[14*8:])))
+			}
+			if binary.LittleEndian.Uint32(w[80:]) == 1 {
+				binary.LittleEndian.PutUint32(w[80:], frmr.Handle)
+			}
+			binary.LittleEndian.PutUint32(w[20:], fuzzKey(binary.LittleEndian.Uint32(w[20:])))
+			binary.LittleEndian.PutUint32(w[84:], fuzzKey(binary.LittleEndian.Uint32(w[84:])))
 		}
 		ps := uapi.GohfiPostSend{QPHandle: q.qp, WrCount: uint32(count), WrList: uint64(uintptrOf(list)), WqeSize: uapi.SizeofGohfiSendWR}
 		err := hfiuser.Ioctl(file, uapi.GOHFI_IOCTL_POST_SEND, &ps)

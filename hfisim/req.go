@@ -374,9 +374,11 @@ func (d *Device) completeReq(r *requester, res result) {
 	q := &d.qps[r.n]
 	mine := q.epoch == r.epoch
 	scq := q.scq
+	var headAddr, head uint64
 	if mine {
 		q.sqHead = next(q.sqHead, q.sq.entries)
 		q.req = nil
+		headAddr, head = q.reg(chip.QPSQHeadAddr), q.sqHead
 		if !res.ok() {
 			d.qpErrorLocked(r.n)
 		}
@@ -385,6 +387,7 @@ func (d *Device) completeReq(r *requester, res result) {
 		d.qpErrorLocked(res.respIdx)
 	}
 	d.mu.Unlock()
+	d.writeSQHead(r.dma, headAddr, head)
 	if mine && (!res.ok() || r.p.wqe.Flags&uapi.GOHFI_SEND_SIGNALED != 0) {
 		e := chip.CQE{WrID: r.p.wqe.WrID, Status: res.status, Opcode: wcOpcode(r.p.wqe.Opcode),
 			VendorErr: res.vendor, QPNum: r.qpn}
@@ -430,14 +433,32 @@ func (d *Device) flushOne(dma vfiouser.DMA, gen uint64, n int, send bool) {
 	d.postCQE(dma, gen, cq, &e)
 
 	d.mu.Lock()
-	defer d.mu.Unlock()
 	if d.gen != gen || q.epoch != epoch {
+		d.mu.Unlock()
 		return
 	}
+	var haddr, h uint64
 	if send && q.sqHead == head {
 		q.sqHead = next(head, rg.entries)
+		haddr, h = q.reg(chip.QPSQHeadAddr), q.sqHead
 	} else if !send && q.rqHead == head {
 		q.rqHead = next(head, rg.entries)
+	}
+	d.mu.Unlock()
+	d.writeSQHead(dma, haddr, h)
+}
+
+// writeSQHead writes a QP's SQHead to its QPSQHeadAddr (nothing if 0),
+// with the register's tag; a write the IOMMU refuses is counted.
+func (d *Device) writeSQHead(dma vfiouser.DMA, reg, head uint64) {
+	addr := reg &^ chip.QPSQHeadTagMask
+	if addr == 0 {
+		return
+	}
+	var b [8]byte
+	put64(b[:], head|(reg&chip.QPSQHeadTagMask)<<chip.QPSQHeadTagShift)
+	if err := dma.Write(addr, b[:]); err != nil {
+		d.countDMAErr(err)
 	}
 }
 

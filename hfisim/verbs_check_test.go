@@ -2,8 +2,10 @@ package hfisim
 
 import (
 	"bytes"
+	"encoding/binary"
 	"fmt"
 	"testing"
+	"time"
 
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/uapi"
@@ -326,4 +328,33 @@ func TestVerbsRNRAndRemoteQP(t *testing.T) {
 	w = sendWQE(3, uapi.GOHFI_WR_RDMA_WRITE)
 	h2.postSend(a, w)
 	h2.expectCQE(cq, 3, uapi.GOHFI_WC_RETRY_EXC_ERR, 0, chip.VendorErrRemoteQP)
+}
+
+// TestVerbsSQHeadAddr: with QPSQHeadAddr set, the device writes SQHead with
+// the register's tag to host memory before the CQE of a completed WQE and
+// after the flush CQE of a flushed one.
+func TestVerbsSQHeadAddr(t *testing.T) {
+	p := newPair(t, 0x2000)
+	h := p.h
+	slot := h.alloc(4096) + 64
+	word := func() uint64 { return binary.LittleEndian.Uint64(h.read(slot, 8)) }
+	h.write(slot, make([]byte, 8))
+	wr(t, h.d, chip.QPReg(p.a.n, chip.QPSQHeadAddr), slot|5)
+	h.postRecv(p.b, recvWQE(9, sge(p.remote, 0, 64)))
+	h.postSend(p.a, sendWQE(1, uapi.GOHFI_WR_SEND, sge(p.local, 0, 10)))
+	h.expectCQE(p.acq, 1, uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_SEND, 0)
+	if got := word(); got != 1|5<<chip.QPSQHeadTagShift {
+		t.Fatalf("head word %#x after one WQE, want head 1 tag 5", got)
+	}
+	// A bad WQE completes in error; the one after it is flushed.
+	h.postSend(p.a, sendWQE(2, 0xee))
+	h.postSend(p.a, sendWQE(3, uapi.GOHFI_WR_SEND, sge(p.local, 0, 10)))
+	h.expectCQE(p.acq, 2, uapi.GOHFI_WC_LOC_QP_OP_ERR, 0, chip.VendorErrOpcode)
+	h.expectCQE(p.acq, 3, uapi.GOHFI_WC_WR_FLUSH_ERR, 0, 0)
+	for deadline := time.Now().Add(5 * time.Second); word() != 3|5<<chip.QPSQHeadTagShift; {
+		if time.Now().After(deadline) {
+			t.Fatalf("head word %#x after the flush, want head 3 tag 5", word())
+		}
+		time.Sleep(time.Millisecond)
+	}
 }

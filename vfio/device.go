@@ -160,6 +160,16 @@ type Device interface {
 	ReadRegion(index uint32, off uint64, p []byte) error
 	// WriteRegion writes p at off of region index through the trapped path.
 	WriteRegion(index uint32, off uint64, p []byte) error
+	// WriteRegionPosted writes p like WriteRegion but does not wait for the
+	// device to take it, as a PCI memory write is posted: it returns once
+	// the write is on its way. The device takes it before any later
+	// ReadRegion, WriteRegion or WriteRegionPosted of this Device from any
+	// goroutine that called after it returned (and before the reply of a
+	// later read, which is what makes a read flush it). An error the
+	// device would report for it is not returned (the vfio-user server
+	// logs it); a local failure (closed, disconnected, bad range) is. For
+	// doorbells: registers whose write has no result to wait for.
+	WriteRegionPosted(index uint32, off uint64, p []byte) error
 	// MmapRegion maps [off, off+size) of region index into this process.
 	// The range must lie inside one mappable area. Unmap with Munmap.
 	MmapRegion(index uint32, off, size uint64, prot int) ([]byte, error)

@@ -15,7 +15,8 @@ import (
 // run unchanged in the guest against hfisim through kernel VFIO: probe,
 // contexts, BAR mmap of the RcvArray, eager send with MSI-X, the TID
 // cache (TID_UPDATE/send/verify, munmap invalidation through
-// TID_INVAL_READ, TID offsets and errors), and the verbs core.
+// TID_INVAL_READ, TID offsets and errors), the verbs core and fast
+// registration.
 var DriverScenarios = []string{
 	"TestProbeReadsDevice",
 	"TestAssignCtxtInfoAndMmap",
@@ -53,6 +54,19 @@ var DriverScenarios = []string{
 	"TestODPPinBudget",
 	"TestODPFaultRacesInvalidation",
 	"TestODPAtomics",
+	// Fast registration: ALLOC_MR, FAST_REG_MR through the send queue with
+	// page lists the driver checks and translates, LOCAL_INV,
+	// SEND_WITH_INV, READ_WITH_INV, and the refusals.
+	"TestFastRegPageListOrder",
+	"TestFastRegInvalidateRebind",
+	"TestFastRegDeviceRefusals",
+	"TestFastRegBadPageLists",
+	"TestFastRegSendWithInv",
+	"TestFastRegReadWithInv",
+	"TestFastRegDeregBusy",
+	"TestFastRegPipelined",
+	"TestFastRegPageListsReused",
+	"TestAllocMRErrno",
 }
 
 // driverDevices serves one hfisim per context count given, at fixed guest

@@ -240,6 +240,13 @@ func (d *Device) ReadRegion(index uint32, off uint64, p []byte) error {
 	return nil
 }
 
+// WriteRegionPosted implements vfio.Device: pwrite(2) on a BAR of the
+// device fd is an MMIO store in the kernel (vfio_pci_core_do_io_rw), posted
+// by PCI already, so it is WriteRegion.
+func (d *Device) WriteRegionPosted(index uint32, off uint64, p []byte) error {
+	return d.WriteRegion(index, off, p)
+}
+
 // WriteRegion implements vfio.Device with pwrite(2) on the device fd.
 func (d *Device) WriteRegion(index uint32, off uint64, p []byte) error {
 	pos, err := d.regionRange(index, off, len(p))

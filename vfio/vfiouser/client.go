@@ -555,12 +555,17 @@ func parseRegionCaps(p []byte, ri abi.VFIORegionInfo) ([]vfio.SparseArea, error)
 
 // ReadRegion reads through REGION_READ messages.
 func (c *Client) ReadRegion(index uint32, off uint64, p []byte) error {
+	return c.inChunks("REGION_READ", index, off, p, c.readRegion)
+}
+
+// inChunks runs one access per max_data_xfer_size piece of p.
+func (c *Client) inChunks(what string, index uint32, off uint64, p []byte, f func(index uint32, off uint64, p []byte) error) error {
 	if addOverflows(off, uint64(len(p))) {
-		return fmt.Errorf("vfio-user: REGION_READ: offset %#x: %w", off, unix.EINVAL)
+		return fmt.Errorf("vfio-user: %s: offset %#x: %w", what, off, unix.EINVAL)
 	}
 	for len(p) > 0 {
 		n := min(len(p), int(c.serverMaxData))
-		if err := c.readRegion(index, off, p[:n]); err != nil {
+		if err := f(index, off, p[:n]); err != nil {
 			return err
 		}
 		off += uint64(n)
@@ -590,26 +595,22 @@ func (c *Client) readRegion(index uint32, off uint64, p []byte) error {
 
 // WriteRegion writes through REGION_WRITE messages, each acknowledged.
 func (c *Client) WriteRegion(index uint32, off uint64, p []byte) error {
-	if addOverflows(off, uint64(len(p))) {
-		return fmt.Errorf("vfio-user: REGION_WRITE: offset %#x: %w", off, unix.EINVAL)
-	}
-	for len(p) > 0 {
-		n := min(len(p), int(c.serverMaxData))
-		if err := c.writeRegion(index, off, p[:n]); err != nil {
-			return err
-		}
-		off += uint64(n)
-		p = p[n:]
-	}
-	return nil
+	return c.inChunks("REGION_WRITE", index, off, p, c.writeRegion)
 }
 
-func (c *Client) writeRegion(index uint32, off uint64, p []byte) error {
+// newWriteCall is the REGION_WRITE message of p at off of region index,
+// with the access header it carries and its size.
+func newWriteCall(index uint32, off uint64, p []byte) (*call, abi.VFIOUserRegionAccess, int) {
 	k := newCall(abi.VFIO_USER_REGION_WRITE, abi.SizeofVFIOUserRegionAccess+len(p))
-	defer k.release()
 	req := abi.VFIOUserRegionAccess{Offset: off, Region: index, Count: uint32(len(p))}
 	n := encode(k.cmd, false, k.payload(), &req)
 	copy(k.payload()[n:], p)
+	return k, req, n
+}
+
+func (c *Client) writeRegion(index uint32, off uint64, p []byte) error {
+	k, req, n := newWriteCall(index, off, p)
+	defer k.release()
 	if err := c.roundTrip(k, nil); err != nil {
 		return err
 	}
@@ -622,6 +623,44 @@ func (c *Client) writeRegion(index uint32, off uint64, p []byte) error {
 	}
 	if r != req || len(k.reply) != n {
 		return protoErr("REGION_WRITE reply %+v for %+v", r, req)
+	}
+	return nil
+}
+
+// WriteRegionPosted writes through REGION_WRITE messages flagged
+// VFIO_USER_F_NO_REPLY: each is sent and not waited for. The server reads
+// the socket in order and runs every command on one handler goroutine, in
+// the order read (server.go: session), so a later message of this client
+// (a read, whose reply then also says the write was taken) is handled after
+// it. A write the server refuses is logged there, not reported here.
+func (c *Client) WriteRegionPosted(index uint32, off uint64, p []byte) error {
+	return c.inChunks("posted REGION_WRITE", index, off, p, c.postWrite)
+}
+
+func (c *Client) postWrite(index uint32, off uint64, p []byte) error {
+	k, _, _ := newWriteCall(index, off, p)
+	defer k.release()
+	c.mu.Lock()
+	if c.err != nil {
+		err := c.err
+		c.mu.Unlock()
+		return fmt.Errorf("vfio-user: posted REGION_WRITE: %w", err)
+	}
+	// An id no call waits for: a reply to it (the server sends none) would
+	// be logged as unknown.
+	c.nextID++
+	for c.pending[c.nextID] != nil {
+		c.nextID++
+	}
+	id := c.nextID
+	c.mu.Unlock()
+	h := header{MsgID: id, Cmd: k.cmd, Size: uint32(len(k.sbuf)), Flags: abi.VFIO_USER_F_TYPE_COMMAND | abi.VFIO_USER_F_NO_REPLY}
+	abi.Encode(k.sbuf, &h)
+	if err := c.sk.send(k.sbuf, nil); err != nil {
+		if derr := c.dead(); derr != nil {
+			return fmt.Errorf("vfio-user: posted REGION_WRITE: %w", derr)
+		}
+		return err
 	}
 	return nil
 }
