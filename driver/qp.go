@@ -426,6 +426,12 @@ func (qp *QP) postSend(count int, next func(i int) (*SendWR, error)) (int, error
 			perr = err
 			break
 		}
+		switch {
+		case wr.Opcode == uapi.GOHFI_WR_FAST_REG_MR:
+			d.trace(TraceFastRegBind, qp.ctxt(), uint64(w.FrMPTIndex), uint64(w.FrPageListLen), uint64(w.FrKey))
+		case invalidates(wr.Opcode):
+			d.trace(TraceFastRegInvalidate, qp.ctxt(), 0, 0, uint64(w.Imm))
+		}
 		w.Marshal(qp.sq.mem[qp.sqTail*chip.SendWQESize:])
 		qp.sqTail = (qp.sqTail + 1) % qp.sqN
 	}
@@ -433,6 +439,7 @@ func (qp *QP) postSend(count int, next func(i int) (*SendWR, error)) (int, error
 		if err := d.writeCSRPosted(chip.QPReg(qp.idx, chip.QPSQTail), uint64(qp.sqTail)); err != nil {
 			return 0, fmt.Errorf("gohfi: POST_SEND doorbell: %w", err)
 		}
+		d.trace(TraceDoorbell, qp.ctxt(), uint64(qp.idx), uint64(qp.sqTail), 0)
 	}
 	return posted, perr
 }
@@ -527,6 +534,7 @@ func (qp *QP) postRecv(count int, next func(i int) (*RecvWR, error)) (int, error
 		if err := d.writeCSRPosted(chip.QPReg(qp.idx, chip.QPRQTail), uint64(qp.rqTail)); err != nil {
 			return 0, fmt.Errorf("gohfi: POST_RECV doorbell: %w", err)
 		}
+		d.trace(TraceDoorbell, qp.ctxt(), uint64(qp.idx), uint64(qp.rqTail), 1)
 	}
 	return posted, perr
 }
@@ -725,3 +733,7 @@ func (pd *PD) ioctlPostRecv(arg UserPtr) (ferr error) {
 	r.BadWr = uint32(n)
 	return err
 }
+
+// ctxt is the receive context of the QP's file (its PD is context + 1),
+// for trace events.
+func (qp *QP) ctxt() int { return int(qp.pd.num) - 1 }

@@ -5,6 +5,7 @@ import (
 
 	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/hfiuser"
+	"github.com/gohfi/gohfi/uapi"
 )
 
 // TestTraceTIDLifecycle: a subscriber sees TID_UPDATE's registration, the
@@ -80,6 +81,42 @@ func benchTrace(b *testing.B, on bool) {
 		}
 		if _, err := hfiuser.TIDFree(f, tids); err != nil {
 			b.Fatal(err)
+		}
+	}
+}
+
+// TestTraceVerbs: an RDMA WRITE shows its doorbell and its completion, and
+// a DEREG_MR its TLB flush, each with the queue, index or range.
+func TestTraceVerbs(t *testing.T) {
+	requireRoot(t)
+	e := openVerbs(t, 2)
+	e.requireEngine(t)
+	l := newLoop(t, e, uapi.IB_ACCESS_LOCAL_WRITE|uapi.IB_ACCESS_REMOTE_WRITE)
+	sub := e.a.Module.Trace(256)
+	defer sub.Stop()
+	wr := hfiuser.SendWR{GohfiSendWR: uapi.GohfiSendWR{WrID: 42, Opcode: uapi.GOHFI_WR_RDMA_WRITE, SendFlags: uapi.GOHFI_SEND_SIGNALED,
+		RemoteAddr: uint64(uintptrOf(l.bufB)), Rkey: l.mrB.Rkey}, SGL: l.sgeA(0, 4096)}
+	if _, err := hfiuser.PostSend(l.a.f, l.a.qp, []hfiuser.SendWR{wr}); err != nil {
+		t.Fatal(err)
+	}
+	if wc := pollWC(t, l.a.f, l.a.cq, 1); wc[0].Status != uapi.GOHFI_WC_SUCCESS {
+		t.Fatalf("completion %+v", wc[0])
+	}
+	if err := hfiuser.DeregMR(l.b.f, l.mrB.Handle); err != nil {
+		t.Fatal(err)
+	}
+	want := []driver.TraceKind{driver.TraceDoorbell, driver.TraceCompletion, driver.TraceTLBFlush}
+	for i, k := range want {
+		ev := <-sub.Events()
+		switch {
+		case ev.Kind != k:
+			t.Fatalf("event %d: %v, want %v", i, ev.Kind, k)
+		case k == driver.TraceDoorbell && (ev.B != 1 || ev.C != 0):
+			t.Fatalf("doorbell %+v: want SQ producer index 1", ev)
+		case k == driver.TraceCompletion && (ev.B != 42 || ev.C != uapi.GOHFI_WC_SUCCESS):
+			t.Fatalf("completion %+v: want wr_id 42, success", ev)
+		case k == driver.TraceTLBFlush && ev.B == 0:
+			t.Fatalf("TLB flush of no entries: %+v", ev)
 		}
 	}
 }

@@ -238,7 +238,8 @@ func (v *verbsDev) flushTLB(first, count int) error {
 	}
 	v.tlbSeq++
 	d.stats.tlbFlushes.Add(1)
-	deadline := time.Now().Add(tlbFlushTimeout)
+	start := time.Now()
+	deadline := start.Add(tlbFlushTimeout)
 	wake := v.tlbWake()
 	for spin := 0; ; spin++ {
 		done, err := d.readCSR(chip.RegTLBInvDone)
@@ -246,6 +247,7 @@ func (v *verbsDev) flushTLB(first, count int) error {
 			return err
 		}
 		if int64(done-v.tlbSeq) >= 0 {
+			d.trace(TraceTLBFlush, -1, uint64(first), uint64(count), uint64(time.Since(start)))
 			return nil
 		}
 		if time.Now().After(deadline) {
