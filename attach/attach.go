@@ -70,18 +70,16 @@ func Open(ctx context.Context, spec string, o Options) (*Attached, error) {
 			op, ok = OpenPCI, true
 		}
 		if !ok {
-			a.Close()
-			return nil, fmt.Errorf("attach: unknown device %q (want embedded, vfio-user:PATH or pci:BDF)", spec)
+			err := fmt.Errorf("attach: unknown device %q (want embedded, vfio-user:PATH or pci:BDF)", spec)
+			return nil, errors.Join(err, a.Close())
 		}
 		vdev, err = op(ctx, arg)
 	}
 	if err != nil {
-		a.Close()
-		return nil, fmt.Errorf("attach %s: %w", spec, err)
+		return nil, errors.Join(fmt.Errorf("attach %s: %w", spec, err), a.Close())
 	}
 	if a.Device, err = m.Probe(ctx, vdev, spec); err != nil {
-		a.Close()
-		return nil, err
+		return nil, errors.Join(err, a.Close())
 	}
 	return a, nil
 }

@@ -169,11 +169,11 @@ func newRing(entries uint32) (*ring, error) {
 	r.fd = fd
 	r.features = p.Features
 	if p.Features&ioringFeatNodrop == 0 {
-		r.close()
+		_ = r.close() // best effort: nothing registered yet, the kernel's refusal is the error
 		return nil, fmt.Errorf("dma: io_uring without IORING_FEAT_NODROP (kernel too old): %w", unix.ENOSYS)
 	}
 	if err := r.mapRings(p); err != nil {
-		r.close()
+		_ = r.close() // best effort: nothing registered yet, the mmap failure is the error
 		return nil, fmt.Errorf("dma: io_uring mmap: %w", err)
 	}
 	for i := range r.sqArray {

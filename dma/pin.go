@@ -154,7 +154,7 @@ func (p *Pinner) setup() error {
 		return err
 	}
 	if err := r.registerSparseBuffers(uint32(p.maxPins)); err != nil {
-		r.close()
+		_ = r.close() // best effort after the failure reported; closing drops whatever was registered
 		return err
 	}
 	// The bounce is a pipe rather than a memfd: pipes support non-blocking
@@ -162,7 +162,7 @@ func (p *Pinner) setup() error {
 	// do not, and every request would be handed to an io-wq thread.
 	var fds [2]int
 	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
-		r.close()
+		_ = r.close() // best effort after the failure reported
 		return fmt.Errorf("dma: pipe2: %w", err)
 	}
 	chunk, err := unix.FcntlInt(uintptr(fds[1]), unix.F_SETPIPE_SZ, p.scratchSize)
@@ -172,9 +172,11 @@ func (p *Pinner) setup() error {
 		chunk, err = unix.FcntlInt(uintptr(fds[1]), unix.F_GETPIPE_SZ, 0)
 	}
 	if err != nil {
-		unix.Close(fds[0])
-		unix.Close(fds[1])
-		r.close()
+		// Best effort after the failure reported: a fresh pipe and a ring
+		// nobody used hold nothing a close could lose.
+		_ = unix.Close(fds[0])
+		_ = unix.Close(fds[1])
+		_ = r.close()
 		return fmt.Errorf("dma: bounce pipe size: %w", err)
 	}
 	mfd, err := unix.MemfdCreate("gohfi-dma-bounce", unix.MFD_CLOEXEC)
@@ -186,12 +188,14 @@ func (p *Pinner) setup() error {
 		m, err = unix.Mmap(mfd, 0, p.scratchSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE)
 	}
 	if err != nil {
+		// Best effort after the failure reported, as above; the memfd
+		// was never mapped.
 		if mfd >= 0 {
-			unix.Close(mfd)
+			_ = unix.Close(mfd)
 		}
-		unix.Close(fds[0])
-		unix.Close(fds[1])
-		r.close()
+		_ = unix.Close(fds[0])
+		_ = unix.Close(fds[1])
+		_ = r.close()
 		return fmt.Errorf("dma: bounce memfd: %w", err)
 	}
 	p.r, p.pipeR, p.pipeW, p.chunk = r, fds[0], fds[1], min(chunk, p.scratchSize)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the tests need on a fresh Debian 12 machine: Go modules and
-# the Debian packages (gcc for the ABI parity test). QEMU and the guest
+# Installs what the tests need on a fresh Debian 12 machine: Go modules,
+# the Debian packages (gcc for the ABI parity test) and errcheck for CI. QEMU and the guest
 # kernel are fetched by the QEMU harness itself (tools/vmimage) into its
 # cache outside the clone. Idempotent; quiet when everything is there.
 set -euo pipefail
@@ -19,3 +19,11 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 go mod download
+
+# errcheck for .ci/run (dropped errors), at a fixed version.
+errcheck_version=v1.30.0
+gobin=$(go env GOBIN)
+gobin=${gobin:-$(go env GOPATH)/bin}
+if [ "$("$gobin/errcheck" -version 2>/dev/null)" != "errcheck $errcheck_version" ]; then
+  go install "github.com/kisielk/errcheck@$errcheck_version"
+fi

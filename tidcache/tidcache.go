@@ -83,7 +83,9 @@ func New(f *driver.File, opts Options) (*Cache, error) {
 	}
 	ci, err := hfiuser.CtxtInfo(f)
 	if err != nil {
-		unix.Munmap(ev)
+		// Our own mapping of a moment ago: failing to unmap it would be a
+		// bug, and the CTXT_INFO error is the one to report.
+		_ = unix.Munmap(ev)
 		return nil, fmt.Errorf("tidcache: %w", err)
 	}
 	return &Cache{f: f, events: ev, opts: opts, index: map[uintptr][]*Entry{}, idle: list.New(),

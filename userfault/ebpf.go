@@ -136,7 +136,7 @@ func newBPF(ctx context.Context, n *Notifier, kinds []Source) (*bpfSource, []Sou
 	var sts []SourceStatus
 	defer func() {
 		if len(b.kinds) == 0 {
-			b.closeObjects()
+			_ = b.closeObjects() // best effort: every source's status carries the failure
 		}
 	}()
 	// The madvise program also carries Sync's markers: attach it always.
@@ -145,7 +145,7 @@ func newBPF(ctx context.Context, n *Notifier, kinds []Source) (*bpfSource, []Sou
 	}
 	l, err := link.Tracepoint("syscalls", "sys_enter_madvise", b.core.EnterMadvise, nil)
 	if err != nil {
-		b.closeObjects()
+		_ = b.closeObjects() // best effort after the failure reported
 		return fail(fmt.Errorf("ebpf: attach tracepoint syscalls/sys_enter_madvise: %w", explainBPF(err)))
 	}
 	b.links = append(b.links, l)
@@ -167,7 +167,7 @@ func newBPF(ctx context.Context, n *Notifier, kinds []Source) (*bpfSource, []Sou
 			vmErr = fmt.Errorf("open /dev/kvm: %w", err)
 		} else {
 			r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), kvmCreateVM, 0)
-			unix.Close(fd)
+			_ = unix.Close(fd) // the VM fd holds the VM; /dev/kvm's fd has nothing to flush
 			if errno != 0 {
 				vmErr = fmt.Errorf("KVM_CREATE_VM: %w", errno)
 			} else {
@@ -211,7 +211,9 @@ func newBPF(ctx context.Context, n *Notifier, kinds []Source) (*bpfSource, []Sou
 	go b.read()
 	if n.self {
 		// Teach exit_brk the current break, so that a later shrink is seen.
-		unix.Syscall(unix.SYS_BRK, 0, 0, 0)
+		// brk(0) only returns the break: it cannot fail, and the program
+		// reads the value, not us.
+		_, _, _ = unix.Syscall(unix.SYS_BRK, 0, 0, 0)
 	}
 	return b, sts
 }
@@ -304,7 +306,7 @@ func (b *bpfSource) attachExtra(spec *ebpf.CollectionSpec, name string) error {
 	coll.Close()
 	l, err := link.AttachTracing(link.TracingOptions{Program: prog})
 	if err != nil {
-		prog.Close()
+		_ = prog.Close() // best effort: never attached, the attach error is reported
 		return fmt.Errorf("attach: %w", explainBPF(err))
 	}
 	b.extra = append(b.extra, prog)
@@ -318,7 +320,16 @@ func (b *bpfSource) detail() string { return strings.Join(b.info, ", ") }
 
 func (b *bpfSource) watch(start, end uintptr, _ pageRange) error { return b.pushRanges() }
 
-func (b *bpfSource) unwatch([]pageRange) { _ = b.pushRanges() }
+// unwatch narrows the ranges map. A failed update leaves the programs
+// watching a superset (the old ranges, or every range while the generation
+// is odd): more events, never fewer, until the next update rewrites the map.
+// Nothing waits for the answer (Remove is void, like
+// mmu_interval_notifier_remove), so the failure is counted in Stats.
+func (b *bpfSource) unwatch([]pageRange) {
+	if err := b.pushRanges(); err != nil {
+		b.n.unwatchErrs.Add(1)
+	}
+}
 
 // pushRanges writes the union of the subscriptions' pages, sorted, into the
 // ranges map under the sequence lock. Called with n.mu held.
@@ -483,34 +494,40 @@ func (b *bpfSource) sync(ctx context.Context) error {
 
 func (b *bpfSource) marker() uint64 {
 	seq := b.markerNext.Add(1)
-	unix.Syscall(unix.SYS_MADVISE, uintptr(b.cookie), uintptr(seq), bpfMarkerAdvice)
+	// The kernel refuses the invalid advice (EINVAL), as intended: the
+	// program has seen the call by then.
+	_, _, _ = unix.Syscall(unix.SYS_MADVISE, uintptr(b.cookie), uintptr(seq), bpfMarkerAdvice)
 	return seq
 }
 
-func (b *bpfSource) closeObjects() {
+// closeObjects detaches the links still held and closes the programs, the
+// maps and the KVM VM.
+func (b *bpfSource) closeObjects() error {
+	var errs []error
 	for _, l := range b.links {
-		l.Close()
+		errs = append(errs, l.Close())
 	}
 	b.links = nil
 	for _, p := range b.extra {
-		p.Close()
+		errs = append(errs, p.Close())
 	}
 	b.extra = nil
 	for _, p := range []*ebpf.Program{b.core.EnterMunmap, b.core.EnterMremap, b.core.EnterMadvise,
 		b.core.ExitMunmap, b.core.ExitMremap, b.core.ExitMadvise, b.core.ExitBrk, b.core.ProcessExit} {
 		if p != nil {
-			p.Close()
+			errs = append(errs, p.Close())
 		}
 	}
 	for _, m := range []*ebpf.Map{b.core.Events, b.core.Ranges, b.core.Config, b.core.Calls, b.core.Bss} {
 		if m != nil {
-			m.Close()
+			errs = append(errs, m.Close())
 		}
 	}
 	if b.kvm >= 0 {
-		unix.Close(b.kvm)
+		errs = append(errs, unix.Close(b.kvm))
 		b.kvm = -1
 	}
+	return errors.Join(errs...)
 }
 
 func (b *bpfSource) close() error {
@@ -528,12 +545,12 @@ func (b *bpfSource) close() error {
 		}
 		wg.Wait()
 		b.links = nil
-		b.closeErr = errors.Join(errs...)
 		if b.rd != nil {
-			b.rd.Close()
+			errs = append(errs, b.rd.Close())
 			<-b.done
 		}
-		b.closeObjects()
+		errs = append(errs, b.closeObjects())
+		b.closeErr = errors.Join(errs...)
 	})
 	return b.closeErr
 }

@@ -222,8 +222,9 @@ type Notifier struct {
 	done  chan struct{}
 	dtid  atomic.Int32 // thread id of the dispatch goroutine
 
-	delivered atomic.Uint64
-	dropped   atomic.Uint64 // duplicates suppressed
+	delivered   atomic.Uint64
+	dropped     atomic.Uint64 // duplicates suppressed
+	unwatchErrs atomic.Uint64 // Stats.UnwatchErrors
 
 	// ender tells when a madvise that userfaultfd reported as REMOVE has
 	// returned (the tracepoint source, watching this process); nil without
@@ -361,8 +362,8 @@ func New(ctx context.Context, opts Options) (*Notifier, error) {
 		}
 	}
 	if len(n.sources) == 0 || (opts.Require && len(errs) > 0) {
-		n.Close()
-		return nil, fmt.Errorf("userfault: sources failed: %w", errors.Join(errs...))
+		err := fmt.Errorf("userfault: sources failed: %w", errors.Join(errs...))
+		return nil, errors.Join(err, n.Close())
 	}
 	return n, nil
 }
@@ -395,12 +396,16 @@ type Stats struct {
 	// returned; HoldsPolled those of them ended by the poll (the call
 	// failed, or its exit event came late) rather than by the exit event.
 	RemoveHolds, HoldsPolled uint64
+	// UnwatchErrors counts failed narrowings of a source's watched ranges
+	// after Remove (the eBPF ranges map): the source then watches more than
+	// it must, which costs events but loses none.
+	UnwatchErrors uint64
 }
 
 // Stats returns the counters.
 func (n *Notifier) Stats() Stats {
 	return Stats{Delivered: n.delivered.Load(), Duplicates: n.dropped.Load(),
-		RemoveHolds: n.holdsMade.Load(), HoldsPolled: n.holdsPolled.Load()}
+		RemoveHolds: n.holdsMade.Load(), HoldsPolled: n.holdsPolled.Load(), UnwatchErrors: n.unwatchErrs.Load()}
 }
 
 // Subscription is one watched range, like struct mmu_interval_notifier.
@@ -954,7 +959,7 @@ func (n *Notifier) Close() error {
 	}
 	n.mu.Lock()
 	if n.maps != nil {
-		n.maps.close()
+		_ = n.maps.close() // read-only /proc/self/maps: nothing a close could lose
 	}
 	n.cond.Broadcast()
 	n.mu.Unlock()

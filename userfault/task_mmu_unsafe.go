@@ -79,7 +79,7 @@ func vmasFromMaps() ([]vma, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read-only: nothing a close could lose
 	var out []vma
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {

@@ -91,7 +91,7 @@ func openUffd(features uint64) (fd int, got uint64, err error) {
 	fd = int(r)
 	got, err = uffdioAPICall(fd, features)
 	if err != nil {
-		unix.Close(fd)
+		_ = unix.Close(fd) // best effort: nothing registered on it, the handshake error is reported
 		return -1, 0, fmt.Errorf("userfaultfd: UFFDIO_API: %w", err)
 	}
 	return fd, got, nil
@@ -104,7 +104,7 @@ func newUffd(n *Notifier) (*uffdSource, error) {
 	if err != nil {
 		return nil, err
 	}
-	unix.Close(probe)
+	_ = unix.Close(probe) // only asked what the kernel offers: nothing registered on it
 	if missing := uffdWanted &^ avail; missing != 0 {
 		return nil, fmt.Errorf("userfaultfd: kernel lacks features %s: %w", featureNames(missing), unix.EOPNOTSUPP)
 	}
@@ -118,7 +118,7 @@ func newUffd(n *Notifier) (*uffdSource, error) {
 	}
 	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 	if err != nil {
-		unix.Close(fd)
+		_ = unix.Close(fd) // best effort: nothing registered yet, the eventfd error is reported
 		return nil, fmt.Errorf("userfaultfd: eventfd: %w", err)
 	}
 	u := &uffdSource{n: n, fd: fd, wake: wake, features: got, done: make(chan struct{})}
@@ -193,7 +193,7 @@ func (u *uffdSource) close() error {
 		if err := u.closeFd(); err != nil && u.closeErr == nil {
 			u.closeErr = fmt.Errorf("close userfaultfd: %w", err)
 		}
-		unix.Close(u.wake)
+		_ = unix.Close(u.wake) // the wakeup eventfd, already signalled and its reader gone
 	})
 	return u.closeErr
 }
@@ -217,7 +217,9 @@ func (u *uffdSource) monitor() {
 		// close it now and report the source dead.
 		u.n.mu.Lock()
 		u.dead = fmt.Errorf("userfaultfd monitor stopped: %w", unix.EIO)
-		u.closeFd()
+		// Closing is what releases the waiters; the source is reported
+		// dead either way, and a close error would add nothing to that.
+		_ = u.closeFd()
 		u.n.markDead(SourceUserfaultfd, u.dead)
 		u.n.mu.Unlock()
 	}()
@@ -269,7 +271,7 @@ func (u *uffdSource) parse(m []byte) (Event, bool) {
 	case uffdEventFork:
 		// The child's userfaultfd: close it so that the child never waits
 		// on a reader (its ranges lose their registration).
-		unix.Close(int(binary.LittleEndian.Uint32(m[8:])))
+		_ = unix.Close(int(binary.LittleEndian.Uint32(m[8:]))) // the kernel's new fd for us: nothing to flush
 		return Event{Kind: EventFork, Start: 0, End: ^uintptr(0), Source: SourceUserfaultfd}, true
 	}
 	return Event{}, false

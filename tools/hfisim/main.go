@@ -29,7 +29,7 @@ func main() {
 	os.Exit(run(ctx, os.Args[1:], os.Stderr))
 }
 
-func run(ctx context.Context, args []string, stderr io.Writer) int {
+func run(ctx context.Context, args []string, stderr io.Writer) (code int) {
 	logger := log.New(stderr, "hfisim: ", log.LstdFlags|log.Lmicroseconds)
 	fs := flag.NewFlagSet("hfisim", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -42,7 +42,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 	fs.IntVar(&cfg.MTTEntries, "mtt", def.MTTEntries, "memory translation table entries")
 	fs.IntVar(&cfg.RHQMaxEntries, "rhq-max", def.RHQMaxEntries, "largest receive header queue")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: hfisim --socket PATH [flags]")
+		_, _ = fmt.Fprintln(stderr, "usage: hfisim --socket PATH [flags]") // stderr is where errors would go
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -60,7 +60,14 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 		logger.Print(err)
 		return 1
 	}
-	defer dev.Close()
+	defer func() {
+		if err := dev.Close(); err != nil {
+			logger.Printf("close device: %v", err)
+			if code == 0 {
+				code = 1
+			}
+		}
+	}()
 	// Protocol violations and client errors go to the log: a device
 	// process has nobody else to tell.
 	opts := []vfiouser.Option{vfiouser.WithLogger(logger.Printf)}

@@ -25,8 +25,7 @@ func serveHFISim(dir string, cfg hfisim.Config) (socket string, stop func() erro
 	socket = filepath.Join(dir, "hfisim.sock")
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: socket, Net: "unix"})
 	if err != nil {
-		dev.Close()
-		return "", nil, err
+		return "", nil, errors.Join(err, dev.Close())
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan error, 1)

@@ -17,6 +17,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -87,7 +88,9 @@ func cmdFetch(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("fetch", flag.ExitOnError)
 	cache := fs.String("cache", vmimage.CacheDir(), "cache directory ($"+vmimage.CacheEnv+")")
 	refresh := fs.Bool("refresh", false, "fetch again even if the cache is complete")
-	fs.Parse(args)
+	if err := fs.Parse(args); err != nil { // not with ExitOnError, which exits instead
+		return err
+	}
 	start := time.Now()
 	a, err := vmimage.Fetch(ctx, vmimage.FetchOptions{CacheDir: *cache, Refresh: *refresh, Log: os.Stderr})
 	if err != nil {
@@ -100,14 +103,16 @@ func cmdFetch(ctx context.Context, args []string) error {
 	}{a, a.Kernel()})
 }
 
-func cmdInitramfs(ctx context.Context, args []string) error {
+func cmdInitramfs(ctx context.Context, args []string) (err error) {
 	fs := flag.NewFlagSet("initramfs", flag.ExitOnError)
 	cache := fs.String("cache", vmimage.CacheDir(), "cache directory ($"+vmimage.CacheEnv+")")
 	out := fs.String("o", "initramfs.cpio", "output file")
 	tags := fs.String("tags", "gohfiguest", "build tags for the test binaries")
 	var tests testList
 	fs.Var(&tests, "test", "package[:pattern] whose tests run in the guest (repeatable)")
-	fs.Parse(args)
+	if err := fs.Parse(args); err != nil { // not with ExitOnError, which exits instead
+		return err
+	}
 	tests.setTags(*tags)
 	a, err := vmimage.Fetch(ctx, vmimage.FetchOptions{CacheDir: *cache, Log: os.Stderr})
 	if err != nil {
@@ -117,7 +122,13 @@ func cmdInitramfs(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(work)
+	defer func() {
+		// The work directory holds the whole initramfs: leaving it in
+		// TMPDIR is worth an error.
+		if rerr := os.RemoveAll(work); rerr != nil {
+			err = errors.Join(err, fmt.Errorf("removing %s: %w", work, rerr))
+		}
+	}()
 	initrd, err := vmimage.BuildImage(ctx, a, vmimage.ImageOptions{WorkDir: work, Tests: tests})
 	if err != nil {
 		return err
@@ -129,7 +140,7 @@ func cmdInitramfs(ctx context.Context, args []string) error {
 	return os.WriteFile(*out, b, 0o644)
 }
 
-func cmdRun(ctx context.Context, args []string, interactive bool) error {
+func cmdRun(ctx context.Context, args []string, interactive bool) (err error) {
 	fs := flag.NewFlagSet("run", flag.ExitOnError)
 	cache := fs.String("cache", vmimage.CacheDir(), "cache directory ($"+vmimage.CacheEnv+")")
 	socket := fs.String("socket", "", "unix socket of a running vfio-user server: adds a vfio-user-pci device")
@@ -146,7 +157,9 @@ func cmdRun(ctx context.Context, args []string, interactive bool) error {
 	fs.Var(&tools, "tool", "package of a command to put into the guest's /bin, e.g. ./tools/hfictl (repeatable)")
 	withSim := fs.Bool("hfisim", false, "serve an hfisim device in this process and attach it at guest PCI "+vmimage.GuestBDF(hfisimSlot))
 	simCtxts := fs.Int("hfisim-contexts", hfisim.DefaultConfig().NumContexts, "receive contexts of the -hfisim device")
-	fs.Parse(args)
+	if err := fs.Parse(args); err != nil { // not with ExitOnError, which exits instead
+		return err
+	}
 	tests.setTags(*tags)
 
 	a, err := vmimage.Fetch(ctx, vmimage.FetchOptions{CacheDir: *cache, Log: os.Stderr})
@@ -157,7 +170,13 @@ func cmdRun(ctx context.Context, args []string, interactive bool) error {
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(work)
+	defer func() {
+		// The work directory holds the whole initramfs: leaving it in
+		// TMPDIR is worth an error.
+		if rerr := os.RemoveAll(work); rerr != nil {
+			err = errors.Join(err, fmt.Errorf("removing %s: %w", work, rerr))
+		}
+	}()
 	initrd, err := vmimage.BuildImage(ctx, a, vmimage.ImageOptions{
 		WorkDir: work, Tests: tests, Tools: tools, Env: env, Interactive: interactive,
 	})
@@ -188,7 +207,7 @@ func cmdRun(ctx context.Context, args []string, interactive bool) error {
 	res, err := vm.Run(ctx, nil)
 	if res != nil {
 		if err != nil || res.Failed() {
-			os.Stderr.Write(res.Console)
+			_, _ = os.Stderr.Write(res.Console) // the console dump is itself the report: nowhere else to send it
 		}
 		if len(res.Stderr) > 0 {
 			fmt.Fprintf(os.Stderr, "QEMU stderr:\n%s", res.Stderr)

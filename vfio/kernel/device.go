@@ -90,8 +90,7 @@ func Open(opts Options) (*Device, error) {
 
 	d := &Device{bdf: bdf, fd: -1, regions: map[uint32]vfio.RegionInfo{}}
 	if err := d.open(devDir, groupNo); err != nil {
-		d.release()
-		return nil, err
+		return nil, errors.Join(err, d.release())
 	}
 	return d, nil
 }

@@ -72,11 +72,15 @@ func Dial(ctx context.Context, path string, opts ...Option) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("vfio-user: dial %s: %w", path, err)
 	}
-	stop := context.AfterFunc(ctx, func() { c.Close() })
+	// Closing the connection is how ctx aborts the negotiation; the
+	// close's own error is not the story, ctx.Err() below is.
+	stop := context.AfterFunc(ctx, func() { _ = c.Close() })
 	cl, err := NewClient(c.(*net.UnixConn), opts...)
 	if !stop() {
 		if err == nil {
-			cl.Close()
+			// A client that negotiated on a socket ctx then closed: only
+			// the socket to release, and ctx.Err() is the story.
+			_ = cl.Close()
 		}
 		return nil, fmt.Errorf("vfio-user: dial %s: %w", path, ctx.Err())
 	}
@@ -89,7 +93,7 @@ func NewClient(conn *net.UnixConn, opts ...Option) (*Client, error) {
 	o := buildOptions(opts)
 	sk, err := newSock(conn, &o)
 	if err != nil {
-		conn.Close()
+		_ = conn.Close() // best effort: nothing was sent on it, the socket error is reported
 		return nil, err
 	}
 	c := &Client{
@@ -103,12 +107,14 @@ func NewClient(conn *net.UnixConn, opts ...Option) (*Client, error) {
 		pid:           os.Getpid(),
 	}
 	go c.readLoop()
+	// On failure Close has only the socket to release (no region is
+	// open yet): the negotiation error is the one to report.
 	if err := c.negotiate(); err != nil {
-		c.Close()
+		_ = c.Close()
 		return nil, err
 	}
 	if err := c.getDeviceInfo(); err != nil {
-		c.Close()
+		_ = c.Close()
 		return nil, err
 	}
 	return c, nil
@@ -334,20 +340,22 @@ func (c *Client) Close() error {
 	}
 	c.err = vfio.ErrClosed
 	c.mu.Unlock()
-	err := c.sk.close()
+	var errs []error
+	if err := c.sk.close(); err != nil && !errors.Is(err, net.ErrClosed) {
+		errs = append(errs, fmt.Errorf("vfio-user: close: %w", err))
+	}
 	<-c.done
 	c.regMu.Lock()
 	for i, r := range c.regions {
 		if r.file != nil {
-			r.file.Close()
+			if err := r.file.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("vfio-user: close region %d fd: %w", i, err))
+			}
 		}
 		delete(c.regions, i)
 	}
 	c.regMu.Unlock()
-	if err != nil && !errors.Is(err, net.ErrClosed) {
-		return fmt.Errorf("vfio-user: close: %w", err)
-	}
-	return nil
+	return errors.Join(errs...)
 }
 
 func (c *Client) negotiate() error {
@@ -449,7 +457,7 @@ func (c *Client) region(index uint32) (*clientRegion, error) {
 		if r != nil {
 			if err := c.dead(); err != nil { // Close raced with us
 				if r.file != nil {
-					r.file.Close()
+					_ = r.file.Close() // never mapped: nothing a close could lose
 				}
 				return nil, fmt.Errorf("vfio-user: GET_REGION_INFO: %w", err)
 			}

@@ -36,7 +36,8 @@ func NewServer(model DeviceModel, opts ...Option) *Server {
 // is done (then it closes ln and returns ctx.Err()) or Accept fails.
 // Connections that are not unix sockets are closed at once.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
-	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	// Closing ln is how ctx stops Accept; Serve then returns ctx.Err().
+	stop := context.AfterFunc(ctx, func() { _ = ln.Close() })
 	defer stop()
 	for {
 		c, err := ln.Accept()
@@ -48,7 +49,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		}
 		uc, ok := c.(*net.UnixConn)
 		if !ok {
-			c.Close()
+			_ = c.Close() // refused before a byte was read: nothing to report
 			continue
 		}
 		if err := s.ServeConn(ctx, uc); err != nil {
@@ -68,14 +69,14 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 // second concurrent call fails with EBUSY.
 func (s *Server) ServeConn(ctx context.Context, conn *net.UnixConn) error {
 	if !s.busy.TryLock() {
-		conn.Close()
+		_ = conn.Close() // refused before a byte was read: EBUSY is the answer
 		return fmt.Errorf("vfio-user: already serving a client: %w", unix.EBUSY)
 	}
 	defer s.busy.Unlock()
 
 	sk, err := newSock(conn, &s.opts)
 	if err != nil {
-		conn.Close()
+		_ = conn.Close() // best effort: nothing was read or sent, the socket error is reported
 		return err
 	}
 	se := &session{
@@ -93,7 +94,9 @@ func (s *Server) ServeConn(ctx context.Context, conn *net.UnixConn) error {
 	info := s.model.DeviceInfo()
 	se.numRegions, se.numIRQs = info.NumRegions, info.NumIRQs
 
-	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	// Closing conn is how ctx ends the session; ServeConn then returns
+	// ctx.Err().
+	stop := context.AfterFunc(ctx, func() { _ = conn.Close() })
 	defer stop()
 
 	readerDone := make(chan error, 1)
@@ -118,7 +121,10 @@ func (s *Server) ServeConn(ctx context.Context, conn *net.UnixConn) error {
 	if se.attached {
 		s.model.Detach()
 	}
-	conn.Close()
+	// The session is over and its outcome decided above: the close may
+	// only repeat the AfterFunc's (net.ErrClosed), and nobody is left to
+	// tell about a socket we drop.
+	_ = conn.Close()
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
@@ -285,7 +291,7 @@ func (se *session) handle(m *inMsg) {
 			se.logf("vfio-user: posted %s: %v", cmdName(h.Cmd), err)
 		}
 		if sendFD >= 0 {
-			unix.Close(sendFD)
+			_ = unix.Close(sendFD) // our copy of an fd for a reply that is not sent
 		}
 		return
 	}
@@ -307,7 +313,7 @@ func (se *session) handle(m *inMsg) {
 		se.logf("%v", err)
 	}
 	if sendFD >= 0 {
-		unix.Close(sendFD)
+		_ = unix.Close(sendFD) // our copy: the message carries its own reference
 	}
 }
 
@@ -431,7 +437,7 @@ func (se *session) dmaMap(p []byte, fds []int) error {
 	var req abi.VFIOIommuType1DmaMap
 	if err := decode(abi.VFIO_USER_DMA_MAP, false, p, &req); err != nil {
 		if fd >= 0 {
-			unix.Close(fd)
+			_ = unix.Close(fd) // the client's fd, refused with the message
 		}
 		return err
 	}
@@ -621,7 +627,7 @@ func (se *session) setIRQs(p []byte, fds []int) (err error) {
 			// Closing an *os.File twice is harmless, so this is safe
 			// whether or not the model closed them.
 			for _, f := range files {
-				f.Close()
+				_ = f.Close() // refused eventfds (or closed by the model already): nothing to flush
 			}
 			return err
 		}

@@ -286,11 +286,16 @@ func (s *sock) send(b []byte, fds []int) error {
 	if err == nil && s.werr == nil && s.wblocked {
 		s.wwait = true
 		if s.timeout > 0 {
-			s.uc.SetWriteDeadline(time.Now().Add(s.timeout))
+			// Without its deadline the wait would not be bounded.
+			err = s.uc.SetWriteDeadline(time.Now().Add(s.timeout))
 		}
-		err = s.rc.Write(s.wfn)
+		if err == nil {
+			err = s.rc.Write(s.wfn)
+		}
 		if s.timeout > 0 {
-			s.uc.SetWriteDeadline(time.Time{})
+			// Fails only on a closed socket, where the next send fails
+			// anyway; the message's fate is err.
+			_ = s.uc.SetWriteDeadline(time.Time{})
 		}
 	}
 	if err == nil {
@@ -315,7 +320,7 @@ func (s *sock) close() error { return s.uc.Close() }
 func closeFDs(fds []int) {
 	for _, fd := range fds {
 		if fd >= 0 {
-			unix.Close(fd)
+			_ = unix.Close(fd) // an fd we refuse: nothing to flush
 		}
 	}
 }

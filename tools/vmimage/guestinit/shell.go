@@ -13,21 +13,22 @@ import (
 // shell runs /bin/sh on the console if the image has one, else a minimal
 // command loop: each line is split on blanks and run as a program (looked
 // up in /gohfi/bin, /bin), with cd and exit built in. It is for looking
-// around in a guest booted by "vmimage vm", not for scripting.
+// around in a guest booted by "vmimage vm", not for scripting. The console
+// is the only output: a write to it that fails has nowhere to be reported.
 func shell(console *os.File, env []string) {
 	if _, err := os.Stat("/bin/sh"); err == nil {
 		cmd := exec.Command("/bin/sh")
 		cmd.Stdin, cmd.Stdout, cmd.Stderr = console, console, console
 		cmd.Env = env
 		if err := cmd.Run(); err != nil {
-			fmt.Fprintf(console, "sh: %v\n", err)
+			_, _ = fmt.Fprintf(console, "sh: %v\n", err) // console only, see above
 		}
 		return
 	}
-	fmt.Fprintln(console, "gohfi guest: built-in command loop (no /bin/sh); 'exit' powers off")
+	_, _ = fmt.Fprintln(console, "gohfi guest: built-in command loop (no /bin/sh); 'exit' powers off") // console only
 	in := bufio.NewScanner(console)
 	for {
-		fmt.Fprint(console, "# ")
+		_, _ = fmt.Fprint(console, "# ") // console only
 		if !in.Scan() {
 			return
 		}
@@ -44,7 +45,7 @@ func shell(console *os.File, env []string) {
 				dir = f[1]
 			}
 			if err := unix.Chdir(dir); err != nil {
-				fmt.Fprintf(console, "cd: %v\n", err)
+				_, _ = fmt.Fprintf(console, "cd: %v\n", err) // console only
 			}
 			continue
 		}
@@ -52,7 +53,7 @@ func shell(console *os.File, env []string) {
 		cmd.Stdin, cmd.Stdout, cmd.Stderr = console, console, console
 		cmd.Env = env
 		if err := cmd.Run(); err != nil {
-			fmt.Fprintf(console, "%s: %v\n", f[0], err)
+			_, _ = fmt.Fprintf(console, "%s: %v\n", f[0], err) // console only
 		}
 	}
 }

@@ -148,11 +148,13 @@ func Fetch(ctx context.Context, opts FetchOptions) (*Artifacts, error) {
 	if !opts.Refresh {
 		if a, err := readStamp(opts.CacheDir); err == nil {
 			if err := a.Check(ctx); err == nil {
-				fmt.Fprintf(opts.Log, "vmimage: using cached QEMU %s and kernel %s in %s\n",
+				// Progress log only: a failed write is not a failed fetch.
+				_, _ = fmt.Fprintf(opts.Log, "vmimage: using cached QEMU %s and kernel %s in %s\n",
 					a.QEMUVersion, a.KernelRelease, a.Root)
 				return a, nil
 			} else {
-				fmt.Fprintf(opts.Log, "vmimage: cached fetch unusable, fetching again: %v\n", err)
+				// Progress log only: a failed write is not a failed fetch.
+				_, _ = fmt.Fprintf(opts.Log, "vmimage: cached fetch unusable, fetching again: %v\n", err)
 			}
 		}
 	}
@@ -288,7 +290,7 @@ func (a *apt) run(ctx context.Context, dir string, tool string, args ...string) 
 	cmd.Stdout = &stdout
 	cmd.Stderr = a.log
 	if err := cmd.Run(); err != nil {
-		a.log.Write(stdout.Bytes())
+		_, _ = a.log.Write(stdout.Bytes()) // progress log: the command's error is the one to return
 		return nil, fmt.Errorf("vmimage: %s %s: %w", tool, strings.Join(args, " "), err)
 	}
 	return stdout.Bytes(), nil
@@ -304,7 +306,8 @@ func fetch(ctx context.Context, opts FetchOptions) (*Artifacts, error) {
 	if err != nil {
 		return nil, err
 	}
-	fmt.Fprintf(opts.Log, "vmimage: apt-get update (%s, %s)\n", kernelSuite, qemuSuite)
+	// Progress log only: a failed write is not a failed fetch.
+	_, _ = fmt.Fprintf(opts.Log, "vmimage: apt-get update (%s, %s)\n", kernelSuite, qemuSuite)
 	if _, err := a.run(ctx, a.dir, "apt-get", "-q", "update"); err != nil {
 		return nil, err
 	}
@@ -338,7 +341,8 @@ func fetch(ctx context.Context, opts FetchOptions) (*Artifacts, error) {
 	if err := os.MkdirAll(debs, 0o755); err != nil {
 		return nil, err
 	}
-	fmt.Fprintf(opts.Log, "vmimage: apt-get download of %d packages\n", len(pkgs))
+	// Progress log only: a failed write is not a failed fetch.
+	_, _ = fmt.Fprintf(opts.Log, "vmimage: apt-get download of %d packages\n", len(pkgs))
 	if _, err := a.run(ctx, debs, "apt-get", append([]string{"-q", "download"}, pkgs...)...); err != nil {
 		return nil, err
 	}
@@ -366,7 +370,8 @@ func fetch(ctx context.Context, opts FetchOptions) (*Artifacts, error) {
 	if err := os.MkdirAll(tmp, 0o755); err != nil {
 		return nil, err
 	}
-	fmt.Fprintf(opts.Log, "vmimage: dpkg -x %d packages (%d MB)\n", len(files), total>>20)
+	// Progress log only: a failed write is not a failed fetch.
+	_, _ = fmt.Fprintf(opts.Log, "vmimage: dpkg -x %d packages (%d MB)\n", len(files), total>>20)
 	if err := extractAll(ctx, files, tmp, opts.Log); err != nil {
 		return nil, err
 	}
@@ -385,7 +390,8 @@ func fetch(ctx context.Context, opts FetchOptions) (*Artifacts, error) {
 	if err := os.RemoveAll(debs); err != nil {
 		return nil, err
 	}
-	fmt.Fprintf(opts.Log, "vmimage: fetched in %v\n", time.Since(start).Round(time.Millisecond))
+	// Progress log only: a failed write is not a failed fetch.
+	_, _ = fmt.Fprintf(opts.Log, "vmimage: fetched in %v\n", time.Since(start).Round(time.Millisecond))
 	return &Artifacts{
 		Version:       stampVersion,
 		Root:          root,
@@ -591,15 +597,16 @@ func lockDir(ctx context.Context, dir string) (unlock func(), err error) {
 	for {
 		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
 		if err == nil {
-			return func() { f.Close() }, nil
+			// Closing drops the flock; the file holds no data to lose.
+			return func() { _ = f.Close() }, nil
 		}
 		if !errors.Is(err, unix.EWOULDBLOCK) {
-			f.Close()
+			_ = f.Close() // never locked, holds no data
 			return nil, fmt.Errorf("vmimage: flock %s: %w", f.Name(), err)
 		}
 		select {
 		case <-ctx.Done():
-			f.Close()
+			_ = f.Close() // never locked, holds no data
 			return nil, fmt.Errorf("vmimage: waiting for the cache lock: %w", ctx.Err())
 		case <-tick.C:
 		}

@@ -149,7 +149,7 @@ func isGohfiModule(gomod string) bool {
 	if err != nil {
 		return false
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read-only: nothing a close could lose
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		if m, ok := strings.CutPrefix(strings.TrimSpace(sc.Text()), "module "); ok {

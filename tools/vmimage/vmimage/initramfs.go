@@ -73,7 +73,7 @@ func WriteInitramfs(w io.Writer, spec InitramfsSpec) error {
 	var files []*os.File
 	defer func() {
 		for _, f := range files {
-			f.Close()
+			_ = f.Close() // read-only inputs: nothing a close could lose
 		}
 	}()
 	addFile := func(guestPath, hostPath string, perm uint64) error {
@@ -146,7 +146,7 @@ func BuildInitramfs(path string, spec InitramfsSpec) error {
 		return fmt.Errorf("vmimage: initramfs: %w", err)
 	}
 	if err := WriteInitramfs(f, spec); err != nil {
-		f.Close()
+		_ = f.Close() // the file is incomplete anyway: the write error is the one to report
 		return err
 	}
 	return f.Close()

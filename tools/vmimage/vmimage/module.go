@@ -131,7 +131,7 @@ func readModule(path string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read-only: nothing a close could lose
 	var r io.Reader = f
 	switch {
 	case strings.HasSuffix(path, ".xz"):

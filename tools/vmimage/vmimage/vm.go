@@ -163,12 +163,12 @@ func (vm *VM) Run(ctx context.Context, console io.Writer) (*RunResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer r.Close()
+	defer func() { _ = r.Close() }() // our read end: nothing to flush (and maybe closed below)
 	cmd.Stdout = w
 	res := &RunResult{}
 	start := time.Now()
 	err = cmd.Start()
-	w.Close()
+	_ = w.Close() // our copy of QEMU's stdout: dropping it only lets the reader see EOF
 	if err != nil {
 		return nil, fmt.Errorf("vmimage: starting QEMU: %w", err)
 	}
@@ -193,7 +193,7 @@ func (vm *VM) Run(ctx context.Context, console io.Writer) (*RunResult, error) {
 			log.WriteByte('\n')
 			mu.Unlock()
 			if console != nil {
-				fmt.Fprintln(console, line)
+				_, _ = fmt.Fprintln(console, line) // an echo only: the log above keeps the line
 			}
 			hadInit := parser.Report.Init != nil
 			done, err := parser.Line(line)
@@ -238,7 +238,7 @@ func (vm *VM) Run(ctx context.Context, console io.Writer) (*RunResult, error) {
 	select {
 	case <-readDone:
 	case <-time.After(2 * time.Second):
-		r.Close()
+		_ = r.Close() // closing is how the reader is stopped
 		<-readDone
 	}
 	res.Total = time.Since(start)
