@@ -111,6 +111,13 @@ func (m *FastRegMR) Valid() bool {
 	return load64(v.mpt, int(m.index)*chip.MPTEntrySize+8)&chip.MPTStateMask == chip.MPTStateValid
 }
 
+// FastRegMR returns the fast-reg MR of ALLOC_MR handle h of the PD's file
+// (the in-module view of a user's MR, for tools in the same process):
+// EINVAL when the file holds no such MR.
+func (pd *PD) FastRegMR(h uint32) (*FastRegMR, error) {
+	return lookup(pd, pd.frmrs, h, "fast-reg MR")
+}
+
 func log2Ceil(n int) uint32 {
 	l := uint32(0)
 	for 1<<l < n {

@@ -23,6 +23,7 @@ type mrRec struct {
 	buf  string
 	off  int
 	r    uapi.GohfiRegMR // addr, length, iova, access, handle, keys
+	fr   *fastReg        // an alloc-mr MR (cmds_fastreg.go); nil for mr reg
 }
 
 type cqRec struct {
@@ -260,15 +261,23 @@ func mrReg(s *session, args []string) (obj, error) {
 	return m.describe()
 }
 
-// describe shows the MR with its pinned pages (MR_STATS), and for an ODP
-// MR its paging counters, with rdma-core's names.
+// describe shows the MR with its pinned pages (MR_STATS), for an ODP MR
+// its paging counters, with rdma-core's names, and for a fast-reg MR its
+// state and binding.
 func (m *mrRec) describe() (obj, error) {
 	st, err := hfiuser.MRStats(m.of.f, m.r.Handle)
 	if err != nil {
 		return nil, err
 	}
+	if m.fr != nil {
+		return m.describeFastReg(st), nil
+	}
+	kind := "pinned"
+	if m.r.AccessFlags&uapi.IB_ACCESS_ON_DEMAND != 0 {
+		kind = "odp"
+	}
 	o := obj{
-		{"name", m.name}, {"file", m.of.name}, {"buffer", m.buf}, {"offset", m.off},
+		{"name", m.name}, {"file", m.of.name}, {"kind", kind}, {"buffer", m.buf}, {"offset", m.off},
 		{"addr", hex(m.r.Addr)}, {"length", m.r.Length}, {"iova", hex(m.r.Iova)},
 		{"access", bitNames(uint64(m.r.AccessFlags), accessNames)}, {"handle", m.r.Handle},
 		{"lkey", hex(m.r.Lkey)}, {"rkey", hex(m.r.Rkey)}, {"pages_pinned", st.PagesPinned},

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"hash/crc32"
+	"slices"
 	"strings"
 	"time"
 
@@ -20,7 +21,11 @@ var sendOps = map[string]uint32{
 	"write": uapi.GOHFI_WR_RDMA_WRITE, "write-imm": uapi.GOHFI_WR_RDMA_WRITE_WITH_IMM,
 	"send": uapi.GOHFI_WR_SEND, "send-imm": uapi.GOHFI_WR_SEND_WITH_IMM, "read": uapi.GOHFI_WR_RDMA_READ,
 	"cas": uapi.GOHFI_WR_ATOMIC_CMP_AND_SWP, "faa": uapi.GOHFI_WR_ATOMIC_FETCH_AND_ADD,
+	"fast-reg": uapi.GOHFI_WR_FAST_REG_MR, "local-inv": uapi.GOHFI_WR_LOCAL_INV,
+	"send-inv": uapi.GOHFI_WR_SEND_WITH_INV, "read-inv": uapi.GOHFI_WR_RDMA_READ_WITH_INV,
 }
+
+const sendOpNames = "write, write-imm, send, send-imm, read, cas, faa, fast-reg, local-inv, send-inv or read-inv"
 
 // wcStatusStr is rdma-core's ibv_wc_status_str.
 func wcStatusStr(st uint32) string {
@@ -126,7 +131,7 @@ func (s *session) wrID(arg string) (uint64, error) {
 
 func cmdPostSend(s *session, args []string) (obj, error) {
 	fs := newFlags("post-send")
-	opArg := fs.String("op", "", "write, write-imm, send, send-imm, read, cas or faa")
+	opArg := fs.String("op", "", sendOpNames)
 	sges, wrIDArg := wrFlags(fs)
 	remote := fs.String("remote", "", "RDMA: MR[:OFF] (its iova and rkey) or an address")
 	rkeyArg := fs.String("rkey", "", "RDMA: remote key, a number or an MR's name (default: the --remote MR's)")
@@ -134,13 +139,25 @@ func cmdPostSend(s *session, args []string) (obj, error) {
 	signaled := fs.Bool("signaled", false, "request a completion")
 	compareAdd := fs.String("compare-add", "0", "atomics: the value to compare (cas) or add (faa)")
 	swap := fs.String("swap", "0", "cas: the value to store when the compare matches")
+	fence := fs.Bool("fence", false, "GOHFI_SEND_FENCE: wait for the earlier work requests")
+	fr := addFastRegFlags(fs)
 	_, q, err := parseNamed(fs, args, s.verbs.qps, "QP")
 	if err != nil {
 		return nil, err
 	}
 	op, ok := sendOps[*opArg]
 	if !ok {
-		return nil, usageErr("--op %q: want write, write-imm, send, send-imm, read, cas or faa", *opArg)
+		return nil, usageErr("--op %q: want %s", *opArg, sendOpNames)
+	}
+	var misplaced []string
+	fs.Visit(func(f *flag.Flag) {
+		if slices.Contains(fastRegOnly, f.Name) && op != uapi.GOHFI_WR_FAST_REG_MR ||
+			f.Name == "inv-key" && !invalidating[op] {
+			misplaced = append(misplaced, "--"+f.Name)
+		}
+	})
+	if misplaced != nil {
+		return nil, usageErr("--op %s does not take %s", *opArg, strings.Join(misplaced, " "))
 	}
 	sgl, sum, err := s.sgl(*sges)
 	if err != nil {
@@ -152,7 +169,10 @@ func cmdPostSend(s *session, args []string) (obj, error) {
 	}
 	wr.Opcode = op
 	if *signaled {
-		wr.SendFlags = uapi.GOHFI_SEND_SIGNALED
+		wr.SendFlags |= uapi.GOHFI_SEND_SIGNALED
+	}
+	if *fence {
+		wr.SendFlags |= uapi.GOHFI_SEND_FENCE
 	}
 	imm, err := parseUint("imm", *immArg, 32)
 	if err != nil {
@@ -170,10 +190,30 @@ func cmdPostSend(s *session, args []string) (obj, error) {
 			}
 		}
 	}
-	o := obj{{"qp", q.name}, {"op", *opArg}, {"wr_id", wr.WrID}, {"signaled", *signaled},
-		{"num_sge", len(sgl)}, {"length", sglLength(sgl)}}
-	rdma := op != uapi.GOHFI_WR_SEND && op != uapi.GOHFI_WR_SEND_WITH_IMM
-	if rdma {
+	o := obj{{"qp", q.name}, {"op", *opArg}, {"wr_id", wr.WrID}, {"signaled", *signaled}}
+	if *fence {
+		o.add("fence", true)
+	}
+	var bound func()
+	switch op {
+	case uapi.GOHFI_WR_FAST_REG_MR:
+		if bound, err = s.fastRegWR(fr, &wr, &o); err != nil {
+			return nil, err
+		}
+	case uapi.GOHFI_WR_LOCAL_INV:
+	default:
+		o.add("num_sge", len(sgl)).add("length", sglLength(sgl))
+	}
+	if invalidating[op] {
+		if *fr.invKey == "" {
+			return nil, usageErr("--op %s needs --inv-key K|MR", *opArg)
+		}
+		if wr.InvalidateRkey, err = s.key(*fr.invKey, true); err != nil {
+			return nil, err
+		}
+		o.add("inv_key", hex(wr.InvalidateRkey))
+	}
+	if rdmaOps[op] {
 		if wr.RemoteAddr, wr.Rkey, err = s.remote(*remote, *rkeyArg); err != nil {
 			return nil, err
 		}
@@ -188,11 +228,25 @@ func cmdPostSend(s *session, args []string) (obj, error) {
 	if _, err := hfiuser.PostSend(q.of.f, q.attr.Handle, []hfiuser.SendWR{wr}); err != nil {
 		return nil, err
 	}
-	if sum != nil && op != uapi.GOHFI_WR_RDMA_READ && !atomic {
+	if bound != nil {
+		bound()
+	}
+	if sum != nil && (op == uapi.GOHFI_WR_SEND || op == uapi.GOHFI_WR_SEND_WITH_IMM || op == uapi.GOHFI_WR_SEND_WITH_INV ||
+		op == uapi.GOHFI_WR_RDMA_WRITE || op == uapi.GOHFI_WR_RDMA_WRITE_WITH_IMM) {
 		o.add("checksum", sum)
 	}
 	return o, nil
 }
+
+// rdmaOps are the opcodes with a remote address and key; invalidating the
+// ones with invalidate_rkey.
+var (
+	rdmaOps = map[uint32]bool{uapi.GOHFI_WR_RDMA_WRITE: true, uapi.GOHFI_WR_RDMA_WRITE_WITH_IMM: true,
+		uapi.GOHFI_WR_RDMA_READ: true, uapi.GOHFI_WR_RDMA_READ_WITH_INV: true,
+		uapi.GOHFI_WR_ATOMIC_CMP_AND_SWP: true, uapi.GOHFI_WR_ATOMIC_FETCH_AND_ADD: true}
+	invalidating = map[uint32]bool{uapi.GOHFI_WR_LOCAL_INV: true, uapi.GOHFI_WR_SEND_WITH_INV: true,
+		uapi.GOHFI_WR_RDMA_READ_WITH_INV: true}
+)
 
 // remote reads an RDMA target: MR[:OFF] (the MR's iova plus OFF, and its
 // rkey) or an address with --rkey; an --rkey given always wins.
@@ -323,6 +377,9 @@ func (s *session) describeWC(wc uapi.GohfiWC) obj {
 		{"qp", qp}, {"qp_num", wc.QPNum}, {"src_qp", wc.SrcQP}, {"wc_flags", bitNames(uint64(wc.WcFlags), wcFlagNames)}}
 	if wc.WcFlags&uapi.GOHFI_WC_WITH_IMM != 0 {
 		o.add("imm_data", hex(wc.ImmData))
+	}
+	if wc.WcFlags&uapi.GOHFI_WC_WITH_INVALIDATE != 0 {
+		o.add("invalidated_rkey", hex(wc.InvalidatedRkey))
 	}
 	return o
 }

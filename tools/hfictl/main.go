@@ -155,7 +155,8 @@ func init() {
 		"advise-mr": {"MR [--advice prefetch|prefetch_write|prefetch_no_fault] [--flush] [--off N] [--len N]", "GOHFI_IOCTL_ADVISE_MR on an ODP MR (the whole MR by default), then MR_STATS", cmdAdviseMR},
 		"cq":        {"create NAME [--cqe N] | destroy NAME | show [NAME]", "CREATE_CQ, DESTROY_CQ", cmdCQ},
 		"qp":        {"create NAME --cq CQ|--send-cq CQ --recv-cq CQ [--max-send-wr N] [--max-recv-wr N] [--max-send-sge N] [--max-recv-sge N] [--sig-all] | modify NAME --state reset|init|rtr|rts|err [--dest-qp QPN|QP] [--access LIST] [--sq-psn N] [--rq-psn N] | destroy NAME | show [NAME]", "CREATE_QP (RC), MODIFY_QP, DESTROY_QP", cmdQP},
-		"post-send": {"QP --op write|write-imm|send|send-imm|read [--sge BUF[:OFF[:LEN]]@MR]... [--remote MR[:OFF]|ADDR] [--rkey K] [--imm N] [--signaled] [--wr-id N]", "POST_SEND of one work request", cmdPostSend},
+		"alloc-mr":  {"NAME [--max-num-sg N]", "ALLOC_MR: a fast-registration MR, bound by post-send --op fast-reg", cmdAllocMR},
+		"post-send": {"QP --op write|write-imm|send|send-imm|read|cas|faa|fast-reg|local-inv|send-inv|read-inv [--sge BUF[:OFF[:LEN]]@MR]... [--remote MR[:OFF]|ADDR] [--rkey K] [--imm N] [--compare-add N] [--swap N] [--mr FRMR --pages BUF[:OFF][@MR],... [--page-shift N] [--iova X] [--length N] [--key-variant V] [--access LIST]] [--inv-key K|MR] [--signaled] [--fence] [--wr-id N]", "POST_SEND of one work request", cmdPostSend},
 		"post-recv": {"QP [--sge BUF[:OFF[:LEN]]@MR]... [--wr-id N]", "POST_RECV of one work request", cmdPostRecv},
 		"poll-cq":   {"CQ [--wait D] [--min N] [--max N]", "POLL_CQ, waiting in File.Poll up to D for N completions; statuses as ibv_wc_status_str", cmdPollCQ},
 		// Expected receive (cmds_tid.go).

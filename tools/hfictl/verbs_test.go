@@ -240,12 +240,7 @@ qp show
 	if p := byLine("poll-cq", 2); num(t, p, "polled") != 0 || p["timed_out"] != true {
 		t.Fatalf("poll-cq with nothing to poll: %v", p)
 	}
-	var errs []string
-	for _, o := range objs {
-		if o["errno"] != nil {
-			errs = append(errs, o["cmd"].(string)+" "+o["errno"].(string))
-		}
-	}
+	errs := errnos(objs)
 	want := []string{
 		"mr reg EINVAL", // remote write without local write
 		"mr reg EEXIST",
@@ -372,6 +367,17 @@ func TestDocODP(t *testing.T) {
 		num(t, s, "page_invalidations_handled") != 512 || num(t, s, "page_faults_handled") != 1 {
 		t.Fatalf("after munmap: %v", s)
 	}
+}
+
+// errnos lists the failed commands of a script as "CMD ERRNO", in order.
+func errnos(objs []map[string]any) []string {
+	var errs []string
+	for _, o := range objs {
+		if o["errno"] != nil {
+			errs = append(errs, o["cmd"].(string)+" "+o["errno"].(string))
+		}
+	}
+	return errs
 }
 
 // byCmd groups the results by command, in order.

@@ -6,6 +6,9 @@
 // through the TID cache (one TID_UPDATE, then hits). Then the application
 // unmaps a cached buffer and the invalidation reaches user space: the event
 // bit, TID_INVAL_READ, and the cache's next lookup missing.
+//
+// The fast-registration part (frwr.go) runs ulp/frwr's model ULP with and
+// without fast registration and shows a stale rkey refused.
 package main
 
 import (
@@ -32,7 +35,11 @@ func main() {
 	size := flag.Int("size", 1<<20, "message size in bytes")
 	bufs := flag.Int("buffers", 4, "receive buffers reused round robin")
 	flag.Parse()
-	if err := run(*device, *iters, *size, *bufs); err != nil {
+	err := run(*device, *iters, *size, *bufs)
+	if err == nil {
+		err = runFRWR(os.Stdout, *device, defaultFRWRConfig)
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "hfidemo:", err)
 		os.Exit(1)
 	}
