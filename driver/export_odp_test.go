@@ -4,11 +4,11 @@ import "github.com/gohfi/gohfi/userfault"
 
 // SetODPFaultHook installs a function an ODP fault calls between pinning
 // the pages and checking for a racing invalidation.
-func SetODPFaultHook(m *Module, f func()) { m.testHookODPFault = f }
+func SetODPFaultHook(m *Module, f func()) { m.testHookODPFault.Store(&f) }
 
 // SetODPInvalidateHook installs a function an ODP MR's Invalidate calls
 // once it has zapped the range, on the notifier's dispatcher.
-func SetODPInvalidateHook(m *Module, f func(userfault.Event)) { m.testHookODPInvalidate = f }
+func SetODPInvalidateHook(m *Module, f func(userfault.Event)) { m.testHookODPInvalidate.Store(&f) }
 
 // ODPFence waits until every invalidation that reached the notifier is
 // flushed from the device and unpinned (what POST_SEND does first).

@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/gohfi/gohfi/userfault"
 	"github.com/gohfi/gohfi/vfio"
@@ -91,10 +92,10 @@ type Module struct {
 	testHookTIDUpdate func()
 	// testHookODPFault runs inside an ODP fault between pinning and the
 	// race check (tests only).
-	testHookODPFault func()
+	testHookODPFault atomic.Pointer[func()]
 	// testHookODPInvalidate runs at the end of an ODP MR's Invalidate, on
 	// the notifier's dispatcher (tests only).
-	testHookODPInvalidate func(userfault.Event)
+	testHookODPInvalidate atomic.Pointer[func(userfault.Event)]
 
 	mu      sync.Mutex
 	devices map[int]*Device

@@ -388,8 +388,8 @@ func (m *odpMR) fault(uva uintptr, length uint64, mode faultMode, win pageSpan) 
 			dropCover(cover)
 			return 0, err
 		}
-		if h := o.d.m.testHookODPFault; h != nil {
-			h()
+		if h := o.d.m.testHookODPFault.Load(); h != nil && *h != nil {
+			(*h)()
 		}
 		m.mu.Lock()
 		if m.dead || m.sub.ReadRetry(seq) || m.conflictLocked(made) {
@@ -640,8 +640,8 @@ func (m *odpMR) Invalidate(_ *userfault.Subscription, ev userfault.Event) bool {
 	}
 	m.mu.Unlock()
 	m.o.queueZap(zapped)
-	if h := m.o.d.m.testHookODPInvalidate; h != nil {
-		h(ev)
+	if h := m.o.d.m.testHookODPInvalidate.Load(); h != nil && *h != nil {
+		(*h)(ev)
 	}
 	return true
 }

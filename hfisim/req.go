@@ -430,8 +430,8 @@ func (d *Device) flushOne(dma vfiouser.DMA, gen uint64, n int, send bool) {
 			e.Opcode = wcOpcode(raw[8])
 		}
 	}
-	d.postCQE(dma, gen, cq, &e)
-
+	// Consumed first, completed after, as for a WQE that ran: whoever
+	// sees the flush completion finds the head past the WQE.
 	d.mu.Lock()
 	if d.gen != gen || q.epoch != epoch {
 		d.mu.Unlock()
@@ -446,6 +446,7 @@ func (d *Device) flushOne(dma vfiouser.DMA, gen uint64, n int, send bool) {
 	}
 	d.mu.Unlock()
 	d.writeSQHead(dma, haddr, h)
+	d.postCQE(dma, gen, cq, &e)
 }
 
 // writeSQHead writes a QP's SQHead to its QPSQHeadAddr (nothing if 0),
