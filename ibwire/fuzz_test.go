@@ -76,22 +76,29 @@ func checkAccepted(t *testing.T, p *Packet, b []byte) {
 	}
 }
 
-// TestWriteFuzzSeeds regenerates testdata/fuzz/FuzzDecode when
-// GOHFI_WRITE_SEEDS=1: one encoded packet of every opcode and one datagram
-// of every opcode (IPv4 and IPv6 alternating).
-func TestWriteFuzzSeeds(t *testing.T) {
-	if os.Getenv("GOHFI_WRITE_SEEDS") != "1" {
-		t.Skip("GOHFI_WRITE_SEEDS=1 regenerates the seed corpus")
-	}
+// TestFuzzSeeds holds testdata/fuzz/FuzzDecode to one encoded packet and
+// one datagram of every opcode (IPv4 and IPv6 alternating), as generated
+// here; GOHFI_WRITE_SEEDS=1 writes them anew.
+func TestFuzzSeeds(t *testing.T) {
 	dir := filepath.Join("testdata", "fuzz", "FuzzDecode")
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
+	regen := os.Getenv("GOHFI_WRITE_SEEDS") == "1"
+	if regen {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
 	}
 	r := rand.New(rand.NewPCG(7, 8))
-	write := func(name string, b []byte) {
+	seed := func(name string, b []byte) {
 		s := fmt.Sprintf("go test fuzz v1\n[]byte(%q)\n", b)
-		if err := os.WriteFile(filepath.Join(dir, name), []byte(s), 0o644); err != nil {
-			t.Fatal(err)
+		path := filepath.Join(dir, name)
+		if regen {
+			if err := os.WriteFile(path, []byte(s), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			return
+		}
+		if have, err := os.ReadFile(path); err != nil || string(have) != s {
+			t.Errorf("seed %s missing or different (%v): GOHFI_WRITE_SEEDS=1 rewrites the corpus", path, err)
 		}
 	}
 	for i, op := range validOpcodes() {
@@ -103,12 +110,12 @@ func TestWriteFuzzSeeds(t *testing.T) {
 		if _, err := p.Encode(b); err != nil {
 			t.Fatal(err)
 		}
-		write(fmt.Sprintf("packet-%s", op), b)
+		seed(fmt.Sprintf("packet-%s", op), b)
 		ip := randomIP(r, i%2 == 1)
 		d := make([]byte, DatagramLen(&ip, &p))
 		if _, err := EncodeDatagram(d, &ip, SourcePort(p.BTH.DestQP), &p); err != nil {
 			t.Fatal(err)
 		}
-		write(fmt.Sprintf("datagram-%s", op), d)
+		seed(fmt.Sprintf("datagram-%s", op), d)
 	}
 }
