@@ -19,7 +19,7 @@ vet:
 	$(GO) vet ./...
 
 bench:
-	$(GO) test -run '^$$' -bench . -benchtime 2000x ./vfio/vfiouser ./dma ./rcvarray
+	$(GO) test -run '^$$' -bench . -benchtime 2000x ./vfio/vfiouser ./dma ./rcvarray ./ibwire
 
 # Boot the QEMU guest interactively with an hfisim device (guest PCI
 # 0000:00:04.0) and hfictl in /bin: hfictl --device pci:0000:00:04.0 info.

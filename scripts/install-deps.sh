@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need on a fresh Debian 12 machine: Go modules,
-# the Debian packages (gcc for the ABI parity test) and errcheck for CI. QEMU and the guest
+# the Debian packages (gcc for the ABI parity test, tshark for ibwire's
+# wire check) and errcheck for CI. QEMU and the guest
 # kernel are fetched by the QEMU harness itself (tools/vmimage) into its
 # cache outside the clone. Idempotent; quiet when everything is there.
 set -euo pipefail
@@ -10,6 +11,7 @@ need=()
 command -v gcc >/dev/null || need+=(gcc libc6-dev)
 command -v xz >/dev/null || need+=(xz-utils)
 command -v cpio >/dev/null || need+=(cpio)
+command -v tshark >/dev/null || need+=(tshark) # ibwire: tshark decodes the RoCEv2 we encode
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
