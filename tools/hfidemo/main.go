@@ -6,6 +6,9 @@
 // through the TID cache (one TID_UPDATE, then hits). Then the application
 // unmaps a cached buffer and the invalidation reaches user space: the event
 // bit, TID_INVAL_READ, and the cache's next lookup missing.
+//
+// The ODP part (odp.go) writes a buffer larger than RLIMIT_MEMLOCK through
+// an on-demand paging MR and unmaps part of it.
 package main
 
 import (
@@ -32,7 +35,11 @@ func main() {
 	size := flag.Int("size", 1<<20, "message size in bytes")
 	bufs := flag.Int("buffers", 4, "receive buffers reused round robin")
 	flag.Parse()
-	if err := run(*device, *iters, *size, *bufs); err != nil {
+	err := run(*device, *iters, *size, *bufs)
+	if err == nil {
+		err = runODP(os.Stdout, *device, defaultODPConfig)
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "hfidemo:", err)
 		os.Exit(1)
 	}
