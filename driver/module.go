@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/gohfi/gohfi/userfault"
 	"github.com/gohfi/gohfi/vfio"
@@ -92,8 +93,8 @@ type Module struct {
 	// race check (tests only).
 	testHookODPFault func()
 	// testHookODPInvalidate runs at the end of an ODP MR's Invalidate, on
-	// the notifier's dispatcher (tests only).
-	testHookODPInvalidate func(userfault.Event)
+	// the notifier's dispatcher (tests only; set while it may run).
+	testHookODPInvalidate atomic.Pointer[func(userfault.Event)]
 
 	mu      sync.Mutex
 	devices map[int]*Device
