@@ -452,3 +452,31 @@ func TestPinWithoutIOUring(t *testing.T) {
 		t.Errorf("Pinned = %d", acct.Pinned())
 	}
 }
+
+// TestPinReadOnlyMemory: io_uring pins a fixed buffer for writing
+// (io_pin_pages asks pin_user_pages_fast for FOLL_WRITE | FOLL_LONGTERM,
+// whatever the requests will do with it), so memory the process maps
+// without PROT_WRITE cannot be pinned: EFAULT, nothing charged, nothing
+// held. docs/pinning.md, "Read-only memory", says what follows for ODP.
+// If a kernel ever pins such memory, this test says so.
+func TestPinReadOnlyMemory(t *testing.T) {
+	acct := NewAccountant()
+	p := newTestPinner(t, acct, nil)
+	b := mmapAnon(t, 2*pageSize)
+	defer unix.Munmap(b)
+	b[0], b[pageSize] = 1, 2 // present, and this process's own pages
+	if err := unix.Mprotect(b, unix.PROT_READ); err != nil {
+		t.Fatal(err)
+	}
+	pin, err := p.Pin(sliceAddr(b), len(b))
+	if err == nil {
+		pin.Unpin()
+		t.Fatal("io_uring pinned PROT_READ memory: read-only ODP pins can use the Pinner now (docs/pinning.md)")
+	}
+	if !errors.Is(err, unix.EFAULT) {
+		t.Fatalf("pin of PROT_READ memory: %v, want EFAULT", err)
+	}
+	if acct.Pinned() != 0 || p.Pins() != 0 {
+		t.Fatalf("failed pin left %d pages charged, %d pins", acct.Pinned(), p.Pins())
+	}
+}

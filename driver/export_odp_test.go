@@ -8,7 +8,13 @@ func SetODPFaultHook(m *Module, f func()) { m.testHookODPFault.Store(&f) }
 
 // SetODPInvalidateHook installs a function an ODP MR's Invalidate calls
 // once it has zapped the range, on the notifier's dispatcher.
-func SetODPInvalidateHook(m *Module, f func(userfault.Event)) { m.testHookODPInvalidate.Store(&f) }
+func SetODPInvalidateHook(m *Module, f func(userfault.Event)) {
+	if f == nil {
+		m.testHookODPInvalidate.Store(nil)
+		return
+	}
+	m.testHookODPInvalidate.Store(&f)
+}
 
 // ODPFence waits until every invalidation that reached the notifier is
 // flushed from the device and unpinned (what POST_SEND does first).

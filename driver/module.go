@@ -94,7 +94,7 @@ type Module struct {
 	// race check (tests only).
 	testHookODPFault atomic.Pointer[func()]
 	// testHookODPInvalidate runs at the end of an ODP MR's Invalidate, on
-	// the notifier's dispatcher (tests only).
+	// the notifier's dispatcher (tests only; set while it may run).
 	testHookODPInvalidate atomic.Pointer[func(userfault.Event)]
 
 	mu      sync.Mutex

@@ -61,7 +61,15 @@ const (
 	// odpEQPoll is how often the EQ reader looks at the queue without an
 	// interrupt (a safety net; the interrupt is what wakes it).
 	odpEQPoll = 50 * time.Millisecond
+	// odpInlinePages: a device fault whose window is at most this many
+	// pages is handled on the interrupt goroutine that read it, without a
+	// hand-off to a goroutine of its own (see drain).
+	odpInlinePages = 16
 )
+
+// errWouldWait is what an inline fault returns when it would have to wait
+// (for an eviction's flush, or a rewatch): it is handed to a goroutine.
+var errWouldWait = errors.New("ODP: the fault would wait")
 
 // odpDev is a device's ODP engine: the event queue, the ODP MRs by MPT
 // index, and the invalidation flusher.
@@ -71,13 +79,21 @@ type odpDev struct {
 
 	startMu sync.Mutex
 	started bool
-	eq      *ringMem
-	head    int
-	told    int // head as last written to RegEQHead
-	seq     uint32
-	wake    chan struct{} // IntSrcEQ
 	stop    chan struct{}
-	wg      sync.WaitGroup
+	wg      sync.WaitGroup // the reader and the flusher
+	wake    chan struct{}  // IntSrcEQ for the reader
+
+	// The event queue, read by whoever holds eqMu: the interrupt
+	// goroutine on IntSrcEQ (handling small faults itself, see drain) or
+	// the reader (when the interrupt goroutine found eqMu taken, and on
+	// its poll).
+	eqMu     sync.Mutex
+	eq       *ringMem
+	eqClosed bool // shutdown: nothing reads eq any more
+	head     int
+	told     int // head as last written to RegEQHead
+	seq      uint32
+	handlers sync.WaitGroup // fault goroutines
 
 	mu  sync.Mutex
 	mrs map[uint32]*odpMR // by MPT index
@@ -179,7 +195,9 @@ func (o *odpDev) start() error {
 		eq.free()
 		return fmt.Errorf("event queue: %w", err)
 	}
-	o.eq, o.head, o.told, o.seq = eq, 0, 0, 0
+	o.eqMu.Lock()
+	o.eq, o.eqClosed, o.head, o.told, o.seq = eq, false, 0, 0, 0
+	o.eqMu.Unlock()
 	o.wake, o.stop = make(chan struct{}, 1), make(chan struct{})
 	o.started = true
 	o.wg.Add(2)
@@ -201,6 +219,10 @@ func (o *odpDev) shutdown() {
 	}
 	close(o.stop)
 	o.wg.Wait()
+	o.eqMu.Lock() // the interrupt goroutine may still be reading the queue
+	o.eqClosed = true
+	o.eqMu.Unlock()
+	o.handlers.Wait()
 	if !o.d.dead.Load() {
 		o.d.writeCSR(chip.RegEQEntries, 0)
 		o.d.dmaUnmap(o.eq)
@@ -209,52 +231,36 @@ func (o *odpDev) shutdown() {
 	o.started = false
 }
 
-// interrupt is called by the interrupt handler for vector 0's sources; it
-// only wakes the goroutines that wait.
+// interrupt is called by the interrupt handler for vector 0's sources. On
+// IntSrcEQ it reads the event queue itself (drain) unless the reader is at
+// it, in which case it wakes the reader; it wakes the TLB-flush waiters.
 func (o *odpDev) interrupt(src uint64) {
-	if src&(chip.IntSrcEQ|chip.IntSrcError) != 0 && o.wake != nil {
-		select {
-		case o.wake <- struct{}{}:
-		default:
-		}
-	}
 	o.tlbQ.wakeAll()
+	if src&(chip.IntSrcEQ|chip.IntSrcError) == 0 || o.wake == nil {
+		return
+	}
+	// (With MSI-X, vector 0 does not say which of its sources fired.)
+	if o.eqMu.TryLock() {
+		o.drain(true)
+		o.eqMu.Unlock()
+		return
+	}
+	select {
+	case o.wake <- struct{}{}:
+	default:
+	}
 }
 
-// reader reads the event queue and hands every fault to its own goroutine,
-// so a slow fault (a large pin, an eviction waiting for a flush) never
-// holds up another context's.
+// reader reads the event queue when the interrupt goroutine could not (it
+// found eqMu taken) and every odpEQPoll, a safety net.
 func (o *odpDev) reader() {
 	defer o.wg.Done()
-	var handlers sync.WaitGroup
-	defer handlers.Wait()
 	t := time.NewTimer(odpEQPoll)
 	defer t.Stop()
 	for {
-		n := 0
-		for {
-			off := o.head * chip.EQESize
-			if uint32(load64(o.eq.mem, off+chip.EQESeqOff-4)>>32) != nextSeq(o.seq) {
-				break
-			}
-			var e chip.EQE
-			e.Unmarshal(o.eq.mem[off : off+chip.EQESize])
-			o.seq = e.Seq
-			o.head = (o.head + 1) % odpEQEntries
-			n++
-			handlers.Add(1)
-			go func() {
-				defer handlers.Done()
-				o.handleFault(e)
-			}()
-		}
-		// The head is reported every quarter ring (a CSR write is a round
-		// trip): at most chip.MaxQPs faults are outstanding, so the
-		// device never finds the queue full.
-		if n > 0 && (o.head-o.told+odpEQEntries)%odpEQEntries >= odpEQEntries/4 {
-			o.d.writeCSR(chip.RegEQHead, uint64(o.head))
-			o.told = o.head
-		}
+		o.eqMu.Lock()
+		o.drain(false)
+		o.eqMu.Unlock()
 		t.Reset(odpEQPoll)
 		select {
 		case <-o.stop:
@@ -267,19 +273,115 @@ func (o *odpDev) reader() {
 	}
 }
 
+// drain takes every new entry of the event queue, under eqMu. A fault goes
+// to a goroutine of its own, so that a slow one (a large pin, an eviction
+// waiting for a flush) never holds up another context's; but on the
+// interrupt goroutine (inline) a small fault, whose window is at most
+// odpInlinePages, is handled right there: it saves the wake-up of another
+// goroutine, which on a busy machine waits for the interrupt goroutine's P
+// to come back from epoll_wait (tens of microseconds). An inline fault
+// never waits for a TLB flush (the flush's own interrupt comes through
+// this goroutine): what would wait goes to a goroutine.
+func (o *odpDev) drain(inline bool) {
+	if o.eqClosed || o.eq == nil {
+		return
+	}
+	n := 0
+	for {
+		off := o.head * chip.EQESize
+		if uint32(load64(o.eq.mem, off+chip.EQESeqOff-4)>>32) != nextSeq(o.seq) {
+			break
+		}
+		var e chip.EQE
+		e.Unmarshal(o.eq.mem[off : off+chip.EQESize])
+		o.seq = e.Seq
+		o.head = (o.head + 1) % odpEQEntries
+		n++
+		if inline && o.small(e) {
+			o.handleFault(e, true)
+		} else {
+			o.handOff(func() { o.handleFault(e, false) })
+		}
+	}
+	// The head is reported every quarter ring (a CSR write is a round
+	// trip): at most chip.MaxQPs faults are outstanding, so the device
+	// never finds the queue full.
+	if n > 0 && (o.head-o.told+odpEQEntries)%odpEQEntries >= odpEQEntries/4 {
+		o.d.writeCSR(chip.RegEQHead, uint64(o.head))
+		o.told = o.head
+	}
+}
+
+// small reports whether fault e maps at most odpInlinePages pages.
+func (o *odpDev) small(e chip.EQE) bool {
+	if e.Type != chip.EQETypePageFault {
+		return true
+	}
+	m := o.lookup(e.Key)
+	if m == nil {
+		return true
+	}
+	uva := m.userAddr(e.VA)
+	need, win := m.deviceSpans(uva, uint64(e.Length))
+	return max(need.last, win.last)-min(need.first, win.first) <= odpInlinePages
+}
+
 // handleFault resolves one page fault and resumes it. A key that names no
 // ODP MR (deregistered meanwhile) is resumed with success: the device then
 // checks the key again and fails the access with its usual error.
-func (o *odpDev) handleFault(e chip.EQE) {
+func (o *odpDev) handleFault(e chip.EQE, inline bool) {
 	if e.Type != chip.EQETypePageFault {
 		return
 	}
-	ok := true
-	if m := o.lookup(e.Key); m != nil {
+	m := o.lookup(e.Key)
+	if m != nil {
 		m.faults.Add(1)
 		o.d.stats.odpFaults.Add(1)
+	}
+	o.resolve(m, e, inline)
+}
+
+// resolve faults in the pages of fault e of MR m (nil: none) and resumes
+// it. Inline (on the interrupt goroutine), what would wait goes to a
+// goroutine: the whole fault (an eviction, a rewatch), or its resume (the
+// TLB flush of an earlier invalidation of these pages still running).
+func (o *odpDev) resolve(m *odpMR, e chip.EQE, inline bool) {
+	var err error
+	if m != nil {
 		uva := m.userAddr(e.VA)
-		_, err := m.fault(uva, uint64(e.Length), faultDevice, m.window(uva))
+		_, win := m.deviceSpans(uva, uint64(e.Length))
+		var ticket uint64
+		_, ticket, err = m.fault(uva, uint64(e.Length), faultDevice, win, inline)
+		switch {
+		case inline && errors.Is(err, errWouldWait):
+			o.handOff(func() { o.resolve(m, e, false) })
+			return
+		case err == nil && o.doneGen.Load() < ticket:
+			if inline {
+				o.handOff(func() { o.finish(m, e, o.waitDone(ticket)) })
+				return
+			}
+			err = o.waitDone(ticket)
+		}
+	}
+	o.finish(m, e, err)
+}
+
+// handOff runs f on a fault goroutine.
+func (o *odpDev) handOff(f func()) {
+	o.handlers.Add(1)
+	go func() {
+		defer o.handlers.Done()
+		f()
+	}()
+}
+
+// finish counts the outcome of fault e and resumes it, with the error flag
+// if the pages could not be mapped. The resume is a posted write: nothing
+// waits for the device to take it.
+func (o *odpDev) finish(m *odpMR, e chip.EQE, err error) {
+	ok := true
+	if m != nil {
 		switch {
 		case err == nil:
 			m.faultsHandled.Add(1)
@@ -293,7 +395,7 @@ func (o *odpDev) handleFault(e chip.EQE) {
 	if !ok {
 		v |= chip.PFResumeError
 	}
-	o.d.writeCSR(chip.RegPFResume, v)
+	o.d.writeCSRPosted(chip.RegPFResume, v)
 }
 
 // lookup finds the ODP MR of key (index and variant).
@@ -322,6 +424,13 @@ func (m *odpMR) window(uva uintptr) pageSpan {
 	return m.span(lo, hi)
 }
 
+// deviceSpans are the pages a device fault of length bytes at uva needs
+// (the access, up to a window of it) and its fault-around window.
+func (m *odpMR) deviceSpans(uva uintptr, length uint64) (need, win pageSpan) {
+	need = m.span(uva&^(pageSize-1), uva+uintptr(min(max(length, 1), uint64(m.o.window()))))
+	return need, m.window(uva)
+}
+
 // pageSpan is a range of pages of an MR, [first, last).
 type pageSpan struct{ first, last int }
 
@@ -347,15 +456,18 @@ const (
 
 // fault maps the pages of the MR that [uva, uva+length) needs and the rest
 // of win (the fault-around window) that can be mapped, and returns how many
-// pages it mapped. The needed pages failing is the error (EFAULT: not
-// mapped or not writable; ENOMEM: over the pin budget with nothing to
-// evict; ENOENT: the MR was deregistered).
-func (m *odpMR) fault(uva uintptr, length uint64, mode faultMode, win pageSpan) (int, error) {
+// pages it mapped and the ticket of the invalidations that must be flushed
+// before the device may use them (waitDone). The needed pages failing is
+// the error (EFAULT: not mapped or not writable; ENOMEM: over the pin
+// budget with nothing to evict; ENOENT: the MR was deregistered). With
+// noWait (the interrupt goroutine) a fault that would have to evict or
+// rewatch stops with errWouldWait, having mapped nothing.
+func (m *odpMR) fault(uva uintptr, length uint64, mode faultMode, win pageSpan, noWait bool) (int, uint64, error) {
 	o := m.o
 	var need pageSpan
 	switch mode {
 	case faultDevice: // the access, up to a window of it
-		need = m.span(uva&^(pageSize-1), uva+uintptr(min(max(length, 1), uint64(o.window()))))
+		need, _ = m.deviceSpans(uva, length)
 	case faultPrefetch:
 		need = m.span(uva&^(pageSize-1), uva+uintptr(max(length, 1)))
 	}
@@ -364,29 +476,32 @@ func (m *odpMR) fault(uva uintptr, length uint64, mode faultMode, win pageSpan) 
 	}
 	for try := 0; ; try++ {
 		if try == odpMaxRetries {
-			return 0, fmt.Errorf("ODP fault at %#x: %d invalidations raced it: %w", uva, try, unix.EAGAIN)
+			return 0, 0, fmt.Errorf("ODP fault at %#x: %d invalidations raced it: %w", uva, try, unix.EAGAIN)
 		}
 		seq := m.sub.ReadBegin()
 		var cover *userfault.Subscription
 		if m.rewatch.Load() {
+			if noWait {
+				return 0, 0, errWouldWait
+			}
 			cover = m.rewatchRange(win)
 		}
 		m.mu.Lock()
 		if m.dead {
 			m.mu.Unlock()
 			dropCover(cover)
-			return 0, errnoErr("ODP fault: MR deregistered", unix.ENOENT)
+			return 0, 0, errnoErr("ODP fault: MR deregistered", unix.ENOENT)
 		}
 		runs := m.absentLocked(win)
 		m.mu.Unlock()
 		if len(runs) == 0 {
 			dropCover(cover)
-			return 0, nil
+			return 0, 0, nil
 		}
-		made, err := m.mapRuns(runs, need, win, mode)
+		made, err := m.mapRuns(runs, need, win, mode, noWait)
 		if err != nil {
 			dropCover(cover)
-			return 0, err
+			return 0, 0, err
 		}
 		if h := o.d.m.testHookODPFault.Load(); h != nil && *h != nil {
 			(*h)()
@@ -400,7 +515,7 @@ func (m *odpMR) fault(uva uintptr, length uint64, mode faultMode, win pageSpan) 
 				c.release(true)
 			}
 			if dead {
-				return 0, errnoErr("ODP fault: MR deregistered", unix.ENOENT)
+				return 0, 0, errnoErr("ODP fault: MR deregistered", unix.ENOENT)
 			}
 			continue
 		}
@@ -409,12 +524,13 @@ func (m *odpMR) fault(uva uintptr, length uint64, mode faultMode, win pageSpan) 
 			m.commitLocked(c)
 			n += c.n
 		}
+		// Entries of these pages zapped by an invalidation whose flush is
+		// still running may be cached by the device: the caller resumes
+		// only after it.
 		ticket := o.zapGen.Load()
 		m.mu.Unlock()
 		dropCover(cover)
-		// Entries of these pages zapped by an invalidation whose flush is
-		// still running may be cached by the device: resume only after it.
-		return n, o.waitDone(ticket)
+		return n, ticket, nil
 	}
 }
 
@@ -478,7 +594,7 @@ func (m *odpMR) conflictLocked(made []*odpChunk) bool {
 // pages that need it; in NO_FAULT mode only resident pages are taken. An
 // ENOMEM from the pin evicts pages of the file's ODP MRs (not those of win)
 // and tries again.
-func (m *odpMR) mapRuns(runs []pageSpan, need, win pageSpan, mode faultMode) ([]*odpChunk, error) {
+func (m *odpMR) mapRuns(runs []pageSpan, need, win pageSpan, mode faultMode, noWait bool) ([]*odpChunk, error) {
 	var made []*odpChunk
 	undo := func(err error) ([]*odpChunk, error) {
 		for _, c := range made {
@@ -490,11 +606,11 @@ func (m *odpMR) mapRuns(runs []pageSpan, need, win pageSpan, mode faultMode) ([]
 		runs = m.residentRuns(runs)
 	}
 	for _, r := range runs {
-		c, err := m.mapEvicting(r, win)
-		if err != nil && mode == faultDevice && !errors.Is(err, unix.ENOMEM) {
+		c, err := m.mapEvicting(r, win, noWait)
+		if err != nil && mode == faultDevice && !errors.Is(err, unix.ENOMEM) && !errors.Is(err, errWouldWait) {
 			// Fault-around is best effort: keep to what the access needs.
 			if nr := (pageSpan{max(r.first, need.first), min(r.last, need.last)}); !nr.empty() && nr != r {
-				c, err = m.mapEvicting(nr, win)
+				c, err = m.mapEvicting(nr, win, noWait)
 			} else if nr.empty() {
 				continue
 			}
@@ -511,12 +627,16 @@ func (m *odpMR) mapRuns(runs []pageSpan, need, win pageSpan, mode faultMode) ([]
 }
 
 // mapEvicting maps run r, evicting on ENOMEM until it fits or nothing is
-// left to evict.
-func (m *odpMR) mapEvicting(r pageSpan, keep pageSpan) (*odpChunk, error) {
+// left to evict; with noWait an ENOMEM is errWouldWait (an eviction waits
+// for its flush).
+func (m *odpMR) mapEvicting(r pageSpan, keep pageSpan, noWait bool) (*odpChunk, error) {
 	for {
 		c, err := m.mapRun(r)
 		if err == nil || !errors.Is(err, unix.ENOMEM) {
 			return c, err
+		}
+		if noWait {
+			return nil, errWouldWait
 		}
 		if m.o.evict(m.mr.pd, r.last-r.first, m, keep) == 0 {
 			return nil, err
@@ -640,7 +760,7 @@ func (m *odpMR) Invalidate(_ *userfault.Subscription, ev userfault.Event) bool {
 	}
 	m.mu.Unlock()
 	m.o.queueZap(zapped)
-	if h := m.o.d.m.testHookODPInvalidate.Load(); h != nil && *h != nil {
+	if h := m.o.d.m.testHookODPInvalidate.Load(); h != nil {
 		(*h)(ev)
 	}
 	return true
@@ -973,9 +1093,12 @@ func (pd *PD) AdviseMR(advice, flags, lkey uint32, addr, length uint64) error {
 		w := m.o.window()
 		for lo := uva; lo < end; lo = (lo &^ (w - 1)) + w {
 			hi := min(end, (lo&^(w-1))+w)
-			n, err := m.fault(lo, uint64(hi-lo), mode, m.span(lo, hi))
+			n, ticket, err := m.fault(lo, uint64(hi-lo), mode, m.span(lo, hi), false)
 			m.prefetched.Add(uint64(n))
 			pd.d.stats.odpPrefetch.Add(uint64(n))
+			if err == nil {
+				err = m.o.waitDone(ticket)
+			}
 			if err != nil {
 				return err
 			}

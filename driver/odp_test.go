@@ -408,6 +408,49 @@ func TestODPWriteFaultOnReadOnlyMemory(t *testing.T) {
 	}
 }
 
+// TestODPReadOnlyMR: an ODP MR that allows the device no writes (REMOTE_READ
+// only) serves an RDMA READ through read-only translations (no MTTWrite in
+// the entries the fault wrote); over PROT_READ memory the same READ fails
+// with REM_ACCESS_ERR, on both paths, because the driver's pinner (io_uring)
+// pins only for writing: docs/pinning.md, "Read-only memory". The day the
+// pinner can pin read-only memory, the last check says so.
+func TestODPReadOnlyMR(t *testing.T) {
+	a, l := startODP(t)
+	const n = 64 << 10
+	dst, buf := allocBuf(t, n, false), allocBuf(t, n, false)
+	md := l.reg(l.qa.f, dst.Addr(), n, pinAccess)
+	fill(buf.Bytes(), 5)
+	mo := l.reg(l.qb.f, buf.Addr(), n, uapi.IB_ACCESS_REMOTE_READ|uapi.IB_ACCESS_ON_DEMAND)
+	wantOK(t, "READ from a read-only ODP MR", l.op(uapi.GOHFI_WR_RDMA_READ, sg(dst.Addr(), n, md), buf.Addr(), mo.Rkey))
+	if !bytes.Equal(dst.Bytes(), buf.Bytes()) {
+		t.Fatal("READ from a read-only ODP MR: data differs")
+	}
+	if a.Sim != nil {
+		e := simMPT(t, a, mo.Lkey)
+		if v := simMTT(t, a, int(e.MTTFirst)); v&chip.MTTPresent == 0 || v&chip.MTTWrite != 0 {
+			t.Fatalf("MTT entry of a read-only ODP MR after a READ: %#x, want present and not writable", v)
+		}
+	}
+	if s := l.stats(l.qb.f, mo); s.PageFaults == 0 || s.PageFaultsHandled != s.PageFaults {
+		t.Fatalf("read-only ODP MR: %+v", s)
+	}
+
+	ro := allocBuf(t, n, false)
+	fill(ro.Bytes(), 6)
+	if err := unix.Mprotect(ro.Bytes(), unix.PROT_READ); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Mprotect(ro.Bytes(), unix.PROT_READ|unix.PROT_WRITE)
+	mr := l.reg(l.qb.f, ro.Addr(), n, uapi.IB_ACCESS_REMOTE_READ|uapi.IB_ACCESS_ON_DEMAND)
+	wc := l.op(uapi.GOHFI_WR_RDMA_READ, sg(dst.Addr(), n, md), ro.Addr(), mr.Rkey)
+	if wc.Status == uapi.GOHFI_WC_SUCCESS {
+		t.Fatal("an RDMA READ of PROT_READ memory through an ODP MR worked: read-only pins exist now; update docs/pinning.md and docs/abi.md and make this test require it")
+	}
+	if wc.Status != uapi.GOHFI_WC_REM_ACCESS_ERR || wc.VendorErr != chip.VendorErrPageFault {
+		t.Fatalf("READ of PROT_READ memory: %+v, want REM_ACCESS_ERR/%d", wc, chip.VendorErrPageFault)
+	}
+}
+
 // TestODPMixedSGE: a SEND gathering from ODP and pinned SGEs alternately,
 // into a receive WQE that scatters into ODP and pinned SGEs.
 func TestODPMixedSGE(t *testing.T) {

@@ -7,6 +7,8 @@
 // unmaps a cached buffer and the invalidation reaches user space: the event
 // bit, TID_INVAL_READ, and the cache's next lookup missing.
 //
+// The ODP part (odp.go) writes a buffer larger than RLIMIT_MEMLOCK through
+// an on-demand paging MR and unmaps part of it.
 // The fast-registration part (frwr.go) runs ulp/frwr's model ULP with and
 // without fast registration and shows a stale rkey refused.
 package main
@@ -36,6 +38,9 @@ func main() {
 	bufs := flag.Int("buffers", 4, "receive buffers reused round robin")
 	flag.Parse()
 	err := run(*device, *iters, *size, *bufs)
+	if err == nil {
+		err = runODP(os.Stdout, *device, defaultODPConfig)
+	}
 	if err == nil {
 		err = runFRWR(os.Stdout, *device, defaultFRWRConfig)
 	}
