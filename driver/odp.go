@@ -338,6 +338,7 @@ func (o *odpDev) handleFault(e chip.EQE, inline bool) {
 		m.faults.Add(1)
 		o.d.stats.odpFaults.Add(1)
 	}
+	o.d.trace(TraceODPFault, -1, e.VA, uint64(e.Length), uint64(e.Key))
 	o.resolve(m, e, inline)
 }
 
@@ -392,10 +393,14 @@ func (o *odpDev) finish(m *odpMR, e chip.EQE, err error) {
 		}
 	}
 	v := uint64(e.FaultID)
+	failed := uint64(0)
 	if !ok {
 		v |= chip.PFResumeError
+		failed = 1
 	}
-	o.d.writeCSRPosted(chip.RegPFResume, v)
+	// A lost resume is a dead device: markDead has woken everyone already.
+	_ = o.d.writeCSRPosted(chip.RegPFResume, v)
+	o.d.trace(TraceODPResume, -1, e.VA, uint64(e.Length), failed)
 }
 
 // lookup finds the ODP MR of key (index and variant).
@@ -759,6 +764,9 @@ func (m *odpMR) Invalidate(_ *userfault.Subscription, ev userfault.Event) bool {
 		}
 	}
 	m.mu.Unlock()
+	for _, c := range zapped {
+		m.o.d.trace(TraceInvalBegin, -1, uint64(c.first), uint64(c.n), 0)
+	}
 	m.o.queueZap(zapped)
 	if h := m.o.d.m.testHookODPInvalidate.Load(); h != nil {
 		(*h)(ev)

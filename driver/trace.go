@@ -19,8 +19,8 @@ const (
 	TraceTIDBusy                                // TID_UPDATE lost a race with an invalidation (EBUSY): A vaddr, B length
 	TraceNotifierEvent                          // an invalidation reached a subscription: A start, B end, C kind<<8 | source
 	TraceODPFault                               // the device raised a page fault: A va, B length, C key
-	TraceODPResume                              // the fault was resumed: A va, B pages mapped, C 1 on error
-	TraceInvalBegin                             // an ODP invalidation zapped MTT entries: A first entry, B count
+	TraceODPResume                              // the fault was resumed: A va, B length, C 1 on error
+	TraceInvalBegin                             // an ODP invalidation zapped a chunk: A first page of the MR, B pages
 	TraceTLBFlush                               // a TLB flush was issued and completed: A first entry, B count, C nanoseconds waited
 	TraceFastRegBind                            // FAST_REG_MR posted: A MPT index, B pages, C new key
 	TraceFastRegInvalidate                      // LOCAL_INV or *_WITH_INV posted: C key

@@ -6,6 +6,7 @@ import (
 	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/hfiuser"
 	"github.com/gohfi/gohfi/uapi"
+	"golang.org/x/sys/unix"
 )
 
 // TestTraceTIDLifecycle: a subscriber sees TID_UPDATE's registration, the
@@ -118,5 +119,44 @@ func TestTraceVerbs(t *testing.T) {
 		case k == driver.TraceTLBFlush && ev.B == 0:
 			t.Fatalf("TLB flush of no entries: %+v", ev)
 		}
+	}
+}
+
+// TestTraceODP: an RDMA WRITE into an ODP MR shows the fault and its
+// resume; an munmap of the MR's pages shows the invalidation.
+func TestTraceODP(t *testing.T) {
+	a, l := startODP(t)
+	const n = 16 << 10
+	src, dst := allocBuf(t, n, false), allocBuf(t, n, false)
+	ms := l.reg(l.qa.f, src.Addr(), n, pinAccess)
+	md := l.reg(l.qb.f, dst.Addr(), n, odpAccess)
+	sub := a.Module.Trace(256)
+	defer sub.Stop()
+	wantOK(t, "WRITE", l.op(uapi.GOHFI_WR_RDMA_WRITE, sg(src.Addr(), n, ms), dst.Addr(), md.Rkey))
+	if err := madvise(dst.Addr(), n, unix.MADV_DONTNEED); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Device.SyncNotifier(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	// Everything traced happened before SyncNotifier returned: the events
+	// are in the subscription's buffer.
+	seen := map[driver.TraceKind]driver.TraceEvent{}
+	for drained := false; !drained; {
+		select {
+		case ev := <-sub.Events():
+			if _, ok := seen[ev.Kind]; !ok {
+				seen[ev.Kind] = ev
+			}
+		default:
+			drained = true
+		}
+	}
+	f, r := seen[driver.TraceODPFault], seen[driver.TraceODPResume]
+	if f.Kind == 0 || r.Kind == 0 || seen[driver.TraceInvalBegin].Kind == 0 {
+		t.Fatalf("trace kinds seen: %v", seen)
+	}
+	if f.C != uint64(md.Rkey) || r.C != 0 || r.A != f.A {
+		t.Fatalf("fault %+v, resume %+v: want the MR's key, the same address, no error", f, r)
 	}
 }
