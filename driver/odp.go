@@ -82,6 +82,7 @@ type odpDev struct {
 	stop    chan struct{}
 	wg      sync.WaitGroup // the reader and the flusher
 	wake    chan struct{}  // IntSrcEQ for the reader
+	running atomic.Bool    // start finished: interrupt may use the queue and wake
 
 	// The event queue, read by whoever holds eqMu: the interrupt
 	// goroutine on IntSrcEQ (handling small faults itself, see drain) or
@@ -203,6 +204,9 @@ func (o *odpDev) start() error {
 	o.wg.Add(2)
 	go o.reader()
 	go o.flusher()
+	// Published last: the interrupt goroutine reads wake and the queue
+	// without startMu once it sees this.
+	o.running.Store(true)
 	return nil
 }
 
@@ -236,7 +240,7 @@ func (o *odpDev) shutdown() {
 // it, in which case it wakes the reader; it wakes the TLB-flush waiters.
 func (o *odpDev) interrupt(src uint64) {
 	o.tlbQ.wakeAll()
-	if src&(chip.IntSrcEQ|chip.IntSrcError) == 0 || o.wake == nil {
+	if src&(chip.IntSrcEQ|chip.IntSrcError) == 0 || !o.running.Load() {
 		return
 	}
 	// (With MSI-X, vector 0 does not say which of its sources fired.)

@@ -73,7 +73,7 @@ func parseSizeList(list string) ([]int, error) {
 	return sizes, nil
 }
 
-func benchTID(s *session, args []string) (obj, error) {
+func benchTID(s *session, args []string) (_ obj, err error) {
 	fs := newFlags("bench")
 	sizesArg := fs.String("sizes", "4k,64k,1m,16m", "buffer sizes for hit, miss, free and no cache")
 	iters := fs.Int("iters", 200, "timed iterations per operation and size")
@@ -101,12 +101,12 @@ func benchTID(s *session, args []string) (obj, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer restore()
+	defer cleanup(&err, "restoring RLIMIT_MEMLOCK", restore)
 	b, err := newTIDBench(s, cfg)
 	if err != nil {
 		return nil, err
 	}
-	defer b.close()
+	defer cleanup(&err, "", b.close)
 	o := obj{{"device", s.spec}, {"rcvarray_per_ctxt", b.rcvtids}, {"iters", cfg.iters}, {"memlock", memlock}}
 	if err := b.run(&o); err != nil {
 		return nil, err
@@ -115,9 +115,10 @@ func benchTID(s *session, args []string) (obj, error) {
 }
 
 // benchDevice prepares a bench run: RLIMIT_MEMLOCK raised (raiseMemlock;
-// restore puts it back) and the device attached with at least two contexts
-// (a sender and a receiver) unless it already is.
-func (s *session) benchDevice() (restore func(), memlock obj, err error) {
+// restore puts it back, so that the shell goes on with the limit it had)
+// and the device attached with at least two contexts (a sender and a
+// receiver) unless it already is.
+func (s *session) benchDevice() (restore func() error, memlock obj, err error) {
 	restore, memlock, honour := raiseMemlock()
 	if s.att == nil {
 		o := s.opts
@@ -125,7 +126,7 @@ func (s *session) benchDevice() (restore func(), memlock obj, err error) {
 		o.Params.HonorCapIPCLock = o.Params.HonorCapIPCLock || honour
 		a, err := attach.Open(s.ctx, s.spec, o)
 		if err != nil {
-			restore()
+			cleanup(&err, "restoring RLIMIT_MEMLOCK", restore)
 			return nil, nil, err
 		}
 		s.att = a
@@ -139,8 +140,8 @@ func (s *session) benchDevice() (restore func(), memlock obj, err error) {
 // CAP_SYS_RESOURCE). Where the hard limit stays lower but the process has
 // CAP_IPC_LOCK, it asks for the module parameter HonorCapIPCLock instead,
 // as the kernel exempts CAP_IPC_LOCK from the limit.
-func raiseMemlock() (restore func(), info obj, honour bool) {
-	restore = func() {}
+func raiseMemlock() (restore func() error, info obj, honour bool) {
+	restore = func() error { return nil }
 	var old unix.Rlimit
 	if err := unix.Getrlimit(unix.RLIMIT_MEMLOCK, &old); err != nil {
 		return restore, obj{{"error", err.Error()}}, false
@@ -152,10 +153,13 @@ func raiseMemlock() (restore func(), info obj, honour bool) {
 			err = unix.Setrlimit(unix.RLIMIT_MEMLOCK, &unix.Rlimit{Cur: old.Max, Max: old.Max})
 		}
 		if err == nil {
+			restore = func() error { return unix.Setrlimit(unix.RLIMIT_MEMLOCK, &old) }
+			// The limit as it is now, for the report and for honour.
 			var now unix.Rlimit
-			unix.Getrlimit(unix.RLIMIT_MEMLOCK, &now)
+			if err := unix.Getrlimit(unix.RLIMIT_MEMLOCK, &now); err != nil {
+				return restore, obj{{"error", fmt.Sprintf("getrlimit after raising it: %v", err)}}, false
+			}
 			cur = now.Cur
-			restore = func() { unix.Setrlimit(unix.RLIMIT_MEMLOCK, &old) }
 		}
 	}
 	limit := any(cur)
@@ -174,7 +178,7 @@ func hasCapIPCLock() bool {
 	if err != nil {
 		return false
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read-only: nothing a close could lose
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		if v, ok := strings.CutPrefix(sc.Text(), "CapEff:"); ok {
@@ -198,8 +202,7 @@ func newTIDBench(s *session, cfg benchTIDConfig) (*tidBench, error) {
 	for _, name := range []string{"bench-tx", "bench-rx"} {
 		f, err := s.att.Device.Open()
 		if err != nil {
-			b.close()
-			return nil, err
+			return nil, errors.Join(err, b.close())
 		}
 		of := &openFile{name: name, f: f}
 		if b.tx == nil {
@@ -208,27 +211,20 @@ func newTIDBench(s *session, cfg benchTIDConfig) (*tidBench, error) {
 			b.rx = of
 		}
 		if err := s.assign(of, uapi.Hfi1UserInfo{Userversion: uapi.HFI1_USER_SWVERSION}); err != nil {
-			b.close()
-			return nil, fmt.Errorf("%s: %w", name, err)
+			return nil, errors.Join(fmt.Errorf("%s: %w", name, err), b.close())
 		}
 	}
 	var err error
 	ci := b.rx.ci
 	if b.rx.rhq, err = b.rx.f.Mmap(b.rx.bi.RcvhdrBufbase, int(ci.RcvhdrqCnt)*int(ci.RcvhdrqEntsize), unix.PROT_READ); err != nil {
-		b.close()
-		return nil, fmt.Errorf("map header queue: %w", err)
+		return nil, errors.Join(fmt.Errorf("map header queue: %w", err), b.close())
 	}
 	b.rcvtids = int(ci.Rcvtids)
 	return b, nil
 }
 
-func (b *tidBench) close() {
-	for _, of := range []*openFile{b.tx, b.rx} {
-		if of != nil {
-			of.close()
-		}
-	}
-}
+// close closes the two files, releasing their contexts.
+func (b *tidBench) close() error { return closeFiles(b.tx, b.rx) }
 
 // samples are the times of one operation.
 type samples []time.Duration
@@ -440,12 +436,13 @@ func (b *tidBench) tidOps(size int) (r sizeResult, err error) {
 	if err != nil {
 		return r, err
 	}
-	defer buf.Close()
+	defer cleanup(&err, "unmapping the buffer", buf.Close)
 	c, err := tidcache.New(b.rx.f, tidcache.Options{})
 	if err != nil {
 		return r, err
 	}
-	defer c.Close()
+	// Close frees the idle entries' TIDs: a failure leaves them programmed.
+	defer cleanup(&err, "closing the TID cache", c.Close)
 	win := b.windows(size)
 	r.size, r.windows = size, len(win)
 	ents := make([]*tidcache.Entry, len(win))
@@ -453,10 +450,11 @@ func (b *tidBench) tidOps(size int) (r sizeResult, err error) {
 		for i, w := range win {
 			e, err := c.Acquire(buf.Addr()+uintptr(w[0]), w[1])
 			if err != nil {
+				errs := []error{err}
 				for _, e := range ents[:i] {
-					c.Release(e)
+					errs = append(errs, c.Release(e))
 				}
-				return err
+				return errors.Join(errs...)
 			}
 			ents[i] = e
 		}
@@ -494,7 +492,10 @@ func (b *tidBench) tidOps(size int) (r sizeResult, err error) {
 	if st := c.Stats(); st.Misses != before.Misses || st.Hits-before.Hits != uint64(n*len(win)) {
 		return r, fmt.Errorf("hit loop: cache stats %+v after %+v: not all hits", st, before)
 	}
-	c.Flush()
+	// Else the first "miss" would be a hit.
+	if err := c.Flush(); err != nil {
+		return r, fmt.Errorf("flush after the hit loop: %w", err)
+	}
 
 	// Miss: Acquire of a buffer the cache freed (TID_UPDATE); then free:
 	// the Flush of the idle entry (TID_FREE).
@@ -513,8 +514,11 @@ func (b *tidBench) tidOps(size int) (r sizeResult, err error) {
 			return r, err
 		}
 		t0 = time.Now()
-		c.Flush()
+		err = c.Flush()
 		r.free[i] = time.Since(t0)
+		if err != nil {
+			return r, fmt.Errorf("free: %w", err)
+		}
 	}
 
 	// No cache: register and free around every receive.
@@ -528,8 +532,11 @@ func (b *tidBench) tidOps(size int) (r sizeResult, err error) {
 		if err == nil {
 			err = release()
 		}
-		c.Flush()
+		ferr := c.Flush()
 		r.nocache[i] = time.Since(t0)
+		if ferr != nil {
+			err = errors.Join(err, fmt.Errorf("free: %w", ferr))
+		}
 		if err != nil {
 			return r, err
 		}
@@ -543,16 +550,15 @@ func (b *tidBench) tidOps(size int) (r sizeResult, err error) {
 // bandwidth sends 1 MiB messages as expected packets from the sender's
 // context into the receiver's cached TIDs, with memfd-backed and anonymous
 // receive buffers, and copies 1 MiB between two buffers for comparison.
-func (b *tidBench) bandwidth() (table, error) {
+func (b *tidBench) bandwidth() (rows table, err error) {
 	src, err := mem.Alloc(bwMsgSize)
 	if err != nil {
 		return nil, err
 	}
-	defer src.Close()
+	defer cleanup(&err, "unmapping the source buffer", src.Close)
 	if err := fillPattern(src.Bytes(), "rand:5"); err != nil {
 		return nil, err
 	}
-	var rows table
 	var memcpyMedian time.Duration
 	// memcpy first: the reference the other rows are divided by.
 	{
@@ -569,7 +575,9 @@ func (b *tidBench) bandwidth() (table, error) {
 		}
 		total := time.Since(start)
 		ok := bytes.Equal(dst.Bytes(), src.Bytes())
-		dst.Close()
+		if err := dst.Close(); err != nil {
+			return nil, fmt.Errorf("unmapping the memcpy buffer: %w", err)
+		}
 		memcpyMedian = d.quantile(0.5)
 		rows = append(rows, bwRow("memcpy", d, total, memcpyMedian, ok))
 	}
@@ -594,17 +602,16 @@ func bwRow(name string, d samples, total, ref time.Duration, verified bool) obj 
 // expectedRun is one bandwidth run: per message a cache lookup (a hit after
 // the first receive into each buffer), one send per TID, a wait for each
 // header queue entry, and the release. Per-message times and the total.
-func (b *tidBench) expectedRun(kind string, src *mem.Buffer) (samples, time.Duration, bool, error) {
+func (b *tidBench) expectedRun(kind string, src *mem.Buffer) (d samples, total time.Duration, ok bool, err error) {
 	bufs := make([]*mem.Buffer, b.cfg.bwBuffers)
 	defer func() {
 		for _, x := range bufs {
 			if x != nil {
-				x.Close()
+				cleanup(&err, "unmapping a receive buffer", x.Close)
 			}
 		}
 	}()
 	for i := range bufs {
-		var err error
 		if kind == "memfd" {
 			bufs[i], err = mem.AllocMemfd(bwMsgSize)
 		} else {
@@ -618,16 +625,18 @@ func (b *tidBench) expectedRun(kind string, src *mem.Buffer) (samples, time.Dura
 	if err != nil {
 		return nil, 0, false, err
 	}
-	defer c.Close()
+	defer cleanup(&err, "closing the TID cache", c.Close)
 	// Register every buffer before timing: the run measures cached TIDs.
 	for _, x := range bufs {
 		e, err := c.Acquire(x.Addr(), bwMsgSize)
 		if err != nil {
 			return nil, 0, false, err
 		}
-		c.Release(e)
+		if err := c.Release(e); err != nil {
+			return nil, 0, false, err
+		}
 	}
-	d := make(samples, b.cfg.bwMsgs)
+	d = make(samples, b.cfg.bwMsgs)
 	start := time.Now()
 	for i := range d {
 		x := bufs[i%len(bufs)]
@@ -637,19 +646,18 @@ func (b *tidBench) expectedRun(kind string, src *mem.Buffer) (samples, time.Dura
 			return nil, 0, false, err
 		}
 		if err := b.receive(e, src); err != nil {
-			c.Release(e)
-			return nil, 0, false, fmt.Errorf("message %d: %w", i, err)
+			return nil, 0, false, errors.Join(fmt.Errorf("message %d: %w", i, err), c.Release(e))
 		}
 		if err := c.Release(e); err != nil {
 			return nil, 0, false, err
 		}
 		d[i] = time.Since(t0)
 	}
-	total := time.Since(start)
+	total = time.Since(start)
 	if st := c.Stats(); st.Misses != uint64(len(bufs)) {
 		return nil, 0, false, fmt.Errorf("cache stats %+v: want %d misses", st, len(bufs))
 	}
-	ok := true
+	ok = true
 	for i, x := range bufs {
 		if i < len(d) && !bytes.Equal(x.Bytes(), src.Bytes()) {
 			ok = false

@@ -53,7 +53,7 @@ func (r msgRate) String() string {
 	return fmt.Sprintf("%.0f/s", float64(r))
 }
 
-func benchRDMA(s *session, opName string, args []string) (obj, error) {
+func benchRDMA(s *session, opName string, args []string) (_ obj, err error) {
 	fs := newFlags("bench")
 	lat := fs.Bool("lat", false, "latency (one signaled WR at a time) instead of bandwidth")
 	sizeArg := fs.String("size", "", "message sizes (default: powers of two, 4k..4m for bandwidth, 8..64k for latency)")
@@ -69,7 +69,6 @@ func benchRDMA(s *session, opName string, args []string) (obj, error) {
 		sizes = pow2Sizes(8, 64<<10)
 	}
 	if *sizeArg != "" {
-		var err error
 		if sizes, err = parseSizeList(*sizeArg); err != nil {
 			return nil, err
 		}
@@ -85,12 +84,12 @@ func benchRDMA(s *session, opName string, args []string) (obj, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer restore()
+	defer cleanup(&err, "restoring RLIMIT_MEMLOCK", restore)
 	b, err := newRDMABench(s, slices.Max(sizes), *window)
 	if err != nil {
 		return nil, err
 	}
-	defer b.close()
+	defer cleanup(&err, "", b.close)
 	o := obj{{"device", s.spec}, {"op", opName}}
 	var rows table
 	for _, size := range sizes {
@@ -142,7 +141,7 @@ func newRDMABench(s *session, size, window int) (b *rdmaBench, err error) {
 	b = &rdmaBench{s: s, wc: make([]uapi.GohfiWC, window)}
 	defer func() {
 		if err != nil {
-			b.close()
+			err = errors.Join(err, b.close())
 		}
 	}()
 	if b.local, err = mem.Alloc(size); err != nil {
@@ -201,17 +200,16 @@ func newRDMABench(s *session, size, window int) (b *rdmaBench, err error) {
 
 // close closes the files (the driver destroys their QPs, CQs and MRs),
 // then frees the buffers.
-func (b *rdmaBench) close() {
-	for _, of := range []*openFile{b.req, b.resp} {
-		if of != nil {
-			of.close()
-		}
-	}
+func (b *rdmaBench) close() error {
+	errs := []error{closeFiles(b.req, b.resp)}
 	for _, m := range []*mem.Buffer{b.local, b.remote} {
 		if m != nil {
-			m.Close()
+			if err := m.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("unmapping a bench buffer: %w", err))
+			}
 		}
 	}
+	return errors.Join(errs...)
 }
 
 // stream runs iters work requests of op over the first size bytes, at most
@@ -338,7 +336,7 @@ func (b *rdmaBench) latRow(op uint32, size, iters int) (obj, error) {
 
 // benchReg times REG_MR and DEREG_MR of a buffer whose pages are present,
 // with remote write and read rights.
-func benchReg(s *session, args []string) (obj, error) {
+func benchReg(s *session, args []string) (_ obj, err error) {
 	fs := newFlags("bench")
 	sizeArg := fs.String("size", "4k,64k,1m", "buffer sizes")
 	iters := fs.Int("iters", 200, "registrations per size")
@@ -356,13 +354,13 @@ func benchReg(s *session, args []string) (obj, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer restore()
+	defer cleanup(&err, "restoring RLIMIT_MEMLOCK", restore)
 	f, err := s.att.Device.Open()
 	if err != nil {
 		return nil, err
 	}
 	of := &openFile{name: "bench-reg", f: f}
-	defer of.close()
+	defer cleanup(&err, "closing bench-reg", of.close)
 	if err := s.assign(of, uapi.Hfi1UserInfo{Userversion: uapi.HFI1_USER_SWVERSION}); err != nil {
 		return nil, err
 	}
@@ -378,12 +376,12 @@ func benchReg(s *session, args []string) (obj, error) {
 		{"memlock", memlock}, {"rows", rows}}, nil
 }
 
-func regRow(s *session, of *openFile, size, iters int) (obj, error) {
+func regRow(s *session, of *openFile, size, iters int) (_ obj, err error) {
 	buf, err := mem.Alloc(size)
 	if err != nil {
 		return nil, err
 	}
-	defer buf.Close()
+	defer cleanup(&err, "unmapping the buffer", buf.Close)
 	fillSeq(buf.Bytes()) // fault the pages in: pinning is timed, not faulting
 	reg, dereg, both := make(samples, iters), make(samples, iters), make(samples, iters)
 	for i := range reg {

@@ -360,7 +360,7 @@ func (s *session) dstCtxt(arg string) (uint16, error) {
 	return of.ci.Ctxt, nil
 }
 
-func cmdSend(s *session, args []string) (obj, error) {
+func cmdSend(s *session, args []string) (_ obj, err error) {
 	fs := newFlags("send")
 	tidArg := fs.String("tid", "0", "expected: TID of the destination, a number or BUF[:I] (the I-th TID programmed for buffer BUF)")
 	offset := fs.String("offset", "0", "expected: byte offset within the TID's buffer")
@@ -418,11 +418,11 @@ func cmdSend(s *session, args []string) (obj, error) {
 			payload = data[off : off+n]
 		}
 	} else {
-		b, err := mem.Alloc(max(n, 1))
-		if err != nil {
-			return nil, err
+		b, aerr := mem.Alloc(max(n, 1))
+		if aerr != nil {
+			return nil, aerr
 		}
-		defer b.Close()
+		defer cleanup(&err, "unmapping the payload", b.Close)
 		payload = b.Bytes()[:n]
 		fillSeq(payload)
 		snd.Vaddr = uint64(b.Addr())

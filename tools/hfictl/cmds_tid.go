@@ -120,7 +120,7 @@ func tidObjs(of *openFile, tids []uint32) []obj {
 	return out
 }
 
-func cmdTidUpdate(s *session, args []string) (obj, error) {
+func cmdTidUpdate(s *session, args []string) (_ obj, err error) {
 	fs := newFlags("tid-update")
 	offArg := fs.String("offset", "0", "start in the buffer (the driver wants it page aligned)")
 	lenArg := fs.String("len", "", "bytes (default: to the end of the buffer)")
@@ -157,7 +157,7 @@ func cmdTidUpdate(s *session, args []string) (obj, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer list.Close()
+	defer cleanup(&err, "unmapping the TID list", list.Close)
 	ti := uapi.Hfi1TidInfo{Vaddr: vaddr, Tidlist: uint64(list.Addr()), Tidcnt: uint32(capacity), Length: uint32(length)}
 	if err := s.ioctl(of, uapi.HFI1_IOCTL_TID_UPDATE, &ti); err != nil {
 		return nil, err
@@ -179,7 +179,7 @@ func cmdTidUpdate(s *session, args []string) (obj, error) {
 	}, nil
 }
 
-func cmdTidFree(s *session, args []string) (obj, error) {
+func cmdTidFree(s *session, args []string) (_ obj, err error) {
 	pos, err := parseArgs(newFlags("tid-free"), args, 1, -1)
 	if err != nil {
 		return nil, err
@@ -212,7 +212,7 @@ func cmdTidFree(s *session, args []string) (obj, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer list.Close()
+	defer cleanup(&err, "unmapping the TID list", list.Close)
 	data := list.Bytes()
 	for i, t := range tids {
 		binary.LittleEndian.PutUint32(data[4*i:], t)
@@ -233,7 +233,7 @@ func cmdTidFree(s *session, args []string) (obj, error) {
 	return o, nil
 }
 
-func cmdTidInvalRead(s *session, args []string) (obj, error) {
+func cmdTidInvalRead(s *session, args []string) (_ obj, err error) {
 	fs := newFlags("tid-inval-read")
 	maxArg := fs.Int("max", 0, "room in the TID list (default: the context's rcvtids)")
 	if _, err := parseArgs(fs, args, 0, 0); err != nil {
@@ -254,7 +254,7 @@ func cmdTidInvalRead(s *session, args []string) (obj, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer list.Close()
+	defer cleanup(&err, "unmapping the TID list", list.Close)
 	ti := uapi.Hfi1TidInfo{Tidlist: uint64(list.Addr()), Tidcnt: uint32(capacity)}
 	if err := s.ioctl(of, uapi.HFI1_IOCTL_TID_INVAL_READ, &ti); err != nil {
 		return nil, err

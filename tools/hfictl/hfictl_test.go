@@ -232,6 +232,22 @@ func TestErrorsGiveErrno(t *testing.T) {
 	}
 }
 
+// failWriter fails every write, as a full disk would.
+type failWriter struct{}
+
+func (failWriter) Write([]byte) (int, error) { return 0, syscall.ENOSPC }
+
+// TestResultNotWritten: a result that cannot be written fails the run,
+// with --json or without, and so does help.
+func TestResultNotWritten(t *testing.T) {
+	for _, args := range [][]string{{"--json", "get-vers"}, {"get-vers"}, {"help"}} {
+		var errb bytes.Buffer
+		if code := run(args, strings.NewReader(""), failWriter{}, &errb); code != 1 || !strings.Contains(errb.String(), "no space left") {
+			t.Errorf("%v into a failing stdout: exit %d, stderr %q; want 1 and the write error", args, code, errb.String())
+		}
+	}
+}
+
 // TestShellContinuesOrStops: a failed line is reported, later lines still
 // run, and the exit status says something failed; --stop-on-error stops.
 func TestShellContinuesOrStops(t *testing.T) {

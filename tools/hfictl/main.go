@@ -53,7 +53,8 @@ func runContext(ctx context.Context, args []string, stdin io.Reader, stdout, std
 	fs.IntVar(&opts.Params.RcvHdrCnt, "rcvhdrcnt", opts.Params.RcvHdrCnt, "module parameter: receive header queue entries per context")
 	fs.IntVar(&opts.Params.EagerBufferSize, "eager-size", opts.Params.EagerBufferSize, "module parameter: bytes per eager buffer")
 	fs.BoolVar(&opts.Params.TIDUnmapOnInvalidate, "tid-unmap", opts.Params.TIDUnmapOnInvalidate, "module parameter: unprogram and unpin TIDs at invalidation (HFI1_CAP_TID_UNMAP)")
-	fs.Usage = func() { usage(stderr, fs) }
+	// Usage goes to stderr, where a failure to write it would be reported.
+	fs.Usage = func() { _, _ = io.WriteString(stderr, usage(fs)) }
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
@@ -61,7 +62,7 @@ func runContext(ctx context.Context, args []string, stdin io.Reader, stdout, std
 		return 2
 	}
 	if fs.NArg() == 0 {
-		usage(stderr, fs)
+		_, _ = io.WriteString(stderr, usage(fs)) // stderr: see fs.Usage
 		return 2
 	}
 	p := &printer{out: stdout, errOut: stderr, json: *jsonOut}
@@ -69,7 +70,10 @@ func runContext(ctx context.Context, args []string, stdin io.Reader, stdout, std
 	var ok bool
 	switch name := fs.Arg(0); name {
 	case "help", "-h", "--help":
-		usage(stdout, fs)
+		if _, err := io.WriteString(stdout, usage(fs)); err != nil {
+			_, _ = fmt.Fprintf(stderr, "hfictl: writing help: %v\n", err) // the last place to report
+			return 1
+		}
 		return 0
 	case "shell":
 		ok = s.shell(stdin, stderr, fs.Args()[1:])
@@ -80,26 +84,38 @@ func runContext(ctx context.Context, args []string, stdin io.Reader, stdout, std
 		p.fail("close", err)
 		ok = false
 	}
+	if err := p.writeErr(); err != nil {
+		// Results that were not written must not look like success.
+		_, _ = fmt.Fprintf(stderr, "hfictl: writing results: %v\n", err) // the last place to report
+		ok = false
+	}
 	if !ok {
 		return 1
 	}
 	return 0
 }
 
-func usage(w io.Writer, fs *flag.FlagSet) {
-	fmt.Fprint(w, `usage: hfictl [flags] COMMAND [ARGS]
+// usage is the text of hfictl help: synopsis, flags and commands.
+func usage(fs *flag.FlagSet) string {
+	var b strings.Builder
+	b.WriteString(`usage: hfictl [flags] COMMAND [ARGS]
        hfictl [flags] shell [--stop-on-error] < script
 
 flags:
 `)
-	fs.SetOutput(w)
+	out := fs.Output()
+	fs.SetOutput(&b)
 	fs.PrintDefaults()
-	fmt.Fprintln(w)
-	printCommands(w)
+	fs.SetOutput(out)
+	b.WriteString("\n")
+	b.WriteString(commandList())
+	return b.String()
 }
 
-func printCommands(w io.Writer) {
-	fmt.Fprintln(w, "commands:")
+// commandList is the list of commands in hfictl help and the shell's help.
+func commandList() string {
+	var w strings.Builder
+	w.WriteString("commands:\n")
 	names := make([]string, 0, len(commands))
 	for n := range commands {
 		names = append(names, n)
@@ -109,11 +125,12 @@ func printCommands(w io.Writer) {
 		c := commands[n]
 		syn := strings.TrimSpace(n + " " + c.args)
 		if len(syn) > 40 {
-			fmt.Fprintf(w, "  %s\n  %-40s %s\n", syn, "", c.help)
+			fmt.Fprintf(&w, "  %s\n  %-40s %s\n", syn, "", c.help)
 			continue
 		}
-		fmt.Fprintf(w, "  %-40s %s\n", syn, c.help)
+		fmt.Fprintf(&w, "  %-40s %s\n", syn, c.help)
 	}
+	return w.String()
 }
 
 // command is one hfictl command. run parses its own arguments.
@@ -330,17 +347,55 @@ type openFile struct {
 }
 
 func (of *openFile) close() error {
-	of.unmapRings()
-	return of.f.Close()
+	return errors.Join(of.unmapRings(), of.f.Close())
 }
 
-func (of *openFile) unmapRings() {
-	for _, m := range []*[]byte{&of.rhq, &of.eager, &of.events} {
-		if *m != nil {
-			unix.Munmap(*m)
-			*m = nil
+// unmapRings unmaps what was mmapped of the file. A mapping that fails to
+// unmap is forgotten all the same (munmap fails only for a range that is
+// not a mapping), and its error returned.
+func (of *openFile) unmapRings() error {
+	var errs []error
+	for _, r := range []struct {
+		name string
+		m    *[]byte
+	}{{"header queue", &of.rhq}, {"eager buffers", &of.eager}, {"events page", &of.events}} {
+		if *r.m != nil {
+			if err := unix.Munmap(*r.m); err != nil {
+				errs = append(errs, fmt.Errorf("%s: munmap %s: %w", of.name, r.name, err))
+			}
+			*r.m = nil
 		}
 	}
+	return errors.Join(errs...)
+}
+
+// closeFiles closes files a command opened for itself (bench), each
+// failure named by its file.
+func closeFiles(files ...*openFile) error {
+	var errs []error
+	for _, of := range files {
+		if of != nil {
+			if err := of.close(); err != nil {
+				errs = append(errs, fmt.Errorf("closing %s: %w", of.name, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// cleanup runs a deferred cleanup and joins its failure, as "what: error"
+// (or as it is when what is ""), after the error the command returns: a
+// cleanup that fails leaves state behind, in the shell for the commands
+// that follow.
+func cleanup(err *error, what string, f func() error) {
+	cerr := f()
+	if cerr == nil {
+		return
+	}
+	if what != "" {
+		cerr = fmt.Errorf("%s: %w", what, cerr)
+	}
+	*err = errors.Join(*err, cerr)
 }
 
 func sortedKeys[V any](m map[string]V) []string {

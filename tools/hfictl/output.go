@@ -169,8 +169,32 @@ type printer struct {
 	mu          sync.Mutex // trace events print from their own goroutine
 	out, errOut io.Writer
 	json        bool
-	printed     int // human results so far, to separate them
-	line        int // shell input line being run, 0 outside the shell
+	printed     int   // human results so far, to separate them
+	line        int   // shell input line being run, 0 outside the shell
+	outErr      error // the first write to out that failed
+}
+
+// write writes one result to out, with mu held. A failure is kept for the
+// exit status (writeErr): a result that was not written is a failed run,
+// most of all with --json into a file.
+func (p *printer) write(b []byte) {
+	if _, err := p.out.Write(b); err != nil && p.outErr == nil {
+		p.outErr = err
+	}
+}
+
+// writeErr is the first failed write of a result, or nil.
+func (p *printer) writeErr() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.outErr
+}
+
+// text prints text as it is (the shell's help).
+func (p *printer) text(s string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.write([]byte(s))
 }
 
 // result prints one successful command result.
@@ -183,18 +207,20 @@ func (p *printer) result(cmd string, o obj) {
 		if err != nil {
 			b, _ = json.Marshal(obj{{"cmd", cmd}, {"error", err.Error()}})
 		}
-		fmt.Fprintf(p.out, "%s\n", b)
+		p.write(append(b, '\n'))
 		return
 	}
+	var b bytes.Buffer
 	if p.printed > 0 {
-		fmt.Fprintln(p.out)
+		b.WriteByte('\n')
 	}
 	p.printed++
 	if len(o) == 0 {
-		fmt.Fprintf(p.out, "%s: ok\n", cmd)
-		return
+		fmt.Fprintf(&b, "%s: ok\n", cmd)
+	} else {
+		writeHuman(&b, o, "")
 	}
-	writeHuman(p.out, o, "")
+	p.write(b.Bytes())
 }
 
 // fail prints a failed command: a JSON object on stdout with --json (so the
@@ -212,7 +238,7 @@ func (p *printer) fail(cmd string, err error) {
 			o.add("line", p.line)
 		}
 		b, _ := json.Marshal(o)
-		fmt.Fprintf(p.out, "%s\n", b)
+		p.write(append(b, '\n'))
 		return
 	}
 	prefix := "hfictl: "
@@ -222,10 +248,12 @@ func (p *printer) fail(cmd string, err error) {
 	if cmd != "" {
 		prefix += cmd + ": "
 	}
+	// Failures go to stderr, where a failure to write one would be
+	// reported; the exit status says the command failed regardless.
 	if name != "" {
-		fmt.Fprintf(p.errOut, "%s%v (%s)\n", prefix, err, name)
+		_, _ = fmt.Fprintf(p.errOut, "%s%v (%s)\n", prefix, err, name)
 	} else {
-		fmt.Fprintf(p.errOut, "%s%v\n", prefix, err)
+		_, _ = fmt.Fprintf(p.errOut, "%s%v\n", prefix, err)
 	}
 }
 
@@ -243,7 +271,7 @@ func errnoName(err error) string {
 
 // writeHuman prints o as aligned "key: value" lines; nested objects become
 // indented sections, lists of objects one line per element.
-func writeHuman(w io.Writer, o obj, indent string) {
+func writeHuman(w *bytes.Buffer, o obj, indent string) {
 	width := 0
 	for _, f := range o {
 		if _, nested := f.val.(obj); !nested && len(f.key) > width {

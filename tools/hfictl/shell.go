@@ -30,7 +30,7 @@ func (s *session) shell(stdin io.Reader, stderr io.Writer, args []string) bool {
 	defer func() { s.p.line = 0 }()
 	for n := 1; ; n++ {
 		if interactive {
-			fmt.Fprintf(stderr, "hfictl:%s> ", s.cur)
+			_, _ = fmt.Fprintf(stderr, "hfictl:%s> ", s.cur) // a prompt: nothing to do if the terminal fails
 		}
 		if !sc.Scan() {
 			break
@@ -45,7 +45,7 @@ func (s *session) shell(stdin io.Reader, stderr io.Writer, args []string) bool {
 			case "exit", "quit":
 				return ok
 			case "help":
-				printCommands(s.p.out)
+				s.p.text(commandList())
 				continue
 			}
 			if !s.exec(words[0], words[1:]) {

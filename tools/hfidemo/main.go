@@ -16,6 +16,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"hash/crc32"
@@ -50,6 +51,15 @@ func main() {
 	}
 }
 
+// cleanup runs a deferred cleanup and joins its failure, as "what: error",
+// after the error the part returns (first cause first): the demo shows the
+// driver, and a teardown that fails is part of what it shows.
+func cleanup(err *error, what string, f func() error) {
+	if cerr := f(); cerr != nil {
+		*err = errors.Join(*err, fmt.Errorf("%s: %w", what, cerr))
+	}
+}
+
 type receiver struct {
 	f    *driver.File
 	rhq  []byte
@@ -74,7 +84,7 @@ func (r *receiver) wait(ctx context.Context) (uapi.GohfiRHQEntry, error) {
 	}
 }
 
-func run(spec string, iters, size, nbufs int) error {
+func run(spec string, iters, size, nbufs int) (err error) {
 	ctx := context.Background()
 	o := attach.DefaultOptions()
 	o.Sim.NumContexts = 2
@@ -82,7 +92,7 @@ func run(spec string, iters, size, nbufs int) error {
 	if err != nil {
 		return err
 	}
-	defer a.Close()
+	defer cleanup(&err, "closing the device", a.Close)
 	info := a.Device.Info()
 	fmt.Printf("device      %04x:%04x rev %#x, %d contexts, %d RcvArray entries each, irq %s\n",
 		info.VendorID, info.DeviceID, info.Revision, info.NumContexts, info.RcvArrayPerCtxt, info.IRQMode)
@@ -109,7 +119,7 @@ func run(spec string, iters, size, nbufs int) error {
 	if err != nil {
 		return err
 	}
-	defer unix.Munmap(rhq)
+	defer cleanup(&err, "unmapping the header queue", func() error { return unix.Munmap(rhq) })
 	rx := &receiver{f: rxf, rhq: rhq}
 
 	bufs := make([]*mem.Buffer, nbufs)
@@ -117,7 +127,7 @@ func run(spec string, iters, size, nbufs int) error {
 		if bufs[i], err = mem.Alloc(size); err != nil {
 			return err
 		}
-		defer bufs[i].Close()
+		defer cleanup(&err, "unmapping a receive buffer", bufs[i].Close)
 	}
 	payload := bytes.Repeat([]byte("gohfi expected receive "), size/23+1)[:size]
 	want := crc32.ChecksumIEEE(payload)
@@ -155,7 +165,8 @@ func run(spec string, iters, size, nbufs int) error {
 	if err != nil {
 		return err
 	}
-	defer cache.Close()
+	// Close frees the idle entries' TIDs (TID_FREE).
+	defer cleanup(&err, "closing the TID cache", cache.Close)
 
 	// loop receives iters messages into the reused buffers; with flush the
 	// cache is emptied after every receive, so each one registers and frees
@@ -173,11 +184,17 @@ func run(spec string, iters, size, nbufs int) error {
 			if err := recv(ent.TIDs, b); err != nil {
 				return 0, 0, err
 			}
-			cache.Release(ent)
+			if err := cache.Release(ent); err != nil {
+				return 0, 0, err
+			}
 			if flush {
+				// A failed free would make the next receive a hit.
 				t0 = time.Now()
-				cache.Flush()
+				err := cache.Flush()
 				reg += time.Since(t0)
+				if err != nil {
+					return 0, 0, fmt.Errorf("flush: %w", err)
+				}
 			}
 		}
 		return reg, time.Since(start), nil
@@ -226,7 +243,9 @@ func run(spec string, iters, size, nbufs int) error {
 	if err != nil {
 		return err
 	}
-	cache.Release(ent)
+	if err := cache.Release(ent); err != nil {
+		return err
+	}
 	after := cache.Stats()
 	ds := a.Device.Stats()
 	fmt.Printf("invalidate  TID_INVAL_READ retired %d cache entry, freed with TID_FREE; driver counted %d TID invalidations\n",

@@ -100,7 +100,7 @@ func (s *odpSide) write(ctx context.Context, sge uapi.GohfiSge, raddr uint64, rk
 
 // runODP is the ODP part on a device of its own (spec as for run); it
 // prints to w.
-func runODP(w io.Writer, spec string, cfg odpConfig) error {
+func runODP(w io.Writer, spec string, cfg odpConfig) (err error) {
 	ctx := context.Background()
 	o := attach.DefaultOptions()
 	o.Sim.NumContexts = 2
@@ -108,7 +108,7 @@ func runODP(w io.Writer, spec string, cfg odpConfig) error {
 	if err != nil {
 		return err
 	}
-	defer a.Close()
+	defer cleanup(&err, "closing the device", a.Close)
 	req, resp := (*odpSide)(nil), (*odpSide)(nil)
 	if req, err = newODPSide(a); err != nil {
 		return err
@@ -126,19 +126,20 @@ func runODP(w io.Writer, spec string, cfg odpConfig) error {
 	if err != nil {
 		return err
 	}
-	defer src.Close()
+	defer cleanup(&err, "unmapping the source buffer", src.Close)
 	buf, err := mem.Alloc(cfg.size)
 	if err != nil {
 		return err
 	}
-	defer buf.Close()
+	defer cleanup(&err, "unmapping the ODP buffer", buf.Close)
 	ms, err := hfiuser.RegMR(req.f, src.Addr(), uint64(cfg.chunk), uint64(src.Addr()), uapi.IB_ACCESS_LOCAL_WRITE)
 	if err != nil {
 		return fmt.Errorf("REG_MR source: %w", err)
 	}
 
 	// The pin budget: RLIMIT_MEMLOCK below the ODP buffer (the driver
-	// enforces it even for root), restored when the part ends.
+	// enforces it even for root), restored when the part ends: the parts
+	// after this one need the limit as it was.
 	var old unix.Rlimit
 	if err := unix.Getrlimit(unix.RLIMIT_MEMLOCK, &old); err != nil {
 		return fmt.Errorf("getrlimit RLIMIT_MEMLOCK: %w", err)
@@ -146,7 +147,7 @@ func runODP(w io.Writer, spec string, cfg odpConfig) error {
 	if err := unix.Setrlimit(unix.RLIMIT_MEMLOCK, &unix.Rlimit{Cur: uint64(cfg.memlock), Max: old.Max}); err != nil {
 		return fmt.Errorf("setrlimit RLIMIT_MEMLOCK %d: %w", cfg.memlock, err)
 	}
-	defer unix.Setrlimit(unix.RLIMIT_MEMLOCK, &old)
+	defer cleanup(&err, "restoring RLIMIT_MEMLOCK", func() error { return unix.Setrlimit(unix.RLIMIT_MEMLOCK, &old) })
 
 	md, err := hfiuser.RegMR(resp.f, buf.Addr(), uint64(cfg.size), uint64(buf.Addr()),
 		uapi.IB_ACCESS_LOCAL_WRITE|uapi.IB_ACCESS_REMOTE_WRITE|uapi.IB_ACCESS_ON_DEMAND)
@@ -157,7 +158,9 @@ func runODP(w io.Writer, spec string, cfg odpConfig) error {
 	if err != nil {
 		return fmt.Errorf("MR_STATS: %w", err)
 	}
-	fmt.Fprintf(w, "ODP         %d MiB buffer registered on demand under RLIMIT_MEMLOCK %d MiB: %d pages pinned\n",
+	// The lines are for people reading the demo: nothing to do if a write
+	// fails.
+	_, _ = fmt.Fprintf(w, "ODP         %d MiB buffer registered on demand under RLIMIT_MEMLOCK %d MiB: %d pages pinned\n",
 		cfg.size>>20, cfg.memlock>>20, st.PagesPinned)
 
 	// Write all of it, one chunk per RDMA WRITE, each chunk a different
@@ -188,9 +191,9 @@ func runODP(w io.Writer, spec string, cfg odpConfig) error {
 	if crc32.ChecksumIEEE(buf.Bytes()) != want {
 		return fmt.Errorf("ODP buffer corrupted: CRC32 %#x, want %#x", crc32.ChecksumIEEE(buf.Bytes()), want)
 	}
-	fmt.Fprintf(w, "ODP write   %d RDMA WRITEs of %d KiB from another QP filled it in %.1f ms, data verified by CRC32\n",
+	_, _ = fmt.Fprintf(w, "ODP write   %d RDMA WRITEs of %d KiB from another QP filled it in %.1f ms, data verified by CRC32\n", // for people, see above
 		cfg.size/cfg.chunk, cfg.chunk>>10, float64(elapsed.Microseconds())/1000)
-	fmt.Fprintf(w, "ODP stats   %d page faults (%d handled), at most %d pages pinned (%.1f MiB, beside the %d KiB source MR), %d page invalidations (pin budget evictions, %d handled)\n",
+	_, _ = fmt.Fprintf(w, "ODP stats   %d page faults (%d handled), at most %d pages pinned (%.1f MiB, beside the %d KiB source MR), %d page invalidations (pin budget evictions, %d handled)\n", // for people, see above
 		st.PageFaults, st.PageFaultsHandled, maxPinned, float64(maxPinned*4096)/(1<<20), cfg.chunk>>10, st.PageInvalidations, st.PageInvalidationsHandled)
 	if maxPinned*4096 > uint64(cfg.memlock) {
 		return fmt.Errorf("ODP pinned %d pages, over RLIMIT_MEMLOCK", maxPinned)
@@ -211,12 +214,12 @@ func runODP(w io.Writer, spec string, cfg odpConfig) error {
 	if err != nil {
 		return fmt.Errorf("MR_STATS: %w", err)
 	}
-	fmt.Fprintf(w, "ODP munmap  last %d KiB unmapped: %d more page invalidations (%d handled), %d pages pinned now\n",
+	_, _ = fmt.Fprintf(w, "ODP munmap  last %d KiB unmapped: %d more page invalidations (%d handled), %d pages pinned now\n", // for people, see above
 		cfg.chunk>>10, after.PageInvalidations-st.PageInvalidations, after.PageInvalidationsHandled-st.PageInvalidationsHandled, after.PagesPinned)
 	if wc.Status != uapi.GOHFI_WC_REM_ACCESS_ERR {
 		return fmt.Errorf("RDMA WRITE into the unmapped range: completion status %d, want REM_ACCESS_ERR", wc.Status)
 	}
-	fmt.Fprintf(w, "ODP access  RDMA WRITE into it afterwards: REM_ACCESS_ERR (vendor error %d, page fault failed), fault counted %d, handled %d\n",
+	_, _ = fmt.Fprintf(w, "ODP access  RDMA WRITE into it afterwards: REM_ACCESS_ERR (vendor error %d, page fault failed), fault counted %d, handled %d\n", // for people, see above
 		wc.VendorErr, after.PageFaults, after.PageFaultsHandled)
 	return nil
 }
