@@ -35,6 +35,7 @@ type expRcv struct {
 	invalid []uint32                  // TIDs invalidated, not yet read (tid_used_list's invalid half)
 	unsub   []*userfault.Subscription // to remove once e.mu is dropped
 	unmap   []*tidNode                // cleared, to unmap and unpin once e.mu is dropped
+	relErrs []error                   // errors of releases under e.mu, reported by unlockAndRelease
 	closed  bool                      // the file is closing: no new TIDs
 }
 
@@ -70,7 +71,9 @@ func newExpRcv(f *File, c *ctxtData) (*expRcv, error) {
 func (n *tidNode) Invalidate(_ *userfault.Subscription, ev userfault.Event) bool {
 	e := n.e
 	e.mu.Lock()
-	defer e.unlockAndRelease()
+	// Nothing is queued for release here (the unmap below is inline), so
+	// the unlock has nothing to report.
+	defer func() { _ = e.unlockAndRelease() }()
 	if n.invalid || e.nodes[n.entry] != n {
 		return false
 	}
@@ -81,9 +84,10 @@ func (n *tidNode) Invalidate(_ *userfault.Subscription, ev userfault.Event) bool
 	e.d.stats.tidInvalidations.Add(1)
 	if e.d.m.params.TIDUnmapOnInvalidate && e.clearNodeLocked(n) {
 		// As newer hfi1 does in its notifier: unmapped and unpinned
-		// before user space hears of it. A failure here means the device
-		// is gone (ioErr marks it); the pin is dropped regardless.
-		n.unmapAndUnpin()
+		// before user space hears of it. There is no caller to tell: a
+		// failed unmap is a lost device (ioErr marks it, every later call
+		// gets ENXIO) and the pin is dropped regardless.
+		_ = n.unmapAndUnpin()
 	}
 	e.c.setEvent(uapi.HFI1_EVENT_TID_MMU_NOTIFY)
 	return true
@@ -101,7 +105,9 @@ func (e *expRcv) tidUpdate(arg UserPtr) error {
 		return errFault("gohfi: TID_UPDATE")
 	}
 	var ti uapi.Hfi1TidInfo
-	ti.UnmarshalBytes(raw[:])
+	if err := ti.UnmarshalBytes(raw[:]); err != nil {
+		return errnoErr(fmt.Sprintf("hfi1_tid_info: %v", err), unix.EINVAL)
+	}
 	per := e.d.info.RcvArrayPerCtxt
 	vaddr, length := uintptr(ti.Vaddr), uint64(ti.Length)
 	npages := int((length + pageSize - 1) / pageSize)
@@ -149,23 +155,22 @@ func (e *expRcv) tidUpdate(arg UserPtr) error {
 	var made []*tidNode
 	// undo gives back everything this call took; the nodes were never
 	// visible (not in e.nodes, RcvArray entries not written or cleared).
-	undo := func() {
+	undo := func() error {
 		e.mu.Lock()
 		for _, n := range made {
 			e.releaseNodeLocked(n)
 		}
 		for _, ent := range entries[len(made):] {
-			e.alloc.Free(ent)
+			e.freeEntryLocked(ent)
 		}
-		e.unlockAndRelease()
+		return e.unlockAndRelease()
 	}
 	// Pin and map every page set; the device cannot reach them yet.
 	off := uintptr(0)
 	for i, ent := range entries {
 		n, err := e.pin(ent, vaddr+off, sets[i])
 		if err != nil {
-			undo()
-			return fmt.Errorf("gohfi: TID_UPDATE: %w", err)
+			return errors.Join(fmt.Errorf("gohfi: TID_UPDATE: %w", err), undo())
 		}
 		made = append(made, n)
 		off += uintptr(sets[i] * pageSize)
@@ -174,29 +179,25 @@ func (e *expRcv) tidUpdate(arg UserPtr) error {
 		h()
 	}
 	if cover.ReadRetry(seq) {
-		undo()
 		e.d.trace(TraceTIDBusy, e.c.ctxt, uint64(vaddr), length, 0)
-		return errnoErr("TID_UPDATE: buffer invalidated during setup", unix.EBUSY)
+		return errors.Join(errnoErr("TID_UPDATE: buffer invalidated during setup", unix.EBUSY), undo())
 	}
 	// Watch each TID. Until the node is committed its Invalidate does
 	// nothing; the cover subscription reports any event meanwhile.
 	for _, n := range made {
 		if n.sub, err = not.Subscribe(n.vaddr, uintptr(n.npages*pageSize), n); err != nil {
-			undo()
-			return fmt.Errorf("gohfi: TID_UPDATE: %w", err)
+			return errors.Join(fmt.Errorf("gohfi: TID_UPDATE: %w", err), undo())
 		}
 	}
 	e.mu.Lock()
 	if e.closed {
 		e.mu.Unlock()
-		undo()
-		return errnoErr("TID_UPDATE: context closed", unix.EBADF)
+		return errors.Join(errnoErr("TID_UPDATE: context closed", unix.EBADF), undo())
 	}
 	if cover.ReadRetry(seq) {
 		e.mu.Unlock()
-		undo()
 		e.d.trace(TraceTIDBusy, e.c.ctxt, uint64(vaddr), length, 0)
-		return errnoErr("TID_UPDATE: buffer invalidated during setup", unix.EBUSY)
+		return errors.Join(errnoErr("TID_UPDATE: buffer invalidated during setup", unix.EBUSY), undo())
 	}
 	for _, n := range made {
 		store64(e.d.rcvArray, n.entry*chip.RcvArrayEntrySize, chip.RcvArrayEntry(n.iova, uint32(n.npages)))
@@ -214,12 +215,10 @@ func (e *expRcv) tidUpdate(arg UserPtr) error {
 	ti.Length = uint32(min(uint64(off), length))
 	ti.MarshalBytes(raw[:])
 	if err := copyToUser(UserAddr(ti.Tidlist), tids); err != nil {
-		e.unprogram(made)
-		return errFault("gohfi: TID_UPDATE tidlist")
+		return errors.Join(errFault("gohfi: TID_UPDATE tidlist"), e.unprogram(made))
 	}
 	if err := copyToUser(arg, raw[:]); err != nil {
-		e.unprogram(made)
-		return errFault("gohfi: TID_UPDATE")
+		return errors.Join(errFault("gohfi: TID_UPDATE"), e.unprogram(made))
 	}
 	return nil
 }
@@ -227,7 +226,7 @@ func (e *expRcv) tidUpdate(arg UserPtr) error {
 // unprogram takes back TIDs that TID_UPDATE programmed but could not report
 // (hfi1 unprograms them when the copy to user fails). A TID the caller
 // freed meanwhile by guessing its number is skipped.
-func (e *expRcv) unprogram(made []*tidNode) {
+func (e *expRcv) unprogram(made []*tidNode) error {
 	e.mu.Lock()
 	for _, n := range made {
 		if e.nodes[n.entry] == n {
@@ -236,7 +235,7 @@ func (e *expRcv) unprogram(made []*tidNode) {
 			e.d.stats.tidsFreed.Add(1)
 		}
 	}
-	e.unlockAndRelease()
+	return e.unlockAndRelease()
 }
 
 // userRange reports whether [vaddr, vaddr+length) lies in the user half of
@@ -329,16 +328,24 @@ func (e *expRcv) releaseNodeLocked(n *tidNode) {
 		delete(e.nodes, n.entry)
 		e.d.trace(TraceTIDUnregister, e.c.ctxt, uint64(n.vaddr), uint64(n.npages), uint64(n.tid))
 	}
-	e.alloc.Free(n.entry)
+	e.freeEntryLocked(n.entry)
+}
+
+// freeEntryLocked gives an RcvArray entry back to the allocator. A refusal
+// means the driver's books are wrong (the entry was not taken, or was
+// given back twice): it is reported by the next unlockAndRelease, not lost.
+func (e *expRcv) freeEntryLocked(entry int) {
+	if err := e.alloc.Free(entry); err != nil {
+		e.relErrs = append(e.relErrs, fmt.Errorf("RcvArray entry %d: %w", entry, err))
+	}
 }
 
 // unlockAndRelease drops e.mu, then unmaps and unpins the TIDs cleared
 // under it and removes their subscriptions.
 func (e *expRcv) unlockAndRelease() error {
-	subs, nodes := e.unsub, e.unmap
-	e.unsub, e.unmap = nil, nil
+	subs, nodes, errs := e.unsub, e.unmap, e.relErrs
+	e.unsub, e.unmap, e.relErrs = nil, nil, nil
 	e.mu.Unlock()
-	var errs []error
 	for _, n := range nodes {
 		errs = append(errs, n.unmapAndUnpin())
 	}
@@ -358,7 +365,9 @@ func (e *expRcv) tidFree(arg UserPtr) (ferr error) {
 		return errFault("gohfi: TID_FREE")
 	}
 	var ti uapi.Hfi1TidInfo
-	ti.UnmarshalBytes(raw[:])
+	if err := ti.UnmarshalBytes(raw[:]); err != nil {
+		return errnoErr(fmt.Sprintf("hfi1_tid_info: %v", err), unix.EINVAL)
+	}
 	freed := 0
 	defer func() {
 		ti.Tidcnt = uint32(freed)
@@ -418,7 +427,9 @@ func (e *expRcv) tidInvalRead(arg UserPtr) error {
 		return errFault("gohfi: TID_INVAL_READ")
 	}
 	var ti uapi.Hfi1TidInfo
-	ti.UnmarshalBytes(raw[:])
+	if err := ti.UnmarshalBytes(raw[:]); err != nil {
+		return errnoErr(fmt.Sprintf("hfi1_tid_info: %v", err), unix.EINVAL)
+	}
 	// Report every invalidation whose munmap has returned: wait until the
 	// ones begun (GOHFI_EVENTS_GEN_OPENED) are delivered.
 	ctx, cancel := context.WithTimeout(context.Background(), invalWaitTimeout)
