@@ -2,6 +2,8 @@ package hfisim
 
 import (
 	"errors"
+	"runtime"
+	"time"
 
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/uapi"
@@ -20,7 +22,10 @@ const maxPacket = 1 << 21
 //
 // Each pass gives every context's send queue and every QP a turn (the verbs
 // engine: req.go, resp.go); the engine sleeps when a pass finds no work it
-// can do, until the next doorbell or register write.
+// can do, until the next doorbell or register write. While QPs have
+// doorbell records (dbrec.go) it keeps polling them for DBPollIdle after
+// its last work, then sets their notify flags, reads them once more, and
+// sleeps only if that found nothing.
 func (d *Device) engine() {
 	defer d.wg.Done()
 	buf := make([]byte, maxPacket)
@@ -32,20 +37,60 @@ func (d *Device) engine() {
 			return
 		case <-d.kick:
 		case idle = <-d.idleReq:
+		case ack := <-d.sleepReq:
+			close(ack) // asleep already
+			continue
 		}
+		last := time.Now()
 		for {
 			busy := d.pollSendQueues(buf)
-			if d.pollVerbs(vbuf) {
+			if d.pollRecords(true) {
 				busy = true
 			}
-			if !busy {
-				break
+			if d.pollVerbs(vbuf) {
+				busy = true
 			}
 			select {
 			case <-d.done:
 				return
 			default:
 			}
+			if busy {
+				last = time.Now()
+				continue
+			}
+			if idle != nil {
+				close(idle)
+				idle = nil
+			}
+			if len(d.dbPoll) == 0 {
+				break // no doorbell record to poll: sleep until a register doorbell
+			}
+			// Poll the records for a while (adaptive: only after work),
+			// then set their notify flags, look once more, and sleep.
+			var ack chan struct{}
+			if time.Since(last) < d.dbPollIdle() {
+				select {
+				case <-d.done:
+					return
+				case <-d.kick:
+				case idle = <-d.idleReq:
+				case ack = <-d.sleepReq:
+				default:
+					runtime.Gosched()
+				}
+				if ack == nil {
+					continue
+				}
+			}
+			woke := d.notifyRecords()
+			if ack != nil {
+				close(ack)
+			}
+			if !woke {
+				break
+			}
+			last = time.Now()
 		}
 		if idle != nil {
 			close(idle)
