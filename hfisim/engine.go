@@ -41,22 +41,25 @@ func (d *Device) engine() {
 			close(ack) // asleep already
 			continue
 		}
-		last := time.Now()
+		// last is the end of the last verbs work: the engine polls the
+		// records only after some (a wake-up for anything else, an MR's
+		// TLB flush or a CQ arm, goes back to sleep at once).
+		var last time.Time
 		for {
 			busy := d.pollSendQueues(buf)
-			if d.pollRecords(true) {
-				busy = true
-			}
+			verbs := d.pollRecords(true)
 			if d.pollVerbs(vbuf) {
-				busy = true
+				verbs = true
 			}
 			select {
 			case <-d.done:
 				return
 			default:
 			}
-			if busy {
+			if verbs {
 				last = time.Now()
+			}
+			if busy || verbs {
 				continue
 			}
 			if idle != nil {
