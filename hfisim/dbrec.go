@@ -16,7 +16,10 @@ import (
 // register doorbell is needed; chip/verbs.go has the protocol.
 
 // DefaultDBPollIdle is how long the engine polls doorbell records after its
-// last work before it sleeps (Config.DBPollIdle 0).
+// last work before it sleeps (Config.DBPollIdle 0). It polls only while no
+// CQ was armed since it woke: a consumer that armed a CQ waits for an
+// interrupt, and on few cores the polling engine would take the CPU its
+// wake-up needs (8 B WRITE latency 63 -> 150 us on 2 cores).
 const DefaultDBPollIdle = 50 * time.Microsecond
 
 // dbRecRef is one doorbell record as the engine found it at the start of a

@@ -18,6 +18,7 @@ import (
 	"maps"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gohfi/gohfi/chip"
@@ -167,7 +168,8 @@ type Device struct {
 
 	kick     chan struct{} // doorbell: wakes the engine
 	sleepReq chan chan struct{}
-	dbPoll   []dbRecRef // the engine's scratch list of doorbell records
+	armed    atomic.Bool // a CQ was armed since the engine last woke (dbrec.go)
+	dbPoll   []dbRecRef  // the engine's scratch list of doorbell records
 	idleReq  chan chan struct{}
 	done     chan struct{}
 	wg       sync.WaitGroup
