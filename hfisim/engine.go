@@ -45,7 +45,6 @@ func (d *Device) engine() {
 		// records only after some (a wake-up for anything else, an MR's
 		// TLB flush or a CQ arm, goes back to sleep at once).
 		var last time.Time
-		spins := 0
 		d.armed.Store(false)
 		for {
 			busy := d.pollSendQueues(buf)
@@ -71,25 +70,14 @@ func (d *Device) engine() {
 			if len(d.dbPoll) == 0 {
 				break // no doorbell record to poll: sleep until a register doorbell
 			}
-			// Poll the records for a while (adaptive: only after work),
-			// then set their notify flags, look once more, and sleep.
+			// Poll the records for a while (adaptive: only after verbs
+			// work, and not once a consumer armed a CQ), then set their
+			// notify flags, look once more, and sleep. The polling reads
+			// the records alone: a full pass over every QP costs far more
+			// CPU, which the driver's own ioctls need on few cores.
 			var ack chan struct{}
-			// The clock is read every dbSpinCheck idle passes: time.Now
-			// in every pass was a fifth of the CPU of a busy cycle.
-			spins++
-			if !last.IsZero() && !d.armed.Load() && (spins%dbSpinCheck != 0 || time.Since(last) < d.dbPollIdle()) {
-				select {
-				case <-d.done:
-					return
-				case <-d.kick:
-				case idle = <-d.idleReq:
-				case ack = <-d.sleepReq:
-				default:
-					runtime.Gosched()
-				}
-				if ack == nil {
-					continue
-				}
+			if d.spinRecords(last, &idle, &ack) {
+				continue // a record moved, or a register write: a full pass
 			}
 			woke := d.notifyRecords()
 			if ack != nil {
@@ -104,6 +92,39 @@ func (d *Device) engine() {
 			close(idle)
 		}
 	}
+}
+
+// spinRecords polls the doorbell records until one moves or a register
+// write, idle or sleep request comes (true: make a full pass; false: go to
+// sleep), for at most DBPollIdle after last; a zero last (no verbs work
+// since the engine woke) or an armed CQ does not poll at all.
+func (d *Device) spinRecords(last time.Time, idle *chan struct{}, ack *chan struct{}) bool {
+	if last.IsZero() || d.dbPollIdle() <= 0 {
+		return false
+	}
+	for spins := 1; !d.armed.Load(); spins++ {
+		// The clock is read every dbSpinCheck polls: time.Now in every
+		// one was a fifth of the CPU of a busy cycle.
+		if spins%dbSpinCheck == 0 && time.Since(last) >= d.dbPollIdle() {
+			return false
+		}
+		select {
+		case <-d.done:
+			return false
+		case <-d.kick:
+			return true
+		case *idle = <-d.idleReq:
+			return true
+		case *ack = <-d.sleepReq:
+			return false
+		default:
+		}
+		if d.pollRecords(true) {
+			return true
+		}
+		runtime.Gosched()
+	}
+	return false
 }
 
 // dbSpinCheck is how many idle passes the engine makes between two looks
