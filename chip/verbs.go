@@ -194,6 +194,68 @@ const (
 // QPReg returns the BAR0 offset of register reg of QP n.
 func QPReg(n int, reg uint64) uint64 { return QPBase + uint64(n)*QPStride + reg }
 
+// Doorbell records (RegCapFlags CapDBRec). The QP block is full, so each
+// QP has a second block of QPDBStride bytes at QPDBBase + n*QPDBStride.
+//
+// QPDBRecAddr (RW) is the IOVA of the QP's doorbell record in host memory
+// (DBRecSize bytes, DBRecAlign-aligned; 0: none, the QP is rung through
+// QPSQTail and QPRQTail only). The register is used as it is at each
+// access (not latched); writing it wakes the engine.
+//
+//	off  size  written by  field
+//	0    4     driver      sq_tail: send queue producer index, as QPSQTail
+//	4    4     driver      rq_tail: receive queue producer index, as QPRQTail
+//	8    4     device      flags: DBRecNotify
+//	12   52    -           reserved, 0
+//
+// The driver stores each new producer index into the record with a plain
+// (single-copy atomic) 4-byte store after the WQEs it covers, instead of
+// writing the register. While the engine is awake it reads the records of
+// every QP not in RESET each pass, and takes an index as if written to
+// QPSQTail/QPRQTail when it differs from the one it last read from that
+// record (an index out of range is refused and counted in ErrCntVerbs, as
+// a register write). A write to QPSQTail or QPRQTail of a QP with a record
+// only wakes the engine, which then reads the record: the value written is
+// checked (out of range or RESET: refused, counted) but not taken, so a
+// posted register write that arrives late never moves a tail back behind
+// the record. QPs with and without records mix freely; writing
+// QPDBRecAddr on a live QP makes its current tails the indices last read.
+//
+// Notification suppression, as virtio's VRING_USED_F_NO_NOTIFY: the engine
+// keeps polling the records for a while after its last work
+// (Config.DBPollIdle in the model, about 50 us), then, before it sleeps,
+// sets DBRecNotify in the flags of every record of a QP not in RESET, and
+// reads the records once more: if an index changed it clears the flags and
+// goes on; otherwise it sleeps until a register write wakes it (any
+// doorbell register). When it wakes it clears the flags of the records it
+// polls. The driver, after storing an index, reads flags (a full barrier
+// between the store and the load: a locked instruction or MFENCE on x86,
+// a sequentially consistent atomic in C11 or Go): when DBRecNotify is set
+// it also writes the same index to QPSQTail or QPRQTail. Either the
+// driver sees the flag or the engine's second read sees the index, so no
+// doorbell is lost.
+//
+// At RESET the device forgets the indices it read (as it zeroes its
+// heads and tails): the driver zeroes sq_tail and rq_tail and sets
+// DBRecNotify when it writes QPDBRecAddr and at every RESET, before the QP
+// leaves RESET. The device reads no record of a QP in RESET.
+const (
+	QPDBBase    = 0xd000
+	QPDBStride  = 0x40
+	QPDBRecAddr = 0x00 // RW: IOVA of the doorbell record (0: none)
+
+	DBRecSize   = 64
+	DBRecAlign  = 64
+	DBRecSQTail = 0 // offsets in the record
+	DBRecRQTail = 4
+	DBRecFlags  = 8
+	DBRecNotify = 1 << 0 // device asleep or not yet polling: write the register too
+	CapDBRec    = 1 << 5 // RegCapFlags: doorbell records
+)
+
+// QPDBReg returns the BAR0 offset of doorbell-block register reg of QP n.
+func QPDBReg(n int, reg uint64) uint64 { return QPDBBase + uint64(n)*QPDBStride + reg }
+
 // QPControl: a write sets the QP's state and type. RESET empties both
 // queues (heads and tails to 0) and forgets the QP's configuration checks;
 // INIT, RTR and RTS take the ring and CQ registers as they are (the device
@@ -359,7 +421,9 @@ const (
 var (
 	_ [QPBase - (MSIXPBAOffset + 0x1000)]struct{}
 	_ [CQBase - (QPBase + MaxQPs*QPStride)]struct{}
-	_ [CSRBarSize - (CQBase + MaxCQs*CQStride)]struct{}
+	_ [QPDBBase - (CQBase + MaxCQs*CQStride)]struct{}
+	_ [CSRBarSize - (QPDBBase + MaxQPs*QPDBStride)]struct{}
+	_ [DBRecSize - (DBRecFlags + 4)]struct{}
 	_ [QPStride - (QPStatus + 8)]struct{}
 	_ [CQStride - (CQStatus + 8)]struct{}
 )

@@ -201,7 +201,15 @@ func (cq *CQ) Poll(wc []uapi.GohfiWC) (int, error) {
 		cq.unpublished++
 	}
 	if cq.unpublished >= cqThreshold(cq.n) {
-		if err := cq.pd.d.writeCSRPosted(chip.CQReg(cq.idx, chip.CQHead), uint64(cq.head)); err != nil {
+		// A posted write reaches the device in order with later register
+		// doorbells, but not with doorbell records, which the engine may
+		// read first and then find the ring full: with records, the head
+		// is written and waited for (one round trip a quarter ring).
+		write := cq.pd.d.writeCSRPosted
+		if cq.pd.v.dbRec {
+			write = cq.pd.d.writeCSR
+		}
+		if err := write(chip.CQReg(cq.idx, chip.CQHead), uint64(cq.head)); err != nil {
 			return n, fmt.Errorf("gohfi: POLL_CQ: %w", err)
 		}
 		cq.unpublished = 0

@@ -31,3 +31,23 @@ func (d *Device) BAR4Word(off uint64) uint64 {
 	}
 	return load64(d.verbs.bar4, int(off))
 }
+
+// SetDBRecHook installs a function POST_SEND and POST_RECV of QP handle qp
+// call between storing the producer index in the doorbell record and
+// loading its notify flag; it reports whether the QP has a record.
+func SetDBRecHook(f *File, qp uint32, hook func()) bool {
+	pd, err := f.PD()
+	if err != nil {
+		return false
+	}
+	pd.mu.Lock()
+	q := pd.qps[qp]
+	pd.mu.Unlock()
+	if q == nil {
+		return false
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.dbHook = hook
+	return q.dbRec != nil
+}

@@ -51,6 +51,10 @@ type Params struct {
 	// gets its own TLB flush instead of sharing one with every
 	// invalidation that arrived while the previous flush ran.
 	ODPNoBatch bool
+	// NoDBRec rings every QP doorbell through the QPSQTail and QPRQTail
+	// registers even when the device offers doorbell records
+	// (chip.CapDBRec): the path from before records, for comparison.
+	NoDBRec bool
 }
 
 // DefaultPKey is PSM's default partition key (full membership of

@@ -24,7 +24,9 @@ type QP struct {
 	maxRecvSge     int
 	sq, rq         *ringMem
 	sqN, rqN       int
-	sqHeadMem      *ringMem // the word the device writes SQHead to (QPSQHeadAddr)
+	sqHeadMem      *ringMem // the word the device writes SQHead to (QPSQHeadAddr), and the doorbell record
+	dbRec          []byte   // the doorbell record (chip.QPDBRecAddr) in sqHeadMem; nil: register doorbells only
+	dbHook         func()   // test hook: runs between a record store and the notify-flag load
 
 	mu             sync.Mutex
 	state          uint32 // last state the driver set (the device may since have moved to ERR)
@@ -133,7 +135,7 @@ func (pd *PD) CreateQP(a QPInitAttr) (*QP, error) {
 		size  int
 		flags uint32
 	}{{&qp.sq, "sq", qp.sqN * chip.SendWQESize, vfio.DMARead}, {&qp.rq, "rq", qp.rqN * chip.RecvWQESize, vfio.DMARead},
-		{&qp.sqHeadMem, "sqhead", 8, vfio.DMAWrite}} {
+		{&qp.sqHeadMem, "sqhead", qpDBRecOff + chip.DBRecSize, vfio.DMARead | vfio.DMAWrite}} {
 		if *r.dst, err = newRingMem(fmt.Sprintf("qp%d%s", qp.idx, r.name), r.size); err != nil {
 			qp.release()
 			return nil, fmt.Errorf("gohfi: CREATE_QP: %w", errors.Join(err, unix.ENOMEM))
@@ -157,6 +159,14 @@ func (pd *PD) CreateQP(a QPInitAttr) (*QP, error) {
 		{chip.QPSQHeadAddr, qp.sqHeadMem.iova},
 	} {
 		if err = d.writeCSR(chip.QPReg(qp.idx, r.reg), r.val); err != nil {
+			qp.release()
+			return nil, fmt.Errorf("gohfi: CREATE_QP: %w", err)
+		}
+	}
+	if v.dbRec {
+		qp.dbRec = qp.sqHeadMem.mem[qpDBRecOff : qpDBRecOff+chip.DBRecSize]
+		qp.resetDBRec()
+		if err = d.writeCSR(chip.QPDBReg(qp.idx, chip.QPDBRecAddr), qp.sqHeadMem.iova+qpDBRecOff); err != nil {
 			qp.release()
 			return nil, fmt.Errorf("gohfi: CREATE_QP: %w", err)
 		}
@@ -274,6 +284,7 @@ func (qp *QP) Modify(a QPAttr) error {
 		// A head the engine was still writing carries the old tag.
 		qp.sqHeadTag = (qp.sqHeadTag + 1) & chip.QPSQHeadTagMask
 		store64(qp.sqHeadMem.mem, 0, qp.sqHeadTag<<chip.QPSQHeadTagShift)
+		qp.resetDBRec()
 		if err := d.writeCSR(chip.QPReg(qp.idx, chip.QPSQHeadAddr), qp.sqHeadMem.iova|qp.sqHeadTag); err != nil {
 			return fmt.Errorf("gohfi: MODIFY_QP: %w", err)
 		}
@@ -312,6 +323,9 @@ func (qp *QP) destroy() error {
 		for _, r := range []uint64{chip.QPSQBase, chip.QPSQEntries, chip.QPRQBase, chip.QPRQEntries, chip.QPDest, chip.QPAccess, chip.QPSQHeadAddr} {
 			errs = append(errs, d.writeCSR(chip.QPReg(qp.idx, r), 0))
 		}
+		if qp.dbRec != nil {
+			errs = append(errs, d.writeCSR(chip.QPDBReg(qp.idx, chip.QPDBRecAddr), 0))
+		}
 	}
 	qp.mu.Lock()
 	qp.dropPendingLocked()
@@ -327,6 +341,7 @@ func (qp *QP) destroy() error {
 func (qp *QP) release() error {
 	v, d := qp.pd.v, qp.pd.d
 	var errs []error
+	qp.dbRec = nil
 	for _, r := range []**ringMem{&qp.sq, &qp.rq, &qp.sqHeadMem} {
 		if *r == nil {
 			continue
@@ -436,10 +451,9 @@ func (qp *QP) postSend(count int, next func(i int) (*SendWR, error)) (int, error
 		qp.sqTail = (qp.sqTail + 1) % qp.sqN
 	}
 	if posted > 0 {
-		if err := d.writeCSRPosted(chip.QPReg(qp.idx, chip.QPSQTail), uint64(qp.sqTail)); err != nil {
+		if err := qp.ringLocked(chip.QPSQTail, qp.sqTail); err != nil {
 			return 0, fmt.Errorf("gohfi: POST_SEND doorbell: %w", err)
 		}
-		d.trace(TraceDoorbell, qp.ctxt(), uint64(qp.idx), uint64(qp.sqTail), 0)
 	}
 	return posted, perr
 }
@@ -531,10 +545,9 @@ func (qp *QP) postRecv(count int, next func(i int) (*RecvWR, error)) (int, error
 		qp.rqTail = (qp.rqTail + 1) % qp.rqN
 	}
 	if posted > 0 {
-		if err := d.writeCSRPosted(chip.QPReg(qp.idx, chip.QPRQTail), uint64(qp.rqTail)); err != nil {
+		if err := qp.ringLocked(chip.QPRQTail, qp.rqTail); err != nil {
 			return 0, fmt.Errorf("gohfi: POST_RECV doorbell: %w", err)
 		}
-		d.trace(TraceDoorbell, qp.ctxt(), uint64(qp.idx), uint64(qp.rqTail), 1)
 	}
 	return posted, perr
 }
@@ -732,6 +745,51 @@ func (pd *PD) ioctlPostRecv(arg UserPtr) (ferr error) {
 	n, err := qp.postRecv(int(r.WrCount), next)
 	r.BadWr = uint32(n)
 	return err
+}
+
+// qpDBRecOff is where the doorbell record sits in the page of the SQ head
+// word (one DMA mapping for both).
+const qpDBRecOff = chip.DBRecAlign
+
+// resetDBRec puts the doorbell record in the state the device expects of a
+// QP in RESET (chip/verbs.go): indices 0, notify set (the device has not
+// polled it yet, so the first doorbell also goes to the register).
+func (qp *QP) resetDBRec() {
+	if qp.dbRec == nil {
+		return
+	}
+	store32(qp.dbRec, chip.DBRecSQTail, 0)
+	store32(qp.dbRec, chip.DBRecRQTail, 0)
+	store32(qp.dbRec, chip.DBRecFlags, chip.DBRecNotify)
+}
+
+// ringLocked tells the device about a new producer index of the send
+// (QPSQTail) or receive (QPRQTail) queue, the WQEs already in memory. With
+// a doorbell record it stores the index there and writes the register only
+// when the device asked to be notified (it sleeps): the store, then the
+// flag's load, both sequentially consistent atomics, so either this load
+// sees the flag or the device's read after setting it sees the index.
+func (qp *QP) ringLocked(reg uint64, tail int) error {
+	d := qp.pd.d
+	dir, off := uint64(0), chip.DBRecSQTail
+	if reg == chip.QPRQTail {
+		dir, off = 1, chip.DBRecRQTail
+	}
+	if qp.dbRec != nil {
+		store32(qp.dbRec, off, uint32(tail))
+		if qp.dbHook != nil {
+			qp.dbHook()
+		}
+		if load32(qp.dbRec, chip.DBRecFlags)&chip.DBRecNotify == 0 {
+			d.trace(TraceDoorbellRecord, qp.ctxt(), uint64(qp.idx), uint64(tail), dir)
+			return nil
+		}
+	}
+	if err := d.writeCSRPosted(chip.QPReg(qp.idx, reg), uint64(tail)); err != nil {
+		return err
+	}
+	d.trace(TraceDoorbell, qp.ctxt(), uint64(qp.idx), uint64(tail), dir)
+	return nil
 }
 
 // ctxt is the receive context of the QP's file (its PD is context + 1),

@@ -67,6 +67,17 @@ func store64(b []byte, off int, v uint64) {
 	atomic.StoreUint64((*uint64)(unsafe.Pointer(&b[off])), v)
 }
 
+// load32 and store32 access the 4-byte words of a doorbell record whole
+// (sequentially consistent: a store followed by a load of another word is
+// the full barrier the doorbell-record protocol needs).
+func load32(b []byte, off int) uint32 {
+	return atomic.LoadUint32((*uint32)(unsafe.Pointer(&b[off])))
+}
+
+func store32(b []byte, off int, v uint32) {
+	atomic.StoreUint32((*uint32)(unsafe.Pointer(&b[off])), v)
+}
+
 // eventsPtr is the events page's bits word, updated with compare-and-swap.
 func eventsPtr(b []byte) *uint64 {
 	return (*uint64)(unsafe.Pointer(&b[uapi.GOHFI_EVENTS_BITS_OFF]))

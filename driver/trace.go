@@ -26,12 +26,13 @@ const (
 	TraceFastRegInvalidate                      // LOCAL_INV or *_WITH_INV posted: C key
 	TraceDoorbell                               // a doorbell was rung: A QP or context, B producer index, C 0 send, 1 receive
 	TraceCompletion                             // a CQE was polled: A CQ index, B wr_id, C status
+	TraceDoorbellRecord                         // a producer index went to the QP's doorbell record only (the device polls it): A QP, B index, C 0 send, 1 receive
 	traceKinds
 )
 
 var traceNames = [traceKinds]string{"?", "tid_register", "tid_unregister", "tid_invalidate", "tid_busy",
 	"notifier_event", "odp_fault", "odp_resume", "inval_begin", "tlb_flush", "fastreg_bind",
-	"fastreg_invalidate", "doorbell", "completion"}
+	"fastreg_invalidate", "doorbell", "completion", "doorbell_record"}
 
 func (k TraceKind) String() string {
 	if k < traceKinds {

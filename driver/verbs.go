@@ -53,7 +53,8 @@ type verbsDev struct {
 	qps     []*QP // by QP index, device-wide (RTR looks up destinations)
 	cqs     []*CQ // by CQ index
 
-	maxFRPages int // RegMaxFastRegPages; 0: no fast registration (fastreg.go)
+	maxFRPages int  // RegMaxFastRegPages; 0: no fast registration (fastreg.go)
+	dbRec      bool // QPs get doorbell records (chip.CapDBRec, not Params.NoDBRec)
 
 	tlbMu  sync.Mutex
 	tlbSeq uint64 // sequence of the last flush started
@@ -155,6 +156,7 @@ func (d *Device) probeVerbs() error {
 	if d.info.CapFlags&chip.CapODP != 0 {
 		v.odp = newODPDev(d, v)
 	}
+	v.dbRec = d.info.CapFlags&chip.CapDBRec != 0 && !d.m.params.NoDBRec
 	d.verbs = v
 	return nil
 }

@@ -85,6 +85,9 @@ func (d *Device) writeCQLocked(n int, r, v uint64) {
 			return
 		}
 		c.control = v
+		if v&chip.CQCtrlArm != 0 {
+			d.armed.Store(true) // a consumer sleeps: the engine stops polling records
+		}
 	}
 }
 

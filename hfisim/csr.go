@@ -83,7 +83,7 @@ func (d *Device) readRegLocked(reg uint64) uint64 {
 	case chip.RegMTTEntries:
 		return uint64(c.MTTEntries)
 	case chip.RegCapFlags:
-		return chip.CapMSIX | chip.CapLoopback | chip.CapVerbs | chip.CapODP | chip.CapMemMgtExtensions
+		return chip.CapMSIX | chip.CapLoopback | chip.CapVerbs | chip.CapODP | chip.CapMemMgtExtensions | chip.CapDBRec
 	case chip.RegRHQMaxEntries:
 		return uint64(c.RHQMaxEntries)
 	case chip.RegControl:
@@ -139,6 +139,9 @@ func (d *Device) readRegLocked(reg uint64) uint64 {
 	if n, r, ok := d.qpReg(reg); ok {
 		return d.qps[n].read(r)
 	}
+	if n, r, ok := d.qpDBReg(reg); ok && r == chip.QPDBRecAddr {
+		return d.qps[n].dbAddr
+	}
 	if n, r, ok := d.cqReg(reg); ok {
 		return d.cqs[n].read(r)
 	}
@@ -187,6 +190,10 @@ func (d *Device) writeRegLocked(reg, v uint64) {
 	}
 	if n, r, ok := d.qpReg(reg); ok {
 		d.writeQPLocked(n, r, v)
+		return
+	}
+	if n, r, ok := d.qpDBReg(reg); ok {
+		d.writeQPDBLocked(n, r, v)
 		return
 	}
 	if n, r, ok := d.cqReg(reg); ok {
@@ -239,6 +246,15 @@ func (d *Device) qpReg(reg uint64) (int, uint64, bool) {
 		return 0, 0, false
 	}
 	return int((reg - chip.QPBase) / chip.QPStride), (reg - chip.QPBase) % chip.QPStride, true
+}
+
+// qpDBReg maps a BAR0 offset to (QP, register) when it is a doorbell-block
+// register of an existing QP.
+func (d *Device) qpDBReg(reg uint64) (int, uint64, bool) {
+	if reg < chip.QPDBBase || reg >= chip.QPDBBase+uint64(len(d.qps))*chip.QPDBStride {
+		return 0, 0, false
+	}
+	return int((reg - chip.QPDBBase) / chip.QPDBStride), (reg - chip.QPDBBase) % chip.QPDBStride, true
 }
 
 // cqReg maps a BAR0 offset to (CQ, register) when it is a register of an

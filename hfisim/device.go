@@ -18,6 +18,7 @@ import (
 	"maps"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gohfi/gohfi/chip"
@@ -49,6 +50,11 @@ type Config struct {
 	// MaxFastRegPages is the longest FAST_REG_MR page list
 	// (chip.RegMaxFastRegPages), a power of two up to chip.MaxFastRegPages.
 	MaxFastRegPages int
+	// DBPollIdle is how long the engine keeps polling the QPs' doorbell
+	// records (chip.QPDBRecAddr) after its last work before it sets their
+	// notify flags and sleeps until a register doorbell: 0 is
+	// DefaultDBPollIdle, negative sleeps at the first pass without work.
+	DBPollIdle time.Duration
 
 	// RegOverride is a test hook for a device that lies about itself:
 	// reads of the identity and capability registers it names (chip.RegID
@@ -160,11 +166,14 @@ type Device struct {
 	odp      odpState          // event queue, page faults, TLB commands in flight
 	tlbSig   chan struct{}     // wakes the TLB worker (not under mu)
 
-	kick    chan struct{} // doorbell: wakes the engine
-	idleReq chan chan struct{}
-	done    chan struct{}
-	wg      sync.WaitGroup
-	closeMu sync.Once
+	kick     chan struct{} // doorbell: wakes the engine
+	sleepReq chan chan struct{}
+	armed    atomic.Bool // a CQ was armed since the engine last woke (dbrec.go)
+	dbPoll   []dbRecRef  // the engine's scratch list of doorbell records
+	idleReq  chan chan struct{}
+	done     chan struct{}
+	wg       sync.WaitGroup
+	closeMu  sync.Once
 }
 
 // counters are the device's error and traffic counters (RegErrCnt*, RegCnt*).
@@ -180,15 +189,16 @@ func New(cfg Config) (*Device, error) {
 	}
 	cfg.RegOverride = maps.Clone(cfg.RegOverride)
 	d := &Device{
-		cfg:     cfg,
-		ctxts:   make([]ctxtState, cfg.NumContexts),
-		qps:     make([]qpState, cfg.NumQPs),
-		cqs:     make([]cqState, cfg.NumCQs),
-		tlb:     map[uint32]uint64{},
-		mptOff:  chip.MPTOffset(cfg.MTTEntries),
-		kick:    make(chan struct{}, 1),
-		idleReq: make(chan chan struct{}),
-		done:    make(chan struct{}),
+		cfg:      cfg,
+		ctxts:    make([]ctxtState, cfg.NumContexts),
+		qps:      make([]qpState, cfg.NumQPs),
+		cqs:      make([]cqState, cfg.NumCQs),
+		tlb:      map[uint32]uint64{},
+		mptOff:   chip.MPTOffset(cfg.MTTEntries),
+		kick:     make(chan struct{}, 1),
+		sleepReq: make(chan chan struct{}),
+		idleReq:  make(chan chan struct{}),
+		done:     make(chan struct{}),
 	}
 	var err error
 	// PCI BARs are powers of two in size (QEMU asserts it when it maps them).

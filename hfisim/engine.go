@@ -2,6 +2,8 @@ package hfisim
 
 import (
 	"errors"
+	"runtime"
+	"time"
 
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/uapi"
@@ -20,7 +22,10 @@ const maxPacket = 1 << 21
 //
 // Each pass gives every context's send queue and every QP a turn (the verbs
 // engine: req.go, resp.go); the engine sleeps when a pass finds no work it
-// can do, until the next doorbell or register write.
+// can do, until the next doorbell or register write. While QPs have
+// doorbell records (dbrec.go) it keeps polling them for DBPollIdle after
+// its last work, then sets their notify flags, reads them once more, and
+// sleeps only if that found nothing.
 func (d *Device) engine() {
 	defer d.wg.Done()
 	buf := make([]byte, maxPacket)
@@ -32,26 +37,99 @@ func (d *Device) engine() {
 			return
 		case <-d.kick:
 		case idle = <-d.idleReq:
+		case ack := <-d.sleepReq:
+			close(ack) // asleep already
+			continue
 		}
+		// last is the end of the last verbs work: the engine polls the
+		// records only after some (a wake-up for anything else, an MR's
+		// TLB flush or a CQ arm, goes back to sleep at once).
+		var last time.Time
+		d.armed.Store(false)
 		for {
 			busy := d.pollSendQueues(buf)
+			verbs := d.pollRecords(true)
 			if d.pollVerbs(vbuf) {
-				busy = true
-			}
-			if !busy {
-				break
+				verbs = true
 			}
 			select {
 			case <-d.done:
 				return
 			default:
 			}
+			if verbs {
+				last = time.Now()
+			}
+			if busy || verbs {
+				continue
+			}
+			if idle != nil {
+				close(idle)
+				idle = nil
+			}
+			if len(d.dbPoll) == 0 {
+				break // no doorbell record to poll: sleep until a register doorbell
+			}
+			// Poll the records for a while (adaptive: only after verbs
+			// work, and not once a consumer armed a CQ), then set their
+			// notify flags, look once more, and sleep. The polling reads
+			// the records alone: a full pass over every QP costs far more
+			// CPU, which the driver's own ioctls need on few cores.
+			var ack chan struct{}
+			if d.spinRecords(last, &idle, &ack) {
+				continue // a record moved, or a register write: a full pass
+			}
+			woke := d.notifyRecords()
+			if ack != nil {
+				close(ack)
+			}
+			if !woke {
+				break
+			}
+			last = time.Now()
 		}
 		if idle != nil {
 			close(idle)
 		}
 	}
 }
+
+// spinRecords polls the doorbell records until one moves or a register
+// write, idle or sleep request comes (true: make a full pass; false: go to
+// sleep), for at most DBPollIdle after last; a zero last (no verbs work
+// since the engine woke) or an armed CQ does not poll at all.
+func (d *Device) spinRecords(last time.Time, idle *chan struct{}, ack *chan struct{}) bool {
+	if last.IsZero() || d.dbPollIdle() <= 0 {
+		return false
+	}
+	for spins := 1; !d.armed.Load(); spins++ {
+		// The clock is read every dbSpinCheck polls: time.Now in every
+		// one was a fifth of the CPU of a busy cycle.
+		if spins%dbSpinCheck == 0 && time.Since(last) >= d.dbPollIdle() {
+			return false
+		}
+		select {
+		case <-d.done:
+			return false
+		case <-d.kick:
+			return true
+		case *idle = <-d.idleReq:
+			return true
+		case *ack = <-d.sleepReq:
+			return false
+		default:
+		}
+		if d.pollRecords(true) {
+			return true
+		}
+		runtime.Gosched()
+	}
+	return false
+}
+
+// dbSpinCheck is how many idle passes the engine makes between two looks
+// at the clock while it polls doorbell records.
+const dbSpinCheck = 16
 
 // waitIdle returns once the engine has made a pass that found no work (a
 // test hook: a QP stalled on RNR is idle).

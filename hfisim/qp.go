@@ -41,6 +41,9 @@ type qpState struct {
 	claim          *recvClaim   // responder: the receive WQE a message fills
 	pfWait         uint32       // page fault the send queue is suspended on (0: none)
 	pfErr          *pfault      // a fault resumed with an error, to fail on the next turn
+	dbAddr         uint64       // QPDBRecAddr as written (kept across RESET)
+	recSQ, recRQ   uint64       // the indices last read from the doorbell record
+	recAwake       bool         // the engine cleared the record's notify flag
 }
 
 func (q *qpState) reg(r uint64) uint64 { return q.regs[r/8] }
@@ -82,13 +85,17 @@ func (d *Device) writeQPLocked(n int, r, v uint64) {
 			d.errs.verbs++
 			return
 		}
-		q.sqTail = v
+		if q.dbAddr == 0 { // with a doorbell record, a wake-up: the index is the record's
+			q.sqTail = v
+		}
 	case chip.QPRQTail:
 		if q.state == stateReset || v >= q.rq.entries {
 			d.errs.verbs++
 			return
 		}
-		q.rqTail = v
+		if q.dbAddr == 0 {
+			q.rqTail = v
+		}
 	case chip.QPSQHead, chip.QPRQHead, chip.QPStatus:
 		return // read-only
 	default:
@@ -107,7 +114,7 @@ func (d *Device) modifyQPLocked(n int, to uint8, typ uint64) {
 	}
 	switch to {
 	case stateReset:
-		*q = qpState{regs: q.regs, epoch: q.epoch + 1}
+		*q = qpState{regs: q.regs, epoch: q.epoch + 1, dbAddr: q.dbAddr}
 	case stateErr:
 		if q.state != stateErr {
 			d.qpErrorLocked(n)

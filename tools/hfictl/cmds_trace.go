@@ -26,6 +26,7 @@ var traceFields = map[driver.TraceKind][3]string{
 	driver.TraceFastRegBind:       {"mpt_index", "pages", "key"},
 	driver.TraceFastRegInvalidate: {"", "", "key"},
 	driver.TraceDoorbell:          {"queue", "index", "receive"},
+	driver.TraceDoorbellRecord:    {"queue", "index", "receive"},
 	driver.TraceCompletion:        {"cq", "wr_id", "status"},
 }
 
