@@ -54,7 +54,7 @@ type verbsDev struct {
 	cqs     []*CQ // by CQ index
 
 	maxFRPages int  // RegMaxFastRegPages; 0: no fast registration (fastreg.go)
-	dbRec      bool // QPs get doorbell records (chip.CapDBRec, not Params.NoDBRec)
+	dbRec      bool // QPs get doorbell records (chip.CapDBRec and Params.DBRec)
 
 	tlbMu  sync.Mutex
 	tlbSeq uint64 // sequence of the last flush started
@@ -156,7 +156,7 @@ func (d *Device) probeVerbs() error {
 	if d.info.CapFlags&chip.CapODP != 0 {
 		v.odp = newODPDev(d, v)
 	}
-	v.dbRec = d.info.CapFlags&chip.CapDBRec != 0 && !d.m.params.NoDBRec
+	v.dbRec = d.info.CapFlags&chip.CapDBRec != 0 && d.m.params.DBRec
 	d.verbs = v
 	return nil
 }
