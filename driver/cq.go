@@ -80,12 +80,10 @@ func (pd *PD) CreateCQ(cqe int, userHandle uint64) (*CQ, error) {
 	}
 	var err error
 	if cq.ring, err = newRingMem(fmt.Sprintf("cq%d", cq.idx), n*chip.CQESize); err != nil {
-		cq.release()
-		return nil, fmt.Errorf("gohfi: CREATE_CQ: %w", errors.Join(err, unix.ENOMEM))
+		return nil, errors.Join(fmt.Errorf("gohfi: CREATE_CQ: %w", errors.Join(err, unix.ENOMEM)), cq.release())
 	}
 	if err = d.dmaMap(cq.ring, vfio.DMAWrite); err != nil {
-		cq.release()
-		return nil, fmt.Errorf("gohfi: CREATE_CQ: %w", err)
+		return nil, errors.Join(fmt.Errorf("gohfi: CREATE_CQ: %w", err), cq.release())
 	}
 	for _, r := range []struct{ reg, val uint64 }{
 		{chip.CQControl, 0},
@@ -95,13 +93,11 @@ func (pd *PD) CreateCQ(cqe int, userHandle uint64) (*CQ, error) {
 		{chip.CQControl, cq.control(false)},
 	} {
 		if err = d.writeCSR(chip.CQReg(cq.idx, r.reg), r.val); err != nil {
-			cq.release()
-			return nil, fmt.Errorf("gohfi: CREATE_CQ: %w", err)
+			return nil, errors.Join(fmt.Errorf("gohfi: CREATE_CQ: %w", err), cq.release())
 		}
 	}
 	if err := insert(pd, pd.cqs, cq, func(h uint32) { cq.handle = h }); err != nil {
-		cq.release()
-		return nil, errnoErr("CREATE_CQ: file closed", err.(unix.Errno))
+		return nil, errors.Join(errnoErr("CREATE_CQ: file closed", err.(unix.Errno)), cq.release())
 	}
 	return cq, nil
 }
@@ -272,8 +268,7 @@ func (pd *PD) ioctlCreateCQ(arg UserPtr) error {
 	}
 	r.Cqe, r.Handle = uint32(cq.Size()), cq.handle
 	if err := writeArg(arg, &r, "CREATE_CQ"); err != nil {
-		cq.Destroy()
-		return err
+		return errors.Join(err, cq.Destroy())
 	}
 	return nil
 }

@@ -128,8 +128,7 @@ func (m *Module) Probe(ctx context.Context, vdev vfio.Device, name string) (*Dev
 	m.mu.Lock()
 	if m.exited {
 		m.mu.Unlock()
-		vdev.Close()
-		return nil, fmt.Errorf("gohfi: probe %s: module exited: %w", name, unix.ENODEV)
+		return nil, errors.Join(fmt.Errorf("gohfi: probe %s: module exited: %w", name, unix.ENODEV), vdev.Close())
 	}
 	unit := m.next
 	m.next++
@@ -137,14 +136,12 @@ func (m *Module) Probe(ctx context.Context, vdev vfio.Device, name string) (*Dev
 
 	d, err := probe(ctx, m, unit, vdev, name)
 	if err != nil {
-		vdev.Close()
-		return nil, fmt.Errorf("gohfi: probe %s: %w", name, err)
+		return nil, errors.Join(fmt.Errorf("gohfi: probe %s: %w", name, err), vdev.Close())
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.exited {
-		d.remove()
-		return nil, fmt.Errorf("gohfi: probe %s: module exited: %w", name, unix.ENODEV)
+		return nil, errors.Join(fmt.Errorf("gohfi: probe %s: module exited: %w", name, unix.ENODEV), d.remove())
 	}
 	m.devices[unit] = d
 	return d, nil

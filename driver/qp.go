@@ -137,12 +137,10 @@ func (pd *PD) CreateQP(a QPInitAttr) (*QP, error) {
 	}{{&qp.sq, "sq", qp.sqN * chip.SendWQESize, vfio.DMARead}, {&qp.rq, "rq", qp.rqN * chip.RecvWQESize, vfio.DMARead},
 		{&qp.sqHeadMem, "sqhead", qpDBRecOff + chip.DBRecSize, vfio.DMARead | vfio.DMAWrite}} {
 		if *r.dst, err = newRingMem(fmt.Sprintf("qp%d%s", qp.idx, r.name), r.size); err != nil {
-			qp.release()
-			return nil, fmt.Errorf("gohfi: CREATE_QP: %w", errors.Join(err, unix.ENOMEM))
+			return nil, errors.Join(fmt.Errorf("gohfi: CREATE_QP: %w", errors.Join(err, unix.ENOMEM)), qp.release())
 		}
 		if err = d.dmaMap(*r.dst, r.flags); err != nil {
-			qp.release()
-			return nil, fmt.Errorf("gohfi: CREATE_QP: %w", err)
+			return nil, errors.Join(fmt.Errorf("gohfi: CREATE_QP: %w", err), qp.release())
 		}
 	}
 	for _, r := range []struct{ reg, val uint64 }{
@@ -159,27 +157,24 @@ func (pd *PD) CreateQP(a QPInitAttr) (*QP, error) {
 		{chip.QPSQHeadAddr, qp.sqHeadMem.iova},
 	} {
 		if err = d.writeCSR(chip.QPReg(qp.idx, r.reg), r.val); err != nil {
-			qp.release()
-			return nil, fmt.Errorf("gohfi: CREATE_QP: %w", err)
+			return nil, errors.Join(fmt.Errorf("gohfi: CREATE_QP: %w", err), qp.release())
 		}
 	}
 	if v.dbRec {
 		qp.dbRec = qp.sqHeadMem.mem[qpDBRecOff : qpDBRecOff+chip.DBRecSize]
 		qp.resetDBRec()
 		if err = d.writeCSR(chip.QPDBReg(qp.idx, chip.QPDBRecAddr), qp.sqHeadMem.iova+qpDBRecOff); err != nil {
-			qp.release()
-			return nil, fmt.Errorf("gohfi: CREATE_QP: %w", err)
+			return nil, errors.Join(fmt.Errorf("gohfi: CREATE_QP: %w", err), qp.release())
 		}
 	}
 	pd.mu.Lock()
 	if pd.closed != 0 || pd.cqs[a.SendCQ.handle] != a.SendCQ || pd.cqs[a.RecvCQ.handle] != a.RecvCQ {
 		why := pd.closed
 		pd.mu.Unlock()
-		qp.release()
 		if why == 0 {
 			why = unix.EINVAL
 		}
-		return nil, errnoErr("CREATE_QP: CQ destroyed or file closed", why)
+		return nil, errors.Join(errnoErr("CREATE_QP: CQ destroyed or file closed", why), qp.release())
 	}
 	qp.handle = v.newHandle()
 	pd.qps[qp.handle] = qp
@@ -576,8 +571,7 @@ func (pd *PD) ioctlCreateQP(arg UserPtr) error {
 	}
 	r.Handle, r.QPNum = qp.handle, qp.Num()
 	if err := writeArg(arg, &r, "CREATE_QP"); err != nil {
-		qp.Destroy()
-		return err
+		return errors.Join(err, qp.Destroy())
 	}
 	return nil
 }
@@ -624,7 +618,9 @@ func readSGL(addr uint64, n uint32, what string) ([]SGE, error) {
 	}
 	sgl := make([]SGE, n)
 	for i := range sgl {
-		sgl[i].UnmarshalBytes(b[i*uapi.SizeofGohfiSge:])
+		if err := sgl[i].UnmarshalBytes(b[i*uapi.SizeofGohfiSge:]); err != nil {
+			return nil, errnoErr(fmt.Sprintf("%s: gohfi_sge %d: %v", what, i, err), unix.EINVAL)
+		}
 	}
 	return sgl, nil
 }
@@ -663,7 +659,9 @@ func (pd *PD) ioctlPostSend(arg UserPtr) (ferr error) {
 			}
 		}
 		var u uapi.GohfiSendWR
-		u.UnmarshalBytes(buf[(i-first)*uapi.SizeofGohfiSendWR:])
+		if err := u.UnmarshalBytes(buf[(i-first)*uapi.SizeofGohfiSendWR:]); err != nil {
+			return nil, errnoErr(fmt.Sprintf("POST_SEND: WR %d: %v", i, err), unix.EINVAL)
+		}
 		switch {
 		case u.NumSge > uint32(qp.maxSendSge):
 			return nil, errnoErr(fmt.Sprintf("POST_SEND: WR %d has %d SGEs, QP has %d", i, u.NumSge, qp.maxSendSge), unix.EINVAL)
@@ -728,7 +726,9 @@ func (pd *PD) ioctlPostRecv(arg UserPtr) (ferr error) {
 			}
 		}
 		var u uapi.GohfiRecvWR
-		u.UnmarshalBytes(buf[(i-first)*uapi.SizeofGohfiRecvWR:])
+		if err := u.UnmarshalBytes(buf[(i-first)*uapi.SizeofGohfiRecvWR:]); err != nil {
+			return nil, errnoErr(fmt.Sprintf("POST_RECV: WR %d: %v", i, err), unix.EINVAL)
+		}
 		switch {
 		case u.Reserved != 0:
 			return nil, errnoErr(fmt.Sprintf("POST_RECV: WR %d: reserved field set", i), unix.EINVAL)

@@ -142,8 +142,7 @@ func (d *Device) probeVerbs() error {
 		}
 	}
 	if v.tlbSeq, err = d.readCSR(chip.RegTLBInvDone); err != nil {
-		unix.Munmap(v.bar4)
-		return err
+		return errors.Join(err, unix.Munmap(v.bar4))
 	}
 	v.mptUsed = make([]bool, v.attr.MPTEntries)
 	v.variant = make([]uint8, v.attr.MPTEntries)

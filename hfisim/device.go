@@ -376,9 +376,11 @@ func (d *Device) IRQInfo(index uint32) (vfio.IRQInfo, error) {
 
 // SetIRQs implements vfiouser.DeviceModel.
 func (d *Device) SetIRQs(index, start, count uint32, fds []*os.File) error {
+	// Eventfds: nothing buffered a close could lose, and a refused
+	// SET_IRQS reports its own error.
 	closeAll := func() {
 		for _, f := range fds {
-			f.Close()
+			_ = f.Close()
 		}
 	}
 	d.mu.Lock()
@@ -390,7 +392,7 @@ func (d *Device) SetIRQs(index, start, count uint32, fds []*os.File) error {
 			return fmt.Errorf("hfisim: INTx vectors %d+%d: %w", start, count, unix.EINVAL)
 		}
 		if d.intx != nil && (fds == nil || count == 1) {
-			d.intx.Close()
+			_ = d.intx.Close() // an eventfd the driver replaced or withdrew
 			d.intx = nil
 		}
 		if count == 1 && fds != nil {
@@ -409,7 +411,7 @@ func (d *Device) SetIRQs(index, start, count uint32, fds []*os.File) error {
 		if fds == nil && count == 0 {
 			for i, f := range d.msix {
 				if f != nil {
-					f.Close()
+					_ = f.Close() // withdrawn eventfds
 					d.msix[i] = nil
 				}
 			}
@@ -417,7 +419,7 @@ func (d *Device) SetIRQs(index, start, count uint32, fds []*os.File) error {
 		}
 		for i := uint32(0); i < count; i++ {
 			if old := d.msix[start+i]; old != nil {
-				old.Close()
+				_ = old.Close() // replaced eventfd
 			}
 			d.msix[start+i] = nil
 			if fds != nil {
@@ -430,14 +432,16 @@ func (d *Device) SetIRQs(index, start, count uint32, fds []*os.File) error {
 	return fmt.Errorf("hfisim: irq index %d has no vectors: %w", index, unix.EINVAL)
 }
 
+// closeIRQsLocked drops the interrupt eventfds (reset, close): closing an
+// eventfd cannot lose anything, so there is nothing to report.
 func (d *Device) closeIRQsLocked() {
 	if d.intx != nil {
-		d.intx.Close()
+		_ = d.intx.Close()
 		d.intx = nil
 	}
 	for i, f := range d.msix {
 		if f != nil {
-			f.Close()
+			_ = f.Close()
 			d.msix[i] = nil
 		}
 	}
@@ -498,7 +502,9 @@ func (d *Device) raiseLocked(src uint64) {
 
 var one = []byte{1, 0, 0, 0, 0, 0, 0, 0}
 
-func signal(f *os.File) { unix.Write(int(f.Fd()), one) }
+// signal raises an interrupt. A full counter (EAGAIN) means one is pending
+// already, which is all an interrupt says; the driver's fd is its to keep.
+func signal(f *os.File) { _, _ = unix.Write(int(f.Fd()), one) }
 
 // RcvArraySnapshot returns a copy of the RcvArray entries, for tests and
 // diagnostics (a logic analyser on the device's memory).
