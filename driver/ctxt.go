@@ -45,10 +45,13 @@ const pioBufferSize = 2 << 20
 
 func (d *Device) setupCtxt(n int) (c *ctxtData, err error) {
 	p := d.m.params
-	c = &ctxtData{d: d, ctxt: n}
+	// The undo holds its own reference: every failing return sets the
+	// result c to nil before it runs.
+	nc := &ctxtData{d: d, ctxt: n}
+	c = nc
 	defer func() {
 		if err != nil {
-			c.free(unix.EBADF)
+			err = joinUndo(err, fmt.Sprintf("freeing context %d", n), nc.free(unix.EBADF))
 		}
 	}()
 	allocs := []struct {

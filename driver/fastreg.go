@@ -154,8 +154,7 @@ func (pd *PD) AllocMR(maxNumSg int) (*FastRegMR, error) {
 		store64(v.mtt, p*chip.MTTEntrySize, 0)
 	}
 	if err := insert(pd, pd.frmrs, m, func(h uint32) { m.handle = h }); err != nil {
-		m.release()
-		return nil, errnoErr("ALLOC_MR: file closed", err.(unix.Errno))
+		return nil, joinUndo(errnoErr("ALLOC_MR: file closed", err.(unix.Errno)), "undo", m.release())
 	}
 	e := chip.MPTEntry{Key: m.key, PD: pd.num, MTTFirst: uint32(m.mttFirst),
 		Flags: chip.MPTStateFree | chip.MPTTypeFastReg | lg<<chip.MPTLogMTTShift}
@@ -216,8 +215,7 @@ func (m *FastRegMR) dereg() error {
 		}
 		if err := v.flushTLB(m.mttFirst, m.mttN); err != nil && !d.dead.Load() {
 			// The device may still translate the run: never hand it out again.
-			m.freeLists()
-			return fmt.Errorf("gohfi: DEREG_MR: %w", err)
+			return joinUndo(fmt.Errorf("gohfi: DEREG_MR: %w", err), "freeing page lists", m.freeLists())
 		}
 		store64(v.mpt, o, 0)
 		store64(v.mpt, o+16, 0)
@@ -815,8 +813,7 @@ func (pd *PD) ioctlAllocMR(arg UserPtr) error {
 	}
 	r.Handle, r.Lkey, r.Rkey = m.handle, m.key, m.key
 	if err := writeArg(arg, &r, "ALLOC_MR"); err != nil {
-		m.Dereg()
-		return err
+		return joinUndo(err, "undo", m.Dereg())
 	}
 	return nil
 }

@@ -66,6 +66,17 @@ func (d *Device) Open() (*File, error) {
 // errnoErr wraps an errno with the command's name.
 func errnoErr(what string, e unix.Errno) error { return fmt.Errorf("gohfi: %s: %w", what, e) }
 
+// joinUndo returns err, the failure an undo runs for, joined with the undo's
+// own failure as "what: undoErr" (first cause first): an undo that leaves
+// pins, mappings or device state behind is reported with the error that
+// made it run, not hidden by it. A nil undoErr leaves err as it is.
+func joinUndo(err error, what string, undoErr error) error {
+	if undoErr == nil {
+		return err
+	}
+	return errors.Join(err, fmt.Errorf("%s: %w", what, undoErr))
+}
+
 var errIO = unix.EIO
 
 // Ioctl executes cmd with the user-space argument arg, always a pointer to
@@ -222,7 +233,7 @@ func (f *File) assignCtxt(arg UserPtr) error {
 	if err == nil {
 		f.exp, err = newExpRcv(f, c)
 		if err != nil {
-			c.free(unix.EBADF)
+			err = joinUndo(err, fmt.Sprintf("freeing context %d", n), c.free(unix.EBADF))
 		}
 	}
 	d.mu.Lock()
@@ -366,7 +377,9 @@ func (f *File) Poll(ctx context.Context) (uint32, error) {
 	f.mu.Lock()
 	c, closed, why := f.uctxt, f.closed, f.closedErr
 	if c != nil && !closed && f.d.verbs != nil {
-		f.pdLocked("poll") // CQs created later are seen by the next Poll
+		// CQs created later are seen by the next Poll. It cannot fail:
+		// its two errors are no context and no verbs, both checked here.
+		_, _ = f.pdLocked("poll")
 	}
 	pd := f.pd
 	f.mu.Unlock()
@@ -518,9 +531,7 @@ func (f *File) release(why unix.Errno) error {
 	if f.exp != nil {
 		err = errors.Join(err, f.exp.close())
 	}
-	if ferr := c.free(why); err == nil {
-		err = ferr
-	}
+	err = errors.Join(err, c.free(why))
 	f.d.mu.Lock()
 	f.d.ctxts[c.ctxt] = nil
 	f.d.mu.Unlock()

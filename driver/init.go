@@ -147,7 +147,9 @@ func (d *Device) monitor(stop <-chan struct{}) {
 			d.markDead(fmt.Errorf("backend reports the device lost: %w", vfio.ErrDisconnected))
 			return
 		case <-t.C:
-			d.readCSR(chip.RegID) // all ones marks the device dead
+			// All ones or a disconnect marks the device dead in readCSR;
+			// any other failure is tried again at the next tick.
+			_, _ = d.readCSR(chip.RegID)
 		}
 	}
 }
@@ -162,7 +164,7 @@ func (d *Device) stopMonitorAndWait() {
 	d.stopMonitor = nil
 }
 
-func probe(ctx context.Context, m *Module, unit int, vdev vfio.Device, name string) (*Device, error) {
+func probe(ctx context.Context, m *Module, unit int, vdev vfio.Device, name string) (_ *Device, err error) {
 	d := &Device{m: m, vdev: vdev, files: map[*File]struct{}{}, deadCh: make(chan struct{})}
 	d.info.Unit, d.info.Name = unit, name
 	if vdev.Info().Flags&vfio.DeviceFlagsPCI == 0 {
@@ -205,28 +207,29 @@ func probe(ctx context.Context, m *Module, unit int, vdev vfio.Device, name stri
 	if err := d.mapRcvArray(); err != nil {
 		return nil, err
 	}
+	defer func() {
+		if err != nil {
+			// Our own mappings of BAR regions, unmapped once: Munmap
+			// fails only for an address we did not map (a bug).
+			_ = unix.Munmap(d.rcvArray)
+			_ = d.verbs.unmap() // the same for BAR4 (nil when probeVerbs failed)
+		}
+	}()
 	if err := d.probeVerbs(); err != nil {
-		unix.Munmap(d.rcvArray)
 		return nil, err
 	}
-	var err error
 	if d.iova, err = newIOVASpace(d.vdev.IOVARanges()); err != nil {
-		unix.Munmap(d.rcvArray)
-		d.verbs.unmap()
 		return nil, err
 	}
 	d.acct = dma.NewAccountant()
 	d.acct.HonorCapIPCLock = m.params.HonorCapIPCLock
 	if d.pinner, err = dma.NewPinner(d.acct, &dma.PinnerOptions{MaxPins: 16384}); err != nil {
-		unix.Munmap(d.rcvArray)
-		d.verbs.unmap()
 		return nil, err
 	}
 	d.ctxts = make([]*ctxtData, d.info.NumContexts)
 	if err := d.setupInterrupts(); err != nil {
-		unix.Munmap(d.rcvArray)
-		d.verbs.unmap()
-		return nil, err
+		// Nothing is pinned yet: the pinner's io_uring is all it holds.
+		return nil, joinUndo(err, "closing the pinner", d.pinner.Close())
 	}
 	d.startMonitor()
 	return d, nil
@@ -347,14 +350,16 @@ func (d *Device) remove() error {
 	}
 	d.mu.Unlock()
 	d.stopMonitorAndWait()
-	for _, f := range files {
-		f.release(unix.ENXIO)
-	}
 	var errs []error
-	if d.verbs != nil {
-		d.verbs.odp.shutdown()
+	for _, f := range files {
+		// What a file fails to release (pins, mappings) is the removal's
+		// failure too.
+		errs = append(errs, f.release(unix.ENXIO))
 	}
-	d.teardownInterrupts()
+	if d.verbs != nil {
+		errs = append(errs, d.verbs.odp.shutdown())
+	}
+	errs = append(errs, d.teardownInterrupts())
 	errs = append(errs, d.pinner.Close())
 	d.mmuNotifierMu.Lock()
 	if d.mmuNotifier != nil {

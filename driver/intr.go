@@ -98,7 +98,9 @@ func (d *Device) setupInterrupts() (err error) {
 	}
 	if err = d.writeCSR(chip.RegIntMask, mask); err != nil {
 		if !d.dead.Load() {
-			d.vdev.SetIRQs(s.index, 0, nil) // best effort
+			// Best effort after the failure returned: the caller closes
+			// the vfio device next, which disables them anyway.
+			_ = d.vdev.SetIRQs(s.index, 0, nil)
 		}
 		return err
 	}
@@ -108,32 +110,49 @@ func (d *Device) setupInterrupts() (err error) {
 	return nil
 }
 
+// closeFDs closes our own eventfds and epoll fd, at teardown: closing
+// them loses nothing (VFIO holds its own reference to an eventfd it
+// signals), so an error, which only a bad fd (a bug) could cause, is
+// dropped.
 func (s *irqState) closeFDs() {
 	for _, fd := range s.fds {
-		unix.Close(fd)
+		_ = unix.Close(fd) // see above
 	}
 	s.fds = nil
 	if s.stop >= 0 {
-		unix.Close(s.stop)
+		_ = unix.Close(s.stop) // see above
 	}
 	if s.epfd >= 0 {
-		unix.Close(s.epfd)
+		_ = unix.Close(s.epfd) // see above
 	}
 }
 
-func (d *Device) teardownInterrupts() {
+// teardownInterrupts stops the handler, disables the device's interrupts
+// (unless the device is gone) and closes the eventfds. A live device that
+// refuses to disable them is reported: it would go on signalling eventfds
+// nobody reads.
+func (d *Device) teardownInterrupts() error {
 	s := d.irq
 	if s == nil {
-		return
+		return nil
 	}
 	var one = [8]byte{1}
-	unix.Write(s.stop, one[:])
+	// A wake-up: an eventfd write fails only when the counter would
+	// overflow, and then the loop is woken already.
+	_, _ = unix.Write(s.stop, one[:])
 	s.wg.Wait()
+	var err error
 	if !d.dead.Load() {
-		d.vdev.SetIRQs(s.index, 0, nil) // best effort: the device may be gone
+		if serr := d.vdev.SetIRQs(s.index, 0, nil); serr != nil {
+			err = d.ioErr(fmt.Errorf("disable interrupts: %w", serr))
+			if d.dead.Load() {
+				err = nil // gone meanwhile: nothing left to disable
+			}
+		}
 	}
 	s.closeFDs()
 	d.irq = nil
+	return err
 }
 
 // irqLoop is the interrupt handler. With MSI-X the vector names the source;
@@ -155,7 +174,9 @@ func (d *Device) irqLoop(s *irqState) {
 				return
 			}
 			v := int(ev.Fd)
-			unix.Read(s.fds[v], buf[:]) // drained, so a dead device cannot make the loop spin
+			// Drained, so a dead device cannot make the loop spin; EAGAIN
+			// (a wake-up with nothing counted) leaves nothing to drain.
+			_, _ = unix.Read(s.fds[v], buf[:])
 			s.mu.Lock()
 			s.count++
 			s.mu.Unlock()
@@ -170,7 +191,10 @@ func (d *Device) irqLoop(s *irqState) {
 			if err != nil {
 				continue
 			}
-			d.writeCSR(chip.RegIntStatus, st)
+			// The acknowledgement: writeCSR marks a lost device dead
+			// (ioErr); one that does not land leaves the sources set, so
+			// the interrupt comes again. Handled either way.
+			_ = d.writeCSR(chip.RegIntStatus, st)
 			d.handleSources(st)
 		}
 	}

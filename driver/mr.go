@@ -105,13 +105,11 @@ func (pd *PD) RegMR(addr uintptr, length, iova uint64, access uint32) (*MR, erro
 	}
 	if mr.mttFirst, err = v.allocMTT(npages); err != nil {
 		mr.mttFirst = -1
-		mr.release(true)
-		return nil, fmt.Errorf("gohfi: REG_MR: %w", err)
+		return nil, joinUndo(fmt.Errorf("gohfi: REG_MR: %w", err), "undo", mr.release(true))
 	}
 	if access&uapi.IB_ACCESS_ON_DEMAND != 0 {
 		if err := pd.regODP(mr); err != nil {
-			mr.release(true)
-			return nil, err
+			return nil, joinUndo(err, "undo", mr.release(true))
 		}
 		return mr, mr.publish(e0(mr, pd, chip.MPTTypeODP))
 	}
@@ -123,23 +121,21 @@ func (pd *PD) RegMR(addr uintptr, length, iova uint64, access uint32) (*MR, erro
 	for off := uint64(0); off < uint64(npages)*pageSize; off += dma.MaxPinSize {
 		c := mrChunk{vaddr: start + uintptr(off), size: min(uint64(npages)*pageSize-off, dma.MaxPinSize)}
 		if c.pin, err = d.pinner.Pin(c.vaddr, int(c.size)); err != nil {
-			mr.release(true)
-			return nil, fmt.Errorf("gohfi: REG_MR: %w", err)
+			return nil, joinUndo(fmt.Errorf("gohfi: REG_MR: %w", err), "undo", mr.release(true))
 		}
 		d.stats.pagesPinned.Add(uint64(c.pin.Pages()))
 		mr.chunks = append(mr.chunks, c)
 		cp := &mr.chunks[len(mr.chunks)-1]
 		if cp.iova, err = d.iova.alloc(c.size); err != nil {
 			cp.iova = 0
-			mr.release(true)
-			return nil, fmt.Errorf("gohfi: REG_MR: %w", errors.Join(err, unix.ENOMEM))
+			return nil, joinUndo(fmt.Errorf("gohfi: REG_MR: %w", errors.Join(err, unix.ENOMEM)), "undo", mr.release(true))
 		}
 		m := vfio.DMAMapping{IOVA: cp.iova, Vaddr: c.vaddr, Size: c.size, Flags: flags, Access: c.pin}
 		if err = d.vdev.DMAMap(m); err != nil {
 			d.iova.release(cp.iova, c.size)
 			cp.iova = 0
-			mr.release(true)
-			return nil, fmt.Errorf("gohfi: REG_MR: %w", d.ioErr(fmt.Errorf("DMA map: %w", err)))
+			err = fmt.Errorf("gohfi: REG_MR: %w", d.ioErr(fmt.Errorf("DMA map: %w", err)))
+			return nil, joinUndo(err, "undo", mr.release(true))
 		}
 	}
 	// MTT entries first, then the MPT entry, its state word last.
@@ -175,12 +171,14 @@ func (mr *MR) publish(e chip.MPTEntry) error {
 	if err := insert(pd, pd.mrs, mr, func(h uint32) { mr.handle = h }); err != nil {
 		// The MPT entry never became valid, so no translation of these
 		// MTT entries can be cached: no flush needed.
+		closed := errnoErr("REG_MR: file closed", err.(unix.Errno))
+		var undo []error
 		if mr.odp != nil {
-			mr.odp.dereg()
+			undo = append(undo, mr.odp.dereg())
 		}
 		mr.zapMTT()
-		mr.release(true)
-		return errnoErr("REG_MR: file closed", err.(unix.Errno))
+		undo = append(undo, mr.release(true))
+		return joinUndo(closed, "undo", errors.Join(undo...))
 	}
 	o := int(mr.index) * chip.MPTEntrySize
 	store64(v.mpt, o, uint64(e.Key)|uint64(e.PD)<<32)
@@ -221,8 +219,7 @@ func (mr *MR) dereg() error {
 		if mr.odp != nil {
 			// Zaps, flushes and releases its chunks.
 			if err := mr.odp.dereg(); err != nil && !d.dead.Load() {
-				mr.release(false)
-				return fmt.Errorf("gohfi: DEREG_MR: %w", err)
+				return joinUndo(fmt.Errorf("gohfi: DEREG_MR: %w", err), "release", mr.release(false))
 			}
 		}
 		mr.zapMTT()
@@ -230,14 +227,17 @@ func (mr *MR) dereg() error {
 			// The device may still hold translations: unmap and unpin
 			// (it can no longer reach the pages), but never hand the
 			// IOVAs, MTT entries or MPT index out again.
-			mr.release(false)
-			return fmt.Errorf("gohfi: DEREG_MR: %w", err)
+			return joinUndo(fmt.Errorf("gohfi: DEREG_MR: %w", err), "release", mr.release(false))
 		}
 		store64(v.mpt, o, 0)
 		store64(v.mpt, o+16, 0)
 		store64(v.mpt, o+24, 0)
 	} else if mr.odp != nil {
-		mr.odp.dereg()
+		// Best effort on a dead device (BAR4 is unmapped only at
+		// removal): its failures are the wait for flushes that cannot
+		// happen (errGone) and unpins, which Pinner.Close at removal
+		// does for every pin left.
+		_ = mr.odp.dereg()
 	}
 	return mr.release(true)
 }
@@ -294,8 +294,7 @@ func (pd *PD) ioctlRegMR(arg UserPtr) error {
 	}
 	r.Handle, r.Lkey, r.Rkey = mr.handle, mr.Lkey(), mr.Rkey()
 	if err := writeArg(arg, &r, "REG_MR"); err != nil {
-		mr.Dereg()
-		return err
+		return joinUndo(err, "undo", mr.Dereg())
 	}
 	return nil
 }

@@ -110,6 +110,15 @@ type odpDev struct {
 	flushReq chan struct{}
 	doneQ    waitQueue
 
+	// releaseErr is the first chunk release of the flusher that failed
+	// (pages left pinned or mapped until removal, when Pinner.Close
+	// unpins and the vfio device's close unmaps what is left), with
+	// their count; shutdown reports it. The flusher has no caller to
+	// return it to.
+	releaseMu    sync.Mutex
+	releaseErr   error
+	releaseFails int
+
 	fenced atomic.Uint64 // notifier generation known fully invalidated
 	clock  atomic.Uint64 // fault stamps, for least-recently-faulted eviction
 	tlbQ   waitQueue     // woken by IntSrcTLB
@@ -192,9 +201,10 @@ func (o *odpDev) start() error {
 		}
 	}
 	if err != nil {
-		d.dmaUnmap(eq)
+		// An IOVA left mapped would keep the pages pinned: reported.
+		err = joinUndo(fmt.Errorf("event queue: %w", err), "undo", d.dmaUnmap(eq))
 		eq.free()
-		return fmt.Errorf("event queue: %w", err)
+		return err
 	}
 	o.eqMu.Lock()
 	o.eq, o.eqClosed, o.head, o.told, o.seq = eq, false, 0, 0, 0
@@ -211,15 +221,17 @@ func (o *odpDev) start() error {
 }
 
 // shutdown stops the goroutines (device removal; every file is released
-// already) and frees the event queue.
-func (o *odpDev) shutdown() {
+// already) and frees the event queue. Its error is a live device that
+// could not be told to stop using the queue, the queue left mapped, or
+// the flusher's failed chunk releases (releaseErr).
+func (o *odpDev) shutdown() error {
 	if o == nil {
-		return
+		return nil
 	}
 	o.startMu.Lock()
 	defer o.startMu.Unlock()
 	if !o.started {
-		return
+		return nil
 	}
 	close(o.stop)
 	o.wg.Wait()
@@ -227,12 +239,18 @@ func (o *odpDev) shutdown() {
 	o.eqClosed = true
 	o.eqMu.Unlock()
 	o.handlers.Wait()
+	errs := []error{o.releaseError()}
 	if !o.d.dead.Load() {
-		o.d.writeCSR(chip.RegEQEntries, 0)
-		o.d.dmaUnmap(o.eq)
+		if err := o.d.writeCSR(chip.RegEQEntries, 0); err != nil {
+			errs = append(errs, fmt.Errorf("disable event queue: %w", err))
+		}
+		if err := o.d.dmaUnmap(o.eq); err != nil {
+			errs = append(errs, fmt.Errorf("event queue: %w", err))
+		}
 	}
 	o.eq.free()
 	o.started = false
+	return errors.Join(errs...)
 }
 
 // interrupt is called by the interrupt handler for vector 0's sources. On
@@ -311,8 +329,12 @@ func (o *odpDev) drain(inline bool) {
 	// trip): at most chip.MaxQPs faults are outstanding, so the device
 	// never finds the queue full.
 	if n > 0 && (o.head-o.told+odpEQEntries)%odpEQEntries >= odpEQEntries/4 {
-		o.d.writeCSR(chip.RegEQHead, uint64(o.head))
-		o.told = o.head
+		// A write that fails is tried again at the next drain (writeCSR
+		// has marked a lost device dead): told stays where the device
+		// last heard it.
+		if err := o.d.writeCSR(chip.RegEQHead, uint64(o.head)); err == nil {
+			o.told = o.head
+		}
 	}
 }
 
@@ -520,11 +542,19 @@ func (m *odpMR) fault(uva uintptr, length uint64, mode faultMode, win pageSpan, 
 			dead := m.dead
 			m.mu.Unlock()
 			dropCover(cover)
+			// Never committed: no MTT entry names them, so nothing to
+			// flush; a release that fails leaves pages pinned or mapped,
+			// and ends the fault.
+			var rerrs []error
 			for _, c := range made {
-				c.release(true)
+				rerrs = append(rerrs, c.release(true))
 			}
+			rerr := errors.Join(rerrs...)
 			if dead {
-				return 0, 0, errnoErr("ODP fault: MR deregistered", unix.ENOENT)
+				return 0, 0, joinUndo(errnoErr("ODP fault: MR deregistered", unix.ENOENT), "releasing the fault's pages", rerr)
+			}
+			if rerr != nil {
+				return 0, 0, fmt.Errorf("ODP fault at %#x: releasing the pages of a fault that gave way: %w", uva, rerr)
 			}
 			continue
 		}
@@ -561,6 +591,8 @@ func (m *odpMR) rewatchRange(win pageSpan) *userfault.Subscription {
 	if win.empty() {
 		return nil
 	}
+	// Without this cover too, the window's new pages go unwatched for
+	// this fault only: the flag stays set and the next fault tries again.
 	s, _ := n.Subscribe(m.start+uintptr(win.first)*pageSize, uintptr(win.last-win.first)*pageSize, ops)
 	return s
 }
@@ -606,10 +638,11 @@ func (m *odpMR) conflictLocked(made []*odpChunk) bool {
 func (m *odpMR) mapRuns(runs []pageSpan, need, win pageSpan, mode faultMode, noWait bool) ([]*odpChunk, error) {
 	var made []*odpChunk
 	undo := func(err error) ([]*odpChunk, error) {
+		errs := []error{err}
 		for _, c := range made {
-			c.release(true)
+			errs = append(errs, c.release(true))
 		}
-		return nil, err
+		return nil, errors.Join(errs...)
 	}
 	if mode == faultNoFault {
 		runs = m.residentRuns(runs)
@@ -842,7 +875,7 @@ func (o *odpDev) flushQueued() {
 		reuse := err == nil || o.d.dead.Load()
 		for _, g := range gs {
 			for _, c := range g.chunks {
-				c.release(reuse)
+				o.recordRelease(c.release(reuse))
 				c.m.invalsHandled.Add(uint64(c.n))
 				o.d.stats.odpInvalsHandled.Add(uint64(c.n))
 			}
@@ -850,6 +883,29 @@ func (o *odpDev) flushQueued() {
 		o.doneGen.Store(gs[len(gs)-1].ticket)
 		o.doneQ.wakeAll()
 	}
+}
+
+// recordRelease keeps a failed chunk release of the flusher (releaseErr).
+func (o *odpDev) recordRelease(err error) {
+	if err == nil {
+		return
+	}
+	o.releaseMu.Lock()
+	defer o.releaseMu.Unlock()
+	if o.releaseFails == 0 {
+		o.releaseErr = err
+	}
+	o.releaseFails++
+}
+
+// releaseError reports the flusher's failed chunk releases, or nil.
+func (o *odpDev) releaseError() error {
+	o.releaseMu.Lock()
+	defer o.releaseMu.Unlock()
+	if o.releaseFails == 0 {
+		return nil
+	}
+	return fmt.Errorf("ODP flusher: %d chunk releases failed, the first: %w", o.releaseFails, o.releaseErr)
 }
 
 // waitDone returns once every invalidation up to ticket is flushed and
@@ -944,7 +1000,9 @@ func (o *odpDev) evict(pd *PD, need int, self *odpMR, keep pageSpan) int {
 		m.mu.Unlock()
 	}
 	if t := o.queueZap(zapped); t != 0 {
-		o.waitDone(t)
+		// Fails only when the device is gone (errGone); the caller's
+		// next map attempt fails with that.
+		_ = o.waitDone(t)
 	}
 	return freed
 }
@@ -1126,7 +1184,10 @@ func (pd *PD) AdviseMR(advice, flags, lkey uint32, addr, length uint64) error {
 		}
 		return nil
 	}
-	go run() // asynchronous, as the kernel's work queue: errors are dropped
+	// Asynchronous, as the kernel's work queue (mlx5's prefetch work):
+	// nobody is left to take its error, which only says that some pages
+	// were not prefetched; a later access faults them in.
+	go func() { _ = run() }()
 	return nil
 }
 

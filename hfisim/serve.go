@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"sync"
@@ -33,7 +34,9 @@ func StartEmbedded(cfg Config, opts ...vfiouser.Option) (*Embedded, error) {
 	}
 	srvConn, cliConn, err := socketpair()
 	if err != nil {
-		dev.Close()
+		if cerr := dev.Close(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("hfisim: close device: %w", cerr))
+		}
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -42,7 +45,9 @@ func StartEmbedded(cfg Config, opts ...vfiouser.Option) (*Embedded, error) {
 	e.wg.Add(1)
 	go func() {
 		defer e.wg.Done()
-		defer srvConn.Close()
+		// ServeConn closes the conn itself; this close is for a return
+		// before it got that far, and a second close's error says nothing.
+		defer func() { _ = srvConn.Close() }()
 		if err := srv.ServeConn(ctx, srvConn); err != nil && !errors.Is(err, context.Canceled) {
 			e.err = err
 		}
@@ -51,23 +56,39 @@ func StartEmbedded(cfg Config, opts ...vfiouser.Option) (*Embedded, error) {
 }
 
 // Stop ends the server (the client sees a disconnect), waits for it and
-// closes the device. It returns the server's error, if any.
+// closes the device. It returns the server's error, if any, and then the
+// device's.
 func (e *Embedded) Stop() error {
 	e.cancel()
 	e.wg.Wait()
-	e.Device.Close()
-	return e.err
+	err := e.err
+	if cerr := e.Device.Close(); cerr != nil {
+		err = errors.Join(err, fmt.Errorf("hfisim: close device: %w", cerr))
+	}
+	return err
 }
 
 // ListenAndServe serves a device on a unix socket at path until ctx ends,
 // one client at a time, like a vfio-user device process.
-func ListenAndServe(ctx context.Context, dev *Device, path string, opts ...vfiouser.Option) error {
-	os.Remove(path)
+func ListenAndServe(ctx context.Context, dev *Device, path string, opts ...vfiouser.Option) (err error) {
+	// A socket an earlier run left behind; if it cannot be removed,
+	// Listen says why.
+	_ = os.Remove(path)
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		return fmt.Errorf("hfisim: listen %s: %w", path, err)
 	}
-	defer os.Remove(path)
+	defer func() {
+		// Serve closes ln when ctx ends, not when Accept fails.
+		if cerr := ln.Close(); cerr != nil && !errors.Is(cerr, net.ErrClosed) {
+			err = errors.Join(err, fmt.Errorf("hfisim: close %s: %w", path, cerr))
+		}
+		// The listener's close unlinks path already: only a socket
+		// still there is worth reporting.
+		if rerr := os.Remove(path); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) {
+			err = errors.Join(err, fmt.Errorf("hfisim: remove %s: %w", path, rerr))
+		}
+	}()
 	return vfiouser.NewServer(dev, opts...).Serve(ctx, ln)
 }
 
@@ -80,12 +101,14 @@ func socketpair() (*net.UnixConn, *net.UnixConn, error) {
 	for i, fd := range fds {
 		f := os.NewFile(uintptr(fd), "hfisim-vfio-user")
 		c, err := net.FileConn(f)
-		f.Close()
+		_ = f.Close() // FileConn holds a dup of the fd: this close loses nothing
 		if err != nil {
+			// Best effort after the failure returned: sockets nothing
+			// was sent on.
 			if i == 1 {
-				conns[0].Close()
+				_ = conns[0].Close()
 			} else {
-				unix.Close(fds[1])
+				_ = unix.Close(fds[1])
 			}
 			return nil, nil, fmt.Errorf("hfisim: socketpair: %w", err)
 		}
