@@ -201,8 +201,10 @@ func (o *odpDev) start() error {
 		}
 	}
 	if err != nil {
-		// An IOVA left mapped would keep the pages pinned: reported.
-		err = joinUndo(fmt.Errorf("event queue: %w", err), "undo", d.dmaUnmap(eq))
+		// Off first, so the device no longer writes to the queue (some of
+		// the writes above may have reached it), then unmapped: an IOVA
+		// left mapped would keep the pages pinned. Both reported.
+		err = joinUndo(fmt.Errorf("event queue: %w", err), "undo", errors.Join(d.writeCSR(chip.RegEQEntries, 0), d.dmaUnmap(eq)))
 		eq.free()
 		return err
 	}
