@@ -66,16 +66,7 @@ func (pd *PD) CreateCQ(cqe int, userHandle uint64) (*CQ, error) {
 		n *= 2
 	}
 	cq := &CQ{pd: pd, n: n, userHandle: userHandle, expect: 1, idx: -1}
-	v.mu.Lock()
-	for i, c := range v.cqs {
-		if c == nil {
-			cq.idx = i
-			v.cqs[i] = cq
-			break
-		}
-	}
-	v.mu.Unlock()
-	if cq.idx < 0 {
+	if cq.idx = takeSlot(&v.mu, v.cqs, cq); cq.idx < 0 {
 		return nil, errnoErr(fmt.Sprintf("CREATE_CQ: all %d CQs in use", len(v.cqs)), unix.ENOSPC)
 	}
 	var err error

@@ -116,16 +116,7 @@ func (pd *PD) CreateQP(a QPInitAttr) (*QP, error) {
 	qp := &QP{pd: pd, idx: -1, sendCQ: a.SendCQ, recvCQ: a.RecvCQ, sigAll: a.SqSigAll,
 		maxSendSge: a.MaxSendSge, maxRecvSge: a.MaxRecvSge,
 		sqN: nextPow2(a.MaxSendWR + 1), rqN: nextPow2(a.MaxRecvWR + 1)}
-	v.mu.Lock()
-	for i, q := range v.qps {
-		if q == nil {
-			qp.idx = i
-			v.qps[i] = qp
-			break
-		}
-	}
-	v.mu.Unlock()
-	if qp.idx < 0 {
+	if qp.idx = takeSlot(&v.mu, v.qps, qp); qp.idx < 0 {
 		return nil, errnoErr(fmt.Sprintf("CREATE_QP: all %d QPs in use", len(v.qps)), unix.ENOSPC)
 	}
 	var err error

@@ -466,3 +466,17 @@ func writeArg(arg UserPtr, m uapi.Marshallable, what string) error {
 	m.MarshalBytes(b)
 	return wrapFault(what, copyToUser(arg, b))
 }
+
+// takeSlot puts x in the first free slot of a device table (QPs, CQs) and
+// returns its index, or -1 when every slot is taken.
+func takeSlot[T any](mu *sync.Mutex, table []*T, x *T) int {
+	mu.Lock()
+	defer mu.Unlock()
+	for i, y := range table {
+		if y == nil {
+			table[i] = x
+			return i
+		}
+	}
+	return -1
+}

@@ -284,16 +284,28 @@ func (d *Device) sendPacket(r *requester, buf []byte) result {
 	return res
 }
 
+// localSpans translates the part of the requester's SGEs packet pk
+// covers (write: the device writes there, LOCAL_WRITE needed): a page
+// fault suspends the WQE, any other refusal is LOC_PROT_ERR.
+func (d *Device) localSpans(r *requester, pd uint32, pk *packet, write bool) ([]span, result) {
+	sges := r.p.wqe.SGE[:r.p.wqe.NumSGE]
+	d.mu.Lock()
+	spans, verr := d.resolveSGEsLocked(sges, pd, pk.off, pk.n, write, nil)
+	d.mu.Unlock()
+	switch verr {
+	case chip.VendorErrNone:
+		return spans, result{}
+	case chip.VendorErrPageFault:
+		return nil, d.pageFault(r.dma, r.gen, pk, nil, sges)
+	}
+	return nil, fail(uapi.GOHFI_WC_LOC_PROT_ERR, verr)
+}
+
 // gatherLocal reads the packet's payload from the requester's SGEs.
 func (d *Device) gatherLocal(r *requester, pd uint32, pk *packet) result {
-	d.mu.Lock()
-	spans, verr := d.resolveSGEsLocked(r.p.wqe.SGE[:r.p.wqe.NumSGE], pd, pk.off, pk.n, false, nil)
-	d.mu.Unlock()
-	if verr == chip.VendorErrPageFault {
-		return d.pageFault(r.dma, r.gen, pk, nil, r.p.wqe.SGE[:r.p.wqe.NumSGE])
-	}
-	if verr != chip.VendorErrNone {
-		return fail(uapi.GOHFI_WC_LOC_PROT_ERR, verr)
+	spans, res := d.localSpans(r, pd, pk, false)
+	if !res.ok() {
+		return res
 	}
 	if err := dmaSpans(r.dma, spans, pk.data, false); err != nil {
 		d.countDMAErr(err)
@@ -306,16 +318,11 @@ func (d *Device) gatherLocal(r *requester, pd uint32, pk *packet) result {
 // (LOCAL_WRITE) are checked first, then the responder answers, then the
 // answer is written locally.
 func (d *Device) fetchPacket(r *requester, pd uint32, pk *packet) result {
-	d.mu.Lock()
-	spans, verr := d.resolveSGEsLocked(r.p.wqe.SGE[:r.p.wqe.NumSGE], pd, pk.off, pk.n, true, nil)
-	d.mu.Unlock()
-	if verr == chip.VendorErrPageFault {
-		return d.pageFault(r.dma, r.gen, pk, nil, r.p.wqe.SGE[:r.p.wqe.NumSGE])
+	spans, res := d.localSpans(r, pd, pk, true)
+	if !res.ok() {
+		return res
 	}
-	if verr != chip.VendorErrNone {
-		return fail(uapi.GOHFI_WC_LOC_PROT_ERR, verr)
-	}
-	res := d.respond(r.dma, r.gen, pk)
+	res = d.respond(r.dma, r.gen, pk)
 	if !res.ok() {
 		return res
 	}

@@ -86,9 +86,7 @@ func (r *receiver) wait(ctx context.Context) (uapi.GohfiRHQEntry, error) {
 
 func run(spec string, iters, size, nbufs int) (err error) {
 	ctx := context.Background()
-	o := attach.DefaultOptions()
-	o.Sim.NumContexts = 2
-	a, err := attach.Open(ctx, spec, o)
+	a, err := openDevice(spec)
 	if err != nil {
 		return err
 	}
@@ -256,3 +254,11 @@ func run(spec string, iters, size, nbufs int) (err error) {
 }
 
 func us(d time.Duration, n int) float64 { return float64(d.Microseconds()) / float64(n) }
+
+// openDevice opens the device of spec with the two contexts every part of
+// the demo uses.
+func openDevice(spec string) (*attach.Attached, error) {
+	o := attach.DefaultOptions()
+	o.Sim.NumContexts = 2
+	return attach.Open(context.Background(), spec, o)
+}

@@ -102,9 +102,7 @@ func (s *odpSide) write(ctx context.Context, sge uapi.GohfiSge, raddr uint64, rk
 // prints to w.
 func runODP(w io.Writer, spec string, cfg odpConfig) (err error) {
 	ctx := context.Background()
-	o := attach.DefaultOptions()
-	o.Sim.NumContexts = 2
-	a, err := attach.Open(ctx, spec, o)
+	a, err := openDevice(spec)
 	if err != nil {
 		return err
 	}
