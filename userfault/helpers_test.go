@@ -6,6 +6,7 @@ import (
 	"github.com/gohfi/gohfi/internal/testenv"
 	"os"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -74,16 +75,23 @@ func madvise(t testing.TB, addr uintptr, pages int, advice int) {
 type recorder struct {
 	mu     sync.Mutex
 	events []Event
-	ret    bool
+	// ret is what Invalidate answers. Atomic: the test sets it before an
+	// munmap that the dispatcher delivers, and the kernel's ordering of
+	// the two is no happens-before edge the race detector can see.
+	ret atomic.Bool
 }
 
-func newRecorder() *recorder { return &recorder{ret: true} }
+func newRecorder() *recorder {
+	r := &recorder{}
+	r.ret.Store(true)
+	return r
+}
 
 func (r *recorder) Invalidate(_ *Subscription, ev Event) bool {
 	r.mu.Lock()
 	r.events = append(r.events, ev)
 	r.mu.Unlock()
-	return r.ret
+	return r.ret.Load()
 }
 
 func (r *recorder) take() []Event {

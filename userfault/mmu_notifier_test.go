@@ -118,7 +118,7 @@ func TestSeqIgnoredEvent(t *testing.T) {
 	addr := mmapAnon(t, 4)
 	defer munmap(t, addr, 4)
 	rec := newRecorder()
-	rec.ret = false // not concerned: the sequence must not move
+	rec.ret.Store(false) // not concerned: the sequence must not move
 	s := subscribe(t, n, addr, 4*pageSize, rec)
 	seq := s.ReadBegin()
 	madvise(t, addr, 1, unix.MADV_DONTNEED)
@@ -129,7 +129,7 @@ func TestSeqIgnoredEvent(t *testing.T) {
 	if s.ReadRetry(seq) || s.ReadBegin() != seq {
 		t.Fatalf("sequence moved for an ignored event: %d -> %d", seq, s.Seq())
 	}
-	rec.ret = true
+	rec.ret.Store(true)
 	madvise(t, addr, 1, unix.MADV_DONTNEED)
 	syncNotifier(t, n)
 	if !s.ReadRetry(seq) || s.ReadBegin() == seq || s.ReadBegin()&1 != 0 {
