@@ -209,6 +209,11 @@ func TestCoverageMatrix(t *testing.T) {
 				switch {
 				case want && len(seen) == 0:
 					t.Errorf("%s: saw nothing, want %s", s, kind)
+				case !want && len(seen) > 0 && (s == SourceKVM || s == SourceFentry):
+					// The kernel-side sources see the mm's own notifier, which
+					// also fires for what no syscall here did (THP work,
+					// compaction, migration): an extra event is allowed there.
+					t.Logf("%s: saw %v beside the operation (kernel-side)", s, seen)
 				case !want && len(seen) > 0:
 					t.Errorf("%s: saw %v, want nothing", s, seen)
 				case want && !hasKind(seen, kind):
