@@ -211,8 +211,8 @@ func TestODPDontneedRaceWindow(t *testing.T) {
 	const (
 		big    = 512 << 20
 		n      = 64 << 10
-		want   = 3 // trials in the window
-		trials = 12
+		want   = 3  // trials in the window
+		trials = 30 // at most: a loaded machine lands fewer trials in the window
 	)
 	src, buf := allocBuf(t, n, false), allocBuf(t, big, false)
 	if err := madvise(buf.Addr(), big, unix.MADV_NOHUGEPAGE); err != nil {
