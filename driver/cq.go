@@ -265,15 +265,7 @@ func (pd *PD) ioctlCreateCQ(arg UserPtr) error {
 }
 
 func (pd *PD) ioctlDestroyCQ(arg UserPtr) error {
-	h, err := pd.readHandle(arg, "DESTROY_CQ")
-	if err != nil {
-		return err
-	}
-	cq, err := lookup(pd, pd.cqs, h, "DESTROY_CQ")
-	if err != nil {
-		return err
-	}
-	return cq.Destroy()
+	return destroyByHandle(pd, arg, pd.cqs, "DESTROY_CQ")
 }
 
 func (pd *PD) ioctlPollCQ(arg UserPtr) error {

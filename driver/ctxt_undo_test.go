@@ -1,7 +1,6 @@
 package driver_test
 
 import (
-	"context"
 	"errors"
 	"sync"
 	"sync/atomic"
@@ -10,10 +9,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/gohfi/gohfi/attach"
-	"github.com/gohfi/gohfi/hfisim"
 	"github.com/gohfi/gohfi/uapi"
 	"github.com/gohfi/gohfi/vfio"
-	"github.com/gohfi/gohfi/vfio/vfiouser"
 )
 
 // failingMaps is a device whose IOMMU refuses, with EINVAL, a mapping of
@@ -57,26 +54,13 @@ func (d *failingMaps) held() int {
 // it, their memfds, the context slot): a second ASSIGN_CTXT then succeeds.
 func TestAssignCtxtUndoesFailedSetup(t *testing.T) {
 	fd := &failingMaps{mapped: map[uint64]uint64{}}
-	o := attach.DefaultOptions()
-	o.Openers = map[string]attach.Opener{"failmap": func(ctx context.Context, _ string) (vfio.Device, error) {
-		cfg := hfisim.DefaultConfig()
-		cfg.NumContexts = 1
-		cfg.RcvArrayPerCtxt = 256
-		sim, err := hfisim.StartEmbedded(cfg)
-		if err != nil {
-			return nil, err
-		}
-		t.Cleanup(func() { sim.Stop() })
-		if fd.Device, err = vfiouser.NewClient(sim.Conn); err != nil {
-			return nil, err
-		}
-		return fd, nil
-	}}
-	a, err := attach.Open(context.Background(), "failmap:", o)
+	a, err := openBehind(t, attach.DefaultOptions(), smallSim(1), func(d vfio.Device) vfio.Device {
+		fd.Device = d
+		return fd
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { a.Close() })
 	f := openFile(t, a)
 	before, fds := fd.held(), countFDs(t)
 	fd.failSize.Store(2 << 20) // the PIO buffer, mapped after four other rings

@@ -397,26 +397,13 @@ func (r *removableDevice) WriteRegionPosted(index uint32, off uint64, p []byte) 
 // and SEND with ENXIO.
 func TestSurpriseRemovalAllOnes(t *testing.T) {
 	rd := &removableDevice{rhqTailReads: make(chan int, 16)}
-	o := attach.DefaultOptions()
-	o.Openers = map[string]attach.Opener{"removable": func(ctx context.Context, _ string) (vfio.Device, error) {
-		cfg := hfisim.DefaultConfig()
-		cfg.NumContexts = 2
-		cfg.RcvArrayPerCtxt = 256
-		sim, err := hfisim.StartEmbedded(cfg)
-		if err != nil {
-			return nil, err
-		}
-		t.Cleanup(func() { sim.Stop() })
-		if rd.Device, err = vfiouser.NewClient(sim.Conn); err != nil {
-			return nil, err
-		}
-		return rd, nil
-	}}
-	a, err := attach.Open(context.Background(), "removable:", o)
+	a, err := openBehind(t, attach.DefaultOptions(), smallSim(2), func(d vfio.Device) vfio.Device {
+		rd.Device = d
+		return rd
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { a.Close() })
 	files := []*driver.File{openFile(t, a), openFile(t, a)}
 	for _, f := range files {
 		assign(t, f)

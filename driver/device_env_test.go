@@ -9,7 +9,9 @@ import (
 
 	"github.com/gohfi/gohfi/attach"
 	"github.com/gohfi/gohfi/driver"
+	"github.com/gohfi/gohfi/hfisim"
 	"github.com/gohfi/gohfi/vfio"
+	"github.com/gohfi/gohfi/vfio/vfiouser"
 )
 
 // The driver tests normally run against an embedded hfisim. With
@@ -129,4 +131,39 @@ func reserveSurplus(t testing.TB, a *attach.Attached, n int) {
 		}
 	}
 	t.Logf("%s: %d of %d contexts held back", envTestDevice, total-n, total)
+}
+
+// openBehind probes an embedded hfisim of configuration cfg through the
+// vfio.Device that wrap makes of its vfio-user client: for tests that put a
+// fault or a fake between the driver and the device. The device and the
+// module are closed when t ends.
+func openBehind(t testing.TB, o attach.Options, cfg hfisim.Config, wrap func(vfio.Device) vfio.Device) (*attach.Attached, error) {
+	t.Helper()
+	o.Openers = map[string]attach.Opener{"behind": func(context.Context, string) (vfio.Device, error) {
+		sim, err := hfisim.StartEmbedded(cfg)
+		if err != nil {
+			return nil, err
+		}
+		t.Cleanup(func() { _ = sim.Stop() })
+		c, err := vfiouser.NewClient(sim.Conn)
+		if err != nil {
+			return nil, err
+		}
+		return wrap(c), nil
+	}}
+	a, err := attach.Open(context.Background(), "behind:", o)
+	if err != nil {
+		return nil, err
+	}
+	t.Cleanup(func() { _ = a.Close() })
+	return a, nil
+}
+
+// smallSim is the device of the tests behind a wrapper: n contexts of 256
+// RcvArray entries.
+func smallSim(n int) hfisim.Config {
+	cfg := hfisim.DefaultConfig()
+	cfg.NumContexts = n
+	cfg.RcvArrayPerCtxt = 256
+	return cfg
 }

@@ -1,7 +1,6 @@
 package driver_test
 
 import (
-	"context"
 	"errors"
 	"os"
 	"sync"
@@ -10,9 +9,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/gohfi/gohfi/attach"
-	"github.com/gohfi/gohfi/hfisim"
 	"github.com/gohfi/gohfi/vfio"
-	"github.com/gohfi/gohfi/vfio/vfiouser"
 )
 
 // narrowIOVA is a device whose IOMMU accepts only the given IOVA ranges: it
@@ -53,26 +50,11 @@ func openNarrow(t *testing.T, ranges []vfio.IOVARange) (*narrowIOVA, *attach.Att
 	nd := &narrowIOVA{ranges: ranges}
 	o := attach.DefaultOptions()
 	o.Params.HonorCapIPCLock = true
-	o.Openers = map[string]attach.Opener{"narrow": func(ctx context.Context, _ string) (vfio.Device, error) {
-		cfg := hfisim.DefaultConfig()
-		cfg.NumContexts = 2
-		cfg.RcvArrayPerCtxt = 256
-		sim, err := hfisim.StartEmbedded(cfg)
-		if err != nil {
-			return nil, err
-		}
-		t.Cleanup(func() { sim.Stop() })
-		if nd.Device, err = vfiouser.NewClient(sim.Conn); err != nil {
-			return nil, err
-		}
-		return nd, nil
-	}}
-	a, err := attach.Open(context.Background(), "narrow:", o)
-	if err != nil {
-		return nd, nil, err
-	}
-	t.Cleanup(func() { a.Close() })
-	return nd, a, nil
+	a, err := openBehind(t, o, smallSim(2), func(d vfio.Device) vfio.Device {
+		nd.Device = d
+		return nd
+	})
+	return nd, a, err
 }
 
 // TestIOVAsInsideDeviceRanges: the driver hands the device only IOVAs

@@ -584,15 +584,7 @@ func (pd *PD) ioctlModifyQP(arg UserPtr) error {
 }
 
 func (pd *PD) ioctlDestroyQP(arg UserPtr) error {
-	h, err := pd.readHandle(arg, "DESTROY_QP")
-	if err != nil {
-		return err
-	}
-	qp, err := lookup(pd, pd.qps, h, "DESTROY_QP")
-	if err != nil {
-		return err
-	}
-	return qp.Destroy()
+	return destroyByHandle(pd, arg, pd.qps, "DESTROY_QP")
 }
 
 // wrBatch is how many work requests a POST ioctl copies in at once.

@@ -369,6 +369,20 @@ func insert[T any](pd *PD, m map[uint32]T, obj T, setHandle func(uint32)) error 
 
 // lookup finds handle h in a table of the PD: EINVAL for a handle this
 // file does not hold (never created, destroyed, or another file's).
+// destroyByHandle is DESTROY_CQ and DESTROY_QP: the gohfi_handle argument
+// names an object of this file's table, which is destroyed.
+func destroyByHandle[T interface{ Destroy() error }](pd *PD, arg UserPtr, m map[uint32]T, what string) error {
+	h, err := pd.readHandle(arg, what)
+	if err != nil {
+		return err
+	}
+	obj, err := lookup(pd, m, h, what)
+	if err != nil {
+		return err
+	}
+	return obj.Destroy()
+}
+
 func lookup[T any](pd *PD, m map[uint32]T, h uint32, what string) (T, error) {
 	pd.mu.RLock()
 	defer pd.mu.RUnlock()
