@@ -136,6 +136,7 @@ type odpMR struct {
 	start uintptr // page-aligned user range [start, end)
 	end   uintptr
 	sub   *userfault.Subscription
+	win   *odpWindow // nil: each chunk is DMA-mapped by itself
 	// rewatch: an UNMAP or REMAP went through the range; a new mapping at
 	// the same address is not registered with userfaultfd yet, so the next
 	// fault subscribes it before pinning (see rewatchLocked).
@@ -158,6 +159,7 @@ type odpChunk struct {
 	pin   *dma.Pin
 	iova  uint64
 	stamp uint64
+	slot  *winSlot // in m.win, from commit to release
 }
 
 func newODPDev(d *Device, v *verbsDev) *odpDev {
@@ -540,7 +542,8 @@ func (m *odpMR) fault(uva uintptr, length uint64, mode faultMode, win pageSpan, 
 			(*h)()
 		}
 		m.mu.Lock()
-		if m.dead || m.sub.ReadRetry(seq) || m.conflictLocked(made) {
+		busy := m.busyLocked(made)
+		if m.dead || m.sub.ReadRetry(seq) || m.conflictLocked(made) || busy {
 			dead := m.dead
 			m.mu.Unlock()
 			dropCover(cover)
@@ -557,6 +560,16 @@ func (m *odpMR) fault(uva uintptr, length uint64, mode faultMode, win pageSpan, 
 			}
 			if rerr != nil {
 				return 0, 0, fmt.Errorf("ODP fault at %#x: releasing the pages of a fault that gave way: %w", uva, rerr)
+			}
+			if busy {
+				// The window's slots still hold zapped chunks: their
+				// flush and release come first.
+				if noWait {
+					return 0, 0, errWouldWait
+				}
+				if err := o.waitDone(o.zapGen.Load()); err != nil {
+					return 0, 0, err
+				}
 			}
 			continue
 		}
@@ -617,6 +630,20 @@ func (m *odpMR) absentLocked(win pageSpan) []pageSpan {
 		p = q
 	}
 	return runs
+}
+
+// busyLocked reports whether a window slot of made's pages still holds a
+// zapped chunk.
+func (m *odpMR) busyLocked(made []*odpChunk) bool {
+	if m.win == nil {
+		return false
+	}
+	for _, c := range made {
+		if m.win.busy(c) {
+			return true
+		}
+	}
+	return false
 }
 
 // conflictLocked reports whether a page of made was mapped meanwhile (two
@@ -699,6 +726,9 @@ func (m *odpMR) mapRun(r pageSpan) (*odpChunk, error) {
 		return nil, fmt.Errorf("ODP: pin %#x+%#x: %w", vaddr, size, err)
 	}
 	d.stats.pagesPinned.Add(uint64(c.n))
+	if m.win != nil {
+		return c, nil // its IOVAs are the window's (commitLocked)
+	}
 	if c.iova, err = d.iova.alloc(size); err != nil {
 		c.iova = 0
 		return nil, errors.Join(fmt.Errorf("ODP: %w", errors.Join(err, unix.ENOMEM)), c.release(true))
@@ -722,6 +752,9 @@ func (c *odpChunk) release(reuse bool) error {
 	d := c.m.o.d
 	var errs []error
 	size := uint64(c.n) * pageSize
+	if w := c.m.win; w != nil {
+		w.empty(c)
+	}
 	if c.iova != 0 {
 		if !d.dead.Load() {
 			if err := d.vdev.DMAUnmap(c.iova, size); err != nil {
@@ -753,8 +786,13 @@ func (m *odpMR) mttFlags() uint64 {
 // commitLocked writes a chunk's MTT entries and makes it the MR's.
 func (m *odpMR) commitLocked(c *odpChunk) {
 	mtt, flags := m.o.v.mtt, m.mttFlags()
+	iova := c.iova
+	if m.win != nil {
+		m.win.fill(c)
+		iova = m.win.iova + uint64(c.first)*pageSize
+	}
 	for i := 0; i < c.n; i++ {
-		store64(mtt, (m.mr.mttFirst+c.first+i)*chip.MTTEntrySize, (c.iova+uint64(i)*pageSize)&chip.MTTAddrMask|flags)
+		store64(mtt, (m.mr.mttFirst+c.first+i)*chip.MTTEntrySize, (iova+uint64(i)*pageSize)&chip.MTTAddrMask|flags)
 		m.pages[c.first+i] = c
 	}
 	c.stamp = m.o.clock.Add(1)
@@ -1053,7 +1091,13 @@ func (pd *PD) regODP(mr *MR) error {
 	start := mr.addr &^ (pageSize - 1)
 	m := &odpMR{o: o, mr: mr, start: start, end: start + uintptr(mr.npages)*pageSize,
 		pages: make([]*odpChunk, mr.npages), chunks: map[*odpChunk]struct{}{}}
+	if m.win, err = newODPWindow(d, m); err != nil {
+		return fmt.Errorf("gohfi: REG_MR: %w", err)
+	}
 	if m.sub, err = not.Subscribe(m.start, m.end-m.start, m); err != nil {
+		if m.win != nil {
+			err = joinUndo(err, "unmapping the ODP window", m.win.close(d, true))
+		}
 		if errors.Is(err, userfault.ErrGoHeap) || errors.Is(err, unix.ENOMEM) || errors.Is(err, unix.EFAULT) {
 			return errnoErr(fmt.Sprintf("REG_MR: watch %#x+%d: %v", mr.addr, mr.length, err), unix.EFAULT)
 		}
@@ -1089,14 +1133,19 @@ func (m *odpMR) dereg() error {
 	}
 	m.mu.Unlock()
 	var errs []error
+	var ferr error
 	if !o.d.dead.Load() {
-		errs = append(errs, o.v.flushTLB(m.mr.mttFirst, m.mr.npages))
+		ferr = o.v.flushTLB(m.mr.mttFirst, m.mr.npages)
+		errs = append(errs, ferr)
 	}
 	for _, c := range zapped {
 		errs = append(errs, c.release(true))
 	}
 	if o.started {
 		errs = append(errs, o.waitDone(o.zapGen.Load()))
+	}
+	if m.win != nil {
+		errs = append(errs, m.win.close(o.d, ferr == nil))
 	}
 	return errors.Join(errs...)
 }

@@ -204,6 +204,15 @@ type Device interface {
 	Close() error
 }
 
+// AccessServer is implemented by backends that carry out every device access
+// to a mapping without a File through its Access (vfio-user). Such a mapping
+// may be made before anything is pinned behind it: the accessor decides per
+// access, and an access it refuses fails at the device as one to an unmapped
+// IOVA does. Kernel VFIO pins at DMAMap and does not implement it.
+type AccessServer interface {
+	ServesDMAThroughAccess() bool
+}
+
 // Errors common to the backends. Backend errors wrap a syscall.Errno where the
 // failure has errno meaning, so errors.Is(err, unix.EINVAL) works.
 var (

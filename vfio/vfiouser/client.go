@@ -764,6 +764,11 @@ func (c *Client) DMAUnmap(iova, size uint64) error {
 	return nil
 }
 
+// ServesDMAThroughAccess implements vfio.AccessServer: the server reaches a
+// mapping that came without a file only through DMA_READ/DMA_WRITE messages,
+// which this client serves through the mapping's Access.
+func (c *Client) ServesDMAThroughAccess() bool { return true }
+
 // IOVARanges implements vfio.Device. vfio-user carries no IOVA ranges
 // (VERSION's capabilities say how many mappings and which page sizes, not
 // where), and the server has no IOMMU windows of its own: the limit is the
