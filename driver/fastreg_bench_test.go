@@ -105,3 +105,15 @@ func BenchmarkRegDeregCycle(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkPollCQEmpty is the fixed cost of an ioctl that copies its
+// argument in and out: POLL_CQ of an empty CQ (no device access).
+func BenchmarkPollCQEmpty(b *testing.B) {
+	q, _ := benchLoopQP(b)
+	wc := make([]uapi.GohfiWC, 16)
+	for range b.N {
+		if n, err := hfiuser.PollCQ(q.f, q.cq, wc); err != nil || n != 0 {
+			b.Fatalf("POLL_CQ: %d, %v", n, err)
+		}
+	}
+}

@@ -85,9 +85,6 @@ var errIO = unix.EIO
 // RCVHDR_HEAD a __u64 through it). Errors wrap a unix.Errno with the meaning
 // the kernel gives it.
 func (f *File) Ioctl(cmd uint32, arg UserPtr) (int, error) {
-	var pin runtime.Pinner
-	arg.pin(&pin)
-	defer pin.Unpin()
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.closed {

@@ -2,8 +2,8 @@ package driver
 
 import (
 	"fmt"
-	"os"
 	"runtime"
+	"runtime/debug"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -12,18 +12,17 @@ import (
 // UserPtr is an ioctl argument's address in the caller's memory, the
 // driver's `void __user *`. A Go caller's pointer is kept as an
 // unsafe.Pointer (as cilium/ebpf keeps kernel pointers until the syscall),
-// so the object it points to is alive and, because File.Ioctl pins it, on
-// the heap: a goroutine stack that grows during the call cannot move it.
-// An address that is only a number (a field of an argument struct, an
-// mmap'd region, a deliberately bad pointer) is kept as one.
+// never turned into a number: the object it points to stays alive, and if
+// it is on a goroutine stack that grows during the call, the runtime
+// adjusts the pointer with the stack. An address that is only a number (a
+// field of an argument struct, an mmap'd region, a deliberately bad
+// pointer) is kept as one.
 type UserPtr struct {
 	p    unsafe.Pointer
 	addr uintptr
 }
 
-// UserPtrOf is the address of *p as an ioctl argument. The object escapes
-// to the heap; the caller keeps it alive until Ioctl returns (it does, as
-// long as the UserPtr is in use).
+// UserPtrOf is the address of *p as an ioctl argument.
 func UserPtrOf[T any](p *T) UserPtr { return UserPtr{p: unsafe.Pointer(p)} }
 
 // NewUserPtr wraps a pointer to memory outside or inside the Go heap.
@@ -31,36 +30,44 @@ func NewUserPtr(p unsafe.Pointer) UserPtr { return UserPtr{p: p} }
 
 // UserAddr is a raw address from the ABI (hfi1_tid_info.tidlist and
 // .vaddr, gohfi_send.vaddr) or outside Go's memory (mmap'd, or invalid for
-// a test of EFAULT). Whoever wrote the address keeps what it names in place.
+// a test of EFAULT). Whoever wrote the address keeps what it names in place
+// (hfiuser pins Go memory it passes this way).
 func UserAddr(a uint64) UserPtr { return UserPtr{addr: uintptr(a)} }
 
 // IsNil reports whether u is the null pointer.
 func (u UserPtr) IsNil() bool { return u.p == nil && u.addr == 0 }
 
-func (u UserPtr) String() string { return fmt.Sprintf("%#x", u.uaddr()) }
-
-// uaddr is the numeric address, used only at the copy itself.
-func (u UserPtr) uaddr() uintptr {
+func (u UserPtr) String() string {
 	if u.p != nil {
-		return uintptr(u.p)
+		return fmt.Sprintf("%p", u.p)
 	}
-	return u.addr
+	return fmt.Sprintf("%#x", u.addr)
 }
 
-// pin keeps a Go object named by u where it is for the call (Pin of a
-// non-Go pointer does nothing). It also makes every caller's argument
-// escape to the heap at compile time, which is what protects stack
-// objects: the heap never moves.
-func (u UserPtr) pin(p *runtime.Pinner) {
-	if u.p != nil {
-		p.Pin(u.p)
+// bytes is the user memory [u, u+n) as a slice, for the copy only. A raw
+// address becomes a pointer without the uintptr conversion vet rejects: it
+// names memory outside the Go heap (or Go memory its owner pinned).
+func (u UserPtr) bytes(n int) ([]byte, bool) {
+	p := u.p
+	if p == nil {
+		a := u.addr
+		if a+uintptr(n) < a { // past the top of the address space
+			return nil, false
+		}
+		p = *(*unsafe.Pointer)(unsafe.Pointer(&a))
 	}
+	return unsafe.Slice((*byte)(p), n), true
 }
 
 // copyFromUser and copyToUser move ioctl arguments between the caller's
 // memory and the driver, as the kernel's copy_from_user/copy_to_user do: a
-// bad user pointer is EFAULT, never a crash. process_vm_readv/writev on our
-// own process give exactly that check.
+// bad user pointer is EFAULT, never a crash. Like the kernel's, they are a
+// plain copy whose fault is caught: the kernel finds the faulting
+// instruction in its exception table, here runtime/debug.SetPanicOnFault
+// turns the fault into a panic that uaccess recovers. (A system call per
+// copy, process_vm_readv/writev, cost about 1 us each and was most of a
+// small POLL_CQ or POST_SEND.) Part of the bytes may have been copied when
+// the fault hits, as in the kernel.
 func copyFromUser(dst []byte, src UserPtr) error {
 	if len(dst) == 0 {
 		return nil
@@ -68,14 +75,11 @@ func copyFromUser(dst []byte, src UserPtr) error {
 	if src.IsNil() {
 		return unix.EFAULT
 	}
-	local := []unix.Iovec{{Base: &dst[0], Len: uint64(len(dst))}}
-	remote := []unix.RemoteIovec{{Base: src.uaddr(), Len: len(dst)}}
-	n, err := unix.ProcessVMReadv(os.Getpid(), local, remote, 0)
-	runtime.KeepAlive(src.p)
-	if err != nil || n != len(dst) {
+	b, ok := src.bytes(len(dst))
+	if !ok {
 		return unix.EFAULT
 	}
-	return nil
+	return uaccess(func() { copy(dst, b) })
 }
 
 func copyToUser(dst UserPtr, src []byte) error {
@@ -85,13 +89,28 @@ func copyToUser(dst UserPtr, src []byte) error {
 	if dst.IsNil() {
 		return unix.EFAULT
 	}
-	local := []unix.Iovec{{Base: &src[0], Len: uint64(len(src))}}
-	remote := []unix.RemoteIovec{{Base: dst.uaddr(), Len: len(src)}}
-	n, err := unix.ProcessVMWritev(os.Getpid(), local, remote, 0)
-	runtime.KeepAlive(dst.p)
-	if err != nil || n != len(src) {
+	b, ok := dst.bytes(len(src))
+	if !ok {
 		return unix.EFAULT
 	}
+	return uaccess(func() { copy(b, src) })
+}
+
+// uaccess runs a copy that may touch unmapped or protected user memory and
+// returns EFAULT if it faulted. Only a memory fault is recovered: any other
+// panic is a bug and goes on.
+func uaccess(do func()) (err error) {
+	old := debug.SetPanicOnFault(true)
+	defer func() {
+		debug.SetPanicOnFault(old)
+		if r := recover(); r != nil {
+			if _, ok := r.(runtime.Error); !ok {
+				panic(r)
+			}
+			err = unix.EFAULT
+		}
+	}()
+	do()
 	return nil
 }
 
