@@ -161,6 +161,10 @@ type Device struct {
 	intx     *os.File
 	msix     []*os.File
 	qps      []qpState
+	// tlbQueued is len(odp.tlbQ), kept under mu and read without it.
+	tlbQueued atomic.Int32
+	// stepList is the engine goroutine's list of QPs with work in a pass.
+	stepList []int
 	cqs      []cqState
 	tlb      map[uint32]uint64 // device TLB: MTT index -> cached MTT entry
 	odp      odpState          // event queue, page faults, TLB commands in flight
@@ -272,6 +276,7 @@ func (d *Device) resetLocked() {
 	}
 	clear(d.tlb)
 	d.odp.reset()
+	d.tlbQueued.Store(0)
 	d.rcvArray.clear()
 	d.mtt.clear()
 	d.pci.reset(d.barSizes(), d.msixVectors())

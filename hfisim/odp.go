@@ -76,6 +76,7 @@ func (o *odpState) reset() { *o = odpState{faults: map[uint32]*pfault{}} }
 // the translations it cached.
 func (d *Device) tlbCommandLocked(start, count uint64) {
 	d.odp.tlbQ = append(d.odp.tlbQ, tlbCmd{start: start, count: count, gen: d.gen, due: time.Now().Add(d.cfg.TLBInvLatency)})
+	d.tlbQueued.Store(int32(len(d.odp.tlbQ)))
 	if d.cfg.TLBInvLatency <= 0 {
 		d.kickEngine()
 		return
@@ -92,8 +93,12 @@ func (d *Device) tlbCommandLocked(start, count uint64) {
 // in flight when the flush completes, as hardware drains its DMA before it
 // acknowledges an invalidation.
 func (d *Device) runTLBCommands() {
+	if d.tlbQueued.Load() == 0 {
+		return // the engine calls this between all packets: no lock, no clock
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	defer func() { d.tlbQueued.Store(int32(len(d.odp.tlbQ))) }()
 	now := time.Now()
 	for len(d.odp.tlbQ) > 0 && !d.odp.tlbQ[0].due.After(now) {
 		c := d.odp.tlbQ[0]
@@ -446,13 +451,6 @@ func (d *Device) PeekMR(key uint32, va uint64, p []byte) (bool, error) {
 
 // MaxTLBInvLatency bounds Config.TLBInvLatency.
 const MaxTLBInvLatency = time.Second
-
-// odpBacklog reports whether faults wait for room in the event queue.
-func (d *Device) odpBacklog() bool {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return len(d.odp.backlog) > 0
-}
 
 // maxLatencyLog bounds the fault latencies kept for ODPFaultLatencies.
 const maxLatencyLog = 1 << 16

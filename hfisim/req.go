@@ -53,18 +53,26 @@ var lost = fail(uapi.GOHFI_WC_RETRY_EXC_ERR, chip.VendorErrRemoteQP)
 
 func (r result) ok() bool { return !r.stall && r.status == uapi.GOHFI_WC_SUCCESS }
 
-// pollVerbs gives every QP one turn and reports whether any had work it
-// could do.
+// pollVerbs gives every QP with work one turn and reports whether any had
+// work it could do. Which QPs have work is read under one lock: a pass over
+// idle QPs is what the engine does most while it polls doorbell records.
 func (d *Device) pollVerbs(buf []byte) bool {
 	busy := false
 	d.runTLBCommands()
-	if d.odpBacklog() {
-		d.mu.Lock()
-		dma, gen := d.dma, d.gen
-		d.mu.Unlock()
+	d.mu.Lock()
+	backlog := len(d.odp.backlog) > 0
+	dma, gen := d.dma, d.gen
+	d.stepList = d.stepList[:0]
+	for n := range d.qps {
+		if flush, send := d.qps[n].work(); flush || send {
+			d.stepList = append(d.stepList, n)
+		}
+	}
+	d.mu.Unlock()
+	if backlog {
 		busy = dma != nil && d.flushEQ(dma, gen)
 	}
-	for n := range d.qps {
+	for _, n := range d.stepList {
 		if d.stepQP(n, buf) {
 			busy = true
 		}
@@ -73,13 +81,20 @@ func (d *Device) pollVerbs(buf []byte) bool {
 	return busy
 }
 
+// work says whether QP q has WQEs to flush (in ERR) or to send (in RTS,
+// not waiting for a page fault). The caller holds d.mu.
+func (q *qpState) work() (flush, send bool) {
+	flush = q.state == stateErr && (q.sqHead != q.sqTail || q.rqHead != q.rqTail)
+	send = q.state == stateRTS && q.sqHead != q.sqTail && q.pfWait == 0
+	return flush, send
+}
+
 // stepQP flushes a QP in ERR or moves packets of a QP in RTS.
 func (d *Device) stepQP(n int, buf []byte) bool {
 	d.mu.Lock()
 	q := &d.qps[n]
 	dma, gen := d.dma, d.gen
-	flush := q.state == stateErr && (q.sqHead != q.sqTail || q.rqHead != q.rqTail)
-	send := q.state == stateRTS && q.sqHead != q.sqTail && q.pfWait == 0
+	flush, send := q.work()
 	d.mu.Unlock()
 	switch {
 	case dma == nil:
