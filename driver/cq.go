@@ -268,6 +268,9 @@ func (pd *PD) ioctlDestroyCQ(arg UserPtr) error {
 	return destroyByHandle(pd, arg, pd.cqs, "DESTROY_CQ")
 }
 
+// pollChunk is how many completions POLL_CQ takes from the ring at a time.
+const pollChunk = 16
+
 func (pd *PD) ioctlPollCQ(arg UserPtr) error {
 	var r uapi.GohfiPollCQ
 	if err := readArg(arg, &r, "POLL_CQ"); err != nil {
@@ -283,20 +286,32 @@ func (pd *PD) ioctlPollCQ(arg UserPtr) error {
 	if err != nil {
 		return err
 	}
-	// At most one ring's worth per call: no more can be waiting.
-	wc := make([]uapi.GohfiWC, min(int(r.Ne), cq.n))
-	if len(wc) > 0 && r.WcList == 0 {
+	// At most one ring's worth per call: no more can be waiting. Polled
+	// in chunks on the stack: a consumer that spins on POLL_CQ allocates
+	// nothing.
+	want := min(int(r.Ne), cq.n)
+	if want > 0 && r.WcList == 0 {
 		return errFault("gohfi: POLL_CQ wc_list")
 	}
-	n, perr := cq.Poll(wc)
-	if n > 0 {
-		b := make([]byte, n*uapi.SizeofGohfiWC)
-		for i := range wc[:n] {
+	var (
+		wc   [pollChunk]uapi.GohfiWC
+		b    [pollChunk * uapi.SizeofGohfiWC]byte
+		n    int
+		perr error
+	)
+	for n < want {
+		ask := min(want-n, pollChunk)
+		k, err := cq.Poll(wc[:ask])
+		for i := range wc[:k] {
 			wc[i].MarshalBytes(b[i*uapi.SizeofGohfiWC:])
 		}
 		// As in uverbs, completions polled but not copied are lost.
-		if err := copyToUser(UserAddr(r.WcList), b); err != nil {
+		if err := copyToUser(UserAddr(r.WcList+uint64(n)*uapi.SizeofGohfiWC), b[:k*uapi.SizeofGohfiWC]); err != nil {
 			return errFault("gohfi: POLL_CQ wc_list")
+		}
+		n += k
+		if perr = err; err != nil || k < ask {
+			break // an error, or the ring is empty
 		}
 	}
 	r.Ne = uint32(n)
