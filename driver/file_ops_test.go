@@ -47,9 +47,13 @@ func openFile(t testing.TB, a *attach.Attached) *driver.File {
 	return f
 }
 
-// ioctl passes a Go struct as the user argument, marshalled as C would lay
-// it out.
-var ioctl = hfiuser.Ioctl
+// ioctl passes a Go struct (in C layout) as the user argument.
+func ioctl[T any, P interface {
+	*T
+	uapi.Marshallable
+}](f *driver.File, cmd uint32, m P) error {
+	return hfiuser.Ioctl(f, cmd, m)
+}
 
 func assign(t testing.TB, f *driver.File) {
 	t.Helper()

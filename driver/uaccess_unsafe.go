@@ -7,6 +7,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gohfi/gohfi/uapi"
 )
 
 // UserPtr is an ioctl argument's address in the caller's memory, the
@@ -115,3 +117,17 @@ func uaccess(do func()) (err error) {
 }
 
 func errFault(what string) error { return fmt.Errorf("%s: %w", what, unix.EFAULT) }
+
+// abiStruct is a pointer to a struct of the ABI (package uapi), whose Go
+// layout is the C one: structs.HostLayout, sizes checked at compile time
+// and fields against the C headers by uapi's parity test.
+type abiStruct[T any] interface {
+	*T
+	uapi.Marshallable
+}
+
+// argBytes is the memory of ABI struct *v, for copying it to or from user
+// memory as the bytes of the C struct.
+func argBytes[T any, P abiStruct[T]](v P) []byte {
+	return unsafe.Slice((*byte)(unsafe.Pointer(v)), unsafe.Sizeof(*v))
+}

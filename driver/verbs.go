@@ -463,22 +463,18 @@ func (f *File) verbsIoctl(cmd uint32, arg UserPtr) (bool, error) {
 }
 
 // readArg copies an ioctl argument struct in; EFAULT if it cannot be read.
-func readArg(arg UserPtr, m uapi.Marshallable, what string) error {
-	b := make([]byte, m.SizeBytes())
-	if err := copyFromUser(b, arg); err != nil {
+// The struct's Go layout is the C one (argBytes), so the copy lands in it
+// directly.
+func readArg[T any, P abiStruct[T]](arg UserPtr, v P, what string) error {
+	if err := copyFromUser(argBytes[T](v), arg); err != nil {
 		return errFault("gohfi: " + what)
-	}
-	if err := m.UnmarshalBytes(b); err != nil {
-		return errnoErr(what, unix.EINVAL)
 	}
 	return nil
 }
 
 // writeArg copies an argument struct back out.
-func writeArg(arg UserPtr, m uapi.Marshallable, what string) error {
-	b := make([]byte, m.SizeBytes())
-	m.MarshalBytes(b)
-	return wrapFault(what, copyToUser(arg, b))
+func writeArg[T any, P abiStruct[T]](arg UserPtr, v P, what string) error {
+	return wrapFault(what, copyToUser(arg, argBytes[T](v)))
 }
 
 // takeSlot puts x in the first free slot of a device table (QPs, CQs) and

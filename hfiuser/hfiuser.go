@@ -14,17 +14,16 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Ioctl passes m, marshalled in its C layout, as the argument of cmd and
-// reads the argument back into m, also when the call fails: the driver
-// writes partial results back (TID_FREE's tidcnt of TIDs freed before the
-// bad one), as the kernel does.
-func Ioctl(f *driver.File, cmd uint32, m uapi.Marshallable) error {
-	b := make([]byte, m.SizeBytes())
-	m.MarshalBytes(b)
-	_, err := f.Ioctl(cmd, driver.UserPtrOf(&b[0]))
-	if uerr := m.UnmarshalBytes(b); err == nil {
-		err = uerr
-	}
+// Ioctl passes m as the argument of cmd: the address of the struct itself,
+// whose Go layout is the C one (structs.HostLayout; uapi's parity test
+// checks it against the C headers), exactly as a C program passes &arg.
+// The driver writes partial results back also when the call fails (TID_FREE's
+// tidcnt of TIDs freed before the bad one), as the kernel does.
+func Ioctl[T any, P interface {
+	*T
+	uapi.Marshallable
+}](f *driver.File, cmd uint32, m P) error {
+	_, err := f.Ioctl(cmd, driver.UserPtrOf((*T)(m)))
 	return err
 }
 
