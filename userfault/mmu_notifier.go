@@ -471,6 +471,30 @@ func (n *Notifier) Subscribe(start, length uintptr, ops IntervalOps) (*Subscript
 	return s, nil
 }
 
+// Track is Subscribe without watching anything yet: events the sources
+// report for [start, start+length) are delivered to ops (and move the
+// subscription's sequence), but no memory is checked or registered now, so
+// the range may hold holes, unmapped space and the Go heap. Pages become
+// watched when a Subscribe covers them, and stay watched after that
+// subscription's Remove while the tracked one covers them. For implicit
+// ODP, whose range is the address space: each fault watches the pages it
+// maps.
+func (n *Notifier) Track(start, length uintptr, ops IntervalOps) (*Subscription, error) {
+	end := start + length
+	if length == 0 || end < start || ops == nil {
+		return nil, fmt.Errorf("userfault: track [%#x, +%#x): %w", start, length, unix.EINVAL)
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.closed {
+		return nil, ErrClosed
+	}
+	n.nextID++
+	s := &Subscription{n: n, id: n.nextID, start: start, end: end, ops: ops}
+	n.tree.insert(s)
+	return s, nil
+}
+
 // uncovered returns the page-aligned parts of [start, end) that the pages of
 // no subscription cover. Called with n.mu held.
 func (n *Notifier) uncovered(start, end uintptr) []pageRange {

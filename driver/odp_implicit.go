@@ -1,0 +1,408 @@
+package driver
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/uapi"
+	"github.com/gohfi/gohfi/userfault"
+	"golang.org/x/sys/unix"
+)
+
+// Implicit ODP (chip.CapImplicitODP), in the shape of mlx5's implicit MR
+// (drivers/infiniband/hw/mlx5/odp.c): REG_MR of the whole address space
+// (address 0, length UINT64_MAX, IB_ACCESS_ON_DEMAND) makes a parent MR
+// whose MPT entry (MPTTypeImplicit) names a child directory in the MTT,
+// every entry not present. The parent's key is the lkey and rkey work
+// requests use. A device access under it where the directory has no child
+// faults with the parent's key; the fault handler creates the child (an
+// odpMR of 1 GiB at its aligned address, with a run of
+// chip.ImplicitChildPages MTT entries, all not present), writes its
+// directory entry, and handles the fault in the child as any ODP fault
+// (fault-around, pin budget, invalidations, flusher).
+//
+// Invalidations: each child is tracked over its whole 1 GiB
+// (userfault.Notifier.Track) without watching it, because the range holds
+// holes, other mappings and perhaps the Go heap, which Subscribe refuses.
+// Every fault of a child watches the pages it maps (a short-lived Subscribe
+// of its fault-around window, else of the pages the access needs, else the
+// fault fails): the VMAs registered then stay watched under the child's
+// tracked range, and their UNMAP, REMOVE and REMAP events reach the child
+// as an ordinary ODP MR's.
+//
+// Children are destroyed (directory entry zapped, TLB flushed, MTT run
+// given back) when an UNMAP covers all of a child's 1 GiB, when the MTT
+// has no room for a new child and a child of the file's implicit MRs maps
+// nothing, and at deregistration, which tears them all down before the
+// directory is zapped and freed. MR_STATS of the parent sums its children.
+
+// implicitMR is the parent's part of an implicit ODP MR (odpMR.imr).
+type implicitMR struct {
+	m *odpMR // the parent
+
+	mu       sync.Mutex
+	dead     bool
+	children map[uint64]*odpMR // by child index: va >> chip.ImplicitChildShift
+	wg       sync.WaitGroup    // destroys under way (dereg waits for them)
+
+	// Invalidation counters of destroyed children.
+	retiredInvals, retiredInvalsHandled atomic.Uint64
+}
+
+// implicitSupported reports whether the device can take an implicit MR:
+// chip.CapImplicitODP and room in the MTT for the directory and a child.
+// QUERY_DEVICE advertises IBV_ODP_SUPPORT_IMPLICIT exactly then.
+func (v *verbsDev) implicitSupported() bool {
+	i := &v.d.info
+	return v.odp != nil && i.CapFlags&chip.CapImplicitODP != 0 &&
+		i.MTTEntries >= chip.ImplicitDirEntries+chip.ImplicitChildPages
+}
+
+// regImplicit is REG_MR of the whole address space: addr 0 and length
+// UINT64_MAX together, with IB_ACCESS_ON_DEMAND and iova 0 (as
+// ibv_reg_mr(pd, NULL, SIZE_MAX, access) sends them). Errors: EINVAL (one
+// of addr and length alone, no IB_ACCESS_ON_DEMAND, iova not 0, a device
+// without IBV_ODP_SUPPORT_IMPLICIT, as mlx5), EOPNOTSUPP (no ODP at all,
+// as an ODP REG_MR), ENOSPC (no MPT entry or directory run). Nothing is
+// pinned or mapped.
+func (pd *PD) regImplicit(addr uintptr, length, iova uint64, access uint32) (*MR, error) {
+	d, v := pd.d, pd.v
+	switch {
+	case addr != 0 || length != chip.ImplicitLength:
+		return nil, errnoErr(fmt.Sprintf("REG_MR: %#x+%#x: address 0 and length UINT64_MAX name the whole address space only together (implicit ODP)", addr, length), unix.EINVAL)
+	case access&uapi.IB_ACCESS_ON_DEMAND == 0:
+		return nil, errnoErr("REG_MR: the whole address space needs IB_ACCESS_ON_DEMAND (implicit ODP)", unix.EINVAL)
+	case iova != 0:
+		return nil, errnoErr(fmt.Sprintf("REG_MR: implicit ODP with iova %#x, want 0", iova), unix.EINVAL)
+	case d.info.CapFlags&chip.CapODP == 0 || v.odp == nil:
+		return nil, errnoErr("REG_MR: the device has no on-demand paging", unix.EOPNOTSUPP)
+	case !v.implicitSupported():
+		return nil, errnoErr(fmt.Sprintf("REG_MR: the device has no implicit ODP (IBV_ODP_SUPPORT_IMPLICIT: capability %v, %d MTT entries, %d needed)",
+			d.info.CapFlags&chip.CapImplicitODP != 0, d.info.MTTEntries, chip.ImplicitDirEntries+chip.ImplicitChildPages), unix.EINVAL)
+	}
+	o := v.odp
+	if err := o.start(); err != nil {
+		return nil, fmt.Errorf("gohfi: REG_MR: %w", err)
+	}
+	if _, err := d.notifier(); err != nil {
+		return nil, fmt.Errorf("gohfi: REG_MR: %w", err)
+	}
+	mr := &MR{pd: pd, length: length, access: access, npages: chip.ImplicitDirEntries, mttFirst: -1}
+	var err error
+	if mr.index, mr.key, err = v.allocMPT(); err != nil {
+		return nil, fmt.Errorf("gohfi: REG_MR: %w", err)
+	}
+	// The directory: freed MTT entries are zero, so every child is absent.
+	if mr.mttFirst, err = v.allocMTT(chip.ImplicitDirEntries); err != nil {
+		mr.mttFirst = -1
+		return nil, joinUndo(fmt.Errorf("gohfi: REG_MR: implicit ODP directory: %w", err), "undo", mr.release(true))
+	}
+	m := &odpMR{o: o, mr: mr}
+	m.imr = &implicitMR{m: m, children: map[uint64]*odpMR{}}
+	mr.odp = m
+	o.mu.Lock()
+	o.mrs[mr.index] = m
+	o.mu.Unlock()
+	o.nmr.Add(1)
+	return mr, mr.publish(e0(mr, pd, chip.MPTTypeImplicit))
+}
+
+// faultTarget is the odpMR whose pages hold va: m itself, or for an
+// implicit MR the child of va, created if missing (on the interrupt
+// goroutine, inline, a missing child is errWouldWait: creating one may
+// wait for a reclaim's flush).
+func (m *odpMR) faultTarget(va uint64, inline bool) (*odpMR, error) {
+	if m.imr == nil {
+		return m, nil
+	}
+	return m.imr.child(va, inline)
+}
+
+// existingTarget is faultTarget without creating: nil if va has no child.
+func (m *odpMR) existingTarget(va uint64) *odpMR {
+	if m.imr == nil {
+		return m
+	}
+	im := m.imr
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	return im.children[va>>chip.ImplicitChildShift]
+}
+
+// child returns the child holding va, creating it if needed: an MTT run
+// (reclaiming idle children when the MTT is full), the tracked range, then
+// the directory entry, which makes it reachable.
+func (im *implicitMR) child(va uint64, inline bool) (*odpMR, error) {
+	idx := va >> chip.ImplicitChildShift
+	if idx >= chip.ImplicitDirEntries {
+		return nil, errnoErr(fmt.Sprintf("implicit ODP: %#x is above the %d-bit address space", va, chip.ImplicitVABits), unix.EFAULT)
+	}
+	for reclaimed := false; ; reclaimed = true {
+		im.mu.Lock()
+		if im.dead {
+			im.mu.Unlock()
+			return nil, errnoErr("implicit ODP: MR deregistered", unix.ENOENT)
+		}
+		if c := im.children[idx]; c != nil {
+			im.mu.Unlock()
+			return c, nil
+		}
+		if inline {
+			im.mu.Unlock()
+			return nil, errWouldWait
+		}
+		c, err := im.newChildLocked(idx)
+		im.mu.Unlock()
+		if err == nil || reclaimed || !errors.Is(err, unix.ENOSPC) {
+			return c, err
+		}
+		if im.m.o.reclaimChildren(im.m.mr.pd) == 0 {
+			return nil, err
+		}
+	}
+}
+
+// newChildLocked creates child idx, under im.mu.
+func (im *implicitMR) newChildLocked(idx uint64) (*odpMR, error) {
+	p := im.m
+	o, v := p.o, p.o.v
+	not := o.d.runningNotifier()
+	if not == nil {
+		return nil, errnoErr("implicit ODP: the invalidation notifier is gone", unix.EIO)
+	}
+	first, err := v.allocMTT(chip.ImplicitChildPages)
+	if err != nil {
+		return nil, fmt.Errorf("implicit ODP: child at %#x: %w", idx<<chip.ImplicitChildShift, err)
+	}
+	base := uintptr(idx << chip.ImplicitChildShift)
+	mr := &MR{pd: p.mr.pd, index: p.mr.index, key: p.mr.key, addr: base, length: chip.ImplicitChildSize,
+		iova: uint64(base), access: p.mr.access, mttFirst: first, npages: chip.ImplicitChildPages}
+	c := &odpMR{o: o, mr: mr, start: base, end: base + chip.ImplicitChildSize, parent: im,
+		pages: make([]*odpChunk, chip.ImplicitChildPages), chunks: map[*odpChunk]struct{}{}}
+	// Nothing of the child is watched yet: every fault watches its pages.
+	c.rewatch.Store(true)
+	if c.sub, err = not.Track(c.start, c.end-c.start, childOps{c}); err != nil {
+		v.freeMTT(first, chip.ImplicitChildPages)
+		return nil, fmt.Errorf("implicit ODP: child at %#x: %w", base, err)
+	}
+	im.children[idx] = c
+	// Present last: the device reaches the child only from here on. An
+	// absent entry is never cached, so no flush is needed.
+	store64(v.mtt, (p.mr.mttFirst+int(idx))*chip.MTTEntrySize, chip.ImplicitDirEntry(uint32(first)))
+	return c, nil
+}
+
+// childOps is a child's userfault.IntervalOps: its odpMR's Invalidate, and
+// an UNMAP of the child's whole range destroys the child (off the
+// dispatcher: the destruction waits for TLB flushes).
+type childOps struct{ c *odpMR }
+
+func (ops childOps) Invalidate(s *userfault.Subscription, ev userfault.Event) bool {
+	c := ops.c
+	hit := c.Invalidate(s, ev)
+	if ev.Kind == userfault.EventUnmap && ev.Start <= c.start && ev.End >= c.end {
+		im := c.parent
+		im.mu.Lock()
+		if !im.dead && im.children[uint64(c.start)>>chip.ImplicitChildShift] == c {
+			im.wg.Add(1)
+			go func() {
+				defer im.wg.Done()
+				// A failed flush leaves the run out of circulation;
+				// nothing waits for this error (the device may be gone).
+				_ = im.destroy(c)
+			}()
+		}
+		im.mu.Unlock()
+	}
+	return hit
+}
+
+// destroy takes child c out of the directory and apart during the MR's
+// life: directory entry zapped, the child's pages zapped, flushed,
+// unmapped and unpinned (odpMR.dereg), the directory entry flushed, and the
+// MTT run given back (kept out of circulation if a flush failed). A fault
+// that held c meanwhile finds it dead (ENOENT) and is resumed; the device
+// faults again and gets a new child.
+func (im *implicitMR) destroy(c *odpMR) error {
+	p := im.m
+	v := p.o.v
+	idx := uint64(c.start) >> chip.ImplicitChildShift
+	im.mu.Lock()
+	if im.children[idx] != c {
+		im.mu.Unlock()
+		return nil
+	}
+	delete(im.children, idx)
+	store64(v.mtt, (p.mr.mttFirst+int(idx))*chip.MTTEntrySize, 0)
+	im.mu.Unlock()
+	err := c.dereg()
+	dead := p.o.d.dead.Load()
+	if err == nil && !dead {
+		err = v.flushTLB(p.mr.mttFirst+int(idx), 1)
+	}
+	im.retire(c)
+	if err == nil || dead {
+		v.freeMTT(c.mr.mttFirst, chip.ImplicitChildPages)
+	}
+	return err
+}
+
+// retire keeps a destroyed child's counters for the parent's MR_STATS.
+func (im *implicitMR) retire(c *odpMR) {
+	im.retiredInvals.Add(c.invals.Load())
+	im.retiredInvalsHandled.Add(c.invalsHandled.Load())
+}
+
+// reclaimChildren destroys the children of pd's implicit MRs that map
+// nothing (the MTT is full) and returns how many.
+func (o *odpDev) reclaimChildren(pd *PD) int {
+	o.mu.Lock()
+	var ims []*implicitMR
+	for _, m := range o.mrs {
+		if m.imr != nil && m.mr.pd == pd {
+			ims = append(ims, m.imr)
+		}
+	}
+	o.mu.Unlock()
+	n := 0
+	for _, im := range ims {
+		for _, c := range im.list() {
+			if c.pagesPinned() != 0 {
+				continue
+			}
+			im.mu.Lock()
+			ok := !im.dead
+			if ok {
+				im.wg.Add(1)
+			}
+			im.mu.Unlock()
+			if !ok {
+				continue
+			}
+			// A failed flush leaves the run out of circulation: not
+			// reclaimed, and the fault fails with ENOSPC.
+			if err := im.destroy(c); err == nil {
+				n++
+			}
+			im.wg.Done()
+		}
+	}
+	return n
+}
+
+// list returns the live children.
+func (im *implicitMR) list() []*odpMR {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	out := make([]*odpMR, 0, len(im.children))
+	for _, c := range im.children {
+		out = append(out, c)
+	}
+	return out
+}
+
+// children returns the live children of an implicit MR (nil for others),
+// for the pin budget's eviction.
+func (m *odpMR) children() []*odpMR {
+	if m.imr == nil {
+		return nil
+	}
+	return m.imr.list()
+}
+
+// dereg tears down an implicit MR after its MPT entry was made free (the
+// device refuses its key from then on): no new child, every child taken
+// apart (pages zapped, flushed, unmapped, unpinned; MTT run given back).
+// The caller then zaps, flushes and frees the directory with the MR.
+func (im *implicitMR) dereg() error {
+	p := im.m
+	o, v := p.o, p.o.v
+	o.mu.Lock()
+	if o.mrs[p.mr.index] == p {
+		delete(o.mrs, p.mr.index)
+		o.nmr.Add(-1)
+	}
+	o.mu.Unlock()
+	im.mu.Lock()
+	im.dead = true
+	kids := im.children
+	im.children = map[uint64]*odpMR{}
+	im.mu.Unlock()
+	im.wg.Wait()
+	var errs []error
+	for idx, c := range kids {
+		store64(v.mtt, (p.mr.mttFirst+int(idx))*chip.MTTEntrySize, 0)
+		err := c.dereg()
+		im.retire(c)
+		// The MPT entry is free, so no translation reaches the run
+		// through a stale directory entry; the run's own entries are
+		// flushed by c.dereg.
+		if err == nil || o.d.dead.Load() {
+			v.freeMTT(c.mr.mttFirst, chip.ImplicitChildPages)
+		}
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// pagesPinned is how many pages the children map.
+func (im *implicitMR) pagesPinned() int {
+	n := 0
+	for _, c := range im.list() {
+		n += c.pagesPinned()
+	}
+	return n
+}
+
+// stats adds the children's invalidations to the parent's MR_STATS
+// (faults and prefetches are counted on the parent itself).
+func (im *implicitMR) stats(s *uapi.GohfiMRStats) {
+	s.PageInvalidations += im.retiredInvals.Load()
+	s.PageInvalidationsHandled += im.retiredInvalsHandled.Load()
+	for _, c := range im.list() {
+		s.PageInvalidations += c.invals.Load()
+		s.PageInvalidationsHandled += c.invalsHandled.Load()
+	}
+}
+
+// rewatchFault watches the pages a fault of m is about to map (see
+// odpMR.rewatch) and returns the window to map. An ordinary ODP MR
+// rewatches as rewatchRange says. A child of an implicit MR watches its
+// fault-around window, else only the pages the access needs (the window
+// shrinks to them), else the fault fails: a page mapped without being
+// watched would outlive its munmap on the device.
+func (m *odpMR) rewatchFault(win, need pageSpan) (*userfault.Subscription, pageSpan, error) {
+	if m.parent == nil {
+		return m.rewatchRange(win), win, nil
+	}
+	n := m.o.d.runningNotifier()
+	if n == nil {
+		return nil, pageSpan{}, errnoErr("implicit ODP: the invalidation notifier is gone", unix.EIO)
+	}
+	ops := userfault.InvalidateFunc(func(*userfault.Subscription, userfault.Event) bool { return false })
+	watch := func(s pageSpan) (*userfault.Subscription, error) {
+		return n.Subscribe(m.start+uintptr(s.first)*pageSize, uintptr(s.last-s.first)*pageSize, ops)
+	}
+	var err error
+	if !win.empty() {
+		var s *userfault.Subscription
+		if s, err = watch(win); err == nil {
+			return s, win, nil
+		}
+	}
+	if need.empty() {
+		// PREFETCH_NO_FAULT: nothing it must map.
+		return nil, pageSpan{}, nil
+	}
+	if need != win {
+		var s *userfault.Subscription
+		if s, err = watch(need); err == nil {
+			return s, need, nil
+		}
+	}
+	return nil, pageSpan{}, fmt.Errorf("implicit ODP: watch %#x+%#x: %w", m.start+uintptr(need.first)*pageSize,
+		(need.last-need.first)*pageSize, errors.Join(err, unix.EFAULT))
+}
