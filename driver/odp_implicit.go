@@ -43,10 +43,11 @@ import (
 type implicitMR struct {
 	m *odpMR // the parent
 
-	mu       sync.Mutex
-	dead     bool
-	children map[uint64]*odpMR // by child index: va >> chip.ImplicitChildShift
-	wg       sync.WaitGroup    // destroys under way (dereg waits for them)
+	mu         sync.Mutex
+	dead       bool
+	children   map[uint64]*odpMR // by child index: va >> chip.ImplicitChildShift
+	destroying int               // destroys under way: dereg and a full MTT wait for them
+	settled    sync.Cond         // destroying dropped to 0; L is &mu
 
 	// Invalidation counters of destroyed children.
 	retiredInvals, retiredInvalsHandled atomic.Uint64
@@ -102,6 +103,7 @@ func (pd *PD) regImplicit(addr uintptr, length, iova uint64, access uint32) (*MR
 	}
 	m := &odpMR{o: o, mr: mr}
 	m.imr = &implicitMR{m: m, children: map[uint64]*odpMR{}}
+	m.imr.settled.L = &m.imr.mu
 	mr.odp = m
 	o.mu.Lock()
 	o.mrs[mr.index] = m
@@ -159,9 +161,7 @@ func (im *implicitMR) child(va uint64, inline bool) (*odpMR, error) {
 		if err == nil || reclaimed || !errors.Is(err, unix.ENOSPC) {
 			return c, err
 		}
-		if im.m.o.reclaimChildren(im.m.mr.pd) == 0 {
-			return nil, err
-		}
+		im.m.o.reclaimChildren(im.m.mr.pd)
 	}
 }
 
@@ -207,9 +207,9 @@ func (ops childOps) Invalidate(s *userfault.Subscription, ev userfault.Event) bo
 		im := c.parent
 		im.mu.Lock()
 		if !im.dead && im.children[uint64(c.start)>>chip.ImplicitChildShift] == c {
-			im.wg.Add(1)
+			im.destroying++
 			go func() {
-				defer im.wg.Done()
+				defer im.destroyed()
 				// A failed flush leaves the run out of circulation;
 				// nothing waits for this error (the device may be gone).
 				_ = im.destroy(c)
@@ -250,15 +250,32 @@ func (im *implicitMR) destroy(c *odpMR) error {
 	return err
 }
 
+// destroyed ends a destroy counted in destroying.
+func (im *implicitMR) destroyed() {
+	im.mu.Lock()
+	if im.destroying--; im.destroying == 0 {
+		im.settled.Broadcast()
+	}
+	im.mu.Unlock()
+}
+
+// waitDestroysLocked waits, under im.mu, until no destroy is under way.
+func (im *implicitMR) waitDestroysLocked() {
+	for im.destroying > 0 {
+		im.settled.Wait()
+	}
+}
+
 // retire keeps a destroyed child's counters for the parent's MR_STATS.
 func (im *implicitMR) retire(c *odpMR) {
 	im.retiredInvals.Add(c.invals.Load())
 	im.retiredInvalsHandled.Add(c.invalsHandled.Load())
 }
 
-// reclaimChildren destroys the children of pd's implicit MRs that map
-// nothing (the MTT is full) and returns how many.
-func (o *odpDev) reclaimChildren(pd *PD) int {
+// reclaimChildren makes room in a full MTT: it waits for the destroys
+// under way of pd's implicit MRs (an munmap of a whole child), then
+// destroys their children that map nothing.
+func (o *odpDev) reclaimChildren(pd *PD) {
 	o.mu.Lock()
 	var ims []*implicitMR
 	for _, m := range o.mrs {
@@ -267,8 +284,10 @@ func (o *odpDev) reclaimChildren(pd *PD) int {
 		}
 	}
 	o.mu.Unlock()
-	n := 0
 	for _, im := range ims {
+		im.mu.Lock()
+		im.waitDestroysLocked()
+		im.mu.Unlock()
 		for _, c := range im.list() {
 			if c.pagesPinned() != 0 {
 				continue
@@ -276,7 +295,7 @@ func (o *odpDev) reclaimChildren(pd *PD) int {
 			im.mu.Lock()
 			ok := !im.dead
 			if ok {
-				im.wg.Add(1)
+				im.destroying++
 			}
 			im.mu.Unlock()
 			if !ok {
@@ -284,13 +303,10 @@ func (o *odpDev) reclaimChildren(pd *PD) int {
 			}
 			// A failed flush leaves the run out of circulation: not
 			// reclaimed, and the fault fails with ENOSPC.
-			if err := im.destroy(c); err == nil {
-				n++
-			}
-			im.wg.Done()
+			_ = im.destroy(c)
+			im.destroyed()
 		}
 	}
-	return n
 }
 
 // list returns the live children.
@@ -330,8 +346,8 @@ func (im *implicitMR) dereg() error {
 	im.dead = true
 	kids := im.children
 	im.children = map[uint64]*odpMR{}
+	im.waitDestroysLocked()
 	im.mu.Unlock()
-	im.wg.Wait()
 	var errs []error
 	for idx, c := range kids {
 		store64(v.mtt, (p.mr.mttFirst+int(idx))*chip.MTTEntrySize, 0)

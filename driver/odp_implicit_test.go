@@ -475,3 +475,76 @@ func TestImplicitODPDeregCleansUp(t *testing.T) {
 		t.Errorf("DMA mappings %d after the file's release, %d before", got, before)
 	}
 }
+
+// TestImplicitODPChildrenReclaimed: on a device whose MTT holds the
+// directory and two children, a third buffer's child is made by destroying
+// a child that maps nothing (its buffer DONTNEED'd); with both children
+// busy a new child cannot be made and the access fails; an munmap of a
+// whole child's 1 GiB destroys it, and its room serves the next buffer.
+func TestImplicitODPChildrenReclaimed(t *testing.T) {
+	requireRoot(t)
+	if os.Getenv(envTestDevice) != "" {
+		t.Skip("needs an embedded device with a small MTT")
+	}
+	o := attach.DefaultOptions()
+	o.Sim.NumContexts = 2
+	o.Sim.RcvArrayPerCtxt = 2048
+	o.Sim.MTTEntries = chip.ImplicitDirEntries + 2*chip.ImplicitChildPages + 1024
+	a, err := attach.Open(context.Background(), "embedded", o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := a.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
+	l := newODPLoop(t, a)
+	const n = 64 << 10
+	src := allocBuf(t, n, false)
+	ms := l.reg(l.qa.f, src.Addr(), n, pinAccess)
+	mb := regImplicit(t, l.qb)
+	bs := farBufs(t, 3, n)
+	dir := int(bar4MPT(a, mb.Lkey).MTTFirst)
+	child := func(b uintptr) bool { return bar4MTT(a, dir+int(b>>chip.ImplicitChildShift))&chip.MTTPresent != 0 }
+	write := func(what string, b uintptr, seed byte) uapi.GohfiWC {
+		t.Helper()
+		fill(src.Bytes(), seed)
+		wc := l.op(uapi.GOHFI_WR_RDMA_WRITE, sg(src.Addr(), n, ms), b, mb.Rkey)
+		if wc.Status == uapi.GOHFI_WC_SUCCESS && !bytes.Equal(unsafeSlice(b, n), src.Bytes()) {
+			t.Fatalf("%s: data differs", what)
+		}
+		return wc
+	}
+	wantOK(t, "WRITE 0", write("WRITE 0", bs[0], 1))
+	wantOK(t, "WRITE 1", write("WRITE 1", bs[1], 2))
+	if !child(bs[0]) || !child(bs[1]) {
+		t.Fatal("no child for the first two buffers")
+	}
+	// Buffer 0's child maps nothing after the DONTNEED: it makes room.
+	if err := madvise(bs[0], n, unix.MADV_DONTNEED); err != nil {
+		t.Fatal(err)
+	}
+	wantOK(t, "WRITE 2", write("WRITE 2", bs[2], 3))
+	if child(bs[0]) || !child(bs[1]) || !child(bs[2]) {
+		t.Fatalf("children after the reclaim: %v %v %v, want false true true", child(bs[0]), child(bs[1]), child(bs[2]))
+	}
+	// Both children map pages: no room for buffer 0's.
+	wc := write("WRITE 0 again", bs[0], 4)
+	if wc.Status != uapi.GOHFI_WC_REM_ACCESS_ERR || wc.VendorErr != chip.VendorErrPageFault {
+		t.Fatalf("WRITE with the MTT full of busy children: %+v, want REM_ACCESS_ERR/%d", wc, chip.VendorErrPageFault)
+	}
+	l.reconnect()
+	// An munmap of buffer 1's whole child destroys it.
+	if err := munmapRaw(bs[1]&^(chip.ImplicitChildSize-1), chip.ImplicitChildSize); err != nil {
+		t.Fatal(err)
+	}
+	wantOK(t, "WRITE 0 after the munmap", write("WRITE 0 after the munmap", bs[0], 5))
+	if !child(bs[0]) || child(bs[1]) || !child(bs[2]) {
+		t.Fatalf("children after the munmap: %v %v %v, want true false true", child(bs[0]), child(bs[1]), child(bs[2]))
+	}
+	s := l.stats(l.qb.f, mb)
+	if s.PagesPinned != 2*n/4096 || s.PageInvalidations == 0 || s.PageInvalidationsHandled != s.PageInvalidations {
+		t.Fatalf("MR_STATS: %+v", s)
+	}
+}
