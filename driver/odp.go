@@ -1141,12 +1141,7 @@ func (m *odpMR) dereg() error {
 		return m.imr.dereg()
 	}
 	o := m.o
-	o.mu.Lock()
-	if o.mrs[m.mr.index] == m {
-		delete(o.mrs, m.mr.index)
-		o.nmr.Add(-1)
-	}
-	o.mu.Unlock()
+	o.forget(m)
 	m.sub.Remove()
 	m.mu.Lock()
 	m.dead = true
@@ -1172,6 +1167,16 @@ func (m *odpMR) dereg() error {
 		errs = append(errs, m.win.close(o.d, ferr == nil))
 	}
 	return errors.Join(errs...)
+}
+
+// forget takes m out of the device's ODP MRs: faults no longer find it.
+func (o *odpDev) forget(m *odpMR) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.mrs[m.mr.index] == m {
+		delete(o.mrs, m.mr.index)
+		o.nmr.Add(-1)
+	}
 }
 
 // pagesPinned is how many pages the ODP MR holds mapped now.

@@ -336,12 +336,7 @@ func (m *odpMR) children() []*odpMR {
 func (im *implicitMR) dereg() error {
 	p := im.m
 	o, v := p.o, p.o.v
-	o.mu.Lock()
-	if o.mrs[p.mr.index] == p {
-		delete(o.mrs, p.mr.index)
-		o.nmr.Add(-1)
-	}
-	o.mu.Unlock()
+	o.forget(p)
 	im.mu.Lock()
 	im.dead = true
 	kids := im.children

@@ -2,7 +2,6 @@ package driver_test
 
 import (
 	"bytes"
-	"context"
 	"encoding/binary"
 	"math"
 	"math/rand"
@@ -39,19 +38,9 @@ func openImplicit(t *testing.T) (*attach.Attached, *odpLoop) {
 	requireRoot(t)
 	a := openEnvDevice(t, 2)
 	if a == nil {
-		o := attach.DefaultOptions()
-		o.Sim.NumContexts = 2
-		o.Sim.RcvArrayPerCtxt = 2048
+		o := embeddedOptions(2)
 		o.Sim.MTTEntries = implicitMTT
-		var err error
-		if a, err = attach.Open(context.Background(), "embedded", o); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			if err := a.Close(); err != nil {
-				t.Errorf("close: %v", err)
-			}
-		})
+		a = openEmbedded(t, o)
 	}
 	return a, newODPLoop(t, a)
 }
@@ -486,19 +475,9 @@ func TestImplicitODPChildrenReclaimed(t *testing.T) {
 	if os.Getenv(envTestDevice) != "" {
 		t.Skip("needs an embedded device with a small MTT")
 	}
-	o := attach.DefaultOptions()
-	o.Sim.NumContexts = 2
-	o.Sim.RcvArrayPerCtxt = 2048
+	o := embeddedOptions(2)
 	o.Sim.MTTEntries = chip.ImplicitDirEntries + 2*chip.ImplicitChildPages + 1024
-	a, err := attach.Open(context.Background(), "embedded", o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := a.Close(); err != nil {
-			t.Errorf("close: %v", err)
-		}
-	})
+	a := openEmbedded(t, o)
 	l := newODPLoop(t, a)
 	const n = 64 << 10
 	src := allocBuf(t, n, false)

@@ -30,7 +30,7 @@ func TestImplicitTranslation(t *testing.T) {
 		}
 	}
 	e := chip.MPTEntry{Key: 3<<8 | 7, PD: 1, Flags: chip.MPTStateValid | chip.MPTTypeImplicit, MTTFirst: 0, IOVA: 0, Length: chip.ImplicitLength}
-	const c0 = 0x7f12 // a child index of user space
+	const c0 = 0x7f12                                                         // a child index of user space
 	va := uint64(c0)<<chip.ImplicitChildShift + chip.ImplicitChildSize - 4096 // the last page of child c0
 	translate := func(va, n, perm uint64) ([]span, uint32, faultAddr) {
 		d.mu.Lock()

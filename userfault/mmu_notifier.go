@@ -439,36 +439,7 @@ func pageUp(a uintptr) uintptr {
 // watched; events are delivered for overlaps with the exact range. Memory
 // must be mapped and not belong to the Go heap (use package mem).
 func (n *Notifier) Subscribe(start, length uintptr, ops IntervalOps) (*Subscription, error) {
-	end := start + length
-	if length == 0 || end < start || ops == nil {
-		return nil, fmt.Errorf("userfault: subscribe [%#x, +%#x): %w", start, length, unix.EINVAL)
-	}
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	if n.closed {
-		return nil, ErrClosed
-	}
-	var vmas pageRange
-	if n.maps != nil {
-		var err error
-		if vmas, err = n.maps.check(pageDown(start), pageUp(end)); err != nil {
-			return nil, fmt.Errorf("userfault: subscribe [%#x, %#x): %w", start, end, err)
-		}
-	}
-	n.nextID++
-	s := &Subscription{n: n, id: n.nextID, start: start, end: end, ops: ops}
-	n.tree.insert(s)
-	for i, src := range n.sources {
-		if err := src.watch(pageDown(start), pageUp(end), vmas); err != nil {
-			n.tree.remove(s)
-			pieces := n.uncovered(pageDown(start), pageUp(end))
-			for _, prev := range n.sources[:i] {
-				prev.unwatch(pieces)
-			}
-			return nil, fmt.Errorf("userfault: subscribe [%#x, %#x): %s: %w", start, end, src.kind(), err)
-		}
-	}
-	return s, nil
+	return n.subscribe(start, length, ops, true)
 }
 
 // Track is Subscribe without watching anything yet: events the sources
@@ -480,18 +451,46 @@ func (n *Notifier) Subscribe(start, length uintptr, ops IntervalOps) (*Subscript
 // ODP, whose range is the address space: each fault watches the pages it
 // maps.
 func (n *Notifier) Track(start, length uintptr, ops IntervalOps) (*Subscription, error) {
+	return n.subscribe(start, length, ops, false)
+}
+
+func (n *Notifier) subscribe(start, length uintptr, ops IntervalOps, watch bool) (*Subscription, error) {
+	what := "subscribe"
+	if !watch {
+		what = "track"
+	}
 	end := start + length
 	if length == 0 || end < start || ops == nil {
-		return nil, fmt.Errorf("userfault: track [%#x, +%#x): %w", start, length, unix.EINVAL)
+		return nil, fmt.Errorf("userfault: %s [%#x, +%#x): %w", what, start, length, unix.EINVAL)
 	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.closed {
 		return nil, ErrClosed
 	}
+	var vmas pageRange
+	if n.maps != nil && watch {
+		var err error
+		if vmas, err = n.maps.check(pageDown(start), pageUp(end)); err != nil {
+			return nil, fmt.Errorf("userfault: subscribe [%#x, %#x): %w", start, end, err)
+		}
+	}
 	n.nextID++
 	s := &Subscription{n: n, id: n.nextID, start: start, end: end, ops: ops}
 	n.tree.insert(s)
+	if !watch {
+		return s, nil
+	}
+	for i, src := range n.sources {
+		if err := src.watch(pageDown(start), pageUp(end), vmas); err != nil {
+			n.tree.remove(s)
+			pieces := n.uncovered(pageDown(start), pageUp(end))
+			for _, prev := range n.sources[:i] {
+				prev.unwatch(pieces)
+			}
+			return nil, fmt.Errorf("userfault: subscribe [%#x, %#x): %s: %w", start, end, src.kind(), err)
+		}
+	}
 	return s, nil
 }
 
