@@ -45,6 +45,17 @@ func openImplicit(t *testing.T) (*attach.Attached, *odpLoop) {
 	return a, newODPLoop(t, a)
 }
 
+// odpGeneralCaps is the odp_general_caps QUERY_DEVICE must report for the
+// device of a: IBV_ODP_SUPPORT, with IBV_ODP_SUPPORT_IMPLICIT when the
+// device has implicit ODP and an MTT with room for a directory and a child.
+func odpGeneralCaps(a *attach.Attached) uint64 {
+	i := a.Device.Info()
+	if i.CapFlags&chip.CapImplicitODP != 0 && i.MTTEntries >= chip.ImplicitDirEntries+chip.ImplicitChildPages {
+		return uapi.IBV_ODP_SUPPORT | uapi.IBV_ODP_SUPPORT_IMPLICIT
+	}
+	return uapi.IBV_ODP_SUPPORT
+}
+
 // regImplicit registers the whole address space in the file of q.
 func regImplicit(t testing.TB, q rcQP) uapi.GohfiRegMR {
 	t.Helper()
@@ -126,7 +137,7 @@ func TestImplicitODPRegister(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if attr.OdpGeneralCaps != uapi.IBV_ODP_SUPPORT|uapi.IBV_ODP_SUPPORT_IMPLICIT {
+	if attr.OdpGeneralCaps != uapi.IBV_ODP_SUPPORT|uapi.IBV_ODP_SUPPORT_IMPLICIT || odpGeneralCaps(a) != attr.OdpGeneralCaps {
 		t.Fatalf("odp_general_caps %#x, want SUPPORT|SUPPORT_IMPLICIT (device MTT %d entries)", attr.OdpGeneralCaps, a.Device.Info().MTTEntries)
 	}
 	before := a.Device.Stats()
@@ -181,7 +192,7 @@ func TestImplicitODPRegister(t *testing.T) {
 	}
 	sf := openFile(t, small)
 	assign(t, sf)
-	if attr, err := hfiuser.QueryDevice(sf); err != nil || attr.OdpGeneralCaps != uapi.IBV_ODP_SUPPORT {
+	if attr, err := hfiuser.QueryDevice(sf); err != nil || attr.OdpGeneralCaps != uapi.IBV_ODP_SUPPORT || odpGeneralCaps(small) != uapi.IBV_ODP_SUPPORT {
 		t.Fatalf("QUERY_DEVICE without room for implicit ODP: odp_general_caps %#x, %v", attr.OdpGeneralCaps, err)
 	}
 	_, err = hfiuser.RegMR(sf, 0, math.MaxUint64, 0, odpAccess)
@@ -525,5 +536,61 @@ func TestImplicitODPChildrenReclaimed(t *testing.T) {
 	s := l.stats(l.qb.f, mb)
 	if s.PagesPinned != 2*n/4096 || s.PageInvalidations == 0 || s.PageInvalidationsHandled != s.PageInvalidations {
 		t.Fatalf("MR_STATS: %+v", s)
+	}
+}
+
+// BenchmarkImplicitODPFault: one 4 KiB RDMA WRITE into a 1 MiB target
+// whose pages were just dropped (MADV_DONTNEED), so every WRITE faults:
+// the invalidation, the fault and the WRITE, into an ODP MR of the target
+// and into an implicit MR (whose child exists: its faults also watch the
+// window they map).
+func BenchmarkImplicitODPFault(b *testing.B) {
+	requireRoot(b)
+	o := embeddedOptions(2)
+	o.Sim.MTTEntries = implicitMTT
+	a := openEmbedded(b, o)
+	fa, fb := openFile(b, a), openFile(b, a)
+	assign(b, fa)
+	assign(b, fb)
+	qa, qb := newRCQP(b, fa, 16, 16, false), newRCQP(b, fb, 16, 16, false)
+	qa.connect(b, qb.qpn)
+	qb.connect(b, qa.qpn)
+	src := allocBuf(b, 4096, false)
+	ms, err := hfiuser.RegMR(fa, src.Addr(), 4096, uint64(src.Addr()), pinAccess)
+	if err != nil {
+		b.Fatal(err)
+	}
+	const n = 1 << 20
+	for _, kind := range []string{"odp", "implicit"} {
+		b.Run(kind, func(b *testing.B) {
+			dst := allocBuf(b, n, false)
+			var r uapi.GohfiRegMR
+			if kind == "odp" {
+				r, err = hfiuser.RegMR(fb, dst.Addr(), n, uint64(dst.Addr()), odpAccess)
+			} else {
+				r, err = hfiuser.RegMR(fb, 0, math.MaxUint64, 0, implicitAccess)
+			}
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.Cleanup(func() { _ = hfiuser.DeregMR(fb, r.Handle) })
+			write := func(i int) {
+				w := hfiuser.SendWR{GohfiSendWR: uapi.GohfiSendWR{WrID: 1, Opcode: uapi.GOHFI_WR_RDMA_WRITE,
+					SendFlags: uapi.GOHFI_SEND_SIGNALED, RemoteAddr: uint64(dst.Addr()) + uint64(i%(n/4096))*4096, Rkey: r.Rkey},
+					SGL: []uapi.GohfiSge{{Addr: uint64(src.Addr()), Length: 4096, Lkey: ms.Lkey}}}
+				if _, err := hfiuser.PostSend(fa, qa.qp, []hfiuser.SendWR{w}); err != nil {
+					b.Fatal(err)
+				}
+				wantOK(b, "WRITE", pollWC(b, fa, qa.cq, 1)[0])
+			}
+			write(0) // the implicit MR's child
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				if err := madvise(dst.Addr(), n, unix.MADV_DONTNEED); err != nil {
+					b.Fatal(err)
+				}
+				write(i)
+			}
+		})
 	}
 }
