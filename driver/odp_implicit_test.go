@@ -6,6 +6,7 @@ import (
 	"math"
 	"math/rand"
 	"os"
+	"slices"
 	"testing"
 
 	"github.com/gohfi/gohfi/attach"
@@ -584,12 +585,21 @@ func BenchmarkImplicitODPFault(b *testing.B) {
 				wantOK(b, "WRITE", pollWC(b, fa, qa.cq, 1)[0])
 			}
 			write(0) // the implicit MR's child
+			a.Sim.Device.ODPFaultLatencies()
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
 				if err := madvise(dst.Addr(), n, unix.MADV_DONTNEED); err != nil {
 					b.Fatal(err)
 				}
 				write(i)
+			}
+			b.StopTimer()
+			// The device's view: fault raised to resumed.
+			lat := a.Sim.Device.ODPFaultLatencies()
+			slices.Sort(lat)
+			if len(lat) > 0 {
+				b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "fault-p50-us")
+				b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "fault-p99-us")
 			}
 		})
 	}
