@@ -38,6 +38,14 @@ import (
 // has no room for a new child and a child of the file's implicit MRs maps
 // nothing, and at deregistration, which tears them all down before the
 // directory is zapped and freed. MR_STATS of the parent sums its children.
+//
+// A child's faults are never handled inline on the interrupt goroutine:
+// the watch before the pin is a syscall (odpMR.fault hands them off).
+//
+// Lock order: odpDev.mu (evict lists children under it), then
+// implicitMR.mu, then verbsDev.mu and the notifier's lock (a child's MTT
+// run and tracked range are made under implicitMR.mu). implicitMR.mu is
+// never taken with an odpMR.mu held, and no flush is awaited under it.
 
 // implicitMR is the parent's part of an implicit ODP MR (odpMR.imr).
 type implicitMR struct {
