@@ -23,6 +23,10 @@ package chip
 const (
 	CapImplicitODP = 1 << 6
 
+	// MPTTypeImplicit is the MPT entry type of an implicit ODP region,
+	// beside chip/verbs.go's MPTTypePinned, MPTTypeODP and MPTTypeFastReg.
+	MPTTypeImplicit = 3 << MPTTypeShift
+
 	ImplicitChildShift  = 30
 	ImplicitChildSize   = 1 << ImplicitChildShift
 	ImplicitChildPages  = ImplicitChildSize >> 12

@@ -78,13 +78,12 @@ const (
 	MPTStateFree  = 0 // no region: every access is refused
 	MPTStateValid = 1
 
-	MPTAccessShift  = 8 // IB_ACCESS_* bits 0-7
-	MPTTypeShift    = 16
-	MPTTypeMask     = 0xf << MPTTypeShift
-	MPTTypePinned   = 0 << MPTTypeShift // REG_MR: every page present while valid
-	MPTTypeODP      = 1 << MPTTypeShift // REG_MR with IB_ACCESS_ON_DEMAND (issue: ODP)
-	MPTTypeFastReg  = 2 << MPTTypeShift // ALLOC_MR, bound by FAST_REG_MR (issue: fast registration)
-	MPTTypeImplicit = 3 << MPTTypeShift // implicit ODP: the whole address space through a child directory (odp_implicit.go)
+	MPTAccessShift = 8 // IB_ACCESS_* bits 0-7
+	MPTTypeShift   = 16
+	MPTTypeMask    = 0xf << MPTTypeShift
+	MPTTypePinned  = 0 << MPTTypeShift // REG_MR: every page present while valid
+	MPTTypeODP     = 1 << MPTTypeShift // REG_MR with IB_ACCESS_ON_DEMAND (issue: ODP)
+	MPTTypeFastReg = 2 << MPTTypeShift // ALLOC_MR, bound by FAST_REG_MR (issue: fast registration)
 )
 
 // MPTOffset is the BAR4 offset of the MPT on a device with mttEntries MTT
