@@ -604,3 +604,45 @@ func BenchmarkImplicitODPFault(b *testing.B) {
 		})
 	}
 }
+
+// TestImplicitODPPrefetch: ADVISE_MR on the implicit MRs (as test_odp.py's
+// implicit prefetch tests): an asynchronous PREFETCH_WRITE of the source
+// is accepted and the WRITE from it lands (faulting what the prefetch has
+// not mapped yet); a synchronous PREFETCH and PREFETCH_NO_FAULT map the
+// target's buffers in two more children, counted in page_prefetch; a range
+// that is not mapped, or above the 47-bit address space, is EFAULT.
+func TestImplicitODPPrefetch(t *testing.T) {
+	_, l := openImplicit(t)
+	const n = 256 << 10
+	ma, mb := regImplicit(t, l.qa), regImplicit(t, l.qb)
+	as, bs := farBufs(t, 1, n), farBufs(t, 3, n)
+	f := l.qb.f
+	if err := hfiuser.AdviseMR(l.qa.f, uapi.GOHFI_ADVISE_MR_ADVICE_PREFETCH_WRITE, 0, ma.Lkey, uint64(as[0]), n); err != nil {
+		t.Fatalf("asynchronous PREFETCH_WRITE: %v", err)
+	}
+	fill(unsafeSlice(as[0], n), 1)
+	wantOK(t, "WRITE", l.op(uapi.GOHFI_WR_RDMA_WRITE, sg(as[0], n, ma), bs[0], mb.Rkey))
+	if !bytes.Equal(unsafeSlice(bs[0], n), unsafeSlice(as[0], n)) {
+		t.Fatal("WRITE after the prefetch: data differs")
+	}
+	before := l.stats(f, mb)
+	if err := hfiuser.AdviseMR(f, uapi.GOHFI_ADVISE_MR_ADVICE_PREFETCH, uapi.GOHFI_ADVISE_MR_FLAG_FLUSH, mb.Lkey, uint64(bs[1]), n); err != nil {
+		t.Fatalf("PREFETCH: %v", err)
+	}
+	unsafeSlice(bs[2], n)[0] = 1 // one resident page
+	if err := hfiuser.AdviseMR(f, uapi.GOHFI_ADVISE_MR_ADVICE_PREFETCH_NO_FAULT, uapi.GOHFI_ADVISE_MR_FLAG_FLUSH, mb.Lkey, uint64(bs[2]), n); err != nil {
+		t.Fatalf("PREFETCH_NO_FAULT: %v", err)
+	}
+	s := l.stats(f, mb)
+	if got := s.PagePrefetch - before.PagePrefetch; got != n/4096+1 || s.PagesPinned < before.PagesPinned+n/4096+1 {
+		t.Fatalf("prefetched %d pages (want %d), MR_STATS %+v", got, n/4096+1, s)
+	}
+	hole := farBufs(t, 1, n)[0]
+	if err := munmapRaw(hole, n); err != nil {
+		t.Fatal(err)
+	}
+	err := hfiuser.AdviseMR(f, uapi.GOHFI_ADVISE_MR_ADVICE_PREFETCH, uapi.GOHFI_ADVISE_MR_FLAG_FLUSH, mb.Lkey, uint64(hole), n)
+	wantErrno(t, "PREFETCH of unmapped memory", err, unix.EFAULT)
+	err = hfiuser.AdviseMR(f, uapi.GOHFI_ADVISE_MR_ADVICE_PREFETCH, uapi.GOHFI_ADVISE_MR_FLAG_FLUSH, mb.Lkey, 1<<chip.ImplicitVABits, 4096)
+	wantErrno(t, "PREFETCH above 2^47", err, unix.EFAULT)
+}

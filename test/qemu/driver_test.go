@@ -63,6 +63,7 @@ var DriverScenarios = []string{
 	"TestImplicitODPTraffic",
 	"TestImplicitODPFollowsAddress",
 	"TestImplicitODPDontneed",
+	"TestImplicitODPPrefetch",
 	// Fast registration: ALLOC_MR, FAST_REG_MR through the send queue with
 	// page lists the driver checks and translates, LOCAL_INV,
 	// SEND_WITH_INV, READ_WITH_INV, and the refusals.

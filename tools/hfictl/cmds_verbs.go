@@ -318,6 +318,7 @@ func cmdAdviseMR(s *session, args []string) (obj, error) {
 	flush := fs.Bool("flush", false, "GOHFI_ADVISE_MR_FLAG_FLUSH: synchronous")
 	offArg := fs.String("off", "", "offset in the MR (default 0)")
 	lenArg := fs.String("len", "", "length (default: to the end of the MR)")
+	bufArg := fs.String("buf", "", "BUF[:OFF[:LEN]]: advise that range of a buffer instead (an implicit MR's only way)")
 	pos, err := parseArgs(fs, args, 1, 1)
 	if err != nil {
 		return nil, err
@@ -330,9 +331,24 @@ func cmdAdviseMR(s *session, args []string) (obj, error) {
 	if !ok {
 		return nil, usageErr("advice %q: want prefetch, prefetch_write or prefetch_no_fault", *adviceArg)
 	}
-	off, n, err := resolveSpan(*offArg, *lenArg, int(m.r.Length))
-	if err != nil {
-		return nil, err
+	var off, n int
+	switch {
+	case *bufArg != "":
+		if *offArg != "" || *lenArg != "" {
+			return nil, usageErr("advise-mr: --buf or --off/--len, not both")
+		}
+		b, boff, bn, err := s.bufSpan(*bufArg)
+		if err != nil {
+			return nil, err
+		}
+		// The driver judges whether the range lies in the MR.
+		off, n = int(uint64(b.b.Addr())+uint64(boff)-m.r.Iova), bn
+	case m.r.Length == math.MaxUint64:
+		return nil, usageErr("advise-mr %s: an implicit MR needs --buf BUF[:OFF[:LEN]]", m.name)
+	default:
+		if off, n, err = resolveSpan(*offArg, *lenArg, int(m.r.Length)); err != nil {
+			return nil, err
+		}
 	}
 	var flags uint32
 	if *flush {

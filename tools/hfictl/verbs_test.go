@@ -397,6 +397,11 @@ func TestDocImplicitODP(t *testing.T) {
 	if s := shows[1]; num(t, s, "page_faults") != 1 || num(t, s, "page_faults_handled") != 1 || num(t, s, "pages_pinned") < 64 {
 		t.Fatalf("after the first WRITE: %v", s)
 	}
+	// The fault-around window of dst's fault may have mapped some of src
+	// (the implicit MR reaches every buffer): the prefetch maps the rest.
+	if a := last(t, objs, "advise-mr"); num(t, a, "page_prefetch") > 64 || num(t, a, "pages_pinned") < 128 {
+		t.Fatalf("advise-mr --buf src: %v", a)
+	}
 	if w := wcs(t, polls[1]); len(w) != 1 || w[0]["status"] != "remote access error" {
 		t.Fatalf("WRITE after munmap: %v", w)
 	}
