@@ -151,10 +151,10 @@ type odpMR struct {
 	faults, faultsHandled, invals, invalsHandled, prefetched atomic.Uint64
 
 	// Implicit ODP (odp_implicit.go): imr on the parent, the MR of the
-	// whole address space (no pages, sub or chunks of its own); parent on
+	// whole address space (no pages, sub or chunks of its own); child on
 	// each of its 1 GiB children.
-	imr    *implicitMR
-	parent *implicitMR
+	imr   *implicitMR
+	child *implicitChild
 }
 
 // odpChunk is one run of pages of an ODP MR mapped together.
@@ -532,7 +532,7 @@ func (m *odpMR) fault(uva uintptr, length uint64, mode faultMode, win pageSpan, 
 		}
 		seq := m.sub.ReadBegin()
 		var cover *userfault.Subscription
-		if m.rewatch.Load() {
+		if m.mustWatch(win) {
 			if noWait {
 				return 0, 0, errWouldWait
 			}

@@ -39,8 +39,11 @@ import (
 // nothing, and at deregistration, which tears them all down before the
 // directory is zapped and freed. MR_STATS of the parent sums its children.
 //
-// A child's faults are never handled inline on the interrupt goroutine:
-// the watch before the pin is a syscall (odpMR.fault hands them off).
+// A child remembers which of its fault-around windows are watched whole
+// (implicitChild.watched) until an UNMAP, REMAP or lost event touches them:
+// a fault in such a window watches nothing, and may be handled inline on
+// the interrupt goroutine as an ordinary ODP fault; the others watch first
+// (a syscall), on a goroutine of their own.
 //
 // Lock order: odpDev.mu (evict lists children under it), then
 // implicitMR.mu, then verbsDev.mu and the notifier's lock (a child's MTT
@@ -59,6 +62,20 @@ type implicitMR struct {
 
 	// Invalidation counters of destroyed children.
 	retiredInvals, retiredInvalsHandled atomic.Uint64
+}
+
+// implicitChild is a child's part of its odpMR (odpMR.child).
+type implicitChild struct {
+	m      *odpMR
+	parent *implicitMR
+
+	// watched holds the fault-around windows (page index / window
+	// pages) whose VMAs a fault registered whole; gen counts the events
+	// that forget some, so that a fault whose watch raced one does not
+	// remember a window the event went through.
+	wmu     sync.Mutex
+	watched map[int]struct{}
+	gen     uint64
 }
 
 // implicitSupported reports whether the device can take an implicit MR:
@@ -188,10 +205,10 @@ func (im *implicitMR) newChildLocked(idx uint64) (*odpMR, error) {
 	base := uintptr(idx << chip.ImplicitChildShift)
 	mr := &MR{pd: p.mr.pd, index: p.mr.index, key: p.mr.key, addr: base, length: chip.ImplicitChildSize,
 		iova: uint64(base), access: p.mr.access, mttFirst: first, npages: chip.ImplicitChildPages}
-	c := &odpMR{o: o, mr: mr, start: base, end: base + chip.ImplicitChildSize, parent: im,
+	c := &odpMR{o: o, mr: mr, start: base, end: base + chip.ImplicitChildSize,
 		pages: make([]*odpChunk, chip.ImplicitChildPages), chunks: map[*odpChunk]struct{}{}}
 	// Nothing of the child is watched yet: every fault watches its pages.
-	c.rewatch.Store(true)
+	c.child = &implicitChild{m: c, parent: im, watched: map[int]struct{}{}}
 	if c.sub, err = not.Track(c.start, c.end-c.start, childOps{c}); err != nil {
 		v.freeMTT(first, chip.ImplicitChildPages)
 		return nil, fmt.Errorf("implicit ODP: child at %#x: %w", base, err)
@@ -210,9 +227,15 @@ type childOps struct{ c *odpMR }
 
 func (ops childOps) Invalidate(s *userfault.Subscription, ev userfault.Event) bool {
 	c := ops.c
+	switch ev.Kind {
+	case userfault.EventUnmap, userfault.EventRemap, userfault.EventOverflow:
+		// Before the pages are zapped and the sequence moves: a fault
+		// that retries then watches again.
+		c.child.forget(ev)
+	}
 	hit := c.Invalidate(s, ev)
 	if ev.Kind == userfault.EventUnmap && ev.Start <= c.start && ev.End >= c.end {
-		im := c.parent
+		im := c.child.parent
 		im.mu.Lock()
 		if !im.dead && im.children[uint64(c.start)>>chip.ImplicitChildShift] == c {
 			im.destroying++
@@ -387,16 +410,102 @@ func (im *implicitMR) stats(s *uapi.GohfiMRStats) {
 	}
 }
 
+// mustWatch reports whether a fault of m must watch pages before it pins
+// those of win: an ordinary ODP MR after an UNMAP or REMAP went through it
+// (odpMR.rewatch), an implicit MR's child unless every window win touches
+// is watched whole.
+func (m *odpMR) mustWatch(win pageSpan) bool {
+	if m.child == nil {
+		return m.rewatch.Load()
+	}
+	return !m.child.isWatched(win)
+}
+
+// windows is the range of window indices [lo, hi) that pages s touch
+// (whole: only those s covers entirely).
+func (ch *implicitChild) windows(s pageSpan, whole bool) (lo, hi int) {
+	wp := int(ch.m.o.window() / pageSize)
+	if whole {
+		return (s.first + wp - 1) / wp, s.last / wp
+	}
+	return s.first / wp, (s.last + wp - 1) / wp
+}
+
+func (ch *implicitChild) isWatched(win pageSpan) bool {
+	if win.empty() {
+		return true
+	}
+	lo, hi := ch.windows(win, false)
+	ch.wmu.Lock()
+	defer ch.wmu.Unlock()
+	for w := lo; w < hi; w++ {
+		if _, ok := ch.watched[w]; !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// watchGen is the generation a watch starts under.
+func (ch *implicitChild) watchGen() uint64 {
+	ch.wmu.Lock()
+	defer ch.wmu.Unlock()
+	return ch.gen
+}
+
+// remember records the windows s covers whole as watched, unless an
+// event forgot windows since gen.
+func (ch *implicitChild) remember(s pageSpan, gen uint64) {
+	lo, hi := ch.windows(s, true)
+	ch.wmu.Lock()
+	defer ch.wmu.Unlock()
+	if ch.gen != gen {
+		return
+	}
+	for w := lo; w < hi; w++ {
+		ch.watched[w] = struct{}{}
+	}
+}
+
+// forget drops the windows an UNMAP or REMAP touched (all of them for a
+// lost event): a new mapping there is not registered yet.
+func (ch *implicitChild) forget(ev userfault.Event) {
+	ch.wmu.Lock()
+	defer ch.wmu.Unlock()
+	ch.gen++
+	if ev.Kind == userfault.EventOverflow {
+		clear(ch.watched)
+		return
+	}
+	s := ch.m.span(ev.Start, ev.End)
+	if s.empty() {
+		return
+	}
+	lo, hi := ch.windows(s, false)
+	if hi-lo > len(ch.watched) {
+		for w := range ch.watched {
+			if w >= lo && w < hi {
+				delete(ch.watched, w)
+			}
+		}
+		return
+	}
+	for w := lo; w < hi; w++ {
+		delete(ch.watched, w)
+	}
+}
+
 // rewatchFault watches the pages a fault of m is about to map (see
-// odpMR.rewatch) and returns the window to map. An ordinary ODP MR
-// rewatches as rewatchRange says. A child of an implicit MR watches its
-// fault-around window, else only the pages the access needs (the window
-// shrinks to them), else the fault fails: a page mapped without being
-// watched would outlive its munmap on the device.
+// mustWatch) and returns the window to map. An ordinary ODP MR rewatches
+// as rewatchRange says. A child of an implicit MR watches its fault-around
+// window (and remembers it), else only the pages the access needs (the
+// window shrinks to them), else the fault fails: a page mapped without
+// being watched would outlive its munmap on the device.
 func (m *odpMR) rewatchFault(win, need pageSpan) (*userfault.Subscription, pageSpan, error) {
-	if m.parent == nil {
+	if m.child == nil {
 		return m.rewatchRange(win), win, nil
 	}
+	gen := m.child.watchGen()
 	n := m.o.d.runningNotifier()
 	if n == nil {
 		return nil, pageSpan{}, errnoErr("implicit ODP: the invalidation notifier is gone", unix.EIO)
@@ -409,6 +518,7 @@ func (m *odpMR) rewatchFault(win, need pageSpan) (*userfault.Subscription, pageS
 	if !win.empty() {
 		var s *userfault.Subscription
 		if s, err = watch(win); err == nil {
+			m.child.remember(win, gen)
 			return s, win, nil
 		}
 	}
