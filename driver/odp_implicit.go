@@ -27,11 +27,11 @@ import (
 // Invalidations: each child is tracked over its whole 1 GiB
 // (userfault.Notifier.Track) without watching it, because the range holds
 // holes, other mappings and perhaps the Go heap, which Subscribe refuses.
-// Every fault of a child watches the pages it maps (a short-lived Subscribe
-// of its fault-around window, else of the pages the access needs, else the
-// fault fails): the VMAs registered then stay watched under the child's
-// tracked range, and their UNMAP, REMOVE and REMAP events reach the child
-// as an ordinary ODP MR's.
+// A fault of a child watches the pages it maps (a short-lived Subscribe of
+// its fault-around window, else of the pages the access needs, else the
+// fault fails) unless they are known watched (below): the VMAs registered
+// then stay watched under the child's tracked range, and their UNMAP,
+// REMOVE and REMAP events reach the child as an ordinary ODP MR's.
 //
 // Children are destroyed (directory entry zapped, TLB flushed, MTT run
 // given back) when an UNMAP covers all of a child's 1 GiB, when the MTT
