@@ -22,9 +22,21 @@ func openDev(t testing.TB, ctxts int) *attach.Attached {
 	if a := openEnvDevice(t, ctxts); a != nil {
 		return a
 	}
+	return openEmbedded(t, embeddedOptions(ctxts))
+}
+
+// embeddedOptions are openDev's options for an embedded device of ctxts
+// contexts.
+func embeddedOptions(ctxts int) attach.Options {
 	o := attach.DefaultOptions()
 	o.Sim.NumContexts = ctxts
 	o.Sim.RcvArrayPerCtxt = 2048
+	return o
+}
+
+// openEmbedded opens an embedded device with o and closes it when t ends.
+func openEmbedded(t testing.TB, o attach.Options) *attach.Attached {
+	t.Helper()
 	a, err := attach.Open(context.Background(), "embedded", o)
 	if err != nil {
 		t.Fatal(err)

@@ -75,7 +75,9 @@ const (
 // entry or MTT run). A failure leaves nothing pinned, mapped or written.
 // With IB_ACCESS_ON_DEMAND nothing is pinned or mapped: the MTT entries stay
 // not present and the range is watched (odp.go); EFAULT then means the
-// range is not mapped or cannot be watched.
+// range is not mapped or cannot be watched. Address 0 with length
+// UINT64_MAX is the whole address space, an implicit ODP MR (regImplicit);
+// either alone is EINVAL.
 func (pd *PD) RegMR(addr uintptr, length, iova uint64, access uint32) (*MR, error) {
 	v, d := pd.v, pd.d
 	switch {
@@ -83,6 +85,8 @@ func (pd *PD) RegMR(addr uintptr, length, iova uint64, access uint32) (*MR, erro
 		return nil, errnoErr(fmt.Sprintf("REG_MR: unknown access bits %#x", access&^mrAccessKnown), unix.EINVAL)
 	case access&(uapi.IB_ACCESS_REMOTE_WRITE|uapi.IB_ACCESS_REMOTE_ATOMIC) != 0 && access&uapi.IB_ACCESS_LOCAL_WRITE == 0:
 		return nil, errnoErr("REG_MR: remote write or atomic access needs IB_ACCESS_LOCAL_WRITE", unix.EINVAL)
+	case addr == 0 || length == chip.ImplicitLength:
+		return pd.regImplicit(addr, length, iova, access) // implicit ODP (odp_implicit.go)
 	case length == 0:
 		return nil, errnoErr("REG_MR: zero length", unix.EINVAL)
 	case iova&(pageSize-1) != uint64(addr)&(pageSize-1):

@@ -149,6 +149,12 @@ type odpMR struct {
 	pinned int
 
 	faults, faultsHandled, invals, invalsHandled, prefetched atomic.Uint64
+
+	// Implicit ODP (odp_implicit.go): imr on the parent, the MR of the
+	// whole address space (no pages, sub or chunks of its own); child on
+	// each of its 1 GiB children.
+	imr   *implicitMR
+	child *implicitChild
 }
 
 // odpChunk is one run of pages of an ODP MR mapped together.
@@ -351,6 +357,9 @@ func (o *odpDev) small(e chip.EQE) bool {
 	if m == nil {
 		return true
 	}
+	if m = m.existingTarget(e.VA); m == nil {
+		return false // an implicit MR's new child is made off the interrupt goroutine
+	}
 	uva := m.userAddr(e.VA)
 	need, win := m.deviceSpans(uva, uint64(e.Length))
 	return max(need.last, win.last)-min(need.first, win.first) <= odpInlinePages
@@ -378,11 +387,19 @@ func (o *odpDev) handleFault(e chip.EQE, inline bool) {
 // TLB flush of an earlier invalidation of these pages still running).
 func (o *odpDev) resolve(m *odpMR, e chip.EQE, inline bool) {
 	var err error
+	var t *odpMR // the MR whose pages the fault maps: m, or its implicit child
 	if m != nil {
-		uva := m.userAddr(e.VA)
-		_, win := m.deviceSpans(uva, uint64(e.Length))
+		t, err = m.faultTarget(e.VA, inline)
+	}
+	if inline && errors.Is(err, errWouldWait) {
+		o.handOff(func() { o.resolve(m, e, false) })
+		return
+	}
+	if t != nil {
+		uva := t.userAddr(e.VA)
+		_, win := t.deviceSpans(uva, uint64(e.Length))
 		var ticket uint64
-		_, ticket, err = m.fault(uva, uint64(e.Length), faultDevice, win, inline)
+		_, ticket, err = t.fault(uva, uint64(e.Length), faultDevice, win, inline)
 		switch {
 		case inline && errors.Is(err, errWouldWait):
 			o.handOff(func() { o.resolve(m, e, false) })
@@ -515,11 +532,14 @@ func (m *odpMR) fault(uva uintptr, length uint64, mode faultMode, win pageSpan, 
 		}
 		seq := m.sub.ReadBegin()
 		var cover *userfault.Subscription
-		if m.rewatch.Load() {
+		if m.mustWatch(win) {
 			if noWait {
 				return 0, 0, errWouldWait
 			}
-			cover = m.rewatchRange(win)
+			var err error
+			if cover, win, err = m.rewatchFault(win, need); err != nil {
+				return 0, 0, err
+			}
 		}
 		m.mu.Lock()
 		if m.dead {
@@ -1005,6 +1025,7 @@ func (o *odpDev) evict(pd *PD, need int, self *odpMR, keep pageSpan) int {
 	for _, m := range o.mrs {
 		if m.mr.pd == pd {
 			mrs = append(mrs, m)
+			mrs = append(mrs, m.children()...)
 		}
 	}
 	o.mu.Unlock()
@@ -1116,13 +1137,11 @@ func (pd *PD) regODP(mr *MR) error {
 // the TLB flushed for the whole MR, and everything it holds unmapped and
 // unpinned, including chunks an invalidation queued before.
 func (m *odpMR) dereg() error {
-	o := m.o
-	o.mu.Lock()
-	if o.mrs[m.mr.index] == m {
-		delete(o.mrs, m.mr.index)
-		o.nmr.Add(-1)
+	if m.imr != nil {
+		return m.imr.dereg()
 	}
-	o.mu.Unlock()
+	o := m.o
+	o.forget(m)
 	m.sub.Remove()
 	m.mu.Lock()
 	m.dead = true
@@ -1150,8 +1169,21 @@ func (m *odpMR) dereg() error {
 	return errors.Join(errs...)
 }
 
+// forget takes m out of the device's ODP MRs: faults no longer find it.
+func (o *odpDev) forget(m *odpMR) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.mrs[m.mr.index] == m {
+		delete(o.mrs, m.mr.index)
+		o.nmr.Add(-1)
+	}
+}
+
 // pagesPinned is how many pages the ODP MR holds mapped now.
 func (m *odpMR) pagesPinned() int {
+	if m.imr != nil {
+		return m.imr.pagesPinned()
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.pinned
@@ -1164,6 +1196,9 @@ func (m *odpMR) stats(s *uapi.GohfiMRStats) {
 	s.PageInvalidations = m.invals.Load()
 	s.PageInvalidationsHandled = m.invalsHandled.Load()
 	s.PagePrefetch = m.prefetched.Load()
+	if m.imr != nil {
+		m.imr.stats(s)
+	}
 }
 
 // AdviseMR gives advice about [addr, addr+length) of the ODP MR lkey
@@ -1212,9 +1247,13 @@ func (pd *PD) AdviseMR(advice, flags, lkey uint32, addr, length uint64) error {
 		uva := m.userAddr(addr)
 		end := uva + uintptr(length)
 		w := m.o.window()
-		for lo := uva; lo < end; lo = (lo &^ (w - 1)) + w {
-			hi := min(end, (lo&^(w-1))+w)
-			n, ticket, err := m.fault(lo, uint64(hi-lo), mode, m.span(lo, hi), false)
+		for lo, hi := uva, uva; lo < end; lo = hi {
+			t, err := m.faultTarget(uint64(lo), false)
+			if err != nil {
+				return err
+			}
+			hi = min(end, (lo&^(w-1))+w, t.end)
+			n, ticket, err := t.fault(lo, uint64(hi-lo), mode, t.span(lo, hi), false)
 			m.prefetched.Add(uint64(n))
 			pd.d.stats.odpPrefetch.Add(uint64(n))
 			if err == nil {
@@ -1254,15 +1293,20 @@ func (pd *PD) ioctlAdviseMR(arg UserPtr) error {
 }
 
 // odpCaps are QUERY_DEVICE's ODP capabilities: RC SEND, RECV, RDMA WRITE
-// and READ fault on both sides, atomics once POST_SEND takes them; no
-// implicit ODP, no UC, UD or SRQ.
+// and READ fault on both sides, atomics once POST_SEND takes them;
+// implicit ODP where the device can take it (implicitSupported); no UC,
+// UD or SRQ.
 func (v *verbsDev) odpCaps() (general uint64, rc uint32) {
 	if v.odp == nil {
 		return 0, 0
 	}
 	rc = uapi.IBV_ODP_SUPPORT_SEND | uapi.IBV_ODP_SUPPORT_RECV | uapi.IBV_ODP_SUPPORT_WRITE |
 		uapi.IBV_ODP_SUPPORT_READ | uapi.IBV_ODP_SUPPORT_ATOMIC
-	return uapi.IBV_ODP_SUPPORT, rc
+	general = uapi.IBV_ODP_SUPPORT
+	if v.implicitSupported() {
+		general |= uapi.IBV_ODP_SUPPORT_IMPLICIT
+	}
+	return general, rc
 }
 
 // tlbWake returns the channel the next IntSrcTLB closes (nil without ODP,

@@ -83,7 +83,7 @@ func (d *Device) readRegLocked(reg uint64) uint64 {
 	case chip.RegMTTEntries:
 		return uint64(c.MTTEntries)
 	case chip.RegCapFlags:
-		return chip.CapMSIX | chip.CapLoopback | chip.CapVerbs | chip.CapODP | chip.CapMemMgtExtensions | chip.CapDBRec
+		return chip.CapMSIX | chip.CapLoopback | chip.CapVerbs | chip.CapODP | chip.CapMemMgtExtensions | chip.CapDBRec | chip.CapImplicitODP
 	case chip.RegRHQMaxEntries:
 		return uint64(c.RHQMaxEntries)
 	case chip.RegControl:

@@ -70,11 +70,15 @@ func (d *Device) checkKey(key, pd uint32, va, n uint64, need, allow uint32) (chi
 }
 
 // translateLocked turns n bytes at va of region e into IOVA spans through
-// the TLB and the MTT (one entry per page of the entry's page shift),
+// the TLB and the MTT (one entry per page of the entry's page shift; an
+// implicit ODP region through its child directory, odp_implicit.go),
 // appending to out. Every page must be present and
 // have the perm bits (chip.MTTRead, chip.MTTWrite or both); a page the
 // device cannot translate is chip.VendorErrDMA.
 func (d *Device) translateLocked(e *chip.MPTEntry, va, n, perm uint64, out []span) ([]span, uint32) {
+	if e.Flags&chip.MPTTypeMask == chip.MPTTypeImplicit {
+		return d.translateImplicitLocked(e, va, n, perm, out)
+	}
 	perm |= chip.MTTPresent
 	shift := e.PageShift()
 	pageMask := uint64(1)<<shift - 1

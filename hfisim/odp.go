@@ -413,7 +413,8 @@ func (d *Device) flushEQ(dma vfiouser.DMA, gen uint64) bool {
 
 // PeekMR reads len(p) bytes at va of the region key names as the device
 // sees them now: through its TLB, else the MTT, without caching anything.
-// It reports false, reading nothing, if a page is not present. A
+// It reports false, reading nothing, if a page (or an implicit region's
+// child) is not present. A
 // diagnostic for tests (the device's view of an ODP region against the
 // process's).
 func (d *Device) PeekMR(key uint32, va uint64, p []byte) (bool, error) {
@@ -429,9 +430,16 @@ func (d *Device) PeekMR(key uint32, va uint64, p []byte) (bool, error) {
 		return false, nil
 	}
 	var spans []span
-	base := e.IOVA &^ 0xfff
 	for a, n := va, uint64(len(p)); n > 0; {
-		i := uint32(uint64(e.MTTFirst) + (a-base)>>12)
+		r := e
+		if e.Flags&chip.MPTTypeMask == chip.MPTTypeImplicit {
+			var verr uint32
+			if r, verr = d.implicitChildLocked(&e, a, false); verr != chip.VendorErrNone {
+				d.mu.Unlock()
+				return false, nil
+			}
+		}
+		i := uint32(uint64(r.MTTFirst) + (a-r.IOVA&^0xfff)>>12)
 		ent, ok := d.tlb[i]
 		if !ok {
 			ent = d.mtt.load64(uint64(i) * chip.MTTEntrySize)

@@ -439,9 +439,29 @@ func pageUp(a uintptr) uintptr {
 // watched; events are delivered for overlaps with the exact range. Memory
 // must be mapped and not belong to the Go heap (use package mem).
 func (n *Notifier) Subscribe(start, length uintptr, ops IntervalOps) (*Subscription, error) {
+	return n.subscribe(start, length, ops, true)
+}
+
+// Track is Subscribe without watching anything yet: events the sources
+// report for [start, start+length) are delivered to ops (and move the
+// subscription's sequence), but no memory is checked or registered now, so
+// the range may hold holes, unmapped space and the Go heap. Pages become
+// watched when a Subscribe covers them, and stay watched after that
+// subscription's Remove while the tracked one covers them. For implicit
+// ODP, whose range is the address space: each fault watches the pages it
+// maps.
+func (n *Notifier) Track(start, length uintptr, ops IntervalOps) (*Subscription, error) {
+	return n.subscribe(start, length, ops, false)
+}
+
+func (n *Notifier) subscribe(start, length uintptr, ops IntervalOps, watch bool) (*Subscription, error) {
+	what := "subscribe"
+	if !watch {
+		what = "track"
+	}
 	end := start + length
 	if length == 0 || end < start || ops == nil {
-		return nil, fmt.Errorf("userfault: subscribe [%#x, +%#x): %w", start, length, unix.EINVAL)
+		return nil, fmt.Errorf("userfault: %s [%#x, +%#x): %w", what, start, length, unix.EINVAL)
 	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -449,7 +469,7 @@ func (n *Notifier) Subscribe(start, length uintptr, ops IntervalOps) (*Subscript
 		return nil, ErrClosed
 	}
 	var vmas pageRange
-	if n.maps != nil {
+	if n.maps != nil && watch {
 		var err error
 		if vmas, err = n.maps.check(pageDown(start), pageUp(end)); err != nil {
 			return nil, fmt.Errorf("userfault: subscribe [%#x, %#x): %w", start, end, err)
@@ -458,6 +478,9 @@ func (n *Notifier) Subscribe(start, length uintptr, ops IntervalOps) (*Subscript
 	n.nextID++
 	s := &Subscription{n: n, id: n.nextID, start: start, end: end, ops: ops}
 	n.tree.insert(s)
+	if !watch {
+		return s, nil
+	}
 	for i, src := range n.sources {
 		if err := src.watch(pageDown(start), pageUp(end), vmas); err != nil {
 			n.tree.remove(s)

@@ -54,6 +54,16 @@ var DriverScenarios = []string{
 	"TestODPPinBudget",
 	"TestODPFaultRacesInvalidation",
 	"TestODPAtomics",
+	// Implicit ODP: one MR of the whole address space per side, 1 GiB
+	// children made on fault (the guest's device has guestMTTEntries).
+	// TestImplicitODPDeregCleansUp and TestImplicitODPChildrenReclaimed
+	// need an embedded device (a DMA-mapping counter, a small MTT) and
+	// stay on the host.
+	"TestImplicitODPRegister",
+	"TestImplicitODPTraffic",
+	"TestImplicitODPFollowsAddress",
+	"TestImplicitODPDontneed",
+	"TestImplicitODPPrefetch",
 	// Fast registration: ALLOC_MR, FAST_REG_MR through the send queue with
 	// page lists the driver checks and translates, LOCAL_INV,
 	// SEND_WITH_INV, READ_WITH_INV, and the refusals.
@@ -87,6 +97,8 @@ func driverDevices(t testing.TB, contexts ...int) ([]vmimage.VFIOUserDevice, str
 		// IntSrcTLB (MSI-X vector 0 through the guest's vfio-pci) rather
 		// than finding them done while polling RegTLBInvDone.
 		cfg.TLBInvLatency = guestTLBInvLatency
+		// Room for implicit ODP: two directories and six children.
+		cfg.MTTEntries = guestMTTEntries
 		slot := 4 + i
 		devs = append(devs, vmimage.VFIOUserDevice{Socket: serveHFISim(t, cfg), Slot: slot})
 		specs = append(specs, "pci:"+vmimage.GuestBDF(slot))
@@ -96,6 +108,10 @@ func driverDevices(t testing.TB, contexts ...int) ([]vmimage.VFIOUserDevice, str
 
 // guestTLBInvLatency is the guest device's TLB-invalidate latency.
 const guestTLBInvLatency = 5 * time.Millisecond
+
+// guestMTTEntries is the guest device's MTT: what the driver tests'
+// implicit ODP device has (driver/odp_implicit_test.go, implicitMTT).
+const guestMTTEntries = 1 << 21
 
 func driverTests(run string, timeout time.Duration) []vmimage.TestPackage {
 	return []vmimage.TestPackage{{Package: "./driver", Run: run, Timeout: timeout}}

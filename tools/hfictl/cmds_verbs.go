@@ -3,6 +3,7 @@ package main
 import (
 	"flag"
 	"fmt"
+	"math"
 	"strings"
 
 	"github.com/gohfi/gohfi/hfiuser"
@@ -223,40 +224,50 @@ func mrReg(s *session, args []string) (obj, error) {
 	accessArg := fs.String("access", "local_write", "IB_ACCESS_* names joined by , or a number")
 	iovaArg := fs.String("iova", "", "device address of the first byte (default: its virtual address)")
 	odp := fs.Bool("odp", false, "on-demand paging: add on_demand to the access (nothing pinned until the device faults)")
-	pos, err := parseArgs(fs, args, 2, 2)
+	implicit := fs.Bool("implicit", false, "implicit ODP: the whole address space (address 0, length UINT64_MAX, iova 0, on_demand), no BUF")
+	pos, err := parseArgs(fs, args, 1, 2)
 	if err != nil {
 		return nil, err
+	}
+	switch {
+	case *implicit && len(pos) != 1:
+		return nil, usageErr("mr reg --implicit takes NAME only: the MR is the whole address space")
+	case !*implicit && len(pos) != 2:
+		return nil, usageErr("mr reg NAME BUF[:OFF[:LEN]]: want a buffer (or --implicit)")
 	}
 	if err := unused(s.verbs.mrs, "MR", pos[0]); err != nil {
-		return nil, err
-	}
-	b, off, n, err := s.bufSpan(pos[1])
-	if err != nil {
 		return nil, err
 	}
 	access, err := parseAccess(*accessArg)
 	if err != nil {
 		return nil, err
 	}
-	if *odp {
+	if *odp || *implicit {
 		access |= uapi.IB_ACCESS_ON_DEMAND
 	}
-	addr := b.b.Addr() + uintptr(off)
-	iova := uint64(addr)
+	m := &mrRec{name: pos[0]}
+	var addr uintptr
+	var length, iova uint64 = math.MaxUint64, 0
+	if !*implicit {
+		b, off, n, err := s.bufSpan(pos[1])
+		if err != nil {
+			return nil, err
+		}
+		m.buf, m.off = b.name, off
+		addr = b.b.Addr() + uintptr(off)
+		length, iova = uint64(n), uint64(addr)
+	}
 	if *iovaArg != "" {
 		if iova, err = parseUint("iova", *iovaArg, 64); err != nil {
 			return nil, err
 		}
 	}
-	of, err := s.verbsFile()
-	if err != nil {
+	if m.of, err = s.verbsFile(); err != nil {
 		return nil, err
 	}
-	r, err := hfiuser.RegMR(of.f, addr, uint64(n), iova, access)
-	if err != nil {
+	if m.r, err = hfiuser.RegMR(m.of.f, addr, length, iova, access); err != nil {
 		return nil, err
 	}
-	m := &mrRec{name: pos[0], of: of, buf: b.name, off: off, r: r}
 	s.verbs.mrs[m.name] = m
 	return m.describe()
 }
@@ -273,7 +284,10 @@ func (m *mrRec) describe() (obj, error) {
 		return m.describeFastReg(st), nil
 	}
 	kind := "pinned"
-	if m.r.AccessFlags&uapi.IB_ACCESS_ON_DEMAND != 0 {
+	switch {
+	case m.r.AccessFlags&uapi.IB_ACCESS_ON_DEMAND != 0 && m.r.Addr == 0 && m.r.Length == math.MaxUint64:
+		kind = "implicit" // pages_pinned and the counters sum its children
+	case m.r.AccessFlags&uapi.IB_ACCESS_ON_DEMAND != 0:
 		kind = "odp"
 	}
 	o := obj{
@@ -304,6 +318,7 @@ func cmdAdviseMR(s *session, args []string) (obj, error) {
 	flush := fs.Bool("flush", false, "GOHFI_ADVISE_MR_FLAG_FLUSH: synchronous")
 	offArg := fs.String("off", "", "offset in the MR (default 0)")
 	lenArg := fs.String("len", "", "length (default: to the end of the MR)")
+	bufArg := fs.String("buf", "", "BUF[:OFF[:LEN]]: advise that range of a buffer instead (an implicit MR's only way)")
 	pos, err := parseArgs(fs, args, 1, 1)
 	if err != nil {
 		return nil, err
@@ -316,9 +331,24 @@ func cmdAdviseMR(s *session, args []string) (obj, error) {
 	if !ok {
 		return nil, usageErr("advice %q: want prefetch, prefetch_write or prefetch_no_fault", *adviceArg)
 	}
-	off, n, err := resolveSpan(*offArg, *lenArg, int(m.r.Length))
-	if err != nil {
-		return nil, err
+	var off, n int
+	switch {
+	case *bufArg != "":
+		if *offArg != "" || *lenArg != "" {
+			return nil, usageErr("advise-mr: --buf or --off/--len, not both")
+		}
+		b, boff, bn, err := s.bufSpan(*bufArg)
+		if err != nil {
+			return nil, err
+		}
+		// The driver judges whether the range lies in the MR.
+		off, n = int(uint64(b.b.Addr())+uint64(boff)-m.r.Iova), bn
+	case m.r.Length == math.MaxUint64:
+		return nil, usageErr("advise-mr %s: an implicit MR needs --buf BUF[:OFF[:LEN]]", m.name)
+	default:
+		if off, n, err = resolveSpan(*offArg, *lenArg, int(m.r.Length)); err != nil {
+			return nil, err
+		}
 	}
 	var flags uint32
 	if *flush {

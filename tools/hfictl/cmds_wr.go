@@ -249,7 +249,8 @@ var (
 )
 
 // remote reads an RDMA target: MR[:OFF] (the MR's iova plus OFF, and its
-// rkey) or an address with --rkey; an --rkey given always wins.
+// rkey), or BUF[:OFF] (a buffer's address plus OFF) or an address with
+// --rkey; an --rkey given always wins.
 func (s *session) remote(arg, rkeyArg string) (addr uint64, rkey uint32, err error) {
 	if arg == "" {
 		return 0, 0, usageErr("RDMA needs --remote MR[:OFF] or --remote ADDR --rkey K")
@@ -265,8 +266,18 @@ func (s *session) remote(arg, rkeyArg string) (addr uint64, rkey uint32, err err
 			addr += uint64(off)
 		}
 	} else {
-		if addr, err = parseUint("remote address", arg, 64); err != nil {
-			return 0, 0, usageErr("--remote %q: not an MR's name or an address", arg)
+		if b, berr := s.buffer(name); berr == nil {
+			// A buffer's address (for an implicit MR's rkey).
+			addr = uint64(b.b.Addr())
+			if offArg != "" {
+				off, err := parseSize("offset", offArg)
+				if err != nil {
+					return 0, 0, err
+				}
+				addr += uint64(off)
+			}
+		} else if addr, err = parseUint("remote address", arg, 64); err != nil {
+			return 0, 0, usageErr("--remote %q: not an MR's or a buffer's name, nor an address", arg)
 		}
 		if rkeyArg == "" {
 			return 0, 0, usageErr("--remote %s: an address needs --rkey", arg)

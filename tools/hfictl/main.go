@@ -50,6 +50,7 @@ func runContext(ctx context.Context, args []string, stdin io.Reader, stdout, std
 	opts := attach.DefaultOptions()
 	fs.IntVar(&opts.Sim.NumContexts, "contexts", opts.Sim.NumContexts, "embedded device: receive contexts")
 	fs.IntVar(&opts.Sim.RcvArrayPerCtxt, "rcvarray", opts.Sim.RcvArrayPerCtxt, "embedded device: RcvArray entries per context")
+	fs.IntVar(&opts.Sim.MTTEntries, "mtt", opts.Sim.MTTEntries, "embedded device: MTT entries (implicit ODP needs room for a directory of 131072 and a child of 262144)")
 	fs.IntVar(&opts.Params.RcvHdrCnt, "rcvhdrcnt", opts.Params.RcvHdrCnt, "module parameter: receive header queue entries per context")
 	fs.IntVar(&opts.Params.EagerBufferSize, "eager-size", opts.Params.EagerBufferSize, "module parameter: bytes per eager buffer")
 	fs.BoolVar(&opts.Params.TIDUnmapOnInvalidate, "tid-unmap", opts.Params.TIDUnmapOnInvalidate, "module parameter: unprogram and unpin TIDs at invalidation (HFI1_CAP_TID_UNMAP)")
@@ -168,7 +169,7 @@ func init() {
 		"bench": {"tid [--sizes 4k,64k,1m,16m] [--iters N] [--bw-msgs N] [--bw-buffers N] | write|read [--lat] [--size LIST] [--iters N] [--runs N] [--window N] [--signal-every N] | reg [--size LIST] [--iters N]",
 			"TID cache and expected receive; RDMA WRITE/READ bandwidth or latency vs memcpy (perftest-style); REG_MR+DEREG_MR cost", cmdBench},
 		// Verbs (cmds_verbs.go, cmds_wr.go).
-		"mr":        {"reg NAME BUF[:OFF[:LEN]] [--access LIST] [--iova X] [--odp] | dereg NAME | show [NAME]", "REG_MR, DEREG_MR, MR_STATS (access: local_write,remote_write,remote_read,remote_atomic; --odp: on_demand)", cmdMR},
+		"mr":        {"reg NAME BUF[:OFF[:LEN]] [--access LIST] [--iova X] [--odp] | reg NAME --implicit [--access LIST] | dereg NAME | show [NAME]", "REG_MR, DEREG_MR, MR_STATS (access: local_write,remote_write,remote_read,remote_atomic; --odp: on_demand; --implicit: the whole address space, on_demand)", cmdMR},
 		"advise-mr": {"MR [--advice prefetch|prefetch_write|prefetch_no_fault] [--flush] [--off N] [--len N]", "GOHFI_IOCTL_ADVISE_MR on an ODP MR (the whole MR by default), then MR_STATS", cmdAdviseMR},
 		"cq":        {"create NAME [--cqe N] | destroy NAME | show [NAME]", "CREATE_CQ, DESTROY_CQ", cmdCQ},
 		"qp":        {"create NAME --cq CQ|--send-cq CQ --recv-cq CQ [--max-send-wr N] [--max-recv-wr N] [--max-send-sge N] [--max-recv-sge N] [--sig-all] | modify NAME --state reset|init|rtr|rts|err [--dest-qp QPN|QP] [--access LIST] [--sq-psn N] [--rq-psn N] | destroy NAME | show [NAME]", "CREATE_QP (RC), MODIFY_QP, DESTROY_QP", cmdQP},

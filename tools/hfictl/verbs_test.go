@@ -20,7 +20,7 @@ func docScript(t *testing.T, name string) string {
 	if !ok {
 		t.Fatalf("docs/hfictl.md has no <!-- test: %s --> marker", name)
 	}
-	_, body, ok := strings.Cut(after, "hfictl shell <<'EOF'\n")
+	_, body, ok := strings.Cut(after, " shell <<'EOF'\n") // hfictl [flags] shell
 	if !ok {
 		t.Fatalf("no hfictl shell <<'EOF' after the %s marker", name)
 	}
@@ -365,6 +365,48 @@ func TestDocODP(t *testing.T) {
 	}
 	if s := shows[2]; num(t, s, "pages_pinned") != 0 || num(t, s, "page_invalidations") != 512 ||
 		num(t, s, "page_invalidations_handled") != 512 || num(t, s, "page_faults_handled") != 1 {
+		t.Fatalf("after munmap: %v", s)
+	}
+}
+
+// TestDocImplicitODP runs the implicit ODP script of docs/hfictl.md (with
+// its --mtt): an implicit MR pins nothing, a WRITE through its rkey into a
+// buffer faults and lands, the WRITE after an munmap fails, and mr show
+// sums the child's counters.
+func TestDocImplicitODP(t *testing.T) {
+	testenv.RequireRoot(t, "ODP needs userfaultfd and io_uring pins")
+	code, out, errs := hfictl(t, docScript(t, "TestDocImplicitODP"), "--json", "--mtt", "1048576", "shell")
+	if code != 0 {
+		t.Fatalf("exit %d, stderr %q, output:\n%s", code, errs, out)
+	}
+	objs := jsonLines(t, out)
+	by := byCmd(objs)
+	shows, polls := by["mr show"], by["poll-cq"]
+	if len(shows) != 3 || len(polls) != 2 {
+		t.Fatalf("%d mr show, %d poll-cq results", len(shows), len(polls))
+	}
+	if s := shows[0]; s["kind"] != "implicit" || num(t, s, "pages_pinned") != 0 || num(t, s, "page_faults") != 0 {
+		t.Fatalf("fresh implicit MR: %v", s)
+	}
+	if w := wcs(t, polls[0]); len(w) != 1 || w[0]["status"] != "success" {
+		t.Fatalf("WRITE through the implicit rkey: %v", w)
+	}
+	if num(t, last(t, objs, "checksum"), "checksum") != num(t, objs[indexOf(objs, "post-send")], "checksum") {
+		t.Fatal("WRITE through the implicit rkey: checksums differ")
+	}
+	if s := shows[1]; num(t, s, "page_faults") != 1 || num(t, s, "page_faults_handled") != 1 || num(t, s, "pages_pinned") < 64 {
+		t.Fatalf("after the first WRITE: %v", s)
+	}
+	// The fault-around window of dst's fault may have mapped some of src
+	// (the implicit MR reaches every buffer): the prefetch maps the rest.
+	if a := last(t, objs, "advise-mr"); num(t, a, "page_prefetch") > 64 || num(t, a, "pages_pinned") < 128 {
+		t.Fatalf("advise-mr --buf src: %v", a)
+	}
+	if w := wcs(t, polls[1]); len(w) != 1 || w[0]["status"] != "remote access error" {
+		t.Fatalf("WRITE after munmap: %v", w)
+	}
+	if s := shows[2]; num(t, s, "page_invalidations") < 64 ||
+		num(t, s, "page_invalidations_handled") != num(t, s, "page_invalidations") || num(t, s, "page_faults_handled") != 1 {
 		t.Fatalf("after munmap: %v", s)
 	}
 }
