@@ -450,10 +450,14 @@ func TestRemoveHold(t *testing.T) {
 		t.Fatalf("ReadBegin after DONTNEED: %d (before %d)", got, seq)
 	}
 	syncNotifier(t, n)
+	// Ended by the exit event, or by the poll (holdPoll, 1 ms) when the
+	// monitor reads that event later than the poll finds the call over: on
+	// a loaded machine either comes first, and both are right.
 	st := n.Stats()
-	if st.RemoveHolds != 1 || st.HoldsPolled != 0 {
-		t.Fatalf("after a DONTNEED: %+v, want one hold ended by the exit event", st)
+	if st.RemoveHolds != 1 {
+		t.Fatalf("after a DONTNEED: %+v, want one hold", st)
 	}
+	polled := st.HoldsPolled
 	// A madvise that fails with ENOMEM: pages 6 and 7 unmapped.
 	munmap(t, addr+6*pageSize, 2)
 	seq = s.ReadBegin()
@@ -467,7 +471,7 @@ func TestRemoveHold(t *testing.T) {
 	if d := time.Since(start); d > holdMax/2 {
 		t.Fatalf("ReadBegin waited %v for a failed madvise's hold", d)
 	}
-	if st := n.Stats(); st.RemoveHolds != 2 || st.HoldsPolled != 1 {
+	if st := n.Stats(); st.RemoveHolds != 2 || st.HoldsPolled != polled+1 {
 		t.Fatalf("after a failed DONTNEED: %+v, want a second hold ended by the poll", st)
 	}
 	n.mu.Lock()
