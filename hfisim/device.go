@@ -70,7 +70,7 @@ func DefaultConfig() Config {
 		NumContexts:     16,
 		RcvArrayPerCtxt: 2048,
 		MaxTIDPages:     512,
-		MTTEntries:      1 << 16,
+		MTTEntries:      1 << 21,
 		RHQMaxEntries:   4096,
 		MPTEntries:      4096,
 		NumQPs:          64,
