@@ -174,18 +174,10 @@ func (c *Client) start(k *call, fds []int) error {
 		c.mu.Unlock()
 		return fmt.Errorf("vfio-user: %s: %w", cmdName(k.cmd), err)
 	}
-	for {
-		c.nextID++
-		if c.pending[c.nextID] == nil {
-			break
-		}
-	}
-	k.id = c.nextID
-	c.pending[k.id] = k
+	k.id = addPending(&c.nextID, c.pending, k)
 	c.mu.Unlock()
 
-	h := header{MsgID: k.id, Cmd: k.cmd, Size: uint32(len(k.sbuf)), Flags: abi.VFIO_USER_F_TYPE_COMMAND}
-	abi.Encode(k.sbuf, &h)
+	putCommandHeader(k.sbuf, k.id, k.cmd, 0)
 	if err := c.sk.send(k.sbuf, fds); err != nil {
 		if !c.unpend(k) {
 			<-k.done // the reader (or a disconnect) completed it meanwhile
@@ -656,14 +648,9 @@ func (c *Client) postWrite(index uint32, off uint64, p []byte) error {
 	}
 	// An id no call waits for: a reply to it (the server sends none) would
 	// be logged as unknown.
-	c.nextID++
-	for c.pending[c.nextID] != nil {
-		c.nextID++
-	}
-	id := c.nextID
+	id := nextFreeID(&c.nextID, c.pending)
 	c.mu.Unlock()
-	h := header{MsgID: id, Cmd: k.cmd, Size: uint32(len(k.sbuf)), Flags: abi.VFIO_USER_F_TYPE_COMMAND | abi.VFIO_USER_F_NO_REPLY}
-	abi.Encode(k.sbuf, &h)
+	putCommandHeader(k.sbuf, id, k.cmd, abi.VFIO_USER_F_NO_REPLY)
 	if err := c.sk.send(k.sbuf, nil); err != nil {
 		if derr := c.dead(); derr != nil {
 			return fmt.Errorf("vfio-user: posted REGION_WRITE: %w", derr)

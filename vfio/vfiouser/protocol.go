@@ -14,6 +14,31 @@ type header = abi.VFIOUserHeader
 
 const headerSize = abi.SizeofVFIOUserHeader
 
+// putCommandHeader writes into b the header of command cmd with message id
+// id; b's length is the message's size.
+func putCommandHeader(b []byte, id, cmd uint16, flags uint32) {
+	h := header{MsgID: id, Cmd: cmd, Size: uint32(len(b)), Flags: abi.VFIO_USER_F_TYPE_COMMAND | flags}
+	abi.Encode(b, &h)
+}
+
+// nextFreeID advances *last to the next message id that no call in
+// pending waits for, and returns it.
+func nextFreeID[V any](last *uint16, pending map[uint16]*V) uint16 {
+	for {
+		*last++
+		if pending[*last] == nil {
+			return *last
+		}
+	}
+}
+
+// addPending puts v into pending under nextFreeID and returns the id.
+func addPending[V any](last *uint16, pending map[uint16]*V, v *V) uint16 {
+	id := nextFreeID(last, pending)
+	pending[id] = v
+	return id
+}
+
 // message is what the protocol says of one command (the C structures are
 // vfio/abi's): its name, the fixed parts of its request and reply payloads
 // (data may follow them; 0 is none), and whether each may carry file

@@ -788,18 +788,10 @@ func (se *session) dmaRoundTrip(write bool, iova uint64, p []byte) error {
 		se.pmu.Unlock()
 		return fmt.Errorf("vfio-user: %s: %w", cmdName(c.cmd), vfio.ErrDisconnected)
 	}
-	for {
-		se.nextID++
-		if se.pending[se.nextID] == nil {
-			break
-		}
-	}
-	c.id = se.nextID
-	se.pending[c.id] = c
+	c.id = addPending(&se.nextID, se.pending, c)
 	se.pmu.Unlock()
 
-	h := header{MsgID: c.id, Cmd: c.cmd, Size: uint32(size), Flags: abi.VFIO_USER_F_TYPE_COMMAND}
-	abi.Encode(b, &h)
+	putCommandHeader(b, c.id, c.cmd, 0)
 	encode(c.cmd, false, b[headerSize:], &abi.VFIOUserDmaRegionAccess{Addr: iova, Count: uint64(len(p))})
 	if write {
 		copy(b[headerSize+dmaAccessSize:], p)
