@@ -83,16 +83,22 @@ type RecvWR struct {
 	SGL []uapi.GohfiSge
 }
 
-// sglAddr lays sgl out in C layout and returns its pinned address.
-func sglAddr(pin *runtime.Pinner, sgl []uapi.GohfiSge) uint64 {
-	if len(sgl) == 0 {
+// pinnedArray lays out an array of n elements of size bytes, the i-th
+// written by put, and returns its pinned address (0 when n is 0).
+func pinnedArray(pin *runtime.Pinner, n, size int, put func(i int, b []byte)) uint64 {
+	if n == 0 {
 		return 0
 	}
-	b := make([]byte, len(sgl)*uapi.SizeofGohfiSge)
-	for i := range sgl {
-		sgl[i].MarshalBytes(b[i*uapi.SizeofGohfiSge:])
+	b := make([]byte, n*size)
+	for i := range n {
+		put(i, b[i*size:])
 	}
 	return pinnedAddr(pin, &b[0])
+}
+
+// sglAddr lays sgl out in C layout and returns its pinned address.
+func sglAddr(pin *runtime.Pinner, sgl []uapi.GohfiSge) uint64 {
+	return pinnedArray(pin, len(sgl), uapi.SizeofGohfiSge, func(i int, b []byte) { sgl[i].MarshalBytes(b) })
 }
 
 // PostSend posts wrs to QP qp (POST_SEND) and returns bad_wr: the index of
@@ -101,20 +107,16 @@ func PostSend(f *driver.File, qp uint32, wrs []SendWR) (int, error) {
 	var pin runtime.Pinner
 	defer pin.Unpin()
 	r := uapi.GohfiPostSend{QPHandle: qp, WrCount: uint32(len(wrs)), WqeSize: uapi.SizeofGohfiSendWR}
-	if len(wrs) > 0 {
-		b := make([]byte, len(wrs)*uapi.SizeofGohfiSendWR)
-		for i := range wrs {
-			w := wrs[i].GohfiSendWR
-			if wrs[i].SGL != nil {
-				w.SgList, w.NumSge = sglAddr(&pin, wrs[i].SGL), uint32(len(wrs[i].SGL))
-			}
-			if wrs[i].Pages != nil {
-				w.FrPageList, w.FrPageListLen = pageListAddr(&pin, wrs[i].Pages), uint32(len(wrs[i].Pages))
-			}
-			w.MarshalBytes(b[i*uapi.SizeofGohfiSendWR:])
+	r.WrList = pinnedArray(&pin, len(wrs), uapi.SizeofGohfiSendWR, func(i int, b []byte) {
+		w := wrs[i].GohfiSendWR
+		if wrs[i].SGL != nil {
+			w.SgList, w.NumSge = sglAddr(&pin, wrs[i].SGL), uint32(len(wrs[i].SGL))
 		}
-		r.WrList = pinnedAddr(&pin, &b[0])
-	}
+		if wrs[i].Pages != nil {
+			w.FrPageList, w.FrPageListLen = pageListAddr(&pin, wrs[i].Pages), uint32(len(wrs[i].Pages))
+		}
+		w.MarshalBytes(b)
+	})
 	err := Ioctl(f, uapi.GOHFI_IOCTL_POST_SEND, &r)
 	return int(r.BadWr), err
 }
@@ -124,17 +126,13 @@ func PostRecv(f *driver.File, qp uint32, wrs []RecvWR) (int, error) {
 	var pin runtime.Pinner
 	defer pin.Unpin()
 	r := uapi.GohfiPostRecv{QPHandle: qp, WrCount: uint32(len(wrs)), WqeSize: uapi.SizeofGohfiRecvWR}
-	if len(wrs) > 0 {
-		b := make([]byte, len(wrs)*uapi.SizeofGohfiRecvWR)
-		for i := range wrs {
-			w := wrs[i].GohfiRecvWR
-			if wrs[i].SGL != nil {
-				w.SgList, w.NumSge = sglAddr(&pin, wrs[i].SGL), uint32(len(wrs[i].SGL))
-			}
-			w.MarshalBytes(b[i*uapi.SizeofGohfiRecvWR:])
+	r.WrList = pinnedArray(&pin, len(wrs), uapi.SizeofGohfiRecvWR, func(i int, b []byte) {
+		w := wrs[i].GohfiRecvWR
+		if wrs[i].SGL != nil {
+			w.SgList, w.NumSge = sglAddr(&pin, wrs[i].SGL), uint32(len(wrs[i].SGL))
 		}
-		r.WrList = pinnedAddr(&pin, &b[0])
-	}
+		w.MarshalBytes(b)
+	})
 	err := Ioctl(f, uapi.GOHFI_IOCTL_POST_RECV, &r)
 	return int(r.BadWr), err
 }
