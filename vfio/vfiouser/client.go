@@ -33,8 +33,7 @@ type Client struct {
 	serverMaxFDs  int
 
 	mu      sync.Mutex
-	pending map[uint16]*call
-	nextID  uint16
+	pending pendingCalls[call]
 	err     error         // non-nil once closed or disconnected
 	done    chan struct{} // closed when the reader has stopped: disconnected or closed
 
@@ -99,7 +98,6 @@ func NewClient(conn *net.UnixConn, opts ...Option) (*Client, error) {
 	c := &Client{
 		o:             o,
 		sk:            sk,
-		pending:       make(map[uint16]*call),
 		done:          make(chan struct{}),
 		regions:       make(map[uint32]*clientRegion),
 		serverMaxData: defaultMaxDataXferSize,
@@ -174,7 +172,7 @@ func (c *Client) start(k *call, fds []int) error {
 		c.mu.Unlock()
 		return fmt.Errorf("vfio-user: %s: %w", cmdName(k.cmd), err)
 	}
-	k.id = addPending(&c.nextID, c.pending, k)
+	k.id = c.pending.add(k)
 	c.mu.Unlock()
 
 	putCommandHeader(k.sbuf, k.id, k.cmd, 0)
@@ -215,11 +213,7 @@ func (c *Client) roundTrip(k *call, fds []int) error {
 func (c *Client) unpend(k *call) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.pending[k.id] == k {
-		delete(c.pending, k.id)
-		return true
-	}
-	return false
+	return c.pending.remove(k.id, k)
 }
 
 func (c *Client) dead() error {
@@ -263,11 +257,10 @@ func (c *Client) readLoop() {
 	if c.err == nil {
 		c.err = fmt.Errorf("%w: %v", vfio.ErrDisconnected, cause)
 	}
-	for id, k := range c.pending {
-		delete(c.pending, id)
+	c.pending.drain(func(k *call) {
 		k.err = fmt.Errorf("vfio-user: %s: %w", cmdName(k.cmd), c.err)
 		k.done <- struct{}{}
-	}
+	})
 	c.mu.Unlock()
 	close(c.done)
 }
@@ -275,10 +268,7 @@ func (c *Client) readLoop() {
 // complete hands a reply to its call. fds become the call's.
 func (c *Client) complete(h header, p []byte, fds []int, rerr error) {
 	c.mu.Lock()
-	k := c.pending[h.MsgID]
-	if k != nil {
-		delete(c.pending, h.MsgID)
-	}
+	k := c.pending.take(h.MsgID, nil)
 	c.mu.Unlock()
 	if k == nil {
 		// A late reply to a call that timed out, or a lie.
@@ -648,7 +638,7 @@ func (c *Client) postWrite(index uint32, off uint64, p []byte) error {
 	}
 	// An id no call waits for: a reply to it (the server sends none) would
 	// be logged as unknown.
-	id := nextFreeID(&c.nextID, c.pending)
+	id := c.pending.freeID()
 	c.mu.Unlock()
 	putCommandHeader(k.sbuf, id, k.cmd, abi.VFIO_USER_F_NO_REPLY)
 	if err := c.sk.send(k.sbuf, nil); err != nil {

@@ -21,22 +21,61 @@ func putCommandHeader(b []byte, id, cmd uint16, flags uint32) {
 	abi.Encode(b, &h)
 }
 
-// nextFreeID advances *last to the next message id that no call in
-// pending waits for, and returns it.
-func nextFreeID[V any](last *uint16, pending map[uint16]*V) uint16 {
+// pendingCalls are the commands one side sent and waits for the replies
+// of, by message id. Its owner holds a lock around every method.
+type pendingCalls[V any] struct {
+	m    map[uint16]*V
+	last uint16 // the last message id given out
+}
+
+// freeID advances to the next message id that no pending call holds and
+// returns it.
+func (p *pendingCalls[V]) freeID() uint16 {
 	for {
-		*last++
-		if pending[*last] == nil {
-			return *last
+		p.last++
+		if p.m[p.last] == nil {
+			return p.last
 		}
 	}
 }
 
-// addPending puts v into pending under nextFreeID and returns the id.
-func addPending[V any](last *uint16, pending map[uint16]*V, v *V) uint16 {
-	id := nextFreeID(last, pending)
-	pending[id] = v
+// add puts v under a free message id and returns the id.
+func (p *pendingCalls[V]) add(v *V) uint16 {
+	if p.m == nil {
+		p.m = make(map[uint16]*V)
+	}
+	id := p.freeID()
+	p.m[id] = v
 	return id
+}
+
+// remove takes v out if it still waits under id; false if a reply took
+// it first.
+func (p *pendingCalls[V]) remove(id uint16, v *V) bool {
+	if p.m[id] != v {
+		return false
+	}
+	delete(p.m, id)
+	return true
+}
+
+// take removes and returns the call waiting under id if match (nil: any)
+// accepts it, else nil.
+func (p *pendingCalls[V]) take(id uint16, match func(*V) bool) *V {
+	v := p.m[id]
+	if v == nil || match != nil && !match(v) {
+		return nil
+	}
+	delete(p.m, id)
+	return v
+}
+
+// drain removes every pending call, handing each to fail.
+func (p *pendingCalls[V]) drain(fail func(*V)) {
+	for id, v := range p.m {
+		delete(p.m, id)
+		fail(v)
+	}
 }
 
 // message is what the protocol says of one command (the C structures are

@@ -87,7 +87,6 @@ func (s *Server) ServeConn(ctx context.Context, conn *net.UnixConn) error {
 		queue:   make(chan *inMsg, 256),
 		drained: make(chan struct{}, 1),
 		dead:    make(chan struct{}),
-		pending: make(map[uint16]*dmaCall),
 		irqsSet: make(map[uint32]bool),
 	}
 	se.iommu = &iommu{max: s.opts.maxDMAMaps, sess: se}
@@ -189,8 +188,7 @@ type session struct {
 
 	// Server-to-client requests.
 	pmu     sync.Mutex
-	pending map[uint16]*dmaCall
-	nextID  uint16
+	pending pendingCalls[dmaCall]
 	dead    chan struct{} // closed when the reader has stopped
 	isDead  bool
 }
@@ -204,11 +202,10 @@ func (se *session) readLoop() (err error) {
 		se.sk.closeReader()
 		se.pmu.Lock()
 		se.isDead = true
-		for id, c := range se.pending {
-			delete(se.pending, id)
+		se.pending.drain(func(c *dmaCall) {
 			c.err = fmt.Errorf("vfio-user: %s: %w", cmdName(c.cmd), vfio.ErrDisconnected)
 			c.done <- struct{}{}
-		}
+		})
 		se.pmu.Unlock()
 		close(se.dead)
 		close(se.queue)
@@ -788,7 +785,7 @@ func (se *session) dmaRoundTrip(write bool, iova uint64, p []byte) error {
 		se.pmu.Unlock()
 		return fmt.Errorf("vfio-user: %s: %w", cmdName(c.cmd), vfio.ErrDisconnected)
 	}
-	c.id = addPending(&se.nextID, se.pending, c)
+	c.id = se.pending.add(c)
 	se.pmu.Unlock()
 
 	putCommandHeader(b, c.id, c.cmd, 0)
@@ -826,22 +823,13 @@ func (se *session) dmaRoundTrip(write bool, iova uint64, p []byte) error {
 func (se *session) unpend(c *dmaCall) bool {
 	se.pmu.Lock()
 	defer se.pmu.Unlock()
-	if se.pending[c.id] == c {
-		delete(se.pending, c.id)
-		return true
-	}
-	return false
+	return se.pending.remove(c.id, c)
 }
 
 // dispatchReply hands the client's reply to a DMA request to its waiter.
 func (se *session) dispatchReply(h header, p []byte, fds []int) {
 	se.pmu.Lock()
-	c := se.pending[h.MsgID]
-	if c != nil && c.cmd == h.Cmd {
-		delete(se.pending, h.MsgID)
-	} else {
-		c = nil
-	}
+	c := se.pending.take(h.MsgID, func(c *dmaCall) bool { return c.cmd == h.Cmd })
 	se.pmu.Unlock()
 	if c == nil {
 		se.logf("vfio-user: unexpected %s reply id %d", cmdName(h.Cmd), h.MsgID)
