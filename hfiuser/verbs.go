@@ -104,37 +104,50 @@ func sglAddr(pin *runtime.Pinner, sgl []uapi.GohfiSge) uint64 {
 // PostSend posts wrs to QP qp (POST_SEND) and returns bad_wr: the index of
 // the first WR not posted (len(wrs) when all were).
 func PostSend(f *driver.File, qp uint32, wrs []SendWR) (int, error) {
-	var pin runtime.Pinner
-	defer pin.Unpin()
 	r := uapi.GohfiPostSend{QPHandle: qp, WrCount: uint32(len(wrs)), WqeSize: uapi.SizeofGohfiSendWR}
-	r.WrList = pinnedArray(&pin, len(wrs), uapi.SizeofGohfiSendWR, func(i int, b []byte) {
-		w := wrs[i].GohfiSendWR
-		if wrs[i].SGL != nil {
-			w.SgList, w.NumSge = sglAddr(&pin, wrs[i].SGL), uint32(len(wrs[i].SGL))
-		}
-		if wrs[i].Pages != nil {
-			w.FrPageList, w.FrPageListLen = pageListAddr(&pin, wrs[i].Pages), uint32(len(wrs[i].Pages))
-		}
-		w.MarshalBytes(b)
-	})
-	err := Ioctl(f, uapi.GOHFI_IOCTL_POST_SEND, &r)
+	err := postWRs(f, uapi.GOHFI_IOCTL_POST_SEND, &r, &r.WrList, wrs, uapi.SizeofGohfiSendWR)
 	return int(r.BadWr), err
+}
+
+func (wr *SendWR) put(pin *runtime.Pinner, b []byte) {
+	w := wr.GohfiSendWR
+	if wr.SGL != nil {
+		w.SgList, w.NumSge = sglAddr(pin, wr.SGL), uint32(len(wr.SGL))
+	}
+	if wr.Pages != nil {
+		w.FrPageList, w.FrPageListLen = pageListAddr(pin, wr.Pages), uint32(len(wr.Pages))
+	}
+	w.MarshalBytes(b)
 }
 
 // PostRecv posts wrs to QP qp (POST_RECV) and returns bad_wr.
 func PostRecv(f *driver.File, qp uint32, wrs []RecvWR) (int, error) {
+	r := uapi.GohfiPostRecv{QPHandle: qp, WrCount: uint32(len(wrs)), WqeSize: uapi.SizeofGohfiRecvWR}
+	err := postWRs(f, uapi.GOHFI_IOCTL_POST_RECV, &r, &r.WrList, wrs, uapi.SizeofGohfiRecvWR)
+	return int(r.BadWr), err
+}
+
+func (wr *RecvWR) put(pin *runtime.Pinner, b []byte) {
+	w := wr.GohfiRecvWR
+	if wr.SGL != nil {
+		w.SgList, w.NumSge = sglAddr(pin, wr.SGL), uint32(len(wr.SGL))
+	}
+	w.MarshalBytes(b)
+}
+
+// postWRs runs POST_SEND or POST_RECV (cmd with r) with wrs, each size
+// bytes, laid out and pinned at *list (r's wr_list) for the call.
+func postWRs[R any, PR interface {
+	*R
+	uapi.Marshallable
+}, W any, PW interface {
+	*W
+	put(*runtime.Pinner, []byte)
+}](f *driver.File, cmd uint32, r PR, list *uint64, wrs []W, size int) error {
 	var pin runtime.Pinner
 	defer pin.Unpin()
-	r := uapi.GohfiPostRecv{QPHandle: qp, WrCount: uint32(len(wrs)), WqeSize: uapi.SizeofGohfiRecvWR}
-	r.WrList = pinnedArray(&pin, len(wrs), uapi.SizeofGohfiRecvWR, func(i int, b []byte) {
-		w := wrs[i].GohfiRecvWR
-		if wrs[i].SGL != nil {
-			w.SgList, w.NumSge = sglAddr(&pin, wrs[i].SGL), uint32(len(wrs[i].SGL))
-		}
-		w.MarshalBytes(b)
-	})
-	err := Ioctl(f, uapi.GOHFI_IOCTL_POST_RECV, &r)
-	return int(r.BadWr), err
+	*list = pinnedArray(&pin, len(wrs), size, func(i int, b []byte) { PW(&wrs[i]).put(&pin, b) })
+	return Ioctl(f, cmd, r)
 }
 
 // PollCQ takes up to len(wc) completions of CQ cq (POLL_CQ) into wc and
