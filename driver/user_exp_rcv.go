@@ -362,9 +362,7 @@ func (e *expRcv) tidFree(arg UserPtr) (ferr error) {
 	freed := 0
 	defer func() {
 		ti.Tidcnt = uint32(freed)
-		if err := writeArg(arg, &ti, "TID_FREE"); err != nil && ferr == nil {
-			ferr = err
-		}
+		writeBack(arg, &ti, "TID_FREE", &ferr)
 	}()
 	if ti.Tidcnt == 0 || int(ti.Tidcnt) > e.d.info.RcvArrayPerCtxt {
 		return errnoErr(fmt.Sprintf("TID_FREE: tidcnt %d", ti.Tidcnt), unix.EINVAL)
