@@ -295,15 +295,7 @@ func (c *Client) complete(h header, p []byte, fds []int, rerr error) {
 }
 
 func (c *Client) sendError(h header, errno unix.Errno) {
-	if h.Flags&abi.VFIO_USER_F_NO_REPLY != 0 {
-		return
-	}
-	var b [headerSize]byte
-	rh := header{MsgID: h.MsgID, Cmd: h.Cmd, Size: headerSize, Flags: abi.VFIO_USER_F_TYPE_REPLY | abi.VFIO_USER_F_ERROR, Errno: uint32(errno)}
-	abi.Encode(b[:], &rh)
-	if err := c.sk.send(b[:], nil); err != nil {
-		c.o.logf("%v", err)
-	}
+	sendErrorReply(c.sk, c.o.logf, h, errno)
 }
 
 // Done implements vfio.Device: the channel is closed once the connection

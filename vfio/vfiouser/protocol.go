@@ -21,6 +21,20 @@ func putCommandHeader(b []byte, id, cmd uint16, flags uint32) {
 	abi.Encode(b, &h)
 }
 
+// sendErrorReply sends on sk an error reply to the command h, unless it
+// asked for none; a failure to send is logged with logf.
+func sendErrorReply(sk *sock, logf func(string, ...any), h header, errno unix.Errno) {
+	if h.Flags&abi.VFIO_USER_F_NO_REPLY != 0 {
+		return
+	}
+	var b [headerSize]byte
+	rh := header{MsgID: h.MsgID, Cmd: h.Cmd, Size: headerSize, Flags: abi.VFIO_USER_F_TYPE_REPLY | abi.VFIO_USER_F_ERROR, Errno: uint32(errno)}
+	abi.Encode(b[:], &rh)
+	if err := sk.send(b[:], nil); err != nil {
+		logf("%v", err)
+	}
+}
+
 // pendingCalls are the commands one side sent and waits for the replies
 // of, by message id. Its owner holds a lock around every method.
 type pendingCalls[V any] struct {

@@ -255,15 +255,7 @@ func (se *session) readLoop() (err error) {
 
 // sendError sends an error reply to the command h, unless it asked for none.
 func (se *session) sendError(h header, errno unix.Errno) {
-	if h.Flags&abi.VFIO_USER_F_NO_REPLY != 0 {
-		return
-	}
-	var b [headerSize]byte
-	rh := header{MsgID: h.MsgID, Cmd: h.Cmd, Size: headerSize, Flags: abi.VFIO_USER_F_TYPE_REPLY | abi.VFIO_USER_F_ERROR, Errno: uint32(errno)}
-	abi.Encode(b[:], &rh)
-	if err := se.sk.send(b[:], nil); err != nil {
-		se.logf("%v", err)
-	}
+	sendErrorReply(se.sk, se.logf, h, errno)
 }
 
 // payloadBuf returns the handler's reply buffer with room for n payload
