@@ -553,9 +553,7 @@ func cmdRecv(s *session, args []string) (obj, error) {
 		return nil, err
 	}
 	of.head = next
-	if of.seq++; of.seq == 0 {
-		of.seq = 1
-	}
+	of.seq = uapi.NextSeq(of.seq)
 	return o, nil
 }
 
