@@ -124,11 +124,7 @@ func cmdTidUpdate(s *session, args []string) (_ obj, err error) {
 	fs := newFlags("tid-update")
 	offArg := fs.String("offset", "0", "start in the buffer (the driver wants it page aligned)")
 	lenArg := fs.String("len", "", "bytes (default: to the end of the buffer)")
-	pos, err := parseArgs(fs, args, 1, 1)
-	if err != nil {
-		return nil, err
-	}
-	b, err := s.buffer(pos[0])
+	b, err := s.parseBuffer(fs, args)
 	if err != nil {
 		return nil, err
 	}
