@@ -232,10 +232,7 @@ func cmdTidFree(s *session, args []string) (_ obj, err error) {
 func cmdTidInvalRead(s *session, args []string) (_ obj, err error) {
 	fs := newFlags("tid-inval-read")
 	maxArg := fs.Int("max", 0, "room in the TID list (default: the context's rcvtids)")
-	if _, err := parseArgs(fs, args, 0, 0); err != nil {
-		return nil, err
-	}
-	of, err := s.file()
+	of, err := s.parseFile(fs, args)
 	if err != nil {
 		return nil, err
 	}
