@@ -214,9 +214,13 @@ func (h *DETH) Encode(b []byte) error {
 	if h.SrcQP > Mask24 {
 		return fieldErr("DETH.SrcQP", ErrField, "%#x wider than 24 bits", h.SrcQP)
 	}
+	h.put(b)
+	return nil
+}
+
+func (h *DETH) put(b []byte) {
 	be.PutUint32(b, h.QKey)
 	be.PutUint32(b[4:], h.SrcQP)
-	return nil
 }
 
 // Decode reads the header from b; the reserved byte must be zero.
@@ -251,9 +255,11 @@ func (h *FETH) Encode(b []byte) error {
 	if h.SelectivityLevel > 3 || h.PlacementType > 15 {
 		return fieldErr("FETH", ErrField, "level %d type %d", h.SelectivityLevel, h.PlacementType)
 	}
-	be.PutUint32(b, uint32(h.SelectivityLevel)<<4|uint32(h.PlacementType))
+	h.put(b)
 	return nil
 }
+
+func (h *FETH) put(b []byte) { be.PutUint32(b, uint32(h.SelectivityLevel)<<4|uint32(h.PlacementType)) }
 
 // Decode reads the header from b; the reserved bits must be zero.
 func (h *FETH) Decode(b []byte) error {
