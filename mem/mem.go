@@ -10,6 +10,10 @@
 //     memory can be passed to another process (a vfio-user DMA_MAP carries the
 //     fd) and outlives the mapping until the file is closed.
 //
+// MapMemfd is the memfd and shared mapping under AllocMemfd without a
+// Buffer, for owners that keep and release the file and the mapping
+// themselves (the driver's rings, hfisim's BAR memory).
+//
 // Memory from make() or new() must never be given to a device: the garbage
 // collector may free it, the scavenger returns its pages to the kernel, and
 // userfault refuses to watch it.
