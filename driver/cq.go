@@ -40,14 +40,6 @@ func cqThreshold(n int) int { return max(1, n/4) }
 // are not yet reported to the device.
 func cqUsable(n int) int { return n - cqThreshold(n) }
 
-// nextSeq is the sequence number after s: 1-based, modulo 2^32, skipping 0.
-func nextSeq(s uint32) uint32 {
-	if s++; s == 0 {
-		s = 1
-	}
-	return s
-}
-
 // Handle is the CQ's handle; Size the completions it holds.
 func (cq *CQ) Handle() uint32 { return cq.handle }
 func (cq *CQ) Size() int      { return cqUsable(cq.n) }
@@ -184,7 +176,7 @@ func (cq *CQ) Poll(wc []uapi.GohfiWC) (int, error) {
 		cq.pd.d.trace(TraceCompletion, int(cq.pd.num)-1, uint64(cq.idx), e.WrID, uint64(e.Status))
 		n++
 		cq.head = (cq.head + 1) % cq.n
-		cq.expect = nextSeq(cq.expect)
+		cq.expect = uapi.NextSeq(cq.expect)
 		cq.unpublished++
 	}
 	if cq.unpublished >= cqThreshold(cq.n) {

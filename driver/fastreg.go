@@ -169,33 +169,24 @@ func (pd *PD) AllocMR(maxNumSg int) (*FastRegMR, error) {
 // Dereg deallocates the MR (ib_dereg_mr): EBUSY while the device holds it
 // VALID (invalidate it first) or a FAST_REG_MR of it is outstanding.
 func (m *FastRegMR) Dereg() error {
-	pd := m.pd
-	if err := pd.reclaimFastReg(); err != nil {
-		return fmt.Errorf("gohfi: DEREG_MR: %w", err)
+	if err := deregTake(m.pd, m.pd.frmrs, m, m.handle, "allocated", m.goneUnlessBusy); err != nil {
+		return err
 	}
-	pd.mu.Lock()
-	if pd.frmrs[m.handle] != m {
-		pd.mu.Unlock()
-		return errnoErr(fmt.Sprintf("DEREG_MR: MR %d is not allocated", m.handle), unix.EINVAL)
-	}
+	return m.dereg()
+}
+
+// goneUnlessBusy marks the MR gone for Dereg, or says why it cannot go.
+func (m *FastRegMR) goneUnlessBusy() error {
 	m.mu.Lock()
-	var busy string
+	defer m.mu.Unlock()
 	switch {
 	case m.pending > 0:
-		busy = fmt.Sprintf("%d FAST_REG_MR work requests of MR %d outstanding", m.pending, m.handle)
+		return errnoErr(fmt.Sprintf("DEREG_MR: %d FAST_REG_MR work requests of MR %d outstanding", m.pending, m.handle), unix.EBUSY)
 	case m.Valid():
-		busy = fmt.Sprintf("MR %d is valid (bound): invalidate it first", m.handle)
-	default:
-		m.gone = true
+		return errnoErr(fmt.Sprintf("DEREG_MR: MR %d is valid (bound): invalidate it first", m.handle), unix.EBUSY)
 	}
-	m.mu.Unlock()
-	if busy != "" {
-		pd.mu.Unlock()
-		return errnoErr("DEREG_MR: "+busy, unix.EBUSY)
-	}
-	delete(pd.frmrs, m.handle)
-	pd.mu.Unlock()
-	return m.dereg()
+	m.gone = true
+	return nil
 }
 
 // dereg frees the MPT entry, zaps the MTT run and flushes the device TLB for

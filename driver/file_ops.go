@@ -193,13 +193,9 @@ func wrapFault(what string, err error) error {
 // assignCtxt (hfi1 assign_ctxt): one context per file, taken from the
 // device's free hardware contexts.
 func (f *File) assignCtxt(arg UserPtr) error {
-	var b [uapi.SizeofHfi1UserInfo]byte
-	if err := copyFromUser(b[:], arg); err != nil {
-		return errFault("gohfi: ASSIGN_CTXT")
-	}
 	var ui uapi.Hfi1UserInfo
-	if err := ui.UnmarshalBytes(b[:]); err != nil {
-		return errnoErr("ASSIGN_CTXT", unix.EINVAL)
+	if err := readArg(arg, &ui, "ASSIGN_CTXT"); err != nil {
+		return err
 	}
 	if f.uctxt != nil {
 		return errnoErr("ASSIGN_CTXT: file already has a context", unix.EINVAL)

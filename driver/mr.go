@@ -198,21 +198,30 @@ func (mr *MR) publish(e chip.MPTEntry) error {
 // the pages unmapped and unpinned and the entries given back.
 func (mr *MR) Dereg() error {
 	pd := mr.pd
+	if err := deregTake(pd, pd.mrs, mr, mr.handle, "registered", func() error { return pd.fastRegUsesLocked(mr) }); err != nil {
+		return err
+	}
+	return mr.dereg()
+}
+
+// deregTake is the start of DEREG_MR for both kinds of MR: the PD's
+// completed fast registrations are reclaimed, then, under pd.mu, x must
+// still be table[handle] (else EINVAL: not what) and busy must let it go;
+// x leaves the table.
+func deregTake[T comparable](pd *PD, table map[uint32]T, x T, handle uint32, what string, busy func() error) error {
 	if err := pd.reclaimFastReg(); err != nil {
 		return fmt.Errorf("gohfi: DEREG_MR: %w", err)
 	}
 	pd.mu.Lock()
-	if pd.mrs[mr.handle] != mr {
-		pd.mu.Unlock()
-		return errnoErr(fmt.Sprintf("DEREG_MR: MR %d is not registered", mr.handle), unix.EINVAL)
+	defer pd.mu.Unlock()
+	if table[handle] != x {
+		return errnoErr(fmt.Sprintf("DEREG_MR: MR %d is not %s", handle, what), unix.EINVAL)
 	}
-	if err := pd.fastRegUsesLocked(mr); err != nil {
-		pd.mu.Unlock()
+	if err := busy(); err != nil {
 		return err
 	}
-	delete(pd.mrs, mr.handle)
-	pd.mu.Unlock()
-	return mr.dereg()
+	delete(table, handle)
+	return nil
 }
 
 func (mr *MR) dereg() error {

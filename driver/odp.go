@@ -321,7 +321,7 @@ func (o *odpDev) drain(inline bool) {
 	n := 0
 	for {
 		off := o.head * chip.EQESize
-		if uint32(load64(o.eq.mem, off+chip.EQESeqOff-4)>>32) != nextSeq(o.seq) {
+		if uint32(load64(o.eq.mem, off+chip.EQESeqOff-4)>>32) != uapi.NextSeq(o.seq) {
 			break
 		}
 		var e chip.EQE

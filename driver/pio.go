@@ -20,13 +20,9 @@ const sendTimeout = 5 * time.Second
 // It returns once the device has consumed the descriptor, so the caller may
 // reuse its buffer at once.
 func (f *File) send(arg UserPtr) error {
-	var b [uapi.SizeofGohfiSend]byte
-	if err := copyFromUser(b[:], arg); err != nil {
-		return errFault("gohfi: SEND")
-	}
 	var s uapi.GohfiSend
-	if err := s.UnmarshalBytes(b[:]); err != nil {
-		return errnoErr("SEND", unix.EINVAL)
+	if err := readArg(arg, &s, "SEND"); err != nil {
+		return err
 	}
 	c := f.uctxt
 	switch {

@@ -590,6 +590,47 @@ func (pd *PD) ioctlDestroyQP(arg UserPtr) error {
 // wrBatch is how many work requests a POST ioctl copies in at once.
 const wrBatch = 32
 
+// userWRs reads the work requests of a POST_SEND or POST_RECV from user
+// space, wrBatch at a time.
+type userWRs struct {
+	what  string
+	list  uint64 // wr_list
+	count int    // wr_count
+	size  int    // bytes of one WR
+	buf   []byte // WRs first.. as copied in
+	first int    // -1 before the first copy
+}
+
+// postTarget checks a POST argument's wqe_size against size and its QP
+// handle, and returns the QP and a reader of the work requests.
+func (pd *PD) postTarget(what string, handle uint32, list uint64, count, wqeSize uint32, size int) (*QP, *userWRs, error) {
+	if wqeSize != uint32(size) {
+		return nil, nil, errnoErr(fmt.Sprintf("%s: wqe_size %d, want %d", what, wqeSize, size), unix.EINVAL)
+	}
+	qp, err := lookup(pd, pd.qps, handle, what)
+	if err != nil {
+		return nil, nil, err
+	}
+	return qp, &userWRs{what: what, list: list, count: int(count), size: size, first: -1}, nil
+}
+
+// at decodes WR i into u, copying in the batch that holds it if needed.
+func (w *userWRs) at(i int, u uapi.Marshallable) error {
+	if w.first < 0 || i >= w.first+len(w.buf)/w.size {
+		w.first = i
+		n := min(w.count-i, wrBatch)
+		w.buf = make([]byte, n*w.size)
+		if err := copyFromUser(w.buf, UserAddr(w.list+uint64(i)*uint64(w.size))); err != nil {
+			w.buf = nil
+			return errFault("gohfi: " + w.what + " wr_list")
+		}
+	}
+	if err := u.UnmarshalBytes(w.buf[(i-w.first)*w.size:]); err != nil {
+		return errnoErr(fmt.Sprintf("%s: WR %d: %v", w.what, i, err), unix.EINVAL)
+	}
+	return nil
+}
+
 // readSGL copies a work request's scatter/gather list in.
 func readSGL(addr uint64, n uint32, what string) ([]SGE, error) {
 	if n == 0 {
@@ -614,36 +655,16 @@ func (pd *PD) ioctlPostSend(arg UserPtr) (ferr error) {
 		return err
 	}
 	r.BadWr = 0
-	defer func() {
-		if err := writeArg(arg, &r, "POST_SEND"); err != nil && ferr == nil {
-			ferr = err
-		}
-	}()
-	if r.WqeSize != uapi.SizeofGohfiSendWR {
-		return errnoErr(fmt.Sprintf("POST_SEND: wqe_size %d, want %d", r.WqeSize, uapi.SizeofGohfiSendWR), unix.EINVAL)
-	}
-	qp, err := lookup(pd, pd.qps, r.QPHandle, "POST_SEND")
+	defer writeBack(arg, &r, "POST_SEND", &ferr)
+	qp, wrs, err := pd.postTarget("POST_SEND", r.QPHandle, r.WrList, r.WrCount, r.WqeSize, uapi.SizeofGohfiSendWR)
 	if err != nil {
 		return err
 	}
-	var (
-		buf   []byte
-		first = -1
-		wr    SendWR
-	)
+	var wr SendWR
 	next := func(i int) (*SendWR, error) {
-		if first < 0 || i >= first+len(buf)/uapi.SizeofGohfiSendWR {
-			first = i
-			n := min(int(r.WrCount)-i, wrBatch)
-			buf = make([]byte, n*uapi.SizeofGohfiSendWR)
-			if err := copyFromUser(buf, UserAddr(r.WrList+uint64(i)*uapi.SizeofGohfiSendWR)); err != nil {
-				buf = nil
-				return nil, errFault("gohfi: POST_SEND wr_list")
-			}
-		}
 		var u uapi.GohfiSendWR
-		if err := u.UnmarshalBytes(buf[(i-first)*uapi.SizeofGohfiSendWR:]); err != nil {
-			return nil, errnoErr(fmt.Sprintf("POST_SEND: WR %d: %v", i, err), unix.EINVAL)
+		if err := wrs.at(i, &u); err != nil {
+			return nil, err
 		}
 		switch {
 		case u.NumSge > uint32(qp.maxSendSge):
@@ -681,36 +702,16 @@ func (pd *PD) ioctlPostRecv(arg UserPtr) (ferr error) {
 		return err
 	}
 	r.BadWr = 0
-	defer func() {
-		if err := writeArg(arg, &r, "POST_RECV"); err != nil && ferr == nil {
-			ferr = err
-		}
-	}()
-	if r.WqeSize != uapi.SizeofGohfiRecvWR {
-		return errnoErr(fmt.Sprintf("POST_RECV: wqe_size %d, want %d", r.WqeSize, uapi.SizeofGohfiRecvWR), unix.EINVAL)
-	}
-	qp, err := lookup(pd, pd.qps, r.QPHandle, "POST_RECV")
+	defer writeBack(arg, &r, "POST_RECV", &ferr)
+	qp, wrs, err := pd.postTarget("POST_RECV", r.QPHandle, r.WrList, r.WrCount, r.WqeSize, uapi.SizeofGohfiRecvWR)
 	if err != nil {
 		return err
 	}
-	var (
-		buf   []byte
-		first = -1
-		wr    RecvWR
-	)
+	var wr RecvWR
 	next := func(i int) (*RecvWR, error) {
-		if first < 0 || i >= first+len(buf)/uapi.SizeofGohfiRecvWR {
-			first = i
-			n := min(int(r.WrCount)-i, wrBatch)
-			buf = make([]byte, n*uapi.SizeofGohfiRecvWR)
-			if err := copyFromUser(buf, UserAddr(r.WrList+uint64(i)*uapi.SizeofGohfiRecvWR)); err != nil {
-				buf = nil
-				return nil, errFault("gohfi: POST_RECV wr_list")
-			}
-		}
 		var u uapi.GohfiRecvWR
-		if err := u.UnmarshalBytes(buf[(i-first)*uapi.SizeofGohfiRecvWR:]); err != nil {
-			return nil, errnoErr(fmt.Sprintf("POST_RECV: WR %d: %v", i, err), unix.EINVAL)
+		if err := wrs.at(i, &u); err != nil {
+			return nil, err
 		}
 		switch {
 		case u.Reserved != 0:

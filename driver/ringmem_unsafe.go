@@ -1,11 +1,11 @@
 package driver
 
 import (
-	"fmt"
 	"os"
 	"sync/atomic"
 	"unsafe"
 
+	"github.com/gohfi/gohfi/mem"
 	"github.com/gohfi/gohfi/uapi"
 	"golang.org/x/sys/unix"
 )
@@ -20,22 +20,11 @@ type ringMem struct {
 }
 
 func newRingMem(name string, size int) (*ringMem, error) {
-	size = (size + os.Getpagesize() - 1) &^ (os.Getpagesize() - 1)
-	fd, err := unix.MemfdCreate("gohfi-"+name, unix.MFD_CLOEXEC)
+	f, b, err := mem.MapMemfd("gohfi-"+name, size, true)
 	if err != nil {
-		return nil, fmt.Errorf("memfd %s: %w", name, err)
+		return nil, err
 	}
-	f := os.NewFile(uintptr(fd), "gohfi-"+name)
-	if err := f.Truncate(int64(size)); err != nil {
-		_ = f.Close() // the memfd was never used: the truncate's error is the one to report
-		return nil, fmt.Errorf("size %s: %w", name, err)
-	}
-	mem, err := unix.Mmap(fd, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE)
-	if err != nil {
-		_ = f.Close() // as above
-		return nil, fmt.Errorf("mmap %s: %w", name, err)
-	}
-	return &ringMem{file: f, mem: mem}, nil
+	return &ringMem{file: f, mem: b}, nil
 }
 
 func (r *ringMem) vaddr() uintptr { return uintptr(unsafe.Pointer(&r.mem[0])) }

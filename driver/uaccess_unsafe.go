@@ -71,31 +71,36 @@ func (u UserPtr) bytes(n int) ([]byte, bool) {
 // small POLL_CQ or POST_SEND.) Part of the bytes may have been copied when
 // the fault hits, as in the kernel.
 func copyFromUser(dst []byte, src UserPtr) error {
-	if len(dst) == 0 {
-		return nil
-	}
-	if src.IsNil() {
-		return unix.EFAULT
-	}
-	b, ok := src.bytes(len(dst))
-	if !ok {
-		return unix.EFAULT
+	b, err := userBytes(src, len(dst))
+	if err != nil || b == nil {
+		return err
 	}
 	return uaccess(func() { copy(dst, b) })
 }
 
 func copyToUser(dst UserPtr, src []byte) error {
-	if len(src) == 0 {
-		return nil
-	}
-	if dst.IsNil() {
-		return unix.EFAULT
-	}
-	b, ok := dst.bytes(len(src))
-	if !ok {
-		return unix.EFAULT
+	b, err := userBytes(dst, len(src))
+	if err != nil || b == nil {
+		return err
 	}
 	return uaccess(func() { copy(b, src) })
+}
+
+// userBytes is the n bytes of user memory at u that a copy touches: nil
+// for n == 0 (nothing to copy), EFAULT for a nil pointer or a range that
+// does not fit the address space.
+func userBytes(u UserPtr, n int) ([]byte, error) {
+	if n == 0 {
+		return nil, nil
+	}
+	if u.IsNil() {
+		return nil, unix.EFAULT
+	}
+	b, ok := u.bytes(n)
+	if !ok {
+		return nil, unix.EFAULT
+	}
+	return b, nil
 }
 
 // uaccess runs a copy that may touch unmapped or protected user memory and

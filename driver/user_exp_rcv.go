@@ -100,13 +100,9 @@ func (n *tidNode) Invalidate(_ *userfault.Subscription, ev userfault.Event) bool
 // is dropped. An invalidation of another TID of the context (which takes
 // e.mu on the notifier's one dispatcher) never waits for a large pin.
 func (e *expRcv) tidUpdate(arg UserPtr) error {
-	var raw [uapi.SizeofHfi1TidInfo]byte
-	if err := copyFromUser(raw[:], arg); err != nil {
-		return errFault("gohfi: TID_UPDATE")
-	}
 	var ti uapi.Hfi1TidInfo
-	if err := ti.UnmarshalBytes(raw[:]); err != nil {
-		return errnoErr(fmt.Sprintf("hfi1_tid_info: %v", err), unix.EINVAL)
+	if err := readArg(arg, &ti, "TID_UPDATE"); err != nil {
+		return err
 	}
 	per := e.d.info.RcvArrayPerCtxt
 	vaddr, length := uintptr(ti.Vaddr), uint64(ti.Length)
@@ -213,12 +209,11 @@ func (e *expRcv) tidUpdate(arg UserPtr) error {
 	}
 	ti.Tidcnt = uint32(len(made))
 	ti.Length = uint32(min(uint64(off), length))
-	ti.MarshalBytes(raw[:])
 	if err := copyToUser(UserAddr(ti.Tidlist), tids); err != nil {
 		return errors.Join(errFault("gohfi: TID_UPDATE tidlist"), e.unprogram(made))
 	}
-	if err := copyToUser(arg, raw[:]); err != nil {
-		return errors.Join(errFault("gohfi: TID_UPDATE"), e.unprogram(made))
+	if err := writeArg(arg, &ti, "TID_UPDATE"); err != nil {
+		return errors.Join(err, e.unprogram(made))
 	}
 	return nil
 }
@@ -360,21 +355,14 @@ func (e *expRcv) unlockAndRelease() error {
 // were freed. tidcnt is written back with how many were, on every return
 // after the argument was read, so a caller never counts a TID twice.
 func (e *expRcv) tidFree(arg UserPtr) (ferr error) {
-	var raw [uapi.SizeofHfi1TidInfo]byte
-	if err := copyFromUser(raw[:], arg); err != nil {
-		return errFault("gohfi: TID_FREE")
-	}
 	var ti uapi.Hfi1TidInfo
-	if err := ti.UnmarshalBytes(raw[:]); err != nil {
-		return errnoErr(fmt.Sprintf("hfi1_tid_info: %v", err), unix.EINVAL)
+	if err := readArg(arg, &ti, "TID_FREE"); err != nil {
+		return err
 	}
 	freed := 0
 	defer func() {
 		ti.Tidcnt = uint32(freed)
-		ti.MarshalBytes(raw[:])
-		if err := copyToUser(arg, raw[:]); err != nil && ferr == nil {
-			ferr = errFault("gohfi: TID_FREE")
-		}
+		writeBack(arg, &ti, "TID_FREE", &ferr)
 	}()
 	if ti.Tidcnt == 0 || int(ti.Tidcnt) > e.d.info.RcvArrayPerCtxt {
 		return errnoErr(fmt.Sprintf("TID_FREE: tidcnt %d", ti.Tidcnt), unix.EINVAL)
@@ -422,13 +410,9 @@ const invalWaitTimeout = 10 * time.Second
 // clear the event bit under the same lock, so an invalidation that lands
 // after the copy sets the bit again and is never missed.
 func (e *expRcv) tidInvalRead(arg UserPtr) error {
-	var raw [uapi.SizeofHfi1TidInfo]byte
-	if err := copyFromUser(raw[:], arg); err != nil {
-		return errFault("gohfi: TID_INVAL_READ")
-	}
 	var ti uapi.Hfi1TidInfo
-	if err := ti.UnmarshalBytes(raw[:]); err != nil {
-		return errnoErr(fmt.Sprintf("hfi1_tid_info: %v", err), unix.EINVAL)
+	if err := readArg(arg, &ti, "TID_INVAL_READ"); err != nil {
+		return err
 	}
 	// Report every invalidation whose munmap has returned: wait until the
 	// ones begun (GOHFI_EVENTS_GEN_OPENED) are delivered.
@@ -457,9 +441,8 @@ func (e *expRcv) tidInvalRead(arg UserPtr) error {
 		}
 	}
 	ti.Tidcnt = uint32(n)
-	ti.MarshalBytes(raw[:])
-	if err := copyToUser(arg, raw[:]); err != nil {
-		return errFault("gohfi: TID_INVAL_READ")
+	if err := writeArg(arg, &ti, "TID_INVAL_READ"); err != nil {
+		return err
 	}
 	e.invalid = e.invalid[n:]
 	if len(e.invalid) == 0 {

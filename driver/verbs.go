@@ -477,6 +477,15 @@ func writeArg[T any, P abiStruct[T]](arg UserPtr, v P, what string) error {
 	return wrapFault(what, copyToUser(arg, argBytes[T](v)))
 }
 
+// writeBack is writeArg deferred by an ioctl that returns results in its
+// argument on every return: a failure to write becomes *ferr unless the
+// ioctl failed already.
+func writeBack[T any, P abiStruct[T]](arg UserPtr, v P, what string, ferr *error) {
+	if err := writeArg(arg, v, what); err != nil && *ferr == nil {
+		*ferr = err
+	}
+}
+
 // takeSlot puts x in the first free slot of a device table (QPs, CQs) and
 // returns its index, or -1 when every slot is taken.
 func takeSlot[T any](mu *sync.Mutex, table []*T, x *T) int {

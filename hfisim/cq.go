@@ -2,6 +2,7 @@ package hfisim
 
 import (
 	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/uapi"
 	"github.com/gohfi/gohfi/vfio/vfiouser"
 )
 
@@ -118,22 +119,12 @@ func (d *Device) postCQE(dma vfiouser.DMA, gen uint64, n int, e *chip.CQE) bool 
 	}
 	slot, epoch := c.tail, c.epoch
 	addr := c.base + slot*chip.CQESize
-	e.Seq = c.seq + 1
-	if e.Seq == 0 {
-		e.Seq = 1
-	}
+	e.Seq = uapi.NextSeq(c.seq)
 	d.mu.Unlock()
 
 	var raw [chip.CQESize]byte
 	e.Marshal(raw[:])
-	const seq = chip.CQESeqWordOff
-	err := dma.Write(addr, raw[:seq])
-	if err == nil {
-		err = dma.Write(addr+seq+8, raw[seq+8:])
-	}
-	if err == nil {
-		err = dma.Write(addr+seq, raw[seq:seq+8])
-	}
+	err := writeSeqLast(dma, addr, raw[:], chip.CQESeqWordOff, 8)
 
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -152,6 +143,21 @@ func (d *Device) postCQE(dma vfiouser.DMA, gen uint64, n int, e *chip.CQE) bool 
 		d.raiseLocked(chip.IntSrcCtxt(c.ctxt()))
 	}
 	return true
+}
+
+// writeSeqLast writes the ring entry raw at addr with its seq word,
+// raw[seqOff:seqOff+seqLen], last and on its own, so that a reader polling
+// seq never sees a new seq with an old rest of the entry.
+func writeSeqLast(dma vfiouser.DMA, addr uint64, raw []byte, seqOff, seqLen uint64) error {
+	if err := dma.Write(addr, raw[:seqOff]); err != nil {
+		return err
+	}
+	if rest := raw[seqOff+seqLen:]; len(rest) > 0 {
+		if err := dma.Write(addr+seqOff+seqLen, rest); err != nil {
+			return err
+		}
+	}
+	return dma.Write(addr+seqOff, raw[seqOff:seqOff+seqLen])
 }
 
 // cqErrorLocked handles a CQ that lost a CQE: the error interrupt, and every

@@ -18,34 +18,45 @@ type ctxtState struct {
 
 func (c *ctxtState) enabled() bool { return c.status&chip.CtxtStatusEnabled != 0 }
 
+// geometry is the field of a ring geometry register: read back as written,
+// writable only while the context is disabled. nil for another register.
+func (c *ctxtState) geometry(r uint64) *uint64 {
+	switch r {
+	case chip.CtxtRHQBase:
+		return &c.rhqBase
+	case chip.CtxtRHQEntries:
+		return &c.rhqEntries
+	case chip.CtxtEagerBase:
+		return &c.eagerBase
+	case chip.CtxtEagerSize:
+		return &c.eagerSize
+	case chip.CtxtEagerCount:
+		return &c.eagerCnt
+	case chip.CtxtSQBase:
+		return &c.sqBase
+	case chip.CtxtSQEntries:
+		return &c.sqEntries
+	case chip.CtxtSQHeadAddr:
+		return &c.sqHeadAddr
+	}
+	return nil
+}
+
 func (c *ctxtState) read(r uint64, n int, cfg Config) uint64 {
+	if p := c.geometry(r); p != nil {
+		return *p
+	}
 	switch r {
 	case chip.CtxtControl:
 		return c.control
-	case chip.CtxtRHQBase:
-		return c.rhqBase
-	case chip.CtxtRHQEntries:
-		return c.rhqEntries
 	case chip.CtxtRHQHead:
 		return c.rhqHead
 	case chip.CtxtRHQTail:
 		return c.rhqTail
-	case chip.CtxtEagerBase:
-		return c.eagerBase
-	case chip.CtxtEagerSize:
-		return c.eagerSize
-	case chip.CtxtEagerCount:
-		return c.eagerCnt
-	case chip.CtxtSQBase:
-		return c.sqBase
-	case chip.CtxtSQEntries:
-		return c.sqEntries
 	case chip.CtxtSQTail:
 		return c.sqTail
 	case chip.CtxtSQHead:
 		return c.sqHead
-	case chip.CtxtSQHeadAddr:
-		return c.sqHeadAddr
 	case chip.CtxtExpBase:
 		return uint64(n * cfg.RcvArrayPerCtxt)
 	case chip.CtxtExpCount:
@@ -66,13 +77,13 @@ func isPow2(v uint64) bool { return v != 0 && v&(v-1) == 0 }
 // new work. Ring geometry can change only while the context is disabled, as
 // on hardware where the rings are latched at enable.
 func (c *ctxtState) write(r, v uint64, cfg Config) (kick bool) {
-	if c.enabled() {
-		switch r {
-		case chip.CtxtRHQBase, chip.CtxtRHQEntries, chip.CtxtEagerBase, chip.CtxtEagerSize,
-			chip.CtxtEagerCount, chip.CtxtSQBase, chip.CtxtSQEntries, chip.CtxtSQHeadAddr:
+	if p := c.geometry(r); p != nil {
+		if c.enabled() {
 			c.errCnt++
-			return false
+		} else {
+			*p = v
 		}
+		return false
 	}
 	switch r {
 	case chip.CtxtControl:
@@ -92,38 +103,24 @@ func (c *ctxtState) write(r, v uint64, cfg Config) (kick bool) {
 		}
 		c.status = chip.CtxtStatusEnabled
 		return true
-	case chip.CtxtRHQBase:
-		c.rhqBase = v
-	case chip.CtxtRHQEntries:
-		c.rhqEntries = v
 	case chip.CtxtRHQHead:
-		if v >= c.rhqEntries {
-			c.errCnt++
-			return false
-		}
-		c.rhqHead = v
-		return true // space in the RHQ may unblock nothing now, but cheap
-	case chip.CtxtEagerBase:
-		c.eagerBase = v
-	case chip.CtxtEagerSize:
-		c.eagerSize = v
-	case chip.CtxtEagerCount:
-		c.eagerCnt = v
-	case chip.CtxtSQBase:
-		c.sqBase = v
-	case chip.CtxtSQEntries:
-		c.sqEntries = v
+		// Space in the RHQ may unblock nothing now, but a kick is cheap.
+		return c.setIndex(&c.rhqHead, v, c.rhqEntries)
 	case chip.CtxtSQTail:
-		if v >= c.sqEntries {
-			c.errCnt++
-			return false
-		}
-		c.sqTail = v
-		return c.enabled()
-	case chip.CtxtSQHeadAddr:
-		c.sqHeadAddr = v
+		return c.setIndex(&c.sqTail, v, c.sqEntries) && c.enabled()
 	}
 	return false
+}
+
+// setIndex sets the ring index *p to v, refusing (and counting) an index
+// outside a ring of n entries; it reports whether v was taken.
+func (c *ctxtState) setIndex(p *uint64, v, n uint64) bool {
+	if v >= n {
+		c.errCnt++
+		return false
+	}
+	*p = v
+	return true
 }
 
 // geometryOK checks the rings before a context is enabled.

@@ -309,44 +309,43 @@ func (d *Device) RegionInfo(index uint32) (vfio.RegionInfo, *os.File, error) {
 
 // RegionRead implements vfiouser.DeviceModel.
 func (d *Device) RegionRead(index uint32, off uint64, p []byte) error {
-	switch index {
-	case chip.CSRBar:
-		return d.csrRead(off, p)
-	case chip.RcvArrayBar:
-		return memAccess(d.rcvArray, off, p, false)
-	case chip.MTTBar:
-		return memAccess(d.mtt, off, p, false)
-	case vfio.PCIConfigRegionIndex:
-		if off >= cfgSpaceSize || uint64(len(p)) > cfgSpaceSize-off {
-			return fmt.Errorf("hfisim: config read %#x+%d: %w", off, len(p), unix.EINVAL)
-		}
-		d.mu.Lock()
-		d.pci.read(off, p)
-		d.mu.Unlock()
-		return nil
-	}
-	return fmt.Errorf("hfisim: read of region %d: %w", index, unix.EINVAL)
+	return d.regionAccess(index, off, p, false)
 }
 
 // RegionWrite implements vfiouser.DeviceModel.
 func (d *Device) RegionWrite(index uint32, off uint64, p []byte) error {
+	return d.regionAccess(index, off, p, true)
+}
+
+func (d *Device) regionAccess(index uint32, off uint64, p []byte, write bool) error {
+	dir := "read"
+	if write {
+		dir = "write"
+	}
 	switch index {
 	case chip.CSRBar:
-		return d.csrWrite(off, p)
+		if write {
+			return d.csrWrite(off, p)
+		}
+		return d.csrRead(off, p)
 	case chip.RcvArrayBar:
-		return memAccess(d.rcvArray, off, p, true)
+		return memAccess(d.rcvArray, off, p, write)
 	case chip.MTTBar:
-		return memAccess(d.mtt, off, p, true)
+		return memAccess(d.mtt, off, p, write)
 	case vfio.PCIConfigRegionIndex:
 		if off >= cfgSpaceSize || uint64(len(p)) > cfgSpaceSize-off {
-			return fmt.Errorf("hfisim: config write %#x+%d: %w", off, len(p), unix.EINVAL)
+			return fmt.Errorf("hfisim: config %s %#x+%d: %w", dir, off, len(p), unix.EINVAL)
 		}
 		d.mu.Lock()
-		d.pci.write(off, p)
+		if write {
+			d.pci.write(off, p)
+		} else {
+			d.pci.read(off, p)
+		}
 		d.mu.Unlock()
 		return nil
 	}
-	return fmt.Errorf("hfisim: write of region %d: %w", index, unix.EINVAL)
+	return fmt.Errorf("hfisim: %s of region %d: %w", dir, index, unix.EINVAL)
 }
 
 // memAccess is a trapped access to an mmappable region: whole 8-byte entries

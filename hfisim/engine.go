@@ -325,10 +325,7 @@ func (d *Device) postRHQ(dma vfiouser.DMA, gen uint64, dst int, ent *uapi.GohfiR
 	}
 	slot := c.rhqTail
 	addr := c.rhqBase + slot*uapi.SizeofGohfiRHQEntry
-	ent.Seq = c.seq + 1
-	if ent.Seq == 0 {
-		ent.Seq = 1
-	}
+	ent.Seq = uapi.NextSeq(c.seq)
 	d.mu.Unlock()
 
 	var raw [uapi.SizeofGohfiRHQEntry]byte

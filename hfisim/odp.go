@@ -373,18 +373,12 @@ func (d *Device) flushEQ(dma vfiouser.DMA, gen uint64) bool {
 		slot, epoch := o.eqTail, o.eqEpoch
 		addr := o.eqBase + slot*chip.EQESize
 		e := f.eqe
-		e.Seq = o.eqSeq + 1
-		if e.Seq == 0 {
-			e.Seq = 1
-		}
+		e.Seq = uapi.NextSeq(o.eqSeq)
 		d.mu.Unlock()
 
 		var raw [chip.EQESize]byte
 		e.Marshal(raw[:])
-		err := dma.Write(addr, raw[:chip.EQESeqOff])
-		if err == nil {
-			err = dma.Write(addr+chip.EQESeqOff, raw[chip.EQESeqOff:])
-		}
+		err := writeSeqLast(dma, addr, raw[:], chip.EQESeqOff, chip.EQESize-chip.EQESeqOff)
 
 		d.mu.Lock()
 		if d.gen != gen {

@@ -6,6 +6,7 @@ import (
 	"sync/atomic"
 	"unsafe"
 
+	"github.com/gohfi/gohfi/mem"
 	"golang.org/x/sys/unix"
 )
 
@@ -17,22 +18,11 @@ type memRegion struct {
 }
 
 func newMemRegion(name string, size int) (*memRegion, error) {
-	size = (size + os.Getpagesize() - 1) &^ (os.Getpagesize() - 1)
-	fd, err := unix.MemfdCreate("hfisim-"+name, unix.MFD_CLOEXEC)
+	f, b, err := mem.MapMemfd("hfisim-"+name, size, false)
 	if err != nil {
-		return nil, fmt.Errorf("hfisim: memfd %s: %w", name, err)
+		return nil, fmt.Errorf("hfisim: %w", err)
 	}
-	f := os.NewFile(uintptr(fd), "hfisim-"+name)
-	if err := f.Truncate(int64(size)); err != nil {
-		_ = f.Close() // a memfd with nothing in it: the close loses nothing
-		return nil, fmt.Errorf("hfisim: size %s: %w", name, err)
-	}
-	mem, err := unix.Mmap(fd, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-	if err != nil {
-		_ = f.Close() // never mapped: the close loses nothing
-		return nil, fmt.Errorf("hfisim: mmap %s: %w", name, err)
-	}
-	return &memRegion{file: f, mem: mem}, nil
+	return &memRegion{file: f, mem: b}, nil
 }
 
 // load64 reads the 8-byte entry at off atomically, as hardware sees a store

@@ -35,12 +35,5 @@ func LocalInvWR(wrID uint64, flags, key uint32) SendWR {
 // pageListAddr lays a page list out as the __u64 array fr_page_list points
 // to and returns its pinned address.
 func pageListAddr(pin *runtime.Pinner, pages []uint64) uint64 {
-	if len(pages) == 0 {
-		return 0
-	}
-	b := make([]byte, 8*len(pages))
-	for i, p := range pages {
-		binary.LittleEndian.PutUint64(b[i*8:], p)
-	}
-	return pinnedAddr(pin, &b[0])
+	return pinnedArray(pin, len(pages), 8, func(i int, b []byte) { binary.LittleEndian.PutUint64(b, pages[i]) })
 }

@@ -83,60 +83,71 @@ type RecvWR struct {
 	SGL []uapi.GohfiSge
 }
 
-// sglAddr lays sgl out in C layout and returns its pinned address.
-func sglAddr(pin *runtime.Pinner, sgl []uapi.GohfiSge) uint64 {
-	if len(sgl) == 0 {
+// pinnedArray lays out an array of n elements of size bytes, the i-th
+// written by put, and returns its pinned address (0 when n is 0).
+func pinnedArray(pin *runtime.Pinner, n, size int, put func(i int, b []byte)) uint64 {
+	if n == 0 {
 		return 0
 	}
-	b := make([]byte, len(sgl)*uapi.SizeofGohfiSge)
-	for i := range sgl {
-		sgl[i].MarshalBytes(b[i*uapi.SizeofGohfiSge:])
+	b := make([]byte, n*size)
+	for i := range n {
+		put(i, b[i*size:])
 	}
 	return pinnedAddr(pin, &b[0])
+}
+
+// sglAddr lays sgl out in C layout and returns its pinned address.
+func sglAddr(pin *runtime.Pinner, sgl []uapi.GohfiSge) uint64 {
+	return pinnedArray(pin, len(sgl), uapi.SizeofGohfiSge, func(i int, b []byte) { sgl[i].MarshalBytes(b) })
 }
 
 // PostSend posts wrs to QP qp (POST_SEND) and returns bad_wr: the index of
 // the first WR not posted (len(wrs) when all were).
 func PostSend(f *driver.File, qp uint32, wrs []SendWR) (int, error) {
-	var pin runtime.Pinner
-	defer pin.Unpin()
 	r := uapi.GohfiPostSend{QPHandle: qp, WrCount: uint32(len(wrs)), WqeSize: uapi.SizeofGohfiSendWR}
-	if len(wrs) > 0 {
-		b := make([]byte, len(wrs)*uapi.SizeofGohfiSendWR)
-		for i := range wrs {
-			w := wrs[i].GohfiSendWR
-			if wrs[i].SGL != nil {
-				w.SgList, w.NumSge = sglAddr(&pin, wrs[i].SGL), uint32(len(wrs[i].SGL))
-			}
-			if wrs[i].Pages != nil {
-				w.FrPageList, w.FrPageListLen = pageListAddr(&pin, wrs[i].Pages), uint32(len(wrs[i].Pages))
-			}
-			w.MarshalBytes(b[i*uapi.SizeofGohfiSendWR:])
-		}
-		r.WrList = pinnedAddr(&pin, &b[0])
-	}
-	err := Ioctl(f, uapi.GOHFI_IOCTL_POST_SEND, &r)
+	err := postWRs(f, uapi.GOHFI_IOCTL_POST_SEND, &r, &r.WrList, wrs, uapi.SizeofGohfiSendWR)
 	return int(r.BadWr), err
+}
+
+func (wr *SendWR) put(pin *runtime.Pinner, b []byte) {
+	w := wr.GohfiSendWR
+	if wr.SGL != nil {
+		w.SgList, w.NumSge = sglAddr(pin, wr.SGL), uint32(len(wr.SGL))
+	}
+	if wr.Pages != nil {
+		w.FrPageList, w.FrPageListLen = pageListAddr(pin, wr.Pages), uint32(len(wr.Pages))
+	}
+	w.MarshalBytes(b)
 }
 
 // PostRecv posts wrs to QP qp (POST_RECV) and returns bad_wr.
 func PostRecv(f *driver.File, qp uint32, wrs []RecvWR) (int, error) {
+	r := uapi.GohfiPostRecv{QPHandle: qp, WrCount: uint32(len(wrs)), WqeSize: uapi.SizeofGohfiRecvWR}
+	err := postWRs(f, uapi.GOHFI_IOCTL_POST_RECV, &r, &r.WrList, wrs, uapi.SizeofGohfiRecvWR)
+	return int(r.BadWr), err
+}
+
+func (wr *RecvWR) put(pin *runtime.Pinner, b []byte) {
+	w := wr.GohfiRecvWR
+	if wr.SGL != nil {
+		w.SgList, w.NumSge = sglAddr(pin, wr.SGL), uint32(len(wr.SGL))
+	}
+	w.MarshalBytes(b)
+}
+
+// postWRs runs POST_SEND or POST_RECV (cmd with r) with wrs, each size
+// bytes, laid out and pinned at *list (r's wr_list) for the call.
+func postWRs[R any, PR interface {
+	*R
+	uapi.Marshallable
+}, W any, PW interface {
+	*W
+	put(*runtime.Pinner, []byte)
+}](f *driver.File, cmd uint32, r PR, list *uint64, wrs []W, size int) error {
 	var pin runtime.Pinner
 	defer pin.Unpin()
-	r := uapi.GohfiPostRecv{QPHandle: qp, WrCount: uint32(len(wrs)), WqeSize: uapi.SizeofGohfiRecvWR}
-	if len(wrs) > 0 {
-		b := make([]byte, len(wrs)*uapi.SizeofGohfiRecvWR)
-		for i := range wrs {
-			w := wrs[i].GohfiRecvWR
-			if wrs[i].SGL != nil {
-				w.SgList, w.NumSge = sglAddr(&pin, wrs[i].SGL), uint32(len(wrs[i].SGL))
-			}
-			w.MarshalBytes(b[i*uapi.SizeofGohfiRecvWR:])
-		}
-		r.WrList = pinnedAddr(&pin, &b[0])
-	}
-	err := Ioctl(f, uapi.GOHFI_IOCTL_POST_RECV, &r)
-	return int(r.BadWr), err
+	*list = pinnedArray(&pin, len(wrs), size, func(i int, b []byte) { PW(&wrs[i]).put(&pin, b) })
+	return Ioctl(f, cmd, r)
 }
 
 // PollCQ takes up to len(wc) completions of CQ cq (POLL_CQ) into wc and

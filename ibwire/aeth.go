@@ -113,15 +113,10 @@ func (a AETH) check() error {
 // Encode writes the header into b[:AETHLen]; a reserved syndrome is
 // refused.
 func (a *AETH) Encode(b []byte) error {
-	if err := bufCheck("AETH", b, AETHLen); err != nil {
-		return err
-	}
-	if err := a.check(); err != nil {
-		return err
-	}
-	be.PutUint32(b, uint32(a.Syndrome)<<24|a.MSN)
-	return nil
+	return encodeHdr("AETH", b, AETHLen, a.check, a.put)
 }
+
+func (a *AETH) put(b []byte) { be.PutUint32(b, uint32(a.Syndrome)<<24|a.MSN) }
 
 // Decode reads the header from b; a reserved syndrome is refused.
 func (a *AETH) Decode(b []byte) error {

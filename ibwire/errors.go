@@ -53,6 +53,31 @@ func bufCheck(field string, b []byte, n int) error {
 	return nil
 }
 
+// encodeHdr writes a header of n bytes into b with put, once b is long
+// enough and check (if not nil) accepts the fields.
+func encodeHdr(field string, b []byte, n int, check func() error, put func([]byte)) error {
+	if err := bufCheck(field, b, n); err != nil {
+		return err
+	}
+	if check != nil {
+		if err := check(); err != nil {
+			return err
+		}
+	}
+	put(b)
+	return nil
+}
+
+// decodeHdr reads a header of n bytes from b with get, once b is long
+// enough.
+func decodeHdr(field string, b []byte, n int, get func([]byte)) error {
+	if err := shortCheck(field, b, n); err != nil {
+		return err
+	}
+	get(b)
+	return nil
+}
+
 // shortCheck refuses input shorter than n.
 func shortCheck(field string, b []byte, n int) error {
 	if len(b) < n {

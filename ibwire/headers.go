@@ -56,14 +56,7 @@ func (h *BTH) check() error {
 
 // Encode writes the header into b[:BTHLen].
 func (h *BTH) Encode(b []byte) error {
-	if err := bufCheck("BTH", b, BTHLen); err != nil {
-		return err
-	}
-	if err := h.check(); err != nil {
-		return err
-	}
-	h.put(b)
-	return nil
+	return encodeHdr("BTH", b, BTHLen, h.check, h.put)
 }
 
 func (h *BTH) put(b []byte) {
@@ -136,20 +129,12 @@ func (h *RETH) get(b []byte) {
 
 // Encode writes the header into b[:RETHLen].
 func (h *RETH) Encode(b []byte) error {
-	if err := bufCheck("RETH", b, RETHLen); err != nil {
-		return err
-	}
-	h.put(b)
-	return nil
+	return encodeHdr("RETH", b, RETHLen, nil, h.put)
 }
 
 // Decode reads the header from b.
 func (h *RETH) Decode(b []byte) error {
-	if err := shortCheck("RETH", b, RETHLen); err != nil {
-		return err
-	}
-	h.get(b)
-	return nil
+	return decodeHdr("RETH", b, RETHLen, h.get)
 }
 
 // AtomicETH is the atomic extended transport header (28 bytes): VA, R_Key,
@@ -180,20 +165,12 @@ func (h *AtomicETH) get(b []byte) {
 
 // Encode writes the header into b[:AtomicETHLen].
 func (h *AtomicETH) Encode(b []byte) error {
-	if err := bufCheck("AtomicETH", b, AtomicETHLen); err != nil {
-		return err
-	}
-	h.put(b)
-	return nil
+	return encodeHdr("AtomicETH", b, AtomicETHLen, nil, h.put)
 }
 
 // Decode reads the header from b.
 func (h *AtomicETH) Decode(b []byte) error {
-	if err := shortCheck("AtomicETH", b, AtomicETHLen); err != nil {
-		return err
-	}
-	h.get(b)
-	return nil
+	return decodeHdr("AtomicETH", b, AtomicETHLen, h.get)
 }
 
 // AtomicAckETH is the atomic acknowledge extended transport header
@@ -204,20 +181,12 @@ type AtomicAckETH struct {
 
 // Encode writes the header into b[:AtomicAckETHLen].
 func (h *AtomicAckETH) Encode(b []byte) error {
-	if err := bufCheck("AtomicAckETH", b, AtomicAckETHLen); err != nil {
-		return err
-	}
-	be.PutUint64(b, h.Orig)
-	return nil
+	return encodeHdr("AtomicAckETH", b, AtomicAckETHLen, nil, func(b []byte) { be.PutUint64(b, h.Orig) })
 }
 
 // Decode reads the header from b.
 func (h *AtomicAckETH) Decode(b []byte) error {
-	if err := shortCheck("AtomicAckETH", b, AtomicAckETHLen); err != nil {
-		return err
-	}
-	h.Orig = be.Uint64(b)
-	return nil
+	return decodeHdr("AtomicAckETH", b, AtomicAckETHLen, func(b []byte) { h.Orig = be.Uint64(b) })
 }
 
 // ImmDt is the immediate data (4 bytes). Verbs hand it over in network
@@ -245,9 +214,13 @@ func (h *DETH) Encode(b []byte) error {
 	if h.SrcQP > Mask24 {
 		return fieldErr("DETH.SrcQP", ErrField, "%#x wider than 24 bits", h.SrcQP)
 	}
+	h.put(b)
+	return nil
+}
+
+func (h *DETH) put(b []byte) {
 	be.PutUint32(b, h.QKey)
 	be.PutUint32(b[4:], h.SrcQP)
-	return nil
 }
 
 // Decode reads the header from b; the reserved byte must be zero.
@@ -282,9 +255,11 @@ func (h *FETH) Encode(b []byte) error {
 	if h.SelectivityLevel > 3 || h.PlacementType > 15 {
 		return fieldErr("FETH", ErrField, "level %d type %d", h.SelectivityLevel, h.PlacementType)
 	}
-	be.PutUint32(b, uint32(h.SelectivityLevel)<<4|uint32(h.PlacementType))
+	h.put(b)
 	return nil
 }
+
+func (h *FETH) put(b []byte) { be.PutUint32(b, uint32(h.SelectivityLevel)<<4|uint32(h.PlacementType)) }
 
 // Decode reads the header from b; the reserved bits must be zero.
 func (h *FETH) Decode(b []byte) error {

@@ -87,54 +87,75 @@ func (p *Packet) Encode(b []byte) (int, error) {
 	}
 	p.BTH.put(b)
 	off := BTHLen
-	if hdrs.Has(HdrRDETH) {
-		be.PutUint32(b[off:], p.RDETH)
-		off += RDETHLen
-	}
-	if hdrs.Has(HdrDETH) {
-		be.PutUint32(b[off:], p.DETH.QKey)
-		be.PutUint32(b[off+4:], p.DETH.SrcQP)
-		off += DETHLen
-	}
-	if hdrs.Has(HdrXRCETH) {
-		be.PutUint32(b[off:], p.XRCETH)
-		off += XRCETHLen
-	}
-	if hdrs.Has(HdrFETH) {
-		be.PutUint32(b[off:], uint32(p.FETH.SelectivityLevel)<<4|uint32(p.FETH.PlacementType))
-		off += FETHLen
-	}
-	if hdrs.Has(HdrRETH) {
-		p.RETH.put(b[off:])
-		off += RETHLen
-	}
-	if hdrs.Has(HdrAtomicETH) {
-		p.AtomicETH.put(b[off:])
-		off += AtomicETHLen
-	}
-	if hdrs.Has(HdrAETH) {
-		be.PutUint32(b[off:], uint32(p.AETH.Syndrome)<<24|p.AETH.MSN)
-		off += AETHLen
-	}
-	if hdrs.Has(HdrAtomicAckETH) {
-		be.PutUint64(b[off:], p.AtomicAckETH.Orig)
-		off += AtomicAckETHLen
-	}
-	if hdrs.Has(HdrImmDt) {
-		be.PutUint32(b[off:], uint32(p.ImmDt))
-		off += ImmDtLen
-	}
-	if hdrs.Has(HdrIETH) {
-		be.PutUint32(b[off:], p.IETH.RKey)
-		off += IETHLen
-	}
-	if hdrs.Has(HdrCNPPad) {
-		clear(b[off : off+cnpReservedBytes])
-		off += cnpReservedBytes
+	for i := range extHeaders {
+		if hdrs.Has(Header(1) << i) {
+			extHeaders[i].put(p, b[off:])
+			off += headerLens[i]
+		}
 	}
 	off += copy(b[off:], p.Payload)
 	clear(b[off:n])
 	return n, nil
+}
+
+// extHeaders puts each extended header of a Packet on the wire and gets it
+// back (with the checks of its Decode), in the order of the Header
+// constants. put runs after checkHeaders; both have headerLens[i] bytes.
+var extHeaders = [numHeaders]struct {
+	put func(p *Packet, b []byte)
+	get func(p *Packet, b []byte) error
+}{
+	{ // RDETH
+		func(p *Packet, b []byte) { be.PutUint32(b, p.RDETH) },
+		func(p *Packet, b []byte) (err error) { p.RDETH, err = decode24(b, "RDETH"); return err },
+	},
+	{ // DETH
+		func(p *Packet, b []byte) { p.DETH.put(b) },
+		func(p *Packet, b []byte) error { return p.DETH.Decode(b) },
+	},
+	{ // XRCETH
+		func(p *Packet, b []byte) { be.PutUint32(b, p.XRCETH) },
+		func(p *Packet, b []byte) (err error) { p.XRCETH, err = decode24(b, "XRCETH"); return err },
+	},
+	{ // FETH
+		func(p *Packet, b []byte) { p.FETH.put(b) },
+		func(p *Packet, b []byte) error { return p.FETH.Decode(b) },
+	},
+	{ // RETH
+		func(p *Packet, b []byte) { p.RETH.put(b) },
+		func(p *Packet, b []byte) error { p.RETH.get(b); return nil },
+	},
+	{ // AtomicETH
+		func(p *Packet, b []byte) { p.AtomicETH.put(b) },
+		func(p *Packet, b []byte) error { p.AtomicETH.get(b); return nil },
+	},
+	{ // AETH
+		func(p *Packet, b []byte) { p.AETH.put(b) },
+		func(p *Packet, b []byte) error { return p.AETH.Decode(b) },
+	},
+	{ // AtomicAckETH
+		func(p *Packet, b []byte) { be.PutUint64(b, p.AtomicAckETH.Orig) },
+		func(p *Packet, b []byte) error { p.AtomicAckETH.Orig = be.Uint64(b); return nil },
+	},
+	{ // ImmDt
+		func(p *Packet, b []byte) { be.PutUint32(b, uint32(p.ImmDt)) },
+		func(p *Packet, b []byte) error { p.ImmDt = ImmDt(be.Uint32(b)); return nil },
+	},
+	{ // IETH
+		func(p *Packet, b []byte) { be.PutUint32(b, p.IETH.RKey) },
+		func(p *Packet, b []byte) error { p.IETH.RKey = be.Uint32(b); return nil },
+	},
+	{ // CNP pad
+		func(_ *Packet, b []byte) { clear(b[:cnpReservedBytes]) },
+		func(_ *Packet, b []byte) error {
+			for i, c := range b[:cnpReservedBytes] {
+				if c != 0 {
+					return fieldErr("CNP.Reserved", ErrReserved, "byte %d is %#x", i, c)
+				}
+			}
+			return nil
+		},
+	},
 }
 
 // checkHeaders checks the fields of the extended headers in hdrs that
@@ -205,64 +226,13 @@ func (p *Packet) decode(b []byte) error {
 	}
 	hdrs := op.Headers()
 	off := BTHLen
-	var err error
-	if hdrs.Has(HdrRDETH) {
-		if p.RDETH, err = decode24(b[off:], "RDETH"); err != nil {
-			return err
-		}
-		off += RDETHLen
-	}
-	if hdrs.Has(HdrDETH) {
-		if err := p.DETH.Decode(b[off:]); err != nil {
-			return err
-		}
-		off += DETHLen
-	}
-	if hdrs.Has(HdrXRCETH) {
-		if p.XRCETH, err = decode24(b[off:], "XRCETH"); err != nil {
-			return err
-		}
-		off += XRCETHLen
-	}
-	if hdrs.Has(HdrFETH) {
-		if err := p.FETH.Decode(b[off:]); err != nil {
-			return err
-		}
-		off += FETHLen
-	}
-	if hdrs.Has(HdrRETH) {
-		p.RETH.get(b[off:])
-		off += RETHLen
-	}
-	if hdrs.Has(HdrAtomicETH) {
-		p.AtomicETH.get(b[off:])
-		off += AtomicETHLen
-	}
-	if hdrs.Has(HdrAETH) {
-		if err := p.AETH.Decode(b[off:]); err != nil {
-			return err
-		}
-		off += AETHLen
-	}
-	if hdrs.Has(HdrAtomicAckETH) {
-		p.AtomicAckETH.Orig = be.Uint64(b[off:])
-		off += AtomicAckETHLen
-	}
-	if hdrs.Has(HdrImmDt) {
-		p.ImmDt = ImmDt(be.Uint32(b[off:]))
-		off += ImmDtLen
-	}
-	if hdrs.Has(HdrIETH) {
-		p.IETH.RKey = be.Uint32(b[off:])
-		off += IETHLen
-	}
-	if hdrs.Has(HdrCNPPad) {
-		for i, c := range b[off : off+cnpReservedBytes] {
-			if c != 0 {
-				return fieldErr("CNP.Reserved", ErrReserved, "byte %d is %#x", i, c)
+	for i := range extHeaders {
+		if hdrs.Has(Header(1) << i) {
+			if err := extHeaders[i].get(p, b[off:]); err != nil {
+				return err
 			}
+			off += headerLens[i]
 		}
-		off += cnpReservedBytes
 	}
 	end := off + region - int(pad)
 	p.Payload = b[off:end:end]

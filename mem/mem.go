@@ -10,6 +10,10 @@
 //     memory can be passed to another process (a vfio-user DMA_MAP carries the
 //     fd) and outlives the mapping until the file is closed.
 //
+// MapMemfd is the memfd and shared mapping under AllocMemfd without a
+// Buffer, for owners that keep and release the file and the mapping
+// themselves (the driver's rings, hfisim's BAR memory).
+//
 // Memory from make() or new() must never be given to a device: the garbage
 // collector may free it, the scavenger returns its pages to the kernel, and
 // userfault refuses to watch it.
@@ -70,26 +74,42 @@ func Alloc(size int) (*Buffer, error) {
 // maps it shared, prefaulted. File returns the memfd; it stays open until
 // Close, so the pages survive Unmap.
 func AllocMemfd(size int) (*Buffer, error) {
-	n, err := roundUp(size)
+	f, b, err := MapMemfd("gohfi-dma", size, true)
 	if err != nil {
 		return nil, err
 	}
-	fd, err := unix.MemfdCreate("gohfi-dma", unix.MFD_CLOEXEC)
+	return &Buffer{b: b, addr: sliceAddr(b), size: size, f: f}, nil
+}
+
+// MapMemfd creates a memfd called name of size bytes (rounded up to whole
+// pages) and maps it shared and read-write, prefaulted if populate. The
+// caller owns both the file and the mapping. It is the memory under
+// AllocMemfd, and under the driver's rings and the device model's BARs,
+// which share their pages by fd and keep no Buffer.
+func MapMemfd(name string, size int, populate bool) (*os.File, []byte, error) {
+	n, err := roundUp(size)
 	if err != nil {
-		return nil, fmt.Errorf("mem: memfd_create: %w", err)
+		return nil, nil, err
 	}
-	f := os.NewFile(uintptr(fd), "memfd:gohfi-dma")
+	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC)
+	if err != nil {
+		return nil, nil, fmt.Errorf("mem: memfd_create %s: %w", name, err)
+	}
+	f := os.NewFile(uintptr(fd), "memfd:"+name)
 	if err := unix.Ftruncate(fd, int64(n)); err != nil {
 		_ = f.Close() // best effort: an empty memfd nobody mapped
-		return nil, fmt.Errorf("mem: ftruncate memfd to %d: %w", n, err)
+		return nil, nil, fmt.Errorf("mem: ftruncate memfd %s to %d: %w", name, n, err)
 	}
-	b, err := unix.Mmap(fd, 0, n, unix.PROT_READ|unix.PROT_WRITE,
-		unix.MAP_SHARED|unix.MAP_POPULATE)
+	flags := unix.MAP_SHARED
+	if populate {
+		flags |= unix.MAP_POPULATE
+	}
+	b, err := unix.Mmap(fd, 0, n, unix.PROT_READ|unix.PROT_WRITE, flags)
 	if err != nil {
 		_ = f.Close() // best effort: the memfd was never mapped
-		return nil, fmt.Errorf("mem: mmap memfd %d bytes: %w", n, err)
+		return nil, nil, fmt.Errorf("mem: mmap memfd %s of %d bytes: %w", name, n, err)
 	}
-	return &Buffer{b: b, addr: sliceAddr(b), size: size, f: f}, nil
+	return f, b, nil
 }
 
 // Bytes returns the requested size of the mapping (not the page-rounded

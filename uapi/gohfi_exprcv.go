@@ -118,3 +118,13 @@ type GohfiRHQEntry struct {
 func (*GohfiRHQEntry) SizeBytes() int                    { return SizeofGohfiRHQEntry }
 func (g *GohfiRHQEntry) MarshalBytes(dst []byte)         { marshal(dst, g) }
 func (g *GohfiRHQEntry) UnmarshalBytes(src []byte) error { return unmarshal(src, g) }
+
+// NextSeq is the sequence number after s of the receive header queue (and
+// of the device's CQs and event queue, which number their entries alike):
+// 1-based, modulo 2^32, skipping 0.
+func NextSeq(s uint32) uint32 {
+	if s++; s == 0 {
+		s = 1
+	}
+	return s
+}

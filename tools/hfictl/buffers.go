@@ -1,6 +1,7 @@
 package main
 
 import (
+	"flag"
 	"fmt"
 	"hash/crc32"
 	"math/rand/v2"
@@ -28,6 +29,16 @@ func (s *session) buffer(name string) (*buffer, error) {
 		return nil, fmt.Errorf("no buffer %q (alloc it first): %w", name, unix.ENOENT)
 	}
 	return b, nil
+}
+
+// parseBuffer parses fs's flags and one positional argument, a buffer's
+// name, and returns that buffer.
+func (s *session) parseBuffer(fs *flag.FlagSet, args []string) (*buffer, error) {
+	pos, err := parseArgs(fs, args, 1, 1)
+	if err != nil {
+		return nil, err
+	}
+	return s.buffer(pos[0])
 }
 
 // mapped returns the buffer's bytes, or EFAULT once it is unmapped.
@@ -203,11 +214,7 @@ func cmdChecksum(s *session, args []string) (obj, error) {
 }
 
 func cmdMunmap(s *session, args []string) (obj, error) {
-	pos, err := parseArgs(newFlags("munmap"), args, 1, 1)
-	if err != nil {
-		return nil, err
-	}
-	b, err := s.buffer(pos[0])
+	b, err := s.parseBuffer(newFlags("munmap"), args)
 	if err != nil {
 		return nil, err
 	}
@@ -218,11 +225,7 @@ func cmdMunmap(s *session, args []string) (obj, error) {
 }
 
 func cmdFree(s *session, args []string) (obj, error) {
-	pos, err := parseArgs(newFlags("free"), args, 1, 1)
-	if err != nil {
-		return nil, err
-	}
-	b, err := s.buffer(pos[0])
+	b, err := s.parseBuffer(newFlags("free"), args)
 	if err != nil {
 		return nil, err
 	}

@@ -58,10 +58,7 @@ func (o obj) set(key string, val any) {
 }
 
 func cmdInfo(s *session, args []string) (obj, error) {
-	if _, err := parseArgs(newFlags("info"), args, 0, 0); err != nil {
-		return nil, err
-	}
-	of, err := s.file()
+	of, err := s.parseFile(newFlags("info"), args)
 	if err != nil {
 		return nil, err
 	}
@@ -82,10 +79,7 @@ func cmdInfo(s *session, args []string) (obj, error) {
 }
 
 func cmdGetVers(s *session, args []string) (obj, error) {
-	if _, err := parseArgs(newFlags("get-vers"), args, 0, 0); err != nil {
-		return nil, err
-	}
-	of, err := s.file()
+	of, err := s.parseFile(newFlags("get-vers"), args)
 	if err != nil {
 		return nil, err
 	}
@@ -104,10 +98,7 @@ func cmdAssignCtxt(s *session, args []string) (obj, error) {
 	fs := newFlags("assign-ctxt")
 	version := fs.Uint64("userversion", uapi.HFI1_USER_SWVERSION, "hfi1_user_info.userversion")
 	subctxts := fs.Uint("subctxt-cnt", 0, "hfi1_user_info.subctxt_cnt")
-	if _, err := parseArgs(fs, args, 0, 0); err != nil {
-		return nil, err
-	}
-	of, err := s.file()
+	of, err := s.parseFile(fs, args)
 	if err != nil {
 		return nil, err
 	}
@@ -142,10 +133,7 @@ func (s *session) assign(of *openFile, ui uapi.Hfi1UserInfo) error {
 }
 
 func cmdCtxtInfo(s *session, args []string) (obj, error) {
-	if _, err := parseArgs(newFlags("ctxt-info"), args, 0, 0); err != nil {
-		return nil, err
-	}
-	of, err := s.file()
+	of, err := s.parseFile(newFlags("ctxt-info"), args)
 	if err != nil {
 		return nil, err
 	}
@@ -160,10 +148,7 @@ func cmdCtxtInfo(s *session, args []string) (obj, error) {
 }
 
 func cmdUserInfo(s *session, args []string) (obj, error) {
-	if _, err := parseArgs(newFlags("user-info"), args, 0, 0); err != nil {
-		return nil, err
-	}
-	of, err := s.file()
+	of, err := s.parseFile(newFlags("user-info"), args)
 	if err != nil {
 		return nil, err
 	}
@@ -448,10 +433,7 @@ func cmdSend(s *session, args []string) (_ obj, err error) {
 func cmdPoll(s *session, args []string) (obj, error) {
 	fs := newFlags("poll")
 	timeout := fs.Duration("timeout", time.Second, "how long to wait; 0 checks without waiting, negative waits forever")
-	if _, err := parseArgs(fs, args, 0, 0); err != nil {
-		return nil, err
-	}
-	of, err := s.file()
+	of, err := s.parseFile(fs, args)
 	if err != nil {
 		return nil, err
 	}
@@ -553,9 +535,7 @@ func cmdRecv(s *session, args []string) (obj, error) {
 		return nil, err
 	}
 	of.head = next
-	if of.seq++; of.seq == 0 {
-		of.seq = 1
-	}
+	of.seq = uapi.NextSeq(of.seq)
 	return o, nil
 }
 
@@ -584,10 +564,7 @@ func cmdEvents(s *session, args []string) (obj, error) {
 }
 
 func cmdStats(s *session, args []string) (obj, error) {
-	if _, err := parseArgs(newFlags("stats"), args, 0, 0); err != nil {
-		return nil, err
-	}
-	of, err := s.file()
+	of, err := s.parseFile(newFlags("stats"), args)
 	if err != nil {
 		return nil, err
 	}

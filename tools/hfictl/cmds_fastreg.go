@@ -30,11 +30,8 @@ type fastReg struct {
 func cmdAllocMR(s *session, args []string) (obj, error) {
 	fs := newFlags("alloc-mr")
 	maxNumSg := fs.Uint("max-num-sg", 16, "pages the MR can be bound to at most")
-	pos, err := parseArgs(fs, args, 1, 1)
+	pos, err := parseNew(fs, args, 1, s.verbs.mrs, "MR")
 	if err != nil {
-		return nil, err
-	}
-	if err := unused(s.verbs.mrs, "MR", pos[0]); err != nil {
 		return nil, err
 	}
 	of, err := s.verbsFile()

@@ -124,11 +124,7 @@ func cmdTidUpdate(s *session, args []string) (_ obj, err error) {
 	fs := newFlags("tid-update")
 	offArg := fs.String("offset", "0", "start in the buffer (the driver wants it page aligned)")
 	lenArg := fs.String("len", "", "bytes (default: to the end of the buffer)")
-	pos, err := parseArgs(fs, args, 1, 1)
-	if err != nil {
-		return nil, err
-	}
-	b, err := s.buffer(pos[0])
+	b, err := s.parseBuffer(fs, args)
 	if err != nil {
 		return nil, err
 	}
@@ -236,10 +232,7 @@ func cmdTidFree(s *session, args []string) (_ obj, err error) {
 func cmdTidInvalRead(s *session, args []string) (_ obj, err error) {
 	fs := newFlags("tid-inval-read")
 	maxArg := fs.Int("max", 0, "room in the TID list (default: the context's rcvtids)")
-	if _, err := parseArgs(fs, args, 0, 0); err != nil {
-		return nil, err
-	}
-	of, err := s.file()
+	of, err := s.parseFile(fs, args)
 	if err != nil {
 		return nil, err
 	}

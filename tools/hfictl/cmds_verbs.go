@@ -96,6 +96,19 @@ func parseNamed[T any](fs *flag.FlagSet, args []string, m map[string]T, kind str
 	return pos[0], v, err
 }
 
+// parseNew parses a command that creates an object of a kind: n
+// positional arguments, the first the new name, which must not be in m.
+func parseNew[T any](fs *flag.FlagSet, args []string, n int, m map[string]T, kind string) ([]string, error) {
+	pos, err := parseArgs(fs, args, n, n)
+	if err != nil {
+		return nil, err
+	}
+	if err := unused(m, kind, pos[0]); err != nil {
+		return nil, err
+	}
+	return pos, nil
+}
+
 func unused[T any](m map[string]T, kind, name string) error {
 	if _, ok := m[name]; ok {
 		return fmt.Errorf("%s %q exists: %w", kind, name, unix.EEXIST)
@@ -381,11 +394,8 @@ func cmdCQ(s *session, args []string) (obj, error) {
 func cqCreate(s *session, args []string) (obj, error) {
 	fs := newFlags("cq")
 	cqe := fs.Uint("cqe", 64, "completions the CQ must hold")
-	pos, err := parseArgs(fs, args, 1, 1)
+	pos, err := parseNew(fs, args, 1, s.verbs.cqs, "CQ")
 	if err != nil {
-		return nil, err
-	}
-	if err := unused(s.verbs.cqs, "CQ", pos[0]); err != nil {
 		return nil, err
 	}
 	of, err := s.verbsFile()
@@ -430,11 +440,8 @@ func qpCreate(s *session, args []string) (obj, error) {
 	maxSendSge := fs.Uint("max-send-sge", 4, "SGEs per send WR")
 	maxRecvSge := fs.Uint("max-recv-sge", 4, "SGEs per receive WR")
 	sigAll := fs.Bool("sig-all", false, "every send WR completes signaled (sq_sig_all)")
-	pos, err := parseArgs(fs, args, 1, 1)
+	pos, err := parseNew(fs, args, 1, s.verbs.qps, "QP")
 	if err != nil {
-		return nil, err
-	}
-	if err := unused(s.verbs.qps, "QP", pos[0]); err != nil {
 		return nil, err
 	}
 	q := &qpRec{name: pos[0], sendCQ: *sendCQ, recvCQ: *recvCQ}

@@ -266,6 +266,15 @@ func (s *session) file() (*openFile, error) {
 	return s.openFile(defaultFile)
 }
 
+// parseFile parses a command that takes flags only and works on the
+// current file, and returns the file.
+func (s *session) parseFile(fs *flag.FlagSet, args []string) (*openFile, error) {
+	if _, err := parseArgs(fs, args, 0, 0); err != nil {
+		return nil, err
+	}
+	return s.file()
+}
+
 func (s *session) openFile(name string) (*openFile, error) {
 	a, err := s.device()
 	if err != nil {

@@ -103,36 +103,61 @@ func cmdFetch(ctx context.Context, args []string) error {
 	}{a, a.Kernel()})
 }
 
+// imageFlags are the flags of the commands that build an initramfs.
+type imageFlags struct {
+	cache, tags *string
+	tests       testList
+}
+
+func addImageFlags(fs *flag.FlagSet) *imageFlags {
+	f := &imageFlags{
+		cache: fs.String("cache", vmimage.CacheDir(), "cache directory ($"+vmimage.CacheEnv+")"),
+		tags:  fs.String("tags", "gohfiguest", "build tags for the test binaries"),
+	}
+	fs.Var(&f.tests, "test", "package[:pattern] whose tests run in the guest (repeatable)")
+	return f
+}
+
+// build fetches the artifacts and builds an initramfs with opts and the
+// flags' tests in a new work directory, which the caller removes with
+// removeWork.
+func (f *imageFlags) build(ctx context.Context, opts vmimage.ImageOptions) (a *vmimage.Artifacts, work, initrd string, err error) {
+	f.tests.setTags(*f.tags)
+	if a, err = vmimage.Fetch(ctx, vmimage.FetchOptions{CacheDir: *f.cache, Log: os.Stderr}); err != nil {
+		return nil, "", "", err
+	}
+	if work, err = os.MkdirTemp("", "vmimage-"); err != nil {
+		return nil, "", "", err
+	}
+	opts.WorkDir, opts.Tests = work, f.tests
+	if initrd, err = vmimage.BuildImage(ctx, a, opts); err != nil {
+		removeWork(work, &err)
+		return nil, "", "", err
+	}
+	return a, work, initrd, nil
+}
+
+// removeWork removes the work directory, joining a failure to *err: the
+// directory holds the whole initramfs, and leaving it in TMPDIR is worth an
+// error.
+func removeWork(work string, err *error) {
+	if rerr := os.RemoveAll(work); rerr != nil {
+		*err = errors.Join(*err, fmt.Errorf("removing %s: %w", work, rerr))
+	}
+}
+
 func cmdInitramfs(ctx context.Context, args []string) (err error) {
 	fs := flag.NewFlagSet("initramfs", flag.ExitOnError)
-	cache := fs.String("cache", vmimage.CacheDir(), "cache directory ($"+vmimage.CacheEnv+")")
+	img := addImageFlags(fs)
 	out := fs.String("o", "initramfs.cpio", "output file")
-	tags := fs.String("tags", "gohfiguest", "build tags for the test binaries")
-	var tests testList
-	fs.Var(&tests, "test", "package[:pattern] whose tests run in the guest (repeatable)")
 	if err := fs.Parse(args); err != nil { // not with ExitOnError, which exits instead
 		return err
 	}
-	tests.setTags(*tags)
-	a, err := vmimage.Fetch(ctx, vmimage.FetchOptions{CacheDir: *cache, Log: os.Stderr})
+	_, work, initrd, err := img.build(ctx, vmimage.ImageOptions{})
 	if err != nil {
 		return err
 	}
-	work, err := os.MkdirTemp("", "vmimage-")
-	if err != nil {
-		return err
-	}
-	defer func() {
-		// The work directory holds the whole initramfs: leaving it in
-		// TMPDIR is worth an error.
-		if rerr := os.RemoveAll(work); rerr != nil {
-			err = errors.Join(err, fmt.Errorf("removing %s: %w", work, rerr))
-		}
-	}()
-	initrd, err := vmimage.BuildImage(ctx, a, vmimage.ImageOptions{WorkDir: work, Tests: tests})
-	if err != nil {
-		return err
-	}
+	defer removeWork(work, &err)
 	b, err := os.ReadFile(initrd)
 	if err != nil {
 		return err
@@ -142,15 +167,12 @@ func cmdInitramfs(ctx context.Context, args []string) (err error) {
 
 func cmdRun(ctx context.Context, args []string, interactive bool) (err error) {
 	fs := flag.NewFlagSet("run", flag.ExitOnError)
-	cache := fs.String("cache", vmimage.CacheDir(), "cache directory ($"+vmimage.CacheEnv+")")
+	img := addImageFlags(fs)
 	socket := fs.String("socket", "", "unix socket of a running vfio-user server: adds a vfio-user-pci device")
 	timeout := fs.Duration("timeout", 5*time.Minute, "kill the guest after this long (run only)")
 	mem := fs.Int("m", 1024, "guest memory in MiB")
 	var qemuArgs stringList
 	fs.Var(&qemuArgs, "qemu", "extra QEMU argument (repeatable), e.g. -qemu=-device -qemu=edu")
-	tags := fs.String("tags", "gohfiguest", "build tags for the test binaries")
-	var tests testList
-	fs.Var(&tests, "test", "package[:pattern] whose tests run in the guest (repeatable)")
 	var env stringList
 	fs.Var(&env, "env", "KEY=VALUE added to the guest tests' environment (repeatable)")
 	var tools stringList
@@ -160,29 +182,12 @@ func cmdRun(ctx context.Context, args []string, interactive bool) (err error) {
 	if err := fs.Parse(args); err != nil { // not with ExitOnError, which exits instead
 		return err
 	}
-	tests.setTags(*tags)
 
-	a, err := vmimage.Fetch(ctx, vmimage.FetchOptions{CacheDir: *cache, Log: os.Stderr})
+	a, work, initrd, err := img.build(ctx, vmimage.ImageOptions{Tools: tools, Env: env, Interactive: interactive})
 	if err != nil {
 		return err
 	}
-	work, err := os.MkdirTemp("", "vmimage-")
-	if err != nil {
-		return err
-	}
-	defer func() {
-		// The work directory holds the whole initramfs: leaving it in
-		// TMPDIR is worth an error.
-		if rerr := os.RemoveAll(work); rerr != nil {
-			err = errors.Join(err, fmt.Errorf("removing %s: %w", work, rerr))
-		}
-	}()
-	initrd, err := vmimage.BuildImage(ctx, a, vmimage.ImageOptions{
-		WorkDir: work, Tests: tests, Tools: tools, Env: env, Interactive: interactive,
-	})
-	if err != nil {
-		return err
-	}
+	defer removeWork(work, &err)
 	vm := &vmimage.VM{Artifacts: a, Initramfs: initrd, MemoryMB: *mem, VFIOUserSocket: *socket, ExtraArgs: qemuArgs}
 	if *withSim {
 		cfg := hfisim.DefaultConfig()

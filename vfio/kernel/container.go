@@ -10,21 +10,46 @@ import (
 	"github.com/gohfi/gohfi/vfio/abi"
 )
 
-// Container is an open /dev/vfio/vfio: an IOMMU context that groups are
-// attached to and DMA mappings are made in. Each method is one ioctl.
-type Container struct {
+// vfioFile is an open VFIO character device (container or group) that
+// closes once.
+type vfioFile struct {
 	mu     sync.Mutex
 	fd     int
 	closed bool
 }
 
-// OpenContainer opens the VFIO container device (normally /dev/vfio/vfio).
-func OpenContainer(path string) (*Container, error) {
+func openVFIOFile(path string) (int, error) {
 	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("vfio: %w", &os.PathError{Op: "open", Path: path, Err: err})
+		return -1, fmt.Errorf("vfio: %w", &os.PathError{Op: "open", Path: path, Err: err})
 	}
-	return &Container{fd: fd}, nil
+	return fd, nil
+}
+
+// Close closes the file; a second Close does nothing.
+func (f *vfioFile) Close() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		return nil
+	}
+	f.closed = true
+	return unix.Close(f.fd)
+}
+
+// Container is an open /dev/vfio/vfio: an IOMMU context that groups are
+// attached to and DMA mappings are made in. Each method is one ioctl.
+// Close closes the container; groups still attached keep it alive in the
+// kernel until they are closed.
+type Container struct{ vfioFile }
+
+// OpenContainer opens the VFIO container device (normally /dev/vfio/vfio).
+func OpenContainer(path string) (*Container, error) {
+	fd, err := openVFIOFile(path)
+	if err != nil {
+		return nil, err
+	}
+	return &Container{vfioFile{fd: fd}}, nil
 }
 
 // FD returns the container's file descriptor, owned by the Container.
@@ -89,32 +114,17 @@ func (c *Container) UnmapDMA(iova, size uint64) (uint64, error) {
 	return u.Size, nil
 }
 
-// Close closes the container. Groups still attached keep it alive in the
-// kernel until they are closed.
-func (c *Container) Close() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed {
-		return nil
-	}
-	c.closed = true
-	return unix.Close(c.fd)
-}
-
 // Group is an open /dev/vfio/<n>, an IOMMU group. Each method is one ioctl.
-type Group struct {
-	mu     sync.Mutex
-	fd     int
-	closed bool
-}
+// Close closes the group, detaching it from its container.
+type Group struct{ vfioFile }
 
 // OpenGroup opens the group device at path (/dev/vfio/<n>).
 func OpenGroup(path string) (*Group, error) {
-	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	fd, err := openVFIOFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("vfio: %w", &os.PathError{Op: "open", Path: path, Err: err})
+		return nil, err
 	}
-	return &Group{fd: fd}, nil
+	return &Group{vfioFile{fd: fd}}, nil
 }
 
 // Status is VFIO_GROUP_GET_STATUS (VFIO_GROUP_FLAGS_*).
@@ -141,15 +151,4 @@ func (g *Group) UnsetContainer() error {
 // device called name (its PCI address), owned by the caller.
 func (g *Group) DeviceFD(name string) (int, error) {
 	return ioctlString(g.fd, abi.VFIO_GROUP_GET_DEVICE_FD, name)
-}
-
-// Close closes the group, detaching it from its container.
-func (g *Group) Close() error {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	if g.closed {
-		return nil
-	}
-	g.closed = true
-	return unix.Close(g.fd)
 }

@@ -221,22 +221,7 @@ func (d *Device) regionRange(index uint32, off uint64, n int) (int64, error) {
 // ReadRegion implements vfio.Device with pread(2) on the device fd; the
 // kernel splits the access into the widest naturally aligned loads.
 func (d *Device) ReadRegion(index uint32, off uint64, p []byte) error {
-	pos, err := d.regionRange(index, off, len(p))
-	if err != nil {
-		return err
-	}
-	fd, err := d.devFD()
-	if err != nil {
-		return err
-	}
-	n, err := unix.Pread(fd, p, pos)
-	if err != nil {
-		return fmt.Errorf("vfio: read region %d at %#x: %w", index, off, err)
-	}
-	if n != len(p) {
-		return fmt.Errorf("vfio: read region %d at %#x: %d of %d bytes: %w", index, off, n, len(p), io.ErrUnexpectedEOF)
-	}
-	return nil
+	return d.regionIO("read", unix.Pread, io.ErrUnexpectedEOF, index, off, p)
 }
 
 // WriteRegionPosted implements vfio.Device: pwrite(2) on a BAR of the
@@ -248,6 +233,12 @@ func (d *Device) WriteRegionPosted(index uint32, off uint64, p []byte) error {
 
 // WriteRegion implements vfio.Device with pwrite(2) on the device fd.
 func (d *Device) WriteRegion(index uint32, off uint64, p []byte) error {
+	return d.regionIO("write", unix.Pwrite, io.ErrShortWrite, index, off, p)
+}
+
+// regionIO moves p at off of region index with op (pread or pwrite); a
+// transfer of fewer bytes is short.
+func (d *Device) regionIO(dir string, op func(fd int, p []byte, pos int64) (int, error), short error, index uint32, off uint64, p []byte) error {
 	pos, err := d.regionRange(index, off, len(p))
 	if err != nil {
 		return err
@@ -256,12 +247,12 @@ func (d *Device) WriteRegion(index uint32, off uint64, p []byte) error {
 	if err != nil {
 		return err
 	}
-	n, err := unix.Pwrite(fd, p, pos)
+	n, err := op(fd, p, pos)
 	if err != nil {
-		return fmt.Errorf("vfio: write region %d at %#x: %w", index, off, err)
+		return fmt.Errorf("vfio: %s region %d at %#x: %w", dir, index, off, err)
 	}
 	if n != len(p) {
-		return fmt.Errorf("vfio: write region %d at %#x: %d of %d bytes: %w", index, off, n, len(p), io.ErrShortWrite)
+		return fmt.Errorf("vfio: %s region %d at %#x: %d of %d bytes: %w", dir, index, off, n, len(p), short)
 	}
 	return nil
 }

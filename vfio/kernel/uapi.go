@@ -79,18 +79,27 @@ func decodeRegionInfo(b []byte) (info vfio.RegionInfo, needed int, err error) {
 		if h.ID != abi.VFIO_REGION_INFO_CAP_SPARSE_MMAP {
 			return nil
 		}
-		var sp abi.VFIORegionInfoCapSparseMmap
-		if !abi.Decode(c, &sp) {
-			return fmt.Errorf("sparse mmap capability: %d bytes", len(c))
-		}
-		areas, ok := abi.DecodeSlice[abi.VFIORegionSparseMmapArea](c[abi.SizeofVFIORegionInfoCapSparseMmap:], int(sp.NrAreas))
-		if !ok {
-			return fmt.Errorf("sparse mmap capability: %d areas in %d bytes", sp.NrAreas, len(c))
-		}
+		areas, err := decodeCapArray[abi.VFIORegionInfoCapSparseMmap, abi.VFIORegionSparseMmapArea](c, "sparse mmap",
+			func(sp *abi.VFIORegionInfoCapSparseMmap) int { return int(sp.NrAreas) })
 		info.Sparse = areas
-		return nil
+		return err
 	})
 	return info, 0, err
+}
+
+// decodeCapArray decodes a capability that is a fixed part H followed by
+// count(H) entries E (a flexible array member: sparse mmap areas, IOVA
+// ranges).
+func decodeCapArray[H, E abi.Struct](c []byte, name string, count func(*H) int) ([]E, error) {
+	var h H
+	if !abi.Decode(c, &h) {
+		return nil, fmt.Errorf("%s capability: %d bytes", name, len(c))
+	}
+	es, ok := abi.DecodeSlice[E](c[len(abi.Bytes(&h)):], count(&h))
+	if !ok {
+		return nil, fmt.Errorf("%s capability: %d entries in %d bytes", name, count(&h), len(c))
+	}
+	return es, nil
 }
 
 // walkCaps follows a capability chain (struct vfio_info_cap_header;
@@ -167,13 +176,10 @@ func decodeIOMMUInfo(b []byte) (info IOMMUInfo, needed int, err error) {
 	err = walkCaps(b, ii.CapOffset, func(h abi.VFIOInfoCapHeader, c []byte) error {
 		switch h.ID {
 		case abi.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE:
-			var cr abi.VFIOIommuType1InfoCapIovaRange
-			if !abi.Decode(c, &cr) {
-				return fmt.Errorf("IOVA range capability: %d bytes", len(c))
-			}
-			r, ok := abi.DecodeSlice[abi.VFIOIovaRange](c[abi.SizeofVFIOIommuType1InfoCapIovaRange:], int(cr.NrIOVAs))
-			if !ok {
-				return fmt.Errorf("IOVA range capability: %d ranges in %d bytes", cr.NrIOVAs, len(c))
+			r, err := decodeCapArray[abi.VFIOIommuType1InfoCapIovaRange, abi.VFIOIovaRange](c, "IOVA range",
+				func(cr *abi.VFIOIommuType1InfoCapIovaRange) int { return int(cr.NrIOVAs) })
+			if err != nil {
+				return err
 			}
 			info.IOVARanges = append(info.IOVARanges, r...)
 		case abi.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL:

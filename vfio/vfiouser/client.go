@@ -33,8 +33,7 @@ type Client struct {
 	serverMaxFDs  int
 
 	mu      sync.Mutex
-	pending map[uint16]*call
-	nextID  uint16
+	pending pendingCalls[call]
 	err     error         // non-nil once closed or disconnected
 	done    chan struct{} // closed when the reader has stopped: disconnected or closed
 
@@ -99,7 +98,6 @@ func NewClient(conn *net.UnixConn, opts ...Option) (*Client, error) {
 	c := &Client{
 		o:             o,
 		sk:            sk,
-		pending:       make(map[uint16]*call),
 		done:          make(chan struct{}),
 		regions:       make(map[uint32]*clientRegion),
 		serverMaxData: defaultMaxDataXferSize,
@@ -174,18 +172,10 @@ func (c *Client) start(k *call, fds []int) error {
 		c.mu.Unlock()
 		return fmt.Errorf("vfio-user: %s: %w", cmdName(k.cmd), err)
 	}
-	for {
-		c.nextID++
-		if c.pending[c.nextID] == nil {
-			break
-		}
-	}
-	k.id = c.nextID
-	c.pending[k.id] = k
+	k.id = c.pending.add(k)
 	c.mu.Unlock()
 
-	h := header{MsgID: k.id, Cmd: k.cmd, Size: uint32(len(k.sbuf)), Flags: abi.VFIO_USER_F_TYPE_COMMAND}
-	abi.Encode(k.sbuf, &h)
+	putCommandHeader(k.sbuf, k.id, k.cmd, 0)
 	if err := c.sk.send(k.sbuf, fds); err != nil {
 		if !c.unpend(k) {
 			<-k.done // the reader (or a disconnect) completed it meanwhile
@@ -223,11 +213,7 @@ func (c *Client) roundTrip(k *call, fds []int) error {
 func (c *Client) unpend(k *call) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.pending[k.id] == k {
-		delete(c.pending, k.id)
-		return true
-	}
-	return false
+	return c.pending.remove(k.id, k)
 }
 
 func (c *Client) dead() error {
@@ -271,11 +257,10 @@ func (c *Client) readLoop() {
 	if c.err == nil {
 		c.err = fmt.Errorf("%w: %v", vfio.ErrDisconnected, cause)
 	}
-	for id, k := range c.pending {
-		delete(c.pending, id)
+	c.pending.drain(func(k *call) {
 		k.err = fmt.Errorf("vfio-user: %s: %w", cmdName(k.cmd), c.err)
 		k.done <- struct{}{}
-	}
+	})
 	c.mu.Unlock()
 	close(c.done)
 }
@@ -283,10 +268,7 @@ func (c *Client) readLoop() {
 // complete hands a reply to its call. fds become the call's.
 func (c *Client) complete(h header, p []byte, fds []int, rerr error) {
 	c.mu.Lock()
-	k := c.pending[h.MsgID]
-	if k != nil {
-		delete(c.pending, h.MsgID)
-	}
+	k := c.pending.take(h.MsgID, nil)
 	c.mu.Unlock()
 	if k == nil {
 		// A late reply to a call that timed out, or a lie.
@@ -313,15 +295,7 @@ func (c *Client) complete(h header, p []byte, fds []int, rerr error) {
 }
 
 func (c *Client) sendError(h header, errno unix.Errno) {
-	if h.Flags&abi.VFIO_USER_F_NO_REPLY != 0 {
-		return
-	}
-	var b [headerSize]byte
-	rh := header{MsgID: h.MsgID, Cmd: h.Cmd, Size: headerSize, Flags: abi.VFIO_USER_F_TYPE_REPLY | abi.VFIO_USER_F_ERROR, Errno: uint32(errno)}
-	abi.Encode(b[:], &rh)
-	if err := c.sk.send(b[:], nil); err != nil {
-		c.o.logf("%v", err)
-	}
+	sendErrorReply(c.sk, c.o.logf, h, errno)
 }
 
 // Done implements vfio.Device: the channel is closed once the connection
@@ -656,14 +630,9 @@ func (c *Client) postWrite(index uint32, off uint64, p []byte) error {
 	}
 	// An id no call waits for: a reply to it (the server sends none) would
 	// be logged as unknown.
-	c.nextID++
-	for c.pending[c.nextID] != nil {
-		c.nextID++
-	}
-	id := c.nextID
+	id := c.pending.freeID()
 	c.mu.Unlock()
-	h := header{MsgID: id, Cmd: k.cmd, Size: uint32(len(k.sbuf)), Flags: abi.VFIO_USER_F_TYPE_COMMAND | abi.VFIO_USER_F_NO_REPLY}
-	abi.Encode(k.sbuf, &h)
+	putCommandHeader(k.sbuf, id, k.cmd, abi.VFIO_USER_F_NO_REPLY)
 	if err := c.sk.send(k.sbuf, nil); err != nil {
 		if derr := c.dead(); derr != nil {
 			return fmt.Errorf("vfio-user: posted REGION_WRITE: %w", derr)

@@ -14,6 +14,84 @@ type header = abi.VFIOUserHeader
 
 const headerSize = abi.SizeofVFIOUserHeader
 
+// putCommandHeader writes into b the header of command cmd with message id
+// id; b's length is the message's size.
+func putCommandHeader(b []byte, id, cmd uint16, flags uint32) {
+	h := header{MsgID: id, Cmd: cmd, Size: uint32(len(b)), Flags: abi.VFIO_USER_F_TYPE_COMMAND | flags}
+	abi.Encode(b, &h)
+}
+
+// sendErrorReply sends on sk an error reply to the command h, unless it
+// asked for none; a failure to send is logged with logf.
+func sendErrorReply(sk *sock, logf func(string, ...any), h header, errno unix.Errno) {
+	if h.Flags&abi.VFIO_USER_F_NO_REPLY != 0 {
+		return
+	}
+	var b [headerSize]byte
+	rh := header{MsgID: h.MsgID, Cmd: h.Cmd, Size: headerSize, Flags: abi.VFIO_USER_F_TYPE_REPLY | abi.VFIO_USER_F_ERROR, Errno: uint32(errno)}
+	abi.Encode(b[:], &rh)
+	if err := sk.send(b[:], nil); err != nil {
+		logf("%v", err)
+	}
+}
+
+// pendingCalls are the commands one side sent and waits for the replies
+// of, by message id. Its owner holds a lock around every method.
+type pendingCalls[V any] struct {
+	m    map[uint16]*V
+	last uint16 // the last message id given out
+}
+
+// freeID advances to the next message id that no pending call holds and
+// returns it.
+func (p *pendingCalls[V]) freeID() uint16 {
+	for {
+		p.last++
+		if p.m[p.last] == nil {
+			return p.last
+		}
+	}
+}
+
+// add puts v under a free message id and returns the id.
+func (p *pendingCalls[V]) add(v *V) uint16 {
+	if p.m == nil {
+		p.m = make(map[uint16]*V)
+	}
+	id := p.freeID()
+	p.m[id] = v
+	return id
+}
+
+// remove takes v out if it still waits under id; false if a reply took
+// it first.
+func (p *pendingCalls[V]) remove(id uint16, v *V) bool {
+	if p.m[id] != v {
+		return false
+	}
+	delete(p.m, id)
+	return true
+}
+
+// take removes and returns the call waiting under id if match (nil: any)
+// accepts it, else nil.
+func (p *pendingCalls[V]) take(id uint16, match func(*V) bool) *V {
+	v := p.m[id]
+	if v == nil || match != nil && !match(v) {
+		return nil
+	}
+	delete(p.m, id)
+	return v
+}
+
+// drain removes every pending call, handing each to fail.
+func (p *pendingCalls[V]) drain(fail func(*V)) {
+	for id, v := range p.m {
+		delete(p.m, id)
+		fail(v)
+	}
+}
+
 // message is what the protocol says of one command (the C structures are
 // vfio/abi's): its name, the fixed parts of its request and reply payloads
 // (data may follow them; 0 is none), and whether each may carry file

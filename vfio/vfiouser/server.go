@@ -87,7 +87,6 @@ func (s *Server) ServeConn(ctx context.Context, conn *net.UnixConn) error {
 		queue:   make(chan *inMsg, 256),
 		drained: make(chan struct{}, 1),
 		dead:    make(chan struct{}),
-		pending: make(map[uint16]*dmaCall),
 		irqsSet: make(map[uint32]bool),
 	}
 	se.iommu = &iommu{max: s.opts.maxDMAMaps, sess: se}
@@ -189,8 +188,7 @@ type session struct {
 
 	// Server-to-client requests.
 	pmu     sync.Mutex
-	pending map[uint16]*dmaCall
-	nextID  uint16
+	pending pendingCalls[dmaCall]
 	dead    chan struct{} // closed when the reader has stopped
 	isDead  bool
 }
@@ -204,11 +202,10 @@ func (se *session) readLoop() (err error) {
 		se.sk.closeReader()
 		se.pmu.Lock()
 		se.isDead = true
-		for id, c := range se.pending {
-			delete(se.pending, id)
+		se.pending.drain(func(c *dmaCall) {
 			c.err = fmt.Errorf("vfio-user: %s: %w", cmdName(c.cmd), vfio.ErrDisconnected)
 			c.done <- struct{}{}
-		}
+		})
 		se.pmu.Unlock()
 		close(se.dead)
 		close(se.queue)
@@ -258,15 +255,7 @@ func (se *session) readLoop() (err error) {
 
 // sendError sends an error reply to the command h, unless it asked for none.
 func (se *session) sendError(h header, errno unix.Errno) {
-	if h.Flags&abi.VFIO_USER_F_NO_REPLY != 0 {
-		return
-	}
-	var b [headerSize]byte
-	rh := header{MsgID: h.MsgID, Cmd: h.Cmd, Size: headerSize, Flags: abi.VFIO_USER_F_TYPE_REPLY | abi.VFIO_USER_F_ERROR, Errno: uint32(errno)}
-	abi.Encode(b[:], &rh)
-	if err := se.sk.send(b[:], nil); err != nil {
-		se.logf("%v", err)
-	}
+	sendErrorReply(se.sk, se.logf, h, errno)
 }
 
 // payloadBuf returns the handler's reply buffer with room for n payload
@@ -788,18 +777,10 @@ func (se *session) dmaRoundTrip(write bool, iova uint64, p []byte) error {
 		se.pmu.Unlock()
 		return fmt.Errorf("vfio-user: %s: %w", cmdName(c.cmd), vfio.ErrDisconnected)
 	}
-	for {
-		se.nextID++
-		if se.pending[se.nextID] == nil {
-			break
-		}
-	}
-	c.id = se.nextID
-	se.pending[c.id] = c
+	c.id = se.pending.add(c)
 	se.pmu.Unlock()
 
-	h := header{MsgID: c.id, Cmd: c.cmd, Size: uint32(size), Flags: abi.VFIO_USER_F_TYPE_COMMAND}
-	abi.Encode(b, &h)
+	putCommandHeader(b, c.id, c.cmd, 0)
 	encode(c.cmd, false, b[headerSize:], &abi.VFIOUserDmaRegionAccess{Addr: iova, Count: uint64(len(p))})
 	if write {
 		copy(b[headerSize+dmaAccessSize:], p)
@@ -834,22 +815,13 @@ func (se *session) dmaRoundTrip(write bool, iova uint64, p []byte) error {
 func (se *session) unpend(c *dmaCall) bool {
 	se.pmu.Lock()
 	defer se.pmu.Unlock()
-	if se.pending[c.id] == c {
-		delete(se.pending, c.id)
-		return true
-	}
-	return false
+	return se.pending.remove(c.id, c)
 }
 
 // dispatchReply hands the client's reply to a DMA request to its waiter.
 func (se *session) dispatchReply(h header, p []byte, fds []int) {
 	se.pmu.Lock()
-	c := se.pending[h.MsgID]
-	if c != nil && c.cmd == h.Cmd {
-		delete(se.pending, h.MsgID)
-	} else {
-		c = nil
-	}
+	c := se.pending.take(h.MsgID, func(c *dmaCall) bool { return c.cmd == h.Cmd })
 	se.pmu.Unlock()
 	if c == nil {
 		se.logf("vfio-user: unexpected %s reply id %d", cmdName(h.Cmd), h.MsgID)
