@@ -252,7 +252,7 @@ func (d *Device) deliver(dma vfiouser.DMA, gen uint64, src int, desc *chip.SendD
 		dstAddr = addr
 	}
 	if ent.Err == 0 {
-		if err := copyDMA(dma, dstAddr, desc.SrcIOVA, buf[:desc.Length]); err != nil {
+		if err := vfiouser.CopyDMA(dma, dstAddr, desc.SrcIOVA, int(desc.Length), buf); err != nil {
 			d.mu.Lock()
 			d.countDMAErrLocked(err)
 			d.mu.Unlock()
@@ -263,17 +263,6 @@ func (d *Device) deliver(dma vfiouser.DMA, gen uint64, src int, desc *chip.SendD
 		ent.Type = uapi.GOHFI_RHF_ERROR
 	}
 	d.postRHQ(dma, gen, dst, &ent, desc.Flags&chip.DescFlagUrgent != 0)
-}
-
-// copyDMA copies between two IOVAs through the device's staging buffer.
-func copyDMA(dma vfiouser.DMA, dst, src uint64, buf []byte) error {
-	if len(buf) == 0 {
-		return nil
-	}
-	if err := dma.Read(src, buf); err != nil {
-		return err
-	}
-	return dma.Write(dst, buf)
 }
 
 // tidTarget resolves an expected-receive TID of context ctxt to the IOVA the

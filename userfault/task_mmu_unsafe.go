@@ -48,9 +48,16 @@ const (
 	procmapQueryFileBackedVMA = 0x20
 )
 
+const procmapQueryVMAShared = 0x08 // PROCMAP_QUERY_VMA_SHARED
+
 type vma struct {
 	start, end uintptr
 	file       bool
+	// From PROCMAP_QUERY only (zero when parsed from /proc/self/maps):
+	shared bool   // MAP_SHARED
+	off    uint64 // offset in the file of start
+	ino    uint64
+	dev    uint64 // unix.Mkdev(major, minor)
 }
 
 // vmaAt returns the VMA holding addr or the next one above it.
@@ -70,7 +77,9 @@ func vmaAt(f *os.File, addr uintptr) (vma, error) {
 	if errno != 0 {
 		return vma{}, errno
 	}
-	return vma{start: uintptr(q.VMAStart), end: uintptr(q.VMAEnd), file: q.Inode != 0}, nil
+	return vma{start: uintptr(q.VMAStart), end: uintptr(q.VMAEnd), file: q.Inode != 0,
+		shared: q.VMAFlags&procmapQueryVMAShared != 0, off: q.VMAOffset, ino: q.Inode,
+		dev: unix.Mkdev(q.DevMajor, q.DevMinor)}, nil
 }
 
 // vmasFromMaps parses /proc/self/maps (fallback for old kernels).
