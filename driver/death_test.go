@@ -207,7 +207,10 @@ func sendAsync(f *driver.File, dst uint16) chan result {
 	res := make(chan result, 1)
 	go func() {
 		payload := []byte("never consumed")
-		err := hfiuser.Send(f, uapi.GohfiSend{Opcode: uapi.GOHFI_SEND_EAGER, DstCtxt: dst, Tag: 9}, payload)
+		// SEND is posted; with FLAG_WAIT it waits for the device to
+		// consume the descriptor, which the stopped device never does.
+		s := uapi.GohfiSend{Opcode: uapi.GOHFI_SEND_EAGER, Flags: uapi.GOHFI_SEND_FLAG_WAIT, DstCtxt: dst, Tag: 9}
+		err := hfiuser.Send(f, s, payload)
 		res <- result{err, time.Now()}
 	}()
 	return res

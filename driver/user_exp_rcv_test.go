@@ -60,6 +60,10 @@ func (r *rxCtxt) nextEntry(t *testing.T) uapi.GohfiRHQEntry {
 			t.Fatal(err)
 		}
 		if e.Seq != 0 && int(e.Seq) > r.next || (r.next == 0 && e.Seq != 0) {
+			// The device writes the seq last: read again for the rest.
+			if err := e.UnmarshalBytes(r.rhq[r.next*uapi.SizeofGohfiRHQEntry:]); err != nil {
+				t.Fatal(err)
+			}
 			r.next = (r.next + 1) % r.count
 			head := make([]byte, 8)
 			binary.LittleEndian.PutUint64(head, uint64(r.next))

@@ -1,6 +1,7 @@
 package hfisim
 
 import (
+	"encoding/binary"
 	"errors"
 	"runtime"
 	"time"
@@ -9,6 +10,10 @@ import (
 	"github.com/gohfi/gohfi/uapi"
 	"github.com/gohfi/gohfi/vfio/vfiouser"
 )
+
+// rhqSeqOff is the offset of seq in a receive header queue entry
+// (struct gohfi_rhq_entry).
+const rhqSeqOff = 20
 
 // maxPacket bounds one send: the largest expected-receive buffer one TID can
 // describe, which is also larger than any eager buffer.
@@ -29,7 +34,7 @@ const maxPacket = 1 << 21
 func (d *Device) engine() {
 	defer d.wg.Done()
 	buf := make([]byte, maxPacket)
-	vbuf := make([]byte, chip.VerbsMTU)
+	mv := &mover{buf: make([]byte, chip.VerbsMTU)}
 	for {
 		var idle chan struct{}
 		select {
@@ -49,7 +54,7 @@ func (d *Device) engine() {
 		for {
 			busy := d.pollSendQueues(buf)
 			verbs := d.pollRecords(true)
-			if d.pollVerbs(vbuf) {
+			if d.pollVerbs(mv) {
 				verbs = true
 			}
 			select {
@@ -320,9 +325,19 @@ func (d *Device) postRHQ(dma vfiouser.DMA, gen uint64, dst int, ent *uapi.GohfiR
 	}
 	d.mu.Unlock()
 
+	// The entry first with seq 0 (never a valid seq), then its seq: the
+	// consumer polls the seq, and one that matches finds the rest written.
 	var raw [uapi.SizeofGohfiRHQEntry]byte
+	seq := ent.Seq
+	ent.Seq = 0
 	ent.MarshalBytes(raw[:])
+	ent.Seq = seq
 	err := dma.Write(addr, raw[:])
+	if err == nil {
+		var sb [4]byte
+		binary.LittleEndian.PutUint32(sb[:], seq)
+		err = dma.Write(addr+rhqSeqOff, sb[:])
+	}
 
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"os"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/gohfi/gohfi/vfio"
 )
 
@@ -85,12 +87,17 @@ func (e *CopyError) Unwrap() error { return e.Err }
 
 // CopyDMA copies n bytes from src to dst through dma: with Copy when dma is
 // a Copier, else through buf (Read, then Write, in chunks of len(buf)).
-// Errors are *CopyError.
+// Overlapping ranges go through buf too, in one piece, as memmove would
+// copy them: they must fit in it (else EINVAL). Errors are *CopyError.
 func CopyDMA(dma DMA, dst, src uint64, n int, buf []byte) error {
 	if n == 0 {
 		return nil
 	}
-	if c, ok := dma.(Copier); ok {
+	overlap := dst < src+uint64(n) && src < dst+uint64(n)
+	if overlap && n > len(buf) {
+		return &CopyError{Dst: true, Err: fmt.Errorf("vfio-user: DMA copy of %d bytes from %#x to overlapping %#x: %w", n, src, dst, unix.EINVAL)}
+	}
+	if c, ok := dma.(Copier); ok && !overlap {
 		return c.Copy(dst, src, n)
 	}
 	for n > 0 {
