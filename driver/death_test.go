@@ -262,8 +262,9 @@ func killDuringWaits(t *testing.T, poll, send bool) deathLatency {
 	// The device answers in order: once this write is acknowledged, the
 	// replies to the doorbell and to Poll's last register read have reached
 	// the driver, so both calls wait without talking to the device.
-	if err := hfiuser.SetRcvHdrHead(files[2], 0); err != nil {
-		t.Fatalf("RCVHDR_HEAD: %v", err)
+	// (RECV_CTRL writes Control and waits for it; RCVHDR_HEAD is posted.)
+	if err := hfiuser.IoctlScalar(files[2], uapi.HFI1_IOCTL_RECV_CTRL, 1); err != nil {
+		t.Fatalf("RECV_CTRL: %v", err)
 	}
 	killed := p.kill(t)
 	var lat deathLatency

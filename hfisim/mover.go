@@ -37,6 +37,10 @@ type mover struct {
 	gen   uint64
 	buf   []byte // staging for a DMA that cannot copy by itself (test fakes), VerbsMTU bytes
 	moves []move
+	// Backing arrays of a packet's translations (requester's SGEs, the
+	// responder's side), reused packet after packet: add copies what it
+	// keeps.
+	local, remote []span
 }
 
 // add queues pk's bytes from the src spans to the dst spans (equal totals).

@@ -76,8 +76,8 @@ func (d *Device) pollVerbs(mv *mover) bool {
 	for _, n := range d.stepList {
 		if d.stepQP(n, mv) {
 			busy = true
+			d.runTLBCommands() // between one QP's packets and the next's
 		}
-		d.runTLBCommands()
 	}
 	return busy
 }
@@ -139,6 +139,7 @@ func (d *Device) sendBurst(dma vfiouser.DMA, gen uint64, n int, mv *mover) bool 
 		}
 		switch {
 		case res.stall:
+			d.saveProgress(r)
 			return false
 		case !res.ok():
 			d.completeReq(r, res)
@@ -150,13 +151,15 @@ func (d *Device) sendBurst(dma vfiouser.DMA, gen uint64, n int, mv *mover) bool 
 			d.completeReq(r, res)
 			return true
 		}
-		if !d.saveProgress(r) {
-			break
-		}
 	}
+	// The progress is the QP's once the turn's bytes have moved (a reset
+	// meanwhile loses the rest of the turn's packets at respond, and the
+	// save then does nothing).
 	if fres, ok := d.flushMoves(mv); !ok {
 		d.completeReq(r, fres)
+		return true
 	}
+	d.saveProgress(r)
 	return true
 }
 
@@ -324,7 +327,8 @@ func (d *Device) sendPacket(r *requester) result {
 func (d *Device) localSpans(r *requester, pd uint32, pk *packet, write bool) ([]span, result) {
 	sges := r.p.wqe.SGE[:r.p.wqe.NumSGE]
 	d.mu.Lock()
-	spans, verr := d.resolveSGEsLocked(sges, pd, pk.off, pk.n, write, nil)
+	spans, verr := d.resolveSGEsLocked(sges, pd, pk.off, pk.n, write, r.mv.local[:0])
+	r.mv.local = spans[:0] // the backing array for the next packet
 	d.mu.Unlock()
 	switch verr {
 	case chip.VendorErrNone:

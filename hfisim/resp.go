@@ -167,7 +167,8 @@ func (d *Device) respondSend(dma vfiouser.DMA, gen uint64, rs *responder, pk *pa
 		return lost
 	}
 	d.mu.Lock()
-	spans, verr := d.resolveSGEsLocked(c.wqe.SGE[:c.wqe.NumSGE], rs.pd, pk.off, pk.n, true, nil)
+	spans, verr := d.resolveSGEsLocked(c.wqe.SGE[:c.wqe.NumSGE], rs.pd, pk.off, pk.n, true, pk.mv.remote[:0])
+	pk.mv.remote = spans[:0]
 	d.mu.Unlock()
 	switch verr {
 	case chip.VendorErrNone:
@@ -273,7 +274,8 @@ func (d *Device) remoteSpans(rs *responder, pk *packet, va, n uint64, need uint3
 		d.mu.Unlock()
 		return nil, lost // the responder was reset or moved to ERR since it took the packet
 	}
-	spans, verr := d.resolveLocked(pk.rkey, rs.pd, va, n, need, rs.access, perm, nil)
+	spans, verr := d.resolveLocked(pk.rkey, rs.pd, va, n, need, rs.access, perm, pk.mv.remote[:0])
+	pk.mv.remote = spans[:0]
 	d.mu.Unlock()
 	if verr == chip.VendorErrPageFault {
 		return nil, d.pageFault(rs.dma, rs.gen, pk, rs, nil)
