@@ -28,8 +28,8 @@ type packet struct {
 	// WRITE), the responder's memory (READ, set by respondRead, with rs the
 	// responder that checked it); mv collects the moves (mover.go).
 	from []span
-	rs  *responder
-	mv  *mover
+	rs   *responder
+	mv   *mover
 	// The incarnations the packet belongs to: the requester QP's epoch when
 	// it read the WQE, and the responder QP's epoch when it accepted the
 	// message's first packet (set by respond for a first packet). A packet
