@@ -1,0 +1,75 @@
+package driver_test
+
+import (
+	"hash/crc32"
+	"math/rand"
+	"runtime"
+	"testing"
+
+	"github.com/gohfi/gohfi/uapi"
+)
+
+// TestPostedSendsInFlight: SEND returns before the device has consumed the
+// descriptor, so several are in flight; sends larger than what is left at
+// the end of the 4 MiB send buffer start again at its start, waiting for
+// the device to free it. Every packet arrives, in order, with its data.
+func TestPostedSendsInFlight(t *testing.T) {
+	requireRoot(t)
+	a := openDev(t, 2)
+	tx := openFile(t, a)
+	assign(t, tx)
+	rx := newRx(t, a)
+	dst := ctxtOf(t, rx.f)
+	const piece = 3 << 19 // 1.5 MiB: the third does not fit before the ring's end
+	buf := allocBuf(t, 8<<20, true)
+	tids, n, err := tidUpdate(rx.f, buf.Addr(), 8<<20)
+	if err != nil || n != 8<<20 || len(tids) != 4 {
+		t.Fatalf("TID_UPDATE: %d TIDs, %d bytes, %v", len(tids), n, err)
+	}
+	rng := rand.New(rand.NewSource(2))
+	data := make([]byte, 6*piece)
+	rng.Read(data)
+	type sent struct {
+		tid, off uint32
+		data     []byte
+	}
+	var sends []sent
+	for i := range 5 {
+		// TIDs 0..3 at offset 0, then TID 0 again past the first piece.
+		s := sent{tid: tids[i%4], data: data[i*piece : (i+1)*piece]}
+		if i == 4 {
+			s.off, s.data = piece, s.data[:2<<20-piece]
+		}
+		sends = append(sends, s)
+		m := uapi.GohfiSend{Opcode: uapi.GOHFI_SEND_EXPECTED, DstCtxt: dst, Length: uint32(len(s.data)),
+			Vaddr: uint64(uintptrOf(s.data)), TID: s.tid, TIDOffset: s.off, Tag: uint64(i + 1)}
+		if err := ioctl(tx, uapi.GOHFI_IOCTL_SEND, &m); err != nil {
+			t.Fatalf("SEND %d: %v", i, err)
+		}
+	}
+	runtime.KeepAlive(data)
+	for i := range sends {
+		if e := rx.nextEntry(t); e.Type != uapi.GOHFI_RHF_EXPECTED || e.Tag != uint64(i+1) {
+			t.Fatalf("entry %d: %+v", i, e)
+		}
+	}
+	b := buf.Bytes()
+	for i, s := range sends {
+		at := tidIndex(tids, s.tid)*(2<<20) + int(s.off)
+		if crc32.ChecksumIEEE(b[at:at+len(s.data)]) != crc32.ChecksumIEEE(s.data) {
+			t.Errorf("send %d: data differs", i)
+		}
+	}
+	if _, err := tidFree(rx.f, tids); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func tidIndex(tids []uint32, tid uint32) int {
+	for i, x := range tids {
+		if x == tid {
+			return i
+		}
+	}
+	return -1
+}
