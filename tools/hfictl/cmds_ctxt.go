@@ -516,6 +516,10 @@ func cmdRecv(s *session, args []string) (obj, error) {
 	if e.Seq != of.seq {
 		return nil, fmt.Errorf("no new entry at slot %d (seq %d, want %d): %w", slot, e.Seq, of.seq, unix.EAGAIN)
 	}
+	// The device writes the seq last: the rest, read after it.
+	if err := e.UnmarshalBytes(of.rhq[slot*uint64(ci.RcvhdrqEntsize):]); err != nil {
+		return nil, err
+	}
 	o := obj{{"slot", slot}, {"seq", e.Seq}, {"src_ctxt", e.SrcCtxt}, {"length", e.Length}, {"tag", e.Tag}}
 	switch e.Type {
 	case uapi.GOHFI_RHF_EAGER:
