@@ -432,6 +432,9 @@ func cmdSend(s *session, args []string) (_ obj, err error) {
 	if err != nil {
 		return nil, err
 	}
+	// One packet at a time, delivered when the command returns (a recv
+	// that follows finds it): SEND is posted, FLAG_WAIT waits for it.
+	snd.Flags |= uapi.GOHFI_SEND_FLAG_WAIT
 	if err := s.ioctl(of, uapi.GOHFI_IOCTL_SEND, &snd); err != nil {
 		return nil, err
 	}
