@@ -61,7 +61,7 @@ func (f *File) send(arg UserPtr) error {
 		return errFault("gohfi: SEND payload")
 	}
 	desc := chip.SendDesc{
-		Opcode: chip.OpEager, Flags: chip.DescFlagIntr, DstCtxt: s.DstCtxt, Length: s.Length,
+		Opcode: chip.OpEager, DstCtxt: s.DstCtxt, Length: s.Length,
 		SrcIOVA: c.pio.iova + uint64(off), TID: s.TID, TIDOffset: s.TIDOffset, Tag: s.Tag,
 	}
 	if s.Flags&uapi.GOHFI_SEND_FLAG_URGENT != 0 {
@@ -69,6 +69,12 @@ func (f *File) send(arg UserPtr) error {
 	}
 	if s.Opcode == uapi.GOHFI_SEND_EXPECTED {
 		desc.Opcode = chip.OpExpected
+	}
+	if s.Flags&uapi.GOHFI_SEND_FLAG_WAIT != 0 || c.pioHalfFull() {
+		// Someone may wait for this descriptor's consumption: the
+		// sender now, or a later send that finds no room (see
+		// pioHalfFull).
+		desc.Flags |= chip.DescFlagIntr
 	}
 	if err := c.postSend(&desc); err != nil {
 		return err
@@ -110,6 +116,23 @@ func (c *ctxtData) pioAlloc(ctx context.Context, n int) (int, error) {
 	return int(start % pioRingSize), nil
 }
 
+// pioHalfFull reports whether, with the descriptor being posted, the send
+// queue or the send buffer is at least half full, or the buffer's next
+// free byte lies in its second half. Only such descriptors ask for the
+// sender's interrupt once consumed. A send waits for room only when the
+// queue is full, or when its bytes (at most half the buffer) do not fit
+// before the head: either more than half the buffer is taken, or they do
+// not fit before the buffer's end, which needs the next free byte in the
+// second half. Either way the last descriptor posted, still outstanding
+// (else the ring would be empty and the send would fit), asked for an
+// interrupt, and the wait ends. Sends that keep the ring less full raise
+// fewer interrupts.
+func (c *ctxtData) pioHalfFull() bool {
+	slots := uint64(c.d.m.params.SendQueueEntries)
+	inFlight := (c.sqTail-c.sqDone+slots)%slots + 1
+	return 2*inFlight >= slots || 2*(c.pioTail-c.pioHead) >= pioRingSize || 2*(c.pioTail%pioRingSize) >= pioRingSize
+}
+
 // postSend writes one descriptor whose payload ends the send buffer's
 // allocation and rings the doorbell, a posted write: the device takes it
 // before any later register access, and nothing waits for it.
@@ -139,8 +162,8 @@ func (c *ctxtData) reap() {
 }
 
 // waitSent reaps consumed descriptors until done reports true, sleeping
-// on the context's interrupt (every descriptor asks for one when
-// consumed) in between.
+// on the context's interrupt (raised by the consumption of a descriptor
+// that asked for it, pioHalfFull) in between.
 func (c *ctxtData) waitSent(ctx context.Context, done func() bool) error {
 	for {
 		wait := c.wq.wait()

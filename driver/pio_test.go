@@ -73,3 +73,36 @@ func tidIndex(tids []uint32, tid uint32) int {
 	}
 	return -1
 }
+
+// TestPostedSendsNeverStall: a stream of sends of every size up to the
+// largest, none waited for, keeps the send buffer wrapping and full; a send
+// that waits for room is always woken by a consumed descriptor (only some
+// ask for the interrupt), so none times out. The receiver's TID is not
+// valid: the device refuses each packet (an error entry, or a drop once
+// the header queue is full) and consumes its descriptor all the same.
+func TestPostedSendsNeverStall(t *testing.T) {
+	requireRoot(t)
+	a := openDev(t, 2)
+	tx := openFile(t, a)
+	assign(t, tx)
+	rx := newRx(t, a)
+	dst := ctxtOf(t, rx.f)
+	src := allocBuf(t, 2<<20, false)
+	rng := rand.New(rand.NewSource(3))
+	for i := range 300 {
+		n := 1 + rng.Intn(2<<20)
+		if i%7 == 0 {
+			n = 2 << 20
+		}
+		s := uapi.GohfiSend{Opcode: uapi.GOHFI_SEND_EXPECTED, DstCtxt: dst, Length: uint32(n), Vaddr: uint64(src.Addr()), TID: 1 << 31}
+		if i == 299 {
+			s.Flags = uapi.GOHFI_SEND_FLAG_WAIT // and then everything was consumed
+		}
+		if err := ioctl(tx, uapi.GOHFI_IOCTL_SEND, &s); err != nil {
+			t.Fatalf("SEND %d of %d bytes: %v", i, n, err)
+		}
+	}
+	if e := rx.nextEntry(t); e.Type != uapi.GOHFI_RHF_ERROR || e.Err&uapi.GOHFI_RHF_ERR_TID == 0 {
+		t.Fatalf("first entry %+v, want a TID error", e)
+	}
+}
