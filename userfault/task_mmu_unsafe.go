@@ -48,13 +48,17 @@ const (
 	procmapQueryFileBackedVMA = 0x20
 )
 
-const procmapQueryVMAShared = 0x08 // PROCMAP_QUERY_VMA_SHARED
+const (
+	procmapQueryVMAWritable = 0x02 // PROCMAP_QUERY_VMA_WRITABLE
+	procmapQueryVMAShared   = 0x08 // PROCMAP_QUERY_VMA_SHARED
+)
 
 type vma struct {
 	start, end uintptr
 	file       bool
 	// From PROCMAP_QUERY only (zero when parsed from /proc/self/maps):
 	shared bool   // MAP_SHARED
+	write  bool   // PROT_WRITE
 	off    uint64 // offset in the file of start
 	ino    uint64
 	dev    uint64 // unix.Mkdev(major, minor)
@@ -78,7 +82,7 @@ func vmaAt(f *os.File, addr uintptr) (vma, error) {
 		return vma{}, errno
 	}
 	return vma{start: uintptr(q.VMAStart), end: uintptr(q.VMAEnd), file: q.Inode != 0,
-		shared: q.VMAFlags&procmapQueryVMAShared != 0, off: q.VMAOffset, ino: q.Inode,
+		shared: q.VMAFlags&procmapQueryVMAShared != 0, write: q.VMAFlags&procmapQueryVMAWritable != 0, off: q.VMAOffset, ino: q.Inode,
 		dev: unix.Mkdev(q.DevMajor, q.DevMinor)}, nil
 }
 
