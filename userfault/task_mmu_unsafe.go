@@ -109,7 +109,21 @@ func vmasFromMaps() ([]vma, error) {
 		if err1 != nil || err2 != nil {
 			continue
 		}
-		out = append(out, vma{start: uintptr(s), end: uintptr(e), file: fields[4] != "0"})
+		v := vma{start: uintptr(s), end: uintptr(e), file: fields[4] != "0"}
+		// perms offset major:minor inode, as PROCMAP_QUERY reports them
+		// (the kernel writes them in these bases; a field that does not
+		// parse reads as 0, which no caller takes for a shmem file).
+		perms := fields[1]
+		v.write = len(perms) > 1 && perms[1] == 'w'
+		v.shared = len(perms) > 3 && perms[3] == 's'
+		v.off, _ = strconv.ParseUint(fields[2], 16, 64)
+		v.ino, _ = strconv.ParseUint(fields[4], 10, 64)
+		if maj, min, ok := strings.Cut(fields[3], ":"); ok {
+			ma, _ := strconv.ParseUint(maj, 16, 32)
+			mi, _ := strconv.ParseUint(min, 16, 32)
+			v.dev = unix.Mkdev(uint32(ma), uint32(mi))
+		}
+		out = append(out, v)
 	}
 	return out, sc.Err()
 }
