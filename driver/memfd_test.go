@@ -15,12 +15,7 @@ import (
 // device write through a memfd TID whose buffer the application unmapped
 // and replaced lands in the file, never in the new memory at the address.
 func TestMemfdTIDUnpinnedAndPinned(t *testing.T) {
-	requireRoot(t)
-	a := openDev(t, 2)
-	tx := openFile(t, a)
-	assign(t, tx)
-	rx := newRx(t, a)
-	dst := ctxtOf(t, rx.f)
+	a, tx, rx, dst := sendPair(t)
 	const size = 64 << 10
 	for _, memfd := range []bool{true, false} {
 		buf := allocBuf(t, size, memfd)

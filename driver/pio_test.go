@@ -14,12 +14,7 @@ import (
 // the end of the 4 MiB send buffer start again at its start, waiting for
 // the device to free it. Every packet arrives, in order, with its data.
 func TestPostedSendsInFlight(t *testing.T) {
-	requireRoot(t)
-	a := openDev(t, 2)
-	tx := openFile(t, a)
-	assign(t, tx)
-	rx := newRx(t, a)
-	dst := ctxtOf(t, rx.f)
+	_, tx, rx, dst := sendPair(t)
 	const piece = 3 << 19 // 1.5 MiB: the third does not fit before the ring's end
 	buf := allocBuf(t, 8<<20, true)
 	tids, n, err := tidUpdate(rx.f, buf.Addr(), 8<<20)
@@ -81,12 +76,7 @@ func tidIndex(tids []uint32, tid uint32) int {
 // valid: the device refuses each packet (an error entry, or a drop once
 // the header queue is full) and consumes its descriptor all the same.
 func TestPostedSendsNeverStall(t *testing.T) {
-	requireRoot(t)
-	a := openDev(t, 2)
-	tx := openFile(t, a)
-	assign(t, tx)
-	rx := newRx(t, a)
-	dst := ctxtOf(t, rx.f)
+	_, tx, rx, dst := sendPair(t)
 	src := allocBuf(t, 2<<20, false)
 	rng := rand.New(rand.NewSource(3))
 	for i := range 300 {
