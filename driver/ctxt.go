@@ -34,6 +34,10 @@ type ctxtData struct {
 	gone unix.Errno // why the rings were released: EBADF (close) or ENXIO (device removed)
 
 	sqTail uint64 // driver's producer index
+	sqDone uint64 // consumer index last read from sqHead (pio.go's reap)
+	// The send buffer's ring (pio.go): byte positions since program.
+	pioHead, pioTail uint64
+	pioEnd           []uint64 // per send queue slot: where its payload ends
 }
 
 // The events page's layout is ABI: uapi.GOHFI_EVENTS_*_OFF (hfi1 maps the
@@ -64,7 +68,7 @@ func (d *Device) setupCtxt(n int) (c *ctxtData, err error) {
 		{&c.eager, "eager", p.RcvHdrCnt * p.EagerBufferSize, vfio.DMAWrite},
 		{&c.sq, "sq", p.SendQueueEntries * chip.SendDescSize, vfio.DMARead},
 		{&c.sqHead, "sqhead", pageSize, vfio.DMAWrite},
-		{&c.pio, "pio", pioBufferSize, vfio.DMARead},
+		{&c.pio, "pio", pioRingSize, vfio.DMARead},
 		{&c.events, "events", pageSize, 0},
 	}
 	for _, a := range allocs {
@@ -115,7 +119,8 @@ func (c *ctxtData) program() error {
 	}
 	clear(c.rhq.mem)
 	store64(c.sqHead.mem, 0, 0)
-	c.sqTail = 0
+	c.sqTail, c.sqDone, c.pioHead, c.pioTail = 0, 0, 0, 0
+	c.pioEnd = make([]uint64, p.SendQueueEntries)
 	return nil
 }
 

@@ -63,7 +63,7 @@ func TestAssignCtxtUndoesFailedSetup(t *testing.T) {
 	}
 	f := openFile(t, a)
 	before, fds := fd.held(), countFDs(t)
-	fd.failSize.Store(2 << 20) // the PIO buffer, mapped after four other rings
+	fd.failSize.Store(4 << 20) // the PIO buffer (its 4 MiB ring), mapped after four other rings
 	ui := uapi.Hfi1UserInfo{Userversion: uapi.HFI1_USER_SWMAJOR << uapi.HFI1_SWMAJOR_SHIFT}
 	if err := ioctl(f, uapi.HFI1_IOCTL_ASSIGN_CTXT, &ui); !errors.Is(err, unix.EINVAL) {
 		t.Fatalf("ASSIGN_CTXT with the PIO buffer's mapping refused: %v, want EINVAL", err)

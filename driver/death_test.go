@@ -207,7 +207,10 @@ func sendAsync(f *driver.File, dst uint16) chan result {
 	res := make(chan result, 1)
 	go func() {
 		payload := []byte("never consumed")
-		err := hfiuser.Send(f, uapi.GohfiSend{Opcode: uapi.GOHFI_SEND_EAGER, DstCtxt: dst, Tag: 9}, payload)
+		// SEND is posted; with FLAG_WAIT it waits for the device to
+		// consume the descriptor, which the stopped device never does.
+		s := uapi.GohfiSend{Opcode: uapi.GOHFI_SEND_EAGER, Flags: uapi.GOHFI_SEND_FLAG_WAIT, DstCtxt: dst, Tag: 9}
+		err := hfiuser.Send(f, s, payload)
 		res <- result{err, time.Now()}
 	}()
 	return res
@@ -259,8 +262,9 @@ func killDuringWaits(t *testing.T, poll, send bool) deathLatency {
 	// The device answers in order: once this write is acknowledged, the
 	// replies to the doorbell and to Poll's last register read have reached
 	// the driver, so both calls wait without talking to the device.
-	if err := hfiuser.SetRcvHdrHead(files[2], 0); err != nil {
-		t.Fatalf("RCVHDR_HEAD: %v", err)
+	// (RECV_CTRL writes Control and waits for it; RCVHDR_HEAD is posted.)
+	if err := hfiuser.IoctlScalar(files[2], uapi.HFI1_IOCTL_RECV_CTRL, 1); err != nil {
+		t.Fatalf("RECV_CTRL: %v", err)
 	}
 	killed := p.kill(t)
 	var lat deathLatency

@@ -332,7 +332,10 @@ func (f *File) setRcvHdrHead(head uint64) error {
 	if head >= uint64(f.d.m.params.RcvHdrCnt) {
 		return errnoErr("RCVHDR_HEAD out of range", unix.EINVAL)
 	}
-	return f.d.writeCtxtCSR(f.uctxt.ctxt, chip.CtxtRHQHead, head)
+	// A posted write, as hfi1's store to the mapped RcvHdrHead register:
+	// the device takes it before any later register access, and nothing
+	// here waits for it.
+	return f.d.writeCSRPosted(chip.CtxtReg(f.uctxt.ctxt, chip.CtxtRHQHead), head)
 }
 
 // setEvent sets event bits in the context's event page and wakes pollers.

@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gohfi/gohfi/attach"
 	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/hfiuser"
 	"github.com/gohfi/gohfi/mem"
@@ -30,11 +29,7 @@ func BenchmarkInvalidationLatency(b *testing.B) {
 			name = "with-16MiB-registrations"
 		}
 		b.Run(name, func(b *testing.B) {
-			o := attach.DefaultOptions()
-			o.Sim.NumContexts = 2
-			o.Sim.RcvArrayPerCtxt = 2048
-			o.Params.HonorCapIPCLock = true
-			a, err := attach.Open(context.Background(), "embedded", o)
+			a, err := openLargeDevice()
 			if err != nil {
 				b.Fatal(err)
 			}

@@ -7,6 +7,7 @@ import (
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/dma"
 	"github.com/gohfi/gohfi/uapi"
+	"github.com/gohfi/gohfi/userfault"
 	"github.com/gohfi/gohfi/vfio"
 	"golang.org/x/sys/unix"
 )
@@ -122,19 +123,36 @@ func (pd *PD) RegMR(addr uintptr, length, iova uint64, access uint32) (*MR, erro
 	if access&mrAccessDeviceWrites != 0 {
 		flags |= vfio.DMAWrite
 	}
+	// memfd-backed memory is mapped by the device itself (the DMA mapping
+	// carries the file): nothing to pin (docs/pinning.md).
+	shm, shmOff, err := userfault.ShmemFile(start, uintptr(npages)*pageSize, flags&vfio.DMAWrite != 0)
+	if err != nil {
+		return nil, joinUndo(fmt.Errorf("gohfi: REG_MR: %w", err), "undo", mr.release(true))
+	}
+	if shm != nil {
+		// The device's mappings hold the pages once made.
+		defer func() { _ = shm.Close() }() // never written through: nothing a close could lose
+	}
 	for off := uint64(0); off < uint64(npages)*pageSize; off += dma.MaxPinSize {
 		c := mrChunk{vaddr: start + uintptr(off), size: min(uint64(npages)*pageSize-off, dma.MaxPinSize)}
-		if c.pin, err = d.pinner.Pin(c.vaddr, int(c.size)); err != nil {
-			return nil, joinUndo(fmt.Errorf("gohfi: REG_MR: %w", err), "undo", mr.release(true))
+		if shm == nil {
+			if c.pin, err = d.pinner.Pin(c.vaddr, int(c.size)); err != nil {
+				return nil, joinUndo(fmt.Errorf("gohfi: REG_MR: %w", err), "undo", mr.release(true))
+			}
+			d.stats.pagesPinned.Add(uint64(c.pin.Pages()))
 		}
-		d.stats.pagesPinned.Add(uint64(c.pin.Pages()))
 		mr.chunks = append(mr.chunks, c)
 		cp := &mr.chunks[len(mr.chunks)-1]
 		if cp.iova, err = d.iova.alloc(c.size); err != nil {
 			cp.iova = 0
 			return nil, joinUndo(fmt.Errorf("gohfi: REG_MR: %w", errors.Join(err, unix.ENOMEM)), "undo", mr.release(true))
 		}
-		m := vfio.DMAMapping{IOVA: cp.iova, Vaddr: c.vaddr, Size: c.size, Flags: flags, Access: c.pin}
+		m := vfio.DMAMapping{IOVA: cp.iova, Vaddr: c.vaddr, Size: c.size, Flags: flags}
+		if shm != nil {
+			m.File, m.FileOffset = shm, shmOff+off
+		} else {
+			m.Access = c.pin
+		}
 		if err = d.vdev.DMAMap(m); err != nil {
 			d.iova.release(cp.iova, c.size)
 			cp.iova = 0

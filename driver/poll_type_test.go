@@ -33,8 +33,9 @@ func TestPollTypeUrgent(t *testing.T) {
 	dst := ctxtOf(t, rx)
 	send := func(flags uint8) {
 		t.Helper()
-		// SEND returns once the device consumed the descriptor, after it
-		// delivered the packet.
+		// With FLAG_WAIT, SEND returns once the device consumed the
+		// descriptor, after it delivered the packet.
+		flags |= uapi.GOHFI_SEND_FLAG_WAIT
 		if err := hfiuser.Send(tx, uapi.GohfiSend{Opcode: uapi.GOHFI_SEND_EAGER, Flags: flags, DstCtxt: dst}, []byte("x")); err != nil {
 			t.Fatal(err)
 		}

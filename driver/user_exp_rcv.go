@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"os"
 	"sync"
 	"time"
 
@@ -161,10 +162,21 @@ func (e *expRcv) tidUpdate(arg UserPtr) error {
 		}
 		return e.unlockAndRelease()
 	}
+	// memfd-backed memory is mapped by the device itself (the DMA mapping
+	// carries the file): no pin, no copy through this process.
+	shm, shmOff, err := userfault.ShmemFile(vaddr, uintptr(npages*pageSize), true)
+	if err != nil {
+		return errors.Join(fmt.Errorf("gohfi: TID_UPDATE: %w", err), undo())
+	}
+	if shm != nil {
+		// The device's mappings hold the pages once made: the file is
+		// only needed to make them.
+		defer func() { _ = shm.Close() }() // never written through: nothing a close could lose
+	}
 	// Pin and map every page set; the device cannot reach them yet.
 	off := uintptr(0)
 	for i, ent := range entries {
-		n, err := e.pin(ent, vaddr+off, sets[i])
+		n, err := e.pin(ent, vaddr+off, sets[i], shm, shmOff+uint64(off))
 		if err != nil {
 			return errors.Join(fmt.Errorf("gohfi: TID_UPDATE: %w", err), undo())
 		}
@@ -242,21 +254,31 @@ func userRange(vaddr, length uintptr) bool {
 }
 
 // pin pins and DMA-maps one page set for entry, without e.mu; the caller
-// programs the entry once the whole request is known to be intact.
-func (e *expRcv) pin(entry int, vaddr uintptr, npages int) (*tidNode, error) {
+// programs the entry once the whole request is known to be intact. With
+// shm (the memfd behind the pages, at shmOff) nothing is pinned: the
+// device maps the file's pages itself, which stay the file's until the
+// unmap (docs/pinning.md, "The memfd alternative").
+func (e *expRcv) pin(entry int, vaddr uintptr, npages int, shm *os.File, shmOff uint64) (*tidNode, error) {
 	d := e.d
 	n := &tidNode{e: e, entry: entry, vaddr: vaddr, npages: npages}
 	n.tid = e.alloc.TID(entry, npages)
 	size := uint64(npages * pageSize)
 	var err error
-	if n.pin, err = d.pinner.Pin(vaddr, int(size)); err != nil {
-		return nil, err
+	if shm == nil {
+		if n.pin, err = d.pinner.Pin(vaddr, int(size)); err != nil {
+			return nil, err
+		}
+		d.stats.pagesPinned.Add(uint64(npages))
 	}
-	d.stats.pagesPinned.Add(uint64(npages))
 	if n.iova, err = d.iova.alloc(size); err != nil {
 		return nil, errors.Join(err, n.unmapAndUnpin())
 	}
-	m := vfio.DMAMapping{IOVA: n.iova, Vaddr: vaddr, Size: size, Flags: vfio.DMARead | vfio.DMAWrite, Access: n.pin}
+	m := vfio.DMAMapping{IOVA: n.iova, Vaddr: vaddr, Size: size, Flags: vfio.DMARead | vfio.DMAWrite}
+	if shm != nil {
+		m.File, m.FileOffset = shm, shmOff
+	} else {
+		m.Access = n.pin
+	}
 	if err = d.vdev.DMAMap(m); err != nil {
 		d.iova.release(n.iova, size)
 		n.iova = 0

@@ -60,6 +60,10 @@ func (r *rxCtxt) nextEntry(t *testing.T) uapi.GohfiRHQEntry {
 			t.Fatal(err)
 		}
 		if e.Seq != 0 && int(e.Seq) > r.next || (r.next == 0 && e.Seq != 0) {
+			// The device writes the seq last: read again for the rest.
+			if err := e.UnmarshalBytes(r.rhq[r.next*uapi.SizeofGohfiRHQEntry:]); err != nil {
+				t.Fatal(err)
+			}
 			r.next = (r.next + 1) % r.count
 			head := make([]byte, 8)
 			binary.LittleEndian.PutUint64(head, uint64(r.next))
@@ -148,15 +152,22 @@ func allocBuf(t testing.TB, size int, memfd bool) *mem.Buffer {
 	return b
 }
 
+// sendPair is a root-only device of two contexts: a sender's file and a
+// receiver (its header queue mapped), and the receiver's context number.
+func sendPair(t *testing.T) (a *attach.Attached, tx *driver.File, rx *rxCtxt, dst uint16) {
+	t.Helper()
+	requireRoot(t)
+	a = openDev(t, 2)
+	tx = openFile(t, a)
+	assign(t, tx)
+	rx = newRx(t, a)
+	return a, tx, rx, ctxtOf(t, rx.f)
+}
+
 // TestExpectedReceiveIntact: data lands intact in TID buffers of many sizes,
 // including buffers split across 2 MiB chunks, anonymous and memfd-backed.
 func TestExpectedReceiveIntact(t *testing.T) {
-	requireRoot(t)
-	a := openDev(t, 2)
-	tx := openFile(t, a)
-	assign(t, tx)
-	rx := newRx(t, a)
-	dst := ctxtOf(t, rx.f)
+	a, tx, rx, dst := sendPair(t)
 	rng := rand.New(rand.NewSource(1))
 	for _, size := range []int{4096, 8192, 64 << 10, 1 << 20, 3<<20 + 4096, 5 << 20} {
 		for _, memfd := range []bool{false, true} {
@@ -291,12 +302,7 @@ func waitEvent(t *testing.T, f *driver.File) {
 // completes into the old pages and never into memory mapped later at the
 // same address; TID_FREE then releases them.
 func TestMunmapInvalidation(t *testing.T) {
-	requireRoot(t)
-	a := openDev(t, 2)
-	tx := openFile(t, a)
-	assign(t, tx)
-	rx := newRx(t, a)
-	dst := ctxtOf(t, rx.f)
+	a, tx, rx, dst := sendPair(t)
 
 	size := 3 << 20 // TIDs of 2 MiB and 1 MiB
 	buf := allocBuf(t, size, false)

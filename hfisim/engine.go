@@ -1,6 +1,7 @@
 package hfisim
 
 import (
+	"encoding/binary"
 	"errors"
 	"runtime"
 	"time"
@@ -9,6 +10,10 @@ import (
 	"github.com/gohfi/gohfi/uapi"
 	"github.com/gohfi/gohfi/vfio/vfiouser"
 )
+
+// rhqSeqOff is the offset of seq in a receive header queue entry
+// (struct gohfi_rhq_entry).
+const rhqSeqOff = 20
 
 // maxPacket bounds one send: the largest expected-receive buffer one TID can
 // describe, which is also larger than any eager buffer.
@@ -29,7 +34,7 @@ const maxPacket = 1 << 21
 func (d *Device) engine() {
 	defer d.wg.Done()
 	buf := make([]byte, maxPacket)
-	vbuf := make([]byte, chip.VerbsMTU)
+	mv := &mover{buf: make([]byte, chip.VerbsMTU)}
 	for {
 		var idle chan struct{}
 		select {
@@ -49,7 +54,7 @@ func (d *Device) engine() {
 		for {
 			busy := d.pollSendQueues(buf)
 			verbs := d.pollRecords(true)
-			if d.pollVerbs(vbuf) {
+			if d.pollVerbs(mv) {
 				verbs = true
 			}
 			select {
@@ -252,7 +257,7 @@ func (d *Device) deliver(dma vfiouser.DMA, gen uint64, src int, desc *chip.SendD
 		dstAddr = addr
 	}
 	if ent.Err == 0 {
-		if err := copyDMA(dma, dstAddr, desc.SrcIOVA, buf[:desc.Length]); err != nil {
+		if err := vfiouser.CopyDMA(dma, dstAddr, desc.SrcIOVA, int(desc.Length), buf); err != nil {
 			d.mu.Lock()
 			d.countDMAErrLocked(err)
 			d.mu.Unlock()
@@ -263,17 +268,6 @@ func (d *Device) deliver(dma vfiouser.DMA, gen uint64, src int, desc *chip.SendD
 		ent.Type = uapi.GOHFI_RHF_ERROR
 	}
 	d.postRHQ(dma, gen, dst, &ent, desc.Flags&chip.DescFlagUrgent != 0)
-}
-
-// copyDMA copies between two IOVAs through the device's staging buffer.
-func copyDMA(dma vfiouser.DMA, dst, src uint64, buf []byte) error {
-	if len(buf) == 0 {
-		return nil
-	}
-	if err := dma.Read(src, buf); err != nil {
-		return err
-	}
-	return dma.Write(dst, buf)
 }
 
 // tidTarget resolves an expected-receive TID of context ctxt to the IOVA the
@@ -328,9 +322,19 @@ func (d *Device) postRHQ(dma vfiouser.DMA, gen uint64, dst int, ent *uapi.GohfiR
 	ent.Seq = uapi.NextSeq(c.seq)
 	d.mu.Unlock()
 
+	// The entry first with seq 0 (never a valid seq), then its seq: the
+	// consumer polls the seq, and one that matches finds the rest written.
 	var raw [uapi.SizeofGohfiRHQEntry]byte
+	seq := ent.Seq
+	ent.Seq = 0
 	ent.MarshalBytes(raw[:])
+	ent.Seq = seq
 	err := dma.Write(addr, raw[:])
+	if err == nil {
+		var sb [4]byte
+		binary.LittleEndian.PutUint32(sb[:], seq)
+		err = dma.Write(addr+rhqSeqOff, sb[:])
+	}
 
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -36,6 +36,7 @@ type requester struct {
 	qpn   uint32
 	epoch uint64
 	p     reqProgress
+	mv    *mover // the engine's, for this turn (mover.go)
 }
 
 // result is the outcome of a packet or message for the requester.
@@ -56,7 +57,7 @@ func (r result) ok() bool { return !r.stall && r.status == uapi.GOHFI_WC_SUCCESS
 // pollVerbs gives every QP with work one turn and reports whether any had
 // work it could do. Which QPs have work is read under one lock: a pass over
 // idle QPs is what the engine does most while it polls doorbell records.
-func (d *Device) pollVerbs(buf []byte) bool {
+func (d *Device) pollVerbs(mv *mover) bool {
 	busy := false
 	d.runTLBCommands()
 	d.mu.Lock()
@@ -73,10 +74,10 @@ func (d *Device) pollVerbs(buf []byte) bool {
 		busy = dma != nil && d.flushEQ(dma, gen)
 	}
 	for _, n := range d.stepList {
-		if d.stepQP(n, buf) {
+		if d.stepQP(n, mv) {
 			busy = true
+			d.runTLBCommands() // between one QP's packets and the next's
 		}
-		d.runTLBCommands()
 	}
 	return busy
 }
@@ -90,7 +91,7 @@ func (q *qpState) work() (flush, send bool) {
 }
 
 // stepQP flushes a QP in ERR or moves packets of a QP in RTS.
-func (d *Device) stepQP(n int, buf []byte) bool {
+func (d *Device) stepQP(n int, mv *mover) bool {
 	d.mu.Lock()
 	q := &d.qps[n]
 	dma, gen := d.dma, d.gen
@@ -103,18 +104,21 @@ func (d *Device) stepQP(n int, buf []byte) bool {
 		d.flushQP(dma, gen, n)
 		return true
 	case send:
-		return d.sendBurst(dma, gen, n, buf)
+		return d.sendBurst(dma, gen, n, mv)
 	}
 	return false
 }
 
 // sendBurst moves up to verbsBurst packets of the WQE at QP n's SQHead and
-// reports whether it made progress (false: stalled on RNR).
-func (d *Device) sendBurst(dma vfiouser.DMA, gen uint64, n int, buf []byte) bool {
+// reports whether it made progress (false: stalled on RNR). The packets'
+// bytes move when the burst ends, or earlier when something completes
+// (mover.go).
+func (d *Device) sendBurst(dma vfiouser.DMA, gen uint64, n int, mv *mover) bool {
 	r, ok := d.startRequest(dma, gen, n)
 	if !ok {
 		return true
 	}
+	mv.dma, mv.gen, r.mv = dma, gen, mv
 	if f := d.failedFault(n); f != nil {
 		d.completeReq(r, d.faultError(dma, gen, f))
 		return true
@@ -124,9 +128,18 @@ func (d *Device) sendBurst(dma vfiouser.DMA, gen uint64, n int, buf []byte) bool
 		return true
 	}
 	for range verbsBurst {
-		res := d.sendPacket(r, buf)
+		res := d.sendPacket(r)
+		// Whatever happens next, the packets moved so far are written
+		// first; a failed move is the failure of its (earlier) packet.
+		if !res.ok() || r.p.off >= r.p.total {
+			if fres, ok := d.flushMoves(mv); !ok {
+				d.completeReq(r, fres)
+				return true
+			}
+		}
 		switch {
 		case res.stall:
+			d.saveProgress(r)
 			return false
 		case !res.ok():
 			d.completeReq(r, res)
@@ -138,10 +151,15 @@ func (d *Device) sendBurst(dma vfiouser.DMA, gen uint64, n int, buf []byte) bool
 			d.completeReq(r, res)
 			return true
 		}
-		if !d.saveProgress(r) {
-			return true
-		}
 	}
+	// The progress is the QP's once the turn's bytes have moved (a reset
+	// meanwhile loses the rest of the turn's packets at respond, and the
+	// save then does nothing).
+	if fres, ok := d.flushMoves(mv); !ok {
+		d.completeReq(r, fres)
+		return true
+	}
+	d.saveProgress(r)
 	return true
 }
 
@@ -262,8 +280,9 @@ func wcOpcode(op uint8) uint32 {
 	return uapi.GOHFI_WC_SEND
 }
 
-// sendPacket moves the next packet of r's message.
-func (d *Device) sendPacket(r *requester, buf []byte) result {
+// sendPacket checks the next packet of r's message and queues its bytes
+// on r's mover (an atomic moves at once).
+func (d *Device) sendPacket(r *requester) result {
 	p := &r.p
 	n := min(uint64(chip.VerbsMTU), p.total-p.off)
 	d.mu.Lock()
@@ -272,7 +291,10 @@ func (d *Device) sendPacket(r *requester, buf []byte) result {
 		src: r.qpn, dst: q.destQPN(), op: p.wqe.Opcode, off: p.off, n: n, total: p.total,
 		first: p.pkts == 0, last: p.off+n == p.total,
 		raddr: p.wqe.RemoteAddr, rkey: p.wqe.Rkey, imm: p.wqe.Imm, cmp: p.wqe.CompareAdd, swap: p.wqe.Swap,
-		data: buf[:n], srcEpoch: r.epoch, dstEpoch: p.dstEpoch,
+		srcEpoch: r.epoch, dstEpoch: p.dstEpoch, mv: r.mv,
+	}
+	if isAtomic(pk.op) {
+		pk.data = r.mv.buf[:n]
 	}
 	pd := q.pd()
 	d.mu.Unlock()
@@ -305,7 +327,8 @@ func (d *Device) sendPacket(r *requester, buf []byte) result {
 func (d *Device) localSpans(r *requester, pd uint32, pk *packet, write bool) ([]span, result) {
 	sges := r.p.wqe.SGE[:r.p.wqe.NumSGE]
 	d.mu.Lock()
-	spans, verr := d.resolveSGEsLocked(sges, pd, pk.off, pk.n, write, nil)
+	spans, verr := d.resolveSGEsLocked(sges, pd, pk.off, pk.n, write, r.mv.local[:0])
+	r.mv.local = spans[:0] // the backing array for the next packet
 	d.mu.Unlock()
 	switch verr {
 	case chip.VendorErrNone:
@@ -316,16 +339,14 @@ func (d *Device) localSpans(r *requester, pd uint32, pk *packet, write bool) ([]
 	return nil, fail(uapi.GOHFI_WC_LOC_PROT_ERR, verr)
 }
 
-// gatherLocal reads the packet's payload from the requester's SGEs.
+// gatherLocal translates the packet's payload in the requester's SGEs
+// (pk.from): the responder moves it from there.
 func (d *Device) gatherLocal(r *requester, pd uint32, pk *packet) result {
 	spans, res := d.localSpans(r, pd, pk, false)
 	if !res.ok() {
 		return res
 	}
-	if err := dmaSpans(r.dma, spans, pk.data, false); err != nil {
-		d.countDMAErr(err)
-		return fail(uapi.GOHFI_WC_LOC_PROT_ERR, chip.VendorErrDMA)
-	}
+	pk.from = spans
 	return result{}
 }
 
@@ -344,9 +365,14 @@ func (d *Device) fetchPacket(r *requester, pd uint32, pk *packet) result {
 	if !d.requesterCurrent(r) {
 		return lost // the requester was reset or moved to ERR: the answer is dropped
 	}
-	if isAtomic(pk.op) {
-		binary.LittleEndian.PutUint64(pk.data[:8], pk.orig)
+	if !isAtomic(pk.op) {
+		// The READ answer moves from the responder's memory (pk.from) to
+		// the local SGEs with the burst's other moves, which check both
+		// QPs again.
+		r.mv.add(spans, pk.from, pk, pk.rs)
+		return res
 	}
+	binary.LittleEndian.PutUint64(pk.data[:8], pk.orig)
 	if err := dmaSpans(r.dma, spans, pk.data, true); err != nil {
 		d.countDMAErr(err)
 		return fail(uapi.GOHFI_WC_LOC_PROT_ERR, chip.VendorErrDMA)

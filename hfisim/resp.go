@@ -22,8 +22,14 @@ type packet struct {
 	raddr       uint64 // remote_addr of the message
 	rkey, imm   uint32
 	cmp, swap   uint64
-	data        []byte // payload (SEND, WRITE) or the answer (READ)
+	data        []byte // atomic: the answer
 	orig        uint64 // atomic: the value the target held
+	// from is where the bytes come from: the requester's SGEs (SEND,
+	// WRITE), the responder's memory (READ, set by respondRead, with rs the
+	// responder that checked it); mv collects the moves (mover.go).
+	from []span
+	rs   *responder
+	mv   *mover
 	// The incarnations the packet belongs to: the requester QP's epoch when
 	// it read the WQE, and the responder QP's epoch when it accepted the
 	// message's first packet (set by respond for a first packet). A packet
@@ -88,7 +94,7 @@ func (d *Device) respond(dma vfiouser.DMA, gen uint64, pk *packet) result {
 	case uapi.GOHFI_WR_RDMA_WRITE, uapi.GOHFI_WR_RDMA_WRITE_WITH_IMM:
 		return d.respondWrite(dma, gen, rs, pk)
 	case uapi.GOHFI_WR_RDMA_READ, uapi.GOHFI_WR_RDMA_READ_WITH_INV:
-		return d.respondRead(dma, rs, pk)
+		return d.respondRead(rs, pk)
 	default:
 		return d.respondAtomic(dma, rs, pk)
 	}
@@ -161,7 +167,8 @@ func (d *Device) respondSend(dma vfiouser.DMA, gen uint64, rs *responder, pk *pa
 		return lost
 	}
 	d.mu.Lock()
-	spans, verr := d.resolveSGEsLocked(c.wqe.SGE[:c.wqe.NumSGE], rs.pd, pk.off, pk.n, true, nil)
+	spans, verr := d.resolveSGEsLocked(c.wqe.SGE[:c.wqe.NumSGE], rs.pd, pk.off, pk.n, true, pk.mv.remote[:0])
+	pk.mv.remote = spans[:0]
 	d.mu.Unlock()
 	switch verr {
 	case chip.VendorErrNone:
@@ -173,9 +180,12 @@ func (d *Device) respondSend(dma vfiouser.DMA, gen uint64, rs *responder, pk *pa
 	default:
 		return d.respFail(dma, gen, rs, pk, uapi.GOHFI_WC_LOC_PROT_ERR, fail(uapi.GOHFI_WC_REM_OP_ERR, verr))
 	}
-	if err := dmaSpans(dma, spans, pk.data, true); err != nil {
-		d.countDMAErr(err)
-		return d.respFail(dma, gen, rs, pk, uapi.GOHFI_WC_LOC_PROT_ERR, fail(uapi.GOHFI_WC_REM_OP_ERR, chip.VendorErrDMA))
+	pk.mv.add(spans, pk.from, pk, rs)
+	if pk.last {
+		// Placed before the invalidation and the receive completion.
+		if res, ok := d.flushMoves(pk.mv); !ok {
+			return res
+		}
 	}
 	if pk.last && pk.op == uapi.GOHFI_WR_SEND_WITH_INV {
 		if res := d.sendInvalidate(rs, pk); !res.ok() {
@@ -199,27 +209,24 @@ func (d *Device) respondWrite(dma vfiouser.DMA, gen uint64, rs *responder, pk *p
 	if !res.ok() {
 		return res
 	}
-	if err := dmaSpans(dma, spans, pk.data, true); err != nil {
-		d.countDMAErr(err)
-		return d.nak(rs, chip.VendorErrDMA)
-	}
+	pk.mv.add(spans, pk.from, pk, rs)
 	if pk.last && pk.op == uapi.GOHFI_WR_RDMA_WRITE_WITH_IMM {
+		if res, ok := d.flushMoves(pk.mv); !ok {
+			return res
+		}
 		d.completeRecv(dma, gen, rs, pk, uapi.GOHFI_WC_SUCCESS, chip.VendorErrNone)
 	}
 	return result{}
 }
 
-// respondRead reads an RDMA READ response packet through the rkey
-// (REMOTE_READ) into pk.data.
-func (d *Device) respondRead(dma vfiouser.DMA, rs *responder, pk *packet) result {
+// respondRead checks an RDMA READ response packet through the rkey
+// (REMOTE_READ): the answer's bytes are pk.from, moved by the requester.
+func (d *Device) respondRead(rs *responder, pk *packet) result {
 	spans, res := d.remoteSpans(rs, pk, pk.raddr+pk.off, pk.n, uapi.IB_ACCESS_REMOTE_READ, chip.MTTRead)
 	if !res.ok() {
 		return res
 	}
-	if err := dmaSpans(dma, spans, pk.data, false); err != nil {
-		d.countDMAErr(err)
-		return d.nak(rs, chip.VendorErrDMA)
-	}
+	pk.from, pk.rs = spans, rs
 	return result{}
 }
 
@@ -267,7 +274,8 @@ func (d *Device) remoteSpans(rs *responder, pk *packet, va, n uint64, need uint3
 		d.mu.Unlock()
 		return nil, lost // the responder was reset or moved to ERR since it took the packet
 	}
-	spans, verr := d.resolveLocked(pk.rkey, rs.pd, va, n, need, rs.access, perm, nil)
+	spans, verr := d.resolveLocked(pk.rkey, rs.pd, va, n, need, rs.access, perm, pk.mv.remote[:0])
+	pk.mv.remote = spans[:0]
 	d.mu.Unlock()
 	if verr == chip.VendorErrPageFault {
 		return nil, d.pageFault(rs.dma, rs.gen, pk, rs, nil)

@@ -122,35 +122,38 @@ func TestVerbsResponderChecks(t *testing.T) {
 
 // TestVerbsKeyFreedMidMessage: the responder reads the MPT for every
 // packet, so a key made FREE while a message moves stops it at the next
-// packet; the packets before stay written.
+// packet checked; the packets before stay written. A burst's packets are
+// all checked before its bytes move (mover.go), so the key is freed once
+// the first burst's bytes are written and the next burst stops.
 func TestVerbsKeyFreedMidMessage(t *testing.T) {
-	p := newPair(t, 0x8000)
+	const k = verbsBurst // packets before the key is freed
+	p := newPair(t, (k+4)*chip.VerbsMTU)
 	h := p.h
 	src := h.fill(p.local, 1)
 	before := h.fill(p.remote, 2)
-	lo, hi := p.remote.iova, p.remote.iova+0x9000
+	lo, hi := p.remote.iova, p.remote.iova+(k+5)*chip.VerbsMTU
 	written := 0
 	h.dma.mu.Lock()
 	h.dma.onWrite = func(iova uint64, n int) {
 		if iova < lo || iova >= hi {
 			return
 		}
-		if written += n; written == 2*chip.VerbsMTU {
+		if written += n; written == k*chip.VerbsMTU {
 			e := p.remote.entry
 			h.bar4(chip.MPTOffset(h.d.cfg.MTTEntries)+uint64(p.remote.idx)*chip.MPTEntrySize+8,
 				uint64(e.Flags&^chip.MPTStateMask)|uint64(e.MTTFirst)<<32)
 		}
 	}
 	h.dma.mu.Unlock()
-	w := sendWQE(1, uapi.GOHFI_WR_RDMA_WRITE, sge(p.local, 0, 5*chip.VerbsMTU))
+	w := sendWQE(1, uapi.GOHFI_WR_RDMA_WRITE, sge(p.local, 0, (k+3)*chip.VerbsMTU))
 	w.RemoteAddr, w.Rkey = p.remote.va, p.remote.key()
 	h.postSend(p.a, w)
 	h.expectCQE(p.acq, 1, uapi.GOHFI_WC_REM_ACCESS_ERR, 0, chip.VendorErrState)
 	got := h.contents(p.remote)
-	if !bytes.Equal(got[:2*chip.VerbsMTU], src[:2*chip.VerbsMTU]) {
+	if !bytes.Equal(got[:k*chip.VerbsMTU], src[:k*chip.VerbsMTU]) {
 		t.Fatal("the packets before the key was freed are missing")
 	}
-	if !bytes.Equal(got[2*chip.VerbsMTU:], before[2*chip.VerbsMTU:]) {
+	if !bytes.Equal(got[k*chip.VerbsMTU:], before[k*chip.VerbsMTU:]) {
 		t.Fatal("packets after the key was freed were written")
 	}
 	h.expectErr(p.a, p.b)

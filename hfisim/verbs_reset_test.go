@@ -60,7 +60,8 @@ func (h *vh) reset(q *tqp, states ...uint64) {
 // receive WQE and, being longer, failed it and moved the QP to ERR (a
 // shorter one completed the receive with the old data instead). The
 // requester's epoch now travels with the packet and the responder drops a
-// packet whose requester was reset since it read the WQE.
+// packet whose requester was reset since it read the WQE (and the mover
+// checks it again before the bytes move, mover.go).
 func TestVerbsResetDropsStalePacket(t *testing.T) {
 	h := newVerbs(t)
 	cq := h.newCQ(0, 64)
@@ -69,8 +70,12 @@ func TestVerbsResetDropsStalePacket(t *testing.T) {
 	h.connect(q, q)
 	src := h.fill(m, 1)
 
-	// The old incarnation: a 256-byte SEND, no receive posted for it.
-	wait := h.pauseAt(m.host(m.va+0x1000), true) // the gather of its payload
+	// The old incarnation: a 256-byte SEND, no receive posted for it. The
+	// engine reads the WQE, then (without a DMA in between: the payload
+	// moves straight from the SGEs to the receive buffer once the packet
+	// is accepted) checks and delivers its packet; the reset comes right
+	// after the WQE's read.
+	wait := h.pauseAt(q.sq, true)
 	h.postSend(q, sendWQE(1, uapi.GOHFI_WR_SEND, sge(m, 0x1000, 256)))
 	wait(func() {
 		h.reset(q, uapi.GOHFI_QPS_INIT)

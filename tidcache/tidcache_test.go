@@ -111,6 +111,10 @@ func (e *env) consume(tb testing.TB) {
 			tb.Fatal(err)
 		}
 		if h.Seq != 0 && (h.Seq-1)%uint32(cnt) == uint32(e.next) && h.Seq > 0 {
+			// The device writes the seq last: read again for the rest.
+			if err := h.UnmarshalBytes(e.rhq[e.next*uapi.SizeofGohfiRHQEntry:]); err != nil {
+				tb.Fatal(err)
+			}
 			if h.Type != uapi.GOHFI_RHF_EXPECTED {
 				tb.Fatalf("header entry %+v", h)
 			}

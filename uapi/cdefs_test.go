@@ -544,6 +544,7 @@ struct gohfi_driver_stats {
 #define GOHFI_SEND_EAGER 1
 #define GOHFI_SEND_EXPECTED 2
 #define GOHFI_SEND_FLAG_URGENT (1 << 0)
+#define GOHFI_SEND_FLAG_WAIT (1 << 1)
 
 struct gohfi_send {
 	__u8 opcode;

@@ -26,6 +26,12 @@ const (
 	// GOHFI_SEND_FLAG_URGENT marks an urgent packet: a receiver whose
 	// POLL_TYPE is HFI1_POLL_TYPE_URGENT is woken by these only.
 	GOHFI_SEND_FLAG_URGENT = 1 << 0
+	// GOHFI_SEND_FLAG_WAIT makes SEND return only once the device has
+	// consumed this descriptor and every earlier one of the context (the
+	// behaviour of SEND before sends were posted): a fence for a sender
+	// that must know its packets have left, waiting on the context's
+	// interrupt, not spinning.
+	GOHFI_SEND_FLAG_WAIT = 1 << 1
 )
 
 // SizeofGohfiSend is sizeof(struct gohfi_send).

@@ -48,9 +48,20 @@ const (
 	procmapQueryFileBackedVMA = 0x20
 )
 
+const (
+	procmapQueryVMAWritable = 0x02 // PROCMAP_QUERY_VMA_WRITABLE
+	procmapQueryVMAShared   = 0x08 // PROCMAP_QUERY_VMA_SHARED
+)
+
 type vma struct {
 	start, end uintptr
 	file       bool
+	// From PROCMAP_QUERY only (zero when parsed from /proc/self/maps):
+	shared bool   // MAP_SHARED
+	write  bool   // PROT_WRITE
+	off    uint64 // offset in the file of start
+	ino    uint64
+	dev    uint64 // unix.Mkdev(major, minor)
 }
 
 // vmaAt returns the VMA holding addr or the next one above it.
@@ -70,7 +81,9 @@ func vmaAt(f *os.File, addr uintptr) (vma, error) {
 	if errno != 0 {
 		return vma{}, errno
 	}
-	return vma{start: uintptr(q.VMAStart), end: uintptr(q.VMAEnd), file: q.Inode != 0}, nil
+	return vma{start: uintptr(q.VMAStart), end: uintptr(q.VMAEnd), file: q.Inode != 0,
+		shared: q.VMAFlags&procmapQueryVMAShared != 0, write: q.VMAFlags&procmapQueryVMAWritable != 0, off: q.VMAOffset, ino: q.Inode,
+		dev: unix.Mkdev(q.DevMajor, q.DevMinor)}, nil
 }
 
 // vmasFromMaps parses /proc/self/maps (fallback for old kernels).
@@ -96,7 +109,21 @@ func vmasFromMaps() ([]vma, error) {
 		if err1 != nil || err2 != nil {
 			continue
 		}
-		out = append(out, vma{start: uintptr(s), end: uintptr(e), file: fields[4] != "0"})
+		v := vma{start: uintptr(s), end: uintptr(e), file: fields[4] != "0"}
+		// perms offset major:minor inode, as PROCMAP_QUERY reports them
+		// (the kernel writes them in these bases; a field that does not
+		// parse reads as 0, which no caller takes for a shmem file).
+		perms := fields[1]
+		v.write = len(perms) > 1 && perms[1] == 'w'
+		v.shared = len(perms) > 3 && perms[3] == 's'
+		v.off, _ = strconv.ParseUint(fields[2], 16, 64)
+		v.ino, _ = strconv.ParseUint(fields[4], 10, 64)
+		if maj, min, ok := strings.Cut(fields[3], ":"); ok {
+			ma, _ := strconv.ParseUint(maj, 16, 32)
+			mi, _ := strconv.ParseUint(min, 16, 32)
+			v.dev = unix.Mkdev(uint32(ma), uint32(mi))
+		}
+		out = append(out, v)
 	}
 	return out, sc.Err()
 }

@@ -704,6 +704,10 @@ func (b *tidBench) waitExpected() error {
 			return err
 		}
 		if h.Seq == rx.seq {
+			// The device writes the seq last: the rest, read after it.
+			if err := h.UnmarshalBytes(rx.rhq[rx.head*uint64(ci.RcvhdrqEntsize):]); err != nil {
+				return err
+			}
 			if h.Type != uapi.GOHFI_RHF_EXPECTED {
 				return fmt.Errorf("header entry %+v: not an expected packet: %w", h, unix.EIO)
 			}

@@ -417,6 +417,9 @@ func cmdSend(s *session, args []string) (_ obj, err error) {
 	if err != nil {
 		return nil, err
 	}
+	// One packet at a time, delivered when the command returns (a recv
+	// that follows finds it): SEND is posted, FLAG_WAIT waits for it.
+	snd.Flags |= uapi.GOHFI_SEND_FLAG_WAIT
 	if err := s.ioctl(of, uapi.GOHFI_IOCTL_SEND, &snd); err != nil {
 		return nil, err
 	}
@@ -497,6 +500,10 @@ func cmdRecv(s *session, args []string) (obj, error) {
 	}
 	if e.Seq != of.seq {
 		return nil, fmt.Errorf("no new entry at slot %d (seq %d, want %d): %w", slot, e.Seq, of.seq, unix.EAGAIN)
+	}
+	// The device writes the seq last: the rest, read after it.
+	if err := e.UnmarshalBytes(of.rhq[slot*uint64(ci.RcvhdrqEntsize):]); err != nil {
+		return nil, err
 	}
 	o := obj{{"slot", slot}, {"seq", e.Seq}, {"src_ctxt", e.SrcCtxt}, {"length", e.Length}, {"tag", e.Tag}}
 	switch e.Type {

@@ -75,6 +75,10 @@ func (r *receiver) wait(ctx context.Context) (uapi.GohfiRHQEntry, error) {
 			return e, err
 		}
 		if e.Seq != 0 && int((e.Seq-1)%uint32(cnt)) == r.next {
+			// The device writes the seq last: the rest, read after it.
+			if err := e.UnmarshalBytes(r.rhq[r.next*uapi.SizeofGohfiRHQEntry:]); err != nil {
+				return e, err
+			}
 			r.next = (r.next + 1) % cnt
 			return e, hfiuser.SetRcvHdrHead(r.f, uint64(r.next))
 		}

@@ -94,8 +94,8 @@ func (c *Client) serveDMA(h header, p []byte) {
 	if err := c.sk.send(b, nil); err != nil {
 		c.o.logf("%v", err)
 	}
-	if cap(c.dmaBuf) > 256<<10 {
-		c.dmaBuf = nil
+	if cap(c.dmaBuf) > keepReadBuf {
+		c.dmaBuf = nil // grown for a request larger than the default max_data_xfer_size
 	}
 }
 

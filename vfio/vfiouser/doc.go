@@ -34,6 +34,10 @@
 // mmapped MAP_SHARED (the fd is closed at once) and accessed with memcpy,
 // guarded against SIGBUS from a client that truncates the file; mappings
 // without fd are reached with DMA_READ/DMA_WRITE requests over the socket.
+// It is also a Copier: Copy moves bytes from one IOVA range to another
+// with both checked first, as one memcpy between two fd mappings, or with
+// the fd mapping as the DMA_READ/DMA_WRITE buffer, so a device model need
+// not stage data (CopyDMA falls back to Read and Write for other DMAs).
 // Accesses hold the table's read lock, DMA_UNMAP its write lock, so unmap
 // returns (and munmaps) only once no access can touch the memory.
 //

@@ -1,6 +1,7 @@
 package vfiouser
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"runtime/debug"
@@ -224,17 +225,11 @@ func (m *iommu) access(iova uint64, p []byte, write bool) error {
 		return fmt.Errorf("vfio-user: DMA %s of %d bytes at IOVA %#x: %w", what, len(p), iova, ErrIOMMUFault)
 	}
 	// Check the whole range first so that a fault copies nothing.
-	first := m.find(iova)
-	cur, rem := iova, uint64(len(p))
-	for j := first; rem > 0; j++ {
-		if j >= len(m.maps) || m.maps[j].iova > cur || m.maps[j].prot&need == 0 {
-			return fmt.Errorf("vfio-user: DMA %s of %d bytes at IOVA %#x: %w", what, len(p), iova, ErrIOMMUFault)
-		}
-		n := min(rem, m.maps[j].end()-cur)
-		cur += n
-		rem -= n
+	first, ok := m.covered(iova, uint64(len(p)), need)
+	if !ok {
+		return fmt.Errorf("vfio-user: DMA %s of %d bytes at IOVA %#x: %w", what, len(p), iova, ErrIOMMUFault)
 	}
-	cur = iova
+	cur := iova
 	for j := first; len(p) > 0; j++ {
 		r := m.maps[j]
 		off := cur - r.iova
@@ -259,16 +254,131 @@ func (m *iommu) access(iova uint64, p []byte, write bool) error {
 }
 
 // faultSafeCopy copies between a client-provided shared mapping and our
-// memory. The client may truncate the file under the mapping; the SIGBUS
-// that follows becomes an error instead of killing the server.
+// memory (or between two such mappings). The client may truncate the file
+// under the mapping; the SIGBUS that follows becomes a *memFault instead of
+// killing the server.
 func faultSafeCopy(dst, src []byte) (err error) {
 	old := debug.SetPanicOnFault(true)
 	defer func() {
 		debug.SetPanicOnFault(old)
 		if r := recover(); r != nil {
-			err = fmt.Errorf("memory fault in shared mapping (%v): %w", r, unix.EFAULT)
+			f := &memFault{what: r}
+			if a, ok := r.(interface{ Addr() uintptr }); ok {
+				f.addr, f.known = a.Addr(), true
+			}
+			err = f
 		}
 	}()
 	copy(dst, src)
 	return nil
+}
+
+// memFault is a memory fault during faultSafeCopy, at addr if known.
+type memFault struct {
+	what  any
+	addr  uintptr
+	known bool
+}
+
+func (f *memFault) Error() string {
+	return fmt.Sprintf("memory fault in shared mapping (%v): %v", f.what, unix.EFAULT)
+}
+
+func (f *memFault) Unwrap() error { return unix.EFAULT }
+
+// in reports whether the fault hit b.
+func (f *memFault) in(b []byte) bool { return f.known && holds(b, f.addr) }
+
+// Copy implements Copier: n bytes from src to dst, both checked first.
+// Between two fd-backed mappings it is one copy (a memmove from the
+// client's file to the client's file, no staging); between a mapping and
+// memory the client serves over the socket the mapping is the buffer of the
+// DMA_WRITE or DMA_READ (no staging either); only between two
+// socket-served ranges does it stage, in chunks of the client's
+// max_data_xfer_size.
+func (m *iommu) Copy(dst, src uint64, n int) error {
+	if n == 0 {
+		return nil
+	}
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	if n < 0 || m.closed || addOverflows(src, uint64(n)) || addOverflows(dst, uint64(n)) {
+		return &CopyError{Err: fmt.Errorf("vfio-user: DMA copy of %d bytes from %#x to %#x: %w", n, src, dst, ErrIOMMUFault)}
+	}
+	if src < dst+uint64(n) && dst < src+uint64(n) {
+		return &CopyError{Dst: true, Err: fmt.Errorf("vfio-user: DMA copy of %d bytes from %#x to overlapping %#x: %w", n, src, dst, unix.EINVAL)}
+	}
+	si, ok := m.covered(src, uint64(n), vfio.DMARead)
+	if !ok {
+		return &CopyError{Err: fmt.Errorf("vfio-user: DMA read of %d bytes at IOVA %#x: %w", n, src, ErrIOMMUFault)}
+	}
+	di, ok := m.covered(dst, uint64(n), vfio.DMAWrite)
+	if !ok {
+		return &CopyError{Dst: true, Err: fmt.Errorf("vfio-user: DMA write of %d bytes at IOVA %#x: %w", n, dst, ErrIOMMUFault)}
+	}
+	var stage []byte
+	for rem := uint64(n); rem > 0; {
+		sr, dr := m.maps[si], m.maps[di]
+		soff, doff := src-sr.iova, dst-dr.iova
+		k := min(rem, sr.size-soff, dr.size-doff)
+		var err error
+		var dstSide bool
+		switch {
+		case sr.mem != nil && dr.mem != nil:
+			s, d := sr.mem[soff:soff+k], dr.mem[doff:doff+k]
+			if err = faultSafeCopy(d, s); err != nil {
+				var f *memFault
+				dstSide = errors.As(err, &f) && f.in(d)
+			}
+		case sr.mem != nil:
+			// The device writes the client's memory from the source
+			// mapping; a fault reading the mapping is the source's.
+			err = m.sess.socketDMA(true, dst, sr.mem[soff:soff+k])
+			var f *memFault
+			dstSide = !errors.As(err, &f)
+		case dr.mem != nil:
+			err = m.sess.socketDMA(false, src, dr.mem[doff:doff+k])
+			var f *memFault
+			dstSide = errors.As(err, &f)
+		default:
+			if stage == nil {
+				stage = make([]byte, min(k, uint64(m.sess.maxDMAChunk())))
+			}
+			k = min(k, uint64(len(stage)))
+			if err = m.sess.socketDMA(false, src, stage[:k]); err == nil {
+				err, dstSide = m.sess.socketDMA(true, dst, stage[:k]), true
+			}
+		}
+		if err != nil {
+			at, what := src, "read"
+			if dstSide {
+				at, what = dst, "write"
+			}
+			return &CopyError{Dst: dstSide, Err: fmt.Errorf("vfio-user: DMA copy, %s at IOVA %#x: %w", what, at, err)}
+		}
+		src, dst, rem = src+k, dst+k, rem-k
+		if src == sr.end() {
+			si++
+		}
+		if dst == dr.end() {
+			di++
+		}
+	}
+	return nil
+}
+
+// covered returns the index of the mapping holding iova if [iova, iova+n)
+// lies entirely in mappings with permission need.
+func (m *iommu) covered(iova, n uint64, need uint32) (int, bool) {
+	first := m.find(iova)
+	cur := iova
+	for j := first; n > 0; j++ {
+		if j >= len(m.maps) || m.maps[j].iova > cur || m.maps[j].prot&need == 0 {
+			return 0, false
+		}
+		k := min(n, m.maps[j].end()-cur)
+		cur += k
+		n -= k
+	}
+	return first, true
 }

@@ -2,7 +2,10 @@ package vfiouser
 
 import (
 	"errors"
+	"fmt"
 	"os"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/gohfi/gohfi/vfio"
 )
@@ -50,6 +53,64 @@ type DeviceModel interface {
 type DMA interface {
 	Read(iova uint64, p []byte) error
 	Write(iova uint64, p []byte) error
+}
+
+// Copier is implemented by a DMA that moves bytes between two IOVAs itself:
+// where it maps both sides (fd-backed DMA mappings) that is one copy from
+// mapping to mapping, with no staging buffer in the device. Use CopyDMA,
+// which falls back to Read and Write through a staging buffer.
+type Copier interface {
+	// Copy copies n bytes from IOVA src (a device read) to IOVA dst (a
+	// device write). Both ranges are checked before anything moves, as for
+	// Read and Write; an error is a *CopyError that says which side failed.
+	// The ranges must not overlap.
+	Copy(dst, src uint64, n int) error
+}
+
+// CopyError is a failed Copy: Dst says whether the device write (true) or
+// the device read failed. It unwraps to the cause (ErrIOMMUFault, EFAULT
+// for a truncated file, a disconnected client).
+type CopyError struct {
+	Dst bool
+	Err error
+}
+
+func (e *CopyError) Error() string {
+	side := "source"
+	if e.Dst {
+		side = "destination"
+	}
+	return fmt.Sprintf("DMA copy, %s: %v", side, e.Err)
+}
+
+func (e *CopyError) Unwrap() error { return e.Err }
+
+// CopyDMA copies n bytes from src to dst through dma: with Copy when dma is
+// a Copier, else through buf (Read, then Write, in chunks of len(buf)).
+// Overlapping ranges go through buf too, in one piece, as memmove would
+// copy them: they must fit in it (else EINVAL). Errors are *CopyError.
+func CopyDMA(dma DMA, dst, src uint64, n int, buf []byte) error {
+	if n == 0 {
+		return nil
+	}
+	overlap := dst < src+uint64(n) && src < dst+uint64(n)
+	if overlap && n > len(buf) {
+		return &CopyError{Dst: true, Err: fmt.Errorf("vfio-user: DMA copy of %d bytes from %#x to overlapping %#x: %w", n, src, dst, unix.EINVAL)}
+	}
+	if c, ok := dma.(Copier); ok && !overlap {
+		return c.Copy(dst, src, n)
+	}
+	for n > 0 {
+		k := min(n, len(buf))
+		if err := dma.Read(src, buf[:k]); err != nil {
+			return &CopyError{Err: err}
+		}
+		if err := dma.Write(dst, buf[:k]); err != nil {
+			return &CopyError{Dst: true, Err: err}
+		}
+		dst, src, n = dst+uint64(k), src+uint64(k), n-k
+	}
+	return nil
 }
 
 // ErrIOMMUFault is returned for a DMA through an IOVA that is not mapped, or

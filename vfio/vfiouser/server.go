@@ -740,10 +740,7 @@ var dmaCallPool = sync.Pool{New: func() any {
 // socketDMA moves p to or from client memory at iova with DMA_WRITE or
 // DMA_READ requests of at most the client's max_data_xfer_size.
 func (se *session) socketDMA(write bool, iova uint64, p []byte) error {
-	chunk := int(se.peerMaxData)
-	if chunk == 0 {
-		chunk = defaultMaxDataXferSize
-	}
+	chunk := se.maxDMAChunk()
 	for len(p) > 0 {
 		n := min(len(p), chunk)
 		if err := se.dmaRoundTrip(write, iova, p[:n]); err != nil {
@@ -753,6 +750,14 @@ func (se *session) socketDMA(write bool, iova uint64, p []byte) error {
 		p = p[n:]
 	}
 	return nil
+}
+
+// maxDMAChunk is the largest DMA_READ or DMA_WRITE the client takes.
+func (se *session) maxDMAChunk() int {
+	if se.peerMaxData == 0 {
+		return defaultMaxDataXferSize
+	}
+	return int(se.peerMaxData)
 }
 
 func (se *session) dmaRoundTrip(write bool, iova uint64, p []byte) error {
@@ -783,7 +788,14 @@ func (se *session) dmaRoundTrip(write bool, iova uint64, p []byte) error {
 	putCommandHeader(b, c.id, c.cmd, 0)
 	encode(c.cmd, false, b[headerSize:], &abi.VFIOUserDmaRegionAccess{Addr: iova, Count: uint64(len(p))})
 	if write {
-		copy(b[headerSize+dmaAccessSize:], p)
+		// p may be a mapping of the client's file (Copy): a truncated
+		// file faults here, which is the source's error.
+		if err := faultSafeCopy(b[headerSize+dmaAccessSize:], p); err != nil {
+			if !se.unpend(c) {
+				<-c.done // cannot happen: nothing was sent to reply to
+			}
+			return err
+		}
 	}
 	if err := se.sk.send(b, nil); err != nil {
 		if se.unpend(c) {
@@ -843,7 +855,8 @@ func (se *session) dispatchReply(h header, p []byte, fds []int) {
 			c.err = protoErr("DMA_READ reply for %#x+%d to a request for %#x+%d with %d bytes",
 				a.Addr, a.Count, c.addr, c.count, len(p)-dmaAccessSize)
 		default:
-			copy(c.dst, p[dmaAccessSize:])
+			// c.dst may be a mapping of the client's file (Copy).
+			c.err = faultSafeCopy(c.dst, p[dmaAccessSize:])
 		}
 	case h.Cmd == abi.VFIO_USER_DMA_WRITE:
 		// The specification's reply has a 4-byte count; accept 4 or 8.

@@ -74,6 +74,11 @@ type fdBatch struct {
 
 const readBufSize = 128 << 10
 
+// keepReadBuf is the largest read buffer kept between messages: room for
+// a DMA_READ reply or DMA_WRITE of the default max_data_xfer_size (1 MiB),
+// so a stream of them does not allocate (and zero) a buffer per message.
+const keepReadBuf = 2*defaultMaxDataXferSize + readBufSize
+
 func newSock(uc *net.UnixConn, o *options) (*sock, error) {
 	rc, err := uc.SyscallConn()
 	if err != nil {
@@ -207,7 +212,7 @@ func (s *sock) readMsg(fds []int) (header, []byte, []int, error) {
 				s.roff += uint64(h.Size)
 				if s.rstart == s.rend {
 					s.rstart, s.rend = 0, 0
-					if len(s.rbuf) > 4*readBufSize {
+					if len(s.rbuf) > keepReadBuf {
 						// Give back a buffer grown for one large
 						// message (p keeps the old one alive).
 						s.rbuf = make([]byte, readBufSize)
