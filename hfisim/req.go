@@ -70,6 +70,9 @@ func (d *Device) pollVerbs(mv *mover) bool {
 		}
 	}
 	d.mu.Unlock()
+	if d.net != nil && d.pollNet() {
+		busy = true
+	}
 	if backlog {
 		busy = dma != nil && d.flushEQ(dma, gen)
 	}
@@ -96,6 +99,7 @@ func (d *Device) stepQP(n int, mv *mover) bool {
 	q := &d.qps[n]
 	dma, gen := d.dma, d.gen
 	flush, send := q.work()
+	netQP := d.isNetQPLocked(q)
 	d.mu.Unlock()
 	switch {
 	case dma == nil:
@@ -103,6 +107,8 @@ func (d *Device) stepQP(n int, mv *mover) bool {
 	case flush:
 		d.flushQP(dma, gen, n)
 		return true
+	case send && netQP:
+		return d.rcStep(n)
 	case send:
 		return d.sendBurst(dma, gen, n, mv)
 	}
