@@ -133,8 +133,23 @@ func openUDP(local netip.AddrPort) (*udpLink, error) {
 	if err != nil {
 		return nil, fmt.Errorf("hfisim: port %v: %w", local, err)
 	}
-	return &udpLink{conn: pc.(*net.UDPConn)}, nil
+	conn := pc.(*net.UDPConn)
+	// Room for bursts: a READ response or a go-back is a burst of
+	// packets, and a datagram the socket has no room for is lost. As
+	// root the size is forced past net.core.rmem_max; otherwise the
+	// kernel caps it (an error would say nothing the cap does not).
+	if rc, err := conn.SyscallConn(); err == nil {
+		_ = rc.Control(func(fd uintptr) {
+			if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, netSocketBuf) != nil {
+				_ = conn.SetReadBuffer(netSocketBuf) // capped, not refused
+			}
+		})
+	}
+	return &udpLink{conn: conn}, nil
 }
+
+// netSocketBuf is the port socket's receive buffer.
+const netSocketBuf = 8 << 20
 
 func (l *udpLink) send(to netip.AddrPort, b []byte) error {
 	_, err := l.conn.WriteToUDPAddrPort(b, to)

@@ -483,3 +483,24 @@ func TestNetHostile(t *testing.T) {
 	}
 	netOps(t, p, 1)
 }
+
+// TestNetRCLargeLossy: messages of hundreds of packets (a READ asks for
+// them in pieces) over a wire that drops and duplicates both ways.
+func TestNetRCLargeLossy(t *testing.T) {
+	for seed := range uint64(3) {
+		p := newNetPair(t, seed+10, 1<<20)
+		p.w.setLoss(0.10, 0.05, 0.05)
+		for i, op := range []uint8{uapi.GOHFI_WR_RDMA_READ, uapi.GOHFI_WR_RDMA_WRITE} {
+			src, dst := p.a.fill(p.ma, byte(seed)), p.b.fill(p.mb, byte(seed)+1)
+			w := sendWQE(uint64(i), op, sge(p.ma, 0, 1<<20))
+			w.RemoteAddr, w.Rkey = p.mb.va, p.mb.key()
+			p.a.postSend(p.qa, w)
+			p.a.expectCQE(p.ca, uint64(i), uapi.GOHFI_WC_SUCCESS, wcOpcode(op), 0)
+			if op == uapi.GOHFI_WR_RDMA_READ && !bytes.Equal(p.a.contents(p.ma), dst) ||
+				op == uapi.GOHFI_WR_RDMA_WRITE && !bytes.Equal(p.b.contents(p.mb), src) {
+				t.Fatalf("seed %d: %s of 1 MiB: data differs", seed, []string{"READ", "WRITE"}[i])
+			}
+		}
+		t.Logf("seed %d: retransmits %d, timeouts %d", seed, p.a.d.NetCounter(chip.NetCntRetrans), p.a.d.NetCounter(chip.NetCntTimeouts))
+	}
+}

@@ -24,6 +24,8 @@ const (
 	rcMaxInflight = 64      // WQEs in flight per QP
 	rcMaxPSNs     = 1 << 21 // PSNs in flight per QP: well inside the responder's window
 	rcAckEvery    = 32      // a long message asks for an ACK every this many packets
+	rcReadChunk   = 64      // READ responses one READ request asks for (see rcSendPacket)
+	rcSendWindow  = 128     // packets sent past the first one not confirmed: what a go-back sends again at most
 	rcUnlimited   = 7       // rnr_retry that retries without limit
 )
 
@@ -155,6 +157,13 @@ func (d *Device) rcStep(n int) bool {
 				break
 			}
 		}
+		w := rc.inflight[rc.cur]
+		if w.isRead() && rc.curPkt > 0 && w.done+rcReadChunk/2 < rc.curPkt {
+			break // the READ's next request waits for the last one's responses
+		}
+		if w.first.Add(int32(rc.curPkt)).Sub(rc.unconfirmed()) >= rcSendWindow {
+			break // the window is full: ACKs open it
+		}
 		res := d.rcSendPacket(n, s, rc)
 		if res.stall {
 			break // a page fault of a local SGE: sent again once resumed
@@ -172,6 +181,16 @@ func (d *Device) rcStep(n int) bool {
 		d.rcArm(rc)
 	}
 	return sent > 0
+}
+
+// unconfirmed is the first PSN in flight not confirmed yet.
+func (rc *rcQP) unconfirmed() ibwire.PSN {
+	for _, w := range rc.inflight {
+		if !w.complete() {
+			return w.first.Add(int32(w.done))
+		}
+	}
+	return rc.psn
 }
 
 // rcArm starts the retransmission timer (none with timeout 0).
@@ -254,10 +273,21 @@ func (d *Device) rcSendPacket(n int, s rcSnap, rc *rcQP) result {
 	off := uint64(j) * netPMTU
 	pk := ibwire.Packet{BTH: ibwire.BTH{PKey: ibwire.DefaultPKey, DestQP: rc.dest, PSN: psn}}
 	if w.isRead() {
+		// A long READ is asked for rcReadChunk responses at a time, the
+		// next request once half of the last one's responses are in: a
+		// responder answers a request in one burst, and one burst per
+		// go-back would flood a lossy link. The pieces are fixed
+		// (rcReadChunk-aligned): a request again after a loss ends where
+		// its piece ends, as the responder saw it asked for, and the
+		// pieces after it are asked again whole (go-back-N).
+		end := min((j/rcReadChunk+1)*rcReadChunk, w.npkts)
 		pk.BTH.Opcode, pk.BTH.AckReq = ibwire.RCReadRequest, true
-		pk.RETH = ibwire.RETH{VA: w.wqe.RemoteAddr + off, RKey: w.wqe.Rkey, DMALen: uint32(w.total - off)}
-		rc.cur, rc.curPkt = rc.cur+1, 0
-		d.rcSent(n, rc, psn, w.last())
+		pk.RETH = ibwire.RETH{VA: w.wqe.RemoteAddr + off, RKey: w.wqe.Rkey, DMALen: uint32(min(w.total, uint64(end)*netPMTU) - off)}
+		rc.curPkt = end
+		if end == w.npkts {
+			rc.cur, rc.curPkt = rc.cur+1, 0
+		}
+		d.rcSent(n, rc, psn, w.first.Add(int32(end)-1))
 		d.transmit(rc.peer, &pk)
 		return result{}
 	}
@@ -540,12 +570,13 @@ func (d *Device) rcReadResponse(n int, s rcSnap, rc *rcQP, pk *ibwire.Packet) {
 	}
 	off := uint64(w.done) * netPMTU
 	op := pk.BTH.Opcode
-	// A READ asked again from the middle is answered from FIRST on, so
-	// only the end is checked: LAST or ONLY exactly at the message's end.
+	// A READ is asked for in pieces, and again from the middle after a
+	// loss, each answered from FIRST on: so only the message's end is
+	// checked, LAST or ONLY there.
 	first, last := w.done == 0, w.done+1 == w.npkts
 	ends := op == ibwire.RCReadResponseLast || op == ibwire.RCReadResponseOnly
 	size := min(netPMTU, w.total-off)
-	if ends != last || uint64(len(pk.Payload)) != size {
+	if last && !ends || uint64(len(pk.Payload)) != size {
 		d.net.count(chip.NetCntDropLength)
 		return
 	}
