@@ -113,9 +113,10 @@ type netPair struct {
 	ma, mb *mr
 }
 
-// testNetAttr: timeout 10 (4 ms), 7 retries, RNR retries without limit,
+// testNetAttr: timeout 12 (16.8 ms: above a round trip under the race
+// detector, whose engines run ten times slower), 7 retries, RNR retries without limit,
 // the shortest RNR timer.
-var testNetAttr = chip.QPNetAttrValue(10, 7, 7, 1)
+var testNetAttr = chip.QPNetAttrValue(12, 7, 7, 1)
 
 func newNetPair(t *testing.T, seed uint64, size uint64) *netPair {
 	return newNetPairAttr(t, seed, size, testNetAttr)
@@ -490,6 +491,7 @@ func TestNetRCLargeLossy(t *testing.T) {
 	for seed := range uint64(3) {
 		p := newNetPair(t, seed+10, 1<<20)
 		p.w.setLoss(0.10, 0.05, 0.05)
+
 		for i, op := range []uint8{uapi.GOHFI_WR_RDMA_READ, uapi.GOHFI_WR_RDMA_WRITE} {
 			src, dst := p.a.fill(p.ma, byte(seed)), p.b.fill(p.mb, byte(seed)+1)
 			w := sendWQE(uint64(i), op, sge(p.ma, 0, 1<<20))

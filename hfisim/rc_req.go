@@ -52,6 +52,7 @@ type rcQP struct {
 	ackPSN             ibwire.PSN
 	hasAck             bool
 	retrying           bool // went back after a NAK or gap: later gaps wait for progress or the timer
+	backoff            uint // timeouts in a row without progress: the timer doubles, up to rcMaxBackoff
 
 	// Responder (rc_resp.go).
 	resp rcResp
@@ -120,14 +121,19 @@ func (rc *rcQP) retryCnt() int { return int(rc.attr >> chip.QPNetRetryShift & 7)
 func (rc *rcQP) rnrRetry() int { return int(rc.attr >> chip.QPNetRNRRetryShift & 7) }
 func (rc *rcQP) minRNR() uint8 { return uint8(rc.attr >> chip.QPNetMinRNRTimeShift & 0x1f) }
 
-// timeout is the retransmission timeout: 4.096 us * 2^timeout (0: none).
+// timeout is the retransmission timeout: 4.096 us * 2^timeout (0: none),
+// doubled for each timeout in a row without progress up to rcMaxBackoff
+// times (as RNICs back off: a peer slower than the timeout would
+// otherwise drown in its own retransmissions).
 func (rc *rcQP) timeout() time.Duration {
 	t := rc.attr & chip.QPNetTimeoutMask
 	if t == 0 {
 		return 0
 	}
-	return 4096 * time.Nanosecond << t
+	return 4096 * time.Nanosecond << (t + uint64(rc.backoff))
 }
+
+const rcMaxBackoff = 3
 
 func (rc *rcQP) resetRetries() { rc.retryLeft, rc.rnrLeft = rc.retryCnt(), rc.rnrRetry() }
 
@@ -520,7 +526,7 @@ func (d *Device) rcCompleteDone(n int, s rcSnap, rc *rcQP, progress bool) bool {
 	}
 	if k > 0 || progress {
 		rc.resetRetries()
-		rc.retrying = false
+		rc.retrying, rc.backoff = false, 0
 		d.rcArm(rc)
 		if k > 0 {
 			d.kickEngine() // the window has room
@@ -626,7 +632,14 @@ func (d *Device) rcTimeout(n int) bool {
 	if len(rc.inflight) == 0 {
 		return false
 	}
+	if len(d.net.rx) > 0 {
+		// Packets wait in the port's queue: what the peer answered may be
+		// among them. The timer starts again once they are handled.
+		d.rcArm(rc)
+		return false
+	}
 	d.net.count(chip.NetCntTimeouts)
+	rc.backoff = min(rc.backoff+1, rcMaxBackoff)
 	w := rc.inflight[0]
 	d.rcRetry(n, s, rc, w.first.Add(int32(w.done)), true)
 	return true
