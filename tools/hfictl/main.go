@@ -25,6 +25,7 @@ import (
 
 	"github.com/gohfi/gohfi/attach"
 	"github.com/gohfi/gohfi/driver"
+	"github.com/gohfi/gohfi/hfisim"
 	"github.com/gohfi/gohfi/mem"
 	"github.com/gohfi/gohfi/uapi"
 	"golang.org/x/sys/unix"
@@ -51,6 +52,11 @@ func runContext(ctx context.Context, args []string, stdin io.Reader, stdout, std
 	fs.IntVar(&opts.Sim.NumContexts, "contexts", opts.Sim.NumContexts, "embedded device: receive contexts")
 	fs.IntVar(&opts.Sim.RcvArrayPerCtxt, "rcvarray", opts.Sim.RcvArrayPerCtxt, "embedded device: RcvArray entries per context")
 	fs.IntVar(&opts.Sim.MTTEntries, "mtt", opts.Sim.MTTEntries, "embedded device: MTT entries (implicit ODP needs room for a directory of 131072 and a child of 262144)")
+	fs.Func("port", "embedded device: network port udp:ADDR[:PORT] (docs/fabric.md)", func(s string) error {
+		p, err := hfisim.ParsePort(s)
+		opts.Sim.Port = p
+		return err
+	})
 	fs.IntVar(&opts.Params.RcvHdrCnt, "rcvhdrcnt", opts.Params.RcvHdrCnt, "module parameter: receive header queue entries per context")
 	fs.IntVar(&opts.Params.EagerBufferSize, "eager-size", opts.Params.EagerBufferSize, "module parameter: bytes per eager buffer")
 	fs.BoolVar(&opts.Params.TIDUnmapOnInvalidate, "tid-unmap", opts.Params.TIDUnmapOnInvalidate, "module parameter: unprogram and unpin TIDs at invalidation (HFI1_CAP_TID_UNMAP)")
