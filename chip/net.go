@@ -1,5 +1,7 @@
 package chip
 
+import "net/netip"
+
 // The network port (RegCapFlags CapNet): the device speaks RoCEv2 (IB
 // transport headers over UDP/IP, ibwire) to peer devices. A QP whose
 // QPDest port is not 0 is connected to QPDest's QP number on the peer that
@@ -110,3 +112,24 @@ var (
 	_ [CSRBarSize - (QPNetBase + MaxQPs*QPNetStride)]struct{}
 	_ [QPNetBase - (QPDBBase + MaxQPs*QPDBStride)]struct{}
 )
+
+// GIDWords is an address as the two GID words of RegNetGIDHi/Lo and
+// PeerGIDHi/Lo (its 16-byte IPv6 form, IPv4 as ::ffff:a.b.c.d).
+func GIDWords(a netip.Addr) (hi, lo uint64) {
+	b := a.As16()
+	for i := range 8 {
+		hi = hi<<8 | uint64(b[i])
+		lo = lo<<8 | uint64(b[8+i])
+	}
+	return hi, lo
+}
+
+// GIDAddr is the address two GID words hold (IPv4-mapped unmapped).
+func GIDAddr(hi, lo uint64) netip.Addr {
+	var b [16]byte
+	for i := range 8 {
+		b[i] = byte(hi >> (56 - 8*i))
+		b[8+i] = byte(lo >> (56 - 8*i))
+	}
+	return netip.AddrFrom16(b).Unmap()
+}

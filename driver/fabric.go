@@ -66,29 +66,11 @@ func (d *Device) PortAddr() (netip.AddrPort, error) {
 			return netip.AddrPort{}, fmt.Errorf("gohfi: port address: %w", err)
 		}
 	}
-	return netip.AddrPortFrom(gidToAddr(v[0], v[1]), uint16(v[2])), nil
+	return netip.AddrPortFrom(chip.GIDAddr(v[0], v[1]), uint16(v[2])), nil
 }
 
 // GID is an address as the 16 bytes of a RoCEv2 GID.
 func GID(a netip.Addr) [16]byte { return a.As16() }
-
-func gidToAddr(hi, lo uint64) netip.Addr {
-	var b [16]byte
-	for i := range 8 {
-		b[i] = byte(hi >> (56 - 8*i))
-		b[8+i] = byte(lo >> (56 - 8*i))
-	}
-	return netip.AddrFrom16(b).Unmap()
-}
-
-func addrToGID(a netip.Addr) (hi, lo uint64) {
-	b := a.As16()
-	for i := range 8 {
-		hi = hi<<8 | uint64(b[i])
-		lo = lo<<8 | uint64(b[8+i])
-	}
-	return hi, lo
-}
 
 // NumPeers is the number of peer table entries (1..NumPeers are usable).
 func (d *Device) NumPeers() (int, error) {
@@ -124,7 +106,7 @@ func (d *Device) SetPeer(i int, addr netip.AddrPort) error {
 	case a.Is4() != own.Addr().Is4():
 		return errnoErr(fmt.Sprintf("peer %d: %v is not of the port's family (%v)", i, addr, own), unix.EINVAL)
 	}
-	hi, lo := addrToGID(a)
+	hi, lo := chip.GIDWords(a)
 	netMu.Lock()
 	defer netMu.Unlock()
 	for _, w := range []struct{ reg, v uint64 }{
@@ -179,7 +161,7 @@ func (d *Device) Peers() ([]Peer, error) {
 		if err != nil {
 			return nil, fmt.Errorf("gohfi: peer %d: %w", i, err)
 		}
-		out = append(out, Peer{Index: i, Addr: netip.AddrPortFrom(gidToAddr(hi, lo), uint16(port))})
+		out = append(out, Peer{Index: i, Addr: netip.AddrPortFrom(chip.GIDAddr(hi, lo), uint16(port))})
 	}
 	return out, nil
 }

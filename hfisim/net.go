@@ -265,29 +265,6 @@ func (d *Device) netInput(from netip.AddrPort, b []byte) {
 	}
 }
 
-// gid is an address as a GID's two words.
-func gid(a netip.Addr) (hi, lo uint64) {
-	b := a.As16() // IPv4 as ::ffff:a.b.c.d
-	return be64(b[:8]), be64(b[8:])
-}
-
-func be64(b []byte) uint64 {
-	var v uint64
-	for _, c := range b[:8] {
-		v = v<<8 | uint64(c)
-	}
-	return v
-}
-
-func gidAddr(hi, lo uint64) netip.Addr {
-	var b [16]byte
-	for i := range 8 {
-		b[i] = byte(hi >> (56 - 8*i))
-		b[8+i] = byte(lo >> (56 - 8*i))
-	}
-	return netip.AddrFrom16(b).Unmap()
-}
-
 // netRegLocked reads the port's registers.
 func (d *Device) netRegLocked(reg uint64) (uint64, bool) {
 	p := d.net
@@ -296,7 +273,7 @@ func (d *Device) netRegLocked(reg uint64) (uint64, bool) {
 		if p == nil {
 			return 0, true
 		}
-		hi, lo := gid(p.local.Addr())
+		hi, lo := chip.GIDWords(p.local.Addr())
 		return [...]uint64{hi, lo, uint64(p.local.Port()), chip.MaxPeers, netPMTU}[(reg-chip.RegNetGIDHi)/8], true
 	case reg >= chip.RegNetCntBase && reg < chip.RegNetCnt(chip.NetCntNum):
 		if p == nil {
@@ -377,7 +354,7 @@ func (d *Device) peerLocked(i uint32) (netip.AddrPort, bool) {
 	if e.port&chip.PeerValid == 0 || uint16(e.port) == 0 {
 		return netip.AddrPort{}, false
 	}
-	a := gidAddr(e.gidHi, e.gidLo)
+	a := chip.GIDAddr(e.gidHi, e.gidLo)
 	if a.Is4() != p.local.Addr().Is4() || a.IsUnspecified() || a.IsMulticast() {
 		return netip.AddrPort{}, false
 	}

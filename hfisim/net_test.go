@@ -142,7 +142,7 @@ func newNetPairAttr(t *testing.T, seed uint64, size uint64, attrA uint64) *netPa
 
 // setPeer writes peer table entry i.
 func setPeer(t *testing.T, d *Device, i int, a netip.AddrPort) {
-	hi, lo := gid(a.Addr())
+	hi, lo := chip.GIDWords(a.Addr())
 	wr(t, d, chip.PeerReg(i, chip.PeerGIDHi), hi)
 	wr(t, d, chip.PeerReg(i, chip.PeerGIDLo), lo)
 	wr(t, d, chip.PeerReg(i, chip.PeerUDPPort), uint64(a.Port())|chip.PeerValid)
@@ -171,7 +171,7 @@ func TestNetRegisters(t *testing.T) {
 		t.Fatal("no CapNet with a port")
 	}
 	hi, lo := rd(t, d, chip.RegNetGIDHi), rd(t, d, chip.RegNetGIDLo)
-	if got := gidAddr(hi, lo); got != netip.MustParseAddr("192.0.2.7") || hi != 0 || lo>>32 != 0xffff {
+	if got := chip.GIDAddr(hi, lo); got != netip.MustParseAddr("192.0.2.7") || hi != 0 || lo>>32 != 0xffff {
 		t.Fatalf("GID %#x:%#x = %v, want ::ffff:192.0.2.7", hi, lo, got)
 	}
 	if rd(t, d, chip.RegNetUDPPort) != 5000 || rd(t, d, chip.RegNetNumPeers) != chip.MaxPeers || rd(t, d, chip.RegNetPMTU) != netPMTU {

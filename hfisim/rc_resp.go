@@ -143,6 +143,11 @@ func wrOpcode(op ibwire.Opcode) uint8 {
 // none, RNR NAK sent, or the WQE was refused, error NAK sent).
 func (d *Device) rcClaim(n int, s rcSnap, rc *rcQP, rs *responder, pk *ibwire.Packet, lp *packet) bool {
 	res := d.claimRecv(s.dma, s.gen, rs, lp)
+	if res.stall && d.pollRecords(false) {
+		// The driver may have posted the receive a moment ago: its
+		// doorbell record is read before the answer is RNR.
+		res = d.claimRecv(s.dma, s.gen, rs, lp)
+	}
 	switch {
 	case res.stall:
 		d.net.count(chip.NetCntRNRNAKs)

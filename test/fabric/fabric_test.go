@@ -253,8 +253,8 @@ func counters(t *testing.T, nd *node) map[string]uint64 {
 }
 
 // TestFabricNetns: two hfisim processes in their own namespaces on a veth
-// pair; RDMA WRITE, READ and SEND both ways with the data checked; then
-// over a lossy link (loss, duplication, reordering: lossy_test.go) the
+// pair; RDMA WRITE, READ and SEND both ways with the data checked; a
+// capture on the veth checked (tshark_test.go); then over a lossy link (loss, duplication, reordering: lossy_test.go) the
 // data still arrives intact and the retransmissions are counted; then a
 // cut link ends a WRITE with RETRY_EXC_ERR, and nothing hangs.
 func TestFabricNetns(t *testing.T) {
@@ -281,6 +281,8 @@ func TestFabricNetns(t *testing.T) {
 	}
 	t.Logf("clean link: %s sent %d packets (%d again), %s %d (%d again)", a.name, cx["tx_packets"], cx["retransmits"],
 		b.name, cy["tx_packets"], cy["retransmits"])
+
+	t.Run("wire", func(t *testing.T) { wireCheck(t, x, y) })
 
 	t.Run("lossy", func(t *testing.T) {
 		impair(t, a, b, 10, 5, 10)
