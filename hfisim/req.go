@@ -60,6 +60,9 @@ func (r result) ok() bool { return !r.stall && r.status == uapi.GOHFI_WC_SUCCESS
 func (d *Device) pollVerbs(mv *mover) bool {
 	busy := false
 	d.runTLBCommands()
+	if d.net != nil && d.pollNet() { // first: what arrived may give QPs work
+		busy = true
+	}
 	d.mu.Lock()
 	backlog := len(d.odp.backlog) > 0
 	dma, gen := d.dma, d.gen
@@ -70,9 +73,6 @@ func (d *Device) pollVerbs(mv *mover) bool {
 		}
 	}
 	d.mu.Unlock()
-	if d.net != nil && d.pollNet() {
-		busy = true
-	}
 	if backlog {
 		busy = dma != nil && d.flushEQ(dma, gen)
 	}
