@@ -176,11 +176,22 @@ func fill(b []byte, seed byte) {
 	}
 }
 
+// trafficSizes are the message sizes of traffic; trafficBytes what it
+// moves each way (WRITE, READ and SEND of each size).
+var trafficSizes = []int{1, 1000, 1024, 4097, 65536 + 3, 1 << 20}
+
+var trafficBytes = func() (n int) {
+	for _, s := range trafficSizes {
+		n += 3 * s
+	}
+	return n
+}()
+
 // traffic moves RDMA WRITEs, READs and SENDs of sizes from one byte to
 // 1 MiB from x to y and back, and checks every byte and completion.
 func traffic(t *testing.T, x, y *node, seed byte) {
 	t.Helper()
-	sizes := []int{1, 1000, 1024, 4097, 65536 + 3, 1 << 20}
+	sizes := trafficSizes
 	for _, p := range [][2]*node{{x, y}, {y, x}} {
 		src, dst := p[0], p[1]
 		for i, n := range sizes {
@@ -267,7 +278,9 @@ func TestFabricNetns(t *testing.T) {
 		t.Fatalf("peers of %s: %v, %v", a.name, peers, err)
 	}
 
+	start := time.Now()
 	traffic(t, x, y, 1)
+	t.Logf("clean link: the traffic (%d MiB each way, one message at a time) took %v", trafficBytes>>20, time.Since(start).Round(time.Millisecond))
 	cx, cy := counters(t, x), counters(t, y)
 	for _, c := range []map[string]uint64{cx, cy} {
 		// A clean link loses nothing, but a socket may overflow in a
@@ -286,7 +299,9 @@ func TestFabricNetns(t *testing.T) {
 
 	t.Run("lossy", func(t *testing.T) {
 		impair(t, a, b, 10, 5, 10)
+		start := time.Now()
 		traffic(t, x, y, 2)
+		t.Logf("lossy link: the traffic took %v", time.Since(start).Round(time.Millisecond))
 		cx, cy := counters(t, x), counters(t, y)
 		if cx["retransmits"] == 0 || cy["retransmits"] == 0 {
 			t.Errorf("no retransmissions over a lossy link: %v / %v", cx, cy)
