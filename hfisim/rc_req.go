@@ -175,7 +175,7 @@ func (d *Device) rcStep(n int) bool {
 			break // a page fault of a local SGE: sent again once resumed
 		}
 		if !res.ok() {
-			if rc.cur == 0 && rc.inflight[0].done == 0 || rc.cur == 0 && !rc.inflight[0].isRead() {
+			if rc.cur == 0 {
 				d.rcComplete(n, s, rc, res) // at SQHead: it completes in error, the QP goes to ERR
 				return true
 			}
@@ -400,12 +400,12 @@ func (d *Device) rcResponse(n int, pk *ibwire.Packet) {
 func (d *Device) rcAck(n int, s rcSnap, rc *rcQP, psn ibwire.PSN, a ibwire.AETH) {
 	switch {
 	case a.IsACK():
-		if d.rcConfirm(n, s, rc, psn) {
+		if d.rcConfirm(n, s, rc, psn, false) {
 			return
 		}
 	case a.IsRNRNAK():
 		d.net.count(chip.NetCntRxNAKs)
-		if d.rcConfirm(n, s, rc, psn.Add(-1)) {
+		if d.rcConfirm(n, s, rc, psn.Add(-1), false) {
 			return
 		}
 		if rc.rnrRetry() != rcUnlimited {
@@ -421,7 +421,7 @@ func (d *Device) rcAck(n int, s rcSnap, rc *rcQP, psn ibwire.PSN, a ibwire.AETH)
 		d.armTimer(rc.deadline)
 	case a.IsNAK():
 		d.net.count(chip.NetCntRxNAKs)
-		if d.rcConfirm(n, s, rc, psn.Add(-1)) {
+		if d.rcConfirm(n, s, rc, psn.Add(-1), false) {
 			return
 		}
 		if a.NAKCode() == ibwire.NAKPSNSeqError {
@@ -475,12 +475,12 @@ func (d *Device) rcGoBack(rc *rcQP, psn ibwire.PSN) {
 
 // rcConfirm applies an acknowledgement of every PSN up to psn: SEND and
 // WRITE packets are confirmed (READs only by their responses), complete
-// WQEs at SQHead complete. It reports whether the QP left RTS.
-func (d *Device) rcConfirm(n int, s rcSnap, rc *rcQP, psn ibwire.PSN) bool {
+// WQEs at SQHead complete. progress says that the caller made some
+// already. It reports whether the QP left RTS.
+func (d *Device) rcConfirm(n int, s rcSnap, rc *rcQP, psn ibwire.PSN, progress bool) bool {
 	if !rc.hasAck || psn.After(rc.ackPSN) {
 		rc.ackPSN, rc.hasAck = psn, true
 	}
-	progress := false
 	for _, w := range rc.inflight {
 		if w.isRead() {
 			if psn.Before(w.last()) {
@@ -536,8 +536,12 @@ func (d *Device) rcCompleteDone(n int, s rcSnap, rc *rcQP, progress bool) bool {
 }
 
 // rcComplete completes the WQE at SQHead with res (an error: the QP goes
-// to ERR, the rest is flushed).
+// to ERR, the rest is flushed). A NAK that named a PSN of a READ already
+// answered in full finds nothing left to fail.
 func (d *Device) rcComplete(n int, s rcSnap, rc *rcQP, res result) {
+	if len(rc.inflight) == 0 {
+		return
+	}
 	w := rc.inflight[0]
 	d.rcCompleteHead(n, s, w.wqe, w.total, res)
 	rc.inflight = rc.inflight[1:]
@@ -586,7 +590,7 @@ func (d *Device) rcReadResponse(n int, s rcSnap, rc *rcQP, pk *ibwire.Packet) {
 		d.net.count(chip.NetCntDropLength)
 		return
 	}
-	if w.first.Sub(rc.inflight[0].first) > 0 && d.rcConfirm(n, s, rc, w.first.Add(-1)) {
+	if w.first.Sub(rc.inflight[0].first) > 0 && d.rcConfirm(n, s, rc, w.first.Add(-1), false) {
 		return // a READ response acknowledges what was sent before the READ
 	}
 	r := d.rcRequester(n, s, w)
@@ -610,7 +614,7 @@ func (d *Device) rcReadResponse(n int, s rcSnap, rc *rcQP, pk *ibwire.Packet) {
 	}
 	w.done++
 	if w.complete() && rc.hasAck {
-		d.rcConfirm(n, s, rc, rc.ackPSN) // an ACK past the READ that came first
+		d.rcConfirm(n, s, rc, rc.ackPSN, true) // an ACK past the READ that came first
 		return
 	}
 	d.rcCompleteDone(n, s, rc, true)
