@@ -445,6 +445,9 @@ func (d *Device) pollNet() bool {
 		d.receive(dg.from, dg.b)
 		p.bufs.Put(dg.buf)
 	}
+	if d.pumpReads() {
+		busy = true
+	}
 	if d.flushAcks() {
 		busy = true
 	}

@@ -33,6 +33,7 @@ type rcResp struct {
 	raddr   uint64     // WRITE: RETH
 	rkey    uint32
 	dmaLen  uint64
+	reads   []rcRead // READs being answered, oldest first
 }
 
 // rcRequest handles a request packet for QP n.
@@ -297,38 +298,94 @@ func (d *Device) rcReadRespond(n int, s rcSnap, rc *rcQP, pk *ibwire.Packet, fre
 		d.net.count(chip.NetCntDropPSN) // a "duplicate" that reaches past what was asked
 		return
 	}
-	for i := range npkts {
-		off := i * netPMTU
-		size := min(netPMTU, length-off)
-		out := ibwire.Packet{BTH: ibwire.BTH{PKey: ibwire.DefaultPKey, DestQP: rc.dest, PSN: psn.Add(int32(i))},
-			AETH: ibwire.ACK(ibwire.CreditsInvalid, r.msn)}
+	if len(r.reads) >= rcMaxReads {
+		d.net.count(chip.NetCntDropFlood) // the requester asks again when its timer says so
+		return
+	}
+	r.reads = append(r.reads, rcRead{psn: psn, va: va, key: key, length: length, npkts: npkts, msn: r.msn})
+	d.rcPumpReads(n, s, rc)
+}
+
+// rcMaxReads is how many READ requests a responder QP answers at once
+// (ib_qp_attr's max_dest_rd_atomic); rcReadBurst how many responses it
+// sends per engine pass: a READ of a gigabyte does not stall the device.
+const (
+	rcMaxReads  = 16
+	rcReadBurst = 64
+)
+
+// rcRead is a READ request being answered.
+type rcRead struct {
+	psn      ibwire.PSN
+	va       uint64
+	key      uint32
+	length   uint64
+	npkts, i uint64 // responses in all, sent so far
+	msn      uint32
+}
+
+// rcPumpReads sends up to rcReadBurst responses of QP n's READs, in
+// order; it reports whether it sent any. Every response is read through
+// the rkey as it is sent.
+func (d *Device) rcPumpReads(n int, s rcSnap, rc *rcQP) bool {
+	r := &rc.resp
+	sent := 0
+	for len(r.reads) > 0 && sent < rcReadBurst {
+		j := &r.reads[0]
+		off := j.i * netPMTU
+		size := min(netPMTU, j.length-off)
+		out := ibwire.Packet{BTH: ibwire.BTH{PKey: ibwire.DefaultPKey, DestQP: rc.dest, PSN: j.psn.Add(int32(j.i))},
+			AETH: ibwire.ACK(ibwire.CreditsInvalid, j.msn)}
 		switch {
-		case npkts == 1:
+		case j.npkts == 1:
 			out.BTH.Opcode = ibwire.RCReadResponseOnly
-		case i == 0:
+		case j.i == 0:
 			out.BTH.Opcode = ibwire.RCReadResponseFirst
-		case i == npkts-1:
+		case j.i == j.npkts-1:
 			out.BTH.Opcode = ibwire.RCReadResponseLast
 		default:
 			out.BTH.Opcode = ibwire.RCReadResponseMiddle
 		}
 		data := d.net.payload[:size]
 		d.mu.Lock()
-		spans, verr := d.resolveLocked(key, s.pd, va+off, size, uapi.IB_ACCESS_REMOTE_READ, s.access, chip.MTTRead, nil)
+		spans, verr := d.resolveLocked(j.key, s.pd, j.va+off, size, uapi.IB_ACCESS_REMOTE_READ, s.access, chip.MTTRead, nil)
 		d.mu.Unlock()
-		if verr != chip.VendorErrNone {
-			// The key changed under the READ, or its pages are not
-			// present (ODP over the wire: not yet): the requester's
-			// timer asks again.
-			return
+		err := error(nil)
+		if verr == chip.VendorErrNone {
+			if err = dmaSpans(s.dma, spans, data, false); err != nil {
+				d.countDMAErr(err)
+			}
 		}
-		if err := dmaSpans(s.dma, spans, data, false); err != nil {
-			d.countDMAErr(err)
-			return
+		if verr != chip.VendorErrNone || err != nil {
+			// The key changed under the READ, its pages are not present
+			// (ODP over the wire: not yet), or the IOMMU refused: the
+			// READ ends here, the requester's timer asks again.
+			r.reads = r.reads[1:]
+			continue
 		}
 		out.Payload = data
 		d.transmit(rc.peer, &out)
+		sent++
+		if j.i++; j.i == j.npkts {
+			r.reads = r.reads[1:]
+		}
 	}
+	return sent > 0
+}
+
+// pumpReads gives every network QP with READ responses to send a turn.
+func (d *Device) pumpReads() bool {
+	busy := false
+	for n := range d.net.rc {
+		if len(d.net.rc[n].resp.reads) == 0 {
+			continue
+		}
+		rc, s := d.rcSync(n) // a QP reset since starts afresh, owing nothing
+		if rc != nil && d.rcPumpReads(n, s, rc) {
+			busy = true
+		}
+	}
+	return busy
 }
 
 // rcAccessError NAKs a request its rkey does not allow.
