@@ -2,6 +2,7 @@ package hfisim
 
 import (
 	"bytes"
+	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
@@ -273,7 +274,36 @@ func netOps(t *testing.T, p *netPair, rounds int) {
 			if got := p.b.contents(p.mb)[:n]; !bytes.Equal(got, src[11:11+n]) {
 				t.Fatalf("round %d: SEND of %d bytes: data differs", r, n)
 			}
+			netAtomics(t, p, id)
 		}
+	}
+}
+
+// netAtomics runs a FETCH_ADD and a COMPARE_SWAP from A on a word of B's
+// region: each applies exactly once (a retransmitted atomic is answered
+// from the responder's record, not executed again) and returns the old
+// value.
+func netAtomics(t *testing.T, p *netPair, id uint64) {
+	t.Helper()
+	target := (p.mb.va + 0x107) &^ 7
+	host := p.mb.host(target)
+	old := binary.LittleEndian.Uint64(p.b.read(host, 8))
+	w := sendWQE(id+5, uapi.GOHFI_WR_ATOMIC_FETCH_AND_ADD, sge(p.ma, 64, 8))
+	w.RemoteAddr, w.Rkey, w.CompareAdd = target, p.mb.key(), 5
+	p.a.postSend(p.qa, w)
+	p.a.expectCQE(p.ca, id+5, uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_FETCH_ADD, 0)
+	if got := binary.LittleEndian.Uint64(p.a.read(p.ma.host(p.ma.va+64), 8)); got != old {
+		t.Fatalf("FETCH_ADD returned %#x, the word held %#x", got, old)
+	}
+	if got := binary.LittleEndian.Uint64(p.b.read(host, 8)); got != old+5 {
+		t.Fatalf("after FETCH_ADD 5 the word is %#x, want %#x", got, old+5)
+	}
+	w = sendWQE(id+6, uapi.GOHFI_WR_ATOMIC_CMP_AND_SWP, sge(p.ma, 72, 8))
+	w.RemoteAddr, w.Rkey, w.CompareAdd, w.Swap = target, p.mb.key(), old+5, id
+	p.a.postSend(p.qa, w)
+	p.a.expectCQE(p.ca, id+6, uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_COMP_SWAP, 0)
+	if got := binary.LittleEndian.Uint64(p.b.read(host, 8)); got != id {
+		t.Fatalf("after COMPARE_SWAP the word is %#x, want %#x", got, id)
 	}
 }
 

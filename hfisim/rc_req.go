@@ -1,6 +1,7 @@
 package hfisim
 
 import (
+	"encoding/binary"
 	"math/bits"
 	"net/netip"
 	"time"
@@ -70,6 +71,10 @@ type rcWQE struct {
 func (w *rcWQE) isRead() bool {
 	return w.wqe.Opcode == uapi.GOHFI_WR_RDMA_READ || w.wqe.Opcode == uapi.GOHFI_WR_RDMA_READ_WITH_INV
 }
+
+// answered reports a WQE that only its responses confirm (READ, atomic),
+// never an ACK.
+func (w *rcWQE) answered() bool   { return w.isRead() || isAtomic(w.wqe.Opcode) }
 func (w *rcWQE) complete() bool   { return w.done == w.npkts }
 func (w *rcWQE) last() ibwire.PSN { return w.first.Add(int32(w.npkts) - 1) }
 
@@ -211,9 +216,8 @@ func (d *Device) rcArm(rc *rcQP) {
 
 // rcFetch reads the WQE at sqNext into the window (more: the cursor has a
 // packet to send). A WQE that does not go on the wire (a local operation,
-// a malformed one, an atomic, which the port does not carry yet) is
-// handled when it reaches SQHead with nothing in flight (progress: it
-// completed).
+// a malformed one) is handled when it reaches SQHead with nothing in
+// flight (progress: it completed).
 func (d *Device) rcFetch(n int, s rcSnap, rc *rcQP) (more, progress bool) {
 	if rc.sqNext == s.sqTail || len(rc.inflight) >= rcMaxInflight ||
 		len(rc.inflight) > 0 && rc.psn.Sub(rc.inflight[0].first) > rcMaxPSNs {
@@ -232,18 +236,12 @@ func (d *Device) rcFetch(n int, s rcSnap, rc *rcQP) (more, progress bool) {
 	w.wqe.Unmarshal(raw[:])
 	total, res := d.checkSendWQE(raw[:], &w.wqe)
 	w.total = total
-	wire := res.ok() && !isLocalOp(w.wqe.Opcode) && !isAtomic(w.wqe.Opcode)
-	if !wire {
+	if !res.ok() || isLocalOp(w.wqe.Opcode) {
 		if len(rc.inflight) > 0 {
 			return false, false
 		}
-		switch {
-		case !res.ok():
-		case isAtomic(w.wqe.Opcode):
-			res = fail(uapi.GOHFI_WC_LOC_QP_OP_ERR, chip.VendorErrOpcode)
-		default:
-			r := d.rcRequester(n, s, w)
-			res = d.execLocal(r)
+		if res.ok() {
+			res = d.execLocal(d.rcRequester(n, s, w))
 		}
 		rc.sqNext = next(rc.sqNext, s.sq.entries)
 		d.rcCompleteHead(n, s, w.wqe, w.total, res)
@@ -251,8 +249,8 @@ func (d *Device) rcFetch(n int, s rcSnap, rc *rcQP) (more, progress bool) {
 	}
 	if w.wqe.Flags&uapi.GOHFI_SEND_FENCE != 0 {
 		for _, o := range rc.inflight {
-			if o.isRead() {
-				return false, false // a fence waits for the READs before it
+			if o.answered() {
+				return false, false // a fence waits for the READs and atomics before it
 			}
 		}
 	}
@@ -278,6 +276,18 @@ func (d *Device) rcSendPacket(n int, s rcSnap, rc *rcQP) result {
 	psn := w.first.Add(int32(j))
 	off := uint64(j) * netPMTU
 	pk := ibwire.Packet{BTH: ibwire.BTH{PKey: ibwire.DefaultPKey, DestQP: rc.dest, PSN: psn}}
+	if isAtomic(w.wqe.Opcode) {
+		pk.BTH.Opcode, pk.BTH.AckReq = ibwire.RCFetchAdd, true
+		pk.AtomicETH = ibwire.AtomicETH{VA: w.wqe.RemoteAddr, RKey: w.wqe.Rkey, SwapAdd: w.wqe.CompareAdd}
+		if w.wqe.Opcode == uapi.GOHFI_WR_ATOMIC_CMP_AND_SWP {
+			pk.BTH.Opcode = ibwire.RCCompareSwap
+			pk.AtomicETH.SwapAdd, pk.AtomicETH.Compare = w.wqe.Swap, w.wqe.CompareAdd
+		}
+		rc.cur, rc.curPkt = rc.cur+1, 0
+		d.rcSent(n, rc, psn, psn)
+		d.transmit(rc.peer, &pk)
+		return result{}
+	}
 	if w.isRead() {
 		// A long READ is asked for rcReadChunk responses at a time, the
 		// next request once half of the last one's responses are in: a
@@ -391,8 +401,8 @@ func (d *Device) rcResponse(n int, pk *ibwire.Packet) {
 		d.rcReadResponse(n, s, rc, pk)
 	case op == ibwire.RCAcknowledge:
 		d.rcAck(n, s, rc, psn, pk.AETH)
-	default: // ATOMIC ACKNOWLEDGE: the port sends no atomics
-		d.net.count(chip.NetCntDropHeader)
+	default: // ATOMIC ACKNOWLEDGE
+		d.rcAtomicAck(n, s, rc, pk)
 	}
 }
 
@@ -482,7 +492,7 @@ func (d *Device) rcConfirm(n int, s rcSnap, rc *rcQP, psn ibwire.PSN, progress b
 		rc.ackPSN, rc.hasAck = psn, true
 	}
 	for _, w := range rc.inflight {
-		if w.isRead() {
+		if w.answered() {
 			if psn.Before(w.last()) {
 				break
 			}
@@ -647,4 +657,51 @@ func (d *Device) rcTimeout(n int) bool {
 	w := rc.inflight[0]
 	d.rcRetry(n, s, rc, w.first.Add(int32(w.done)), true)
 	return true
+}
+
+// rcAtomicAck places an atomic's result: the value the target held, in
+// the WQE's 8-byte SGE (LOCAL_WRITE). It also acknowledges what was sent
+// before the atomic.
+func (d *Device) rcAtomicAck(n int, s rcSnap, rc *rcQP, pk *ibwire.Packet) {
+	psn := pk.BTH.PSN
+	var w *rcWQE
+	for _, o := range rc.inflight {
+		if o.first == psn && isAtomic(o.wqe.Opcode) && !o.complete() {
+			w = o
+			break
+		}
+	}
+	if w == nil {
+		d.net.count(chip.NetCntDropPSN) // a duplicate, or for nothing asked
+		return
+	}
+	if psn.Sub(rc.inflight[0].first) > 0 && d.rcConfirm(n, s, rc, psn.Add(-1), false) {
+		return
+	}
+	r := d.rcRequester(n, s, w)
+	var orig [8]byte
+	binary.LittleEndian.PutUint64(orig[:], pk.AtomicAckETH.Orig)
+	lp := &packet{src: r.qpn, op: w.wqe.Opcode, n: 8, total: 8, first: true, last: true, data: orig[:], srcEpoch: s.epoch}
+	spans, res := d.localSpans(r, s.pd, lp, true)
+	if res.stall {
+		return // a page fault of the local SGE: the atomic is sent again after it, and answered from the responder's record
+	}
+	if res.ok() {
+		if err := dmaSpans(s.dma, spans, orig[:], true); err != nil {
+			d.countDMAErr(err)
+			res = fail(uapi.GOHFI_WC_LOC_PROT_ERR, chip.VendorErrDMA)
+		}
+	}
+	if !res.ok() {
+		if rc.inflight[0] == w {
+			d.rcComplete(n, s, rc, res)
+		}
+		return
+	}
+	w.done = 1
+	if rc.hasAck {
+		d.rcConfirm(n, s, rc, rc.ackPSN, true)
+		return
+	}
+	d.rcCompleteDone(n, s, rc, true)
 }

@@ -1,6 +1,7 @@
 package hfisim
 
 import (
+	"encoding/binary"
 	"math/bits"
 
 	"github.com/gohfi/gohfi/chip"
@@ -34,6 +35,17 @@ type rcResp struct {
 	rkey    uint32
 	dmaLen  uint64
 	reads   []rcRead // READs being answered, oldest first
+	atomics [rcMaxReads]rcAtomicResult
+	nextAt  int // the atomics slot the next result takes
+}
+
+// rcAtomicResult is an atomic executed, kept to answer it again, never to
+// execute it twice.
+type rcAtomicResult struct {
+	psn   ibwire.PSN
+	orig  uint64
+	msn   uint32
+	valid bool
 }
 
 // rcRequest handles a request packet for QP n.
@@ -56,11 +68,14 @@ func (d *Device) rcRequest(n int, pk *ibwire.Packet) {
 		}
 	case diff < 0:
 		d.net.count(chip.NetCntDupReqs)
-		if pk.BTH.Opcode == ibwire.RCReadRequest {
+		switch pk.BTH.Opcode {
+		case ibwire.RCReadRequest:
 			d.rcReadRespond(n, s, rc, pk, false)
-			return
+		case ibwire.RCCompareSwap, ibwire.RCFetchAdd:
+			d.rcAtomicReplay(rc, psn)
+		default:
+			r.ackDue = true
 		}
-		r.ackDue = true
 	default:
 		d.rcExecute(n, s, rc, pk)
 	}
@@ -82,9 +97,11 @@ func (d *Device) rcExecute(n int, s rcSnap, rc *rcQP, pk *ibwire.Packet) {
 	case op == ibwire.RCReadRequest && !r.inMsg:
 		d.rcReadRespond(n, s, rc, pk, true)
 		return
+	case (op == ibwire.RCCompareSwap || op == ibwire.RCFetchAdd) && !r.inMsg:
+		d.rcAtomic(n, s, rc, pk)
+		return
 	case !op.IsSend() && !op.IsWrite(), r.inMsg == begins, r.inMsg && r.write != op.IsWrite():
-		// Atomics (the port does not execute them yet), and a packet out
-		// of its message's order.
+		// A packet out of its message's order.
 		d.rcFail(n, s, rc, pk, ibwire.NAKInvalidRequest)
 		return
 	}
@@ -432,4 +449,70 @@ func (d *Device) flushAcks() bool {
 		sent = true
 	}
 	return sent
+}
+
+// rcAtomic executes a COMPARE_SWAP or FETCH_ADD at the expected PSN on the
+// 8-byte aligned target its rkey allows (REMOTE_ATOMIC), keeps the result
+// and answers with it. The engine is one goroutine, so the device's
+// atomics (of the port and of loopback) never interleave.
+func (d *Device) rcAtomic(n int, s rcSnap, rc *rcQP, pk *ibwire.Packet) {
+	r := &rc.resp
+	a := pk.AtomicETH
+	if a.VA%8 != 0 {
+		d.count(&d.errs.nakInvReq)
+		d.rcFail(n, s, rc, pk, ibwire.NAKInvalidRequest)
+		return
+	}
+	d.mu.Lock()
+	spans, verr := d.resolveLocked(a.RKey, s.pd, a.VA, 8, uapi.IB_ACCESS_REMOTE_ATOMIC, s.access, chip.MTTRead|chip.MTTWrite, nil)
+	d.mu.Unlock()
+	switch verr {
+	case chip.VendorErrNone:
+	case chip.VendorErrPageFault:
+		d.net.count(chip.NetCntRNRNAKs) // ODP over the wire: not yet; RNR as a busy receiver
+		d.rcSendAck(rc, pk.BTH.PSN, ibwire.RNRNAK(rc.minRNR(), r.msn))
+		return
+	default:
+		d.rcAccessError(n, s, rc, pk)
+		return
+	}
+	var v [8]byte
+	if err := dmaSpans(s.dma, spans, v[:], false); err != nil {
+		d.countDMAErr(err)
+		d.rcAccessError(n, s, rc, pk)
+		return
+	}
+	orig := binary.LittleEndian.Uint64(v[:])
+	nv := orig + a.SwapAdd
+	if pk.BTH.Opcode == ibwire.RCCompareSwap {
+		nv = orig
+		if orig == a.Compare {
+			nv = a.SwapAdd
+		}
+	}
+	binary.LittleEndian.PutUint64(v[:], nv)
+	if err := dmaSpans(s.dma, spans, v[:], true); err != nil {
+		d.countDMAErr(err)
+		d.rcAccessError(n, s, rc, pk)
+		return
+	}
+	r.epsn, r.nakSent = pk.BTH.PSN.Next(), false
+	r.msn = (r.msn + 1) & ibwire.Mask24
+	r.atomics[r.nextAt] = rcAtomicResult{psn: pk.BTH.PSN, orig: orig, msn: r.msn, valid: true}
+	r.nextAt = (r.nextAt + 1) % len(r.atomics)
+	d.rcAtomicReplay(rc, pk.BTH.PSN)
+}
+
+// rcAtomicReplay answers the atomic at psn with its kept result (an
+// ATOMIC ACKNOWLEDGE); one too old to be kept is dropped and counted.
+func (d *Device) rcAtomicReplay(rc *rcQP, psn ibwire.PSN) {
+	for _, a := range rc.resp.atomics {
+		if a.valid && a.psn == psn {
+			pk := ibwire.Packet{BTH: ibwire.BTH{Opcode: ibwire.RCAtomicAcknowledge, PKey: ibwire.DefaultPKey, DestQP: rc.dest, PSN: psn},
+				AETH: ibwire.ACK(ibwire.CreditsInvalid, a.msn), AtomicAckETH: ibwire.AtomicAckETH{Orig: a.orig}}
+			d.transmit(rc.peer, &pk)
+			return
+		}
+	}
+	d.net.count(chip.NetCntDropPSN)
 }

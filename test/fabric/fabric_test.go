@@ -7,6 +7,7 @@ package fabric_test
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"net/netip"
 	"os"
@@ -102,7 +103,7 @@ func newNode(t *testing.T, n ns) *node {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = nd.buf.Unmap() }) // after the module's exit unpinned it
-	access := uint32(uapi.IB_ACCESS_LOCAL_WRITE | uapi.IB_ACCESS_REMOTE_WRITE | uapi.IB_ACCESS_REMOTE_READ)
+	access := uint32(uapi.IB_ACCESS_LOCAL_WRITE | uapi.IB_ACCESS_REMOTE_WRITE | uapi.IB_ACCESS_REMOTE_READ | uapi.IB_ACCESS_REMOTE_ATOMIC)
 	if nd.mr, err = nd.pd.RegMR(nd.buf.Addr(), bufSize, uint64(nd.buf.Addr()), access); err != nil {
 		t.Fatal(err)
 	}
@@ -124,7 +125,7 @@ func connect(t *testing.T, x, y *node, attr driver.NetAttr) {
 		}
 		p[0].qp = qp
 	}
-	access := uint32(uapi.IB_ACCESS_REMOTE_WRITE | uapi.IB_ACCESS_REMOTE_READ)
+	access := uint32(uapi.IB_ACCESS_REMOTE_WRITE | uapi.IB_ACCESS_REMOTE_READ | uapi.IB_ACCESS_REMOTE_ATOMIC)
 	for _, p := range [][2]*node{{x, y}, {y, x}} {
 		q := p[0].qp
 		for _, a := range []driver.QPAttr{
@@ -188,7 +189,8 @@ var trafficBytes = func() (n int) {
 }()
 
 // traffic moves RDMA WRITEs, READs and SENDs of sizes from one byte to
-// 1 MiB from x to y and back, and checks every byte and completion.
+// 1 MiB, and a FETCH_ADD after each, from x to y and back, and checks every
+// byte and completion.
 func traffic(t *testing.T, x, y *node, seed byte) {
 	t.Helper()
 	sizes := trafficSizes
@@ -231,6 +233,16 @@ func traffic(t *testing.T, x, y *node, seed byte) {
 			}
 			if !bytes.Equal(dst.bytes()[:n], src.bytes()[:n]) {
 				t.Fatalf("%s->%s SEND of %d bytes: data differs", src.ns.name, dst.ns.name, n)
+			}
+			// FETCH_ADD src -> dst: applied once, the old value returned.
+			word := dst.bytes()[2<<20+4096 : 2<<20+4104]
+			old := binary.LittleEndian.Uint64(word)
+			wr = driver.SendWR{WrID: 5, Opcode: uapi.GOHFI_WR_ATOMIC_FETCH_AND_ADD, SendFlags: uapi.GOHFI_SEND_SIGNALED,
+				SGL: src.sge(2<<20, 8), RemoteAddr: uint64(dst.buf.Addr()) + 2<<20 + 4096, Rkey: dst.mr.Rkey(), CompareAdd: uint64(n)}
+			post(t, src, wr)
+			want(t, src, "FETCH_ADD", src.wait(t, 1)[0], uapi.GOHFI_WC_FETCH_ADD)
+			if got := binary.LittleEndian.Uint64(src.bytes()[2<<20:]); got != old || binary.LittleEndian.Uint64(word) != old+uint64(n) {
+				t.Fatalf("FETCH_ADD %d returned %#x (held %#x), the word is now %#x", n, got, old, binary.LittleEndian.Uint64(word))
 			}
 		}
 	}
