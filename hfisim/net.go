@@ -135,13 +135,19 @@ func openUDP(local netip.AddrPort) (*udpLink, error) {
 	}
 	conn := pc.(*net.UDPConn)
 	// Room for bursts: a READ response or a go-back is a burst of
-	// packets, and a datagram the socket has no room for is lost. As
-	// root the size is forced past net.core.rmem_max; otherwise the
-	// kernel caps it (an error would say nothing the cap does not).
+	// packets; a datagram the receiving socket has no room for is lost,
+	// and a sender whose socket is full blocks (on loopback and veth a
+	// datagram counts against its sender until it is read), holding up
+	// the engine. As root the sizes are forced past net.core.rmem_max and
+	// wmem_max; otherwise the kernel caps them (an error would say nothing
+	// the cap does not).
 	if rc, err := conn.SyscallConn(); err == nil {
 		_ = rc.Control(func(fd uintptr) {
 			if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, netSocketBuf) != nil {
 				_ = conn.SetReadBuffer(netSocketBuf) // capped, not refused
+			}
+			if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, netSocketBuf) != nil {
+				_ = conn.SetWriteBuffer(netSocketBuf) // capped, not refused
 			}
 		})
 	}
