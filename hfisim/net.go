@@ -64,6 +64,7 @@ type netPort struct {
 	rc      []rcQP
 	tx      []byte // the packet being sent
 	payload []byte // its payload, read from host memory
+	mv      mover  // the backing arrays of the translations the shared helpers make (mover.go); the port moves no bytes through it
 	timer   *time.Timer
 	due     time.Time // when timer fires (zero: stopped)
 }

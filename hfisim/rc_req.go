@@ -266,7 +266,7 @@ func (d *Device) rcFetch(n int, s rcSnap, rc *rcQP) (more, progress bool) {
 // two share (gathering, completions, local operations).
 func (d *Device) rcRequester(n int, s rcSnap, w *rcWQE) *requester {
 	return &requester{dma: s.dma, gen: s.gen, n: n, qpn: chip.QPNBase + uint32(n), epoch: s.epoch,
-		p: reqProgress{wqe: w.wqe, total: w.total}}
+		p: reqProgress{wqe: w.wqe, total: w.total}, mv: &d.net.mv}
 }
 
 // rcSendPacket sends the packet at the cursor and moves the cursor on.
