@@ -606,12 +606,22 @@ func (d *Device) rcReadResponse(n int, s rcSnap, rc *rcQP, pk *ibwire.Packet) {
 	r := d.rcRequester(n, s, w)
 	lp := &packet{src: r.qpn, op: w.wqe.Opcode, off: off, n: size, total: w.total, first: first, last: last,
 		data: pk.Payload, srcEpoch: s.epoch}
+	if d.rcPlace(n, s, rc, w, r, lp) { // a page fault: the READ is asked again after it
+		d.rcAnswered(n, s, rc, w)
+	}
+}
+
+// rcPlace writes a response's bytes (lp.data) into w's local SGEs
+// (LOCAL_WRITE); a refusal completes w if it is at SQHead. It reports
+// whether they were placed (not: refused, or a page fault raised, after
+// which w is sent again).
+func (d *Device) rcPlace(n int, s rcSnap, rc *rcQP, w *rcWQE, r *requester, lp *packet) bool {
 	spans, res := d.localSpans(r, s.pd, lp, true)
 	if res.stall {
-		return // a page fault of the local SGEs: the READ is asked again after it
+		return false
 	}
 	if res.ok() {
-		if err := dmaSpans(s.dma, spans, pk.Payload, true); err != nil {
+		if err := dmaSpans(s.dma, spans, lp.data, true); err != nil {
 			d.countDMAErr(err)
 			res = fail(uapi.GOHFI_WC_LOC_PROT_ERR, chip.VendorErrDMA)
 		}
@@ -620,11 +630,17 @@ func (d *Device) rcReadResponse(n int, s rcSnap, rc *rcQP, pk *ibwire.Packet) {
 		if rc.inflight[0] == w {
 			d.rcComplete(n, s, rc, res)
 		}
-		return
+		return false
 	}
+	return true
+}
+
+// rcAnswered counts a response of w placed and completes what that
+// allows, with an ACK that came before it and went past w.
+func (d *Device) rcAnswered(n int, s rcSnap, rc *rcQP, w *rcWQE) {
 	w.done++
 	if w.complete() && rc.hasAck {
-		d.rcConfirm(n, s, rc, rc.ackPSN, true) // an ACK past the READ that came first
+		d.rcConfirm(n, s, rc, rc.ackPSN, true)
 		return
 	}
 	d.rcCompleteDone(n, s, rc, true)
@@ -682,26 +698,9 @@ func (d *Device) rcAtomicAck(n int, s rcSnap, rc *rcQP, pk *ibwire.Packet) {
 	var orig [8]byte
 	binary.LittleEndian.PutUint64(orig[:], pk.AtomicAckETH.Orig)
 	lp := &packet{src: r.qpn, op: w.wqe.Opcode, n: 8, total: 8, first: true, last: true, data: orig[:], srcEpoch: s.epoch}
-	spans, res := d.localSpans(r, s.pd, lp, true)
-	if res.stall {
-		return // a page fault of the local SGE: the atomic is sent again after it, and answered from the responder's record
+	// A page fault: the atomic is sent again after it, and answered from
+	// the responder's record.
+	if d.rcPlace(n, s, rc, w, r, lp) {
+		d.rcAnswered(n, s, rc, w)
 	}
-	if res.ok() {
-		if err := dmaSpans(s.dma, spans, orig[:], true); err != nil {
-			d.countDMAErr(err)
-			res = fail(uapi.GOHFI_WC_LOC_PROT_ERR, chip.VendorErrDMA)
-		}
-	}
-	if !res.ok() {
-		if rc.inflight[0] == w {
-			d.rcComplete(n, s, rc, res)
-		}
-		return
-	}
-	w.done = 1
-	if rc.hasAck {
-		d.rcConfirm(n, s, rc, rc.ackPSN, true)
-		return
-	}
-	d.rcCompleteDone(n, s, rc, true)
 }
