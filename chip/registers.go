@@ -98,7 +98,7 @@ const (
 
 	// CapKnown is every bit defined above; the driver refuses a device
 	// that reports any other.
-	CapKnown = CapMemMgtExtensions | CapODP | CapMSIX | CapLoopback | CapVerbs | CapDBRec | CapImplicitODP
+	CapKnown = CapMemMgtExtensions | CapODP | CapMSIX | CapLoopback | CapVerbs | CapDBRec | CapImplicitODP | CapNet
 )
 
 // RegControl bits.

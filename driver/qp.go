@@ -52,10 +52,13 @@ type QPInitAttr struct {
 type QPAttr struct {
 	State       uint32
 	DestQPNum   uint32
-	DestPort    uint32
+	DestPort    uint32 // 0: this device; else a peer table entry (fabric.go)
 	SqPsn       uint32
 	RqPsn       uint32
 	AccessFlags uint32
+	// Net are the transport attributes at RTR of a QP whose DestPort is
+	// a peer (nil: DefaultNetAttr).
+	Net *NetAttr
 }
 
 // SGE is one scatter/gather element of a work request (ib_sge).
@@ -210,8 +213,10 @@ func (qp *QP) State() (uint32, error) {
 // Modify moves the QP to a.State (ib_modify_qp). The current state is the
 // device's (QPStatus). EINVAL for a transition outside the state machine,
 // access bits other than IB_ACCESS_*, PSNs wider than 24 bits, and at RTR
-// a dest_qp_num that is no QP of this device or a dest_port other than 0;
-// EIO when the device refuses a transition the driver allowed.
+// a dest_qp_num that is no QP of this device (dest_port 0) or a dest_port
+// that is no valid peer table entry of a device with a network port, or
+// Net attributes out of range; EIO when the device refuses a transition
+// the driver allowed.
 func (qp *QP) Modify(a QPAttr) error {
 	d := qp.pd.d
 	qp.mu.Lock()
@@ -236,9 +241,17 @@ func (qp *QP) Modify(a QPAttr) error {
 		reg(chip.QPAccess, uint64(a.AccessFlags&qpAccessRemote))
 	case uapi.GOHFI_QPS_RTR:
 		if a.DestPort != 0 {
-			return errnoErr(fmt.Sprintf("MODIFY_QP: destination port %d: only this device (0) is reachable", a.DestPort), unix.EINVAL)
-		}
-		if !qp.pd.v.qpExists(a.DestQPNum) {
+			if err := qp.checkRemote(&a); err != nil {
+				return err
+			}
+			v, err := netAttrValue(a.Net)
+			if err != nil {
+				return err
+			}
+			if err := d.writeCSR(chip.QPNetReg(qp.idx, chip.QPNetAttr), v); err != nil {
+				return fmt.Errorf("gohfi: MODIFY_QP: %w", err)
+			}
+		} else if !qp.pd.v.qpExists(a.DestQPNum) {
 			return errnoErr(fmt.Sprintf("MODIFY_QP: destination QP %d does not exist on this device", a.DestQPNum), unix.EINVAL)
 		}
 		qp.psn = qp.psn&psnMask | uint64(a.RqPsn)<<32

@@ -83,7 +83,11 @@ func (d *Device) readRegLocked(reg uint64) uint64 {
 	case chip.RegMTTEntries:
 		return uint64(c.MTTEntries)
 	case chip.RegCapFlags:
-		return chip.CapMSIX | chip.CapLoopback | chip.CapVerbs | chip.CapODP | chip.CapMemMgtExtensions | chip.CapDBRec | chip.CapImplicitODP
+		caps := uint64(chip.CapMSIX | chip.CapLoopback | chip.CapVerbs | chip.CapODP | chip.CapMemMgtExtensions | chip.CapDBRec | chip.CapImplicitODP)
+		if d.net != nil {
+			caps |= chip.CapNet
+		}
+		return caps
 	case chip.RegRHQMaxEntries:
 		return uint64(c.RHQMaxEntries)
 	case chip.RegControl:
@@ -133,6 +137,9 @@ func (d *Device) readRegLocked(reg uint64) uint64 {
 	if v, ok := d.odpRegLocked(reg); ok {
 		return v
 	}
+	if v, ok := d.netRegLocked(reg); ok {
+		return v
+	}
 	if n, r, ok := d.ctxtReg(reg); ok {
 		return d.ctxts[n].read(r, n, c)
 	}
@@ -179,7 +186,7 @@ func (d *Device) writeRegLocked(reg, v uint64) {
 		d.scratch = v
 		return
 	}
-	if d.odpWriteLocked(reg, v) {
+	if d.odpWriteLocked(reg, v) || d.netWriteLocked(reg, v) {
 		return
 	}
 	if n, r, ok := d.ctxtReg(reg); ok {

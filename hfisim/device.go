@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -62,6 +63,11 @@ type Config struct {
 	// model's. The model itself still works by the fields above. New takes
 	// a copy; other registers are refused.
 	RegOverride map[uint64]uint64
+
+	// Port is the address of the device's network port (RoCEv2 over UDP,
+	// docs/fabric.md; ParsePort reads hfisim's --port); the zero value is
+	// no port: the device reaches its own QPs only.
+	Port netip.AddrPort
 }
 
 // DefaultConfig is the configuration of the embedded device.
@@ -178,6 +184,8 @@ type Device struct {
 	done     chan struct{}
 	wg       sync.WaitGroup
 	closeMu  sync.Once
+
+	net *netPort // the network port (net.go), nil without one; set before the engine starts
 }
 
 // counters are the device's error and traffic counters (RegErrCnt*, RegCnt*).
@@ -187,7 +195,11 @@ type counters struct {
 }
 
 // New creates a device and starts its send engine.
-func New(cfg Config) (*Device, error) {
+func New(cfg Config) (*Device, error) { return newDevice(cfg, nil) }
+
+// newDevice is New with the network port on l instead of a UDP socket
+// (tests; nil: cfg.Port's socket, if cfg.Port is set).
+func newDevice(cfg Config, l link) (*Device, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
@@ -215,6 +227,13 @@ func New(cfg Config) (*Device, error) {
 	}
 	d.pci = newConfig(d.barSizes(), d.msixVectors())
 	d.tlbSig = make(chan struct{}, 1)
+	if cfg.Port.IsValid() {
+		if err := d.startNet(l); err != nil {
+			d.rcvArray.close()
+			d.mtt.close()
+			return nil, err
+		}
+	}
 	d.resetLocked()
 	d.wg.Add(2)
 	go d.engine()
@@ -232,7 +251,7 @@ func barSize(n int) int {
 }
 
 // Close stops the engine and releases the device's memory and eventfds.
-func (d *Device) Close() error {
+func (d *Device) Close() (err error) {
 	d.closeMu.Do(func() {
 		close(d.done)
 		d.wg.Wait()
@@ -241,8 +260,9 @@ func (d *Device) Close() error {
 		d.mu.Unlock()
 		d.rcvArray.close()
 		d.mtt.close()
+		err = d.stopNet()
 	})
-	return nil
+	return err
 }
 
 // Config returns the device's configuration.
@@ -277,6 +297,7 @@ func (d *Device) resetLocked() {
 	clear(d.tlb)
 	d.odp.reset()
 	d.tlbQueued.Store(0)
+	d.resetNetLocked()
 	d.rcvArray.clear()
 	d.mtt.clear()
 	d.pci.reset(d.barSizes(), d.msixVectors())

@@ -115,6 +115,7 @@ func (d *Device) modifyQPLocked(n int, to uint8, typ uint64) {
 	switch to {
 	case stateReset:
 		*q = qpState{regs: q.regs, epoch: q.epoch + 1, dbAddr: q.dbAddr}
+		d.netLatchLocked(n, to)
 	case stateErr:
 		if q.state != stateErr {
 			d.qpErrorLocked(n)
@@ -131,13 +132,15 @@ func (d *Device) modifyQPLocked(n int, to uint8, typ uint64) {
 		cqs := q.reg(chip.QPCQs)
 		q.scq, q.rcq = int(uint32(cqs)), int(cqs>>32)
 		q.state = to
+		d.netLatchLocked(n, to)
 	}
 }
 
 // qpConfigOK checks a QP's registers for a transition to INIT, RTR or RTS:
 // an RC QP, rings of a power of two up to MaxQPWR entries (or none), 64-byte
 // aligned, unchanged since the QP left RESET, enabled CQs, a nonzero PD, and
-// from RTR on a destination on port 0 (loopback).
+// from RTR on a destination on port 0 (loopback) or, with a network port,
+// a valid peer table entry (net.go).
 func (d *Device) qpConfigOK(q *qpState, to uint8, typ uint64) bool {
 	ringOK := func(base, entries uint64) bool {
 		return entries == 0 || (isPow2(entries) && entries <= uint64(d.cfg.MaxQPWR) && base%64 == 0)
@@ -157,7 +160,7 @@ func (d *Device) qpConfigOK(q *qpState, to uint8, typ uint64) bool {
 		return false
 	case pd == 0 || pd > 0xffffffff:
 		return false
-	case to != stateInit && q.destPort() != 0:
+	case to != stateInit && q.destPort() != 0 && !d.peerOKLocked(q.destPort()):
 		return false
 	}
 	return true

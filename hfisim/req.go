@@ -60,6 +60,9 @@ func (r result) ok() bool { return !r.stall && r.status == uapi.GOHFI_WC_SUCCESS
 func (d *Device) pollVerbs(mv *mover) bool {
 	busy := false
 	d.runTLBCommands()
+	if d.net != nil && d.pollNet() { // first: what arrived may give QPs work
+		busy = true
+	}
 	d.mu.Lock()
 	backlog := len(d.odp.backlog) > 0
 	dma, gen := d.dma, d.gen
@@ -96,6 +99,7 @@ func (d *Device) stepQP(n int, mv *mover) bool {
 	q := &d.qps[n]
 	dma, gen := d.dma, d.gen
 	flush, send := q.work()
+	netQP := d.isNetQPLocked(q)
 	d.mu.Unlock()
 	switch {
 	case dma == nil:
@@ -103,6 +107,8 @@ func (d *Device) stepQP(n int, mv *mover) bool {
 	case flush:
 		d.flushQP(dma, gen, n)
 		return true
+	case send && netQP:
+		return d.rcStep(n)
 	case send:
 		return d.sendBurst(dma, gen, n, mv)
 	}

@@ -2,6 +2,7 @@ package hfisim
 
 import (
 	"encoding/binary"
+	"net/netip"
 	"os"
 	"sync"
 	"testing"
@@ -63,7 +64,10 @@ type vh struct {
 	irq     int
 }
 
-func newVerbs(t *testing.T) *vh {
+func newVerbs(t *testing.T) *vh { return newVerbsPort(t, netip.AddrPort{}, nil) }
+
+// newVerbsPort is newVerbs with a network port at port on link l (net_test.go).
+func newVerbsPort(t *testing.T, port netip.AddrPort, l link) *vh {
 	t.Helper()
 	cfg := DefaultConfig()
 	cfg.NumContexts = 2
@@ -71,7 +75,8 @@ func newVerbs(t *testing.T) *vh {
 	cfg.MTTEntries = 1 << 13
 	cfg.MPTEntries = 64
 	cfg.NumQPs, cfg.NumCQs = 8, 8
-	d, err := New(cfg)
+	cfg.Port = port
+	d, err := newDevice(cfg, l)
 	if err != nil {
 		t.Fatal(err)
 	}

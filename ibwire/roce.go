@@ -194,10 +194,14 @@ func ICRC(b []byte) (uint32, error) {
 // ValidateICRC checks a packet's ICRC (as Packet.Decode read it) against
 // the IP and UDP headers it arrived with, for a receiver that has the
 // headers only as values (a UDP socket with the IP header's fields from
-// control messages): ip and udp describe the datagram, ib is the IB
-// packet.
+// control messages): ip and udp describe the datagram (a zero
+// udp.DstPort is UDPPort), ib is the IB packet.
 func ValidateICRC(ip *IPHeader, udp UDPHeader, ib []byte) error {
-	got, err := ComputeICRC(ip, udp.SrcPort, ib)
+	dport := udp.DstPort
+	if dport == 0 {
+		dport = UDPPort
+	}
+	got, err := ComputeICRCPorts(ip, udp.SrcPort, dport, ib)
 	if err != nil {
 		return err
 	}
@@ -216,6 +220,13 @@ func ValidateICRC(ip *IPHeader, udp UDPHeader, ib []byte) error {
 // bytes. Its invariant IPv4 fields are the ones the sender used (ID, DF):
 // a kernel that sets them on its own must be told or asked for them.
 func ComputeICRC(ip *IPHeader, sport uint16, ib []byte) (uint32, error) {
+	return ComputeICRCPorts(ip, sport, UDPPort, ib)
+}
+
+// ComputeICRCPorts is ComputeICRC for a datagram to UDP port dport (a
+// RoCEv2 port bound elsewhere than 4791, as several devices on one
+// address are).
+func ComputeICRCPorts(ip *IPHeader, sport, dport uint16, ib []byte) (uint32, error) {
 	six := ip.Is6()
 	if err := ip.check(six); err != nil {
 		return 0, err
@@ -232,7 +243,7 @@ func ComputeICRC(ip *IPHeader, sport uint16, ib []byte) (uint32, error) {
 	ip.put(h[:], six, n)
 	u := h[hl:]
 	be.PutUint16(u[0:], sport)
-	be.PutUint16(u[2:], UDPPort)
+	be.PutUint16(u[2:], dport)
 	be.PutUint16(u[4:], uint16(UDPHeaderLen+len(ib)))
 	return icrc(h[:hl+UDPHeaderLen], ib), nil
 }

@@ -12,6 +12,7 @@ command -v gcc >/dev/null || need+=(gcc libc6-dev)
 command -v xz >/dev/null || need+=(xz-utils)
 command -v cpio >/dev/null || need+=(cpio)
 command -v tshark >/dev/null || need+=(tshark) # ibwire: tshark decodes the RoCEv2 we encode
+command -v ip >/dev/null || need+=(iproute2)  # test/fabric: network namespaces, veth pairs, tc
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq

@@ -158,7 +158,7 @@ func destroyCmd[T any](args []string, cmd string, m map[string]T, kind string, d
 
 // subCommands are the commands whose results and errors are named with
 // their subcommand ("mr reg").
-var subCommands = map[string]bool{"mr": true, "cq": true, "qp": true}
+var subCommands = map[string]bool{"mr": true, "cq": true, "qp": true, "peer": true}
 
 // subcommand runs the function subs names by args[0].
 func subcommand(s *session, cmd string, args []string, subs map[string]func(*session, []string) (obj, error)) (obj, error) {

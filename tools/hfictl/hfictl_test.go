@@ -531,3 +531,45 @@ tid-free r
 		t.Fatalf("tid-free %v", objs[8])
 	}
 }
+
+// TestPeer: the network port of an embedded device with --port: its
+// address and GID, a peer added, shown and removed, the counters; and
+// EOPNOTSUPP without a port.
+func TestPeer(t *testing.T) {
+	checkNoLeaks(t)
+	code, out, errs := hfictl(t, "peer add 3 127.0.0.9:4791\npeer show\npeer del 3\npeer show\npeer add 0 127.0.0.9:4791\npeer add 1 [::1]:4791\n",
+		"--json", "--port", "udp:127.0.0.1:0", "shell")
+	if code != 1 {
+		t.Fatalf("exit %d, want 1 (the last two commands fail): %s %s", code, out, errs)
+	}
+	objs := jsonLines(t, out)
+	if len(objs) != 6 {
+		t.Fatalf("%d results: %s", len(objs), out)
+	}
+	if objs[0]["gid"] != "0000:0000:0000:0000:0000:ffff:7f00:0009" {
+		t.Errorf("peer add: %v", objs[0])
+	}
+	show := objs[1]
+	if show["gid"] != "0000:0000:0000:0000:0000:ffff:7f00:0001" || !strings.HasPrefix(show["addr"].(string), "127.0.0.1:") {
+		t.Errorf("own address: %v", show)
+	}
+	peers, _ := show["peers"].([]any)
+	if len(peers) != 1 || peers[0].(map[string]any)["addr"] != "127.0.0.9:4791" || num(t, peers[0].(map[string]any), "peer") != 3 {
+		t.Errorf("peers: %v", show["peers"])
+	}
+	if num(t, show, "counters.rx_packets") != 0 {
+		t.Errorf("counters: %v", show["counters"])
+	}
+	if objs[3]["peers"] != nil {
+		t.Errorf("peer del left %v", objs[3]["peers"])
+	}
+	for _, o := range objs[4:] {
+		if o["errno"] != "EINVAL" {
+			t.Errorf("bad peer: %v, want EINVAL", o)
+		}
+	}
+	code, out, _ = hfictl(t, "", "--json", "peer", "show")
+	if code != 1 || !strings.Contains(out, `"errno":"ENOTSUP"`) { // EOPNOTSUPP, as Linux names it too
+		t.Errorf("peer show without a port: exit %d, %s", code, out)
+	}
+}

@@ -25,6 +25,7 @@ import (
 
 	"github.com/gohfi/gohfi/attach"
 	"github.com/gohfi/gohfi/driver"
+	"github.com/gohfi/gohfi/hfisim"
 	"github.com/gohfi/gohfi/mem"
 	"github.com/gohfi/gohfi/uapi"
 	"golang.org/x/sys/unix"
@@ -51,6 +52,11 @@ func runContext(ctx context.Context, args []string, stdin io.Reader, stdout, std
 	fs.IntVar(&opts.Sim.NumContexts, "contexts", opts.Sim.NumContexts, "embedded device: receive contexts")
 	fs.IntVar(&opts.Sim.RcvArrayPerCtxt, "rcvarray", opts.Sim.RcvArrayPerCtxt, "embedded device: RcvArray entries per context")
 	fs.IntVar(&opts.Sim.MTTEntries, "mtt", opts.Sim.MTTEntries, "embedded device: MTT entries (implicit ODP needs room for a directory of 131072 and a child of 262144)")
+	fs.Func("port", "embedded device: network port udp:ADDR[:PORT] (docs/fabric.md)", func(s string) error {
+		p, err := hfisim.ParsePort(s)
+		opts.Sim.Port = p
+		return err
+	})
 	fs.IntVar(&opts.Params.RcvHdrCnt, "rcvhdrcnt", opts.Params.RcvHdrCnt, "module parameter: receive header queue entries per context")
 	fs.IntVar(&opts.Params.EagerBufferSize, "eager-size", opts.Params.EagerBufferSize, "module parameter: bytes per eager buffer")
 	fs.BoolVar(&opts.Params.TIDUnmapOnInvalidate, "tid-unmap", opts.Params.TIDUnmapOnInvalidate, "module parameter: unprogram and unpin TIDs at invalidation (HFI1_CAP_TID_UNMAP)")
@@ -172,6 +178,7 @@ func init() {
 		"mr":        {"reg NAME BUF[:OFF[:LEN]] [--access LIST] [--iova X] [--odp] | reg NAME --implicit [--access LIST] | dereg NAME | show [NAME]", "REG_MR, DEREG_MR, MR_STATS (access: local_write,remote_write,remote_read,remote_atomic; --odp: on_demand; --implicit: the whole address space, on_demand)", cmdMR},
 		"advise-mr": {"MR [--advice prefetch|prefetch_write|prefetch_no_fault] [--flush] [--off N] [--len N]", "GOHFI_IOCTL_ADVISE_MR on an ODP MR (the whole MR by default), then MR_STATS", cmdAdviseMR},
 		"cq":        {"create NAME [--cqe N] | destroy NAME | show [NAME]", "CREATE_CQ, DESTROY_CQ", cmdCQ},
+		"peer":      {"add N ADDR:PORT | del N | show", "the network port: peer table entry N (MODIFY_QP's dest_port) to the peer device at ADDR:PORT; show: the port's address and GID, the peers, the port's counters", cmdPeer},
 		"qp":        {"create NAME --cq CQ|--send-cq CQ --recv-cq CQ [--max-send-wr N] [--max-recv-wr N] [--max-send-sge N] [--max-recv-sge N] [--sig-all] | modify NAME --state reset|init|rtr|rts|err [--dest-qp QPN|QP] [--access LIST] [--sq-psn N] [--rq-psn N] | destroy NAME | show [NAME]", "CREATE_QP (RC), MODIFY_QP, DESTROY_QP", cmdQP},
 		"alloc-mr":  {"NAME [--max-num-sg N]", "ALLOC_MR: a fast-registration MR, bound by post-send --op fast-reg", cmdAllocMR},
 		"post-send": {"QP --op write|write-imm|send|send-imm|read|cas|faa|fast-reg|local-inv|send-inv|read-inv [--sge BUF[:OFF[:LEN]]@MR]... [--remote MR[:OFF]|ADDR] [--rkey K] [--imm N] [--compare-add N] [--swap N] [--mr FRMR --pages BUF[:OFF][@MR],... [--page-shift N] [--iova X] [--length N] [--key-variant V] [--access LIST]] [--inv-key K|MR] [--signaled] [--fence] [--wr-id N]", "POST_SEND of one work request", cmdPostSend},

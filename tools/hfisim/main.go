@@ -2,7 +2,11 @@
 // unix socket, as a device process for the driver (`hfictl --device
 // vfio-user:PATH`, attach.Open) or for QEMU's vfio-user-pci:
 //
-//	hfisim --socket PATH [--contexts N] [--rcvarray N] [--max-tid-pages N] [--mtt N] [--rhq-max N]
+//	hfisim --socket PATH [--contexts N] [--rcvarray N] [--max-tid-pages N] [--mtt N] [--rhq-max N] [--port udp:ADDR[:PORT]]
+//
+// With --port the device has a network port: RoCEv2 over UDP from ADDR
+// (port 4791 by default) to the peer devices its driver names
+// (docs/fabric.md).
 //
 // It serves one client at a time until SIGINT or SIGTERM, then stops, closes
 // the device and removes the socket. It logs to stderr.
@@ -41,6 +45,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) (code int) {
 	fs.IntVar(&cfg.MaxTIDPages, "max-tid-pages", def.MaxTIDPages, "pages one RcvArray entry may cover (power of two)")
 	fs.IntVar(&cfg.MTTEntries, "mtt", def.MTTEntries, "memory translation table entries")
 	fs.IntVar(&cfg.RHQMaxEntries, "rhq-max", def.RHQMaxEntries, "largest receive header queue")
+	port := fs.String("port", "", "network port: udp:ADDR[:PORT] (RoCEv2, port 4791 by default); none by default")
 	fs.Usage = func() {
 		_, _ = fmt.Fprintln(stderr, "usage: hfisim --socket PATH [flags]") // stderr is where errors would go
 		fs.PrintDefaults()
@@ -54,6 +59,14 @@ func run(ctx context.Context, args []string, stderr io.Writer) (code int) {
 	if *socket == "" || fs.NArg() != 0 {
 		fs.Usage()
 		return 2
+	}
+	if *port != "" {
+		p, err := hfisim.ParsePort(*port)
+		if err != nil {
+			logger.Print(err)
+			return 2
+		}
+		cfg.Port = p
 	}
 	dev, err := hfisim.New(cfg)
 	if err != nil {
@@ -72,6 +85,9 @@ func run(ctx context.Context, args []string, stderr io.Writer) (code int) {
 	// process has nobody else to tell.
 	opts := []vfiouser.Option{vfiouser.WithLogger(logger.Printf)}
 	logger.Printf("serving %d contexts, %d RcvArray entries each, on %s", cfg.NumContexts, cfg.RcvArrayPerCtxt, *socket)
+	if a := dev.PortAddr(); a.IsValid() {
+		logger.Printf("network port udp:%v", a)
+	}
 	err = hfisim.ListenAndServe(ctx, dev, *socket, opts...)
 	if err != nil && !errors.Is(err, context.Canceled) {
 		logger.Print(err)

@@ -52,7 +52,8 @@ func TestServeUntilCancelled(t *testing.T) {
 
 func TestUsage(t *testing.T) {
 	var log bytes.Buffer
-	for _, args := range [][]string{nil, {"--socket"}, {"--socket", "x", "extra"}} {
+	for _, args := range [][]string{nil, {"--socket"}, {"--socket", "x", "extra"}, {"--socket", "x", "--port", "10.0.0.1"},
+		{"--socket", "x", "--port", "udp:0.0.0.0"}} {
 		if code := run(context.Background(), args, &log); code != 2 {
 			t.Errorf("%q: exit %d, want 2", args, code)
 		}

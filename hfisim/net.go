@@ -1,0 +1,572 @@
+package hfisim
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/ibwire"
+	"golang.org/x/sys/unix"
+)
+
+// The network port (chip/net.go, docs/fabric.md): RoCEv2 datagrams through
+// a UDP socket. A QP whose QPDest port is not 0 is a network QP: its
+// requester (rc_req.go) sends its packets out of the port, and the packets
+// that arrive for it are checked here and handed to its responder
+// (rc_resp.go) or, for acknowledgements and READ responses, to its
+// requester. Everything runs on the engine goroutine except the socket's
+// reader, which only queues datagrams.
+
+const (
+	// netPMTU is the payload of one packet on the wire: IB MTU 1024, as
+	// rxe picks on a 1500-byte Ethernet MTU (4 KiB would not fit a frame).
+	netPMTU = 1024
+	// netRxQueue bounds the datagrams waiting for the engine; more is a
+	// flood, dropped and counted.
+	netRxQueue = 4096
+	// netRxBatch is how many datagrams the engine handles per pass
+	// before the QPs' send queues get a turn.
+	netRxBatch = 256
+	// maxDatagram is the largest IB packet the port sends or accepts.
+	maxDatagram = netPMTU + 64
+)
+
+// link is what the port sends through: a UDP socket, or in tests an
+// in-process lossy wire.
+type link interface {
+	send(to netip.AddrPort, b []byte) error
+	close() error
+}
+
+// netPort is a device's network port.
+type netPort struct {
+	local netip.AddrPort
+	link  link
+	rx    chan rxDatagram
+	bufs  sync.Pool
+	cnt   [chip.NetCntNum]atomic.Uint64
+
+	// Guarded by Device.mu.
+	peers   [chip.MaxPeers + 1]peerEntry
+	attr    []uint64  // QPNetAttr per QP
+	latch   []netPeer // the peer and attributes a QP latched at RTR/RTS
+	retrans []uint64  // QPNetRetrans per QP
+
+	// Engine goroutine only.
+	rc      []rcQP
+	tx      []byte // the packet being sent
+	payload []byte // its payload, read from host memory
+	mv      mover  // the backing arrays of the translations the shared helpers make (mover.go); the port moves no bytes through it
+	timer   *time.Timer
+	due     time.Time // when timer fires (zero: stopped)
+}
+
+type peerEntry struct{ gidHi, gidLo, port uint64 }
+
+// netPeer is a network QP's remote end as it latched it.
+type netPeer struct {
+	addr netip.AddrPort
+	attr uint64
+}
+
+type rxDatagram struct {
+	from netip.AddrPort
+	b    []byte
+	buf  *[]byte
+}
+
+// ParsePort parses a --port argument: "udp:ADDR[:PORT]" (an IPv6 address
+// in brackets when a port follows), port 4791 by default. The address must
+// be a specific one, not a wildcard: it is the source of the ICRC.
+func ParsePort(s string) (netip.AddrPort, error) {
+	rest, ok := strings.CutPrefix(s, "udp:")
+	if !ok {
+		return netip.AddrPort{}, fmt.Errorf("hfisim: port %q: want udp:ADDR[:PORT]", s)
+	}
+	if ap, err := netip.ParseAddrPort(rest); err == nil {
+		return checkPortAddr(s, ap)
+	}
+	a, err := netip.ParseAddr(rest)
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("hfisim: port %q: %w", s, err)
+	}
+	return checkPortAddr(s, netip.AddrPortFrom(a, ibwire.UDPPort))
+}
+
+func checkPortAddr(s string, ap netip.AddrPort) (netip.AddrPort, error) {
+	a := ap.Addr().Unmap()
+	if a.IsUnspecified() || a.IsMulticast() || a.Zone() != "" {
+		return netip.AddrPort{}, fmt.Errorf("hfisim: port %q: want a unicast address of this host", s)
+	}
+	return netip.AddrPortFrom(a, ap.Port()), nil
+}
+
+// udpLink is the port's UDP socket.
+type udpLink struct {
+	conn *net.UDPConn
+	wg   sync.WaitGroup
+}
+
+// openUDP binds the port's socket: don't-fragment always (RoCEv2 packets
+// are never fragmented, and the ICRC covers the IPv4 DF bit and, with
+// DF, the zero identification Linux then sends).
+func openUDP(local netip.AddrPort) (*udpLink, error) {
+	lc := net.ListenConfig{Control: func(network, address string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			if local.Addr().Is4() {
+				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_DO)
+			} else {
+				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_MTU_DISCOVER, unix.IP_PMTUDISC_DO)
+			}
+		})
+		return errors.Join(err, serr)
+	}}
+	pc, err := lc.ListenPacket(context.Background(), "udp", local.String())
+	if err != nil {
+		return nil, fmt.Errorf("hfisim: port %v: %w", local, err)
+	}
+	conn := pc.(*net.UDPConn)
+	// Room for bursts: a READ response or a go-back is a burst of
+	// packets; a datagram the receiving socket has no room for is lost,
+	// and a sender whose socket is full blocks (on loopback and veth a
+	// datagram counts against its sender until it is read), holding up
+	// the engine. As root the sizes are forced past net.core.rmem_max and
+	// wmem_max; otherwise the kernel caps them (an error would say nothing
+	// the cap does not).
+	if rc, err := conn.SyscallConn(); err == nil {
+		_ = rc.Control(func(fd uintptr) {
+			if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, netSocketBuf) != nil {
+				_ = conn.SetReadBuffer(netSocketBuf) // capped, not refused
+			}
+			if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, netSocketBuf) != nil {
+				_ = conn.SetWriteBuffer(netSocketBuf) // capped, not refused
+			}
+		})
+	}
+	return &udpLink{conn: conn}, nil
+}
+
+// netSocketBuf is the port socket's receive buffer.
+const netSocketBuf = 8 << 20
+
+func (l *udpLink) send(to netip.AddrPort, b []byte) error {
+	_, err := l.conn.WriteToUDPAddrPort(b, to)
+	return err
+}
+
+func (l *udpLink) close() error {
+	err := l.conn.Close()
+	l.wg.Wait()
+	return err
+}
+
+// readLoop queues every datagram for the engine until the socket closes.
+func (l *udpLink) readLoop(d *Device) {
+	defer l.wg.Done()
+	buf := make([]byte, 65536)
+	for {
+		n, from, err := l.conn.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			continue // ICMP errors surface here (ECONNREFUSED): the packet is lost, as on a wire
+		}
+		d.netInput(from, buf[:n])
+	}
+}
+
+// newNetPort makes the port of a device with nqps QPs on link l.
+func newNetPort(local netip.AddrPort, l link, nqps int) *netPort {
+	p := &netPort{local: local, link: l, rx: make(chan rxDatagram, netRxQueue),
+		attr: make([]uint64, nqps), latch: make([]netPeer, nqps), retrans: make([]uint64, nqps),
+		rc: make([]rcQP, nqps), tx: make([]byte, maxDatagram), payload: make([]byte, netPMTU)}
+	p.bufs.New = func() any { b := make([]byte, maxDatagram); return &b }
+	for i := range p.attr {
+		p.attr[i] = defaultNetAttr
+	}
+	return p
+}
+
+// defaultNetAttr is QPNetAttr after reset: timeout 14 (67 ms), 7 retries,
+// RNR retries without limit, RNR timer code 12 (640 us).
+var defaultNetAttr = chip.QPNetAttrValue(14, 7, 7, 12)
+
+// startNet opens the port of d: the UDP socket of cfg.Port, or l (tests).
+func (d *Device) startNet(l link) error {
+	local := d.cfg.Port
+	if l == nil {
+		u, err := openUDP(local)
+		if err != nil {
+			return err
+		}
+		if local.Port() == 0 { // an ephemeral port: the one the kernel chose
+			local = u.conn.LocalAddr().(*net.UDPAddr).AddrPort()
+			local = netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
+		}
+		d.net = newNetPort(local, u, len(d.qps))
+		u.wg.Add(1)
+		go u.readLoop(d)
+		return nil
+	}
+	d.net = newNetPort(local, l, len(d.qps))
+	return nil
+}
+
+// stopNet closes the port after the engine stopped.
+func (d *Device) stopNet() error {
+	if d.net == nil {
+		return nil
+	}
+	if d.net.timer != nil {
+		d.net.timer.Stop()
+	}
+	return d.net.link.close()
+}
+
+// PortAddr is the address of the device's network port (invalid without
+// one).
+func (d *Device) PortAddr() netip.AddrPort {
+	if d.net == nil {
+		return netip.AddrPort{}
+	}
+	return d.net.local
+}
+
+func (p *netPort) count(i int) { p.cnt[i].Add(1) }
+
+// NetCounter reads network counter i (chip.NetCnt*); 0 without a port.
+func (d *Device) NetCounter(i int) uint64 {
+	if d.net == nil || i < 0 || i >= chip.NetCntNum {
+		return 0
+	}
+	return d.net.cnt[i].Load()
+}
+
+// netInput queues a datagram that arrived from from (copied: b is the
+// caller's) and wakes the engine. A full queue drops it.
+func (d *Device) netInput(from netip.AddrPort, b []byte) {
+	p := d.net
+	p.count(chip.NetCntRxPkts)
+	if len(b) > maxDatagram {
+		p.count(chip.NetCntDropLength)
+		return
+	}
+	buf := p.bufs.Get().(*[]byte)
+	n := copy(*buf, b)
+	select {
+	case p.rx <- rxDatagram{from: netip.AddrPortFrom(from.Addr().Unmap(), from.Port()), b: (*buf)[:n], buf: buf}:
+		d.kickEngine()
+	default:
+		p.bufs.Put(buf)
+		p.count(chip.NetCntDropFlood)
+	}
+}
+
+// netRegLocked reads the port's registers.
+func (d *Device) netRegLocked(reg uint64) (uint64, bool) {
+	p := d.net
+	switch {
+	case reg >= chip.RegNetGIDHi && reg <= chip.RegNetPMTU:
+		if p == nil {
+			return 0, true
+		}
+		hi, lo := chip.GIDWords(p.local.Addr())
+		return [...]uint64{hi, lo, uint64(p.local.Port()), chip.MaxPeers, netPMTU}[(reg-chip.RegNetGIDHi)/8], true
+	case reg >= chip.RegNetCntBase && reg < chip.RegNetCnt(chip.NetCntNum):
+		if p == nil {
+			return 0, true
+		}
+		return p.cnt[(reg-chip.RegNetCntBase)/8].Load(), true
+	}
+	if i, r, ok := peerReg(reg); ok {
+		if p == nil {
+			return 0, true
+		}
+		e := p.peers[i]
+		return [...]uint64{e.gidHi, e.gidLo, e.port, 0}[r/8], true
+	}
+	if n, r, ok := d.qpNetReg(reg); ok {
+		switch {
+		case p == nil:
+			return 0, true
+		case r == chip.QPNetAttr:
+			return p.attr[n], true
+		case r == chip.QPNetRetrans:
+			return p.retrans[n], true
+		}
+		return 0, true
+	}
+	return 0, false
+}
+
+// netWriteLocked writes the port's registers (false: not one of them).
+func (d *Device) netWriteLocked(reg, v uint64) bool {
+	p := d.net
+	if i, r, ok := peerReg(reg); ok {
+		if p == nil || i == 0 {
+			return true
+		}
+		e := &p.peers[i]
+		switch r {
+		case chip.PeerGIDHi:
+			e.gidHi = v
+		case chip.PeerGIDLo:
+			e.gidLo = v
+		case chip.PeerUDPPort:
+			e.port = v & (chip.PeerValid | 0xffff)
+		}
+		return true
+	}
+	if n, r, ok := d.qpNetReg(reg); ok {
+		if p != nil && r == chip.QPNetAttr {
+			p.attr[n] = v & chip.QPNetAttrValue(0xff, 0xff, 0xff, 0xff)
+		}
+		return true
+	}
+	return false
+}
+
+func peerReg(reg uint64) (int, uint64, bool) {
+	if reg < chip.PeerBase || reg >= chip.PeerReg(chip.MaxPeers+1, 0) {
+		return 0, 0, false
+	}
+	return int((reg - chip.PeerBase) / chip.PeerStride), (reg - chip.PeerBase) % chip.PeerStride, true
+}
+
+func (d *Device) qpNetReg(reg uint64) (int, uint64, bool) {
+	if reg < chip.QPNetBase || reg >= chip.QPNetBase+uint64(len(d.qps))*chip.QPNetStride {
+		return 0, 0, false
+	}
+	return int((reg - chip.QPNetBase) / chip.QPNetStride), (reg - chip.QPNetBase) % chip.QPNetStride, true
+}
+
+// peerLocked is peer table entry i as an address (ok false: no port, no
+// such entry, not valid, or not of the port's address family).
+func (d *Device) peerLocked(i uint32) (netip.AddrPort, bool) {
+	p := d.net
+	if p == nil || i == 0 || i > chip.MaxPeers {
+		return netip.AddrPort{}, false
+	}
+	e := p.peers[i]
+	if e.port&chip.PeerValid == 0 || uint16(e.port) == 0 {
+		return netip.AddrPort{}, false
+	}
+	a := chip.GIDAddr(e.gidHi, e.gidLo)
+	if a.Is4() != p.local.Addr().Is4() || a.IsUnspecified() || a.IsMulticast() {
+		return netip.AddrPort{}, false
+	}
+	return netip.AddrPortFrom(a, uint16(e.port)), true
+}
+
+// netLatchLocked is the port's part of a QP transition that succeeded: a
+// network QP latches its peer at RTR and its attributes at RTR and RTS;
+// RESET clears its retransmission counter.
+func (d *Device) netLatchLocked(n int, to uint8) {
+	p := d.net
+	if p == nil {
+		return
+	}
+	q := &d.qps[n]
+	switch to {
+	case stateReset:
+		p.retrans[n] = 0
+		p.latch[n] = netPeer{}
+	case stateRTR:
+		p.latch[n] = netPeer{attr: p.attr[n]}
+		if q.destPort() != 0 {
+			p.latch[n].addr, _ = d.peerLocked(q.destPort())
+		}
+	case stateRTS:
+		p.latch[n].attr = p.attr[n]
+	}
+}
+
+// resetNetLocked is the port at device reset: peers, attributes and
+// counters cleared. The engine drops its transport state by the device
+// generation.
+func (d *Device) resetNetLocked() {
+	p := d.net
+	if p == nil {
+		return
+	}
+	p.peers = [chip.MaxPeers + 1]peerEntry{}
+	for i := range p.attr {
+		p.attr[i], p.latch[i], p.retrans[i] = defaultNetAttr, netPeer{}, 0
+	}
+	for i := range p.cnt {
+		p.cnt[i].Store(0)
+	}
+}
+
+// isNetQPLocked reports whether q goes through the port.
+func (d *Device) isNetQPLocked(q *qpState) bool { return d.net != nil && q.destPort() != 0 }
+
+// transmit encodes pk for QP n's peer, with its ICRC, and sends it. A send
+// the socket refuses is a packet lost on the wire.
+func (d *Device) transmit(to netip.AddrPort, pk *ibwire.Packet) {
+	p := d.net
+	n, err := pk.Encode(p.tx)
+	if err != nil {
+		panic(fmt.Sprintf("hfisim: encoding a packet the engine built: %v", err)) // a bug of the engine, never input
+	}
+	ip := ibwire.IPHeader{Src: p.local.Addr(), Dst: to.Addr(), DF: true}
+	crc, err := ibwire.ComputeICRCPorts(&ip, p.local.Port(), to.Port(), p.tx[:n])
+	if err != nil {
+		panic(fmt.Sprintf("hfisim: ICRC of a packet the engine built: %v", err))
+	}
+	putLE32(p.tx[n-ibwire.ICRCLen:], crc)
+	p.count(chip.NetCntTxPkts)
+	_ = p.link.send(to, p.tx[:n]) // a refused send is a lost packet: the peer's silence retries it
+}
+
+func putLE32(b []byte, v uint32) {
+	b[0], b[1], b[2], b[3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24)
+}
+
+// pollNet handles up to netRxBatch datagrams, then sends the ACKs they
+// asked for (one per QP: coalesced) and runs the transport timers. It
+// reports whether it did anything.
+func (d *Device) pollNet() bool {
+	p := d.net
+	busy := false
+	for range netRxBatch {
+		var dg rxDatagram
+		select {
+		case dg = <-p.rx:
+		default:
+		}
+		if dg.buf == nil {
+			break
+		}
+		busy = true
+		d.receive(dg.from, dg.b)
+		p.bufs.Put(dg.buf)
+	}
+	if d.pumpReads() {
+		busy = true
+	}
+	if d.flushAcks() {
+		busy = true
+	}
+	if d.runTimers(time.Now()) {
+		busy = true
+	}
+	return busy
+}
+
+// receive checks one datagram and hands it to its QP: ICRC, headers,
+// transport, destination QP, source.
+func (d *Device) receive(from netip.AddrPort, b []byte) {
+	p := d.net
+	if len(b) < ibwire.BTHLen+ibwire.ICRCLen {
+		p.count(chip.NetCntDropLength)
+		return
+	}
+	ip := ibwire.IPHeader{Src: from.Addr(), Dst: p.local.Addr(), DF: true}
+	if err := ibwire.ValidateICRC(&ip, ibwire.UDPHeader{SrcPort: from.Port(), DstPort: p.local.Port()}, b); err != nil {
+		p.count(chip.NetCntDropICRC)
+		return
+	}
+	var pk ibwire.Packet
+	if err := pk.Decode(b); err != nil {
+		if errors.Is(err, ibwire.ErrShort) || errors.Is(err, ibwire.ErrLength) {
+			p.count(chip.NetCntDropLength)
+		} else {
+			p.count(chip.NetCntDropHeader)
+		}
+		return
+	}
+	op := pk.BTH.Opcode
+	if op.Transport() != ibwire.TransportRC || pk.BTH.PKey != ibwire.DefaultPKey || pk.BTH.TVer != 0 ||
+		op == ibwire.RCFlush || op == ibwire.RCAtomicWrite {
+		p.count(chip.NetCntDropHeader)
+		return
+	}
+	if err := pk.CheckPMTU(netPMTU); err != nil {
+		p.count(chip.NetCntDropLength)
+		return
+	}
+	n := int(pk.BTH.DestQP) - chip.QPNBase
+	d.mu.Lock()
+	if pk.BTH.DestQP < chip.QPNBase || n >= len(d.qps) {
+		d.mu.Unlock()
+		p.count(chip.NetCntDropQP)
+		return
+	}
+	q := &d.qps[n]
+	peer := p.latch[n].addr
+	ok := q.accepts() && d.isNetQPLocked(q) && peer.IsValid()
+	d.mu.Unlock()
+	switch {
+	case !ok:
+		p.count(chip.NetCntDropQP)
+		return
+	case from != peer:
+		p.count(chip.NetCntDropPeer)
+		return
+	}
+	if op.IsRequest() {
+		d.rcRequest(n, &pk)
+	} else {
+		d.rcResponse(n, &pk)
+	}
+}
+
+// armTimer makes the engine wake at t (or earlier, if it must already).
+func (d *Device) armTimer(t time.Time) {
+	p := d.net
+	if !p.due.IsZero() && !t.Before(p.due) && p.due.After(time.Now()) {
+		return
+	}
+	p.due = t
+	dt := time.Until(t)
+	if p.timer == nil {
+		p.timer = time.AfterFunc(dt, d.kickEngine)
+		return
+	}
+	p.timer.Reset(dt)
+}
+
+// runTimers fires the QPs' retransmission and RNR timers that are due and
+// re-arms the port's timer for the next one.
+func (d *Device) runTimers(now time.Time) bool {
+	p := d.net
+	busy := false
+	var next time.Time
+	for n := range p.rc {
+		rc := &p.rc[n]
+		if rc.deadline.IsZero() {
+			continue
+		}
+		if !now.Before(rc.deadline) {
+			rc.deadline = time.Time{}
+			if d.rcTimeout(n) {
+				busy = true
+			}
+		}
+		if !rc.deadline.IsZero() && (next.IsZero() || rc.deadline.Before(next)) {
+			next = rc.deadline
+		}
+	}
+	p.due = time.Time{}
+	if !next.IsZero() {
+		d.armTimer(next)
+	}
+	return busy
+}
+
+// peerOKLocked reports whether a QP may connect to peer table entry i.
+func (d *Device) peerOKLocked(i uint32) bool {
+	_, ok := d.peerLocked(i)
+	return ok
+}
