@@ -49,6 +49,8 @@ var DriverScenarios = []string{
 	"TestODPDontneedEveryOp",
 	"TestODPFollowsAddress",
 	"TestODPWriteFaultOnReadOnlyMemory",
+	"TestODPReadOnlyMemory",
+	"TestRegMRReadOnlyMemory",
 	"TestODPMixedSGE",
 	"TestODPPrefetch",
 	"TestODPPinBudget",
