@@ -71,7 +71,8 @@ type PinnerOptions struct {
 // with an error wrapping unix.ENOSYS or unix.EPERM.
 //
 // A Pinner is safe for concurrent use; one mutex serialises the ring and its
-// bounce buffer.
+// bounce buffer. Read-only pins (PinReadOnly) use no ring: each has a lock
+// and a bounce pipe of its own.
 type Pinner struct {
 	acct        *Accountant
 	maxPins     int
@@ -298,7 +299,8 @@ func (p *Pinner) Pin(vaddr uintptr, length int) (*Pin, error) {
 
 // Unpin removes the pin from the fixed-buffer table; the kernel releases the
 // pages once no request uses them, which Unpin waits for (bounded) before
-// uncharging them. Unpinning twice is an error wrapping unix.EINVAL; after
+// uncharging them. A read-only pin's pipes are closed, which drops its page
+// references at once. Unpinning twice is an error wrapping unix.EINVAL; after
 // Pinner.Close, which unpinned everything, Unpin returns nil.
 func (pin *Pin) Unpin() error {
 	if pin.ro != nil {
