@@ -12,12 +12,18 @@ import (
 // need bytes: CAP_IPC_LOCK is honoured, so root is not held to the 8 MiB
 // default RLIMIT_MEMLOCK.
 func benchPinner(b *testing.B, need int) *Pinner {
+	return newTestPinner(b, benchAccountant(b, need), nil)
+}
+
+// benchAccountant returns an Accountant that lets the benchmark pin up to
+// need bytes, or skips.
+func benchAccountant(b *testing.B, need int) *Accountant {
 	acct := NewAccountant()
 	acct.HonorCapIPCLock = true
 	if lim, err := acct.LimitPages(); err != nil || (lim >= 0 && lim < need/PageSize()) {
 		testenv.Missing(b, "RLIMIT_MEMLOCK %d pages < %d needed and no CAP_IPC_LOCK (%v)", lim, need/PageSize(), err)
 	}
-	return newTestPinner(b, acct, nil)
+	return acct
 }
 
 func sizeName(n int) string {
@@ -133,17 +139,6 @@ func BenchmarkWriteAtParallel(b *testing.B) {
 	})
 }
 
-// roBenchPinner is benchPinner for read-only pins of segment seg (0:
-// default).
-func roBenchPinner(b *testing.B, need, seg int) *Pinner {
-	acct := NewAccountant()
-	acct.HonorCapIPCLock = true
-	if lim, err := acct.LimitPages(); err != nil || (lim >= 0 && lim < need/PageSize()) {
-		testenv.Missing(b, "RLIMIT_MEMLOCK %d pages < %d needed and no CAP_IPC_LOCK (%v)", lim, need/PageSize(), err)
-	}
-	return newROPinner(b, acct, seg)
-}
-
 // roBenchBuf maps size bytes of PROT_READ memory with its pages present.
 func roBenchBuf(b *testing.B, size int) []byte {
 	buf, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE,
@@ -176,7 +171,7 @@ func BenchmarkPinUnpinReadOnly(b *testing.B) {
 	for _, seg := range roSegments {
 		for _, size := range []int{4 << 10, 64 << 10, 1 << 20} {
 			b.Run(segName(seg)+"/"+sizeName(size), func(b *testing.B) {
-				p := roBenchPinner(b, size, seg)
+				p := newROPinner(b, benchAccountant(b, size), seg)
 				addr := sliceAddr(roBenchBuf(b, size))
 				b.SetBytes(int64(size))
 				for b.Loop() {
@@ -200,7 +195,7 @@ func BenchmarkPinUnpinReadOnly(b *testing.B) {
 func BenchmarkReadAtReadOnly(b *testing.B) {
 	const size = 1 << 20
 	for _, seg := range roSegments {
-		p := roBenchPinner(b, size, seg)
+		p := newROPinner(b, benchAccountant(b, size), seg)
 		pin, err := p.PinReadOnly(sliceAddr(roBenchBuf(b, size)), size)
 		if err != nil {
 			b.Fatal(err)
