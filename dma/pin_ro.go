@@ -43,7 +43,8 @@ const (
 // bounce pipe its reads go through, created at the first read. mu serialises
 // the reads of the pin and its release.
 type roPin struct {
-	seg int // bytes per segment (the last may hold less)
+	seg  int // bytes per segment (the last may hold less)
+	null int // the Pinner's /dev/null, open while the pin is
 
 	mu      sync.Mutex
 	segs    []int // read ends, one per segment; the write ends are closed
@@ -101,6 +102,7 @@ func (p *Pinner) PinReadOnly(vaddr uintptr, length int) (*Pin, error) {
 		p.acct.Uncharge(npages)
 		return nil, errors.Join(fmt.Errorf("dma: read-only pin %#x+%#x: %w", vaddr, length, ErrClosed), ro.releaseLocked())
 	}
+	ro.null = p.null
 	p.roPins[pin] = struct{}{}
 	return pin, nil
 }
@@ -274,7 +276,7 @@ func (pin *Pin) readRO(b []byte, off int64) (int, error) {
 	if off < 0 || off > int64(pin.length) || int64(len(b)) > int64(pin.length)-off {
 		return 0, fmt.Errorf("dma: read %d bytes at %d of a %d-byte read-only pin: %w", len(b), off, pin.length, unix.EFAULT)
 	}
-	ro, p := pin.ro, pin.p
+	ro := pin.ro
 	ro.mu.Lock()
 	defer ro.mu.Unlock()
 	if ro.gone {
@@ -295,7 +297,7 @@ func (pin *Pin) readRO(b []byte, off int64) (int, error) {
 	for n < len(b) {
 		pos := int(off) + n
 		c := min(len(b)-n, ro.seg-pos%ro.seg)
-		if err := ro.readSegLocked(p.null, pin.length, pos, b[n:n+c]); err != nil {
+		if err := ro.readSegLocked(pin.length, pos, b[n:n+c]); err != nil {
 			// The bounce may hold references: close it (the next
 			// read makes a new one).
 			return n, errors.Join(fmt.Errorf("dma: read %d bytes at %d of read-only pin %#x: %w", c, pos, pin.vaddr, err), ro.dropBounceLocked())
@@ -327,7 +329,7 @@ func (ro *roPin) newBounceLocked() error {
 // into it with tee (up to the end of the segment when the read continues
 // the last one: the next read in order finds them there), those before pos
 // are dropped into /dev/null and len(b) are read.
-func (ro *roPin) readSegLocked(null, length, pos int, b []byte) error {
+func (ro *roPin) readSegLocked(length, pos int, b []byte) error {
 	if ro.held > 0 && ro.cur == pos {
 		if err := pipeRead(ro.bounceR, b); err != nil {
 			return err
@@ -336,7 +338,7 @@ func (ro *roPin) readSegLocked(null, length, pos int, b []byte) error {
 		return nil
 	}
 	if ro.held > 0 {
-		if err := spliceNull(ro.bounceR, null, ro.held); err != nil {
+		if err := spliceNull(ro.bounceR, ro.null, ro.held); err != nil {
 			return err
 		}
 		ro.held = 0
@@ -361,7 +363,7 @@ func (ro *roPin) readSegLocked(null, length, pos int, b []byte) error {
 		}
 		break
 	}
-	if err := spliceNull(ro.bounceR, null, in); err != nil {
+	if err := spliceNull(ro.bounceR, ro.null, in); err != nil {
 		return err
 	}
 	if err := pipeRead(ro.bounceR, b); err != nil {
