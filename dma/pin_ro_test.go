@@ -424,3 +424,40 @@ func TestPinReadOnlyReadsInOrder(t *testing.T) {
 		read(r[0], min(r[1], size-r[0]))
 	}
 }
+
+// TestPinReadOnlyNoUnshare pins down the difference from a kernel
+// read-only long-term pin that docs/pinning.md states: vmsplice takes a
+// reference to the page mapped now without making it the process's own,
+// so never-written PROT_READ memory is held as the shared zero page, and a
+// write after mprotect(PROT_WRITE) goes to a new page the pin does not
+// see. (pin_user_pages(FOLL_LONGTERM) would have unshared the page first.)
+// If a kernel ever unshares for vmsplice, this test says so.
+func TestPinReadOnlyNoUnshare(t *testing.T) {
+	checkNoLeaks(t)
+	p := newROPinner(t, NewAccountant(), 0)
+	ps := PageSize()
+	b, err := unix.Mmap(-1, 0, ps, unix.PROT_READ, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(b)
+	pin, err := p.PinReadOnly(sliceAddr(b), ps)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pin.Unpin()
+	if err := unix.Mprotect(b, unix.PROT_READ|unix.PROT_WRITE); err != nil {
+		t.Fatal(err)
+	}
+	fill(b, 0x5a)
+	got := make([]byte, ps)
+	if _, err := pin.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if allEqual(got, 0x5a) {
+		t.Fatal("the pin reads what the process wrote into a page it never owned before: vmsplice unshares now; update docs/pinning.md")
+	}
+	if !allEqual(got, 0) {
+		t.Fatal("the pin of never-written memory reads neither zeros nor the process's write")
+	}
+}
