@@ -34,9 +34,10 @@ const (
 	// DefaultReadOnlySegment is the default ReadOnlySegment: 16 pages, a
 	// pipe's default capacity, so no F_SETPIPE_SZ is needed.
 	DefaultReadOnlySegment = 64 << 10
-	// MaxReadOnlySegment bounds ReadOnlySegment: a pipe of more slots
-	// needs CAP_SYS_RESOURCE past fs.pipe-max-size (1 MiB by default).
-	MaxReadOnlySegment = 1 << 30
+	// MaxReadOnlySegment bounds ReadOnlySegment, as MaxPinSize bounds a
+	// pin. A segment past fs.pipe-max-size (1 MiB by default) needs
+	// CAP_SYS_RESOURCE.
+	MaxReadOnlySegment = MaxPinSize
 )
 
 // roPin is the state of a read-only pin: the pipes holding its pages and the
