@@ -8,7 +8,9 @@
 //     io_uring fixed buffers and reads and writes the pinned pages
 //     themselves, even after the application unmapped them or mapped new
 //     memory at the same address: a Pin is the vfio.DMAAccessor of a
-//     host-native (vfio-user) DMA mapping (pin.go, io_uring.go).
+//     host-native (vfio-user) DMA mapping (pin.go, io_uring.go). Memory
+//     mapped without PROT_WRITE, which io_uring cannot pin, is held for
+//     device reads by PinReadOnly: page references in pipes (pin_ro.go).
 //   - IOVAAllocator hands out device address ranges inside the usable IOVA
 //     ranges (iova.go).
 //

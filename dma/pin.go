@@ -46,6 +46,13 @@ type PinnerOptions struct {
 	// kernel may grant less (fs.pipe-max-size, pipe-user-pages-soft).
 	// Default DefaultScratchSize.
 	ScratchSize int
+	// ReadOnlySegment is the size of the pipes of a read-only pin
+	// (PinReadOnly), a multiple of the page size up to
+	// MaxReadOnlySegment: a read pays for the pages of its segment before
+	// its offset, a pin for one pipe per segment. Above 64 KiB it needs
+	// F_SETPIPE_SZ, which past fs.pipe-max-size needs CAP_SYS_RESOURCE.
+	// Default DefaultReadOnlySegment.
+	ReadOnlySegment int
 }
 
 // Pinner holds long-term pins of process memory with io_uring fixed buffers
@@ -64,7 +71,8 @@ type PinnerOptions struct {
 // with an error wrapping unix.ENOSYS or unix.EPERM.
 //
 // A Pinner is safe for concurrent use; one mutex serialises the ring and its
-// bounce buffer.
+// bounce buffer. Read-only pins (PinReadOnly) use no ring: each has a lock
+// and a bounce pipe of its own.
 type Pinner struct {
 	acct        *Accountant
 	maxPins     int
@@ -88,6 +96,13 @@ type Pinner struct {
 	nextTag  uint64
 	nextID   uint64
 	done     map[uint64]int32 // request id -> result, reaped but not yet claimed
+
+	// Read-only pins (pin_ro.go), which need no ring.
+	roSeg    int
+	roMu     sync.Mutex
+	roPins   map[*Pin]struct{}
+	roClosed bool
+	null     int // /dev/null, opened at the first read-only pin
 }
 
 // NewPinner returns a Pinner charging acct. It does not touch io_uring yet.
@@ -108,8 +123,14 @@ func NewPinner(acct *Accountant, opts *PinnerOptions) (*Pinner, error) {
 	if o.MaxPins < 1 || o.MaxPins > ioringMaxRegBuffers {
 		return nil, fmt.Errorf("dma: MaxPins %d not in [1, %d]: %w", o.MaxPins, ioringMaxRegBuffers, unix.EINVAL)
 	}
+	if o.ReadOnlySegment == 0 {
+		o.ReadOnlySegment = DefaultReadOnlySegment
+	}
 	if o.ScratchSize < pageSize || o.ScratchSize%pageSize != 0 || o.ScratchSize > 1<<30 {
 		return nil, fmt.Errorf("dma: ScratchSize %d: %w", o.ScratchSize, unix.EINVAL)
+	}
+	if o.ReadOnlySegment < pageSize || o.ReadOnlySegment%pageSize != 0 || o.ReadOnlySegment > MaxReadOnlySegment {
+		return nil, fmt.Errorf("dma: ReadOnlySegment %d: %w", o.ReadOnlySegment, unix.EINVAL)
 	}
 	return &Pinner{
 		acct:        acct,
@@ -123,6 +144,9 @@ func NewPinner(acct *Accountant, opts *PinnerOptions) (*Pinner, error) {
 		pins:        map[uint32]*Pin{},
 		pending:     map[uint64]int{},
 		done:        map[uint64]int32{},
+		roSeg:       o.ReadOnlySegment,
+		roPins:      map[*Pin]struct{}{},
+		null:        -1,
 	}, nil
 }
 
@@ -207,7 +231,8 @@ func (p *Pinner) setup() error {
 	return nil
 }
 
-// Pin is a long-term pin of [Addr, Addr+Len) made by a Pinner. Its ReadAt
+// Pin is a long-term pin of [Addr, Addr+Len) made by a Pinner: a fixed
+// buffer (Pin), or page references held by pipes (PinReadOnly). Its ReadAt
 // and WriteAt reach the pinned pages (offsets from Addr) and implement
 // vfio.DMAAccessor.
 type Pin struct {
@@ -218,6 +243,7 @@ type Pin struct {
 	tag     uint64
 	gone    bool // unpinned; guarded by p.mu
 	byClose bool // unpinned by Pinner.Close
+	ro      *roPin
 }
 
 // Addr returns the pinned range's virtual address at the time of the pin.
@@ -273,9 +299,13 @@ func (p *Pinner) Pin(vaddr uintptr, length int) (*Pin, error) {
 
 // Unpin removes the pin from the fixed-buffer table; the kernel releases the
 // pages once no request uses them, which Unpin waits for (bounded) before
-// uncharging them. Unpinning twice is an error wrapping unix.EINVAL; after
+// uncharging them. A read-only pin's pipes are closed, which drops its page
+// references at once. Unpinning twice is an error wrapping unix.EINVAL; after
 // Pinner.Close, which unpinned everything, Unpin returns nil.
 func (pin *Pin) Unpin() error {
+	if pin.ro != nil {
+		return pin.unpinRO()
+	}
 	p := pin.p
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -456,18 +486,31 @@ func (pin *Pin) access(b []byte, off int64, write bool) (int, error) {
 // ReadAt copies len(b) bytes of the pinned pages at offset off into b: what
 // the device reads (DMA_READ). A range outside the pin is an error wrapping
 // unix.EFAULT and copies nothing.
-func (pin *Pin) ReadAt(b []byte, off int64) (int, error) { return pin.access(b, off, false) }
+func (pin *Pin) ReadAt(b []byte, off int64) (int, error) {
+	if pin.ro != nil {
+		return pin.readRO(b, off)
+	}
+	return pin.access(b, off, false)
+}
 
 // WriteAt copies b into the pinned pages at offset off: what the device
-// writes (DMA_WRITE). A range outside the pin is an error wrapping
-// unix.EFAULT and copies nothing.
-func (pin *Pin) WriteAt(b []byte, off int64) (int, error) { return pin.access(b, off, true) }
+// writes (DMA_WRITE). A range outside the pin, or any write to a read-only
+// pin, is an error wrapping unix.EFAULT and copies nothing.
+func (pin *Pin) WriteAt(b []byte, off int64) (int, error) {
+	if pin.ro != nil {
+		return 0, fmt.Errorf("dma: write %d bytes at %d of read-only pin %#x: %w", len(b), off, pin.vaddr, unix.EFAULT)
+	}
+	return pin.access(b, off, true)
+}
 
-// Pins returns the number of pins held.
+// Pins returns the number of pins held, read-only ones included.
 func (p *Pinner) Pins() int {
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	return len(p.pins)
+	n := len(p.pins)
+	p.mu.Unlock()
+	p.roMu.Lock()
+	defer p.roMu.Unlock()
+	return n + len(p.roPins)
 }
 
 // Close unpins everything, uncharges it and releases the io_uring instance.
@@ -478,7 +521,7 @@ func (p *Pinner) Close() error {
 	if p.closed {
 		return nil
 	}
-	var errs []error
+	errs := []error{p.closeRO()}
 	if p.r != nil {
 		if p.broken == nil {
 			for _, pin := range p.pins {

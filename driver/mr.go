@@ -136,7 +136,7 @@ func (pd *PD) RegMR(addr uintptr, length, iova uint64, access uint32) (*MR, erro
 	for off := uint64(0); off < uint64(npages)*pageSize; off += dma.MaxPinSize {
 		c := mrChunk{vaddr: start + uintptr(off), size: min(uint64(npages)*pageSize-off, dma.MaxPinSize)}
 		if shm == nil {
-			if c.pin, err = d.pinner.Pin(c.vaddr, int(c.size)); err != nil {
+			if c.pin, err = pinFor(d.pinner, c.vaddr, c.size, access&mrAccessDeviceWrites == 0); err != nil {
 				return nil, joinUndo(fmt.Errorf("gohfi: REG_MR: %w", err), "undo", mr.release(true))
 			}
 			d.stats.pagesPinned.Add(uint64(c.pin.Pages()))
@@ -176,6 +176,23 @@ func (pd *PD) RegMR(addr uintptr, length, iova uint64, access uint32) (*MR, erro
 		return nil, err
 	}
 	return mr, nil
+}
+
+// pinFor pins [vaddr, vaddr+size) for the device: as an io_uring fixed
+// buffer, which the kernel pins for writing, or, if readOnly (the device
+// will only read) and that fails with EFAULT (memory mapped without
+// PROT_WRITE, or not mapped), with a read-only pin (docs/pinning.md,
+// "Read-only memory"), whose error is then the one reported.
+func pinFor(p *dma.Pinner, vaddr uintptr, size uint64, readOnly bool) (*dma.Pin, error) {
+	pin, err := p.Pin(vaddr, int(size))
+	if err == nil || !readOnly || !errors.Is(err, unix.EFAULT) {
+		return pin, err
+	}
+	pin, rerr := p.PinReadOnly(vaddr, int(size))
+	if rerr != nil {
+		return nil, fmt.Errorf("not pinned for writing (%v), nor read-only: %w", err, rerr)
+	}
+	return pin, nil
 }
 
 // e0 is the MPT entry of a new MR of type typ.

@@ -399,7 +399,7 @@ func (o *odpDev) resolve(m *odpMR, e chip.EQE, inline bool) {
 		uva := t.userAddr(e.VA)
 		_, win := t.deviceSpans(uva, uint64(e.Length))
 		var ticket uint64
-		_, ticket, err = t.fault(uva, uint64(e.Length), faultDevice, win, inline)
+		_, ticket, err = t.fault(uva, uint64(e.Length), faultDevice, e.Flags&chip.EQEFlagWrite != 0, win, inline)
 		switch {
 		case inline && errors.Is(err, errWouldWait):
 			o.handOff(func() { o.resolve(m, e, false) })
@@ -510,11 +510,15 @@ const (
 // of win (the fault-around window) that can be mapped, and returns how many
 // pages it mapped and the ticket of the invalidations that must be flushed
 // before the device may use them (waitDone). The needed pages failing is
-// the error (EFAULT: not mapped or not writable; ENOMEM: over the pin
-// budget with nothing to evict; ENOENT: the MR was deregistered). With
-// noWait (the interrupt goroutine) a fault that would have to evict or
-// rewatch stops with errWouldWait, having mapped nothing.
-func (m *odpMR) fault(uva uintptr, length uint64, mode faultMode, win pageSpan, noWait bool) (int, uint64, error) {
+// the error (EFAULT: not mapped, or not writable for a write; ENOMEM: over
+// the pin budget with nothing to evict; ENOENT: the MR was deregistered).
+// A read (write false) maps memory the process cannot write with read-only
+// pins and MTT entries; a write first drops the read-only chunks the access
+// needs (an invalidation: the device may have cached their entries), so
+// that it pins them for writing or fails. With noWait (the interrupt
+// goroutine) a fault that would have to evict or rewatch stops with
+// errWouldWait, having mapped nothing.
+func (m *odpMR) fault(uva uintptr, length uint64, mode faultMode, write bool, win pageSpan, noWait bool) (int, uint64, error) {
 	o := m.o
 	var need pageSpan
 	switch mode {
@@ -547,13 +551,18 @@ func (m *odpMR) fault(uva uintptr, length uint64, mode faultMode, win pageSpan, 
 			dropCover(cover)
 			return 0, 0, errnoErr("ODP fault: MR deregistered", unix.ENOENT)
 		}
+		var upgrade []*odpChunk
+		if write {
+			upgrade = m.zapReadOnlyLocked(need)
+		}
 		runs := m.absentLocked(win)
 		m.mu.Unlock()
+		o.queueZap(upgrade)
 		if len(runs) == 0 {
 			dropCover(cover)
 			return 0, 0, nil
 		}
-		made, err := m.mapRuns(runs, need, win, mode, noWait)
+		made, err := m.mapRuns(runs, need, win, mode, write, noWait)
 		if err != nil {
 			dropCover(cover)
 			return 0, 0, err
@@ -684,7 +693,7 @@ func (m *odpMR) conflictLocked(made []*odpChunk) bool {
 // pages that need it; in NO_FAULT mode only resident pages are taken. An
 // ENOMEM from the pin evicts pages of the file's ODP MRs (not those of win)
 // and tries again.
-func (m *odpMR) mapRuns(runs []pageSpan, need, win pageSpan, mode faultMode, noWait bool) ([]*odpChunk, error) {
+func (m *odpMR) mapRuns(runs []pageSpan, need, win pageSpan, mode faultMode, write, noWait bool) ([]*odpChunk, error) {
 	var made []*odpChunk
 	undo := func(err error) ([]*odpChunk, error) {
 		errs := []error{err}
@@ -697,11 +706,11 @@ func (m *odpMR) mapRuns(runs []pageSpan, need, win pageSpan, mode faultMode, noW
 		runs = m.residentRuns(runs)
 	}
 	for _, r := range runs {
-		c, err := m.mapEvicting(r, win, noWait)
+		c, err := m.mapEvicting(r, win, write, noWait)
 		if err != nil && mode == faultDevice && !errors.Is(err, unix.ENOMEM) && !errors.Is(err, errWouldWait) {
 			// Fault-around is best effort: keep to what the access needs.
 			if nr := (pageSpan{max(r.first, need.first), min(r.last, need.last)}); !nr.empty() && nr != r {
-				c, err = m.mapEvicting(nr, win, noWait)
+				c, err = m.mapEvicting(nr, win, write, noWait)
 			} else if nr.empty() {
 				continue
 			}
@@ -720,9 +729,9 @@ func (m *odpMR) mapRuns(runs []pageSpan, need, win pageSpan, mode faultMode, noW
 // mapEvicting maps run r, evicting on ENOMEM until it fits or nothing is
 // left to evict; with noWait an ENOMEM is errWouldWait (an eviction waits
 // for its flush).
-func (m *odpMR) mapEvicting(r pageSpan, keep pageSpan, noWait bool) (*odpChunk, error) {
+func (m *odpMR) mapEvicting(r pageSpan, keep pageSpan, write, noWait bool) (*odpChunk, error) {
 	for {
-		c, err := m.mapRun(r)
+		c, err := m.mapRun(r, write)
 		if err == nil || !errors.Is(err, unix.ENOMEM) {
 			return c, err
 		}
@@ -735,14 +744,17 @@ func (m *odpMR) mapEvicting(r pageSpan, keep pageSpan, noWait bool) (*odpChunk, 
 	}
 }
 
-// mapRun pins pages r of the MR and maps them at a fresh IOVA range.
-func (m *odpMR) mapRun(r pageSpan) (*odpChunk, error) {
+// mapRun pins pages r of the MR and maps them at a fresh IOVA range. For a
+// read, memory the pinner cannot pin for writing (EFAULT: not writable, or
+// not mapped, which the read-only pin then reports) is pinned read-only and
+// mapped for device reads only.
+func (m *odpMR) mapRun(r pageSpan, write bool) (*odpChunk, error) {
 	d := m.o.d
 	c := &odpChunk{m: m, first: r.first, n: r.last - r.first}
 	vaddr := m.start + uintptr(r.first)*pageSize
 	size := uint64(c.n) * pageSize
 	var err error
-	if c.pin, err = d.pinner.Pin(vaddr, int(size)); err != nil {
+	if c.pin, err = pinFor(d.pinner, vaddr, size, !write); err != nil {
 		return nil, fmt.Errorf("ODP: pin %#x+%#x: %w", vaddr, size, err)
 	}
 	d.stats.pagesPinned.Add(uint64(c.n))
@@ -754,7 +766,7 @@ func (m *odpMR) mapRun(r pageSpan) (*odpChunk, error) {
 		return nil, errors.Join(fmt.Errorf("ODP: %w", errors.Join(err, unix.ENOMEM)), c.release(true))
 	}
 	flags := uint32(vfio.DMARead)
-	if m.mr.access&mrAccessDeviceWrites != 0 {
+	if m.mr.access&mrAccessDeviceWrites != 0 && !c.pin.ReadOnly() {
 		flags |= vfio.DMAWrite
 	}
 	if err = d.vdev.DMAMap(vfio.DMAMapping{IOVA: c.iova, Vaddr: vaddr, Size: size, Flags: flags, Access: c.pin}); err != nil {
@@ -803,13 +815,17 @@ func (m *odpMR) mttFlags() uint64 {
 	return f
 }
 
-// commitLocked writes a chunk's MTT entries and makes it the MR's.
+// commitLocked writes a chunk's MTT entries and makes it the MR's; a
+// read-only pin's entries lack MTTWrite.
 func (m *odpMR) commitLocked(c *odpChunk) {
 	mtt, flags := m.o.v.mtt, m.mttFlags()
 	iova := c.iova
 	if m.win != nil {
 		m.win.fill(c)
 		iova = m.win.iova + uint64(c.first)*pageSize
+	}
+	if c.pin.ReadOnly() {
+		flags &^= chip.MTTWrite
 	}
 	for i := 0; i < c.n; i++ {
 		store64(mtt, (m.mr.mttFirst+c.first+i)*chip.MTTEntrySize, (iova+uint64(i)*pageSize)&chip.MTTAddrMask|flags)
@@ -818,6 +834,20 @@ func (m *odpMR) commitLocked(c *odpChunk) {
 	c.stamp = m.o.clock.Add(1)
 	m.chunks[c] = struct{}{}
 	m.pinned += c.n
+}
+
+// zapReadOnlyLocked zaps the read-only chunks that map pages of s (see
+// zapLocked) and returns them.
+func (m *odpMR) zapReadOnlyLocked(s pageSpan) []*odpChunk {
+	var zapped []*odpChunk
+	for p := s.first; p < s.last; p++ {
+		if c := m.pages[p]; c != nil && c.pin.ReadOnly() {
+			m.zapLocked(c)
+			zapped = append(zapped, c)
+			p = c.first + c.n - 1
+		}
+	}
+	return zapped
 }
 
 // zapLocked writes not-present entries for a chunk and detaches it; the
@@ -1253,7 +1283,7 @@ func (pd *PD) AdviseMR(advice, flags, lkey uint32, addr, length uint64) error {
 				return err
 			}
 			hi = min(end, (lo&^(w-1))+w, t.end)
-			n, ticket, err := t.fault(lo, uint64(hi-lo), mode, t.span(lo, hi), false)
+			n, ticket, err := t.fault(lo, uint64(hi-lo), mode, advice == uapi.GOHFI_ADVISE_MR_ADVICE_PREFETCH_WRITE, t.span(lo, hi), false)
 			m.prefetched.Add(uint64(n))
 			pd.d.stats.odpPrefetch.Add(uint64(n))
 			if err == nil {

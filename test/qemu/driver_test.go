@@ -49,6 +49,8 @@ var DriverScenarios = []string{
 	"TestODPDontneedEveryOp",
 	"TestODPFollowsAddress",
 	"TestODPWriteFaultOnReadOnlyMemory",
+	"TestODPReadOnlyMemory",
+	"TestRegMRReadOnlyMemory",
 	"TestODPMixedSGE",
 	"TestODPPrefetch",
 	"TestODPPinBudget",
@@ -137,10 +139,10 @@ func TestGuestDriverScenarios(t *testing.T) {
 	devs, specs := driverDevices(t, 4)
 	res := RunGuest(t, a, GuestConfig{
 		VFIOUserDevices: devs,
-		Tests: append(driverTests("^("+strings.Join(DriverScenarios, "|")+")$", 3*time.Minute),
+		Tests: append(driverTests("^("+strings.Join(DriverScenarios, "|")+")$", 5*time.Minute),
 			vmimage.TestPackage{Package: "./test/qemu/guestprobe", Tags: []string{"gohfiguest"}, Run: "^TestNotifierSources$", Timeout: time.Minute}),
 		Env:     []string{"GOHFI_TEST_DEVICE=" + specs},
-		Timeout: 4 * time.Minute,
+		Timeout: 6 * time.Minute,
 	})
 	if len(res.Report.Results) != 2 {
 		t.Fatalf("guest reported %d results, want 2", len(res.Report.Results))
