@@ -22,7 +22,6 @@ func TestDBRecSleepBetweenStoreAndFlag(t *testing.T) {
 	testenv.RequireRoot(t, "io_uring pins")
 	o := attach.DefaultOptions()
 	o.Sim.NumContexts = 1
-	o.Params.DBRec = true
 	a, err := attach.Open(context.Background(), "embedded", o)
 	if err != nil {
 		t.Fatal(err)

@@ -1,6 +1,10 @@
 package driver
 
-import "context"
+import (
+	"context"
+
+	"github.com/gohfi/gohfi/chip"
+)
 
 // SetTIDUpdateHook installs a function TID_UPDATE calls between pinning the
 // buffer and checking for a racing invalidation.
@@ -50,4 +54,26 @@ func SetDBRecHook(f *File, qp uint32, hook func()) bool {
 	defer q.mu.Unlock()
 	q.dbHook = hook
 	return q.dbRec != nil
+}
+
+// DBRecSQTail reads the send-queue producer index in QP handle qp's
+// doorbell record; false if the QP has none (the index is then in the
+// device's QPSQTail register).
+func DBRecSQTail(f *File, qp uint32) (uint32, bool) {
+	pd, err := f.PD()
+	if err != nil {
+		return 0, false
+	}
+	pd.mu.Lock()
+	q := pd.qps[qp]
+	pd.mu.Unlock()
+	if q == nil {
+		return 0, false
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.dbRec == nil {
+		return 0, false
+	}
+	return load32(q.dbRec, chip.DBRecSQTail), true
 }

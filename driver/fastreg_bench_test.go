@@ -30,7 +30,7 @@ func benchLoopQP(b *testing.B) (rcQP, []byte) {
 	testenv.RequireRoot(b, "io_uring pins")
 	o := attach.DefaultOptions()
 	o.Sim.NumContexts = 1
-	o.Params.DBRec = os.Getenv("GOHFI_BENCH_DBREC") != ""
+	o.Params.NoDBRec = os.Getenv("GOHFI_BENCH_NODBREC") != ""
 	a, err := attach.Open(context.Background(), "embedded", o)
 	if err != nil {
 		b.Fatal(err)

@@ -51,13 +51,13 @@ type Params struct {
 	// gets its own TLB flush instead of sharing one with every
 	// invalidation that arrived while the previous flush ran.
 	ODPNoBatch bool
-	// DBRec gives QPs doorbell records where the device offers them
-	// (chip.CapDBRec): producer indices stored in host memory, a register
-	// doorbell only when the device sleeps. Off by default: on this
-	// machine records make the fast-registration cycle 1.5x cheaper but
-	// the model ULP (ulp/frwr) 13-27% slower, not yet explained; without
-	// them every doorbell is a posted QPSQTail/QPRQTail write.
-	DBRec bool
+	// NoDBRec turns off doorbell records. By default QPs get them where
+	// the device offers them (chip.CapDBRec): producer indices stored in
+	// host memory, a register doorbell only when the device sleeps. Off,
+	// every doorbell is a posted QPSQTail/QPRQTail write (on this machine
+	// a fast-registration cycle through the send queue costs about 5x
+	// more that way: a socket message and the device's wake-up per post).
+	NoDBRec bool
 }
 
 // DefaultPKey is PSM's default partition key (full membership of

@@ -155,7 +155,7 @@ func (d *Device) probeVerbs() error {
 	if d.info.CapFlags&chip.CapODP != 0 {
 		v.odp = newODPDev(d, v)
 	}
-	v.dbRec = d.info.CapFlags&chip.CapDBRec != 0 && d.m.params.DBRec
+	v.dbRec = d.info.CapFlags&chip.CapDBRec != 0 && !d.m.params.NoDBRec
 	d.verbs = v
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/uapi"
 	"github.com/gohfi/gohfi/vfio/vfiouser"
+	"time"
 )
 
 // cqState is one completion queue: a ring of chip.CQE in host memory that
@@ -88,6 +89,7 @@ func (d *Device) writeCQLocked(n int, r, v uint64) {
 		c.control = v
 		if v&chip.CQCtrlArm != 0 {
 			d.armed.Store(true) // a consumer sleeps: the engine stops polling records
+			d.lastArm.Store(time.Now().UnixNano())
 		}
 	}
 }

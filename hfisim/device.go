@@ -178,8 +178,9 @@ type Device struct {
 
 	kick     chan struct{} // doorbell: wakes the engine
 	sleepReq chan chan struct{}
-	armed    atomic.Bool // a CQ was armed since the engine last woke (dbrec.go)
-	dbPoll   []dbRecRef  // the engine's scratch list of doorbell records
+	armed    atomic.Bool  // a CQ was armed since the engine last woke (dbrec.go)
+	lastArm  atomic.Int64 // when a CQ was last armed, Unix ns (dbrec.go)
+	dbPoll   []dbRecRef   // the engine's scratch list of doorbell records
 	idleReq  chan chan struct{}
 	done     chan struct{}
 	wg       sync.WaitGroup

@@ -102,9 +102,10 @@ func (d *Device) engine() {
 // spinRecords polls the doorbell records until one moves or a register
 // write, idle or sleep request comes (true: make a full pass; false: go to
 // sleep), for at most DBPollIdle after last; a zero last (no verbs work
-// since the engine woke) or an armed CQ does not poll at all.
+// since the engine woke) or a CQ armed lately (consumersPoll) does not poll
+// at all.
 func (d *Device) spinRecords(last time.Time, idle *chan struct{}, ack *chan struct{}) bool {
-	if last.IsZero() || d.dbPollIdle() <= 0 {
+	if last.IsZero() || d.dbPollIdle() <= 0 || !d.consumersPoll() {
 		return false
 	}
 	for spins := 1; !d.armed.Load(); spins++ {

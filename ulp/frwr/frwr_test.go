@@ -29,7 +29,7 @@ func newSetup(tb testing.TB, fastReg bool) *setup {
 	testenv.RequireRoot(tb, "io_uring pins")
 	o := attach.DefaultOptions()
 	o.Sim.NumContexts = 2
-	o.Params.DBRec = os.Getenv("GOHFI_BENCH_DBREC") != "" // to compare the doorbell kinds
+	o.Params.NoDBRec = os.Getenv("GOHFI_BENCH_NODBREC") != "" // to compare the doorbell kinds
 	a, err := attach.Open(context.Background(), "embedded", o)
 	if err != nil {
 		tb.Fatal(err)
