@@ -144,7 +144,9 @@ func (e *verbsEngine) close() error {
 	return errors.Join(errs...)
 }
 
-func (e *verbsEngine) stride(size int) int { return (size + perfSlotAlign - 1) / perfSlotAlign * perfSlotAlign }
+func (e *verbsEngine) stride(size int) int {
+	return (size + perfSlotAlign - 1) / perfSlotAlign * perfSlotAlign
+}
 
 func (e *verbsEngine) maxSlots(int) int { return perfMaxIters }
 
