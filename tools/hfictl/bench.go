@@ -263,7 +263,16 @@ func ratioOf(a, b time.Duration) ratio {
 // gbps is bytes per second, shown in GB/s (10^9).
 type gbps float64
 
-func (g gbps) String() string { return fmt.Sprintf("%.3gGB/s", float64(g)/1e9) }
+func (g gbps) String() string {
+	v := float64(g) / 1e9
+	switch {
+	case v < 0.001:
+		return fmt.Sprintf("%.6fGB/s", v)
+	case v < 0.1:
+		return fmt.Sprintf("%.4fGB/s", v)
+	}
+	return fmt.Sprintf("%.2fGB/s", v)
+}
 
 func rate(bytes int, d time.Duration) gbps {
 	if d <= 0 {

@@ -157,30 +157,34 @@ func (e *expectedEngine) release() error {
 
 func (e *expectedEngine) round(n, depth, _ int, lat samples) (time.Duration, error) {
 	nl := min(len(e.lanes), n)
-	if lat != nil {
-		nl = 1
-	}
 	start := time.Now()
-	errs := make([]error, nl)
-	if nl == 1 {
-		errs[0] = e.lane(0, 1, n, depth, lat)
-	} else {
-		var wg sync.WaitGroup
-		for li := range nl {
-			wg.Go(func() { errs[li] = e.lane(li, nl, n, depth, nil) })
+	if lat != nil {
+		// One at a time, each on the lane whose receiver registered
+		// its slot.
+		for i := range n {
+			if err := e.lane(e.lanes[i%nl], i, nl, i+1, 1, lat); err != nil {
+				return 0, err
+			}
 		}
-		wg.Wait()
+		return time.Since(start), nil
 	}
+	errs := make([]error, nl)
+	var wg sync.WaitGroup
+	for li := range nl {
+		wg.Go(func() { errs[li] = e.lane(e.lanes[li], li, nl, n, depth, nil) })
+	}
+	wg.Wait()
 	d := time.Since(start)
 	return d, errors.Join(errs...)
 }
 
-// lane sends messages li, li+nl, ... below n on lane li, at most depth
-// packets unread (and fewer than the header queue holds).
-func (e *expectedEngine) lane(li, nl, n, depth int, lat samples) error {
-	l := e.lanes[li]
+// lane sends messages first, first+step, ... below n on lane l (whose
+// receiver registered their slots), at most depth packets unread (and
+// fewer than the header queue holds); with lat, each message is timed
+// from its first send to its last header queue entry.
+func (e *expectedEngine) lane(l *expLane, first, step, n, depth int, lat samples) error {
 	depth = min(depth, int(l.cnt)-1)
-	for i := li; i < n; i += nl {
+	for i := first; i < n; i += step {
 		t0 := time.Now()
 		src := e.r.srcBytes(i)
 		off := 0
