@@ -66,6 +66,7 @@ type verbsEngine struct {
 	reqCQ, respCQ uint32
 	qps           [][2]uint32 // requester's and responder's QP handles
 	wc            []uapi.GohfiWC
+	sgl           []uapi.GohfiSge // one per WR of a PostSend or PostRecv call, reused
 
 	r            *perfRegion
 	srcMR, dstMR uapi.GohfiRegMR
@@ -80,7 +81,7 @@ type mrOn struct {
 var verbsOps = map[string]uint32{"write": uapi.GOHFI_WR_RDMA_WRITE, "read": uapi.GOHFI_WR_RDMA_READ, "send": uapi.GOHFI_WR_SEND}
 
 func newVerbsEngine(ctx context.Context, dev *driver.Device, op string, qps, depth int) (e *verbsEngine, err error) {
-	e = &verbsEngine{ctx: ctx, op: verbsOps[op], wc: make([]uapi.GohfiWC, 64)}
+	e = &verbsEngine{ctx: ctx, op: verbsOps[op], wc: make([]uapi.GohfiWC, 64), sgl: make([]uapi.GohfiSge, depth)}
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, e.close())
@@ -197,10 +198,11 @@ type qpRound struct {
 }
 
 // sendWR is message i, the j-th of its QP's m, signaled when it is an
-// every-th or the QP's last.
-func (e *verbsEngine) sendWR(i, j, m, every int) hfiuser.SendWR {
+// every-th or the QP's last; its SGE is e.sgl[k] (PostSend copies it).
+func (e *verbsEngine) sendWR(k, i, j, m, every int) hfiuser.SendWR {
 	r := e.r
-	w := hfiuser.SendWR{SGL: []uapi.GohfiSge{{Addr: uint64(r.srcAddr(i)), Length: uint32(r.size), Lkey: e.srcMR.Lkey}}}
+	e.sgl[k] = uapi.GohfiSge{Addr: uint64(r.srcAddr(i)), Length: uint32(r.size), Lkey: e.srcMR.Lkey}
+	w := hfiuser.SendWR{SGL: e.sgl[k : k+1]}
 	w.WrID, w.Opcode = uint64(i), e.op
 	switch e.op {
 	case uapi.GOHFI_WR_RDMA_WRITE:
@@ -215,9 +217,10 @@ func (e *verbsEngine) sendWR(i, j, m, every int) hfiuser.SendWR {
 	return w
 }
 
-func (e *verbsEngine) recvWR(i int) hfiuser.RecvWR {
+func (e *verbsEngine) recvWR(k, i int) hfiuser.RecvWR {
 	r := e.r
-	w := hfiuser.RecvWR{SGL: []uapi.GohfiSge{{Addr: uint64(r.dstAddr(i)), Length: uint32(r.size), Lkey: e.dstMR.Lkey}}}
+	e.sgl[k] = uapi.GohfiSge{Addr: uint64(r.dstAddr(i)), Length: uint32(r.size), Lkey: e.dstMR.Lkey}
+	w := hfiuser.RecvWR{SGL: e.sgl[k : k+1]}
 	w.WrID = uint64(i)
 	return w
 }
@@ -228,7 +231,7 @@ func (e *verbsEngine) postRecvs(st []qpRound, depth int) error {
 	for q := range st {
 		var wrs []hfiuser.RecvWR
 		for st[q].rposted < st[q].m && st[q].rposted-st[q].rdone < depth {
-			wrs = append(wrs, e.recvWR(st[q].rposted*nq+q))
+			wrs = append(wrs, e.recvWR(len(wrs), st[q].rposted*nq+q))
 			st[q].rposted++
 		}
 		if len(wrs) > 0 {
@@ -271,7 +274,7 @@ func (e *verbsEngine) round(n, depth, every int, lat samples) (time.Duration, er
 			}
 			wrs = wrs[:0]
 			for j := st[q].posted; j < limit && j-st[q].done < depth; j++ {
-				wrs = append(wrs, e.sendWR(j*nq+q, j, st[q].m, every))
+				wrs = append(wrs, e.sendWR(len(wrs), j*nq+q, j, st[q].m, every))
 			}
 			if len(wrs) == 0 {
 				continue
