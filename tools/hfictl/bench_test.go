@@ -36,22 +36,7 @@ func TestBenchTIDJSON(t *testing.T) {
 		t.Errorf("rcvarray_per_ctxt %v, want 2048", got)
 	}
 	num(t, m, "timer_overhead_ns")
-	rows := func(key string) []map[string]any {
-		t.Helper()
-		list, ok := m[key].([]any)
-		if !ok {
-			t.Fatalf("%s: %T, want a list, in %v", key, m[key], m)
-		}
-		var r []map[string]any
-		for _, e := range list {
-			o, ok := e.(map[string]any)
-			if !ok {
-				t.Fatalf("%s element %v is not an object", key, e)
-			}
-			r = append(r, o)
-		}
-		return r
-	}
+	rows := func(key string) []map[string]any { t.Helper(); return objects(t, m, key) }
 	sizes := []string{"4KiB", "64KiB", "1MiB", "16MiB"}
 	seen := map[string]bool{}
 	for _, r := range rows("latency") {

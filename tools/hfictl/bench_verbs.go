@@ -314,20 +314,9 @@ func (e *verbsEngine) round(n, depth, every int, lat samples) (time.Duration, er
 		}
 		progress = progress || k > 0
 		if send {
-			k, err := hfiuser.PollCQ(e.resp, e.respCQ, e.wc)
+			k, err := e.pollRecvs(st, n)
 			if err != nil {
-				return 0, fmt.Errorf("POLL_CQ (receives): %w", err)
-			}
-			for _, wc := range e.wc[:k] {
-				if err := wcErr(wc, "receive"); err != nil {
-					return 0, err
-				}
-				i := int(wc.WrID)
-				q := i % nq
-				if i >= n || i/nq != st[q].rdone || int(wc.ByteLen) != e.r.size {
-					return 0, fmt.Errorf("receive %d: %d bytes, after %d receives of QP %d: %w", i, wc.ByteLen, st[q].rdone, q, unix.EIO)
-				}
-				st[q].rdone++
+				return 0, err
 			}
 			if k > 0 {
 				progress = true
@@ -348,15 +337,9 @@ func (e *verbsEngine) round(n, depth, every int, lat samples) (time.Duration, er
 		// stragglers' completions so that none is left for the next round.
 		for q := range st {
 			for st[q].rdone < st[q].m {
-				k, err := hfiuser.PollCQ(e.resp, e.respCQ, e.wc)
+				k, err := e.pollRecvs(st, n)
 				if err != nil {
-					return 0, fmt.Errorf("POLL_CQ (receives): %w", err)
-				}
-				for _, wc := range e.wc[:k] {
-					if err := wcErr(wc, "receive"); err != nil {
-						return 0, err
-					}
-					st[int(wc.WrID)%nq].rdone++
+					return 0, err
 				}
 				if k == 0 {
 					if err := e.waitFile(e.resp, "receives", done, n); err != nil {
@@ -367,6 +350,28 @@ func (e *verbsEngine) round(n, depth, every int, lat samples) (time.Duration, er
 		}
 	}
 	return d, nil
+}
+
+// pollRecvs takes the responder's receive completions: each must be the
+// next receive of its QP, with the message's length.
+func (e *verbsEngine) pollRecvs(st []qpRound, n int) (int, error) {
+	nq := len(st)
+	k, err := hfiuser.PollCQ(e.resp, e.respCQ, e.wc)
+	if err != nil {
+		return 0, fmt.Errorf("POLL_CQ (receives): %w", err)
+	}
+	for _, wc := range e.wc[:k] {
+		if err := wcErr(wc, "receive"); err != nil {
+			return 0, err
+		}
+		i := int(wc.WrID)
+		q := i % nq
+		if i >= n || i/nq != st[q].rdone || int(wc.ByteLen) != e.r.size {
+			return 0, fmt.Errorf("receive %d: %d bytes, after %d receives of QP %d: %w", i, wc.ByteLen, st[q].rdone, q, unix.EIO)
+		}
+		st[q].rdone++
+	}
+	return k, nil
 }
 
 // wait sleeps until a completion event (File.Poll arms the file's CQs), as
