@@ -30,7 +30,7 @@ import (
 )
 
 const (
-	perfRunBytes    = 64 << 20  // bandwidth: default bytes per run, and the largest destination region
+	perfRunBytes    = 64 << 20  // bandwidth: default bytes per run; the largest destination region
 	perfLatBytes    = 256 << 20 // latency: default bytes of samples per size
 	perfMaxIters    = 5000      // default messages per bandwidth run, at most
 	perfLatIters    = 1000      // default latency samples per size, at most
@@ -372,9 +372,6 @@ func (p *perfRun) row(e perfEngine, r *perfRow) (err error) {
 	n := p.iters(r.mode, r.size)
 	stride := e.stride(r.size)
 	slots := max(1, min(n, perfRunBytes/stride, e.maxSlots(stride)))
-	if r.mode == "lat" {
-		slots = max(1, min(n, perfLatIters, e.maxSlots(stride)))
-	}
 	reg, err := newPerfRegion(r.mem, r.size, stride, slots)
 	if err != nil {
 		return err
