@@ -49,10 +49,10 @@ var benchTamper func(op string, dst []byte)
 
 type perfConfig struct {
 	ops, modes, mems, paths []string
+	plots                   []string
 	sizes                   []int
 	iters, runs             int
 	qps, txDepth, every     int
-	plot                    string
 }
 
 // perfRow is one measured row, for the table and the plot.
@@ -77,12 +77,12 @@ func benchPerf(s *session, ops []string, args []string) (_ obj, err error) {
 	every := fs.Int("signal-every", 8, "bandwidth: every N-th work request of a QP is signaled (and its last)")
 	memArg := fs.String("mem", "anon,memfd", "buffer kinds: anon (mem.Alloc), memfd (mem.AllocMemfd)")
 	pathArg := fs.String("paths", "", "devices side by side, comma-separated specs (default: --device)")
-	plot := fs.String("plot", "", "draw bandwidth and latency against size into FILE (.svg or .png)")
+	plot := fs.String("plot", "", "draw bandwidth and latency against size into FILE (.svg or .png; several: a comma-separated list)")
 	profile := fs.String("cpuprofile", "", "write a CPU profile of the run (go tool pprof) to FILE")
 	if _, err := parseArgs(fs, args, 0, 0); err != nil {
 		return nil, err
 	}
-	cfg := perfConfig{ops: ops, iters: *iters, runs: *runs, qps: *qps, txDepth: *txDepth, every: *every, plot: *plot}
+	cfg := perfConfig{ops: ops, iters: *iters, runs: *runs, qps: *qps, txDepth: *txDepth, every: *every}
 	switch {
 	case *lat && *modeArg != "" && *modeArg != "lat":
 		return nil, usageErr("--lat and --mode %s", *modeArg)
@@ -126,9 +126,12 @@ func benchPerf(s *session, ops []string, args []string) (_ obj, err error) {
 	if cfg.iters < 0 || cfg.runs < 1 || cfg.qps < 1 || cfg.qps > 32 || cfg.txDepth < 1 || cfg.every < 1 || cfg.every > cfg.txDepth {
 		return nil, usageErr("want --iters >= 0, --runs >= 1, 1 <= --qps <= 32 and 1 <= --signal-every <= --tx-depth")
 	}
-	if cfg.plot != "" {
-		if _, err := plotFormat(cfg.plot); err != nil {
-			return nil, err
+	if *plot != "" {
+		cfg.plots = strings.Split(*plot, ",")
+		for _, f := range cfg.plots {
+			if _, err := plotFormat(f); err != nil {
+				return nil, err
+			}
 		}
 	}
 
@@ -163,11 +166,13 @@ func benchPerf(s *session, ops []string, args []string) (_ obj, err error) {
 		}
 		o.add("targets", t).add("pass", pass)
 	}
-	if cfg.plot != "" {
-		if err := writePlot(cfg.plot, p.rows); err != nil {
+	for _, f := range cfg.plots {
+		if err := writePlot(f, p.rows); err != nil {
 			return nil, err
 		}
-		o.add("plot", cfg.plot)
+	}
+	if len(cfg.plots) > 0 {
+		o.add("plots", cfg.plots)
 	}
 	return o, nil
 }

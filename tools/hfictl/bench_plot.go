@@ -98,6 +98,11 @@ func writePlot(file string, rows []perfRow) (err error) {
 			memcpy[r.mode][r.size] = append(memcpy[r.mode][r.size], cp)
 		}
 	}
+	// One legend for both plots, beside them: the lines cover the plots.
+	legend := plot.NewLegend()
+	legend.Top, legend.Left = true, true
+	legend.TextStyle.Font.Size = vg.Points(8)
+	named := map[string]bool{}
 	add := func(p *plot.Plot, name string, xys plotter.XYs, c color.Color, dashes []vg.Length, g draw.GlyphDrawer, width vg.Length) error {
 		if len(xys) == 0 {
 			return nil
@@ -109,7 +114,10 @@ func writePlot(file string, rows []perfRow) (err error) {
 		l.Color, l.Dashes, l.Width = c, dashes, width
 		s.Color, s.Shape, s.Radius = c, g, vg.Points(2)
 		p.Add(l, s)
-		p.Legend.Add(name, l, s)
+		if !named[name] {
+			named[name] = true
+			legend.Add(name, l, s)
+		}
 		return nil
 	}
 	for _, k := range keys {
@@ -138,13 +146,15 @@ func writePlot(file string, rows []perfRow) (err error) {
 		}
 		fitLog(p)
 	}
-	w, h := 32*vg.Centimeter, 16*vg.Centimeter
+	w, h, lw := 36*vg.Centimeter, 16*vg.Centimeter, 7*vg.Centimeter
 	c, err := draw.NewFormattedCanvas(w, h, format)
 	if err != nil {
 		return fmt.Errorf("plot: %w", err)
 	}
+	dc := draw.New(c)
+	legend.Draw(draw.Crop(dc, w-lw+vg.Centimeter/2, 0, 0, -vg.Centimeter))
 	plots := [][]*plot.Plot{{bw, lat}}
-	for i, row := range plot.Align(plots, draw.Tiles{Rows: 1, Cols: 2, PadX: vg.Centimeter}, draw.New(c)) {
+	for i, row := range plot.Align(plots, draw.Tiles{Rows: 1, Cols: 2, PadX: vg.Centimeter}, draw.Crop(dc, 0, -lw, 0, 0)) {
 		for j, dc := range row {
 			plots[i][j].Draw(dc)
 		}
@@ -169,8 +179,6 @@ func newLogPlot(title, unit string) *plot.Plot {
 	p.X.Tick.Marker = sizeTicks{}
 	p.Y.Tick.Marker = plot.LogTicks{Prec: -1}
 	p.Add(plotter.NewGrid())
-	p.Legend.Top, p.Legend.Left = true, true
-	p.Legend.TextStyle.Font.Size = vg.Points(7)
 	return p
 }
 

@@ -201,11 +201,11 @@ func TestBenchAllJSON(t *testing.T) {
 	hfictl(t, "", "info") // warm up state created once per process
 	checkNoLeaks(t)
 	dir := t.TempDir()
-	for _, file := range []string{"perf.svg", "perf.png"} {
-		plot := filepath.Join(dir, file)
+	svg, png := filepath.Join(dir, "perf.svg"), filepath.Join(dir, "perf.png")
+	{
 		m := benchRun(t, "all", "--size", "8,4k,64k", "--iters", "3", "--runs", "2", "--qps", "2",
-			"--tx-depth", "4", "--signal-every", "2", "--plot", plot)
-		if m["device"] != "embedded" || m["plot"] != plot || num(t, m, "qps") != 2 || num(t, m, "tx_depth") != 4 {
+			"--tx-depth", "4", "--signal-every", "2", "--plot", svg+","+png)
+		if m["device"] != "embedded" || fmt.Sprint(m["plots"]) != fmt.Sprint([]any{svg, png}) || num(t, m, "qps") != 2 || num(t, m, "tx_depth") != 4 {
 			t.Errorf("header %v", m)
 		}
 		sizes := []string{"8B", "4KiB", "64KiB"}
@@ -216,7 +216,8 @@ func TestBenchAllJSON(t *testing.T) {
 				t.Errorf("latency row %v: quantiles out of order", r)
 			}
 		}
-		checkPlot(t, plot)
+		checkPlot(t, svg)
+		checkPlot(t, png)
 	}
 }
 

@@ -172,7 +172,7 @@ func init() {
 		"stats":       {"", "GOHFI_IOCTL_DRIVER_STATS", cmdStats},
 		"trace":       {"on [--kinds LIST] | off", "print the driver's decisions as they happen (TID register/invalidate, notifier events, ODP faults, TLB flushes, fast-reg, doorbells, completions)", cmdTrace},
 		// Benchmarks (bench*.go).
-		"bench": {"write|read|send|expected|all [--lat|--mode bw,lat] [--size LIST|-a] [--iters N] [--runs N] [--qps N] [--tx-depth N] [--signal-every N] [--mem anon,memfd] [--paths SPEC,...] [--plot FILE.svg|.png] [--cpuprofile FILE] | tid [--sizes 4k,64k,1m,16m] [--iters N] | reg [--size LIST] [--iters N]",
+		"bench": {"write|read|send|expected|all [--lat|--mode bw,lat] [--size LIST|-a] [--iters N] [--runs N] [--qps N] [--tx-depth N] [--signal-every N] [--mem anon,memfd] [--paths SPEC,...] [--plot FILE.svg|.png,...] [--cpuprofile FILE] | tid [--sizes 4k,64k,1m,16m] [--iters N] | reg [--size LIST] [--iters N]",
 			"perftest-style RDMA WRITE/READ/SEND and expected-receive bandwidth, message rate and latency vs memcpy, every message checked; TID cache; REG_MR+DEREG_MR cost", cmdBench},
 		// Verbs (cmds_verbs.go, cmds_wr.go).
 		"mr":        {"reg NAME BUF[:OFF[:LEN]] [--access LIST] [--iova X] [--odp] | reg NAME --implicit [--access LIST] | dereg NAME | show [NAME]", "REG_MR, DEREG_MR, MR_STATS (access: local_write,remote_write,remote_read,remote_atomic; --odp: on_demand; --implicit: the whole address space, on_demand)", cmdMR},
