@@ -229,8 +229,9 @@ func (e *expectedEngine) lane(l *expLane, first, step, n, depth int, lat samples
 
 // read consumes the header queue entries that have arrived (waiting in
 // File.Poll for one when none has): each must be an expected packet
-// without error, tagged with the oldest message in flight; then it writes
-// RcvHdrHead once.
+// without error (a packet the device refused arrives as an error entry),
+// tagged with the oldest message in flight; then it writes RcvHdrHead
+// once.
 func (e *expectedEngine) read(l *expLane) error {
 	got := 0
 	for len(l.inflight) > 0 {
@@ -252,6 +253,10 @@ func (e *expectedEngine) read(l *expLane) error {
 				return fmt.Errorf("waiting for the header queue, message %d in flight: %w", l.inflight[0], err)
 			}
 			continue
+		}
+		// The device writes seq last: the other fields, read after it.
+		if err := h.UnmarshalBytes(l.rhq[int(l.head)*l.entsize:]); err != nil {
+			return err
 		}
 		if h.Type != uapi.GOHFI_RHF_EXPECTED || h.Err != 0 || h.Tag != l.inflight[0] {
 			return fmt.Errorf("header entry %+v, want an expected packet of message %d: %w", h, l.inflight[0], unix.EIO)
