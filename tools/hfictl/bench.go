@@ -1,14 +1,13 @@
 package main
 
-// hfictl bench tid: the expected-receive figures of issue 5, measured in one
-// run on one device. Every operation is timed on its own (time.Now around
-// the call) over N iterations and reported as median and p90, with the
-// ratios and targets the issue names.
+// hfictl bench tid: the TID cache figures of issue 5, measured in one run on
+// one device. Every operation is timed on its own (time.Now around the
+// call) over N iterations and reported as median and p90, with the ratios
+// and targets the issue names. Expected-receive bandwidth and latency are
+// bench expected's (bench_perf.go).
 
 import (
 	"bufio"
-	"bytes"
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -32,15 +31,12 @@ const (
 	targetHit      = 200 * time.Nanosecond // a cache hit
 	targetMiss1M   = 150 * time.Microsecond
 	targetMissRate = 100 // a 1 MiB miss costs at least this many hits
-	bwMsgSize      = 1 << 20
 	memlockWant    = 1 << 30
 )
 
 type benchTIDConfig struct {
-	sizes     []int
-	iters     int
-	bwMsgs    int
-	bwBuffers int
+	sizes []int
+	iters int
 }
 
 // parseSizes reads a comma-separated list of page-multiple sizes.
@@ -77,8 +73,6 @@ func benchTID(s *session, args []string) (_ obj, err error) {
 	fs := newFlags("bench")
 	sizesArg := fs.String("sizes", "4k,64k,1m,16m", "buffer sizes for hit, miss, free and no cache")
 	iters := fs.Int("iters", 200, "timed iterations per operation and size")
-	bwMsgs := fs.Int("bw-msgs", 200, "1 MiB messages per bandwidth run")
-	bwBufs := fs.Int("bw-buffers", 4, "receive buffers reused round robin in the bandwidth runs")
 	if _, err := parseArgs(fs, args, 0, 0); err != nil {
 		return nil, err
 	}
@@ -86,10 +80,10 @@ func benchTID(s *session, args []string) (_ obj, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if *iters < 1 || *bwMsgs < 1 || *bwBufs < 1 {
-		return nil, usageErr("--iters, --bw-msgs and --bw-buffers must be at least 1")
+	if *iters < 1 {
+		return nil, usageErr("--iters must be at least 1")
 	}
-	cfg := benchTIDConfig{sizes: sizes, iters: *iters, bwMsgs: *bwMsgs, bwBuffers: *bwBufs}
+	cfg := benchTIDConfig{sizes: sizes, iters: *iters}
 
 	if s.att == nil && s.opts.Sim.RcvArrayPerCtxt > rcvarray.MaxTIDEntries {
 		// A TID names its entry with a 10-bit pair index: entries past
@@ -189,42 +183,29 @@ func hasCapIPCLock() bool {
 	return false
 }
 
-// tidBench is one run: a sender and a receiver context of the device.
+// tidBench is one run: a receiver context of the device.
 type tidBench struct {
 	s       *session
 	cfg     benchTIDConfig
-	tx, rx  *openFile
+	rx      *openFile
 	rcvtids int
 }
 
 func newTIDBench(s *session, cfg benchTIDConfig) (*tidBench, error) {
-	b := &tidBench{s: s, cfg: cfg}
-	for _, name := range []string{"bench-tx", "bench-rx"} {
-		f, err := s.att.Device.Open()
-		if err != nil {
-			return nil, errors.Join(err, b.close())
-		}
-		of := &openFile{name: name, f: f}
-		if b.tx == nil {
-			b.tx = of
-		} else {
-			b.rx = of
-		}
-		if err := s.assign(of, uapi.Hfi1UserInfo{Userversion: uapi.HFI1_USER_SWVERSION}); err != nil {
-			return nil, errors.Join(fmt.Errorf("%s: %w", name, err), b.close())
-		}
+	f, err := s.att.Device.Open()
+	if err != nil {
+		return nil, err
 	}
-	var err error
-	ci := b.rx.ci
-	if b.rx.rhq, err = b.rx.f.Mmap(b.rx.bi.RcvhdrBufbase, int(ci.RcvhdrqCnt)*int(ci.RcvhdrqEntsize), unix.PROT_READ); err != nil {
-		return nil, errors.Join(fmt.Errorf("map header queue: %w", err), b.close())
+	b := &tidBench{s: s, cfg: cfg, rx: &openFile{name: "bench-rx", f: f}}
+	if err := s.assign(b.rx, uapi.Hfi1UserInfo{Userversion: uapi.HFI1_USER_SWVERSION}); err != nil {
+		return nil, errors.Join(fmt.Errorf("%s: %w", b.rx.name, err), b.close())
 	}
-	b.rcvtids = int(ci.Rcvtids)
+	b.rcvtids = int(b.rx.ci.Rcvtids)
 	return b, nil
 }
 
-// close closes the two files, releasing their contexts.
-func (b *tidBench) close() error { return closeFiles(b.tx, b.rx) }
+// close closes the file, releasing its context.
+func (b *tidBench) close() error { return closeFiles(b.rx) }
 
 // samples are the times of one operation.
 type samples []time.Duration
@@ -282,7 +263,16 @@ func ratioOf(a, b time.Duration) ratio {
 // gbps is bytes per second, shown in GB/s (10^9).
 type gbps float64
 
-func (g gbps) String() string { return fmt.Sprintf("%.2fGB/s", float64(g)/1e9) }
+func (g gbps) String() string {
+	v := float64(g) / 1e9
+	switch {
+	case v < 0.001:
+		return fmt.Sprintf("%.6fGB/s", v)
+	case v < 0.1:
+		return fmt.Sprintf("%.4fGB/s", v)
+	}
+	return fmt.Sprintf("%.2fGB/s", v)
+}
 
 func rate(bytes int, d time.Duration) gbps {
 	if d <= 0 {
@@ -388,12 +378,6 @@ func (b *tidBench) run(o *obj) error {
 			{"nocache_per_miss", ratioOf(r.nocache.quantile(0.5), r.miss.quantile(0.5))}})
 	}
 	o.add("latency", lat).add("ratios", ratios)
-
-	bw, err := b.bandwidth()
-	if err != nil {
-		return err
-	}
-	o.add("bandwidth", bw)
 
 	var targets table
 	pass := true
@@ -545,184 +529,4 @@ func (b *tidBench) tidOps(size int) (r sizeResult, err error) {
 		return r, fmt.Errorf("cache stats %+v: a TID was not freed", st)
 	}
 	return r, nil
-}
-
-// bandwidth sends 1 MiB messages as expected packets from the sender's
-// context into the receiver's cached TIDs, with memfd-backed and anonymous
-// receive buffers, and copies 1 MiB between two buffers for comparison.
-func (b *tidBench) bandwidth() (rows table, err error) {
-	src, err := mem.Alloc(bwMsgSize)
-	if err != nil {
-		return nil, err
-	}
-	defer cleanup(&err, "unmapping the source buffer", src.Close)
-	if err := fillPattern(src.Bytes(), "rand:5"); err != nil {
-		return nil, err
-	}
-	var memcpyMedian time.Duration
-	// memcpy first: the reference the other rows are divided by.
-	{
-		dst, err := mem.Alloc(bwMsgSize)
-		if err != nil {
-			return nil, err
-		}
-		d := make(samples, b.cfg.bwMsgs)
-		start := time.Now()
-		for i := range d {
-			t0 := time.Now()
-			copy(dst.Bytes(), src.Bytes())
-			d[i] = time.Since(t0)
-		}
-		total := time.Since(start)
-		ok := bytes.Equal(dst.Bytes(), src.Bytes())
-		if err := dst.Close(); err != nil {
-			return nil, fmt.Errorf("unmapping the memcpy buffer: %w", err)
-		}
-		memcpyMedian = d.quantile(0.5)
-		rows = append(rows, bwRow("memcpy", d, total, memcpyMedian, ok))
-	}
-	for _, kind := range []string{"memfd", "anon"} {
-		d, total, ok, err := b.expectedRun(kind, src)
-		if err != nil {
-			return nil, fmt.Errorf("bandwidth %s: %w", kind, err)
-		}
-		rows = append(rows, bwRow("expected/"+kind, d, total, memcpyMedian, ok))
-	}
-	return rows, nil
-}
-
-func bwRow(name string, d samples, total, ref time.Duration, verified bool) obj {
-	med := d.quantile(0.5)
-	return obj{{"path", name}, {"msg_size", sizeLabel(bwMsgSize)}, {"msgs", len(d)},
-		{"median_ns", ns(med)}, {"p90_ns", ns(d.quantile(0.9))},
-		{"median_bw", rate(bwMsgSize, med)}, {"total_bw", rate(bwMsgSize*len(d), total)},
-		{"vs_memcpy", ratio(float64(ref) / float64(max(med, 1)))}, {"verified", verified}}
-}
-
-// expectedRun is one bandwidth run: per message a cache lookup (a hit after
-// the first receive into each buffer), one send per TID, a wait for each
-// header queue entry, and the release. Per-message times and the total.
-func (b *tidBench) expectedRun(kind string, src *mem.Buffer) (d samples, total time.Duration, ok bool, err error) {
-	bufs := make([]*mem.Buffer, b.cfg.bwBuffers)
-	defer func() {
-		for _, x := range bufs {
-			if x != nil {
-				cleanup(&err, "unmapping a receive buffer", x.Close)
-			}
-		}
-	}()
-	for i := range bufs {
-		if kind == "memfd" {
-			bufs[i], err = mem.AllocMemfd(bwMsgSize)
-		} else {
-			bufs[i], err = mem.Alloc(bwMsgSize)
-		}
-		if err != nil {
-			return nil, 0, false, err
-		}
-	}
-	c, err := tidcache.New(b.rx.f, tidcache.Options{})
-	if err != nil {
-		return nil, 0, false, err
-	}
-	defer cleanup(&err, "closing the TID cache", c.Close)
-	// Register every buffer before timing: the run measures cached TIDs.
-	for _, x := range bufs {
-		e, err := c.Acquire(x.Addr(), bwMsgSize)
-		if err != nil {
-			return nil, 0, false, err
-		}
-		if err := c.Release(e); err != nil {
-			return nil, 0, false, err
-		}
-	}
-	d = make(samples, b.cfg.bwMsgs)
-	start := time.Now()
-	for i := range d {
-		x := bufs[i%len(bufs)]
-		t0 := time.Now()
-		e, err := c.Acquire(x.Addr(), bwMsgSize)
-		if err != nil {
-			return nil, 0, false, err
-		}
-		if err := b.receive(e, src); err != nil {
-			return nil, 0, false, errors.Join(fmt.Errorf("message %d: %w", i, err), c.Release(e))
-		}
-		if err := c.Release(e); err != nil {
-			return nil, 0, false, err
-		}
-		d[i] = time.Since(t0)
-	}
-	total = time.Since(start)
-	if st := c.Stats(); st.Misses != uint64(len(bufs)) {
-		return nil, 0, false, fmt.Errorf("cache stats %+v: want %d misses", st, len(bufs))
-	}
-	ok = true
-	for i, x := range bufs {
-		if i < len(d) && !bytes.Equal(x.Bytes(), src.Bytes()) {
-			ok = false
-		}
-	}
-	return d, total, ok, nil
-}
-
-// receive sends the source buffer into e's TIDs, one expected packet per
-// TID, and consumes each header queue entry.
-func (b *tidBench) receive(e *tidcache.Entry, src *mem.Buffer) error {
-	off := 0
-	for _, tid := range e.TIDs {
-		n := min(int(uapi.ExpTidGet(tid, uapi.EXP_TID_LEN))*mem.PageSize(), bwMsgSize-off)
-		if n <= 0 {
-			break
-		}
-		m := uapi.GohfiSend{Opcode: uapi.GOHFI_SEND_EXPECTED, DstCtxt: b.rx.ci.Ctxt, Length: uint32(n),
-			Vaddr: uint64(src.Addr()) + uint64(off), TID: tid}
-		if err := b.s.ioctl(b.tx, uapi.GOHFI_IOCTL_SEND, &m); err != nil {
-			return fmt.Errorf("send: %w", err)
-		}
-		if err := b.waitExpected(); err != nil {
-			return err
-		}
-		off += n
-	}
-	if off < bwMsgSize {
-		return fmt.Errorf("TIDs cover %d of %d bytes: %w", off, bwMsgSize, unix.EIO)
-	}
-	return nil
-}
-
-// waitExpected consumes the receiver's next header queue entry, which must
-// be an expected packet.
-func (b *tidBench) waitExpected() error {
-	rx := b.rx
-	ci := rx.ci
-	ctx, cancel := context.WithTimeout(b.s.ctx, 5*time.Second)
-	defer cancel()
-	for {
-		var h uapi.GohfiRHQEntry
-		if err := h.UnmarshalBytes(rx.rhq[rx.head*uint64(ci.RcvhdrqEntsize):]); err != nil {
-			return err
-		}
-		if h.Seq == rx.seq {
-			// The device writes the seq last: the rest, read after it.
-			if err := h.UnmarshalBytes(rx.rhq[rx.head*uint64(ci.RcvhdrqEntsize):]); err != nil {
-				return err
-			}
-			if h.Type != uapi.GOHFI_RHF_EXPECTED {
-				return fmt.Errorf("header entry %+v: not an expected packet: %w", h, unix.EIO)
-			}
-			next := (rx.head + 1) % uint64(ci.RcvhdrqCnt)
-			if err := b.s.scalarOn(rx, uapi.GOHFI_IOCTL_RCVHDR_HEAD, next); err != nil {
-				return err
-			}
-			rx.head = next
-			if rx.seq++; rx.seq == 0 {
-				rx.seq = 1
-			}
-			return nil
-		}
-		if _, err := rx.f.Poll(ctx); err != nil {
-			return fmt.Errorf("waiting for the header queue: %w", err)
-		}
-	}
 }

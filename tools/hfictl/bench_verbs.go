@@ -1,18 +1,16 @@
 package main
 
-// hfictl bench write|read|reg: perftest-style rows (ib_write_bw,
-// ib_read_bw, ib_write_lat, ib_read_lat) over loopback between two files
-// of one device, against memcpy of the same size in the same run, and the
-// cost of REG_MR + DEREG_MR.
+// hfictl bench write|read|send: the verbs paths of the perftest-style bench
+// (bench_perf.go), over loopback between two files of one device; and
+// bench reg, the cost of REG_MR + DEREG_MR.
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 	"time"
 
+	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/hfiuser"
 	"github.com/gohfi/gohfi/mem"
 	"github.com/gohfi/gohfi/uapi"
@@ -21,16 +19,21 @@ import (
 
 const (
 	benchRemoteAccess = uapi.IB_ACCESS_LOCAL_WRITE | uapi.IB_ACCESS_REMOTE_WRITE | uapi.IB_ACCESS_REMOTE_READ
-	benchBytesPerRun  = 256 << 20        // default bandwidth run: about this many bytes
-	benchWaitLimit    = 10 * time.Second // a completion later than this is an error
+	benchWaitLimit    = 10 * time.Second // no completion for this long is an error
 )
 
 func cmdBench(s *session, args []string) (obj, error) {
+	perf := func(ops ...string) func(*session, []string) (obj, error) {
+		return func(s *session, a []string) (obj, error) { return benchPerf(s, ops, a) }
+	}
 	return subcommand(s, "bench", args, map[string]func(*session, []string) (obj, error){
-		"tid":   benchTID,
-		"write": func(s *session, a []string) (obj, error) { return benchRDMA(s, "write", a) },
-		"read":  func(s *session, a []string) (obj, error) { return benchRDMA(s, "read", a) },
-		"reg":   benchReg,
+		"tid":      benchTID,
+		"write":    perf("write"),
+		"read":     perf("read"),
+		"send":     perf("send"),
+		"expected": perf("expected"),
+		"all":      perf(perfOps...),
+		"reg":      benchReg,
 	})
 }
 
@@ -53,285 +56,354 @@ func (r msgRate) String() string {
 	return fmt.Sprintf("%.0f/s", float64(r))
 }
 
-func benchRDMA(s *session, opName string, args []string) (_ obj, err error) {
-	fs := newFlags("bench")
-	lat := fs.Bool("lat", false, "latency (one signaled WR at a time) instead of bandwidth")
-	sizeArg := fs.String("size", "", "message sizes (default: powers of two, 4k..4m for bandwidth, 8..64k for latency)")
-	iters := fs.Int("iters", 0, "messages per run (default: 1000 for latency; for bandwidth 256 MiB worth, 16..2000)")
-	runs := fs.Int("runs", 3, "bandwidth: runs per size, the median reported")
-	window := fs.Int("window", 16, "bandwidth: work requests in flight")
-	every := fs.Int("signal-every", 8, "bandwidth: every N-th work request is signaled (and the last)")
-	if _, err := parseArgs(fs, args, 0, 0); err != nil {
-		return nil, err
-	}
-	sizes := pow2Sizes(4<<10, 4<<20)
-	if *lat {
-		sizes = pow2Sizes(8, 64<<10)
-	}
-	if *sizeArg != "" {
-		if sizes, err = parseSizeList(*sizeArg); err != nil {
-			return nil, err
-		}
-	}
-	if *iters < 0 || *runs < 1 || *window < 1 || *every < 1 || *every > *window {
-		return nil, usageErr("want --iters >= 0, --runs >= 1 and 1 <= --signal-every <= --window")
-	}
-	op := uint32(uapi.GOHFI_WR_RDMA_WRITE)
-	if opName == "read" {
-		op = uapi.GOHFI_WR_RDMA_READ
-	}
-	restore, memlock, err := s.benchDevice()
-	if err != nil {
-		return nil, err
-	}
-	defer cleanup(&err, "restoring RLIMIT_MEMLOCK", restore)
-	b, err := newRDMABench(s, slices.Max(sizes), *window)
-	if err != nil {
-		return nil, err
-	}
-	defer cleanup(&err, "", b.close)
-	o := obj{{"device", s.spec}, {"op", opName}}
-	var rows table
-	for _, size := range sizes {
-		if err := s.ctx.Err(); err != nil {
-			return nil, fmt.Errorf("interrupted: %w", unix.EINTR)
-		}
-		n := *iters
-		switch {
-		case n > 0:
-		case *lat:
-			n = 1000
-		default:
-			n = min(max(benchBytesPerRun/size, 16), 2000)
-		}
-		var row obj
-		if *lat {
-			row, err = b.latRow(op, size, n)
-		} else {
-			row, err = b.bwRow(op, size, n, *runs, *window, *every)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", sizeLabel(size), err)
-		}
-		rows = append(rows, row)
-	}
-	if *lat {
-		o.add("mode", "lat")
-	} else {
-		o.add("mode", "bw").add("window", *window).add("signal_every", *every).add("runs", *runs)
-	}
-	o.add("memlock", memlock).add("rows", rows)
-	return o, nil
-}
-
-// rdmaBench is two files of one device (a requester and a responder
-// context, each its own PD) with an RC QP each, connected to each other; a
-// local buffer registered on the requester's side, a remote one on the
-// responder's.
-type rdmaBench struct {
-	s             *session
-	req, resp     *openFile
-	cq, qp        uint32 // the requester's
-	local, remote *mem.Buffer
-	lmr, rmr      uapi.GohfiRegMR
+// verbsEngine is two files of one device (a requester and a responder
+// context, each its own PD) with qps RC QPs each, connected pairwise, the
+// requester's on one CQ and the responder's on another.
+type verbsEngine struct {
+	ctx           context.Context
+	op            uint32
+	req, resp     *driver.File
+	reqCQ, respCQ uint32
+	qps           [][2]uint32 // requester's and responder's QP handles
 	wc            []uapi.GohfiWC
+	sgl           []uapi.GohfiSge // one per WR of a PostSend or PostRecv call, reused
+
+	r            *perfRegion
+	srcMR, dstMR uapi.GohfiRegMR
+	mrs          []mrOn // to deregister
 }
 
-func newRDMABench(s *session, size, window int) (b *rdmaBench, err error) {
-	b = &rdmaBench{s: s, wc: make([]uapi.GohfiWC, window)}
+type mrOn struct {
+	f      *driver.File
+	handle uint32
+}
+
+var verbsOps = map[string]uint32{"write": uapi.GOHFI_WR_RDMA_WRITE, "read": uapi.GOHFI_WR_RDMA_READ, "send": uapi.GOHFI_WR_SEND}
+
+func newVerbsEngine(ctx context.Context, dev *driver.Device, op string, qps, depth int) (e *verbsEngine, err error) {
+	e = &verbsEngine{ctx: ctx, op: verbsOps[op], wc: make([]uapi.GohfiWC, 64), sgl: make([]uapi.GohfiSge, depth)}
 	defer func() {
 		if err != nil {
-			err = errors.Join(err, b.close())
+			err = errors.Join(err, e.close())
 		}
 	}()
-	if b.local, err = mem.Alloc(size); err != nil {
-		return nil, err
-	}
-	if b.remote, err = mem.Alloc(size); err != nil {
-		return nil, err
-	}
-	var qpn [2]uint32
-	var qps [2]uint32
-	for i, name := range []string{"bench-req", "bench-resp"} {
-		f, err := s.att.Device.Open()
+	files := [2]*driver.File{}
+	cqs := [2]uint32{}
+	for i := range files {
+		f, err := dev.Open()
 		if err != nil {
 			return nil, err
 		}
-		of := &openFile{name: name, f: f}
+		files[i] = f
 		if i == 0 {
-			b.req = of
+			e.req = f
 		} else {
-			b.resp = of
+			e.resp = f
 		}
-		if err := s.assign(of, uapi.Hfi1UserInfo{Userversion: uapi.HFI1_USER_SWVERSION}); err != nil {
-			return nil, fmt.Errorf("%s: %w", name, err)
+		if err := hfiuser.AssignCtxt(f); err != nil {
+			return nil, fmt.Errorf("ASSIGN_CTXT: %w", err)
 		}
-		cq, _, err := hfiuser.CreateCQ(f, uint32(window), 0)
-		if err != nil {
-			return nil, err
-		}
-		r, err := hfiuser.CreateQP(f, uapi.GohfiCreateQP{QPType: uapi.GOHFI_QPT_RC, SendCQ: cq, RecvCQ: cq,
-			MaxSendWR: uint32(window), MaxRecvWR: 1, MaxSendSge: 1, MaxRecvSge: 1})
-		if err != nil {
-			return nil, err
-		}
-		qpn[i], qps[i] = r.QPNum, r.Handle
-		if i == 0 {
-			b.cq, b.qp = cq, r.Handle
+		if cqs[i], _, err = hfiuser.CreateCQ(f, uint32(qps*depth), 0); err != nil {
+			return nil, fmt.Errorf("CREATE_CQ: %w", err)
 		}
 	}
-	if b.lmr, err = hfiuser.RegMR(b.req.f, b.local.Addr(), uint64(size), uint64(b.local.Addr()), uapi.IB_ACCESS_LOCAL_WRITE); err != nil {
-		return nil, err
-	}
-	if b.rmr, err = hfiuser.RegMR(b.resp.f, b.remote.Addr(), uint64(size), uint64(b.remote.Addr()), benchRemoteAccess); err != nil {
-		return nil, err
-	}
-	for i, of := range []*openFile{b.req, b.resp} {
-		for _, st := range []uint32{uapi.GOHFI_QPS_INIT, uapi.GOHFI_QPS_RTR, uapi.GOHFI_QPS_RTS} {
-			m := uapi.GohfiModifyQP{Handle: qps[i], QPState: st, DestQPNum: qpn[1-i],
-				AccessFlags: uapi.IB_ACCESS_REMOTE_WRITE | uapi.IB_ACCESS_REMOTE_READ}
-			if err := hfiuser.ModifyQP(of.f, m); err != nil {
-				return nil, fmt.Errorf("%s: MODIFY_QP to %s: %w", of.name, qpStateNames[st], err)
+	e.reqCQ, e.respCQ = cqs[0], cqs[1]
+	for range qps {
+		var h, qpn [2]uint32
+		for i, f := range files {
+			r, err := hfiuser.CreateQP(f, uapi.GohfiCreateQP{QPType: uapi.GOHFI_QPT_RC, SendCQ: cqs[i], RecvCQ: cqs[i],
+				MaxSendWR: uint32(depth), MaxRecvWR: uint32(depth), MaxSendSge: 1, MaxRecvSge: 1})
+			if err != nil {
+				return nil, fmt.Errorf("CREATE_QP: %w", err)
+			}
+			h[i], qpn[i] = r.Handle, r.QPNum
+		}
+		for i, f := range files {
+			for _, st := range []uint32{uapi.GOHFI_QPS_INIT, uapi.GOHFI_QPS_RTR, uapi.GOHFI_QPS_RTS} {
+				m := uapi.GohfiModifyQP{Handle: h[i], QPState: st, DestQPNum: qpn[1-i],
+					AccessFlags: uapi.IB_ACCESS_REMOTE_WRITE | uapi.IB_ACCESS_REMOTE_READ}
+				if err := hfiuser.ModifyQP(f, m); err != nil {
+					return nil, fmt.Errorf("MODIFY_QP to %s: %w", qpStateNames[st], err)
+				}
 			}
 		}
+		e.qps = append(e.qps, h)
 	}
-	return b, nil
+	return e, nil
 }
 
-// close closes the files (the driver destroys their QPs, CQs and MRs),
-// then frees the buffers.
-func (b *rdmaBench) close() error {
-	errs := []error{closeFiles(b.req, b.resp)}
-	for _, m := range []*mem.Buffer{b.local, b.remote} {
-		if m != nil {
-			if err := m.Close(); err != nil {
-				errs = append(errs, fmt.Errorf("unmapping a bench buffer: %w", err))
+// close closes the files: the driver destroys their QPs, CQs and MRs.
+func (e *verbsEngine) close() error {
+	var errs []error
+	for _, f := range []*driver.File{e.req, e.resp} {
+		if f != nil {
+			if err := f.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("closing a bench file: %w", err))
 			}
 		}
 	}
 	return errors.Join(errs...)
 }
 
-// stream runs iters work requests of op over the first size bytes, at most
-// window in flight, every every-th and the last one signaled, and returns
-// the time from the first post to the last completion.
-func (b *rdmaBench) stream(op uint32, size, iters, window, every int) (time.Duration, error) {
-	sgl := []uapi.GohfiSge{{Addr: uint64(b.local.Addr()), Length: uint32(size), Lkey: b.lmr.Lkey}}
-	wrs := make([]hfiuser.SendWR, 0, window)
-	posted, done := 0, 0
-	start := time.Now()
-	ctx, cancel := context.WithTimeout(b.s.ctx, benchWaitLimit)
-	defer cancel()
-	for done < iters {
-		wrs = wrs[:0]
-		for i := posted; i < iters && i-done < window; i++ {
-			w := hfiuser.SendWR{SGL: sgl}
-			w.WrID, w.Opcode, w.RemoteAddr, w.Rkey = uint64(i), op, b.rmr.Iova, b.rmr.Rkey
-			if (i+1)%every == 0 || i == iters-1 {
-				w.SendFlags = uapi.GOHFI_SEND_SIGNALED
-			}
-			wrs = append(wrs, w)
+func (e *verbsEngine) stride(size int) int {
+	return (size + perfSlotAlign - 1) / perfSlotAlign * perfSlotAlign
+}
+
+func (e *verbsEngine) maxSlots(int) int { return perfMaxIters }
+
+// prepare registers the source on the side that reads it and the
+// destination on the side written: WRITE and SEND from the requester into
+// the responder, READ from the responder into the requester.
+func (e *verbsEngine) prepare(r *perfRegion) (err error) {
+	e.r = r
+	srcF, dstF := e.req, e.resp
+	srcAcc, dstAcc := uint32(uapi.IB_ACCESS_LOCAL_WRITE), uint32(benchRemoteAccess)
+	if e.op == uapi.GOHFI_WR_RDMA_READ {
+		srcF, dstF = e.resp, e.req
+		srcAcc, dstAcc = benchRemoteAccess, uapi.IB_ACCESS_LOCAL_WRITE
+	}
+	reg := func(f *driver.File, b *mem.Buffer, acc uint32) (uapi.GohfiRegMR, error) {
+		m, err := hfiuser.RegMR(f, b.Addr(), uint64(b.Len()), uint64(b.Addr()), acc)
+		if err != nil {
+			return m, fmt.Errorf("REG_MR of %d bytes: %w", b.Len(), err)
+		}
+		e.mrs = append(e.mrs, mrOn{f, m.Handle})
+		return m, nil
+	}
+	if e.srcMR, err = reg(srcF, r.src, srcAcc); err != nil {
+		return err
+	}
+	if e.dstMR, err = reg(dstF, r.dst, dstAcc); err != nil {
+		return errors.Join(err, e.release())
+	}
+	return nil
+}
+
+func (e *verbsEngine) release() error {
+	var errs []error
+	for _, m := range e.mrs {
+		if err := hfiuser.DeregMR(m.f, m.handle); err != nil {
+			errs = append(errs, fmt.Errorf("DEREG_MR: %w", err))
+		}
+	}
+	e.mrs, e.r = nil, nil
+	return errors.Join(errs...)
+}
+
+// qpRound is one QP's share of a round: m messages (i = j*nq + q for its
+// j-th), how many were posted and completed, and for SEND how many
+// receives were posted and completed.
+type qpRound struct {
+	m, posted, done, rposted, rdone int
+}
+
+// sendWR is message i, the j-th of its QP's m, signaled when it is an
+// every-th or the QP's last; its SGE is e.sgl[k] (PostSend copies it).
+func (e *verbsEngine) sendWR(k, i, j, m, every int) hfiuser.SendWR {
+	r := e.r
+	e.sgl[k] = uapi.GohfiSge{Addr: uint64(r.srcAddr(i)), Length: uint32(r.size), Lkey: e.srcMR.Lkey}
+	w := hfiuser.SendWR{SGL: e.sgl[k : k+1]}
+	w.WrID, w.Opcode = uint64(i), e.op
+	switch e.op {
+	case uapi.GOHFI_WR_RDMA_WRITE:
+		w.RemoteAddr, w.Rkey = uint64(r.dstAddr(i)), e.dstMR.Rkey
+	case uapi.GOHFI_WR_RDMA_READ:
+		w.SGL[0] = uapi.GohfiSge{Addr: uint64(r.dstAddr(i)), Length: uint32(r.size), Lkey: e.dstMR.Lkey}
+		w.RemoteAddr, w.Rkey = uint64(r.srcAddr(i)), e.srcMR.Rkey
+	}
+	if (j+1)%every == 0 || j == m-1 {
+		w.SendFlags = uapi.GOHFI_SEND_SIGNALED
+	}
+	return w
+}
+
+func (e *verbsEngine) recvWR(k, i int) hfiuser.RecvWR {
+	r := e.r
+	e.sgl[k] = uapi.GohfiSge{Addr: uint64(r.dstAddr(i)), Length: uint32(r.size), Lkey: e.dstMR.Lkey}
+	w := hfiuser.RecvWR{SGL: e.sgl[k : k+1]}
+	w.WrID = uint64(i)
+	return w
+}
+
+// postRecvs keeps up to depth receives posted on each QP for SEND.
+func (e *verbsEngine) postRecvs(st []qpRound, depth int) error {
+	nq := len(st)
+	for q := range st {
+		var wrs []hfiuser.RecvWR
+		for st[q].rposted < st[q].m && st[q].rposted-st[q].rdone < depth {
+			wrs = append(wrs, e.recvWR(len(wrs), st[q].rposted*nq+q))
+			st[q].rposted++
 		}
 		if len(wrs) > 0 {
-			n, err := hfiuser.PostSend(b.req.f, b.qp, wrs)
-			posted += n
-			if err != nil {
-				return 0, fmt.Errorf("POST_SEND: %w", err)
+			if n, err := hfiuser.PostRecv(e.resp, e.qps[q][1], wrs); err != nil {
+				return fmt.Errorf("POST_RECV (%d of %d posted): %w", n, len(wrs), err)
 			}
 		}
-		n, err := hfiuser.PollCQ(b.req.f, b.cq, b.wc)
+	}
+	return nil
+}
+
+func (e *verbsEngine) round(n, depth, every int, lat samples) (time.Duration, error) {
+	nq := min(len(e.qps), n)
+	if lat != nil {
+		nq = 1
+	}
+	st := make([]qpRound, nq)
+	for q := range st {
+		st[q].m = (n - q + nq - 1) / nq
+	}
+	send := e.op == uapi.GOHFI_WR_SEND
+	if send { // posted before the clock starts, as perftest does
+		if err := e.postRecvs(st, depth); err != nil {
+			return 0, err
+		}
+	}
+	var posted []time.Time
+	if lat != nil {
+		posted = make([]time.Time, n)
+	}
+	done := 0
+	wrs := make([]hfiuser.SendWR, 0, depth)
+	start := time.Now()
+	for done < n {
+		progress := false
+		for q := range st {
+			limit := st[q].m
+			if send {
+				limit = min(limit, st[q].rposted)
+			}
+			wrs = wrs[:0]
+			for j := st[q].posted; j < limit && j-st[q].done < depth; j++ {
+				wrs = append(wrs, e.sendWR(len(wrs), j*nq+q, j, st[q].m, every))
+			}
+			if len(wrs) == 0 {
+				continue
+			}
+			if lat != nil {
+				now := time.Now()
+				for _, w := range wrs {
+					posted[w.WrID] = now
+				}
+			}
+			k, err := hfiuser.PostSend(e.req, e.qps[q][0], wrs)
+			if err != nil {
+				return 0, fmt.Errorf("POST_SEND (%d of %d posted): %w", k, len(wrs), err)
+			}
+			st[q].posted += len(wrs)
+			progress = true
+		}
+		k, err := hfiuser.PollCQ(e.req, e.reqCQ, e.wc)
 		if err != nil {
 			return 0, fmt.Errorf("POLL_CQ: %w", err)
 		}
-		for _, wc := range b.wc[:n] {
-			if wc.Status != uapi.GOHFI_WC_SUCCESS {
-				return 0, fmt.Errorf("WR %d: %s (vendor error %d): %w", wc.WrID, wcStatusStr(wc.Status), wc.VendorErr, unix.EIO)
+		now := time.Now()
+		for _, wc := range e.wc[:k] {
+			if err := wcErr(wc, "WR"); err != nil {
+				return 0, err
 			}
-			done = int(wc.WrID) + 1
+			i := int(wc.WrID)
+			q, j := i%nq, i/nq
+			if i >= n || j < st[q].done {
+				return 0, fmt.Errorf("completion of WR %d out of order (%d of QP %d done): %w", i, st[q].done, q, unix.EIO)
+			}
+			done += j + 1 - st[q].done
+			st[q].done = j + 1
+			if lat != nil {
+				lat[i] = now.Sub(posted[i])
+			}
 		}
-		if n == 0 {
-			// Sleep until a completion event (File.Poll arms the file's
-			// CQs), as perftest -e does: the device model runs on
-			// goroutines of this process, which busy polling starves.
-			if _, err := b.req.f.Poll(ctx); err != nil {
-				if errors.Is(err, context.DeadlineExceeded) {
-					err = unix.ETIMEDOUT
+		progress = progress || k > 0
+		if send {
+			k, err := e.pollRecvs(st, n)
+			if err != nil {
+				return 0, err
+			}
+			if k > 0 {
+				progress = true
+				if err := e.postRecvs(st, depth); err != nil {
+					return 0, err
 				}
-				return 0, fmt.Errorf("%d of %d WRs completed: %w", done, iters, err)
+			}
+		}
+		if !progress {
+			if err := e.wait(st, done, n); err != nil {
+				return 0, err
 			}
 		}
 	}
-	return time.Since(start), nil
-}
-
-// prepare fills the side the operation reads from and clears the other;
-// verify compares them afterwards.
-func (b *rdmaBench) prepare(op uint32, size int) error {
-	src, dst := b.local.Bytes()[:size], b.remote.Bytes()[:size]
-	if op == uapi.GOHFI_WR_RDMA_READ {
-		src, dst = dst, src
-	}
-	clear(dst)
-	return fillPattern(src, fmt.Sprintf("rand:%d", size))
-}
-
-func (b *rdmaBench) verify(size int) bool {
-	return bytes.Equal(b.local.Bytes()[:size], b.remote.Bytes()[:size])
-}
-
-// memcpy copies size bytes between the two buffers iters times and returns
-// each copy's time.
-func (b *rdmaBench) memcpy(size, iters int) samples {
-	d := make(samples, iters)
-	src, dst := b.local.Bytes()[:size], b.remote.Bytes()[:size]
-	for i := range d {
-		t0 := time.Now()
-		copy(dst, src)
-		d[i] = time.Since(t0)
-	}
-	return d
-}
-
-func (b *rdmaBench) bwRow(op uint32, size, iters, runs, window, every int) (obj, error) {
-	if err := b.prepare(op, size); err != nil {
-		return nil, err
-	}
-	d := make(samples, runs)
-	for i := range d {
-		var err error
-		if d[i], err = b.stream(op, size, iters, window, every); err != nil {
-			return nil, err
+	d := time.Since(start)
+	if send {
+		// Every receive completes before its send's ACK; take the
+		// stragglers' completions so that none is left for the next round.
+		for q := range st {
+			for st[q].rdone < st[q].m {
+				k, err := e.pollRecvs(st, n)
+				if err != nil {
+					return 0, err
+				}
+				if k == 0 {
+					if err := e.waitFile(e.resp, "receives", done, n); err != nil {
+						return 0, err
+					}
+				}
+			}
 		}
 	}
-	ok := b.verify(size)
-	cp := make(samples, runs)
-	for i := range cp {
-		start := time.Now()
-		b.memcpy(size, iters)
-		cp[i] = time.Since(start)
-	}
-	med, cpMed := d.quantile(0.5), cp.quantile(0.5)
-	return obj{{"size", sizeLabel(size)}, {"bytes", size}, {"iters", iters},
-		{"bw", rate(size*iters, med)}, {"msg_rate", msgRate(float64(iters) / med.Seconds())},
-		{"memcpy_bw", rate(size*iters, cpMed)}, {"vs_memcpy", ratioOf(cpMed, med)}, {"verified", ok}}, nil
+	return d, nil
 }
 
-func (b *rdmaBench) latRow(op uint32, size, iters int) (obj, error) {
-	if err := b.prepare(op, size); err != nil {
-		return nil, err
+// pollRecvs takes the responder's receive completions: each must be the
+// next receive of its QP, with the message's length.
+func (e *verbsEngine) pollRecvs(st []qpRound, n int) (int, error) {
+	nq := len(st)
+	k, err := hfiuser.PollCQ(e.resp, e.respCQ, e.wc)
+	if err != nil {
+		return 0, fmt.Errorf("POLL_CQ (receives): %w", err)
 	}
-	d := make(samples, iters)
-	for i := range d {
-		var err error
-		if d[i], err = b.stream(op, size, 1, 1, 1); err != nil {
-			return nil, err
+	for _, wc := range e.wc[:k] {
+		if err := wcErr(wc, "receive"); err != nil {
+			return 0, err
+		}
+		i := int(wc.WrID)
+		q := i % nq
+		if i >= n || i/nq != st[q].rdone || int(wc.ByteLen) != e.r.size {
+			return 0, fmt.Errorf("receive %d: %d bytes, after %d receives of QP %d: %w", i, wc.ByteLen, st[q].rdone, q, unix.EIO)
+		}
+		st[q].rdone++
+	}
+	return k, nil
+}
+
+// wait sleeps until a completion event (File.Poll arms the file's CQs), as
+// perftest -e does: the device model may run on goroutines of this
+// process, which busy polling starves. It waits on the requester while a
+// send is outstanding, else on the responder (SEND waiting for receives).
+func (e *verbsEngine) wait(st []qpRound, done, n int) error {
+	for _, q := range st {
+		if q.posted > q.done {
+			return e.waitFile(e.req, "WRs", done, n)
 		}
 	}
-	ok := b.verify(size)
-	cp := b.memcpy(size, iters)
-	return obj{{"size", sizeLabel(size)}, {"bytes", size}, {"iters", iters},
-		{"p50_ns", ns(d.quantile(0.5))}, {"p99_ns", ns(d.quantile(0.99))},
-		{"memcpy_p50_ns", ns(cp.quantile(0.5))}, {"verified", ok}}, nil
+	return e.waitFile(e.resp, "receives", done, n)
+}
+
+func (e *verbsEngine) waitFile(f *driver.File, what string, done, n int) error {
+	ctx, cancel := waitCtx(e.ctx)
+	defer cancel()
+	if _, err := f.Poll(ctx); err != nil {
+		if errors.Is(err, context.DeadlineExceeded) {
+			err = unix.ETIMEDOUT
+		}
+		return fmt.Errorf("waiting for %s, %d of %d done: %w", what, done, n, err)
+	}
+	return nil
+}
+
+func wcErr(wc uapi.GohfiWC, what string) error {
+	if wc.Status == uapi.GOHFI_WC_SUCCESS {
+		return nil
+	}
+	return fmt.Errorf("%s %d: %s (vendor error %d): %w", what, wc.WrID, wcStatusStr(wc.Status), wc.VendorErr, unix.EIO)
 }
 
 // benchReg times REG_MR and DEREG_MR of a buffer whose pages are present,

@@ -460,6 +460,14 @@ func TestExternalHfisim(t *testing.T) {
 		}
 	}
 
+	if os.Geteuid() == 0 { // REG_MR and TID_UPDATE pin through io_uring
+		// The bench's rows for both devices side by side.
+		paths := []string{"embedded", "vfio-user:" + sock}
+		m := benchRun(t, "all", "--paths", strings.Join(paths, ","), "--size", "4k", "--iters", "2", "--runs", "1", "--mem", "anon")
+		checkPerfRows(t, objects(t, m, "bw"), paths, benchOps, []string{"anon"}, []string{"4KiB"}, bwFields, 2)
+		checkPerfRows(t, objects(t, m, "lat"), paths, benchOps, []string{"anon"}, []string{"4KiB"}, latFields, 2)
+	}
+
 	if err := sim.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}

@@ -171,9 +171,9 @@ func init() {
 		"events":      {"", "read the event bits from the mmapped events page", cmdEvents},
 		"stats":       {"", "GOHFI_IOCTL_DRIVER_STATS", cmdStats},
 		"trace":       {"on [--kinds LIST] | off", "print the driver's decisions as they happen (TID register/invalidate, notifier events, ODP faults, TLB flushes, fast-reg, doorbells, completions)", cmdTrace},
-		// Benchmarks (bench.go, bench_verbs.go).
-		"bench": {"tid [--sizes 4k,64k,1m,16m] [--iters N] [--bw-msgs N] [--bw-buffers N] | write|read [--lat] [--size LIST] [--iters N] [--runs N] [--window N] [--signal-every N] | reg [--size LIST] [--iters N]",
-			"TID cache and expected receive; RDMA WRITE/READ bandwidth or latency vs memcpy (perftest-style); REG_MR+DEREG_MR cost", cmdBench},
+		// Benchmarks (bench*.go).
+		"bench": {"write|read|send|expected|all [--lat|--mode bw,lat] [--size LIST|-a] [--iters N] [--runs N] [--qps N] [--tx-depth N] [--signal-every N] [--mem anon,memfd] [--paths SPEC,...] [--plot FILE.svg|.png,...] [--cpuprofile FILE] | tid [--sizes 4k,64k,1m,16m] [--iters N] | reg [--size LIST] [--iters N]",
+			"perftest-style RDMA WRITE/READ/SEND and expected-receive bandwidth, message rate and latency vs memcpy, every message checked; TID cache; REG_MR+DEREG_MR cost", cmdBench},
 		// Verbs (cmds_verbs.go, cmds_wr.go).
 		"mr":        {"reg NAME BUF[:OFF[:LEN]] [--access LIST] [--iova X] [--odp] | reg NAME --implicit [--access LIST] | dereg NAME | show [NAME]", "REG_MR, DEREG_MR, MR_STATS (access: local_write,remote_write,remote_read,remote_atomic; --odp: on_demand; --implicit: the whole address space, on_demand)", cmdMR},
 		"advise-mr": {"MR [--advice prefetch|prefetch_write|prefetch_no_fault] [--flush] [--off N] [--len N]", "GOHFI_IOCTL_ADVISE_MR on an ODP MR (the whole MR by default), then MR_STATS", cmdAdviseMR},
