@@ -10,14 +10,11 @@ import (
 	"github.com/gohfi/gohfi/uapi"
 )
 
-// TestFabricFastReg: fast registration across devices. A binds a fast-reg
-// MR to pages of its buffer out of order (FAST_REG_MR through its send
-// queue); B writes and reads through A's rkey over the wire; B's
-// SEND_WITH_INV invalidates A's MR (A's receive completion says so); a
-// later WRITE with the old rkey is NAKed remote access error, which B sees
-// as REM_ACCESS_ERR, and leaves A's memory alone.
-func TestFabricFastReg(t *testing.T) {
-	a, b := openNetDev(t), openNetDev(t)
+// fabricPair is two devices on 127.0.0.1, each the other's peer 1, with a
+// QP on each connected to the other's (remote write and read granted).
+func fabricPair(t *testing.T) (a, b *netDev, qa, qb *driver.QP) {
+	t.Helper()
+	a, b = openNetDev(t), openNetDev(t)
 	aa, err := a.a.Device.PortAddr()
 	if err != nil {
 		t.Fatal(err)
@@ -28,7 +25,7 @@ func TestFabricFastReg(t *testing.T) {
 	}
 	wantErrno(t, "peer b", a.a.Device.SetPeer(1, ab), 0)
 	wantErrno(t, "peer a", b.a.Device.SetPeer(1, aa), 0)
-	qa, qb := a.qp(t), b.qp(t)
+	qa, qb = a.qp(t), b.qp(t)
 	for _, p := range []struct{ q, dest *driver.QP }{{qa, qb}, {qb, qa}} {
 		if err := p.q.Modify(driver.QPAttr{State: uapi.GOHFI_QPS_RTR, DestQPNum: p.dest.Num(), DestPort: 1,
 			AccessFlags: uapi.IB_ACCESS_REMOTE_WRITE | uapi.IB_ACCESS_REMOTE_READ}); err != nil {
@@ -38,6 +35,17 @@ func TestFabricFastReg(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	return a, b, qa, qb
+}
+
+// TestFabricFastReg: fast registration across devices. A binds a fast-reg
+// MR to pages of its buffer out of order (FAST_REG_MR through its send
+// queue); B writes and reads through A's rkey over the wire; B's
+// SEND_WITH_INV invalidates A's MR (A's receive completion says so); a
+// later WRITE with the old rkey is NAKed remote access error, which B sees
+// as REM_ACCESS_ERR, and leaves A's memory alone.
+func TestFabricFastReg(t *testing.T) {
+	a, b, qa, qb := fabricPair(t)
 	acq, bcq := a.cq.Handle(), b.cq.Handle()
 	postOn := func(n *netDev, q *driver.QP, wrs ...hfiuser.SendWR) {
 		t.Helper()
@@ -128,5 +136,44 @@ func TestFabricFastReg(t *testing.T) {
 	// Invalidated, the MR can go.
 	if err := hfiuser.DeregMR(a.f, fr.Handle); err != nil {
 		t.Fatalf("DEREG_MR after the remote invalidation: %v", err)
+	}
+}
+
+// TestFabricFastRegStaleInv: a SEND_WITH_INV across devices naming a key
+// that is not A's MR's current one is NAKed invalid request: B's send and
+// A's receive complete with REM_INV_REQ_ERR, and A's MR stays bound.
+func TestFabricFastRegStaleInv(t *testing.T) {
+	a, b, qa, qb := fabricPair(t)
+	fr, err := hfiuser.AllocMR(a.f, 1)
+	if err != nil {
+		t.Fatalf("ALLOC_MR: %v", err)
+	}
+	key := fr.Rkey&^0xff | 0x11
+	if k, err := hfiuser.PostSend(a.f, qa.Handle(), []hfiuser.SendWR{hfiuser.FastRegWR(1, sig, fr.Handle, key, frAll,
+		[]uint64{uint64(uintptrOf(a.buf)) + 4096}, 12, frIOVA, 4096)}); err != nil || k != 1 {
+		t.Fatalf("POST_SEND: %d, %v", k, err)
+	}
+	wantWC(t, "FAST_REG_MR", pollWC(t, a.f, a.cq.Handle(), 1)[0], uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_REG_MR, 0)
+	if k, err := hfiuser.PostRecv(a.f, qa.Handle(), []hfiuser.RecvWR{{GohfiRecvWR: uapi.GohfiRecvWR{WrID: 4},
+		SGL: []uapi.GohfiSge{{Addr: uint64(uintptrOf(a.buf)) + 300000, Length: 256, Lkey: a.mr.Lkey()}}}}); err != nil || k != 1 {
+		t.Fatalf("POST_RECV: %d, %v", k, err)
+	}
+	if k, err := hfiuser.PostSend(b.f, qb.Handle(), []hfiuser.SendWR{{GohfiSendWR: uapi.GohfiSendWR{WrID: 5,
+		Opcode: uapi.GOHFI_WR_SEND_WITH_INV, SendFlags: sig, InvalidateRkey: key + 1},
+		SGL: []uapi.GohfiSge{{Addr: uint64(uintptrOf(b.buf)), Length: 64, Lkey: b.mr.Lkey()}}}}); err != nil || k != 1 {
+		t.Fatalf("POST_SEND: %d, %v", k, err)
+	}
+	if wc := pollWC(t, b.f, b.cq.Handle(), 1)[0]; wc.Status != uapi.GOHFI_WC_REM_INV_REQ_ERR || wc.WrID != 5 {
+		t.Fatalf("SEND_WITH_INV of a stale key: completion %+v, want REM_INV_REQ_ERR", wc)
+	}
+	if wc := pollWC(t, a.f, a.cq.Handle(), 1)[0]; wc.Status != uapi.GOHFI_WC_REM_INV_REQ_ERR || wc.WrID != 4 {
+		t.Fatalf("its receive: completion %+v, want REM_INV_REQ_ERR", wc)
+	}
+	m, err := a.pd.FastRegMR(fr.Handle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !m.Valid() {
+		t.Fatal("a SEND_WITH_INV of another key invalidated the MR")
 	}
 }
