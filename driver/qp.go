@@ -588,12 +588,29 @@ func (pd *PD) ioctlModifyQP(arg UserPtr) error {
 	if r.Reserved != 0 {
 		return errnoErr("MODIFY_QP: reserved field set", unix.EINVAL)
 	}
+	a := QPAttr{State: r.QPState, DestQPNum: r.DestQPNum, DestPort: r.DestPort,
+		SqPsn: r.SqPsn, RqPsn: r.RqPsn, AccessFlags: r.AccessFlags}
+	net := NetAttr{Timeout: r.Timeout, RetryCnt: r.RetryCnt, RnrRetry: r.RnrRetry, MinRnrTimer: r.MinRnrTimer}
+	switch {
+	case r.Flags&^uapi.GOHFI_MODIFY_QP_NET != 0:
+		return errnoErr(fmt.Sprintf("MODIFY_QP: flags %#x", r.Flags), unix.EINVAL)
+	case r.Flags&uapi.GOHFI_MODIFY_QP_NET == 0:
+		if net != (NetAttr{}) {
+			return errnoErr("MODIFY_QP: transport attributes without GOHFI_MODIFY_QP_NET", unix.EINVAL)
+		}
+	case r.QPState != uapi.GOHFI_QPS_RTR:
+		// As ib_modify_qp_is_ok: attributes the transition does not take.
+		return errnoErr(fmt.Sprintf("MODIFY_QP: transport attributes at state %d (RTR only)", r.QPState), unix.EINVAL)
+	case !net.valid():
+		return errnoErr(fmt.Sprintf("MODIFY_QP: transport attributes %+v", net), unix.EINVAL)
+	default:
+		a.Net = &net
+	}
 	qp, err := lookup(pd, pd.qps, r.Handle, "MODIFY_QP")
 	if err != nil {
 		return err
 	}
-	return qp.Modify(QPAttr{State: r.QPState, DestQPNum: r.DestQPNum, DestPort: r.DestPort,
-		SqPsn: r.SqPsn, RqPsn: r.RqPsn, AccessFlags: r.AccessFlags})
+	return qp.Modify(a)
 }
 
 func (pd *PD) ioctlDestroyQP(arg UserPtr) error {

@@ -278,6 +278,7 @@ const cGohfi = `
 #define GOHFI_QPS_SQD 4
 #define GOHFI_QPS_SQE 5
 #define GOHFI_QPS_ERR 6
+#define GOHFI_MODIFY_QP_NET (1 << 0)
 
 #define GOHFI_WR_RDMA_WRITE 0
 #define GOHFI_WR_RDMA_WRITE_WITH_IMM 1
@@ -417,6 +418,11 @@ struct gohfi_modify_qp {
 	__u32 sq_psn;
 	__u32 rq_psn;
 	__u32 access_flags;
+	__u32 flags;
+	__u8 timeout;
+	__u8 retry_cnt;
+	__u8 rnr_retry;
+	__u8 min_rnr_timer;
 	__u32 reserved;
 };
 

@@ -142,6 +142,10 @@ const (
 	GOHFI_QPS_SQD   = 4
 	GOHFI_QPS_SQE   = 5
 	GOHFI_QPS_ERR   = 6
+
+	// gohfi_modify_qp.flags: the transport attributes (timeout,
+	// retry_cnt, rnr_retry, min_rnr_timer) are set (RTR only).
+	GOHFI_MODIFY_QP_NET = 1 << 0
 )
 
 // Send work request opcodes. 0-13 are enum ib_uverbs_wr_opcode; FAST_REG_MR
@@ -225,7 +229,7 @@ const (
 	SizeofGohfiAllocMR     = 24
 	SizeofGohfiCreateCQ    = 16
 	SizeofGohfiCreateQP    = 40
-	SizeofGohfiModifyQP    = 32
+	SizeofGohfiModifyQP    = 40
 	SizeofGohfiSge         = 16
 	SizeofGohfiSendWR      = 120
 	SizeofGohfiRecvWR      = 24
@@ -374,6 +378,14 @@ type GohfiModifyQP struct {
 	SqPsn       uint32 `c:"sq_psn"`       // RTS
 	RqPsn       uint32 `c:"rq_psn"`       // RTR
 	AccessFlags uint32 `c:"access_flags"` // IB_ACCESS_REMOTE_* allowed on this QP
+	Flags       uint32 `c:"flags"`        // GOHFI_MODIFY_QP_*: which optional fields are set
+	// RTR with GOHFI_MODIFY_QP_NET: the transport attributes of a QP
+	// connected to a peer (ib_qp_attr's timeout, retry_cnt, rnr_retry,
+	// min_rnr_timer); without the flag the defaults.
+	Timeout     uint8  `c:"timeout"`       // 0..31: 4.096 us << timeout
+	RetryCnt    uint8  `c:"retry_cnt"`     // 0..7
+	RnrRetry    uint8  `c:"rnr_retry"`     // 0..7 (7: without limit)
+	MinRnrTimer uint8  `c:"min_rnr_timer"` // 0..31
 	Reserved    uint32 `c:"reserved"`
 }
 

@@ -6,6 +6,7 @@ import (
 	"math"
 	"strings"
 
+	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/hfiuser"
 	"github.com/gohfi/gohfi/uapi"
 	"golang.org/x/sys/unix"
@@ -512,9 +513,35 @@ func qpModify(s *session, args []string) (obj, error) {
 	accessArg := fs.String("access", "", "remote_write,remote_read,remote_atomic granted (default: as last given)")
 	sqPsn := fs.Uint("sq-psn", 0, "RTS: first send PSN")
 	rqPsn := fs.Uint("rq-psn", 0, "RTR: first expected PSN")
+	def := driver.DefaultNetAttr
+	timeout := fs.Uint("timeout", uint(def.Timeout), "RTR to a peer: retransmission timeout, 4.096 us << N (0..31)")
+	retryCnt := fs.Uint("retry-cnt", uint(def.RetryCnt), "RTR to a peer: retransmissions without progress before RETRY_EXC_ERR (0..7)")
+	rnrRetry := fs.Uint("rnr-retry", uint(def.RnrRetry), "RTR to a peer: RNR retries, 7 without limit (0..7)")
+	minRnrTimer := fs.Uint("min-rnr-timer", uint(def.MinRnrTimer), "RTR to a peer: the RNR timer code of this QP's RNR NAKs (0..31)")
 	_, q, err := parseNamed(fs, args, s.verbs.qps, "QP")
 	if err != nil {
 		return nil, err
+	}
+	var m uapi.GohfiModifyQP
+	// Any of the four given: all four are passed (the others at their
+	// defaults), as GOHFI_MODIFY_QP_NET covers them together.
+	fs.Visit(func(f *flag.Flag) {
+		switch f.Name {
+		case "timeout", "retry-cnt", "rnr-retry", "min-rnr-timer":
+			m.Flags = uapi.GOHFI_MODIFY_QP_NET
+		}
+	})
+	if m.Flags != 0 {
+		for _, a := range []struct {
+			name string
+			v    uint
+			dst  *uint8
+		}{{"timeout", *timeout, &m.Timeout}, {"retry-cnt", *retryCnt, &m.RetryCnt}, {"rnr-retry", *rnrRetry, &m.RnrRetry}, {"min-rnr-timer", *minRnrTimer, &m.MinRnrTimer}} {
+			if a.v > math.MaxUint8 {
+				return nil, usageErr("--%s %d: out of range", a.name, a.v)
+			}
+			*a.dst = uint8(a.v)
+		}
 	}
 	state, ok := uint32(0), false
 	for v, n := range qpStateNames {
@@ -536,8 +563,8 @@ func qpModify(s *session, args []string) (obj, error) {
 			return nil, err
 		}
 	}
-	m := uapi.GohfiModifyQP{Handle: q.attr.Handle, QPState: state, DestQPNum: dest, DestPort: uint32(*port),
-		SqPsn: uint32(*sqPsn), RqPsn: uint32(*rqPsn), AccessFlags: access}
+	m.Handle, m.QPState, m.DestQPNum, m.DestPort = q.attr.Handle, state, dest, uint32(*port)
+	m.SqPsn, m.RqPsn, m.AccessFlags = uint32(*sqPsn), uint32(*rqPsn), access
 	if err := hfiuser.ModifyQP(q.of.f, m); err != nil {
 		return nil, err
 	}

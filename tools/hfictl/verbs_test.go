@@ -477,3 +477,57 @@ trace off
 		t.Fatalf("last trace result %v", off)
 	}
 }
+
+// TestQPModifyNetAttr: qp modify's --timeout, --retry-cnt, --rnr-retry and
+// --min-rnr-timer reach the device through MODIFY_QP: a WRITE to a peer
+// that never answers is retransmitted --retry-cnt times (0 is none) before
+// RETRY_EXC_ERR; values out of range are EINVAL.
+func TestQPModifyNetAttr(t *testing.T) {
+	testenv.RequireRoot(t, "REG_MR pins through io_uring")
+	checkNoLeaks(t)
+	code, out, errs := hfictl(t, `alloc src 64k
+mr reg src_mr src
+cq create cq
+peer add 1 127.0.0.9:4791
+qp create a --cq cq
+qp modify a --state init
+qp modify a --state rtr --dest-port 1 --dest-qp 99 --retry-cnt 8
+qp modify a --state rtr --dest-port 1 --dest-qp 99 --min-rnr-timer 32
+qp modify a --state rtr --dest-port 1 --dest-qp 99 --timeout 256
+qp modify a --state rtr --dest-port 1 --dest-qp 99 --timeout 6 --retry-cnt 0
+qp modify a --state rts
+post-send a --op write --sge src:0:64@src_mr --remote 0x1000 --rkey 0x101 --signaled
+poll-cq cq --wait 5s
+peer show
+qp create b --cq cq
+qp modify b --state init
+qp modify b --state rtr --dest-port 1 --dest-qp 99 --timeout 6 --retry-cnt 3 --rnr-retry 0 --min-rnr-timer 31
+qp modify b --state rts
+post-send b --op write --sge src:0:64@src_mr --remote 0x1000 --rkey 0x101 --signaled
+poll-cq cq --wait 5s
+peer show
+`, "--json", "--port", "udp:127.0.0.1:0", "shell")
+	if code != 1 {
+		t.Fatalf("exit %d, want 1 (three modifies fail): %s %s", code, out, errs)
+	}
+	objs := jsonLines(t, out)
+	want := []string{"qp modify EINVAL", "qp modify EINVAL", "qp modify EINVAL"} // the last one hfictl's own
+	if got := errnos(objs); strings.Join(got, ", ") != strings.Join(want, ", ") {
+		t.Errorf("errors %q, want %q", got, want)
+	}
+	polls, shows := byCmd(objs)["poll-cq"], byCmd(objs)["peer show"]
+	if len(polls) != 2 || len(shows) != 2 {
+		t.Fatalf("results: %s", out)
+	}
+	for i, p := range polls {
+		if wc := wcs(t, p); len(wc) != 1 || num(t, wc[0], "status_code") != 12 { // GOHFI_WC_RETRY_EXC_ERR
+			t.Fatalf("QP %d: completions %v, want RETRY_EXC_ERR", i, wc)
+		}
+	}
+	// One WRITE packet each, sent again 0 and 3 times.
+	for i, c := range []struct{ retrans, timeouts float64 }{{0, 1}, {3, 5}} {
+		if r, to := num(t, shows[i], "counters.retransmits"), num(t, shows[i], "counters.timeouts"); r != c.retrans || to != c.timeouts {
+			t.Errorf("QP %d: %v retransmits, %v timeouts, want %v and %v", i, r, to, c.retrans, c.timeouts)
+		}
+	}
+}
