@@ -141,6 +141,12 @@ func (d *Device) spinRecords(last time.Time, idle *chan struct{}, ack *chan stru
 	return false
 }
 
+// sendPending says whether the context's send queue holds descriptors the
+// engine should process. The caller holds d.mu.
+func (c *ctxtState) sendPending() bool {
+	return c.enabled() && c.sqEntries != 0 && c.sqHead != c.sqTail
+}
+
 // dbSpinCheck is how many idle passes the engine makes between two looks
 // at the clock and at its channels other than kick while it polls doorbell
 // records.
@@ -161,14 +167,24 @@ func (d *Device) waitIdle() {
 }
 
 // pollSendQueues processes at most one descriptor per context and reports
-// whether any context had work.
+// whether any context had work. Whether any has is read under one lock
+// first: a pass of the engine over verbs work alone finds none.
 func (d *Device) pollSendQueues(buf []byte) bool {
+	d.mu.Lock()
+	pending := false
+	for n := 0; n < len(d.ctxts) && !pending; n++ {
+		pending = d.ctxts[n].sendPending()
+	}
+	d.mu.Unlock()
+	if !pending {
+		return false
+	}
 	busy := false
 	for n := range d.ctxts {
 		d.mu.Lock()
 		c := &d.ctxts[n]
 		dma, gen := d.dma, d.gen
-		if !c.enabled() || c.sqEntries == 0 || c.sqHead == c.sqTail || dma == nil {
+		if !c.sendPending() || dma == nil {
 			d.mu.Unlock()
 			continue
 		}
