@@ -39,10 +39,11 @@ func (d *Device) consumersPoll() bool {
 // pass: which QP, where, and the QP's epoch (RESET and ERR change it, and
 // an index read across such a change is dropped).
 type dbRecRef struct {
-	n     int
-	addr  uint64
-	epoch uint64
-	awake bool
+	n            int
+	addr         uint64
+	epoch        uint64
+	awake        bool
+	recSQ, recRQ uint64 // the indices last read from the record, as the pass began
 }
 
 func (d *Device) dbPollIdle() time.Duration {
@@ -81,7 +82,7 @@ func (d *Device) snapshotRecords() (vfiouser.DMA, uint64) {
 	d.dbPoll = d.dbPoll[:0]
 	for n := range d.qps {
 		if q := &d.qps[n]; q.state != stateReset && q.dbAddr != 0 {
-			d.dbPoll = append(d.dbPoll, dbRecRef{n: n, addr: q.dbAddr, epoch: q.epoch, awake: q.recAwake})
+			d.dbPoll = append(d.dbPoll, dbRecRef{n: n, addr: q.dbAddr, epoch: q.epoch, awake: q.recAwake, recSQ: q.recSQ, recRQ: q.recRQ})
 		}
 	}
 	return d.dma, d.gen
@@ -109,12 +110,19 @@ func (d *Device) pollRecords(wake bool) bool {
 			}
 			d.mu.Unlock()
 		}
-		var b [8]byte
-		if err := dma.Read(r.addr+chip.DBRecSQTail, b[:]); err != nil {
+		b := d.dbBuf[:]
+		if err := dma.Read(r.addr+chip.DBRecSQTail, b); err != nil {
 			d.dbRecFault(gen, r, err)
 			continue
 		}
-		if d.takeRecord(gen, r, uint64(binary.LittleEndian.Uint32(b[0:])), uint64(binary.LittleEndian.Uint32(b[4:]))) {
+		sq, rq := uint64(binary.LittleEndian.Uint32(b[0:])), uint64(binary.LittleEndian.Uint32(b[4:]))
+		if sq == r.recSQ && rq == r.recRQ {
+			// Nothing new since the pass began: no lock. Only the engine
+			// takes records, and a RESET or a new address meanwhile
+			// (which the snapshot may miss) is seen on the next pass.
+			continue
+		}
+		if d.takeRecord(gen, r, sq, rq) {
 			busy = true
 		}
 	}

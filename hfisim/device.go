@@ -181,6 +181,7 @@ type Device struct {
 	armed    atomic.Bool  // a CQ was armed since the engine last woke (dbrec.go)
 	lastArm  atomic.Int64 // when a CQ was last armed, Unix ns (dbrec.go)
 	dbPoll   []dbRecRef   // the engine's scratch list of doorbell records
+	dbBuf    [8]byte      // the engine's buffer for reading a record's indices
 	idleReq  chan chan struct{}
 	done     chan struct{}
 	wg       sync.WaitGroup

@@ -109,21 +109,29 @@ func (d *Device) spinRecords(last time.Time, idle *chan struct{}, ack *chan stru
 		return false
 	}
 	for spins := 1; !d.armed.Load(); spins++ {
-		// The clock is read every dbSpinCheck polls: time.Now in every
-		// one was a fifth of the CPU of a busy cycle.
-		if spins%dbSpinCheck == 0 && time.Since(last) >= d.dbPollIdle() {
-			return false
-		}
-		select {
-		case <-d.done:
-			return false
-		case <-d.kick:
+		// The clock and the channels are read every dbSpinCheck polls:
+		// time.Now in every one was a fifth of the CPU of a busy cycle,
+		// the select (it locks every channel) a tenth. A doorbell
+		// register write (kick, which only the engine receives) is
+		// looked at in every poll, without a lock.
+		if spins%dbSpinCheck == 0 {
+			if time.Since(last) >= d.dbPollIdle() {
+				return false
+			}
+			select {
+			case <-d.done:
+				return false
+			case <-d.kick:
+				return true
+			case *idle = <-d.idleReq:
+				return true
+			case *ack = <-d.sleepReq:
+				return false
+			default:
+			}
+		} else if len(d.kick) > 0 {
+			<-d.kick
 			return true
-		case *idle = <-d.idleReq:
-			return true
-		case *ack = <-d.sleepReq:
-			return false
-		default:
 		}
 		if d.pollRecords(true) {
 			return true
@@ -133,8 +141,15 @@ func (d *Device) spinRecords(last time.Time, idle *chan struct{}, ack *chan stru
 	return false
 }
 
+// sendPending says whether the context's send queue holds descriptors the
+// engine should process. The caller holds d.mu.
+func (c *ctxtState) sendPending() bool {
+	return c.enabled() && c.sqEntries != 0 && c.sqHead != c.sqTail
+}
+
 // dbSpinCheck is how many idle passes the engine makes between two looks
-// at the clock while it polls doorbell records.
+// at the clock and at its channels other than kick while it polls doorbell
+// records.
 const dbSpinCheck = 16
 
 // waitIdle returns once the engine has made a pass that found no work (a
@@ -152,14 +167,24 @@ func (d *Device) waitIdle() {
 }
 
 // pollSendQueues processes at most one descriptor per context and reports
-// whether any context had work.
+// whether any context had work. Whether any has is read under one lock
+// first: a pass of the engine over verbs work alone finds none.
 func (d *Device) pollSendQueues(buf []byte) bool {
+	d.mu.Lock()
+	pending := false
+	for n := 0; n < len(d.ctxts) && !pending; n++ {
+		pending = d.ctxts[n].sendPending()
+	}
+	d.mu.Unlock()
+	if !pending {
+		return false
+	}
 	busy := false
 	for n := range d.ctxts {
 		d.mu.Lock()
 		c := &d.ctxts[n]
 		dma, gen := d.dma, d.gen
-		if !c.enabled() || c.sqEntries == 0 || c.sqHead == c.sqTail || dma == nil {
+		if !c.sendPending() || dma == nil {
 			d.mu.Unlock()
 			continue
 		}

@@ -41,6 +41,10 @@ type mover struct {
 	// responder's side), reused packet after packet: add copies what it
 	// keeps.
 	local, remote []span
+	// The engine's requester and the bytes of the WQE it reads, reused
+	// turn after turn (sendBurst) instead of allocated per message.
+	req requester
+	wqe [chip.SendWQESize]byte
 }
 
 // add queues pk's bytes from the src spans to the dst spans (equal totals).

@@ -37,7 +37,8 @@ type qpState struct {
 	rqHead, rqTail uint64
 	scq, rcq       int // latched at every transition to INIT, RTR, RTS
 	epoch          uint64
-	req            *reqProgress // requester: the send WQE in progress
+	req            *reqProgress // requester: the send WQE in progress (&reqBuf or nil)
+	reqBuf         reqProgress  // where req points: saved without an allocation per turn
 	claim          *recvClaim   // responder: the receive WQE a message fills
 	pfWait         uint32       // page fault the send queue is suspended on (0: none)
 	pfErr          *pfault      // a fault resumed with an error, to fail on the next turn

@@ -120,7 +120,7 @@ func (d *Device) stepQP(n int, mv *mover) bool {
 // bytes move when the burst ends, or earlier when something completes
 // (mover.go).
 func (d *Device) sendBurst(dma vfiouser.DMA, gen uint64, n int, mv *mover) bool {
-	r, ok := d.startRequest(dma, gen, n)
+	r, ok := d.startRequest(dma, gen, n, mv)
 	if !ok {
 		return true
 	}
@@ -169,17 +169,19 @@ func (d *Device) sendBurst(dma vfiouser.DMA, gen uint64, n int, mv *mover) bool 
 	return true
 }
 
-// startRequest returns the requester state of QP n's head WQE, reading and
-// checking the WQE if it is new. A WQE that cannot be read or is malformed
-// completes in error here (ok false).
-func (d *Device) startRequest(dma vfiouser.DMA, gen uint64, n int) (*requester, bool) {
+// startRequest fills r, the engine's requester (in its mover, reused turn
+// after turn), with the state of QP n's head WQE, reading and checking the
+// WQE into mv.wqe if it is new. A WQE that cannot be read or is malformed
+// completes in error here (false).
+func (d *Device) startRequest(dma vfiouser.DMA, gen uint64, n int, mv *mover) (*requester, bool) {
 	d.mu.Lock()
 	q := &d.qps[n]
 	if d.gen != gen || q.state != stateRTS || q.sqHead == q.sqTail {
 		d.mu.Unlock()
 		return nil, false
 	}
-	r := &requester{dma: dma, gen: gen, n: n, qpn: chip.QPNBase + uint32(n), epoch: q.epoch}
+	r := &mv.req
+	*r = requester{dma: dma, gen: gen, n: n, qpn: chip.QPNBase + uint32(n), epoch: q.epoch}
 	if q.req != nil {
 		r.p = *q.req
 		d.mu.Unlock()
@@ -188,14 +190,14 @@ func (d *Device) startRequest(dma vfiouser.DMA, gen uint64, n int) (*requester, 
 	addr := q.sq.base + q.sqHead*chip.SendWQESize
 	d.mu.Unlock()
 
-	var raw [chip.SendWQESize]byte
-	if err := dma.Read(addr, raw[:]); err != nil {
+	raw := mv.wqe[:]
+	if err := dma.Read(addr, raw); err != nil {
 		d.countDMAErr(err)
 		d.completeReq(r, fail(uapi.GOHFI_WC_LOC_QP_OP_ERR, chip.VendorErrDMA))
 		return nil, false
 	}
-	r.p.wqe.Unmarshal(raw[:])
-	total, res := d.checkSendWQE(raw[:], &r.p.wqe)
+	r.p.wqe.Unmarshal(raw)
+	total, res := d.checkSendWQE(raw, &r.p.wqe)
 	r.p.total = total
 	if !res.ok() {
 		d.completeReq(r, res)
@@ -213,8 +215,8 @@ func (d *Device) saveProgress(r *requester) bool {
 	if d.gen != r.gen || q.epoch != r.epoch {
 		return false
 	}
-	p := r.p
-	q.req = &p
+	q.reqBuf = r.p
+	q.req = &q.reqBuf
 	return true
 }
 
