@@ -22,7 +22,7 @@ import (
 func TestFabricODP(t *testing.T) {
 	requireRoot(t) // ODP MRs: the userfault notifier
 	a, b, qa, qb := fabricPair(t)
-	acq, bcq := a.cq.Handle(), b.cq.Handle()
+	acq := a.cq.Handle()
 	const n = 1 << 20
 	ob := allocBuf(t, n, false)
 	om, err := hfiuser.RegMR(a.f, ob.Addr(), n, uint64(ob.Addr()), odpAccess)
@@ -43,36 +43,18 @@ func TestFabricODP(t *testing.T) {
 	if s := stats(); s.PagesPinned != 0 || s.PageFaults != 0 {
 		t.Fatalf("ODP MR before any access: %+v", s)
 	}
-	post := func(wr hfiuser.SendWR) uapi.GohfiWC {
-		t.Helper()
-		if k, err := hfiuser.PostSend(b.f, qb.Handle(), []hfiuser.SendWR{wr}); err != nil || k != 1 {
-			t.Fatalf("POST_SEND: %d, %v", k, err)
-		}
-		return pollWC(t, b.f, bcq, 1)[0]
-	}
+	post := func(wr hfiuser.SendWR) uapi.GohfiWC { t.Helper(); return b.postWait(t, qb, wr) }
 	dst := allocBuf(t, n, false)
 	dmr, err := b.pd.RegMR(dst.Addr(), n, uint64(dst.Addr()), pinAccess)
 	if err != nil {
 		t.Fatal(err)
 	}
-	netCnt := func(i int) uint64 {
-		t.Helper()
-		cs, err := a.a.Device.NetCounters()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return cs[i].Value
-	}
+	netCnt := func(i int) uint64 { t.Helper(); return a.netCounter(t, i) }
 	rnr0, pf0 := netCnt(chip.NetCntRNRNAKs), a.a.Sim.Device.ODPFaultLatencies()
 	_ = pf0 // forgets the figures so far
 
 	// First touch: 1 MiB WRITE from B.
-	fill(b.buf, 3)
-	wantWC(t, "WRITE into A's untouched ODP MR", post(writeWR(1, uint64(ob.Addr()), om.Rkey,
-		[]uapi.GohfiSge{{Addr: uint64(uintptrOf(b.buf)), Length: n, Lkey: b.mr.Lkey()}})), uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_RDMA_WRITE, 0)
-	if !bytes.Equal(ob.Bytes(), b.buf) {
-		t.Fatal("first-touch WRITE across devices: data differs")
-	}
+	b.writeAll(t, qb, 3, ob.Bytes(), om.Rkey, "first-touch WRITE into A's ODP MR")
 	s := stats()
 	if s.PageFaults == 0 || s.PageFaultsHandled != s.PageFaults || s.PagesPinned == 0 {
 		t.Fatalf("after the first-touch WRITE: %+v, want faults handled and pages pinned", s)
@@ -179,35 +161,16 @@ func TestFabricODP(t *testing.T) {
 func TestFabricODPRNRRetry(t *testing.T) {
 	requireRoot(t)
 	a, b, _, qb := fabricPairNet(t, &driver.NetAttr{Timeout: 14, RetryCnt: 7, RnrRetry: 0, MinRnrTimer: 1})
-	bcq := b.cq.Handle()
 	const n = 1 << 20
 	ob := allocBuf(t, n, false)
 	om, err := hfiuser.RegMR(a.f, ob.Addr(), n, uint64(ob.Addr()), odpAccess)
 	if err != nil {
 		t.Fatalf("REG_MR ODP: %v", err)
 	}
-	post := func(wr hfiuser.SendWR) uapi.GohfiWC {
-		t.Helper()
-		if k, err := hfiuser.PostSend(b.f, qb.Handle(), []hfiuser.SendWR{wr}); err != nil || k != 1 {
-			t.Fatalf("POST_SEND: %d, %v", k, err)
-		}
-		return pollWC(t, b.f, bcq, 1)[0]
-	}
-	rnr := func() uint64 {
-		t.Helper()
-		cs, err := a.a.Device.NetCounters()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return cs[chip.NetCntRNRNAKs].Value
-	}
+	post := func(wr hfiuser.SendWR) uapi.GohfiWC { t.Helper(); return b.postWait(t, qb, wr) }
+	rnr := func() uint64 { t.Helper(); return a.netCounter(t, chip.NetCntRNRNAKs) }
 	r0 := rnr()
-	fill(b.buf, 5)
-	wantWC(t, "first-touch WRITE with rnr_retry 0", post(writeWR(1, uint64(ob.Addr()), om.Rkey,
-		[]uapi.GohfiSge{{Addr: uint64(uintptrOf(b.buf)), Length: n, Lkey: b.mr.Lkey()}})), uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_RDMA_WRITE, 0)
-	if !bytes.Equal(ob.Bytes(), b.buf) {
-		t.Fatal("WRITE: data differs")
-	}
+	b.writeAll(t, qb, 5, ob.Bytes(), om.Rkey, "first-touch WRITE with rnr_retry 0")
 	r1 := rnr()
 	if r1 == r0 {
 		t.Fatal("the WRITE was not answered RNR while A's fault was handled")
@@ -239,4 +202,37 @@ func TestFabricODPRNRRetry(t *testing.T) {
 	if wc.Status != uapi.GOHFI_WC_RNR_RETRY_EXC_ERR || wc.WrID != 3 {
 		t.Fatalf("SEND with no receive posted, rnr_retry 0: completion %+v, want RNR_RETRY_EXC_ERR", wc)
 	}
+}
+
+// postWait posts one signaled work request on q of n and returns its
+// completion.
+func (n *netDev) postWait(t *testing.T, q *driver.QP, wr hfiuser.SendWR) uapi.GohfiWC {
+	t.Helper()
+	if k, err := hfiuser.PostSend(n.f, q.Handle(), []hfiuser.SendWR{wr}); err != nil || k != 1 {
+		t.Fatalf("POST_SEND: %d, %v", k, err)
+	}
+	return pollWC(t, n.f, n.cq.Handle(), 1)[0]
+}
+
+// writeAll fills n's buffer from seed and WRITEs all of it from q into
+// dst (the peer's memory at its own address, through rkey), checking that
+// it completes and lands.
+func (n *netDev) writeAll(t *testing.T, q *driver.QP, seed byte, dst []byte, rkey uint32, what string) {
+	t.Helper()
+	fill(n.buf, seed)
+	wantWC(t, what, n.postWait(t, q, writeWR(uint64(seed), uint64(uintptrOf(dst)), rkey,
+		[]uapi.GohfiSge{{Addr: uint64(uintptrOf(n.buf)), Length: uint32(len(n.buf)), Lkey: n.mr.Lkey()}})), uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_RDMA_WRITE, 0)
+	if !bytes.Equal(dst[:len(n.buf)], n.buf) {
+		t.Fatalf("%s: data differs", what)
+	}
+}
+
+// netCounter reads the port counter i of n.
+func (n *netDev) netCounter(t *testing.T, i int) uint64 {
+	t.Helper()
+	cs, err := n.a.Device.NetCounters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cs[i].Value
 }

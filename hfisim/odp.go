@@ -304,17 +304,24 @@ func (d *Device) pageFault(dma vfiouser.DMA, gen uint64, pk *packet, rs *respond
 		d.mu.Unlock()
 		return d.faultError(dma, gen, f)
 	}
+	q.pfWait = d.queueFaultLocked(f)
+	d.mu.Unlock()
+	d.flushEQ(dma, gen)
+	return result{stall: true}
+}
+
+// queueFaultLocked gives fault f its id (1, 2, ... never 0), keeps it
+// until resumed and queues its EQE for flushEQ; it returns the id.
+func (d *Device) queueFaultLocked(f *pfault) uint32 {
+	o := &d.odp
 	o.nextID++
 	if o.nextID == 0 {
 		o.nextID = 1
 	}
-	e.FaultID = o.nextID
-	o.faults[e.FaultID] = f
+	f.eqe.FaultID = o.nextID
+	o.faults[f.eqe.FaultID] = f
 	o.backlog = append(o.backlog, f)
-	q.pfWait = e.FaultID
-	d.mu.Unlock()
-	d.flushEQ(dma, gen)
-	return result{stall: true}
+	return f.eqe.FaultID
 }
 
 // netPageFault raises the page fault (odp.last) that the network
@@ -354,14 +361,7 @@ func (d *Device) netPageFault(n int, s rcSnap, rs *responder, lp *packet, sges [
 		d.mu.Unlock()
 		return false
 	}
-	o.nextID++
-	if o.nextID == 0 {
-		o.nextID = 1
-	}
-	e.FaultID = o.nextID
-	o.faults[e.FaultID] = f
-	o.backlog = append(o.backlog, f)
-	q.netPF = e.FaultID
+	q.netPF = d.queueFaultLocked(f)
 	d.mu.Unlock()
 	d.flushEQ(s.dma, s.gen)
 	return true
