@@ -87,6 +87,7 @@ type rcSnap struct {
 	sqTail, sqHead uint64
 	sq             ring
 	pfWait         uint32
+	netFault       bool // a network responder page fault pending or failed (netFaultState)
 }
 
 // rcSync returns QP n's transport state brought up to date with the QP,
@@ -97,7 +98,8 @@ func (d *Device) rcSync(n int) (*rcQP, rcSnap) {
 	defer d.mu.Unlock()
 	q := &d.qps[n]
 	s := rcSnap{dma: d.dma, gen: d.gen, epoch: q.epoch, state: q.state, pd: q.pd(), access: q.access(),
-		sqTail: q.sqTail, sqHead: q.sqHead, sq: q.sq, pfWait: q.pfWait}
+		sqTail: q.sqTail, sqHead: q.sqHead, sq: q.sq, pfWait: q.pfWait,
+		netFault: q.netPF != 0 || q.netPFErr != nil}
 	rc := &d.net.rc[n]
 	if rc.gen != s.gen || rc.epoch != s.epoch {
 		*rc = rcQP{gen: s.gen, epoch: s.epoch}

@@ -92,6 +92,9 @@ func (d *Device) rcRequest(n int, pk *ibwire.Packet) {
 // receive WQE's fault completes the receive WQE with LOC_PROT_ERR). It
 // reports whether it answered.
 func (d *Device) rcFaultWait(n int, s rcSnap, rc *rcQP, pk *ibwire.Packet) bool {
+	if !s.netFault {
+		return false // none when the engine took this request's snapshot: it is the engine that raises them
+	}
 	pending, f := d.netFaultState(n, s)
 	switch {
 	case f != nil:
