@@ -14,6 +14,13 @@ import (
 // QP on each connected to the other's (remote write and read granted).
 func fabricPair(t *testing.T) (a, b *netDev, qa, qb *driver.QP) {
 	t.Helper()
+	return fabricPairNet(t, nil)
+}
+
+// fabricPairNet is fabricPair with the QPs' transport attributes (nil:
+// driver.DefaultNetAttr).
+func fabricPairNet(t *testing.T, net *driver.NetAttr) (a, b *netDev, qa, qb *driver.QP) {
+	t.Helper()
 	a, b = openNetDev(t), openNetDev(t)
 	aa, err := a.a.Device.PortAddr()
 	if err != nil {
@@ -28,7 +35,7 @@ func fabricPair(t *testing.T) (a, b *netDev, qa, qb *driver.QP) {
 	qa, qb = a.qp(t), b.qp(t)
 	for _, p := range []struct{ q, dest *driver.QP }{{qa, qb}, {qb, qa}} {
 		if err := p.q.Modify(driver.QPAttr{State: uapi.GOHFI_QPS_RTR, DestQPNum: p.dest.Num(), DestPort: 1,
-			AccessFlags: uapi.IB_ACCESS_REMOTE_WRITE | uapi.IB_ACCESS_REMOTE_READ}); err != nil {
+			AccessFlags: uapi.IB_ACCESS_REMOTE_WRITE | uapi.IB_ACCESS_REMOTE_READ, Net: net}); err != nil {
 			t.Fatal(err)
 		}
 		if err := p.q.Modify(driver.QPAttr{State: uapi.GOHFI_QPS_RTS}); err != nil {

@@ -57,6 +57,7 @@ type pfault struct {
 	reqEpoch uint64 // its epoch when it faulted
 	rs       *responder
 	pk       packet // the packet, without its data
+	net      bool   // a network responder's: no requester QP of this device waits on it
 	waited   bool   // counted in eqWaitCnt
 	raised   time.Time
 }
@@ -234,6 +235,15 @@ func (d *Device) resumeLocked(id uint32, failed bool) {
 		d.odp.latency = append(d.odp.latency, time.Since(f.raised))
 	}
 	q := &d.qps[f.req]
+	if f.net {
+		if q.epoch == f.reqEpoch && q.netPF == id {
+			q.netPF = 0
+			if failed {
+				q.netPFErr = f
+			}
+		}
+		return // the requester's RNR retry brings the request again
+	}
 	if q.epoch != f.reqEpoch || q.pfWait != id {
 		return
 	}
@@ -248,6 +258,13 @@ func (d *Device) resumeLocked(id uint32, failed bool) {
 func (d *Device) failFaultLocked(f *pfault) {
 	delete(d.odp.faults, f.eqe.FaultID)
 	q := &d.qps[f.req]
+	if f.net {
+		if q.epoch == f.reqEpoch && q.netPF == f.eqe.FaultID {
+			q.netPF = 0
+			q.netPFErr = f
+		}
+		return
+	}
 	if q.epoch == f.reqEpoch && q.pfWait == f.eqe.FaultID {
 		q.pfWait = 0
 		q.pfErr = f
@@ -287,17 +304,81 @@ func (d *Device) pageFault(dma vfiouser.DMA, gen uint64, pk *packet, rs *respond
 		d.mu.Unlock()
 		return d.faultError(dma, gen, f)
 	}
+	q.pfWait = d.queueFaultLocked(f)
+	d.mu.Unlock()
+	d.flushEQ(dma, gen)
+	return result{stall: true}
+}
+
+// queueFaultLocked gives fault f its id (1, 2, ... never 0), keeps it
+// until resumed and queues its EQE for flushEQ; it returns the id.
+func (d *Device) queueFaultLocked(f *pfault) uint32 {
+	o := &d.odp
 	o.nextID++
 	if o.nextID == 0 {
 		o.nextID = 1
 	}
-	e.FaultID = o.nextID
-	o.faults[e.FaultID] = f
+	f.eqe.FaultID = o.nextID
+	o.faults[f.eqe.FaultID] = f
 	o.backlog = append(o.backlog, f)
-	q.pfWait = e.FaultID
+	return f.eqe.FaultID
+}
+
+// netPageFault raises the page fault (odp.last) that the network
+// responder QP n met on the request lp: through the receive WQE's sges, or
+// (sges nil) through the request's rkey up to end (lp nil for a READ). No QP of this device is
+// suspended: the responder answers the faulting request, and its
+// retries, with RNR NAK until the driver resumes the fault (rcFaultWait).
+// It reports false if the fault cannot be reported (no event queue): the
+// request then fails as if resumed with an error.
+func (d *Device) netPageFault(n int, s rcSnap, rs *responder, lp *packet, sges []chip.SGE, end uint64) bool {
+	d.mu.Lock()
+	o := &d.odp
+	fa := o.last
+	q := &d.qps[n]
+	f := &pfault{req: n, reqEpoch: s.epoch, rs: rs, net: true, raised: time.Now()}
+	if lp != nil {
+		f.pk = *lp
+		f.pk.data = nil
+	}
+	e := &f.eqe
+	e.Type, e.Key, e.VA, e.QP, e.ReqQP, e.PD = chip.EQETypePageFault, fa.key, fa.va, uint32(n), uint32(n), s.pd
+	e.Flags = chip.EQEFlagResponder
+	if fa.write {
+		e.Flags |= chip.EQEFlagWrite
+	}
+	e.WQE = chip.EQEWQENone
+	l := uint64(1)
+	if sges != nil {
+		e.WQE = uint32(q.rqHead)
+		l = faultLength(fa, lp, sges)
+	} else if end > fa.va {
+		l = end - fa.va
+	}
+	e.Length = uint32(min(l, 1<<32-1))
+	o.faultCnt++
+	if o.eqEntries == 0 || d.gen != s.gen || q.epoch != s.epoch {
+		d.mu.Unlock()
+		return false
+	}
+	q.netPF = d.queueFaultLocked(f)
 	d.mu.Unlock()
-	d.flushEQ(dma, gen)
-	return result{stall: true}
+	d.flushEQ(s.dma, s.gen)
+	return true
+}
+
+// netFaultState reports network responder QP n's page fault: pending (not
+// resumed yet), or resumed with an error (taken: the caller fails the
+// request).
+func (d *Device) netFaultState(n int, s rcSnap) (pending bool, failed *pfault) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	q := &d.qps[n]
+	if q.epoch != s.epoch || d.gen != s.gen {
+		return false, nil
+	}
+	failed, q.netPFErr = q.netPFErr, nil
+	return q.netPF != 0, failed
 }
 
 // faultLength is how many bytes from the faulting address the operation

@@ -42,6 +42,8 @@ type qpState struct {
 	claim          *recvClaim   // responder: the receive WQE a message fills
 	pfWait         uint32       // page fault the send queue is suspended on (0: none)
 	pfErr          *pfault      // a fault resumed with an error, to fail on the next turn
+	netPF          uint32       // network responder: page fault its requests wait on (0: none)
+	netPFErr       *pfault      // network responder: a fault resumed with an error, to NAK the next retry
 	dbAddr         uint64       // QPDBRecAddr as written (kept across RESET)
 	recSQ, recRQ   uint64       // the indices last read from the doorbell record
 	recAwake       bool         // the engine cleared the record's notify flag

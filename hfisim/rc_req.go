@@ -87,6 +87,7 @@ type rcSnap struct {
 	sqTail, sqHead uint64
 	sq             ring
 	pfWait         uint32
+	netFault       bool // a network responder page fault pending or failed (netFaultState)
 }
 
 // rcSync returns QP n's transport state brought up to date with the QP,
@@ -97,7 +98,8 @@ func (d *Device) rcSync(n int) (*rcQP, rcSnap) {
 	defer d.mu.Unlock()
 	q := &d.qps[n]
 	s := rcSnap{dma: d.dma, gen: d.gen, epoch: q.epoch, state: q.state, pd: q.pd(), access: q.access(),
-		sqTail: q.sqTail, sqHead: q.sqHead, sq: q.sq, pfWait: q.pfWait}
+		sqTail: q.sqTail, sqHead: q.sqHead, sq: q.sq, pfWait: q.pfWait,
+		netFault: q.netPF != 0 || q.netPFErr != nil}
 	rc := &d.net.rc[n]
 	if rc.gen != s.gen || rc.epoch != s.epoch {
 		*rc = rcQP{gen: s.gen, epoch: s.epoch}
@@ -418,7 +420,7 @@ func (d *Device) rcAck(n int, s rcSnap, rc *rcQP, psn ibwire.PSN, a ibwire.AETH)
 		if d.rcConfirm(n, s, rc, psn.Add(-1), false) {
 			return
 		}
-		if rc.rnrRetry() != rcUnlimited {
+		if rc.rnrRetry() != rcUnlimited && rc.takesRecv(psn) {
 			if rc.rnrLeft == 0 {
 				d.rcComplete(n, s, rc, fail(uapi.GOHFI_WC_RNR_RETRY_EXC_ERR, chip.VendorErrNoRecv))
 				return
@@ -466,6 +468,29 @@ func (d *Device) rcRetry(n int, s rcSnap, rc *rcQP, psn ibwire.PSN, timeout bool
 	rc.retryLeft--
 	d.rcGoBack(rc, psn)
 	d.rcArm(rc)
+}
+
+// takesRecv reports whether the packet at psn is one that takes a receive
+// WQE at the responder (the first of a SEND, the last of a WRITE with
+// immediate): only an RNR NAK for such a packet can mean "no receive
+// posted" and counts against rnr_retry. An RNR NAK for any other packet is
+// a responder's page fault (ODP) being handled: it is waited out, as often
+// as it comes (docs/fabric.md).
+func (rc *rcQP) takesRecv(psn ibwire.PSN) bool {
+	for _, w := range rc.inflight {
+		if !psn.InRange(w.first, w.npkts) {
+			continue
+		}
+		i := uint32(psn.Sub(w.first))
+		switch w.wqe.Opcode {
+		case uapi.GOHFI_WR_SEND, uapi.GOHFI_WR_SEND_WITH_IMM, uapi.GOHFI_WR_SEND_WITH_INV:
+			return i == 0
+		case uapi.GOHFI_WR_RDMA_WRITE_WITH_IMM:
+			return i == w.npkts-1
+		}
+		return false
+	}
+	return true // nothing in flight at psn: counted, as before
 }
 
 // rcGoBack moves the cursor to psn (go-back-N).

@@ -70,15 +70,76 @@ func (d *Device) rcRequest(n int, pk *ibwire.Packet) {
 		d.net.count(chip.NetCntDupReqs)
 		switch pk.BTH.Opcode {
 		case ibwire.RCReadRequest:
-			d.rcReadRespond(n, s, rc, pk, false)
+			if !d.rcFaultWait(n, s, rc, pk) {
+				d.rcReadRespond(n, s, rc, pk, false)
+			}
 		case ibwire.RCCompareSwap, ibwire.RCFetchAdd:
 			d.rcAtomicReplay(rc, psn)
 		default:
 			r.ackDue = true
 		}
 	default:
-		d.rcExecute(n, s, rc, pk)
+		if !d.rcFaultWait(n, s, rc, pk) {
+			d.rcExecute(n, s, rc, pk)
+		}
 	}
+}
+
+// rcFaultWait answers a request that comes while QP n's page fault is
+// handled (ODP over the wire): RNR NAK while the fault is pending, and the
+// requester sends it again after the RNR timer; once the driver resumed
+// the fault with an error, the request is NAKed remote access error (a
+// receive WQE's fault completes the receive WQE with LOC_PROT_ERR). It
+// reports whether it answered.
+func (d *Device) rcFaultWait(n int, s rcSnap, rc *rcQP, pk *ibwire.Packet) bool {
+	if !s.netFault {
+		return false // none when the engine took this request's snapshot: it is the engine that raises them
+	}
+	pending, f := d.netFaultState(n, s)
+	switch {
+	case f != nil:
+		var lp *packet
+		if f.eqe.WQE != chip.EQEWQENone {
+			lp = &f.pk
+		}
+		d.rcFaultFail(n, s, rc, pk, f.rs, lp)
+	case pending:
+		d.rcFaultRNR(rc, pk)
+	default:
+		return false
+	}
+	return true
+}
+
+// rcFault raises the page fault (odp.last) that request pk met on QP n,
+// through the receive WQE's sges or (nil) its rkey up to end, and answers
+// RNR NAK. Without an event queue the request fails at once.
+func (d *Device) rcFault(n int, s rcSnap, rc *rcQP, rs *responder, pk *ibwire.Packet, lp *packet, sges []chip.SGE, end uint64) {
+	if !d.netPageFault(n, s, rs, lp, sges, end) {
+		if sges == nil {
+			lp = nil
+		}
+		d.rcFaultFail(n, s, rc, pk, rs, lp)
+		return
+	}
+	d.rcFaultRNR(rc, pk)
+}
+
+// rcFaultRNR answers a request waiting on a page fault with RNR NAK and
+// the QP's min_rnr_timer, as mlx5 answers ODP faults of its responder.
+func (d *Device) rcFaultRNR(rc *rcQP, pk *ibwire.Packet) {
+	d.net.count(chip.NetCntRNRNAKs)
+	d.rcSendAck(rc, pk.BTH.PSN, ibwire.RNRNAK(rc.minRNR(), rc.resp.msn))
+}
+
+// rcFaultFail fails request pk whose page fault failed: NAK remote access
+// error, the QP to ERR; lp, if not nil, is the SEND (or WRITE with
+// immediate) whose receive WQE faulted, which completes with LOC_PROT_ERR.
+func (d *Device) rcFaultFail(n int, s rcSnap, rc *rcQP, pk *ibwire.Packet, rs *responder, lp *packet) {
+	if lp != nil {
+		d.completeRecv(s.dma, s.gen, rs, lp, uapi.GOHFI_WC_LOC_PROT_ERR, chip.VendorErrPageFault)
+	}
+	d.rcAccessError(n, s, rc, pk)
 }
 
 // rcResponder is the loopback responder's view of QP n, for the helpers the
@@ -193,10 +254,8 @@ func (d *Device) rcSend(n int, s rcSnap, rc *rcQP, rs *responder, pk *ibwire.Pac
 	switch verr {
 	case chip.VendorErrNone:
 	case chip.VendorErrPageFault:
-		// Receive buffers in ODP memory are not faulted in over the
-		// wire yet: answer RNR, as a busy receiver would.
-		d.net.count(chip.NetCntRNRNAKs)
-		d.rcSendAck(rc, pk.BTH.PSN, ibwire.RNRNAK(rc.minRNR(), rc.resp.msn))
+		// The receive WQE stays claimed: the retry fills it.
+		d.rcFault(n, s, rc, rs, pk, lp, c.wqe.SGE[:c.wqe.NumSGE], 0)
 		return false
 	case chip.VendorErrLength:
 		d.count(&d.errs.nakInvReq)
@@ -261,8 +320,7 @@ func (d *Device) rcWrite(n int, s rcSnap, rc *rcQP, rs *responder, pk *ibwire.Pa
 		if imm && lp.last {
 			d.releaseClaim(lp.dst, lp.src)
 		}
-		d.net.count(chip.NetCntRNRNAKs) // ODP over the wire: not yet; RNR as a busy receiver
-		d.rcSendAck(rc, pk.BTH.PSN, ibwire.RNRNAK(rc.minRNR(), r.msn))
+		d.rcFault(n, s, rc, rs, pk, lp, nil, r.raddr+r.dmaLen)
 		return false
 	default:
 		d.rcAccessError(n, s, rc, pk)
@@ -297,10 +355,16 @@ func (d *Device) rcReadRespond(n int, s rcSnap, rc *rcQP, pk *ibwire.Packet, fre
 		return
 	}
 	if length > 0 {
+		// Translated whole: a page not present faults here, before the
+		// READ is taken (ODP over the wire).
 		d.mu.Lock()
-		_, verr := d.checkKey(key, s.pd, va, length, uapi.IB_ACCESS_REMOTE_READ, s.access)
+		_, verr := d.resolveLocked(key, s.pd, va, length, uapi.IB_ACCESS_REMOTE_READ, s.access, chip.MTTRead, nil)
 		d.mu.Unlock()
-		if verr != chip.VendorErrNone {
+		switch {
+		case verr == chip.VendorErrPageFault:
+			d.rcFault(n, s, rc, rcResponder(n, s), pk, nil, nil, va+length)
+			return
+		case verr != chip.VendorErrNone:
 			if fresh {
 				d.rcAccessError(n, s, rc, pk)
 			}
@@ -374,9 +438,10 @@ func (d *Device) rcPumpReads(n int, s rcSnap, rc *rcQP) bool {
 			}
 		}
 		if verr != chip.VendorErrNone || err != nil {
-			// The key changed under the READ, its pages are not present
-			// (ODP over the wire: not yet), or the IOMMU refused: the
-			// READ ends here, the requester's timer asks again.
+			// The key changed under the READ, its pages went since the
+			// request was taken (an invalidation), or the IOMMU refused:
+			// the READ ends here, the requester's timer asks again (and
+			// the request faults then).
 			r.reads = r.reads[1:]
 			continue
 		}
@@ -469,8 +534,7 @@ func (d *Device) rcAtomic(n int, s rcSnap, rc *rcQP, pk *ibwire.Packet) {
 	switch verr {
 	case chip.VendorErrNone:
 	case chip.VendorErrPageFault:
-		d.net.count(chip.NetCntRNRNAKs) // ODP over the wire: not yet; RNR as a busy receiver
-		d.rcSendAck(rc, pk.BTH.PSN, ibwire.RNRNAK(rc.minRNR(), r.msn))
+		d.rcFault(n, s, rc, rcResponder(n, s), pk, nil, nil, a.VA+8)
 		return
 	default:
 		d.rcAccessError(n, s, rc, pk)
