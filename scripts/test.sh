@@ -15,6 +15,5 @@ go test -count=1 -timeout 25m "$@" ./...
 # under the race detector.
 # One package at a time (-p 1): five race-instrumented binaries at once on a
 # 2-core machine once starved userfault's monitor thread for minutes in
-# TestStress (every munmap blocked on its unread event; see the closing
-# note of session 3).
+# TestStress: every munmap blocked on an event the monitor did not read.
 go test -count=1 -race -p 1 -timeout 15m "$@" ./driver ./userfault ./tidcache ./vfio/vfiouser ./hfisim
