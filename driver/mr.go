@@ -67,6 +67,23 @@ const (
 	mrAccessDeviceWrites = uapi.IB_ACCESS_LOCAL_WRITE | uapi.IB_ACCESS_REMOTE_WRITE | uapi.IB_ACCESS_REMOTE_ATOMIC
 )
 
+// dmaFlags are the DMA mapping flags of an MR with access: the device
+// writes its pages only if the access lets it.
+func dmaFlags(access uint32) uint32 {
+	if access&mrAccessDeviceWrites != 0 {
+		return vfio.DMARead | vfio.DMAWrite
+	}
+	return vfio.DMARead
+}
+
+// mttFlags are the flags of the present MTT entries of an MR with access.
+func mttFlags(access uint32) uint64 {
+	if access&mrAccessDeviceWrites != 0 {
+		return chip.MTTPresent | chip.MTTRead | chip.MTTWrite
+	}
+	return chip.MTTPresent | chip.MTTRead
+}
+
 // RegMR registers [addr, addr+length) for the device at address iova with
 // IB_ACCESS_* rights (ib_reg_user_mr): every page pinned and DMA-mapped,
 // MTT entries written, then the MPT entry made valid. As TID_UPDATE, the
@@ -119,10 +136,7 @@ func (pd *PD) RegMR(addr uintptr, length, iova uint64, access uint32) (*MR, erro
 		return mr, mr.publish(e0(mr, pd, chip.MPTTypeODP))
 	}
 	// Pin and map, no lock held; the device cannot reach any of it yet.
-	flags := uint32(vfio.DMARead)
-	if access&mrAccessDeviceWrites != 0 {
-		flags |= vfio.DMAWrite
-	}
+	flags := dmaFlags(access)
 	// memfd-backed memory is mapped by the device itself (the DMA mapping
 	// carries the file): nothing to pin (docs/pinning.md).
 	shm, shmOff, err := userfault.ShmemFile(start, uintptr(npages)*pageSize, flags&vfio.DMAWrite != 0)
@@ -161,14 +175,11 @@ func (pd *PD) RegMR(addr uintptr, length, iova uint64, access uint32) (*MR, erro
 		}
 	}
 	// MTT entries first, then the MPT entry, its state word last.
-	mttFlags := uint64(chip.MTTPresent | chip.MTTRead)
-	if access&mrAccessDeviceWrites != 0 {
-		mttFlags |= chip.MTTWrite
-	}
+	entryFlags := mttFlags(access)
 	p := mr.mttFirst
 	for _, c := range mr.chunks {
 		for off := uint64(0); off < c.size; off += pageSize {
-			store64(v.mtt, p*chip.MTTEntrySize, (c.iova+off)&chip.MTTAddrMask|mttFlags)
+			store64(v.mtt, p*chip.MTTEntrySize, (c.iova+off)&chip.MTTAddrMask|entryFlags)
 			p++
 		}
 	}

@@ -765,9 +765,9 @@ func (m *odpMR) mapRun(r pageSpan, write bool) (*odpChunk, error) {
 		c.iova = 0
 		return nil, errors.Join(fmt.Errorf("ODP: %w", errors.Join(err, unix.ENOMEM)), c.release(true))
 	}
-	flags := uint32(vfio.DMARead)
-	if m.mr.access&mrAccessDeviceWrites != 0 && !c.pin.ReadOnly() {
-		flags |= vfio.DMAWrite
+	flags := dmaFlags(m.mr.access)
+	if c.pin.ReadOnly() {
+		flags &^= vfio.DMAWrite
 	}
 	if err = d.vdev.DMAMap(vfio.DMAMapping{IOVA: c.iova, Vaddr: vaddr, Size: size, Flags: flags, Access: c.pin}); err != nil {
 		d.iova.release(c.iova, size)
@@ -806,19 +806,10 @@ func (c *odpChunk) release(reuse bool) error {
 	return errors.Join(errs...)
 }
 
-// mttFlags are the flags of the MR's present entries.
-func (m *odpMR) mttFlags() uint64 {
-	f := uint64(chip.MTTPresent | chip.MTTRead)
-	if m.mr.access&mrAccessDeviceWrites != 0 {
-		f |= chip.MTTWrite
-	}
-	return f
-}
-
 // commitLocked writes a chunk's MTT entries and makes it the MR's; a
 // read-only pin's entries lack MTTWrite.
 func (m *odpMR) commitLocked(c *odpChunk) {
-	mtt, flags := m.o.v.mtt, m.mttFlags()
+	mtt, flags := m.o.v.mtt, mttFlags(m.mr.access)
 	iova := c.iova
 	if m.win != nil {
 		m.win.fill(c)

@@ -48,11 +48,7 @@ func newODPWindow(d *Device, m *odpMR) (*odpWindow, error) {
 	if w.iova, err = d.iova.alloc(w.size); err != nil {
 		return nil, fmt.Errorf("ODP window of %#x bytes: %w", w.size, errors.Join(err, unix.ENOMEM))
 	}
-	flags := uint32(vfio.DMARead)
-	if m.mr.access&mrAccessDeviceWrites != 0 {
-		flags |= vfio.DMAWrite
-	}
-	if err := d.vdev.DMAMap(vfio.DMAMapping{IOVA: w.iova, Vaddr: m.start, Size: w.size, Flags: flags, Access: w}); err != nil {
+	if err := d.vdev.DMAMap(vfio.DMAMapping{IOVA: w.iova, Vaddr: m.start, Size: w.size, Flags: dmaFlags(m.mr.access), Access: w}); err != nil {
 		d.iova.release(w.iova, w.size)
 		return nil, d.ioErr(fmt.Errorf("ODP window: DMA map: %w", err))
 	}
