@@ -73,8 +73,8 @@ func (d *Device) pollVerbs(mv *mover) bool {
 		}
 	}
 	d.mu.Unlock()
-	if backlog {
-		busy = dma != nil && d.flushEQ(dma, gen)
+	if backlog && dma != nil && d.flushEQ(dma, gen) {
+		busy = true
 	}
 	for _, n := range d.stepList {
 		if d.stepQP(n, mv) {
