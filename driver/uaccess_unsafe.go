@@ -46,21 +46,6 @@ func (u UserPtr) String() string {
 	return fmt.Sprintf("%#x", u.addr)
 }
 
-// bytes is the user memory [u, u+n) as a slice, for the copy only. A raw
-// address becomes a pointer without the uintptr conversion vet rejects: it
-// names memory outside the Go heap (or Go memory its owner pinned).
-func (u UserPtr) bytes(n int) ([]byte, bool) {
-	p := u.p
-	if p == nil {
-		a := u.addr
-		if a+uintptr(n) < a { // past the top of the address space
-			return nil, false
-		}
-		p = *(*unsafe.Pointer)(unsafe.Pointer(&a))
-	}
-	return unsafe.Slice((*byte)(p), n), true
-}
-
 // copyFromUser and copyToUser move ioctl arguments between the caller's
 // memory and the driver, as the kernel's copy_from_user/copy_to_user do: a
 // bad user pointer is EFAULT, never a crash. Like the kernel's, they are a
@@ -88,19 +73,22 @@ func copyToUser(dst UserPtr, src []byte) error {
 
 // userBytes is the n bytes of user memory at u that a copy touches: nil
 // for n == 0 (nothing to copy), EFAULT for a nil pointer or a range that
-// does not fit the address space.
+// does not fit the address space. A raw address becomes a pointer without
+// the uintptr conversion vet rejects: it names memory outside the Go heap
+// (or Go memory its owner pinned).
 func userBytes(u UserPtr, n int) ([]byte, error) {
-	if n == 0 {
+	switch {
+	case n == 0:
 		return nil, nil
-	}
-	if u.IsNil() {
+	case u.IsNil():
+		return nil, unix.EFAULT
+	case u.p != nil:
+		return unsafe.Slice((*byte)(u.p), n), nil
+	case u.addr+uintptr(n) < u.addr: // past the top of the address space
 		return nil, unix.EFAULT
 	}
-	b, ok := u.bytes(n)
-	if !ok {
-		return nil, unix.EFAULT
-	}
-	return b, nil
+	a := u.addr
+	return unsafe.Slice((*byte)(*(*unsafe.Pointer)(unsafe.Pointer(&a))), n), nil
 }
 
 // uaccess runs a copy that may touch unmapped or protected user memory and
