@@ -49,6 +49,7 @@ var benchTamper func(op string, dst []byte)
 
 type perfConfig struct {
 	ops, modes, mems, paths []string
+	waits                   []string // poll, event
 	plots                   []string
 	sizes                   []int
 	iters, runs             int
@@ -58,6 +59,7 @@ type perfConfig struct {
 // perfRow is one measured row, for the table and the plot.
 type perfRow struct {
 	path, op, mem, mode string
+	wait                string // poll or event
 	size                int
 	bw, memcpyBW        float64 // bytes/s (bw mode)
 	msgRate             float64 // messages/s (bw mode)
@@ -78,6 +80,8 @@ func benchPerf(s *session, ops []string, args []string) (_ obj, err error) {
 	memArg := fs.String("mem", "anon,memfd", "buffer kinds: anon (mem.Alloc), memfd (mem.AllocMemfd)")
 	pathArg := fs.String("paths", "", "devices side by side, comma-separated specs (default: --device)")
 	plot := fs.String("plot", "", "draw bandwidth and latency against size into FILE (.svg or .png; several: a comma-separated list)")
+	waitArg := fs.String("wait", "poll", "how the bench waits for completions: poll (busy poll, as perftest), event (arm and sleep, as perftest -e) or poll,event")
+	events := fs.Bool("e", false, "as --wait event")
 	profile := fs.String("cpuprofile", "", "write a CPU profile of the run (go tool pprof) to FILE")
 	if _, err := parseArgs(fs, args, 0, 0); err != nil {
 		return nil, err
@@ -111,6 +115,18 @@ func benchPerf(s *session, ops []string, args []string) (_ obj, err error) {
 		}
 		if cfg.sizes, err = parseSizeList(*sizeArg); err != nil {
 			return nil, err
+		}
+	}
+	cfg.waits = strings.Split(*waitArg, ",")
+	if *events {
+		if *waitArg != "poll" && *waitArg != "event" {
+			return nil, usageErr("-e and --wait %s", *waitArg)
+		}
+		cfg.waits = []string{"event"}
+	}
+	for _, w := range cfg.waits {
+		if w != "poll" && w != "event" {
+			return nil, usageErr("--wait %q: want poll, event or poll,event", *waitArg)
 		}
 	}
 	cfg.mems = strings.Split(*memArg, ",")
@@ -150,7 +166,7 @@ func benchPerf(s *session, ops []string, args []string) (_ obj, err error) {
 			return nil, fmt.Errorf("%s: %w", path, err)
 		}
 	}
-	o := obj{{"device", s.spec}, {"paths", cfg.paths}, {"ops", cfg.ops}, {"modes", cfg.modes}, {"mem", cfg.mems},
+	o := obj{{"device", s.spec}, {"paths", cfg.paths}, {"ops", cfg.ops}, {"modes", cfg.modes}, {"wait", cfg.waits}, {"mem", cfg.mems},
 		{"qps", cfg.qps}, {"tx_depth", cfg.txDepth}, {"signal_every", cfg.every}, {"runs", cfg.runs},
 		{"memlock", memlock}}
 	if len(p.bwRows) > 0 {
@@ -236,14 +252,17 @@ func (p *perfRun) op(a *attach.Attached, spec, op string) (err error) {
 	}
 	defer cleanup(&err, "", e.close)
 	for _, mode := range p.cfg.modes {
-		for _, kind := range p.cfg.mems {
-			for _, size := range p.cfg.sizes {
-				if err := p.s.ctx.Err(); err != nil {
-					return fmt.Errorf("interrupted: %w", unix.EINTR)
-				}
-				r := perfRow{path: spec, op: op, mem: kind, mode: mode, size: size}
-				if err := p.row(e, &r); err != nil {
-					return fmt.Errorf("%s %s %s: %w", mode, kind, sizeLabel(size), err)
+		for _, wait := range p.cfg.waits {
+			e.setEvents(wait == "event")
+			for _, kind := range p.cfg.mems {
+				for _, size := range p.cfg.sizes {
+					if err := p.s.ctx.Err(); err != nil {
+						return fmt.Errorf("interrupted: %w", unix.EINTR)
+					}
+					r := perfRow{path: spec, op: op, mem: kind, mode: mode, wait: wait, size: size}
+					if err := p.row(e, &r); err != nil {
+						return fmt.Errorf("%s %s %s %s: %w", mode, wait, kind, sizeLabel(size), err)
+					}
 				}
 			}
 		}
@@ -266,6 +285,9 @@ type perfEngine interface {
 	// a time on one QP, lat[i] the time of message i. It returns the time
 	// from the first post to the last completion.
 	round(n, depth, every int, lat samples) (time.Duration, error)
+	// setEvents makes the rounds wait for completions asleep (armed,
+	// File.Poll) instead of busy polling.
+	setEvents(on bool)
 	close() error
 }
 
@@ -423,7 +445,7 @@ func (p *perfRun) row(e perfEngine, r *perfRow) (err error) {
 		checked += k
 		return d, reg.check(r.op, k)
 	}
-	row := obj{{"path", r.path}, {"op", r.op}, {"mem", r.mem}, {"size", sizeLabel(r.size)}, {"bytes", r.size}}
+	row := obj{{"path", r.path}, {"op", r.op}, {"wait", r.wait}, {"mem", r.mem}, {"size", sizeLabel(r.size)}, {"bytes", r.size}}
 	if r.mode == "lat" {
 		d, cp := make(samples, n), make(samples, n)
 		if _, err := rounds(engine, d); err != nil {
@@ -483,6 +505,9 @@ func (p *perfRun) targets() table {
 	}
 	for _, r := range p.rows {
 		label := r.op + " " + r.mem + " " + sizeLabel(r.size)
+		if r.wait == "event" {
+			label += " (event)"
+		}
 		switch {
 		case r.mode == "bw" && (r.size == targetBigMsg || r.size == targetHugeMsg && r.op == "expected") && r.op != "send":
 			limit := ratio(targetPinned)
