@@ -413,6 +413,9 @@ func (qp *QP) postSend(count int, next func(i int) (*SendWR, error)) (int, error
 			perr = err
 			break
 		}
+		if posted == 0 {
+			d.trace(TracePostSend, qp.ctxt(), uint64(qp.idx), wr.WrID, uint64(count))
+		}
 		if err := qp.checkSendWR(wr); err != nil {
 			perr = err
 			break

@@ -140,6 +140,7 @@ func (d *Device) postCQE(dma vfiouser.DMA, gen uint64, n int, e *chip.CQE) bool 
 	}
 	c.seq = e.Seq
 	c.tail = (slot + 1) % c.entries
+	d.trace(TraceCQE, uint64(n), e.WrID, uint64(e.QPNum-chip.QPNBase))
 	if c.control&chip.CQCtrlArm != 0 {
 		c.control &^= chip.CQCtrlArm
 		d.raiseLocked(chip.IntSrcCtxt(c.ctxt()))

@@ -139,6 +139,9 @@ func (d *Device) takeRecord(gen uint64, r dbRecRef, sq, rq uint64) bool {
 		return false // read across a RESET, ERR or a new address: read again next pass
 	}
 	sqMoved := d.takeIndexLocked(sq, &q.recSQ, &q.sqTail, q.sq.entries)
+	if sqMoved {
+		d.trace(TraceDoorbell, uint64(r.n), q.sqTail, 1)
+	}
 	return d.takeIndexLocked(rq, &q.recRQ, &q.rqTail, q.rq.entries) || sqMoved
 }
 

@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/gohfi/gohfi/attach"
+	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/mem"
 	"golang.org/x/sys/unix"
 )
@@ -54,6 +55,7 @@ type perfConfig struct {
 	sizes                   []int
 	iters, runs             int
 	qps, txDepth, every     int
+	trace                   bool // split the verbs latency rows into stages (bench_trace.go)
 }
 
 // perfRow is one measured row, for the table and the plot.
@@ -82,11 +84,12 @@ func benchPerf(s *session, ops []string, args []string) (_ obj, err error) {
 	plot := fs.String("plot", "", "draw bandwidth and latency against size into FILE (.svg or .png; several: a comma-separated list)")
 	waitArg := fs.String("wait", "poll", "how the bench waits for completions: poll (busy poll, as perftest), event (arm and sleep, as perftest -e) or poll,event")
 	events := fs.Bool("e", false, "as --wait event")
+	traceArg := fs.Bool("trace", false, "latency rows of write, read and send: split each message's time into its stages with the driver's trace")
 	profile := fs.String("cpuprofile", "", "write a CPU profile of the run (go tool pprof) to FILE")
 	if _, err := parseArgs(fs, args, 0, 0); err != nil {
 		return nil, err
 	}
-	cfg := perfConfig{ops: ops, iters: *iters, runs: *runs, qps: *qps, txDepth: *txDepth, every: *every}
+	cfg := perfConfig{ops: ops, iters: *iters, runs: *runs, qps: *qps, txDepth: *txDepth, every: *every, trace: *traceArg}
 	switch {
 	case *lat && *modeArg != "" && *modeArg != "lat":
 		return nil, usageErr("--lat and --mode %s", *modeArg)
@@ -175,6 +178,9 @@ func benchPerf(s *session, ops []string, args []string) (_ obj, err error) {
 	if len(p.latRows) > 0 {
 		o.add("lat", p.latRows)
 	}
+	if len(p.stageRows) > 0 {
+		o.add("stages", p.stageRows)
+	}
 	if t := p.targets(); len(t) > 0 {
 		pass := true
 		for _, r := range t {
@@ -199,7 +205,9 @@ type perfRun struct {
 	cfg             perfConfig
 	honour          bool // attach with HonorCapIPCLock (raiseMemlock)
 	bwRows, latRows table
+	stageRows       table // --trace
 	rows            []perfRow
+	mod             *driver.Module // of the path being measured
 }
 
 // attachPath attaches the device of one path: the session's own when the
@@ -241,6 +249,7 @@ func (p *perfRun) path(spec string) (err error) {
 }
 
 func (p *perfRun) op(a *attach.Attached, spec, op string) (err error) {
+	p.mod = a.Module
 	var e perfEngine
 	if op == "expected" {
 		e, err = newExpectedEngine(p.s.ctx, a.Device, p.cfg.qps)
@@ -448,7 +457,19 @@ func (p *perfRun) row(e perfEngine, r *perfRow) (err error) {
 	row := obj{{"path", r.path}, {"op", r.op}, {"wait", r.wait}, {"mem", r.mem}, {"size", sizeLabel(r.size)}, {"bytes", r.size}}
 	if r.mode == "lat" {
 		d, cp := make(samples, n), make(samples, n)
-		if _, err := rounds(engine, d); err != nil {
+		ve, traced := e.(*verbsEngine)
+		var tc *traceCollect
+		if traced = traced && p.cfg.trace; traced {
+			tc = startTraceCollect(p.mod)
+		}
+		_, err := rounds(engine, d)
+		if traced {
+			dropped := tc.stop()
+			if err == nil {
+				p.addStages(r, tc, ve.reqQPN, d.quantile(0.5), dropped)
+			}
+		}
+		if err != nil {
 			return err
 		}
 		if _, err := rounds(reg.memcpyRound, cp); err != nil {
@@ -482,6 +503,27 @@ func (p *perfRun) row(e perfEngine, r *perfRow) (err error) {
 	}
 	p.rows = append(p.rows, *r)
 	return nil
+}
+
+// addStages adds the --trace rows of latency row r: a row per stage that
+// its messages had, the median from post to completion, and the bench's
+// own p50 of the same (traced) messages.
+func (p *perfRun) addStages(r *perfRow, tc *traceCollect, qpn uint32, p50 time.Duration, dropped uint64) {
+	stages, total := tc.breakdown(qpn)
+	add := func(name string, s samples) {
+		p.stageRows = append(p.stageRows, obj{{"path", r.path}, {"op", r.op}, {"wait", r.wait}, {"mem", r.mem},
+			{"size", sizeLabel(r.size)}, {"stage", name}, {"n", len(s)}, {"p50_ns", ns(s.quantile(0.5))},
+			{"dropped", dropped}})
+	}
+	for i, s := range stages {
+		if len(s) > 0 {
+			add(traceStages[i].name, s)
+		}
+	}
+	if len(total) > 0 {
+		add("post to completion polled", total)
+	}
+	add("bench: post to completion seen (traced)", samples{p50})
 }
 
 // Targets of issue 12, checked for the rows a run measured.

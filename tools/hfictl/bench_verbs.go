@@ -66,6 +66,7 @@ type verbsEngine struct {
 	req, resp     *driver.File
 	reqCQ, respCQ uint32
 	qps           [][2]uint32 // requester's and responder's QP handles
+	reqQPN        uint32      // the QP number of the requester's first QP (the latency rows')
 	wc            []uapi.GohfiWC
 	sgl           []uapi.GohfiSge // one per WR of a PostSend or PostRecv call, reused
 
@@ -129,6 +130,9 @@ func newVerbsEngine(ctx context.Context, dev *driver.Device, op string, qps, dep
 					return nil, fmt.Errorf("MODIFY_QP to %s: %w", qpStateNames[st], err)
 				}
 			}
+		}
+		if len(e.qps) == 0 {
+			e.reqQPN = qpn[0]
 		}
 		e.qps = append(e.qps, h)
 	}
