@@ -182,6 +182,7 @@ type Device struct {
 	lastArm  atomic.Int64 // when a CQ was last armed, Unix ns (dbrec.go)
 	tracer   traceHook    // trace.go
 	dbPoll   []dbRecRef   // the engine's scratch list of doorbell records
+	dbQPs    []int        // the QPs with a doorbell record address, under mu (dbrec.go)
 	dbBuf    [8]byte      // the engine's buffer for reading a record's indices
 	idleReq  chan chan struct{}
 	done     chan struct{}
@@ -294,6 +295,7 @@ func (d *Device) resetLocked() {
 	for i := range d.qps {
 		d.qps[i] = qpState{epoch: d.qps[i].epoch + 1}
 	}
+	d.dbQPsChangedLocked()
 	for i := range d.cqs {
 		d.cqs[i] = cqState{epoch: d.cqs[i].epoch + 1}
 	}
