@@ -426,8 +426,18 @@ func (s *spinner) idle(ctx context.Context) error {
 		}
 	}
 	runtime.Gosched()
+	if s.polls%spinYield == 0 {
+		// Give the core up, not only the P: on few shared cores the
+		// device model's thread (or another process's) may be waiting
+		// for this one's. sched_yield cannot fail on Linux.
+		_, _, _ = unix.RawSyscall(unix.SYS_SCHED_YIELD, 0, 0, 0)
+	}
 	return nil
 }
+
+// spinYield is how many idle polls the bench makes between two yields of
+// its thread.
+const spinYield = 8
 
 // wait sleeps until a completion event (File.Poll arms the file's CQs), as
 // perftest -e does. It waits on the requester while a
