@@ -34,7 +34,7 @@ const (
 	TraceDevDoorbell  // the device took a new send queue tail: A QP, B tail, C 0 register, 1 doorbell record
 	TraceDevFetch     // the device read a send WQE: A QP, B wr_id, C its slot
 	TraceDevExec      // the device finished a WQE's work: A QP, B wr_id, C status
-	TraceDevCQE       // the device wrote a CQE: A CQ, B wr_id, C QP
+	TraceDevCQE       // the device writes a CQE (traced before its seq word is stored): A CQ, B wr_id, C QP
 	TraceDevInterrupt // the device raised an interrupt: A the pending sources
 	traceKinds
 )
@@ -120,11 +120,22 @@ func (d *Device) TraceDevice(kind TraceKind, a, b, c uint64) {
 
 // trace records a decision of device d (context ctxt, -1 for none).
 func (d *Device) trace(kind TraceKind, ctxt int, a, b, c uint64) {
+	if d.tracing() {
+		d.traceAt(time.Now(), kind, ctxt, a, b, c)
+	}
+}
+
+// tracing says whether anybody listens: a trace point that must take its
+// time before the decision is known (traceAt) asks first.
+func (d *Device) tracing() bool { return d.m.tracer.on.Load() }
+
+// traceAt records a decision that happened at when.
+func (d *Device) traceAt(when time.Time, kind TraceKind, ctxt int, a, b, c uint64) {
 	t := &d.m.tracer
 	if !t.on.Load() {
 		return
 	}
-	ev := TraceEvent{Time: time.Now(), Kind: kind, Unit: d.info.Unit, Ctxt: ctxt, A: a, B: b, C: c}
+	ev := TraceEvent{Time: when, Kind: kind, Unit: d.info.Unit, Ctxt: ctxt, A: a, B: b, C: c}
 	t.mu.Lock()
 	for s := range t.subs {
 		select {

@@ -12,7 +12,7 @@ const (
 	TraceDoorbell  TraceKind = iota + 1 // the engine took a new send queue tail: A QP, B tail, C 0 register, 1 doorbell record
 	TraceFetch                          // the engine read a send WQE: A QP, B wr_id, C its slot
 	TraceExec                           // the WQE's work is done (its data moved, or it failed): A QP, B wr_id, C status
-	TraceCQE                            // a CQE was written: A CQ, B wr_id, C QP
+	TraceCQE                            // a CQE is written (traced before its seq word is: the consumer may see it at once): A CQ, B wr_id, C QP
 	TraceInterrupt                      // an interrupt was raised: A the pending sources
 )
 
