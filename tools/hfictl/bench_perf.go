@@ -507,13 +507,14 @@ func (p *perfRun) row(e perfEngine, r *perfRow) (err error) {
 
 // addStages adds the --trace rows of latency row r: a row per stage that
 // its messages had, the median from post to completion, and the bench's
-// own p50 of the same (traced) messages.
+// own p50 of the same (traced) messages; each row also says how many of
+// the messages rang the doorbell register and how many events were lost.
 func (p *perfRun) addStages(r *perfRow, tc *traceCollect, qpn uint32, p50 time.Duration, dropped uint64) {
-	stages, total := tc.breakdown(qpn)
+	stages, total, regDB := tc.breakdown(qpn)
 	add := func(name string, s samples) {
 		p.stageRows = append(p.stageRows, obj{{"path", r.path}, {"op", r.op}, {"wait", r.wait}, {"mem", r.mem},
 			{"size", sizeLabel(r.size)}, {"stage", name}, {"n", len(s)}, {"p50_ns", ns(s.quantile(0.5))},
-			{"dropped", dropped}})
+			{"register_doorbells", regDB}, {"dropped", dropped}})
 	}
 	for i, s := range stages {
 		if len(s) > 0 {

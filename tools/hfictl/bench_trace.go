@@ -63,9 +63,10 @@ func (c *traceCollect) stop() uint64 {
 }
 
 // breakdown splits the messages of requester QP qpn into traceStages: per
-// stage the median and how many messages had it, and the median from post
-// to completion.
-func (c *traceCollect) breakdown(qpn uint32) (stages []samples, total samples) {
+// stage the times of the messages that had it, the times from post to
+// completion, and how many of those messages rang the doorbell register
+// (a socket message on the vfio-user path) instead of the record alone.
+func (c *traceCollect) breakdown(qpn uint32) (stages []samples, total samples, regDoorbells int) {
 	qp := uint64(qpn - chip.QPNBase)
 	ev := c.events
 	sort.SliceStable(ev, func(i, j int) bool { return ev[i].Time.Before(ev[j].Time) })
@@ -75,6 +76,7 @@ func (c *traceCollect) breakdown(qpn uint32) (stages []samples, total samples) {
 		wr     uint64
 		ctxt   int
 		active bool
+		reg    bool // its doorbell was a register write
 	)
 	for _, e := range ev {
 		k := e.Kind
@@ -95,6 +97,9 @@ func (c *traceCollect) breakdown(qpn uint32) (stages []samples, total samples) {
 		switch k {
 		case driver.TraceDoorbell:
 			mine = e.A == qp && e.C == 0
+			if mine && at[1].IsZero() {
+				reg = e.Kind == driver.TraceDoorbell
+			}
 		case driver.TraceDevDoorbell:
 			mine = e.A == qp
 		case driver.TraceDevFetch, driver.TraceDevExec:
@@ -122,9 +127,12 @@ func (c *traceCollect) breakdown(qpn uint32) (stages []samples, total samples) {
 			}
 		}
 		total = append(total, at[s].Sub(at[0]))
+		if reg {
+			regDoorbells++
+		}
 		active = false
 	}
-	return stages, total
+	return stages, total, regDoorbells
 }
 
 func stageOf(k driver.TraceKind) int {
