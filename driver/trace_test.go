@@ -93,12 +93,7 @@ func benchTrace(b *testing.B, on bool) {
 // TestTraceVerbs: an RDMA WRITE shows its doorbell and its completion, and
 // a DEREG_MR its TLB flush, each with the queue, index or range.
 func TestTraceVerbs(t *testing.T) {
-	requireRoot(t)
-	e := openVerbs(t, 2)
-	e.requireEngine(t)
-	l := newLoop(t, e, uapi.IB_ACCESS_LOCAL_WRITE|uapi.IB_ACCESS_REMOTE_WRITE)
-	sub := e.a.Module.Trace(256)
-	defer sub.Stop()
+	_, l, sub := traceLoop(t)
 	wr := hfiuser.SendWR{GohfiSendWR: uapi.GohfiSendWR{WrID: 42, Opcode: uapi.GOHFI_WR_RDMA_WRITE, SendFlags: uapi.GOHFI_SEND_SIGNALED,
 		RemoteAddr: uint64(uintptrOf(l.bufB)), Rkey: l.mrB.Rkey}, SGL: l.sgeA(0, 4096)}
 	if _, err := hfiuser.PostSend(l.a.f, l.a.qp, []hfiuser.SendWR{wr}); err != nil {
@@ -173,12 +168,7 @@ func TestTraceODP(t *testing.T) {
 // process, the device taking the tail, fetching the WQE, finishing it and
 // writing the CQE; then the driver's completion, all with the WR's id.
 func TestTraceWorkRequest(t *testing.T) {
-	requireRoot(t)
-	e := openVerbs(t, 2)
-	e.requireEngine(t)
-	l := newLoop(t, e, uapi.IB_ACCESS_LOCAL_WRITE|uapi.IB_ACCESS_REMOTE_WRITE)
-	sub := e.a.Module.Trace(4096)
-	defer sub.Stop()
+	e, l, sub := traceLoop(t)
 	const wrID = 77
 	qpIdx := uint64(l.a.qpn - chip.QPNBase)
 	wr := hfiuser.SendWR{SGL: l.sgeA(0, 8)}
@@ -241,4 +231,17 @@ func BenchmarkTracePointOff(b *testing.B) {
 	for i := range b.N {
 		a.Device.TraceDevice(driver.TraceDevFetch, 1, uint64(i), 3)
 	}
+}
+
+// traceLoop is a loop (verbs_test.go) with remote write rights on b and a
+// trace subscription, stopped at the test's end.
+func traceLoop(t *testing.T) (*verbsEnv, *loop, *driver.TraceSub) {
+	t.Helper()
+	requireRoot(t)
+	e := openVerbs(t, 2)
+	e.requireEngine(t)
+	l := newLoop(t, e, uapi.IB_ACCESS_LOCAL_WRITE|uapi.IB_ACCESS_REMOTE_WRITE)
+	sub := e.a.Module.Trace(4096)
+	t.Cleanup(sub.Stop)
+	return e, l, sub
 }
