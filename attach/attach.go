@@ -81,7 +81,20 @@ func Open(ctx context.Context, spec string, o Options) (*Attached, error) {
 	if a.Device, err = m.Probe(ctx, vdev, spec); err != nil {
 		return nil, errors.Join(err, a.Close())
 	}
+	if a.Sim != nil {
+		dev := a.Device
+		a.Sim.Device.SetTrace(func(k hfisim.TraceKind, x, y, z uint64) { dev.TraceDevice(devTraceKinds[k], x, y, z) })
+	}
 	return a, nil
+}
+
+// devTraceKinds are the driver's names of the device model's trace events.
+var devTraceKinds = [...]driver.TraceKind{
+	hfisim.TraceDoorbell:  driver.TraceDevDoorbell,
+	hfisim.TraceFetch:     driver.TraceDevFetch,
+	hfisim.TraceExec:      driver.TraceDevExec,
+	hfisim.TraceCQE:       driver.TraceDevCQE,
+	hfisim.TraceInterrupt: driver.TraceDevInterrupt,
 }
 
 // Close unloads the module (closing the device) and stops an embedded model.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"runtime"
 	"testing"
 	"time"
 
@@ -27,6 +28,13 @@ var cycleSizes = []int{4 << 10, 64 << 10, 1 << 20}
 // of the largest size.
 func benchLoopQP(b *testing.B) (rcQP, []byte) {
 	b.Helper()
+	_, q, buf := benchLoopDev(b)
+	return q, buf
+}
+
+// benchLoopDev is benchLoopQP with its device.
+func benchLoopDev(b *testing.B) (*attach.Attached, rcQP, []byte) {
+	b.Helper()
 	testenv.RequireRoot(b, "io_uring pins")
 	o := attach.DefaultOptions()
 	o.Sim.NumContexts = 1
@@ -41,7 +49,7 @@ func benchLoopQP(b *testing.B) (rcQP, []byte) {
 	q := newRCQP(b, f, 64, 4, false)
 	q.connect(b, q.qpn)
 	buf := allocBuf(b, 1<<20, false)
-	return q, unsafeSlice(buf.Addr(), 1<<20)
+	return a, q, unsafeSlice(buf.Addr(), 1<<20)
 }
 
 func BenchmarkFastRegCycle(b *testing.B) {
@@ -69,20 +77,7 @@ func BenchmarkFastRegCycle(b *testing.B) {
 					hfiuser.FastRegWR(1, 0, mr.Handle, key, uapi.IB_ACCESS_LOCAL_WRITE|uapi.IB_ACCESS_REMOTE_WRITE, pages, 12, frIOVA, uint64(size)),
 					hfiuser.LocalInvWR(2, uapi.GOHFI_SEND_SIGNALED, key),
 				}
-				t0 := time.Now()
-				if bad, err := hfiuser.PostSend(q.f, q.qp, wrs); err != nil || bad != 2 {
-					b.Fatalf("POST_SEND: %d, %v", bad, err)
-				}
-				postT += time.Since(t0)
-				for {
-					n, err := hfiuser.PollCQ(q.f, q.cq, wc)
-					if err != nil {
-						b.Fatal(err)
-					}
-					if n == 1 {
-						break
-					}
-				}
+				postT += postAndPoll(b, q, wrs, wc)
 				if wc[0].Status != uapi.GOHFI_WC_SUCCESS || wc[0].Opcode != uapi.GOHFI_WC_LOCAL_INV {
 					b.Fatalf("completion %+v", wc[0])
 				}
@@ -117,5 +112,68 @@ func BenchmarkPollCQEmpty(b *testing.B) {
 		if n, err := hfiuser.PollCQ(q.f, q.cq, wc); err != nil || n != 0 {
 			b.Fatalf("POLL_CQ: %d, %v", n, err)
 		}
+	}
+}
+
+// BenchmarkWrite8Trace is an 8 B RDMA WRITE on a QP connected to itself,
+// posted and busy polled to its completion, with nobody tracing (off: the
+// trace points of POST_SEND, the doorbell, the completion and the device's
+// five cost an atomic load each, the device's a call too) and with a
+// subscriber draining every event (on). The buffer is memfd-backed, as the
+// bench's fast path.
+//
+//	go test ./driver -run '^$' -bench Write8Trace -count 5
+func BenchmarkWrite8Trace(b *testing.B) {
+	for _, on := range []bool{false, true} {
+		b.Run(map[bool]string{false: "off", true: "on"}[on], func(b *testing.B) {
+			a, q, _ := benchLoopDev(b)
+			buf := unsafeSlice(allocBuf(b, 8192, true).Addr(), 8192) // memfd: the device maps it
+			mr, err := hfiuser.RegMR(q.f, uintptrOf(buf), uint64(len(buf)), uint64(uintptrOf(buf)),
+				uapi.IB_ACCESS_LOCAL_WRITE|uapi.IB_ACCESS_REMOTE_WRITE)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if on {
+				sub := a.Module.Trace(1 << 12)
+				go func() {
+					for range sub.Events() {
+					}
+				}()
+				defer sub.Stop()
+			}
+			wr := hfiuser.SendWR{SGL: []uapi.GohfiSge{{Addr: uint64(uintptrOf(buf)), Length: 8, Lkey: mr.Lkey}}}
+			wr.Opcode, wr.SendFlags = uapi.GOHFI_WR_RDMA_WRITE, uapi.GOHFI_SEND_SIGNALED
+			wr.RemoteAddr, wr.Rkey = uint64(uintptrOf(buf))+4096, mr.Rkey
+			wrs, wc := []hfiuser.SendWR{wr}, make([]uapi.GohfiWC, 1)
+			b.ResetTimer()
+			for i := range b.N {
+				wrs[0].WrID = uint64(i)
+				postAndPoll(b, q, wrs, wc)
+				if wc[0].Status != uapi.GOHFI_WC_SUCCESS || wc[0].WrID != uint64(i) {
+					b.Fatalf("completion %+v, want wr_id %d", wc[0], i)
+				}
+			}
+		})
+	}
+}
+
+// postAndPoll posts wrs on q, busy polls q's CQ for one completion into
+// wc[0], and returns how long the post took.
+func postAndPoll(b *testing.B, q rcQP, wrs []hfiuser.SendWR, wc []uapi.GohfiWC) time.Duration {
+	b.Helper()
+	t0 := time.Now()
+	if bad, err := hfiuser.PostSend(q.f, q.qp, wrs); err != nil || bad != len(wrs) {
+		b.Fatalf("POST_SEND: %d, %v", bad, err)
+	}
+	d := time.Since(t0)
+	for {
+		n, err := hfiuser.PollCQ(q.f, q.cq, wc[:1])
+		if err != nil {
+			b.Fatal(err)
+		}
+		if n == 1 {
+			return d
+		}
+		runtime.Gosched()
 	}
 }

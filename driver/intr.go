@@ -203,6 +203,7 @@ func (d *Device) irqLoop(s *irqState) {
 // handleSources wakes the contexts whose interrupt sources fired, and the
 // ODP event-queue reader and TLB-flush waiters for vector 0.
 func (d *Device) handleSources(src uint64) {
+	d.trace(TraceInterrupt, -1, src, 0, 0)
 	if src&chip.IntSrcVector0 != 0 && d.verbs != nil && d.verbs.odp != nil {
 		d.verbs.odp.interrupt(src)
 	}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/uapi"
@@ -413,6 +414,9 @@ func (qp *QP) postSend(count int, next func(i int) (*SendWR, error)) (int, error
 			perr = err
 			break
 		}
+		if posted == 0 {
+			d.trace(TracePostSend, qp.ctxt(), uint64(qp.idx), wr.WrID, uint64(count))
+		}
 		if err := qp.checkSendWR(wr); err != nil {
 			perr = err
 			break
@@ -789,20 +793,26 @@ func (qp *QP) ringLocked(reg uint64, tail int) error {
 	if reg == chip.QPRQTail {
 		dir, off = 1, chip.DBRecRQTail
 	}
+	// The event's time is the store's: the device may take the index
+	// before the event is recorded.
+	var when time.Time
+	if d.tracing() {
+		when = time.Now()
+	}
 	if qp.dbRec != nil {
 		store32(qp.dbRec, off, uint32(tail))
 		if qp.dbHook != nil {
 			qp.dbHook()
 		}
 		if load32(qp.dbRec, chip.DBRecFlags)&chip.DBRecNotify == 0 {
-			d.trace(TraceDoorbellRecord, qp.ctxt(), uint64(qp.idx), uint64(tail), dir)
+			d.traceAt(when, TraceDoorbellRecord, qp.ctxt(), uint64(qp.idx), uint64(tail), dir)
 			return nil
 		}
 	}
 	if err := d.writeCSRPosted(chip.QPReg(qp.idx, reg), uint64(tail)); err != nil {
 		return err
 	}
-	d.trace(TraceDoorbell, qp.ctxt(), uint64(qp.idx), uint64(tail), dir)
+	d.traceAt(when, TraceDoorbell, qp.ctxt(), uint64(qp.idx), uint64(tail), dir)
 	return nil
 }
 

@@ -27,12 +27,22 @@ const (
 	TraceDoorbell                               // a doorbell was rung: A QP or context, B producer index, C 0 send, 1 receive
 	TraceCompletion                             // a CQE was polled: A CQ index, B wr_id, C status
 	TraceDoorbellRecord                         // a producer index went to the QP's doorbell record only (the device polls it): A QP, B index, C 0 send, 1 receive
+	TracePostSend                               // POST_SEND began: A QP, B the first WR's wr_id, C WRs asked for
+	TraceInterrupt                              // the interrupt handler took sources: A the source bits
+	// The device's own events (Device.TraceDevice; only a device model in
+	// this process reports them: attach wires the embedded one).
+	TraceDevDoorbell  // the device took a new send queue tail: A QP, B tail, C 0 register, 1 doorbell record
+	TraceDevFetch     // the device read a send WQE: A QP, B wr_id, C its slot
+	TraceDevExec      // the device finished a WQE's work: A QP, B wr_id, C status
+	TraceDevCQE       // the device writes a CQE (traced before its seq word is stored): A CQ, B wr_id, C QP
+	TraceDevInterrupt // the device raised an interrupt: A the pending sources
 	traceKinds
 )
 
 var traceNames = [traceKinds]string{"?", "tid_register", "tid_unregister", "tid_invalidate", "tid_busy",
 	"notifier_event", "odp_fault", "odp_resume", "inval_begin", "tlb_flush", "fastreg_bind",
-	"fastreg_invalidate", "doorbell", "completion", "doorbell_record"}
+	"fastreg_invalidate", "doorbell", "completion", "doorbell_record", "post_send", "interrupt",
+	"dev_doorbell", "dev_fetch", "dev_exec", "dev_cqe", "dev_interrupt"}
 
 func (k TraceKind) String() string {
 	if k < traceKinds {
@@ -100,13 +110,32 @@ func (m *Module) Trace(buffer int) *TraceSub {
 // TraceDropped is how many events subscribers were too slow for.
 func (m *Module) TraceDropped() uint64 { return m.tracer.dropped.Load() }
 
+// TraceDevice records an event the device itself reported (a TraceDev*
+// kind; others are ignored), with context -1.
+func (d *Device) TraceDevice(kind TraceKind, a, b, c uint64) {
+	if kind >= TraceDevDoorbell && kind <= TraceDevInterrupt {
+		d.trace(kind, -1, a, b, c)
+	}
+}
+
 // trace records a decision of device d (context ctxt, -1 for none).
 func (d *Device) trace(kind TraceKind, ctxt int, a, b, c uint64) {
+	if d.tracing() {
+		d.traceAt(time.Now(), kind, ctxt, a, b, c)
+	}
+}
+
+// tracing says whether anybody listens: a trace point that must take its
+// time before the decision is known (traceAt) asks first.
+func (d *Device) tracing() bool { return d.m.tracer.on.Load() }
+
+// traceAt records a decision that happened at when.
+func (d *Device) traceAt(when time.Time, kind TraceKind, ctxt int, a, b, c uint64) {
 	t := &d.m.tracer
 	if !t.on.Load() {
 		return
 	}
-	ev := TraceEvent{Time: time.Now(), Kind: kind, Unit: d.info.Unit, Ctxt: ctxt, A: a, B: b, C: c}
+	ev := TraceEvent{Time: when, Kind: kind, Unit: d.info.Unit, Ctxt: ctxt, A: a, B: b, C: c}
 	t.mu.Lock()
 	for s := range t.subs {
 		select {

@@ -1,8 +1,12 @@
 package driver_test
 
 import (
+	"fmt"
+	"sort"
 	"testing"
+	"time"
 
+	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/hfiuser"
 	"github.com/gohfi/gohfi/uapi"
@@ -89,12 +93,7 @@ func benchTrace(b *testing.B, on bool) {
 // TestTraceVerbs: an RDMA WRITE shows its doorbell and its completion, and
 // a DEREG_MR its TLB flush, each with the queue, index or range.
 func TestTraceVerbs(t *testing.T) {
-	requireRoot(t)
-	e := openVerbs(t, 2)
-	e.requireEngine(t)
-	l := newLoop(t, e, uapi.IB_ACCESS_LOCAL_WRITE|uapi.IB_ACCESS_REMOTE_WRITE)
-	sub := e.a.Module.Trace(256)
-	defer sub.Stop()
+	_, l, sub := traceLoop(t)
 	wr := hfiuser.SendWR{GohfiSendWR: uapi.GohfiSendWR{WrID: 42, Opcode: uapi.GOHFI_WR_RDMA_WRITE, SendFlags: uapi.GOHFI_SEND_SIGNALED,
 		RemoteAddr: uint64(uintptrOf(l.bufB)), Rkey: l.mrB.Rkey}, SGL: l.sgeA(0, 4096)}
 	if _, err := hfiuser.PostSend(l.a.f, l.a.qp, []hfiuser.SendWR{wr}); err != nil {
@@ -109,6 +108,12 @@ func TestTraceVerbs(t *testing.T) {
 	want := []driver.TraceKind{driver.TraceDoorbell, driver.TraceCompletion, driver.TraceTLBFlush}
 	for i, k := range want {
 		ev := <-sub.Events()
+		for ev.Kind >= driver.TracePostSend { // the work request's trail: TestTraceWorkRequest
+			ev = <-sub.Events()
+		}
+		if ev.Kind == driver.TraceDoorbellRecord {
+			ev.Kind = driver.TraceDoorbell // an engine still awake from the setup polls the record
+		}
 		switch {
 		case ev.Kind != k:
 			t.Fatalf("event %d: %v, want %v", i, ev.Kind, k)
@@ -159,4 +164,87 @@ func TestTraceODP(t *testing.T) {
 	if f.C != uint64(md.Rkey) || r.C != 0 || r.A != f.A {
 		t.Fatalf("fault %+v, resume %+v: want the MR's key, the same address, no error", f, r)
 	}
+}
+
+// TestTraceWorkRequest: an RDMA WRITE leaves its trail, in order: POST_SEND,
+// its doorbell (register or record), and, from a device model in this
+// process, the device taking the tail, fetching the WQE, finishing it and
+// writing the CQE; then the driver's completion, all with the WR's id.
+func TestTraceWorkRequest(t *testing.T) {
+	e, l, sub := traceLoop(t)
+	const wrID = 77
+	qpIdx := uint64(l.a.qpn - chip.QPNBase)
+	wr := hfiuser.SendWR{SGL: l.sgeA(0, 8)}
+	wr.WrID, wr.Opcode, wr.SendFlags = wrID, uapi.GOHFI_WR_RDMA_WRITE, uapi.GOHFI_SEND_SIGNALED
+	wr.RemoteAddr, wr.Rkey = uint64(uintptrOf(l.bufB)), l.mrB.Rkey
+	if bad, err := hfiuser.PostSend(l.a.f, l.a.qp, []hfiuser.SendWR{wr}); err != nil || bad != 1 {
+		t.Fatalf("POST_SEND: bad_wr %d, %v", bad, err)
+	}
+	wantWC(t, "WRITE", pollWC(t, l.a.f, l.a.cq, 1)[0], uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_RDMA_WRITE, 8)
+	want := []driver.TraceKind{driver.TracePostSend, driver.TraceDoorbell}
+	if e.a.Sim != nil {
+		want = append(want, driver.TraceDevDoorbell, driver.TraceDevFetch, driver.TraceDevExec, driver.TraceDevCQE)
+	}
+	want = append(want, driver.TraceCompletion)
+	// Events reach the subscriber in the order their points took the
+	// tracer's lock; their times are when each happened.
+	var evs []driver.TraceEvent
+	for len(evs) < len(want) {
+		var ev driver.TraceEvent
+		select {
+		case ev = <-sub.Events():
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%d events, want %v", len(evs), want)
+		}
+		k := ev.Kind
+		mine := false
+		switch k {
+		case driver.TracePostSend, driver.TraceDevFetch, driver.TraceDevExec:
+			mine = ev.A == qpIdx && ev.B == wrID
+		case driver.TraceDoorbell, driver.TraceDoorbellRecord:
+			k, mine = driver.TraceDoorbell, ev.A == qpIdx && ev.C == 0
+		case driver.TraceDevDoorbell:
+			mine = ev.A == qpIdx && ev.B == 1
+		case driver.TraceDevCQE:
+			mine = ev.C == qpIdx && ev.B == wrID
+		case driver.TraceCompletion:
+			mine = ev.B == wrID
+		}
+		if !mine {
+			continue
+		}
+		ev.Kind = k
+		evs = append(evs, ev)
+	}
+	sort.SliceStable(evs, func(i, j int) bool { return evs[i].Time.Before(evs[j].Time) })
+	var got []driver.TraceKind
+	for _, ev := range evs {
+		got = append(got, ev.Kind)
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("events %v, want %v", got, want)
+	}
+}
+
+// BenchmarkTracePointOff is one trace point with nobody tracing: what the
+// embedded device's hook costs per event (a call and an atomic load); the
+// driver's own points are the load alone.
+func BenchmarkTracePointOff(b *testing.B) {
+	a := openDev(b, 1)
+	for i := range b.N {
+		a.Device.TraceDevice(driver.TraceDevFetch, 1, uint64(i), 3)
+	}
+}
+
+// traceLoop is a loop (verbs_test.go) with remote write rights on b and a
+// trace subscription, stopped at the test's end.
+func traceLoop(t *testing.T) (*verbsEnv, *loop, *driver.TraceSub) {
+	t.Helper()
+	requireRoot(t)
+	e := openVerbs(t, 2)
+	e.requireEngine(t)
+	l := newLoop(t, e, uapi.IB_ACCESS_LOCAL_WRITE|uapi.IB_ACCESS_REMOTE_WRITE)
+	sub := e.a.Module.Trace(4096)
+	t.Cleanup(sub.Stop)
+	return e, l, sub
 }

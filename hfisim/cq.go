@@ -126,6 +126,8 @@ func (d *Device) postCQE(dma vfiouser.DMA, gen uint64, n int, e *chip.CQE) bool 
 
 	var raw [chip.CQESize]byte
 	e.Marshal(raw[:])
+	// Traced before the write: the consumer may see the entry at once.
+	d.trace(TraceCQE, uint64(n), e.WrID, uint64(e.QPNum-chip.QPNBase))
 	err := writeSeqLast(dma, addr, raw[:], chip.CQESeqWordOff, 8)
 
 	d.mu.Lock()

@@ -71,7 +71,20 @@ func (d *Device) writeQPDBLocked(n int, r, v uint64) {
 	}
 	q.dbAddr = v
 	q.recSQ, q.recRQ, q.recAwake = q.sqTail, q.rqTail, false
+	d.dbQPsChangedLocked()
 	d.kickEngine()
+}
+
+// dbQPsChangedLocked lists again the QPs that have a doorbell record
+// address, after one was set or cleared: the engine's snapshot of the
+// records, taken at every poll, looks at those alone instead of every QP.
+func (d *Device) dbQPsChangedLocked() {
+	d.dbQPs = d.dbQPs[:0]
+	for n := range d.qps {
+		if d.qps[n].dbAddr != 0 {
+			d.dbQPs = append(d.dbQPs, n)
+		}
+	}
 }
 
 // snapshotRecords lists in d.dbPoll the doorbell records of the QPs not in
@@ -80,7 +93,7 @@ func (d *Device) snapshotRecords() (vfiouser.DMA, uint64) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.dbPoll = d.dbPoll[:0]
-	for n := range d.qps {
+	for _, n := range d.dbQPs {
 		if q := &d.qps[n]; q.state != stateReset && q.dbAddr != 0 {
 			d.dbPoll = append(d.dbPoll, dbRecRef{n: n, addr: q.dbAddr, epoch: q.epoch, awake: q.recAwake, recSQ: q.recSQ, recRQ: q.recRQ})
 		}
@@ -139,6 +152,9 @@ func (d *Device) takeRecord(gen uint64, r dbRecRef, sq, rq uint64) bool {
 		return false // read across a RESET, ERR or a new address: read again next pass
 	}
 	sqMoved := d.takeIndexLocked(sq, &q.recSQ, &q.sqTail, q.sq.entries)
+	if sqMoved {
+		d.trace(TraceDoorbell, uint64(r.n), q.sqTail, 1)
+	}
 	return d.takeIndexLocked(rq, &q.recRQ, &q.rqTail, q.rq.entries) || sqMoved
 }
 
@@ -170,6 +186,7 @@ func (d *Device) dbRecFault(gen uint64, r dbRecRef, err error) {
 	if q := &d.qps[r.n]; d.gen == gen && q.dbAddr == r.addr {
 		d.errs.verbs++
 		q.dbAddr = 0
+		d.dbQPsChangedLocked()
 		if q.state != stateReset && q.state != stateErr {
 			d.qpErrorLocked(r.n)
 		}

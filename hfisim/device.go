@@ -180,7 +180,9 @@ type Device struct {
 	sleepReq chan chan struct{}
 	armed    atomic.Bool  // a CQ was armed since the engine last woke (dbrec.go)
 	lastArm  atomic.Int64 // when a CQ was last armed, Unix ns (dbrec.go)
+	tracer   traceHook    // trace.go
 	dbPoll   []dbRecRef   // the engine's scratch list of doorbell records
+	dbQPs    []int        // the QPs with a doorbell record address, under mu (dbrec.go)
 	dbBuf    [8]byte      // the engine's buffer for reading a record's indices
 	idleReq  chan chan struct{}
 	done     chan struct{}
@@ -293,6 +295,7 @@ func (d *Device) resetLocked() {
 	for i := range d.qps {
 		d.qps[i] = qpState{epoch: d.qps[i].epoch + 1}
 	}
+	d.dbQPsChangedLocked()
 	for i := range d.cqs {
 		d.cqs[i] = cqState{epoch: d.cqs[i].epoch + 1}
 	}
@@ -510,6 +513,7 @@ func (d *Device) raiseLocked(src uint64) {
 	if pending == 0 {
 		return
 	}
+	d.trace(TraceInterrupt, pending, 0, 0)
 	if d.pci.msixEnabled() || d.intx == nil {
 		if pending&chip.IntSrcVector0 != 0 {
 			pending |= 1 // the EQ and TLB sources share vector 0

@@ -90,6 +90,7 @@ func (d *Device) writeQPLocked(n int, r, v uint64) {
 		}
 		if q.dbAddr == 0 { // with a doorbell record, a wake-up: the index is the record's
 			q.sqTail = v
+			d.trace(TraceDoorbell, uint64(n), v, 0)
 		}
 	case chip.QPRQTail:
 		if q.state == stateReset || v >= q.rq.entries {

@@ -187,7 +187,8 @@ func (d *Device) startRequest(dma vfiouser.DMA, gen uint64, n int, mv *mover) (*
 		d.mu.Unlock()
 		return r, true
 	}
-	addr := q.sq.base + q.sqHead*chip.SendWQESize
+	slot := q.sqHead
+	addr := q.sq.base + slot*chip.SendWQESize
 	d.mu.Unlock()
 
 	raw := mv.wqe[:]
@@ -197,6 +198,7 @@ func (d *Device) startRequest(dma vfiouser.DMA, gen uint64, n int, mv *mover) (*
 		return nil, false
 	}
 	r.p.wqe.Unmarshal(raw)
+	d.trace(TraceFetch, uint64(n), r.p.wqe.WrID, slot)
 	total, res := d.checkSendWQE(raw, &r.p.wqe)
 	r.p.total = total
 	if !res.ok() {
@@ -422,6 +424,7 @@ func dmaSpans(dma vfiouser.DMA, spans []span, buf []byte, write bool) error {
 // Nothing happens if the QP was reset or moved to ERR meanwhile: the flush
 // completes the WQE then.
 func (d *Device) completeReq(r *requester, res result) {
+	d.trace(TraceExec, uint64(r.n), r.p.wqe.WrID, uint64(res.status))
 	d.mu.Lock()
 	if d.gen != r.gen {
 		d.mu.Unlock()

@@ -28,6 +28,8 @@ type expectedEngine struct {
 	lanes []*expLane
 	r     *perfRegion
 	slots [][]*tidcache.Entry // destination slot i: its windows, in lane i%len(lanes)'s cache
+
+	events bool // wait in File.Poll for the header queue (perftest -e), else busy poll
 }
 
 // expLane is a sender and a receiver context.
@@ -155,6 +157,8 @@ func (e *expectedEngine) release() error {
 	return errors.Join(errs...)
 }
 
+func (e *expectedEngine) setEvents(on bool) { e.events = on }
+
 func (e *expectedEngine) round(n, depth, _ int, lat samples) (time.Duration, error) {
 	nl := min(len(e.lanes), n)
 	start := time.Now()
@@ -234,6 +238,7 @@ func (e *expectedEngine) lane(l *expLane, first, step, n, depth int, lat samples
 // once.
 func (e *expectedEngine) read(l *expLane) error {
 	got := 0
+	var spin spinner
 	for len(l.inflight) > 0 {
 		var h uapi.GohfiRHQEntry
 		if err := h.UnmarshalBytes(l.rhq[int(l.head)*l.entsize:]); err != nil {
@@ -242,6 +247,12 @@ func (e *expectedEngine) read(l *expLane) error {
 		if h.Seq != l.seq {
 			if got > 0 {
 				break
+			}
+			if !e.events {
+				if err := spin.idle(e.ctx); err != nil {
+					return fmt.Errorf("polling the header queue, message %d in flight: %w", l.inflight[0], err)
+				}
+				continue
 			}
 			ctx, cancel := waitCtx(e.ctx)
 			_, err := l.rx.Poll(ctx)

@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/gohfi/gohfi/attach"
+	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/mem"
 	"golang.org/x/sys/unix"
 )
@@ -49,15 +50,18 @@ var benchTamper func(op string, dst []byte)
 
 type perfConfig struct {
 	ops, modes, mems, paths []string
+	waits                   []string // poll, event
 	plots                   []string
 	sizes                   []int
 	iters, runs             int
 	qps, txDepth, every     int
+	trace                   bool // split the verbs latency rows into stages (bench_trace.go)
 }
 
 // perfRow is one measured row, for the table and the plot.
 type perfRow struct {
 	path, op, mem, mode string
+	wait                string // poll or event
 	size                int
 	bw, memcpyBW        float64 // bytes/s (bw mode)
 	msgRate             float64 // messages/s (bw mode)
@@ -78,11 +82,14 @@ func benchPerf(s *session, ops []string, args []string) (_ obj, err error) {
 	memArg := fs.String("mem", "anon,memfd", "buffer kinds: anon (mem.Alloc), memfd (mem.AllocMemfd)")
 	pathArg := fs.String("paths", "", "devices side by side, comma-separated specs (default: --device)")
 	plot := fs.String("plot", "", "draw bandwidth and latency against size into FILE (.svg or .png; several: a comma-separated list)")
+	waitArg := fs.String("wait", "poll", "how the bench waits for completions: poll (busy poll, as perftest), event (arm and sleep, as perftest -e) or poll,event")
+	events := fs.Bool("e", false, "as --wait event")
+	traceArg := fs.Bool("trace", false, "latency rows of write, read and send: split each message's time into its stages with the driver's trace")
 	profile := fs.String("cpuprofile", "", "write a CPU profile of the run (go tool pprof) to FILE")
 	if _, err := parseArgs(fs, args, 0, 0); err != nil {
 		return nil, err
 	}
-	cfg := perfConfig{ops: ops, iters: *iters, runs: *runs, qps: *qps, txDepth: *txDepth, every: *every}
+	cfg := perfConfig{ops: ops, iters: *iters, runs: *runs, qps: *qps, txDepth: *txDepth, every: *every, trace: *traceArg}
 	switch {
 	case *lat && *modeArg != "" && *modeArg != "lat":
 		return nil, usageErr("--lat and --mode %s", *modeArg)
@@ -111,6 +118,18 @@ func benchPerf(s *session, ops []string, args []string) (_ obj, err error) {
 		}
 		if cfg.sizes, err = parseSizeList(*sizeArg); err != nil {
 			return nil, err
+		}
+	}
+	cfg.waits = strings.Split(*waitArg, ",")
+	if *events {
+		if *waitArg != "poll" && *waitArg != "event" {
+			return nil, usageErr("-e and --wait %s", *waitArg)
+		}
+		cfg.waits = []string{"event"}
+	}
+	for _, w := range cfg.waits {
+		if w != "poll" && w != "event" {
+			return nil, usageErr("--wait %q: want poll, event or poll,event", *waitArg)
 		}
 	}
 	cfg.mems = strings.Split(*memArg, ",")
@@ -150,7 +169,7 @@ func benchPerf(s *session, ops []string, args []string) (_ obj, err error) {
 			return nil, fmt.Errorf("%s: %w", path, err)
 		}
 	}
-	o := obj{{"device", s.spec}, {"paths", cfg.paths}, {"ops", cfg.ops}, {"modes", cfg.modes}, {"mem", cfg.mems},
+	o := obj{{"device", s.spec}, {"paths", cfg.paths}, {"ops", cfg.ops}, {"modes", cfg.modes}, {"wait", cfg.waits}, {"mem", cfg.mems},
 		{"qps", cfg.qps}, {"tx_depth", cfg.txDepth}, {"signal_every", cfg.every}, {"runs", cfg.runs},
 		{"memlock", memlock}}
 	if len(p.bwRows) > 0 {
@@ -158,6 +177,9 @@ func benchPerf(s *session, ops []string, args []string) (_ obj, err error) {
 	}
 	if len(p.latRows) > 0 {
 		o.add("lat", p.latRows)
+	}
+	if len(p.stageRows) > 0 {
+		o.add("stages", p.stageRows)
 	}
 	if t := p.targets(); len(t) > 0 {
 		pass := true
@@ -183,7 +205,9 @@ type perfRun struct {
 	cfg             perfConfig
 	honour          bool // attach with HonorCapIPCLock (raiseMemlock)
 	bwRows, latRows table
+	stageRows       table // --trace
 	rows            []perfRow
+	mod             *driver.Module // of the path being measured
 }
 
 // attachPath attaches the device of one path: the session's own when the
@@ -225,6 +249,7 @@ func (p *perfRun) path(spec string) (err error) {
 }
 
 func (p *perfRun) op(a *attach.Attached, spec, op string) (err error) {
+	p.mod = a.Module
 	var e perfEngine
 	if op == "expected" {
 		e, err = newExpectedEngine(p.s.ctx, a.Device, p.cfg.qps)
@@ -236,14 +261,17 @@ func (p *perfRun) op(a *attach.Attached, spec, op string) (err error) {
 	}
 	defer cleanup(&err, "", e.close)
 	for _, mode := range p.cfg.modes {
-		for _, kind := range p.cfg.mems {
-			for _, size := range p.cfg.sizes {
-				if err := p.s.ctx.Err(); err != nil {
-					return fmt.Errorf("interrupted: %w", unix.EINTR)
-				}
-				r := perfRow{path: spec, op: op, mem: kind, mode: mode, size: size}
-				if err := p.row(e, &r); err != nil {
-					return fmt.Errorf("%s %s %s: %w", mode, kind, sizeLabel(size), err)
+		for _, wait := range p.cfg.waits {
+			e.setEvents(wait == "event")
+			for _, kind := range p.cfg.mems {
+				for _, size := range p.cfg.sizes {
+					if err := p.s.ctx.Err(); err != nil {
+						return fmt.Errorf("interrupted: %w", unix.EINTR)
+					}
+					r := perfRow{path: spec, op: op, mem: kind, mode: mode, wait: wait, size: size}
+					if err := p.row(e, &r); err != nil {
+						return fmt.Errorf("%s %s %s %s: %w", mode, wait, kind, sizeLabel(size), err)
+					}
 				}
 			}
 		}
@@ -266,6 +294,9 @@ type perfEngine interface {
 	// a time on one QP, lat[i] the time of message i. It returns the time
 	// from the first post to the last completion.
 	round(n, depth, every int, lat samples) (time.Duration, error)
+	// setEvents makes the rounds wait for completions asleep (armed,
+	// File.Poll) instead of busy polling.
+	setEvents(on bool)
 	close() error
 }
 
@@ -423,10 +454,22 @@ func (p *perfRun) row(e perfEngine, r *perfRow) (err error) {
 		checked += k
 		return d, reg.check(r.op, k)
 	}
-	row := obj{{"path", r.path}, {"op", r.op}, {"mem", r.mem}, {"size", sizeLabel(r.size)}, {"bytes", r.size}}
+	row := obj{{"path", r.path}, {"op", r.op}, {"wait", r.wait}, {"mem", r.mem}, {"size", sizeLabel(r.size)}, {"bytes", r.size}}
 	if r.mode == "lat" {
 		d, cp := make(samples, n), make(samples, n)
-		if _, err := rounds(engine, d); err != nil {
+		ve, traced := e.(*verbsEngine)
+		var tc *traceCollect
+		if traced = traced && p.cfg.trace; traced {
+			tc = startTraceCollect(p.mod)
+		}
+		_, err := rounds(engine, d)
+		if traced {
+			dropped := tc.stop()
+			if err == nil {
+				p.addStages(r, tc, ve.reqQPN, d.quantile(0.5), dropped)
+			}
+		}
+		if err != nil {
 			return err
 		}
 		if _, err := rounds(reg.memcpyRound, cp); err != nil {
@@ -462,6 +505,28 @@ func (p *perfRun) row(e perfEngine, r *perfRow) (err error) {
 	return nil
 }
 
+// addStages adds the --trace rows of latency row r: a row per stage that
+// its messages had, the median from post to completion, and the bench's
+// own p50 of the same (traced) messages; each row also says how many of
+// the messages rang the doorbell register and how many events were lost.
+func (p *perfRun) addStages(r *perfRow, tc *traceCollect, qpn uint32, p50 time.Duration, dropped uint64) {
+	stages, total, regDB := tc.breakdown(qpn)
+	add := func(name string, s samples) {
+		p.stageRows = append(p.stageRows, obj{{"path", r.path}, {"op", r.op}, {"wait", r.wait}, {"mem", r.mem},
+			{"size", sizeLabel(r.size)}, {"stage", name}, {"n", len(s)}, {"p50_ns", ns(s.quantile(0.5))},
+			{"register_doorbells", regDB}, {"dropped", dropped}})
+	}
+	for i, s := range stages {
+		if len(s) > 0 {
+			add(traceStages[i].name, s)
+		}
+	}
+	if len(total) > 0 {
+		add("post to completion polled", total)
+	}
+	add("bench: post to completion seen (traced)", samples{p50})
+}
+
 // Targets of issue 12, checked for the rows a run measured.
 const (
 	targetOneCopy   = 0.9 // memfd-backed buffers, 1 MiB and 16 MiB: of memcpy
@@ -483,6 +548,9 @@ func (p *perfRun) targets() table {
 	}
 	for _, r := range p.rows {
 		label := r.op + " " + r.mem + " " + sizeLabel(r.size)
+		if r.wait == "event" {
+			label += " (event)"
+		}
 		switch {
 		case r.mode == "bw" && (r.size == targetBigMsg || r.size == targetHugeMsg && r.op == "expected") && r.op != "send":
 			limit := ratio(targetPinned)

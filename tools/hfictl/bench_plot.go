@@ -74,13 +74,13 @@ func writePlot(file string, rows []perfRow) (err error) {
 	}
 	bw := newLogPlot("Bandwidth", "GB/s")
 	lat := newLogPlot("Latency (p50)", "us")
-	type key struct{ path, op, mem, mode string }
+	type key struct{ path, op, mem, mode, wait string }
 	series := map[key]plotter.XYs{}
 	var keys []key
 	memcpy := map[string]map[int][]float64{"bw": {}, "lat": {}}
 	paths := []string{}
 	for _, r := range rows {
-		k := key{r.path, r.op, r.mem, r.mode}
+		k := key{r.path, r.op, r.mem, r.mode, r.wait}
 		if _, ok := series[k]; !ok {
 			keys = append(keys, k)
 		}
@@ -126,6 +126,9 @@ func writePlot(file string, rows []perfRow) (err error) {
 			p = lat
 		}
 		name := k.op + " " + k.mem
+		if k.wait == "event" {
+			name += " (event)"
+		}
 		if len(paths) > 1 {
 			name = k.path + " " + name
 		}

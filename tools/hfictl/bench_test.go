@@ -109,6 +109,8 @@ func TestBenchUsage(t *testing.T) {
 		{"bench", "expected", "--mode", "pingpong"},
 		{"bench", "all", "--lat", "--mode", "bw"},
 		{"bench", "write", "--plot", "out.pdf"},
+		{"bench", "write", "--wait", "spin"},
+		{"bench", "write", "-e", "--wait", "poll,event"},
 		{"bench", "reg", "--size", "0"},
 		{"bench", "tid", "--sizes", "4k,3000"},
 		{"bench", "tid", "--iters", "0"},
@@ -280,6 +282,36 @@ func TestBenchSizes(t *testing.T) {
 	m = benchRun(t, "send", "--lat", "--iters", "2", "--mem", "anon")
 	checkPerfRows(t, objects(t, m, "lat"), embeddedDev, []string{"send"}, []string{"anon"},
 		[]string{"8B", "4KiB", "64KiB", "1MiB", "16MiB"}, latFields, 2)
+}
+
+// TestBenchWait: --wait poll,event measures every row both ways, polling
+// first; -e alone is event; every message checked either way.
+func TestBenchWait(t *testing.T) {
+	testenv.RequireRoot(t, "REG_MR pins through io_uring")
+	hfictl(t, "", "info")
+	checkNoLeaks(t)
+	m := benchRun(t, "write", "--mode", "bw,lat", "--size", "8", "--iters", "3", "--runs", "1", "--wait", "poll,event")
+	if fmt.Sprint(m["wait"]) != "[poll event]" {
+		t.Errorf("wait %v, want [poll event]", m["wait"])
+	}
+	for _, mode := range []string{"bw", "lat"} {
+		var got []string
+		for _, r := range objects(t, m, mode) {
+			got = append(got, fmt.Sprint(r["wait"], " ", r["mem"]))
+			if num(t, r, "checked") != 3 {
+				t.Errorf("%s row %v: want 3 messages checked", mode, r)
+			}
+		}
+		if want := "poll anon,poll memfd,event anon,event memfd"; strings.Join(got, ",") != want {
+			t.Errorf("%s rows %q, want %q", mode, got, want)
+		}
+	}
+	m = benchRun(t, "send", "-e", "--lat", "--size", "8", "--iters", "3", "--mem", "memfd")
+	for _, r := range objects(t, m, "lat") {
+		if r["wait"] != "event" || num(t, r, "checked") != 3 {
+			t.Errorf("-e: row %v, want wait event and 3 messages checked", r)
+		}
+	}
 }
 
 // TestBenchDataCheck: a message whose data differs from what was sent,

@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"time"
 
 	"github.com/gohfi/gohfi/driver"
@@ -65,12 +66,15 @@ type verbsEngine struct {
 	req, resp     *driver.File
 	reqCQ, respCQ uint32
 	qps           [][2]uint32 // requester's and responder's QP handles
+	reqQPN        uint32      // the QP number of the requester's first QP (the latency rows')
 	wc            []uapi.GohfiWC
 	sgl           []uapi.GohfiSge // one per WR of a PostSend or PostRecv call, reused
 
 	r            *perfRegion
 	srcMR, dstMR uapi.GohfiRegMR
 	mrs          []mrOn // to deregister
+
+	events bool // wait for completions armed and asleep (perftest -e), else busy poll
 }
 
 type mrOn struct {
@@ -126,6 +130,9 @@ func newVerbsEngine(ctx context.Context, dev *driver.Device, op string, qps, dep
 					return nil, fmt.Errorf("MODIFY_QP to %s: %w", qpStateNames[st], err)
 				}
 			}
+		}
+		if len(e.qps) == 0 {
+			e.reqQPN = qpn[0]
 		}
 		e.qps = append(e.qps, h)
 	}
@@ -243,6 +250,8 @@ func (e *verbsEngine) postRecvs(st []qpRound, depth int) error {
 	return nil
 }
 
+func (e *verbsEngine) setEvents(on bool) { e.events = on }
+
 func (e *verbsEngine) round(n, depth, every int, lat samples) (time.Duration, error) {
 	nq := min(len(e.qps), n)
 	if lat != nil {
@@ -264,6 +273,7 @@ func (e *verbsEngine) round(n, depth, every int, lat samples) (time.Duration, er
 	}
 	done := 0
 	wrs := make([]hfiuser.SendWR, 0, depth)
+	var spin spinner
 	start := time.Now()
 	for done < n {
 		progress := false
@@ -325,9 +335,16 @@ func (e *verbsEngine) round(n, depth, every int, lat samples) (time.Duration, er
 				}
 			}
 		}
-		if !progress {
+		switch {
+		case progress:
+			spin.progress()
+		case e.events:
 			if err := e.wait(st, done, n); err != nil {
 				return 0, err
+			}
+		default:
+			if err := spin.idle(e.ctx); err != nil {
+				return 0, fmt.Errorf("polling for completions, %d of %d done: %w", done, n, err)
 			}
 		}
 	}
@@ -341,9 +358,16 @@ func (e *verbsEngine) round(n, depth, every int, lat samples) (time.Duration, er
 				if err != nil {
 					return 0, err
 				}
-				if k == 0 {
+				switch {
+				case k > 0:
+					spin.progress()
+				case e.events:
 					if err := e.waitFile(e.resp, "receives", done, n); err != nil {
 						return 0, err
+					}
+				default:
+					if err := spin.idle(e.ctx); err != nil {
+						return 0, fmt.Errorf("polling for receives, %d of %d done: %w", done, n, err)
 					}
 				}
 			}
@@ -374,9 +398,49 @@ func (e *verbsEngine) pollRecvs(st []qpRound, n int) (int, error) {
 	return k, nil
 }
 
+// spinner is the bench's busy poll, perftest's default: the CQs are polled
+// again and again, never armed, so the device raises no interrupt and
+// nobody sleeps. runtime.Gosched between two polls gives the device model
+// (goroutines of this process on the embedded device) and the driver's
+// other goroutines their turn. No progress for benchWaitLimit is an error.
+type spinner struct {
+	polls int       // polls since the last progress
+	since time.Time // the first of them
+}
+
+func (s *spinner) progress() { s.polls = 0 }
+
+// idle is one poll that found nothing: EINTR when ctx is done, ETIMEDOUT
+// after benchWaitLimit of them.
+func (s *spinner) idle(ctx context.Context) error {
+	if s.polls == 0 {
+		s.since = time.Now()
+	}
+	s.polls++
+	if s.polls%1024 == 0 {
+		if ctx.Err() != nil {
+			return unix.EINTR
+		}
+		if time.Since(s.since) > benchWaitLimit {
+			return unix.ETIMEDOUT
+		}
+	}
+	runtime.Gosched()
+	if s.polls%spinYield == 0 {
+		// Give the core up, not only the P: on few shared cores the
+		// device model's thread (or another process's) may be waiting
+		// for this one's. sched_yield cannot fail on Linux.
+		_, _, _ = unix.RawSyscall(unix.SYS_SCHED_YIELD, 0, 0, 0)
+	}
+	return nil
+}
+
+// spinYield is how many idle polls the bench makes between two yields of
+// its thread.
+const spinYield = 8
+
 // wait sleeps until a completion event (File.Poll arms the file's CQs), as
-// perftest -e does: the device model may run on goroutines of this
-// process, which busy polling starves. It waits on the requester while a
+// perftest -e does. It waits on the requester while a
 // send is outstanding, else on the responder (SEND waiting for receives).
 func (e *verbsEngine) wait(st []qpRound, done, n int) error {
 	for _, q := range st {

@@ -28,6 +28,13 @@ var traceFields = map[driver.TraceKind][3]string{
 	driver.TraceDoorbell:          {"queue", "index", "receive"},
 	driver.TraceDoorbellRecord:    {"queue", "index", "receive"},
 	driver.TraceCompletion:        {"cq", "wr_id", "status"},
+	driver.TracePostSend:          {"queue", "wr_id", "count"},
+	driver.TraceInterrupt:         {"sources", "", ""},
+	driver.TraceDevDoorbell:       {"queue", "index", "record"},
+	driver.TraceDevFetch:          {"queue", "wr_id", "slot"},
+	driver.TraceDevExec:           {"queue", "wr_id", "status"},
+	driver.TraceDevCQE:            {"cq", "wr_id", "queue"},
+	driver.TraceDevInterrupt:      {"sources", "", ""},
 }
 
 // tracing is a running `trace on`.

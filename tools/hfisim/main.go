@@ -21,6 +21,7 @@ import (
 	"log"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"syscall"
 
 	"github.com/gohfi/gohfi/hfisim"
@@ -46,6 +47,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) (code int) {
 	fs.IntVar(&cfg.MTTEntries, "mtt", def.MTTEntries, "memory translation table entries")
 	fs.IntVar(&cfg.RHQMaxEntries, "rhq-max", def.RHQMaxEntries, "largest receive header queue")
 	port := fs.String("port", "", "network port: udp:ADDR[:PORT] (RoCEv2, port 4791 by default); none by default")
+	profile := fs.String("cpuprofile", "", "write a CPU profile of the process, until it stops, to FILE (go tool pprof)")
 	fs.Usage = func() {
 		_, _ = fmt.Fprintln(stderr, "usage: hfisim --socket PATH [flags]") // stderr is where errors would go
 		fs.PrintDefaults()
@@ -67,6 +69,24 @@ func run(ctx context.Context, args []string, stderr io.Writer) (code int) {
 			return 2
 		}
 		cfg.Port = p
+	}
+	if *profile != "" {
+		f, err := os.Create(*profile)
+		if err != nil {
+			logger.Print(err)
+			return 1
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			logger.Print(errors.Join(err, f.Close()))
+			return 1
+		}
+		defer func() {
+			pprof.StopCPUProfile()
+			if err := f.Close(); err != nil {
+				logger.Printf("writing the CPU profile: %v", err)
+				code = 1
+			}
+		}()
 	}
 	dev, err := hfisim.New(cfg)
 	if err != nil {
