@@ -18,11 +18,13 @@ import (
 
 	"github.com/gohfi/gohfi/attach"
 	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/dma"
 	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/hfiuser"
 	"github.com/gohfi/gohfi/ibwire"
 	"github.com/gohfi/gohfi/mem"
 	"github.com/gohfi/gohfi/uapi"
+	"golang.org/x/sys/unix"
 )
 
 var (
@@ -54,15 +56,21 @@ type node struct {
 
 const bufSize = 4 << 20
 
-func newNode(t *testing.T, n ns) *node {
+// attachNode starts hfisim in n and attaches the driver to it.
+func attachNode(t *testing.T, n ns) *node {
 	t.Helper()
 	sock := startHfisim(t, n)
 	// The socket file is there from bind on, the listener from listen:
 	// a dial in between is refused.
 	var a *attach.Attached
 	var err error
+	// The pins of several nodes' regions pass the default RLIMIT_MEMLOCK
+	// (8 MiB), which root in a container may not raise: the kernel lets a
+	// holder of CAP_IPC_LOCK pin past it, so does the driver when asked.
+	opts := attach.DefaultOptions()
+	opts.Params.HonorCapIPCLock, _ = dma.HasCapability(unix.CAP_IPC_LOCK) // an error: not honoured, as without the capability
 	for try := 0; ; try++ {
-		a, err = attach.Open(context.Background(), "vfio-user:"+sock, attach.DefaultOptions())
+		a, err = attach.Open(context.Background(), "vfio-user:"+sock, opts)
 		if err == nil || !errors.Is(err, syscall.ECONNREFUSED) || try == 200 {
 			break
 		}
@@ -86,7 +94,14 @@ func newNode(t *testing.T, n ns) *node {
 	if nd.addr != netip.AddrPortFrom(n.addr, ibwire.UDPPort) {
 		t.Fatalf("port address %v, want %v:%d", nd.addr, n.addr, ibwire.UDPPort)
 	}
-	if nd.f, err = a.Device.Open(); err != nil {
+	return nd
+}
+
+func newNode(t *testing.T, n ns) *node {
+	t.Helper()
+	nd := attachNode(t, n)
+	var err error
+	if nd.f, err = nd.a.Device.Open(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = nd.f.Close() }) // the module's exit closes it too; its error says nothing new
