@@ -66,7 +66,9 @@ func newEP(t *testing.T, nd *node, maxMsg int) *ep {
 	if e.cq, err = e.pd.CreateCQ(1024, 0); err != nil {
 		t.Fatal(err)
 	}
-	if e.buf, err = mem.Alloc(region); err != nil {
+	// memfd: the device process maps it (vfio-user DMA regions with an fd),
+	// as hfictl bench's buffers, instead of asking for every access.
+	if e.buf, err = mem.AllocMemfd(region); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = e.buf.Unmap() }) // nothing to report: the test is over
