@@ -20,7 +20,6 @@ import (
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/dma"
 	"github.com/gohfi/gohfi/driver"
-	"github.com/gohfi/gohfi/hfiuser"
 	"github.com/gohfi/gohfi/ibwire"
 	"github.com/gohfi/gohfi/mem"
 	"github.com/gohfi/gohfi/uapi"
@@ -41,17 +40,13 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// node is one device with the driver attached, a QP, a CQ and a region.
+// node is one device with the driver attached, and a QP, a CQ and a
+// region of its own (newNode).
 type node struct {
 	ns   ns
 	a    *attach.Attached
-	f    *driver.File
-	pd   *driver.PD
-	cq   *driver.CQ
-	qp   *driver.QP
-	buf  *mem.Buffer
-	mr   *driver.MR
 	addr netip.AddrPort
+	verbs
 }
 
 const bufSize = 4 << 20
@@ -100,28 +95,8 @@ func attachNode(t *testing.T, n ns) *node {
 func newNode(t *testing.T, n ns) *node {
 	t.Helper()
 	nd := attachNode(t, n)
-	var err error
-	if nd.f, err = nd.a.Device.Open(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = nd.f.Close() }) // the module's exit closes it too; its error says nothing new
-	if err := hfiuser.AssignCtxt(nd.f); err != nil {
-		t.Fatal(err)
-	}
-	if nd.pd, err = nd.f.PD(); err != nil {
-		t.Fatal(err)
-	}
-	if nd.cq, err = nd.pd.CreateCQ(1024, 0); err != nil {
-		t.Fatal(err)
-	}
-	if nd.buf, err = mem.Alloc(bufSize); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = nd.buf.Unmap() }) // after the module's exit unpinned it
-	access := uint32(uapi.IB_ACCESS_LOCAL_WRITE | uapi.IB_ACCESS_REMOTE_WRITE | uapi.IB_ACCESS_REMOTE_READ | uapi.IB_ACCESS_REMOTE_ATOMIC)
-	if nd.mr, err = nd.pd.RegMR(nd.buf.Addr(), bufSize, uint64(nd.buf.Addr()), access); err != nil {
-		t.Fatal(err)
-	}
+	e := openEP(t, nd, bufSize, mem.Alloc)
+	nd.verbs = e.verbs
 	return nd
 }
 

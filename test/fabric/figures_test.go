@@ -67,16 +67,17 @@ func TestFabricFigures(t *testing.T) {
 	})
 	var b strings.Builder
 	fmt.Fprintf(&b, "load average before: %s, after: %s; %v in all\n", load0, loadavg(t), time.Since(start).Round(time.Second))
-	fmt.Fprintf(&b, "| %-13s | %-5s | %7s | %12s | %14s | %11s |\n", "path", "op", "size", "p50 latency", "bandwidth MB/s", "retransmits")
-	fmt.Fprintf(&b, "|%s|%s|%s|%s|%s|%s|\n", strings.Repeat("-", 15), strings.Repeat("-", 7), strings.Repeat("-", 9),
-		strings.Repeat("-", 14), strings.Repeat("-", 16), strings.Repeat("-", 13))
+	fmt.Fprintf(&b, "| %-13s | %-5s | %7s | %11s | %14s | %11s | %8s |\n", "path", "op", "size", "p50 latency", "bandwidth MB/s",
+		"retransmits", "timeouts")
+	fmt.Fprintf(&b, "|%s|%s|%s|%s|%s|%s|%s|\n", strings.Repeat("-", 15), strings.Repeat("-", 7), strings.Repeat("-", 9),
+		strings.Repeat("-", 13), strings.Repeat("-", 16), strings.Repeat("-", 13), strings.Repeat("-", 10))
 	for _, r := range rows {
-		re := "-"
+		re, to := "-", "-"
 		if r.net {
-			re = fmt.Sprint(r.retransmits)
+			re, to = fmt.Sprint(r.retransmits), fmt.Sprint(r.timeouts)
 		}
-		fmt.Fprintf(&b, "| %-13s | %-5s | %7s | %12v | %14.0f | %11s |\n", r.path, r.op, sizeName(r.size), r.p50.Round(time.Microsecond),
-			r.mbps, re)
+		fmt.Fprintf(&b, "| %-13s | %-5s | %7s | %11v | %14.0f | %11s | %8s |\n", r.path, r.op, sizeName(r.size), r.p50.Round(time.Microsecond),
+			r.mbps, re, to)
 	}
 	t.Log("\n" + b.String())
 }
@@ -88,7 +89,8 @@ type figure struct {
 	p50         time.Duration
 	mbps        float64
 	net         bool
-	retransmits uint64
+	retransmits uint64 // of both devices, while measuring
+	timeouts    uint64
 }
 
 var figureSizes = []int{4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20}
@@ -107,9 +109,10 @@ func measureAll(t *testing.T, path string, e, o *ep, devs []*node) []figure {
 	var rows []figure
 	for _, op := range []string{"WRITE", "READ", "SEND"} {
 		for _, n := range figureSizes {
-			var re0 uint64
+			var re0, to0 uint64
 			for _, d := range devs {
-				re0 += counters(t, d)["retransmits"]
+				c := counters(t, d)
+				re0, to0 = re0+c["retransmits"], to0+c["timeouts"]
 			}
 			f := figure{path: path, op: op, size: n, net: devs != nil}
 			var err error
@@ -117,9 +120,10 @@ func measureAll(t *testing.T, path string, e, o *ep, devs []*node) []figure {
 				t.Fatalf("%s %s %d: %v", path, op, n, err)
 			}
 			for _, d := range devs {
-				f.retransmits += counters(t, d)["retransmits"]
+				c := counters(t, d)
+				f.retransmits, f.timeouts = f.retransmits+c["retransmits"], f.timeouts+c["timeouts"]
 			}
-			f.retransmits -= re0
+			f.retransmits, f.timeouts = f.retransmits-re0, f.timeouts-to0
 			rows = append(rows, f)
 		}
 	}

@@ -15,18 +15,24 @@ import (
 	"github.com/gohfi/gohfi/uapi"
 )
 
-// ep is one end of a connection: a file of its own on a node's device
-// (its context, PD, CQ and QP) and a region of five areas, so that
-// connections of one device run at once without sharing a CQ or memory.
-type ep struct {
-	nd  *node
+// verbs are what a user of the device opens: a file (with its context),
+// a PD, a CQ, a QP and a registered region.
+type verbs struct {
 	f   *driver.File
 	pd  *driver.PD
 	cq  *driver.CQ
 	qp  *driver.QP
 	buf *mem.Buffer
 	mr  *driver.MR
-	sz  int // the size of each area
+}
+
+// ep is one end of a connection: verbs of its own on a node's device and
+// a region of five areas, so that connections of one device run at once
+// without sharing a CQ or memory.
+type ep struct {
+	nd *node
+	verbs
+	sz int // the size of each area
 }
 
 // The areas of an ep's region, each of the ep's area size: what it WRITEs
@@ -47,11 +53,21 @@ const (
 
 // newEP opens a file on nd's device with a context, a PD, a CQ and a
 // registered region for messages of up to maxMsg bytes; connectEPs gives
-// it its QP.
+// it its QP. The region is memfd: the device process maps it (vfio-user
+// DMA regions with an fd), as hfictl bench's buffers, instead of asking
+// the driver's process for every access.
 func newEP(t *testing.T, nd *node, maxMsg int) *ep {
 	t.Helper()
-	e := &ep{nd: nd, sz: maxMsg + 4096}
-	region := numAreas * e.sz
+	e := openEP(t, nd, numAreas*(maxMsg+4096), mem.AllocMemfd)
+	e.sz = maxMsg + 4096
+	return e
+}
+
+// openEP opens a file on nd's device with a context, a PD, a CQ and a
+// region of size bytes from alloc, registered with epAccess.
+func openEP(t *testing.T, nd *node, size int, alloc func(int) (*mem.Buffer, error)) *ep {
+	t.Helper()
+	e := &ep{nd: nd}
 	var err error
 	if e.f, err = nd.a.Device.Open(); err != nil {
 		t.Fatal(err)
@@ -66,13 +82,11 @@ func newEP(t *testing.T, nd *node, maxMsg int) *ep {
 	if e.cq, err = e.pd.CreateCQ(1024, 0); err != nil {
 		t.Fatal(err)
 	}
-	// memfd: the device process maps it (vfio-user DMA regions with an fd),
-	// as hfictl bench's buffers, instead of asking for every access.
-	if e.buf, err = mem.AllocMemfd(region); err != nil {
+	if e.buf, err = alloc(size); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = e.buf.Unmap() }) // nothing to report: the test is over
-	if e.mr, err = e.pd.RegMR(e.buf.Addr(), uint64(region), uint64(e.buf.Addr()), epAccess); err != nil {
+	t.Cleanup(func() { _ = e.buf.Close() }) // nothing to report: the test is over
+	if e.mr, err = e.pd.RegMR(e.buf.Addr(), uint64(size), uint64(e.buf.Addr()), epAccess); err != nil {
 		t.Fatal(err)
 	}
 	return e
