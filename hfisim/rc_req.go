@@ -53,6 +53,7 @@ type rcQP struct {
 	ackPSN             ibwire.PSN
 	hasAck             bool
 	retrying           bool // went back after a NAK or gap: later gaps wait for progress or the timer
+	readSkipped        bool // a READ response past the expected one was dropped while retrying
 	backoff            uint // timeouts in a row without progress: the timer doubles, up to rcMaxBackoff
 
 	// Responder (rc_resp.go).
@@ -460,7 +461,7 @@ func (d *Device) rcRetry(n int, s rcSnap, rc *rcQP, psn ibwire.PSN, timeout bool
 	if rc.retrying && !timeout {
 		return
 	}
-	rc.retrying = !timeout
+	rc.retrying, rc.readSkipped = !timeout, false
 	if rc.retryLeft == 0 {
 		d.rcComplete(n, s, rc, fail(uapi.GOHFI_WC_RETRY_EXC_ERR, chip.VendorErrRemoteQP))
 		return
@@ -610,6 +611,7 @@ func (d *Device) rcReadResponse(n int, s rcSnap, rc *rcQP, pk *ibwire.Packet) {
 	case psn.Before(want):
 		return // a duplicate
 	case psn.After(want):
+		rc.readSkipped = rc.readSkipped || rc.retrying
 		d.rcRetry(n, s, rc, want, false)
 		return
 	}
@@ -631,8 +633,16 @@ func (d *Device) rcReadResponse(n int, s rcSnap, rc *rcQP, pk *ibwire.Packet) {
 	r := d.rcRequester(n, s, w)
 	lp := &packet{src: r.qpn, op: w.wqe.Opcode, off: off, n: size, total: w.total, first: first, last: last,
 		data: pk.Payload, srcEpoch: s.epoch}
-	if d.rcPlace(n, s, rc, w, r, lp) { // a page fault: the READ is asked again after it
-		d.rcAnswered(n, s, rc, w)
+	if !d.rcPlace(n, s, rc, w, r, lp) { // a page fault: the READ is asked again after it
+		return
+	}
+	d.rcAnswered(n, s, rc, w)
+	if rc.readSkipped && !w.complete() && len(rc.inflight) > 0 && !rc.retrying {
+		// Responses past this one came while going back and were dropped:
+		// what brought them (a request sent again that overtook the one
+		// for this gap) will not bring them again. Ask now, not after
+		// the timer.
+		d.rcRetry(n, s, rc, w.first.Add(int32(w.done)), false)
 	}
 }
 
