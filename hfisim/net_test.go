@@ -600,3 +600,33 @@ func TestNetRCReadReorderedReRequest(t *testing.T) {
 		t.Errorf("the READ waited for its retransmission timer %d times (%v in all)", to, time.Since(start).Round(time.Millisecond))
 	}
 }
+
+// TestRCGoBackKeepsPendingRead: the requester went back to a READ (a gap
+// in its responses) and, before the engine asked for them again, a
+// sequence NAK of the SEND behind it came in the same receive batch (as
+// 10% reordering on a veth made it happen). Going back to the SEND must not
+// move the cursor past the READ's request: nothing else would ask for the
+// responses, and the READ would wait for the retransmission timer.
+func TestRCGoBackKeepsPendingRead(t *testing.T) {
+	h := newVerbsPort(t, addrA, newWire(1).end(addrA))
+	read := &rcWQE{wqe: chip.SendWQE{Opcode: uapi.GOHFI_WR_RDMA_READ}, first: 100, npkts: 5, done: 2}
+	send := &rcWQE{wqe: chip.SendWQE{Opcode: uapi.GOHFI_WR_SEND}, first: 105, npkts: 5, done: 3}
+	for _, c := range []struct {
+		name             string
+		cur, curPkt      int
+		psn              ibwire.PSN
+		wantCur, wantPkt int
+	}{
+		{"sent all, NAK of the SEND", 2, 0, 108, 1, 3},
+		{"sent all, gap in the READ", 2, 0, 102, 0, 2},
+		{"READ to ask again, NAK of the SEND", 0, 2, 108, 0, 2},
+		{"SEND to send again, NAK of a later packet", 1, 3, 109, 1, 4},
+		{"SEND to send again, gap in the READ", 1, 3, 102, 0, 2},
+	} {
+		rc := &rcQP{inflight: []*rcWQE{read, send}, cur: c.cur, curPkt: uint32(c.curPkt)}
+		h.d.rcGoBack(rc, c.psn)
+		if rc.cur != c.wantCur || rc.curPkt != uint32(c.wantPkt) {
+			t.Errorf("%s: cursor at WQE %d packet %d, want %d, %d", c.name, rc.cur, rc.curPkt, c.wantCur, c.wantPkt)
+		}
+	}
+}

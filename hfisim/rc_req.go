@@ -494,19 +494,38 @@ func (rc *rcQP) takesRecv(psn ibwire.PSN) bool {
 	return true // nothing in flight at psn: counted, as before
 }
 
-// rcGoBack moves the cursor to psn (go-back-N).
+// rcGoBack moves the cursor to psn (go-back-N). It does not move it
+// forward past a READ or atomic it already went back to and has not asked
+// again yet: a NAK of a later WQE, handled before the engine sent the
+// request again, would leave the READ waiting for its timer.
 func (d *Device) rcGoBack(rc *rcQP, psn ibwire.PSN) {
 	for i, w := range rc.inflight {
 		if psn.InRange(w.first, w.npkts) {
-			rc.cur, rc.curPkt = i, uint32(psn.Sub(w.first))
+			pkt := uint32(psn.Sub(w.first))
 			if w.isRead() {
-				rc.curPkt = w.done // READ responses resume where they stopped
+				pkt = w.done // READ responses resume where they stopped
 			}
+			if rc.pendingAsk(i, pkt) {
+				return
+			}
+			rc.cur, rc.curPkt = i, pkt
 			d.kickEngine()
 			return
 		}
 	}
-	rc.cur, rc.curPkt = len(rc.inflight), 0
+	if !rc.pendingAsk(len(rc.inflight), 0) {
+		rc.cur, rc.curPkt = len(rc.inflight), 0
+	}
+}
+
+// pendingAsk reports whether the cursor is before packet pkt of WQE i at
+// a READ or atomic not answered yet: a request to send again.
+func (rc *rcQP) pendingAsk(i int, pkt uint32) bool {
+	if rc.cur >= len(rc.inflight) || rc.cur > i || rc.cur == i && rc.curPkt >= pkt {
+		return false
+	}
+	w := rc.inflight[rc.cur]
+	return w.answered() && !w.complete()
 }
 
 // rcConfirm applies an acknowledgement of every PSN up to psn: SEND and
