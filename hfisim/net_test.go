@@ -27,7 +27,19 @@ type wire struct {
 	rngs map[netip.AddrPort]*rand.Rand
 	held map[netip.AddrPort]heldPkt // a packet each direction holds back to reorder
 	sent int
+	// hook, when set, sees every packet first (the IB packet, decoded)
+	// and may drop it or hold it back until the next one of its direction.
+	hook func(from netip.AddrPort, pk *ibwire.Packet) wireAction
 }
+
+// wireAction is what a wire's hook does with a packet.
+type wireAction int
+
+const (
+	wirePass wireAction = iota
+	wireDrop
+	wireHold // until the next packet of the same direction has passed
+)
 
 type heldPkt struct {
 	to netip.AddrPort
@@ -75,11 +87,18 @@ func (e *wireEnd) send(to netip.AddrPort, b []byte) error {
 	if dst == nil {
 		return nil
 	}
-	if rng.Float64() < w.loss.drop {
+	act := wirePass
+	if w.hook != nil {
+		var ib ibwire.Packet
+		if ib.Decode(b) == nil {
+			act = w.hook(e.from, &ib)
+		}
+	}
+	if act == wireDrop || rng.Float64() < w.loss.drop {
 		return nil
 	}
 	pk := bytes.Clone(b)
-	if rng.Float64() < w.loss.reorder {
+	if act == wireHold || rng.Float64() < w.loss.reorder {
 		if h, ok := w.held[e.from]; ok {
 			w.ends[h.to].netInput(e.from, h.b)
 		}
@@ -534,5 +553,80 @@ func TestNetRCLargeLossy(t *testing.T) {
 			}
 		}
 		t.Logf("seed %d: retransmits %d, timeouts %d", seed, p.a.d.NetCounter(chip.NetCntRetrans), p.a.d.NetCounter(chip.NetCntTimeouts))
+	}
+}
+
+// TestNetRCReadReorderedReRequest: a READ request sent again after a gap
+// is overtaken on the wire by the request for the next piece, which went
+// out right behind it. The responder answers the next piece first: its
+// responses come while the requester waits for the gap and are dropped;
+// then the gap's responses arrive and the READ makes progress, but what
+// the overtaking request brought is gone and will not come again. The
+// requester must ask for it again at once (a response past the expected
+// one was dropped while it was going back), not sit out its
+// retransmission timer.
+func TestNetRCReadReorderedReRequest(t *testing.T) {
+	// Timeout 18: a second: a wait for the timer is unmistakable.
+	p := newNetPairAttr(t, 1, 256<<10, chip.QPNetAttrValue(18, 7, 7, 1))
+	var first ibwire.PSN
+	lost, held := false, false
+	p.w.hook = func(from netip.AddrPort, pk *ibwire.Packet) wireAction {
+		switch op := pk.BTH.Opcode; {
+		case from == addrA && op == ibwire.RCReadRequest && first == 0 && pk.RETH.VA == p.mb.va:
+			first = pk.BTH.PSN
+		case from == addrB && op.IsReadResponse() && !lost && pk.BTH.PSN == first.Add(46):
+			lost = true // a gap in the first piece: A goes back to 46
+			return wireDrop
+		case from == addrA && op == ibwire.RCReadRequest && lost && !held && pk.BTH.PSN == first.Add(46):
+			held = true // A's request for 46..63 goes after its request for 64..127
+			return wireHold
+		}
+		return wirePass
+	}
+	const n = 128 * netPMTU // two pieces of 64 responses
+	dst := p.b.fill(p.mb, 7)
+	w := sendWQE(1, uapi.GOHFI_WR_RDMA_READ, sge(p.ma, 0, n))
+	w.RemoteAddr, w.Rkey = p.mb.va, p.mb.key()
+	start := time.Now()
+	p.a.postSend(p.qa, w)
+	p.a.expectCQE(p.ca, 1, uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_RDMA_READ, 0)
+	if !bytes.Equal(p.a.contents(p.ma)[:n], dst[:n]) {
+		t.Fatal("READ: data differs")
+	}
+	if !lost || !held {
+		t.Fatalf("the wire did not drop (%v) and reorder (%v) as the test means", lost, held)
+	}
+	if to := p.a.d.NetCounter(chip.NetCntTimeouts); to != 0 {
+		t.Errorf("the READ waited for its retransmission timer %d times (%v in all)", to, time.Since(start).Round(time.Millisecond))
+	}
+}
+
+// TestRCGoBackKeepsPendingRead: the requester went back to a READ (a gap
+// in its responses) and, before the engine asked for them again, a
+// sequence NAK of the SEND behind it came in the same receive batch (as
+// 10% reordering on a veth made it happen). Going back to the SEND must not
+// move the cursor past the READ's request: nothing else would ask for the
+// responses, and the READ would wait for the retransmission timer.
+func TestRCGoBackKeepsPendingRead(t *testing.T) {
+	h := newVerbsPort(t, addrA, newWire(1).end(addrA))
+	read := &rcWQE{wqe: chip.SendWQE{Opcode: uapi.GOHFI_WR_RDMA_READ}, first: 100, npkts: 5, done: 2}
+	send := &rcWQE{wqe: chip.SendWQE{Opcode: uapi.GOHFI_WR_SEND}, first: 105, npkts: 5, done: 3}
+	for _, c := range []struct {
+		name             string
+		cur, curPkt      int
+		psn              ibwire.PSN
+		wantCur, wantPkt int
+	}{
+		{"sent all, NAK of the SEND", 2, 0, 108, 1, 3},
+		{"sent all, gap in the READ", 2, 0, 102, 0, 2},
+		{"READ to ask again, NAK of the SEND", 0, 2, 108, 0, 2},
+		{"SEND to send again, NAK of a later packet", 1, 3, 109, 1, 4},
+		{"SEND to send again, gap in the READ", 1, 3, 102, 0, 2},
+	} {
+		rc := &rcQP{inflight: []*rcWQE{read, send}, cur: c.cur, curPkt: uint32(c.curPkt)}
+		h.d.rcGoBack(rc, c.psn)
+		if rc.cur != c.wantCur || rc.curPkt != uint32(c.wantPkt) {
+			t.Errorf("%s: cursor at WQE %d packet %d, want %d, %d", c.name, rc.cur, rc.curPkt, c.wantCur, c.wantPkt)
+		}
 	}
 }

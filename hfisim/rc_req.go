@@ -53,6 +53,7 @@ type rcQP struct {
 	ackPSN             ibwire.PSN
 	hasAck             bool
 	retrying           bool // went back after a NAK or gap: later gaps wait for progress or the timer
+	readSkipped        bool // a READ response past the expected one was dropped while retrying
 	backoff            uint // timeouts in a row without progress: the timer doubles, up to rcMaxBackoff
 
 	// Responder (rc_resp.go).
@@ -460,7 +461,7 @@ func (d *Device) rcRetry(n int, s rcSnap, rc *rcQP, psn ibwire.PSN, timeout bool
 	if rc.retrying && !timeout {
 		return
 	}
-	rc.retrying = !timeout
+	rc.retrying, rc.readSkipped = !timeout, false
 	if rc.retryLeft == 0 {
 		d.rcComplete(n, s, rc, fail(uapi.GOHFI_WC_RETRY_EXC_ERR, chip.VendorErrRemoteQP))
 		return
@@ -493,19 +494,38 @@ func (rc *rcQP) takesRecv(psn ibwire.PSN) bool {
 	return true // nothing in flight at psn: counted, as before
 }
 
-// rcGoBack moves the cursor to psn (go-back-N).
+// rcGoBack moves the cursor to psn (go-back-N). It does not move it
+// forward past a READ or atomic it already went back to and has not asked
+// again yet: a NAK of a later WQE, handled before the engine sent the
+// request again, would leave the READ waiting for its timer.
 func (d *Device) rcGoBack(rc *rcQP, psn ibwire.PSN) {
 	for i, w := range rc.inflight {
 		if psn.InRange(w.first, w.npkts) {
-			rc.cur, rc.curPkt = i, uint32(psn.Sub(w.first))
+			pkt := uint32(psn.Sub(w.first))
 			if w.isRead() {
-				rc.curPkt = w.done // READ responses resume where they stopped
+				pkt = w.done // READ responses resume where they stopped
 			}
+			if rc.pendingAsk(i, pkt) {
+				return
+			}
+			rc.cur, rc.curPkt = i, pkt
 			d.kickEngine()
 			return
 		}
 	}
-	rc.cur, rc.curPkt = len(rc.inflight), 0
+	if !rc.pendingAsk(len(rc.inflight), 0) {
+		rc.cur, rc.curPkt = len(rc.inflight), 0
+	}
+}
+
+// pendingAsk reports whether the cursor is before packet pkt of WQE i at
+// a READ or atomic not answered yet: a request to send again.
+func (rc *rcQP) pendingAsk(i int, pkt uint32) bool {
+	if rc.cur >= len(rc.inflight) || rc.cur > i || rc.cur == i && rc.curPkt >= pkt {
+		return false
+	}
+	w := rc.inflight[rc.cur]
+	return w.answered() && !w.complete()
 }
 
 // rcConfirm applies an acknowledgement of every PSN up to psn: SEND and
@@ -610,6 +630,7 @@ func (d *Device) rcReadResponse(n int, s rcSnap, rc *rcQP, pk *ibwire.Packet) {
 	case psn.Before(want):
 		return // a duplicate
 	case psn.After(want):
+		rc.readSkipped = rc.readSkipped || rc.retrying
 		d.rcRetry(n, s, rc, want, false)
 		return
 	}
@@ -631,8 +652,16 @@ func (d *Device) rcReadResponse(n int, s rcSnap, rc *rcQP, pk *ibwire.Packet) {
 	r := d.rcRequester(n, s, w)
 	lp := &packet{src: r.qpn, op: w.wqe.Opcode, off: off, n: size, total: w.total, first: first, last: last,
 		data: pk.Payload, srcEpoch: s.epoch}
-	if d.rcPlace(n, s, rc, w, r, lp) { // a page fault: the READ is asked again after it
-		d.rcAnswered(n, s, rc, w)
+	if !d.rcPlace(n, s, rc, w, r, lp) { // a page fault: the READ is asked again after it
+		return
+	}
+	d.rcAnswered(n, s, rc, w)
+	if rc.readSkipped && !w.complete() && len(rc.inflight) > 0 && !rc.retrying {
+		// Responses past this one came while going back and were dropped:
+		// what brought them (a request sent again that overtook the one
+		// for this gap) will not bring them again. Ask now, not after
+		// the timer.
+		d.rcRetry(n, s, rc, w.first.Add(int32(w.done)), false)
 	}
 }
 

@@ -18,11 +18,12 @@ import (
 
 	"github.com/gohfi/gohfi/attach"
 	"github.com/gohfi/gohfi/chip"
+	"github.com/gohfi/gohfi/dma"
 	"github.com/gohfi/gohfi/driver"
-	"github.com/gohfi/gohfi/hfiuser"
 	"github.com/gohfi/gohfi/ibwire"
 	"github.com/gohfi/gohfi/mem"
 	"github.com/gohfi/gohfi/uapi"
+	"golang.org/x/sys/unix"
 )
 
 var (
@@ -39,30 +40,32 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// node is one device with the driver attached, a QP, a CQ and a region.
+// node is one device with the driver attached, and a QP, a CQ and a
+// region of its own (newNode).
 type node struct {
 	ns   ns
 	a    *attach.Attached
-	f    *driver.File
-	pd   *driver.PD
-	cq   *driver.CQ
-	qp   *driver.QP
-	buf  *mem.Buffer
-	mr   *driver.MR
 	addr netip.AddrPort
+	verbs
 }
 
 const bufSize = 4 << 20
 
-func newNode(t *testing.T, n ns) *node {
+// attachNode starts hfisim in n and attaches the driver to it.
+func attachNode(t *testing.T, n ns) *node {
 	t.Helper()
 	sock := startHfisim(t, n)
 	// The socket file is there from bind on, the listener from listen:
 	// a dial in between is refused.
 	var a *attach.Attached
 	var err error
+	// The pins of several nodes' regions pass the default RLIMIT_MEMLOCK
+	// (8 MiB), which root in a container may not raise: the kernel lets a
+	// holder of CAP_IPC_LOCK pin past it, so does the driver when asked.
+	opts := attach.DefaultOptions()
+	opts.Params.HonorCapIPCLock, _ = dma.HasCapability(unix.CAP_IPC_LOCK) // an error: not honoured, as without the capability
 	for try := 0; ; try++ {
-		a, err = attach.Open(context.Background(), "vfio-user:"+sock, attach.DefaultOptions())
+		a, err = attach.Open(context.Background(), "vfio-user:"+sock, opts)
 		if err == nil || !errors.Is(err, syscall.ECONNREFUSED) || try == 200 {
 			break
 		}
@@ -86,27 +89,14 @@ func newNode(t *testing.T, n ns) *node {
 	if nd.addr != netip.AddrPortFrom(n.addr, ibwire.UDPPort) {
 		t.Fatalf("port address %v, want %v:%d", nd.addr, n.addr, ibwire.UDPPort)
 	}
-	if nd.f, err = a.Device.Open(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = nd.f.Close() }) // the module's exit closes it too; its error says nothing new
-	if err := hfiuser.AssignCtxt(nd.f); err != nil {
-		t.Fatal(err)
-	}
-	if nd.pd, err = nd.f.PD(); err != nil {
-		t.Fatal(err)
-	}
-	if nd.cq, err = nd.pd.CreateCQ(1024, 0); err != nil {
-		t.Fatal(err)
-	}
-	if nd.buf, err = mem.Alloc(bufSize); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = nd.buf.Unmap() }) // after the module's exit unpinned it
-	access := uint32(uapi.IB_ACCESS_LOCAL_WRITE | uapi.IB_ACCESS_REMOTE_WRITE | uapi.IB_ACCESS_REMOTE_READ | uapi.IB_ACCESS_REMOTE_ATOMIC)
-	if nd.mr, err = nd.pd.RegMR(nd.buf.Addr(), bufSize, uint64(nd.buf.Addr()), access); err != nil {
-		t.Fatal(err)
-	}
+	return nd
+}
+
+func newNode(t *testing.T, n ns) *node {
+	t.Helper()
+	nd := attachNode(t, n)
+	e := openEP(t, nd, bufSize, mem.Alloc)
+	nd.verbs = e.verbs
 	return nd
 }
 

@@ -40,6 +40,27 @@ func run(t testing.TB, name string, args ...string) {
 // not meet) and removes them when t ends.
 func twoNamespaces(t *testing.T) (a, b ns) {
 	t.Helper()
+	requireNetns(t)
+	id := os.Getpid() % 250
+	a = ns{name: fmt.Sprintf("gohfi-fab%d-a", os.Getpid()), dev: fmt.Sprintf("gfa%d", os.Getpid()),
+		addr: netip.AddrFrom4([4]byte{10, 201, byte(id), 1})}
+	b = ns{name: fmt.Sprintf("gohfi-fab%d-b", os.Getpid()), dev: fmt.Sprintf("gfb%d", os.Getpid()),
+		addr: netip.AddrFrom4([4]byte{10, 201, byte(id), 2})}
+	for _, n := range []ns{a, b} {
+		addNamespace(t, n.name)
+	}
+	run(t, "ip", "-n", a.name, "link", "add", a.dev, "type", "veth", "peer", "name", b.dev, "netns", b.name)
+	for _, n := range []ns{a, b} {
+		run(t, "ip", "-n", n.name, "addr", "add", n.addr.String()+"/24", "dev", n.dev)
+		run(t, "ip", "-n", n.name, "link", "set", n.dev, "up")
+	}
+	return a, b
+}
+
+// requireNetns skips (fails under CI=true) without root, iproute2 or
+// network namespaces.
+func requireNetns(t *testing.T) {
+	t.Helper()
 	testenv.RequireRoot(t, "network namespaces and veth pairs")
 	if _, err := exec.LookPath("ip"); err != nil {
 		testenv.Require(t, fmt.Errorf("iproute2: %w", syscall.ENOENT), "the ip command")
@@ -47,28 +68,6 @@ func twoNamespaces(t *testing.T) (a, b ns) {
 	if _, err := os.Stat("/proc/self/ns/net"); err != nil {
 		testenv.Require(t, err, "network namespaces")
 	}
-	id := os.Getpid() % 250
-	a = ns{name: fmt.Sprintf("gohfi-fab%d-a", os.Getpid()), dev: fmt.Sprintf("gfa%d", os.Getpid()),
-		addr: netip.AddrFrom4([4]byte{10, 201, byte(id), 1})}
-	b = ns{name: fmt.Sprintf("gohfi-fab%d-b", os.Getpid()), dev: fmt.Sprintf("gfb%d", os.Getpid()),
-		addr: netip.AddrFrom4([4]byte{10, 201, byte(id), 2})}
-	for _, n := range []ns{a, b} {
-		if out, err := exec.Command("ip", "netns", "add", n.name).CombinedOutput(); err != nil {
-			t.Fatalf("ip netns add %s: %v: %s", n.name, err, out)
-		}
-		t.Cleanup(func() {
-			if out, err := exec.Command("ip", "netns", "del", n.name).CombinedOutput(); err != nil {
-				t.Errorf("ip netns del %s: %v: %s", n.name, err, out)
-			}
-		})
-	}
-	run(t, "ip", "-n", a.name, "link", "add", a.dev, "type", "veth", "peer", "name", b.dev, "netns", b.name)
-	for _, n := range []ns{a, b} {
-		run(t, "ip", "-n", n.name, "addr", "add", n.addr.String()+"/24", "dev", n.dev)
-		run(t, "ip", "-n", n.name, "link", "set", n.dev, "up")
-		run(t, "ip", "-n", n.name, "link", "set", "lo", "up")
-	}
-	return a, b
 }
 
 // setLink takes n's end of the veth pair up or down.
@@ -113,7 +112,7 @@ func startHfisim(t *testing.T, n ns) string {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "hfisim.sock")
 	var log bytes.Buffer
-	cmd := exec.Command("ip", "netns", "exec", n.name, hfisimBinary(t), "--socket", sock, "--contexts", "2",
+	cmd := exec.Command("ip", "netns", "exec", n.name, hfisimBinary(t), "--socket", sock, "--contexts", "4",
 		"--port", "udp:"+n.addr.String())
 	cmd.Stdout, cmd.Stderr = &log, &log
 	if err := cmd.Start(); err != nil {
