@@ -164,27 +164,28 @@ func (d *Device) spinRecords(last time.Time, window time.Duration, idle *chan st
 
 // pollWindow is how long the engine polls the doorbell records after its
 // last work: DBPollIdle, unless its polling keeps the producer off the CPU.
-// On few cores the kernel often runs the engine's thread on the CPU of the
-// thread that rang its doorbell (it woke it), with other work on the other
-// cores: then the producer cannot run while the engine polls, its next post
-// comes right after the engine gave up, rings the register, and every
-// message pays the whole window and a wake-up (8 B WRITE p50 62 us with a
-// 50 us window, 29 us with 20 us; perf sched: the two threads alternate on
-// one CPU, the engine's 61 us, the driver's 6 us). A poll that ran out with
-// a register doorbell right behind it (within half the window, taken
-// dbPollStarved times in a row) makes the window zero: the engine sleeps
-// after its work, and the producer's next post wakes it. Every
-// dbPollProbe-th sleep then polls the whole window again: a record that
-// moves meanwhile (the threads run apart again) makes it DBPollIdle again.
+// On few shared cores the kernel often runs the engine's thread on the CPU
+// of the thread that rang its doorbell (the waker's), with other work on
+// the other cores: then the producer cannot run while the engine polls, its
+// next post comes right after the engine gave up and rings the register,
+// and every message pays the whole window and a wake-up (an 8 B WRITE's
+// p50 was 62 us with the 50 us window, 29 us with 20 us; perf sched: the
+// bench's and the engine's threads alternating on one CPU, 6 us and 61 us).
+// A poll that ran out with a register doorbell within the window after it
+// (dbPollStarved times in a row; an idle producer posts at any time, one
+// kept off the CPU at once) makes the window zero: the engine sleeps after
+// its work, and the producer's next post wakes it. Every dbPollProbe-th
+// sleep then polls the whole window once more, and a record that moves
+// meanwhile (the threads run apart again) gives the window back.
 type pollWindow struct {
 	short   bool      // poll for no time after the last work
 	slept   int       // sleeps since the window became short
 	sleptAt time.Time // when the engine slept after a poll that ran out; zero after any other sleep
-	starved int       // polls in a row that ran out with a register doorbell right behind
+	starved int       // polls in a row that ran out with a register doorbell within the window behind
 }
 
 // dbPollStarved is how many polls in a row must run out with a register
-// doorbell right behind before the window becomes short.
+// doorbell within the window behind before the window becomes short.
 const dbPollStarved = 3
 
 // dbPollProbe is how often (in sleeps) an engine with a short window polls
@@ -216,7 +217,7 @@ func (p *pollWindow) woken(now time.Time, full time.Duration) {
 	if p.sleptAt.IsZero() {
 		return
 	}
-	if now.Sub(p.sleptAt) < full/2 {
+	if now.Sub(p.sleptAt) < full {
 		p.starved++
 		if p.starved >= dbPollStarved {
 			p.short, p.slept = true, 1
