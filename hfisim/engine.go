@@ -173,12 +173,13 @@ func (d *Device) spinRecords(last time.Time, window time.Duration, idle *chan st
 // bench's and the engine's threads alternating on one CPU, 6 us and 61 us).
 // A poll that ran out with a register doorbell within the window after it
 // (dbPollStarved times in a row; an idle producer posts at any time, one
-// kept off the CPU at once) makes the window zero: the engine sleeps after
-// its work, and the producer's next post wakes it. Every dbPollProbe-th
-// sleep then polls the whole window once more, and a record that moves
-// meanwhile (the threads run apart again) gives the window back.
+// kept off the CPU at once) makes the window short (dbPollShort): the
+// engine sleeps soon after its work, and the producer's next post wakes it.
+// A record that moves while the engine polls (the threads run apart again)
+// gives the window back; so does every dbPollProbe-th sleep, which polls
+// the whole window once more.
 type pollWindow struct {
-	short   bool      // poll for no time after the last work
+	short   bool      // poll for dbPollShort after the last work
 	slept   int       // sleeps since the window became short
 	sleptAt time.Time // when the engine slept after a poll that ran out; zero after any other sleep
 	starved int       // polls in a row that ran out with a register doorbell within the window behind
@@ -188,13 +189,24 @@ type pollWindow struct {
 // doorbell within the window behind before the window becomes short.
 const dbPollStarved = 3
 
+// dbPollShort is the short window: long enough to catch the next post of a
+// producer on another CPU (an 8 B WRITE's completion is polled and the next
+// WQE stored within 1-2 us), which gives the window back at once, short
+// enough to cost a producer kept off the CPU little. The spin reads the
+// clock every dbSpinCheck polls (about 3 us), so it polls that long.
+const dbPollShort = 2 * time.Microsecond
+
 // dbPollProbe is how often (in sleeps) an engine with a short window polls
-// the whole window once more.
-const dbPollProbe = 128
+// the whole window once more: often, because a wake-up (each message's,
+// with the short window) may put the engine's thread back on the
+// producer's CPU, and a probe is how the engine finds that the threads
+// run apart again; a probe that finds them together costs that message
+// the window (the p50 of 8 B WRITEs stays the short window's: 1 in 8).
+const dbPollProbe = 8
 
 func (p *pollWindow) window(full time.Duration) time.Duration {
 	if p.short && p.slept%dbPollProbe != 0 {
-		return 0
+		return min(dbPollShort, full)
 	}
 	return full
 }
@@ -219,7 +231,7 @@ func (p *pollWindow) woken(now time.Time, full time.Duration) {
 	}
 	if now.Sub(p.sleptAt) < full {
 		p.starved++
-		if p.starved >= dbPollStarved {
+		if p.starved >= dbPollStarved && !p.short {
 			p.short, p.slept = true, 1
 		}
 	} else {

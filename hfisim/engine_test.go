@@ -35,11 +35,11 @@ func TestPollWindowStarvedProducer(t *testing.T) {
 		}
 	}
 	starve(5 * time.Microsecond)
-	if w := p.window(full); w != 0 {
-		t.Fatalf("window after %d starved polls %v, want 0", dbPollStarved, w)
+	if w := p.window(full); w != dbPollShort {
+		t.Fatalf("window after %d starved polls %v, want %v", dbPollStarved, w, dbPollShort)
 	}
-	// Short: the engine sleeps after its work; every dbPollProbe-th sleep
-	// polls the whole window again.
+	// Short: the engine sleeps soon after its work; every dbPollProbe-th
+	// sleep polls the whole window again.
 	probes := 0
 	for range 3 * dbPollProbe {
 		if p.window(full) == full {
