@@ -29,18 +29,21 @@ const maxPacket = 1 << 21
 // engine: req.go, resp.go); the engine sleeps when a pass finds no work it
 // can do, until the next doorbell or register write. While QPs have
 // doorbell records (dbrec.go) it keeps polling them for DBPollIdle after
-// its last work, then sets their notify flags, reads them once more, and
-// sleeps only if that found nothing.
+// its last work (or less: pollWindow), then sets their notify flags, reads
+// them once more, and sleeps only if that found nothing.
 func (d *Device) engine() {
 	defer d.wg.Done()
 	buf := make([]byte, maxPacket)
 	mv := &mover{buf: make([]byte, chip.VerbsMTU)}
+	var pw pollWindow
 	for {
 		var idle chan struct{}
+		kicked := false
 		select {
 		case <-d.done:
 			return
 		case <-d.kick:
+			kicked = true
 		case idle = <-d.idleReq:
 		case ack := <-d.sleepReq:
 			close(ack) // asleep already
@@ -64,6 +67,10 @@ func (d *Device) engine() {
 			}
 			if verbs {
 				last = time.Now()
+				if kicked {
+					pw.woken(last, d.dbPollIdle())
+					kicked = false
+				}
 			}
 			if busy || verbs {
 				continue
@@ -81,7 +88,11 @@ func (d *Device) engine() {
 			// the records alone: a full pass over every QP costs far more
 			// CPU, which the driver's own ioctls need on few cores.
 			var ack chan struct{}
-			if d.spinRecords(last, &idle, &ack) {
+			spin := d.spinRecords(last, pw.window(d.dbPollIdle()), &idle, &ack)
+			if spin == spinCaught {
+				pw.caught()
+			}
+			if spin == spinCaught || spin == spinPass {
 				continue // a record moved, or a register write: a full pass
 			}
 			woke := d.notifyRecords()
@@ -89,6 +100,7 @@ func (d *Device) engine() {
 				close(ack)
 			}
 			if !woke {
+				pw.sleeps(spin == spinRanOut, time.Now())
 				break
 			}
 			last = time.Now()
@@ -99,14 +111,23 @@ func (d *Device) engine() {
 	}
 }
 
+// spinResult is how spinRecords ended.
+type spinResult int
+
+const (
+	spinSleep  spinResult = iota // no polling (no verbs work, a CQ armed lately), or a sleep request
+	spinRanOut                   // no record moved for the whole window
+	spinPass                     // a register write or an idle request: make a full pass
+	spinCaught                   // a record moved while the engine polled
+)
+
 // spinRecords polls the doorbell records until one moves or a register
-// write, idle or sleep request comes (true: make a full pass; false: go to
-// sleep), for at most DBPollIdle after last; a zero last (no verbs work
-// since the engine woke) or a CQ armed lately (consumersPoll) does not poll
-// at all.
-func (d *Device) spinRecords(last time.Time, idle *chan struct{}, ack *chan struct{}) bool {
-	if last.IsZero() || d.dbPollIdle() <= 0 || !d.consumersPoll() {
-		return false
+// write, idle or sleep request comes, for at most window after last; a
+// zero last (no verbs work since the engine woke), a zero window or a CQ
+// armed lately (consumersPoll) does not poll at all.
+func (d *Device) spinRecords(last time.Time, window time.Duration, idle *chan struct{}, ack *chan struct{}) spinResult {
+	if last.IsZero() || window <= 0 || !d.consumersPoll() {
+		return spinSleep
 	}
 	for spins := 1; !d.armed.Load(); spins++ {
 		// The clock and the channels are read every dbSpinCheck polls:
@@ -115,30 +136,113 @@ func (d *Device) spinRecords(last time.Time, idle *chan struct{}, ack *chan stru
 		// register write (kick, which only the engine receives) is
 		// looked at in every poll, without a lock.
 		if spins%dbSpinCheck == 0 {
-			if time.Since(last) >= d.dbPollIdle() {
-				return false
+			if time.Since(last) >= window {
+				return spinRanOut
 			}
 			select {
 			case <-d.done:
-				return false
+				return spinSleep
 			case <-d.kick:
-				return true
+				return spinPass
 			case *idle = <-d.idleReq:
-				return true
+				return spinPass
 			case *ack = <-d.sleepReq:
-				return false
+				return spinSleep
 			default:
 			}
 		} else if len(d.kick) > 0 {
 			<-d.kick
-			return true
+			return spinPass
 		}
 		if d.pollRecords(true) {
-			return true
+			return spinCaught
 		}
 		runtime.Gosched()
 	}
-	return false
+	return spinSleep
+}
+
+// pollWindow is how long the engine polls the doorbell records after its
+// last work: DBPollIdle, unless its polling keeps the producer off the CPU.
+// On few shared cores the kernel often runs the engine's thread on the CPU
+// of the thread that rang its doorbell (the waker's), with other work on
+// the other cores: then the producer cannot run while the engine polls, its
+// next post comes right after the engine gave up and rings the register,
+// and every message pays the whole window and a wake-up (an 8 B WRITE's
+// p50 was 62 us with the 50 us window, 29 us with 20 us; perf sched: the
+// bench's and the engine's threads alternating on one CPU, 6 us and 61 us).
+// A poll that ran out with a register doorbell within the window after it
+// (dbPollStarved times in a row; an idle producer posts at any time, one
+// kept off the CPU at once) makes the window short (dbPollShort): the
+// engine sleeps soon after its work, and the producer's next post wakes it.
+// A record that moves while the engine polls (the threads run apart again)
+// gives the window back; so does every dbPollProbe-th sleep, which polls
+// the whole window once more.
+type pollWindow struct {
+	short   bool      // poll for dbPollShort after the last work
+	slept   int       // sleeps since the window became short
+	sleptAt time.Time // when the engine slept after a poll that ran out; zero after any other sleep
+	starved int       // polls in a row that ran out with a register doorbell within the window behind
+}
+
+// dbPollStarved is how many polls in a row must run out with a register
+// doorbell within the window behind before the window becomes short.
+const dbPollStarved = 3
+
+// dbPollShort is the short window: long enough to catch the next post of a
+// producer on another CPU (an 8 B WRITE's completion is polled and the next
+// WQE stored within 1-2 us), which gives the window back at once, short
+// enough to cost a producer kept off the CPU little. The spin reads the
+// clock every dbSpinCheck polls (about 3 us), so it polls that long.
+const dbPollShort = 2 * time.Microsecond
+
+// dbPollProbe is how often (in sleeps) an engine with a short window polls
+// the whole window once more: often, because a wake-up (each message's,
+// with the short window) may put the engine's thread back on the
+// producer's CPU, and a probe is how the engine finds that the threads
+// run apart again; a probe that finds them together costs that message
+// the window (the p50 of 8 B WRITEs stays the short window's: 1 in 8).
+const dbPollProbe = 8
+
+func (p *pollWindow) window(full time.Duration) time.Duration {
+	if p.short && p.slept%dbPollProbe != 0 {
+		return min(dbPollShort, full)
+	}
+	return full
+}
+
+// sleeps notes that the engine sleeps now, after a poll that ran out
+// (ranOut) or after none.
+func (p *pollWindow) sleeps(ranOut bool, now time.Time) {
+	if p.short {
+		p.slept++
+	}
+	p.sleptAt = time.Time{}
+	if ranOut {
+		p.sleptAt = now
+	}
+}
+
+// woken notes that a register doorbell woke the engine and it found verbs
+// work at now.
+func (p *pollWindow) woken(now time.Time, full time.Duration) {
+	if p.sleptAt.IsZero() {
+		return
+	}
+	if now.Sub(p.sleptAt) < full {
+		p.starved++
+		if p.starved >= dbPollStarved && !p.short {
+			p.short, p.slept = true, 1
+		}
+	} else {
+		p.starved = 0
+	}
+	p.sleptAt = time.Time{}
+}
+
+// caught notes that a record moved while the engine polled.
+func (p *pollWindow) caught() {
+	p.short, p.starved = false, 0
 }
 
 // sendPending says whether the context's send queue holds descriptors the
