@@ -127,7 +127,7 @@ type DeviceRingBuffer struct {
 	// broken is set when the ring stopped answering: a request may still
 	// be queued, so the ring is not used again.
 	broken error
-	seq   uint64
+	seq    uint64
 	// closed is set by Close; guarded by mu.
 	closed bool
 }
