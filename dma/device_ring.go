@@ -132,6 +132,11 @@ type DeviceRingBuffer struct {
 	closed bool
 }
 
+// ErrCallerMemory marks a failure of a DeviceRingBuffer's ReadAt or WriteAt
+// in the caller's buffer (say a shared mapping the device model reads
+// from), not in the ring's pages.
+var ErrCallerMemory = errors.New("dma: device ring: the caller's buffer faulted")
+
 // copyMu serialises CopyTo, which holds two rings' locks.
 var copyMu sync.Mutex
 
@@ -224,7 +229,10 @@ func (b *DeviceRingBuffer) ReadAt(p []byte, off int64) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.transferLocked(len(p), off, false, func(done, k int) error {
-		return pipeRead(b.pipeR, p[done:done+k])
+		if err := pipeRead(b.pipeR, p[done:done+k]); err != nil {
+			return fmt.Errorf("%w: %w", ErrCallerMemory, err)
+		}
+		return nil
 	})
 }
 
@@ -234,7 +242,10 @@ func (b *DeviceRingBuffer) WriteAt(p []byte, off int64) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.transferLocked(len(p), off, true, func(done, k int) error {
-		return pipeWrite(b.pipeW, p[done:done+k])
+		if err := pipeWrite(b.pipeW, p[done:done+k]); err != nil {
+			return fmt.Errorf("%w: %w", ErrCallerMemory, err)
+		}
+		return nil
 	})
 }
 

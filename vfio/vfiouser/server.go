@@ -398,6 +398,10 @@ func (se *session) version(p []byte) (int, error) {
 	maxMaps := uint32(min(se.o.maxDMAMaps, 1<<32-1))
 	pg := uint64(pageSize)
 	caps := versionCaps{MaxMsgFDs: &maxFDs, MaxDataXferSize: &maxData, MaxDMAMaps: &maxMaps, PgSizes: &pg}
+	if !se.o.noDMARing {
+		yes := true
+		caps.DMARing = &yes
+	}
 	if writeMulti {
 		caps.WriteMultiple = &writeMulti
 	}
@@ -430,7 +434,25 @@ func (se *session) dmaMap(p []byte, fds []int) error {
 		}
 		return err
 	}
-	return se.iommu.dmaMap(req, fd)
+	if req.Argsz != abi.SizeofVFIOIommuType1DmaMap+dmaRingExtSize {
+		return se.iommu.dmaMap(req, fd, false)
+	}
+	// A device ring: fd is a pidfd of the client, the ring its fd number
+	// there (docs/hfisim.md, "DMA mappings").
+	ext := p[abi.SizeofVFIOIommuType1DmaMap:]
+	if fd < 0 || se.o.noDMARing || len(ext) < dmaRingExtSize || binary.LittleEndian.Uint32(ext[4:]) != 0 {
+		if fd >= 0 {
+			_ = unix.Close(fd) // the client's fd, refused with the message
+		}
+		return fmt.Errorf("vfio-user: DMA_MAP: device ring (argsz %d, %d bytes, fd %v, announced %v): %w",
+			req.Argsz, len(p), fd >= 0, !se.o.noDMARing, unix.EINVAL)
+	}
+	ring, err := unix.PidfdGetfd(fd, int(binary.LittleEndian.Uint32(ext)), 0)
+	_ = unix.Close(fd) // the client's pidfd: only needed for the ring
+	if err != nil {
+		return fmt.Errorf("vfio-user: DMA_MAP: device ring: pidfd_getfd: %w", err)
+	}
+	return se.iommu.dmaMap(req, ring, true)
 }
 
 func (se *session) dmaUnmap(p []byte) (int, error) {
