@@ -278,3 +278,62 @@ func allZero(b []byte) bool {
 	}
 	return true
 }
+
+// stickyRinger hands out copies of one device ring: the second server to
+// get it finds it already enabled and restricted.
+type stickyRinger struct {
+	*countedPin
+	ring *os.File
+	addr uintptr
+}
+
+func (s *stickyRinger) DeviceRing() (*os.File, uintptr, error) {
+	if s.ring == nil {
+		f, addr, err := s.countedPin.DeviceRing()
+		if err != nil {
+			return nil, 0, err
+		}
+		s.ring, s.addr = f, addr
+	}
+	fd, err := unix.Dup(int(s.ring.Fd()))
+	if err != nil {
+		return nil, 0, err
+	}
+	return os.NewFile(uintptr(fd), "ring"), s.addr, nil
+}
+
+// TestDMARingRefusedFallsBack: a ring the server refuses (here one it
+// already took for another mapping) leaves the mapping to the socket.
+func TestDMARingRefusedFallsBack(t *testing.T) {
+	requireProcessVM(t)
+	leakCheck(t)
+	pins, mems := ringPins(t, 1, 1<<16)
+	sticky := &stickyRinger{countedPin: pins[0]}
+	defer func() {
+		if sticky.ring != nil {
+			sticky.ring.Close()
+		}
+	}()
+	c, m, _ := newPair(t, nil, nil)
+	rw := uint32(vfio.DMARead | vfio.DMAWrite)
+	for _, iova := range []uint64{0x10000, 0x20000} {
+		if err := c.DMAMap(vfio.DMAMapping{IOVA: iova, Vaddr: pins[0].Addr(), Size: 1 << 16, Flags: rw, Access: sticky}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d := m.getDMA()
+	if err := d.Write(0x10000, []byte("ring")); err != nil || pins[0].socket.Load() != 0 {
+		t.Fatalf("first mapping: %v, %d socket accesses", err, pins[0].socket.Load())
+	}
+	if err := d.Write(0x20004, []byte("socket")); err != nil || pins[0].socket.Load() == 0 {
+		t.Fatalf("second mapping: %v, %d socket accesses", err, pins[0].socket.Load())
+	}
+	if string(mems[0][:10]) != "ringsocket" {
+		t.Fatalf("memory holds %q", mems[0][:10])
+	}
+	for _, iova := range []uint64{0x10000, 0x20000} {
+		if err := c.DMAUnmap(iova, 1<<16); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
