@@ -251,14 +251,15 @@ func (b *DeviceRingBuffer) WriteAt(p []byte, off int64) (int, error) {
 
 // CopyTo copies n bytes at off of b to dst at dstOff: from b's pages into
 // b's pipe, spliced (page references, no copy) into dst's pipe, and from
-// there into dst's pages. Two copies, no staging buffer. dstSide tells
-// which side an error belongs to.
+// there into dst's pages (dst may be b: then through b's pipe alone, and
+// the ranges must not overlap). Two copies, no staging buffer. dstSide
+// tells which side an error belongs to.
 func (b *DeviceRingBuffer) CopyTo(dst *DeviceRingBuffer, dstOff, off int64, n int) (dstSide bool, err error) {
-	if dst == b {
-		return false, fmt.Errorf("dma: device ring: copy within one ring: %w", unix.EINVAL)
-	}
 	if dstOff < 0 || uint64(dstOff) > dst.size || uint64(n) > dst.size-uint64(dstOff) {
 		return true, fmt.Errorf("dma: device ring: %d bytes at %#x of %#x: %w", n, dstOff, dst.size, unix.EFAULT)
+	}
+	if dst == b {
+		return b.copyWithin(dstOff, off, n)
 	}
 	copyMu.Lock()
 	defer copyMu.Unlock()
@@ -285,6 +286,38 @@ func (b *DeviceRingBuffer) CopyTo(dst *DeviceRingBuffer, dstOff, off int64, n in
 			return spliceErr != nil, err
 		}
 		if _, err := dst.transferLocked(k, dstOff+int64(done), true, nil); err != nil {
+			return true, err
+		}
+		done += k
+	}
+	return false, nil
+}
+
+// copyWithin copies n bytes at off to dstOff of the same ring (ranges that
+// do not overlap): pages into the pipe, the pipe into the pages.
+func (b *DeviceRingBuffer) copyWithin(dstOff, off int64, n int) (dstSide bool, err error) {
+	if off < 0 || uint64(off) > b.size || uint64(n) > b.size-uint64(off) {
+		return false, fmt.Errorf("dma: device ring: %d bytes at %#x of %#x: %w", n, off, b.size, unix.EFAULT)
+	}
+	if off < dstOff+int64(n) && dstOff < off+int64(n) {
+		return true, fmt.Errorf("dma: device ring: copy of %d bytes from %#x to overlapping %#x: %w", n, off, dstOff, unix.EINVAL)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if err := b.usableLocked(); err != nil {
+		return false, err
+	}
+	if err := b.drainLocked(); err != nil {
+		return false, err
+	}
+	for done := 0; done < n; {
+		k := min(n-done, b.chunk)
+		if err := b.requestLocked(ioringOpWriteFixed, 1, b.addr+uint64(off)+uint64(done), k); err != nil {
+			b.dirty = true
+			return false, err
+		}
+		if err := b.requestLocked(ioringOpReadFixed, 0, b.addr+uint64(dstOff)+uint64(done), k); err != nil {
+			b.dirty = true
 			return true, err
 		}
 		done += k

@@ -97,9 +97,15 @@ func TestDeviceRing(t *testing.T) {
 			t.Errorf("CopyTo %d from %d = %v (dst %v), want EFAULT on the source", c.n, c.off, err, dst)
 		}
 	}
-	if _, err := ra.CopyTo(ra, 0, 10, 1); !errors.Is(err, unix.EINVAL) {
-		t.Errorf("CopyTo itself = %v, want EINVAL", err)
+	// Within one ring.
+	copy(a, src)
+	if _, err := ra.CopyTo(ra, size/2+1, 5, size/2-7); err != nil || !bytes.Equal(a[size/2+1:size-6], src[5:size/2-2]) || !bytes.Equal(a[:size/2+1], src[:size/2+1]) {
+		t.Fatalf("CopyTo within the ring = %v", err)
 	}
+	if dst, err := ra.CopyTo(ra, 8, 0, 16); !dst || !errors.Is(err, unix.EINVAL) {
+		t.Errorf("overlapping CopyTo within the ring = %v (dst %v), want EINVAL", err, dst)
+	}
+	copy(a, src)
 	// After the refusals the ring still works.
 	if _, err := ra.ReadAt(got[:4096], 0); err != nil || !bytes.Equal(got[:4096], src[:4096]) {
 		t.Fatalf("ReadAt after refusals = %v", err)
