@@ -440,20 +440,3 @@ func spliceAll(from, to, k int) error {
 	}
 	return nil
 }
-
-// pipeWrite writes all of b into the pipe fd, which has room for it.
-func pipeWrite(fd int, b []byte) error {
-	for len(b) > 0 {
-		n, err := unix.Write(fd, b)
-		switch {
-		case err == unix.EINTR:
-			continue
-		case err != nil:
-			return fmt.Errorf("dma: write bounce pipe: %w", err)
-		case n == 0:
-			return fmt.Errorf("dma: write bounce pipe took nothing: %w", unix.EIO)
-		}
-		b = b[n:]
-	}
-	return nil
-}
