@@ -185,6 +185,10 @@ func OpenDeviceRing(fd int, addr, size uint64) (_ *DeviceRingBuffer, err error) 
 	if err != nil {
 		return nil, fmt.Errorf("dma: device ring: pipe size: %w", err)
 	}
+	if chunk < 2*pageSize {
+		// WriteAt moves a page less than the pipe holds per request.
+		return nil, fmt.Errorf("dma: device ring: pipe of %d bytes: %w", chunk, unix.ENOBUFS)
+	}
 	b.chunk = chunk
 	res := [4]ioUringRestriction{
 		{Opcode: ioringRestrictionSQEOp, Arg: ioringOpReadFixed},
@@ -242,14 +246,19 @@ func (b *DeviceRingBuffer) ReadAt(p []byte, off int64) (int, error) {
 	})
 }
 
-// WriteAt writes p at off of the client mapping: a write copies p into the
-// pipe, then the ring copies it into the pages (READ_FIXED).
+// WriteAt writes p at off of the client mapping: vmsplice puts references
+// to p's pages into the pipe (no copy), then the ring copies them into the
+// pinned pages (READ_FIXED), before WriteAt returns p to its owner.
 func (b *DeviceRingBuffer) WriteAt(p []byte, off int64) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.transferLocked(len(p), off, true, func(done, k int) error {
-		if err := pipeWrite(b.pipeW, p[done:done+k]); err != nil {
-			return fmt.Errorf("%w: %w", ErrCallerMemory, err)
+		for c := p[done : done+k]; len(c) > 0; {
+			n, err := pipeSplice(b.pipeW, c)
+			if err != nil {
+				return fmt.Errorf("%w: %w", ErrCallerMemory, err)
+			}
+			c = c[n:]
 		}
 		return nil
 	})
@@ -374,8 +383,14 @@ func (b *DeviceRingBuffer) transferLocked(n int, off int64, write bool, fill fun
 	} else if n > b.chunk {
 		return 0, fmt.Errorf("dma: device ring: %d bytes staged, pipe holds %d: %w", n, b.chunk, unix.EINVAL)
 	}
+	step := b.chunk
+	if write && fill != nil {
+		// fill vmsplices: a pipe slot per page piece, and an unaligned
+		// chunk of the pipe's size would span one page more than it has.
+		step -= pageSize
+	}
 	for done := 0; done < n; {
-		k := min(n-done, b.chunk)
+		k := min(n-done, step)
 		if write && fill != nil {
 			if err := fill(done, k); err != nil {
 				b.dirty = true

@@ -586,31 +586,16 @@ func pipeSplice(fd int, b []byte) (int, error) {
 
 // pipeRead reads exactly len(b) bytes that a completed request put into the
 // bounce pipe.
-func pipeRead(fd int, b []byte) error { return pipeIO(fd, b, false) }
-
-// pipeWrite writes all of b into the bounce pipe, which has room for it.
-func pipeWrite(fd int, b []byte) error { return pipeIO(fd, b, true) }
-
-func pipeIO(fd int, b []byte, write bool) error {
-	what := "read"
-	if write {
-		what = "write"
-	}
+func pipeRead(fd int, b []byte) error {
 	for len(b) > 0 {
-		var n int
-		var err error
-		if write {
-			n, err = unix.Write(fd, b)
-		} else {
-			n, err = unix.Read(fd, b)
-		}
+		n, err := unix.Read(fd, b)
 		switch {
 		case err == unix.EINTR:
 			continue
 		case err != nil:
-			return fmt.Errorf("dma: %s bounce pipe: %w", what, err)
+			return fmt.Errorf("dma: read bounce pipe: %w", err)
 		case n == 0:
-			return fmt.Errorf("dma: %s bounce pipe: nothing moved: %w", what, unix.EIO)
+			return fmt.Errorf("dma: read bounce pipe: EOF: %w", unix.EIO)
 		}
 		b = b[n:]
 	}
