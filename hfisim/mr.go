@@ -10,8 +10,9 @@ import (
 // Memory regions: the memory protection table (MPT) in BAR4 after the MTT,
 // and the device TLB that caches MTT translations. MPT entries are read for
 // every packet and never cached; MTT entries are cached on first use and
-// leave the TLB only through a TLB-invalidate command or a reset, so a driver
-// that changes an MTT entry without flushing keeps the old translation.
+// leave the TLB through a TLB-invalidate command, a reset, or another entry
+// taking their slot (tlb.go), so a driver that changes an MTT entry without
+// flushing may keep the old translation.
 
 // span is a piece of a transfer in IOVA space.
 type span struct {
