@@ -396,9 +396,11 @@ func (d *Device) sendRun(r *requester, budget int) int {
 
 	// The moves, packet by packet: the spans of each packet's bytes.
 	var lc, rc spanCursor
-	for off := uint64(0); off < n; off += chip.VerbsMTU {
+	run := make([]packet, pkts) // one allocation for the run's packets, which the moves point to
+	for i, off := 0, uint64(0); off < n; i, off = i+1, off+chip.VerbsMTU {
 		k := min(uint64(chip.VerbsMTU), n-off)
-		pk := &packet{
+		pk := &run[i]
+		*pk = packet{
 			src: r.qpn, dst: dst, op: op, off: p.off + off, n: k, total: p.total,
 			last: p.off+off+k == p.total, raddr: p.wqe.RemoteAddr, rkey: p.wqe.Rkey,
 			srcEpoch: r.epoch, dstEpoch: p.dstEpoch, mv: r.mv, rs: rs,
