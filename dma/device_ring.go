@@ -158,8 +158,17 @@ func IsDeviceRing(fd int) bool {
 // restrictions and bounce pipe, enables the ring and maps its queues. fd is
 // closed on failure. A ring the client already enabled, restricted or gave
 // files is refused (the kernel's EBADFD or EBUSY).
-func OpenDeviceRing(fd int, addr, size uint64) (_ *DeviceRingBuffer, err error) {
-	b := &DeviceRingBuffer{addr: addr, size: size, pipeR: -1, pipeW: -1, r: &sharedRing{fd: fd}}
+//
+// sameProcess says the client is this process (an embedded device): then
+// Close leaves the queues' addresses taken (PROT_NONE, no memory) instead
+// of unmapping them. The driver's notifier sees every munmap of the
+// process, late; an munmap of an address the application's next buffer got
+// meanwhile would look like an invalidation of that buffer (a spurious
+// EBUSY from TID_UPDATE), and io_uring maps its queues only where the
+// kernel chooses, so the addresses cannot be reused for the next ring
+// either: 8 KiB of address space per ring, for the process's life.
+func OpenDeviceRing(fd int, addr, size uint64, sameProcess bool) (_ *DeviceRingBuffer, err error) {
+	b := &DeviceRingBuffer{addr: addr, size: size, pipeR: -1, pipeW: -1, r: &sharedRing{fd: fd, keepVA: sameProcess}}
 	defer func() {
 		if err != nil {
 			_ = b.Close() // undoing our own half-made setup: the first failure is the story

@@ -14,7 +14,7 @@ import (
 // openTestDeviceRing makes pin's device ring and opens it as a device in
 // another process would: from its own copy of the fd (the client's copy is
 // closed, as after sending it).
-func openTestDeviceRing(t *testing.T, pin *Pin) *DeviceRingBuffer {
+func openTestDeviceRing(t *testing.T, pin *Pin, sameProcess bool) *DeviceRingBuffer {
 	t.Helper()
 	f, addr, err := pin.DeviceRing()
 	if errors.Is(err, unix.ENOTSUP) {
@@ -30,7 +30,7 @@ func openTestDeviceRing(t *testing.T, pin *Pin) *DeviceRingBuffer {
 	if err := f.Close(); err != nil {
 		t.Fatal(err)
 	}
-	b, err := OpenDeviceRing(fd, uint64(addr), uint64(pin.Len()))
+	b, err := OpenDeviceRing(fd, uint64(addr), uint64(pin.Len()), sameProcess)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -63,7 +63,8 @@ func TestDeviceRing(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer pb.Unpin()
-	ra, rb := openTestDeviceRing(t, pa), openTestDeviceRing(t, pb)
+	// rb as an embedded device's: its queues' addresses stay taken.
+	ra, rb := openTestDeviceRing(t, pa, false), openTestDeviceRing(t, pb, true)
 
 	// Reads and writes of the pinned pages, across pipe-sized chunks.
 	got := make([]byte, size-5)
@@ -167,7 +168,7 @@ func TestDeviceRingRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Close(pfd[1])
-	if _, err := OpenDeviceRing(pfd[0], uint64(addr), 1<<16); !errors.Is(err, unix.EINVAL) {
+	if _, err := OpenDeviceRing(pfd[0], uint64(addr), 1<<16, false); !errors.Is(err, unix.EINVAL) {
 		t.Errorf("pipe as a device ring = %v, want EINVAL", err)
 	}
 	// An enabled ring (the client could submit anything on it).
@@ -177,7 +178,7 @@ func TestDeviceRingRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := OpenDeviceRing(enabled, uint64(addr), 1<<16); err == nil {
+	if _, err := OpenDeviceRing(enabled, uint64(addr), 1<<16, false); err == nil {
 		t.Error("an enabled ring was accepted")
 	}
 	// The same ring twice: the second device cannot restrict it again.
@@ -188,12 +189,12 @@ func TestDeviceRingRefused(t *testing.T) {
 		}
 		return fd
 	}
-	first, err := OpenDeviceRing(dup(), uint64(addr), 1<<16)
+	first, err := OpenDeviceRing(dup(), uint64(addr), 1<<16, false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer first.Close()
-	if _, err := OpenDeviceRing(dup(), uint64(addr), 1<<16); err == nil {
+	if _, err := OpenDeviceRing(dup(), uint64(addr), 1<<16, false); err == nil {
 		t.Error("a ring opened twice was accepted twice")
 	}
 	// A hostile address: the mapping claimed past the buffer. The kernel
@@ -207,7 +208,7 @@ func TestDeviceRingRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	wrong, err := OpenDeviceRing(fd2, uint64(addr)+1<<16, 1<<16)
+	wrong, err := OpenDeviceRing(fd2, uint64(addr)+1<<16, 1<<16, false)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -23,6 +23,7 @@ type sharedRing struct {
 	sqes           []ioUringSQE
 	cqes           []ioUringCQE
 	args           *ioArgs
+	keepVA         bool // close covers the queues' addresses instead of unmapping them
 }
 
 // attach maps the queues of r.fd, whose layout is that of a ring made with
@@ -100,13 +101,23 @@ func (r *sharedRing) run(sqe *ioUringSQE, timeout time.Duration) (int32, error) 
 	}
 }
 
-// close unmaps the queues and closes the device's copy of the ring.
+// close unmaps the queues and closes the device's copy of the ring. With
+// r.keepVA the queues' addresses are covered with PROT_NONE memory instead
+// of unmapped, and stay taken (see OpenDeviceRing).
 func (r *sharedRing) close() error {
 	for _, m := range []*[]byte{&r.sqeMem, &r.mem} {
-		if *m != nil {
-			_ = unix.Munmap(*m) // our own mapping of the ring: a failure would be a bug
-			*m = nil
+		if *m == nil {
+			continue
 		}
+		if r.keepVA {
+			// Replaces the mapping, which drops the ring's pages; a
+			// failure leaves the mapping, and the ring with it.
+			_, _, _ = unix.Syscall6(unix.SYS_MMAP, uintptr(unsafe.Pointer(unsafe.SliceData(*m))), uintptr(len(*m)), unix.PROT_NONE,
+				unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE|unix.MAP_FIXED, ^uintptr(0), 0)
+		} else {
+			_ = unix.Munmap(*m) // our own mapping of the ring: a failure would be a bug
+		}
+		*m = nil
 	}
 	r.sqes, r.cqes, r.sqTail, r.cqHead, r.cqTail = nil, nil, nil, nil, nil
 	if r.fd < 0 {

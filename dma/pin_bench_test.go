@@ -264,7 +264,7 @@ func BenchmarkDeviceRingCopy(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				if rings[i], err = OpenDeviceRing(fd, uint64(addr), uint64(size)); err != nil {
+				if rings[i], err = OpenDeviceRing(fd, uint64(addr), uint64(size), false); err != nil {
 					b.Fatal(err)
 				}
 				defer rings[i].Close()

@@ -74,8 +74,9 @@ func (m *iommu) find(iova uint64) int {
 
 // dmaMap adds a mapping; fd (or -1) is always closed.
 // req is vfio-user's DMA_MAP: Vaddr is the offset in the file fd, or with
-// ring the address the device ring fd knows the mapping's first byte at.
-func (m *iommu) dmaMap(req abi.VFIOIommuType1DmaMap, fd int, ring bool) (err error) {
+// ring the address the device ring fd knows the mapping's first byte at
+// (sameProcess: the client's ring, of this process: dma.OpenDeviceRing).
+func (m *iommu) dmaMap(req abi.VFIOIommuType1DmaMap, fd int, ring, sameProcess bool) (err error) {
 	defer func() {
 		if fd >= 0 {
 			// The client's fd, received with the message: a mapping holds
@@ -95,7 +96,7 @@ func (m *iommu) dmaMap(req abi.VFIOIommuType1DmaMap, fd int, ring bool) (err err
 	case ring:
 		ringFd := fd
 		fd = -1 // OpenDeviceRing owns it now, and closes it on failure
-		if r.ring, err = dma.OpenDeviceRing(ringFd, req.Vaddr, req.Size); err != nil {
+		if r.ring, err = dma.OpenDeviceRing(ringFd, req.Vaddr, req.Size, sameProcess); err != nil {
 			return fmt.Errorf("vfio-user: DMA_MAP: %w", err)
 		}
 	case fd >= 0:

@@ -10,6 +10,8 @@ import (
 	"io"
 	"net"
 	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -435,7 +437,7 @@ func (se *session) dmaMap(p []byte, fds []int) error {
 		return err
 	}
 	if req.Argsz != abi.SizeofVFIOIommuType1DmaMap+dmaRingExtSize {
-		return se.iommu.dmaMap(req, fd, false)
+		return se.iommu.dmaMap(req, fd, false, false)
 	}
 	// A device ring: fd is a pidfd of the client, the ring its fd number
 	// there (docs/hfisim.md, "DMA mappings").
@@ -448,11 +450,28 @@ func (se *session) dmaMap(p []byte, fds []int) error {
 			req.Argsz, len(p), fd >= 0, !se.o.noDMARing, unix.EINVAL)
 	}
 	ring, err := unix.PidfdGetfd(fd, int(binary.LittleEndian.Uint32(ext)), 0)
+	self := pidfdPid(fd) == os.Getpid()
 	_ = unix.Close(fd) // the client's pidfd: only needed for the ring
 	if err != nil {
 		return fmt.Errorf("vfio-user: DMA_MAP: device ring: pidfd_getfd: %w", err)
 	}
-	return se.iommu.dmaMap(req, ring, true)
+	return se.iommu.dmaMap(req, ring, true, self)
+}
+
+// pidfdPid is the pid a pidfd refers to (its fdinfo's Pid line), or -1.
+func pidfdPid(fd int) int {
+	b, err := os.ReadFile("/proc/self/fdinfo/" + strconv.Itoa(fd))
+	if err != nil {
+		return -1
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "Pid:"); ok {
+			if pid, err := strconv.Atoi(strings.TrimSpace(v)); err == nil {
+				return pid
+			}
+		}
+	}
+	return -1
 }
 
 func (se *session) dmaUnmap(p []byte) (int, error) {
