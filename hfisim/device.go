@@ -172,9 +172,9 @@ type Device struct {
 	// stepList is the engine goroutine's list of QPs with work in a pass.
 	stepList []int
 	cqs      []cqState
-	tlb      map[uint32]uint64 // device TLB: MTT index -> cached MTT entry
-	odp      odpState          // event queue, page faults, TLB commands in flight
-	tlbSig   chan struct{}     // wakes the TLB worker (not under mu)
+	tlb      tlbCache      // device TLB: MTT index -> cached MTT entry
+	odp      odpState      // event queue, page faults, TLB commands in flight
+	tlbSig   chan struct{} // wakes the TLB worker (not under mu)
 
 	kick     chan struct{} // doorbell: wakes the engine
 	sleepReq chan chan struct{}
@@ -213,7 +213,6 @@ func newDevice(cfg Config, l link) (*Device, error) {
 		ctxts:    make([]ctxtState, cfg.NumContexts),
 		qps:      make([]qpState, cfg.NumQPs),
 		cqs:      make([]cqState, cfg.NumCQs),
-		tlb:      map[uint32]uint64{},
 		mptOff:   chip.MPTOffset(cfg.MTTEntries),
 		kick:     make(chan struct{}, 1),
 		sleepReq: make(chan chan struct{}),
@@ -299,7 +298,7 @@ func (d *Device) resetLocked() {
 	for i := range d.cqs {
 		d.cqs[i] = cqState{epoch: d.cqs[i].epoch + 1}
 	}
-	clear(d.tlb)
+	d.tlb.reset()
 	d.odp.reset()
 	d.tlbQueued.Store(0)
 	d.resetNetLocked()

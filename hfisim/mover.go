@@ -41,6 +41,8 @@ type mover struct {
 	// responder's side), reused packet after packet: add copies what it
 	// keeps.
 	local, remote []span
+	// The same for the packets of a run (sendRun).
+	runL, runR []span
 	// The engine's requester and the bytes of the WQE it reads, reused
 	// turn after turn (sendBurst) instead of allocated per message.
 	req requester

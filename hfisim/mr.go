@@ -10,11 +10,9 @@ import (
 // Memory regions: the memory protection table (MPT) in BAR4 after the MTT,
 // and the device TLB that caches MTT translations. MPT entries are read for
 // every packet and never cached; MTT entries are cached on first use and
-// leave the TLB only through a TLB-invalidate command or a reset, so a driver
-// that changes an MTT entry without flushing keeps the old translation.
-
-// tlbMax bounds the TLB; a full TLB evicts an arbitrary entry to make room.
-const tlbMax = 1 << 16
+// leave the TLB through a TLB-invalidate command, a reset, or another entry
+// taking their slot (tlb.go), so a driver that changes an MTT entry without
+// flushing may keep the old translation.
 
 // span is a piece of a transfer in IOVA space.
 type span struct {
@@ -115,7 +113,7 @@ func (d *Device) translateLocked(e *chip.MPTEntry, va, n, perm uint64, out []spa
 // tlbLookupLocked returns the translation of MTT entry idx, from the TLB if
 // cached, else from the MTT (caching it if present).
 func (d *Device) tlbLookupLocked(idx uint32) uint64 {
-	if ent, ok := d.tlb[idx]; ok {
+	if ent, ok := d.tlb.get(idx); ok {
 		d.errs.tlbHits++
 		return ent
 	}
@@ -124,13 +122,7 @@ func (d *Device) tlbLookupLocked(idx uint32) uint64 {
 	if ent&chip.MTTPresent == 0 {
 		return ent // absent pages are not cached
 	}
-	if len(d.tlb) >= tlbMax {
-		for k := range d.tlb {
-			delete(d.tlb, k)
-			break
-		}
-	}
-	d.tlb[idx] = ent
+	d.tlb.put(idx, ent)
 	return ent
 }
 
@@ -148,17 +140,7 @@ func (d *Device) tlbDropLocked(start, count uint64) {
 	if end < start {
 		end = ^uint64(0)
 	}
-	if count > uint64(len(d.tlb)) {
-		for k := range d.tlb {
-			if uint64(k) >= start && uint64(k) < end {
-				delete(d.tlb, k)
-			}
-		}
-	} else {
-		for i := start; i < end && i <= math.MaxUint32; i++ {
-			delete(d.tlb, uint32(i))
-		}
-	}
+	d.tlb.drop(start, min(end, math.MaxUint32+1))
 }
 
 // resolveLocked checks and translates n bytes at va through key for a QP

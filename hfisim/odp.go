@@ -515,7 +515,7 @@ func (d *Device) PeekMR(key uint32, va uint64, p []byte) (bool, error) {
 			}
 		}
 		i := uint32(uint64(r.MTTFirst) + (a-r.IOVA&^0xfff)>>12)
-		ent, ok := d.tlb[i]
+		ent, ok := d.tlb.get(i)
 		if !ok {
 			ent = d.mtt.load64(uint64(i) * chip.MTTEntrySize)
 		}

@@ -48,7 +48,7 @@ func (d *Device) implicitChildLocked(e *chip.MPTEntry, va uint64, cache bool) (c
 	var de uint64
 	if cache {
 		de = d.tlbLookupLocked(uint32(idx))
-	} else if ent, ok := d.tlb[uint32(idx)]; ok {
+	} else if ent, ok := d.tlb.get(uint32(idx)); ok {
 		de = ent
 	} else {
 		de = d.mtt.load64(idx * chip.MTTEntrySize)

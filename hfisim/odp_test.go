@@ -424,14 +424,14 @@ func TestTLBInvLatency(t *testing.T) {
 	defer d.Close()
 	wr(t, d, chip.RegIntMask, chip.IntSrcTLB)
 	d.mu.Lock()
-	d.tlb[5] = 0x1000 | chip.MTTPresent
+	d.tlb.put(5, 0x1000|chip.MTTPresent)
 	d.mu.Unlock()
 	start := time.Now()
 	wr(t, d, chip.RegTLBInvStart, 5)
 	wr(t, d, chip.RegTLBInvCount, 1)
 	wr(t, d, chip.RegTLBInvCount, 1)
 	d.mu.Lock()
-	_, cached := d.tlb[5]
+	_, cached := d.tlb.get(5)
 	d.mu.Unlock()
 	if !cached || rd(t, d, chip.RegTLBInvDone) != 0 {
 		t.Fatal("flush completed at once")
@@ -446,7 +446,7 @@ func TestTLBInvLatency(t *testing.T) {
 		t.Fatalf("completed after %v", el)
 	}
 	d.mu.Lock()
-	_, cached = d.tlb[5]
+	_, cached = d.tlb.get(5)
 	d.mu.Unlock()
 	if cached || rd(t, d, chip.RegIntStatus)&chip.IntSrcTLB == 0 {
 		t.Fatal("entry still cached or no IntSrcTLB")

@@ -133,8 +133,14 @@ func (d *Device) sendBurst(dma vfiouser.DMA, gen uint64, n int, mv *mover) bool 
 		d.completeReq(r, d.execLocal(r))
 		return true
 	}
-	for range verbsBurst {
-		res := d.sendPacket(r)
+	for budget := verbsBurst; budget > 0; {
+		var res result
+		if k := d.sendRun(r, budget); k > 0 {
+			budget -= k
+		} else {
+			res = d.sendPacket(r)
+			budget--
+		}
 		// Whatever happens next, the packets moved so far are written
 		// first; a failed move is the failure of its (earlier) packet.
 		if !res.ok() || r.p.off >= r.p.total {
@@ -329,6 +335,108 @@ func (d *Device) sendPacket(r *requester) result {
 		p.dstEpoch = pk.dstEpoch
 	}
 	return res
+}
+
+// sendRun moves up to budget packets of an RDMA WRITE or READ past its
+// first packet with one check of the run: the responder's state, the local
+// SGEs and the rkey checked and translated for the run's bytes at once,
+// under one hold of the device lock, which is what checking each packet in
+// turn would have found (nothing the checks read changes meanwhile but the
+// MPT and MTT in BAR4, which the driver may write at any time: a change is
+// seen at the next packet checked, here the next run, still before the TLB
+// flush that follows it completes). Each packet still gets its own moves, so
+// a failed move fails its packet with the ones before it written. A run that
+// any check refuses moves nothing and returns 0: the packets go one by one
+// (sendPacket), which finds the refusal at its packet and reports it as
+// always. Returns how many packets it moved.
+func (d *Device) sendRun(r *requester, budget int) int {
+	p := &r.p
+	op := p.wqe.Opcode
+	read := op == uapi.GOHFI_WR_RDMA_READ
+	if budget < 2 || p.pkts == 0 || !read && op != uapi.GOHFI_WR_RDMA_WRITE {
+		return 0
+	}
+	n := min(uint64(budget)*chip.VerbsMTU, p.total-p.off)
+	if n <= chip.VerbsMTU {
+		return 0
+	}
+	d.mu.Lock()
+	q := &d.qps[r.n]
+	dst := q.destQPN()
+	idx := int(dst) - chip.QPNBase
+	if d.gen != r.gen || dst < chip.QPNBase || idx >= len(d.qps) || q.epoch != r.epoch || q.state != stateRTS {
+		d.mu.Unlock()
+		return 0
+	}
+	rq := &d.qps[idx]
+	if !rq.accepts() || rq.destQPN() != r.qpn || rq.destPort() != 0 || rq.epoch != p.dstEpoch {
+		d.mu.Unlock()
+		return 0
+	}
+	local, verr := d.resolveSGEsLocked(p.wqe.SGE[:p.wqe.NumSGE], q.pd(), p.off, n, read, r.mv.local[:0])
+	r.mv.local = local[:0]
+	if verr != chip.VendorErrNone {
+		d.mu.Unlock()
+		return 0
+	}
+	need, perm := uint32(uapi.IB_ACCESS_REMOTE_WRITE), uint64(chip.MTTWrite)
+	if read {
+		need, perm = uapi.IB_ACCESS_REMOTE_READ, chip.MTTRead
+	}
+	rs := &responder{idx: idx, epoch: rq.epoch, pd: rq.pd(), access: rq.access(), dma: r.dma, gen: r.gen}
+	remote, verr := d.resolveLocked(p.wqe.Rkey, rs.pd, p.wqe.RemoteAddr+p.off, n, need, rs.access, perm, r.mv.remote[:0])
+	r.mv.remote = remote[:0]
+	if verr != chip.VendorErrNone {
+		d.mu.Unlock()
+		return 0
+	}
+	pkts := int((n + chip.VerbsMTU - 1) / chip.VerbsMTU)
+	d.errs.verbsPkts += uint64(pkts)
+	d.mu.Unlock()
+
+	// The moves, packet by packet: the spans of each packet's bytes.
+	var lc, rc spanCursor
+	run := make([]packet, pkts) // one allocation for the run's packets, which the moves point to
+	for i, off := 0, uint64(0); off < n; i, off = i+1, off+chip.VerbsMTU {
+		k := min(uint64(chip.VerbsMTU), n-off)
+		pk := &run[i]
+		*pk = packet{
+			src: r.qpn, dst: dst, op: op, off: p.off + off, n: k, total: p.total,
+			last: p.off+off+k == p.total, raddr: p.wqe.RemoteAddr, rkey: p.wqe.Rkey,
+			srcEpoch: r.epoch, dstEpoch: p.dstEpoch, mv: r.mv, rs: rs,
+		}
+		ls, rsp := lc.next(local, int(k), r.mv.runL[:0]), rc.next(remote, int(k), r.mv.runR[:0])
+		if read {
+			pk.from = rsp
+			r.mv.add(ls, rsp, pk, rs)
+		} else {
+			pk.from = ls
+			r.mv.add(rsp, ls, pk, rs)
+		}
+		r.mv.runL, r.mv.runR = ls[:0], rsp[:0]
+	}
+	p.off += n
+	p.pkts += uint64(pkts)
+	return pkts
+}
+
+// spanCursor walks a list of spans n bytes at a time.
+type spanCursor struct {
+	i, off int
+}
+
+// next appends to out the spans of the next n bytes of spans.
+func (c *spanCursor) next(spans []span, n int, out []span) []span {
+	for n > 0 && c.i < len(spans) {
+		k := min(n, spans[c.i].n-c.off)
+		out = append(out, span{spans[c.i].iova + uint64(c.off), k})
+		c.off += k
+		n -= k
+		if c.off == spans[c.i].n {
+			c.i, c.off = c.i+1, 0
+		}
+	}
+	return out
 }
 
 // localSpans translates the part of the requester's SGEs packet pk

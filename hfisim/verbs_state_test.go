@@ -230,7 +230,7 @@ func TestVerbsDeviceReset(t *testing.T) {
 		t.Fatal("MPT entry survived reset")
 	}
 	h.d.mu.Lock()
-	tlb := len(h.d.tlb)
+	tlb := h.d.tlb.len()
 	h.d.mu.Unlock()
 	if tlb != 0 || h.state(p.a) != uapi.GOHFI_QPS_RESET || rd(t, h.d, chip.CQReg(0, chip.CQControl)) != 0 ||
 		rd(t, h.d, chip.RegCntVerbsPkts) != 0 {

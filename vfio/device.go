@@ -204,6 +204,15 @@ type Device interface {
 	Close() error
 }
 
+// DeviceRinger is a DMAAccessor whose memory a device model in another
+// process can reach by itself: DeviceRing returns an io_uring instance
+// (not yet enabled) whose buffer 0 is the accessor's memory and the address
+// the ring knows the accessor's offset 0 at (dma.Pin; docs/pinning.md,
+// "Device rings"). The caller closes the file once it has passed it on.
+type DeviceRinger interface {
+	DeviceRing() (*os.File, uintptr, error)
+}
+
 // AccessServer is implemented by backends that carry out every device access
 // to a mapping without a File through its Access (vfio-user). Such a mapping
 // may be made before anything is pinned behind it: the accessor decides per

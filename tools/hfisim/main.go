@@ -48,6 +48,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) (code int) {
 	fs.IntVar(&cfg.RHQMaxEntries, "rhq-max", def.RHQMaxEntries, "largest receive header queue")
 	port := fs.String("port", "", "network port: udp:ADDR[:PORT] (RoCEv2, port 4791 by default); none by default")
 	profile := fs.String("cpuprofile", "", "write a CPU profile of the process, until it stops, to FILE (go tool pprof)")
+	noRing := fs.Bool("no-dma-ring", false, "do not take device rings: pinned anonymous memory over DMA_READ/DMA_WRITE (docs/hfisim.md, \"DMA mappings\")")
 	fs.Usage = func() {
 		_, _ = fmt.Fprintln(stderr, "usage: hfisim --socket PATH [flags]") // stderr is where errors would go
 		fs.PrintDefaults()
@@ -104,6 +105,9 @@ func run(ctx context.Context, args []string, stderr io.Writer) (code int) {
 	// Protocol violations and client errors go to the log: a device
 	// process has nobody else to tell.
 	opts := []vfiouser.Option{vfiouser.WithLogger(logger.Printf)}
+	if *noRing {
+		opts = append(opts, vfiouser.WithoutDMARing())
+	}
 	logger.Printf("serving %d contexts, %d RcvArray entries each, on %s", cfg.NumContexts, cfg.RcvArrayPerCtxt, *socket)
 	if a := dev.PortAddr(); a.IsValid() {
 		logger.Printf("network port udp:%v", a)

@@ -3,6 +3,7 @@ package vfiouser
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -31,6 +32,7 @@ type Client struct {
 	info          vfio.DeviceInfo
 	serverMaxData uint32 // chunk size of region reads and writes
 	serverMaxFDs  int
+	serverDMARing bool // the server takes device rings (gohfi_dma_ring)
 
 	mu      sync.Mutex
 	pending pendingCalls[call]
@@ -376,6 +378,7 @@ func (c *Client) negotiate() error {
 			}
 			c.serverMaxData = uint32(min(*caps.MaxDataXferSize, math.MaxUint32))
 		}
+		c.serverDMARing = caps.DMARing != nil && *caps.DMARing && !c.o.noDMARing
 	}
 	c.serverMaxData = min(c.serverMaxData, c.o.maxData)
 	return nil
@@ -690,25 +693,31 @@ func (c *Client) DMAMap(m vfio.DMAMapping) error {
 	if err := c.addMap(cm); err != nil {
 		return err
 	}
-	k := newCall(abi.VFIO_USER_DMA_MAP, abi.SizeofVFIOIommuType1DmaMap)
+	if r, ok := m.Access.(vfio.DeviceRinger); ok && m.File == nil && c.serverDMARing {
+		// The server reaches the pinned pages through a device ring, not
+		// through DMA_READ/DMA_WRITE (docs/pinning.md, "Device rings");
+		// without one (read-only pin, old kernel, a server that cannot
+		// take it) it still can through the socket.
+		err := c.dmaMapRing(m, r)
+		if err == nil {
+			return nil
+		}
+		if c.dead() != nil {
+			c.removeMap(m.IOVA, m.Size)
+			return err
+		}
+		c.o.logf("vfio-user: DMA_MAP %#x+%#x without a device ring: %v", m.IOVA, m.Size, err)
+	}
+	n := abi.SizeofVFIOIommuType1DmaMap
+	k := newCall(abi.VFIO_USER_DMA_MAP, n)
 	defer k.release()
 	// vfio.DMARead and DMAWrite are VFIO_DMA_MAP_FLAG_READ and WRITE.
-	req := abi.VFIOIommuType1DmaMap{Argsz: abi.SizeofVFIOIommuType1DmaMap, Flags: m.Flags, IOVA: m.IOVA, Size: m.Size}
+	req := abi.VFIOIommuType1DmaMap{Argsz: uint32(n), Flags: m.Flags, IOVA: m.IOVA, Size: m.Size}
 	var err error
 	if m.File != nil {
 		req.Vaddr = m.FileOffset // vfio-user's "offset" in the file sent along
 		encode(k.cmd, false, k.payload(), &req)
-		var rc interface{ Control(func(uintptr)) error }
-		if rc, err = m.File.SyscallConn(); err == nil {
-			// Control keeps the fd open while it is being sent.
-			cerr := rc.Control(func(fd uintptr) { err = c.start(k, []int{int(fd)}) })
-			if err == nil {
-				err = cerr
-			}
-			if err == nil {
-				err = c.wait(k)
-			}
-		}
+		err = c.sendWithFile(k, m.File)
 	} else {
 		encode(k.cmd, false, k.payload(), &req)
 		err = c.roundTrip(k, nil)
@@ -718,6 +727,48 @@ func (c *Client) DMAMap(m vfio.DMAMapping) error {
 		return err
 	}
 	return nil
+}
+
+// dmaMapRing sends m's DMA_MAP with a device ring of r (docs/hfisim.md,
+// "DMA mappings"). The ring travels as its fd number in this process, with
+// a pidfd of this process for the server's pidfd_getfd: the kernel does
+// not pass io_uring files in SCM_RIGHTS.
+func (c *Client) dmaMapRing(m vfio.DMAMapping, r vfio.DeviceRinger) error {
+	ring, addr, err := r.DeviceRing()
+	if err != nil {
+		return err
+	}
+	defer func() { _ = ring.Close() }() // the server took its own copy before replying: ours is spare
+	pidfd, err := unix.PidfdOpen(os.Getpid(), 0)
+	if err != nil {
+		return fmt.Errorf("vfio-user: DMA_MAP: pidfd_open: %w", err)
+	}
+	pf := os.NewFile(uintptr(pidfd), "pidfd")
+	defer func() { _ = pf.Close() }() // sent with the message or refused: ours is spare
+	n := abi.SizeofVFIOIommuType1DmaMap + dmaRingExtSize
+	k := newCall(abi.VFIO_USER_DMA_MAP, n)
+	defer k.release()
+	req := abi.VFIOIommuType1DmaMap{Argsz: uint32(n), Flags: m.Flags, IOVA: m.IOVA, Size: m.Size, Vaddr: uint64(addr)}
+	encode(k.cmd, false, k.payload(), &req)
+	binary.LittleEndian.PutUint32(k.payload()[abi.SizeofVFIOIommuType1DmaMap:], uint32(ring.Fd()))
+	return c.sendWithFile(k, pf)
+}
+
+// sendWithFile sends k with f's fd and waits for the reply.
+func (c *Client) sendWithFile(k *call, f *os.File) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	// Control keeps the fd open while it is being sent.
+	cerr := rc.Control(func(fd uintptr) { err = c.start(k, []int{int(fd)}) })
+	if err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = c.wait(k)
+	}
+	return err
 }
 
 // DMAUnmap removes the mapping at iova of size size. When it returns, the

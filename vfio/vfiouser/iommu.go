@@ -10,6 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/gohfi/gohfi/dma"
 	"github.com/gohfi/gohfi/vfio"
 	"github.com/gohfi/gohfi/vfio/abi"
 )
@@ -20,8 +21,21 @@ type dmaRegion struct {
 	size uint64
 	prot uint32 // vfio.DMARead | vfio.DMAWrite
 	// mem is the server's own MAP_SHARED mapping of the fd the client sent;
-	// nil when the client sent none and accesses go over the socket.
-	mem []byte
+	// ring the device ring the client sent instead (pinned anonymous
+	// memory, docs/pinning.md "Device rings"); both nil when the client
+	// sent no fd and accesses go over the socket.
+	mem  []byte
+	ring *dma.DeviceRingBuffer
+}
+
+// release drops the server's own access to the client's memory.
+func (r *dmaRegion) release() {
+	if r.mem != nil {
+		_ = unix.Munmap(r.mem) // our own mapping: a failure would be a bug, not the client's
+	}
+	if r.ring != nil {
+		_ = r.ring.Close() // our own side of the ring and our pipe: nothing a close could lose
+	}
 }
 
 func (r *dmaRegion) end() uint64 { return r.iova + r.size }
@@ -59,8 +73,10 @@ func (m *iommu) find(iova uint64) int {
 }
 
 // dmaMap adds a mapping; fd (or -1) is always closed.
-// req is vfio-user's DMA_MAP: Vaddr is the offset in the file fd.
-func (m *iommu) dmaMap(req abi.VFIOIommuType1DmaMap, fd int) (err error) {
+// req is vfio-user's DMA_MAP: Vaddr is the offset in the file fd, or with
+// ring the address the device ring fd knows the mapping's first byte at
+// (sameProcess: the client's ring, of this process: dma.OpenDeviceRing).
+func (m *iommu) dmaMap(req abi.VFIOIommuType1DmaMap, fd int, ring, sameProcess bool) (err error) {
 	defer func() {
 		if fd >= 0 {
 			// The client's fd, received with the message: a mapping holds
@@ -76,14 +92,21 @@ func (m *iommu) dmaMap(req abi.VFIOIommuType1DmaMap, fd int) (err error) {
 	}
 	// vfio.DMARead and DMAWrite are VFIO_DMA_MAP_FLAG_READ and WRITE.
 	r := &dmaRegion{iova: req.IOVA, size: req.Size, prot: req.Flags}
-	if fd >= 0 {
+	switch {
+	case ring:
+		ringFd := fd
+		fd = -1 // OpenDeviceRing owns it now, and closes it on failure
+		if r.ring, err = dma.OpenDeviceRing(ringFd, req.Vaddr, req.Size, sameProcess); err != nil {
+			return fmt.Errorf("vfio-user: DMA_MAP: %w", err)
+		}
+	case fd >= 0:
 		if r.mem, err = mmapDMA(fd, req); err != nil {
 			return err
 		}
 	}
 	defer func() {
-		if err != nil && r.mem != nil {
-			_ = unix.Munmap(r.mem) // our own mapping, never published: a failure would be a bug
+		if err != nil {
+			r.release() // never published
 		}
 	}()
 
@@ -180,9 +203,7 @@ func (m *iommu) dmaUnmap(req abi.VFIOIommuType1DmaUnmap) error {
 	// No access can reach these any more: the write lock waited for those
 	// in flight, and new ones no longer find them.
 	for _, r := range gone {
-		if r.mem != nil {
-			_ = unix.Munmap(r.mem) // our own mapping: a failure would be a bug, not the client's
-		}
+		r.release()
 	}
 	return nil
 }
@@ -196,9 +217,7 @@ func (m *iommu) close() {
 	m.n.Store(0)
 	m.mu.Unlock()
 	for _, r := range gone {
-		if r.mem != nil {
-			_ = unix.Munmap(r.mem) // our own mapping, at teardown: a failure would be a bug
-		}
+		r.release()
 	}
 }
 
@@ -234,23 +253,31 @@ func (m *iommu) access(iova uint64, p []byte, write bool) error {
 		r := m.maps[j]
 		off := cur - r.iova
 		n := int(min(uint64(len(p)), r.size-off))
-		var err error
-		if r.mem != nil {
-			if write {
-				err = faultSafeCopy(r.mem[off:off+uint64(n)], p[:n])
-			} else {
-				err = faultSafeCopy(p[:n], r.mem[off:off+uint64(n)])
-			}
-		} else {
-			err = m.sess.socketDMA(write, cur, p[:n])
-		}
-		if err != nil {
+		if err := m.regionIO(r, write, off, p[:n]); err != nil {
 			return fmt.Errorf("vfio-user: DMA %s of %d bytes at IOVA %#x: %w", what, n, cur, err)
 		}
 		cur += uint64(n)
 		p = p[n:]
 	}
 	return nil
+}
+
+// regionIO reads or writes p at off of mapping r (checked by the caller),
+// however the server reaches it.
+func (m *iommu) regionIO(r *dmaRegion, write bool, off uint64, p []byte) error {
+	switch {
+	case r.mem != nil && write:
+		return faultSafeCopy(r.mem[off:off+uint64(len(p))], p)
+	case r.mem != nil:
+		return faultSafeCopy(p, r.mem[off:off+uint64(len(p))])
+	case r.ring != nil && write:
+		_, err := r.ring.WriteAt(p, int64(off))
+		return err
+	case r.ring != nil:
+		_, err := r.ring.ReadAt(p, int64(off))
+		return err
+	}
+	return m.sess.socketDMA(write, r.iova+off, p)
 }
 
 // faultSafeCopy copies between a client-provided shared mapping and our
@@ -291,11 +318,13 @@ func (f *memFault) in(b []byte) bool { return f.known && holds(b, f.addr) }
 
 // Copy implements Copier: n bytes from src to dst, both checked first.
 // Between two fd-backed mappings it is one copy (a memmove from the
-// client's file to the client's file, no staging); between a mapping and
-// memory the client serves over the socket the mapping is the buffer of the
-// DMA_WRITE or DMA_READ (no staging either); only between two
-// socket-served ranges does it stage, in chunks of the client's
-// max_data_xfer_size.
+// client's file to the client's file, no staging); between two device
+// rings two kernel copies through the rings' pipes, between a device ring
+// and a mapping the mapping is the buffer of the ring's pipe (no staging
+// either); between a mapping and memory the client serves over the socket
+// the mapping is the buffer of the DMA_WRITE or DMA_READ; only where the
+// socket serves a side and the other is not a mapping does it stage, in
+// chunks of the client's max_data_xfer_size.
 func (m *iommu) Copy(dst, src uint64, n int) error {
 	if n == 0 {
 		return nil
@@ -330,23 +359,33 @@ func (m *iommu) Copy(dst, src uint64, n int) error {
 				var f *memFault
 				dstSide = errors.As(err, &f) && f.in(d)
 			}
-		case sr.mem != nil:
+		case sr.ring != nil && dr.ring != nil:
+			// Pages to pipe to pipe to pages: two kernel copies.
+			dstSide, err = sr.ring.CopyTo(dr.ring, int64(doff), int64(soff), int(k))
+		case sr.ring != nil && dr.mem != nil:
+			_, err = sr.ring.ReadAt(dr.mem[doff:doff+k], int64(soff))
+			dstSide = errors.Is(err, dma.ErrCallerMemory)
+		case sr.mem != nil && dr.ring != nil:
+			_, err = dr.ring.WriteAt(sr.mem[soff:soff+k], int64(doff))
+			dstSide = err != nil && !errors.Is(err, dma.ErrCallerMemory)
+		case sr.mem != nil && dr.ring == nil:
 			// The device writes the client's memory from the source
 			// mapping; a fault reading the mapping is the source's.
 			err = m.sess.socketDMA(true, dst, sr.mem[soff:soff+k])
 			var f *memFault
 			dstSide = !errors.As(err, &f)
-		case dr.mem != nil:
+		case dr.mem != nil && sr.ring == nil:
 			err = m.sess.socketDMA(false, src, dr.mem[doff:doff+k])
 			var f *memFault
 			dstSide = errors.As(err, &f)
 		default:
+			// Through the socket on one side at least, or both: staged.
 			if stage == nil {
 				stage = make([]byte, min(k, uint64(m.sess.maxDMAChunk())))
 			}
 			k = min(k, uint64(len(stage)))
-			if err = m.sess.socketDMA(false, src, stage[:k]); err == nil {
-				err, dstSide = m.sess.socketDMA(true, dst, stage[:k]), true
+			if err = m.regionIO(sr, false, soff, stage[:k]); err == nil {
+				err, dstSide = m.regionIO(dr, true, doff, stage[:k]), true
 			}
 		}
 		if err != nil {

@@ -14,6 +14,7 @@ type options struct {
 	logf        func(format string, args ...any)
 	dmaTimeout  time.Duration
 	queueBudget int
+	noDMARing   bool
 }
 
 func defaultOptions() options {
@@ -93,4 +94,11 @@ func WithLogger(logf func(format string, args ...any)) Option {
 			o.logf = logf
 		}
 	}
+}
+
+// WithoutDMARing turns device rings off (docs/pinning.md, "Device rings"):
+// a client sends none, a server neither announces gohfi_dma_ring nor takes
+// one, and pinned anonymous memory is reached through DMA_READ/DMA_WRITE.
+func WithoutDMARing() Option {
+	return func(o *options) { o.noDMARing = true }
 }

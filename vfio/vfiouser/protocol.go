@@ -198,6 +198,12 @@ const capSparseMmapVersion = 1
 // REGION_WRITE_MULTI.
 const writeMultiData = len(abi.VFIOUserWriteMultiOne{}.Data)
 
+// dmaRingExtSize is what a DMA_MAP carrying a device ring adds after the
+// standard structure (argsz 40): the client's fd number of the ring (u32)
+// and a zero u32. The message's fd is then a pidfd of the client
+// (docs/hfisim.md, "DMA mappings").
+const dmaRingExtSize = 8
+
 // Defaults and hard limits.
 const (
 	// writeMultiMax is the most writes QEMU coalesces into one
@@ -243,6 +249,11 @@ type versionCaps struct {
 	MaxDMAMaps      *uint32 `json:"max_dma_maps,omitempty"`
 	PgSizes         *uint64 `json:"pgsizes,omitempty"`
 	WriteMultiple   *bool   `json:"write_multiple,omitempty"`
+	// DMARing (gohfi's own, ignored by other implementations): the server
+	// takes a DMA_MAP whose fd is a device ring (docs/hfisim.md, "DMA
+	// mappings"). Sent by a server that does; a client sends device rings
+	// only to such a server.
+	DMARing *bool `json:"gohfi_dma_ring,omitempty"`
 }
 
 func errShort(what string, got, want int) error {

@@ -10,6 +10,8 @@ import (
 	"io"
 	"net"
 	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -398,6 +400,10 @@ func (se *session) version(p []byte) (int, error) {
 	maxMaps := uint32(min(se.o.maxDMAMaps, 1<<32-1))
 	pg := uint64(pageSize)
 	caps := versionCaps{MaxMsgFDs: &maxFDs, MaxDataXferSize: &maxData, MaxDMAMaps: &maxMaps, PgSizes: &pg}
+	if !se.o.noDMARing {
+		yes := true
+		caps.DMARing = &yes
+	}
 	if writeMulti {
 		caps.WriteMultiple = &writeMulti
 	}
@@ -430,7 +436,42 @@ func (se *session) dmaMap(p []byte, fds []int) error {
 		}
 		return err
 	}
-	return se.iommu.dmaMap(req, fd)
+	if req.Argsz != abi.SizeofVFIOIommuType1DmaMap+dmaRingExtSize {
+		return se.iommu.dmaMap(req, fd, false, false)
+	}
+	// A device ring: fd is a pidfd of the client, the ring its fd number
+	// there (docs/hfisim.md, "DMA mappings").
+	ext := p[abi.SizeofVFIOIommuType1DmaMap:]
+	if fd < 0 || se.o.noDMARing || len(ext) < dmaRingExtSize || binary.LittleEndian.Uint32(ext[4:]) != 0 {
+		if fd >= 0 {
+			_ = unix.Close(fd) // the client's fd, refused with the message
+		}
+		return fmt.Errorf("vfio-user: DMA_MAP: device ring (argsz %d, %d bytes, fd %v, announced %v): %w",
+			req.Argsz, len(p), fd >= 0, !se.o.noDMARing, unix.EINVAL)
+	}
+	ring, err := unix.PidfdGetfd(fd, int(binary.LittleEndian.Uint32(ext)), 0)
+	self := pidfdPid(fd) == os.Getpid()
+	_ = unix.Close(fd) // the client's pidfd: only needed for the ring
+	if err != nil {
+		return fmt.Errorf("vfio-user: DMA_MAP: device ring: pidfd_getfd: %w", err)
+	}
+	return se.iommu.dmaMap(req, ring, true, self)
+}
+
+// pidfdPid is the pid a pidfd refers to (its fdinfo's Pid line), or -1.
+func pidfdPid(fd int) int {
+	b, err := os.ReadFile("/proc/self/fdinfo/" + strconv.Itoa(fd))
+	if err != nil {
+		return -1
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "Pid:"); ok {
+			if pid, err := strconv.Atoi(strings.TrimSpace(v)); err == nil {
+				return pid
+			}
+		}
+	}
+	return -1
 }
 
 func (se *session) dmaUnmap(p []byte) (int, error) {

@@ -1,0 +1,222 @@
+package dma
+
+import (
+	"bytes"
+	"errors"
+	"math/rand/v2"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/gohfi/gohfi/internal/testenv"
+)
+
+// openTestDeviceRing makes pin's device ring and opens it as a device in
+// another process would: from its own copy of the fd (the client's copy is
+// closed, as after sending it).
+func openTestDeviceRing(t *testing.T, pin *Pin, sameProcess bool) *DeviceRingBuffer {
+	t.Helper()
+	f, addr, err := pin.DeviceRing()
+	if errors.Is(err, unix.ENOTSUP) {
+		testenv.Require(t, err, "io_uring buffer cloning (Linux 6.12)")
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	fd, err := unix.Dup(int(f.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := OpenDeviceRing(fd, uint64(addr), uint64(pin.Len()), sameProcess)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := b.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	return b
+}
+
+func TestDeviceRing(t *testing.T) {
+	checkNoLeaks(t)
+	p := newTestPinner(t, NewAccountant(), nil)
+	const size = 3 << 20 // more than a pipe holds
+	a, bm := mmapAnon(t, size), mmapAnon(t, size)
+	defer unix.Munmap(bm)
+	src := make([]byte, size)
+	for i := range src {
+		src[i] = byte(rand.Uint32())
+	}
+	copy(a, src)
+	pa, err := p.Pin(sliceAddr(a), size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pa.Unpin()
+	pb, err := p.Pin(sliceAddr(bm), size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pb.Unpin()
+	// rb as an embedded device's: its queues' addresses stay taken.
+	ra, rb := openTestDeviceRing(t, pa, false), openTestDeviceRing(t, pb, true)
+
+	// Reads and writes of the pinned pages, across pipe-sized chunks.
+	got := make([]byte, size-5)
+	if n, err := ra.ReadAt(got, 5); err != nil || n != len(got) || !bytes.Equal(got, src[5:]) {
+		t.Fatalf("ReadAt = %d, %v; data equal %v", n, err, bytes.Equal(got, src[5:]))
+	}
+	if n, err := rb.WriteAt(src[:size-100], 100); err != nil || n != size-100 || !bytes.Equal(bm[100:], src[:size-100]) {
+		t.Fatalf("WriteAt = %d, %v; data equal %v", n, err, bytes.Equal(bm[100:], src[:size-100]))
+	}
+	// Ring to ring.
+	clear(bm)
+	if dstSide, err := ra.CopyTo(rb, 7, 3, size-10); err != nil || !bytes.Equal(bm[7:size-3], src[3:size-7]) || bm[6] != 0 {
+		t.Fatalf("CopyTo = %v (dst %v); data equal %v", err, dstSide, bytes.Equal(bm[7:size-3], src[3:size-7]))
+	}
+
+	// Bounds: nothing outside the mapping, on either side.
+	for _, c := range []struct {
+		off int64
+		n   int
+	}{{size - 1, 2}, {-1, 1}, {size, 1}, {1 << 62, 1}} {
+		if _, err := ra.ReadAt(make([]byte, c.n), c.off); !errors.Is(err, unix.EFAULT) {
+			t.Errorf("ReadAt %d at %d = %v, want EFAULT", c.n, c.off, err)
+		}
+		if _, err := ra.WriteAt(make([]byte, c.n), c.off); !errors.Is(err, unix.EFAULT) {
+			t.Errorf("WriteAt %d at %d = %v, want EFAULT", c.n, c.off, err)
+		}
+		if dst, err := ra.CopyTo(rb, c.off, 0, c.n); !dst || !errors.Is(err, unix.EFAULT) {
+			t.Errorf("CopyTo %d to %d = %v (dst %v), want EFAULT on the destination", c.n, c.off, err, dst)
+		}
+		if dst, err := ra.CopyTo(rb, 0, c.off, c.n); dst || !errors.Is(err, unix.EFAULT) {
+			t.Errorf("CopyTo %d from %d = %v (dst %v), want EFAULT on the source", c.n, c.off, err, dst)
+		}
+	}
+	// Within one ring.
+	copy(a, src)
+	if _, err := ra.CopyTo(ra, size/2+1, 5, size/2-7); err != nil || !bytes.Equal(a[size/2+1:size-6], src[5:size/2-2]) || !bytes.Equal(a[:size/2+1], src[:size/2+1]) {
+		t.Fatalf("CopyTo within the ring = %v", err)
+	}
+	if dst, err := ra.CopyTo(ra, 8, 0, 16); !dst || !errors.Is(err, unix.EINVAL) {
+		t.Errorf("overlapping CopyTo within the ring = %v (dst %v), want EINVAL", err, dst)
+	}
+	copy(a, src)
+	// After the refusals the ring still works.
+	if _, err := ra.ReadAt(got[:4096], 0); err != nil || !bytes.Equal(got[:4096], src[:4096]) {
+		t.Fatalf("ReadAt after refusals = %v", err)
+	}
+
+	// The ring reaches the pinned pages, not what is mapped at the address
+	// now: after munmap and a new mapping there, a write lands in the old
+	// pages (seen through the pin), not in the new mapping.
+	addr := sliceAddr(a)
+	if err := unix.Munmap(a); err != nil {
+		t.Fatal(err)
+	}
+	nw := mmapAnonAt(t, addr, size)
+	defer unix.Munmap(nw)
+	if _, err := ra.WriteAt([]byte("after the remap"), 0); err != nil {
+		t.Fatal(err)
+	}
+	if !allEqual(nw, 0) {
+		t.Fatal("a write through the device ring reached the new mapping")
+	}
+	old := make([]byte, 15)
+	if _, err := pa.ReadAt(old, 0); err != nil || string(old) != "after the remap" {
+		t.Fatalf("pinned pages hold %q (%v)", old, err)
+	}
+
+	// Closed: every access refused.
+	if err := ra.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ra.ReadAt(got[:1], 0); !errors.Is(err, unix.EBADF) {
+		t.Errorf("ReadAt after Close = %v, want EBADF", err)
+	}
+}
+
+// TestDeviceRingRefused: the device takes only a disabled io_uring it can
+// restrict itself, and only once.
+func TestDeviceRingRefused(t *testing.T) {
+	checkNoLeaks(t)
+	p := newTestPinner(t, NewAccountant(), nil)
+	m := mmapAnon(t, 1<<16)
+	defer unix.Munmap(m)
+	pin, err := p.Pin(sliceAddr(m), 1<<16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pin.Unpin()
+	f, addr, err := pin.DeviceRing()
+	if errors.Is(err, unix.ENOTSUP) {
+		testenv.Require(t, err, "io_uring buffer cloning (Linux 6.12)")
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+
+	// Not an io_uring.
+	var pfd [2]int
+	if err := unix.Pipe2(pfd[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(pfd[1])
+	if _, err := OpenDeviceRing(pfd[0], uint64(addr), 1<<16, false); !errors.Is(err, unix.EINVAL) {
+		t.Errorf("pipe as a device ring = %v, want EINVAL", err)
+	}
+	// An enabled ring (the client could submit anything on it).
+	var params ioUringParams
+	params.Flags = ioringSetupClamp
+	enabled, err := ioUringSetup(4, &params)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := OpenDeviceRing(enabled, uint64(addr), 1<<16, false); err == nil {
+		t.Error("an enabled ring was accepted")
+	}
+	// The same ring twice: the second device cannot restrict it again.
+	dup := func() int {
+		fd, err := unix.Dup(int(f.Fd()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fd
+	}
+	first, err := OpenDeviceRing(dup(), uint64(addr), 1<<16, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	if _, err := OpenDeviceRing(dup(), uint64(addr), 1<<16, false); err == nil {
+		t.Error("a ring opened twice was accepted twice")
+	}
+	// A hostile address: the mapping claimed past the buffer. The kernel
+	// refuses every request outside the cloned buffer.
+	f2, _, err := pin.DeviceRing()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fd2, err := unix.Dup(int(f2.Fd()))
+	f2.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrong, err := OpenDeviceRing(fd2, uint64(addr)+1<<16, 1<<16, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer wrong.Close()
+	if _, err := wrong.WriteAt([]byte("x"), 0); !errors.Is(err, unix.EFAULT) {
+		t.Errorf("request outside the cloned buffer = %v, want EFAULT", err)
+	}
+	if !allEqual(m, 0) {
+		t.Error("memory changed by a refused request")
+	}
+}
