@@ -1,6 +1,7 @@
 package vfiouser
 
 import (
+	"cmp"
 	"encoding/binary"
 	"fmt"
 	"slices"
@@ -58,15 +59,7 @@ func (c *Client) ringIOEventFD(index uint32, off uint64, p []byte) (ok bool, err
 	if r.ioErr != nil {
 		return false, r.ioErr
 	}
-	i, found := slices.BinarySearchFunc(r.ioefds, off, func(e ioEventFD, off uint64) int {
-		switch {
-		case e.off < off:
-			return -1
-		case e.off > off:
-			return 1
-		}
-		return 0
-	})
+	i, found := slices.BinarySearchFunc(r.ioefds, off, func(e ioEventFD, off uint64) int { return cmp.Compare(e.off, off) })
 	for ; found && i < len(r.ioefds) && r.ioefds[i].off == off; i++ {
 		e := &r.ioefds[i]
 		if !e.covers(off, p) {
@@ -171,15 +164,7 @@ func parseRegionIOFDs(p []byte, fds []int, index uint32, size uint64, argsz, max
 		subs = append(subs, ioEventFD{off: s.Offset, size: s.Size, match: s.Flags&abi.KVM_IOEVENTFD_FLAG_DATAMATCH != 0,
 			data: s.Datamatch, fd: fds[s.FDIndex]})
 	}
-	slices.SortStableFunc(subs, func(a, b ioEventFD) int {
-		switch {
-		case a.off < b.off:
-			return -1
-		case a.off > b.off:
-			return 1
-		}
-		return 0
-	})
+	slices.SortStableFunc(subs, func(a, b ioEventFD) int { return cmp.Compare(a.off, b.off) })
 	// The fds the sub-regions use move to the caller's keeping; the
 	// others are closed here and dropped from fds.
 	var keep []int

@@ -31,6 +31,13 @@ type ioModel struct {
 	closed []*os.File // the eventfds of detached clients
 }
 
+// rings returns the attached client's eventfds.
+func (m *ioModel) rings() (ring, ring2 *os.File) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.ring, m.ring2
+}
+
 func newIOModel(t testing.TB) *ioModel { return &ioModel{fakeModel: newFakeModel(t), t: t} }
 
 func newEventfd(t testing.TB) *os.File {
@@ -110,8 +117,6 @@ func newIOPair(t *testing.T) (*Client, *ioModel, *served) {
 	return c, m, s
 }
 
-func u64(v uint64) []byte { return le64(v) }
-
 // TestIOEventFDDoorbell: a posted write the server covers with an
 // ioeventfd signals it and sends no message; writes it does not cover
 // (other size, other value, other offset, not posted) are messages.
@@ -125,21 +130,22 @@ func TestIOEventFDDoorbell(t *testing.T) {
 		}
 		return b
 	}
+	ring, ring2 := m.rings()
 	for i := range 3 {
-		if err := c.WriteRegionPosted(0, regRing, u64(0xdead+uint64(i))); err != nil {
+		if err := c.WriteRegionPosted(0, regRing, le64(0xdead+uint64(i))); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if n := count(t, m.ring); n != 3 {
+	if n := count(t, ring); n != 3 {
 		t.Fatalf("ring count %d after 3 doorbells, want 3", n)
 	}
 	if v := binary.LittleEndian.Uint64(bar0(regRing, 8)); v != 0 {
 		t.Fatalf("the register was written (%#x): the doorbell went as a message", v)
 	}
-	if err := c.WriteRegionPosted(0, regRing2, u64(1)); err != nil {
+	if err := c.WriteRegionPosted(0, regRing2, le64(1)); err != nil {
 		t.Fatal(err)
 	}
-	if a, b := count(t, m.ring), count(t, m.ring2); a != 0 || b != 1 {
+	if a, b := count(t, ring), count(t, ring2); a != 0 || b != 1 {
 		t.Fatalf("counts %d %d, want 0 1", a, b)
 	}
 	// Datamatch: 7 signals, 8 is written.
@@ -149,7 +155,7 @@ func TestIOEventFDDoorbell(t *testing.T) {
 	if err := c.WriteRegionPosted(0, regRingMatch, le32(8)); err != nil {
 		t.Fatal(err)
 	}
-	if n := count(t, m.ring); n != 1 {
+	if n := count(t, ring); n != 1 {
 		t.Fatalf("ring count %d, want 1 (datamatch)", n)
 	}
 	if v := binary.LittleEndian.Uint32(bar0(regRingMatch, 4)); v != 8 {
@@ -165,7 +171,7 @@ func TestIOEventFDDoorbell(t *testing.T) {
 	if v := binary.LittleEndian.Uint64(bar0(regRing, 8)); v != 6<<32|5 {
 		t.Fatalf("register %#x, want both halves written", v)
 	}
-	if n := count(t, m.ring); n != 0 {
+	if n := count(t, ring); n != 0 {
 		t.Fatalf("ring count %d after writes not covered", n)
 	}
 }
@@ -175,7 +181,7 @@ func TestIOEventFDDoorbell(t *testing.T) {
 func TestIOEventFDNone(t *testing.T) {
 	leakCheck(t)
 	c, _, _ := newPair(t, nil, nil)
-	if err := c.WriteRegionPosted(0, regRing, u64(9)); err != nil {
+	if err := c.WriteRegionPosted(0, regRing, le64(9)); err != nil {
 		t.Fatal(err)
 	}
 	b := make([]byte, 8)
@@ -234,10 +240,11 @@ func TestIOEventFDServerRequests(t *testing.T) {
 		}
 	}
 	// The fds are the model's eventfds: a signal on ours reaches it.
-	if _, err := unix.Write(fds[1], u64(1)); err != nil {
+	ring, _ := m.rings()
+	if _, err := unix.Write(fds[1], le64(1)); err != nil {
 		t.Fatal(err)
 	}
-	if n := count(t, m.ring); n != 1 {
+	if n := count(t, ring); n != 1 {
 		t.Fatalf("model's ring count %d", n)
 	}
 	// Other regions have none.
@@ -251,8 +258,11 @@ func TestIOEventFDServerRequests(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Detached: the model closed its eventfds; ours signal nothing.
-	if len(m.closed) != 2 {
-		t.Fatalf("%d eventfds closed at detach", len(m.closed))
+	m.mu.Lock()
+	closed := len(m.closed)
+	m.mu.Unlock()
+	if closed != 2 {
+		t.Fatalf("%d eventfds closed at detach", closed)
 	}
 	closeFDs(fds)
 }
