@@ -63,7 +63,7 @@ func (d *Device) dbPollIdle() time.Duration {
 func (d *Device) writeQPDBLocked(n int, r, v uint64) {
 	q := &d.qps[n]
 	if r == chip.QPDBRing {
-		// What the ioeventfd of the register does too (ring.go), but
+		// What the ioeventfd of the register does too (dbring.go), but
 		// that cannot count a ring for a QP without a record.
 		if q.dbAddr == 0 || q.state == stateReset {
 			d.errs.verbs++

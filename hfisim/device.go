@@ -177,7 +177,7 @@ type Device struct {
 	tlbSig   chan struct{} // wakes the TLB worker (not under mu)
 
 	kick     chan struct{} // doorbell: wakes the engine
-	ringFD   *ringFD       // the attached client's QPDBRing eventfd (ring.go), under mu
+	ringFD   *ringFD       // the attached client's QPDBRing eventfd (dbring.go), under mu
 	sleepReq chan chan struct{}
 	armed    atomic.Bool  // a CQ was armed since the engine last woke (dbrec.go)
 	lastArm  atomic.Int64 // when a CQ was last armed, Unix ns (dbrec.go)
