@@ -235,6 +235,16 @@ func QPReg(n int, reg uint64) uint64 { return QPBase + uint64(n)*QPStride + reg 
 // driver sees the flag or the engine's second read sees the index, so no
 // doorbell is lost.
 //
+// QPDBRing (CapDBRing) is the register doorbell of a QP with a record
+// whose value does not matter: a write of any value wakes the engine,
+// which reads the record, as a write to QPSQTail or QPRQTail of that QP
+// does (without the check of the value written). A write to the QPDBRing
+// of a QP without a record or in RESET is refused and counted in
+// ErrCntVerbs. Because its value means nothing, a vfio-user server offers
+// every QP's QPDBRing as an ioeventfd (DEVICE_GET_REGION_IO_FDS): the
+// driver rings a sleeping engine by an 8-byte write to an eventfd, with
+// no message on the socket.
+//
 // At RESET the device forgets the indices it read (as it zeroes its
 // heads and tails): the driver zeroes sq_tail and rq_tail and sets
 // DBRecNotify when it writes QPDBRecAddr and at every RESET, before the QP
@@ -243,6 +253,7 @@ const (
 	QPDBBase    = 0xd000
 	QPDBStride  = 0x40
 	QPDBRecAddr = 0x00 // RW: IOVA of the doorbell record (0: none)
+	QPDBRing    = 0x08 // WO (CapDBRing): any value: read the QP's record now
 
 	DBRecSize   = 64
 	DBRecAlign  = 64
@@ -251,6 +262,7 @@ const (
 	DBRecFlags  = 8
 	DBRecNotify = 1 << 0 // device asleep or not yet polling: write the register too
 	CapDBRec    = 1 << 5 // RegCapFlags: doorbell records
+	CapDBRing   = 1 << 8 // RegCapFlags: QPDBRing, also offered as an ioeventfd
 )
 
 // QPDBReg returns the BAR0 offset of doorbell-block register reg of QP n.

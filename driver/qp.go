@@ -783,10 +783,11 @@ func (qp *QP) resetDBRec() {
 
 // ringLocked tells the device about a new producer index of the send
 // (QPSQTail) or receive (QPRQTail) queue, the WQEs already in memory. With
-// a doorbell record it stores the index there and writes the register only
+// a doorbell record it stores the index there and writes a register only
 // when the device asked to be notified (it sleeps): the store, then the
 // flag's load, both sequentially consistent atomics, so either this load
-// sees the flag or the device's read after setting it sees the index.
+// sees the flag or the device's read after setting it sees the index. The
+// register is then QPDBRing where the device has it (chip.CapDBRing).
 func (qp *QP) ringLocked(reg uint64, tail int) error {
 	d := qp.pd.d
 	dir, off := uint64(0), chip.DBRecSQTail
@@ -799,6 +800,7 @@ func (qp *QP) ringLocked(reg uint64, tail int) error {
 	if d.tracing() {
 		when = time.Now()
 	}
+	csr := chip.QPReg(qp.idx, reg)
 	if qp.dbRec != nil {
 		store32(qp.dbRec, off, uint32(tail))
 		if qp.dbHook != nil {
@@ -808,8 +810,14 @@ func (qp *QP) ringLocked(reg uint64, tail int) error {
 			d.traceAt(when, TraceDoorbellRecord, qp.ctxt(), uint64(qp.idx), uint64(tail), dir)
 			return nil
 		}
+		if d.info.CapFlags&chip.CapDBRing != 0 {
+			// The index is in the record: the ring register, whose
+			// value means nothing, which a vfio-user server offers
+			// as an ioeventfd (no message on the socket).
+			csr = chip.QPDBReg(qp.idx, chip.QPDBRing)
+		}
 	}
-	if err := d.writeCSRPosted(chip.QPReg(qp.idx, reg), uint64(tail)); err != nil {
+	if err := d.writeCSRPosted(csr, uint64(tail)); err != nil {
 		return err
 	}
 	d.traceAt(when, TraceDoorbell, qp.ctxt(), uint64(qp.idx), uint64(tail), dir)

@@ -61,10 +61,20 @@ func (d *Device) dbPollIdle() time.Duration {
 // indices last read become the QP's current tails, so a record that holds
 // them changes nothing; the engine wakes and polls the record.
 func (d *Device) writeQPDBLocked(n int, r, v uint64) {
+	q := &d.qps[n]
+	if r == chip.QPDBRing {
+		// What the ioeventfd of the register does too (dbring.go), but
+		// that cannot count a ring for a QP without a record.
+		if q.dbAddr == 0 || q.state == stateReset {
+			d.errs.verbs++
+			return
+		}
+		d.kickEngine()
+		return
+	}
 	if r != chip.QPDBRecAddr {
 		return // reserved
 	}
-	q := &d.qps[n]
 	if v%chip.DBRecAlign != 0 {
 		d.errs.verbs++
 		return

@@ -177,6 +177,7 @@ type Device struct {
 	tlbSig   chan struct{} // wakes the TLB worker (not under mu)
 
 	kick     chan struct{} // doorbell: wakes the engine
+	ringFD   *ringFD       // the attached client's QPDBRing eventfd (dbring.go), under mu
 	sleepReq chan chan struct{}
 	armed    atomic.Bool  // a CQ was armed since the engine last woke (dbrec.go)
 	lastArm  atomic.Int64 // when a CQ was last armed, Unix ns (dbrec.go)
@@ -258,6 +259,7 @@ func (d *Device) Close() (err error) {
 	d.closeMu.Do(func() {
 		close(d.done)
 		d.wg.Wait()
+		d.stopRing()
 		d.mu.Lock()
 		d.closeIRQsLocked()
 		d.mu.Unlock()
@@ -488,14 +490,34 @@ func (d *Device) Reset() error {
 
 // Attach implements vfiouser.DeviceModel.
 func (d *Device) Attach(dma vfiouser.DMA) {
+	d.stopRing() // a previous client's, had it not detached
+	// Without an eventfd (nil) no ioeventfd is offered: the client
+	// writes the registers.
+	r, _ := startRing()
 	d.mu.Lock()
 	d.dma = dma
+	d.ringFD = r
 	d.mu.Unlock()
+	if r != nil {
+		go r.wait(d.kickEngine)
+	}
+}
+
+// stopRing closes the attached client's ioeventfd and waits for its waiter.
+func (d *Device) stopRing() {
+	d.mu.Lock()
+	r := d.ringFD
+	d.ringFD = nil
+	d.mu.Unlock()
+	if r != nil {
+		r.stop()
+	}
 }
 
 // Detach implements vfiouser.DeviceModel: the client is gone, so is every
 // mapping and interrupt route; the device resets as on a hot unplug.
 func (d *Device) Detach() {
+	d.stopRing()
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.dma = nil

@@ -168,7 +168,12 @@ type Device interface {
 	// later read, which is what makes a read flush it). An error the
 	// device would report for it is not returned (the vfio-user server
 	// logs it); a local failure (closed, disconnected, bad range) is. For
-	// doorbells: registers whose write has no result to wait for.
+	// doorbells: registers whose write has no result to wait for. A write
+	// the device covers with an ioeventfd (vfio-user's
+	// DEVICE_GET_REGION_IO_FDS) signals that instead and is taken in no
+	// order with other accesses: a device offers them only for registers
+	// whose value and order do not matter (a doorbell whose index the
+	// device reads from memory).
 	WriteRegionPosted(index uint32, off uint64, p []byte) error
 	// MmapRegion maps [off, off+size) of region index into this process.
 	// The range must lie inside one mappable area. Unmap with Munmap.

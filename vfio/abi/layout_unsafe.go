@@ -11,7 +11,7 @@ type Struct interface {
 		VFIOIommuType1InfoCapIovaRange | VFIOIommuType1InfoDmaAvail |
 		VFIOIommuType1DmaMap | VFIOIommuType1DmaUnmap |
 		VFIOUserHeader | VFIOUserVersion | VFIOUserDeviceInfo |
-		VFIOUserRegionIOFDsRequest | VFIOUserRegionAccess |
+		VFIOUserRegionIOFDsRequest | VFIOUserSubRegionIOEventFD | VFIOUserRegionAccess |
 		VFIOUserDmaRegionAccess | VFIOUserWriteMulti | VFIOUserWriteMultiOne
 }
 
@@ -37,6 +37,7 @@ var (
 	_ [0]struct{} = [unsafe.Sizeof(VFIOUserVersion{}) - SizeofVFIOUserVersion]struct{}{}
 	_ [0]struct{} = [unsafe.Sizeof(VFIOUserDeviceInfo{}) - SizeofVFIOUserDeviceInfo]struct{}{}
 	_ [0]struct{} = [unsafe.Sizeof(VFIOUserRegionIOFDsRequest{}) - SizeofVFIOUserRegionIOFDsRequest]struct{}{}
+	_ [0]struct{} = [unsafe.Sizeof(VFIOUserSubRegionIOEventFD{}) - SizeofVFIOUserSubRegionIOEventFD]struct{}{}
 	_ [0]struct{} = [unsafe.Sizeof(VFIOUserRegionAccess{}) - SizeofVFIOUserRegionAccess]struct{}{}
 	_ [0]struct{} = [unsafe.Sizeof(VFIOUserDmaRegionAccess{}) - SizeofVFIOUserDmaRegionAccess]struct{}{}
 	_ [0]struct{} = [unsafe.Sizeof(VFIOUserWriteMulti{}) - SizeofVFIOUserWriteMulti]struct{}{}

@@ -39,6 +39,7 @@ var structTable = []struct {
 	{"vfio_user_version", VFIOUserVersion{}},
 	{"vfio_user_device_info", VFIOUserDeviceInfo{}},
 	{"vfio_user_region_io_fds_request", VFIOUserRegionIOFDsRequest{}},
+	{"vfio_user_sub_region_ioeventfd", VFIOUserSubRegionIOEventFD{}},
 	{"vfio_user_region_access", VFIOUserRegionAccess{}},
 	{"vfio_user_dma_region_access", VFIOUserDmaRegionAccess{}},
 	{"vfio_user_write_multi", VFIOUserWriteMulti{}},
@@ -95,6 +96,19 @@ struct vfio_user_region_io_fds_request {
 	uint32_t flags;
 	uint32_t index;
 	uint32_t count;
+};
+#define VFIO_USER_IO_FD_TYPE_IOEVENTFD 0
+#define VFIO_USER_IO_FD_TYPE_IOREGIONFD 1
+#define KVM_IOEVENTFD_FLAG_DATAMATCH (1 << 0)
+#define KVM_IOEVENTFD_FLAG_PIO (1 << 1)
+struct vfio_user_sub_region_ioeventfd {
+	uint64_t offset;
+	uint64_t size;
+	uint32_t fd_index;
+	uint32_t type;
+	uint32_t flags;
+	uint32_t padding;
+	uint64_t datamatch;
 };
 struct vfio_user_region_access {
 	uint64_t offset;

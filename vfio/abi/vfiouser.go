@@ -43,6 +43,7 @@ const (
 	SizeofVFIOUserVersion            = 4
 	SizeofVFIOUserDeviceInfo         = 16
 	SizeofVFIOUserRegionIOFDsRequest = 16
+	SizeofVFIOUserSubRegionIOEventFD = 40
 	SizeofVFIOUserRegionAccess       = 16
 	SizeofVFIOUserDmaRegionAccess    = 16
 	SizeofVFIOUserWriteMulti         = 8
@@ -86,6 +87,33 @@ type VFIOUserRegionIOFDsRequest struct {
 	Flags uint32
 	Index uint32
 	Count uint32
+}
+
+// Sub-region types of a DEVICE_GET_REGION_IO_FDS reply, and the flags of
+// an ioeventfd sub-region (KVM_IOEVENTFD_FLAG_*, linux/kvm.h).
+const (
+	VFIO_USER_IO_FD_TYPE_IOEVENTFD  = 0
+	VFIO_USER_IO_FD_TYPE_IOREGIONFD = 1
+
+	KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
+	KVM_IOEVENTFD_FLAG_PIO       = 1 << 1
+)
+
+// VFIOUserSubRegionIOEventFD is one sub-region of a DEVICE_GET_REGION_IO_FDS
+// reply (struct vfio_user_sub_region_ioeventfd): a write of Size bytes at
+// Offset of the region (with Datamatch, when Flags has
+// KVM_IOEVENTFD_FLAG_DATAMATCH) may be made by signalling the reply's fd
+// number FDIndex instead. An ioregionfd sub-region has the same layout,
+// with user data where Datamatch is.
+type VFIOUserSubRegionIOEventFD struct {
+	_         structs.HostLayout
+	Offset    uint64
+	Size      uint64
+	FDIndex   uint32 `c:"fd_index"`
+	Type      uint32
+	Flags     uint32
+	Padding   uint32
+	Datamatch uint64
 }
 
 // VFIOUserRegionAccess is the fixed part of REGION_READ and REGION_WRITE

@@ -54,6 +54,13 @@ type Client struct {
 type clientRegion struct {
 	info vfio.RegionInfo
 	file *os.File // the mmap fd, or nil
+
+	// The server's ioeventfds for the region (ioefd.go), asked at the
+	// first posted write.
+	ioAsked bool
+	ioErr   error       // the server's answer was hostile: every posted write fails with it
+	ioefds  []ioEventFD // sorted by offset
+	ioFDs   []int       // the eventfds they use, closed at Close
 }
 
 type clientMap struct {
@@ -328,6 +335,7 @@ func (c *Client) Close() error {
 				errs = append(errs, fmt.Errorf("vfio-user: close region %d fd: %w", i, err))
 			}
 		}
+		closeFDs(r.ioFDs)
 		delete(c.regions, i)
 	}
 	c.regMu.Unlock()
@@ -618,7 +626,15 @@ func (c *Client) writeRegion(index uint32, off uint64, p []byte) error {
 // the order read (server.go: session), so a later message of this client
 // (a read, whose reply then also says the write was taken) is handled after
 // it. A write the server refuses is logged there, not reported here.
+//
+// A write the server covers with an ioeventfd (DEVICE_GET_REGION_IO_FDS,
+// asked at the first posted write to the region) is an 8-byte write to
+// that eventfd instead, and no message: the server takes it, but in no
+// order with this client's messages (ioefd.go).
 func (c *Client) WriteRegionPosted(index uint32, off uint64, p []byte) error {
+	if ok, err := c.ringIOEventFD(index, off, p); ok || err != nil {
+		return err
+	}
 	return c.inChunks("posted REGION_WRITE", index, off, p, c.postWrite)
 }
 

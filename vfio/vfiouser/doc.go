@@ -41,6 +41,12 @@
 // Accesses hold the table's read lock, DMA_UNMAP its write lock, so unmap
 // returns (and munmaps) only once no access can touch the memory.
 //
+// A model that implements IOFDModel offers ioeventfds for sub-regions of
+// its regions: DEVICE_GET_REGION_IO_FDS answers them with one fd per
+// distinct eventfd (a request too small for them all gets the argsz and
+// count needed, as for GET_REGION_INFO). The model makes them at Attach
+// and closes them at Detach.
+//
 // When the client goes, the server fails pending DMA requests, drops all
 // mappings, disables the interrupts the client set, calls model.Detach and
 // closes the socket; the device state is otherwise kept, as the
@@ -56,6 +62,13 @@
 // default); when the server disappears every pending and later call fails
 // with an error wrapping vfio.ErrDisconnected. Replies are validated as
 // hostile input: ids, commands, sizes, argsz, fds, region offsets.
+//
+// At the first posted write to a region the client asks for its
+// ioeventfds (checked as hostile: inside the region, a register's size,
+// on an eventfd of the reply; ioregionfd and PIO sub-regions are left
+// out; a server that refuses the request offers none), and from then on a
+// posted write that one covers (offset, size, datamatch) is an 8-byte
+// write to that eventfd instead of a message (ioefd.go).
 //
 // Calls reuse pooled buffers and timers, so a register round trip does not
 // allocate in the steady state; one mutex serialises writers on the socket.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"io"
+	"slices"
 	"testing"
 	"time"
 
@@ -22,6 +23,7 @@ func serverSeeds() [][]byte {
 		msg(3, abi.VFIO_USER_DEVICE_GET_REGION_INFO, 0, cat(le32(32, 0, 2, 0), le64(0, 0))),
 		msg(4, abi.VFIO_USER_DEVICE_GET_REGION_INFO, 0, cat(le32(64, 0, 2, 0), le64(0, 0))),
 		msg(5, abi.VFIO_USER_DEVICE_GET_REGION_IO_FDS, 0, le32(16, 0, 0, 0)),
+		msg(5, abi.VFIO_USER_DEVICE_GET_REGION_IO_FDS, 0, le32(4096, 0, 0, 2)),
 		msg(6, abi.VFIO_USER_DEVICE_GET_IRQ_INFO, 0, le32(16, 0, 2, 0)),
 		msg(7, abi.VFIO_USER_DEVICE_SET_IRQS, 0, le32(20, abi.VFIO_IRQ_SET_DATA_NONE|abi.VFIO_IRQ_SET_ACTION_TRIGGER, 2, 0, 0)),
 		msg(8, abi.VFIO_USER_DEVICE_SET_IRQS, 0, append(le32(21, abi.VFIO_IRQ_SET_DATA_BOOL|abi.VFIO_IRQ_SET_ACTION_UNMASK, 0, 0, 1), 1)),
@@ -200,6 +202,50 @@ func FuzzClientDecode(f *testing.F) {
 		case <-script:
 		case <-time.After(10 * time.Second):
 			t.Fatal("script did not finish")
+		}
+	})
+}
+
+// FuzzParseRegionIOFDs: whatever a server answers to GET_REGION_IO_FDS,
+// the client keeps only sub-regions inside the region, of a register's
+// size, on an eventfd of the reply, and closes or returns every fd.
+func FuzzParseRegionIOFDs(f *testing.F) {
+	sub := func(off, size uint64, fdIndex, typ, flags uint32, data uint64) []byte {
+		b := make([]byte, abi.SizeofVFIOUserSubRegionIOEventFD)
+		abi.Encode(b, &abi.VFIOUserSubRegionIOEventFD{Offset: off, Size: size, FDIndex: fdIndex, Type: typ, Flags: flags, Datamatch: data})
+		return b
+	}
+	f.Add(cat(le32(16+80, 0, 0, 2), sub(0x10, 8, 0, 0, 0, 0), sub(0x18, 4, 0, 0, abi.KVM_IOEVENTFD_FLAG_DATAMATCH, 7)), true)
+	f.Add(le32(16+40*1000, 0, 0, 1000), false)
+	f.Add(cat(le32(16+40, 0, 0, 1), sub(4090, 8, 0, 0, 0, 0)), true)
+	f.Add(cat(le32(16+40, 0, 0, 1), sub(0, 8, 0, abi.VFIO_USER_IO_FD_TYPE_IOREGIONFD, 0, 0)), true)
+	f.Add(le32(16, 0, 0, 0), false)
+	f.Fuzz(func(t *testing.T, p []byte, withFD bool) {
+		var fds []int
+		if withFD {
+			efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+			if err != nil {
+				t.Fatal(err)
+			}
+			fds = []int{efd}
+		}
+		const size = 4096
+		subs, keep, need, err := parseRegionIOFDs(p, fds, 0, size, 16+40*4, 1<<20)
+		if err != nil || need != 0 {
+			closeFDs(fds)
+			if subs != nil || keep != nil {
+				t.Fatalf("sub-regions %v fds %v with need %d, err %v", subs, keep, need, err)
+			}
+			return
+		}
+		defer closeFDs(keep)
+		for _, s := range subs {
+			if !accessSize(s.size) || s.off+s.size > size || s.off+s.size < s.off || !slices.Contains(keep, s.fd) {
+				t.Fatalf("kept %+v (fds %v)", s, keep)
+			}
+		}
+		if len(subs) == 0 && len(keep) != 0 {
+			t.Fatalf("fds %v kept without sub-regions", keep)
 		}
 	})
 }

@@ -50,7 +50,7 @@ func TestMessageTable(t *testing.T) {
 		if want := cmd == 2 || cmd == 8; m.reqFDs != want {
 			t.Errorf("%s: request fds %v", m.name, m.reqFDs)
 		}
-		if want := cmd == 5; m.replyFD != want {
+		if want := cmd == 5 || cmd == 6; m.replyFD != want {
 			t.Errorf("%s: reply fd %v", m.name, m.replyFD)
 		}
 	}

@@ -47,6 +47,30 @@ type DeviceModel interface {
 	Detach()
 }
 
+// IOEventFD is an ioeventfd a model offers for a sub-region of one of its
+// regions (DEVICE_GET_REGION_IO_FDS): a client may signal File, an eventfd
+// (an 8-byte write of a count), instead of writing Size bytes at Offset
+// (with Data, when DataMatch). The device then acts as if the register had
+// been written, which the model must make true for any value the client
+// could have written there (or Data): so only registers whose write means
+// "look" (a doorbell whose value the device reads from memory) qualify.
+// Several sub-regions may share one File.
+type IOEventFD struct {
+	Offset, Size uint64
+	DataMatch    bool
+	Data         uint64
+	File         *os.File
+}
+
+// IOFDModel is implemented by a DeviceModel that offers ioeventfds.
+// RegionIOFDs is called between Attach and Detach and lists those of
+// region index (none: nil). The model owns the files: it closes them at
+// Detach at the latest (a client keeps its duplicates, which then wake
+// nothing); the server sends duplicates and never closes them.
+type IOFDModel interface {
+	RegionIOFDs(index uint32) ([]IOEventFD, error)
+}
+
 // DMA is the device's access to memory the client DMA-mapped. Addresses are
 // IOVAs. An access that is not entirely inside mappings with the needed
 // permission fails with an error wrapping ErrIOMMUFault and touches nothing.

@@ -115,7 +115,7 @@ var messages = [...]message{
 	abi.VFIO_USER_DEVICE_GET_REGION_INFO: {name: "GET_REGION_INFO",
 		req: abi.SizeofVFIORegionInfo, reply: abi.SizeofVFIORegionInfo, replyFD: true}, // + capabilities; the mmap fd
 	abi.VFIO_USER_DEVICE_GET_REGION_IO_FDS: {name: "GET_REGION_IO_FDS",
-		req: abi.SizeofVFIOUserRegionIOFDsRequest, reply: abi.SizeofVFIOUserRegionIOFDsRequest},
+		req: abi.SizeofVFIOUserRegionIOFDsRequest, reply: abi.SizeofVFIOUserRegionIOFDsRequest, replyFD: true}, // + sub-regions; their fds
 	abi.VFIO_USER_DEVICE_GET_IRQ_INFO: {name: "GET_IRQ_INFO",
 		req: abi.SizeofVFIOIrqInfo, reply: abi.SizeofVFIOIrqInfo},
 	abi.VFIO_USER_DEVICE_SET_IRQS: {name: "SET_IRQS",

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -276,13 +277,12 @@ func (se *session) handle(m *inMsg) {
 	h := m.h
 	fds := m.fds
 	m.fds = m.fds[:0] // handlers own the fds from here
-	n, sendFD, err := se.dispatch(h, m.payload, fds)
+	n, sendFDs, err := se.dispatch(h, m.payload, fds)
+	// Our copies: a reply carries its own references.
+	defer closeFDs(sendFDs)
 	if h.Flags&abi.VFIO_USER_F_NO_REPLY != 0 {
 		if err != nil {
 			se.logf("vfio-user: posted %s: %v", cmdName(h.Cmd), err)
-		}
-		if sendFD >= 0 {
-			_ = unix.Close(sendFD) // our copy of an fd for a reply that is not sent
 		}
 		return
 	}
@@ -296,29 +296,21 @@ func (se *session) handle(m *inMsg) {
 	b := se.wbuf[:headerSize+n]
 	rh := header{MsgID: h.MsgID, Cmd: h.Cmd, Size: uint32(headerSize + n), Flags: abi.VFIO_USER_F_TYPE_REPLY}
 	abi.Encode(b, &rh)
-	var sfds []int
-	if sendFD >= 0 {
-		sfds = []int{sendFD}
-	}
-	if err := se.sk.send(b, sfds); err != nil {
+	if err := se.sk.send(b, sendFDs); err != nil {
 		se.logf("%v", err)
-	}
-	if sendFD >= 0 {
-		_ = unix.Close(sendFD) // our copy: the message carries its own reference
 	}
 }
 
 // dispatch runs command h. It returns the reply payload length (the payload
-// is in se.wbuf after the header) and an fd to send (or -1) that dispatch's
+// is in se.wbuf after the header) and the fds to send, which dispatch's
 // caller closes. dispatch owns fds.
-func (se *session) dispatch(h header, p []byte, fds []int) (n int, sendFD int, err error) {
-	sendFD = -1
+func (se *session) dispatch(h header, p []byte, fds []int) (n int, sendFDs []int, err error) {
 	if len(fds) > 0 && (!messageOf(h.Cmd).reqFDs || !se.versioned) {
 		closeFDs(fds)
-		return 0, -1, fmt.Errorf("vfio-user: %s: unexpected fds: %w", cmdName(h.Cmd), unix.EINVAL)
+		return 0, nil, fmt.Errorf("vfio-user: %s: unexpected fds: %w", cmdName(h.Cmd), unix.EINVAL)
 	}
 	if !se.versioned && h.Cmd != abi.VFIO_USER_VERSION {
-		return 0, -1, fmt.Errorf("vfio-user: %s before VERSION: %w", cmdName(h.Cmd), unix.EINVAL)
+		return 0, nil, fmt.Errorf("vfio-user: %s before VERSION: %w", cmdName(h.Cmd), unix.EINVAL)
 	}
 	switch h.Cmd {
 	case abi.VFIO_USER_VERSION:
@@ -330,9 +322,12 @@ func (se *session) dispatch(h header, p []byte, fds []int) (n int, sendFD int, e
 	case abi.VFIO_USER_DEVICE_GET_INFO:
 		n, err = se.deviceGetInfo(p)
 	case abi.VFIO_USER_DEVICE_GET_REGION_INFO:
-		n, sendFD, err = se.getRegionInfo(p)
+		var fd int
+		if n, fd, err = se.getRegionInfo(p); fd >= 0 {
+			sendFDs = []int{fd}
+		}
 	case abi.VFIO_USER_DEVICE_GET_REGION_IO_FDS:
-		n, err = se.getRegionIOFDs(p)
+		n, sendFDs, err = se.getRegionIOFDs(p)
 	case abi.VFIO_USER_DEVICE_GET_IRQ_INFO:
 		n, err = se.getIRQInfo(p)
 	case abi.VFIO_USER_DEVICE_SET_IRQS:
@@ -352,7 +347,7 @@ func (se *session) dispatch(h header, p []byte, fds []int) (n int, sendFD int, e
 	default:
 		err = fmt.Errorf("vfio-user: %s: %w", cmdName(h.Cmd), unix.ENOSYS)
 	}
-	return n, sendFD, err
+	return n, sendFDs, err
 }
 
 func (se *session) version(p []byte) (int, error) {
@@ -575,19 +570,66 @@ func dupFile(f *os.File) (int, error) {
 	return nfd, derr
 }
 
-func (se *session) getRegionIOFDs(p []byte) (int, error) {
+// getRegionIOFDs answers with the ioeventfds the model offers for the
+// region (IOFDModel), none when it offers none. As for GET_REGION_INFO, a
+// request whose argsz cannot hold them all gets the argsz and count needed,
+// without sub-regions or fds; the client asks again.
+func (se *session) getRegionIOFDs(p []byte) (int, []int, error) {
 	const cmd = abi.VFIO_USER_DEVICE_GET_REGION_IO_FDS
+	const fixed, one = abi.SizeofVFIOUserRegionIOFDsRequest, abi.SizeofVFIOUserSubRegionIOEventFD
 	var req abi.VFIOUserRegionIOFDsRequest
 	if err := decode(cmd, false, p, &req); err != nil {
-		return 0, err
+		return 0, nil, err
 	}
-	if req.Argsz < abi.SizeofVFIOUserRegionIOFDsRequest || req.Flags != 0 || req.Index >= se.numRegions {
-		return 0, fmt.Errorf("vfio-user: GET_REGION_IO_FDS: argsz %d flags %#x index %d: %w",
-			req.Argsz, req.Flags, req.Index, unix.EINVAL)
+	if req.Argsz < fixed || req.Flags != 0 || req.Count != 0 || req.Index >= se.numRegions {
+		return 0, nil, fmt.Errorf("vfio-user: GET_REGION_IO_FDS: argsz %d flags %#x count %d index %d: %w",
+			req.Argsz, req.Flags, req.Count, req.Index, unix.EINVAL)
 	}
-	// No ioeventfds: every trapped access comes as a message.
-	r := abi.VFIOUserRegionIOFDsRequest{Argsz: abi.SizeofVFIOUserRegionIOFDsRequest, Index: req.Index}
-	return encode(cmd, true, se.payloadBuf(abi.SizeofVFIOUserRegionIOFDsRequest), &r), nil
+	var subs []IOEventFD
+	if m, ok := se.model.(IOFDModel); ok {
+		var err error
+		if subs, err = m.RegionIOFDs(req.Index); err != nil {
+			return 0, nil, err
+		}
+	}
+	// One fd per distinct file, in order of first use.
+	var files []*os.File
+	index := make([]uint32, len(subs))
+	for i, s := range subs {
+		k := slices.Index(files, s.File)
+		if k < 0 {
+			k = len(files)
+			files = append(files, s.File)
+		}
+		index[i] = uint32(k)
+	}
+	full := fixed + one*len(subs)
+	if full > int(se.o.maxData) || len(files) > se.o.maxMsgFDs {
+		return 0, nil, fmt.Errorf("vfio-user: GET_REGION_IO_FDS: %d sub-regions with %d fds: %w", len(subs), len(files), unix.E2BIG)
+	}
+	r := abi.VFIOUserRegionIOFDsRequest{Argsz: uint32(full), Index: req.Index, Count: uint32(len(subs))}
+	if int(req.Argsz) < full || len(subs) == 0 {
+		return encode(cmd, true, se.payloadBuf(fixed), &r), nil, nil
+	}
+	b := se.payloadBuf(full)
+	off := encode(cmd, true, b, &r)
+	for i, s := range subs {
+		e := abi.VFIOUserSubRegionIOEventFD{Offset: s.Offset, Size: s.Size, FDIndex: index[i], Type: abi.VFIO_USER_IO_FD_TYPE_IOEVENTFD}
+		if s.DataMatch {
+			e.Flags, e.Datamatch = abi.KVM_IOEVENTFD_FLAG_DATAMATCH, s.Data
+		}
+		off += abi.Encode(b[off:], &e)
+	}
+	fds := make([]int, 0, len(files))
+	for _, f := range files {
+		fd, err := dupFile(f)
+		if err != nil {
+			closeFDs(fds)
+			return 0, nil, fmt.Errorf("vfio-user: GET_REGION_IO_FDS: %w", err)
+		}
+		fds = append(fds, fd)
+	}
+	return full, fds, nil
 }
 
 func (se *session) getIRQInfo(p []byte) (int, error) {
