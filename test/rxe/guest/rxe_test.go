@@ -1,0 +1,265 @@
+//go:build gohfiguest
+
+package guest
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Set by the host test (test/rxe).
+const (
+	EnvHost  = "GOHFI_RXE_HOST"  // the host's tap address
+	EnvGuest = "GOHFI_RXE_GUEST" // this guest's eth0 address with its prefix
+	EnvCtl   = "GOHFI_RXE_CTL"   // the host's control port
+)
+
+// TestRxePingpong: eth0 up with its address, rxe0 on it, then the
+// matrix the host sends, one line per case: "server SIZE ITERS" (this
+// guest's ibv_rc_pingpong is the server; the host's hfictl connects) or
+// "client SIZE ITERS" (the host's hfictl listens and says "ready").
+// Each case's outcome goes back to the host as "ok DETAIL" or
+// "fail DETAIL"; "end" ends.
+func TestRxePingpong(t *testing.T) {
+	host := netip.MustParseAddr(os.Getenv(EnvHost))
+	me := netip.MustParsePrefix(os.Getenv(EnvGuest))
+	if err := ifUp("eth0", me); err != nil {
+		t.Fatal(err)
+	}
+	if err := rxeAdd("rxe0", "eth0"); err != nil {
+		t.Fatal(err)
+	}
+	gidIdx, err := findGID("rxe0", me.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("rxe0 GID index %d for %v", gidIdx, me.Addr())
+	if out, err := exec.Command("ibv_devinfo", "-v").CombinedOutput(); err != nil {
+		t.Fatalf("ibv_devinfo: %v: %s", err, out)
+	} else {
+		t.Logf("ibv_devinfo -v:\n%s", out)
+	}
+	c, err := net.DialTimeout("tcp", net.JoinHostPort(host.String(), os.Getenv(EnvCtl)), 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = c.Close() }()
+	in := bufio.NewScanner(c)
+	reply := func(ok bool, detail string) {
+		word := "ok"
+		if !ok {
+			word = "fail"
+			t.Error(detail)
+		}
+		if _, err := fmt.Fprintf(c, "%s %s\n", word, strconv.Quote(detail)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for in.Scan() {
+		f := strings.Fields(in.Text())
+		if len(f) == 1 && f[0] == "end" {
+			return
+		}
+		if len(f) != 3 {
+			t.Fatalf("control: %q", in.Text())
+		}
+		args := []string{"-g", strconv.Itoa(gidIdx), "-s", f[1], "-n", f[2], "-r", "16", "-c"}
+		switch f[0] {
+		case "server":
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			cmd := exec.CommandContext(ctx, "ibv_rc_pingpong", args...)
+			var out bytes.Buffer
+			cmd.Stdout, cmd.Stderr = &out, &out
+			if err := cmd.Start(); err != nil {
+				cancel()
+				t.Fatal(err)
+			}
+			if err := waitListening(ctx, 18515); err != nil {
+				reply(false, err.Error())
+			} else if _, err := fmt.Fprintf(c, "listening\n"); err != nil {
+				t.Fatal(err)
+			}
+			err := cmd.Wait()
+			cancel()
+			reply(pingpongOK(err, out.String()), fmt.Sprintf("ibv_rc_pingpong %s: %v\n%s", strings.Join(args, " "), err, out.String()))
+		case "client":
+			if !in.Scan() || in.Text() != "ready" {
+				t.Fatalf("control: %q, want ready", in.Text())
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			args = append(args, host.String())
+			out, err := exec.CommandContext(ctx, "ibv_rc_pingpong", args...).CombinedOutput()
+			cancel()
+			reply(pingpongOK(err, string(out)), fmt.Sprintf("ibv_rc_pingpong %s: %v\n%s", strings.Join(args, " "), err, out))
+		default:
+			t.Fatalf("control: %q", in.Text())
+		}
+	}
+	t.Fatalf("control connection ended without end: %v", in.Err())
+}
+
+// pingpongOK: exit status 0, and no "invalid data" (--chk prints it and
+// carries on).
+func pingpongOK(err error, out string) bool {
+	return err == nil && !strings.Contains(out, "invalid data") && strings.Contains(out, "iters in")
+}
+
+// waitListening waits until a TCP socket listens on port (the server's
+// address exchange can start).
+func waitListening(ctx context.Context, port int) error {
+	want := fmt.Sprintf(":%04X ", port)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+			b, _ := os.ReadFile(f) // absent without IPv6
+			for _, l := range strings.Split(string(b), "\n") {
+				fs := strings.Fields(l)
+				if len(fs) > 3 && strings.HasSuffix(fs[1]+" ", want) && fs[3] == "0A" {
+					return nil
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("ibv_rc_pingpong never listened on %d: %w", port, ctx.Err())
+		case <-tick.C:
+		}
+	}
+}
+
+// ifUp gives name the address p and brings it up (ioctls, no iproute2).
+func ifUp(name string, p netip.Prefix) error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = unix.Close(fd) }()
+	ifr, err := unix.NewIfreq(name)
+	if err != nil {
+		return err
+	}
+	if err := ifr.SetInet4Addr(p.Addr().AsSlice()); err != nil {
+		return err
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCSIFADDR, ifr); err != nil {
+		return fmt.Errorf("SIOCSIFADDR %s: %w", name, err)
+	}
+	mask := net.CIDRMask(p.Bits(), 32)
+	if err := ifr.SetInet4Addr(mask); err != nil {
+		return err
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCSIFNETMASK, ifr); err != nil {
+		return fmt.Errorf("SIOCSIFNETMASK %s: %w", name, err)
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return err
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
+	if err := unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("SIOCSIFFLAGS %s: %w", name, err)
+	}
+	return nil
+}
+
+// RDMA netlink (include/uapi/rdma/rdma_netlink.h): what `rdma link add
+// NAME type rxe netdev NETDEV` sends.
+const (
+	rdmaNLNLDEV         = 5
+	rdmaNLDEVCmdNewlink = 3
+	attrDevName         = 2
+	attrNdevName        = 51
+	attrLinkType        = 65
+)
+
+// rxeAdd creates the soft-RoCE device name on netdev.
+func rxeAdd(name, netdev string) error {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_RDMA)
+	if err != nil {
+		return fmt.Errorf("NETLINK_RDMA: %w", err)
+	}
+	defer func() { _ = unix.Close(fd) }()
+	var attrs []byte
+	for _, a := range []struct {
+		typ uint16
+		v   string
+	}{{attrDevName, name}, {attrLinkType, "rxe"}, {attrNdevName, netdev}} {
+		v := append([]byte(a.v), 0)
+		l := 4 + len(v)
+		b := make([]byte, (l+3)&^3)
+		binary.NativeEndian.PutUint16(b[0:], uint16(l))
+		binary.NativeEndian.PutUint16(b[2:], a.typ)
+		copy(b[4:], v)
+		attrs = append(attrs, b...)
+	}
+	msg := make([]byte, unix.NLMSG_HDRLEN, unix.NLMSG_HDRLEN+len(attrs))
+	msg = append(msg, attrs...)
+	binary.NativeEndian.PutUint32(msg[0:], uint32(len(msg)))
+	binary.NativeEndian.PutUint16(msg[4:], rdmaNLNLDEV<<10|rdmaNLDEVCmdNewlink)
+	binary.NativeEndian.PutUint16(msg[6:], unix.NLM_F_REQUEST|unix.NLM_F_ACK)
+	binary.NativeEndian.PutUint32(msg[8:], 1)
+	if err := unix.Sendto(fd, msg, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		return fmt.Errorf("RDMA_NLDEV_CMD_NEWLINK: %w", err)
+	}
+	buf := make([]byte, 4096)
+	n, _, err := unix.Recvfrom(fd, buf, 0)
+	if err != nil {
+		return fmt.Errorf("RDMA_NLDEV_CMD_NEWLINK answer: %w", err)
+	}
+	msgs, err := syscallParse(buf[:n])
+	if err != nil {
+		return err
+	}
+	for _, m := range msgs {
+		if m.Header.Type == unix.NLMSG_ERROR && len(m.Data) >= 4 {
+			if e := int32(binary.NativeEndian.Uint32(m.Data)); e != 0 {
+				return fmt.Errorf("rdma link add %s type rxe netdev %s: %w", name, netdev, unix.Errno(-e))
+			}
+			return nil
+		}
+	}
+	return fmt.Errorf("RDMA_NLDEV_CMD_NEWLINK: no acknowledgement")
+}
+
+// findGID returns the index of rxe's RoCE v2 GID for a (IPv4-mapped).
+func findGID(dev string, a netip.Addr) (int, error) {
+	want := netip.AddrFrom16(a.As16())
+	dir := filepath.Join("/sys/class/infiniband", dev, "ports/1")
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		for i := 0; i < 16; i++ {
+			g, err := os.ReadFile(filepath.Join(dir, "gids", strconv.Itoa(i)))
+			if err != nil {
+				break
+			}
+			typ, err := os.ReadFile(filepath.Join(dir, "gid_attrs/types", strconv.Itoa(i)))
+			if err != nil {
+				continue // an empty entry has no type
+			}
+			ga, err := netip.ParseAddr(strings.TrimSpace(string(g)))
+			if err == nil && ga == want && strings.TrimSpace(string(typ)) == "RoCE v2" {
+				return i, nil
+			}
+		}
+		// The GID table is filled from the netdev's addresses by a work
+		// item after the link is added.
+		if time.Now().After(deadline) {
+			return 0, fmt.Errorf("no RoCE v2 GID for %v on %s", a, dev)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

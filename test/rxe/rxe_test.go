@@ -1,0 +1,255 @@
+// Package rxe tests gohfi against the Linux kernel's soft-RoCE
+// (rdma_rxe): the QEMU guest of test/qemu, its eth0 on a tap device in a
+// network namespace the test makes, rdma-core's ibv_rc_pingpong in the
+// guest (Debian trixie's, fetched by tools/vmimage) and hfictl pingpong
+// with an embedded hfisim whose port is the tap's address on the host.
+package rxe
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/gohfi/gohfi/internal/testenv"
+	"github.com/gohfi/gohfi/test/qemu"
+	"github.com/gohfi/gohfi/tools/vmimage/vmimage"
+)
+
+const ctlPort = 18600
+
+// netns is the namespace with the tap device.
+type netns struct {
+	name, tap   string
+	host, guest netip.Prefix
+}
+
+func run(t testing.TB, name string, args ...string) {
+	t.Helper()
+	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
+		t.Fatalf("%s %s: %v: %s", name, strings.Join(args, " "), err, out)
+	}
+}
+
+// tapNamespace makes a namespace with a tap device (QEMU's end) at
+// 10.203.P.1/24, the guest to be 10.203.P.2, removed when t ends.
+func tapNamespace(t *testing.T) netns {
+	testenv.RequireRoot(t, "network namespaces and tap devices")
+	if _, err := exec.LookPath("ip"); err != nil {
+		testenv.Require(t, fmt.Errorf("iproute2: %w", unix.ENOENT), "the ip command")
+	}
+	if _, err := os.Stat("/dev/net/tun"); err != nil {
+		testenv.Require(t, err, "/dev/net/tun")
+	}
+	id := os.Getpid() % 250
+	n := netns{name: fmt.Sprintf("gohfi-rxe%d", os.Getpid()), tap: fmt.Sprintf("grxe%d", os.Getpid()%100000),
+		host:  netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 203, byte(id), 1}), 24),
+		guest: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 203, byte(id), 2}), 24)}
+	run(t, "ip", "netns", "add", n.name)
+	t.Cleanup(func() {
+		if out, err := exec.Command("ip", "netns", "del", n.name).CombinedOutput(); err != nil {
+			t.Errorf("ip netns del %s: %v: %s", n.name, err, out)
+		}
+	})
+	run(t, "ip", "-n", n.name, "tuntap", "add", "dev", n.tap, "mode", "tap")
+	run(t, "ip", "-n", n.name, "addr", "add", n.host.String(), "dev", n.tap)
+	run(t, "ip", "-n", n.name, "link", "set", n.tap, "up")
+	run(t, "ip", "-n", n.name, "link", "set", "lo", "up")
+	return n
+}
+
+// inNamespace runs f on a thread in n's network namespace: sockets it
+// opens and processes it starts live there.
+func inNamespace(t *testing.T, n netns, f func()) {
+	t.Helper()
+	done := make(chan struct{})
+	var err error
+	go func() {
+		defer close(done)
+		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+		fd, e := unix.Open("/var/run/netns/"+n.name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if e != nil {
+			err = e
+			return
+		}
+		e = unix.Setns(fd, unix.CLONE_NEWNET)
+		_ = unix.Close(fd) // the namespace is joined or not: nothing to lose
+		if e != nil {
+			err = fmt.Errorf("setns %s: %w", n.name, e)
+			return
+		}
+		f()
+	}()
+	<-done
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func hfictlBinary(t *testing.T) string {
+	bin := filepath.Join(t.TempDir(), "hfictl")
+	out, err := exec.Command(filepath.Join(runtime.GOROOT(), "bin", "go"), "build", "-o", bin,
+		"github.com/gohfi/gohfi/tools/hfictl").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go build hfictl: %v: %s", err, out)
+	}
+	return bin
+}
+
+// ppCase is one cell of the matrix.
+type ppCase struct {
+	guestServer bool
+	size, iters int
+}
+
+func (c ppCase) String() string {
+	dir := "gohfi client -> rxe server"
+	if !c.guestServer {
+		dir = "rxe client -> gohfi server"
+	}
+	return fmt.Sprintf("SEND ping-pong %6d B x %d, %s", c.size, c.iters, dir)
+}
+
+// TestRxeInterop: the stock ibv_rc_pingpong on rdma_rxe in the guest
+// against hfictl pingpong on the host, both directions, several sizes,
+// the data checked at both ends (--chk in the guest, every message
+// compared in hfictl). One boot for the whole matrix.
+func TestRxeInterop(t *testing.T) {
+	start := time.Now()
+	a := qemu.Setup(t)
+	n := tapNamespace(t)
+	ctx, cancel := context.WithTimeout(context.Background(), qemu.FetchTimeout)
+	defer cancel()
+	var log strings.Builder
+	u, err := vmimage.FetchUserland(ctx, vmimage.FetchOptions{Log: &log}, "rdma", vmimage.RDMAPackages)
+	if err != nil {
+		t.Logf("fetch log:\n%s", log.String())
+	}
+	qemu.RequireOrSkip(t, err == nil, "cannot fetch the guest's rdma-core packages: %v", err)
+	if err := u.CheckLinks(); err != nil {
+		t.Fatal(err)
+	}
+	files, links, err := u.Entries()
+	if err != nil {
+		t.Fatal(err)
+	}
+	hfictl := hfictlBinary(t)
+
+	var cases []ppCase
+	for _, size := range []int{1, 1000, 4096, 65536} {
+		for _, gs := range []bool{true, false} {
+			cases = append(cases, ppCase{guestServer: gs, size: size, iters: 20})
+		}
+	}
+	var ln net.Listener
+	inNamespace(t, n, func() {
+		ln, err = net.Listen("tcp", netip.AddrPortFrom(n.host.Addr(), ctlPort).String())
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	results := make(chan []string, 1)
+	go func() { results <- drive(t, ln, n, hfictl, cases) }()
+
+	inNamespace(t, n, func() {
+		qemu.RunGuest(t, a, qemu.GuestConfig{
+			Tests: []vmimage.TestPackage{{Package: "./test/rxe/guest", Tags: []string{"gohfiguest"},
+				Run: "^TestRxePingpong$", Timeout: 8 * time.Minute}},
+			Env: []string{"GOHFI_RXE_HOST=" + n.host.Addr().String(), "GOHFI_RXE_GUEST=" + n.guest.String(),
+				"GOHFI_RXE_CTL=" + strconv.Itoa(ctlPort)},
+			Modules: vmimage.RDMAModules, Files: files, Links: links,
+			QEMUArgs: []string{"-netdev", "tap,id=n0,ifname=" + n.tap + ",script=no,downscript=no",
+				"-device", "virtio-net-pci,netdev=n0"},
+			Timeout: 10 * time.Minute,
+		})
+	})
+	_ = ln.Close() // the guest is gone: no more control connections
+	matrix := <-results
+	t.Logf("interop matrix (total %v):\n%s", time.Since(start).Round(time.Second), strings.Join(matrix, "\n"))
+}
+
+// drive accepts the guest's control connection and runs the cases: for
+// each, hfictl pingpong in the namespace as the other end of the guest's
+// ibv_rc_pingpong. It returns one line per case.
+func drive(t *testing.T, ln net.Listener, n netns, hfictl string, cases []ppCase) []string {
+	var matrix []string
+	c, err := ln.Accept()
+	if err != nil {
+		t.Errorf("control: %v", err)
+		return nil
+	}
+	defer func() { _ = c.Close() }()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Minute)) // bounded by the guest's run anyway
+	in := bufio.NewReader(c)
+	line := func() string {
+		s, err := in.ReadString('\n')
+		if err != nil {
+			t.Errorf("control: %v", err)
+		}
+		return strings.TrimSpace(s)
+	}
+	for _, pc := range cases {
+		hf := []string{"netns", "exec", n.name, hfictl, "--json", "--port", "udp:" + n.host.Addr().String(),
+			"pingpong", "-s", strconv.Itoa(pc.size), "-n", strconv.Itoa(pc.iters), "-r", "16", "-c", "--timeout", "60s"}
+		var stdout, stderr bytes.Buffer
+		var cmd *exec.Cmd
+		var hfErr error
+		if pc.guestServer {
+			fmt.Fprintf(c, "server %d %d\n", pc.size, pc.iters)
+			if l := line(); l != "listening" {
+				matrix = append(matrix, fmt.Sprintf("%v: FAIL guest: %s", pc, l))
+				continue
+			}
+			cmd = exec.Command("ip", append(hf, n.guest.Addr().String())...)
+			cmd.Stdout, cmd.Stderr = &stdout, &stderr
+			hfErr = cmd.Run()
+		} else {
+			fmt.Fprintf(c, "client %d %d\n", pc.size, pc.iters)
+			cmd = exec.Command("ip", append(hf, "--server")...)
+			cmd.Stdout = &stdout
+			pr, pw := io.Pipe()
+			cmd.Stderr = io.MultiWriter(&stderr, pw)
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			waited := make(chan error, 1)
+			go func() { err := cmd.Wait(); _ = pw.Close(); waited <- err }()
+			sc := bufio.NewScanner(pr)
+			for sc.Scan() && !strings.Contains(sc.Text(), "local address") {
+			}
+			go func() { _, _ = io.Copy(io.Discard, pr) }() // keep stderr flowing
+			fmt.Fprintf(c, "ready\n")
+			hfErr = <-waited
+		}
+		g := line()
+		var res map[string]any
+		_ = json.Unmarshal(stdout.Bytes(), &res) // an error object or the result
+		hfOK := hfErr == nil && res["error"] == nil
+		gOK := strings.HasPrefix(g, "ok ")
+		verdict := "ok"
+		if !hfOK || !gOK {
+			verdict = "FAIL"
+			t.Errorf("%v: hfictl: %v %s %s; guest: %s", pc, hfErr, stdout.String(), stderr.String(), g)
+		}
+		matrix = append(matrix, fmt.Sprintf("%v: %s (hfictl checked %v messages, %.0f us/iter; guest %s)",
+			pc, verdict, res["checked"], res["usec_per_iter"], firstWord(g)))
+	}
+	fmt.Fprintf(c, "end\n")
+	return matrix
+}
+
+func firstWord(s string) string { f, _, _ := strings.Cut(s, " "); return f }
