@@ -48,7 +48,7 @@ func TestRxePingpong(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("rxe0 GID index %d for %v", gidIdx, me.Addr())
-	if out, err := exec.Command("ibv_devinfo", "-v").CombinedOutput(); err != nil {
+	if out, err := exec.Command("/usr/bin/ibv_devinfo", "-v").CombinedOutput(); err != nil {
 		t.Fatalf("ibv_devinfo: %v: %s", err, out)
 	} else {
 		t.Logf("ibv_devinfo -v:\n%s", out)
@@ -81,7 +81,7 @@ func TestRxePingpong(t *testing.T) {
 		switch f[0] {
 		case "server":
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-			cmd := exec.CommandContext(ctx, "ibv_rc_pingpong", args...)
+			cmd := exec.CommandContext(ctx, "/usr/bin/ibv_rc_pingpong", args...)
 			var out bytes.Buffer
 			cmd.Stdout, cmd.Stderr = &out, &out
 			if err := cmd.Start(); err != nil {
@@ -102,7 +102,7 @@ func TestRxePingpong(t *testing.T) {
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 			args = append(args, host.String())
-			out, err := exec.CommandContext(ctx, "ibv_rc_pingpong", args...).CombinedOutput()
+			out, err := exec.CommandContext(ctx, "/usr/bin/ibv_rc_pingpong", args...).CombinedOutput()
 			cancel()
 			reply(pingpongOK(err, string(out)), fmt.Sprintf("ibv_rc_pingpong %s: %v\n%s", strings.Join(args, " "), err, out))
 		default:
