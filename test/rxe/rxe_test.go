@@ -25,8 +25,10 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/gohfi/gohfi/internal/ctest"
 	"github.com/gohfi/gohfi/internal/testenv"
 	"github.com/gohfi/gohfi/test/qemu"
+	"github.com/gohfi/gohfi/test/rxe/guest"
 	"github.com/gohfi/gohfi/tools/vmimage/vmimage"
 )
 
@@ -110,18 +112,50 @@ func hfictlBinary(t *testing.T) string {
 	return bin
 }
 
-// ppCase is one cell of the matrix.
+// ppCase is one cell of the matrix: a SEND ping-pong (ibv_rc_pingpong
+// against hfictl pingpong) or an RDMA READ and WRITE (rxe_rdma against
+// hfictl rdma-check), the guest's program as server or client.
 type ppCase struct {
+	rdma        bool
 	guestServer bool
 	size, iters int
 }
 
 func (c ppCase) String() string {
-	dir := "gohfi client -> rxe server"
+	dir := "gohfi -> rxe (rxe server)"
 	if !c.guestServer {
-		dir = "rxe client -> gohfi server"
+		dir = "rxe -> gohfi (gohfi server)"
 	}
-	return fmt.Sprintf("SEND ping-pong %6d B x %d, %s", c.size, c.iters, dir)
+	if c.rdma {
+		who := "gohfi READs and WRITEs rxe's MR"
+		if !c.guestServer {
+			who = "rxe READs and WRITEs gohfi's MR"
+		}
+		return fmt.Sprintf("RDMA READ+WRITE %7d B, %s", c.size, who)
+	}
+	return fmt.Sprintf("SEND ping-pong  %7d B x %d, %s", c.size, c.iters, dir)
+}
+
+// guestCmd is the control line for the guest.
+func (c ppCase) guestCmd() string {
+	kind, role := "pp", "client"
+	if c.rdma {
+		kind = "rdma"
+	}
+	if c.guestServer {
+		role = "server"
+	}
+	return fmt.Sprintf("%s-%s %d %d", kind, role, c.size, c.iters)
+}
+
+// hfictlArgs is hfictl's command line (without HOST or --server).
+func (c ppCase) hfictlArgs(n netns, hfictl string) []string {
+	a := []string{"netns", "exec", n.name, hfictl, "--json", "--port", "udp:" + n.host.Addr().String()}
+	if c.rdma {
+		return append(a, "rdma-check", "-s", strconv.Itoa(c.size), "--timeout", "60s")
+	}
+	return append(a, "pingpong", "-s", strconv.Itoa(c.size), "-n", strconv.Itoa(c.iters), "-r", "16", "-c",
+		"--timeout", "60s")
 }
 
 // TestRxeInterop: the stock ibv_rc_pingpong on rdma_rxe in the guest
@@ -150,11 +184,14 @@ func TestRxeInterop(t *testing.T) {
 	hfictl := hfictlBinary(t)
 
 	var cases []ppCase
-	for _, size := range []int{1, 1000, 4096, 65536} {
-		for _, gs := range []bool{true, false} {
-			cases = append(cases, ppCase{guestServer: gs, size: size, iters: 20})
+	for _, rdma := range []bool{false, true} {
+		for _, size := range []int{1, 1000, 4096, 65536} {
+			for _, gs := range []bool{true, false} {
+				cases = append(cases, ppCase{rdma: rdma, guestServer: gs, size: size, iters: 20})
+			}
 		}
 	}
+	files[guest.RDMAProgram] = rdmaProgram(t)
 	var ln net.Listener
 	inNamespace(t, n, func() {
 		ln, err = net.Listen("tcp", netip.AddrPortFrom(n.host.Addr(), ctlPort).String())
@@ -169,8 +206,8 @@ func TestRxeInterop(t *testing.T) {
 		qemu.RunGuest(t, a, qemu.GuestConfig{
 			Tests: []vmimage.TestPackage{{Package: "./test/rxe/guest", Tags: []string{"gohfiguest"},
 				Run: "^TestRxePingpong$", Timeout: 8 * time.Minute}},
-			Env: []string{"GOHFI_RXE_HOST=" + n.host.Addr().String(), "GOHFI_RXE_GUEST=" + n.guest.String(),
-				"GOHFI_RXE_CTL=" + strconv.Itoa(ctlPort)},
+			Env: []string{guest.EnvHost + "=" + n.host.Addr().String(), guest.EnvGuest + "=" + n.guest.String(),
+				guest.EnvCtl + "=" + strconv.Itoa(ctlPort)},
 			Modules: vmimage.RDMAModules, Files: files, Links: links,
 			QEMUArgs: []string{"-netdev", "tap,id=n0,ifname=" + n.tap + ",script=no,downscript=no",
 				"-device", "virtio-net-pci,netdev=n0"},
@@ -203,13 +240,12 @@ func drive(t *testing.T, ln net.Listener, n netns, hfictl string, cases []ppCase
 		return strings.TrimSpace(s)
 	}
 	for _, pc := range cases {
-		hf := []string{"netns", "exec", n.name, hfictl, "--json", "--port", "udp:" + n.host.Addr().String(),
-			"pingpong", "-s", strconv.Itoa(pc.size), "-n", strconv.Itoa(pc.iters), "-r", "16", "-c", "--timeout", "60s"}
+		hf := pc.hfictlArgs(n, hfictl)
 		var stdout, stderr bytes.Buffer
 		var cmd *exec.Cmd
 		var hfErr error
 		if pc.guestServer {
-			fmt.Fprintf(c, "server %d %d\n", pc.size, pc.iters)
+			fmt.Fprintf(c, "%s\n", pc.guestCmd())
 			if l := line(); l != "listening" {
 				matrix = append(matrix, fmt.Sprintf("%v: FAIL guest: %s", pc, l))
 				continue
@@ -218,7 +254,7 @@ func drive(t *testing.T, ln net.Listener, n netns, hfictl string, cases []ppCase
 			cmd.Stdout, cmd.Stderr = &stdout, &stderr
 			hfErr = cmd.Run()
 		} else {
-			fmt.Fprintf(c, "client %d %d\n", pc.size, pc.iters)
+			fmt.Fprintf(c, "%s\n", pc.guestCmd())
 			cmd = exec.Command("ip", append(hf, "--server")...)
 			cmd.Stdout = &stdout
 			pr, pw := io.Pipe()
@@ -245,11 +281,37 @@ func drive(t *testing.T, ln net.Listener, n netns, hfictl string, cases []ppCase
 			verdict = "FAIL"
 			t.Errorf("%v: hfictl: %v %s %s; guest: %s", pc, hfErr, stdout.String(), stderr.String(), g)
 		}
-		matrix = append(matrix, fmt.Sprintf("%v: %s (hfictl checked %v messages, %.0f us/iter; guest %s)",
-			pc, verdict, res["checked"], res["usec_per_iter"], firstWord(g)))
+		cnt, _ := res["counters"].(map[string]any)
+		if hfOK && (cnt["drop_icrc"] != 0.0 || cnt["rx_packets"] == 0.0) {
+			t.Errorf("%v: hfisim's port counters: %v", pc, cnt)
+		}
+		detail := fmt.Sprintf("hfictl checked %v messages, %.0f us/iter", res["checked"], res["usec_per_iter"])
+		if pc.rdma && pc.guestServer {
+			detail = fmt.Sprintf("hfictl checked the READ (%v B, %v us), rxe_rdma the WRITE (%v us)",
+				res["read_checked"], res["read_us"], res["write_us"])
+		} else if pc.rdma {
+			detail = fmt.Sprintf("rxe_rdma checked the READ, hfictl the WRITE (%v B)", res["write_checked"])
+		}
+		matrix = append(matrix, fmt.Sprintf("%v: %s (%s; %v packets in, %v out, %v ICRC drops; guest %s)",
+			pc, verdict, detail, cnt["rx_packets"], cnt["tx_packets"], cnt["drop_icrc"], firstWord(g)))
 	}
 	fmt.Fprintf(c, "end\n")
 	return matrix
+}
+
+// rdmaProgram builds testdata/rxe_rdma.c for the guest with the host's
+// gcc and libibverbs (scripts/install-deps.sh installs libibverbs-dev).
+func rdmaProgram(t *testing.T) string {
+	gcc := ctest.GCC(t)
+	if _, err := os.Stat("/usr/include/infiniband/verbs.h"); err != nil {
+		testenv.Require(t, err, "libibverbs-dev (infiniband/verbs.h)")
+	}
+	bin := filepath.Join(t.TempDir(), "rxe_rdma")
+	out, err := exec.Command(gcc, "-O2", "-Wall", "-Werror", "-o", bin, "testdata/rxe_rdma.c", "-libverbs").CombinedOutput()
+	if err != nil {
+		t.Fatalf("gcc rxe_rdma.c: %v: %s", err, out)
+	}
+	return bin
 }
 
 func firstWord(s string) string { f, _, _ := strings.Cut(s, " "); return f }

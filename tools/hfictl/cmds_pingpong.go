@@ -175,13 +175,17 @@ func cmdPingpong(s *session, args []string) (_ obj, err error) {
 		return nil, err
 	}
 	el := time.Since(start)
+	co, err := netCounters(a.Device)
+	if err != nil {
+		return nil, err
+	}
 	bytes := int64(size) * int64(*iters) * 2
 	return obj{{"local", me.String()}, {"remote", rem.String()},
 		{"peer_addr", netip.AddrFrom16(rem.gid).Unmap().String()},
 		{"size", size}, {"iters", *iters}, {"bytes", bytes}, {"seconds", el.Seconds()},
 		{"mbit_per_s", float64(bytes) * 8 / float64(el.Microseconds()+1)},
 		{"usec_per_iter", float64(el.Microseconds()) / float64(*iters)},
-		{"checked", checked}}, nil
+		{"checked", checked}, {"counters", co}}, nil
 }
 
 // ppClientExchange is the client side of the exchange.
@@ -267,12 +271,29 @@ type pingpong struct {
 	size     int
 	rxDepth  int
 	timeout  time.Duration
-	posted   int // receives posted so far (slot = count % rxDepth)
+	access   uint32 // the QP's remote access (MODIFY_QP sets it at every transition)
+	posted   int    // receives posted so far (slot = count % rxDepth)
 	received int
 }
 
-func newPingpong(ctx context.Context, dev *driver.Device, size, rxDepth int, timeout time.Duration) (pp *pingpong, err error) {
-	pp = &pingpong{size: size, rxDepth: rxDepth, timeout: timeout}
+func newPingpong(ctx context.Context, dev *driver.Device, size, rxDepth int, timeout time.Duration) (*pingpong, error) {
+	pp, err := newVerbsEnd(dev, size, size*(rxDepth+1), rxDepth, uapi.IB_ACCESS_LOCAL_WRITE, 0, timeout)
+	if err != nil {
+		return nil, err
+	}
+	// Receives before the exchange, as the stock program posts them:
+	// the peer may send as soon as it is connected.
+	if err := pp.postRecvs(rxDepth); err != nil {
+		return nil, errors.Join(err, pp.close())
+	}
+	return pp, nil
+}
+
+// newVerbsEnd opens a file with a CQ, an RC QP in INIT (remote access
+// qpAccess) and a buffer of bufLen bytes registered with mrAccess (its
+// IOVA is its address, as ibv_reg_mr's).
+func newVerbsEnd(dev *driver.Device, size, bufLen, rxDepth int, mrAccess, qpAccess uint32, timeout time.Duration) (pp *pingpong, err error) {
+	pp = &pingpong{size: size, rxDepth: rxDepth, timeout: timeout, access: qpAccess}
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, pp.close())
@@ -284,29 +305,23 @@ func newPingpong(ctx context.Context, dev *driver.Device, size, rxDepth int, tim
 	if err := hfiuser.AssignCtxt(pp.f); err != nil {
 		return nil, fmt.Errorf("ASSIGN_CTXT: %w", err)
 	}
-	if pp.cq, _, err = hfiuser.CreateCQ(pp.f, uint32(rxDepth+1), 0); err != nil {
+	if pp.cq, _, err = hfiuser.CreateCQ(pp.f, uint32(rxDepth+2), 0); err != nil {
 		return nil, fmt.Errorf("CREATE_CQ: %w", err)
 	}
 	r, err := hfiuser.CreateQP(pp.f, uapi.GohfiCreateQP{QPType: uapi.GOHFI_QPT_RC, SendCQ: pp.cq, RecvCQ: pp.cq,
-		MaxSendWR: 1, MaxRecvWR: uint32(rxDepth), MaxSendSge: 1, MaxRecvSge: 1})
+		MaxSendWR: 2, MaxRecvWR: uint32(max(rxDepth, 1)), MaxSendSge: 1, MaxRecvSge: 1})
 	if err != nil {
 		return nil, fmt.Errorf("CREATE_QP: %w", err)
 	}
 	pp.qp, pp.qpn = r.Handle, r.QPNum
-	if pp.buf, err = mem.Alloc(size * (rxDepth + 1)); err != nil {
+	if pp.buf, err = mem.Alloc(bufLen); err != nil {
 		return nil, err
 	}
-	if pp.mr, err = hfiuser.RegMR(pp.f, pp.buf.Addr(), uint64(pp.buf.Len()), uint64(pp.buf.Addr()),
-		uapi.IB_ACCESS_LOCAL_WRITE); err != nil {
+	if pp.mr, err = hfiuser.RegMR(pp.f, pp.buf.Addr(), uint64(pp.buf.Len()), uint64(pp.buf.Addr()), mrAccess); err != nil {
 		return nil, fmt.Errorf("REG_MR: %w", err)
 	}
-	if err := hfiuser.ModifyQP(pp.f, uapi.GohfiModifyQP{Handle: pp.qp, QPState: uapi.GOHFI_QPS_INIT}); err != nil {
+	if err := hfiuser.ModifyQP(pp.f, uapi.GohfiModifyQP{Handle: pp.qp, QPState: uapi.GOHFI_QPS_INIT, AccessFlags: qpAccess}); err != nil {
 		return nil, fmt.Errorf("MODIFY_QP to INIT: %w", err)
-	}
-	// Receives before the exchange, as the stock program posts them:
-	// the peer may send as soon as it is connected.
-	if err := pp.postRecvs(rxDepth); err != nil {
-		return nil, err
 	}
 	return pp, nil
 }
@@ -323,12 +338,12 @@ func (pp *pingpong) connect(dev *driver.Device, peer int, rem ppDest, psn uint32
 		return fmt.Errorf("pingpong: peer %d: %w", peer, err)
 	}
 	err := hfiuser.ModifyQP(pp.f, uapi.GohfiModifyQP{Handle: pp.qp, QPState: uapi.GOHFI_QPS_RTR, DestQPNum: rem.qpn,
-		DestPort: uint32(peer), RqPsn: rem.psn, Flags: uapi.GOHFI_MODIFY_QP_NET,
+		DestPort: uint32(peer), RqPsn: rem.psn, AccessFlags: pp.access, Flags: uapi.GOHFI_MODIFY_QP_NET,
 		Timeout: 14, RetryCnt: 7, RnrRetry: 7, MinRnrTimer: 12})
 	if err != nil {
 		return fmt.Errorf("MODIFY_QP to RTR: %w", err)
 	}
-	if err := hfiuser.ModifyQP(pp.f, uapi.GohfiModifyQP{Handle: pp.qp, QPState: uapi.GOHFI_QPS_RTS, SqPsn: psn}); err != nil {
+	if err := hfiuser.ModifyQP(pp.f, uapi.GohfiModifyQP{Handle: pp.qp, QPState: uapi.GOHFI_QPS_RTS, SqPsn: psn, AccessFlags: pp.access}); err != nil {
 		return fmt.Errorf("MODIFY_QP to RTS: %w", err)
 	}
 	return nil
@@ -410,62 +425,71 @@ func (pp *pingpong) run(ctx context.Context, client bool, iters int, chk bool) (
 			return 0, err
 		}
 	}
-	wc := make([]uapi.GohfiWC, 2)
 	outstanding := pp.posted - pp.received
 	for rcnt < iters || scnt < iters {
-		n, err := hfiuser.PollCQ(pp.f, pp.cq, wc)
+		wc, err := pp.waitWC(ctx, fmt.Sprintf("%d sent, %d received of %d", scnt, rcnt, iters))
 		if err != nil {
-			return rcnt, fmt.Errorf("POLL_CQ: %w", err)
+			return rcnt, err
 		}
-		if n == 0 {
-			wctx, cancel := context.WithTimeout(ctx, pp.timeout)
-			_, err := pp.f.Poll(wctx)
-			cancel()
-			if err != nil {
-				if errors.Is(err, context.DeadlineExceeded) {
-					err = unix.ETIMEDOUT
-				}
-				return rcnt, fmt.Errorf("pingpong: waiting for a completion (%d sent, %d received of %d): %w", scnt, rcnt, iters, err)
+		switch wc.WrID {
+		case ppSendWRID:
+			scnt++
+		case ppRecvWRID:
+			got := pp.recvSlot(pp.received)
+			if int(wc.ByteLen) != pp.size {
+				return rcnt, fmt.Errorf("pingpong: message %d has %d bytes, want %d: %w", rcnt, wc.ByteLen, pp.size, unix.EIO)
 			}
-			continue
-		}
-		for _, c := range wc[:n] {
-			if c.Status != uapi.GOHFI_WC_SUCCESS {
-				return rcnt, fmt.Errorf("pingpong: completion of wr_id %d: %s (vendor error %d): %w", c.WrID,
-					wcStatusStr(c.Status), c.VendorErr, unix.EIO)
+			if err := pp.check(got, last, rcnt, client, chk); err != nil {
+				return rcnt, err
 			}
-			switch c.WrID {
-			case ppSendWRID:
-				scnt++
-			case ppRecvWRID:
-				got := pp.recvSlot(pp.received)
-				if int(c.ByteLen) != pp.size {
-					return rcnt, fmt.Errorf("pingpong: message %d has %d bytes, want %d: %w", rcnt, c.ByteLen, pp.size, unix.EIO)
-				}
-				if err := pp.check(got, last, rcnt, client, chk); err != nil {
+			pp.received++
+			rcnt++
+			if outstanding--; outstanding <= 1 {
+				k := pp.rxDepth - outstanding
+				if err := pp.postRecvs(k); err != nil {
 					return rcnt, err
 				}
-				pp.received++
-				rcnt++
-				if outstanding--; outstanding <= 1 {
-					k := pp.rxDepth - outstanding
-					if err := pp.postRecvs(k); err != nil {
-						return rcnt, err
-					}
-					outstanding += k
-				}
-			default:
-				return rcnt, fmt.Errorf("pingpong: completion for unknown wr_id %d: %w", c.WrID, unix.EIO)
+				outstanding += k
 			}
-			pending &^= int(c.WrID)
-			if scnt < iters && pending == 0 {
-				if err := send(); err != nil {
-					return rcnt, err
-				}
+		default:
+			return rcnt, fmt.Errorf("pingpong: completion for unknown wr_id %d: %w", wc.WrID, unix.EIO)
+		}
+		pending &^= int(wc.WrID)
+		if scnt < iters && pending == 0 {
+			if err := send(); err != nil {
+				return rcnt, err
 			}
 		}
 	}
 	return rcnt, nil
+}
+
+// waitWC waits for the next completion (pp.timeout at most) and fails
+// on an error status; doing says what was going on, for the errors.
+func (pp *pingpong) waitWC(ctx context.Context, doing string) (uapi.GohfiWC, error) {
+	wc := make([]uapi.GohfiWC, 1)
+	for {
+		n, err := hfiuser.PollCQ(pp.f, pp.cq, wc)
+		if err != nil {
+			return wc[0], fmt.Errorf("POLL_CQ: %w", err)
+		}
+		if n == 1 {
+			if wc[0].Status != uapi.GOHFI_WC_SUCCESS {
+				return wc[0], fmt.Errorf("completion of wr_id %d (%s): %s (vendor error %d): %w", wc[0].WrID, doing,
+					wcStatusStr(wc[0].Status), wc[0].VendorErr, unix.EIO)
+			}
+			return wc[0], nil
+		}
+		wctx, cancel := context.WithTimeout(ctx, pp.timeout)
+		_, err = pp.f.Poll(wctx)
+		cancel()
+		if err != nil {
+			if errors.Is(err, context.DeadlineExceeded) {
+				err = unix.ETIMEDOUT
+			}
+			return wc[0], fmt.Errorf("waiting for a completion (%s): %w", doing, err)
+		}
+	}
 }
 
 // check compares received message i with what it must be: what this side

@@ -21,17 +21,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Set by the host test (test/rxe).
-const (
-	EnvHost  = "GOHFI_RXE_HOST"  // the host's tap address
-	EnvGuest = "GOHFI_RXE_GUEST" // this guest's eth0 address with its prefix
-	EnvCtl   = "GOHFI_RXE_CTL"   // the host's control port
-)
-
 // TestRxePingpong: eth0 up with its address, rxe0 on it, then the
-// matrix the host sends, one line per case: "server SIZE ITERS" (this
-// guest's ibv_rc_pingpong is the server; the host's hfictl connects) or
-// "client SIZE ITERS" (the host's hfictl listens and says "ready").
+// matrix the host sends, one line per case: "pp-server SIZE ITERS" (this
+// guest's ibv_rc_pingpong is the server; once it listens the guest says
+// "listening" and the host's hfictl pingpong connects) or "pp-client SIZE
+// ITERS" (the host's hfictl listens and says "ready"); "rdma-server SIZE
+// 0" and "rdma-client SIZE 0" the same with rxe_rdma against hfictl
+// rdma-check.
 // Each case's outcome goes back to the host as "ok DETAIL" or
 // "fail DETAIL"; "end" ends.
 func TestRxePingpong(t *testing.T) {
@@ -77,37 +73,51 @@ func TestRxePingpong(t *testing.T) {
 		if len(f) != 3 {
 			t.Fatalf("control: %q", in.Text())
 		}
-		args := []string{"-g", strconv.Itoa(gidIdx), "-s", f[1], "-n", f[2], "-r", "16", "-c"}
-		switch f[0] {
-		case "server":
-			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-			cmd := exec.CommandContext(ctx, "/usr/bin/ibv_rc_pingpong", args...)
+		var prog string
+		var port int
+		var args []string
+		ok := func(err error, out string) bool { return err == nil }
+		switch kind, _, _ := strings.Cut(f[0], "-"); kind {
+		case "pp":
+			prog, port = "/usr/bin/ibv_rc_pingpong", 18515
+			args = []string{"-g", strconv.Itoa(gidIdx), "-s", f[1], "-n", f[2], "-r", "16", "-c"}
+			ok = pingpongOK
+		case "rdma":
+			prog, port = RDMAProgram, 18516
+			args = []string{"-g", strconv.Itoa(gidIdx), "-s", f[1]}
+		default:
+			t.Fatalf("control: %q", in.Text())
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		if strings.HasSuffix(f[0], "-server") {
+			cmd := exec.CommandContext(ctx, prog, args...)
 			var out bytes.Buffer
 			cmd.Stdout, cmd.Stderr = &out, &out
 			if err := cmd.Start(); err != nil {
 				cancel()
 				t.Fatal(err)
 			}
-			if err := waitListening(ctx, 18515); err != nil {
-				reply(false, err.Error())
-			} else if _, err := fmt.Fprintf(c, "listening\n"); err != nil {
+			if err := waitListening(ctx, port); err != nil {
+				cancel()
+				_ = cmd.Wait() // killed by the context
+				t.Fatalf("%s: %v: %s", prog, err, out.String())
+			}
+			if _, err := fmt.Fprintf(c, "listening\n"); err != nil {
 				t.Fatal(err)
 			}
 			err := cmd.Wait()
 			cancel()
-			reply(pingpongOK(err, out.String()), fmt.Sprintf("ibv_rc_pingpong %s: %v\n%s", strings.Join(args, " "), err, out.String()))
-		case "client":
-			if !in.Scan() || in.Text() != "ready" {
-				t.Fatalf("control: %q, want ready", in.Text())
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-			args = append(args, host.String())
-			out, err := exec.CommandContext(ctx, "/usr/bin/ibv_rc_pingpong", args...).CombinedOutput()
-			cancel()
-			reply(pingpongOK(err, string(out)), fmt.Sprintf("ibv_rc_pingpong %s: %v\n%s", strings.Join(args, " "), err, out))
-		default:
-			t.Fatalf("control: %q", in.Text())
+			reply(ok(err, out.String()), fmt.Sprintf("%s %s: %v\n%s", prog, strings.Join(args, " "), err, out.String()))
+			continue
 		}
+		if !in.Scan() || in.Text() != "ready" {
+			cancel()
+			t.Fatalf("control: %q, want ready", in.Text())
+		}
+		args = append(args, host.String())
+		out, err := exec.CommandContext(ctx, prog, args...).CombinedOutput()
+		cancel()
+		reply(ok(err, string(out)), fmt.Sprintf("%s %s: %v\n%s", prog, strings.Join(args, " "), err, out))
 	}
 	t.Fatalf("control connection ended without end: %v", in.Err())
 }
