@@ -199,6 +199,7 @@ func TestRxeInterop(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	capt := startCapture(t, n)
 	results := make(chan []string, 1)
 	go func() { results <- drive(t, ln, n, hfictl, cases) }()
 
@@ -216,6 +217,14 @@ func TestRxeInterop(t *testing.T) {
 	})
 	_ = ln.Close() // the guest is gone: no more control connections
 	matrix := <-results
+	fromRxe, toRxe, err := capt.stop()
+	if err != nil {
+		t.Errorf("capture: %v", err)
+	}
+	t.Logf("on the tap: rxe sent %v; hfisim sent %v", fromRxe, toRxe)
+	if fromRxe.packets == 0 || fromRxe.badICRC+toRxe.badICRC != 0 {
+		t.Errorf("the capture saw %d packets from rxe, %d bad ICRCs", fromRxe.packets, fromRxe.badICRC+toRxe.badICRC)
+	}
 	t.Logf("interop matrix (total %v):\n%s", time.Since(start).Round(time.Second), strings.Join(matrix, "\n"))
 }
 
