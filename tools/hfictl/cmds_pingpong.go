@@ -152,20 +152,16 @@ func cmdPingpong(s *session, args []string) (_ obj, err error) {
 	connect := func(rem ppDest) error {
 		return pp.connect(a.Device, *peerIdx, rem, me.psn)
 	}
-	var rem ppDest
+	host := ""
 	if len(pos) == 1 {
-		rem, err = ppClientExchange(ctx, net.JoinHostPort(pos[0], strconv.Itoa(*port)), me)
-		if err == nil {
-			err = connect(rem)
-		}
-	} else {
-		rem, err = ppServerExchange(ctx, *port, me, connect, func() {
-			// As ibv_rc_pingpong prints it, once the port listens (on
-			// stderr: stdout has the result).
-			_, _ = fmt.Fprintf(s.p.errOut, "  local address:  LID 0x%04x, QPN 0x%06x, PSN 0x%06x, GID %s\n",
-				me.lid, me.qpn, me.psn, own.Addr().String()) // informational
-		})
+		host = pos[0]
 	}
+	rem, err := ppExchange(ctx, host, *port, me, connect, func() {
+		// As ibv_rc_pingpong prints it, once the port listens (on
+		// stderr: stdout has the result).
+		_, _ = fmt.Fprintf(s.p.errOut, "  local address:  LID 0x%04x, QPN 0x%06x, PSN 0x%06x, GID %s\n",
+			me.lid, me.qpn, me.psn, own.Addr().String()) // informational
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -188,56 +184,59 @@ func cmdPingpong(s *session, args []string) (_ obj, err error) {
 		{"checked", checked}, {"counters", co}}, nil
 }
 
-// ppClientExchange is the client side of the exchange.
-func ppClientExchange(ctx context.Context, addr string, me ppDest) (ppDest, error) {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		return ppDest{}, fmt.Errorf("pingpong: %w", err)
+// exchangeConn is the TCP connection of an exchange: to host:port, or
+// with host empty the one client accepted on port (listening is called
+// once the port listens). Its deadline is ctx's.
+func exchangeConn(ctx context.Context, host string, port int, listening func()) (net.Conn, error) {
+	var c net.Conn
+	if host != "" {
+		var d net.Dialer
+		var err error
+		if c, err = d.DialContext(ctx, "tcp", net.JoinHostPort(host, strconv.Itoa(port))); err != nil {
+			return nil, err
+		}
+	} else {
+		var lc net.ListenConfig
+		l, err := lc.Listen(ctx, "tcp", ":"+strconv.Itoa(port))
+		if err != nil {
+			return nil, err
+		}
+		listening()
+		stop := context.AfterFunc(ctx, func() { _ = l.Close() }) // unblocks Accept
+		c, err = l.Accept()
+		stop()
+		_ = l.Close() // one client
+		if err != nil {
+			if ctx.Err() != nil {
+				err = fmt.Errorf("%w: %w", ctx.Err(), unix.ETIMEDOUT)
+			}
+			return nil, fmt.Errorf("waiting for a client: %w", err)
+		}
 	}
-	defer func() { _ = c.Close() }() // the exchange is over: its errors were seen
 	if dl, ok := ctx.Deadline(); ok {
 		_ = c.SetDeadline(dl) // a TCP conn always takes a deadline
 	}
-	if _, err := c.Write(me.wire()); err != nil {
-		return ppDest{}, fmt.Errorf("pingpong: sending the local address: %w", err)
-	}
-	msg := make([]byte, ppMsgLen)
-	if _, err := io.ReadFull(c, msg); err != nil {
-		return ppDest{}, fmt.Errorf("pingpong: reading the remote address: %w", err)
-	}
-	rem, err := parsePPDest(msg)
-	if err != nil {
-		return ppDest{}, err
-	}
-	if _, err := c.Write([]byte("done\x00")); err != nil {
-		return ppDest{}, fmt.Errorf("pingpong: sending done: %w", err)
-	}
-	return rem, nil
+	return c, nil
 }
 
-// ppServerExchange is the server side: one client, connected before the
-// server's address goes back.
-func ppServerExchange(ctx context.Context, port int, me ppDest, connect func(ppDest) error, listening func()) (ppDest, error) {
-	var lc net.ListenConfig
-	l, err := lc.Listen(ctx, "tcp", ":"+strconv.Itoa(port))
+// ppExchange is the exchange as client (host given: write, read, connect
+// the QP, write done) or server (read, connect the QP, write, read done).
+func ppExchange(ctx context.Context, host string, port int, me ppDest, connect func(ppDest) error, listening func()) (ppDest, error) {
+	c, err := exchangeConn(ctx, host, port, listening)
 	if err != nil {
 		return ppDest{}, fmt.Errorf("pingpong: %w", err)
 	}
-	listening()
-	stop := context.AfterFunc(ctx, func() { _ = l.Close() }) // unblocks Accept
-	c, err := l.Accept()
-	stop()
-	_ = l.Close() // one client
-	if err != nil {
-		if ctx.Err() != nil {
-			err = fmt.Errorf("%w: %w", ctx.Err(), unix.ETIMEDOUT)
-		}
-		return ppDest{}, fmt.Errorf("pingpong: waiting for a client: %w", err)
-	}
 	defer func() { _ = c.Close() }() // the exchange is over: its errors were seen
-	if dl, ok := ctx.Deadline(); ok {
-		_ = c.SetDeadline(dl) // a TCP conn always takes a deadline
+	send := func() error {
+		if _, err := c.Write(me.wire()); err != nil {
+			return fmt.Errorf("pingpong: sending the local address: %w", err)
+		}
+		return nil
+	}
+	if host != "" {
+		if err := send(); err != nil {
+			return ppDest{}, err
+		}
 	}
 	msg := make([]byte, ppMsgLen)
 	if _, err := io.ReadFull(c, msg); err != nil {
@@ -246,12 +245,18 @@ func ppServerExchange(ctx context.Context, port int, me ppDest, connect func(ppD
 	rem, err := parsePPDest(msg)
 	if err != nil {
 		return ppDest{}, err
+	}
+	if host != "" {
+		if _, err := c.Write([]byte("done\x00")); err != nil {
+			return ppDest{}, fmt.Errorf("pingpong: sending done: %w", err)
+		}
+		return rem, connect(rem)
 	}
 	if err := connect(rem); err != nil {
 		return ppDest{}, err
 	}
-	if _, err := c.Write(me.wire()); err != nil {
-		return ppDest{}, fmt.Errorf("pingpong: sending the local address: %w", err)
+	if err := send(); err != nil {
+		return ppDest{}, err
 	}
 	done := make([]byte, 5)
 	if _, err := io.ReadFull(c, done); err != nil || string(done) != "done\x00" {

@@ -23,7 +23,6 @@ import (
 	enchex "encoding/hex"
 	"fmt"
 	"math/rand/v2"
-	"net"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -130,32 +129,18 @@ func cmdRDMACheck(s *session, args []string) (_ obj, err error) {
 	ctx, cancel := context.WithTimeout(s.ctx, *timeout)
 	defer cancel()
 
-	var c net.Conn
+	host := ""
 	if len(pos) == 1 {
-		var d net.Dialer
-		if c, err = d.DialContext(ctx, "tcp", net.JoinHostPort(pos[0], strconv.Itoa(*port))); err != nil {
-			return nil, fmt.Errorf("rdma-check: %w", err)
-		}
-	} else {
-		var lc net.ListenConfig
-		l, err := lc.Listen(ctx, "tcp", ":"+strconv.Itoa(*port))
-		if err != nil {
-			return nil, fmt.Errorf("rdma-check: %w", err)
-		}
+		host = pos[0]
+	}
+	c, err := exchangeConn(ctx, host, *port, func() {
 		_, _ = fmt.Fprintf(s.p.errOut, "  local address:  QPN 0x%06x, PSN 0x%06x, GID %s, waiting on %d\n",
 			me.qpn, me.psn, own.Addr(), *port) // informational
-		stop := context.AfterFunc(ctx, func() { _ = l.Close() }) // unblocks Accept
-		c, err = l.Accept()
-		stop()
-		_ = l.Close() // one initiator
-		if err != nil {
-			return nil, fmt.Errorf("rdma-check: waiting for the initiator: %w", err)
-		}
+	})
+	if err != nil {
+		return nil, fmt.Errorf("rdma-check: %w", err)
 	}
 	defer func() { _ = c.Close() }() // the exchange's errors were seen
-	if dl, ok := ctx.Deadline(); ok {
-		_ = c.SetDeadline(dl) // a TCP conn always takes a deadline
-	}
 	in := bufio.NewReader(c)
 	readLine := func(what string) (string, error) {
 		l, err := in.ReadString('\n')
@@ -164,7 +149,7 @@ func cmdRDMACheck(s *session, args []string) (_ obj, err error) {
 		}
 		return strings.TrimSuffix(l, "\n"), nil
 	}
-	initiator := len(pos) == 1
+	initiator := host != ""
 	if initiator {
 		if _, err := c.Write([]byte(me.line())); err != nil {
 			return nil, fmt.Errorf("rdma-check: sending the local address: %w", err)

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path"
@@ -49,22 +48,10 @@ type Userland struct {
 // them into a prefix of their own, CacheDir/userland-<key>, reusing an
 // earlier fetch of the same list.
 func FetchUserland(ctx context.Context, opts FetchOptions, key string, names []string) (*Userland, error) {
-	if opts.CacheDir == "" {
-		opts.CacheDir = CacheDir()
-	}
-	if opts.SourcesFile == "" {
-		opts.SourcesFile = DefaultSourcesFile
-	}
-	if opts.Log == nil {
-		opts.Log = io.Discard
-	}
 	if key == "" || strings.ContainsAny(key, "/. ") || len(names) == 0 {
 		return nil, fmt.Errorf("vmimage: userland %q: want a plain name and packages", key)
 	}
-	if err := os.MkdirAll(opts.CacheDir, 0o755); err != nil {
-		return nil, fmt.Errorf("vmimage: cache: %w", err)
-	}
-	unlock, err := lockDir(ctx, opts.CacheDir)
+	unlock, err := opts.lockCache(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -80,17 +67,8 @@ func FetchUserland(ctx context.Context, opts FetchOptions, key string, names []s
 		}
 	}
 	start := time.Now()
-	mirror, keyring, err := readMirror(opts.SourcesFile)
+	a, err := opts.openAPT(ctx)
 	if err != nil {
-		return nil, err
-	}
-	a, err := newAPT(filepath.Join(opts.CacheDir, "apt"), mirror, keyring, opts.Log)
-	if err != nil {
-		return nil, err
-	}
-	// Progress log only: a failed write is not a failed fetch.
-	_, _ = fmt.Fprintf(opts.Log, "vmimage: apt-get update for userland %s\n", key)
-	if _, err := a.run(ctx, a.dir, "apt-get", "-q", "update"); err != nil {
 		return nil, err
 	}
 	var pkgs []string
@@ -111,38 +89,7 @@ func FetchUserland(ctx context.Context, opts FetchOptions, key string, names []s
 		}
 		pkgs = append(pkgs, n+"="+v)
 	}
-	debs := dir + ".debs"
-	if err := os.RemoveAll(debs); err != nil {
-		return nil, err
-	}
-	if err := os.MkdirAll(debs, 0o755); err != nil {
-		return nil, err
-	}
-	defer func() { _ = os.RemoveAll(debs) }() // downloads only: the prefix is what is kept
-	if _, err := a.run(ctx, debs, "apt-get", append([]string{"-q", "download"}, pkgs...)...); err != nil {
-		return nil, err
-	}
-	files, err := filepath.Glob(filepath.Join(debs, "*.deb"))
-	if err != nil {
-		return nil, err
-	}
-	if len(files) != len(pkgs) {
-		return nil, fmt.Errorf("vmimage: asked apt-get for %d packages, got %d files", len(pkgs), len(files))
-	}
-	tmp := dir + ".tmp"
-	if err := os.RemoveAll(tmp); err != nil {
-		return nil, err
-	}
-	if err := os.MkdirAll(tmp, 0o755); err != nil {
-		return nil, err
-	}
-	if err := extractAll(ctx, files, tmp, opts.Log); err != nil {
-		return nil, err
-	}
-	if err := os.RemoveAll(dir); err != nil {
-		return nil, err
-	}
-	if err := os.Rename(tmp, dir); err != nil {
+	if _, err := a.downloadUnpack(ctx, pkgs, dir+".debs", dir); err != nil {
 		return nil, err
 	}
 	u := &Userland{Version: userlandStampVersion, Root: dir, Packages: pkgs}
