@@ -74,32 +74,40 @@ func tapNamespace(t *testing.T) netns {
 	return n
 }
 
-// inNamespace runs f on a thread in n's network namespace: sockets it
-// opens and processes it starts live there.
+// inNamespace runs f on the calling goroutine with its thread in n's
+// network namespace: sockets f opens and processes it starts live there
+// (the runtime starts new threads from a clean template thread while one
+// is locked, so nothing else lands in the namespace). The thread goes
+// back to its own namespace afterwards, also when f calls t.Fatal; if it
+// cannot, it stays locked and ends with the goroutine.
 func inNamespace(t *testing.T, n netns, f func()) {
 	t.Helper()
-	done := make(chan struct{})
-	var err error
-	go func() {
-		defer close(done)
-		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
-		fd, e := unix.Open("/var/run/netns/"+n.name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if e != nil {
-			err = e
-			return
-		}
-		e = unix.Setns(fd, unix.CLONE_NEWNET)
-		_ = unix.Close(fd) // the namespace is joined or not: nothing to lose
-		if e != nil {
-			err = fmt.Errorf("setns %s: %w", n.name, e)
-			return
-		}
-		f()
-	}()
-	<-done
+	runtime.LockOSThread()
+	orig, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
+		runtime.UnlockOSThread()
 		t.Fatal(err)
 	}
+	target, err := unix.Open("/var/run/netns/"+n.name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err == nil {
+		err = unix.Setns(target, unix.CLONE_NEWNET)
+		_ = unix.Close(target) // joined or not: nothing to lose
+	}
+	if err != nil {
+		_ = unix.Close(orig) // never used
+		runtime.UnlockOSThread()
+		t.Fatalf("setns %s: %v", n.name, err)
+	}
+	defer func() {
+		err := unix.Setns(orig, unix.CLONE_NEWNET)
+		_ = unix.Close(orig) // read-only namespace handle
+		if err != nil {
+			t.Errorf("setns back from %s: %v (the thread stays locked)", n.name, err)
+			return
+		}
+		runtime.UnlockOSThread()
+	}()
+	f()
 }
 
 func hfictlBinary(t *testing.T) string {

@@ -128,28 +128,38 @@ func pingpongOK(err error, out string) bool {
 	return err == nil && !strings.Contains(out, "invalid data") && strings.Contains(out, "iters in")
 }
 
+// poll checks cond every 20 ms until it holds or ctx ends: for state the
+// kernel changes without telling (a socket listening, a GID added by a
+// work item), nothing to wait on.
+func poll(ctx context.Context, what string, cond func() bool) error {
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s: %w", what, ctx.Err())
+		case <-tick.C:
+		}
+	}
+	return nil
+}
+
 // waitListening waits until a TCP socket listens on port (the server's
 // address exchange can start).
 func waitListening(ctx context.Context, port int) error {
 	want := fmt.Sprintf(":%04X ", port)
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	for {
+	return poll(ctx, fmt.Sprintf("nothing listened on %d", port), func() bool {
 		for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
 			b, _ := os.ReadFile(f) // absent without IPv6
 			for _, l := range strings.Split(string(b), "\n") {
 				fs := strings.Fields(l)
 				if len(fs) > 3 && strings.HasSuffix(fs[1]+" ", want) && fs[3] == "0A" {
-					return nil
+					return true
 				}
 			}
 		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("ibv_rc_pingpong never listened on %d: %w", port, ctx.Err())
-		case <-tick.C:
-		}
-	}
+		return false
+	})
 }
 
 // ifUp gives name the address p and brings it up (ioctls, no iproute2).
@@ -246,15 +256,19 @@ func rxeAdd(name, netdev string) error {
 }
 
 // findGID returns the index of rxe's RoCE v2 GID for a (IPv4-mapped).
+// The GID table is filled from the netdev's addresses by a work item
+// after the link is added.
 func findGID(dev string, a netip.Addr) (int, error) {
 	want := netip.AddrFrom16(a.As16())
 	dir := filepath.Join("/sys/class/infiniband", dev, "ports/1")
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	idx := -1
+	err := poll(ctx, fmt.Sprintf("no RoCE v2 GID for %v on %s", a, dev), func() bool {
 		for i := 0; i < 16; i++ {
 			g, err := os.ReadFile(filepath.Join(dir, "gids", strconv.Itoa(i)))
 			if err != nil {
-				break
+				return false
 			}
 			typ, err := os.ReadFile(filepath.Join(dir, "gid_attrs/types", strconv.Itoa(i)))
 			if err != nil {
@@ -262,14 +276,11 @@ func findGID(dev string, a netip.Addr) (int, error) {
 			}
 			ga, err := netip.ParseAddr(strings.TrimSpace(string(g)))
 			if err == nil && ga == want && strings.TrimSpace(string(typ)) == "RoCE v2" {
-				return i, nil
+				idx = i
+				return true
 			}
 		}
-		// The GID table is filled from the netdev's addresses by a work
-		// item after the link is added.
-		if time.Now().After(deadline) {
-			return 0, fmt.Errorf("no RoCE v2 GID for %v on %s", a, dev)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return false
+	})
+	return idx, err
 }
