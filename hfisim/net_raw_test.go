@@ -48,3 +48,20 @@ func TestNetIPv4Identification(t *testing.T) {
 		return bytes.Equal(p.b.contents(p.mb)[8:12], []byte{9, 8, 7, 6})
 	})
 }
+
+// FuzzSplitIPv4UDP: the raw socket's datagram parser never panics, and
+// what it accepts is UDP to the port, not a fragment, with the payload the
+// UDP length says inside the datagram.
+func FuzzSplitIPv4UDP(f *testing.F) {
+	f.Fuzz(func(t *testing.T, b []byte) {
+		from, _, payload, cnt := splitIPv4UDP(b, addrB)
+		if cnt >= 0 {
+			return
+		}
+		hl := int(b[0]&0xF) * 4
+		if b[9] != 17 || b[6]&0x3F != 0 || b[7] != 0 || netip.AddrFrom4([4]byte(b[16:20])) != addrB.Addr() ||
+			from.Addr() != netip.AddrFrom4([4]byte(b[12:16])) || len(payload)+8 != int(b[hl+4])<<8|int(b[hl+5]) {
+			t.Fatalf("accepted % x: from %v, %d bytes", b, from, len(payload))
+		}
+	})
+}
