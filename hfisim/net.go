@@ -221,8 +221,8 @@ func rawFilter(local netip.AddrPort) []unix.SockFilter {
 }
 
 // openRaw opens the raw IPPROTO_UDP socket that receives local's
-// datagrams with their IPv4 headers. The filter is attached before the
-// socket is bound to the address, so nothing else is ever queued.
+// datagrams with their IPv4 headers. A raw socket receives from its
+// creation on: what it queued before its filter was attached is drained.
 func openRaw(local netip.AddrPort) (*os.File, error) {
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_UDP)
 	if err != nil {
@@ -332,7 +332,7 @@ func (l *udpLink) readRaw(d *Device) {
 
 // splitIPv4UDP takes an IPv4 datagram apart: its source, the header
 // fields the ICRC needs, and the UDP payload. cnt is the drop counter
-// when it is not for local or is malformed, else -1.
+// when it is not for local, has IP options or is malformed, else -1.
 func splitIPv4UDP(b []byte, local netip.AddrPort) (from netip.AddrPort, ip ipv4Var, payload []byte, cnt int) {
 	if len(b) < 20+8 || b[0]>>4 != 4 {
 		return from, ip, nil, chip.NetCntDropLength
@@ -341,6 +341,9 @@ func splitIPv4UDP(b []byte, local netip.AddrPort) (from netip.AddrPort, ip ipv4V
 	total := int(b[2])<<8 | int(b[3])
 	if hl < 20 || total < hl+8 || total > len(b) {
 		return from, ip, nil, chip.NetCntDropLength
+	}
+	if hl != 20 { // IPv4 options: not RoCEv2 (ibwire refuses them too)
+		return from, ip, nil, chip.NetCntDropHeader
 	}
 	frag := uint16(b[6])<<8 | uint16(b[7])
 	dst := netip.AddrFrom4([4]byte(b[16:20]))
