@@ -297,8 +297,8 @@ func newPingpong(ctx context.Context, dev *driver.Device, size, rxDepth int, tim
 // newVerbsEnd opens a file with a CQ, an RC QP in INIT (remote access
 // qpAccess) and a buffer of bufLen bytes registered with mrAccess (its
 // IOVA is its address, as ibv_reg_mr's).
-func newVerbsEnd(dev *driver.Device, size, bufLen, rxDepth int, mrAccess, qpAccess uint32, timeout time.Duration) (pp *pingpong, err error) {
-	pp = &pingpong{size: size, rxDepth: rxDepth, timeout: timeout, access: qpAccess}
+func newVerbsEnd(dev *driver.Device, size, bufLen, rxDepth int, mrAccess, qpAccess uint32, timeout time.Duration) (_ *pingpong, err error) {
+	pp := &pingpong{size: size, rxDepth: rxDepth, timeout: timeout, access: qpAccess}
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, pp.close())

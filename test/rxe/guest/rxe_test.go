@@ -29,7 +29,7 @@ import (
 // 0" and "rdma-client SIZE 0" the same with rxe_rdma against hfictl
 // rdma-check.
 // Each case's outcome goes back to the host as "ok DETAIL" or
-// "fail DETAIL"; "end" ends.
+// "fail DETAIL" (after the host's "done" for a guest server); "end" ends.
 func TestRxePingpong(t *testing.T) {
 	host := netip.MustParseAddr(os.Getenv(EnvHost))
 	me := netip.MustParsePrefix(os.Getenv(EnvGuest))
@@ -105,8 +105,28 @@ func TestRxePingpong(t *testing.T) {
 			if _, err := fmt.Fprintf(c, "listening\n"); err != nil {
 				t.Fatal(err)
 			}
-			err := cmd.Wait()
+			// The host says "done" when its end has finished: a program
+			// still running then has lost its peer and gets 10 s more.
+			exited := make(chan error, 1)
+			go func() { exited <- cmd.Wait() }()
+			next := make(chan bool, 1)
+			go func() { next <- in.Scan() }()
+			var err error
+			select {
+			case err = <-exited:
+				<-next
+			case <-next:
+				select {
+				case err = <-exited:
+				case <-time.After(10 * time.Second):
+					cancel()
+					err = fmt.Errorf("still running 10 s after its peer ended: %w", <-exited)
+				}
+			}
 			cancel()
+			if in.Text() != "done" {
+				t.Fatalf("control: %q, want done (%v)", in.Text(), in.Err())
+			}
 			reply(ok(err, out.String()), fmt.Sprintf("%s %s: %v\n%s", prog, strings.Join(args, " "), err, out.String()))
 			continue
 		}
