@@ -27,6 +27,7 @@ import (
 	"context"
 	enchex "encoding/hex"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -35,6 +36,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/gohfi/gohfi/attach"
 	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/hfiuser"
 	"github.com/gohfi/gohfi/ibwire"
@@ -90,13 +92,71 @@ func parsePPDest(b []byte) (ppDest, error) {
 	return d, nil
 }
 
+// exchangeOpts are the flags pingpong and rdma-check share: the role,
+// the TCP port of the exchange, the size, the peer table entry, the bound
+// on waits; after parse, the host (empty for the server) and the size.
+type exchangeOpts struct {
+	server  bool
+	port    int
+	sizeArg string
+	peer    int
+	timeout time.Duration
+
+	host string
+	size int
+}
+
+func (o *exchangeOpts) flags(fs *flag.FlagSet, port int, sizeWhat string) {
+	fs.BoolVar(&o.server, "server", false, "wait for the peer (the default without HOST)")
+	fs.IntVar(&o.port, "p", port, "TCP port of the exchange")
+	fs.IntVar(&o.port, "port", port, "TCP port of the exchange")
+	fs.StringVar(&o.sizeArg, "s", "4096", sizeWhat)
+	fs.StringVar(&o.sizeArg, "size", "4096", sizeWhat)
+	fs.IntVar(&o.peer, "peer", 1, "peer table entry to use for the remote end")
+	fs.DurationVar(&o.timeout, "timeout", 30*time.Second, "bound on the exchange and on each wait for a completion")
+}
+
+// parse parses args and checks the shared flags; cmd names the command.
+func (o *exchangeOpts) parse(cmd string, fs *flag.FlagSet, args []string) error {
+	pos, err := parseArgs(fs, args, 0, 1)
+	if err != nil {
+		return err
+	}
+	if o.server == (len(pos) == 1) {
+		return usageErr("%s: either --server or HOST", cmd)
+	}
+	if len(pos) == 1 {
+		o.host = pos[0]
+	}
+	if o.size, err = parseSize("size", o.sizeArg); err != nil {
+		return err
+	}
+	if o.size < 1 || o.size > 1<<30 {
+		return usageErr("%s: size %d out of range", cmd, o.size)
+	}
+	if o.port < 1 || o.port > 65535 {
+		return usageErr("%s: port %d", cmd, o.port)
+	}
+	return nil
+}
+
+// portDevice is the session's device and its network port's address.
+func portDevice(s *session, cmd string) (*attach.Attached, netip.AddrPort, error) {
+	a, err := s.device()
+	if err != nil {
+		return nil, netip.AddrPort{}, err
+	}
+	own, err := a.Device.PortAddr()
+	if err != nil {
+		return nil, own, fmt.Errorf("%s: the device has no network port (--port udp:ADDR): %w", cmd, err)
+	}
+	return a, own, nil
+}
+
 func cmdPingpong(s *session, args []string) (_ obj, err error) {
 	fs := newFlags("pingpong")
-	server := fs.Bool("server", false, "wait for a client (the default without HOST)")
-	port := fs.Int("p", ppDefaultPort, "TCP port of the exchange")
-	fs.IntVar(port, "port", ppDefaultPort, "TCP port of the exchange")
-	sizeArg := fs.String("s", "4096", "message size")
-	fs.StringVar(sizeArg, "size", "4096", "message size")
+	var o exchangeOpts
+	o.flags(fs, ppDefaultPort, "message size")
 	iters := fs.Int("n", 1000, "exchanges")
 	fs.IntVar(iters, "iters", 1000, "exchanges")
 	rxDepth := fs.Int("r", 500, "receives posted at a time")
@@ -107,56 +167,35 @@ func cmdPingpong(s *session, args []string) (_ obj, err error) {
 	fs.IntVar(mtu, "mtu", 1024, "path MTU (the port's: 1024)")
 	chk := fs.Bool("c", false, "the peer runs with --chk: its first message has 0 at every page start")
 	fs.BoolVar(chk, "chk", false, "the peer runs with --chk")
-	peerIdx := fs.Int("peer", 1, "peer table entry to use for the remote end")
-	timeout := fs.Duration("timeout", 30*time.Second, "bound on the exchange and on each wait for a completion")
-	pos, err := parseArgs(fs, args, 0, 1)
-	if err != nil {
-		return nil, err
-	}
-	if *server == (len(pos) == 1) {
-		return nil, usageErr("pingpong: either --server or HOST")
-	}
-	size, err := parseSize("size", *sizeArg)
-	if err != nil {
+	if err := o.parse("pingpong", fs, args); err != nil {
 		return nil, err
 	}
 	switch {
-	case size < 1 || size > 1<<30:
-		return nil, usageErr("pingpong: size %d out of range", size)
 	case *iters < 1 || *rxDepth < 1 || *rxDepth > 4096:
 		return nil, usageErr("pingpong: iters and rx-depth (1..4096) must be positive")
 	case *gidIdx != 0:
 		return nil, usageErr("pingpong: GID index %d: the port has one GID, 0", *gidIdx)
 	case *mtu != 1024:
 		return nil, usageErr("pingpong: MTU %d: the port's path MTU is 1024", *mtu)
-	case *port < 1 || *port > 65535:
-		return nil, usageErr("pingpong: port %d", *port)
 	}
-	a, err := s.device()
+	a, own, err := portDevice(s, "pingpong")
 	if err != nil {
 		return nil, err
 	}
-	own, err := a.Device.PortAddr()
-	if err != nil {
-		return nil, fmt.Errorf("pingpong: the device has no network port (--port udp:ADDR): %w", err)
-	}
-	pp, err := newPingpong(s.ctx, a.Device, size, *rxDepth, *timeout)
+	size := o.size
+	pp, err := newPingpong(s.ctx, a.Device, size, *rxDepth, o.timeout)
 	if err != nil {
 		return nil, err
 	}
 	defer cleanup(&err, "pingpong teardown", pp.close)
 	me := ppDest{qpn: pp.qpn, psn: rand.Uint32() & 0xFFFFFF, gid: own.Addr().As16()}
 
-	ctx, cancel := context.WithTimeout(s.ctx, *timeout)
+	ctx, cancel := context.WithTimeout(s.ctx, o.timeout)
 	defer cancel()
 	connect := func(rem ppDest) error {
-		return pp.connect(a.Device, *peerIdx, rem, me.psn)
+		return pp.connect(a.Device, o.peer, rem, me.psn)
 	}
-	host := ""
-	if len(pos) == 1 {
-		host = pos[0]
-	}
-	rem, err := ppExchange(ctx, host, *port, me, connect, func() {
+	rem, err := ppExchange(ctx, o.host, o.port, me, connect, func() {
 		// As ibv_rc_pingpong prints it, once the port listens (on
 		// stderr: stdout has the result).
 		_, _ = fmt.Fprintf(s.p.errOut, "  local address:  LID 0x%04x, QPN 0x%06x, PSN 0x%06x, GID %s\n",
@@ -166,7 +205,7 @@ func cmdPingpong(s *session, args []string) (_ obj, err error) {
 		return nil, err
 	}
 	start := time.Now()
-	checked, err := pp.run(s.ctx, len(pos) == 1, *iters, *chk)
+	checked, err := pp.run(s.ctx, o.host != "", *iters, *chk)
 	if err != nil {
 		return nil, err
 	}

@@ -87,35 +87,18 @@ func rcCheck(b []byte, seed uint32) int {
 
 func cmdRDMACheck(s *session, args []string) (_ obj, err error) {
 	fs := newFlags("rdma-check")
-	server := fs.Bool("server", false, "be the target: wait for the initiator (the default without HOST)")
-	port := fs.Int("p", rcDefaultPort, "TCP port of the exchange")
-	sizeArg := fs.String("s", "4096", "bytes to WRITE and READ")
-	peerIdx := fs.Int("peer", 1, "peer table entry to use for the remote end")
-	timeout := fs.Duration("timeout", 30*time.Second, "bound on the exchange and on each wait")
-	pos, err := parseArgs(fs, args, 0, 1)
+	var o exchangeOpts
+	o.flags(fs, rcDefaultPort, "bytes to WRITE and READ")
+	if err := o.parse("rdma-check", fs, args); err != nil {
+		return nil, err
+	}
+	a, own, err := portDevice(s, "rdma-check")
 	if err != nil {
 		return nil, err
 	}
-	if *server == (len(pos) == 1) {
-		return nil, usageErr("rdma-check: either --server or HOST")
-	}
-	size, err := parseSize("size", *sizeArg)
-	if err != nil {
-		return nil, err
-	}
-	if size < 1 || size > 1<<30 {
-		return nil, usageErr("rdma-check: size %d out of range", size)
-	}
-	a, err := s.device()
-	if err != nil {
-		return nil, err
-	}
-	own, err := a.Device.PortAddr()
-	if err != nil {
-		return nil, fmt.Errorf("rdma-check: the device has no network port (--port udp:ADDR): %w", err)
-	}
+	size := o.size
 	const remote = uapi.IB_ACCESS_REMOTE_WRITE | uapi.IB_ACCESS_REMOTE_READ
-	e, err := newVerbsEnd(a.Device, size, 2*size, 0, uapi.IB_ACCESS_LOCAL_WRITE|remote, remote, *timeout)
+	e, err := newVerbsEnd(a.Device, size, 2*size, 0, uapi.IB_ACCESS_LOCAL_WRITE|remote, remote, o.timeout)
 	if err != nil {
 		return nil, err
 	}
@@ -126,16 +109,12 @@ func cmdRDMACheck(s *session, args []string) (_ obj, err error) {
 	for k := range size {
 		buf[k] = rcPattern(me.seed, k)
 	}
-	ctx, cancel := context.WithTimeout(s.ctx, *timeout)
+	ctx, cancel := context.WithTimeout(s.ctx, o.timeout)
 	defer cancel()
 
-	host := ""
-	if len(pos) == 1 {
-		host = pos[0]
-	}
-	c, err := exchangeConn(ctx, host, *port, func() {
+	c, err := exchangeConn(ctx, o.host, o.port, func() {
 		_, _ = fmt.Fprintf(s.p.errOut, "  local address:  QPN 0x%06x, PSN 0x%06x, GID %s, waiting on %d\n",
-			me.qpn, me.psn, own.Addr(), *port) // informational
+			me.qpn, me.psn, own.Addr(), o.port) // informational
 	})
 	if err != nil {
 		return nil, fmt.Errorf("rdma-check: %w", err)
@@ -149,7 +128,7 @@ func cmdRDMACheck(s *session, args []string) (_ obj, err error) {
 		}
 		return strings.TrimSuffix(l, "\n"), nil
 	}
-	initiator := host != ""
+	initiator := o.host != ""
 	if initiator {
 		if _, err := c.Write([]byte(me.line())); err != nil {
 			return nil, fmt.Errorf("rdma-check: sending the local address: %w", err)
@@ -166,7 +145,7 @@ func cmdRDMACheck(s *session, args []string) (_ obj, err error) {
 	if rem.size != uint64(size) {
 		return nil, fmt.Errorf("rdma-check: sizes differ: %d here, %d there: %w", size, rem.size, unix.EINVAL)
 	}
-	if err := e.connect(a.Device, *peerIdx, rem.ppDest, me.psn); err != nil {
+	if err := e.connect(a.Device, o.peer, rem.ppDest, me.psn); err != nil {
 		return nil, err
 	}
 	res := obj{{"role", map[bool]string{true: "initiator", false: "target"}[initiator]},
