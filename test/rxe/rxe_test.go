@@ -20,6 +20,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -173,9 +174,12 @@ func (c ppCase) hfictlArgs(n netns, hfictl string) []string {
 }
 
 // TestRxeInterop: the stock ibv_rc_pingpong on rdma_rxe in the guest
-// against hfictl pingpong on the host, both directions, several sizes,
-// the data checked at both ends (--chk in the guest, every message
-// compared in hfictl). One boot for the whole matrix.
+// against hfictl pingpong on the host, and rxe_rdma against hfictl
+// rdma-check (an RDMA READ and WRITE between an rxe MR and a gohfi MR),
+// both directions, 1 B to 1 MiB, the data checked at both ends (--chk and
+// the exit status in the guest, every message compared in hfictl; READ
+// data by the initiator, WRITE data by the target), every packet's ICRC
+// checked on the tap. One boot for the whole matrix.
 func TestRxeInterop(t *testing.T) {
 	start := time.Now()
 	a := qemu.Setup(t)
@@ -218,8 +222,15 @@ func TestRxeInterop(t *testing.T) {
 		t.Fatal(err)
 	}
 	capt := startCapture(t, n)
+	ctl := &control{ln: ln}
 	results := make(chan []string, 1)
-	go func() { results <- drive(t, ln, n, hfictl, cases) }()
+	go func() { results <- ctl.drive(t, n, hfictl, cases) }()
+	// Also when the guest run fails the test (t.Fatal): the control
+	// connection ends, and drive with it, before t is done.
+	defer func() {
+		ctl.close()
+		<-results // drive uses t: it must end first (an hfictl it runs ends within its --timeout)
+	}()
 
 	inNamespace(t, n, func() {
 		qemu.RunGuest(t, a, qemu.GuestConfig{
@@ -233,8 +244,9 @@ func TestRxeInterop(t *testing.T) {
 			Timeout: 10 * time.Minute,
 		})
 	})
-	_ = ln.Close() // the guest is gone: no more control connections
+	ctl.close() // the guest is gone
 	matrix := <-results
+	results <- matrix // for the deferred close
 	fromRxe, toRxe, err := capt.stop()
 	if err != nil {
 		t.Errorf("capture: %v", err)
@@ -246,25 +258,45 @@ func TestRxeInterop(t *testing.T) {
 	t.Logf("interop matrix (total %v):\n%s", time.Since(start).Round(time.Second), strings.Join(matrix, "\n"))
 }
 
+// control is the host's end of the control connection.
+type control struct {
+	ln net.Listener
+	mu sync.Mutex
+	c  net.Conn // once accepted
+}
+
+// close ends the listener and the connection: drive returns.
+func (ctl *control) close() {
+	_ = ctl.ln.Close() // closing twice is harmless
+	ctl.mu.Lock()
+	defer ctl.mu.Unlock()
+	if ctl.c != nil {
+		_ = ctl.c.Close()
+	}
+}
+
 // drive accepts the guest's control connection and runs the cases: for
-// each, hfictl pingpong in the namespace as the other end of the guest's
-// ibv_rc_pingpong. It returns one line per case.
-func drive(t *testing.T, ln net.Listener, n netns, hfictl string, cases []ppCase) []string {
+// each, hfictl pingpong or rdma-check in the namespace as the other end
+// of the guest's program. It returns one line per case; a control
+// connection that fails ends it (the guest's failure is in its output).
+func (ctl *control) drive(t *testing.T, n netns, hfictl string, cases []ppCase) []string {
 	var matrix []string
-	c, err := ln.Accept()
+	c, err := ctl.ln.Accept()
 	if err != nil {
 		t.Errorf("control: %v", err)
 		return nil
 	}
-	defer func() { _ = c.Close() }()
+	ctl.mu.Lock()
+	ctl.c = c
+	ctl.mu.Unlock()
 	_ = c.SetDeadline(time.Now().Add(10 * time.Minute)) // bounded by the guest's run anyway
 	in := bufio.NewReader(c)
-	line := func() string {
+	line := func() (string, error) {
 		s, err := in.ReadString('\n')
 		if err != nil {
 			t.Errorf("control: %v", err)
 		}
-		return strings.TrimSpace(s)
+		return strings.TrimSpace(s), err
 	}
 	for _, pc := range cases {
 		hf := pc.hfictlArgs(n, hfictl)
@@ -273,9 +305,8 @@ func drive(t *testing.T, ln net.Listener, n netns, hfictl string, cases []ppCase
 		var hfErr error
 		if pc.guestServer {
 			fmt.Fprintf(c, "%s\n", pc.guestCmd())
-			if l := line(); l != "listening" {
-				matrix = append(matrix, fmt.Sprintf("%v: FAIL guest: %s", pc, l))
-				continue
+			if l, err := line(); err != nil || l != "listening" {
+				return append(matrix, fmt.Sprintf("%v: FAIL: the guest said %q", pc, l))
 			}
 			cmd = exec.Command("ip", append(hf, n.guest.Addr().String())...)
 			cmd.Stdout, cmd.Stderr = &stdout, &stderr
@@ -288,7 +319,8 @@ func drive(t *testing.T, ln net.Listener, n netns, hfictl string, cases []ppCase
 			pr, pw := io.Pipe()
 			cmd.Stderr = io.MultiWriter(&stderr, pw)
 			if err := cmd.Start(); err != nil {
-				t.Fatal(err)
+				t.Error(err)
+				return matrix
 			}
 			waited := make(chan error, 1)
 			go func() { err := cmd.Wait(); _ = pw.Close(); waited <- err }()
@@ -299,7 +331,10 @@ func drive(t *testing.T, ln net.Listener, n netns, hfictl string, cases []ppCase
 			fmt.Fprintf(c, "ready\n")
 			hfErr = <-waited
 		}
-		g := line()
+		g, err := line()
+		if err != nil {
+			return append(matrix, fmt.Sprintf("%v: FAIL: no answer from the guest", pc))
+		}
 		var res map[string]any
 		_ = json.Unmarshal(stdout.Bytes(), &res) // an error object or the result
 		hfOK := hfErr == nil && res["error"] == nil
