@@ -35,6 +35,11 @@ import (
 
 const ctlPort = 18600
 
+// hfictlTimeout bounds hfictl's exchange and each of its waits for a
+// completion: a message takes at most 150 ms here (1 MiB under TCG), and
+// a case that fails should not hold the matrix up for long.
+const hfictlTimeout = "15s"
+
 // netns is the namespace with the tap device.
 type netns struct {
 	name, tap   string
@@ -161,7 +166,7 @@ func (c ppCase) guestCmd() string {
 func (c ppCase) hfictlArgs(n netns, hfictl string) []string {
 	a := []string{"netns", "exec", n.name, hfictl, "--json", "--port", "udp:" + n.host.Addr().String()}
 	if c.rdma {
-		return append(a, "rdma-check", "-s", strconv.Itoa(c.size), "--timeout", "60s")
+		return append(a, "rdma-check", "-s", strconv.Itoa(c.size), "--timeout", hfictlTimeout)
 	}
 	// hfictl registers SIZE x (rx_depth+1) bytes, within RLIMIT_MEMLOCK
 	// (8 MiB here; the driver's pinner counts it as ib_umem does).
@@ -170,7 +175,7 @@ func (c ppCase) hfictlArgs(n netns, hfictl string) []string {
 		rx = "4"
 	}
 	return append(a, "pingpong", "-s", strconv.Itoa(c.size), "-n", strconv.Itoa(c.iters), "-r", rx, "-c",
-		"--timeout", "60s")
+		"--timeout", hfictlTimeout)
 }
 
 // TestRxeInterop: the stock ibv_rc_pingpong on rdma_rxe in the guest
@@ -330,6 +335,7 @@ func (ctl *control) drive(t *testing.T, n netns, hfictl string, cases []ppCase) 
 			go func() { _, _ = io.Copy(io.Discard, pr) }() // keep stderr flowing
 			fmt.Fprintf(c, "ready\n")
 			hfErr = <-waited
+			fmt.Fprintf(c, "done\n")
 		}
 		g, err := line()
 		if err != nil {
@@ -356,8 +362,13 @@ func (ctl *control) drive(t *testing.T, n netns, hfictl string, cases []ppCase) 
 		} else if pc.rdma {
 			detail = fmt.Sprintf("rxe_rdma checked the READ, hfictl the WRITE (%d B)", n("write_checked"))
 		}
-		matrix = append(matrix, fmt.Sprintf("%v: %s (%s; %v packets in, %v out, %v ICRC drops; guest %s)",
-			pc, verdict, detail, cnt["rx_packets"], cnt["tx_packets"], cnt["drop_icrc"], firstWord(g)))
+		if e, ok := res["error"].(string); ok {
+			detail = "hfictl: " + e
+		}
+		if cnt != nil {
+			detail += fmt.Sprintf("; %v packets in, %v out, %v ICRC drops", cnt["rx_packets"], cnt["tx_packets"], cnt["drop_icrc"])
+		}
+		matrix = append(matrix, fmt.Sprintf("%v: %s (%s; guest %s)", pc, verdict, detail, firstWord(g)))
 	}
 	fmt.Fprintf(c, "end\n")
 	return matrix

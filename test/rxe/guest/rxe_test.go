@@ -29,7 +29,8 @@ import (
 // 0" and "rdma-client SIZE 0" the same with rxe_rdma against hfictl
 // rdma-check.
 // Each case's outcome goes back to the host as "ok DETAIL" or
-// "fail DETAIL" (after the host's "done" for a guest server); "end" ends.
+// "fail DETAIL" once the host has said "done" (its end finished); "end"
+// ends.
 func TestRxePingpong(t *testing.T) {
 	host := netip.MustParseAddr(os.Getenv(EnvHost))
 	me := netip.MustParsePrefix(os.Getenv(EnvGuest))
@@ -88,15 +89,22 @@ func TestRxePingpong(t *testing.T) {
 		default:
 			t.Fatalf("control: %q", in.Text())
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		if strings.HasSuffix(f[0], "-server") {
-			cmd := exec.CommandContext(ctx, prog, args...)
-			var out bytes.Buffer
-			cmd.Stdout, cmd.Stderr = &out, &out
-			if err := cmd.Start(); err != nil {
-				cancel()
-				t.Fatal(err)
+		server := strings.HasSuffix(f[0], "-server")
+		if !server {
+			if !in.Scan() || in.Text() != "ready" {
+				t.Fatalf("control: %q, want ready", in.Text())
 			}
+			args = append(args, host.String())
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		cmd := exec.CommandContext(ctx, prog, args...)
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Start(); err != nil {
+			cancel()
+			t.Fatal(err)
+		}
+		if server {
 			if err := waitListening(ctx, port); err != nil {
 				cancel()
 				_ = cmd.Wait() // killed by the context
@@ -105,39 +113,30 @@ func TestRxePingpong(t *testing.T) {
 			if _, err := fmt.Fprintf(c, "listening\n"); err != nil {
 				t.Fatal(err)
 			}
-			// The host says "done" when its end has finished: a program
-			// still running then has lost its peer and gets 10 s more.
-			exited := make(chan error, 1)
-			go func() { exited <- cmd.Wait() }()
-			next := make(chan bool, 1)
-			go func() { next <- in.Scan() }()
-			var err error
+		}
+		// The host says "done" when its end has finished: a program
+		// still running then has lost its peer and gets 10 s more.
+		exited := make(chan error, 1)
+		go func() { exited <- cmd.Wait() }()
+		next := make(chan bool, 1)
+		go func() { next <- in.Scan() }()
+		var err error
+		select {
+		case err = <-exited:
+			<-next
+		case <-next:
 			select {
 			case err = <-exited:
-				<-next
-			case <-next:
-				select {
-				case err = <-exited:
-				case <-time.After(10 * time.Second):
-					cancel()
-					err = fmt.Errorf("still running 10 s after its peer ended: %w", <-exited)
-				}
+			case <-time.After(10 * time.Second):
+				cancel()
+				err = fmt.Errorf("still running 10 s after its peer ended: %w", <-exited)
 			}
-			cancel()
-			if in.Text() != "done" {
-				t.Fatalf("control: %q, want done (%v)", in.Text(), in.Err())
-			}
-			reply(ok(err, out.String()), fmt.Sprintf("%s %s: %v\n%s", prog, strings.Join(args, " "), err, out.String()))
-			continue
 		}
-		if !in.Scan() || in.Text() != "ready" {
-			cancel()
-			t.Fatalf("control: %q, want ready", in.Text())
-		}
-		args = append(args, host.String())
-		out, err := exec.CommandContext(ctx, prog, args...).CombinedOutput()
 		cancel()
-		reply(ok(err, string(out)), fmt.Sprintf("%s %s: %v\n%s", prog, strings.Join(args, " "), err, out))
+		if in.Text() != "done" {
+			t.Fatalf("control: %q, want done (%v)", in.Text(), in.Err())
+		}
+		reply(ok(err, out.String()), fmt.Sprintf("%s %s: %v\n%s", prog, strings.Join(args, " "), err, out.String()))
 	}
 	t.Fatalf("control connection ended without end: %v", in.Err())
 }
