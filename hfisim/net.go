@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -79,9 +80,23 @@ type netPeer struct {
 
 type rxDatagram struct {
 	from netip.AddrPort
+	ip   ipv4Var
 	b    []byte
 	buf  *[]byte
 }
+
+// ipv4Var is what an IPv4 header had that the ICRC covers and the sender
+// chose: the identification and the don't-fragment bit. Linux sends a
+// UDP socket's DF datagrams with identification 0; rdma_rxe builds its
+// own headers and numbers them (__ip_select_ident), so only a receiver
+// that sees the header can check rxe's ICRC.
+type ipv4Var struct {
+	id uint16
+	df bool
+}
+
+// udpSocketIPv4 is what a receiver that only has a UDP socket assumes.
+var udpSocketIPv4 = ipv4Var{df: true}
 
 // ParsePort parses a --port argument: "udp:ADDR[:PORT]" (an IPv6 address
 // in brackets when a port follows), port 4791 by default. The address must
@@ -109,9 +124,14 @@ func checkPortAddr(s string, ap netip.AddrPort) (netip.AddrPort, error) {
 	return netip.AddrPortFrom(a, ap.Port()), nil
 }
 
-// udpLink is the port's UDP socket.
+// udpLink is the port's UDP socket. An IPv4 port receives through a raw
+// IPPROTO_UDP socket when it may (CAP_NET_RAW): the datagrams come with
+// their IP header, whose identification the ICRC covers; the UDP socket
+// stays bound (so that the kernel answers no ICMP port unreachable) with
+// a filter that drops what it would receive, and sends.
 type udpLink struct {
 	conn *net.UDPConn
+	raw  *os.File // nil: the UDP socket receives
 	wg   sync.WaitGroup
 }
 
@@ -152,7 +172,98 @@ func openUDP(local netip.AddrPort) (*udpLink, error) {
 			}
 		})
 	}
-	return &udpLink{conn: conn}, nil
+	l := &udpLink{conn: conn}
+	if local.Addr().Is4() {
+		bound := conn.LocalAddr().(*net.UDPAddr).AddrPort()
+		raw, err := openRaw(netip.AddrPortFrom(local.Addr(), bound.Port()))
+		switch {
+		case err == nil:
+			l.raw = raw
+			if err := filterSocket(conn, dropAll); err != nil {
+				_ = raw.Close()  // never read
+				_ = conn.Close() // never used
+				return nil, fmt.Errorf("hfisim: port %v: %w", local, err)
+			}
+		case errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES):
+			// Without CAP_NET_RAW the UDP socket receives, and the ICRC
+			// is checked against identification 0: other hfisim ports
+			// and Linux UDP sockets, not rdma_rxe (docs/fabric.md).
+		default:
+			_ = conn.Close() // never used
+			return nil, fmt.Errorf("hfisim: port %v: raw socket: %w", local, err)
+		}
+	}
+	return l, nil
+}
+
+// dropAll is a socket filter that accepts nothing.
+var dropAll = []unix.SockFilter{{Code: unix.BPF_RET | unix.BPF_K, K: 0}}
+
+// rawFilter accepts IPv4 UDP datagrams to local, not fragments (the raw
+// socket sees packets after reassembly, but a filter costs nothing).
+func rawFilter(local netip.AddrPort) []unix.SockFilter {
+	a := local.Addr().As4()
+	addr := uint32(a[0])<<24 | uint32(a[1])<<16 | uint32(a[2])<<8 | uint32(a[3])
+	const drop, accept = 0, 0xFFFF
+	return []unix.SockFilter{
+		{Code: unix.BPF_LD | unix.BPF_B | unix.BPF_ABS, K: 9},                 // protocol
+		{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, Jt: 0, Jf: 7, K: 17}, // UDP
+		{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: 16},                // destination
+		{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, Jt: 0, Jf: 5, K: addr},
+		{Code: unix.BPF_LD | unix.BPF_H | unix.BPF_ABS, K: 6}, // flags, fragment offset
+		{Code: unix.BPF_JMP | unix.BPF_JSET | unix.BPF_K, Jt: 3, Jf: 0, K: 0x3FFF},
+		{Code: unix.BPF_LDX | unix.BPF_B | unix.BPF_MSH, K: 0}, // X = header length
+		{Code: unix.BPF_LD | unix.BPF_H | unix.BPF_IND, K: 2},  // UDP destination port
+		{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, Jt: 1, Jf: 0, K: uint32(local.Port())},
+		{Code: unix.BPF_RET | unix.BPF_K, K: drop},
+		{Code: unix.BPF_RET | unix.BPF_K, K: accept},
+	}
+}
+
+// openRaw opens the raw IPPROTO_UDP socket that receives local's
+// datagrams with their IPv4 headers. A raw socket receives from its
+// creation on: what it queued before its filter was attached is drained.
+func openRaw(local netip.AddrPort) (*os.File, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_UDP)
+	if err != nil {
+		return nil, err
+	}
+	f := rawFilter(local)
+	prog := unix.SockFprog{Len: uint16(len(f)), Filter: &f[0]}
+	err = unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &prog)
+	if err == nil {
+		err = unix.Bind(fd, &unix.SockaddrInet4{Addr: local.Addr().As4()})
+	}
+	if err == nil && unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, netSocketBuf) != nil {
+		err = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, netSocketBuf)
+	}
+	if err != nil {
+		_ = unix.Close(fd) // never used
+		return nil, err
+	}
+	// What arrived before the filter was attached is not the port's.
+	var b [1]byte
+	for {
+		if _, _, err := unix.Recvfrom(fd, b[:], 0); err != nil {
+			break // EAGAIN: empty
+		}
+	}
+	// Non-blocking: the runtime's poller waits, and Close ends a Read.
+	return os.NewFile(uintptr(fd), "hfisim-raw-"+local.String()), nil
+}
+
+// filterSocket attaches filter f to conn.
+func filterSocket(conn *net.UDPConn, f []unix.SockFilter) error {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		prog := unix.SockFprog{Len: uint16(len(f)), Filter: &f[0]}
+		serr = unix.SetsockoptSockFprog(int(fd), unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &prog)
+	})
+	return errors.Join(err, serr)
 }
 
 // netSocketBuf is the port socket's receive buffer.
@@ -165,6 +276,9 @@ func (l *udpLink) send(to netip.AddrPort, b []byte) error {
 
 func (l *udpLink) close() error {
 	err := l.conn.Close()
+	if l.raw != nil {
+		err = errors.Join(err, l.raw.Close())
+	}
 	l.wg.Wait()
 	return err
 }
@@ -172,6 +286,10 @@ func (l *udpLink) close() error {
 // readLoop queues every datagram for the engine until the socket closes.
 func (l *udpLink) readLoop(d *Device) {
 	defer l.wg.Done()
+	if l.raw != nil {
+		l.readRaw(d)
+		return
+	}
 	buf := make([]byte, 65536)
 	for {
 		n, from, err := l.conn.ReadFromUDPAddrPort(buf)
@@ -183,6 +301,62 @@ func (l *udpLink) readLoop(d *Device) {
 		}
 		d.netInput(from, buf[:n])
 	}
+}
+
+// readRaw reads the raw socket: IPv4 datagrams with their headers, the
+// kernel's filter having let through UDP to the port's address and port
+// only. The headers are checked again here (a filter is not a parser):
+// a datagram that is not UDP to the port, or is a fragment, is dropped
+// as not RoCE (NetCntDropHeader), one shorter than its headers say as a
+// length error.
+func (l *udpLink) readRaw(d *Device) {
+	buf := make([]byte, 65536)
+	local := d.net.local
+	for {
+		n, err := l.raw.Read(buf)
+		if err != nil {
+			if errors.Is(err, os.ErrClosed) {
+				return
+			}
+			continue
+		}
+		from, ip, ib, cnt := splitIPv4UDP(buf[:n], local)
+		if cnt >= 0 {
+			d.net.count(chip.NetCntRxPkts)
+			d.net.count(cnt)
+			continue
+		}
+		d.netInputIP(from, ip, ib)
+	}
+}
+
+// splitIPv4UDP takes an IPv4 datagram apart: its source, the header
+// fields the ICRC needs, and the UDP payload. cnt is the drop counter
+// when it is not for local, has IP options or is malformed, else -1.
+func splitIPv4UDP(b []byte, local netip.AddrPort) (from netip.AddrPort, ip ipv4Var, payload []byte, cnt int) {
+	if len(b) < 20+8 || b[0]>>4 != 4 {
+		return from, ip, nil, chip.NetCntDropLength
+	}
+	hl := int(b[0]&0x0F) * 4
+	total := int(b[2])<<8 | int(b[3])
+	if hl < 20 || total < hl+8 || total > len(b) {
+		return from, ip, nil, chip.NetCntDropLength
+	}
+	if hl != 20 { // IPv4 options: not RoCEv2 (ibwire refuses them too)
+		return from, ip, nil, chip.NetCntDropHeader
+	}
+	frag := uint16(b[6])<<8 | uint16(b[7])
+	dst := netip.AddrFrom4([4]byte(b[16:20]))
+	u := b[hl:total]
+	dport := uint16(u[2])<<8 | uint16(u[3])
+	if b[9] != unix.IPPROTO_UDP || frag&0x3FFF != 0 || dst != local.Addr() || dport != local.Port() {
+		return from, ip, nil, chip.NetCntDropHeader
+	}
+	if ulen := int(u[4])<<8 | int(u[5]); ulen != len(u) {
+		return from, ip, nil, chip.NetCntDropLength
+	}
+	from = netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[12:16])), uint16(u[0])<<8|uint16(u[1]))
+	return from, ipv4Var{id: uint16(b[4])<<8 | uint16(b[5]), df: frag&0x4000 != 0}, u[8:], -1
 }
 
 // newNetPort makes the port of a device with nqps QPs on link l.
@@ -255,6 +429,11 @@ func (d *Device) NetCounter(i int) uint64 {
 // netInput queues a datagram that arrived from from (copied: b is the
 // caller's) and wakes the engine. A full queue drops it.
 func (d *Device) netInput(from netip.AddrPort, b []byte) {
+	d.netInputIP(from, udpSocketIPv4, b)
+}
+
+// netInputIP is netInput for a datagram whose IPv4 header was seen.
+func (d *Device) netInputIP(from netip.AddrPort, ip ipv4Var, b []byte) {
 	p := d.net
 	p.count(chip.NetCntRxPkts)
 	if len(b) > maxDatagram {
@@ -264,7 +443,7 @@ func (d *Device) netInput(from netip.AddrPort, b []byte) {
 	buf := p.bufs.Get().(*[]byte)
 	n := copy(*buf, b)
 	select {
-	case p.rx <- rxDatagram{from: netip.AddrPortFrom(from.Addr().Unmap(), from.Port()), b: (*buf)[:n], buf: buf}:
+	case p.rx <- rxDatagram{from: netip.AddrPortFrom(from.Addr().Unmap(), from.Port()), ip: ip, b: (*buf)[:n], buf: buf}:
 		d.kickEngine()
 	default:
 		p.bufs.Put(buf)
@@ -449,7 +628,7 @@ func (d *Device) pollNet() bool {
 			break
 		}
 		busy = true
-		d.receive(dg.from, dg.b)
+		d.receive(dg.from, dg.ip, dg.b)
 		p.bufs.Put(dg.buf)
 	}
 	if d.pumpReads() {
@@ -466,13 +645,16 @@ func (d *Device) pollNet() bool {
 
 // receive checks one datagram and hands it to its QP: ICRC, headers,
 // transport, destination QP, source.
-func (d *Device) receive(from netip.AddrPort, b []byte) {
+func (d *Device) receive(from netip.AddrPort, v ipv4Var, b []byte) {
 	p := d.net
 	if len(b) < ibwire.BTHLen+ibwire.ICRCLen {
 		p.count(chip.NetCntDropLength)
 		return
 	}
 	ip := ibwire.IPHeader{Src: from.Addr(), Dst: p.local.Addr(), DF: true}
+	if from.Addr().Is4() {
+		ip.ID, ip.DF = v.id, v.df
+	}
 	if err := ibwire.ValidateICRC(&ip, ibwire.UDPHeader{SrcPort: from.Port(), DstPort: p.local.Port()}, b); err != nil {
 		p.count(chip.NetCntDropICRC)
 		return
@@ -511,7 +693,10 @@ func (d *Device) receive(from netip.AddrPort, b []byte) {
 	case !ok:
 		p.count(chip.NetCntDropQP)
 		return
-	case from != peer:
+	case from.Addr() != peer.Addr():
+		// By address only: a RoCEv2 sender picks its UDP source port
+		// for entropy (rxe hashes the QP number), so only the address
+		// identifies the peer. Replies go to the peer's own port.
 		p.count(chip.NetCntDropPeer)
 		return
 	}

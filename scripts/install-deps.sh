@@ -13,6 +13,8 @@ command -v xz >/dev/null || need+=(xz-utils)
 command -v cpio >/dev/null || need+=(cpio)
 command -v tshark >/dev/null || need+=(tshark) # ibwire: tshark decodes the RoCEv2 we encode
 command -v ip >/dev/null || need+=(iproute2)  # test/fabric: network namespaces, veth pairs, tc
+# test/rxe: the guest's RDMA WRITE/READ peer (rxe_rdma.c) is built on the host against libibverbs.
+[ -e /usr/include/infiniband/verbs.h ] || need+=(libibverbs-dev)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq

@@ -79,6 +79,10 @@ type GuestConfig struct {
 	Env []string
 	// Timeout bounds the boot and the tests; default BootTimeout.
 	Timeout time.Duration
+	// Modules for the init to load (default vmimage.VFIOModules), Files
+	// and Links added to the image (vmimage.ImageOptions).
+	Modules      []string
+	Files, Links map[string]string
 }
 
 // RunGuest builds the image for cfg, boots it and returns what the guest
@@ -90,7 +94,7 @@ func RunGuest(t testing.TB, a *vmimage.Artifacts, cfg GuestConfig) *vmimage.RunR
 	defer cancel()
 	start := time.Now()
 	initrd, err := vmimage.BuildImage(ctx, a, vmimage.ImageOptions{
-		WorkDir: t.TempDir(), Tests: cfg.Tests, Env: cfg.Env,
+		WorkDir: t.TempDir(), Tests: cfg.Tests, Env: cfg.Env, Modules: cfg.Modules, Files: cfg.Files, Links: cfg.Links,
 	})
 	if err != nil {
 		t.Fatalf("building the guest image: %v", err)

@@ -84,17 +84,13 @@ func peerShow(s *session, args []string) (obj, error) {
 	if err != nil {
 		return nil, err
 	}
-	cnt, err := a.Device.NetCounters()
+	co, err := netCounters(a.Device)
 	if err != nil {
 		return nil, err
 	}
 	var ps []obj
 	for _, p := range peers {
 		ps = append(ps, obj{{"peer", p.Index}, {"addr", p.Addr.String()}, {"gid", gidString(p.Addr.Addr())}})
-	}
-	var co obj
-	for _, c := range cnt {
-		co.add(c.Name, c.Value)
 	}
 	return obj{{"addr", own.String()}, {"gid", gidString(own.Addr())}, {"peers", ps}, {"counters", co}}, nil
 }
@@ -111,4 +107,17 @@ func gidString(a netip.Addr) string {
 		out += fmt.Sprintf("%02x%02x", g[i], g[i+1])
 	}
 	return out
+}
+
+// netCounters is the port's counters as an object, by name.
+func netCounters(d *driver.Device) (obj, error) {
+	cnt, err := d.NetCounters()
+	if err != nil {
+		return nil, err
+	}
+	var co obj
+	for _, c := range cnt {
+		co.add(c.Name, c.Value)
+	}
+	return co, nil
 }

@@ -127,19 +127,7 @@ func (a *Artifacts) libraryPath() string {
 // directory, downloading and unpacking them unless an earlier complete fetch
 // is there, and checks that QEMU runs and offers vfio-user-pci.
 func Fetch(ctx context.Context, opts FetchOptions) (*Artifacts, error) {
-	if opts.CacheDir == "" {
-		opts.CacheDir = CacheDir()
-	}
-	if opts.SourcesFile == "" {
-		opts.SourcesFile = DefaultSourcesFile
-	}
-	if opts.Log == nil {
-		opts.Log = io.Discard
-	}
-	if err := os.MkdirAll(opts.CacheDir, 0o755); err != nil {
-		return nil, fmt.Errorf("vmimage: cache: %w", err)
-	}
-	unlock, err := lockDir(ctx, opts.CacheDir)
+	unlock, err := opts.lockCache(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -171,6 +159,43 @@ func Fetch(ctx context.Context, opts FetchOptions) (*Artifacts, error) {
 	}
 	if err := writeFileAtomic(filepath.Join(opts.CacheDir, stampName), b); err != nil {
 		return nil, fmt.Errorf("vmimage: writing stamp: %w", err)
+	}
+	return a, nil
+}
+
+// lockCache fills in the defaults of o, makes the cache directory and
+// takes its lock.
+func (o *FetchOptions) lockCache(ctx context.Context) (unlock func(), err error) {
+	if o.CacheDir == "" {
+		o.CacheDir = CacheDir()
+	}
+	if o.SourcesFile == "" {
+		o.SourcesFile = DefaultSourcesFile
+	}
+	if o.Log == nil {
+		o.Log = io.Discard
+	}
+	if err := os.MkdirAll(o.CacheDir, 0o755); err != nil {
+		return nil, fmt.Errorf("vmimage: cache: %w", err)
+	}
+	return lockDir(ctx, o.CacheDir)
+}
+
+// openAPT sets up the private apt configuration in the cache with the
+// host's mirror and updates its lists.
+func (o *FetchOptions) openAPT(ctx context.Context) (*apt, error) {
+	mirror, keyring, err := readMirror(o.SourcesFile)
+	if err != nil {
+		return nil, err
+	}
+	a, err := newAPT(filepath.Join(o.CacheDir, "apt"), mirror, keyring, o.Log)
+	if err != nil {
+		return nil, err
+	}
+	// Progress log only: a failed write is not a failed fetch.
+	_, _ = fmt.Fprintf(o.Log, "vmimage: apt-get update (%s, %s)\n", kernelSuite, qemuSuite)
+	if _, err := a.run(ctx, a.dir, "apt-get", "-q", "update"); err != nil {
+		return nil, err
 	}
 	return a, nil
 }
@@ -298,17 +323,8 @@ func (a *apt) run(ctx context.Context, dir string, tool string, args ...string) 
 
 func fetch(ctx context.Context, opts FetchOptions) (*Artifacts, error) {
 	start := time.Now()
-	mirror, keyring, err := readMirror(opts.SourcesFile)
+	a, err := opts.openAPT(ctx)
 	if err != nil {
-		return nil, err
-	}
-	a, err := newAPT(filepath.Join(opts.CacheDir, "apt"), mirror, keyring, opts.Log)
-	if err != nil {
-		return nil, err
-	}
-	// Progress log only: a failed write is not a failed fetch.
-	_, _ = fmt.Fprintf(opts.Log, "vmimage: apt-get update (%s, %s)\n", kernelSuite, qemuSuite)
-	if _, err := a.run(ctx, a.dir, "apt-get", "-q", "update"); err != nil {
 		return nil, err
 	}
 
@@ -334,60 +350,15 @@ func fetch(ctx context.Context, opts FetchOptions) (*Artifacts, error) {
 	}
 	pkgs = append(pkgs, kpkg+"="+kver)
 
-	debs := filepath.Join(opts.CacheDir, "debs")
-	if err := os.RemoveAll(debs); err != nil {
-		return nil, err
-	}
-	if err := os.MkdirAll(debs, 0o755); err != nil {
-		return nil, err
-	}
 	// Progress log only: a failed write is not a failed fetch.
 	_, _ = fmt.Fprintf(opts.Log, "vmimage: apt-get download of %d packages\n", len(pkgs))
-	if _, err := a.run(ctx, debs, "apt-get", append([]string{"-q", "download"}, pkgs...)...); err != nil {
-		return nil, err
-	}
-	files, err := filepath.Glob(filepath.Join(debs, "*.deb"))
-	if err != nil {
-		return nil, err
-	}
-	if len(files) != len(pkgs) {
-		return nil, fmt.Errorf("vmimage: asked apt-get for %d packages, got %d files", len(pkgs), len(files))
-	}
-	var total int64
-	for _, f := range files {
-		if st, err := os.Stat(f); err == nil {
-			total += st.Size()
-		}
-	}
-
-	// Unpack into a fresh directory and rename it into place, so that a
-	// cut-off fetch never leaves a half prefix that looks complete.
 	root := filepath.Join(opts.CacheDir, "root")
-	tmp := root + ".tmp"
-	if err := os.RemoveAll(tmp); err != nil {
-		return nil, err
-	}
-	if err := os.MkdirAll(tmp, 0o755); err != nil {
-		return nil, err
-	}
-	// Progress log only: a failed write is not a failed fetch.
-	_, _ = fmt.Fprintf(opts.Log, "vmimage: dpkg -x %d packages (%d MB)\n", len(files), total>>20)
-	if err := extractAll(ctx, files, tmp, opts.Log); err != nil {
-		return nil, err
-	}
-	if err := os.RemoveAll(root); err != nil {
-		return nil, err
-	}
-	if err := os.Rename(tmp, root); err != nil {
+	total, err := a.downloadUnpack(ctx, pkgs, filepath.Join(opts.CacheDir, "debs"), root)
+	if err != nil {
 		return nil, err
 	}
 	release, err := kernelRelease(root)
 	if err != nil {
-		return nil, err
-	}
-	// The packages are not needed once unpacked (a new fetch downloads
-	// afresh): keep only the prefix.
-	if err := os.RemoveAll(debs); err != nil {
 		return nil, err
 	}
 	// Progress log only: a failed write is not a failed fetch.
@@ -399,6 +370,53 @@ func fetch(ctx context.Context, opts FetchOptions) (*Artifacts, error) {
 		Packages:      pkgs,
 		DownloadBytes: total,
 	}, nil
+}
+
+// downloadUnpack downloads pkgs (name=version) into the directory debs
+// and unpacks them into a fresh directory renamed to root when complete,
+// so that a cut-off fetch never leaves a half prefix that looks complete.
+// The packages are not kept once unpacked (a new fetch downloads afresh).
+// It returns the bytes downloaded.
+func (a *apt) downloadUnpack(ctx context.Context, pkgs []string, debs, root string) (int64, error) {
+	if err := os.RemoveAll(debs); err != nil {
+		return 0, err
+	}
+	if err := os.MkdirAll(debs, 0o755); err != nil {
+		return 0, err
+	}
+	defer func() { _ = os.RemoveAll(debs) }() // downloads only: the prefix is what is kept
+	if _, err := a.run(ctx, debs, "apt-get", append([]string{"-q", "download"}, pkgs...)...); err != nil {
+		return 0, err
+	}
+	files, err := filepath.Glob(filepath.Join(debs, "*.deb"))
+	if err != nil {
+		return 0, err
+	}
+	if len(files) != len(pkgs) {
+		return 0, fmt.Errorf("vmimage: asked apt-get for %d packages, got %d files", len(pkgs), len(files))
+	}
+	var total int64
+	for _, f := range files {
+		if st, err := os.Stat(f); err == nil {
+			total += st.Size()
+		}
+	}
+	tmp := root + ".tmp"
+	if err := os.RemoveAll(tmp); err != nil {
+		return 0, err
+	}
+	if err := os.MkdirAll(tmp, 0o755); err != nil {
+		return 0, err
+	}
+	// Progress log only: a failed write is not a failed fetch.
+	_, _ = fmt.Fprintf(a.log, "vmimage: dpkg -x %d packages (%d MB)\n", len(files), total>>20)
+	if err := extractAll(ctx, files, tmp, a.log); err != nil {
+		return 0, err
+	}
+	if err := os.RemoveAll(root); err != nil {
+		return 0, err
+	}
+	return total, os.Rename(tmp, root)
 }
 
 // extractAll runs dpkg -x for every file, two at a time: dpkg -x is mostly

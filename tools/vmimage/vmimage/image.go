@@ -40,6 +40,9 @@ type ImageOptions struct {
 	// Tools are packages of the module built as static commands into
 	// /bin (e.g. "./tools/hfictl").
 	Tools []string
+	// Files are added to the image (guest path -> host path), Links
+	// as symlinks (guest path -> target): a Userland's Entries.
+	Files, Links map[string]string
 	// Interactive keeps the guest up with a command loop on the console
 	// and adds a few u-root core commands (ls, cat, dmesg, ...) to /bin.
 	Interactive bool
@@ -62,7 +65,10 @@ func BuildImage(ctx context.Context, a *Artifacts, opts ImageOptions) (string, e
 	if opts.Modules == nil {
 		opts.Modules = VFIOModules
 	}
-	spec := InitramfsSpec{Env: opts.Env, Interactive: opts.Interactive, Files: map[string]string{}}
+	spec := InitramfsSpec{Env: opts.Env, Interactive: opts.Interactive, Files: map[string]string{}, Links: opts.Links}
+	for g, h := range opts.Files {
+		spec.Files[g] = h
+	}
 	spec.Init = filepath.Join(opts.WorkDir, "init")
 	if err := BuildInit(ctx, opts.ModuleDir, spec.Init); err != nil {
 		return "", err

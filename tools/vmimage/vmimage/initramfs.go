@@ -11,6 +11,7 @@ import (
 	"path"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 
@@ -37,6 +38,7 @@ type InitramfsSpec struct {
 	Tests       []TestBinary
 	Env         []string          // added to the tests' environment
 	Files       map[string]string // guest path -> host path, extra files
+	Links       map[string]string // guest path -> symlink target
 	Interactive bool              // offer a shell on the console after the tests
 }
 
@@ -114,10 +116,14 @@ func WriteInitramfs(w io.Writer, spec InitramfsSpec) error {
 		}
 		cfg.Tests = append(cfg.Tests, guest.Test{Name: t.Name, Path: p, Args: t.Args, Timeout: t.Timeout})
 	}
-	for g, h := range spec.Files {
-		if err := addFile(g, h, 0o755); err != nil {
+	for _, g := range sortedKeys(spec.Files) {
+		if err := addFile(g, spec.Files[g], 0o755); err != nil {
 			return err
 		}
+	}
+	for _, g := range sortedKeys(spec.Links) {
+		mkdir(path.Dir(g))
+		records = append(records, cpio.Symlink(strings.TrimPrefix(g, "/"), spec.Links[g]))
 	}
 	b, err := json.MarshalIndent(cfg, "", "  ")
 	if err != nil {
@@ -137,6 +143,15 @@ func WriteInitramfs(w io.Writer, spec InitramfsSpec) error {
 		return fmt.Errorf("vmimage: initramfs: %w", err)
 	}
 	return bw.Flush()
+}
+
+func sortedKeys(m map[string]string) []string {
+	k := make([]string, 0, len(m))
+	for g := range m {
+		k = append(k, g)
+	}
+	slices.Sort(k)
+	return k
 }
 
 // BuildInitramfs writes spec to the file at path.
