@@ -74,8 +74,19 @@ func ListenAndServe(ctx context.Context, dev *Device, path string, opts ...vfiou
 	// A socket an earlier run left behind; if it cannot be removed,
 	// Listen says why.
 	_ = os.Remove(path)
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	// The socket appears at path only once it listens (bound under a
+	// temporary name, then renamed): a client that sees the file may
+	// connect at once, without ECONNREFUSED between bind and listen.
+	tmp := fmt.Sprintf("%s.%d.tmp", path, os.Getpid())
+	_ = os.Remove(tmp) // as path above
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: tmp, Net: "unix"})
 	if err != nil {
+		return fmt.Errorf("hfisim: listen %s: %w", path, err)
+	}
+	ln.SetUnlinkOnClose(false) // path is removed below; tmp is gone after the rename
+	if err := os.Rename(tmp, path); err != nil {
+		_ = ln.Close() // the rename's error is the one to report
+		_ = os.Remove(tmp)
 		return fmt.Errorf("hfisim: listen %s: %w", path, err)
 	}
 	defer func() {
@@ -83,8 +94,6 @@ func ListenAndServe(ctx context.Context, dev *Device, path string, opts ...vfiou
 		if cerr := ln.Close(); cerr != nil && !errors.Is(cerr, net.ErrClosed) {
 			err = errors.Join(err, fmt.Errorf("hfisim: close %s: %w", path, cerr))
 		}
-		// The listener's close unlinks path already: only a socket
-		// still there is worth reporting.
 		if rerr := os.Remove(path); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) {
 			err = errors.Join(err, fmt.Errorf("hfisim: remove %s: %w", path, rerr))
 		}

@@ -439,7 +439,7 @@ func TestExternalHfisim(t *testing.T) {
 	for i := 0; i < 2; i++ {
 		code, out, errs := hfictl(t, "", "--device", "vfio-user:"+sock, "--json", "info")
 		if code != 0 {
-			t.Fatalf("run %d: exit %d, stderr %q\nhfisim: %s", i, code, errs, simErr.String())
+			t.Fatalf("run %d: exit %d, stdout %q, stderr %q\nhfisim: %s", i, code, out, errs, simErr.String())
 		}
 		m := jsonLines(t, out)[0]
 		if m["spec"] != "vfio-user:"+sock || num(t, m, "device.num_contexts") != 3 || num(t, m, "attr.vendor_id") != chip.PCIVendorID {
