@@ -302,3 +302,46 @@ func TestSDMACloseInFlight(t *testing.T) {
 		}
 	}
 }
+
+// TestSDMADeviceDeath: with SDMA sends of anonymous (pinned) memory in
+// flight (the device process never consumes them), the device process
+// dies: a later SDMA send fails with ENXIO, and Close gives back every pin.
+func TestSDMADeviceDeath(t *testing.T) {
+	requireRoot(t)
+	p := startDeviceProcess(t)
+	tx := openFile(t, p.a)
+	assign(t, tx)
+	pins := p.a.Device.PinnedNow()
+	src := allocBuf(t, 64<<10, false)
+	dst := ctxtOf(t, tx)
+	send := func(flags uint8) error {
+		s := uapi.GohfiSend{Opcode: uapi.GOHFI_SEND_EAGER, Flags: uapi.GOHFI_SEND_FLAG_SDMA | flags, DstCtxt: dst,
+			Length: 64 << 10, Vaddr: uint64(src.Addr())}
+		return ioctl(tx, uapi.GOHFI_IOCTL_SEND, &s)
+	}
+	if err := send(0); err != nil {
+		t.Fatalf("SEND: %v", err)
+	}
+	if p.a.Device.PinnedNow() == pins {
+		t.Fatal("the anonymous send buffer is not pinned")
+	}
+	if err := send(0); err != nil {
+		t.Fatalf("SEND: %v", err)
+	}
+	p.kill(t)
+	deadline := time.Now().Add(10 * time.Second)
+	var err error
+	for err = send(0); !errors.Is(err, unix.ENXIO); err = send(0) {
+		// The driver learns of the death at its next device access or
+		// interrupt wait: sends before that are posted into the void.
+		if err != nil || time.Now().After(deadline) {
+			t.Fatalf("SEND on a dead device: %v, want ENXIO", err)
+		}
+	}
+	if err := tx.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if n := p.a.Device.PinnedNow(); n != pins {
+		t.Errorf("%d pins after Close on a dead device, %d before", n, pins)
+	}
+}
