@@ -241,10 +241,15 @@ func TestSDMAErrors(t *testing.T) {
 	if p := a.Device.PinnedNow(); p != pins {
 		t.Errorf("%d pins after failed sends, %d before", p, pins)
 	}
-	// The context still works, with a fence.
+	// The context still works; with a fence, the send has completed when
+	// SEND returns.
+	ev := eventsPage(t, tx)
 	n, err := sdmaSend(tx, dst, tids[0], 0, src.Addr(), 4096, uapi.GOHFI_SEND_FLAG_WAIT)
 	if err != nil || n != 1 {
 		t.Fatalf("SEND after the errors: %d %v", n, err)
+	}
+	if done := binary.LittleEndian.Uint64(ev[uapi.GOHFI_EVENTS_SDMA_DONE_OFF:]); done != 1 {
+		t.Errorf("SDMA_DONE %d after a SEND with GOHFI_SEND_FLAG_WAIT, want 1", done)
 	}
 	if e := rx.nextEntry(t); e.Type != uapi.GOHFI_RHF_EXPECTED {
 		t.Fatalf("entry %+v", e)
