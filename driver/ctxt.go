@@ -33,11 +33,22 @@ type ctxtData struct {
 	rmu  sync.RWMutex
 	gone unix.Errno // why the rings were released: EBADF (close) or ENXIO (device removed)
 
+	// sendMu guards the send books below: the file's SEND and the
+	// interrupt handler (which reaps consumed SDMA descriptors) both reap.
+	sendMu sync.Mutex
 	sqTail uint64 // driver's producer index
 	sqDone uint64 // consumer index last read from sqHead (pio.go's reap)
 	// The send buffer's ring (pio.go): byte positions since program.
 	pioHead, pioTail uint64
 	pioEnd           []uint64 // per send queue slot: where its payload ends
+
+	// User SDMA (user_sdma.go): the mapping cache, the entry each send
+	// queue slot's descriptor reads from (nil: a PIO send), and the
+	// context's SDMA sends posted and consumed since it was set up
+	// (GOHFI_EVENTS_SDMA_DONE_OFF).
+	sdma                 *sdmaCache
+	sdmaSlot             []*sdmaNode
+	sdmaPosted, sdmaDone uint64
 }
 
 // The events page's layout is ABI: uapi.GOHFI_EVENTS_*_OFF (hfi1 maps the
@@ -51,7 +62,7 @@ func (d *Device) setupCtxt(n int) (c *ctxtData, err error) {
 	p := d.m.params
 	// The undo holds its own reference: every failing return sets the
 	// result c to nil before it runs.
-	nc := &ctxtData{d: d, ctxt: n}
+	nc := &ctxtData{d: d, ctxt: n, sdma: newSDMACache(d)}
 	c = nc
 	defer func() {
 		if err != nil {
@@ -118,10 +129,18 @@ func (c *ctxtData) program() error {
 		return fmt.Errorf("context %d did not enable (status %#x): %w", n, st, errIO)
 	}
 	clear(c.rhq.mem)
+	c.sendMu.Lock()
 	store64(c.sqHead.mem, 0, 0)
 	c.sqTail, c.sqDone, c.pioHead, c.pioTail = 0, 0, 0, 0
 	c.pioEnd = make([]uint64, p.SendQueueEntries)
-	return nil
+	// SDMA sends still in flight are dropped with the queue: their
+	// buffers are the caller's again.
+	dropped := c.sdmaSlot
+	c.sdmaSlot = make([]*sdmaNode, p.SendQueueEntries)
+	c.sdmaDone = c.sdmaPosted
+	store64(c.events.mem, uapi.GOHFI_EVENTS_SDMA_DONE_OFF, c.sdmaDone)
+	c.sendMu.Unlock()
+	return c.sdma.put(dropped)
 }
 
 // disable stops the context in the device; its rings stay mapped.

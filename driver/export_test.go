@@ -77,3 +77,17 @@ func DBRecSQTail(f *File, qp uint32) (uint32, bool) {
 	}
 	return load32(q.dbRec, chip.DBRecSQTail), true
 }
+
+// IOVAAllocations is how many IOVA ranges the driver holds: one per DMA
+// mapping it made (rings, TIDs, MRs, SDMA cache entries).
+func (d *Device) IOVAAllocations() int { return d.iova.a.Stats().Allocations }
+
+// SDMACacheLen is how many mappings the SDMA cache of f's context holds.
+func SDMACacheLen(f *File) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.uctxt == nil {
+		return 0
+	}
+	return f.uctxt.sdma.len()
+}

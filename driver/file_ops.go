@@ -528,6 +528,8 @@ func (f *File) release(why unix.Errno) error {
 		err = errors.Join(err, f.exp.close())
 	}
 	err = errors.Join(err, c.free(why))
+	// The context is disabled: the device reads no SDMA buffer any more.
+	err = errors.Join(err, c.sdma.close())
 	f.d.mu.Lock()
 	f.d.ctxts[c.ctxt] = nil
 	f.d.mu.Unlock()

@@ -207,12 +207,17 @@ func (d *Device) handleSources(src uint64) {
 	if src&chip.IntSrcVector0 != 0 && d.verbs != nil && d.verbs.odp != nil {
 		d.verbs.odp.interrupt(src)
 	}
+	var fired []*ctxtData
 	d.mu.Lock()
-	defer d.mu.Unlock()
 	for n, c := range d.ctxts {
 		if c != nil && src&chip.IntSrcCtxt(n) != 0 {
-			c.wq.wakeAll()
+			fired = append(fired, c)
 		}
+	}
+	d.mu.Unlock()
+	for _, c := range fired {
+		c.reapIntr() // SDMA completions reach the events page without a system call
+		c.wq.wakeAll()
 	}
 }
 

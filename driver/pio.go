@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -29,16 +30,23 @@ const pioRingSize = 2 * pioBufferSize
 // send buffer is full, or, with GOHFI_SEND_FLAG_WAIT, until the device has
 // consumed the descriptor. Packets complete at the receiver, in its header
 // queue.
+//
+// With GOHFI_SEND_FLAG_SDMA nothing is copied: the descriptor points at
+// the caller's buffer, DMA-mapped through the context's SDMA cache
+// (user_sdma.go), and SEND writes back the send's completion number, which
+// the events page's SDMA_DONE word reaches once the device has read the
+// payload.
 func (f *File) send(arg UserPtr) error {
 	var s uapi.GohfiSend
 	if err := readArg(arg, &s, "SEND"); err != nil {
 		return err
 	}
 	c := f.uctxt
+	const known = uapi.GOHFI_SEND_FLAG_URGENT | uapi.GOHFI_SEND_FLAG_WAIT | uapi.GOHFI_SEND_FLAG_SDMA
 	switch {
 	case s.Opcode != uapi.GOHFI_SEND_EAGER && s.Opcode != uapi.GOHFI_SEND_EXPECTED:
 		return errnoErr(fmt.Sprintf("SEND: opcode %d", s.Opcode), unix.EINVAL)
-	case s.Flags&^(uapi.GOHFI_SEND_FLAG_URGENT|uapi.GOHFI_SEND_FLAG_WAIT) != 0 || s.Reserved != 0:
+	case s.Flags&^known != 0 || s.Reserved != 0:
 		return errnoErr("SEND: reserved fields set", unix.EINVAL)
 	case int(s.DstCtxt) >= f.d.info.NumContexts:
 		return errnoErr(fmt.Sprintf("SEND: destination context %d", s.DstCtxt), unix.EINVAL)
@@ -47,18 +55,9 @@ func (f *File) send(arg UserPtr) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), sendTimeout)
 	defer cancel()
-	tail := c.pioTail
-	off, err := c.pioAlloc(ctx, int(s.Length))
-	if err != nil {
-		return err
-	}
-	if err := copyFromUser(c.pio.mem[off:off+int(s.Length)], UserAddr(s.Vaddr)); err != nil {
-		c.pioTail = max(tail, c.pioHead) // nothing posted: the bytes are free again
-		return errFault("gohfi: SEND payload")
-	}
 	desc := chip.SendDesc{
 		Opcode: chip.OpEager, DstCtxt: s.DstCtxt, Length: s.Length,
-		SrcIOVA: c.pio.iova + uint64(off), TID: s.TID, TIDOffset: s.TIDOffset, Tag: s.Tag,
+		TID: s.TID, TIDOffset: s.TIDOffset, Tag: s.Tag,
 	}
 	if s.Flags&uapi.GOHFI_SEND_FLAG_URGENT != 0 {
 		desc.Flags |= chip.DescFlagUrgent
@@ -66,19 +65,70 @@ func (f *File) send(arg UserPtr) error {
 	if s.Opcode == uapi.GOHFI_SEND_EXPECTED {
 		desc.Opcode = chip.OpExpected
 	}
+	var err error
+	if s.Flags&uapi.GOHFI_SEND_FLAG_SDMA != 0 {
+		err = c.sendSDMA(ctx, arg, &s, &desc)
+	} else {
+		err = c.sendPIO(ctx, &s, &desc)
+	}
+	if err != nil || s.Flags&uapi.GOHFI_SEND_FLAG_WAIT == 0 {
+		return err
+	}
+	return c.waitSent(ctx, func() bool { return c.sqDone == c.sqTail })
+}
+
+// sendPIO copies the payload into the send buffer and posts desc.
+func (c *ctxtData) sendPIO(ctx context.Context, s *uapi.GohfiSend, desc *chip.SendDesc) error {
+	tail := c.pioTail
+	off, err := c.pioAlloc(ctx, int(s.Length))
+	if err != nil {
+		return err
+	}
+	if err := copyFromUser(c.pio.mem[off:off+int(s.Length)], UserAddr(s.Vaddr)); err != nil {
+		c.sendMu.Lock()
+		c.pioTail = max(tail, c.pioHead) // nothing posted: the bytes are free again
+		c.sendMu.Unlock()
+		return errFault("gohfi: SEND payload")
+	}
+	desc.SrcIOVA = c.pio.iova + uint64(off)
+	c.sendMu.Lock()
 	if s.Flags&uapi.GOHFI_SEND_FLAG_WAIT != 0 || c.pioHalfFull() {
 		// Someone may wait for this descriptor's consumption: the
 		// sender now, or a later send that finds no room (see
 		// pioHalfFull).
 		desc.Flags |= chip.DescFlagIntr
 	}
-	if err := c.postSend(&desc); err != nil {
-		return err
+	c.postLocked(desc, nil)
+	c.sendMu.Unlock()
+	return c.ring()
+}
+
+// sendSDMA maps the caller's buffer (a hit in the SDMA cache costs no
+// device access), writes back the completion number and posts desc, which
+// asks for the interrupt: its consumption is reaped there and reaches the
+// events page.
+func (c *ctxtData) sendSDMA(ctx context.Context, arg UserPtr, s *uapi.GohfiSend, desc *chip.SendDesc) error {
+	node := sdmaNoBuffer
+	if s.Length > 0 {
+		var err error
+		if node, desc.SrcIOVA, err = c.sdma.get(ctx, uintptr(s.Vaddr), s.Length); err != nil {
+			return err
+		}
 	}
-	if s.Flags&uapi.GOHFI_SEND_FLAG_WAIT != 0 {
-		return c.waitSent(ctx, func() bool { return c.sqDone == c.sqTail })
+	if _, err := c.pioAlloc(ctx, 0); err != nil { // a send queue slot, no bytes
+		return errors.Join(err, c.sdma.put([]*sdmaNode{node}))
 	}
-	return nil
+	// Only this file posts to the context, under the file's lock: the
+	// number is the next one.
+	s.Reserved = c.sdmaPosted + 1
+	if err := writeArg(arg, s, "SEND"); err != nil {
+		return errors.Join(err, c.sdma.put([]*sdmaNode{node}))
+	}
+	desc.Flags |= chip.DescFlagIntr
+	c.sendMu.Lock()
+	c.postLocked(desc, node)
+	c.sendMu.Unlock()
+	return c.ring()
 }
 
 // The send buffer is a ring of bytes: each descriptor's payload is the
@@ -129,42 +179,96 @@ func (c *ctxtData) pioHalfFull() bool {
 	return 2*inFlight >= slots || 2*(c.pioTail-c.pioHead) >= pioRingSize || 2*(c.pioTail%pioRingSize) >= pioRingSize
 }
 
-// postSend writes one descriptor whose payload ends the send buffer's
-// allocation and rings the doorbell, a posted write: the device takes it
-// before any later register access, and nothing waits for it.
-func (c *ctxtData) postSend(desc *chip.SendDesc) error {
+// postLocked writes one descriptor whose payload ends the send buffer's
+// allocation (PIO, node nil) or is read from node (SDMA), under c.sendMu;
+// ring then tells the device.
+func (c *ctxtData) postLocked(desc *chip.SendDesc, node *sdmaNode) {
 	slots := uint64(c.d.m.params.SendQueueEntries)
 	slot := c.sqTail
 	desc.Marshal(c.sq.mem[slot*chip.SendDescSize:])
 	c.pioEnd[slot] = c.pioTail
+	c.sdmaSlot[slot] = node
+	if node != nil {
+		c.sdmaPosted++
+	}
 	c.sqTail = (slot + 1) % slots
-	c.d.trace(TraceDoorbell, c.ctxt, uint64(c.ctxt), c.sqTail, 0)
-	return c.d.writeCSRPosted(chip.CtxtReg(c.ctxt, chip.CtxtSQTail), c.sqTail)
 }
 
-// reap frees the send buffer of the descriptors the device has consumed,
-// as its SQ head (DMA'd to sqHead) says. A head that names no slot in
-// flight (a device writing nonsense) frees nothing.
-func (c *ctxtData) reap() {
+// ring is the doorbell for the descriptors posted: a posted write, the
+// device takes it before any later register access, and nothing waits for
+// it.
+func (c *ctxtData) ring() error {
+	c.sendMu.Lock()
+	tail := c.sqTail
+	c.sendMu.Unlock()
+	c.d.trace(TraceDoorbell, c.ctxt, uint64(c.ctxt), tail, 0)
+	return c.d.writeCSRPosted(chip.CtxtReg(c.ctxt, chip.CtxtSQTail), tail)
+}
+
+// reapLocked frees the send buffer of the descriptors the device has
+// consumed, as its SQ head (DMA'd to sqHead) says, under c.sendMu. It
+// counts the SDMA sends among them in the events page and returns their
+// cache entries, whose references the caller drops (sdmaCache.put) once
+// c.sendMu is released. A head that names no slot in flight (a device
+// writing nonsense) frees nothing.
+func (c *ctxtData) reapLocked() []*sdmaNode {
 	slots := uint64(c.d.m.params.SendQueueEntries)
 	head := load64(c.sqHead.mem, 0)
 	if head >= slots || (head-c.sqDone+slots)%slots > (c.sqTail-c.sqDone+slots)%slots {
-		return
+		return nil
 	}
+	var done []*sdmaNode
 	for c.sqDone != head {
 		c.pioHead = c.pioEnd[c.sqDone]
+		if n := c.sdmaSlot[c.sqDone]; n != nil {
+			c.sdmaSlot[c.sqDone] = nil
+			c.sdmaDone++
+			done = append(done, n)
+		}
 		c.sqDone = (c.sqDone + 1) % slots
 	}
+	if len(done) > 0 {
+		store64(c.events.mem, uapi.GOHFI_EVENTS_SDMA_DONE_OFF, c.sdmaDone)
+	}
+	return done
 }
 
-// waitSent reaps consumed descriptors until done reports true, sleeping
-// on the context's interrupt (raised by the consumption of a descriptor
-// that asked for it, pioHalfFull) in between.
+// reapIntr reaps from the interrupt handler, so SDMA completions reach the
+// events page while nobody is in SEND. A context whose rings are being
+// freed (c.rmu) or that has no SDMA send in flight is left alone.
+func (c *ctxtData) reapIntr() {
+	c.rmu.RLock()
+	if c.gone != 0 {
+		c.rmu.RUnlock()
+		return
+	}
+	c.sendMu.Lock()
+	var done []*sdmaNode
+	if c.sdmaDone != c.sdmaPosted {
+		done = c.reapLocked()
+	}
+	c.sendMu.Unlock()
+	c.rmu.RUnlock()
+	// A failed release is a lost device (ioErr marks it; the next call
+	// gets ENXIO); there is no caller here to tell.
+	_ = c.sdma.put(done)
+}
+
+// waitSent reaps consumed descriptors until done (called under c.sendMu)
+// reports true, sleeping on the context's interrupt (raised by the
+// consumption of a descriptor that asked for it, pioHalfFull, or of an
+// SDMA send) in between.
 func (c *ctxtData) waitSent(ctx context.Context, done func() bool) error {
 	for {
 		wait := c.wq.wait()
-		c.reap()
-		if done() {
+		c.sendMu.Lock()
+		reaped := c.reapLocked()
+		ok := done()
+		c.sendMu.Unlock()
+		if err := c.sdma.put(reaped); err != nil {
+			return fmt.Errorf("gohfi: SEND: releasing SDMA mappings: %w", err)
+		}
+		if ok {
 			return nil
 		}
 		if c.d.dead.Load() {

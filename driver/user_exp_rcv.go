@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/gohfi/gohfi/chip"
-	"github.com/gohfi/gohfi/dma"
 	"github.com/gohfi/gohfi/rcvarray"
 	"github.com/gohfi/gohfi/uapi"
 	"github.com/gohfi/gohfi/userfault"
@@ -44,13 +43,12 @@ type expRcv struct {
 // run of pages, pinned, DMA-mapped at its own IOVA, written into one
 // RcvArray entry and watched by its own notifier subscription.
 type tidNode struct {
-	e       *expRcv
-	entry   int // absolute RcvArray index
-	tid     uint32
-	vaddr   uintptr
-	npages  int
-	iova    uint64
-	pin     *dma.Pin
+	e      *expRcv
+	entry  int // absolute RcvArray index
+	tid    uint32
+	vaddr  uintptr
+	npages int
+	userMapping
 	sub     *userfault.Subscription
 	invalid bool // the memory went away; reported, kept until TID_FREE
 	cleared bool // RcvArray entry cleared and pages unpinned (TIDUnmapOnInvalidate)
@@ -259,30 +257,11 @@ func userRange(vaddr, length uintptr) bool {
 // device maps the file's pages itself, which stay the file's until the
 // unmap (docs/pinning.md, "The memfd alternative").
 func (e *expRcv) pin(entry int, vaddr uintptr, npages int, shm *os.File, shmOff uint64) (*tidNode, error) {
-	d := e.d
 	n := &tidNode{e: e, entry: entry, vaddr: vaddr, npages: npages}
 	n.tid = e.alloc.TID(entry, npages)
-	size := uint64(npages * pageSize)
 	var err error
-	if shm == nil {
-		if n.pin, err = d.pinner.Pin(vaddr, int(size)); err != nil {
-			return nil, err
-		}
-		d.stats.pagesPinned.Add(uint64(npages))
-	}
-	if n.iova, err = d.iova.alloc(size); err != nil {
-		return nil, errors.Join(err, n.unmapAndUnpin())
-	}
-	m := vfio.DMAMapping{IOVA: n.iova, Vaddr: vaddr, Size: size, Flags: vfio.DMARead | vfio.DMAWrite}
-	if shm != nil {
-		m.File, m.FileOffset = shm, shmOff
-	} else {
-		m.Access = n.pin
-	}
-	if err = d.vdev.DMAMap(m); err != nil {
-		d.iova.release(n.iova, size)
-		n.iova = 0
-		return nil, errors.Join(d.ioErr(fmt.Errorf("DMA map: %w", err)), n.unmapAndUnpin())
+	if n.userMapping, err = e.d.mapUser(vaddr, uint64(npages*pageSize), vfio.DMARead|vfio.DMAWrite, shm, shmOff, false); err != nil {
+		return nil, err
 	}
 	return n, nil
 }
@@ -303,26 +282,7 @@ func (e *expRcv) clearNodeLocked(n *tidNode) bool {
 
 // unmapAndUnpin drops a cleared TID's DMA mapping (a device round trip on
 // the vfio-user path) and its pin. It runs without e.mu.
-func (n *tidNode) unmapAndUnpin() error {
-	d := n.e.d
-	var errs []error
-	size := uint64(n.npages * pageSize)
-	if n.iova != 0 {
-		if !d.dead.Load() {
-			if err := d.vdev.DMAUnmap(n.iova, size); err != nil {
-				errs = append(errs, d.ioErr(err))
-			}
-		}
-		d.iova.release(n.iova, size)
-		n.iova = 0
-	}
-	if n.pin != nil {
-		errs = append(errs, n.pin.Unpin())
-		n.pin = nil
-		d.stats.pagesUnpinned.Add(uint64(n.npages))
-	}
-	return errors.Join(errs...)
-}
+func (n *tidNode) unmapAndUnpin() error { return n.e.d.unmapUser(&n.userMapping) }
 
 // releaseNodeLocked removes a TID from the hardware and frees its RcvArray
 // entry; the unmap, the unpin and the removal of its notifier subscription

@@ -265,6 +265,7 @@ const cGohfi = `
 #define GOHFI_EVENTS_BITS_OFF 0
 #define GOHFI_EVENTS_GEN_OPENED_OFF 8
 #define GOHFI_EVENTS_GEN_DELIVERED_OFF 16
+#define GOHFI_EVENTS_SDMA_DONE_OFF 24
 
 #define GOHFI_MR_TYPE_MEM_REG 0
 
@@ -551,6 +552,7 @@ struct gohfi_driver_stats {
 #define GOHFI_SEND_EXPECTED 2
 #define GOHFI_SEND_FLAG_URGENT (1 << 0)
 #define GOHFI_SEND_FLAG_WAIT (1 << 1)
+#define GOHFI_SEND_FLAG_SDMA (1 << 2)
 
 struct gohfi_send {
 	__u8 opcode;

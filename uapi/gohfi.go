@@ -118,10 +118,15 @@ const (
 // of watched memory returns; once GEN_DELIVERED has caught up with a value
 // read from GEN_OPENED, HFI1_EVENT_TID_MMU_NOTIFY reflects every such
 // invalidation up to it. TID_INVAL_READ waits for that itself.
+// SDMA_DONE counts the context's GOHFI_SEND_FLAG_SDMA sends the device has
+// consumed (read their payload) or CTXT_RESET dropped: the send whose
+// GOHFI_IOCTL_SEND returned completion number n in gohfi_send.reserved
+// has left its buffer once SDMA_DONE >= n.
 const (
 	GOHFI_EVENTS_BITS_OFF          = 0
 	GOHFI_EVENTS_GEN_OPENED_OFF    = 8
 	GOHFI_EVENTS_GEN_DELIVERED_OFF = 16
+	GOHFI_EVENTS_SDMA_DONE_OFF     = 24
 )
 
 // MR types for ALLOC_MR (enum ib_mr_type).

@@ -32,6 +32,15 @@ const (
 	// that must know its packets have left, waiting on the context's
 	// interrupt, not spinning.
 	GOHFI_SEND_FLAG_WAIT = 1 << 1
+	// GOHFI_SEND_FLAG_SDMA sends from the caller's memory (hfi1's user
+	// SDMA): the payload is not copied; the driver DMA-maps the buffer
+	// (cached by address range, dropped when the memory is unmapped or
+	// changed) and the device reads it there. SEND returns, in reserved,
+	// the send's completion number n (1, 2, ... per context); the caller
+	// must not change or free the buffer until the events page's
+	// GOHFI_EVENTS_SDMA_DONE_OFF word is at least n (or a later send with
+	// GOHFI_SEND_FLAG_WAIT returned).
+	GOHFI_SEND_FLAG_SDMA = 1 << 2
 )
 
 // SizeofGohfiSend is sizeof(struct gohfi_send).
@@ -48,7 +57,7 @@ const SizeofGohfiSend = 40
 //		__u32 tid;         /* expected: TID of the destination */
 //		__u32 tid_offset;  /* expected: byte offset in the TID's buffer */
 //		__u64 tag;         /* copied to the receiver's header entry */
-//		__u64 reserved;
+//		__u64 reserved;    /* in: 0; out, with GOHFI_SEND_FLAG_SDMA: completion number */
 //	};
 type GohfiSend struct {
 	_         structs.HostLayout

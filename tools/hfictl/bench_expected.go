@@ -6,7 +6,11 @@ package main
 // TID cache (package tidcache) before the round, as PSM registers a
 // receive buffer; a message is one GOHFI_IOCTL_SEND of an expected packet
 // per TID of its slot, and it has arrived when the receiver has read the
-// header queue entry of each (tagged with the message's number).
+// header queue entry of each (tagged with the message's number). Packets
+// of at least expSDMAMin bytes are SDMA sends (GOHFI_SEND_FLAG_SDMA), read
+// by the device from the source buffer, unless --sdma=false: a message has
+// left its source once its entries arrived, and sources are not written
+// during a round.
 
 import (
 	"context"
@@ -23,8 +27,14 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// expSDMAMin is the smallest packet the bench sends with SDMA: below it the
+// copy into the send buffer costs less than the cache lookup and the
+// completion interrupt.
+const expSDMAMin = 64 << 10
+
 type expectedEngine struct {
 	ctx   context.Context
+	sdma  bool // SDMA sends of packets >= expSDMAMin
 	lanes []*expLane
 	r     *perfRegion
 	slots [][]*tidcache.Entry // destination slot i: its windows, in lane i%len(lanes)'s cache
@@ -46,8 +56,8 @@ type expLane struct {
 	inflight []uint64 // tags of packets sent and not yet read, oldest first
 }
 
-func newExpectedEngine(ctx context.Context, dev *driver.Device, lanes int) (e *expectedEngine, err error) {
-	e = &expectedEngine{ctx: ctx}
+func newExpectedEngine(ctx context.Context, dev *driver.Device, lanes int, sdma bool) (e *expectedEngine, err error) {
+	e = &expectedEngine{ctx: ctx, sdma: sdma}
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, e.close())
@@ -204,6 +214,9 @@ func (e *expectedEngine) lane(l *expLane, first, step, n, depth int, lat samples
 					}
 				}
 				m := uapi.GohfiSend{Opcode: uapi.GOHFI_SEND_EXPECTED, DstCtxt: l.rxCtxt, TID: tid, Tag: uint64(i)}
+				if e.sdma && k >= expSDMAMin {
+					m.Flags |= uapi.GOHFI_SEND_FLAG_SDMA
+				}
 				if err := hfiuser.Send(l.tx, m, src[off:off+k]); err != nil {
 					return fmt.Errorf("message %d: send: %w", i, err)
 				}

@@ -56,6 +56,7 @@ type perfConfig struct {
 	iters, runs             int
 	qps, txDepth, every     int
 	trace                   bool // split the verbs latency rows into stages (bench_trace.go)
+	sdma                    bool // expected: large messages as SDMA sends (bench_expected.go)
 }
 
 // perfRow is one measured row, for the table and the plot.
@@ -86,10 +87,11 @@ func benchPerf(s *session, ops []string, args []string) (_ obj, err error) {
 	events := fs.Bool("e", false, "as --wait event")
 	traceArg := fs.Bool("trace", false, "latency rows of write, read and send: split each message's time into its stages with the driver's trace")
 	profile := fs.String("cpuprofile", "", "write a CPU profile of the run (go tool pprof) to FILE")
+	sdma := fs.Bool("sdma", true, "expected: send packets of at least "+sizeLabel(expSDMAMin)+" with GOHFI_SEND_FLAG_SDMA from the source buffer (false: copied by SEND into the send buffer)")
 	if _, err := parseArgs(fs, args, 0, 0); err != nil {
 		return nil, err
 	}
-	cfg := perfConfig{ops: ops, iters: *iters, runs: *runs, qps: *qps, txDepth: *txDepth, every: *every, trace: *traceArg}
+	cfg := perfConfig{ops: ops, iters: *iters, runs: *runs, qps: *qps, txDepth: *txDepth, every: *every, trace: *traceArg, sdma: *sdma}
 	switch {
 	case *lat && *modeArg != "" && *modeArg != "lat":
 		return nil, usageErr("--lat and --mode %s", *modeArg)
@@ -172,6 +174,9 @@ func benchPerf(s *session, ops []string, args []string) (_ obj, err error) {
 	o := obj{{"device", s.spec}, {"paths", cfg.paths}, {"ops", cfg.ops}, {"modes", cfg.modes}, {"wait", cfg.waits}, {"mem", cfg.mems},
 		{"qps", cfg.qps}, {"tx_depth", cfg.txDepth}, {"signal_every", cfg.every}, {"runs", cfg.runs},
 		{"memlock", memlock}}
+	if slices.Contains(ops, "expected") {
+		o.add("sdma", cfg.sdma)
+	}
 	if len(p.bwRows) > 0 {
 		o.add("bw", p.bwRows)
 	}
@@ -252,7 +257,7 @@ func (p *perfRun) op(a *attach.Attached, spec, op string) (err error) {
 	p.mod = a.Module
 	var e perfEngine
 	if op == "expected" {
-		e, err = newExpectedEngine(p.s.ctx, a.Device, p.cfg.qps)
+		e, err = newExpectedEngine(p.s.ctx, a.Device, p.cfg.qps, p.cfg.sdma)
 	} else {
 		e, err = newVerbsEngine(p.s.ctx, a.Device, op, p.cfg.qps, p.cfg.txDepth)
 	}
