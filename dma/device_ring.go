@@ -38,20 +38,6 @@ const (
 	// GB/s, noisy), its pages staying in the caches.
 	deviceRingPipe = 64 << 10
 
-	ioringSetupRDisabled = 1 << 6
-	ioringSetupNoSQArray = 1 << 16
-
-	ioringRegisterFiles        = 2
-	ioringRegisterRestrictions = 11
-	ioringRegisterEnableRings  = 12
-	ioringRegisterCloneBuffers = 30
-
-	ioringRestrictionSQEOp            = 1
-	ioringRestrictionSQEFlagsAllowed  = 2
-	ioringRestrictionSQEFlagsRequired = 3
-
-	iosqeFixedFile = 1 << 0
-
 	// deviceRingTimeout bounds the wait for one request of a device ring:
 	// the ring's queues are shared with the client, which may consume or
 	// spoil the device's completions.

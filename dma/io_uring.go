@@ -8,8 +8,23 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// io_uring ABI (include/uapi/linux/io_uring.h), only what the Pinner uses.
+// io_uring ABI (include/uapi/linux/io_uring.h), only what the Pinner and
+// the device rings use.
 const (
+	ioringSetupRDisabled = 1 << 6
+	ioringSetupNoSQArray = 1 << 16
+
+	ioringRegisterFiles        = 2
+	ioringRegisterRestrictions = 11
+	ioringRegisterEnableRings  = 12
+	ioringRegisterCloneBuffers = 30
+
+	ioringRestrictionSQEOp            = 1
+	ioringRestrictionSQEFlagsAllowed  = 2
+	ioringRestrictionSQEFlagsRequired = 3
+
+	iosqeFixedFile = 1 << 0
+
 	ioringSetupClamp       = 1 << 4
 	ioringSetupSubmitAll   = 1 << 7
 	ioringSetupCoopTaskrun = 1 << 8
