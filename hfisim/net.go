@@ -81,7 +81,7 @@ type netPort struct {
 	txBufs  [netTxBatch][]byte // the packets queued for sending
 	txq     []txDatagram       // the queue, sent by flushTx
 	payload []byte             // a packet's payload, read from host memory
-	mv      mover  // the backing arrays of the translations the shared helpers make (mover.go); the port moves no bytes through it
+	mv      mover              // the backing arrays of the translations the shared helpers make (mover.go); the port moves no bytes through it
 	timer   *time.Timer
 	due     time.Time // when timer fires (zero: stopped)
 }
