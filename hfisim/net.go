@@ -80,6 +80,9 @@ type netPort struct {
 	rc      []rcQP
 	txBufs  [netTxBatch][]byte // the packets queued for sending
 	txq     []txDatagram       // the queue, sent by flushTx
+	txPk    ibwire.Packet      // the packet transmit encodes (a copy: the caller's stays on its stack)
+	rxPk    ibwire.Packet      // the packet receive decodes
+	spans   []span             // a packet's translation at the responder (scratch: used at once; a 1 KiB packet spans 2 pages at most)
 	payload []byte             // a packet's payload, read from host memory
 	mv      mover              // the backing arrays of the translations the shared helpers make (mover.go); the port moves no bytes through it
 	timer   *time.Timer
@@ -151,9 +154,13 @@ type udpLink struct {
 	wg   sync.WaitGroup
 
 	// Sending: the engine goroutine only.
-	wconn syscall.RawConn
-	v6    bool // the socket is AF_INET6
-	tx    *mmsg
+	wconn      syscall.RawConn
+	v6         bool // the socket is AF_INET6
+	tx         *mmsg
+	txOff, txN int                // the batch's next message, its length
+	txSent     int                // what the last sendmmsg sent
+	txErr      error              // and its error
+	txFn       func(uintptr) bool // the sendmmsg call, made once
 }
 
 // openUDP binds the port's socket: don't-fragment always (RoCEv2 packets
@@ -199,6 +206,10 @@ func openUDP(local netip.AddrPort) (*udpLink, error) {
 		return nil, fmt.Errorf("hfisim: port %v: %w", local, err)
 	}
 	l := &udpLink{conn: conn, wconn: wconn, tx: newMmsg(netTxBatch, 0)}
+	l.txFn = func(fd uintptr) bool {
+		l.txSent, l.txErr = l.tx.sendmmsg(int(fd), l.txOff, l.txN)
+		return l.txErr != unix.EAGAIN
+	}
 	var serr error
 	if err := wconn.Control(func(fd uintptr) {
 		var sa unix.Sockaddr
@@ -312,21 +323,17 @@ func (l *udpLink) send(b []txDatagram) error {
 	for i := range b {
 		l.tx.setSend(i, b[i].to, b[i].b, l.v6)
 	}
-	for off := 0; off < len(b); {
-		var n int
-		var serr error
-		err := l.wconn.Write(func(fd uintptr) bool {
-			n, serr = l.tx.sendmmsg(int(fd), off, len(b))
-			return serr != unix.EAGAIN
-		})
+	l.txOff, l.txN = 0, len(b)
+	for l.txOff < l.txN {
+		err := l.wconn.Write(l.txFn)
 		switch {
 		case err != nil:
 			return err // closed
-		case serr == unix.EINTR:
-		case serr != nil:
-			off++ // refused (EMSGSIZE, an ICMP error): lost, as on a wire
+		case l.txErr == unix.EINTR:
+		case l.txErr != nil:
+			l.txOff++ // refused (EMSGSIZE, an ICMP error): lost, as on a wire
 		default:
-			off += n
+			l.txOff += l.txSent
 		}
 	}
 	return nil
@@ -356,13 +363,14 @@ func (l *udpLink) readLoop(d *Device) {
 		return // closed already
 	}
 	m := newMmsg(netRxMmsg, netRxBufSize)
+	var n int
+	var rerr error
+	recv := func(fd uintptr) bool { // one closure for all batches: no allocation per batch
+		n, rerr = m.recvmmsg(int(fd))
+		return rerr != unix.EAGAIN
+	}
 	for {
-		var n int
-		var rerr error
-		if err := rc.Read(func(fd uintptr) bool {
-			n, rerr = m.recvmmsg(int(fd))
-			return rerr != unix.EAGAIN
-		}); err != nil {
+		if err := rc.Read(recv); err != nil {
 			return // closed
 		}
 		if rerr != nil {
@@ -444,7 +452,8 @@ func splitIPv4UDP(b []byte, local netip.AddrPort) (from netip.AddrPort, ip ipv4V
 func newNetPort(local netip.AddrPort, l link, nqps int) *netPort {
 	p := &netPort{local: local, link: l, rx: make(chan rxDatagram, netRxQueue),
 		attr: make([]uint64, nqps), latch: make([]netPeer, nqps), retrans: make([]uint64, nqps),
-		rc: make([]rcQP, nqps), txq: make([]txDatagram, 0, netTxBatch), payload: make([]byte, netPMTU)}
+		rc: make([]rcQP, nqps), txq: make([]txDatagram, 0, netTxBatch), payload: make([]byte, netPMTU),
+		spans: make([]span, 0, 4)}
 	p.bufs.New = func() any { b := make([]byte, maxDatagram); return &b }
 	for i := range p.txBufs {
 		p.txBufs[i] = make([]byte, maxDatagram)
@@ -692,7 +701,8 @@ func (d *Device) transmit(to netip.AddrPort, pk *ibwire.Packet) {
 		p.flushTx()
 	}
 	tx := p.txBufs[len(p.txq)]
-	n, err := pk.Encode(tx)
+	p.txPk = *pk // Encode's header table makes its packet escape: a copy in the port, not one per packet on the heap
+	n, err := p.txPk.Encode(tx)
 	if err != nil {
 		panic(fmt.Sprintf("hfisim: encoding a packet the engine built: %v", err)) // a bug of the engine, never input
 	}
@@ -768,7 +778,8 @@ func (d *Device) receive(from netip.AddrPort, v ipv4Var, b []byte) {
 		p.count(chip.NetCntDropICRC)
 		return
 	}
-	var pk ibwire.Packet
+	pk := &p.rxPk // the engine's alone; nothing keeps it past this call
+	*pk = ibwire.Packet{}
 	if err := pk.Decode(b); err != nil {
 		if errors.Is(err, ibwire.ErrShort) || errors.Is(err, ibwire.ErrLength) {
 			p.count(chip.NetCntDropLength)
@@ -810,9 +821,9 @@ func (d *Device) receive(from netip.AddrPort, v ipv4Var, b []byte) {
 		return
 	}
 	if op.IsRequest() {
-		d.rcRequest(n, &pk)
+		d.rcRequest(n, pk)
 	} else {
-		d.rcResponse(n, &pk)
+		d.rcResponse(n, pk)
 	}
 }
 
