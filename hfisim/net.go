@@ -349,7 +349,9 @@ func (l *udpLink) close() error {
 }
 
 // readLoop queues every datagram for the engine until the socket closes,
-// a batch per recvmmsg and one wake-up of the engine per batch.
+// a batch per recvmmsg. The engine is woken by the batch's first datagram
+// (it works while the rest are queued; a pending wake-up absorbs the
+// others' kicks).
 func (l *udpLink) readLoop(d *Device) {
 	defer l.wg.Done()
 	var rc syscall.RawConn
@@ -376,12 +378,11 @@ func (l *udpLink) readLoop(d *Device) {
 		if rerr != nil {
 			continue // ICMP errors surface here (ECONNREFUSED): the packet is lost, as on a wire
 		}
-		queued := false
 		for i := range n {
 			b := m.bufs[i][:min(int(m.hdrs[i].Len), len(m.bufs[i]))]
 			trunc := m.hdrs[i].Hdr.Flags&unix.MSG_TRUNC != 0
 			if l.raw != nil {
-				queued = l.rawInput(d, b, trunc) || queued
+				l.rawInput(d, b, trunc)
 				continue
 			}
 			if trunc {
@@ -389,10 +390,7 @@ func (l *udpLink) readLoop(d *Device) {
 				d.net.count(chip.NetCntDropLength)
 				continue
 			}
-			queued = d.netQueue(m.from(i), udpSocketIPv4, b) || queued
-		}
-		if queued {
-			d.kickEngine()
+			d.netInput(m.from(i), b)
 		}
 	}
 }
@@ -404,19 +402,19 @@ func (l *udpLink) readLoop(d *Device) {
 // fragment, is dropped as not RoCE (NetCntDropHeader), one shorter than
 // its headers say, or longer than the receive buffer (trunc), as a length
 // error.
-func (l *udpLink) rawInput(d *Device, b []byte, trunc bool) bool {
+func (l *udpLink) rawInput(d *Device, b []byte, trunc bool) {
 	if trunc {
 		d.net.count(chip.NetCntRxPkts)
 		d.net.count(chip.NetCntDropLength)
-		return false
+		return
 	}
 	from, ip, ib, cnt := splitIPv4UDP(b, d.net.local)
 	if cnt >= 0 {
 		d.net.count(chip.NetCntRxPkts)
 		d.net.count(cnt)
-		return false
+		return
 	}
-	return d.netQueue(from, ip, ib)
+	d.netInputIP(from, ip, ib)
 }
 
 // splitIPv4UDP takes an IPv4 datagram apart: its source, the header
@@ -527,29 +525,20 @@ func (d *Device) netInput(from netip.AddrPort, b []byte) {
 
 // netInputIP is netInput for a datagram whose IPv4 header was seen.
 func (d *Device) netInputIP(from netip.AddrPort, ip ipv4Var, b []byte) {
-	if d.netQueue(from, ip, b) {
-		d.kickEngine()
-	}
-}
-
-// netQueue queues a datagram (copied) for the engine without waking it;
-// false: dropped (too long, or the queue is full).
-func (d *Device) netQueue(from netip.AddrPort, ip ipv4Var, b []byte) bool {
 	p := d.net
 	p.count(chip.NetCntRxPkts)
 	if len(b) > maxDatagram {
 		p.count(chip.NetCntDropLength)
-		return false
+		return
 	}
 	buf := p.bufs.Get().(*[]byte)
 	n := copy(*buf, b)
 	select {
 	case p.rx <- rxDatagram{from: netip.AddrPortFrom(from.Addr().Unmap(), from.Port()), ip: ip, b: (*buf)[:n], buf: buf}:
-		return true
+		d.kickEngine()
 	default:
 		p.bufs.Put(buf)
 		p.count(chip.NetCntDropFlood)
-		return false
 	}
 }
 
