@@ -70,7 +70,7 @@ func newTestDevice(t *testing.T) (*Device, *fakeDMA) {
 	return d, dma
 }
 
-func rd(t *testing.T, d *Device, off uint64) uint64 {
+func rd(t testing.TB, d *Device, off uint64) uint64 {
 	t.Helper()
 	var b [8]byte
 	if err := d.RegionRead(chip.CSRBar, off, b[:]); err != nil {
@@ -79,7 +79,7 @@ func rd(t *testing.T, d *Device, off uint64) uint64 {
 	return binary.LittleEndian.Uint64(b[:])
 }
 
-func wr(t *testing.T, d *Device, off, v uint64) {
+func wr(t testing.TB, d *Device, off, v uint64) {
 	t.Helper()
 	var b [8]byte
 	binary.LittleEndian.PutUint64(b[:], v)

@@ -38,13 +38,28 @@ const (
 	netRxBatch = 256
 	// maxDatagram is the largest IB packet the port sends or accepts.
 	maxDatagram = netPMTU + 64
+	// netTxBatch is how many packets the engine queues before it sends
+	// them (one sendmmsg); it sends what it has at the end of each pass.
+	netTxBatch = 64
+	// netRxMmsg is how many datagrams one recvmmsg reads, into buffers of
+	// netRxBufSize: room for the largest packet the port accepts and its
+	// IPv4 header; a longer one comes truncated and is a length drop.
+	netRxMmsg    = 64
+	netRxBufSize = 2048
 )
 
 // link is what the port sends through: a UDP socket, or in tests an
-// in-process lossy wire.
+// in-process lossy wire. send sends a batch of datagrams, in order; one
+// the link refuses is lost, and the rest still go.
 type link interface {
-	send(to netip.AddrPort, b []byte) error
+	send(b []txDatagram) error
 	close() error
+}
+
+// txDatagram is a packet the engine queued for sending.
+type txDatagram struct {
+	to netip.AddrPort
+	b  []byte
 }
 
 // netPort is a device's network port.
@@ -63,9 +78,13 @@ type netPort struct {
 
 	// Engine goroutine only.
 	rc      []rcQP
-	tx      []byte // the packet being sent
-	payload []byte // its payload, read from host memory
-	mv      mover  // the backing arrays of the translations the shared helpers make (mover.go); the port moves no bytes through it
+	txBufs  [netTxBatch][]byte // the packets queued for sending
+	txq     []txDatagram       // the queue, sent by flushTx
+	txPk    ibwire.Packet      // the packet transmit encodes (a copy: the caller's stays on its stack)
+	rxPk    ibwire.Packet      // the packet receive decodes
+	spans   []span             // a packet's translation at the responder (scratch: used at once; a 1 KiB packet spans 2 pages at most)
+	payload []byte             // a packet's payload, read from host memory
+	mv      mover              // the backing arrays of the translations the shared helpers make (mover.go); the port moves no bytes through it
 	timer   *time.Timer
 	due     time.Time // when timer fires (zero: stopped)
 }
@@ -133,6 +152,15 @@ type udpLink struct {
 	conn *net.UDPConn
 	raw  *os.File // nil: the UDP socket receives
 	wg   sync.WaitGroup
+
+	// Sending: the engine goroutine only.
+	wconn      syscall.RawConn
+	v6         bool // the socket is AF_INET6
+	tx         *mmsg
+	txOff, txN int                // the batch's next message, its length
+	txSent     int                // what the last sendmmsg sent
+	txErr      error              // and its error
+	txFn       func(uintptr) bool // the sendmmsg call, made once
 }
 
 // openUDP binds the port's socket: don't-fragment always (RoCEv2 packets
@@ -172,7 +200,25 @@ func openUDP(local netip.AddrPort) (*udpLink, error) {
 			}
 		})
 	}
-	l := &udpLink{conn: conn}
+	wconn, err := conn.SyscallConn()
+	if err != nil {
+		_ = conn.Close() // never used
+		return nil, fmt.Errorf("hfisim: port %v: %w", local, err)
+	}
+	l := &udpLink{conn: conn, wconn: wconn, tx: newMmsg(netTxBatch, 0)}
+	l.txFn = func(fd uintptr) bool {
+		l.txSent, l.txErr = l.tx.sendmmsg(int(fd), l.txOff, l.txN)
+		return l.txErr != unix.EAGAIN
+	}
+	var serr error
+	if err := wconn.Control(func(fd uintptr) {
+		var sa unix.Sockaddr
+		sa, serr = unix.Getsockname(int(fd))
+		_, l.v6 = sa.(*unix.SockaddrInet6)
+	}); err != nil || serr != nil {
+		_ = conn.Close() // never used
+		return nil, fmt.Errorf("hfisim: port %v: %w", local, errors.Join(err, serr))
+	}
 	if local.Addr().Is4() {
 		bound := conn.LocalAddr().(*net.UDPAddr).AddrPort()
 		raw, err := openRaw(netip.AddrPortFrom(local.Addr(), bound.Port()))
@@ -269,9 +315,28 @@ func filterSocket(conn *net.UDPConn, f []unix.SockFilter) error {
 // netSocketBuf is the port socket's receive buffer.
 const netSocketBuf = 8 << 20
 
-func (l *udpLink) send(to netip.AddrPort, b []byte) error {
-	_, err := l.conn.WriteToUDPAddrPort(b, to)
-	return err
+// send sends b with as few sendmmsg calls as the socket takes; a full
+// socket buffer waits in the runtime's poller, as a blocking send would.
+// A datagram the kernel refuses (sendmmsg fails on it) is lost and the
+// rest go on; the error is the socket's end.
+func (l *udpLink) send(b []txDatagram) error {
+	for i := range b {
+		l.tx.setSend(i, b[i].to, b[i].b, l.v6)
+	}
+	l.txOff, l.txN = 0, len(b)
+	for l.txOff < l.txN {
+		err := l.wconn.Write(l.txFn)
+		switch {
+		case err != nil:
+			return err // closed
+		case l.txErr == unix.EINTR:
+		case l.txErr != nil:
+			l.txOff++ // refused (EMSGSIZE, an ICMP error): lost, as on a wire
+		default:
+			l.txOff += l.txSent
+		}
+	}
+	return nil
 }
 
 func (l *udpLink) close() error {
@@ -283,51 +348,73 @@ func (l *udpLink) close() error {
 	return err
 }
 
-// readLoop queues every datagram for the engine until the socket closes.
+// readLoop queues every datagram for the engine until the socket closes,
+// a batch per recvmmsg. The engine is woken by the batch's first datagram
+// (it works while the rest are queued; a pending wake-up absorbs the
+// others' kicks).
 func (l *udpLink) readLoop(d *Device) {
 	defer l.wg.Done()
+	var rc syscall.RawConn
+	var err error
 	if l.raw != nil {
-		l.readRaw(d)
-		return
+		rc, err = l.raw.SyscallConn()
+	} else {
+		rc, err = l.conn.SyscallConn()
 	}
-	buf := make([]byte, 65536)
+	if err != nil {
+		return // closed already
+	}
+	m := newMmsg(netRxMmsg, netRxBufSize)
+	var n int
+	var rerr error
+	recv := func(fd uintptr) bool { // one closure for all batches: no allocation per batch
+		n, rerr = m.recvmmsg(int(fd))
+		return rerr != unix.EAGAIN
+	}
 	for {
-		n, from, err := l.conn.ReadFromUDPAddrPort(buf)
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
+		if err := rc.Read(recv); err != nil {
+			return // closed
+		}
+		if rerr != nil {
 			continue // ICMP errors surface here (ECONNREFUSED): the packet is lost, as on a wire
 		}
-		d.netInput(from, buf[:n])
+		for i := range n {
+			b := m.bufs[i][:min(int(m.hdrs[i].Len), len(m.bufs[i]))]
+			trunc := m.hdrs[i].Hdr.Flags&unix.MSG_TRUNC != 0
+			if l.raw != nil {
+				l.rawInput(d, b, trunc)
+				continue
+			}
+			if trunc {
+				d.net.count(chip.NetCntRxPkts)
+				d.net.count(chip.NetCntDropLength)
+				continue
+			}
+			d.netInput(m.from(i), b)
+		}
 	}
 }
 
-// readRaw reads the raw socket: IPv4 datagrams with their headers, the
-// kernel's filter having let through UDP to the port's address and port
-// only. The headers are checked again here (a filter is not a parser):
-// a datagram that is not UDP to the port, or is a fragment, is dropped
-// as not RoCE (NetCntDropHeader), one shorter than its headers say as a
-// length error.
-func (l *udpLink) readRaw(d *Device) {
-	buf := make([]byte, 65536)
-	local := d.net.local
-	for {
-		n, err := l.raw.Read(buf)
-		if err != nil {
-			if errors.Is(err, os.ErrClosed) {
-				return
-			}
-			continue
-		}
-		from, ip, ib, cnt := splitIPv4UDP(buf[:n], local)
-		if cnt >= 0 {
-			d.net.count(chip.NetCntRxPkts)
-			d.net.count(cnt)
-			continue
-		}
-		d.netInputIP(from, ip, ib)
+// rawInput queues a datagram of the raw socket: an IPv4 datagram with its
+// header, the kernel's filter having let through UDP to the port's
+// address and port only. The headers are checked again here (a filter is
+// not a parser): a datagram that is not UDP to the port, or is a
+// fragment, is dropped as not RoCE (NetCntDropHeader), one shorter than
+// its headers say, or longer than the receive buffer (trunc), as a length
+// error.
+func (l *udpLink) rawInput(d *Device, b []byte, trunc bool) {
+	if trunc {
+		d.net.count(chip.NetCntRxPkts)
+		d.net.count(chip.NetCntDropLength)
+		return
 	}
+	from, ip, ib, cnt := splitIPv4UDP(b, d.net.local)
+	if cnt >= 0 {
+		d.net.count(chip.NetCntRxPkts)
+		d.net.count(cnt)
+		return
+	}
+	d.netInputIP(from, ip, ib)
 }
 
 // splitIPv4UDP takes an IPv4 datagram apart: its source, the header
@@ -363,8 +450,12 @@ func splitIPv4UDP(b []byte, local netip.AddrPort) (from netip.AddrPort, ip ipv4V
 func newNetPort(local netip.AddrPort, l link, nqps int) *netPort {
 	p := &netPort{local: local, link: l, rx: make(chan rxDatagram, netRxQueue),
 		attr: make([]uint64, nqps), latch: make([]netPeer, nqps), retrans: make([]uint64, nqps),
-		rc: make([]rcQP, nqps), tx: make([]byte, maxDatagram), payload: make([]byte, netPMTU)}
+		rc: make([]rcQP, nqps), txq: make([]txDatagram, 0, netTxBatch), payload: make([]byte, netPMTU),
+		spans: make([]span, 0, 4)}
 	p.bufs.New = func() any { b := make([]byte, maxDatagram); return &b }
+	for i := range p.txBufs {
+		p.txBufs[i] = make([]byte, maxDatagram)
+	}
 	for i := range p.attr {
 		p.attr[i] = defaultNetAttr
 	}
@@ -590,22 +681,38 @@ func (d *Device) resetNetLocked() {
 // isNetQPLocked reports whether q goes through the port.
 func (d *Device) isNetQPLocked(q *qpState) bool { return d.net != nil && q.destPort() != 0 }
 
-// transmit encodes pk for QP n's peer, with its ICRC, and sends it. A send
-// the socket refuses is a packet lost on the wire.
+// transmit encodes pk for a peer, with its ICRC, and queues it; the queue
+// goes out when it is full and at the end of the engine's pass (flushTx).
+// A send the socket refuses is a packet lost on the wire.
 func (d *Device) transmit(to netip.AddrPort, pk *ibwire.Packet) {
 	p := d.net
-	n, err := pk.Encode(p.tx)
+	if len(p.txq) == netTxBatch {
+		p.flushTx()
+	}
+	tx := p.txBufs[len(p.txq)]
+	p.txPk = *pk // Encode's header table makes its packet escape: a copy in the port, not one per packet on the heap
+	n, err := p.txPk.Encode(tx)
 	if err != nil {
 		panic(fmt.Sprintf("hfisim: encoding a packet the engine built: %v", err)) // a bug of the engine, never input
 	}
 	ip := ibwire.IPHeader{Src: p.local.Addr(), Dst: to.Addr(), DF: true}
-	crc, err := ibwire.ComputeICRCPorts(&ip, p.local.Port(), to.Port(), p.tx[:n])
+	crc, err := ibwire.ComputeICRCPorts(&ip, p.local.Port(), to.Port(), tx[:n])
 	if err != nil {
 		panic(fmt.Sprintf("hfisim: ICRC of a packet the engine built: %v", err))
 	}
-	putLE32(p.tx[n-ibwire.ICRCLen:], crc)
+	putLE32(tx[n-ibwire.ICRCLen:], crc)
 	p.count(chip.NetCntTxPkts)
-	_ = p.link.send(to, p.tx[:n]) // a refused send is a lost packet: the peer's silence retries it
+	p.txq = append(p.txq, txDatagram{to: to, b: tx[:n]})
+}
+
+// flushTx sends the queued packets. A refused send is a lost packet: the
+// peer's silence retries it.
+func (p *netPort) flushTx() {
+	if len(p.txq) == 0 {
+		return
+	}
+	_ = p.link.send(p.txq) // only a closed socket fails: the device is stopping
+	p.txq = p.txq[:0]
 }
 
 func putLE32(b []byte, v uint32) {
@@ -640,6 +747,7 @@ func (d *Device) pollNet() bool {
 	if d.runTimers(time.Now()) {
 		busy = true
 	}
+	p.flushTx() // the ACKs and responses first, the QPs' requests after
 	return busy
 }
 
@@ -659,7 +767,8 @@ func (d *Device) receive(from netip.AddrPort, v ipv4Var, b []byte) {
 		p.count(chip.NetCntDropICRC)
 		return
 	}
-	var pk ibwire.Packet
+	pk := &p.rxPk // the engine's alone; nothing keeps it past this call
+	*pk = ibwire.Packet{}
 	if err := pk.Decode(b); err != nil {
 		if errors.Is(err, ibwire.ErrShort) || errors.Is(err, ibwire.ErrLength) {
 			p.count(chip.NetCntDropLength)
@@ -701,9 +810,9 @@ func (d *Device) receive(from netip.AddrPort, v ipv4Var, b []byte) {
 		return
 	}
 	if op.IsRequest() {
-		d.rcRequest(n, &pk)
+		d.rcRequest(n, pk)
 	} else {
-		d.rcResponse(n, &pk)
+		d.rcResponse(n, pk)
 	}
 }
 

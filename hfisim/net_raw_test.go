@@ -2,11 +2,13 @@ package hfisim
 
 import (
 	"bytes"
+	"net"
 	"net/netip"
 	"testing"
 
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/ibwire"
+	"github.com/gohfi/gohfi/uapi"
 )
 
 // TestNetIPv4Identification: the ICRC covers the IPv4 identification,
@@ -64,4 +66,65 @@ func FuzzSplitIPv4UDP(f *testing.F) {
 			t.Fatalf("accepted % x: from %v, %d bytes", b, from, len(payload))
 		}
 	})
+}
+
+// TestNetUDPSockets: two devices on real sockets of 127.0.0.1, the raw
+// receive path as root (the UDP socket's otherwise). Messages of many
+// packets go in batches (sendmmsg) and come in batches (recvmmsg) and
+// arrive intact; hostile datagrams from a plain UDP socket, a burst of
+// garbage and one longer than any receive buffer, are each counted and
+// dropped.
+func TestNetUDPSockets(t *testing.T) {
+	lo := netip.MustParseAddrPort("127.0.0.1:0")
+	a, b := newVerbsPort(t, lo, nil), newVerbsPort(t, lo, nil)
+	p := &netPair{a: a, b: b}
+	p.ca, p.cb = a.newCQ(0, 256), b.newCQ(0, 256)
+	p.qa = a.newQP(0, 1, remoteAll, p.ca, p.ca)
+	p.qb = b.newQP(0, 1, remoteAll, p.cb, p.cb)
+	const size = 1 << 20
+	p.ma = a.regMR(1, 1, allAccess, 0x7f00_0000_0123, size)
+	p.mb = b.regMR(1, 1, allAccess, 0x7e00_0000_0ffd, size)
+	netConnect(t, a, p.qa, b.d.PortAddr(), p.qb.qpn(), testNetAttr)
+	netConnect(t, b, p.qb, a.d.PortAddr(), p.qa.qpn(), testNetAttr)
+	netOps(t, p, 1)
+	for i, op := range []uint8{uapi.GOHFI_WR_RDMA_WRITE, uapi.GOHFI_WR_RDMA_READ} {
+		src, dst := a.fill(p.ma, byte(i)), b.fill(p.mb, byte(i)+1)
+		w := sendWQE(uint64(100+i), op, sge(p.ma, 0, size))
+		w.RemoteAddr, w.Rkey = p.mb.va, p.mb.key()
+		a.postSend(p.qa, w)
+		a.expectCQE(p.ca, uint64(100+i), uapi.GOHFI_WC_SUCCESS, wcOpcode(op), 0)
+		if op == uapi.GOHFI_WR_RDMA_WRITE && !bytes.Equal(b.contents(p.mb), src) ||
+			op == uapi.GOHFI_WR_RDMA_READ && !bytes.Equal(a.contents(p.ma), dst) {
+			t.Fatalf("%s of 1 MiB: data differs", []string{"WRITE", "READ"}[i])
+		}
+	}
+
+	conn, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(lo))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	d := b.d
+	rx0, icrc0, len0 := d.NetCounter(chip.NetCntRxPkts), d.NetCounter(chip.NetCntDropICRC), d.NetCounter(chip.NetCntDropLength)
+	const burst = 200
+	junk := make([]byte, 100)
+	for i := range burst {
+		junk[0] = byte(i)
+		if _, err := conn.WriteToUDPAddrPort(junk, d.PortAddr()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := conn.WriteToUDPAddrPort(make([]byte, netRxBufSize+500), d.PortAddr()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the hostile datagrams counted", func() bool { return d.NetCounter(chip.NetCntRxPkts) == rx0+burst+1 })
+	if got := d.NetCounter(chip.NetCntDropICRC) - icrc0; got != burst {
+		t.Errorf("%d ICRC drops of %d garbage datagrams", got, burst)
+	}
+	if got := d.NetCounter(chip.NetCntDropLength) - len0; got != 1 {
+		t.Errorf("%d length drops of one datagram of %d bytes", got, netRxBufSize+500)
+	}
+	if v := a.d.NetCounter(chip.NetCntRetrans); v != 0 {
+		t.Logf("%d retransmissions on loopback", v)
+	}
 }

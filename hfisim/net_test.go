@@ -70,13 +70,20 @@ func (w *wire) setCut(cut bool) {
 	w.cut = cut
 }
 
-func (e *wireEnd) send(to netip.AddrPort, b []byte) error {
+func (e *wireEnd) send(b []txDatagram) error {
+	for _, dg := range b {
+		e.sendOne(dg.to, dg.b)
+	}
+	return nil
+}
+
+func (e *wireEnd) sendOne(to netip.AddrPort, b []byte) {
 	w := e.w
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.sent++
 	if w.cut {
-		return nil
+		return
 	}
 	rng := w.rngs[e.from]
 	if rng == nil {
@@ -85,7 +92,7 @@ func (e *wireEnd) send(to netip.AddrPort, b []byte) error {
 	}
 	dst := w.ends[to]
 	if dst == nil {
-		return nil
+		return
 	}
 	act := wirePass
 	if w.hook != nil {
@@ -95,7 +102,7 @@ func (e *wireEnd) send(to netip.AddrPort, b []byte) error {
 		}
 	}
 	if act == wireDrop || rng.Float64() < w.loss.drop {
-		return nil
+		return
 	}
 	pk := bytes.Clone(b)
 	if act == wireHold || rng.Float64() < w.loss.reorder {
@@ -103,7 +110,7 @@ func (e *wireEnd) send(to netip.AddrPort, b []byte) error {
 			w.ends[h.to].netInput(e.from, h.b)
 		}
 		w.held[e.from] = heldPkt{to: to, b: pk}
-		return nil
+		return
 	}
 	dst.netInput(e.from, pk)
 	if rng.Float64() < w.loss.dup {
@@ -113,7 +120,6 @@ func (e *wireEnd) send(to netip.AddrPort, b []byte) error {
 		delete(w.held, e.from)
 		w.ends[h.to].netInput(e.from, h.b)
 	}
-	return nil
 }
 
 func (e *wireEnd) close() error { return nil }
@@ -161,7 +167,7 @@ func newNetPairAttr(t *testing.T, seed uint64, size uint64, attrA uint64) *netPa
 }
 
 // setPeer writes peer table entry i.
-func setPeer(t *testing.T, d *Device, i int, a netip.AddrPort) {
+func setPeer(t testing.TB, d *Device, i int, a netip.AddrPort) {
 	hi, lo := chip.GIDWords(a.Addr())
 	wr(t, d, chip.PeerReg(i, chip.PeerGIDHi), hi)
 	wr(t, d, chip.PeerReg(i, chip.PeerGIDLo), lo)
@@ -170,7 +176,7 @@ func setPeer(t *testing.T, d *Device, i int, a netip.AddrPort) {
 
 // netConnect takes q from INIT to RTS connected to QP dest on peer, with
 // both PSNs 0xfffff0 (they wrap during the tests).
-func netConnect(t *testing.T, h *vh, q *tqp, peer netip.AddrPort, dest uint32, attr uint64) {
+func netConnect(t testing.TB, h *vh, q *tqp, peer netip.AddrPort, dest uint32, attr uint64) {
 	t.Helper()
 	setPeer(t, h.d, 1, peer)
 	wr(t, h.d, chip.QPNetReg(q.n, chip.QPNetAttr), attr)

@@ -312,7 +312,7 @@ func (d *Device) rcWrite(n int, s rcSnap, rc *rcQP, rs *responder, pk *ibwire.Pa
 		return false
 	}
 	d.mu.Lock()
-	spans, verr := d.resolveLocked(r.rkey, s.pd, r.raddr+r.off, lp.n, uapi.IB_ACCESS_REMOTE_WRITE, s.access, chip.MTTWrite, nil)
+	spans, verr := d.resolveLocked(r.rkey, s.pd, r.raddr+r.off, lp.n, uapi.IB_ACCESS_REMOTE_WRITE, s.access, chip.MTTWrite, d.net.spans[:0])
 	d.mu.Unlock()
 	switch verr {
 	case chip.VendorErrNone:
@@ -429,7 +429,7 @@ func (d *Device) rcPumpReads(n int, s rcSnap, rc *rcQP) bool {
 		}
 		data := d.net.payload[:size]
 		d.mu.Lock()
-		spans, verr := d.resolveLocked(j.key, s.pd, j.va+off, size, uapi.IB_ACCESS_REMOTE_READ, s.access, chip.MTTRead, nil)
+		spans, verr := d.resolveLocked(j.key, s.pd, j.va+off, size, uapi.IB_ACCESS_REMOTE_READ, s.access, chip.MTTRead, d.net.spans[:0])
 		d.mu.Unlock()
 		err := error(nil)
 		if verr == chip.VendorErrNone {

@@ -82,6 +82,9 @@ func (d *Device) pollVerbs(mv *mover) bool {
 			d.runTLBCommands() // between one QP's packets and the next's
 		}
 	}
+	if d.net != nil {
+		d.net.flushTx() // the network QPs' packets of this pass
+	}
 	return busy
 }
 

@@ -56,7 +56,7 @@ func (h *hookDMA) Write(iova uint64, p []byte) error {
 }
 
 type vh struct {
-	t       *testing.T
+	t       testing.TB
 	d       *Device
 	dma     *hookDMA
 	next    uint64 // host memory allocator: next free offset
@@ -67,7 +67,7 @@ type vh struct {
 func newVerbs(t *testing.T) *vh { return newVerbsPort(t, netip.AddrPort{}, nil) }
 
 // newVerbsPort is newVerbs with a network port at port on link l (net_test.go).
-func newVerbsPort(t *testing.T, port netip.AddrPort, l link) *vh {
+func newVerbsPort(t testing.TB, port netip.AddrPort, l link) *vh {
 	t.Helper()
 	cfg := DefaultConfig()
 	cfg.NumContexts = 2
