@@ -6,6 +6,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -27,6 +28,15 @@ import (
 // submits it: the client, which still holds the ring's memory, can spoil
 // only its own data, never make the device's requests touch the device's
 // other files or memory.
+
+// maxKeptRings bounds the rings whose queue addresses an embedded device
+// leaves taken (OpenDeviceRing): two ranges each at most, far below the
+// default vm.max_map_count of 65530.
+const maxKeptRings = 4096
+
+// keptRings counts those rings in this process, whose address space they
+// take: the count is the process's, not a device's.
+var keptRings atomic.Int64
 
 const (
 	// deviceRingEntries is the size of a device ring's queues: the device
@@ -153,6 +163,10 @@ func IsDeviceRing(fd int) bool {
 // EBUSY from TID_UPDATE), and io_uring maps its queues only where the
 // kernel chooses, so the addresses cannot be reused for the next ring
 // either: 8 KiB of address space per ring, for the process's life.
+// Past maxKeptRings taken ranges an embedded device refuses new rings
+// (ENOSPC; the client then maps without one and the device's accesses go
+// over the socket), so that a process mapping and unmapping without end
+// does not run into vm.max_map_count.
 func OpenDeviceRing(fd int, addr, size uint64, sameProcess bool) (_ *DeviceRingBuffer, err error) {
 	b := &DeviceRingBuffer{addr: addr, size: size, pipeR: -1, pipeW: -1, r: &sharedRing{fd: fd, keepVA: sameProcess}}
 	defer func() {
@@ -160,6 +174,9 @@ func OpenDeviceRing(fd int, addr, size uint64, sameProcess bool) (_ *DeviceRingB
 			_ = b.Close() // undoing our own half-made setup: the first failure is the story
 		}
 	}()
+	if n := keptRings.Load(); sameProcess && n >= maxKeptRings {
+		return nil, fmt.Errorf("dma: device ring: %d rings of this process left their addresses taken: %w", n, unix.ENOSPC)
+	}
 	if size == 0 || addr+size < addr {
 		return nil, fmt.Errorf("dma: device ring at %#x+%#x: %w", addr, size, unix.EINVAL)
 	}

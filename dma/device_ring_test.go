@@ -220,3 +220,44 @@ func TestDeviceRingRefused(t *testing.T) {
 		t.Error("memory changed by a refused request")
 	}
 }
+
+// TestDeviceRingKeptBound: an embedded device's closed rings leave their
+// queue addresses taken and are counted; past maxKeptRings it refuses new
+// rings with ENOSPC (checkNoLeaks: closing the fd), while a device in another process
+// (nothing kept) still takes them.
+func TestDeviceRingKeptBound(t *testing.T) {
+	checkNoLeaks(t)
+	p := newTestPinner(t, NewAccountant(), nil)
+	m := mmapAnon(t, 1<<16)
+	defer unix.Munmap(m)
+	pin, err := p.Pin(sliceAddr(m), 1<<16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pin.Unpin()
+
+	n0 := keptRings.Load()
+	b := openTestDeviceRing(t, pin, true)
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := keptRings.Load(); n != n0+1 {
+		t.Fatalf("kept rings %d after closing an embedded ring, want %d", n, n0+1)
+	}
+
+	keptRings.Store(maxKeptRings)
+	defer keptRings.Store(n0 + 1)
+	f, addr, err := pin.DeviceRing()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fd, err := unix.Dup(int(f.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := OpenDeviceRing(fd, uint64(addr), 1<<16, true); !errors.Is(err, unix.ENOSPC) {
+		t.Fatalf("embedded ring past the bound = %v, want ENOSPC", err)
+	}
+	openTestDeviceRing(t, pin, false) // another process's device keeps nothing: no bound
+}

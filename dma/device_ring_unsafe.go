@@ -105,6 +105,9 @@ func (r *sharedRing) run(sqe *ioUringSQE, timeout time.Duration) (int32, error) 
 // r.keepVA the queues' addresses are covered with PROT_NONE memory instead
 // of unmapped, and stay taken (see OpenDeviceRing).
 func (r *sharedRing) close() error {
+	if r.keepVA && (r.sqeMem != nil || r.mem != nil) {
+		keptRings.Add(1)
+	}
 	for _, m := range []*[]byte{&r.sqeMem, &r.mem} {
 		if *m == nil {
 			continue
