@@ -350,3 +350,48 @@ func TestSDMADeviceDeath(t *testing.T) {
 		t.Errorf("%d pins after Close on a dead device, %d before", n, pins)
 	}
 }
+
+// TestSDMABurstEventsCount: an application that posts a burst of SDMA
+// sends and then only watches the events page (no further system call)
+// sees the count reach the burst's last send, whether the burst ends with
+// an SDMA send or with a copying send posted behind it; bursts of 1 to 40
+// sends, not multiples of the driver's interrupt interval.
+func TestSDMABurstEventsCount(t *testing.T) {
+	_, tx, rx, dst := sendPair(t)
+	ev := eventsPage(t, tx)
+	dstBuf := allocBuf(t, 64<<10, true)
+	tids, n, err := tidUpdate(rx.f, dstBuf.Addr(), 64<<10)
+	if err != nil || n != 64<<10 || len(tids) != 1 {
+		t.Fatalf("TID_UPDATE: %v %d %v", tids, n, err)
+	}
+	src := allocBuf(t, 64<<10, true)
+	var seq uint64
+	for _, burst := range []int{1, 3, 17, 40} {
+		for _, pioLast := range []bool{false, true} {
+			for i := range burst {
+				got, err := sdmaSend(tx, dst, tids[0], uint32(i*1024), src.Addr()+uintptr(i*1024), 1024, 0)
+				if err != nil {
+					t.Fatalf("burst %d: SDMA SEND %d: %v", burst, i, err)
+				}
+				if seq++; got != seq {
+					t.Fatalf("completion number %d, want %d", got, seq)
+				}
+			}
+			entries := burst
+			if pioLast {
+				m := uapi.GohfiSend{Opcode: uapi.GOHFI_SEND_EXPECTED, DstCtxt: dst, Length: 8,
+					Vaddr: uint64(src.Addr()), TID: tids[0]}
+				if err := ioctl(tx, uapi.GOHFI_IOCTL_SEND, &m); err != nil {
+					t.Fatalf("burst %d: copying SEND: %v", burst, err)
+				}
+				entries++
+			}
+			waitSDMADone(t, ev, seq)
+			for range entries {
+				if e := rx.nextEntry(t); e.Type != uapi.GOHFI_RHF_EXPECTED {
+					t.Fatalf("burst %d: entry %+v", burst, e)
+				}
+			}
+		}
+	}
+}

@@ -42,7 +42,7 @@ func (c *copierDMA) copies() []int {
 }
 
 // TestVerbsMoverRuns: with a DMA that copies by itself, an RDMA WRITE of
-// unaligned buffers moves each turn's packets (16) in one copy, and the
+// unaligned buffers moves each turn's packets (verbsBurst) in one copy, and the
 // bytes arrive.
 func TestVerbsMoverRuns(t *testing.T) {
 	const pkts = verbsBurst + 4
@@ -144,5 +144,64 @@ func TestRHQSeqOffset(t *testing.T) {
 	e.MarshalBytes(raw[:])
 	if got := binary.LittleEndian.Uint32(raw[rhqSeqOff:]); got != e.Seq {
 		t.Fatalf("bytes at rhqSeqOff %#x, want the seq %#x", got, e.Seq)
+	}
+}
+
+// TestVerbsBurstFairness: QPs take turns of at most verbsBurst packets, so
+// 8 B RDMA WRITEs posted on one QP while another QP moves a 16 MiB RDMA
+// WRITE all complete before the large one does (both QPs complete to one
+// CQ, whose order says which finished first).
+func TestVerbsBurstFairness(t *testing.T) {
+	const size, host, smalls = 16 << 20, 1 << 20, 8
+	h := newVerbs(t)
+	cq, rcq := h.newCQ(0, 64), h.newCQ(1, 64)
+	big, bigDst := h.newQP(0, 1, remoteAll, cq, rcq), h.newQP(1, 1, remoteAll, rcq, rcq)
+	small, smallDst := h.newQP(2, 1, remoteAll, cq, rcq), h.newQP(3, 1, remoteAll, rcq, rcq)
+	h.connect(big, bigDst)
+	h.connect(small, smallDst)
+	// The large WRITE's region: 16 MiB over 1 MiB of host memory mapped 16
+	// times (the harness has 16 MiB in all), source and destination alike.
+	iova, va := h.alloc(host), uint64(0x7f00_0000_0000)
+	first := h.mttNext
+	for i := uint64(0); i < size>>12; i++ {
+		h.bar4(uint64(first+uint32(i))*chip.MTTEntrySize, (iova+i%(host>>12)<<12)|chip.MTTPresent|chip.MTTRead|chip.MTTWrite)
+	}
+	h.mttNext += size >> 12
+	bigMR := &mr{idx: 1, va: va, length: size, iova: iova, entry: chip.MPTEntry{Key: 1<<8 | 0x5a, PD: 1,
+		Flags: chip.MPTStateValid | allAccess<<chip.MPTAccessShift, MTTFirst: first, IOVA: va, Length: size}}
+	h.writeMPT(bigMR.idx, bigMR.entry)
+	local := h.regMR(2, 1, allAccess, 0x7e00_0000_0000, smalls*8)
+	remote := h.regMR(3, 1, allAccess, 0x7d00_0000_0000, smalls*8)
+	src := h.fill(local, 1)
+	h.fill(remote, 2)
+
+	// The small WRITEs are posted from the engine's first read of the
+	// large WRITE's payload: the large one is in progress then.
+	posted := make(chan struct{})
+	fired := false // the engine's goroutine only
+	h.dma.mu.Lock()
+	h.dma.onRead = func(a uint64, _ int) {
+		if fired || a < iova || a >= iova+host {
+			return
+		}
+		fired = true
+		for i := uint64(0); i < smalls; i++ {
+			w := sendWQE(100+i, uapi.GOHFI_WR_RDMA_WRITE, sge(local, i*8, 8))
+			w.RemoteAddr, w.Rkey = remote.va+i*8, remote.key()
+			h.postSend(small, w)
+		}
+		close(posted)
+	}
+	h.dma.mu.Unlock()
+	w := sendWQE(1, uapi.GOHFI_WR_RDMA_WRITE, sge(bigMR, 0, size))
+	w.RemoteAddr, w.Rkey = bigMR.va, bigMR.key()
+	h.postSend(big, w)
+	<-posted
+	for i := uint64(0); i < smalls; i++ {
+		h.expectCQE(cq, 100+i, uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_RDMA_WRITE, 0)
+	}
+	h.expectCQE(cq, 1, uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_RDMA_WRITE, 0)
+	if got := h.contents(remote); !bytes.Equal(got, src) {
+		t.Fatal("8 B RDMA WRITEs: data differs")
 	}
 }

@@ -14,7 +14,7 @@ import (
 
 const (
 	maxMsgSize = 1 << 30 // RegMaxMsgSize
-	verbsBurst = 16      // packets one QP moves before the next QP's turn
+	verbsBurst = 64      // packets one QP moves before the next QP's turn
 
 	knownSendFlags = uapi.GOHFI_SEND_FENCE | uapi.GOHFI_SEND_SIGNALED | uapi.GOHFI_SEND_SOLICITED | uapi.GOHFI_SEND_INLINE
 )
