@@ -11,10 +11,24 @@ import (
 	"github.com/gohfi/gohfi/internal/testenv"
 )
 
-// openTestDeviceRing makes pin's device ring and opens it as a device in
-// another process would: from its own copy of the fd (the client's copy is
-// closed, as after sending it).
-func openTestDeviceRing(t *testing.T, pin *Pin, sameProcess bool) *DeviceRingBuffer {
+// pinAnon maps n bytes of anonymous memory and pins them with p; the pin
+// and the mapping are undone at cleanup.
+func pinAnon(t *testing.T, p *Pinner, n int) (*Pin, []byte) {
+	t.Helper()
+	m := mmapAnon(t, n)
+	t.Cleanup(func() { _ = unix.Munmap(m) }) // runs after the Unpin below
+	pin, err := p.Pin(sliceAddr(m), n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pin.Unpin() })
+	return pin, m
+}
+
+// deviceRingFD makes pin's device ring and returns the device's own copy
+// of its fd, as a device in another process gets it (the client's copy is
+// closed, as after sending it), and the address the ring knows the pin at.
+func deviceRingFD(t *testing.T, pin *Pin) (int, uintptr) {
 	t.Helper()
 	f, addr, err := pin.DeviceRing()
 	if errors.Is(err, unix.ENOTSUP) {
@@ -30,6 +44,14 @@ func openTestDeviceRing(t *testing.T, pin *Pin, sameProcess bool) *DeviceRingBuf
 	if err := f.Close(); err != nil {
 		t.Fatal(err)
 	}
+	return fd, addr
+}
+
+// openTestDeviceRing opens pin's device ring as a device would
+// (deviceRingFD), closed at cleanup.
+func openTestDeviceRing(t *testing.T, pin *Pin, sameProcess bool) *DeviceRingBuffer {
+	t.Helper()
+	fd, addr := deviceRingFD(t, pin)
 	b, err := OpenDeviceRing(fd, uint64(addr), uint64(pin.Len()), sameProcess)
 	if err != nil {
 		t.Fatal(err)
@@ -46,23 +68,13 @@ func TestDeviceRing(t *testing.T) {
 	checkNoLeaks(t)
 	p := newTestPinner(t, NewAccountant(), nil)
 	const size = 3 << 20 // more than a pipe holds
-	a, bm := mmapAnon(t, size), mmapAnon(t, size)
-	defer unix.Munmap(bm)
 	src := make([]byte, size)
 	for i := range src {
 		src[i] = byte(rand.Uint32())
 	}
-	copy(a, src)
-	pa, err := p.Pin(sliceAddr(a), size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pa.Unpin()
-	pb, err := p.Pin(sliceAddr(bm), size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pb.Unpin()
+	pa, a := pinAnon(t, p, size)
+	copy(a, src) // the pinned pages: the ring reads them, not a copy
+	pb, bm := pinAnon(t, p, size)
 	// rb as an embedded device's: its queues' addresses stay taken.
 	ra, rb := openTestDeviceRing(t, pa, false), openTestDeviceRing(t, pb, true)
 
@@ -146,13 +158,7 @@ func TestDeviceRing(t *testing.T) {
 func TestDeviceRingRefused(t *testing.T) {
 	checkNoLeaks(t)
 	p := newTestPinner(t, NewAccountant(), nil)
-	m := mmapAnon(t, 1<<16)
-	defer unix.Munmap(m)
-	pin, err := p.Pin(sliceAddr(m), 1<<16)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pin.Unpin()
+	pin, m := pinAnon(t, p, 1<<16)
 	f, addr, err := pin.DeviceRing()
 	if errors.Is(err, unix.ENOTSUP) {
 		testenv.Require(t, err, "io_uring buffer cloning (Linux 6.12)")
@@ -199,15 +205,7 @@ func TestDeviceRingRefused(t *testing.T) {
 	}
 	// A hostile address: the mapping claimed past the buffer. The kernel
 	// refuses every request outside the cloned buffer.
-	f2, _, err := pin.DeviceRing()
-	if err != nil {
-		t.Fatal(err)
-	}
-	fd2, err := unix.Dup(int(f2.Fd()))
-	f2.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
+	fd2, _ := deviceRingFD(t, pin)
 	wrong, err := OpenDeviceRing(fd2, uint64(addr)+1<<16, 1<<16, false)
 	if err != nil {
 		t.Fatal(err)
@@ -228,13 +226,7 @@ func TestDeviceRingRefused(t *testing.T) {
 func TestDeviceRingKeptBound(t *testing.T) {
 	checkNoLeaks(t)
 	p := newTestPinner(t, NewAccountant(), nil)
-	m := mmapAnon(t, 1<<16)
-	defer unix.Munmap(m)
-	pin, err := p.Pin(sliceAddr(m), 1<<16)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pin.Unpin()
+	pin, _ := pinAnon(t, p, 1<<16)
 
 	n0 := keptRings.Load()
 	b := openTestDeviceRing(t, pin, true)
@@ -247,15 +239,7 @@ func TestDeviceRingKeptBound(t *testing.T) {
 
 	keptRings.Store(maxKeptRings)
 	defer keptRings.Store(n0 + 1)
-	f, addr, err := pin.DeviceRing()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	fd, err := unix.Dup(int(f.Fd()))
-	if err != nil {
-		t.Fatal(err)
-	}
+	fd, addr := deviceRingFD(t, pin)
 	if _, err := OpenDeviceRing(fd, uint64(addr), 1<<16, true); !errors.Is(err, unix.ENOSPC) {
 		t.Fatalf("embedded ring past the bound = %v, want ENOSPC", err)
 	}
