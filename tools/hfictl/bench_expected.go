@@ -106,13 +106,7 @@ func (e *expectedEngine) close() error {
 				errs = append(errs, fmt.Errorf("unmapping a header queue: %w", err))
 			}
 		}
-		for _, f := range []*driver.File{l.tx, l.rx} {
-			if f != nil {
-				if err := f.Close(); err != nil {
-					errs = append(errs, fmt.Errorf("closing a bench file: %w", err))
-				}
-			}
-		}
+		errs = append(errs, closeBenchFiles(l.tx, l.rx))
 	}
 	return errors.Join(errs...)
 }

@@ -140,9 +140,12 @@ func newVerbsEngine(ctx context.Context, dev *driver.Device, op string, qps, dep
 }
 
 // close closes the files: the driver destroys their QPs, CQs and MRs.
-func (e *verbsEngine) close() error {
+func (e *verbsEngine) close() error { return closeBenchFiles(e.req, e.resp) }
+
+// closeBenchFiles closes the bench's files that were opened (nil: not).
+func closeBenchFiles(fs ...*driver.File) error {
 	var errs []error
-	for _, f := range []*driver.File{e.req, e.resp} {
+	for _, f := range fs {
 		if f != nil {
 			if err := f.Close(); err != nil {
 				errs = append(errs, fmt.Errorf("closing a bench file: %w", err))
