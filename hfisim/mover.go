@@ -2,6 +2,7 @@ package hfisim
 
 import (
 	"errors"
+	"iter"
 
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/uapi"
@@ -23,9 +24,13 @@ import (
 // its packet, as if that packet's DMA had failed when it was checked: the
 // packets before it are written, nothing from it on.
 
-// move is one piece of a packet: n bytes from src to dst.
+// move is n bytes from src to dst, message bytes [off, off+n): a piece of
+// one packet, or of several packets of one run (sendRun), which share pk.
+// Packets start at multiples of chip.VerbsMTU in the message, so where a
+// move's packets begin and end follows from off.
 type move struct {
 	dst, src uint64
+	off      uint64
 	n        int
 	pk       *packet
 	rs       *responder
@@ -41,16 +46,16 @@ type mover struct {
 	// responder's side), reused packet after packet: add copies what it
 	// keeps.
 	local, remote []span
-	// The same for the packets of a run (sendRun).
-	runL, runR []span
 	// The engine's requester and the bytes of the WQE it reads, reused
 	// turn after turn (sendBurst) instead of allocated per message.
 	req requester
 	wqe [chip.SendWQESize]byte
 }
 
-// add queues pk's bytes from the src spans to the dst spans (equal totals).
-func (m *mover) add(dst, src []span, pk *packet, rs *responder) {
+// add queues the bytes of message bytes [off, ...) of pk (and of the
+// packets after it that share pk, for a run) from the src spans to the dst
+// spans (equal totals).
+func (m *mover) add(dst, src []span, pk *packet, rs *responder, off uint64) {
 	var di, si, doff, soff int
 	for di < len(dst) && si < len(src) {
 		k := min(dst[di].n-doff, src[si].n-soff)
@@ -59,8 +64,9 @@ func (m *mover) add(dst, src []span, pk *packet, rs *responder) {
 			m.moves[l-1].dst+uint64(m.moves[l-1].n) == d && m.moves[l-1].src+uint64(m.moves[l-1].n) == s {
 			m.moves[l-1].n += k
 		} else {
-			m.moves = append(m.moves, move{dst: d, src: s, n: k, pk: pk, rs: rs})
+			m.moves = append(m.moves, move{dst: d, src: s, off: off, n: k, pk: pk, rs: rs})
 		}
+		off += uint64(k)
 		doff += k
 		soff += k
 		if doff == dst[di].n {
@@ -95,22 +101,39 @@ func (d *Device) flushMoves(m *mover) (result, bool) {
 			return lost, false
 		}
 		if err != nil {
-			// Which packet failed: again piece by piece, in order.
-			for _, p := range m.moves[i:j] {
-				gone, err := d.copyRun(m, &p)
-				if gone {
-					return lost, false
-				}
-				if err != nil {
-					d.countDMAErr(err)
-					var ce *vfiouser.CopyError
-					return d.moveFailed(m, p, errors.As(err, &ce) && ce.Dst), false
+			// Which packet failed: again packet by packet, in order.
+			for _, mv := range m.moves[i:j] {
+				for p := range packetPieces(mv) {
+					gone, err := d.copyRun(m, &p)
+					if gone {
+						return lost, false
+					}
+					if err != nil {
+						d.countDMAErr(err)
+						var ce *vfiouser.CopyError
+						return d.moveFailed(m, p, errors.As(err, &ce) && ce.Dst), false
+					}
 				}
 			}
 		}
 		i = j
 	}
 	return result{}, true
+}
+
+// packetPieces yields mv cut where its packets begin (multiples of
+// chip.VerbsMTU in the message).
+func packetPieces(mv move) iter.Seq[move] {
+	return func(yield func(move) bool) {
+		for mv.n > 0 {
+			p := mv
+			p.n = int(min(uint64(mv.n), chip.VerbsMTU-mv.off%chip.VerbsMTU))
+			if !yield(p) {
+				return
+			}
+			mv.dst, mv.src, mv.off, mv.n = mv.dst+uint64(p.n), mv.src+uint64(p.n), mv.off+uint64(p.n), mv.n-p.n
+		}
+	}
 }
 
 // copyRun copies run's bytes, after checking that run's packet still

@@ -3,6 +3,7 @@ package hfisim
 import (
 	"bytes"
 	"encoding/binary"
+	"slices"
 	"testing"
 
 	"github.com/gohfi/gohfi/chip"
@@ -203,5 +204,24 @@ func TestVerbsBurstFairness(t *testing.T) {
 	h.expectCQE(cq, 1, uapi.GOHFI_WC_SUCCESS, uapi.GOHFI_WC_RDMA_WRITE, 0)
 	if got := h.contents(remote); !bytes.Equal(got, src) {
 		t.Fatal("8 B RDMA WRITEs: data differs")
+	}
+}
+
+// TestPacketPieces: a move of several packets is cut where each packet
+// begins in the message, whatever its IOVAs.
+func TestPacketPieces(t *testing.T) {
+	mv := move{dst: 0x10_0100, src: 0x20_0200, off: chip.VerbsMTU - 16, n: 2*chip.VerbsMTU + 32}
+	var got []move
+	for p := range packetPieces(mv) {
+		got = append(got, p)
+	}
+	want := []move{
+		{dst: 0x10_0100, src: 0x20_0200, off: chip.VerbsMTU - 16, n: 16},
+		{dst: 0x10_0110, src: 0x20_0210, off: chip.VerbsMTU, n: chip.VerbsMTU},
+		{dst: 0x10_0110 + chip.VerbsMTU, src: 0x20_0210 + chip.VerbsMTU, off: 2 * chip.VerbsMTU, n: chip.VerbsMTU},
+		{dst: 0x10_0110 + 2*chip.VerbsMTU, src: 0x20_0210 + 2*chip.VerbsMTU, off: 3 * chip.VerbsMTU, n: 16},
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("pieces %+v, want %+v", got, want)
 	}
 }

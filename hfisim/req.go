@@ -347,8 +347,9 @@ func (d *Device) sendPacket(r *requester) result {
 // turn would have found (nothing the checks read changes meanwhile but the
 // MPT and MTT in BAR4, which the driver may write at any time: a change is
 // seen at the next packet checked, here the next run, still before the TLB
-// flush that follows it completes). Each packet still gets its own moves, so
-// a failed move fails its packet with the ones before it written. A run that
+// flush that follows it completes). A failed move is cut into its packets
+// again (flushMoves), so it fails its packet with the ones before it
+// written. A run that
 // any check refuses moves nothing and returns 0: the packets go one by one
 // (sendPacket), which finds the refusal at its packet and reports it as
 // always. Returns how many packets it moved.
@@ -397,49 +398,22 @@ func (d *Device) sendRun(r *requester, budget int) int {
 	d.errs.verbsPkts += uint64(pkts)
 	d.mu.Unlock()
 
-	// The moves, packet by packet: the spans of each packet's bytes.
-	var lc, rc spanCursor
-	run := make([]packet, pkts) // one allocation for the run's packets, which the moves point to
-	for i, off := 0, uint64(0); off < n; i, off = i+1, off+chip.VerbsMTU {
-		k := min(uint64(chip.VerbsMTU), n-off)
-		pk := &run[i]
-		*pk = packet{
-			src: r.qpn, dst: dst, op: op, off: p.off + off, n: k, total: p.total,
-			last: p.off+off+k == p.total, raddr: p.wqe.RemoteAddr, rkey: p.wqe.Rkey,
-			srcEpoch: r.epoch, dstEpoch: p.dstEpoch, mv: r.mv, rs: rs,
-		}
-		ls, rsp := lc.next(local, int(k), r.mv.runL[:0]), rc.next(remote, int(k), r.mv.runR[:0])
-		if read {
-			pk.from = rsp
-			r.mv.add(ls, rsp, pk, rs)
-		} else {
-			pk.from = ls
-			r.mv.add(rsp, ls, pk, rs)
-		}
-		r.mv.runL, r.mv.runR = ls[:0], rsp[:0]
+	// The run's moves: its packets differ only in their bytes, so they
+	// share one packet (a failed move is cut into its packets again,
+	// flushMoves), and the spans of the whole run move at once.
+	pk := &packet{
+		src: r.qpn, dst: dst, op: op, off: p.off, n: n, total: p.total,
+		last: p.off+n == p.total, raddr: p.wqe.RemoteAddr, rkey: p.wqe.Rkey,
+		srcEpoch: r.epoch, dstEpoch: p.dstEpoch, mv: r.mv, rs: rs,
+	}
+	if read {
+		r.mv.add(local, remote, pk, rs, p.off)
+	} else {
+		r.mv.add(remote, local, pk, rs, p.off)
 	}
 	p.off += n
 	p.pkts += uint64(pkts)
 	return pkts
-}
-
-// spanCursor walks a list of spans n bytes at a time.
-type spanCursor struct {
-	i, off int
-}
-
-// next appends to out the spans of the next n bytes of spans.
-func (c *spanCursor) next(spans []span, n int, out []span) []span {
-	for n > 0 && c.i < len(spans) {
-		k := min(n, spans[c.i].n-c.off)
-		out = append(out, span{spans[c.i].iova + uint64(c.off), k})
-		c.off += k
-		n -= k
-		if c.off == spans[c.i].n {
-			c.i, c.off = c.i+1, 0
-		}
-	}
-	return out
 }
 
 // localSpans translates the part of the requester's SGEs packet pk
@@ -490,7 +464,7 @@ func (d *Device) fetchPacket(r *requester, pd uint32, pk *packet) result {
 		// The READ answer moves from the responder's memory (pk.from) to
 		// the local SGEs with the burst's other moves, which check both
 		// QPs again.
-		r.mv.add(spans, pk.from, pk, pk.rs)
+		r.mv.add(spans, pk.from, pk, pk.rs, pk.off)
 		return res
 	}
 	binary.LittleEndian.PutUint64(pk.data[:8], pk.orig)

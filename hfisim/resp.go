@@ -180,7 +180,7 @@ func (d *Device) respondSend(dma vfiouser.DMA, gen uint64, rs *responder, pk *pa
 	default:
 		return d.respFail(dma, gen, rs, pk, uapi.GOHFI_WC_LOC_PROT_ERR, fail(uapi.GOHFI_WC_REM_OP_ERR, verr))
 	}
-	pk.mv.add(spans, pk.from, pk, rs)
+	pk.mv.add(spans, pk.from, pk, rs, pk.off)
 	if pk.last {
 		// Placed before the invalidation and the receive completion.
 		if res, ok := d.flushMoves(pk.mv); !ok {
@@ -209,7 +209,7 @@ func (d *Device) respondWrite(dma vfiouser.DMA, gen uint64, rs *responder, pk *p
 	if !res.ok() {
 		return res
 	}
-	pk.mv.add(spans, pk.from, pk, rs)
+	pk.mv.add(spans, pk.from, pk, rs, pk.off)
 	if pk.last && pk.op == uapi.GOHFI_WR_RDMA_WRITE_WITH_IMM {
 		if res, ok := d.flushMoves(pk.mv); !ok {
 			return res
