@@ -47,6 +47,29 @@ func warmReadOnly(t *testing.T, l *odpLoop, dst uapi.GohfiRegMR, dstAddr uintptr
 	}
 }
 
+// readOnlySetup is what the read-only tests start from: pinned, writable
+// buffers on both sides (dst, the READ destination on side a; rb, the
+// receive buffer on side b) and two PROT_READ buffers (ro for side b, roA
+// for side a), the read-only path warmed up.
+type readOnlySetup struct {
+	dst, rb, ro, roA *mem.Buffer
+	md, mrb          uapi.GohfiRegMR
+}
+
+// startReadOnly starts an ODP loop and the buffers of readOnlySetup, n
+// bytes each, ro and roA filled with seeds seed and seed+1.
+func startReadOnly(t *testing.T, n int, seed byte) (*attach.Attached, *odpLoop, readOnlySetup) {
+	t.Helper()
+	a, l := startODP(t)
+	var r readOnlySetup
+	r.dst, r.rb = allocBuf(t, n, false), allocBuf(t, n, false)
+	r.md = l.reg(l.qa.f, r.dst.Addr(), n, pinAccess)
+	r.mrb = l.reg(l.qb.f, r.rb.Addr(), n, pinAccess)
+	r.ro, r.roA = readOnlyBuf(t, n, seed), readOnlyBuf(t, n, seed+1)
+	warmReadOnly(t, l, r.md, r.dst.Addr(), 4096)
+	return a, l, r
+}
+
 // TestODPReadOnlyMemory: an ODP MR (with write access) over PROT_READ
 // memory serves every device read, through read-only MTT entries: an RDMA
 // READ by the peer, a SEND from it and an RDMA WRITE from it (requester
@@ -55,13 +78,9 @@ func warmReadOnly(t *testing.T, l *odpLoop, dst uapi.GohfiRegMR, dstAddr uintptr
 // memory writable, the same WRITE lands in its pages. Nothing stays pinned
 // and no descriptor is left once the MRs are deregistered.
 func TestODPReadOnlyMemory(t *testing.T) {
-	a, l := startODP(t)
 	const n = 256 << 10
-	dst, rb := allocBuf(t, n, false), allocBuf(t, n, false)
-	md := l.reg(l.qa.f, dst.Addr(), n, pinAccess)
-	mrb := l.reg(l.qb.f, rb.Addr(), n, pinAccess)
-	ro, roA := readOnlyBuf(t, n, 7), readOnlyBuf(t, n, 8)
-	warmReadOnly(t, l, md, dst.Addr(), 4096)
+	a, l, r := startReadOnly(t, n, 7)
+	dst, rb, md, mrb, ro, roA := r.dst, r.rb, r.md, r.mrb, r.ro, r.roA
 	fds, pins, st0 := countFDs(t), a.Device.PinnedNow(), a.Device.Stats()
 
 	mo := l.reg(l.qb.f, ro.Addr(), n, odpAccess)
@@ -161,13 +180,9 @@ func TestODPReadOnlyMemory(t *testing.T) {
 // keeps the pages it pinned: after munmap and a new mapping at the same
 // address the device still reads the old ones.
 func TestRegMRReadOnlyMemory(t *testing.T) {
-	a, l := startODP(t)
 	const n = 128 << 10
-	dst, rb := allocBuf(t, n, false), allocBuf(t, n, false)
-	md := l.reg(l.qa.f, dst.Addr(), n, pinAccess)
-	mrb := l.reg(l.qb.f, rb.Addr(), n, pinAccess)
-	ro, roA := readOnlyBuf(t, n, 3), readOnlyBuf(t, n, 4)
-	warmReadOnly(t, l, md, dst.Addr(), 4096)
+	a, l, r := startReadOnly(t, n, 3)
+	dst, rb, md, mrb, ro, roA := r.dst, r.rb, r.md, r.mrb, r.ro, r.roA
 	fds, pins := countFDs(t), a.Device.PinnedNow()
 
 	_, err := hfiuser.RegMR(l.qb.f, ro.Addr(), n, uint64(ro.Addr()), uapi.IB_ACCESS_LOCAL_WRITE|uapi.IB_ACCESS_REMOTE_READ)
