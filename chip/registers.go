@@ -78,7 +78,7 @@ const (
 // RegRevision value of this model: major<<RevisionMajorShift | minor.
 const (
 	RevisionMajor = 1
-	RevisionMinor = 3 // 1: doorbell records (CapDBRec); 2: implicit ODP (CapImplicitODP); 3: QPDBRing (CapDBRing)
+	RevisionMinor = 4 // 1: doorbell records (CapDBRec); 2: implicit ODP (CapImplicitODP); 3: QPDBRing (CapDBRing); 4: CQHeadAddr (CapCQHeadRec)
 
 	RevisionMajorShift = 16
 	RevisionMinorMask  = 1<<RevisionMajorShift - 1
@@ -98,7 +98,7 @@ const (
 
 	// CapKnown is every bit defined above; the driver refuses a device
 	// that reports any other.
-	CapKnown = CapMemMgtExtensions | CapODP | CapMSIX | CapLoopback | CapVerbs | CapDBRec | CapImplicitODP | CapNet | CapDBRing
+	CapKnown = CapMemMgtExtensions | CapODP | CapMSIX | CapLoopback | CapVerbs | CapDBRec | CapImplicitODP | CapNet | CapDBRing | CapCQHeadRec
 )
 
 // RegControl bits.

@@ -134,7 +134,31 @@ const (
 	CQTail     = 0x18 // RO: producer index
 	CQControl  = 0x20 // RW: CQCtrl* | interrupt context << CQCtrlCtxtShift
 	CQStatus   = 0x28 // RO: CQStatus*
+	CQHeadAddr = 0x30 // RW (CapCQHeadRec): IOVA of the CQ's consumer-index record (0: none); see below
 )
+
+// CQHeadAddr (CapCQHeadRec) is the CQ's consumer-index record, as mlx5's
+// set_ci doorbell record: the IOVA (8-byte aligned; 0: none) of an 8-byte
+// word in host memory where the driver keeps the consumer index, so it
+// need not write CQHead. The driver stores the index there (one 8-byte
+// store) whenever it consumed CQEs. The device reads the word only when a
+// CQE finds the ring full by the head it holds, (tail+1) mod entries ==
+// head: a value below entries becomes the head (as a write to CQHead
+// would), and only then does the device decide overflow. A value out of
+// range is refused and counted in ErrCntVerbs, a read that faults is
+// counted in ErrCntIOMMUFault and ErrCntVerbs; either way the device keeps
+// the head it had, and the CQE overflows as without a record. The record
+// and CQHead both set the head, whichever came last: a driver uses one or
+// the other. The device does not write the word and does not zero it when
+// the CQ (re)starts: the driver stores 0 there before it writes
+// CQEntries. Writing CQHeadAddr while the CQ is enabled, or an address
+// that is not 8-byte aligned, is refused and counted in ErrCntVerbs.
+//
+// Ordering: the driver stores the index before it posts the work requests
+// whose completions need the freed slots, and the device reads the record
+// only after it took those requests (from their doorbell, register or
+// record), so it never finds the ring falsely full.
+const CapCQHeadRec = 1 << 9
 
 // CQReg returns the BAR0 offset of register reg of CQ n.
 func CQReg(n int, reg uint64) uint64 { return CQBase + uint64(n)*CQStride + reg }

@@ -14,21 +14,27 @@ import (
 // CQ is a completion queue (ib_cq): a ring of CQEs in driver-owned host
 // memory that the device writes, polled from memory by sequence number
 // (no register read per poll). The driver tells the device how far it has
-// consumed (CQHead) once a quarter of the ring was, so a CQ of n entries
-// holds cqUsable(n) completions without overflowing.
+// consumed: where the device has consumer-index records
+// (chip.CapCQHeadRec), by storing its head into the record after the ring,
+// which the device reads when it finds the ring full, at every poll that
+// consumed CQEs; otherwise by writing CQHead once a quarter of the ring
+// was, so a CQ of n entries holds cqUsable(n) completions without
+// overflowing (with a record it holds n-1; Size stays cqUsable(n), what
+// CREATE_CQ reported on either device).
 type CQ struct {
 	pd         *PD
 	handle     uint32
 	idx        int
-	n          int // ring entries
-	ring       *ringMem
+	n          int      // ring entries
+	ring       *ringMem // n CQEs, then the consumer-index record if headRec
+	headRec    bool
 	userHandle uint64
 	qpRefs     int // QPs whose send or receive CQ it is; under pd.mu
 
 	mu          sync.Mutex
 	head        int    // ring slot of the next CQE
 	expect      uint32 // its sequence number
-	unpublished int    // CQEs consumed since CQHead was written
+	unpublished int    // CQEs consumed since CQHead was written (no headRec)
 	gone        bool   // destroyed
 }
 
@@ -61,20 +67,27 @@ func (pd *PD) CreateCQ(cqe int, userHandle uint64) (*CQ, error) {
 	if cq.idx = takeSlot(&v.mu, v.cqs, cq); cq.idx < 0 {
 		return nil, errnoErr(fmt.Sprintf("CREATE_CQ: all %d CQs in use", len(v.cqs)), unix.ENOSPC)
 	}
+	// The consumer-index record is the 8-byte word after the ring, in the
+	// same memfd and mapping (the device reads it, so the mapping is
+	// read-write); it starts 0, as the memfd does.
+	size, flags := n*chip.CQESize, uint32(vfio.DMAWrite)
+	if cq.headRec = v.cqHeadRec; cq.headRec {
+		size, flags = size+cqHeadRecSize, flags|vfio.DMARead
+	}
 	var err error
-	if cq.ring, err = newRingMem(fmt.Sprintf("cq%d", cq.idx), n*chip.CQESize); err != nil {
+	if cq.ring, err = newRingMem(fmt.Sprintf("cq%d", cq.idx), size); err != nil {
 		return nil, errors.Join(fmt.Errorf("gohfi: CREATE_CQ: %w", errors.Join(err, unix.ENOMEM)), cq.release())
 	}
-	if err = d.dmaMap(cq.ring, vfio.DMAWrite); err != nil {
+	if err = d.dmaMap(cq.ring, flags); err != nil {
 		return nil, errors.Join(fmt.Errorf("gohfi: CREATE_CQ: %w", err), cq.release())
 	}
-	for _, r := range []struct{ reg, val uint64 }{
-		{chip.CQControl, 0},
-		{chip.CQRingBase, cq.ring.iova},
-		{chip.CQEntries, uint64(n)},
-		{chip.CQHead, 0},
-		{chip.CQControl, cq.control(false)},
-	} {
+	type csr struct{ reg, val uint64 }
+	regs := []csr{{chip.CQControl, 0}, {chip.CQRingBase, cq.ring.iova}}
+	if cq.headRec {
+		regs = append(regs, csr{chip.CQHeadAddr, cq.ring.iova + cq.headRecOff()})
+	}
+	regs = append(regs, csr{chip.CQEntries, uint64(n)}, csr{chip.CQHead, 0}, csr{chip.CQControl, cq.control(false)})
+	for _, r := range regs {
 		if err = d.writeCSR(chip.CQReg(cq.idx, r.reg), r.val); err != nil {
 			return nil, errors.Join(fmt.Errorf("gohfi: CREATE_CQ: %w", err), cq.release())
 		}
@@ -84,6 +97,13 @@ func (pd *PD) CreateCQ(cqe int, userHandle uint64) (*CQ, error) {
 	}
 	return cq, nil
 }
+
+// cqHeadRecSize is the room after a CQ's ring for its consumer-index
+// record: one 8-byte word, in a cache line of its own.
+const cqHeadRecSize = 64
+
+// headRecOff is the offset of the consumer-index record in cq.ring.
+func (cq *CQ) headRecOff() uint64 { return uint64(cq.n) * chip.CQESize }
 
 func (cq *CQ) control(arm bool) uint64 {
 	v := uint64(chip.CQCtrlEnable) | uint64(cq.pd.num-1)<<chip.CQCtrlCtxtShift
@@ -117,6 +137,9 @@ func (cq *CQ) destroy() error {
 	if !d.dead.Load() {
 		errs = append(errs, d.writeCSR(chip.CQReg(cq.idx, chip.CQControl), 0))
 		errs = append(errs, d.writeCSR(chip.CQReg(cq.idx, chip.CQRingBase), 0))
+		if cq.headRec {
+			errs = append(errs, d.writeCSR(chip.CQReg(cq.idx, chip.CQHeadAddr), 0))
+		}
 	}
 	errs = append(errs, cq.release())
 	return errors.Join(errs...)
@@ -156,8 +179,9 @@ func (cq *CQ) slotSeq(i int) uint32 {
 }
 
 // Poll takes up to len(wc) completions (ib_poll_cq) and returns how many.
-// It never blocks and reads no register; every quarter of the ring it
-// writes CQHead so the device can reuse the entries.
+// It never blocks and reads no register. It tells the device which entries
+// it may reuse: in the consumer-index record when it consumed any, or by
+// writing CQHead every quarter of the ring.
 func (cq *CQ) Poll(wc []uapi.GohfiWC) (int, error) {
 	cq.mu.Lock()
 	defer cq.mu.Unlock()
@@ -178,6 +202,18 @@ func (cq *CQ) Poll(wc []uapi.GohfiWC) (int, error) {
 		cq.head = (cq.head + 1) % cq.n
 		cq.expect = uapi.NextSeq(cq.expect)
 		cq.unpublished++
+	}
+	if cq.headRec {
+		// An 8-byte store, no register write: the device reads the record
+		// only when it finds the ring full, and only after it took the
+		// work requests whose completions need the slots freed here
+		// (from their doorbell register or record), which the caller
+		// posts after this store.
+		if n > 0 {
+			store64(cq.ring.mem, int(cq.headRecOff()), uint64(cq.head))
+			cq.unpublished = 0
+		}
+		return n, nil
 	}
 	if cq.unpublished >= cqThreshold(cq.n) {
 		// A posted write reaches the device in order with later register

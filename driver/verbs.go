@@ -55,6 +55,7 @@ type verbsDev struct {
 
 	maxFRPages int  // RegMaxFastRegPages; 0: no fast registration (fastreg.go)
 	dbRec      bool // QPs get doorbell records (chip.CapDBRec and Params.DBRec)
+	cqHeadRec  bool // CQs get consumer-index records (chip.CapCQHeadRec)
 
 	tlbMu  sync.Mutex
 	tlbSeq uint64 // sequence of the last flush started
@@ -156,6 +157,7 @@ func (d *Device) probeVerbs() error {
 		v.odp = newODPDev(d, v)
 	}
 	v.dbRec = d.info.CapFlags&chip.CapDBRec != 0 && !d.m.params.NoDBRec
+	v.cqHeadRec = d.info.CapFlags&chip.CapCQHeadRec != 0
 	d.verbs = v
 	return nil
 }

@@ -1,6 +1,7 @@
 package hfisim
 
 import (
+	"encoding/binary"
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/uapi"
 	"github.com/gohfi/gohfi/vfio/vfiouser"
@@ -12,6 +13,7 @@ import (
 type cqState struct {
 	base, entries uint64
 	head, tail    uint64
+	headAddr      uint64 // chip.CQHeadAddr: IOVA of the consumer-index record, 0: none
 	control       uint64 // CQCtrl* bits and the interrupt context; CQCtrlArm cleared on interrupt
 	status        uint64
 	seq           uint32 // sequence number of the last CQE written
@@ -37,6 +39,8 @@ func (c *cqState) read(r uint64) uint64 {
 		return c.control
 	case chip.CQStatus:
 		return c.status
+	case chip.CQHeadAddr:
+		return c.headAddr
 	}
 	return 0
 }
@@ -73,6 +77,12 @@ func (d *Device) writeCQLocked(n int, r, v uint64) {
 			return
 		}
 		c.head = v
+	case chip.CQHeadAddr:
+		if c.enabled() || v%8 != 0 {
+			d.errs.verbs++
+			return
+		}
+		c.headAddr = v
 	case chip.CQControl:
 		v &= cqCtrlMask
 		if v&chip.CQCtrlEnable == 0 {
@@ -95,29 +105,47 @@ func (d *Device) writeCQLocked(n int, r, v uint64) {
 }
 
 // postCQE writes e to CQ n, raises its interrupt if armed, and reports
-// whether the CQE was written. A full CQ sets CQStatusOverflow, drops the
-// CQE, raises the error interrupt and moves every QP that completes to it to
-// ERR; a CQ that is disabled or in overflow drops it. Drops are counted in
-// ErrCntVerbs. The word with seq (chip.CQESeqWordOff) is written last, on
-// its own, so the driver never sees a new seq with an old rest of the entry.
+// whether the CQE was written. A CQ that looks full by the head the device
+// holds reads its consumer-index record (chip.CQHeadAddr), if it has one,
+// once. A CQ still full sets CQStatusOverflow, drops the CQE, raises the
+// error interrupt and moves every QP that completes to it to ERR; a CQ that
+// is disabled or in overflow drops it. Drops are counted in ErrCntVerbs.
+// The word with seq (chip.CQESeqWordOff) is written last, on its own, so the
+// driver never sees a new seq with an old rest of the entry.
 func (d *Device) postCQE(dma vfiouser.DMA, gen uint64, n int, e *chip.CQE) bool {
-	d.mu.Lock()
-	if d.gen != gen {
-		d.mu.Unlock()
-		return false
-	}
 	c := &d.cqs[n]
-	if !c.enabled() || c.status&chip.CQStatusOverflow != 0 {
-		d.errs.verbs++
+	d.mu.Lock()
+	for recRead := false; ; recRead = true {
+		if d.gen != gen {
+			d.mu.Unlock()
+			return false
+		}
+		if !c.enabled() || c.status&chip.CQStatusOverflow != 0 {
+			d.errs.verbs++
+			d.mu.Unlock()
+			return false
+		}
+		if (c.tail+1)%c.entries != c.head {
+			break
+		}
+		if c.headAddr == 0 || recRead {
+			c.status |= chip.CQStatusOverflow
+			d.errs.verbs++
+			d.cqErrorLocked(n)
+			d.mu.Unlock()
+			return false
+		}
+		// The record is read outside the lock, as the CQE is written, and
+		// taken only if the CQ did not restart meanwhile; the loop then
+		// checks everything again.
+		addr, epoch := c.headAddr, c.epoch
 		d.mu.Unlock()
-		return false
-	}
-	if (c.tail+1)%c.entries == c.head {
-		c.status |= chip.CQStatusOverflow
-		d.errs.verbs++
-		d.cqErrorLocked(n)
-		d.mu.Unlock()
-		return false
+		var b [8]byte
+		err := dma.Read(addr, b[:])
+		d.mu.Lock()
+		if d.gen == gen && c.epoch == epoch {
+			d.takeCQHeadRecLocked(c, binary.LittleEndian.Uint64(b[:]), err)
+		}
 	}
 	slot, epoch := c.tail, c.epoch
 	addr := c.base + slot*chip.CQESize
@@ -147,6 +175,21 @@ func (d *Device) postCQE(dma vfiouser.DMA, gen uint64, n int, e *chip.CQE) bool 
 		d.raiseLocked(chip.IntSrcCtxt(c.ctxt()))
 	}
 	return true
+}
+
+// takeCQHeadRecLocked takes v, read from CQ c's consumer-index record
+// (err: the read failed), as its head. A failed read or a value out of range
+// is refused and counted; the head stays.
+func (d *Device) takeCQHeadRecLocked(c *cqState, v uint64, err error) {
+	switch {
+	case err != nil:
+		d.countDMAErrLocked(err)
+		d.errs.verbs++
+	case v >= c.entries:
+		d.errs.verbs++
+	default:
+		c.head = v
+	}
 }
 
 // writeSeqLast writes the ring entry raw at addr with its seq word,
