@@ -202,11 +202,15 @@ func OpenDeviceRing(fd int, addr, size uint64, sameProcess bool) (_ *DeviceRingB
 		return nil, fmt.Errorf("dma: device ring: pipe of %d bytes: %w", chunk, unix.ENOBUFS)
 	}
 	b.chunk = chunk
-	res := [4]ioUringRestriction{
+	res := [6]ioUringRestriction{
 		{Opcode: ioringRestrictionSQEOp, Arg: ioringOpReadFixed},
 		{Opcode: ioringRestrictionSQEOp, Arg: ioringOpWriteFixed},
-		{Opcode: ioringRestrictionSQEFlagsAllowed, Arg: iosqeFixedFile},
+		{Opcode: ioringRestrictionSQEFlagsAllowed, Arg: iosqeFixedFile | iosqeIOLink}, // the kernel keeps the last of these
 		{Opcode: ioringRestrictionSQEFlagsRequired, Arg: iosqeFixedFile},
+		// CopyTo lends the destination's buffer to the source's ring as
+		// buffer 1 and takes it back (see there).
+		{Opcode: ioringRestrictionRegisterOp, Arg: ioringRegisterCloneBuffers},
+		{Opcode: ioringRestrictionRegisterOp, Arg: ioringRegisterBuffersUpdate},
 	}
 	if _, err := ioUringRegister(fd, ioringRegisterRestrictions, addrOf(&res), uint32(len(res))); err != nil {
 		return nil, fmt.Errorf("dma: device ring: IORING_REGISTER_RESTRICTIONS: %w", err)
@@ -276,17 +280,32 @@ func (b *DeviceRingBuffer) WriteAt(p []byte, off int64) (int, error) {
 	})
 }
 
-// CopyTo copies n bytes at off of b to dst at dstOff: from b's pages into
-// b's pipe, spliced (page references, no copy) into dst's pipe, and from
-// there into dst's pages (dst may be b: then through b's pipe alone, and
-// the ranges must not overlap). Two copies, no staging buffer. dstSide
-// tells which side an error belongs to.
+// CopyTo copies n bytes at off of b to dst at dstOff (dst may be b: then
+// the ranges must not overlap). b's ring moves them: dst's buffer is lent to
+// it as buffer 1 (IORING_REGISTER_CLONE_BUFFERS from dst's ring: the kernel
+// lends only between rings of the same process, the client's), then per
+// pipeful a WRITE_FIXED from buffer 0 into b's pipe linked to a READ_FIXED
+// from the pipe into buffer 1, one io_uring_enter for both; buffer 1 is
+// emptied again before CopyTo returns, so dst's pages are held by dst's ring
+// alone. Two kernel copies, no staging buffer. dstSide tells which side an
+// error belongs to.
 func (b *DeviceRingBuffer) CopyTo(dst *DeviceRingBuffer, dstOff, off int64, n int) (dstSide bool, err error) {
 	if dstOff < 0 || uint64(dstOff) > dst.size || uint64(n) > dst.size-uint64(dstOff) {
 		return true, fmt.Errorf("dma: device ring: %d bytes at %#x of %#x: %w", n, dstOff, dst.size, unix.EFAULT)
 	}
+	if off < 0 || uint64(off) > b.size || uint64(n) > b.size-uint64(off) {
+		return false, fmt.Errorf("dma: device ring: %d bytes at %#x of %#x: %w", n, off, b.size, unix.EFAULT)
+	}
 	if dst == b {
-		return b.copyWithin(dstOff, off, n)
+		if off < dstOff+int64(n) && dstOff < off+int64(n) {
+			return true, fmt.Errorf("dma: device ring: copy of %d bytes from %#x to overlapping %#x: %w", n, off, dstOff, unix.EINVAL)
+		}
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		if err := b.usableLocked(); err != nil {
+			return false, err
+		}
+		return b.copyLocked(0, b.addr+uint64(dstOff), b.addr+uint64(off), n)
 	}
 	copyMu.Lock()
 	defer copyMu.Unlock()
@@ -294,62 +313,89 @@ func (b *DeviceRingBuffer) CopyTo(dst *DeviceRingBuffer, dstOff, off int64, n in
 	defer b.mu.Unlock()
 	dst.mu.Lock()
 	defer dst.mu.Unlock()
+	if err := b.usableLocked(); err != nil {
+		return false, err
+	}
+	if err := dst.usableLocked(); err != nil {
+		return true, err
+	}
+	if n == 0 {
+		return false, nil
+	}
+	if err := b.lendLocked(dst); err != nil {
+		return true, err
+	}
+	dstSide, err = b.copyLocked(lentBuffer, dst.addr+uint64(dstOff), b.addr+uint64(off), n)
+	if rerr := b.unlendLocked(); rerr != nil {
+		b.broken = rerr // dst's pages would stay in b's ring: not used again
+		err = errors.Join(err, rerr)
+	}
+	return dstSide, err
+}
+
+// lentBuffer is the slot of b's ring that holds dst's buffer during CopyTo.
+const lentBuffer = 1
+
+// lendLocked clones dst's buffer 0 into b's ring as lentBuffer.
+func (b *DeviceRingBuffer) lendLocked(dst *DeviceRingBuffer) error {
+	clone := ioUringCloneBuffers{SrcFd: uint32(dst.r.fd), Flags: ioringRegisterDstReplace, DstOff: lentBuffer, Nr: 1}
+	if _, err := ioUringRegister(b.r.fd, ioringRegisterCloneBuffers, addrOf(&clone), 1); err != nil {
+		return fmt.Errorf("dma: device ring: lend the destination's buffer (IORING_REGISTER_CLONE_BUFFERS): %w", err)
+	}
+	return nil
+}
+
+// unlendLocked empties lentBuffer of b's ring.
+func (b *DeviceRingBuffer) unlendLocked() error {
+	var iov ioIovec // no address: remove the buffer, install none
+	upd := ioUringRsrcUpdate2{Offset: lentBuffer, Data: addrOf(&iov), Nr: 1}
+	if n, err := ioUringRegister(b.r.fd, ioringRegisterBuffersUpdate, addrOf(&upd), uint32(sizeofRsrcUpdate2)); err != nil || n != 1 {
+		return fmt.Errorf("dma: device ring: take back the lent buffer (%d): %w", n, errors.Join(err, unix.EIO))
+	}
+	return nil
+}
+
+// copyLocked copies n bytes at addr of b's buffer 0 to dstAddr of its
+// buffer dstBuf through b's pipe, a linked WRITE_FIXED and READ_FIXED per
+// pipeful.
+func (b *DeviceRingBuffer) copyLocked(dstBuf uint16, dstAddr, addr uint64, n int) (dstSide bool, err error) {
+	if err := b.drainLocked(); err != nil {
+		return false, err
+	}
 	for done := 0; done < n; {
-		k := min(n-done, dst.chunk)
-		if err := dst.usableLocked(); err != nil {
-			return true, err
+		k := min(n-done, b.chunk)
+		b.seq += 2
+		sqes := [2]ioUringSQE{
+			{Opcode: ioringOpWriteFixed, Flags: iosqeFixedFile | iosqeIOLink, Fd: 1, Addr: addr + uint64(done), Len: uint32(k), UserData: b.seq - 1},
+			{Opcode: ioringOpReadFixed, Flags: iosqeFixedFile, Fd: 0, Addr: dstAddr + uint64(done), Len: uint32(k), UserData: b.seq, BufIndex: dstBuf},
 		}
-		if err := dst.drainLocked(); err != nil {
-			return true, err
+		var res [2]int32
+		if err := b.r.run(sqes[:], res[:], deviceRingTimeout); err != nil {
+			b.broken = fmt.Errorf("dma: device ring: copy of %d bytes from %#x: %w", k, addr+uint64(done), err)
+			return false, b.broken
 		}
-		var spliceErr error
-		if _, err := b.transferLocked(k, off+int64(done), false, func(_, k int) error {
-			spliceErr = spliceAll(b.pipeR, dst.pipeW, k)
-			return spliceErr
-		}); err != nil {
-			if spliceErr != nil {
-				dst.dirty = true
-			}
-			return spliceErr != nil, err
-		}
-		if _, err := dst.transferLocked(k, dstOff+int64(done), true, nil); err != nil {
-			return true, err
+		if res[0] != int32(k) || res[1] != int32(k) {
+			b.dirty = true
+			w, r := moved(res[0], k), moved(res[1], k)
+			// A failed or short WRITE_FIXED cancels the READ_FIXED: the
+			// source's; anything else the destination's.
+			return w == nil, fmt.Errorf("dma: device ring: copy of %d bytes from %#x to %#x: %w",
+				k, addr+uint64(done), dstAddr+uint64(done), errors.Join(w, r))
 		}
 		done += k
 	}
 	return false, nil
 }
 
-// copyWithin copies n bytes at off to dstOff of the same ring (ranges that
-// do not overlap): pages into the pipe, the pipe into the pages.
-func (b *DeviceRingBuffer) copyWithin(dstOff, off int64, n int) (dstSide bool, err error) {
-	if off < 0 || uint64(off) > b.size || uint64(n) > b.size-uint64(off) {
-		return false, fmt.Errorf("dma: device ring: %d bytes at %#x of %#x: %w", n, off, b.size, unix.EFAULT)
+// moved is the error of a request of k bytes that returned res.
+func moved(res int32, k int) error {
+	switch {
+	case res < 0:
+		return unix.Errno(-res)
+	case int(res) != k:
+		return fmt.Errorf("moved %d of %d bytes: %w", res, k, unix.EIO)
 	}
-	if off < dstOff+int64(n) && dstOff < off+int64(n) {
-		return true, fmt.Errorf("dma: device ring: copy of %d bytes from %#x to overlapping %#x: %w", n, off, dstOff, unix.EINVAL)
-	}
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if err := b.usableLocked(); err != nil {
-		return false, err
-	}
-	if err := b.drainLocked(); err != nil {
-		return false, err
-	}
-	for done := 0; done < n; {
-		k := min(n-done, b.chunk)
-		if err := b.requestLocked(ioringOpWriteFixed, 1, b.addr+uint64(off)+uint64(done), k); err != nil {
-			b.dirty = true
-			return false, err
-		}
-		if err := b.requestLocked(ioringOpReadFixed, 0, b.addr+uint64(dstOff)+uint64(done), k); err != nil {
-			b.dirty = true
-			return true, err
-		}
-		done += k
-	}
-	return false, nil
+	return nil
 }
 
 func (b *DeviceRingBuffer) usableLocked() error {
@@ -433,8 +479,10 @@ func (b *DeviceRingBuffer) transferLocked(n int, off int64, write bool, fill fun
 func (b *DeviceRingBuffer) requestLocked(op uint8, file int32, addr uint64, k int) error {
 	for k > 0 {
 		b.seq++
-		sqe := ioUringSQE{Opcode: op, Flags: iosqeFixedFile, Fd: file, Addr: addr, Len: uint32(k), UserData: b.seq}
-		res, err := b.r.run(&sqe, deviceRingTimeout)
+		sqe := [1]ioUringSQE{{Opcode: op, Flags: iosqeFixedFile, Fd: file, Addr: addr, Len: uint32(k), UserData: b.seq}}
+		var r [1]int32
+		err := b.r.run(sqe[:], r[:], deviceRingTimeout)
+		res := r[0]
 		if err != nil {
 			b.broken = fmt.Errorf("dma: device ring: request of %d bytes at %#x: %w", k, addr, err)
 			return b.broken
@@ -447,23 +495,6 @@ func (b *DeviceRingBuffer) requestLocked(op uint8, file int32, addr uint64, k in
 		}
 		addr += uint64(res)
 		k -= int(res)
-	}
-	return nil
-}
-
-// spliceAll moves k bytes from pipe from into pipe to without copying.
-func spliceAll(from, to, k int) error {
-	for k > 0 {
-		n, err := unix.Splice(from, nil, to, nil, k, unix.SPLICE_F_NONBLOCK|unix.SPLICE_F_MOVE)
-		switch {
-		case err == unix.EINTR:
-			continue
-		case err != nil:
-			return fmt.Errorf("dma: device ring: splice between pipes: %w", err)
-		case n == 0:
-			return fmt.Errorf("dma: device ring: splice between pipes moved nothing: %w", unix.EIO)
-		}
-		k -= int(n)
 	}
 	return nil
 }

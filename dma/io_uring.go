@@ -19,11 +19,15 @@ const (
 	ioringRegisterEnableRings  = 12
 	ioringRegisterCloneBuffers = 30
 
+	ioringRestrictionRegisterOp       = 0
 	ioringRestrictionSQEOp            = 1
 	ioringRestrictionSQEFlagsAllowed  = 2
 	ioringRestrictionSQEFlagsRequired = 3
 
 	iosqeFixedFile = 1 << 0
+	iosqeIOLink    = 1 << 2
+
+	ioringRegisterDstReplace = 1 << 1 // io_uring_clone_buffers.flags
 
 	ioringSetupClamp       = 1 << 4
 	ioringSetupSubmitAll   = 1 << 7
