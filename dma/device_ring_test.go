@@ -3,7 +3,11 @@ package dma
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"math/rand/v2"
+	"os"
+	"strconv"
+	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -244,4 +248,134 @@ func TestDeviceRingKeptBound(t *testing.T) {
 		t.Fatalf("embedded ring past the bound = %v, want ENOSPC", err)
 	}
 	openTestDeviceRing(t, pin, false) // another process's device keeps nothing: no bound
+}
+
+// ringBuffers lists the buffer table of the io_uring fd as the kernel shows
+// it in /proc/self/fdinfo: one line per slot, "<none>" for an empty one.
+func ringBuffers(t *testing.T, fd int) []string {
+	t.Helper()
+	info, err := os.ReadFile("/proc/self/fdinfo/" + strconv.Itoa(fd))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var bufs []string
+	in := false
+	for _, l := range strings.Split(string(info), "\n") {
+		switch {
+		case strings.HasPrefix(l, "UserBufs:"):
+			in = true
+		case in && strings.Contains(l, ": "):
+			if _, err := strconv.Atoi(strings.TrimSpace(l[:strings.Index(l, ":")])); err != nil {
+				return bufs
+			}
+			bufs = append(bufs, strings.TrimSpace(l[strings.Index(l, ":")+1:]))
+		case in:
+			return bufs
+		}
+	}
+	return bufs
+}
+
+// TestDeviceRingCopyLends: CopyTo lends the destination's buffer to the
+// source's ring only while it copies: afterwards the source's ring holds
+// its own pages alone, and a closed destination is refused on its side.
+func TestDeviceRingCopyLends(t *testing.T) {
+	checkNoLeaks(t)
+	p := newTestPinner(t, NewAccountant(), nil)
+	const size = 1 << 20
+	pa, a := pinAnon(t, p, size)
+	pb, bm := pinAnon(t, p, size)
+	for i := range a {
+		a[i] = byte(i * 13)
+	}
+	ra, rb := openTestDeviceRing(t, pa, false), openTestDeviceRing(t, pb, false)
+	if dst, err := ra.CopyTo(rb, 0, 0, size); err != nil || !bytes.Equal(a, bm) {
+		t.Fatalf("CopyTo = %v (dst %v); data equal %v", err, dst, bytes.Equal(a, bm))
+	}
+	bufs := ringBuffers(t, ra.r.fd)
+	want := fmt.Sprintf("%#x/%d", sliceAddr(a), size)
+	if len(bufs) == 0 || bufs[0] != want || len(bufs) > 1 && bufs[1] != "<none>" || len(bufs) > 2 {
+		t.Fatalf("source ring's buffers after CopyTo: %q, want [%s <none>]", bufs, want)
+	}
+	if err := rb.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if dst, err := ra.CopyTo(rb, 0, 0, 4096); !dst || !errors.Is(err, unix.EBADF) {
+		t.Fatalf("CopyTo a closed ring = %v (dst %v), want EBADF on the destination", err, dst)
+	}
+	if dst, err := rb.CopyTo(ra, 0, 0, 4096); dst || !errors.Is(err, unix.EBADF) {
+		t.Fatalf("CopyTo from a closed ring = %v (dst %v), want EBADF on the source", err, dst)
+	}
+}
+
+// TestDeviceRingCopyHostileClient: a client that kept its rings' fds can
+// use the register operations the device allows (lending needs them) only
+// on its own memory: it empties its rings' buffers, and the copies from or
+// to them fail on that side, touch nothing else, and leave the other rings
+// working; the device's pipe stays out of its reach.
+func TestDeviceRingCopyHostileClient(t *testing.T) {
+	checkNoLeaks(t)
+	p := newTestPinner(t, NewAccountant(), nil)
+	const size = 1 << 18
+	pins := make([]*Pin, 3)
+	mems := make([][]byte, 3)
+	rings := make([]*DeviceRingBuffer, 3)
+	clients := make([]int, 3) // the client's copies of the rings
+	for i := range pins {
+		pins[i], mems[i] = pinAnon(t, p, size)
+		f, addr, err := pins[i].DeviceRing()
+		if errors.Is(err, unix.ENOTSUP) {
+			testenv.Require(t, err, "io_uring buffer cloning (Linux 6.12)")
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		fd, err := unix.Dup(int(f.Fd()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		clients[i] = int(f.Fd())
+		defer f.Close()
+		if rings[i], err = OpenDeviceRing(fd, uint64(addr), size, false); err != nil {
+			t.Fatal(err)
+		}
+		defer rings[i].Close()
+	}
+	for i := range mems[0] {
+		mems[0][i] = byte(i*7 + 1)
+	}
+	// The device's files stay the device's.
+	files := [2]int32{0, 1}
+	upd := ioUringRsrcUpdate2{Data: addrOf(&files), Nr: 2}
+	if _, err := ioUringRegister(clients[0], ioringRegisterFilesUpdate2, addrOf(&upd), uint32(sizeofRsrcUpdate2)); !errors.Is(err, unix.EACCES) {
+		t.Fatalf("client's FILES_UPDATE on its device ring = %v, want EACCES", err)
+	}
+	// The client empties the buffer of ring 1 (its destination) and then
+	// of ring 2 (a source).
+	empty := func(fd int) {
+		var iov ioIovec
+		upd := ioUringRsrcUpdate2{Data: addrOf(&iov), Nr: 1}
+		if _, err := ioUringRegister(fd, ioringRegisterBuffersUpdate, addrOf(&upd), uint32(sizeofRsrcUpdate2)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	empty(clients[1])
+	if dst, err := rings[0].CopyTo(rings[1], 0, 0, size); !dst || !errors.Is(err, unix.EFAULT) {
+		t.Errorf("CopyTo an emptied ring = %v (dst %v), want EFAULT on the destination", err, dst)
+	}
+	if !allEqual(mems[1], 0) {
+		t.Error("the emptied destination's pages changed")
+	}
+	// The source ring still copies (its pipe drained) to a sound ring.
+	if _, err := rings[0].CopyTo(rings[2], 0, 0, size); err != nil || !bytes.Equal(mems[2], mems[0]) {
+		t.Fatalf("CopyTo after a failure = %v; data equal %v", err, bytes.Equal(mems[2], mems[0]))
+	}
+	empty(clients[2])
+	clear(mems[0])
+	if dst, err := rings[2].CopyTo(rings[0], 0, 0, size); dst || !errors.Is(err, unix.EFAULT) {
+		t.Errorf("CopyTo from an emptied ring = %v (dst %v), want EFAULT on the source", err, dst)
+	}
+	if !allEqual(mems[0], 0) {
+		t.Error("a copy from an emptied ring wrote the destination")
+	}
 }

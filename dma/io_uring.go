@@ -46,6 +46,7 @@ const (
 
 	ioringUnregisterBuffers     = 1
 	ioringRegisterBuffers2      = 15
+	ioringRegisterFilesUpdate2  = 14
 	ioringRegisterBuffersUpdate = 16
 
 	ioringRsrcRegisterSparse = 1 << 0
