@@ -378,4 +378,27 @@ func TestDeviceRingCopyHostileClient(t *testing.T) {
 	if !allEqual(mems[0], 0) {
 		t.Error("a copy from an emptied ring wrote the destination")
 	}
+
+	// A mapping claimed twice as long as the ring's buffer: a copy from
+	// past the buffer fails on the source's side and leaves no request
+	// waiting on the pipe (one would take the bytes of the next access).
+	for i := range mems[1] {
+		mems[1][i] = byte(i*3 + 5)
+	}
+	fd, addr := deviceRingFD(t, pins[1])
+	long, err := OpenDeviceRing(fd, uint64(addr), 2*size, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer long.Close()
+	if dst, err := long.CopyTo(rings[0], 0, size, size); dst || !errors.Is(err, unix.EFAULT) {
+		t.Errorf("CopyTo from past the buffer = %v (dst %v), want EFAULT on the source", err, dst)
+	}
+	got := make([]byte, size)
+	if _, err := long.ReadAt(got, 0); err != nil || !bytes.Equal(got, mems[1]) {
+		t.Fatalf("ReadAt after a failed copy = %v; data equal %v", err, bytes.Equal(got, mems[1]))
+	}
+	if dst, err := long.CopyTo(rings[0], 0, 0, size); err != nil || !bytes.Equal(mems[0], mems[1]) {
+		t.Fatalf("CopyTo after a failed copy = %v (dst %v); data equal %v", err, dst, bytes.Equal(mems[0], mems[1]))
+	}
 }

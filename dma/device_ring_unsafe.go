@@ -59,8 +59,7 @@ func (r *sharedRing) attach() error {
 	return nil
 }
 
-// run submits sqes (at most deviceRingEntries, in order: a link runs them
-// one after the other) and waits up to timeout for the completion of each,
+// run submits sqes (at most deviceRingEntries) and waits up to timeout for the completion of each,
 // recognised by its user_data, whose results it puts into res. Completions
 // with other user_data (the client's, or stale ones) are consumed and
 // ignored.

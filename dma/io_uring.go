@@ -25,7 +25,6 @@ const (
 	ioringRestrictionSQEFlagsRequired = 3
 
 	iosqeFixedFile = 1 << 0
-	iosqeIOLink    = 1 << 2
 
 	ioringRegisterDstReplace = 1 << 1 // io_uring_clone_buffers.flags
 
