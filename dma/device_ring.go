@@ -123,17 +123,22 @@ func (pin *Pin) DeviceRing() (*os.File, uintptr, error) {
 }
 
 // DeviceRingBuffer is the device side of a device ring: size bytes of
-// client memory that the ring knows at addr, reached through the ring and a
-// bounce pipe of the device's own. Safe for concurrent use.
+// client memory that the ring knows at addr, reached through the ring and
+// two bounce pipes of the device's own: pipe (its ring files 0 and 1) for
+// the ring's WRITE_FIXED requests and the READ_FIXED requests of copies,
+// vpipe (the read end is file 2) for the bytes WriteAt vmsplices. vmsplice
+// and splice clear FMODE_NOWAIT on the pipe they write to, and a request
+// with RWF_NOWAIT on such a pipe fails with EOPNOTSUPP: so pipe never sees
+// one. Safe for concurrent use.
 type DeviceRingBuffer struct {
 	mu    sync.Mutex
 	r     *sharedRing
 	addr  uint64
 	size  uint64
-	pipeR int
-	pipeW int
-	chunk int  // bytes the pipe holds: the most one request moves
-	dirty bool // a failure may have left bytes in the pipe
+	pipe  [2]int // read and write end
+	vpipe [2]int
+	chunk int  // bytes a pipe holds: the most one request moves
+	dirty bool // a failure may have left bytes in a pipe
 	// broken is set when the ring stopped answering: a request may still
 	// be queued, so the ring is not used again.
 	broken error
@@ -176,7 +181,7 @@ func IsDeviceRing(fd int) bool {
 // over the socket), so that a process mapping and unmapping without end
 // does not run into vm.max_map_count.
 func OpenDeviceRing(fd int, addr, size uint64, sameProcess bool) (_ *DeviceRingBuffer, err error) {
-	b := &DeviceRingBuffer{addr: addr, size: size, pipeR: -1, pipeW: -1, r: &sharedRing{fd: fd, keepVA: sameProcess}}
+	b := &DeviceRingBuffer{addr: addr, size: size, pipe: [2]int{-1, -1}, vpipe: [2]int{-1, -1}, r: &sharedRing{fd: fd, keepVA: sameProcess}}
 	defer func() {
 		if err != nil {
 			_ = b.Close() // undoing our own half-made setup: the first failure is the story
@@ -191,25 +196,28 @@ func OpenDeviceRing(fd int, addr, size uint64, sameProcess bool) (_ *DeviceRingB
 	if !IsDeviceRing(fd) {
 		return nil, fmt.Errorf("dma: device ring: fd %d is not an io_uring: %w", fd, unix.EINVAL)
 	}
-	var pfd [2]int
-	if err := unix.Pipe2(pfd[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
-		return nil, fmt.Errorf("dma: device ring: pipe: %w", err)
+	b.chunk = deviceRingPipe
+	for _, pfd := range []*[2]int{&b.pipe, &b.vpipe} {
+		var fds [2]int
+		if err := unix.Pipe2(fds[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
+			return nil, fmt.Errorf("dma: device ring: pipe: %w", err)
+		}
+		*pfd = fds
+		size, err := unix.FcntlInt(uintptr(fds[1]), unix.F_SETPIPE_SZ, deviceRingPipe)
+		if err != nil {
+			// Over the user's pipe quota or fs.pipe-max-size: live with
+			// the default capacity.
+			size, err = unix.FcntlInt(uintptr(fds[1]), unix.F_GETPIPE_SZ, 0)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("dma: device ring: pipe size: %w", err)
+		}
+		b.chunk = min(b.chunk, size)
 	}
-	b.pipeR, b.pipeW = pfd[0], pfd[1]
-	chunk, err := unix.FcntlInt(uintptr(b.pipeW), unix.F_SETPIPE_SZ, deviceRingPipe)
-	if err != nil {
-		// Over the user's pipe quota or fs.pipe-max-size: live with the
-		// default capacity.
-		chunk, err = unix.FcntlInt(uintptr(b.pipeW), unix.F_GETPIPE_SZ, 0)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("dma: device ring: pipe size: %w", err)
-	}
-	if chunk < 2*pageSize {
+	if b.chunk < 2*pageSize {
 		// WriteAt moves a page less than the pipe holds per request.
-		return nil, fmt.Errorf("dma: device ring: pipe of %d bytes: %w", chunk, unix.ENOBUFS)
+		return nil, fmt.Errorf("dma: device ring: pipe of %d bytes: %w", b.chunk, unix.ENOBUFS)
 	}
-	b.chunk = chunk
 	res := [6]ioUringRestriction{
 		{Opcode: ioringRestrictionSQEOp, Arg: ioringOpReadFixed},
 		{Opcode: ioringRestrictionSQEOp, Arg: ioringOpWriteFixed},
@@ -223,8 +231,8 @@ func OpenDeviceRing(fd int, addr, size uint64, sameProcess bool) (_ *DeviceRingB
 	if _, err := ioUringRegister(fd, ioringRegisterRestrictions, addrOf(&res), uint32(len(res))); err != nil {
 		return nil, fmt.Errorf("dma: device ring: IORING_REGISTER_RESTRICTIONS: %w", err)
 	}
-	files := [2]int32{int32(b.pipeR), int32(b.pipeW)}
-	if _, err := ioUringRegister(fd, ioringRegisterFiles, addrOf(&files), 2); err != nil {
+	files := [3]int32{int32(b.pipe[0]), int32(b.pipe[1]), int32(b.vpipe[0])}
+	if _, err := ioUringRegister(fd, ioringRegisterFiles, addrOf(&files), uint32(len(files))); err != nil {
 		return nil, fmt.Errorf("dma: device ring: IORING_REGISTER_FILES: %w", err)
 	}
 	if _, err := ioUringRegister(fd, ioringRegisterEnableRings, 0, 0); err != nil {
@@ -247,7 +255,7 @@ func (b *DeviceRingBuffer) Close() error {
 	}
 	b.closed = true
 	errs := []error{b.r.close()}
-	for _, fd := range []int{b.pipeR, b.pipeW} {
+	for _, fd := range []int{b.pipe[0], b.pipe[1], b.vpipe[0], b.vpipe[1]} {
 		if fd >= 0 {
 			if err := unix.Close(fd); err != nil {
 				errs = append(errs, fmt.Errorf("dma: device ring: close pipe: %w", err))
@@ -263,7 +271,7 @@ func (b *DeviceRingBuffer) ReadAt(p []byte, off int64) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.transferLocked(len(p), off, false, func(done, k int) error {
-		if err := pipeRead(b.pipeR, p[done:done+k]); err != nil {
+		if err := pipeRead(b.pipe[0], p[done:done+k]); err != nil {
 			return fmt.Errorf("%w: %w", ErrCallerMemory, err)
 		}
 		return nil
@@ -278,7 +286,7 @@ func (b *DeviceRingBuffer) WriteAt(p []byte, off int64) (int, error) {
 	defer b.mu.Unlock()
 	return b.transferLocked(len(p), off, true, func(done, k int) error {
 		for c := p[done : done+k]; len(c) > 0; {
-			n, err := pipeSplice(b.pipeW, c)
+			n, err := pipeSplice(b.vpipe[1], c)
 			if err != nil {
 				return fmt.Errorf("%w: %w", ErrCallerMemory, err)
 			}
@@ -434,22 +442,24 @@ func (b *DeviceRingBuffer) usableLocked() error {
 	return nil
 }
 
-// drainLocked empties the pipe after a failure left bytes in it.
+// drainLocked empties the pipes after a failure left bytes in them.
 func (b *DeviceRingBuffer) drainLocked() error {
 	if !b.dirty {
 		return nil
 	}
-	if err := pipeDrain(b.pipeR); err != nil {
-		return fmt.Errorf("dma: device ring: drain pipe: %w", err)
+	for _, fd := range []int{b.pipe[0], b.vpipe[0]} {
+		if err := pipeDrain(fd); err != nil {
+			return fmt.Errorf("dma: device ring: drain pipe: %w", err)
+		}
 	}
 	b.dirty = false
 	return nil
 }
 
-// transferLocked moves n bytes at off through the pipe, chunk by chunk:
-// for a write, fill puts a chunk into the pipe (nil: the caller did) and
-// READ_FIXED moves it into the pages; for a read, WRITE_FIXED moves the
-// chunk into the pipe and fill takes it out.
+// transferLocked moves n bytes at off through a pipe, chunk by chunk: for
+// a write, fill vmsplices a chunk into vpipe and READ_FIXED moves it into
+// the pages; for a read, WRITE_FIXED moves the chunk into pipe and fill
+// takes it out.
 func (b *DeviceRingBuffer) transferLocked(n int, off int64, write bool, fill func(done, k int) error) (int, error) {
 	if n == 0 {
 		return 0, nil
@@ -460,22 +470,18 @@ func (b *DeviceRingBuffer) transferLocked(n int, off int64, write bool, fill fun
 	if err := b.usableLocked(); err != nil {
 		return 0, err
 	}
-	if fill != nil {
-		if err := b.drainLocked(); err != nil {
-			return 0, err
-		}
-	} else if n > b.chunk {
-		return 0, fmt.Errorf("dma: device ring: %d bytes staged, pipe holds %d: %w", n, b.chunk, unix.EINVAL)
+	if err := b.drainLocked(); err != nil {
+		return 0, err
 	}
 	step := b.chunk
-	if write && fill != nil {
+	if write {
 		// fill vmsplices: a pipe slot per page piece, and an unaligned
 		// chunk of the pipe's size would span one page more than it has.
 		step -= pageSize
 	}
 	for done := 0; done < n; {
 		k := min(n-done, step)
-		if write && fill != nil {
+		if write {
 			if err := fill(done, k); err != nil {
 				b.dirty = true
 				return done, err
@@ -483,7 +489,7 @@ func (b *DeviceRingBuffer) transferLocked(n int, off int64, write bool, fill fun
 		}
 		op, file := uint8(ioringOpWriteFixed), int32(1) // pages -> pipe
 		if write {
-			op, file = ioringOpReadFixed, 0 // pipe -> pages
+			op, file = ioringOpReadFixed, 2 // vpipe -> pages
 		}
 		if err := b.requestLocked(op, file, b.addr+uint64(off)+uint64(done), k); err != nil {
 			b.dirty = true
