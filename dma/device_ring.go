@@ -46,15 +46,23 @@ var keptRings atomic.Int64
 const (
 	// deviceRingEntries is the size of a device ring's submission queue:
 	// CopyTo submits up to half as many WRITE_FIXED and READ_FIXED pairs
-	// with one io_uring_enter (BenchmarkDeviceRingCopy: 1 MiB in 8 pairs
-	// per enter ran at 8.6-9.1 GB/s, in 1 at 6.2-7.0). The queues still
-	// fit a page each.
+	// with one io_uring_enter. The queues fit a page each.
 	deviceRingEntries = 16
 	// deviceRingPipe is the capacity of a device ring's pipe, so the most
 	// one request moves: a 64 KiB pipe (the default size) moved 1 MiB
 	// faster than a 1 MiB one in BenchmarkDeviceRingCopy (5.3 against 3.7
 	// GB/s, noisy), its pages staying in the caches.
 	deviceRingPipe = 64 << 10
+
+	// deviceRingCopyChunk is the most a WRITE_FIXED and READ_FIXED pair
+	// of CopyTo moves through the pipe: two pages, as many as a pipe keeps
+	// for reuse when they are read (Linux 6.16), so a copy allocates no
+	// pipe pages and the bytes it bounces stay in the L1 cache. In
+	// BenchmarkDeviceRingCopy (16 MiB, medians of 5, alternating builds)
+	// 8 KiB pairs, 8 per io_uring_enter, ran at 6.8 GB/s; 16 KiB at 6.1,
+	// 32 KiB at 5.5, 64 KiB at 5.4; 4 KiB pairs were slower than 64 KiB
+	// ones (the requests' cost dominates), 16 pairs per enter no faster.
+	deviceRingCopyChunk = 8 << 10
 
 	// deviceRingTimeout bounds the wait for one request of a device ring:
 	// the ring's queues are shared with the client, which may consume or
@@ -393,7 +401,7 @@ func (b *DeviceRingBuffer) copyLocked(dstBuf uint16, dstAddr, addr uint64, n int
 	for done := 0; done < n; {
 		q, ks := 0, [deviceRingEntries / 2]int{}
 		for at := done; q < len(sqes) && at < n; q += 2 {
-			k := min(n-at, b.chunk)
+			k := min(n-at, deviceRingCopyChunk)
 			b.seq += 2
 			sqes[q] = ioUringSQE{Opcode: ioringOpWriteFixed, Flags: iosqeFixedFile, RWFlags: unix.RWF_NOWAIT, Fd: 1, Addr: addr + uint64(at), Len: uint32(k), UserData: b.seq - 1}
 			sqes[q+1] = ioUringSQE{Opcode: ioringOpReadFixed, Flags: iosqeFixedFile, RWFlags: unix.RWF_NOWAIT, Fd: 0, Addr: dstAddr + uint64(at), Len: uint32(k), UserData: b.seq, BufIndex: dstBuf}
