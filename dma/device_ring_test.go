@@ -34,6 +34,17 @@ func pinAnon(t *testing.T, p *Pinner, n int) (*Pin, []byte) {
 // closed, as after sending it), and the address the ring knows the pin at.
 func deviceRingFD(t *testing.T, pin *Pin) (int, uintptr) {
 	t.Helper()
+	client, fd, addr := deviceRingFDs(t, pin)
+	if err := client.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return fd, addr
+}
+
+// deviceRingFDs is deviceRingFD that also returns the client's copy of the
+// ring, as a client keeps it that does not close it after sending.
+func deviceRingFDs(t *testing.T, pin *Pin) (*os.File, int, uintptr) {
+	t.Helper()
 	f, addr, err := pin.DeviceRing()
 	if errors.Is(err, unix.ENOTSUP) {
 		testenv.Require(t, err, "io_uring buffer cloning (Linux 6.12)")
@@ -43,12 +54,10 @@ func deviceRingFD(t *testing.T, pin *Pin) (int, uintptr) {
 	}
 	fd, err := unix.Dup(int(f.Fd()))
 	if err != nil {
+		_ = f.Close() // the test fails with the dup's error
 		t.Fatal(err)
 	}
-	if err := f.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return fd, addr
+	return f, fd, addr
 }
 
 // openTestDeviceRing opens pin's device ring as a device would
@@ -331,19 +340,10 @@ func TestDeviceRingCopyHostileClient(t *testing.T) {
 	clients := make([]int, 3) // the client's copies of the rings
 	for i := range pins {
 		pins[i], mems[i] = pinAnon(t, p, size)
-		f, addr, err := pins[i].DeviceRing()
-		if errors.Is(err, unix.ENOTSUP) {
-			testenv.Require(t, err, "io_uring buffer cloning (Linux 6.12)")
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		fd, err := unix.Dup(int(f.Fd()))
-		if err != nil {
-			t.Fatal(err)
-		}
+		f, fd, addr := deviceRingFDs(t, pins[i])
 		clients[i] = int(f.Fd())
 		defer f.Close()
+		var err error
 		if rings[i], err = OpenDeviceRing(fd, uint64(addr), size, false); err != nil {
 			t.Fatal(err)
 		}
