@@ -20,19 +20,19 @@ import (
 // buffer 0 (IORING_REGISTER_CLONE_BUFFERS): the same pinned pages, no new
 // pin, no page-table lookup at use. The device side (OpenDeviceRing) is the
 // only party that enables it, after registering its restrictions (only
-// READ_FIXED and WRITE_FIXED, only on registered files; of
-// the register operations only buffer cloning and buffer updates) and its
-// own bounce pipe as the ring's only files; a ring already enabled,
-// restricted or with files is refused. From then on nobody can change the
-// ring's files, and every request it runs moves bytes between one of its
-// buffers and the device's pipe, whoever submits it. Its buffers can only
-// be the client's memory: an update pins the memory of the process that
-// asks (the device asks only to empty a slot), and the kernel clones
-// buffers only between rings made by the same process (the same mm),
-// which is how CopyTo lends the destination's buffer to the source's ring.
-// So the client, which still holds the ring's memory and may keep its fd,
-// can spoil only its own data, never make the device's requests touch the
-// device's other files or memory.
+// READ_FIXED and WRITE_FIXED, only on registered files; of the register
+// operations only buffer cloning and buffer updates) and its own two bounce
+// pipes as the ring's only files; a ring already enabled, restricted or
+// with files is refused. From then on nobody can change the ring's files,
+// and every request it runs moves bytes between one of its buffers and the
+// device's pipes, whoever submits it. Its buffers can only be the client's
+// memory: an update pins the memory of the process that asks (the device
+// asks only to empty a slot), and the kernel clones buffers only between
+// rings made by the same process (the same mm), which is how CopyTo lends
+// the destination's buffer to the source's ring. So the client, which
+// still holds the ring's memory and may keep its fd, can spoil only its own
+// data, never make the device's requests touch the device's other files or
+// memory.
 
 // maxKeptRings bounds the rings whose queue addresses an embedded device
 // leaves taken (OpenDeviceRing): two ranges each at most, far below the
@@ -308,11 +308,11 @@ func (b *DeviceRingBuffer) WriteAt(p []byte, off int64) (int, error) {
 // the ranges must not overlap). b's ring moves them: dst's buffer is lent to
 // it as buffer 1 (IORING_REGISTER_CLONE_BUFFERS from dst's ring: the kernel
 // lends only between rings of the same process, the client's), then per
-// pipeful a WRITE_FIXED from buffer 0 into b's pipe and a READ_FIXED from
-// the pipe into buffer 1, several pipefuls per io_uring_enter; buffer 1 is
-// emptied again before CopyTo returns, so dst's pages are held by dst's ring
-// alone. Two kernel copies, no staging buffer. dstSide tells which side an
-// error belongs to.
+// deviceRingCopyChunk a WRITE_FIXED from buffer 0 into b's pipe and a
+// READ_FIXED from the pipe into buffer 1, several per io_uring_enter;
+// buffer 1 is emptied again before CopyTo returns, so dst's pages are held
+// by dst's ring alone. Two kernel copies, no staging buffer. dstSide tells
+// which side an error belongs to.
 func (b *DeviceRingBuffer) CopyTo(dst *DeviceRingBuffer, dstOff, off int64, n int) (dstSide bool, err error) {
 	if dstOff < 0 || uint64(dstOff) > dst.size || uint64(n) > dst.size-uint64(dstOff) {
 		return true, fmt.Errorf("dma: device ring: %d bytes at %#x of %#x: %w", n, dstOff, dst.size, unix.EFAULT)
@@ -380,9 +380,9 @@ func (b *DeviceRingBuffer) unlendLocked() error {
 }
 
 // copyLocked copies n bytes at addr of b's buffer 0 to dstAddr of its
-// buffer dstBuf through b's pipe: pairs of a WRITE_FIXED of a pipeful into
-// the pipe and a READ_FIXED of it out, up to deviceRingEntries/2 pairs per
-// io_uring_enter. The pairs are not linked (a link costs a task-work round
+// buffer dstBuf through b's pipe: pairs of a WRITE_FIXED of up to
+// deviceRingCopyChunk into the pipe and a READ_FIXED of it out, up to
+// deviceRingEntries/2 pairs per io_uring_enter. The pairs are not linked (a link costs a task-work round
 // trip per request: half the speed in BenchmarkDeviceRingCopy); with
 // RWF_NOWAIT the kernel runs each request at submission, in order, or fails
 // it with EAGAIN (on a full or empty pipe) instead of leaving it to wait
