@@ -3,7 +3,11 @@ package dma
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"math/rand/v2"
+	"os"
+	"strconv"
+	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -30,6 +34,17 @@ func pinAnon(t *testing.T, p *Pinner, n int) (*Pin, []byte) {
 // closed, as after sending it), and the address the ring knows the pin at.
 func deviceRingFD(t *testing.T, pin *Pin) (int, uintptr) {
 	t.Helper()
+	client, fd, addr := deviceRingFDs(t, pin)
+	if err := client.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return fd, addr
+}
+
+// deviceRingFDs is deviceRingFD that also returns the client's copy of the
+// ring, as a client keeps it that does not close it after sending.
+func deviceRingFDs(t *testing.T, pin *Pin) (*os.File, int, uintptr) {
+	t.Helper()
 	f, addr, err := pin.DeviceRing()
 	if errors.Is(err, unix.ENOTSUP) {
 		testenv.Require(t, err, "io_uring buffer cloning (Linux 6.12)")
@@ -39,12 +54,10 @@ func deviceRingFD(t *testing.T, pin *Pin) (int, uintptr) {
 	}
 	fd, err := unix.Dup(int(f.Fd()))
 	if err != nil {
+		_ = f.Close() // the test fails with the dup's error
 		t.Fatal(err)
 	}
-	if err := f.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return fd, addr
+	return f, fd, addr
 }
 
 // openTestDeviceRing opens pin's device ring as a device would
@@ -244,4 +257,156 @@ func TestDeviceRingKeptBound(t *testing.T) {
 		t.Fatalf("embedded ring past the bound = %v, want ENOSPC", err)
 	}
 	openTestDeviceRing(t, pin, false) // another process's device keeps nothing: no bound
+}
+
+// ringBuffers lists the buffer table of the io_uring fd as the kernel shows
+// it in /proc/self/fdinfo: one line per slot, "<none>" for an empty one.
+func ringBuffers(t *testing.T, fd int) []string {
+	t.Helper()
+	info, err := os.ReadFile("/proc/self/fdinfo/" + strconv.Itoa(fd))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var bufs []string
+	in := false
+	for _, l := range strings.Split(string(info), "\n") {
+		switch {
+		case strings.HasPrefix(l, "UserBufs:"):
+			in = true
+		case in && strings.Contains(l, ": "):
+			if _, err := strconv.Atoi(strings.TrimSpace(l[:strings.Index(l, ":")])); err != nil {
+				return bufs
+			}
+			bufs = append(bufs, strings.TrimSpace(l[strings.Index(l, ":")+1:]))
+		case in:
+			return bufs
+		}
+	}
+	return bufs
+}
+
+// TestDeviceRingCopyLends: CopyTo lends the destination's buffer to the
+// source's ring only while it copies: afterwards the source's ring holds
+// its own pages alone, and a closed destination is refused on its side.
+func TestDeviceRingCopyLends(t *testing.T) {
+	checkNoLeaks(t)
+	p := newTestPinner(t, NewAccountant(), nil)
+	const size = 1 << 20
+	pa, a := pinAnon(t, p, size)
+	pb, bm := pinAnon(t, p, size)
+	for i := range a {
+		a[i] = byte(i * 13)
+	}
+	ra, rb := openTestDeviceRing(t, pa, false), openTestDeviceRing(t, pb, false)
+	// A write first: its vmsplice must not spoil the copy's pipe
+	// (FMODE_NOWAIT).
+	if _, err := ra.WriteAt(a[:3*4096+5], 1); err != nil {
+		t.Fatal(err)
+	}
+	for i := range a {
+		a[i] = byte(i * 13)
+	}
+	if dst, err := ra.CopyTo(rb, 0, 0, size); err != nil || !bytes.Equal(a, bm) {
+		t.Fatalf("CopyTo = %v (dst %v); data equal %v", err, dst, bytes.Equal(a, bm))
+	}
+	bufs := ringBuffers(t, ra.r.fd)
+	want := fmt.Sprintf("%#x/%d", sliceAddr(a), size)
+	if len(bufs) == 0 || bufs[0] != want || len(bufs) > 1 && bufs[1] != "<none>" || len(bufs) > 2 {
+		t.Fatalf("source ring's buffers after CopyTo: %q, want [%s <none>]", bufs, want)
+	}
+	if err := rb.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if dst, err := ra.CopyTo(rb, 0, 0, 4096); !dst || !errors.Is(err, unix.EBADF) {
+		t.Fatalf("CopyTo a closed ring = %v (dst %v), want EBADF on the destination", err, dst)
+	}
+	if dst, err := rb.CopyTo(ra, 0, 0, 4096); dst || !errors.Is(err, unix.EBADF) {
+		t.Fatalf("CopyTo from a closed ring = %v (dst %v), want EBADF on the source", err, dst)
+	}
+}
+
+// TestDeviceRingCopyHostileClient: a client that kept its rings' fds can
+// use the register operations the device allows (lending needs them) only
+// on its own memory: it empties its rings' buffers, and the copies from or
+// to them fail on that side, touch nothing else, and leave the other rings
+// working; the device's pipe stays out of its reach.
+func TestDeviceRingCopyHostileClient(t *testing.T) {
+	checkNoLeaks(t)
+	p := newTestPinner(t, NewAccountant(), nil)
+	const size = 1 << 18
+	pins := make([]*Pin, 3)
+	mems := make([][]byte, 3)
+	rings := make([]*DeviceRingBuffer, 3)
+	clients := make([]int, 3) // the client's copies of the rings
+	for i := range pins {
+		pins[i], mems[i] = pinAnon(t, p, size)
+		f, fd, addr := deviceRingFDs(t, pins[i])
+		clients[i] = int(f.Fd())
+		defer f.Close()
+		var err error
+		if rings[i], err = OpenDeviceRing(fd, uint64(addr), size, false); err != nil {
+			t.Fatal(err)
+		}
+		defer rings[i].Close()
+	}
+	for i := range mems[0] {
+		mems[0][i] = byte(i*7 + 1)
+	}
+	// The device's files stay the device's.
+	files := [2]int32{0, 1}
+	upd := ioUringRsrcUpdate2{Data: addrOf(&files), Nr: 2}
+	if _, err := ioUringRegister(clients[0], ioringRegisterFilesUpdate2, addrOf(&upd), uint32(sizeofRsrcUpdate2)); !errors.Is(err, unix.EACCES) {
+		t.Fatalf("client's FILES_UPDATE on its device ring = %v, want EACCES", err)
+	}
+	// The client empties the buffer of ring 1 (its destination) and then
+	// of ring 2 (a source).
+	empty := func(fd int) {
+		var iov ioIovec
+		upd := ioUringRsrcUpdate2{Data: addrOf(&iov), Nr: 1}
+		if _, err := ioUringRegister(fd, ioringRegisterBuffersUpdate, addrOf(&upd), uint32(sizeofRsrcUpdate2)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	empty(clients[1])
+	if dst, err := rings[0].CopyTo(rings[1], 0, 0, size); !dst || !errors.Is(err, unix.EFAULT) {
+		t.Errorf("CopyTo an emptied ring = %v (dst %v), want EFAULT on the destination", err, dst)
+	}
+	if !allEqual(mems[1], 0) {
+		t.Error("the emptied destination's pages changed")
+	}
+	// The source ring still copies (its pipe drained) to a sound ring.
+	if _, err := rings[0].CopyTo(rings[2], 0, 0, size); err != nil || !bytes.Equal(mems[2], mems[0]) {
+		t.Fatalf("CopyTo after a failure = %v; data equal %v", err, bytes.Equal(mems[2], mems[0]))
+	}
+	empty(clients[2])
+	clear(mems[0])
+	if dst, err := rings[2].CopyTo(rings[0], 0, 0, size); dst || !errors.Is(err, unix.EFAULT) {
+		t.Errorf("CopyTo from an emptied ring = %v (dst %v), want EFAULT on the source", err, dst)
+	}
+	if !allEqual(mems[0], 0) {
+		t.Error("a copy from an emptied ring wrote the destination")
+	}
+
+	// A mapping claimed twice as long as the ring's buffer: a copy from
+	// past the buffer fails on the source's side and leaves no request
+	// waiting on the pipe (one would take the bytes of the next access).
+	for i := range mems[1] {
+		mems[1][i] = byte(i*3 + 5)
+	}
+	fd, addr := deviceRingFD(t, pins[1])
+	long, err := OpenDeviceRing(fd, uint64(addr), 2*size, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer long.Close()
+	if dst, err := long.CopyTo(rings[0], 0, size, size); dst || !errors.Is(err, unix.EFAULT) {
+		t.Errorf("CopyTo from past the buffer = %v (dst %v), want EFAULT on the source", err, dst)
+	}
+	got := make([]byte, size)
+	if _, err := long.ReadAt(got, 0); err != nil || !bytes.Equal(got, mems[1]) {
+		t.Fatalf("ReadAt after a failed copy = %v; data equal %v", err, bytes.Equal(got, mems[1]))
+	}
+	if dst, err := long.CopyTo(rings[0], 0, 0, size); err != nil || !bytes.Equal(mems[0], mems[1]) {
+		t.Fatalf("CopyTo after a failed copy = %v (dst %v); data equal %v", err, dst, bytes.Equal(mems[0], mems[1]))
+	}
 }

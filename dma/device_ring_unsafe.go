@@ -59,44 +59,49 @@ func (r *sharedRing) attach() error {
 	return nil
 }
 
-// run submits sqe and waits up to timeout for the completion with its
-// user_data; completions with other user_data (the client's, or stale ones)
-// are consumed and ignored.
-func (r *sharedRing) run(sqe *ioUringSQE, timeout time.Duration) (int32, error) {
+// run submits sqes (at most deviceRingEntries) and waits up to timeout for the completion of each,
+// recognised by its user_data, whose results it puts into res. Completions
+// with other user_data (the client's, or stale ones) are consumed and
+// ignored.
+func (r *sharedRing) run(sqes []ioUringSQE, res []int32, timeout time.Duration) error {
 	tail := loadAcquire(r.sqTail)
-	r.sqes[tail&r.sqMask] = *sqe
-	storeRelease(r.sqTail, tail+1)
+	for i := range sqes {
+		r.sqes[(tail+uint32(i))&r.sqMask] = sqes[i]
+	}
+	storeRelease(r.sqTail, tail+uint32(len(sqes)))
 	deadline := time.Now().Add(timeout)
-	toSubmit := uint32(1)
+	toSubmit := uint32(len(sqes))
+	var found uint32 // bit i: sqes[i] completed
 	for {
 		left := time.Until(deadline)
 		if left <= 0 {
-			return 0, fmt.Errorf("no completion in %v: %w", timeout, unix.ETIME)
+			return fmt.Errorf("no completion in %v: %w", timeout, unix.ETIME)
 		}
 		a := r.args
 		a.ts = kernelTimespec{Sec: int64(left / time.Second), Nsec: int64(left % time.Second)}
 		a.getev = ioUringGeteventsArg{Ts: addrOf(&a.ts)}
 		n, err := ioUringEnterArg(r.fd, toSubmit, 1, ioringEnterGetevents|ioringEnterExtArg, &a.getev)
 		if n > 0 {
-			toSubmit = 0
+			toSubmit -= min(uint32(n), toSubmit)
 		}
 		switch {
 		case err == nil, errors.Is(err, unix.EINTR), errors.Is(err, unix.ETIME):
 		default:
-			return 0, fmt.Errorf("io_uring_enter: %w", err)
+			return fmt.Errorf("io_uring_enter: %w", err)
 		}
 		head, ctail := loadAcquire(r.cqHead), loadAcquire(r.cqTail)
-		var res int32
-		found := false
-		for ; head != ctail && !found; head++ {
+		for ; head != ctail; head++ {
 			c := r.cqes[head&r.cqMask]
-			if c.UserData == sqe.UserData {
-				res, found = c.Res, true
+			for i := range sqes {
+				if found&(1<<i) == 0 && c.UserData == sqes[i].UserData {
+					res[i], found = c.Res, found|1<<i
+					break
+				}
 			}
 		}
 		storeRelease(r.cqHead, head)
-		if found {
-			return res, nil
+		if found == 1<<len(sqes)-1 {
+			return nil
 		}
 	}
 }

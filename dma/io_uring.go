@@ -19,11 +19,14 @@ const (
 	ioringRegisterEnableRings  = 12
 	ioringRegisterCloneBuffers = 30
 
+	ioringRestrictionRegisterOp       = 0
 	ioringRestrictionSQEOp            = 1
 	ioringRestrictionSQEFlagsAllowed  = 2
 	ioringRestrictionSQEFlagsRequired = 3
 
 	iosqeFixedFile = 1 << 0
+
+	ioringRegisterDstReplace = 1 << 1 // io_uring_clone_buffers.flags
 
 	ioringSetupClamp       = 1 << 4
 	ioringSetupSubmitAll   = 1 << 7
@@ -42,6 +45,7 @@ const (
 
 	ioringUnregisterBuffers     = 1
 	ioringRegisterBuffers2      = 15
+	ioringRegisterFilesUpdate2  = 14
 	ioringRegisterBuffersUpdate = 16
 
 	ioringRsrcRegisterSparse = 1 << 0

@@ -234,8 +234,9 @@ func BenchmarkReadAtReadOnly(b *testing.B) {
 }
 
 // BenchmarkDeviceRingCopy: a device model's copy between two device rings
-// (two kernel copies through the pipes), next to a plain copy of the same
-// buffers.
+// (two kernel copies through the source ring's pipe), within one ring (the
+// first half to the second: no buffer lent), next to a plain copy of the
+// same buffers.
 func BenchmarkDeviceRingCopy(b *testing.B) {
 	for _, size := range []int{64 << 10, 1 << 20, 16 << 20} {
 		b.Run(sizeName(size), func(b *testing.B) {
@@ -273,6 +274,14 @@ func BenchmarkDeviceRingCopy(b *testing.B) {
 				b.SetBytes(int64(size))
 				for b.Loop() {
 					if _, err := rings[0].CopyTo(rings[1], 0, 0, size); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+			b.Run("within", func(b *testing.B) {
+				b.SetBytes(int64(size / 2))
+				for b.Loop() {
+					if _, err := rings[0].CopyTo(rings[0], int64(size/2), 0, size/2); err != nil {
 						b.Fatal(err)
 					}
 				}

@@ -22,3 +22,22 @@ func replaceProtNone(addr uintptr, n int) error {
 func unmapAt(addr uintptr, n int) error {
 	return unix.MunmapPtr(*(*unsafe.Pointer)(unsafe.Pointer(&addr)), uintptr(n))
 }
+
+// emptyRingBuffer empties buffer 0 of the io_uring ring, as a client
+// holding its device ring's fd can (IORING_REGISTER_BUFFERS_UPDATE of
+// struct io_uring_rsrc_update2 with an iovec of no address).
+func emptyRingBuffer(ring int) error {
+	var iov [2]uint64 // struct iovec: no base, no length
+	upd := struct {
+		Offset, Resv uint32
+		Data, Tags   uint64
+		Nr, Resv2    uint32
+	}{Data: uint64(uintptr(unsafe.Pointer(&iov))), Nr: 1}
+	const ioringRegisterBuffersUpdate = 16
+	_, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(ring), ioringRegisterBuffersUpdate,
+		uintptr(unsafe.Pointer(&upd)), unsafe.Sizeof(upd), 0, 0)
+	if errno != 0 {
+		return errno
+	}
+	return nil
+}

@@ -319,7 +319,7 @@ func (f *memFault) in(b []byte) bool { return f.known && holds(b, f.addr) }
 // Copy implements Copier: n bytes from src to dst, both checked first.
 // Between two fd-backed mappings it is one copy (a memmove from the
 // client's file to the client's file, no staging); between two device
-// rings two kernel copies through the rings' pipes, between a device ring
+// rings two kernel copies through the source ring's pipe, between a device ring
 // and a mapping the mapping is the buffer of the ring's pipe (no staging
 // either); between a mapping and memory the client serves over the socket
 // the mapping is the buffer of the DMA_WRITE or DMA_READ; only where the
@@ -360,7 +360,7 @@ func (m *iommu) Copy(dst, src uint64, n int) error {
 				dstSide = errors.As(err, &f) && f.in(d)
 			}
 		case sr.ring != nil && dr.ring != nil:
-			// Pages to pipe to pipe to pages: two kernel copies.
+			// Pages to the source's pipe to pages: two kernel copies.
 			dstSide, err = sr.ring.CopyTo(dr.ring, int64(doff), int64(soff), int(k))
 		case sr.ring != nil && dr.mem != nil:
 			_, err = sr.ring.ReadAt(dr.mem[doff:doff+k], int64(soff))

@@ -337,3 +337,60 @@ func TestDMARingRefusedFallsBack(t *testing.T) {
 		}
 	}
 }
+
+// TestDMARingCopyHostile: a client that kept the fd of one of its device
+// rings and empties the ring's buffer spoils the copies from and to that
+// mapping only: each fails with a CopyError on that side and writes
+// nothing, and copies between its other rings still move the right bytes.
+func TestDMARingCopyHostile(t *testing.T) {
+	requireProcessVM(t)
+	leakCheck(t)
+	const n = 1 << 20
+	pins, mems := ringPins(t, 3, n)
+	spoiled := &stickyRinger{countedPin: pins[2]}
+	defer func() {
+		if spoiled.ring != nil {
+			spoiled.ring.Close()
+		}
+	}()
+	c, m, _ := newPair(t, nil, nil)
+	rw := uint32(vfio.DMARead | vfio.DMAWrite)
+	for i, a := range []vfio.DMAAccessor{pins[0], pins[1], spoiled} {
+		iova := uint64(i+1) << 28
+		if err := c.DMAMap(vfio.DMAMapping{IOVA: iova, Vaddr: pins[i].Addr(), Size: n, Flags: rw, Access: a}); err != nil {
+			t.Fatal(err)
+		}
+		defer c.DMAUnmap(iova, n)
+	}
+	cp := m.getDMA().(Copier)
+	for i := range mems[0] {
+		mems[0][i] = byte(i*5 + 1)
+		mems[2][i] = byte(i*3 + 2)
+	}
+	if err := emptyRingBuffer(int(spoiled.ring.Fd())); err != nil {
+		t.Fatal(err)
+	}
+	var ce *CopyError
+	if err := cp.Copy(3<<28, 1<<28, n); !errors.As(err, &ce) || !ce.Dst || !errors.Is(err, unix.EFAULT) {
+		t.Errorf("copy to the spoiled ring: %v, want EFAULT on the destination", err)
+	}
+	if err := cp.Copy(2<<28, 3<<28, n); !errors.As(err, &ce) || ce.Dst || !errors.Is(err, unix.EFAULT) {
+		t.Errorf("copy from the spoiled ring: %v, want EFAULT on the source", err)
+	}
+	if !allZero(mems[1]) {
+		t.Error("a copy from the spoiled ring wrote the destination")
+	}
+	for i := range mems[2] {
+		if mems[2][i] != byte(i*3+2) {
+			t.Fatalf("the spoiled ring's pages changed at %d", i)
+		}
+	}
+	if err := cp.Copy(2<<28+7, 1<<28+3, n-10); err != nil || !bytes.Equal(mems[1][7:n-3], mems[0][3:n-7]) {
+		t.Fatalf("copy between the sound rings after the failures: %v; equal %v", err, bytes.Equal(mems[1][7:n-3], mems[0][3:n-7]))
+	}
+	for i, p := range pins {
+		if k := p.socket.Load(); k != 0 {
+			t.Errorf("pin %d: %d accesses over the socket, want none (the ring)", i, k)
+		}
+	}
+}
