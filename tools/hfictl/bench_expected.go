@@ -22,6 +22,7 @@ import (
 	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/hfiuser"
 	"github.com/gohfi/gohfi/mem"
+	"github.com/gohfi/gohfi/rcvarray"
 	"github.com/gohfi/gohfi/tidcache"
 	"github.com/gohfi/gohfi/uapi"
 	"golang.org/x/sys/unix"
@@ -47,6 +48,7 @@ type expLane struct {
 	tx, rx   *driver.File
 	rxCtxt   uint16
 	rcvtids  int
+	tidPages int // pages one TID may cover (QUERY_DEVICE max_tid_pages)
 	rhq      []byte
 	entsize  int
 	cnt      uint64
@@ -82,7 +84,12 @@ func newExpectedEngine(ctx context.Context, dev *driver.Device, lanes int, sdma 
 		if err != nil {
 			return nil, err
 		}
+		attr, err := hfiuser.QueryDevice(l.rx)
+		if err != nil {
+			return nil, fmt.Errorf("QUERY_DEVICE: %w", err)
+		}
 		l.rxCtxt, l.rcvtids, l.entsize, l.cnt = ci.Ctxt, int(ci.Rcvtids), int(ci.RcvhdrqEntsize), uint64(ci.RcvhdrqCnt)
+		l.tidPages = int(attr.MaxTidPages)
 		if l.rhq, err = l.rx.Mmap(bi.RcvhdrBufbase, int(l.cnt)*l.entsize, unix.PROT_READ); err != nil {
 			return nil, fmt.Errorf("map header queue: %w", err)
 		}
@@ -117,11 +124,23 @@ func (e *expectedEngine) stride(size int) int {
 	return (size + p - 1) / p * p
 }
 
-// maxSlots keeps a lane's registered pages within its context's RcvArray
+// maxSlots keeps the TIDs of a lane's slots within its context's RcvArray
 // entries (one slot per lane at least).
 func (e *expectedEngine) maxSlots(stride int) int {
 	l := e.lanes[0]
-	return len(e.lanes) * max(1, l.rcvtids*mem.PageSize()/stride)
+	return len(e.lanes) * max(1, l.rcvtids/l.slotTIDs(stride))
+}
+
+// slotTIDs is how many RcvArray entries a slot of stride bytes takes:
+// prepare registers it a window at a time, and the driver cuts each
+// TID_UPDATE into page sets of at most tidPages pages
+// (rcvarray.SplitPages), a TID each.
+func (l *expLane) slotTIDs(stride int) int {
+	n := 0
+	for off := 0; off < stride; off += l.window() {
+		n += len(rcvarray.SplitPages(min(l.window(), stride-off)/mem.PageSize(), l.tidPages))
+	}
+	return max(1, n)
 }
 
 // window is the largest range one TID_UPDATE may register: the context's

@@ -8,6 +8,7 @@ import (
 	"image/png"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -351,5 +352,25 @@ func TestBenchDataCheck(t *testing.T) {
 	// Untampered, the same runs pass: the check itself is not what fails.
 	for _, op := range benchOps {
 		benchRun(t, op, "--mode", "bw,lat", "--size", "100", "--iters", "4", "--runs", "1", "--mem", "anon")
+	}
+}
+
+// TestBenchExpectedRounds: a round of expected receives holds as many
+// slots as the receiver's RcvArray entries allow with TIDs of up to
+// max_tid_pages pages (a 1 MiB slot is one TID of 256 pages), not one
+// entry per page: 16 messages of 1 MiB are one round, each checked.
+func TestBenchExpectedRounds(t *testing.T) {
+	testenv.RequireRoot(t, "TID_UPDATE pins through io_uring")
+	var rounds []int
+	benchTamper = func(op string, dst []byte) {
+		if op == "expected" {
+			rounds = append(rounds, len(dst))
+		}
+	}
+	defer func() { benchTamper = nil }()
+	m := benchRun(t, "expected", "--size", "1m", "--iters", "16", "--runs", "1", "--mem", "memfd")
+	checkPerfRows(t, objects(t, m, "bw"), embeddedDev, []string{"expected"}, []string{"memfd"}, []string{"1MiB"}, bwFields, 16)
+	if want := []int{16 << 20}; !slices.Equal(rounds, want) {
+		t.Errorf("rounds of %v bytes, want %v", rounds, want)
 	}
 }
