@@ -94,7 +94,8 @@ const (
 	CapMemMgtExtensions = 1 << 0 // fast-registration work requests
 	CapODP              = 1 << 1 // MTT entries may be not-present; faults go to the event queue
 	CapMSIX             = 1 << 2
-	CapLoopback         = 1 << 3 // packets between contexts of this device
+	CapLoopback         = 1 << 3  // packets between contexts of this device
+	CapCtxtDBRec        = 1 << 10 // CtxtDBRecAddr: a doorbell record for a context's send queue
 
 	// CapKnown is every bit defined above; the driver refuses a device
 	// that reports any other.
@@ -179,7 +180,6 @@ const (
 // CtxtErrCnt) but not taken. A record the device cannot read or write
 // halts the context (CtxtStatusHalted, ErrCntIOMMUFault), as a descriptor
 // it cannot read does.
-const CapCtxtDBRec = 1 << 10 // RegCapFlags: CtxtDBRecAddr
 
 // CtxtReg returns the BAR0 offset of per-context register reg of context n.
 func CtxtReg(n int, reg uint64) uint64 { return CtxtBase + uint64(n)*CtxtStride + reg }
