@@ -78,7 +78,7 @@ const (
 // RegRevision value of this model: major<<RevisionMajorShift | minor.
 const (
 	RevisionMajor = 1
-	RevisionMinor = 5 // 1: doorbell records (CapDBRec); 2: implicit ODP (CapImplicitODP); 3: QPDBRing (CapDBRing); 4: CQHeadAddr (CapCQHeadRec); 5: context doorbell records (CapCtxtDBRec)
+	RevisionMinor = 4 // 1: doorbell records (CapDBRec); 2: implicit ODP (CapImplicitODP); 3: QPDBRing (CapDBRing); 4: CQHeadAddr (CapCQHeadRec)
 
 	RevisionMajorShift = 16
 	RevisionMinorMask  = 1<<RevisionMajorShift - 1
@@ -94,12 +94,11 @@ const (
 	CapMemMgtExtensions = 1 << 0 // fast-registration work requests
 	CapODP              = 1 << 1 // MTT entries may be not-present; faults go to the event queue
 	CapMSIX             = 1 << 2
-	CapLoopback         = 1 << 3  // packets between contexts of this device
-	CapCtxtDBRec        = 1 << 10 // CtxtDBRecAddr: a doorbell record for a context's send queue
+	CapLoopback         = 1 << 3 // packets between contexts of this device
 
 	// CapKnown is every bit defined above; the driver refuses a device
 	// that reports any other.
-	CapKnown = CapMemMgtExtensions | CapODP | CapMSIX | CapLoopback | CapVerbs | CapDBRec | CapImplicitODP | CapNet | CapDBRing | CapCQHeadRec | CapCtxtDBRec
+	CapKnown = CapMemMgtExtensions | CapODP | CapMSIX | CapLoopback | CapVerbs | CapDBRec | CapImplicitODP | CapNet | CapDBRing | CapCQHeadRec
 )
 
 // RegControl bits.
@@ -161,25 +160,7 @@ const (
 	CtxtStatus     = 0x78 // RO: CtxtStatus* bits
 	CtxtErrCnt     = 0x80 // RO: errors charged to this context
 	CtxtUrgentCnt  = 0x88 // RO: urgent packets delivered to this context (DescFlagUrgent), cleared at enable
-	CtxtDBRecAddr  = 0x90 // RW (CapCtxtDBRec): IOVA of the send queue's doorbell record (0 = none), latched at enable
 )
-
-// A context's doorbell record (CapCtxtDBRec) is a QP's (DBRecSize bytes,
-// DBRecAlign-aligned, chip/verbs.go) of which the context uses sq_tail,
-// its send queue's producer index as written to CtxtSQTail, and flags
-// (DBRecNotify); rq_tail is reserved. CtxtDBRecAddr is ring geometry:
-// written while the context is disabled, latched at enable (a record not
-// DBRecAlign-aligned fails the enable, as bad geometry does); the device
-// starts from index 0 at each enable. The protocol is the QPs': the engine
-// polls the record of every enabled context while it polls QP records,
-// sets DBRecNotify before it sleeps and reads the records once more, and
-// clears it when it wakes; the driver stores sq_tail after the descriptors
-// and writes CtxtSQTail only when it then reads DBRecNotify set. A write to
-// CtxtSQTail of a context with a record wakes the engine, which reads the
-// record: the value is checked (out of range: refused, counted in
-// CtxtErrCnt) but not taken. A record the device cannot read or write
-// halts the context (CtxtStatusHalted, ErrCntIOMMUFault), as a descriptor
-// it cannot read does.
 
 // CtxtReg returns the BAR0 offset of per-context register reg of context n.
 func CtxtReg(n int, reg uint64) uint64 { return CtxtBase + uint64(n)*CtxtStride + reg }

@@ -21,7 +21,7 @@ type ctxtData struct {
 	rhq    *ringMem // receive header queue
 	eager  *ringMem // eager buffers
 	sq     *ringMem // send queue
-	sqHead *ringMem // the device writes its SQ head here; the send queue's doorbell record follows (ctxtDBRecOff)
+	sqHead *ringMem // the device writes its SQ head here
 	pio    *ringMem // send buffer the device reads payloads from
 	events *ringMem // event bits page, mapped read-only by user space
 
@@ -37,10 +37,6 @@ type ctxtData struct {
 	// interrupt handler (which reaps consumed SDMA descriptors) both reap.
 	sendMu sync.Mutex
 	sqTail uint64 // driver's producer index
-	// dbRec is the send queue's doorbell record in sqHead (nil: the
-	// device has no chip.CapCtxtDBRec; ring writes CtxtSQTail).
-	dbRec  []byte
-	dbHook func() // test hook: runs between a record store and the notify-flag load
 	sqDone uint64 // consumer index last read from sqHead (pio.go's reap)
 	// The send buffer's ring (pio.go): byte positions since program.
 	pioHead, pioTail uint64
@@ -82,7 +78,7 @@ func (d *Device) setupCtxt(n int) (c *ctxtData, err error) {
 		{&c.rhq, "rhq", p.RcvHdrCnt * uapi.SizeofGohfiRHQEntry, vfio.DMAWrite},
 		{&c.eager, "eager", p.RcvHdrCnt * p.EagerBufferSize, vfio.DMAWrite},
 		{&c.sq, "sq", p.SendQueueEntries * chip.SendDescSize, vfio.DMARead},
-		{&c.sqHead, "sqhead", pageSize, vfio.DMARead | vfio.DMAWrite}, // DMARead: the doorbell record
+		{&c.sqHead, "sqhead", pageSize, vfio.DMAWrite},
 		{&c.pio, "pio", pioRingSize, vfio.DMARead},
 		{&c.events, "events", pageSize, 0},
 	}
@@ -98,9 +94,6 @@ func (d *Device) setupCtxt(n int) (c *ctxtData, err error) {
 			}
 		}
 	}
-	if d.info.CapFlags&chip.CapCtxtDBRec != 0 {
-		c.dbRec = c.sqHead.mem[ctxtDBRecOff : ctxtDBRecOff+chip.DBRecSize]
-	}
 	if err := c.program(); err != nil {
 		return nil, err
 	}
@@ -108,26 +101,11 @@ func (d *Device) setupCtxt(n int) (c *ctxtData, err error) {
 	return c, nil
 }
 
-// ctxtDBRecOff is where the send queue's doorbell record lies in the
-// sqHead page (the SQ head the device writes is its first 8 bytes).
-const ctxtDBRecOff = chip.DBRecAlign
-
-// program writes the ring geometry and enables the context. The doorbell
-// record, if any, is set up as the device expects it at enable (chip:
-// index 0, notify set, so the first doorbell also goes to the register)
-// while the context is disabled.
+// program writes the ring geometry and enables the context.
 func (c *ctxtData) program() error {
 	d, n, p := c.d, c.ctxt, c.d.m.params
-	if err := d.writeCtxtCSR(n, chip.CtxtControl, 0); err != nil {
-		return err
-	}
-	var recAddr uint64
-	if c.dbRec != nil {
-		store32(c.dbRec, chip.DBRecSQTail, 0)
-		store32(c.dbRec, chip.DBRecFlags, chip.DBRecNotify)
-		recAddr = c.sqHead.iova + ctxtDBRecOff
-	}
 	regs := []struct{ reg, val uint64 }{
+		{chip.CtxtControl, 0},
 		{chip.CtxtRHQBase, c.rhq.iova},
 		{chip.CtxtRHQEntries, uint64(p.RcvHdrCnt)},
 		{chip.CtxtEagerBase, c.eager.iova},
@@ -136,7 +114,6 @@ func (c *ctxtData) program() error {
 		{chip.CtxtSQBase, c.sq.iova},
 		{chip.CtxtSQEntries, uint64(p.SendQueueEntries)},
 		{chip.CtxtSQHeadAddr, c.sqHead.iova},
-		{chip.CtxtDBRecAddr, recAddr},
 		{chip.CtxtControl, chip.CtxtCtrlEnable | chip.CtxtCtrlIntEnable},
 	}
 	for _, r := range regs {

@@ -27,10 +27,10 @@ const maxPacket = 1 << 21
 //
 // Each pass gives every context's send queue and every QP a turn (the verbs
 // engine: req.go, resp.go); the engine sleeps when a pass finds no work it
-// can do, until the next doorbell or register write. While QPs or contexts
-// have doorbell records (dbrec.go) it keeps polling them for DBPollIdle
-// after its last work (or less: pollWindow), then sets their notify flags,
-// reads them once more, and sleeps only if that found nothing.
+// can do, until the next doorbell or register write. While QPs have
+// doorbell records (dbrec.go) it keeps polling them for DBPollIdle after
+// its last work (or less: pollWindow), then sets their notify flags, reads
+// them once more, and sleeps only if that found nothing.
 func (d *Device) engine() {
 	defer d.wg.Done()
 	buf := make([]byte, maxPacket)
@@ -49,10 +49,9 @@ func (d *Device) engine() {
 			close(ack) // asleep already
 			continue
 		}
-		// last is the end of the last work, verbs or a context's send
-		// queue: the engine polls the records only after some (a wake-up
-		// for anything else, an MR's TLB flush or a CQ arm, goes back to
-		// sleep at once).
+		// last is the end of the last verbs work: the engine polls the
+		// records only after some (a wake-up for anything else, an MR's
+		// TLB flush or a CQ arm, goes back to sleep at once).
 		var last time.Time
 		d.armed.Store(false)
 		for {
@@ -66,7 +65,7 @@ func (d *Device) engine() {
 				return
 			default:
 			}
-			if verbs || busy {
+			if verbs {
 				last = time.Now()
 				if kicked {
 					pw.woken(last, d.dbPollIdle())
