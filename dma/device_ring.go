@@ -1,10 +1,12 @@
 package dma
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -34,14 +36,64 @@ import (
 // data, never make the device's requests touch the device's other files or
 // memory.
 
-// maxKeptRings bounds the rings whose queue addresses an embedded device
-// leaves taken (OpenDeviceRing): two ranges each at most, far below the
-// default vm.max_map_count of 65530.
-const maxKeptRings = 4096
-
-// keptRings counts those rings in this process, whose address space they
-// take: the count is the process's, not a device's.
+// keptRings counts the rings of this process whose queue addresses an
+// embedded device left taken (OpenDeviceRing): the count is the
+// process's, not a device's.
 var keptRings atomic.Int64
+
+// keptCheck is how many more kept rings make OpenDeviceRing count the
+// process's mappings again. A kept ring's covers merge with their
+// neighbours (thousands of closed rings of a benchmark left 45 mappings),
+// so the rings themselves are no measure of what they cost: the mappings
+// are, against vm.max_map_count.
+const keptCheck = 4096
+
+// kept is what OpenDeviceRing last found of the process's mappings.
+var kept struct {
+	mu        sync.Mutex
+	nextCheck int64 // keptRings at which to count again
+	full      error // the mappings passed half of vm.max_map_count: no more kept rings
+}
+
+// mapCount returns the process's mappings and vm.max_map_count (a test
+// hook).
+var mapCount = func() (n, limit int, err error) {
+	maps, err := os.ReadFile("/proc/self/maps")
+	if err != nil {
+		return 0, 0, err
+	}
+	lim, err := os.ReadFile("/proc/sys/vm/max_map_count")
+	if err != nil {
+		return 0, 0, err
+	}
+	if limit, err = strconv.Atoi(strings.TrimSpace(string(lim))); err != nil {
+		return 0, 0, err
+	}
+	return bytes.Count(maps, []byte{'\n'}), limit, nil
+}
+
+// keptRoom reports whether an embedded device may leave one more ring's
+// addresses taken: every keptCheck kept rings it counts the process's
+// mappings, and while they are more than half of vm.max_map_count it
+// refuses (ENOSPC), counting again at each refusal.
+func keptRoom() error {
+	kept.mu.Lock()
+	defer kept.mu.Unlock()
+	n := keptRings.Load()
+	if kept.full == nil && n < kept.nextCheck {
+		return nil
+	}
+	maps, limit, err := mapCount()
+	switch {
+	case err != nil:
+		kept.full = fmt.Errorf("%d rings of this process left their addresses taken, and its mappings cannot be counted: %w", n, errors.Join(err, unix.ENOSPC))
+	case maps > limit/2:
+		kept.full = fmt.Errorf("%d rings of this process left their addresses taken, %d mappings of vm.max_map_count %d: %w", n, maps, limit, unix.ENOSPC)
+	default:
+		kept.full, kept.nextCheck = nil, n+keptCheck
+	}
+	return kept.full
+}
 
 const (
 	// deviceRingEntries is the size of a device ring's submission queue:
@@ -183,11 +235,12 @@ func IsDeviceRing(fd int) bool {
 // meanwhile would look like an invalidation of that buffer (a spurious
 // EBUSY from TID_UPDATE), and io_uring maps its queues only where the
 // kernel chooses, so the addresses cannot be reused for the next ring
-// either: 8 KiB of address space per ring, for the process's life.
-// Past maxKeptRings taken ranges an embedded device refuses new rings
-// (ENOSPC; the client then maps without one and the device's accesses go
-// over the socket), so that a process mapping and unmapping without end
-// does not run into vm.max_map_count.
+// either: about 12 KiB of address space per ring, for the process's life,
+// and no memory. While the process's mappings are more than half of
+// vm.max_map_count an embedded device refuses new rings (ENOSPC, keptRoom;
+// the client then maps without one and the device's accesses go over the
+// socket), so that a process mapping and unmapping without end does not
+// run into the limit.
 func OpenDeviceRing(fd int, addr, size uint64, sameProcess bool) (_ *DeviceRingBuffer, err error) {
 	b := &DeviceRingBuffer{addr: addr, size: size, pipe: [2]int{-1, -1}, vpipe: [2]int{-1, -1}, r: &sharedRing{fd: fd, keepVA: sameProcess}}
 	defer func() {
@@ -195,8 +248,10 @@ func OpenDeviceRing(fd int, addr, size uint64, sameProcess bool) (_ *DeviceRingB
 			_ = b.Close() // undoing our own half-made setup: the first failure is the story
 		}
 	}()
-	if n := keptRings.Load(); sameProcess && n >= maxKeptRings {
-		return nil, fmt.Errorf("dma: device ring: %d rings of this process left their addresses taken: %w", n, unix.ENOSPC)
+	if sameProcess {
+		if err := keptRoom(); err != nil {
+			return nil, fmt.Errorf("dma: device ring: %w", err)
+		}
 	}
 	if size == 0 || addr+size < addr {
 		return nil, fmt.Errorf("dma: device ring at %#x+%#x: %w", addr, size, unix.EINVAL)

@@ -233,9 +233,13 @@ func TestDeviceRingRefused(t *testing.T) {
 }
 
 // TestDeviceRingKeptBound: an embedded device's closed rings leave their
-// queue addresses taken and are counted; past maxKeptRings it refuses new
-// rings with ENOSPC (checkNoLeaks: closing the fd), while a device in another process
-// (nothing kept) still takes them.
+// queue addresses taken and are counted; every keptCheck of them the
+// process's mappings are counted, and while they are more than half of
+// vm.max_map_count new embedded rings are refused with ENOSPC (checkNoLeaks:
+// closing the fd), taken again once they are fewer, while a device in
+// another process (nothing kept) always takes them. Past keptCheck rings
+// with few mappings nothing is refused: the rings are no measure of what
+// their merged covers cost.
 func TestDeviceRingKeptBound(t *testing.T) {
 	checkNoLeaks(t)
 	p := newTestPinner(t, NewAccountant(), nil)
@@ -250,13 +254,33 @@ func TestDeviceRingKeptBound(t *testing.T) {
 		t.Fatalf("kept rings %d after closing an embedded ring, want %d", n, n0+1)
 	}
 
-	keptRings.Store(maxKeptRings)
+	maps := 10
+	old := mapCount
+	mapCount = func() (int, int, error) { return maps, 65530, nil }
+	defer func() { mapCount = old; _ = keptRoom() }()
+	kept.mu.Lock()
+	kept.nextCheck = 0 // count at the next ring
+	kept.mu.Unlock()
+	keptRings.Store(n0 + 10*keptCheck)
 	defer keptRings.Store(n0 + 1)
+	if err := openTestDeviceRing(t, pin, true).Close(); err != nil {
+		t.Fatalf("embedded ring past %d kept rings with %d mappings: %v", 10*keptCheck, maps, err)
+	}
+
+	maps = 65530/2 + 1
+	kept.mu.Lock()
+	kept.nextCheck = 0
+	kept.mu.Unlock()
 	fd, addr := deviceRingFD(t, pin)
 	if _, err := OpenDeviceRing(fd, uint64(addr), 1<<16, true); !errors.Is(err, unix.ENOSPC) {
-		t.Fatalf("embedded ring past the bound = %v, want ENOSPC", err)
+		t.Fatalf("embedded ring with %d of 65530 mappings = %v, want ENOSPC", maps, err)
 	}
 	openTestDeviceRing(t, pin, false) // another process's device keeps nothing: no bound
+
+	maps = 100 // counted again at the next ring: taken again
+	if err := openTestDeviceRing(t, pin, true).Close(); err != nil {
+		t.Fatalf("embedded ring once the mappings are fewer: %v", err)
+	}
 }
 
 // ringBuffers lists the buffer table of the io_uring fd as the kernel shows
