@@ -235,7 +235,7 @@ func IsDeviceRing(fd int) bool {
 // meanwhile would look like an invalidation of that buffer (a spurious
 // EBUSY from TID_UPDATE), and io_uring maps its queues only where the
 // kernel chooses, so the addresses cannot be reused for the next ring
-// either: about 12 KiB of address space per ring, for the process's life,
+// either: 8 KiB of address space per ring (two pages), for the process's life,
 // and no memory. While the process's mappings are more than half of
 // vm.max_map_count an embedded device refuses new rings (ENOSPC, keptRoom;
 // the client then maps without one and the device's accesses go over the

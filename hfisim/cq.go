@@ -2,10 +2,11 @@ package hfisim
 
 import (
 	"encoding/binary"
+	"time"
+
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/uapi"
 	"github.com/gohfi/gohfi/vfio/vfiouser"
-	"time"
 )
 
 // cqState is one completion queue: a ring of chip.CQE in host memory that
