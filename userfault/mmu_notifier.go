@@ -200,6 +200,9 @@ type Notifier struct {
 	dedup   dedup
 	maps    *procMaps // this process's VMAs; nil when watching another
 	windows uint64    // userfaultfd read windows closed
+	// beforeWatch, set by tests, runs between reading the VMAs of a
+	// Subscribe and the sources' watch.
+	beforeWatch func()
 
 	// inflight counts open userfaultfd read windows: set before the read
 	// that releases an unmapping thread, cleared once the events are posted
@@ -474,6 +477,9 @@ func (n *Notifier) subscribe(start, length uintptr, ops IntervalOps, watch bool)
 		if vmas, err = n.maps.check(pageDown(start), pageUp(end)); err != nil {
 			return nil, fmt.Errorf("userfault: subscribe [%#x, %#x): %w", start, end, err)
 		}
+	}
+	if n.beforeWatch != nil && watch {
+		n.beforeWatch()
 	}
 	n.nextID++
 	s := &Subscription{n: n, id: n.nextID, start: start, end: end, ops: ops}

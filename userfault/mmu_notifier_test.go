@@ -481,3 +481,45 @@ func TestRemoveHold(t *testing.T) {
 		t.Fatalf("%d holds left", held)
 	}
 }
+
+// A Subscribe whose VMA had merged with a neighbour's registers the merged
+// extent; when the neighbour is unmapped and its addresses mapped with what
+// userfaultfd cannot watch (a file) between reading the VMAs and
+// UFFDIO_REGISTER, the register fails with EINVAL. Subscribe reads the VMAs
+// again and watches what is the range's own. Before, TID_UPDATE of a fresh
+// buffer failed "memory cannot be watched" under the TID stress test.
+func TestSubscribeNeighbourRemapped(t *testing.T) {
+	n := newNotifier(t, SourceUserfaultfd)
+	exe, err := os.Open("/proc/self/exe")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer exe.Close()
+	// Two pages of one anonymous VMA: the range and its neighbour.
+	addr := mmapAnon(t, 2)
+	defer munmap(t, addr, 2)
+	neighbour := addr + pageSize
+	remapped := false
+	n.beforeWatch = func() {
+		if remapped {
+			return
+		}
+		remapped = true
+		r, _, errno := unix.Syscall6(unix.SYS_MMAP, neighbour, pageSize, unix.PROT_READ,
+			unix.MAP_PRIVATE|unix.MAP_FIXED, exe.Fd(), 0)
+		if errno != 0 || r != neighbour {
+			t.Errorf("map the executable over the neighbour: %#x %v", r, errno)
+		}
+	}
+	rec := newRecorder()
+	s := subscribe(t, n, addr, pageSize, rec)
+	if !remapped {
+		t.Fatal("the hook did not run")
+	}
+	// Watched: an munmap of the range is delivered.
+	munmap(t, addr, 1)
+	syncNotifier(t, n)
+	if evs := rec.take(); !hasKind(evs, EventUnmap) {
+		t.Fatalf("events after munmap of %#x: %s", s.Start(), kindsOf(evs))
+	}
+}

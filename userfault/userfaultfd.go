@@ -141,8 +141,26 @@ func (u *uffdSource) watch(start, end uintptr, vmas pageRange) error {
 	if u.dead != nil {
 		return u.dead
 	}
-	start, end = vmas.start, vmas.end
-	if err := uffdioRangeCall(u.fd, uffdioRegister, start, end, uffdRegisterModeWP); err != nil {
+	for try := 0; ; try++ {
+		err := uffdioRangeCall(u.fd, uffdioRegister, vmas.start, vmas.end, uffdRegisterModeWP)
+		if err == nil {
+			return nil
+		}
+		if errors.Is(err, unix.EINVAL) && u.n.maps != nil && try < maxRewatch {
+			// The extent was read before the call, and a neighbour whose
+			// VMA had merged with the range's may since have been unmapped
+			// and its addresses mapped again by what cannot be watched (a
+			// file, an io_uring ring). Read the VMAs again: only the same
+			// extent failing again is the range's own fault.
+			fresh, cerr := u.n.maps.check(start, end)
+			if cerr != nil {
+				return cerr
+			}
+			if fresh != vmas {
+				vmas = fresh
+				continue
+			}
+		}
 		switch {
 		case errors.Is(err, unix.EBUSY):
 			return fmt.Errorf("UFFDIO_REGISTER: range already registered with another userfaultfd: %w", err)
@@ -151,8 +169,12 @@ func (u *uffdSource) watch(start, end uintptr, vmas pageRange) error {
 		}
 		return fmt.Errorf("UFFDIO_REGISTER: %w", err)
 	}
-	return nil
 }
+
+// maxRewatch bounds how often watch reads the VMAs again after their
+// extent changed under it: each retry needs another unmap and map beside
+// the range by another thread.
+const maxRewatch = 8
 
 func (u *uffdSource) unwatch(pieces []pageRange) {
 	if u.dead != nil {
