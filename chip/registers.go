@@ -78,7 +78,7 @@ const (
 // RegRevision value of this model: major<<RevisionMajorShift | minor.
 const (
 	RevisionMajor = 1
-	RevisionMinor = 4 // 1: doorbell records (CapDBRec); 2: implicit ODP (CapImplicitODP); 3: QPDBRing (CapDBRing); 4: CQHeadAddr (CapCQHeadRec)
+	RevisionMinor = 5 // 1: doorbell records (CapDBRec); 2: implicit ODP (CapImplicitODP); 3: QPDBRing (CapDBRing); 4: CQHeadAddr (CapCQHeadRec); 5: context doorbell records (CapCtxtDBRec), RHQ head records (CapRHQHeadRec)
 
 	RevisionMajorShift = 16
 	RevisionMinorMask  = 1<<RevisionMajorShift - 1
@@ -98,7 +98,7 @@ const (
 
 	// CapKnown is every bit defined above; the driver refuses a device
 	// that reports any other.
-	CapKnown = CapMemMgtExtensions | CapODP | CapMSIX | CapLoopback | CapVerbs | CapDBRec | CapImplicitODP | CapNet | CapDBRing | CapCQHeadRec
+	CapKnown = CapMemMgtExtensions | CapODP | CapMSIX | CapLoopback | CapVerbs | CapDBRec | CapImplicitODP | CapNet | CapDBRing | CapCQHeadRec | CapCtxtDBRec | CapRHQHeadRec
 )
 
 // RegControl bits.
@@ -142,24 +142,60 @@ const (
 	CtxtBase   = 0x1000
 	CtxtStride = 0x100
 
-	CtxtControl    = 0x00 // RW: CtxtCtrl* bits
-	CtxtRHQBase    = 0x08 // RW: IOVA of the receive header queue (uapi.SizeofGohfiRHQEntry each)
-	CtxtRHQEntries = 0x10 // RW: number of entries, power of two
-	CtxtRHQHead    = 0x18 // RW: driver's consumer index
-	CtxtRHQTail    = 0x20 // RO: device's producer index
-	CtxtEagerBase  = 0x28 // RW: IOVA of the eager buffers, contiguous
-	CtxtEagerSize  = 0x30 // RW: bytes per eager buffer, power of two >= 4096
-	CtxtEagerCount = 0x38 // RW: number of eager buffers
-	CtxtSQBase     = 0x40 // RW: IOVA of the send queue (SendDescSize each)
-	CtxtSQEntries  = 0x48 // RW: number of entries, power of two
-	CtxtSQTail     = 0x50 // RW: doorbell: producer index written by the driver
-	CtxtSQHead     = 0x58 // RO: device's consumer index
-	CtxtSQHeadAddr = 0x60 // RW: IOVA where the device also writes SQHead (0 = none)
-	CtxtExpBase    = 0x68 // RO: first RcvArray entry of the context
-	CtxtExpCount   = 0x70 // RO: RcvArray entries of the context
-	CtxtStatus     = 0x78 // RO: CtxtStatus* bits
-	CtxtErrCnt     = 0x80 // RO: errors charged to this context
-	CtxtUrgentCnt  = 0x88 // RO: urgent packets delivered to this context (DescFlagUrgent), cleared at enable
+	CtxtControl     = 0x00 // RW: CtxtCtrl* bits
+	CtxtRHQBase     = 0x08 // RW: IOVA of the receive header queue (uapi.SizeofGohfiRHQEntry each)
+	CtxtRHQEntries  = 0x10 // RW: number of entries, power of two
+	CtxtRHQHead     = 0x18 // RW: driver's consumer index
+	CtxtRHQTail     = 0x20 // RO: device's producer index
+	CtxtEagerBase   = 0x28 // RW: IOVA of the eager buffers, contiguous
+	CtxtEagerSize   = 0x30 // RW: bytes per eager buffer, power of two >= 4096
+	CtxtEagerCount  = 0x38 // RW: number of eager buffers
+	CtxtSQBase      = 0x40 // RW: IOVA of the send queue (SendDescSize each)
+	CtxtSQEntries   = 0x48 // RW: number of entries, power of two
+	CtxtSQTail      = 0x50 // RW: doorbell: producer index written by the driver
+	CtxtSQHead      = 0x58 // RO: device's consumer index
+	CtxtSQHeadAddr  = 0x60 // RW: IOVA where the device also writes SQHead (0 = none)
+	CtxtExpBase     = 0x68 // RO: first RcvArray entry of the context
+	CtxtExpCount    = 0x70 // RO: RcvArray entries of the context
+	CtxtStatus      = 0x78 // RO: CtxtStatus* bits
+	CtxtErrCnt      = 0x80 // RO: errors charged to this context
+	CtxtUrgentCnt   = 0x88 // RO: urgent packets delivered to this context (DescFlagUrgent), cleared at enable
+	CtxtDBRecAddr   = 0x90 // RW (CapCtxtDBRec): IOVA of the send queue's doorbell record (0 = none), latched at enable
+	CtxtRHQHeadAddr = 0x98 // RW (CapRHQHeadRec): IOVA of the RHQ's consumer-index record (0 = none), latched at enable
+)
+
+// A context's doorbell record (CapCtxtDBRec) is a QP's (DBRecSize bytes,
+// DBRecAlign-aligned, chip/verbs.go) of which the context uses sq_tail,
+// its send queue's producer index as written to CtxtSQTail, and flags
+// (DBRecNotify); rq_tail is reserved. CtxtDBRecAddr is ring geometry:
+// written while the context is disabled, latched at enable (a record not
+// DBRecAlign-aligned fails the enable, as bad geometry does); the device
+// starts from index 0 at each enable. The protocol is the QPs': the engine
+// polls the record of every enabled context while it polls QP records,
+// sets DBRecNotify before it sleeps and reads the records once more, and
+// clears it when it wakes; the driver stores sq_tail after the descriptors
+// and writes CtxtSQTail only when it then reads DBRecNotify set. A write to
+// CtxtSQTail of a context with a record wakes the engine, which reads the
+// record: the value is checked (out of range: refused, counted in
+// CtxtErrCnt) but not taken. A record the device cannot read or write
+// halts the context (CtxtStatusHalted, ErrCntIOMMUFault), as a descriptor
+// it cannot read does.
+const CapCtxtDBRec = 1 << 10 // RegCapFlags: CtxtDBRecAddr
+
+// A context's RHQ consumer-index record (CapRHQHeadRec) is a little-endian
+// uint64 in host memory, RHQHeadRecAlign-aligned, where the driver stores
+// what it would write to CtxtRHQHead, as a CQ's record (CQHeadAddr) holds
+// the CQ's head. CtxtRHQHeadAddr is ring geometry: written while the
+// context is disabled, latched at enable (a record not aligned fails the
+// enable). The device reads the record only when a packet finds the RHQ
+// full by the head it holds, once per such packet; a value out of range is
+// refused and counted in CtxtErrCnt, and a record it cannot read counts an
+// IOMMU fault and CtxtErrCnt; either way the packet is dropped as at a
+// full RHQ (ErrCntRHQFull). Writes to CtxtRHQHead are still taken, and
+// CtxtRHQHead reads the head the device last took from either.
+const (
+	CapRHQHeadRec   = 1 << 11 // RegCapFlags: CtxtRHQHeadAddr
+	RHQHeadRecAlign = 8
 )
 
 // CtxtReg returns the BAR0 offset of per-context register reg of context n.

@@ -21,7 +21,7 @@ type ctxtData struct {
 	rhq    *ringMem // receive header queue
 	eager  *ringMem // eager buffers
 	sq     *ringMem // send queue
-	sqHead *ringMem // the device writes its SQ head here
+	sqHead *ringMem // the device writes its SQ head here; the send queue's doorbell record (ctxtDBRecOff) and the RHQ's head record (ctxtRHQHeadRecOff) follow
 	pio    *ringMem // send buffer the device reads payloads from
 	events *ringMem // event bits page, mapped read-only by user space
 
@@ -37,6 +37,14 @@ type ctxtData struct {
 	// interrupt handler (which reaps consumed SDMA descriptors) both reap.
 	sendMu sync.Mutex
 	sqTail uint64 // driver's producer index
+	// dbRec is the send queue's doorbell record in sqHead (nil: the
+	// device has no chip.CapCtxtDBRec; ring writes CtxtSQTail).
+	dbRec  []byte
+	dbHook func() // test hook: runs between a record store and the notify-flag load
+	// rhqHeadRec is the RHQ's consumer-index record in sqHead (false:
+	// the device has no chip.CapRHQHeadRec; RCVHDR_HEAD writes
+	// CtxtRHQHead).
+	rhqHeadRec bool
 	sqDone uint64 // consumer index last read from sqHead (pio.go's reap)
 	// The send buffer's ring (pio.go): byte positions since program.
 	pioHead, pioTail uint64
@@ -78,7 +86,7 @@ func (d *Device) setupCtxt(n int) (c *ctxtData, err error) {
 		{&c.rhq, "rhq", p.RcvHdrCnt * uapi.SizeofGohfiRHQEntry, vfio.DMAWrite},
 		{&c.eager, "eager", p.RcvHdrCnt * p.EagerBufferSize, vfio.DMAWrite},
 		{&c.sq, "sq", p.SendQueueEntries * chip.SendDescSize, vfio.DMARead},
-		{&c.sqHead, "sqhead", pageSize, vfio.DMAWrite},
+		{&c.sqHead, "sqhead", pageSize, vfio.DMARead | vfio.DMAWrite}, // DMARead: the doorbell record
 		{&c.pio, "pio", pioRingSize, vfio.DMARead},
 		{&c.events, "events", pageSize, 0},
 	}
@@ -94,6 +102,10 @@ func (d *Device) setupCtxt(n int) (c *ctxtData, err error) {
 			}
 		}
 	}
+	if d.info.CapFlags&chip.CapCtxtDBRec != 0 {
+		c.dbRec = c.sqHead.mem[ctxtDBRecOff : ctxtDBRecOff+chip.DBRecSize]
+	}
+	c.rhqHeadRec = d.info.CapFlags&chip.CapRHQHeadRec != 0
 	if err := c.program(); err != nil {
 		return nil, err
 	}
@@ -101,11 +113,35 @@ func (d *Device) setupCtxt(n int) (c *ctxtData, err error) {
 	return c, nil
 }
 
-// program writes the ring geometry and enables the context.
+// ctxtDBRecOff is where the send queue's doorbell record lies in the
+// sqHead page (the SQ head the device writes is its first 8 bytes).
+const ctxtDBRecOff = chip.DBRecAlign
+
+// ctxtRHQHeadRecOff is where the RHQ's consumer-index record lies in the
+// sqHead page, after the doorbell record.
+const ctxtRHQHeadRecOff = ctxtDBRecOff + chip.DBRecSize
+
+// program writes the ring geometry and enables the context. The doorbell
+// record, if any, is set up as the device expects it at enable (chip:
+// index 0, notify set, so the first doorbell also goes to the register)
+// while the context is disabled.
 func (c *ctxtData) program() error {
 	d, n, p := c.d, c.ctxt, c.d.m.params
+	if err := d.writeCtxtCSR(n, chip.CtxtControl, 0); err != nil {
+		return err
+	}
+	var recAddr uint64
+	if c.dbRec != nil {
+		store32(c.dbRec, chip.DBRecSQTail, 0)
+		store32(c.dbRec, chip.DBRecFlags, chip.DBRecNotify)
+		recAddr = c.sqHead.iova + ctxtDBRecOff
+	}
+	var headAddr uint64
+	if c.rhqHeadRec {
+		store64(c.sqHead.mem, ctxtRHQHeadRecOff, 0) // the device starts from head 0 at enable
+		headAddr = c.sqHead.iova + ctxtRHQHeadRecOff
+	}
 	regs := []struct{ reg, val uint64 }{
-		{chip.CtxtControl, 0},
 		{chip.CtxtRHQBase, c.rhq.iova},
 		{chip.CtxtRHQEntries, uint64(p.RcvHdrCnt)},
 		{chip.CtxtEagerBase, c.eager.iova},
@@ -114,6 +150,8 @@ func (c *ctxtData) program() error {
 		{chip.CtxtSQBase, c.sq.iova},
 		{chip.CtxtSQEntries, uint64(p.SendQueueEntries)},
 		{chip.CtxtSQHeadAddr, c.sqHead.iova},
+		{chip.CtxtDBRecAddr, recAddr},
+		{chip.CtxtRHQHeadAddr, headAddr},
 		{chip.CtxtControl, chip.CtxtCtrlEnable | chip.CtxtCtrlIntEnable},
 	}
 	for _, r := range regs {

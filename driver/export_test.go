@@ -36,6 +36,17 @@ func (d *Device) BAR4Word(off uint64) uint64 {
 	return load64(d.verbs.bar4, int(off))
 }
 
+// SetCtxtDBRecHook installs a function SEND of f's context calls between
+// storing the send queue's tail in the doorbell record and loading its
+// notify flag; it reports whether the context has a record.
+func SetCtxtDBRecHook(f *File, hook func()) bool {
+	c := f.uctxt
+	c.sendMu.Lock()
+	defer c.sendMu.Unlock()
+	c.dbHook = hook
+	return c.dbRec != nil
+}
+
 // SetDBRecHook installs a function POST_SEND and POST_RECV of QP handle qp
 // call between storing the producer index in the doorbell record and
 // loading its notify flag; it reports whether the QP has a record.

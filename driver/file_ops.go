@@ -332,10 +332,19 @@ func (f *File) setRcvHdrHead(head uint64) error {
 	if head >= uint64(f.d.m.params.RcvHdrCnt) {
 		return errnoErr("RCVHDR_HEAD out of range", unix.EINVAL)
 	}
+	c := f.uctxt
+	if c.rhqHeadRec {
+		// A store the device reads when it finds the queue full: no
+		// register access at all. Ordered before any later doorbell
+		// record store, so a SEND the device takes after it never finds
+		// the queue fuller than this head says.
+		store64(c.sqHead.mem, ctxtRHQHeadRecOff, head)
+		return nil
+	}
 	// A posted write, as hfi1's store to the mapped RcvHdrHead register:
 	// the device takes it before any later register access, and nothing
 	// here waits for it.
-	return f.d.writeCSRPosted(chip.CtxtReg(f.uctxt.ctxt, chip.CtxtRHQHead), head)
+	return f.d.writeCSRPosted(chip.CtxtReg(c.ctxt, chip.CtxtRHQHead), head)
 }
 
 // setEvent sets event bits in the context's event page and wakes pollers.
@@ -449,9 +458,16 @@ func (f *File) receiveReady(c *ctxtData) (bool, error) {
 		seen := f.urgent.Load()
 		return n != seen && f.urgent.CompareAndSwap(seen, n), nil
 	}
-	head, err := f.d.readCtxtCSR(c.ctxt, chip.CtxtRHQHead)
-	if err != nil {
-		return false, err
+	var head uint64
+	if c.rhqHeadRec {
+		// The device's CtxtRHQHead moves only when it finds the queue
+		// full; the record holds what was consumed.
+		head = load64(c.sqHead.mem, ctxtRHQHeadRecOff)
+	} else {
+		var err error
+		if head, err = f.d.readCtxtCSR(c.ctxt, chip.CtxtRHQHead); err != nil {
+			return false, err
+		}
 	}
 	tail, err := f.d.readCtxtCSR(c.ctxt, chip.CtxtRHQTail)
 	if err != nil {

@@ -194,12 +194,29 @@ func (c *ctxtData) postLocked(desc *chip.SendDesc, node *sdmaNode) {
 	c.sqTail = (slot + 1) % slots
 }
 
-// ring is the doorbell for the descriptors posted: a posted write, the
+// ring is the doorbell for the descriptors posted. With a doorbell record
+// (chip.CapCtxtDBRec) it stores the tail there and writes CtxtSQTail only
+// when the device asked to be notified (its engine sleeps): the store, then
+// the flag's load, both sequentially consistent atomics, so either this
+// load sees the flag or the device's read after setting it sees the tail
+// (the QPs' protocol, QP.ringLocked). The register write is posted: the
 // device takes it before any later register access, and nothing waits for
 // it.
 func (c *ctxtData) ring() error {
 	c.sendMu.Lock()
 	tail := c.sqTail
+	if c.dbRec != nil {
+		// Under sendMu: two SENDs never store their tails out of order.
+		store32(c.dbRec, chip.DBRecSQTail, uint32(tail))
+		if c.dbHook != nil {
+			c.dbHook()
+		}
+		if load32(c.dbRec, chip.DBRecFlags)&chip.DBRecNotify == 0 {
+			c.sendMu.Unlock()
+			c.d.trace(TraceDoorbellRecord, c.ctxt, uint64(c.ctxt), tail, 0)
+			return nil
+		}
+	}
 	c.sendMu.Unlock()
 	c.d.trace(TraceDoorbell, c.ctxt, uint64(c.ctxt), tail, 0)
 	return c.d.writeCSRPosted(chip.CtxtReg(c.ctxt, chip.CtxtSQTail), tail)

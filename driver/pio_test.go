@@ -1,11 +1,15 @@
 package driver_test
 
 import (
+	"bytes"
 	"hash/crc32"
 	"math/rand"
 	"runtime"
 	"testing"
+	"time"
 
+	"github.com/gohfi/gohfi/attach"
+	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/uapi"
 )
 
@@ -94,5 +98,101 @@ func TestPostedSendsNeverStall(t *testing.T) {
 	}
 	if e := rx.nextEntry(t); e.Type != uapi.GOHFI_RHF_ERROR || e.Err&uapi.GOHFI_RHF_ERR_TID == 0 {
 		t.Fatalf("first entry %+v, want a TID error", e)
+	}
+}
+
+// ctxtRecPair is sendPair on an embedded device whose engine polls
+// doorbell records for idle after its last work.
+func ctxtRecPair(t *testing.T, idle time.Duration) (a *attach.Attached, tx *driver.File, rx *rxCtxt, dst uint16) {
+	t.Helper()
+	requireRoot(t)
+	o := embeddedOptions(2)
+	o.Sim.DBPollIdle = idle
+	a = openEmbedded(t, o)
+	tx = openFile(t, a)
+	assign(t, tx)
+	rx = newRx(t, a)
+	return a, tx, rx, ctxtOf(t, rx.f)
+}
+
+// sendChecked sends 256 bytes of pattern i from src into page i%16 of the
+// TID's buffer b (SDMA or copied), and checks that its header entry and
+// data arrive.
+func sendChecked(t *testing.T, tx *driver.File, rx *rxCtxt, dst uint16, tid uint32, src, b []byte, i int, sdma bool) {
+	t.Helper()
+	data := src[:256]
+	for j := range data {
+		data[j] = byte(i + j)
+	}
+	s := uapi.GohfiSend{Opcode: uapi.GOHFI_SEND_EXPECTED, DstCtxt: dst, Length: uint32(len(data)),
+		Vaddr: uint64(uintptrOf(data)), TID: tid, TIDOffset: uint32(i%16) * 4096, Tag: uint64(i)}
+	if sdma {
+		s.Flags = uapi.GOHFI_SEND_FLAG_SDMA
+	}
+	if err := ioctl(tx, uapi.GOHFI_IOCTL_SEND, &s); err != nil {
+		t.Fatalf("SEND %d: %v", i, err)
+	}
+	if e := rx.nextEntry(t); e.Type != uapi.GOHFI_RHF_EXPECTED || e.Tag != uint64(i) {
+		t.Fatalf("send %d: entry %+v", i, e)
+	}
+	if got := b[(i%16)*4096:][:len(data)]; !bytes.Equal(got, data) {
+		t.Fatalf("send %d: data differs", i)
+	}
+}
+
+// TestCtxtDBRecSleepBetweenStoreAndFlag forces the device through its way
+// to sleep (set the notify flags, read the records again) exactly between
+// SEND's store of the send queue's tail in the context's doorbell record
+// and its load of the notify flag, on every send: no doorbell may be lost
+// (the device's second read finds the tail, or the driver sees the flag
+// and writes CtxtSQTail), and every packet lands.
+func TestCtxtDBRecSleepBetweenStoreAndFlag(t *testing.T) {
+	a, tx, rx, dst := ctxtRecPair(t, 0)
+	if !driver.SetCtxtDBRecHook(tx, a.Sim.Device.SleepNow) {
+		t.Fatal("the context has no doorbell record")
+	}
+	buf, src := allocBuf(t, 16*4096, true), allocBuf(t, 4096, true)
+	tids, _, err := tidUpdate(rx.f, buf.Addr(), 16*4096)
+	if err != nil || len(tids) != 1 {
+		t.Fatalf("TID_UPDATE: %v, %v", tids, err)
+	}
+	for i := range 200 {
+		sendChecked(t, tx, rx, dst, tids[0], src.Bytes(), buf.Bytes(), i, i%2 == 1)
+	}
+}
+
+// TestCtxtDBRecPolled: while the engine polls (here: for ever after its
+// first work) a SEND only stores its tail in the record; the first, with
+// the notify flag set at setup, also writes the register. The driver's
+// trace tells them apart.
+func TestCtxtDBRecPolled(t *testing.T) {
+	a, tx, rx, dst := ctxtRecPair(t, time.Hour)
+	sub := a.Module.Trace(4096)
+	defer sub.Stop()
+	buf, src := allocBuf(t, 16*4096, true), allocBuf(t, 4096, true)
+	tids, _, err := tidUpdate(rx.f, buf.Addr(), 16*4096)
+	if err != nil || len(tids) != 1 {
+		t.Fatalf("TID_UPDATE: %v, %v", tids, err)
+	}
+	const sends = 50
+	for i := range sends {
+		sendChecked(t, tx, rx, dst, tids[0], src.Bytes(), buf.Bytes(), i, i%2 == 0)
+	}
+	var reg, rec int
+	for reg+rec < sends {
+		select {
+		case ev := <-sub.Events():
+			switch ev.Kind {
+			case driver.TraceDoorbell:
+				reg++
+			case driver.TraceDoorbellRecord:
+				rec++
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%d register and %d record doorbells traced, want %d", reg, rec, sends)
+		}
+	}
+	if reg != 1 || rec != sends-1 {
+		t.Fatalf("%d register and %d record doorbells, want 1 and %d", reg, rec, sends-1)
 	}
 }

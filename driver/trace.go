@@ -26,7 +26,7 @@ const (
 	TraceFastRegInvalidate                      // LOCAL_INV or *_WITH_INV posted: C key
 	TraceDoorbell                               // a doorbell was rung: A QP or context, B producer index, C 0 send, 1 receive
 	TraceCompletion                             // a CQE was polled: A CQ index, B wr_id, C status
-	TraceDoorbellRecord                         // a producer index went to the QP's doorbell record only (the device polls it): A QP, B index, C 0 send, 1 receive
+	TraceDoorbellRecord                         // a producer index went to the doorbell record of a QP or context only (the device polls it): A QP or context, B index, C 0 send, 1 receive
 	TracePostSend                               // POST_SEND began: A QP, B the first WR's wr_id, C WRs asked for
 	TraceInterrupt                              // the interrupt handler took sources: A the source bits
 	// The device's own events (Device.TraceDevice; only a device model in

@@ -83,7 +83,7 @@ func (d *Device) readRegLocked(reg uint64) uint64 {
 	case chip.RegMTTEntries:
 		return uint64(c.MTTEntries)
 	case chip.RegCapFlags:
-		caps := uint64(chip.CapMSIX | chip.CapLoopback | chip.CapVerbs | chip.CapODP | chip.CapMemMgtExtensions | chip.CapDBRec | chip.CapImplicitODP | chip.CapDBRing | chip.CapCQHeadRec)
+		caps := uint64(chip.CapMSIX | chip.CapLoopback | chip.CapVerbs | chip.CapODP | chip.CapMemMgtExtensions | chip.CapDBRec | chip.CapImplicitODP | chip.CapDBRing | chip.CapCQHeadRec | chip.CapCtxtDBRec | chip.CapRHQHeadRec)
 		if d.net != nil {
 			caps |= chip.CapNet
 		}

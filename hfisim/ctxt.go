@@ -14,6 +14,18 @@ type ctxtState struct {
 	errCnt                         uint64
 	urgent                         uint64 // urgent packets delivered
 	seq                            uint32 // sequence number of the last RHQ entry written
+
+	// The send queue's doorbell record (chip.CtxtDBRecAddr, dbrec.go):
+	// dbAddr as written, latched at enable; recSQ the index last read
+	// from it; recAwake whether the engine cleared its notify flag since
+	// it last set it; epoch counts enables and disables, so an index read
+	// across one is dropped.
+	dbAddr, recSQ, epoch uint64
+	recAwake             bool
+
+	// rhqHeadAddr is the RHQ's consumer-index record (chip.CtxtRHQHeadAddr),
+	// read when a packet finds the RHQ full.
+	rhqHeadAddr uint64
 }
 
 func (c *ctxtState) enabled() bool { return c.status&chip.CtxtStatusEnabled != 0 }
@@ -38,6 +50,10 @@ func (c *ctxtState) geometry(r uint64) *uint64 {
 		return &c.sqEntries
 	case chip.CtxtSQHeadAddr:
 		return &c.sqHeadAddr
+	case chip.CtxtDBRecAddr:
+		return &c.dbAddr
+	case chip.CtxtRHQHeadAddr:
+		return &c.rhqHeadAddr
 	}
 	return nil
 }
@@ -89,8 +105,12 @@ func (c *ctxtState) write(r, v uint64, cfg Config) (kick bool) {
 	case chip.CtxtControl:
 		c.control = v & (chip.CtxtCtrlEnable | chip.CtxtCtrlIntEnable | chip.CtxtCtrlTIDFlowDisable)
 		if v&chip.CtxtCtrlEnable == 0 {
+			if c.status&(chip.CtxtStatusEnabled|chip.CtxtStatusHalted) != 0 {
+				c.epoch++
+			}
 			c.status &^= chip.CtxtStatusEnabled | chip.CtxtStatusHalted
 			c.rhqHead, c.rhqTail, c.sqHead, c.sqTail, c.seq, c.urgent = 0, 0, 0, 0, 0, 0
+			c.recSQ, c.recAwake = 0, false
 			return false
 		}
 		if c.enabled() {
@@ -102,11 +122,23 @@ func (c *ctxtState) write(r, v uint64, cfg Config) (kick bool) {
 			return false
 		}
 		c.status = chip.CtxtStatusEnabled
+		c.epoch++
+		c.recSQ, c.recAwake = 0, false
 		return true
 	case chip.CtxtRHQHead:
 		// Space in the RHQ may unblock nothing now, but a kick is cheap.
 		return c.setIndex(&c.rhqHead, v, c.rhqEntries)
 	case chip.CtxtSQTail:
+		if c.dbAddr != 0 {
+			// The index is in the record: checked, not taken (a
+			// posted write that arrives late never moves the tail
+			// back); the engine wakes and reads the record.
+			if v >= c.sqEntries {
+				c.errCnt++
+				return false
+			}
+			return c.enabled()
+		}
 		return c.setIndex(&c.sqTail, v, c.sqEntries) && c.enabled()
 	}
 	return false
@@ -129,6 +161,9 @@ func (c *ctxtState) geometryOK(cfg Config) bool {
 		return false
 	}
 	if c.sqEntries != 0 && (!isPow2(c.sqEntries) || c.sqEntries > 1<<16 || c.sqBase%64 != 0) {
+		return false
+	}
+	if c.dbAddr%chip.DBRecAlign != 0 || c.rhqHeadAddr%chip.RHQHeadRecAlign != 0 {
 		return false
 	}
 	if c.eagerCnt != 0 && (!isPow2(c.eagerSize) || c.eagerSize < 4096 || c.eagerSize > 1<<21 ||

@@ -36,10 +36,12 @@ func (d *Device) consumersPoll() bool {
 }
 
 // dbRecRef is one doorbell record as the engine found it at the start of a
-// pass: which QP, where, and the QP's epoch (RESET and ERR change it, and
-// an index read across such a change is dropped).
+// pass: which QP or context, where, and its epoch (a QP's RESET and ERR, a
+// context's enable and disable change it, and an index read across such a
+// change is dropped).
 type dbRecRef struct {
 	n            int
+	ctxt         bool // n is a context (chip.CtxtDBRecAddr), not a QP
 	addr         uint64
 	epoch        uint64
 	awake        bool
@@ -98,7 +100,8 @@ func (d *Device) dbQPsChangedLocked() {
 }
 
 // snapshotRecords lists in d.dbPoll the doorbell records of the QPs not in
-// RESET (the engine's own slice: only the engine calls this).
+// RESET and of the enabled contexts (the engine's own slice: only the
+// engine calls this).
 func (d *Device) snapshotRecords() (vfiouser.DMA, uint64) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -108,7 +111,37 @@ func (d *Device) snapshotRecords() (vfiouser.DMA, uint64) {
 			d.dbPoll = append(d.dbPoll, dbRecRef{n: n, addr: q.dbAddr, epoch: q.epoch, awake: q.recAwake, recSQ: q.recSQ, recRQ: q.recRQ})
 		}
 	}
+	for n := range d.ctxts {
+		if c := &d.ctxts[n]; c.dbAddr != 0 && c.enabled() {
+			d.dbPoll = append(d.dbPoll, dbRecRef{n: n, ctxt: true, addr: c.dbAddr, epoch: c.epoch, awake: c.recAwake, recSQ: c.recSQ})
+		}
+	}
 	return d.dma, d.gen
+}
+
+// recordLocked reports whether r still names the record of its QP or
+// context as the snapshot found it (same device generation, epoch and
+// address).
+func (d *Device) recordLocked(gen uint64, r dbRecRef) bool {
+	if d.gen != gen {
+		return false
+	}
+	if r.ctxt {
+		c := &d.ctxts[r.n]
+		return c.epoch == r.epoch && c.dbAddr == r.addr && c.enabled()
+	}
+	q := &d.qps[r.n]
+	return q.epoch == r.epoch && q.dbAddr == r.addr
+}
+
+// setAwakeLocked notes whether the engine cleared r's notify flag since it
+// last set it.
+func (d *Device) setAwakeLocked(r dbRecRef, awake bool) {
+	if r.ctxt {
+		d.ctxts[r.n].recAwake = awake
+	} else {
+		d.qps[r.n].recAwake = awake
+	}
 }
 
 // pollRecords reads every doorbell record and takes the indices that
@@ -128,17 +161,23 @@ func (d *Device) pollRecords(wake bool) bool {
 				continue
 			}
 			d.mu.Lock()
-			if q := &d.qps[r.n]; d.gen == gen && q.epoch == r.epoch && q.dbAddr == r.addr {
-				q.recAwake = true
+			if d.recordLocked(gen, r) {
+				d.setAwakeLocked(r, true)
 			}
 			d.mu.Unlock()
 		}
 		b := d.dbBuf[:]
+		if r.ctxt {
+			b = b[:4] // sq_tail alone: rq_tail is reserved
+		}
 		if err := dma.Read(r.addr+chip.DBRecSQTail, b); err != nil {
 			d.dbRecFault(gen, r, err)
 			continue
 		}
-		sq, rq := uint64(binary.LittleEndian.Uint32(b[0:])), uint64(binary.LittleEndian.Uint32(b[4:]))
+		sq, rq := uint64(binary.LittleEndian.Uint32(b[0:])), r.recRQ
+		if !r.ctxt {
+			rq = uint64(binary.LittleEndian.Uint32(b[4:]))
+		}
 		if sq == r.recSQ && rq == r.recRQ {
 			// Nothing new since the pass began: no lock. Only the engine
 			// takes records, and a RESET or a new address meanwhile
@@ -157,6 +196,20 @@ func (d *Device) pollRecords(wake bool) bool {
 func (d *Device) takeRecord(gen uint64, r dbRecRef, sq, rq uint64) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if r.ctxt {
+		c := &d.ctxts[r.n]
+		if !d.recordLocked(gen, r) || sq == c.recSQ {
+			return false
+		}
+		c.recSQ = sq
+		if sq >= c.sqEntries {
+			c.errCnt++ // as a register write out of range
+			return false
+		}
+		moved := sq != c.sqTail
+		c.sqTail = sq
+		return moved
+	}
 	q := &d.qps[r.n]
 	if d.gen != gen || q.epoch != r.epoch || q.dbAddr != r.addr || q.state == stateReset {
 		return false // read across a RESET, ERR or a new address: read again next pass
@@ -193,6 +246,18 @@ func (d *Device) dbRecFault(gen uint64, r dbRecRef, err error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.countDMAErrLocked(err)
+	if r.ctxt {
+		// A context's record: the context halts, as with a descriptor
+		// it cannot read.
+		if d.recordLocked(gen, r) {
+			c := &d.ctxts[r.n]
+			c.status |= chip.CtxtStatusHalted
+			c.status &^= chip.CtxtStatusEnabled
+			c.errCnt++
+			d.raiseLocked(chip.IntSrcError)
+		}
+		return
+	}
 	if q := &d.qps[r.n]; d.gen == gen && q.dbAddr == r.addr {
 		d.errs.verbs++
 		q.dbAddr = 0
@@ -214,8 +279,8 @@ func (d *Device) notifyRecords() bool {
 	}
 	for _, r := range d.dbPoll {
 		d.mu.Lock()
-		if q := &d.qps[r.n]; d.gen == gen && q.epoch == r.epoch {
-			q.recAwake = false
+		if d.recordLocked(gen, r) {
+			d.setAwakeLocked(r, false)
 		}
 		d.mu.Unlock()
 		if err := write32(dma, r.addr+chip.DBRecFlags, chip.DBRecNotify); err != nil {

@@ -27,10 +27,10 @@ const maxPacket = 1 << 21
 //
 // Each pass gives every context's send queue and every QP a turn (the verbs
 // engine: req.go, resp.go); the engine sleeps when a pass finds no work it
-// can do, until the next doorbell or register write. While QPs have
-// doorbell records (dbrec.go) it keeps polling them for DBPollIdle after
-// its last work (or less: pollWindow), then sets their notify flags, reads
-// them once more, and sleeps only if that found nothing.
+// can do, until the next doorbell or register write. While QPs or contexts
+// have doorbell records (dbrec.go) it keeps polling them for DBPollIdle
+// after its last work (or less: pollWindow), then sets their notify flags,
+// reads them once more, and sleeps only if that found nothing.
 func (d *Device) engine() {
 	defer d.wg.Done()
 	buf := make([]byte, maxPacket)
@@ -49,9 +49,10 @@ func (d *Device) engine() {
 			close(ack) // asleep already
 			continue
 		}
-		// last is the end of the last verbs work: the engine polls the
-		// records only after some (a wake-up for anything else, an MR's
-		// TLB flush or a CQ arm, goes back to sleep at once).
+		// last is the end of the last work, verbs or a context's send
+		// queue: the engine polls the records only after some (a wake-up
+		// for anything else, an MR's TLB flush or a CQ arm, goes back to
+		// sleep at once).
 		var last time.Time
 		d.armed.Store(false)
 		for {
@@ -65,7 +66,7 @@ func (d *Device) engine() {
 				return
 			default:
 			}
-			if verbs {
+			if verbs || busy {
 				last = time.Now()
 				if kicked {
 					pw.woken(last, d.dbPollIdle())
@@ -433,19 +434,45 @@ func (d *Device) tidErr(ctxt int) (uint64, bool) {
 }
 
 // postRHQ writes a header queue entry to context dst and raises its
-// interrupt. A full queue drops the packet and counts it.
+// interrupt. A queue full by the head the device holds reads the context's
+// consumer-index record (chip.CtxtRHQHeadAddr), if it has one, once; a
+// queue still full drops the packet and counts it.
 func (d *Device) postRHQ(dma vfiouser.DMA, gen uint64, dst int, ent *uapi.GohfiRHQEntry, urgent bool) {
 	d.mu.Lock()
 	c := &d.ctxts[dst]
-	if d.gen != gen || !c.enabled() {
+	for recRead := false; ; recRead = true {
+		if d.gen != gen || !c.enabled() {
+			d.mu.Unlock()
+			return
+		}
+		if (c.rhqTail+1)%c.rhqEntries != c.rhqHead {
+			break
+		}
+		if c.rhqHeadAddr == 0 || recRead {
+			d.errs.rhqFull++
+			c.errCnt++
+			d.mu.Unlock()
+			return
+		}
+		// Read outside the lock, as the entry is written; taken only if
+		// the context was not disabled or enabled meanwhile.
+		addr, epoch := c.rhqHeadAddr, c.epoch
 		d.mu.Unlock()
-		return
-	}
-	if (c.rhqTail+1)%c.rhqEntries == c.rhqHead {
-		d.errs.rhqFull++
-		c.errCnt++
-		d.mu.Unlock()
-		return
+		var b [8]byte
+		err := dma.Read(addr, b[:])
+		d.mu.Lock()
+		if d.gen != gen || c.epoch != epoch {
+			continue
+		}
+		switch v := binary.LittleEndian.Uint64(b[:]); {
+		case err != nil:
+			d.countDMAErrLocked(err)
+			c.errCnt++
+		case v >= c.rhqEntries:
+			c.errCnt++
+		default:
+			c.rhqHead = v
+		}
 	}
 	slot := c.rhqTail
 	addr := c.rhqBase + slot*uapi.SizeofGohfiRHQEntry

@@ -14,8 +14,8 @@ func TestVerbsRegistersAndCaps(t *testing.T) {
 	h := newVerbs(t)
 	d := h.d
 	caps := rd(t, d, chip.RegCapFlags)
-	if caps != chip.CapMSIX|chip.CapLoopback|chip.CapVerbs|chip.CapODP|chip.CapMemMgtExtensions|chip.CapDBRec|chip.CapImplicitODP|chip.CapDBRing|chip.CapCQHeadRec {
-		t.Fatalf("CapFlags %#x: want MSI-X, loopback, verbs, ODP and fast registration, doorbell records, implicit ODP, the ring register, CQ head records", caps)
+	if caps != chip.CapMSIX|chip.CapLoopback|chip.CapVerbs|chip.CapODP|chip.CapMemMgtExtensions|chip.CapDBRec|chip.CapImplicitODP|chip.CapDBRing|chip.CapCQHeadRec|chip.CapCtxtDBRec|chip.CapRHQHeadRec {
+		t.Fatalf("CapFlags %#x: want MSI-X, loopback, verbs, ODP and fast registration, doorbell records, implicit ODP, the ring register, CQ head records, context doorbell records", caps)
 	}
 	for _, r := range []struct {
 		reg  uint64

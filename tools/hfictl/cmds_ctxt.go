@@ -41,7 +41,7 @@ var eventNames = map[uint64]string{
 
 var hwCapNames = map[uint64]string{
 	chip.CapMemMgtExtensions: "MEM_MGT_EXTENSIONS", chip.CapODP: "ODP", chip.CapMSIX: "MSIX", chip.CapLoopback: "LOOPBACK",
-	chip.CapVerbs: "VERBS", chip.CapDBRec: "DBREC", chip.CapImplicitODP: "IMPLICIT_ODP", chip.CapNet: "NET", chip.CapDBRing: "DBRING", chip.CapCQHeadRec: "CQHEADREC",
+	chip.CapVerbs: "VERBS", chip.CapDBRec: "DBREC", chip.CapImplicitODP: "IMPLICIT_ODP", chip.CapNet: "NET", chip.CapDBRing: "DBRING", chip.CapCQHeadRec: "CQHEADREC", chip.CapCtxtDBRec: "CTXTDBREC", chip.CapRHQHeadRec: "RHQHEADREC",
 }
 
 var pollNames = map[uint64]string{
