@@ -193,9 +193,21 @@ const CapCtxtDBRec = 1 << 10 // RegCapFlags: CtxtDBRecAddr
 // IOMMU fault and CtxtErrCnt; either way the packet is dropped as at a
 // full RHQ (ErrCntRHQFull). Writes to CtxtRHQHead are still taken, and
 // CtxtRHQHead reads the head the device last took from either.
+//
+// The record's second word (RHQArmOff) arms the receive interrupt when
+// CtxtControl has CtxtCtrlIntArm with CtxtCtrlIntEnable: after each entry
+// the device updates CtxtRHQTail, then (a full barrier) reads the arm word,
+// and raises the interrupt only if the word differs from the value it last
+// raised for, which it then remembers (0 at enable). The driver arms by
+// storing a new value (incrementing the word) and then looks at the queue
+// again before it sleeps: either that look sees the entry or the device's
+// read sees the new value. The device never writes the word. Without a
+// record, CtxtCtrlIntArm is ignored: every entry raises.
 const (
-	CapRHQHeadRec   = 1 << 11 // RegCapFlags: CtxtRHQHeadAddr
+	CapRHQHeadRec   = 1 << 11 // RegCapFlags: CtxtRHQHeadAddr, CtxtCtrlIntArm
 	RHQHeadRecAlign = 8
+	RHQArmOff       = 8  // offset of the arm word in the record
+	RHQHeadRecSize  = 16 // the consumer index, then the arm word
 )
 
 // CtxtReg returns the BAR0 offset of per-context register reg of context n.
@@ -206,6 +218,7 @@ const (
 	CtxtCtrlEnable         = 1 << 0 // context receives and sends
 	CtxtCtrlIntEnable      = 1 << 1 // raise the context's interrupt on new RHQ entries
 	CtxtCtrlTIDFlowDisable = 1 << 2
+	CtxtCtrlIntArm         = 1 << 3 // CapRHQHeadRec: the receive interrupt only when the RHQ record's arm word changed
 )
 
 // CtxtStatus bits.

@@ -43,9 +43,10 @@ type ctxtData struct {
 	dbHook func() // test hook: runs between a record store and the notify-flag load
 	// rhqHeadRec is the RHQ's consumer-index record in sqHead (false:
 	// the device has no chip.CapRHQHeadRec; RCVHDR_HEAD writes
-	// CtxtRHQHead).
+	// CtxtRHQHead), with the arm word of the receive interrupt, which
+	// Poll moves before it sleeps.
 	rhqHeadRec bool
-	sqDone uint64 // consumer index last read from sqHead (pio.go's reap)
+	sqDone     uint64 // consumer index last read from sqHead (pio.go's reap)
 	// The send buffer's ring (pio.go): byte positions since program.
 	pioHead, pioTail uint64
 	pioEnd           []uint64 // per send queue slot: where its payload ends
@@ -121,6 +122,39 @@ const ctxtDBRecOff = chip.DBRecAlign
 // sqHead page, after the doorbell record.
 const ctxtRHQHeadRecOff = ctxtDBRecOff + chip.DBRecSize
 
+// rcvControl is CtxtControl for an enabled context, with the receive
+// interrupt on (intr) or off (RECV_CTRL). With an RHQ record the interrupt
+// is armed through it (chip.CtxtCtrlIntArm): entries nobody waits for raise
+// nothing.
+func (c *ctxtData) rcvControl(intr bool) uint64 {
+	v := uint64(chip.CtxtCtrlEnable)
+	if intr {
+		v |= chip.CtxtCtrlIntEnable
+		if c.rhqHeadRec {
+			v |= chip.CtxtCtrlIntArm
+		}
+	}
+	return v
+}
+
+// armRcv moves the RHQ record's arm word: the device raises the receive
+// interrupt for its next entry. The caller looks at the queue after it.
+func (c *ctxtData) armRcv() {
+	if c.rhqHeadRec {
+		add64(c.sqHead.mem, ctxtRHQHeadRecOff+chip.RHQArmOff, 1)
+	}
+}
+
+// armWord is the arm word for the trace (0 without a record).
+func (c *ctxtData) armWord() uint64 {
+	c.rmu.RLock()
+	defer c.rmu.RUnlock()
+	if !c.rhqHeadRec || c.gone != 0 {
+		return 0
+	}
+	return load64(c.sqHead.mem, ctxtRHQHeadRecOff+chip.RHQArmOff)
+}
+
 // program writes the ring geometry and enables the context. The doorbell
 // record, if any, is set up as the device expects it at enable (chip:
 // index 0, notify set, so the first doorbell also goes to the register)
@@ -138,7 +172,10 @@ func (c *ctxtData) program() error {
 	}
 	var headAddr uint64
 	if c.rhqHeadRec {
-		store64(c.sqHead.mem, ctxtRHQHeadRecOff, 0) // the device starts from head 0 at enable
+		// The device starts from head 0 at enable, and raises for the
+		// first arm word other than 0.
+		store64(c.sqHead.mem, ctxtRHQHeadRecOff, 0)
+		store64(c.sqHead.mem, ctxtRHQHeadRecOff+chip.RHQArmOff, 0)
 		headAddr = c.sqHead.iova + ctxtRHQHeadRecOff
 	}
 	regs := []struct{ reg, val uint64 }{
@@ -152,7 +189,7 @@ func (c *ctxtData) program() error {
 		{chip.CtxtSQHeadAddr, c.sqHead.iova},
 		{chip.CtxtDBRecAddr, recAddr},
 		{chip.CtxtRHQHeadAddr, headAddr},
-		{chip.CtxtControl, chip.CtxtCtrlEnable | chip.CtxtCtrlIntEnable},
+		{chip.CtxtControl, c.rcvControl(true)},
 	}
 	for _, r := range regs {
 		if err := d.writeCtxtCSR(n, r.reg, r.val); err != nil {

@@ -319,13 +319,9 @@ func (f *File) ctxtReset() error {
 
 func (f *File) recvCtrl(enable bool) error {
 	c := f.uctxt
-	v := uint64(chip.CtxtCtrlEnable)
-	if enable {
-		v |= chip.CtxtCtrlIntEnable
-	}
 	// The context keeps running (sends, TIDs); only interrupts on receive
 	// are switched, as hfi1 switches RcvCtrl's interrupt enable.
-	return f.d.writeCtxtCSR(c.ctxt, chip.CtxtControl, v)
+	return f.d.writeCtxtCSR(c.ctxt, chip.CtxtControl, c.rcvControl(enable))
 }
 
 func (f *File) setRcvHdrHead(head uint64) error {
@@ -396,15 +392,19 @@ func (f *File) Poll(ctx context.Context) (uint32, error) {
 	}
 	for {
 		wait := c.wq.wait()
-		ev, err := f.pollOnce(c, pd)
-		if err == nil && ev == 0 && pd != nil {
-			// Arm the CQs before sleeping and look again: a completion
-			// written before the arm is seen here, one after it raises
-			// the context's interrupt, which ends the wait.
-			ev, err = pd.pollCQs(true)
+		ev, err := f.pollOnce(c, pd, false)
+		if err == nil && ev == 0 {
+			// Arm the header queue and the CQs before sleeping and look
+			// again: an entry or completion written before the arm is
+			// seen here, one after it raises the context's interrupt,
+			// which ends the wait.
+			ev, err = f.pollOnce(c, pd, true)
 		}
 		if err != nil || ev != 0 {
 			return ev, err
+		}
+		if f.d.tracing() {
+			f.d.trace(TracePollSleep, c.ctxt, c.armWord(), 0, 0)
 		}
 		select {
 		case <-wait:
@@ -415,8 +415,9 @@ func (f *File) Poll(ctx context.Context) (uint32, error) {
 	}
 }
 
-// pollOnce reads the context's state for Poll, holding its rings in place.
-func (f *File) pollOnce(c *ctxtData, pd *PD) (uint32, error) {
+// pollOnce reads the context's state for Poll, holding its rings in place;
+// with arm it first arms the interrupts of the header queue and the CQs.
+func (f *File) pollOnce(c *ctxtData, pd *PD, arm bool) (uint32, error) {
 	c.rmu.RLock()
 	defer c.rmu.RUnlock()
 	if c.gone != 0 {
@@ -424,6 +425,9 @@ func (f *File) pollOnce(c *ctxtData, pd *PD) (uint32, error) {
 	}
 	if f.d.dead.Load() {
 		return POLLERR, fmt.Errorf("gohfi: poll: %w", f.d.errGone())
+	}
+	if arm {
+		c.armRcv()
 	}
 	var ev uint32
 	if c.eventBits() != 0 {
@@ -437,7 +441,7 @@ func (f *File) pollOnce(c *ctxtData, pd *PD) (uint32, error) {
 		ev |= POLLIN | POLLRDNORM
 	}
 	if pd != nil && ev&POLLIN == 0 {
-		cev, err := pd.pollCQs(false)
+		cev, err := pd.pollCQs(arm)
 		if err != nil {
 			return POLLERR, err
 		}

@@ -58,6 +58,10 @@ func store64(b []byte, off int, v uint64) {
 	atomic.StoreUint64((*uint64)(unsafe.Pointer(&b[off])), v)
 }
 
+func add64(b []byte, off int, v uint64) uint64 {
+	return atomic.AddUint64((*uint64)(unsafe.Pointer(&b[off])), v)
+}
+
 // load32 and store32 access the 4-byte words of a doorbell record whole
 // (sequentially consistent: a store followed by a load of another word is
 // the full barrier the doorbell-record protocol needs).

@@ -29,6 +29,7 @@ const (
 	TraceDoorbellRecord                         // a producer index went to the doorbell record of a QP or context only (the device polls it): A QP or context, B index, C 0 send, 1 receive
 	TracePostSend                               // POST_SEND began: A QP, B the first WR's wr_id, C WRs asked for
 	TraceInterrupt                              // the interrupt handler took sources: A the source bits
+	TracePollSleep                              // Poll found nothing, armed the receive interrupt and the CQs, and sleeps: A the RHQ record's arm word (0: no record; every entry raises)
 	// The device's own events (Device.TraceDevice; only a device model in
 	// this process reports them: attach wires the embedded one).
 	TraceDevDoorbell  // the device took a new send queue tail: A QP, B tail, C 0 register, 1 doorbell record
@@ -42,7 +43,7 @@ const (
 var traceNames = [traceKinds]string{"?", "tid_register", "tid_unregister", "tid_invalidate", "tid_busy",
 	"notifier_event", "odp_fault", "odp_resume", "inval_begin", "tlb_flush", "fastreg_bind",
 	"fastreg_invalidate", "doorbell", "completion", "doorbell_record", "post_send", "interrupt",
-	"dev_doorbell", "dev_fetch", "dev_exec", "dev_cqe", "dev_interrupt"}
+	"poll_sleep", "dev_doorbell", "dev_fetch", "dev_exec", "dev_cqe", "dev_interrupt"}
 
 func (k TraceKind) String() string {
 	if k < traceKinds {

@@ -24,8 +24,9 @@ type ctxtState struct {
 	recAwake             bool
 
 	// rhqHeadAddr is the RHQ's consumer-index record (chip.CtxtRHQHeadAddr),
-	// read when a packet finds the RHQ full.
-	rhqHeadAddr uint64
+	// read when a packet finds the RHQ full; armSeen the value of its arm
+	// word the device last raised the receive interrupt for.
+	rhqHeadAddr, armSeen uint64
 }
 
 func (c *ctxtState) enabled() bool { return c.status&chip.CtxtStatusEnabled != 0 }
@@ -103,7 +104,7 @@ func (c *ctxtState) write(r, v uint64, cfg Config) (kick bool) {
 	}
 	switch r {
 	case chip.CtxtControl:
-		c.control = v & (chip.CtxtCtrlEnable | chip.CtxtCtrlIntEnable | chip.CtxtCtrlTIDFlowDisable)
+		c.control = v & (chip.CtxtCtrlEnable | chip.CtxtCtrlIntEnable | chip.CtxtCtrlTIDFlowDisable | chip.CtxtCtrlIntArm)
 		if v&chip.CtxtCtrlEnable == 0 {
 			if c.status&(chip.CtxtStatusEnabled|chip.CtxtStatusHalted) != 0 {
 				c.epoch++
@@ -123,7 +124,7 @@ func (c *ctxtState) write(r, v uint64, cfg Config) (kick bool) {
 		}
 		c.status = chip.CtxtStatusEnabled
 		c.epoch++
-		c.recSQ, c.recAwake = 0, false
+		c.recSQ, c.recAwake, c.armSeen = 0, false, 0
 		return true
 	case chip.CtxtRHQHead:
 		// Space in the RHQ may unblock nothing now, but a kick is cheap.

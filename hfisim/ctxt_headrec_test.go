@@ -6,6 +6,7 @@ import (
 
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/uapi"
+	"golang.org/x/sys/unix"
 )
 
 // TestRHQHeadRecord plays a driver that stores its RHQ consumer index in a
@@ -104,5 +105,83 @@ func TestRHQHeadRecord(t *testing.T) {
 	send()
 	if e := rhqEntry(recv, 4); e.Tag != tag || full() != 3 {
 		t.Fatalf("entry 4 %+v (want tag %d), RHQ-full %d after the record came back", e, tag, full())
+	}
+}
+
+// TestRHQArm: with CtxtCtrlIntArm and a record, an entry raises the receive
+// interrupt only when the record's arm word changed since the device last
+// raised; an unreadable arm word raises anyway; without a record the bit is
+// ignored and every entry raises.
+func TestRHQArm(t *testing.T) {
+	d, dma := newTestDevice(t)
+	dma.wins[0x7000000] = make([]byte, 4096)
+	sender := setupCtxt(t, d, dma, 0)
+	recv := setupCtxt(t, d, dma, 1)
+	recAddr := uint64(2*ctxtSpan + recIOVA)
+	rec := make([]byte, chip.RHQHeadRecSize)
+	dma.mu.Lock()
+	dma.wins[recAddr] = rec
+	dma.mu.Unlock()
+	wr(t, d, chip.CtxtReg(1, chip.CtxtControl), 0)
+	wr(t, d, chip.CtxtReg(1, chip.CtxtRHQHeadAddr), recAddr)
+	wr(t, d, chip.CtxtReg(1, chip.CtxtControl), chip.CtxtCtrlEnable|chip.CtxtCtrlIntEnable|chip.CtxtCtrlIntArm)
+	if rd(t, d, chip.CtxtReg(1, chip.CtxtStatus))&chip.CtxtStatusEnabled == 0 {
+		t.Fatal("context did not enable")
+	}
+	tag := uint64(0)
+	// send delivers one packet (post waits for the sender's completion,
+	// which comes after the delivery) and reports whether the receiver's
+	// interrupt was raised for it.
+	send := func() bool {
+		t.Helper()
+		tag++
+		post(t, d, sender, 0, chip.SendDesc{Opcode: chip.OpEager, DstCtxt: 1, Length: 64, SrcIOVA: 0x7000000, Tag: tag})
+		var b [8]byte
+		if err := unix.SetNonblock(recv.irq, true); err != nil {
+			t.Fatal(err)
+		}
+		_, err := unix.Read(recv.irq, b[:])
+		return err == nil
+	}
+	arm := func(v uint64) {
+		dma.mu.Lock()
+		binary.LittleEndian.PutUint64(rec[chip.RHQArmOff:], v)
+		dma.mu.Unlock()
+	}
+	for i := range 3 {
+		if send() {
+			t.Fatalf("packet %d raised with the arm word at 0", i)
+		}
+	}
+	arm(1)
+	if !send() {
+		t.Fatal("no interrupt after the arm word moved")
+	}
+	if send() {
+		t.Fatal("a second interrupt for one arm")
+	}
+	arm(2)
+	if !send() {
+		t.Fatal("no interrupt after the arm word moved again")
+	}
+	// Unreadable: raised, and counted.
+	faults := rd(t, d, chip.RegErrCntIOMMUFault)
+	dma.mu.Lock()
+	delete(dma.wins, recAddr)
+	dma.mu.Unlock()
+	if !send() {
+		t.Fatal("no interrupt when the arm word could not be read")
+	}
+	if got := rd(t, d, chip.RegErrCntIOMMUFault); got != faults+1 {
+		t.Fatalf("IOMMU faults %d, want %d", got, faults+1)
+	}
+	// Without a record the bit is ignored: every entry raises.
+	wr(t, d, chip.CtxtReg(1, chip.CtxtControl), 0)
+	wr(t, d, chip.CtxtReg(1, chip.CtxtRHQHeadAddr), 0)
+	wr(t, d, chip.CtxtReg(1, chip.CtxtControl), chip.CtxtCtrlEnable|chip.CtxtCtrlIntEnable|chip.CtxtCtrlIntArm)
+	for i := range 3 {
+		if !send() {
+			t.Fatalf("packet %d without a record raised nothing", i)
+		}
 	}
 }

@@ -494,7 +494,6 @@ func (d *Device) postRHQ(dma vfiouser.DMA, gen uint64, dst int, ent *uapi.GohfiR
 	}
 
 	d.mu.Lock()
-	defer d.mu.Unlock()
 	if err != nil {
 		d.countDMAErrLocked(err)
 		if d.gen == gen {
@@ -502,9 +501,11 @@ func (d *Device) postRHQ(dma vfiouser.DMA, gen uint64, dst int, ent *uapi.GohfiR
 			c.errCnt++
 			d.raiseLocked(chip.IntSrcError)
 		}
+		d.mu.Unlock()
 		return
 	}
 	if d.gen != gen || !c.enabled() {
+		d.mu.Unlock()
 		return
 	}
 	c.seq = ent.Seq
@@ -516,7 +517,44 @@ func (d *Device) postRHQ(dma vfiouser.DMA, gen uint64, dst int, ent *uapi.GohfiR
 			c.urgent++
 		}
 	}
-	if c.control&chip.CtxtCtrlIntEnable != 0 {
+	switch {
+	case c.control&chip.CtxtCtrlIntEnable == 0:
+	case c.control&chip.CtxtCtrlIntArm == 0 || c.rhqHeadAddr == 0:
+		d.raiseLocked(chip.IntSrcCtxt(dst))
+	default:
+		d.raiseIfArmed(dma, gen, dst)
+		return
+	}
+	d.mu.Unlock()
+}
+
+// raiseIfArmed raises context dst's receive interrupt if its RHQ record's
+// arm word changed since the device last raised for it (chip.RHQArmOff).
+// Called with d.mu held, after the new tail is set; returns with it
+// released. The word is read outside the lock, after a full barrier, so
+// that a driver arming after this read finds the new tail when it looks
+// again.
+func (d *Device) raiseIfArmed(dma vfiouser.DMA, gen uint64, dst int) {
+	c := &d.ctxts[dst]
+	addr, epoch := c.rhqHeadAddr+chip.RHQArmOff, c.epoch
+	d.mu.Unlock()
+	fullFence()
+	var b [8]byte
+	err := dma.Read(addr, b[:])
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.gen != gen || c.epoch != epoch {
+		return
+	}
+	if err != nil {
+		// Raised anyway: a driver that armed must not sleep through it.
+		d.countDMAErrLocked(err)
+		c.errCnt++
+		d.raiseLocked(chip.IntSrcCtxt(dst))
+		return
+	}
+	if v := binary.LittleEndian.Uint64(b[:]); v != c.armSeen {
+		c.armSeen = v
 		d.raiseLocked(chip.IntSrcCtxt(dst))
 	}
 }

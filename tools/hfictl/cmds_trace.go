@@ -30,6 +30,7 @@ var traceFields = map[driver.TraceKind][3]string{
 	driver.TraceCompletion:        {"cq", "wr_id", "status"},
 	driver.TracePostSend:          {"queue", "wr_id", "count"},
 	driver.TraceInterrupt:         {"sources", "", ""},
+	driver.TracePollSleep:         {"arm", "", ""},
 	driver.TraceDevDoorbell:       {"queue", "index", "record"},
 	driver.TraceDevFetch:          {"queue", "wr_id", "slot"},
 	driver.TraceDevExec:           {"queue", "wr_id", "status"},
