@@ -26,6 +26,12 @@ const (
 	// counts it once it is delivered (hfi1's urgent receive interrupt,
 	// which HFI1_POLL_TYPE_URGENT waits for).
 	DescFlagUrgent = 1 << 1
+	// DescFlagIntrIdle asks for the sender context's interrupt once the
+	// send queue is empty (by the tail the device last took) after this
+	// descriptor or a later one is consumed, or with the next DescFlagIntr:
+	// completions that nobody waits for are reported together, in one
+	// interrupt, when the device runs out of work.
+	DescFlagIntrIdle = 1 << 2
 )
 
 // Send opcodes.

@@ -105,8 +105,10 @@ func (c *ctxtData) sendPIO(ctx context.Context, s *uapi.GohfiSend, desc *chip.Se
 
 // sendSDMA maps the caller's buffer (a hit in the SDMA cache costs no
 // device access), writes back the completion number and posts desc, which
-// asks for the interrupt: its consumption is reaped there and reaches the
-// events page.
+// asks for the interrupt once the device's send queue runs empty
+// (chip.DescFlagIntrIdle; at once when the queue is half full): its
+// consumption is reaped there, or by a later SEND, and reaches the events
+// page.
 func (c *ctxtData) sendSDMA(ctx context.Context, arg UserPtr, s *uapi.GohfiSend, desc *chip.SendDesc) error {
 	node := sdmaNoBuffer
 	if s.Length > 0 {
@@ -124,10 +126,24 @@ func (c *ctxtData) sendSDMA(ctx context.Context, arg UserPtr, s *uapi.GohfiSend,
 	if err := writeArg(arg, s, "SEND"); err != nil {
 		return errors.Join(err, c.sdma.put([]*sdmaNode{node}))
 	}
-	desc.Flags |= chip.DescFlagIntr
 	c.sendMu.Lock()
+	// What the device consumed since the last reap reaches the events
+	// page now: a stream of sends reports its completions without waiting
+	// for the queue to run empty.
+	done := c.reapLocked()
+	if c.pioHalfFull() {
+		desc.Flags |= chip.DescFlagIntr // a later send may wait for room
+	} else {
+		// Reported with the others when the device runs out of work:
+		// an interrupt per send cost the device an eventfd write and
+		// woke the interrupt thread each time.
+		desc.Flags |= chip.DescFlagIntrIdle
+	}
 	c.postLocked(desc, node)
 	c.sendMu.Unlock()
+	if err := c.sdma.put(done); err != nil {
+		return errors.Join(fmt.Errorf("gohfi: SEND: releasing SDMA mappings: %w", err), c.ring())
+	}
 	return c.ring()
 }
 

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/driver"
 	"github.com/gohfi/gohfi/mem"
 	"github.com/gohfi/gohfi/uapi"
@@ -393,5 +394,53 @@ func TestSDMABurstEventsCount(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+// TestSDMAStreamCompletions: a stream of SDMA sends without FLAG_WAIT, as a
+// library posts them, ends with every completion on the events page: the
+// descriptors ask for one interrupt when the device's send queue runs empty
+// (chip.DescFlagIntrIdle), and each SEND reaps what was consumed before it.
+// The last sends have no later SEND to reap them: only the interrupt can
+// report them.
+func TestSDMAStreamCompletions(t *testing.T) {
+	a, tx, rx, dst := sendPair(t)
+	ev := eventsPage(t, tx)
+	dstBuf := allocBuf(t, 1<<20, true)
+	tids, _, err := tidUpdate(rx.f, dstBuf.Addr(), 1<<20)
+	if err != nil || len(tids) != 1 {
+		t.Fatalf("TID_UPDATE: %v %v", tids, err)
+	}
+	src := allocBuf(t, 1<<20, true)
+	txCtxt := ctxtOf(t, tx)
+	sub := a.Module.Trace(1 << 12)
+	defer sub.Stop()
+	const sends = 200 // fewer than the receiver's header queue entries
+	var seq uint64
+	for i := range sends {
+		off := (i % 256) * 4096
+		got, err := sdmaSend(tx, dst, tids[0], uint32(off), src.Addr()+uintptr(off), 4096, 0)
+		if err != nil {
+			t.Fatalf("send %d: %v", i, err)
+		}
+		if seq++; got != seq {
+			t.Fatalf("completion number %d, want %d", got, seq)
+		}
+	}
+	waitSDMADone(t, ev, sends)
+	for range sends {
+		if e := rx.nextEntry(t); e.Type != uapi.GOHFI_RHF_EXPECTED || e.Length != 4096 {
+			t.Fatalf("entry %+v", e)
+		}
+	}
+	irqs := 0
+	for len(sub.Events()) > 0 {
+		if e := <-sub.Events(); e.Kind == driver.TraceInterrupt && e.A&chip.IntSrcCtxt(int(txCtxt)) != 0 {
+			irqs++
+		}
+	}
+	t.Logf("%d SDMA sends, %d interrupts of the sender", sends, irqs)
+	if irqs > sends {
+		t.Fatalf("%d interrupts for %d sends", irqs, sends)
 	}
 }

@@ -27,6 +27,10 @@ type ctxtState struct {
 	// read when a packet finds the RHQ full; armSeen the value of its arm
 	// word the device last raised the receive interrupt for.
 	rhqHeadAddr, armSeen uint64
+
+	// intrIdle: a descriptor with chip.DescFlagIntrIdle was consumed and
+	// its interrupt waits for the send queue to run empty.
+	intrIdle bool
 }
 
 func (c *ctxtState) enabled() bool { return c.status&chip.CtxtStatusEnabled != 0 }
@@ -111,7 +115,7 @@ func (c *ctxtState) write(r, v uint64, cfg Config) (kick bool) {
 			}
 			c.status &^= chip.CtxtStatusEnabled | chip.CtxtStatusHalted
 			c.rhqHead, c.rhqTail, c.sqHead, c.sqTail, c.seq, c.urgent = 0, 0, 0, 0, 0, 0
-			c.recSQ, c.recAwake = 0, false
+			c.recSQ, c.recAwake, c.intrIdle = 0, false, false
 			return false
 		}
 		if c.enabled() {
@@ -124,7 +128,7 @@ func (c *ctxtState) write(r, v uint64, cfg Config) (kick bool) {
 		}
 		c.status = chip.CtxtStatusEnabled
 		c.epoch++
-		c.recSQ, c.recAwake, c.armSeen = 0, false, 0
+		c.recSQ, c.recAwake, c.armSeen, c.intrIdle = 0, false, 0, false
 		return true
 	case chip.CtxtRHQHead:
 		// Space in the RHQ may unblock nothing now, but a kick is cheap.

@@ -322,6 +322,15 @@ func (d *Device) pollSendQueues(buf []byte) bool {
 		c = &d.ctxts[n]
 		c.sqHead = (c.sqHead + 1) % c.sqEntries
 		head, headAddr := c.sqHead, c.sqHeadAddr
+		// The interrupt is raised after the head is written, so the
+		// handler's reap finds the descriptors it reports.
+		raise := desc.Flags&chip.DescFlagIntr != 0
+		if desc.Flags&chip.DescFlagIntrIdle != 0 {
+			c.intrIdle = true
+		}
+		if c.intrIdle && (raise || c.sqHead == c.sqTail) {
+			c.intrIdle, raise = false, true
+		}
 		d.mu.Unlock()
 		var werr error
 		if headAddr != 0 {
@@ -329,12 +338,12 @@ func (d *Device) pollSendQueues(buf []byte) bool {
 			put64(hb[:], head)
 			werr = dma.Write(headAddr, hb[:])
 		}
-		if werr != nil || desc.Flags&chip.DescFlagIntr != 0 {
+		if werr != nil || raise {
 			d.mu.Lock()
 			if werr != nil {
 				d.countDMAErrLocked(werr)
 			}
-			if desc.Flags&chip.DescFlagIntr != 0 && d.gen == gen {
+			if raise && d.gen == gen {
 				d.raiseLocked(chip.IntSrcCtxt(n))
 			}
 			d.mu.Unlock()
