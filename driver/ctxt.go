@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/gohfi/gohfi/chip"
 	"github.com/gohfi/gohfi/uapi"
@@ -46,6 +47,12 @@ type ctxtData struct {
 	// CtxtRHQHead), with the arm word of the receive interrupt, which
 	// Poll moves before it sleeps.
 	rhqHeadRec bool
+	// rhqNext is, with a record, the head stored there (high 32 bits)
+	// and the seq the entry at that slot carries when it is new (low 32
+	// bits): read from the entry before it when RCVHDR_HEAD moved the
+	// head, before the device could overwrite that entry. One word, so
+	// that Poll sees the two together.
+	rhqNext atomic.Uint64
 	sqDone     uint64 // consumer index last read from sqHead (pio.go's reap)
 	// The send buffer's ring (pio.go): byte positions since program.
 	pioHead, pioTail uint64
@@ -176,6 +183,7 @@ func (c *ctxtData) program() error {
 		// first arm word other than 0.
 		store64(c.sqHead.mem, ctxtRHQHeadRecOff, 0)
 		store64(c.sqHead.mem, ctxtRHQHeadRecOff+chip.RHQArmOff, 0)
+		c.rhqNext.Store(uint64(uapi.NextSeq(0)))
 		headAddr = c.sqHead.iova + ctxtRHQHeadRecOff
 	}
 	regs := []struct{ reg, val uint64 }{

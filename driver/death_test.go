@@ -34,7 +34,6 @@ import (
 //
 //	listening       the socket accepts connections
 //	doorbell N      context N's SQ tail was written (and dropped)
-//	rhqtail N       context N's RHQ tail was read (what Poll reads last)
 const deviceProcessEnv = "GOHFI_TEST_DEVICE_PROCESS"
 
 // wakeLimit bounds how long a waiter may take to notice a dead device.
@@ -99,9 +98,6 @@ func (m stallingModel) RegionRead(index uint32, off uint64, p []byte) error {
 	err := m.Device.RegionRead(index, off, p)
 	if index == chip.CSRBar && off == chip.RegCapFlags && len(p) == 8 {
 		binary.LittleEndian.PutUint64(p, binary.LittleEndian.Uint64(p)&^chip.CapCtxtDBRec)
-	}
-	if n := m.ctxtOf(index, off, chip.CtxtRHQTail); n >= 0 {
-		fmt.Printf("rhqtail %d\n", n)
 	}
 	return err
 }
@@ -262,12 +258,14 @@ func killDuringWaits(t *testing.T, poll, send bool) deathLatency {
 		p.await(t, "doorbell 1")
 	}
 	if poll {
+		sub := p.a.Module.Trace(256)
 		pollRes = pollAsync(files[0])
-		p.await(t, "rhqtail 0")
+		awaitPollSleep(t, sub, ctxtOf(t, files[0]))
+		sub.Stop()
 	}
 	// The device answers in order: once this write is acknowledged, the
-	// replies to the doorbell and to Poll's last register read have reached
-	// the driver, so both calls wait without talking to the device.
+	// reply to the doorbell has reached the driver, so both calls wait
+	// without talking to the device.
 	// (RECV_CTRL writes Control and waits for it; RCVHDR_HEAD is posted.)
 	if err := hfiuser.IoctlScalar(files[2], uapi.HFI1_IOCTL_RECV_CTRL, 1); err != nil {
 		t.Fatalf("RECV_CTRL: %v", err)
@@ -365,10 +363,11 @@ func TestDeviceDeathNoLeaks(t *testing.T) {
 // ones and writes are dropped, and nothing else tells the driver.
 type removableDevice struct {
 	vfio.Device
-	removed      atomic.Bool
-	rhqTailReads chan int // context of each RHQ tail read done before the removal
+	removed atomic.Bool
 }
 
+// ReadRegion hides context doorbell records, as stallingModel does: a SEND
+// rings the register, which a removed device drops.
 func (r *removableDevice) ReadRegion(index uint32, off uint64, p []byte) error {
 	if r.removed.Load() {
 		for i := range p {
@@ -377,13 +376,8 @@ func (r *removableDevice) ReadRegion(index uint32, off uint64, p []byte) error {
 		return nil
 	}
 	err := r.Device.ReadRegion(index, off, p)
-	for n := 0; n < chip.MaxContexts && index == chip.CSRBar; n++ {
-		if off == chip.CtxtReg(n, chip.CtxtRHQTail) {
-			select {
-			case r.rhqTailReads <- n:
-			default:
-			}
-		}
+	if index == chip.CSRBar && off == chip.RegCapFlags && len(p) == 8 {
+		binary.LittleEndian.PutUint64(p, binary.LittleEndian.Uint64(p)&^chip.CapCtxtDBRec)
 	}
 	return err
 }
@@ -406,7 +400,7 @@ func (r *removableDevice) WriteRegionPosted(index uint32, off uint64, p []byte) 
 // reads all ones. The driver notices it by itself and wakes a waiting Poll
 // and SEND with ENXIO.
 func TestSurpriseRemovalAllOnes(t *testing.T) {
-	rd := &removableDevice{rhqTailReads: make(chan int, 16)}
+	rd := &removableDevice{}
 	a, err := openBehind(t, attach.DefaultOptions(), smallSim(2), func(d vfio.Device) vfio.Device {
 		rd.Device = d
 		return rd
@@ -418,12 +412,10 @@ func TestSurpriseRemovalAllOnes(t *testing.T) {
 	for _, f := range files {
 		assign(t, f)
 	}
+	sub := a.Module.Trace(256)
 	pollRes := pollAsync(files[0])
-	for n := range rd.rhqTailReads {
-		if n == 0 {
-			break // Poll has read the registers; it waits next
-		}
-	}
+	awaitPollSleep(t, sub, ctxtOf(t, files[0]))
+	sub.Stop()
 	rd.removed.Store(true)
 	removed := time.Now()
 	// The doorbell is dropped, so this SEND waits too, unless the driver
@@ -437,4 +429,21 @@ func TestSurpriseRemovalAllOnes(t *testing.T) {
 		t.Errorf("Poll after the removal: %v, want the cause (all ones)", err)
 	}
 	checkDead(t, a, files)
+}
+
+// awaitPollSleep waits (bounded) until a Poll on context ctxt goes to sleep
+// (trace poll_sleep): from then on it waits without talking to the device.
+func awaitPollSleep(t *testing.T, sub *driver.TraceSub, ctxt uint16) {
+	t.Helper()
+	timeout := time.After(10 * time.Second)
+	for {
+		select {
+		case ev := <-sub.Events():
+			if ev.Kind == driver.TracePollSleep && ev.Ctxt == int(ctxt) {
+				return
+			}
+		case <-timeout:
+			t.Fatalf("no Poll of context %d went to sleep within 10 s", ctxt)
+		}
+	}
 }

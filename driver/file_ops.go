@@ -330,6 +330,13 @@ func (f *File) setRcvHdrHead(head uint64) error {
 	}
 	c := f.uctxt
 	if c.rhqHeadRec {
+		// The entry before the new head was consumed and cannot have
+		// been overwritten yet: the device learns the head from the
+		// record below. Its seq names the next entry (a ring never
+		// written holds seq 0 there, and the first entry has seq 1).
+		n := uint64(f.d.m.params.RcvHdrCnt)
+		next := uapi.NextSeq(rhqSeq(c.rhq.mem, (head+n-1)%n))
+		c.rhqNext.Store(head<<32 | uint64(next))
 		// A store the device reads when it finds the queue full: no
 		// register access at all. Ordered before any later doorbell
 		// record store, so a SEND the device takes after it never finds
@@ -462,16 +469,16 @@ func (f *File) receiveReady(c *ctxtData) (bool, error) {
 		seen := f.urgent.Load()
 		return n != seen && f.urgent.CompareAndSwap(seen, n), nil
 	}
-	var head uint64
 	if c.rhqHeadRec {
-		// The device's CtxtRHQHead moves only when it finds the queue
-		// full; the record holds what was consumed.
-		head = load64(c.sqHead.mem, ctxtRHQHeadRecOff)
-	} else {
-		var err error
-		if head, err = f.d.readCtxtCSR(c.ctxt, chip.CtxtRHQHead); err != nil {
-			return false, err
-		}
+		// From host memory, no register access: the entry at the head
+		// is new when it carries the seq that follows the one consumed
+		// before it (the device writes seq last).
+		hn := c.rhqNext.Load()
+		return rhqSeq(c.rhq.mem, hn>>32) == uint32(hn), nil
+	}
+	head, err := f.d.readCtxtCSR(c.ctxt, chip.CtxtRHQHead)
+	if err != nil {
+		return false, err
 	}
 	tail, err := f.d.readCtxtCSR(c.ctxt, chip.CtxtRHQTail)
 	if err != nil {

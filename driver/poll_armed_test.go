@@ -103,3 +103,57 @@ func TestPollArmsReceiveInterrupt(t *testing.T) {
 		t.Fatalf("%d sleeping Polls took %d receive interrupts, want one each", rounds, rxInterrupts)
 	}
 }
+
+// TestPollReadyAcrossWrap: Poll's receive condition (from the header queue
+// in memory with RHQ records, from the registers without) says POLLIN
+// exactly while an entry is unconsumed, over three laps of the queue, with
+// the queue full and with heads moved by one and by many entries.
+func TestPollReadyAcrossWrap(t *testing.T) {
+	a := openDev(t, 2)
+	tx, rx := openFile(t, a), openFile(t, a)
+	assign(t, tx)
+	assign(t, rx)
+	dst := ctxtOf(t, rx)
+	n := a.Module.Params().RcvHdrCnt
+	send := func(k int) {
+		t.Helper()
+		for range k {
+			// FLAG_WAIT: delivered when SEND returns.
+			if err := hfiuser.Send(tx, uapi.GohfiSend{Opcode: uapi.GOHFI_SEND_EAGER, Flags: uapi.GOHFI_SEND_FLAG_WAIT, DstCtxt: dst}, []byte("x")); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	head := 0
+	consume := func(k int) {
+		t.Helper()
+		head = (head + k) % n
+		if err := hfiuser.SetRcvHdrHead(rx, uint64(head)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ready := func(want bool, what string) {
+		t.Helper()
+		if got := pollNow(t, rx)&driver.POLLIN != 0; got != want {
+			t.Fatalf("%s (head %d): POLLIN %v, want %v", what, head, got, want)
+		}
+	}
+	ready(false, "nothing sent")
+	for lap := range 3 {
+		send(1)
+		ready(true, "one entry")
+		consume(1)
+		ready(false, "consumed")
+		send(n - 1) // the queue full
+		ready(true, "full queue")
+		consume(n - 2)
+		ready(true, "one entry left of a full queue")
+		consume(1)
+		ready(false, "a full queue consumed")
+		send(lap + 3)
+		consume(lap + 2)
+		ready(true, "one of several left")
+		consume(1)
+		ready(false, "several consumed")
+	}
+}

@@ -73,6 +73,13 @@ func store32(b []byte, off int, v uint32) {
 	atomic.StoreUint32((*uint32)(unsafe.Pointer(&b[off])), v)
 }
 
+// rhqSeq loads the seq of header queue entry slot (struct gohfi_rhq_entry),
+// which the device writes last.
+func rhqSeq(rhq []byte, slot uint64) uint32 {
+	off := int(slot)*uapi.SizeofGohfiRHQEntry + int(unsafe.Offsetof(uapi.GohfiRHQEntry{}.Seq))
+	return load32(rhq, off)
+}
+
 // eventsPtr is the events page's bits word, updated with compare-and-swap.
 func eventsPtr(b []byte) *uint64 {
 	return (*uint64)(unsafe.Pointer(&b[uapi.GOHFI_EVENTS_BITS_OFF]))
