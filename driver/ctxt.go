@@ -53,7 +53,7 @@ type ctxtData struct {
 	// head, before the device could overwrite that entry. One word, so
 	// that Poll sees the two together.
 	rhqNext atomic.Uint64
-	sqDone     uint64 // consumer index last read from sqHead (pio.go's reap)
+	sqDone  uint64 // consumer index last read from sqHead (pio.go's reap)
 	// The send buffer's ring (pio.go): byte positions since program.
 	pioHead, pioTail uint64
 	pioEnd           []uint64 // per send queue slot: where its payload ends
