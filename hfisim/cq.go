@@ -1,7 +1,6 @@
 package hfisim
 
 import (
-	"encoding/binary"
 	"time"
 
 	"github.com/gohfi/gohfi/chip"
@@ -141,11 +140,10 @@ func (d *Device) postCQE(dma vfiouser.DMA, gen uint64, n int, e *chip.CQE) bool 
 		// checks everything again.
 		addr, epoch := c.headAddr, c.epoch
 		d.mu.Unlock()
-		var b [8]byte
-		err := dma.Read(addr, b[:])
+		v, err := read64(dma, addr)
 		d.mu.Lock()
 		if d.gen == gen && c.epoch == epoch {
-			d.takeCQHeadRecLocked(c, binary.LittleEndian.Uint64(b[:]), err)
+			d.takeHeadRecLocked(&c.head, c.entries, &d.errs.verbs, v, err)
 		}
 	}
 	slot, epoch := c.tail, c.epoch
@@ -178,18 +176,19 @@ func (d *Device) postCQE(dma vfiouser.DMA, gen uint64, n int, e *chip.CQE) bool 
 	return true
 }
 
-// takeCQHeadRecLocked takes v, read from CQ c's consumer-index record
-// (err: the read failed), as its head. A failed read or a value out of range
-// is refused and counted; the head stays.
-func (d *Device) takeCQHeadRecLocked(c *cqState, v uint64, err error) {
+// takeHeadRecLocked takes v, read from a ring's consumer-index record (a
+// CQ's or a context's RHQ; err: the read failed), as the ring's head of
+// entries slots. A failed read or a value out of range is refused and
+// counted in *errCnt; the head stays.
+func (d *Device) takeHeadRecLocked(head *uint64, entries uint64, errCnt *uint64, v uint64, err error) {
 	switch {
 	case err != nil:
 		d.countDMAErrLocked(err)
-		d.errs.verbs++
-	case v >= c.entries:
-		d.errs.verbs++
+		*errCnt++
+	case v >= entries:
+		*errCnt++
 	default:
-		c.head = v
+		*head = v
 	}
 }
 

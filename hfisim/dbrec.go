@@ -302,6 +302,13 @@ var fenceWord atomic.Uint64
 // anyway.
 func fullFence() { fenceWord.Add(1) }
 
+// read64 reads the little-endian word of a record in host memory.
+func read64(dma vfiouser.DMA, iova uint64) (uint64, error) {
+	var b [8]byte
+	err := dma.Read(iova, b[:])
+	return binary.LittleEndian.Uint64(b[:]), err
+}
+
 func write32(dma vfiouser.DMA, iova uint64, v uint32) error {
 	var b [4]byte
 	binary.LittleEndian.PutUint32(b[:], v)

@@ -467,20 +467,10 @@ func (d *Device) postRHQ(dma vfiouser.DMA, gen uint64, dst int, ent *uapi.GohfiR
 		// the context was not disabled or enabled meanwhile.
 		addr, epoch := c.rhqHeadAddr, c.epoch
 		d.mu.Unlock()
-		var b [8]byte
-		err := dma.Read(addr, b[:])
+		v, err := read64(dma, addr)
 		d.mu.Lock()
-		if d.gen != gen || c.epoch != epoch {
-			continue
-		}
-		switch v := binary.LittleEndian.Uint64(b[:]); {
-		case err != nil:
-			d.countDMAErrLocked(err)
-			c.errCnt++
-		case v >= c.rhqEntries:
-			c.errCnt++
-		default:
-			c.rhqHead = v
+		if d.gen == gen && c.epoch == epoch {
+			d.takeHeadRecLocked(&c.rhqHead, c.rhqEntries, &c.errCnt, v, err)
 		}
 	}
 	slot := c.rhqTail
@@ -548,8 +538,7 @@ func (d *Device) raiseIfArmed(dma vfiouser.DMA, gen uint64, dst int) {
 	addr, epoch := c.rhqHeadAddr+chip.RHQArmOff, c.epoch
 	d.mu.Unlock()
 	fullFence()
-	var b [8]byte
-	err := dma.Read(addr, b[:])
+	v, err := read64(dma, addr)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.gen != gen || c.epoch != epoch {
@@ -562,7 +551,7 @@ func (d *Device) raiseIfArmed(dma vfiouser.DMA, gen uint64, dst int) {
 		d.raiseLocked(chip.IntSrcCtxt(dst))
 		return
 	}
-	if v := binary.LittleEndian.Uint64(b[:]); v != c.armSeen {
+	if v != c.armSeen {
 		c.armSeen = v
 		d.raiseLocked(chip.IntSrcCtxt(dst))
 	}
