@@ -74,6 +74,16 @@ func serveDeviceProcess(sock string) int {
 	return 1
 }
 
+// hideCtxtDBRec clears CapCtxtDBRec from a read of RegCapFlags: the driver
+// then rings every SEND's doorbell in the SQTail register, which the test
+// devices below drop; with records an awake engine would take SENDs from
+// memory.
+func hideCtxtDBRec(index uint32, off uint64, p []byte) {
+	if index == chip.CSRBar && off == chip.RegCapFlags && len(p) == 8 {
+		binary.LittleEndian.PutUint64(p, binary.LittleEndian.Uint64(p)&^chip.CapCtxtDBRec)
+	}
+}
+
 // stallingModel is hfisim whose send engine never hears a doorbell: it
 // swallows SQTail writes and hides context doorbell records, which the
 // engine would read without a register write.
@@ -96,9 +106,7 @@ func (m stallingModel) ctxtOf(index uint32, off, reg uint64) int {
 
 func (m stallingModel) RegionRead(index uint32, off uint64, p []byte) error {
 	err := m.Device.RegionRead(index, off, p)
-	if index == chip.CSRBar && off == chip.RegCapFlags && len(p) == 8 {
-		binary.LittleEndian.PutUint64(p, binary.LittleEndian.Uint64(p)&^chip.CapCtxtDBRec)
-	}
+	hideCtxtDBRec(index, off, p)
 	return err
 }
 
@@ -376,9 +384,7 @@ func (r *removableDevice) ReadRegion(index uint32, off uint64, p []byte) error {
 		return nil
 	}
 	err := r.Device.ReadRegion(index, off, p)
-	if index == chip.CSRBar && off == chip.RegCapFlags && len(p) == 8 {
-		binary.LittleEndian.PutUint64(p, binary.LittleEndian.Uint64(p)&^chip.CapCtxtDBRec)
-	}
+	hideCtxtDBRec(index, off, p)
 	return err
 }
 

@@ -141,10 +141,11 @@ func (c *ctxtData) sendSDMA(ctx context.Context, arg UserPtr, s *uapi.GohfiSend,
 	}
 	c.postLocked(desc, node)
 	c.sendMu.Unlock()
-	if err := c.sdma.put(done); err != nil {
-		return errors.Join(fmt.Errorf("gohfi: SEND: releasing SDMA mappings: %w", err), c.ring())
+	err := c.ring()
+	if perr := c.sdma.put(done); perr != nil {
+		err = errors.Join(err, fmt.Errorf("gohfi: SEND: releasing SDMA mappings: %w", perr))
 	}
-	return c.ring()
+	return err
 }
 
 // The send buffer is a ring of bytes: each descriptor's payload is the
