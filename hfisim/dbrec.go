@@ -250,11 +250,7 @@ func (d *Device) dbRecFault(gen uint64, r dbRecRef, err error) {
 		// A context's record: the context halts, as with a descriptor
 		// it cannot read.
 		if d.recordLocked(gen, r) {
-			c := &d.ctxts[r.n]
-			c.status |= chip.CtxtStatusHalted
-			c.status &^= chip.CtxtStatusEnabled
-			c.errCnt++
-			d.raiseLocked(chip.IntSrcError)
+			d.haltCtxtLocked(r.n)
 		}
 		return
 	}

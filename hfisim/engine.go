@@ -302,10 +302,7 @@ func (d *Device) pollSendQueues(buf []byte) bool {
 			d.mu.Lock()
 			d.countDMAErrLocked(err)
 			if d.gen == gen {
-				d.ctxts[n].status |= chip.CtxtStatusHalted
-				d.ctxts[n].status &^= chip.CtxtStatusEnabled
-				d.ctxts[n].errCnt++
-				d.raiseLocked(chip.IntSrcError)
+				d.haltCtxtLocked(n)
 			}
 			d.mu.Unlock()
 			continue
@@ -350,6 +347,17 @@ func (d *Device) pollSendQueues(buf []byte) bool {
 		}
 	}
 	return busy
+}
+
+// haltCtxtLocked stops context n after a ring DMA fault (a descriptor, a
+// header queue entry or a doorbell record the device cannot reach): halted,
+// not enabled, counted, the error interrupt raised.
+func (d *Device) haltCtxtLocked(n int) {
+	c := &d.ctxts[n]
+	c.status |= chip.CtxtStatusHalted
+	c.status &^= chip.CtxtStatusEnabled
+	c.errCnt++
+	d.raiseLocked(chip.IntSrcError)
 }
 
 func (d *Device) countDMAErrLocked(err error) {
@@ -496,9 +504,7 @@ func (d *Device) postRHQ(dma vfiouser.DMA, gen uint64, dst int, ent *uapi.GohfiR
 	if err != nil {
 		d.countDMAErrLocked(err)
 		if d.gen == gen {
-			c.status = chip.CtxtStatusHalted
-			c.errCnt++
-			d.raiseLocked(chip.IntSrcError)
+			d.haltCtxtLocked(dst)
 		}
 		d.mu.Unlock()
 		return
