@@ -201,8 +201,10 @@ const CapCtxtDBRec = 1 << 10 // RegCapFlags: CtxtDBRecAddr
 // raised for, which it then remembers (0 at enable). The driver arms by
 // storing a new value (incrementing the word) and then looks at the queue
 // again before it sleeps: either that look sees the entry or the device's
-// read sees the new value. The device never writes the word. Without a
-// record, CtxtCtrlIntArm is ignored: every entry raises.
+// read sees the new value. The device never writes the word; one it cannot
+// read raises the interrupt anyway (counted in ErrCntIOMMUFault and
+// CtxtErrCnt). Without a record, CtxtCtrlIntArm is ignored: every entry
+// raises.
 const (
 	CapRHQHeadRec   = 1 << 11 // RegCapFlags: CtxtRHQHeadAddr, CtxtCtrlIntArm
 	RHQHeadRecAlign = 8
